@@ -1,0 +1,68 @@
+//! `distill`: distil DeepSeek-R1 into a small Qwen or Llama student on one GPU.
+
+mod backend;
+mod generate;
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use backend::DeviceArg;
+
+/// Distil a large reasoning teacher (DeepSeek-R1 and its kin) into a small Qwen or Llama
+/// student on one GPU you own.
+#[derive(Parser)]
+#[command(name = "distill", version, about, long_about = None)]
+struct Cli {
+    /// Where tensors live: `cpu`, `cuda` or `cuda:N`. Default: CUDA when this build has it
+    /// and a GPU is present, else CPU.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<DeviceArg>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Query a teacher to build prompt/response and soft-label datasets.
+    GenData(NotYet),
+    /// Fine-tune a student with KL (soft labels) + cross-entropy (hard labels).
+    Train(NotYet),
+    /// Score students, their base model and the teacher on held-out sets.
+    Eval(NotYet),
+    /// Describe a model directory or Hub model: architecture, size, tokenizer, template.
+    Inspect(inspect::Args),
+    /// Continue a prompt with greedy decoding (a quick check that a model loads and talks).
+    Generate(generate::Args),
+}
+
+/// Arguments are accepted and ignored until the command exists.
+#[derive(clap::Args)]
+struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+fn not_built(name: &str) -> anyhow::Result<()> {
+    anyhow::bail!("`distill {name}` is not built yet in this version; see the project's open issues")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::GenData(_) => not_built("gen-data"),
+        Command::Train(_) => not_built("train"),
+        Command::Eval(_) => not_built("eval"),
+        Command::Inspect(args) => inspect::run(args),
+        Command::Generate(args) => generate::run(args, cli.device),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Fixtures shared by this crate's tests: tiny HF models made by tests/fixtures/make_fixtures.py.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+/// tests/fixtures, or $DISTILL_FIXTURES when the test binary runs away from the source tree
+/// (as on the GPU machine).
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("DISTILL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
+/// A reference tensor from reference.safetensors, as f64 whatever its storage.
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+pub fn read_reference(model: &str) -> HashMap<String, RefTensor> {
+    let bytes = std::fs::read(fixtures().join(model).join("reference.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = match view.dtype() {
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap())))
+                    .collect(),
+                Dtype::I64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("unexpected dtype {other:?} in reference"),
+            };
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Copies a fixture model into a temp dir that a test may break.
+pub fn scratch_copy(model: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    tmp
+}

@@ -1,0 +1,298 @@
+//! `tokenizer.json` (the tokenizers crate), the special tokens named in
+//! `tokenizer_config.json`, and the chat template from `chat_template.jinja` or
+//! `tokenizer_config.json` (string or list form), as transformers reads them.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::{ModelError, Result, read, read_json};
+use crate::template::{ChatTemplate, Message};
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// The special tokens transformers exposes as `tokenizer.bos_token` etc.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub pad: Option<String>,
+    pub unk: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct TokenizerConfig {
+    bos_token: Option<Value>,
+    eos_token: Option<Value>,
+    pad_token: Option<Value>,
+    unk_token: Option<Value>,
+    chat_template: Option<Value>,
+}
+
+/// A token is written as "text" or as an AddedToken dict {"content": "text", ...}.
+fn token_text(v: &Option<Value>) -> Option<String> {
+    match v.as_ref()? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(map) => map.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub specials: SpecialTokens,
+    pub chat_template: Option<ChatTemplate>,
+    /// sha256 of tokenizer.json: manifests record it so a dataset is never trained with a
+    /// different tokenizer than the one that made it.
+    pub hash: String,
+    pub files: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("specials", &self.specials)
+            .field("chat_template", &self.chat_template)
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join(TOKENIZER_FILE);
+        let bytes = read(&path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| ModelError::invalid(&path, format!("cannot load tokenizer: {e}")))?;
+        let hash = format!("{:x}", Sha256::digest(&bytes));
+        let mut files = vec![path];
+
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let config: TokenizerConfig = if config_path.exists() {
+            files.push(config_path.clone());
+            read_json(&config_path)?
+        } else {
+            TokenizerConfig::default()
+        };
+        let specials = SpecialTokens {
+            bos: token_text(&config.bos_token),
+            eos: token_text(&config.eos_token),
+            pad: token_text(&config.pad_token),
+            unk: token_text(&config.unk_token),
+        };
+        let template_path = dir.join(TEMPLATE_FILE);
+        let source = if template_path.exists() {
+            let text = String::from_utf8(read(&template_path)?)
+                .map_err(|_| ModelError::invalid(&template_path, "not UTF-8"))?;
+            files.push(template_path.clone());
+            Some((text, template_path))
+        } else {
+            template_from_config(config.chat_template.as_ref(), &config_path)?
+                .map(|text| (text, config_path.clone()))
+        };
+        let chat_template = source
+            .map(|(text, path)| {
+                ChatTemplate::new(
+                    text,
+                    &path,
+                    specials.bos.as_deref().unwrap_or(""),
+                    specials.eos.as_deref().unwrap_or(""),
+                )
+            })
+            .transpose()?;
+        Ok(TextTokenizer {
+            inner,
+            specials,
+            chat_template,
+            hash,
+            files,
+        })
+    }
+
+    /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds
+    /// (e.g. Llama's BOS). Text rendered by a chat template already holds its specials.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::invalid("tokenizer.json", format!("cannot encode text: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| ModelError::invalid("tokenizer.json", format!("cannot decode ids: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Added tokens flagged special, sorted by id.
+    pub fn added_special_tokens(&self) -> Vec<(u32, String)> {
+        let mut out: Vec<(u32, String)> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn template(&self) -> Result<&ChatTemplate> {
+        self.chat_template.as_ref().ok_or_else(|| {
+            ModelError::invalid(
+                TOKENIZER_CONFIG_FILE,
+                "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json)",
+            )
+        })
+    }
+
+    /// Renders and tokenizes a prompt, as `apply_chat_template(..., tokenize=True)`.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.template()?.render(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+}
+
+/// `chat_template` is a string, or a list of {"name", "template"} of which "default" is used.
+fn template_from_config(value: Option<&Value>, path: &Path) -> Result<Option<String>> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(items)) => {
+            let named = |want: &str| {
+                items.iter().find_map(|item| {
+                    (item.get("name")?.as_str()? == want)
+                        .then(|| item.get("template")?.as_str().map(str::to_string))
+                        .flatten()
+                })
+            };
+            named("default").map(Some).ok_or_else(|| {
+                ModelError::invalid(path, "chat_template is a list without a \"default\" entry")
+            })
+        }
+        Some(_) => Err(ModelError::invalid(
+            path,
+            "chat_template must be a string or a list",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{fixtures, scratch_copy};
+
+    #[derive(Deserialize)]
+    struct Expected {
+        encode: Vec<EncodeCase>,
+        chat: Vec<ChatCase>,
+    }
+    #[derive(Deserialize)]
+    struct EncodeCase {
+        text: String,
+        ids: Vec<u32>,
+    }
+    #[derive(Deserialize)]
+    struct ChatCase {
+        messages: Vec<Message>,
+        add_generation_prompt: bool,
+        text: String,
+    }
+
+    fn expected() -> Expected {
+        serde_json::from_slice(&std::fs::read(fixtures().join("tokenizer/expected.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn encodes_and_renders_as_transformers() {
+        let expected = expected();
+        for dir in ["tokenizer", "tiny-qwen2", "tiny-llama"] {
+            let tok = TextTokenizer::from_dir(&fixtures().join(dir)).unwrap();
+            for case in &expected.encode {
+                assert_eq!(
+                    tok.encode(&case.text, false).unwrap(),
+                    case.ids,
+                    "{dir}: {:?}",
+                    case.text
+                );
+                assert_eq!(tok.decode(&case.ids, false).unwrap(), case.text);
+            }
+            for case in &expected.chat {
+                let text = tok
+                    .template()
+                    .unwrap()
+                    .render(&case.messages, case.add_generation_prompt)
+                    .unwrap();
+                assert_eq!(text, case.text, "{dir}");
+            }
+            assert_eq!(tok.specials.eos.as_deref(), Some("<|im_end|>"));
+            assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+        }
+    }
+
+    #[test]
+    fn template_source_follows_transformers_precedence() {
+        let llama = TextTokenizer::from_dir(&fixtures().join("tiny-llama")).unwrap();
+        assert!(llama.chat_template.unwrap().source.ends_with(TEMPLATE_FILE));
+        let qwen = TextTokenizer::from_dir(&fixtures().join("tiny-qwen2")).unwrap();
+        assert!(
+            qwen.chat_template
+                .unwrap()
+                .source
+                .ends_with(TOKENIZER_CONFIG_FILE)
+        );
+    }
+
+    #[test]
+    fn list_form_templates_and_added_token_dicts_are_read() {
+        let tmp = scratch_copy("tiny-qwen2");
+        let config = r#"{
+            "bos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": false},
+            "eos_token": "<|im_end|>",
+            "chat_template": [
+                {"name": "tool_use", "template": "TOOLS"},
+                {"name": "default", "template": "{{ bos_token }}{{ messages[0]['content'] }}"}
+            ]}"#;
+        std::fs::write(tmp.path().join(TOKENIZER_CONFIG_FILE), config).unwrap();
+        let tok = TextTokenizer::from_dir(tmp.path()).unwrap();
+        assert_eq!(tok.specials.bos.as_deref(), Some("<|endoftext|>"));
+        let text = tok
+            .template()
+            .unwrap()
+            .render(&[Message::new("user", "hi")], false)
+            .unwrap();
+        assert_eq!(text, "<|endoftext|>hi");
+    }
+
+    #[test]
+    fn broken_tokenizer_files_are_named() {
+        let tmp = scratch_copy("tiny-qwen2");
+        std::fs::write(tmp.path().join(TOKENIZER_FILE), "{\"version\": ").unwrap();
+        let err = TextTokenizer::from_dir(tmp.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("cannot load tokenizer"),
+            "{err}"
+        );
+        std::fs::remove_file(tmp.path().join(TOKENIZER_FILE)).unwrap();
+        let err = TextTokenizer::from_dir(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+        let tmp = scratch_copy("tiny-qwen2");
+        std::fs::write(tmp.path().join(TOKENIZER_CONFIG_FILE), "{\"chat_template\": 3}").unwrap();
+        let err = TextTokenizer::from_dir(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("chat_template must be a string or a list"), "{err}");
+    }
+}
