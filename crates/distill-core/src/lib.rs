@@ -1,0 +1,9 @@
+//! What every distill stage shares: the recipe schema, manifests and atomic file writes.
+
+pub mod fsutil;
+pub mod recipe;
+
+pub use recipe::{Recipe, RecipeError};
+
+/// The version written into every manifest.
+pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");

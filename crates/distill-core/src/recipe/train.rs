@@ -1,0 +1,257 @@
+//! `[student] [train] [loss] [lora]`: the model being distilled and how.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Invalid, Recipe, RecipeError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudentSection {
+    /// HF model directory or `org/name[@revision]`.
+    pub model: String,
+}
+
+impl Default for StudentSection {
+    fn default() -> Self {
+        StudentSection {
+            model: "Qwen/Qwen2.5-1.5B-Instruct".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Root of checkpoints/<name>/ and runs/<name>/.
+    pub out: PathBuf,
+    pub seed: u64,
+    /// Optimizer steps; None: derived from `epochs`.
+    pub max_steps: Option<usize>,
+    pub epochs: f64,
+    /// Tokens per packed sequence.
+    pub seq_len: usize,
+    /// Sequences per micro-batch, and micro-batches accumulated per optimizer step.
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    /// Pack several samples per sequence (attention and positions never cross samples).
+    pub packing: bool,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    /// Recompute each transformer block in backward instead of keeping its activations.
+    pub recompute: bool,
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    pub log_every: usize,
+    /// Abort after this many consecutive non-finite steps.
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            out: PathBuf::from("checkpoints"),
+            seed: 42,
+            max_steps: None,
+            epochs: 1.0,
+            seq_len: 4096,
+            micro_batch: 1,
+            grad_accum: 8,
+            packing: true,
+            lr: 1e-4,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            recompute: true,
+            checkpoint_every: 200,
+            keep_checkpoints: 2,
+            log_every: 1,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlKind {
+    /// KL(teacher || student): mass-covering, the classic Hinton loss.
+    Forward,
+    /// KL(student || teacher): mode-seeking (MiniLLM).
+    Reverse,
+    /// Generalized JSD with `beta` (GKD); beta 0.5 is the symmetric JSD.
+    Jsd,
+}
+
+/// What to do with the probability mass outside the teacher's top-k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingMass {
+    /// Renormalise the teacher's top-k to sum to 1 and compare on those ids only.
+    Renormalize,
+    /// Put the leftover mass in one extra "other" bucket on both sides.
+    OtherBucket,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    /// total = kd_ratio * KL + (1 - kd_ratio) * CE.
+    pub kd_ratio: f64,
+    pub kind: KlKind,
+    pub beta: f64,
+    pub temperature: f64,
+    pub missing_mass: MissingMass,
+    /// Tokens per loss chunk: the [chunk x vocab] logits are all that is ever materialised.
+    pub chunk_tokens: usize,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        LossSection {
+            kd_ratio: 0.5,
+            kind: KlKind::Forward,
+            beta: 0.5,
+            temperature: 1.0,
+            missing_mass: MissingMass::OtherBucket,
+            chunk_tokens: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub enabled: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// HF module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            enabled: true,
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
+    let (t, l, lora) = (&r.train, &r.loss, &r.lora);
+    if !(0.0..=1.0).contains(&l.kd_ratio) {
+        return Err(invalid(
+            "loss",
+            "kd_ratio",
+            format!("must be in [0, 1], got {}", l.kd_ratio),
+        ));
+    }
+    if l.temperature <= 0.0 {
+        return Err(invalid(
+            "loss",
+            "temperature",
+            format!("must be positive, got {}", l.temperature),
+        ));
+    }
+    if !(0.0..=1.0).contains(&l.beta) {
+        return Err(invalid(
+            "loss",
+            "beta",
+            format!("must be in [0, 1], got {}", l.beta),
+        ));
+    }
+    if l.chunk_tokens == 0 {
+        return Err(invalid("loss", "chunk_tokens", "must be at least 1".into()));
+    }
+    for (field, v) in [
+        ("seq_len", t.seq_len),
+        ("micro_batch", t.micro_batch),
+        ("grad_accum", t.grad_accum),
+    ] {
+        if v == 0 {
+            return Err(invalid("train", field, "must be at least 1".into()));
+        }
+    }
+    if !(t.lr > 0.0) {
+        return Err(invalid("train", "lr", format!("must be positive, got {}", t.lr)));
+    }
+    if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+        return Err(invalid(
+            "train",
+            "min_lr_ratio",
+            format!("must be in [0, 1], got {}", t.min_lr_ratio),
+        ));
+    }
+    if t.keep_checkpoints == 0 {
+        return Err(invalid("train", "keep_checkpoints", "must be at least 1".into()));
+    }
+    if lora.enabled {
+        if lora.r == 0 {
+            return Err(invalid("lora", "r", "must be at least 1".into()));
+        }
+        if let Some(bad) = lora.targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
+            return Err(invalid(
+                "lora",
+                "targets",
+                format!(
+                    "`{bad}` is not a linear layer; choose from {}",
+                    LORA_TARGETS.join(", ")
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            return Err(invalid(
+                "lora",
+                "dropout",
+                format!("must be in [0, 1), got {}", lora.dropout),
+            ));
+        }
+    }
+    Ok(())
+}
