@@ -218,7 +218,7 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
             return Err(invalid("train", field, "must be at least 1".into()));
         }
     }
-    if !(t.lr > 0.0) {
+    if t.lr.is_nan() || t.lr <= 0.0 {
         return Err(invalid("train", "lr", format!("must be positive, got {}", t.lr)));
     }
     if !(0.0..=1.0).contains(&t.min_lr_ratio) {
