@@ -44,6 +44,7 @@ impl<B: Backend> Reader<'_, B> {
             } else {
                 None
             },
+            lora: None,
         })
     }
 

@@ -99,6 +99,35 @@ pub fn check_model<B: Kernels>(name: &str, device: &B::Device, tol: f64) {
     );
 }
 
+/// Two reference sequences packed into one row must give each one's own logits.
+#[test]
+fn packed_rows_do_not_leak_between_documents() {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let model = CausalLm::<B>::load(&crate::test_util::fixtures().join("tiny-qwen2"), &device).unwrap();
+    let refs = read_reference("tiny-qwen2");
+    let (a, b) = (tokens(&refs["seq0.input_ids"]), tokens(&refs["seq1.input_ids"]));
+    let row: Vec<i64> = a.iter().chain(&b).copied().collect();
+    let docs = vec![
+        a.iter()
+            .map(|_| 0u32)
+            .chain(b.iter().map(|_| 1u32))
+            .collect::<Vec<_>>(),
+    ];
+    let logits = logits_vec(model.forward_packed(ids::<B>(&row, &device), &docs));
+    let expected: Vec<f64> = refs["seq0.logits"]
+        .data
+        .iter()
+        .chain(&refs["seq1.logits"].data)
+        .copied()
+        .collect();
+    let (diff, _) = max_diff(&logits, &expected);
+    assert!(
+        diff <= 1e-4,
+        "packed forward leaks across documents: max |diff| {diff:e}"
+    );
+}
+
 #[test]
 fn qwen2_matches_transformers_on_cpu() {
     check_model::<burn::backend::Flex>("tiny-qwen2", &Default::default(), 1e-4);

@@ -11,22 +11,58 @@ use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 use crate::config::{DecoderConfig, RopeScaling};
 use crate::ops::Kernels;
 
-/// A linear layer in burn's layout: weight [in, out] (HF stores [out, in]; the loader transposes).
+/// A linear layer in burn's layout: weight [in, out] (HF stores [out, in]; the loader
+/// transposes), with an optional LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+}
+
+/// LoRA: y += scale * (x A) B, never forming W + A B. A: [in, r], B: [r, out] (PEFT's
+/// lora_A.weight and lora_B.weight, transposed like every weight here).
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    #[module(skip)]
+    pub scale: f64,
+    #[module(skip)]
+    pub dropout: f64,
 }
 
 impl<B: Kernels> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        <B as Kernels>::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let dtype = x.dtype();
+        let y = <B as Kernels>::linear(
+            x.clone(),
+            cast_to(self.weight.val(), dtype),
+            self.bias.as_ref().map(|b| cast_to(b.val(), dtype)),
+        );
+        match &self.lora {
+            None => y,
+            Some(lora) => {
+                // Dropout only while training, i.e. on an autodiff backend.
+                let x = if lora.dropout > 0.0 && B::ad_enabled(&x.device()) {
+                    let keep = x.random_like(Distribution::Bernoulli(1.0 - lora.dropout));
+                    (x * keep).div_scalar(1.0 - lora.dropout)
+                } else {
+                    x
+                };
+                let a = cast_to(lora.lora_a.val(), dtype);
+                let b = cast_to(lora.lora_b.val(), dtype);
+                let delta = <B as Kernels>::linear(<B as Kernels>::linear(x, a, None), b, None); // [.., out]
+                y + delta.mul_scalar(lora.scale)
+            }
+        }
     }
 
     fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
         Linear {
             weight: Param::from_tensor(random([d_in, d_out], device)),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+            lora: None,
         }
     }
 }
@@ -84,16 +120,16 @@ impl Rotary {
         Rotary { inv_freq }
     }
 
-    /// cos and sin tables for `positions`, each [positions.len(), head_dim] (both halves equal).
+    /// cos and sin tables for one position list per row, each [R, T, hd] (both halves equal).
     pub fn tables<B: Backend>(
         &self,
-        positions: impl Iterator<Item = usize>,
+        positions: &[Vec<usize>],
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let half = self.inv_freq.len();
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let t = positions.first().map_or(0, Vec::len);
+        assert!(positions.iter().all(|p| p.len() == t), "ragged position rows");
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        let mut rows = 0;
-        for p in positions {
+        for &p in positions.iter().flatten() {
             for _half in 0..2 {
                 for f in &self.inv_freq {
                     let angle = p as f32 * f;
@@ -101,23 +137,22 @@ impl Rotary {
                     sin.push(angle.sin());
                 }
             }
-            rows += 1;
         }
-        let shape = [rows, 2 * half];
+        let shape = [positions.len(), t, 2 * self.inv_freq.len()];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
         )
     }
 
-    /// x: [B, H, T, hd], cos/sin: [T, hd] -> [B, H, T, hd].
-    pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    /// x: [B, H, T, hd], cos/sin: [R, T, hd] with R = B or 1 -> [B, H, T, hd].
+    pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
         let half = x.dims()[3] / 2;
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = cos.clone().unsqueeze::<4>().cast(x.dtype());
-        let sin = sin.clone().unsqueeze::<4>().cast(x.dtype());
+        let cos = cast_to(cos.clone().unsqueeze_dim::<4>(1), x.dtype()); // [R, 1, T, hd]
+        let sin = cast_to(sin.clone().unsqueeze_dim::<4>(1), x.dtype());
         x * cos + rotated * sin
     }
 }
@@ -194,12 +229,60 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// What every layer of one forward call shares: rotary tables and the attention mask.
-struct Step<B: Backend> {
-    cos: Tensor<B, 2>,
-    sin: Tensor<B, 2>,
-    /// [T, S] with true = masked; None when every query may see every key.
-    mask: Option<Tensor<B, 2, Bool>>,
+/// What every layer of one forward call shares: rotary tables for the query positions and
+/// the attention mask. R (rows) is the batch size, or 1 when all rows share them.
+#[derive(Debug, Clone)]
+pub struct Context<B: Backend> {
+    /// [R, T, hd] each.
+    pub cos: Tensor<B, 3>,
+    pub sin: Tensor<B, 3>,
+    /// [R, T, S] with true = masked; None when every query may see every key.
+    pub mask: Option<Tensor<B, 3, Bool>>,
+}
+
+impl<B: Backend> Context<B> {
+    /// Plain causal attention for `t` new positions after `past` cached ones.
+    pub fn causal(rotary: &Rotary, t: usize, past: usize, device: &B::Device) -> Self {
+        let positions: Vec<usize> = (past..past + t).collect();
+        let (cos, sin) = rotary.tables(&[positions], device);
+        let mask = (t > 1).then(|| {
+            let s = past + t;
+            let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
+            Tensor::from_data(TensorData::new(data, [1, t, s]), device)
+        });
+        Context { cos, sin, mask }
+    }
+
+    /// Packed rows: several documents per row, `doc[r][i]` naming the document of token i.
+    /// Positions restart at 0 in each document and no token attends across documents, so a
+    /// packed row computes exactly what the documents would compute alone.
+    pub fn packed(rotary: &Rotary, docs: &[Vec<u32>], device: &B::Device) -> Self {
+        let t = docs.first().map_or(0, Vec::len);
+        let positions: Vec<Vec<usize>> = docs
+            .iter()
+            .map(|row| {
+                let mut pos = Vec::with_capacity(row.len());
+                for (i, d) in row.iter().enumerate() {
+                    pos.push(if i > 0 && row[i - 1] == *d {
+                        pos[i - 1] + 1
+                    } else {
+                        0
+                    });
+                }
+                pos
+            })
+            .collect();
+        let (cos, sin) = rotary.tables(&positions, device);
+        let data: Vec<bool> = docs
+            .iter()
+            .flat_map(|row| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || row[j] != row[i])))
+            .collect();
+        let mask = Some(Tensor::from_data(
+            TensorData::new(data, [docs.len(), t, t]),
+            device,
+        ));
+        Context { cos, sin, mask }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -221,7 +304,7 @@ impl<B: Kernels> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        step: &Step<B>,
+        ctx: &Context<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
@@ -229,8 +312,8 @@ impl<B: Kernels> Attention<B> {
         let q = heads(self.q_proj.forward(x.clone()), self.num_heads); // [B, H, T, hd]
         let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads); // [B, KV, T, hd]
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        let q = Rotary::apply(q, &step.cos, &step.sin);
-        let k = Rotary::apply(k, &step.cos, &step.sin);
+        let q = Rotary::apply(q, &ctx.cos, &ctx.sin);
+        let k = Rotary::apply(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v), // [B, KV, S, hd]
             None => (k, v),
@@ -238,10 +321,10 @@ impl<B: Kernels> Attention<B> {
         let s = k.dims()[2];
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
-        let mask = step
+        let mask = ctx
             .mask
             .clone()
-            .map(|m| m.unsqueeze::<4>().expand([b, self.num_heads, t, s]));
+            .map(|m| m.unsqueeze_dim::<4>(1).expand([b, self.num_heads, t, s]));
         let y = <B as Kernels>::attention(q, k, v, mask); // [B, H, T, hd]
         let y = y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(y)
@@ -269,16 +352,17 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Kernels> DecoderLayer<B> {
-    fn forward(
+    /// x: [B, T, C] -> [B, T, C]. `cache` is a KV cache and this layer's index, when decoding.
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        step: &Step<B>,
+        ctx: &Context<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), step, cache);
+                .forward(self.input_layernorm.forward(x), ctx, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -364,20 +448,37 @@ impl<B: Kernels> CausalLm<B> {
         input_ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let device = input_ids.device();
         let t = input_ids.dims()[1];
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = self.rotary.tables::<B>(past..past + t, &device);
-        let step = Step {
-            cos,
-            sin,
-            mask: causal_mask::<B>(t, past, &device),
-        };
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids); // [B, T, C]
+        let ctx = Context::causal(&self.rotary, t, past, &input_ids.device());
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, &step, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(x, &ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
         self.model.norm.forward(x)
+    }
+
+    /// Forward over packed rows (see [`Context::packed`]): logits [B, T, V].
+    pub fn forward_packed(&self, input_ids: Tensor<B, 2, Int>, docs: &[Vec<u32>]) -> Tensor<B, 3> {
+        let ctx = Context::packed(&self.rotary, docs, &input_ids.device());
+        let mut x = self.embed(input_ids);
+        for layer in &self.model.layers {
+            x = layer.forward(x, &ctx, None);
+        }
+        self.logits(self.model.norm.forward(x))
+    }
+
+    /// Token embeddings. input_ids: [B, T] -> [B, T, C].
+    pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids)
+    }
+
+    /// The output projection in burn layout [C, V]: lm_head, or the tied embeddings transposed.
+    pub fn head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.model.embed_tokens.val().transpose(),
+        }
     }
 
     /// hidden: [B, T, C] -> logits [B, T, V].
@@ -389,15 +490,10 @@ impl<B: Kernels> CausalLm<B> {
     }
 }
 
-/// [T, past + T] with true where key j lies after query i (at absolute position past + i).
-/// None for a single query, which may see every cached key.
-fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Option<Tensor<B, 2, Bool>> {
-    if t == 1 {
-        return None;
-    }
-    let s = past + t;
-    let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
-    Some(Tensor::from_data(TensorData::new(data, [t, s]), device))
+/// Parameters may be stored in another dtype than the activations (f32 trainable weights in a
+/// bf16 model): cast at use, so autodiff carries gradients back in the parameter's dtype.
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor::DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {

@@ -1,0 +1,4 @@
+//! Distillation training: the KL + CE loss, LoRA, AdamW, checkpoints and the trainer loop.
+
+pub mod metrics;
+pub mod tensorboard;

@@ -1,0 +1,556 @@
+//! The training metrics log (`metrics.jsonl`) and the training-curve plot drawn from it.
+//!
+//! One JSON object per logged step, appended and flushed as soon as the step is done, so a
+//! crash keeps every completed line. A crash in the middle of a write can leave a torn last
+//! line: the reader skips it, and reopening the log for appending cuts it off first so the
+//! next line starts clean.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The log's file name inside a run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Width and height of the plot written by [`plot_curves`], in pixels.
+pub const PLOT_SIZE: (u32, u32) = (1200, 900);
+
+/// A small ASCII subset of DejaVu Sans (licence beside it in assets/), so plots get axis labels
+/// on machines without system fonts.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot open metrics log {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write metrics log {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read metrics log {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}:{line}: not a metrics record")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("metrics record for {path} has extra key {key:?}, which clashes with a standard field")]
+    ExtraKeyClash { path: PathBuf, key: String },
+    #[error("metrics log {path} has no records to plot")]
+    NothingToPlot { path: PathBuf },
+    #[error("cannot draw training curves into {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+    #[error("cannot write training-curve image {path}")]
+    WritePng {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One line of `metrics.jsonl`.
+///
+/// JSON has no NaN or infinity: serde_json writes a non-finite float as `null`, and the
+/// reader turns `null` back into NaN, so a diverging run still logs (and reads back) its steps.
+/// Floats are written exactly (shortest round-trip form); reading them back in Rust can be one
+/// ulp off, since the workspace's serde_json is built without `float_roundtrip`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRecord {
+    pub step: u64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub loss: f64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub kl: f64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub ce: f64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub lr: f64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub grad_norm: f64,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub tokens_per_s: f64,
+    /// Accelerator memory in use, when the backend can tell; written as `null` otherwise.
+    pub mem_gb: Option<f64>,
+    /// Anything else the trainer wants on the line (e.g. `"epoch"`, `"eval_loss"`).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn null_as_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// The standard keys, which `extra` must not repeat (the line would carry the key twice).
+const STANDARD_KEYS: [&str; 8] = [
+    "step",
+    "loss",
+    "kl",
+    "ce",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mem_gb",
+];
+
+/// Appends [`MetricsRecord`]s to a JSONL file.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens (creating it and its parent directories if needed) the log at `path` for
+    /// appending. A torn last line left by a crash is cut off first.
+    pub fn open(path: &Path) -> Result<Self, MetricsError> {
+        let open_err = |source| MetricsError::Open {
+            path: path.into(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(open_err)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(open_err)?;
+        truncate_torn_tail(&mut file).map_err(open_err)?;
+        Ok(Self {
+            path: path.into(),
+            file,
+        })
+    }
+
+    /// The log file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `record` as one line and flushes it to the OS before returning.
+    pub fn append(&mut self, record: &MetricsRecord) -> Result<(), MetricsError> {
+        if let Some(key) = record.extra.keys().find(|k| STANDARD_KEYS.contains(&k.as_str())) {
+            return Err(MetricsError::ExtraKeyClash {
+                path: self.path.clone(),
+                key: key.clone(),
+            });
+        }
+        let mut line = serde_json::to_vec(record).expect("a MetricsRecord always serializes");
+        line.push(b'\n');
+        // One write_all on an O_APPEND, unbuffered file: the line reaches the OS whole or, if
+        // the process dies mid-call, as a torn tail that open() and read_metrics() handle.
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.flush())
+            .map_err(|source| MetricsError::Write {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Cuts the file back to just after its last newline (to empty when it has none).
+fn truncate_torn_tail(file: &mut File) -> io::Result<()> {
+    let mut bytes = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut bytes)?;
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if keep < bytes.len() {
+        file.set_len(keep as u64)?;
+    }
+    Ok(())
+}
+
+/// Reads every record of a metrics log. A last line with no newline that does not parse is a
+/// write torn by a crash and is skipped; an unparsable line anywhere else is an error.
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>, MetricsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MetricsError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let ends_cleanly = text.is_empty() || text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(record) => records.push(record),
+            Err(_) if i + 1 == lines.len() && !ends_cleanly => break,
+            Err(source) => {
+                return Err(MetricsError::Parse {
+                    path: path.into(),
+                    line: i + 1,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// After a resume from a checkpoint the log can hold a step twice (logged, crashed before the
+/// next checkpoint, logged again); the later line is the run that continued.
+fn latest_per_step(records: Vec<MetricsRecord>) -> Vec<MetricsRecord> {
+    let by_step: BTreeMap<u64, MetricsRecord> = records.into_iter().map(|r| (r.step, r)).collect();
+    by_step.into_values().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plotting.
+
+/// Draws the training curves of `metrics_jsonl` into a PNG at `out_png`: loss, KL and CE
+/// against step in the upper panel, the learning rate in the lower one.
+pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsError> {
+    let records = latest_per_step(read_metrics(metrics_jsonl)?);
+    if records.is_empty() {
+        return Err(MetricsError::NothingToPlot {
+            path: metrics_jsonl.into(),
+        });
+    }
+    let (w, h) = PLOT_SIZE;
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    draw_curves(&records, &mut rgb).map_err(|message| MetricsError::Plot {
+        path: out_png.into(),
+        message,
+    })?;
+    write_png(out_png, &rgb, PLOT_SIZE).map_err(|source| MetricsError::WritePng {
+        path: out_png.into(),
+        source,
+    })
+}
+
+/// One line on a panel.
+struct Curve {
+    label: &'static str,
+    color: RGBColor,
+    /// (step, value), finite values only: NaN steps leave a gap-free line over their neighbours.
+    points: Vec<(f64, f64)>,
+}
+
+fn curve(
+    records: &[MetricsRecord],
+    label: &'static str,
+    color: RGBColor,
+    field: fn(&MetricsRecord) -> f64,
+) -> Curve {
+    let points = records
+        .iter()
+        .map(|r| (r.step as f64, field(r)))
+        .filter(|(_, v)| v.is_finite())
+        .collect();
+    Curve { label, color, points }
+}
+
+fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> {
+    register_font_once()?;
+    let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled("Training curves", ("sans-serif", 28))
+        .map_err(|e| e.to_string())?;
+    let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 * 3 / 5);
+
+    let first = records[0].step as f64;
+    let last = records[records.len() - 1].step as f64;
+    let steps = if last > first {
+        first..last
+    } else {
+        first - 1.0..first + 1.0
+    };
+
+    let losses = [
+        curve(records, "loss", RGBColor(31, 119, 180), |r| r.loss),
+        curve(records, "kl", RGBColor(214, 39, 40), |r| r.kl),
+        curve(records, "ce", RGBColor(44, 160, 44), |r| r.ce),
+    ];
+    draw_panel(&upper, "Loss", &losses, steps.clone())?;
+    let lr = [curve(records, "lr", RGBColor(148, 103, 189), |r| r.lr)];
+    draw_panel(&lower, "Learning rate", &lr, steps)?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// plotters' ab_glyph backend looks fonts up by family name in a process-wide table.
+fn register_font_once() -> Result<(), String> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED
+        .get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err("the embedded font does not parse".to_owned())
+    }
+}
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    y_desc: &str,
+    curves: &[Curve],
+    steps: Range<f64>,
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(96)
+        .build_cartesian_2d(steps, value_range(curves))
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| tick_label(*v))
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
+        .draw()
+        .map_err(err)?;
+    for c in curves {
+        let color = c.color;
+        chart
+            .draw_series(LineSeries::new(c.points.iter().copied(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(c.label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)
+}
+
+/// Short tick labels for values from learning rates (1e-5) to token counts: plain decimals
+/// without trailing zeros in between, scientific notation outside.
+fn tick_label(v: f64) -> String {
+    if v == 0.0 {
+        return "0".to_owned();
+    }
+    if !(1e-3..1e5).contains(&v.abs()) {
+        return format!("{v:.1e}");
+    }
+    let fixed = format!("{v:.3}");
+    fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// The y range covering every finite point, padded 5% so lines do not run along the frame.
+fn value_range(curves: &[Curve]) -> Range<f64> {
+    let values = curves.iter().flat_map(|c| c.points.iter().map(|&(_, v)| v));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..1.0; // nothing finite to show: an empty, labelled panel
+    }
+    let pad = if hi > lo {
+        (hi - lo) * 0.05
+    } else {
+        lo.abs().max(1e-12) * 0.1
+    };
+    lo - pad..hi + pad
+}
+
+fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut encoder = png::Encoder::new(io::BufWriter::new(File::create(path)?), w, h);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(io::Error::other)?;
+    writer.write_image_data(rgb).map_err(io::Error::other)?;
+    writer.finish().map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Six significant digits: serde_json's default (non-`float_roundtrip`) parser can be one
+    /// ulp off on 16-17 digit decimals, which would make exact round-trip comparisons flaky.
+    fn sig6(x: f64) -> f64 {
+        format!("{x:.5e}").parse().unwrap()
+    }
+
+    fn record(step: u64) -> MetricsRecord {
+        let t = step as f64;
+        MetricsRecord {
+            step,
+            loss: sig6(3.0 * (-t / 40.0).exp() + 0.5),
+            kl: sig6(2.0 * (-t / 30.0).exp() + 0.2),
+            ce: sig6((-t / 60.0).exp() + 0.3),
+            lr: sig6(1e-4 * (t / 10.0).min(1.0) * (1.0 - t / 200.0)),
+            grad_norm: 1.0,
+            tokens_per_s: 1234.5,
+            mem_gb: None,
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    #[test]
+    fn lines_have_the_documented_keys_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/metrics.jsonl");
+        let mut log = MetricsLog::open(&path).unwrap();
+        let mut with_extra = record(2);
+        with_extra.mem_gb = Some(1.5);
+        with_extra.extra.insert("epoch".into(), json!(0));
+        log.append(&record(1)).unwrap();
+        log.append(&with_extra).unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let keys: Vec<&str> = first.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, STANDARD_KEYS);
+        assert!(first["mem_gb"].is_null());
+        assert_eq!(read_metrics(&path).unwrap(), [record(1), with_extra]);
+    }
+
+    #[test]
+    fn non_finite_values_are_logged_as_null_and_read_back_as_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut diverged = record(3);
+        diverged.loss = f64::NAN;
+        diverged.grad_norm = f64::INFINITY;
+        MetricsLog::open(&path).unwrap().append(&diverged).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains(r#""loss":null"#));
+        let back = &read_metrics(&path).unwrap()[0];
+        assert!(back.loss.is_nan() && back.grad_norm.is_nan());
+        assert_eq!(back.kl, diverged.kl);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_by_the_reader_and_cut_by_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut log = MetricsLog::open(&path).unwrap();
+        log.append(&record(1)).unwrap();
+        log.append(&record(2)).unwrap();
+        drop(log);
+        // A crash halfway through writing step 3.
+        let line = serde_json::to_string(&record(3)).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&line.as_bytes()[..line.len() / 2]).unwrap();
+        drop(f);
+        assert_eq!(read_metrics(&path).unwrap(), [record(1), record(2)]);
+
+        let mut log = MetricsLog::open(&path).unwrap();
+        log.append(&record(3)).unwrap();
+        assert_eq!(read_metrics(&path).unwrap(), [record(1), record(2), record(3)]);
+    }
+
+    #[test]
+    fn a_bad_line_in_the_middle_is_an_error_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let good = serde_json::to_string(&record(1)).unwrap();
+        std::fs::write(&path, format!("{good}\n{{\"step\": oops\n{good}\n")).unwrap();
+        match read_metrics(&path) {
+            Err(MetricsError::Parse { path: p, line: 2, .. }) => assert_eq!(p, path),
+            other => panic!("expected a parse error on line 2, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn extra_keys_may_not_shadow_standard_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        let mut r = record(1);
+        r.extra.insert("loss".into(), json!(1.0));
+        let err = MetricsLog::open(&path).unwrap().append(&r).unwrap_err();
+        assert!(
+            matches!(err, MetricsError::ExtraKeyClash { ref key, .. } if key == "loss"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tick_labels_stay_short() {
+        let labels: Vec<String> = [0.0, 2.5, 3.0, 0.125, 1e-5, 2.5e-4, -0.5, 123456.0]
+            .map(tick_label)
+            .into();
+        assert_eq!(
+            labels,
+            ["0", "2.5", "3", "0.125", "1.0e-5", "2.5e-4", "-0.5", "1.2e5"]
+        );
+    }
+
+    #[test]
+    fn resumed_steps_keep_the_later_line() {
+        let mut again = record(2);
+        again.loss = 9.0;
+        let kept = latest_per_step(vec![record(1), record(2), record(3), again.clone()]);
+        assert_eq!(kept, [record(1), again, record(3)]);
+    }
+
+    #[test]
+    fn plot_is_a_png_of_the_documented_size_with_something_drawn() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join(METRICS_FILE);
+        let mut log = MetricsLog::open(&log_path).unwrap();
+        for step in (0..=200).step_by(5) {
+            log.append(&record(step)).unwrap();
+        }
+        let png_path = dir.path().join("plots/curves.png");
+        plot_curves(&log_path, &png_path).unwrap();
+        if let Some(keep) = std::env::var_os("DISTILL_KEEP_PLOT") {
+            std::fs::copy(&png_path, keep).unwrap();
+        }
+
+        let decoder = png::Decoder::new(io::BufReader::new(File::open(&png_path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        assert_eq!((info.width, info.height), PLOT_SIZE);
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        let drawn = pixels.chunks_exact(3).filter(|px| *px != [255, 255, 255]).count();
+        // Axes, text and three curves: well above nothing, well below everything.
+        let total = (PLOT_SIZE.0 * PLOT_SIZE.1) as usize;
+        assert!(
+            drawn > total / 100 && drawn < total / 2,
+            "{drawn} of {total} pixels drawn"
+        );
+        // The loss curve's colour is actually there, not just black axes.
+        assert!(pixels.chunks_exact(3).any(|px| px == [31, 119, 180]));
+    }
+
+    #[test]
+    fn a_single_step_and_an_empty_log_are_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join(METRICS_FILE);
+        let mut log = MetricsLog::open(&log_path).unwrap();
+        let png_path = dir.path().join("curves.png");
+        assert!(matches!(
+            plot_curves(&log_path, &png_path),
+            Err(MetricsError::NothingToPlot { .. })
+        ));
+        log.append(&record(0)).unwrap();
+        plot_curves(&log_path, &png_path).unwrap();
+        assert!(png_path.exists());
+    }
+}
