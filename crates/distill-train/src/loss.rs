@@ -1,0 +1,537 @@
+//! The distillation loss: total = kd_ratio * D(teacher, student) + (1 - kd_ratio) * CE, per
+//! token, in f32. D is forward KL, reverse KL or TRL's generalized JSD(beta), on the full
+//! vocabulary (a local teacher's logits) or on the teacher's top-k (API soft labels).
+//!
+//! Top-k teachers leave mass outside the k ids unknown. `MissingMass::OtherBucket` adds one
+//! category holding the rest on both sides (the teacher's 1 - sum p_k, the student's
+//! 1 - sum q_k); `Renormalize` compares both distributions restricted to the k ids and
+//! renormalised. Temperature T divides the student's logits and the teacher's log-probs
+//! (the teacher's rest mass is raised to 1/T alike); the divergence is scaled by T^2 so
+//! gradients keep their size across temperatures (Hinton et al.).
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+use distill_core::recipe::{KlKind, LossSection, MissingMass};
+
+/// Logits of vocabulary rows past the tokenizer (padding rows of the embedding matrix) are
+/// set to this: finite, so 0 * log(q) stays 0 instead of NaN.
+const MASKED_LOGIT: f32 = -1e9;
+/// Floor for probabilities that enter a log (the student's rest mass).
+const EPS: f32 = 1e-20;
+
+/// The teacher's view of the same N tokens.
+#[derive(Debug, Clone)]
+pub enum TeacherTargets<B: Backend> {
+    /// No teacher distribution: CE only.
+    None,
+    /// Full-vocabulary logits [N, V] from a local teacher (no gradient).
+    Dense(Tensor<B, 2>),
+    /// Top-k ids [N, k] and log-probs [N, k] at temperature 1.
+    Sparse {
+        ids: Tensor<B, 2, Int>,
+        logprobs: Tensor<B, 2>,
+    },
+}
+
+impl<B: Backend> TeacherTargets<B> {
+    pub fn narrow(&self, start: usize, len: usize) -> Self {
+        match self {
+            TeacherTargets::None => TeacherTargets::None,
+            TeacherTargets::Dense(t) => TeacherTargets::Dense(t.clone().narrow(0, start, len)),
+            TeacherTargets::Sparse { ids, logprobs } => TeacherTargets::Sparse {
+                ids: ids.clone().narrow(0, start, len),
+                logprobs: logprobs.clone().narrow(0, start, len),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    pub kd_ratio: f64,
+    pub kind: KlKind,
+    pub beta: f64,
+    pub temperature: f64,
+    pub missing_mass: MissingMass,
+    /// Real vocabulary size; logits at or beyond it are masked out.
+    pub vocab_limit: Option<usize>,
+}
+
+impl LossConfig {
+    pub fn from_recipe(s: &LossSection, vocab_limit: Option<usize>) -> Self {
+        LossConfig {
+            kd_ratio: s.kd_ratio,
+            kind: s.kind,
+            beta: s.beta,
+            temperature: s.temperature,
+            missing_mass: s.missing_mass,
+            vocab_limit,
+        }
+    }
+}
+
+/// Per-token sums over a set of tokens; divide by the token count for means.
+#[derive(Debug, Clone)]
+pub struct LossSums<B: Backend> {
+    /// kd_ratio * kl + (1 - kd_ratio) * ce, summed: the quantity to differentiate.
+    pub total: Tensor<B, 1>,
+    pub ce: Tensor<B, 1>,
+    pub kl: Tensor<B, 1>,
+}
+
+/// Loss sums for logits [N, V] against labels [N] and the teacher.
+pub fn token_loss<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    teacher: &TeacherTargets<B>,
+    cfg: &LossConfig,
+) -> LossSums<B> {
+    let logits = mask_padding(logits.cast(DType::F32), cfg.vocab_limit); // [N, V]
+    let log_q = log_softmax(logits.clone(), 1);
+    let ce = log_q.clone().gather(1, labels.unsqueeze_dim(1)).neg().sum(); // [1]
+    let kl = match teacher {
+        TeacherTargets::None => ce.zeros_like(),
+        _ if cfg.kd_ratio == 0.0 => ce.zeros_like(),
+        _ => {
+            let t = cfg.temperature;
+            let log_q_t = if t == 1.0 {
+                log_q
+            } else {
+                log_softmax(logits.div_scalar(t), 1)
+            };
+            let (log_p, log_q) = paired_distributions(log_q_t, teacher, cfg);
+            divergence(log_p, log_q, cfg.kind, cfg.beta)
+                .sum()
+                .mul_scalar(t * t)
+        }
+    };
+    let total = kl.clone().mul_scalar(cfg.kd_ratio) + ce.clone().mul_scalar(1.0 - cfg.kd_ratio);
+    LossSums { total, ce, kl }
+}
+
+fn mask_padding<B: Backend>(logits: Tensor<B, 2>, vocab_limit: Option<usize>) -> Tensor<B, 2> {
+    let [n, v] = logits.dims();
+    match vocab_limit {
+        Some(limit) if limit < v => {
+            let keep = logits.clone().narrow(1, 0, limit);
+            let pad = Tensor::full([n, v - limit], MASKED_LOGIT, &logits.device());
+            Tensor::cat(vec![keep, pad], 1)
+        }
+        _ => logits,
+    }
+}
+
+/// The teacher's and the student's log-distributions over the same categories:
+/// the vocabulary (dense), or the k ids (+ the rest bucket) for a sparse teacher.
+/// log_q: the student's tempered log-softmax [N, V]. Returns ([N, K], [N, K]).
+fn paired_distributions<B: Backend>(
+    log_q: Tensor<B, 2>,
+    teacher: &TeacherTargets<B>,
+    cfg: &LossConfig,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let t = cfg.temperature;
+    match teacher {
+        TeacherTargets::None => unreachable!("no teacher, no divergence"),
+        TeacherTargets::Dense(z) => {
+            let z = mask_padding(z.clone().cast(DType::F32), cfg.vocab_limit);
+            (log_softmax(z.div_scalar(t), 1), log_q)
+        }
+        TeacherTargets::Sparse { ids, logprobs } => {
+            let lp = logprobs.clone().cast(DType::F32).div_scalar(t); // [N, k]
+            let lq = log_q.gather(1, ids.clone()); // [N, k]
+            match cfg.missing_mass {
+                MissingMass::Renormalize => (renormalize(lp), renormalize(lq)),
+                MissingMass::OtherBucket => {
+                    // Teacher rest at T=1 is 1 - sum exp(logprobs); tempering raises it to 1/T.
+                    let rest_p = logprobs
+                        .clone()
+                        .cast(DType::F32)
+                        .exp()
+                        .sum_dim(1)
+                        .neg()
+                        .add_scalar(1.0)
+                        .clamp_min(EPS)
+                        .log()
+                        .div_scalar(t); // [N, 1]
+                    let log_p = renormalize(Tensor::cat(vec![lp, rest_p], 1));
+                    let rest_q = lq
+                        .clone()
+                        .exp()
+                        .sum_dim(1)
+                        .neg()
+                        .add_scalar(1.0)
+                        .clamp_min(EPS)
+                        .log();
+                    (log_p, Tensor::cat(vec![lq, rest_q], 1))
+                }
+            }
+        }
+    }
+}
+
+/// log-weights [N, K] -> log-probabilities summing to 1 per row.
+fn renormalize<B: Backend>(log_w: Tensor<B, 2>) -> Tensor<B, 2> {
+    log_softmax(log_w, 1)
+}
+
+/// Per-row divergence [N] between teacher log_p and student log_q, each [N, K].
+/// kind Jsd follows TRL's generalized_jsd_loss: beta 0 is forward KL, 1 reverse KL.
+pub fn divergence<B: Backend>(
+    log_p: Tensor<B, 2>,
+    log_q: Tensor<B, 2>,
+    kind: KlKind,
+    beta: f64,
+) -> Tensor<B, 1> {
+    match kind {
+        KlKind::Forward => kl(log_p, log_q),
+        KlKind::Reverse => kl(log_q, log_p),
+        KlKind::Jsd if beta == 0.0 => kl(log_p, log_q),
+        KlKind::Jsd if beta == 1.0 => kl(log_q, log_p),
+        KlKind::Jsd => {
+            // log m = logsumexp(log q + log(1 - beta), log p + log(beta))
+            let a = log_q.clone().add_scalar((1.0 - beta).ln());
+            let b = log_p.clone().add_scalar(beta.ln());
+            let max = a.clone().max_pair(b.clone());
+            let log_m = max.clone() + ((a - max.clone()).exp() + (b - max).exp()).log();
+            kl(log_p, log_m.clone()).mul_scalar(beta) + kl(log_q, log_m).mul_scalar(1.0 - beta)
+        }
+    }
+}
+
+/// KL(a || b) per row from log-probabilities [N, K] -> [N].
+fn kl<B: Backend>(log_a: Tensor<B, 2>, log_b: Tensor<B, 2>) -> Tensor<B, 1> {
+    (log_a.clone().exp() * (log_a - log_b)).sum_dim(1).squeeze_dim(1)
+}
+
+/// Loss sums as numbers, and the gradients of `scale * total` for the head's inputs.
+#[derive(Debug)]
+pub struct ChunkedLoss<B: Backend> {
+    pub total: f64,
+    pub ce: f64,
+    pub kl: f64,
+    /// d(scale * total)/d hidden, [N, C].
+    pub grad_hidden: Tensor<B, 2>,
+    /// d(scale * total)/d weight, [C, V], when asked for.
+    pub grad_weight: Option<Tensor<B, 2>>,
+}
+
+/// Runs the output projection and the loss `chunk` tokens at a time, each chunk with its own
+/// backward pass, so only a [chunk, V] block of logits (and its gradient) ever exists. The
+/// caller feeds `grad_hidden` back into the model's graph (see `trainer`).
+///
+/// hidden: [N, C] and weight: [C, V] on the inner backend; labels [N]; teacher on the inner
+/// backend; `scale` multiplies the loss before differentiation (1 / tokens in the step).
+#[allow(clippy::too_many_arguments)]
+pub fn chunked_loss<AD>(
+    hidden: Tensor<AD::InnerBackend, 2>,
+    weight: Tensor<AD::InnerBackend, 2>,
+    labels: Tensor<AD::InnerBackend, 1, Int>,
+    teacher: &TeacherTargets<AD::InnerBackend>,
+    cfg: &LossConfig,
+    chunk: usize,
+    want_weight_grad: bool,
+    scale: f64,
+) -> ChunkedLoss<AD::InnerBackend>
+where
+    AD: burn::tensor::backend::AutodiffBackend + distill_models::Kernels,
+{
+    let [n, c] = hidden.dims();
+    let device = hidden.device();
+    let mut out = ChunkedLoss {
+        total: 0.0,
+        ce: 0.0,
+        kl: 0.0,
+        grad_hidden: Tensor::zeros([0, c], (&device, hidden.dtype())),
+        grad_weight: None,
+    };
+    let mut grad_chunks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = Tensor::<AD, 2>::from_inner(hidden.clone().narrow(0, start, len)).require_grad();
+        let mut w = Tensor::<AD, 2>::from_inner(weight.clone());
+        if want_weight_grad {
+            w = w.require_grad();
+        }
+        let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.clone().cast(h.dtype()), None);
+        let teacher_chunk = lift::<AD>(&teacher.narrow(start, len));
+        let labels_chunk = Tensor::<AD, 1, Int>::from_inner(labels.clone().narrow(0, start, len));
+        let sums = token_loss(logits, labels_chunk, &teacher_chunk, cfg);
+        out.total += sums.total.clone().into_scalar().elem::<f64>();
+        out.ce += sums.ce.into_scalar().elem::<f64>();
+        out.kl += sums.kl.into_scalar().elem::<f64>();
+        let grads = sums.total.mul_scalar(scale).backward();
+        grad_chunks.push(h.grad(&grads).expect("hidden chunk is a leaf with grad"));
+        if want_weight_grad {
+            let g = w.grad(&grads).expect("weight is a leaf with grad");
+            out.grad_weight = Some(match out.grad_weight.take() {
+                Some(acc) => acc + g,
+                None => g,
+            });
+        }
+        start += len;
+    }
+    if !grad_chunks.is_empty() {
+        out.grad_hidden = Tensor::cat(grad_chunks, 0);
+    }
+    out
+}
+
+use burn::tensor::ElementConversion;
+
+/// Teacher targets moved onto the autodiff backend as constants.
+fn lift<AD: burn::tensor::backend::AutodiffBackend>(
+    t: &TeacherTargets<AD::InnerBackend>,
+) -> TeacherTargets<AD> {
+    match t {
+        TeacherTargets::None => TeacherTargets::None,
+        TeacherTargets::Dense(z) => TeacherTargets::Dense(Tensor::from_inner(z.clone())),
+        TeacherTargets::Sparse { ids, logprobs } => TeacherTargets::Sparse {
+            ids: Tensor::from_inner(ids.clone()),
+            logprobs: Tensor::from_inner(logprobs.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::TensorData;
+    use safetensors::{Dtype, SafeTensors};
+
+    use super::*;
+
+    type AD = Autodiff<Flex>;
+    type B = Flex;
+
+    struct Fixture {
+        f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+        i64s: HashMap<String, (Vec<usize>, Vec<i64>)>,
+    }
+
+    fn fixture() -> Fixture {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/loss/reference.safetensors"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut fx = Fixture {
+            f32s: HashMap::new(),
+            i64s: HashMap::new(),
+        };
+        for (name, v) in st.tensors() {
+            let shape = v.shape().to_vec();
+            match v.dtype() {
+                Dtype::F32 => {
+                    let d = v
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+                    fx.f32s.insert(name, (shape, d.collect()));
+                }
+                Dtype::I64 => {
+                    let d = v
+                        .data()
+                        .chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()));
+                    fx.i64s.insert(name, (shape, d.collect()));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        fx
+    }
+
+    impl Fixture {
+        fn f<const D: usize>(&self, name: &str) -> Tensor<B, D> {
+            let (shape, data) = &self.f32s[name];
+            Tensor::from_data(TensorData::new(data.clone(), shape.clone()), &Default::default())
+        }
+        fn i<const D: usize>(&self, name: &str) -> Tensor<B, D, Int> {
+            let (shape, data) = &self.i64s[name];
+            Tensor::from_data(TensorData::new(data.clone(), shape.clone()), &Default::default())
+        }
+    }
+
+    fn vec_of<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    fn assert_close(name: &str, ours: &[f32], theirs: &[f32]) {
+        assert_eq!(ours.len(), theirs.len(), "{name}: length");
+        for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 + 1e-4 * b.abs(),
+                "{name}[{i}]: {a} vs reference {b}"
+            );
+        }
+    }
+
+    fn config(kind: KlKind, beta: f64, temperature: f64, missing_mass: MissingMass) -> LossConfig {
+        LossConfig {
+            kd_ratio: 0.5,
+            kind,
+            beta,
+            temperature,
+            missing_mass,
+            vocab_limit: Some(9),
+        }
+    }
+
+    #[test]
+    fn chunked_loss_matches_pytorch_values_and_gradients() {
+        let fx = fixture();
+        let mut cases = 0;
+        for (mode, teacher) in [
+            ("dense", TeacherTargets::Dense(fx.f::<2>("teacher_logits"))),
+            (
+                "other_bucket",
+                TeacherTargets::Sparse {
+                    ids: fx.i("topk_ids"),
+                    logprobs: fx.f("topk_logprobs"),
+                },
+            ),
+            (
+                "renormalize",
+                TeacherTargets::Sparse {
+                    ids: fx.i("topk_ids"),
+                    logprobs: fx.f("topk_logprobs"),
+                },
+            ),
+        ] {
+            let missing = if mode == "renormalize" {
+                MissingMass::Renormalize
+            } else {
+                MissingMass::OtherBucket
+            };
+            for (kind, kname, beta) in [
+                (KlKind::Forward, "forward", 0.5),
+                (KlKind::Reverse, "reverse", 0.5),
+                (KlKind::Jsd, "jsd", 0.5),
+                (KlKind::Jsd, "jsd", 0.1),
+            ] {
+                for t in [1.0, 2.0] {
+                    let name = format!("{mode}.{kname}.b{beta}.t{t:.1}");
+                    let cfg = config(kind, beta, t, missing);
+                    // chunk 4 over 6 tokens: two chunks of different sizes.
+                    let out = chunked_loss::<AD>(
+                        fx.f("hidden"),
+                        fx.f("weight"),
+                        fx.i("labels"),
+                        &teacher,
+                        &cfg,
+                        4,
+                        true,
+                        1.0,
+                    );
+                    let sums = &fx.f32s[&format!("{name}.sums")].1;
+                    assert_close(
+                        &format!("{name} sums"),
+                        &[out.total as f32, out.ce as f32, out.kl as f32],
+                        sums,
+                    );
+                    assert_close(
+                        &format!("{name} grad_hidden"),
+                        &vec_of(out.grad_hidden),
+                        &fx.f32s[&format!("{name}.grad_hidden")].1,
+                    );
+                    assert_close(
+                        &format!("{name} grad_weight"),
+                        &vec_of(out.grad_weight.unwrap()),
+                        &fx.f32s[&format!("{name}.grad_weight")].1,
+                    );
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 24);
+    }
+
+    #[test]
+    fn chunking_does_not_change_values_or_gradients() {
+        let fx = fixture();
+        let teacher = TeacherTargets::Dense(fx.f::<2>("teacher_logits"));
+        let cfg = config(KlKind::Forward, 0.5, 1.0, MissingMass::OtherBucket);
+        let run = |chunk| {
+            chunked_loss::<AD>(
+                fx.f("hidden"),
+                fx.f("weight"),
+                fx.i("labels"),
+                &teacher,
+                &cfg,
+                chunk,
+                true,
+                0.25,
+            )
+        };
+        let (one, many) = (run(6), run(1));
+        assert!((one.total - many.total).abs() < 1e-5);
+        assert_close("grad_hidden", &vec_of(many.grad_hidden), &vec_of(one.grad_hidden));
+        assert_close(
+            "grad_weight",
+            &vec_of(many.grad_weight.unwrap()),
+            &vec_of(one.grad_weight.unwrap()),
+        );
+    }
+
+    #[test]
+    fn divergence_of_a_distribution_with_itself_is_zero() {
+        let fx = fixture();
+        let logits = fx.f::<2>("teacher_logits");
+        for kind in [KlKind::Forward, KlKind::Reverse, KlKind::Jsd] {
+            let cfg = LossConfig {
+                kd_ratio: 1.0,
+                ..config(kind, 0.5, 2.0, MissingMass::OtherBucket)
+            };
+            let sums = token_loss(
+                logits.clone(),
+                fx.i("labels"),
+                &TeacherTargets::Dense(logits.clone()),
+                &cfg,
+            );
+            let kl: f32 = sums.kl.into_scalar();
+            assert!(kl.abs() < 1e-5, "{kind:?}: {kl}");
+        }
+    }
+
+    #[test]
+    fn closed_form_cross_entropy_and_kd_ratio_zero() {
+        // logits [0, ln 3]: p = [1/4, 3/4]; CE(label 1) = -ln(3/4).
+        let device = Default::default();
+        let logits = Tensor::<B, 2>::from_data(TensorData::new(vec![0.0f32, 3f32.ln()], [1, 2]), &device);
+        let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![1i64], [1]), &device);
+        let teacher = TeacherTargets::Dense(Tensor::zeros([1, 2], &device));
+        let cfg = LossConfig {
+            kd_ratio: 0.0,
+            vocab_limit: None,
+            ..config(KlKind::Forward, 0.5, 1.0, MissingMass::OtherBucket)
+        };
+        let sums = token_loss(logits, labels, &teacher, &cfg);
+        let ce: f32 = sums.ce.into_scalar();
+        let total: f32 = sums.total.into_scalar();
+        assert!((ce - (-(0.75f32).ln())).abs() < 1e-6);
+        assert!((total - ce).abs() < 1e-7, "kd_ratio 0 is CE alone");
+    }
+
+    #[test]
+    fn no_tokens_give_zero_loss_and_empty_gradient() {
+        let device = Default::default();
+        let out = chunked_loss::<AD>(
+            Tensor::zeros([0, 5], &device),
+            Tensor::zeros([5, 11], &device),
+            Tensor::zeros([0], &device),
+            &TeacherTargets::None,
+            &config(KlKind::Forward, 0.5, 1.0, MissingMass::OtherBucket),
+            4,
+            true,
+            1.0,
+        );
+        assert_eq!((out.total, out.ce, out.kl), (0.0, 0.0, 0.0));
+        assert_eq!(out.grad_hidden.dims(), [0, 5]);
+        assert!(out.grad_weight.is_none());
+    }
+}
