@@ -1,0 +1,26 @@
+use std::path::PathBuf;
+
+/// Errors name the file (and line or field) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A record that cannot be used, at a 1-based line (or row) of a file.
+    #[error("{path}:{line}: {msg}")]
+    Record { path: PathBuf, line: usize, msg: String },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{source_ref}: {msg}")]
+    Hub { source_ref: String, msg: String },
+    #[error("{path}: {msg}")]
+    Unsupported { path: PathBuf, msg: String },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+        move |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

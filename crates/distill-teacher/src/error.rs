@@ -1,0 +1,31 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TeacherError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Data(#[from] distill_data::DataError),
+    /// Another process holds the dataset directory.
+    #[error(
+        "{path}: another `distill gen-data` is writing this dataset (it holds {path}/.lock); wait for it or use another data.dataset"
+    )]
+    Locked { path: PathBuf },
+    /// The dataset directory was made by a different request setup.
+    #[error("{path}: {msg}")]
+    Manifest { path: PathBuf, msg: String },
+    /// Configuration that cannot work (names the recipe field).
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot start the HTTP client: {0}")]
+    Client(String),
+}
+
+impl TeacherError {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TeacherError + '_ {
+        move |source| TeacherError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

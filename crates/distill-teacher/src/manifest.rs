@@ -1,0 +1,214 @@
+//! `<dataset>/manifest.json`: what the directory holds and how it was made. Written (atomically)
+//! when a run starts, every minute, and when it ends; `complete` says whether every planned
+//! request has a sample or a recorded failure.
+//!
+//! A run refuses a directory whose manifest has another format version or other request
+//! parameters (model, sampling, system prompt, suffix): the samples would mix two setups.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::TeacherError;
+use crate::plan::RequestSetup;
+
+pub const FORMAT: &str = "distill-samples";
+pub const FORMAT_VERSION: u32 = 1;
+pub const FILE: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub tool_version: String,
+    /// Every planned request has a sample or a recorded failure.
+    pub complete: bool,
+    /// Why the last run stopped: finished, max-cost, max-tokens, payment-required, rejected,
+    /// interrupted, running.
+    pub stop_reason: String,
+    pub teacher: TeacherInfo,
+    pub request: RequestParams,
+    pub prompts: PromptInfo,
+    pub counts: Counts,
+    pub usage: UsageTotals,
+    /// Estimated from the recipe's prices.
+    pub cost_usd: f64,
+    /// The training filter (see `Sample::keep_for_training`).
+    pub filter: Filter,
+    pub shards: Vec<String>,
+    pub recipe_hash: String,
+    /// The resolved recipe (TOML).
+    pub recipe: String,
+    pub updated: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherInfo {
+    /// As requested.
+    pub model: String,
+    /// As servers returned it.
+    pub returned_models: Vec<String>,
+    pub endpoints: Vec<String>,
+}
+
+/// What goes into every request besides the messages: part of every key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestParams {
+    pub model: String,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub system_prompt: Option<String>,
+    pub prompt_suffix: String,
+}
+
+impl From<&RequestSetup> for RequestParams {
+    fn from(s: &RequestSetup) -> Self {
+        RequestParams {
+            model: s.model.clone(),
+            temperature: s.sampling.temperature,
+            top_p: s.sampling.top_p,
+            max_tokens: s.sampling.max_tokens,
+            stop: s.sampling.stop.clone(),
+            seed: s.sampling.seed,
+            system_prompt: s.system_prompt.clone(),
+            prompt_suffix: s.prompt_suffix.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptInfo {
+    pub source: String,
+    /// Distinct prompts planned.
+    pub count: usize,
+    /// Prompts skipped because an earlier one sends the same messages.
+    pub duplicates: usize,
+    /// Samples per prompt.
+    pub n: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Planned requests (prompts × n).
+    pub requests: usize,
+    /// Samples in the shards (all runs).
+    pub samples: usize,
+    /// Requests in errors.jsonl without a sample.
+    pub failed: usize,
+    /// Planned requests with neither (not sent yet, or lost in flight).
+    pub pending: usize,
+    pub truncated: usize,
+    pub with_reference: usize,
+    pub correct: usize,
+    /// Samples the training filter keeps.
+    pub kept: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    pub keep_truncated: bool,
+    pub keep_only_correct: bool,
+}
+
+impl Manifest {
+    pub fn write(&self, dir: &Path) -> Result<(), TeacherError> {
+        let path = dir.join(FILE);
+        let mut json = serde_json::to_string_pretty(self).expect("manifest serializes");
+        json.push('\n');
+        distill_core::fsutil::write_atomic(&path, json.as_bytes()).map_err(TeacherError::io(&path))
+    }
+
+    /// The manifest in `dir`, if any.
+    pub fn read(dir: &Path) -> Result<Option<Manifest>, TeacherError> {
+        let path = dir.join(FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TeacherError::io(&path)(e)),
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TeacherError::Manifest {
+            path: path.clone(),
+            msg: format!(
+                "{e}; HINT: move it aside to start this dataset's manifest afresh (the samples stay)"
+            ),
+        })?;
+        let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+        let version = v.get("format_version").and_then(|f| f.as_u64()).unwrap_or(0);
+        if format != FORMAT || version != u64::from(FORMAT_VERSION) {
+            return Err(TeacherError::Manifest {
+                path,
+                msg: format!(
+                    "holds format `{format}` version {version}; this distill writes `{FORMAT}` version {FORMAT_VERSION}. HINT: use another data.dataset directory"
+                ),
+            });
+        }
+        serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| TeacherError::Manifest {
+                path,
+                msg: format!(
+                    "{e}; HINT: move it aside to start this dataset's manifest afresh (the samples stay)"
+                ),
+            })
+    }
+
+    /// Refuses to add samples made with other request parameters.
+    pub fn check_same_requests(&self, dir: &Path, now: &RequestParams) -> Result<(), TeacherError> {
+        let was = &self.request;
+        let mut diffs = Vec::new();
+        let mut cmp = |field: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{field} was {a}, is {b}"));
+            }
+        };
+        cmp(
+            "teacher.model",
+            format!("{:?}", was.model),
+            format!("{:?}", now.model),
+        );
+        cmp(
+            "gen.temperature",
+            was.temperature.to_string(),
+            now.temperature.to_string(),
+        );
+        cmp("gen.top_p", was.top_p.to_string(), now.top_p.to_string());
+        cmp(
+            "gen.max_tokens",
+            was.max_tokens.to_string(),
+            now.max_tokens.to_string(),
+        );
+        cmp("gen.stop", format!("{:?}", was.stop), format!("{:?}", now.stop));
+        cmp("gen.seed", format!("{:?}", was.seed), format!("{:?}", now.seed));
+        cmp(
+            "gen.system_prompt",
+            format!("{:?}", was.system_prompt),
+            format!("{:?}", now.system_prompt),
+        );
+        cmp(
+            "gen.prompt_suffix",
+            format!("{:?}", was.prompt_suffix),
+            format!("{:?}", now.prompt_suffix),
+        );
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(TeacherError::Manifest {
+            path: dir.join(FILE),
+            msg: format!(
+                "this dataset was generated with other request parameters ({}); HINT: use another data.dataset, or set them back (--set) to continue this one",
+                diffs.join("; ")
+            ),
+        })
+    }
+}
