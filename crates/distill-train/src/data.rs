@@ -1,0 +1,342 @@
+//! Training data: gen-data samples rendered with the student's chat template (reasoning
+//! kept), loss on assistant tokens only, packed into fixed-length rows without leakage
+//! between samples, shuffled per epoch from the seed, split by prompt into train / held-out.
+
+use std::path::{Path, PathBuf};
+
+use distill_models::template::Message;
+use distill_models::tokenizer::TextTokenizer;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Label of positions that carry no loss.
+pub const IGNORE: i64 = -100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {msg}")]
+    Record { path: PathBuf, line: usize, msg: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// The fields of a gen-data sample the trainer reads (see docs/gen-data.md for the rest).
+#[derive(Debug, Deserialize)]
+struct SampleRecord {
+    #[serde(default)]
+    prompt_id: Option<serde_json::Value>,
+    messages: Vec<Message>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    correct: Option<bool>,
+}
+
+/// One tokenized sample: ids and next-token labels (IGNORE on prompt tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    /// labels[i] is the target for position i (= input_ids[i + 1] on completion tokens).
+    pub labels: Vec<i64>,
+    pub prompt_id: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DataStats {
+    pub files: usize,
+    pub records: usize,
+    pub train: usize,
+    pub held_out: usize,
+    pub skipped_truncated_generation: usize,
+    pub skipped_incorrect: usize,
+    pub skipped_too_long: usize,
+    pub truncated_to_seq_len: usize,
+    pub train_tokens: usize,
+    pub train_loss_tokens: usize,
+}
+
+pub struct DataOptions {
+    pub seq_len: usize,
+    pub held_out: f64,
+    pub keep_truncated: bool,
+    pub keep_only_correct: bool,
+}
+
+/// `samples-*.jsonl` in `dir`, sorted (a single .jsonl file is accepted too).
+pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    if dir.is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("samples") && name.ends_with(".jsonl")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            msg: "no samples-*.jsonl here; run `distill gen-data` first or point [data] dataset at the right directory"
+                .into(),
+        });
+    }
+    Ok(files)
+}
+
+/// Reads, renders and tokenizes every sample; returns (train, held_out, stats).
+pub fn load_examples(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    opts: &DataOptions,
+) -> Result<(Vec<Example>, Vec<Example>, DataStats), DataError> {
+    let template = tokenizer.template().map_err(|e| DataError::Invalid {
+        path: dir.to_path_buf(),
+        msg: format!("student tokenizer: {e}"),
+    })?;
+    let mut stats = DataStats::default();
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    for path in sample_files(dir)? {
+        stats.files += 1;
+        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let lines: Vec<&str> = text.split('\n').collect();
+        for (i, line) in lines.iter().enumerate() {
+            let torn_tail = i + 1 == lines.len(); // gen-data may be appending: a last line without \n
+            if line.trim().is_empty() || torn_tail && !text.ends_with('\n') {
+                continue;
+            }
+            let record_err = |msg: String| DataError::Record {
+                path: path.clone(),
+                line: i + 1,
+                msg,
+            };
+            let rec: SampleRecord = serde_json::from_str(line).map_err(|e| record_err(e.to_string()))?;
+            stats.records += 1;
+            if rec.finish_reason.as_deref() == Some("length") && !opts.keep_truncated {
+                stats.skipped_truncated_generation += 1;
+                continue;
+            }
+            if opts.keep_only_correct && rec.correct != Some(true) {
+                stats.skipped_incorrect += 1;
+                continue;
+            }
+            let (prompt, completion) = template
+                .render_for_training(&rec.messages)
+                .map_err(|e| record_err(e.to_string()))?;
+            let p = tokenizer
+                .encode(&prompt, false)
+                .map_err(|e| record_err(e.to_string()))?;
+            let c = tokenizer
+                .encode(&completion, false)
+                .map_err(|e| record_err(e.to_string()))?;
+            if p.len() + 1 >= opts.seq_len {
+                stats.skipped_too_long += 1;
+                continue;
+            }
+            let prompt_id = match &rec.prompt_id {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => prompt.clone(),
+            };
+            let mut ex = example(p, c, prompt_id);
+            if ex.input_ids.len() > opts.seq_len {
+                stats.truncated_to_seq_len += 1;
+                ex.input_ids.truncate(opts.seq_len);
+                ex.labels.truncate(opts.seq_len);
+                *ex.labels.last_mut().expect("seq_len > 0") = IGNORE;
+            }
+            if is_held_out(&ex.prompt_id, opts.held_out) {
+                held.push(ex);
+            } else {
+                stats.train_tokens += ex.input_ids.len();
+                stats.train_loss_tokens += ex.labels.iter().filter(|&&l| l != IGNORE).count();
+                train.push(ex);
+            }
+        }
+    }
+    stats.train = train.len();
+    stats.held_out = held.len();
+    if train.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            msg: format!("no usable training samples ({stats:?})"),
+        });
+    }
+    Ok((train, held, stats))
+}
+
+fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String) -> Example {
+    let n_prompt = prompt.len();
+    let input_ids: Vec<u32> = prompt.into_iter().chain(completion).collect();
+    let labels = (0..input_ids.len())
+        .map(|i| match input_ids.get(i + 1) {
+            Some(&next) if i + 1 >= n_prompt => i64::from(next),
+            _ => IGNORE,
+        })
+        .collect();
+    Example {
+        input_ids,
+        labels,
+        prompt_id,
+    }
+}
+
+/// Held out by a hash of the prompt, so every sample of a prompt lands on the same side.
+fn is_held_out(prompt_id: &str, share: f64) -> bool {
+    let h = Sha256::digest(prompt_id.as_bytes());
+    let x = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    x < share
+}
+
+/// One row of `seq_len` tokens holding one or more examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// Document index per token; padding gets its own index.
+    pub docs: Vec<u32>,
+}
+
+/// Packs examples in order into rows of exactly `seq_len` (first fit in sequence), or one
+/// example per row when `packing` is off. Padding carries no loss and attends only to itself.
+pub fn pack(examples: &[Example], seq_len: usize, packing: bool, pad_id: u32) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut cur = Row {
+        input_ids: Vec::new(),
+        labels: Vec::new(),
+        docs: Vec::new(),
+    };
+    let mut doc = 0u32;
+    for ex in examples {
+        let fits = cur.input_ids.len() + ex.input_ids.len() <= seq_len;
+        if !cur.input_ids.is_empty() && (!packing || !fits) {
+            rows.push(finish_row(
+                std::mem::replace(
+                    &mut cur,
+                    Row {
+                        input_ids: vec![],
+                        labels: vec![],
+                        docs: vec![],
+                    },
+                ),
+                seq_len,
+                pad_id,
+                doc,
+            ));
+            doc = 0;
+        }
+        cur.input_ids.extend(&ex.input_ids);
+        cur.labels.extend(&ex.labels);
+        cur.docs.extend(std::iter::repeat_n(doc, ex.input_ids.len()));
+        doc += 1;
+    }
+    if !cur.input_ids.is_empty() {
+        rows.push(finish_row(cur, seq_len, pad_id, doc));
+    }
+    rows
+}
+
+fn finish_row(mut row: Row, seq_len: usize, pad_id: u32, pad_doc: u32) -> Row {
+    let pad = seq_len - row.input_ids.len();
+    row.input_ids.extend(std::iter::repeat_n(pad_id, pad));
+    row.labels.extend(std::iter::repeat_n(IGNORE, pad));
+    row.docs.extend(std::iter::repeat_n(pad_doc, pad));
+    row
+}
+
+/// Deterministic shuffle (splitmix64-driven Fisher-Yates) so a resumed run sees the same order.
+pub fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+    let mut out = items.to_vec();
+    let mut state = seed;
+    for i in (1..out.len()).rev() {
+        let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+        out.swap(i, j);
+    }
+    out
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The packed rows of one epoch: examples shuffled with (seed, epoch), then packed.
+pub fn epoch_rows(
+    examples: &[Example],
+    seed: u64,
+    epoch: u64,
+    seq_len: usize,
+    packing: bool,
+    pad_id: u32,
+) -> Vec<Row> {
+    let order = shuffled(examples, seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    pack(&order, seq_len, packing, pad_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(ids: &[u32], n_prompt: usize) -> Example {
+        example(
+            ids[..n_prompt].to_vec(),
+            ids[n_prompt..].to_vec(),
+            format!("{ids:?}"),
+        )
+    }
+
+    #[test]
+    fn labels_cover_completion_tokens_only() {
+        let e = ex(&[10, 11, 12, 13, 14], 2);
+        // position 1 (last prompt token) predicts 12, the first completion token.
+        assert_eq!(e.labels, vec![IGNORE, 12, 13, 14, IGNORE]);
+    }
+
+    #[test]
+    fn packing_fills_rows_and_pads_without_loss() {
+        let a = ex(&[1, 2, 3], 1);
+        let b = ex(&[4, 5], 1);
+        let c = ex(&[6, 7, 8, 9], 2);
+        let rows = pack(&[a.clone(), b.clone(), c.clone()], 6, true, 0);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].input_ids, vec![1, 2, 3, 4, 5, 0]);
+        assert_eq!(rows[0].docs, vec![0, 0, 0, 1, 1, 2]);
+        assert_eq!(rows[0].labels, vec![2, 3, IGNORE, 5, IGNORE, IGNORE]);
+        assert_eq!(rows[1].input_ids, vec![6, 7, 8, 9, 0, 0]);
+        let unpacked = pack(&[a, b, c], 6, false, 0);
+        assert_eq!(unpacked.len(), 3);
+        assert!(unpacked.iter().all(|r| r.input_ids.len() == 6));
+    }
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let items: Vec<u32> = (0..50).collect();
+        let a = shuffled(&items, 7);
+        assert_eq!(a, shuffled(&items, 7));
+        assert_ne!(a, shuffled(&items, 8));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, items);
+    }
+
+    #[test]
+    fn held_out_split_is_by_prompt_and_near_the_share() {
+        let held = (0..10_000).filter(|i| is_held_out(&format!("p{i}"), 0.1)).count();
+        assert!((900..1100).contains(&held), "{held}");
+        assert_eq!(is_held_out("p1", 0.1), is_held_out("p1", 0.1));
+        assert!(!is_held_out("p1", 0.0));
+    }
+}

@@ -1,0 +1,172 @@
+//! Parameters by name: the trainable set, their gradients collected from several backward
+//! passes, and the visitors that read and replace them. Names are HF tensor names
+//! (`model.layers.0.self_attn.q_proj.weight`), LoRA factors end in `.lora.lora_a` / `.lora_b`.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+/// Gradients of trainable parameters, flattened, keyed by parameter id.
+pub struct GradStore<B: Backend> {
+    grads: BTreeMap<ParamId, Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for GradStore<B> {
+    fn default() -> Self {
+        GradStore {
+            grads: BTreeMap::new(),
+        }
+    }
+}
+
+impl<B: Backend> GradStore<B> {
+    /// Adds `grad` to what is stored for `id` (a parameter may get gradients from several
+    /// backward passes: micro-batches, or tied embeddings used in two segments).
+    pub fn add(&mut self, id: ParamId, grad: Tensor<B, 1>) {
+        let merged = match self.grads.remove(&id) {
+            Some(acc) => acc + grad,
+            None => grad,
+        };
+        self.grads.insert(id, merged);
+    }
+
+    pub fn get(&self, id: &ParamId) -> Option<&Tensor<B, 1>> {
+        self.grads.get(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// sqrt(sum of squares) over every gradient: one norm for the whole model.
+    pub fn global_norm(&self) -> f64 {
+        let sq: Vec<Tensor<B, 1>> = self.grads.values().map(|g| g.clone().square().sum()).collect();
+        if sq.is_empty() {
+            return 0.0;
+        }
+        let total: f64 = Tensor::cat(sq, 0).sum().into_scalar().elem();
+        total.sqrt()
+    }
+
+    pub fn scale(&mut self, factor: f64) {
+        for g in self.grads.values_mut() {
+            *g = g.clone().mul_scalar(factor);
+        }
+    }
+
+    pub fn all_finite(&self) -> bool {
+        self.grads.values().all(|g| {
+            let bad: bool = g.clone().is_nan().any().into_scalar().elem::<bool>()
+                || g.clone().is_inf().any().into_scalar().elem::<bool>();
+            !bad
+        })
+    }
+}
+
+use burn::tensor::ElementConversion;
+
+/// Collects the gradients in `grads` of every trainable parameter of `module` into `store`.
+pub fn collect_grads<AD: AutodiffBackend, M: Module<AD>>(
+    module: &M,
+    grads: &AD::Gradients,
+    store: &mut GradStore<AD::InnerBackend>,
+) {
+    struct Collector<'a, AD: AutodiffBackend> {
+        grads: &'a AD::Gradients,
+        store: &'a mut GradStore<AD::InnerBackend>,
+    }
+    impl<AD: AutodiffBackend> ModuleVisitor<AD> for Collector<'_, AD> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            if let Some(g) = param.val().grad(self.grads) {
+                let n = g.shape().num_elements();
+                self.store.add(param.id, g.reshape([n]));
+            }
+        }
+    }
+    module.visit(&mut Collector::<AD> { grads, store });
+}
+
+/// Name, id, shape and trainability of every float parameter, in visiting order.
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    pub name: String,
+    pub id: ParamId,
+    pub shape: Vec<usize>,
+    pub trainable: bool,
+}
+
+pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
+    struct Namer {
+        path: Vec<String>,
+        out: Vec<ParamInfo>,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Namer {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            self.out.push(ParamInfo {
+                name: self.path.join("."),
+                id: param.id,
+                shape: value.dims().to_vec(),
+                trainable: value.is_require_grad(),
+            });
+        }
+    }
+    let mut namer = Namer {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut namer);
+    namer.out
+}
+
+/// Values of the named parameters as flattened host f32, for checkpoints and export.
+pub fn read_params<B: Backend, M: Module<B>>(
+    module: &M,
+    want: impl Fn(&ParamInfo) -> bool,
+) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    struct Reader<F> {
+        path: Vec<String>,
+        want: F,
+        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    }
+    impl<B: Backend, F: Fn(&ParamInfo) -> bool> ModuleVisitor<B> for Reader<F> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            let info = ParamInfo {
+                name: self.path.join("."),
+                id: param.id,
+                shape: value.dims().to_vec(),
+                trainable: value.is_require_grad(),
+            };
+            if (self.want)(&info) {
+                let data = value
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("float data");
+                self.out.insert(info.name, (info.shape, data));
+            }
+        }
+    }
+    let mut reader = Reader {
+        path: Vec::new(),
+        want,
+        out: BTreeMap::new(),
+    };
+    module.visit(&mut reader);
+    reader.out
+}
