@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::ops::Kernels;
-use crate::transformer::{Attention, CausalLm, DecoderLayer, Linear, Mlp, Model, RmsNorm, Rotary};
+use crate::transformer::{Attention, CausalLm, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm, Rotary};
 use crate::weights::{Checkpoint, HostTensor};
 
 /// Reads tensors by HF name onto a device; names and shapes were checked up front.
@@ -99,7 +99,9 @@ impl<B: Kernels> CausalLm<B> {
         };
         Ok(CausalLm {
             model: Model {
-                embed_tokens: r.matrix("model.embed_tokens.weight")?,
+                embed_tokens: Embedding {
+                    weight: r.matrix("model.embed_tokens.weight")?,
+                },
                 layers,
                 norm: r.norm("model.norm.weight", c.rms_norm_eps)?,
             },

@@ -367,9 +367,15 @@ impl<B: Kernels> DecoderLayer<B> {
     }
 }
 
+/// Token embeddings [V, C] (same layout as HF).
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
 #[derive(Module, Debug)]
 pub struct Model<B: Backend> {
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub embed_tokens: Embedding<B>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
 }
@@ -417,7 +423,9 @@ impl<B: Kernels> CausalLm<B> {
             .collect();
         CausalLm {
             model: Model {
-                embed_tokens: Param::from_tensor(random([c.vocab_size, h], device)),
+                embed_tokens: Embedding {
+                    weight: Param::from_tensor(random([c.vocab_size, h], device)),
+                },
                 layers,
                 norm: RmsNorm::init(h, c.rms_norm_eps, device),
             },
@@ -470,14 +478,14 @@ impl<B: Kernels> CausalLm<B> {
 
     /// Token embeddings. input_ids: [B, T] -> [B, T, C].
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids)
+        burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids)
     }
 
     /// The output projection in burn layout [C, V]: lm_head, or the tied embeddings transposed.
     pub fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.weight.val(),
-            None => self.model.embed_tokens.val().transpose(),
+            None => self.model.embed_tokens.weight.val().transpose(),
         }
     }
 
@@ -485,7 +493,10 @@ impl<B: Kernels> CausalLm<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => <B as Kernels>::linear(hidden, self.model.embed_tokens.val().transpose(), None),
+            None => {
+                let w = cast_to(self.model.embed_tokens.weight.val(), hidden.dtype());
+                <B as Kernels>::linear(hidden, w.transpose(), None)
+            }
         }
     }
 }

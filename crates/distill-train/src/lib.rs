@@ -1,6 +1,8 @@
 //! Distillation training: the KL + CE loss, LoRA, AdamW, checkpoints and the trainer loop.
 
+pub mod checkpoint;
 pub mod data;
+pub mod export;
 pub mod lora;
 pub mod loss;
 pub mod metrics;

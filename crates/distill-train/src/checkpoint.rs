@@ -1,0 +1,261 @@
+//! Checkpoints: `<root>/step-N/` holding the trainable weights, AdamW moments, the training
+//! state and the resolved recipe. Written into a temp dir, fsynced, renamed: a crash leaves
+//! the previous checkpoint as it was. The newest `keep` are kept.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const WEIGHTS: &str = "trainable.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const STATE: &str = "state.json";
+pub const RECIPE: &str = "recipe.toml";
+
+/// Host tensors by name: (shape, f32 data).
+pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub total_steps: usize,
+    pub adam_t: u64,
+    pub tokens_seen: u64,
+    pub skipped_steps: usize,
+    pub recipe_hash: String,
+    pub tokenizer_sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes step `state.step` under `root` atomically and prunes old ones.
+pub fn save(
+    root: &Path,
+    state: &TrainState,
+    weights: &HostTensors,
+    moments: &HostTensors,
+    recipe_toml: &str,
+    keep: usize,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(root).map_err(io(root))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-step-")
+        .tempdir_in(root)
+        .map_err(io(root))?;
+    write_tensors(&tmp.path().join(WEIGHTS), weights)?;
+    write_tensors(&tmp.path().join(OPTIMIZER), moments)?;
+    let state_json = serde_json::to_vec_pretty(state).expect("state serializes");
+    for (name, bytes) in [(STATE, state_json.as_slice()), (RECIPE, recipe_toml.as_bytes())] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).map_err(io(&path))?;
+        sync_file(&path)?;
+    }
+    distill_core::fsutil::sync_dir(tmp.path()).map_err(io(tmp.path()))?;
+    let dest = root.join(format!("step-{}", state.step));
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, &dest).map_err(io(&dest))?;
+    distill_core::fsutil::sync_dir(root).map_err(io(root))?;
+    prune(root, keep)?;
+    Ok(dest)
+}
+
+fn sync_file(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
+}
+
+fn write_tensors(path: &Path, tensors: &HostTensors) -> Result<(), CheckpointError> {
+    write_safetensors(path, tensors, Dtype::F32)?;
+    sync_file(path)
+}
+
+/// Writes f32 host tensors as `dtype` (F32, F16 or BF16).
+pub fn write_safetensors(path: &Path, tensors: &HostTensors, dtype: Dtype) -> Result<(), CheckpointError> {
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, (shape, data))| {
+            let bytes = match dtype {
+                Dtype::BF16 => data
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                Dtype::F16 => data
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            };
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("consistent sizes");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).map_err(|e| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+pub fn read_tensors(path: &Path) -> Result<HostTensors, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let bad = |msg: String| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!(
+                "tensor `{name}` is {:?}, checkpoints hold F32",
+                view.dtype()
+            )));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name, (view.shape().to_vec(), data));
+    }
+    Ok(out)
+}
+
+/// Completed checkpoints under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .filter(|(_, p)| p.join(STATE).exists())
+        .collect();
+    out.sort();
+    out
+}
+
+fn prune(root: &Path, keep: usize) -> Result<(), CheckpointError> {
+    let all = list(root);
+    for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(path).map_err(io(path))?;
+    }
+    Ok(())
+}
+
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub weights: HostTensors,
+    pub moments: HostTensors,
+}
+
+pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    let state_path = dir.join(STATE);
+    let bytes = std::fs::read(&state_path).map_err(io(&state_path))?;
+    let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Invalid {
+        path: state_path.clone(),
+        msg: e.to_string(),
+    })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::Invalid {
+            path: state_path,
+            msg: format!(
+                "checkpoint format {} but this distill reads {FORMAT_VERSION}; HINT: resume with the distill version that wrote it",
+                state.format_version
+            ),
+        });
+    }
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        state,
+        weights: read_tensors(&dir.join(WEIGHTS))?,
+        moments: read_tensors(&dir.join(OPTIMIZER))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> TrainState {
+        TrainState {
+            format_version: FORMAT_VERSION,
+            step,
+            total_steps: 10,
+            adam_t: step as u64,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            recipe_hash: "h".into(),
+            tokenizer_sha256: "t".into(),
+        }
+    }
+
+    #[test]
+    fn saves_atomically_round_trips_and_keeps_the_newest() {
+        let root = tempfile::tempdir().unwrap();
+        let mut w = HostTensors::new();
+        w.insert("a.lora_a".into(), (vec![2, 2], vec![1.0, -2.0, 3.5, 0.25]));
+        for step in [1, 2, 3] {
+            save(root.path(), &state(step), &w, &w, "name = \"x\"\n", 2).unwrap();
+        }
+        let steps: Vec<usize> = list(root.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 3]);
+        let loaded = load(&root.path().join("step-3")).unwrap();
+        assert_eq!(loaded.state, state(3));
+        assert_eq!(loaded.weights, w);
+        // No temp dirs left behind.
+        let names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+    }
+
+    #[test]
+    fn a_half_written_checkpoint_is_not_listed() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("step-7")).unwrap(); // no state.json: torn
+        std::fs::create_dir_all(root.path().join(".tmp-step-abc")).unwrap();
+        assert!(list(root.path()).is_empty());
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_with_a_hint() {
+        let root = tempfile::tempdir().unwrap();
+        let mut s = state(1);
+        s.format_version = 99;
+        let dir = save(root.path(), &s, &HostTensors::new(), &HostTensors::new(), "", 1).unwrap();
+        let err = load(&dir).err().unwrap().to_string();
+        assert!(err.contains("state.json") && err.contains("HINT"), "{err}");
+    }
+}
