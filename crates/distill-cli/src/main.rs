@@ -1,6 +1,7 @@
 //! `distill`: distil DeepSeek-R1 into a small Qwen or Llama student on one GPU.
 
 mod backend;
+mod gen_data;
 mod generate;
 mod inspect;
 
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Query a teacher to build prompt/response and soft-label datasets.
-    GenData(NotYet),
+    GenData(gen_data::Args),
     /// Fine-tune a student with KL (soft labels) + cross-entropy (hard labels).
     Train(NotYet),
     /// Score students, their base model and the teacher on held-out sets.
@@ -52,7 +53,7 @@ fn not_built(name: &str) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::GenData(_) => not_built("gen-data"),
+        Command::GenData(args) => gen_data::run(args),
         Command::Train(_) => not_built("train"),
         Command::Eval(_) => not_built("eval"),
         Command::Inspect(args) => inspect::run(args),

@@ -66,7 +66,7 @@ fn help_lists_the_commands() {
 
 #[test]
 fn unbuilt_commands_say_so_and_fail() {
-    for cmd in ["gen-data", "train", "eval"] {
+    for cmd in ["train", "eval"] {
         let o = distill(&[cmd, "--recipe", "recipes/qwen7b.toml"]);
         assert_clean_failure(&o, &[cmd, "not built yet"]);
     }
@@ -191,5 +191,414 @@ fn device_errors_are_one_line() {
             "a",
         ]);
         assert_clean_failure(&o, &["built without CUDA", "--features cuda"]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gen-data against a loopback teacher (distill_teacher::testing::FakeTeacher, 127.0.0.1 only).
+
+mod gen_data {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use distill_teacher::testing::{FakeTeacher, Reply, Seen, completion, echo_completion};
+
+    const KEY_VAR: &str = "DISTILL_TEST_TEACHER_KEY";
+    const KEY: &str = "sk-cli-test-SECRET-9f8e7d6c5b4a";
+
+    /// `count` GSM8K-style prompts: "Case i: what is i+(i+1)?" with `#### 2i+1`.
+    fn write_prompts(dir: &Path, count: usize) -> PathBuf {
+        let path = dir.join("prompts.jsonl");
+        let lines: String = (0..count)
+            .map(|i| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({
+                        "question": format!("Case {i}: what is {i}+{}?", i + 1),
+                        "answer": format!("{i} + {} = {}\n#### {}", i + 1, 2 * i + 1, 2 * i + 1),
+                    })
+                )
+            })
+            .collect();
+        std::fs::write(&path, lines).unwrap();
+        path
+    }
+
+    fn write_recipe(dir: &Path, url: &str, prompts: &Path, gen_extra: &str) -> PathBuf {
+        let path = dir.join("gen.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"gen-test\"\n\n[teacher]\nmodel = \"deepseek-reasoner\"\nbase_url = \"{url}\"\napi_key_env = \"{KEY_VAR}\"\nprice_prompt_per_m = 1.0\nprice_cached_prompt_per_m = 0.5\nprice_completion_per_m = 2.0\n\n[data]\nprompts = \"{}\"\ndataset = \"{}\"\n\n[gen]\nrequest_timeout_s = 20\nretry_base_delay_s = 0.01\nretry_max_delay_s = 0.05\nmax_retries = 3\n{gen_extra}\n",
+                prompts.display(),
+                dir.join("out").display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn run_gen(args: &[&str], with_key: bool) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_distill"));
+        cmd.arg("gen-data").args(args).env_remove(KEY_VAR);
+        if with_key {
+            cmd.env(KEY_VAR, KEY);
+        }
+        cmd.output().expect("run distill gen-data")
+    }
+
+    fn case_of(seen: &Seen) -> usize {
+        let p = seen.prompt();
+        p["Case ".len()..p.find(':').unwrap()].parse().unwrap()
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("corrupt line {l:?}: {e}")))
+            .collect()
+    }
+
+    fn all_samples(out: &Path) -> Vec<serde_json::Value> {
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("samples-"))
+            .collect();
+        shards.sort();
+        shards.iter().flat_map(|p| lines(p)).collect()
+    }
+
+    fn assert_key_nowhere(dir: &Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                assert_key_nowhere(&path);
+            } else {
+                let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+                assert!(
+                    !text.contains(KEY) && !text.contains("SECRET"),
+                    "API key in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn gen_data_writes_resumes_and_retries_failures() {
+        let tries: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+        let t = tries.clone();
+        let server = FakeTeacher::start(move |seen| {
+            let case = case_of(seen);
+            let attempt = {
+                let mut t = t.lock().unwrap();
+                let e = t.entry(case).or_insert(0);
+                *e += 1;
+                *e
+            };
+            match (case, attempt) {
+                (0, 1) => Reply::retry_after(429, "0.1"),
+                (1, 1) => Reply::status(503, "busy"),
+                (2, _) => Reply::KeepAlive {
+                    lines: 3,
+                    every: Duration::from_millis(20),
+                    body: echo_completion(seen),
+                },
+                (3, 1) => Reply::ok("{\"choices\": [".into()),
+                (4, _) => Reply::ok(completion("fake-r1", "and then", "", "length")),
+                (5, 1) => Reply::status(400, "bad request"),
+                (6, 1) => Reply::status(
+                    401,
+                    &format!("key {} rejected", seen.authorization.clone().unwrap_or_default()),
+                ),
+                (7, _) => Reply::ok(completion("fake-r1", "hm", "\\boxed{0}", "stop")),
+                (8, _) => Reply::Delay(
+                    Duration::from_millis(200),
+                    Box::new(Reply::ok(echo_completion(seen))),
+                ),
+                _ => Reply::ok(echo_completion(seen)),
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = write_prompts(tmp.path(), 12);
+        let recipe = write_recipe(tmp.path(), &server.url(), &prompts, "keep_only_correct = true");
+        let out_dir = tmp.path().join("out");
+        let r = recipe.to_str().unwrap();
+
+        let o = run_gen(&["--recipe", r], true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).is_empty(), "stderr: {}", stderr(&o));
+        let text = stdout(&o);
+        assert!(
+            text.contains("12 prompts x 1 = 12 requests; 0 done, 12 to send"),
+            "{text}"
+        );
+        assert!(
+            text.contains("12 planned: 10 samples, 2 failed (errors.jsonl), 0 pending"),
+            "{text}"
+        );
+        assert!(
+            text.contains("8/10 correct (80.0%); 8 kept for training"),
+            "{text}"
+        );
+        let samples = all_samples(&out_dir);
+        assert_eq!(samples.len(), 10);
+        let by_id: HashMap<&str, &serde_json::Value> = samples
+            .iter()
+            .map(|s| (s["prompt_id"].as_str().unwrap(), s))
+            .collect();
+        assert_eq!(by_id["0"]["attempts"], 2);
+        assert_eq!(by_id["0"]["correct"], true);
+        assert_eq!(by_id["0"]["reference"], "1");
+        assert!(
+            by_id["0"]["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .ends_with("within \\boxed{}.")
+        );
+        assert_eq!(by_id["4"]["truncated"], true);
+        assert_eq!(by_id["7"]["correct"], false);
+        assert_eq!(by_id["2"]["correct"], true);
+        let errors = lines(&out_dir.join("errors.jsonl"));
+        let mut statuses: Vec<u64> = errors.iter().map(|e| e["status"].as_u64().unwrap()).collect();
+        statuses.sort();
+        assert_eq!(statuses, [400, 401]);
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(m["format_version"], 1);
+        assert_eq!(m["complete"], true);
+        assert_eq!(m["stop_reason"], "finished");
+        assert_eq!(m["counts"]["samples"], 10);
+        assert_eq!(m["counts"]["failed"], 2);
+        // 10 samples - 1 truncated - 1 wrong (the truncated one is also wrong: counted once).
+        assert_eq!(m["counts"]["kept"], 8);
+        assert_eq!(m["teacher"]["returned_models"][0], "fake-r1");
+        assert_eq!(m["recipe_hash"].as_str().unwrap().len(), 64);
+        assert!(m["recipe"].as_str().unwrap().contains("name = \"gen-test\""));
+        assert!(m["tool_version"].is_string());
+        assert_key_nowhere(tmp.path());
+
+        // Rerun: nothing is sent again.
+        let before = server.requests().len();
+        let o = run_gen(&["--recipe", r], true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("10 done, 0 to send"), "{}", stdout(&o));
+        assert!(
+            stdout(&o).contains("2 failed earlier (--retry-failed"),
+            "{}",
+            stdout(&o)
+        );
+        assert_eq!(server.requests().len(), before);
+
+        // --retry-failed: the two failures (which now succeed) are sent once more.
+        let o = run_gen(&["--recipe", r, "--retry-failed"], true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(server.requests().len(), before + 2);
+        assert!(
+            stdout(&o).contains("12 planned: 12 samples, 0 failed"),
+            "{}",
+            stdout(&o)
+        );
+        let samples = all_samples(&out_dir);
+        let keys: HashSet<&str> = samples.iter().map(|s| s["key"].as_str().unwrap()).collect();
+        assert_eq!((samples.len(), keys.len()), (12, 12));
+        assert_key_nowhere(tmp.path());
+
+        // Other sampling parameters would mix two datasets: refused with a hint.
+        let o = run_gen(&["--recipe", r, "--set", "gen.temperature=0.9"], true);
+        assert_clean_failure(&o, &["manifest.json", "gen.temperature was 0.6, is 0.9", "HINT"]);
+    }
+
+    #[test]
+    fn gen_data_stops_cleanly_on_402_and_on_budgets() {
+        let server = FakeTeacher::start(|seen| {
+            if case_of(seen) < 3 {
+                Reply::ok(echo_completion(seen))
+            } else {
+                Reply::status(402, "Insufficient Balance")
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = write_prompts(tmp.path(), 8);
+        let recipe = write_recipe(tmp.path(), &server.url(), &prompts, "concurrency = 1");
+        let o = run_gen(&["--recipe", recipe.to_str().unwrap()], true);
+        assert_clean_failure(&o, &["402", "Insufficient Balance", "3 samples saved", "rerun"]);
+        assert!(
+            stdout(&o).contains("stopped: insufficient balance"),
+            "{}",
+            stdout(&o)
+        );
+        assert_eq!(all_samples(&tmp.path().join("out")).len(), 3);
+        assert!(lines(&tmp.path().join("out/errors.jsonl")).is_empty());
+        assert_eq!(server.requests().len(), 4);
+
+        // Token budget: 50 tokens a sample, stop at 100 -> 2 samples, exit 0.
+        let ok = FakeTeacher::start(|seen| Reply::ok(echo_completion(seen)));
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = write_prompts(tmp.path(), 8);
+        let recipe = write_recipe(tmp.path(), &ok.url(), &prompts, "concurrency = 1");
+        let o = run_gen(
+            &["--recipe", recipe.to_str().unwrap(), "--max-tokens", "100"],
+            true,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("stopped at the token budget"),
+            "{}",
+            stdout(&o)
+        );
+        assert_eq!(all_samples(&tmp.path().join("out")).len(), 2);
+        // Cost budget: 77.5e-6 USD a sample (15 + 5 cached prompt, 30 completion tokens).
+        let o = run_gen(
+            &["--recipe", recipe.to_str().unwrap(), "--max-cost", "0.00031"],
+            true,
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("stopped at the cost budget"),
+            "{}",
+            stdout(&o)
+        );
+        assert_eq!(all_samples(&tmp.path().join("out")).len(), 4);
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            (m["complete"].as_bool(), m["stop_reason"].as_str()),
+            (Some(false), Some("max-cost"))
+        );
+        assert_eq!(m["counts"]["pending"], 4);
+    }
+
+    #[test]
+    fn gen_data_dry_run_and_setup_errors() {
+        let server = FakeTeacher::start(|seen| Reply::ok(echo_completion(seen)));
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = write_prompts(tmp.path(), 5);
+        let recipe = write_recipe(tmp.path(), &server.url(), &prompts, "n = 2");
+        let r = recipe.to_str().unwrap();
+
+        let o = run_gen(&["--recipe", r, "--dry-run"], false);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = stdout(&o);
+        for needle in [
+            "requests   10 (2 per prompt); 0 done, 0 failed earlier, 10 to send",
+            "/v1/chat/completions (key from $DISTILL_TEST_TEACHER_KEY (NOT SET",
+            "\"max_tokens\": 8192",
+            "Case 0: what is 0+1?",
+            "estimate   at most $",
+        ] {
+            assert!(text.contains(needle), "`{needle}` missing:\n{text}");
+        }
+        assert!(server.requests().is_empty());
+        assert!(!tmp.path().join("out").exists(), "dry run wrote the dataset dir");
+
+        assert_clean_failure(&run_gen(&["--recipe", r], false), &[KEY_VAR, "is not set"]);
+        assert!(server.requests().is_empty());
+
+        let o = run_gen(&["--recipe", r, "--set", "data.prompts=missing.jsonl"], true);
+        assert_clean_failure(&o, &["missing.jsonl"]);
+        std::fs::write(&prompts, "{\"question\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        assert_clean_failure(
+            &run_gen(&["--recipe", r], true),
+            &["prompts.jsonl:2:", "data.prompt_field"],
+        );
+        assert_clean_failure(&run_gen(&["--recipe", r, "--max-cost=-1"], true), &["max_cost"]);
+        assert_clean_failure(&run_gen(&["--recipe", r, "--set", "gen.nope=1"], true), &["nope"]);
+    }
+
+    /// kill -9 at random moments, restart, repeat; then finish. Every prompt x sample key must
+    /// be in the shards exactly once and every line must parse.
+    #[test]
+    fn gen_data_survives_kill_9_at_random_points() {
+        let seed = std::env::var("DISTILL_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("crash test seed {seed} (DISTILL_CRASH_SEED to replay)");
+        let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
+        let r2 = rng.clone();
+        let server = FakeTeacher::start(move |seen| {
+            let ms = r2.lock().unwrap().u64(20..120);
+            Reply::Delay(
+                Duration::from_millis(ms),
+                Box::new(Reply::ok(echo_completion(seen))),
+            )
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let (prompts_n, n) = (40usize, 2usize);
+        let prompts = write_prompts(tmp.path(), prompts_n);
+        let recipe = write_recipe(tmp.path(), &server.url(), &prompts, "n = 2\nconcurrency = 8");
+        let out_dir = tmp.path().join("out");
+        let mut progress = Vec::new();
+        for round in 0..6 {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_distill"))
+                .args(["gen-data", "--recipe", recipe.to_str().unwrap()])
+                .env(KEY_VAR, KEY)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let wait = rng.lock().unwrap().u64(30..400);
+            std::thread::sleep(Duration::from_millis(wait));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let done = if out_dir.exists() {
+                all_samples(&out_dir).len()
+            } else {
+                0
+            };
+            progress.push((round, wait, done));
+            if round == 3 && out_dir.join("samples-00000.jsonl").exists() {
+                // A power cut mid-append: half a record at the end of the shard.
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(out_dir.join("samples-00000.jsonl"))
+                    .unwrap();
+                std::io::Write::write_all(&mut f, b"{\"key\": \"torn").unwrap();
+            }
+        }
+        eprintln!("after each kill (round, ms, samples): {progress:?}");
+        let o = run_gen(&["--recipe", recipe.to_str().unwrap()], true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains(&format!(
+                "{} planned: {} samples, 0 failed",
+                prompts_n * n,
+                prompts_n * n
+            )),
+            "{}",
+            stdout(&o)
+        );
+        let samples = all_samples(&out_dir);
+        let mut keys = HashSet::new();
+        let mut pairs = HashSet::new();
+        for s in &samples {
+            assert!(
+                keys.insert(s["key"].as_str().unwrap().to_string()),
+                "duplicate key {}",
+                s["key"]
+            );
+            pairs.insert((
+                s["prompt_id"].as_str().unwrap().to_string(),
+                s["sample_index"].as_u64().unwrap(),
+            ));
+        }
+        assert_eq!(samples.len(), prompts_n * n);
+        let want: HashSet<(String, u64)> = (0..prompts_n)
+            .flat_map(|p| (0..n as u64).map(move |i| (p.to_string(), i)))
+            .collect();
+        assert_eq!(pairs, want);
+        assert!(samples.iter().all(|s| s["correct"] == true));
+        assert_key_nowhere(tmp.path());
     }
 }

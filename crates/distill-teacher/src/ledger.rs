@@ -108,6 +108,35 @@ pub struct Repairs {
     pub newline_added: Vec<PathBuf>,
 }
 
+/// A read-only look at a dataset directory (for --dry-run): nothing is created, locked or
+/// repaired.
+#[derive(Debug, Clone, Default)]
+pub struct Peek {
+    pub done: HashSet<String>,
+    /// Failed keys without a sample.
+    pub failed: HashSet<String>,
+    pub totals: Totals,
+}
+
+impl Peek {
+    pub fn read(dir: &Path) -> Result<Peek, TeacherError> {
+        let mut p = Peek::default();
+        for shard in list_shards(dir)? {
+            scan_jsonl(&shard, |h: SampleHead| {
+                if p.done.insert(h.key) {
+                    p.totals.add(&h.usage, h.truncated, h.correct, &h.teacher_model);
+                }
+            })?;
+        }
+        scan_jsonl(&dir.join("errors.jsonl"), |e: ErrorHead| {
+            if !p.done.contains(&e.key) {
+                p.failed.insert(e.key);
+            }
+        })?;
+        Ok(p)
+    }
+}
+
 #[derive(Debug)]
 pub struct Ledger {
     dir: PathBuf,

@@ -1,6 +1,7 @@
 //! `<dataset>/manifest.json`: what the directory holds and how it was made. Written (atomically)
-//! when a run starts, every minute, and when it ends; `complete` says whether every planned
-//! request has a sample or a recorded failure.
+//! when a run starts (`stop_reason: "running"`) and when it ends; `complete` says whether every
+//! planned request has a sample or a recorded failure. A manifest still saying `running` means
+//! the last run did not end cleanly (killed); its shards are still good, rerun to finish.
 //!
 //! A run refuses a directory whose manifest has another format version or other request
 //! parameters (model, sampling, system prompt, suffix): the samples would mix two setups.

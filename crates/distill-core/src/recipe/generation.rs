@@ -11,9 +11,11 @@ use super::{Invalid, Recipe, RecipeError};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    /// e.g. "https://api.deepseek.com" or "http://gpu-3:8000/v1".
+    /// e.g. "https://api.deepseek.com" or "http://gpu-3:8000/v1" (OpenAI-SDK style: the
+    /// client appends `/chat/completions`).
     pub base_url: String,
-    /// Name of the environment variable holding this endpoint's API key (never the key).
+    /// Name of the environment variable holding this endpoint's API key (never the key);
+    /// unset: the teacher's `api_key_env`; `""`: send no key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_env: Option<String>,
 }
@@ -23,14 +25,21 @@ pub struct Endpoint {
 pub struct TeacherSection {
     /// Model name sent in requests, e.g. "deepseek-reasoner".
     pub model: String,
+    /// The teacher's OpenAI-compatible base URL; the client appends `/chat/completions`
+    /// (vLLM/SGLang/Ollama/llama.cpp: include their `/v1`).
     pub base_url: String,
-    /// Name of the environment variable holding the API key (never the key itself).
+    /// Name of the environment variable holding the API key (never the key itself); `""`
+    /// sends no key (local servers).
     pub api_key_env: Option<String>,
-    /// More servers of the same teacher; requests go to the least loaded.
+    /// More servers of the same teacher, used beside `base_url`; each request goes to the
+    /// one with the least in flight.
     pub endpoints: Vec<Endpoint>,
     /// USD per million prompt tokens (cache misses) and completion tokens, for the budget.
     pub price_prompt_per_m: f64,
     pub price_completion_per_m: f64,
+    /// USD per million prompt tokens the server reports as cache hits; unset: priced as
+    /// other prompt tokens.
+    pub price_cached_prompt_per_m: Option<f64>,
     /// A local teacher (HF dir or org/name) for re-scoring soft labels in-process.
     pub local_model: Option<String>,
 }
@@ -44,6 +53,7 @@ impl Default for TeacherSection {
             endpoints: Vec::new(),
             price_prompt_per_m: 0.55,
             price_completion_per_m: 2.19,
+            price_cached_prompt_per_m: Some(0.14),
             local_model: None,
         }
     }
@@ -57,8 +67,11 @@ pub struct DataSection {
     /// Field holding the prompt text; None tries prompt, question, problem,
     /// instruction(+input), messages in turn.
     pub prompt_field: Option<String>,
-    /// Field holding a reference answer, if any.
+    /// Field holding a reference answer (a worked solution is reduced to its `\boxed{}` or
+    /// `#### n` answer); None tries final_answer, reference, answer, solution.
     pub reference_field: Option<String>,
+    /// Field holding a stable prompt id; None uses `id` when present, else the position.
+    pub id_field: Option<String>,
     /// Use at most this many prompts (None: all).
     pub max_prompts: Option<usize>,
     /// Directory gen-data writes and train reads (samples-*.jsonl, soft/, manifest.json).
@@ -73,6 +86,7 @@ impl Default for DataSection {
             prompts: "../shared/data/gsm8k/train.jsonl".into(),
             prompt_field: None,
             reference_field: None,
+            id_field: None,
             max_prompts: None,
             dataset: PathBuf::from("datasets/default"),
             held_out: 0.02,
@@ -83,21 +97,32 @@ impl Default for DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenSection {
-    /// Samples per prompt.
+    /// Samples per prompt (one request each).
     pub n: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// Completion tokens per request, reasoning included.
     pub max_tokens: usize,
+    /// Stop sequences (omitted from requests when empty).
     pub stop: Vec<String>,
+    /// Sent where set; sample i gets `seed + i` so a prompt's samples differ.
     pub seed: Option<u64>,
     /// Text appended to every prompt (DeepSeek's advice for math).
     pub prompt_suffix: String,
     /// Optional system prompt (DeepSeek advises none for R1).
     pub system_prompt: Option<String>,
-    /// Requests in flight at most.
+    /// Requests in flight at most (lowered while the teacher answers 429).
     pub concurrency: usize,
+    /// Seconds a request may take from sending to its whole response.
     pub request_timeout_s: u64,
+    /// Retries after the first attempt, for connection errors, timeouts, 408/409/429/5xx.
     pub max_retries: u32,
+    /// Exponential backoff between retries: base · 2^(attempt-1), capped, with jitter; a
+    /// server's Retry-After takes precedence.
+    pub retry_base_delay_s: f64,
+    pub retry_max_delay_s: f64,
+    /// Ask for a streamed (SSE) response instead of one JSON body.
+    pub stream: bool,
     /// Stop cleanly once the estimated cost (USD) or total tokens reach these.
     pub max_cost: Option<f64>,
     pub max_tokens_total: Option<u64>,
@@ -121,6 +146,9 @@ impl Default for GenSection {
             concurrency: 16,
             request_timeout_s: 600,
             max_retries: 8,
+            retry_base_delay_s: 1.0,
+            retry_max_delay_s: 60.0,
+            stream: false,
             max_cost: None,
             max_tokens_total: None,
             keep_only_correct: false,
@@ -184,6 +212,51 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
     if g.concurrency == 0 {
         return Err(invalid("gen", "concurrency", "must be at least 1".into()));
     }
+    if g.max_tokens == 0 {
+        return Err(invalid("gen", "max_tokens", "must be at least 1".into()));
+    }
+    if g.request_timeout_s == 0 {
+        return Err(invalid("gen", "request_timeout_s", "must be at least 1".into()));
+    }
+    if !(g.retry_base_delay_s >= 0.0 && g.retry_base_delay_s <= g.retry_max_delay_s) {
+        return Err(invalid(
+            "gen",
+            "retry_base_delay_s",
+            format!(
+                "must be in [0, retry_max_delay_s = {}], got {}",
+                g.retry_max_delay_s, g.retry_base_delay_s
+            ),
+        ));
+    }
+    if let Some(c) = g.max_cost
+        && (c.is_nan() || c <= 0.0)
+    {
+        return Err(invalid("gen", "max_cost", format!("must be > 0 (USD), got {c}")));
+    }
+    for (field, price) in [
+        ("price_prompt_per_m", Some(r.teacher.price_prompt_per_m)),
+        ("price_completion_per_m", Some(r.teacher.price_completion_per_m)),
+        ("price_cached_prompt_per_m", r.teacher.price_cached_prompt_per_m),
+    ] {
+        if let Some(p) = price
+            && !(p >= 0.0 && p.is_finite())
+        {
+            return Err(invalid(
+                "teacher",
+                field,
+                format!("must be >= 0 (USD per million tokens), got {p}"),
+            ));
+        }
+    }
+    for url in std::iter::once(&r.teacher.base_url).chain(r.teacher.endpoints.iter().map(|e| &e.base_url)) {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "teacher",
+                "base_url",
+                format!("`{url}` must start with http:// or https://"),
+            ));
+        }
+    }
     if !(0.0..1.0).contains(&r.data.held_out) {
         return Err(invalid(
             "data",
@@ -200,7 +273,8 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
         .iter()
         .chain(r.teacher.endpoints.iter().filter_map(|e| e.api_key_env.as_ref()))
     {
-        if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        // "" means: send no key.
+        if !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(invalid(
                 "teacher",
                 "api_key_env",
@@ -211,4 +285,55 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::Recipe;
+
+    fn parse(text: &str) -> Result<Recipe, crate::RecipeError> {
+        Recipe::parse(text, Path::new("r.toml"), &[])
+    }
+
+    #[test]
+    fn every_shipped_recipe_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no recipes in {}", dir.display());
+    }
+
+    #[test]
+    fn generation_fields_are_checked() {
+        for (text, want) in [
+            ("[gen]\nmax_tokens = 0", "[gen] max_tokens: must be at least 1"),
+            ("[gen]\nretry_base_delay_s = 90.0", "[gen] retry_base_delay_s"),
+            ("[gen]\nmax_cost = 0.0", "[gen] max_cost: must be > 0"),
+            (
+                "[teacher]\nprice_prompt_per_m = -1.0",
+                "[teacher] price_prompt_per_m",
+            ),
+            (
+                "[teacher]\nbase_url = \"api.deepseek.com\"",
+                "must start with http://",
+            ),
+            (
+                "[teacher]\napi_key_env = \"sk-abc\"",
+                "not an environment variable name",
+            ),
+        ] {
+            let err = parse(&format!("name = \"x\"\n{text}\n")).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let r = parse("name = \"x\"\n[teacher]\napi_key_env = \"\"\n").unwrap();
+        assert_eq!(r.teacher.api_key_env.as_deref(), Some(""));
+    }
 }

@@ -1,0 +1,631 @@
+//! `distill gen-data --recipe R.toml`: the teacher answers every prompt `n` times; results land
+//! in `<data.dataset>/samples-*.jsonl` as they arrive, failures in `errors.jsonl`, and
+//! `manifest.json` says what the directory holds. Rerunning the same command resumes.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use distill_core::Recipe;
+use distill_data::{ErrorRecord, HubAccess, PromptSpec, Sample, load_prompts};
+use distill_teacher::api::{Sampling, request_body};
+use distill_teacher::fleet::{EndpointSpec, Fleet, FleetPolicy};
+use distill_teacher::ledger::{Ledger, Peek, Totals};
+use distill_teacher::manifest::{
+    self, Counts, Filter, Manifest, PromptInfo, RequestParams, TeacherInfo, UsageTotals,
+};
+use distill_teacher::plan::{Job, Plan, RequestSetup, plan};
+use distill_teacher::run::{Outcome, Prices, Progress, RunOptions, Stop, StopReason, pending};
+use distill_teacher::{ApiKey, now_rfc3339};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The recipe: [teacher], [data] and [gen] are read.
+    #[arg(long, value_name = "FILE")]
+    recipe: PathBuf,
+    /// Override a recipe value (repeatable), e.g. `--set gen.n=4 --set data.max_prompts=100`.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Send again the requests that errors.jsonl records as failed.
+    #[arg(long)]
+    retry_failed: bool,
+    /// Stop cleanly once the dataset's estimated cost reaches this many USD (gen.max_cost).
+    #[arg(long, value_name = "USD")]
+    max_cost: Option<f64>,
+    /// Stop cleanly once the dataset's prompt + completion tokens reach this (gen.max_tokens_total).
+    #[arg(long, value_name = "TOKENS")]
+    max_tokens: Option<u64>,
+    /// Print what would be sent and what it would cost; send nothing, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut overrides = args.set.clone();
+    if let Some(c) = args.max_cost {
+        overrides.push(format!("gen.max_cost={c:?}"));
+    }
+    if let Some(t) = args.max_tokens {
+        overrides.push(format!("gen.max_tokens_total={t}"));
+    }
+    let recipe = Recipe::load(&args.recipe, &overrides)?;
+    if recipe.soft_labels.enabled {
+        bail!(
+            "{}: [soft_labels] enabled: gen-data does not write soft labels in this version; set it to false (--set soft_labels.enabled=false)",
+            recipe.source.display()
+        );
+    }
+    let g = &recipe.generation;
+    let setup = RequestSetup {
+        model: recipe.teacher.model.clone(),
+        sampling: Sampling {
+            temperature: g.temperature,
+            top_p: g.top_p,
+            max_tokens: g.max_tokens,
+            stop: g.stop.clone(),
+            seed: g.seed,
+        },
+        system_prompt: g.system_prompt.clone(),
+        prompt_suffix: g.prompt_suffix.clone(),
+        n: u32::try_from(g.n).context("[gen] n is too large")?,
+    };
+    let spec = PromptSpec {
+        source: recipe.data.prompts.clone(),
+        prompt_field: recipe.data.prompt_field.clone(),
+        reference_field: recipe.data.reference_field.clone(),
+        id_field: recipe.data.id_field.clone(),
+        max_prompts: recipe.data.max_prompts,
+    };
+    let prompts = load_prompts(&spec, &hub_access())?;
+    let plan = plan(&prompts, &setup);
+    let endpoints = endpoints(&recipe)?;
+
+    if args.dry_run {
+        return dry_run(&recipe, &setup, &plan, &endpoints, prompts.len());
+    }
+    let (fleet_specs, keys) = resolve_keys(&endpoints)?;
+    let dir = recipe.data.dataset.clone();
+    let mut ledger = Ledger::open(&dir, keys.clone())?;
+    let params = RequestParams::from(&setup);
+    if let Some(old) = Manifest::read(&dir)? {
+        old.check_same_requests(&dir, &params)?;
+    }
+    for (path, bytes) in &ledger.repairs().torn {
+        println!(
+            "gen-data: cut a torn last line ({bytes} bytes, a write cut off by a crash) off {}",
+            path.display()
+        );
+    }
+    let all_jobs = plan.jobs.clone();
+    let (todo, done, failed) = pending(plan.jobs.clone(), &ledger, args.retry_failed);
+    println!(
+        "gen-data: {} prompts x {} = {} requests; {done} done, {} to send to {} endpoint(s){}",
+        prompts.len() - plan.duplicate_prompts,
+        setup.n,
+        all_jobs.len(),
+        todo.len(),
+        fleet_specs.len(),
+        if failed > 0 {
+            format!("; {failed} failed earlier (--retry-failed sends them again)")
+        } else {
+            String::new()
+        }
+    );
+    if plan.duplicate_prompts > 0 {
+        println!(
+            "gen-data: {} prompts repeat an earlier prompt's messages and are sent once",
+            plan.duplicate_prompts
+        );
+    }
+
+    let prices = Prices {
+        prompt_per_m: recipe.teacher.price_prompt_per_m,
+        cached_prompt_per_m: recipe.teacher.price_cached_prompt_per_m,
+        completion_per_m: recipe.teacher.price_completion_per_m,
+    };
+    let opts = RunOptions {
+        setup: setup.clone(),
+        stream: g.stream,
+        concurrency: g.concurrency,
+        request_timeout: Duration::from_secs(g.request_timeout_s),
+        connect_timeout: Duration::from_secs(10),
+        max_retries: g.max_retries,
+        backoff_base: Duration::from_secs_f64(g.retry_base_delay_s),
+        backoff_max: Duration::from_secs_f64(g.retry_max_delay_s),
+        max_retry_after: Duration::from_secs(600),
+        prices,
+        max_cost: g.max_cost,
+        max_tokens: g.max_tokens_total,
+        rejection_limit: 5,
+    };
+    let info = ManifestInfo {
+        recipe: &recipe,
+        params,
+        endpoints: fleet_specs.iter().map(|e| e.base_url.clone()).collect(),
+        prompts: prompts.len() - plan.duplicate_prompts,
+        duplicates: plan.duplicate_prompts,
+        prices,
+    };
+    write_manifest(&info, &ledger, &all_jobs, "running")?;
+
+    let fleet = Arc::new(Fleet::new(fleet_specs, FleetPolicy::default()));
+    let bar = Arc::new(Bar::new(todo.len() as u64, prices, ledger.totals().clone()));
+    let stop = Stop::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(async {
+        let interrupt = stop.clone();
+        let bar2 = bar.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                bar2.println("gen-data: stopping: finishing the requests in flight (Ctrl-C again to quit now; they are sent again next run)");
+                interrupt.trigger();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        distill_teacher::run::run(todo, fleet, &mut ledger, &opts, bar.clone(), stop.clone()).await
+    })?;
+    bar.finish();
+    let manifest = write_manifest(&info, &ledger, &all_jobs, outcome.stop.tag())?;
+    print_summary(&dir, &manifest, &outcome, &recipe);
+    match outcome.stop {
+        StopReason::PaymentRequired { endpoint, message } => bail!(
+            "the teacher at {endpoint} answered {message} (insufficient balance): stopped cleanly with {} samples saved; top up, then rerun the same command to continue",
+            manifest.counts.samples
+        ),
+        StopReason::Rejected {
+            status,
+            count,
+            endpoint,
+            message,
+        } => bail!(
+            "{endpoint} rejected {count} requests in a row ({message}); check teacher.model, teacher.base_url and the key in ${} (status {status}); failures are in {}",
+            recipe
+                .teacher
+                .api_key_env
+                .as_deref()
+                .unwrap_or("the key variable"),
+            dir.join("errors.jsonl").display()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// HF_* variables as distill-models reads them.
+fn hub_access() -> HubAccess {
+    let s = distill_models::hub::HubSettings::from_env();
+    HubAccess {
+        cache_dir: s.cache_dir,
+        token: s.token,
+        offline: s.offline,
+        endpoint: s.endpoint,
+    }
+}
+
+/// (base URL, name of the key variable or None) for `base_url` then each of `endpoints`,
+/// without repeats.
+fn endpoints(recipe: &Recipe) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let t = &recipe.teacher;
+    let default_env = t.api_key_env.clone().filter(|e| !e.is_empty());
+    let mut out: Vec<(String, Option<String>)> = vec![(t.base_url.clone(), default_env.clone())];
+    for e in &t.endpoints {
+        let env = match &e.api_key_env {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(v.clone()),
+            None => default_env.clone(),
+        };
+        if !out
+            .iter()
+            .any(|(u, _)| u.trim_end_matches('/') == e.base_url.trim_end_matches('/'))
+        {
+            out.push((e.base_url.clone(), env));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads each endpoint's key from its variable. The error names the variable, never a value.
+fn resolve_keys(endpoints: &[(String, Option<String>)]) -> anyhow::Result<(Vec<EndpointSpec>, Vec<ApiKey>)> {
+    let mut specs = Vec::new();
+    let mut keys = Vec::new();
+    for (url, env) in endpoints {
+        let api_key = match env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(ApiKey::new(v.trim())),
+                _ => bail!(
+                    "teacher.api_key_env: the environment variable {var} (the API key for {url}) is not set; export it, or set api_key_env = \"\" for a server that takes no key"
+                ),
+            },
+        };
+        if let Some(k) = &api_key {
+            keys.push(k.clone());
+        }
+        specs.push(EndpointSpec {
+            base_url: url.clone(),
+            api_key,
+        });
+    }
+    Ok((specs, keys))
+}
+
+fn dry_run(
+    recipe: &Recipe,
+    setup: &RequestSetup,
+    plan: &Plan,
+    endpoints: &[(String, Option<String>)],
+    prompt_count: usize,
+) -> anyhow::Result<()> {
+    let dir = &recipe.data.dataset;
+    let peek = Peek::read(dir)?;
+    let todo: Vec<&Job> = plan
+        .jobs
+        .iter()
+        .filter(|j| !peek.done.contains(&j.key) && !peek.failed.contains(&j.key))
+        .collect();
+    let failed = plan.jobs.iter().filter(|j| peek.failed.contains(&j.key)).count();
+    println!("dry run: nothing is sent and nothing written");
+    println!(
+        "recipe     {} (hash {})",
+        recipe.source.display(),
+        &recipe.hash()[..12]
+    );
+    println!("teacher    {}", setup.model);
+    for (url, env) in endpoints {
+        let key = match env {
+            None => "no key".to_string(),
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => format!("key from ${var} (set)"),
+                _ => format!("key from ${var} (NOT SET: export it before running)"),
+            },
+        };
+        println!(
+            "endpoint   {} ({key})",
+            distill_teacher::api::completions_url(url)
+        );
+    }
+    println!(
+        "prompts    {prompt_count} from {}{}",
+        recipe.data.prompts,
+        if plan.duplicate_prompts > 0 {
+            format!(" ({} repeats sent once)", plan.duplicate_prompts)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "requests   {} ({} per prompt); {} done, {} failed earlier, {} to send",
+        plan.jobs.len(),
+        setup.n,
+        plan.jobs.len() - todo.len() - failed,
+        failed,
+        todo.len()
+    );
+    println!("dataset    {}", dir.display());
+    if let Some(first) = todo.first() {
+        let body = request_body(
+            &setup.model,
+            &first.messages,
+            &setup.sampling,
+            first.sample_index,
+            recipe.generation.stream,
+        );
+        println!(
+            "first request (POST, key sent as an Authorization header):\n{}",
+            serde_json::to_string_pretty(&body)?
+        );
+    }
+    // Prompt tokens: about 4 characters a token (no tokenizer for a remote teacher).
+    let prompt_tokens: u64 = todo
+        .iter()
+        .map(|j| {
+            j.messages
+                .iter()
+                .map(|m| m.content.chars().count() as u64 / 4 + 4)
+                .sum::<u64>()
+        })
+        .sum();
+    let prices = Prices {
+        prompt_per_m: recipe.teacher.price_prompt_per_m,
+        cached_prompt_per_m: recipe.teacher.price_cached_prompt_per_m,
+        completion_per_m: recipe.teacher.price_completion_per_m,
+    };
+    let upper = prices.cost(
+        prompt_tokens,
+        0,
+        todo.len() as u64 * setup.sampling.max_tokens as u64,
+    );
+    if peek.totals.samples > 0 {
+        let avg = peek.totals.completion_tokens as f64 / peek.totals.samples as f64;
+        let est = prices.cost(prompt_tokens, 0, (avg * todo.len() as f64) as u64);
+        println!(
+            "estimate   ${est:.2} (~{} prompt tokens; {avg:.0} completion tokens a sample, as so far); at most ${upper:.2} if every answer runs to max_tokens",
+            human(prompt_tokens)
+        );
+        println!(
+            "spent      ${:.2} so far on {} samples",
+            prices.cost_of(&peek.totals),
+            peek.totals.samples
+        );
+    } else {
+        println!(
+            "estimate   at most ${upper:.2} (~{} prompt tokens + {} x max_tokens {}); R1 on GSM8K-level math typically uses 10-30% of 8192",
+            human(prompt_tokens),
+            todo.len(),
+            setup.sampling.max_tokens
+        );
+    }
+    if let Some(c) = recipe.generation.max_cost {
+        println!("budget     stops at ${c:.2}");
+    }
+    if let Some(t) = recipe.generation.max_tokens_total {
+        println!("budget     stops at {} tokens", human(t));
+    }
+    Ok(())
+}
+
+struct ManifestInfo<'a> {
+    recipe: &'a Recipe,
+    params: RequestParams,
+    endpoints: Vec<String>,
+    prompts: usize,
+    duplicates: usize,
+    prices: Prices,
+}
+
+fn write_manifest(
+    info: &ManifestInfo,
+    ledger: &Ledger,
+    jobs: &[Job],
+    stop_reason: &str,
+) -> anyhow::Result<Manifest> {
+    let t = ledger.totals();
+    let g = &info.recipe.generation;
+    let (mut samples, mut failed) = (0, 0);
+    for j in jobs {
+        if ledger.is_done(&j.key) {
+            samples += 1;
+        } else if ledger.is_failed(&j.key) {
+            failed += 1;
+        }
+    }
+    let m = Manifest {
+        format: manifest::FORMAT.into(),
+        format_version: manifest::FORMAT_VERSION,
+        tool_version: distill_core::TOOL_VERSION.into(),
+        complete: samples + failed == jobs.len(),
+        stop_reason: stop_reason.into(),
+        teacher: TeacherInfo {
+            model: info.params.model.clone(),
+            returned_models: t.teacher_models.iter().cloned().collect(),
+            endpoints: info.endpoints.clone(),
+        },
+        request: info.params.clone(),
+        prompts: PromptInfo {
+            source: info.recipe.data.prompts.clone(),
+            count: info.prompts,
+            duplicates: info.duplicates,
+            n: g.n as u32,
+        },
+        counts: Counts {
+            requests: jobs.len(),
+            samples: t.samples,
+            failed,
+            pending: jobs.len() - samples - failed,
+            truncated: t.truncated,
+            with_reference: t.with_reference,
+            correct: t.correct,
+            kept: t.kept(g.keep_truncated, g.keep_only_correct),
+        },
+        usage: UsageTotals {
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            cached_tokens: t.cached_tokens,
+            reasoning_tokens: t.reasoning_tokens,
+        },
+        cost_usd: (info.prices.cost_of(t) * 1e6).round() / 1e6,
+        filter: Filter {
+            keep_truncated: g.keep_truncated,
+            keep_only_correct: g.keep_only_correct,
+        },
+        shards: ledger.shard_names()?,
+        recipe_hash: info.recipe.hash(),
+        recipe: info.recipe.to_toml(),
+        updated: now_rfc3339(),
+    };
+    m.write(ledger.dir())?;
+    Ok(m)
+}
+
+fn print_summary(dir: &Path, m: &Manifest, o: &Outcome, recipe: &Recipe) {
+    let c = &m.counts;
+    let secs = o.elapsed.as_secs_f64().max(1e-3);
+    let headline = match &o.stop {
+        StopReason::Finished => "finished".to_string(),
+        StopReason::MaxCost { spent, limit } => format!(
+            "stopped at the cost budget (${spent:.4} of ${limit:.2}); raise --max-cost and rerun to continue"
+        ),
+        StopReason::MaxTokens { used, limit } => format!(
+            "stopped at the token budget ({} of {}); raise --max-tokens and rerun to continue",
+            human(*used),
+            human(*limit)
+        ),
+        StopReason::PaymentRequired { .. } => "stopped: insufficient balance (402)".into(),
+        StopReason::Rejected { .. } => "stopped: the teacher rejects requests".into(),
+        StopReason::Interrupted => "interrupted; rerun the same command to continue".into(),
+    };
+    println!("gen-data {headline}: {}", dir.display());
+    println!(
+        "  requests  {} planned: {} samples, {} failed (errors.jsonl), {} pending",
+        c.requests, c.samples, c.failed, c.pending
+    );
+    println!(
+        "  this run  {} sent: {} samples, {} failed, {} retries, {} given up at the stop, in {:.1}s",
+        o.started, o.succeeded, o.failed, o.retries, o.abandoned, secs
+    );
+    let correct = if c.with_reference > 0 {
+        format!(
+            "{}/{} correct ({:.1}%)",
+            c.correct,
+            c.with_reference,
+            100.0 * c.correct as f64 / c.with_reference as f64
+        )
+    } else {
+        "no references".into()
+    };
+    println!(
+        "  quality   {} truncated; {correct}; {} kept for training (keep_truncated={}, keep_only_correct={})",
+        c.truncated, c.kept, recipe.generation.keep_truncated, recipe.generation.keep_only_correct
+    );
+    println!(
+        "  tokens    prompt {} ({} cached), completion {} (reasoning {})",
+        human(m.usage.prompt_tokens),
+        human(m.usage.cached_tokens),
+        human(m.usage.completion_tokens),
+        human(m.usage.reasoning_tokens)
+    );
+    println!("  cost      ${:.4} estimated over all runs", m.cost_usd);
+}
+
+fn human(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        _ => format!("{:.2}B", n as f64 / 1e9),
+    }
+}
+
+/// The progress bar on a terminal (stderr); otherwise a line on stdout every 30 s, so that
+/// stderr holds nothing but a final error.
+struct Bar {
+    bar: ProgressBar,
+    tty: bool,
+    t0: Instant,
+    last_line: Mutex<Instant>,
+    completion_tokens: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+    prices: Prices,
+    totals: Mutex<Totals>,
+}
+
+impl Bar {
+    fn new(total: u64, prices: Prices, totals: Totals) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let bar = ProgressBar::with_draw_target(
+            Some(total),
+            if tty {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Bar {
+            bar,
+            tty,
+            t0: Instant::now(),
+            last_line: Mutex::new(Instant::now()),
+            completion_tokens: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            prices,
+            totals: Mutex::new(totals),
+        }
+    }
+
+    fn status(&self) -> String {
+        let secs = self.t0.elapsed().as_secs_f64().max(1e-3);
+        let cost = self.prices.cost_of(&self.totals.lock().expect("totals"));
+        format!(
+            "{:.0} tok/s, {} failed, {} retries, ${cost:.2}",
+            self.completion_tokens.load(Ordering::Relaxed) as f64 / secs,
+            self.errors.load(Ordering::Relaxed),
+            self.retries.load(Ordering::Relaxed),
+        )
+    }
+
+    fn tick(&self) {
+        let status = self.status();
+        if self.tty {
+            self.bar.set_message(status);
+        } else {
+            let mut last = self.last_line.lock().expect("last line");
+            if last.elapsed() >= Duration::from_secs(30) {
+                *last = Instant::now();
+                println!(
+                    "gen-data: {}/{} {status}",
+                    self.bar.position(),
+                    self.bar.length().unwrap_or(0)
+                );
+            }
+        }
+    }
+
+    fn println(&self, msg: &str) {
+        if self.tty {
+            self.bar.println(msg);
+        } else {
+            println!("{msg}");
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Progress for Bar {
+    fn sample(&self, s: &Sample) {
+        self.completion_tokens
+            .fetch_add(s.usage.completion_tokens, Ordering::Relaxed);
+        self.totals
+            .lock()
+            .expect("totals")
+            .add(&s.usage, s.truncated, s.correct, &s.teacher_model);
+        self.bar.inc(1);
+        self.tick();
+    }
+
+    fn failure(&self, _e: &ErrorRecord) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.bar.inc(1);
+        self.tick();
+    }
+
+    fn retry(&self, _endpoint: &str, _why: &str, _wait: Duration) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        self.tick();
+    }
+
+    fn stopping(&self, reason: &StopReason, in_flight: usize) {
+        let why = match reason {
+            StopReason::MaxCost { limit, .. } => format!("the cost budget (${limit:.2}) is reached"),
+            StopReason::MaxTokens { limit, .. } => format!("the token budget ({}) is reached", human(*limit)),
+            StopReason::PaymentRequired { endpoint, .. } => {
+                format!("{endpoint} answered 402 (insufficient balance)")
+            }
+            StopReason::Rejected { status, count, .. } => {
+                format!("{count} requests in a row were rejected with {status}")
+            }
+            StopReason::Interrupted => "interrupted".into(),
+            StopReason::Finished => return,
+        };
+        self.println(&format!(
+            "gen-data: stopping: {why}; waiting for {in_flight} request(s) in flight"
+        ));
+    }
+}
