@@ -468,12 +468,17 @@ impl<B: Kernels> CausalLm<B> {
 
     /// Forward over packed rows (see [`Context::packed`]): logits [B, T, V].
     pub fn forward_packed(&self, input_ids: Tensor<B, 2, Int>, docs: &[Vec<u32>]) -> Tensor<B, 3> {
+        self.logits(self.hidden_states_packed(input_ids, docs))
+    }
+
+    /// Final-norm hidden states [B, T, C] of packed rows.
+    pub fn hidden_states_packed(&self, input_ids: Tensor<B, 2, Int>, docs: &[Vec<u32>]) -> Tensor<B, 3> {
         let ctx = Context::packed(&self.rotary, docs, &input_ids.device());
         let mut x = self.embed(input_ids);
         for layer in &self.model.layers {
             x = layer.forward(x, &ctx, None);
         }
-        self.logits(self.model.norm.forward(x))
+        self.model.norm.forward(x)
     }
 
     /// Token embeddings. input_ids: [B, T] -> [B, T, C].

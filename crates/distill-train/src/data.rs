@@ -265,6 +265,11 @@ pub fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
     out
 }
 
+/// A uniform draw in [0, 1) from a splitmix64 state.
+pub fn uniform01(state: &mut u64) -> f64 {
+    (splitmix64(state) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;

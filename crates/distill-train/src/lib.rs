@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod tensorboard;
+pub mod trainer;

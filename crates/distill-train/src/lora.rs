@@ -2,7 +2,7 @@
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
 use distill_core::recipe::LoraSection;
 use distill_models::transformer::{Linear, Lora};
 use distill_models::{CausalLm, Kernels};
@@ -10,16 +10,27 @@ use distill_models::{CausalLm, Kernels};
 /// Freezes every weight of `model` and adds trainable f32 LoRA factors to the target
 /// layers: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0, so the
 /// model starts out computing exactly what the base does. Scale = alpha / r.
-pub fn add_lora<B: Kernels>(model: CausalLm<B>, cfg: &LoraSection, device: &B::Device) -> CausalLm<B> {
+///
+/// A is drawn on the host from `seed`, so the same recipe gives the same adapters whatever
+/// else uses the backend's random generator.
+pub fn add_lora<B: Kernels>(
+    model: CausalLm<B>,
+    cfg: &LoraSection,
+    seed: u64,
+    device: &B::Device,
+) -> CausalLm<B> {
     let mut model = model.no_grad();
     let scale = cfg.alpha / cfg.r as f64;
-    let make = |linear: &mut Linear<B>| {
+    let mut rng = seed ^ 0x4C6F_5241; // "LoRA"
+    let mut make = |linear: &mut Linear<B>| {
         let [d_in, d_out] = linear.weight.val().dims();
         let bound = 1.0 / (d_in as f64).sqrt();
+        let a: Vec<f32> = (0..d_in * cfg.r)
+            .map(|_| ((crate::data::uniform01(&mut rng) * 2.0 - 1.0) * bound) as f32)
+            .collect();
         linear.lora = Some(Lora {
-            lora_a: Param::from_tensor(Tensor::random(
-                [d_in, cfg.r],
-                Distribution::Uniform(-bound, bound),
+            lora_a: Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [d_in, cfg.r]),
                 (device, DType::F32),
             )),
             lora_b: Param::from_tensor(Tensor::zeros([cfg.r, d_out], (device, DType::F32))),
@@ -135,7 +146,7 @@ mod tests {
         let device = Default::default();
         let model = CausalLm::<AD>::load(&fixture(), &device).unwrap();
         let cfg = LoraSection::default();
-        let model = add_lora(model, &cfg, &device);
+        let model = add_lora(model, &cfg, 1, &device);
         let infos = param_infos(&model);
         let trainable: Vec<&str> = infos
             .iter()
@@ -170,6 +181,7 @@ mod tests {
         let model = add_lora(
             CausalLm::<Flex>::load(&fixture(), &device).unwrap(),
             &cfg,
+            2,
             &device,
         );
         // Give B values so the adapters matter.
@@ -177,9 +189,12 @@ mod tests {
         for layer in &mut model.model.layers {
             for linear in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
                 let lora = linear.lora.as_mut().unwrap();
-                let dims = lora.lora_b.val().dims();
+                let [r, out] = lora.lora_b.val().dims();
+                let values: Vec<f32> = (0..r * out)
+                    .map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.5)
+                    .collect();
                 lora.lora_b =
-                    Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.5), &device));
+                    Param::from_tensor(Tensor::from_data(TensorData::new(values, [r, out]), &device));
             }
         }
         let with_adapters: Vec<f32> = model.forward(ids()).into_data().to_vec().unwrap();

@@ -1,0 +1,949 @@
+//! The training loop. One optimizer step = `grad_accum` micro-batches of `micro_batch` packed
+//! rows. Each micro-batch runs the model block by block:
+//!
+//!   forward  (no graph)  x0 = embed(ids); x[i+1] = layer_i(x[i])      keep only x[i]
+//!   head     (graph)     h = norm(x[L]); chunked loss -> dL/dh         per-chunk backward
+//!   backward (graph)     for i = L-1..0: recompute layer_i from x[i], backprop dL/dx[i+1]
+//!
+//! so activation memory is one block's worth plus the block inputs (recompute per block),
+//! and at most a [chunk, vocab] block of logits exists. Gradients reach the parameters of
+//! each segment through `sum(y * g)`, whose gradient w.r.t. y is g. With `recompute = false`
+//! the forward keeps each block's graph instead of recomputing it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::Autodiff;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use distill_core::Recipe;
+use distill_models::hub::{self, HubSettings};
+use distill_models::tokenizer::TextTokenizer;
+use distill_models::transformer::Context;
+use distill_models::{CausalLm, Kernels};
+
+use crate::checkpoint::{self, HostTensors, TrainState};
+use crate::data::{self, DataOptions, Example, IGNORE, Row};
+use crate::export;
+use crate::lora;
+use crate::loss::{LossConfig, TeacherTargets, chunked_loss};
+use crate::metrics::{MetricsLog, MetricsRecord};
+use crate::optim::{AdamW, AdamWConfig, Moments, learning_rate};
+use crate::params::{GradStore, ParamInfo, collect_grads, param_infos, read_params};
+use crate::tensorboard::EventWriter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] distill_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Tensorboard(#[from] crate::tensorboard::TbError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub total_steps: usize,
+    /// Mean loss per optimizer step, in order (resumed runs report the steps they ran).
+    pub losses: Vec<f64>,
+    pub skipped_steps: usize,
+    pub checkpoint: Option<PathBuf>,
+    pub export: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub stats: data::DataStats,
+}
+
+pub struct TrainOptions {
+    pub resume: bool,
+    /// Stop after this many optimizer steps in this invocation (tests use it to interrupt).
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+}
+
+/// Where a run writes: `<train.out>/<name>/` for checkpoints and the export,
+/// `<train.out>/<name>/runs/` for logs.
+pub fn run_root(recipe: &Recipe) -> PathBuf {
+    recipe.train.out.join(&recipe.name)
+}
+
+type Ad<B> = Autodiff<B>;
+/// A block's input leaf and output, with the graph between them kept for backward.
+type BlockGraph<B> = (Tensor<Ad<B>, 3>, Tensor<Ad<B>, 3>);
+
+pub fn train<B: Kernels>(
+    recipe: &Recipe,
+    device: B::Device,
+    opts: &TrainOptions,
+) -> Result<TrainReport, TrainError>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    let t = &recipe.train;
+    let settings = HubSettings::from_env();
+    let student_dir = hub::resolve(&recipe.student.model, &settings)?;
+    let tokenizer = TextTokenizer::from_dir(&student_dir)?;
+    let data_opts = DataOptions {
+        seq_len: t.seq_len,
+        held_out: recipe.data.held_out,
+        keep_truncated: recipe.generation.keep_truncated,
+        keep_only_correct: recipe.generation.keep_only_correct,
+    };
+    let (train_set, held_out, stats) = data::load_examples(&recipe.data.dataset, &tokenizer, &data_opts)?;
+    let pad_id = pad_token(&tokenizer);
+
+    <Ad<B> as Backend>::seed(&device, t.seed);
+    let student = CausalLm::<Ad<B>>::load(&student_dir, &device)?;
+    check_vocab(&student, &tokenizer, &student_dir)?;
+    let mut model = if recipe.lora.enabled {
+        lora::add_lora(student, &recipe.lora, t.seed, &device)
+    } else {
+        lora::full_finetune(student)
+    };
+    let teacher = load_teacher::<B>(recipe, &tokenizer, &settings, &device)?;
+
+    let infos = param_infos(&model);
+    let decayed = infos
+        .iter()
+        .filter(|p| p.trainable && p.shape.len() >= 2)
+        .map(|p| p.id)
+        .collect();
+    let mut opt = AdamW::<B>::new(AdamWConfig::from_recipe(t), decayed);
+
+    let rows_per_step = t.micro_batch * t.grad_accum;
+    let rows_epoch0 = data::epoch_rows(&train_set, t.seed, 0, t.seq_len, t.packing, pad_id).len();
+    let steps_per_epoch = rows_epoch0.div_ceil(rows_per_step).max(1);
+    let total_steps = t
+        .max_steps
+        .unwrap_or(((t.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
+
+    let root = run_root(recipe);
+    let mut state = TrainState {
+        format_version: checkpoint::FORMAT_VERSION,
+        step: 0,
+        total_steps,
+        adam_t: 0,
+        tokens_seen: 0,
+        skipped_steps: 0,
+        recipe_hash: recipe.hash(),
+        tokenizer_sha256: tokenizer.hash.clone(),
+    };
+    if let Some((_, dir)) = checkpoint::list(&root).pop().filter(|_| opts.resume) {
+        let loaded = checkpoint::load(&dir)?;
+        if loaded.state.tokenizer_sha256 != tokenizer.hash {
+            return Err(TrainError::Refused(format!(
+                "{}: made with another tokenizer than {}; HINT: resume with the student it was trained from",
+                dir.display(),
+                student_dir.display()
+            )));
+        }
+        model = restore_params(model, &infos, &loaded.weights, &dir)?;
+        restore_moments(&mut opt, &infos, &loaded.moments, &device);
+        opt.t = loaded.state.adam_t;
+        state = TrainState {
+            total_steps,
+            ..loaded.state
+        };
+    }
+
+    let run_dir = root.join("runs");
+    let mut metrics = MetricsLog::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
+    let mut tb = EventWriter::create(&run_dir.join("tb"))?;
+    let recipe_toml = recipe.to_toml();
+    std::fs::create_dir_all(&root).map_err(|source| checkpoint::CheckpointError::Io {
+        path: root.clone(),
+        source,
+    })?;
+    distill_core::fsutil::write_atomic(&root.join("recipe.toml"), recipe_toml.as_bytes()).map_err(
+        |source| checkpoint::CheckpointError::Io {
+            path: root.join("recipe.toml"),
+            source,
+        },
+    )?;
+
+    let loss_cfg = LossConfig::from_recipe(&recipe.loss, Some(tokenizer.vocab_size()));
+    let bar = progress_bar(opts.progress, total_steps, state.step);
+    let mut losses = Vec::new();
+    let mut consecutive_bad = 0;
+    let mut last_checkpoint = None;
+    let mut epoch_cache: Option<(u64, Vec<Row>)> = None;
+    let mut ran = 0;
+
+    while state.step < total_steps && opts.stop_after.is_none_or(|n| ran < n) {
+        let started = Instant::now();
+        let step = state.step;
+        <Ad<B> as Backend>::seed(&device, t.seed.wrapping_add(step as u64 + 1));
+        let rows = step_rows(
+            &train_set,
+            t,
+            step,
+            steps_per_epoch,
+            rows_per_step,
+            pad_id,
+            &mut epoch_cache,
+        );
+        let loss_tokens: usize = rows
+            .iter()
+            .map(|r| r.labels.iter().filter(|&&l| l != IGNORE).count())
+            .sum();
+        let scale = 1.0 / loss_tokens.max(1) as f64;
+        let mut grads = GradStore::<B>::default();
+        let mut sums = (0.0, 0.0, 0.0);
+        for micro in rows.chunks(t.micro_batch) {
+            let s = micro_step(
+                &model,
+                teacher.as_ref(),
+                micro,
+                &loss_cfg,
+                recipe,
+                scale,
+                &mut grads,
+                &device,
+            );
+            sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
+        }
+        let n = loss_tokens.max(1) as f64;
+        let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
+        let grad_norm = grads.global_norm();
+        let lr = learning_rate(t, step, total_steps);
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            consecutive_bad += 1;
+            state.skipped_steps += 1;
+            if consecutive_bad >= t.max_bad_steps {
+                return Err(TrainError::Refused(format!(
+                    "{consecutive_bad} steps in a row had a non-finite loss or gradient (step {step}); \
+                     the last good checkpoint is {}; HINT: lower [train] lr or check the data",
+                    last_checkpoint
+                        .as_ref()
+                        .map_or("none".to_string(), |p: &PathBuf| p.display().to_string())
+                )));
+            }
+            state.step += 1;
+            ran += 1;
+            continue;
+        }
+        consecutive_bad = 0;
+        if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
+            grads.scale(t.max_grad_norm / grad_norm);
+        }
+        model = opt.step::<Ad<B>, _>(model, &grads, lr);
+        state.step += 1;
+        state.adam_t = opt.t;
+        let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+        state.tokens_seen += tokens as u64;
+        ran += 1;
+        losses.push(loss);
+
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        if state.step.is_multiple_of(t.log_every.max(1)) || state.step == total_steps {
+            let record = MetricsRecord {
+                step: state.step as u64,
+                loss,
+                kl,
+                ce,
+                lr,
+                grad_norm,
+                tokens_per_s,
+                mem_gb: None,
+                extra: Default::default(),
+            };
+            metrics.append(&record)?;
+            for (tag, v) in [
+                ("loss", loss),
+                ("kl", kl),
+                ("ce", ce),
+                ("lr", lr),
+                ("grad_norm", grad_norm),
+                ("tokens_per_s", tokens_per_s),
+            ] {
+                tb.add_scalar(&format!("train/{tag}"), v as f32, state.step as i64)?;
+            }
+            tb.flush()?;
+        }
+        if let Some(bar) = &bar {
+            bar.set_position(state.step as u64);
+            bar.set_message(format!(
+                "loss {loss:.4} | {tokens_per_s:.0} tok/s | skipped {}",
+                state.skipped_steps
+            ));
+        }
+        if state.step.is_multiple_of(t.checkpoint_every.max(1)) || state.step == total_steps {
+            last_checkpoint = Some(save_checkpoint(
+                &root,
+                &model,
+                &infos,
+                &opt,
+                &state,
+                &recipe_toml,
+                t.keep_checkpoints,
+            )?);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_with_message(format!("done: {} steps", state.step));
+    }
+
+    let export = if state.step >= total_steps {
+        let held_loss = held_out_loss(
+            &model,
+            teacher.as_ref(),
+            &held_out,
+            &loss_cfg,
+            recipe,
+            pad_id,
+            &device,
+        );
+        if let Some(l) = held_loss {
+            tb.add_scalar("eval/held_out_loss", l as f32, state.step as i64)?;
+            tb.flush()?;
+        }
+        let inner = model.valid();
+        if recipe.lora.enabled {
+            export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
+        }
+        let merged = if recipe.lora.enabled {
+            lora::merge(inner)
+        } else {
+            inner
+        };
+        let dir = export::export_hf(&merged, &student_dir, &root.join("final"))?;
+        crate::metrics::plot_curves(metrics.path(), &run_dir.join("curves.png")).ok();
+        Some(dir)
+    } else {
+        None
+    };
+    Ok(TrainReport {
+        steps: state.step,
+        total_steps,
+        losses,
+        skipped_steps: state.skipped_steps,
+        checkpoint: last_checkpoint,
+        export,
+        run_dir,
+        stats,
+    })
+}
+
+fn pad_token(tokenizer: &TextTokenizer) -> u32 {
+    let s = &tokenizer.specials;
+    s.pad
+        .as_deref()
+        .or(s.eos.as_deref())
+        .and_then(|t| tokenizer.token_to_id(t))
+        .unwrap_or(0)
+}
+
+fn check_vocab<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        return Err(TrainError::Refused(format!(
+            "{}: tokenizer has {} tokens but the model's vocab_size is {}; the tokenizer does not belong to this model",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// A local teacher for full-vocabulary KD, when the recipe names one and KD is on.
+fn load_teacher<B: Kernels>(
+    recipe: &Recipe,
+    student_tokenizer: &TextTokenizer,
+    settings: &HubSettings,
+    device: &B::Device,
+) -> Result<Option<CausalLm<B>>, TrainError> {
+    let Some(reference) = recipe.teacher.local_model.as_deref() else {
+        return Ok(None);
+    };
+    if recipe.loss.kd_ratio == 0.0 {
+        return Ok(None);
+    }
+    let dir = hub::resolve(reference, settings)?;
+    let tokenizer = TextTokenizer::from_dir(&dir)?;
+    if tokenizer.hash != student_tokenizer.hash {
+        return Err(TrainError::Refused(format!(
+            "teacher {} uses another tokenizer than the student (tokenizer.json sha256 {} vs {}); \
+             full-vocabulary KD needs a shared vocabulary; HINT: use API top-k soft labels instead",
+            dir.display(),
+            &tokenizer.hash[..12],
+            &student_tokenizer.hash[..12]
+        )));
+    }
+    Ok(Some(CausalLm::<B>::load(&dir, device)?))
+}
+
+/// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
+fn step_rows(
+    examples: &[Example],
+    t: &distill_core::recipe::TrainSection,
+    step: usize,
+    steps_per_epoch: usize,
+    rows_per_step: usize,
+    pad_id: u32,
+    cache: &mut Option<(u64, Vec<Row>)>,
+) -> Vec<Row> {
+    let epoch = (step / steps_per_epoch) as u64;
+    if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        *cache = Some((
+            epoch,
+            data::epoch_rows(examples, t.seed, epoch, t.seq_len, t.packing, pad_id),
+        ));
+    }
+    let rows = &cache.as_ref().expect("filled above").1;
+    let start = (step % steps_per_epoch) * rows_per_step;
+    rows.iter()
+        .cycle()
+        .skip(start)
+        .take(rows_per_step.min(rows.len().max(1)))
+        .cloned()
+        .collect()
+}
+
+/// One micro-batch: forward without a graph, the head with its chunked loss, then block by
+/// block backward. Adds gradients of `scale * loss` to `grads`; returns the loss sums
+/// (total, ce, kl) over its tokens.
+#[allow(clippy::too_many_arguments)]
+fn micro_step<B: Kernels>(
+    model: &CausalLm<Ad<B>>,
+    teacher: Option<&CausalLm<B>>,
+    rows: &[Row],
+    loss_cfg: &LossConfig,
+    recipe: &Recipe,
+    scale: f64,
+    grads: &mut GradStore<B>,
+    device: &B::Device,
+) -> (f64, f64, f64)
+where
+    Ad<B>: Kernels,
+{
+    let (ids, docs, positions, labels) = batch_tensors::<B>(rows, device);
+    let Some(positions) = positions else {
+        return (0.0, 0.0, 0.0);
+    };
+    let ctx = Context::<B>::packed(&model.rotary, &docs, device);
+    let ctx_ad = Context::<Ad<B>> {
+        cos: Tensor::from_inner(ctx.cos.clone()),
+        sin: Tensor::from_inner(ctx.sin.clone()),
+        mask: ctx.mask.clone().map(Tensor::from_inner),
+    };
+    let layers = &model.model.layers;
+
+    // Forward: keep block inputs only (or each block's graph when not recomputing).
+    let mut xs: Vec<Tensor<B, 3>> = Vec::with_capacity(layers.len() + 1);
+    let mut kept: Vec<BlockGraph<B>> = Vec::new();
+    let mut x = model.valid().embed(ids.clone()); // [R, T, C]
+    for layer in layers {
+        xs.push(x.clone());
+        x = if recipe.train.recompute {
+            layer.valid().forward(x, &ctx, None)
+        } else {
+            let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
+            let y = layer.forward(leaf.clone(), &ctx_ad, None);
+            let out = y.clone().inner();
+            kept.push((leaf, y));
+            out
+        };
+    }
+
+    // Head: final norm with a graph; the loss in chunks with their own backward passes.
+    let x_last = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
+    let h = model.model.norm.forward(x_last.clone()); // [R, T, C]
+    let [r, t, c] = h.dims();
+    let h_sel = h
+        .reshape([r * t, c])
+        .select(0, Tensor::<Ad<B>, 1, Int>::from_inner(positions.clone())); // [N, C]
+    let teacher_targets = match teacher {
+        Some(tm) => {
+            let th = tm.hidden_states_packed(ids, &docs); // [R, T, Ct]
+            let ct = th.dims()[2];
+            let th = th.reshape([r * t, ct]).select(0, positions.clone());
+            TeacherTargets::Dense(fit_width(
+                tm.logits(th.unsqueeze::<3>()).squeeze_dim(0),
+                model.config.vocab_size,
+            ))
+        }
+        None => TeacherTargets::None,
+    };
+    let head_param = head_param(model);
+    let want_w = head_param.as_ref().is_some_and(|(_, trainable)| *trainable);
+    let out = chunked_loss::<Ad<B>>(
+        h_sel.clone().inner(),
+        model.head_weight().inner(),
+        labels,
+        &teacher_targets,
+        loss_cfg,
+        recipe.loss.chunk_tokens,
+        want_w,
+        scale,
+    );
+    let head_grads = (h_sel * Tensor::from_inner(out.grad_hidden)).sum().backward();
+    collect_grads(&model.model.norm, &head_grads, grads);
+    let mut g = x_last.grad(&head_grads).expect("x_last is a leaf");
+    if let (Some((id, _)), Some(gw)) = (head_param, out.grad_weight) {
+        // Tied heads use the embedding [V, C]; the loss saw it transposed.
+        let gw = if model.lm_head.is_some() {
+            gw
+        } else {
+            gw.transpose()
+        };
+        let n = gw.shape().num_elements();
+        grads.add(id, gw.reshape([n]));
+    }
+
+    // Backward through the blocks, last first.
+    for (i, layer) in layers.iter().enumerate().rev() {
+        let (leaf, y) = if recipe.train.recompute {
+            let leaf = Tensor::<Ad<B>, 3>::from_inner(xs[i].clone()).require_grad();
+            let y = layer.forward(leaf.clone(), &ctx_ad, None);
+            (leaf, y)
+        } else {
+            kept.pop().expect("one graph per layer")
+        };
+        let block_grads = (y * Tensor::from_inner(g)).sum().backward();
+        collect_grads(layer, &block_grads, grads);
+        g = leaf.grad(&block_grads).expect("block input is a leaf");
+    }
+    if param_is_trainable(&model.model.embed_tokens.weight) {
+        let ids_ad = Tensor::<Ad<B>, 2, Int>::from_inner(batch_ids::<B>(rows, device));
+        let e = model.embed(ids_ad);
+        let embed_grads = (e * Tensor::from_inner(g)).sum().backward();
+        collect_grads(&model.model.embed_tokens, &embed_grads, grads);
+    }
+    (out.total, out.ce, out.kl)
+}
+
+fn param_is_trainable<B: Backend, const D: usize>(p: &Param<Tensor<B, D>>) -> bool {
+    p.val().is_require_grad()
+}
+
+/// The output projection's parameter id and whether it trains.
+fn head_param<B: Backend>(model: &CausalLm<Ad<B>>) -> Option<(burn::module::ParamId, bool)> {
+    let p = match &model.lm_head {
+        Some(head) => &head.weight,
+        None => &model.model.embed_tokens.weight,
+    };
+    Some((p.id, param_is_trainable(p)))
+}
+
+/// Teacher logits [N, Vt] to the student's width: extra padding columns dropped, missing
+/// ones filled with a masked value (they lie past the shared tokenizer's vocabulary).
+fn fit_width<B: Backend>(z: Tensor<B, 2>, width: usize) -> Tensor<B, 2> {
+    let [n, v] = z.dims();
+    if v == width {
+        z
+    } else if v > width {
+        z.narrow(1, 0, width)
+    } else {
+        let pad = Tensor::full([n, width - v], -1e9, (&z.device(), z.dtype()));
+        Tensor::cat(vec![z, pad], 1)
+    }
+}
+
+fn batch_ids<B: Backend>(rows: &[Row], device: &B::Device) -> Tensor<B, 2, Int> {
+    let t = rows[0].input_ids.len();
+    let ids: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| r.input_ids.iter().map(|&x| i64::from(x)))
+        .collect();
+    Tensor::from_data(TensorData::new(ids, [rows.len(), t]), device)
+}
+
+/// ids [R, T], docs, positions with a label (flattened index) [N] or None if there are none,
+/// and those labels [N].
+#[allow(clippy::type_complexity)]
+fn batch_tensors<B: Backend>(
+    rows: &[Row],
+    device: &B::Device,
+) -> (
+    Tensor<B, 2, Int>,
+    Vec<Vec<u32>>,
+    Option<Tensor<B, 1, Int>>,
+    Tensor<B, 1, Int>,
+) {
+    let t = rows[0].input_ids.len();
+    let docs: Vec<Vec<u32>> = rows.iter().map(|r| r.docs.clone()).collect();
+    let (mut pos, mut lab) = (Vec::new(), Vec::new());
+    for (ri, row) in rows.iter().enumerate() {
+        for (i, &l) in row.labels.iter().enumerate() {
+            if l != IGNORE {
+                pos.push((ri * t + i) as i64);
+                lab.push(l);
+            }
+        }
+    }
+    let n = pos.len();
+    let positions = (n > 0).then(|| Tensor::from_data(TensorData::new(pos, [n]), device));
+    (
+        batch_ids(rows, device),
+        docs,
+        positions,
+        Tensor::from_data(TensorData::new(lab, [n]), device),
+    )
+}
+
+/// Mean loss on the held-out rows (no gradients), or None without held-out data.
+fn held_out_loss<B: Kernels>(
+    model: &CausalLm<Ad<B>>,
+    teacher: Option<&CausalLm<B>>,
+    held_out: &[Example],
+    loss_cfg: &LossConfig,
+    recipe: &Recipe,
+    pad_id: u32,
+    device: &B::Device,
+) -> Option<f64>
+where
+    Ad<B>: Kernels,
+{
+    if held_out.is_empty() {
+        return None;
+    }
+    let inner = model.valid();
+    let rows = data::pack(held_out, recipe.train.seq_len, recipe.train.packing, pad_id);
+    let (mut total, mut tokens) = (0.0, 0usize);
+    for micro in rows.chunks(recipe.train.micro_batch) {
+        let (ids, docs, positions, labels) = batch_tensors::<B>(micro, device);
+        let Some(positions) = positions else { continue };
+        let h = inner.hidden_states_packed(ids.clone(), &docs);
+        let [r, t, c] = h.dims();
+        let h = h.reshape([r * t, c]).select(0, positions.clone());
+        let targets = match teacher {
+            Some(tm) => {
+                let th = tm.hidden_states_packed(ids, &docs);
+                let ct = th.dims()[2];
+                let th = th.reshape([r * t, ct]).select(0, positions.clone());
+                TeacherTargets::Dense(fit_width(
+                    tm.logits(th.unsqueeze::<3>()).squeeze_dim(0),
+                    inner.config.vocab_size,
+                ))
+            }
+            None => TeacherTargets::None,
+        };
+        let n = positions.dims()[0];
+        let logits = inner.logits(h.unsqueeze::<3>()).squeeze_dim(0);
+        let sums = crate::loss::token_loss(logits, labels, &targets, loss_cfg);
+        total += sums.total.into_scalar().elem::<f64>();
+        tokens += n;
+    }
+    (tokens > 0).then(|| total / tokens as f64)
+}
+
+fn save_checkpoint<B: Kernels>(
+    root: &Path,
+    model: &CausalLm<Ad<B>>,
+    infos: &[ParamInfo],
+    opt: &AdamW<B>,
+    state: &TrainState,
+    recipe_toml: &str,
+    keep: usize,
+) -> Result<PathBuf, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let weights = read_params(model, |p| p.trainable);
+    let mut moments = HostTensors::new();
+    for info in infos.iter().filter(|p| p.trainable) {
+        if let Some(m) = opt.moments.get(&info.id) {
+            let n = info.shape.iter().product::<usize>();
+            let host = |t: &Tensor<B, 1>| {
+                t.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("f32")
+            };
+            moments.insert(format!("exp_avg.{}", info.name), (vec![n], host(&m.m)));
+            moments.insert(format!("exp_avg_sq.{}", info.name), (vec![n], host(&m.v)));
+        }
+    }
+    Ok(checkpoint::save(
+        root,
+        state,
+        &weights,
+        &moments,
+        recipe_toml,
+        keep,
+    )?)
+}
+
+/// Puts checkpointed trainable weights back by name; every trainable parameter must be there.
+fn restore_params<B: Kernels>(
+    model: CausalLm<Ad<B>>,
+    infos: &[ParamInfo],
+    weights: &HostTensors,
+    dir: &Path,
+) -> Result<CausalLm<Ad<B>>, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    for info in infos.iter().filter(|p| p.trainable) {
+        match weights.get(&info.name) {
+            Some((shape, _)) if shape == &info.shape => {}
+            Some((shape, _)) => {
+                return Err(TrainError::Refused(format!(
+                    "{}: `{}` has shape {shape:?}, the model needs {:?}; HINT: the recipe's [lora] or student changed since this checkpoint",
+                    dir.display(),
+                    info.name,
+                    info.shape
+                )));
+            }
+            None => {
+                return Err(TrainError::Refused(format!(
+                    "{}: no `{}`; HINT: the recipe's [lora] or student changed since this checkpoint",
+                    dir.display(),
+                    info.name
+                )));
+            }
+        }
+    }
+    struct Restore<'a> {
+        by_id: std::collections::HashMap<burn::module::ParamId, &'a (Vec<usize>, Vec<f32>)>,
+    }
+    impl<AD: Backend> ModuleMapper<AD> for Restore<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+            let Some((shape, data)) = self.by_id.get(&param.id) else {
+                return param;
+            };
+            let (id, value, mapper) = param.consume();
+            let device = value.device();
+            let t = Tensor::<AD, D>::from_data(
+                TensorData::new(data.clone(), shape.clone()),
+                (&device, DType::F32),
+            );
+            Param::from_mapped_value(id, t.require_grad(), mapper)
+        }
+    }
+    let by_id = infos
+        .iter()
+        .filter(|p| p.trainable)
+        .filter_map(|p| Some((p.id, weights.get(&p.name)?)))
+        .collect();
+    Ok(model.map(&mut Restore { by_id }))
+}
+
+fn restore_moments<B: Backend>(
+    opt: &mut AdamW<B>,
+    infos: &[ParamInfo],
+    moments: &HostTensors,
+    device: &B::Device,
+) {
+    let tensor = |(shape, data): &(Vec<usize>, Vec<f32>)| {
+        Tensor::<B, 1>::from_data(
+            TensorData::new(data.clone(), [shape.iter().product::<usize>()]),
+            (device, DType::F32),
+        )
+    };
+    for info in infos.iter().filter(|p| p.trainable) {
+        let m = moments.get(&format!("exp_avg.{}", info.name));
+        let v = moments.get(&format!("exp_avg_sq.{}", info.name));
+        if let (Some(m), Some(v)) = (m, v) {
+            opt.moments.insert(
+                info.id,
+                Moments {
+                    m: tensor(m),
+                    v: tensor(v),
+                },
+            );
+        }
+    }
+}
+
+fn progress_bar(enabled: bool, total: usize, start: usize) -> Option<indicatif::ProgressBar> {
+    enabled.then(|| {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(start as u64);
+        bar
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+    }
+
+    fn recipe(out: &Path, extra: &[&str]) -> Recipe {
+        let fx = fixtures();
+        let mut sets = vec![
+            format!("student.model={:?}", fx.join("tiny-qwen2").to_str().unwrap()),
+            format!("data.dataset={:?}", fx.join("dataset").to_str().unwrap()),
+            format!("train.out={:?}", out.to_str().unwrap()),
+            "data.held_out=0.1".into(),
+            "train.seq_len=256".into(),
+            "train.micro_batch=2".into(),
+            "train.grad_accum=2".into(),
+            "train.warmup_steps=2".into(),
+            "train.checkpoint_every=3".into(),
+            "loss.kd_ratio=0.0".into(),
+            "loss.chunk_tokens=100".into(),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        Recipe::parse("name = \"t\"\n", Path::new("test.toml"), &sets).unwrap()
+    }
+
+    /// Training runs seed the backend's global generator (dropout); tests running side by side
+    /// would draw from it in between, so they take turns.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn run(r: &Recipe, resume: bool, stop_after: Option<usize>) -> TrainReport {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        train::<Flex>(
+            r,
+            Default::default(),
+            &TrainOptions {
+                resume,
+                stop_after,
+                progress: false,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn full_finetune_loss_decreases_and_exports() {
+        let out = tempfile::tempdir().unwrap();
+        let r = recipe(
+            out.path(),
+            &[
+                "lora.enabled=false",
+                "train.max_steps=12",
+                "train.lr=3e-3",
+                "train.recompute=false",
+            ],
+        );
+        let report = run(&r, false, None);
+        assert_eq!(report.steps, 12);
+        assert_eq!(
+            report.stats.skipped_truncated_generation, 3,
+            "every 16th fixture sample is cut off"
+        );
+        let first: f64 = report.losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = report.losses[9..].iter().sum::<f64>() / 3.0;
+        assert!(last < first * 0.9, "loss did not fall: {:?}", report.losses);
+        let export = report.export.unwrap();
+        let reloaded = CausalLm::<Flex>::load(&export, &Default::default()).unwrap();
+        assert_eq!(reloaded.config.vocab_size, 384);
+        assert!(report.run_dir.join("metrics.jsonl").exists() && report.run_dir.join("curves.png").exists());
+    }
+
+    #[test]
+    fn recompute_gives_the_same_steps_as_keeping_graphs() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let keep = run(
+            &recipe(a.path(), &["train.max_steps=3", "train.recompute=false"]),
+            false,
+            None,
+        );
+        let redo = run(
+            &recipe(b.path(), &["train.max_steps=3", "train.recompute=true"]),
+            false,
+            None,
+        );
+        for (x, y) in keep.losses.iter().zip(&redo.losses) {
+            assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", keep.losses, redo.losses);
+        }
+    }
+
+    #[test]
+    fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let extra = ["train.max_steps=7", "train.lr=1e-3", "lora.dropout=0.1"];
+        let whole = run(&recipe(a.path(), &extra), false, None);
+        let r = recipe(b.path(), &extra);
+        let first = run(&r, false, Some(4)); // checkpoints at step 3; steps 4 is lost on "crash"
+        assert_eq!(first.steps, 4);
+        assert!(first.export.is_none());
+        let rest = run(&r, true, None);
+        assert_eq!(rest.steps, 7);
+        let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+        assert_eq!(resumed.len(), whole.losses.len());
+        for (x, y) in whole.losses.iter().zip(&resumed) {
+            assert!(
+                (x - y).abs() < 1e-6,
+                "uninterrupted {:?}\nresumed       {resumed:?}",
+                whole.losses
+            );
+        }
+        let adapter = run_root(&r).join("adapter");
+        assert!(
+            adapter.join("adapter_config.json").exists()
+                && adapter.join("adapter_model.safetensors").exists()
+        );
+    }
+
+    #[test]
+    fn kd_from_a_local_teacher_reduces_the_divergence() {
+        let out = tempfile::tempdir().unwrap();
+        let teacher = fixtures().join("tiny-llama");
+        let r = recipe(
+            out.path(),
+            &[
+                &format!("teacher.local_model={:?}", teacher.to_str().unwrap()),
+                "loss.kd_ratio=1.0",
+                "loss.temperature=2.0",
+                "lora.enabled=false",
+                "train.max_steps=10",
+                "train.lr=3e-3",
+            ],
+        );
+        let report = run(&r, false, None);
+        let log = crate::metrics::read_metrics(&report.run_dir.join("metrics.jsonl")).unwrap();
+        let (first, last) = (log.first().unwrap().kl, log.last().unwrap().kl);
+        assert!(first > 0.0 && last < first * 0.8, "KL {first} -> {last}");
+    }
+
+    #[test]
+    fn diverging_runs_stop_with_the_last_checkpoint_named() {
+        let out = tempfile::tempdir().unwrap();
+        let r = recipe(
+            out.path(),
+            &[
+                "lora.enabled=false",
+                "train.max_steps=20",
+                "train.lr=1e30",
+                "train.warmup_steps=0",
+                "train.max_grad_norm=0",
+                "train.max_bad_steps=2",
+                "train.checkpoint_every=1",
+            ],
+        );
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let err = train::<Flex>(
+            &r,
+            Default::default(),
+            &TrainOptions {
+                resume: false,
+                stop_after: None,
+                progress: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("non-finite") && err.contains("step-"), "{err}");
+        let kept = checkpoint::list(&run_root(&r));
+        assert!(!kept.is_empty());
+        checkpoint::load(&kept.last().unwrap().1).unwrap();
+    }
+}
