@@ -211,7 +211,7 @@ fn hub_access() -> HubAccess {
 }
 
 /// (base URL, name of the key variable or None) for `base_url` then each of `endpoints`,
-/// without repeats.
+/// without repeats of the same URL with the same key.
 fn endpoints(recipe: &Recipe) -> anyhow::Result<Vec<(String, Option<String>)>> {
     let t = &recipe.teacher;
     let default_env = t.api_key_env.clone().filter(|e| !e.is_empty());
@@ -222,9 +222,10 @@ fn endpoints(recipe: &Recipe) -> anyhow::Result<Vec<(String, Option<String>)>> {
             Some(v) => Some(v.clone()),
             None => default_env.clone(),
         };
+        // The same server may be listed once per key (several API keys' worth of capacity).
         if !out
             .iter()
-            .any(|(u, _)| u.trim_end_matches('/') == e.base_url.trim_end_matches('/'))
+            .any(|(u, k)| u.trim_end_matches('/') == e.base_url.trim_end_matches('/') && *k == env)
         {
             out.push((e.base_url.clone(), env));
         }
@@ -357,7 +358,7 @@ fn dry_run(
         );
     } else {
         println!(
-            "estimate   at most ${upper:.2} (~{} prompt tokens + {} x max_tokens {}); R1 on GSM8K-level math typically uses 10-30% of 8192",
+            "estimate   at most ${upper:.2} (~{} prompt tokens + {} x max_tokens {}); once samples exist the estimate uses their average length",
             human(prompt_tokens),
             todo.len(),
             setup.sampling.max_tokens

@@ -497,6 +497,16 @@ mod gen_data {
         assert!(server.requests().is_empty());
         assert!(!tmp.path().join("out").exists(), "dry run wrote the dataset dir");
 
+        // The same URL once per key is two endpoints; the same URL and key again is one.
+        let extra = format!(
+            "--set=teacher.endpoints=[{{base_url = \"{0}\", api_key_env = \"OTHER_KEY\"}}, {{base_url = \"{0}/\"}}]",
+            server.url()
+        );
+        let o = run_gen(&["--recipe", r, "--dry-run", &extra], false);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).matches("endpoint   ").count(), 2, "{}", stdout(&o));
+        assert!(stdout(&o).contains("key from $OTHER_KEY"), "{}", stdout(&o));
+
         assert_clean_failure(&run_gen(&["--recipe", r], false), &[KEY_VAR, "is not set"]);
         assert!(server.requests().is_empty());
 
