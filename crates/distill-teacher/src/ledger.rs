@@ -1,8 +1,9 @@
 //! The generation ledger: a dataset directory of append-only JSONL shards.
 //!
 //! - `samples-NNNNN.jsonl`: one [`Sample`] per line. Each line is written with one `write`
-//!   and handed to the OS at once (so `kill -9` cannot lose it), and fsynced at least every
-//!   `sync_every` (a power cut loses at most that much).
+//!   and handed to the OS at once (so `kill -9` cannot lose it); fsync follows with the first
+//!   append after `sync_every` has passed, and at the end (a power cut can lose the records
+//!   since the last fsync).
 //! - `errors.jsonl`: one [`ErrorRecord`] per request that failed for good.
 //! - `.lock`: held (flock) while a gen-data process writes here.
 //!
