@@ -3,6 +3,8 @@
 
 use std::str::FromStr;
 
+use burn::backend::Autodiff;
+use burn::tensor::backend::BackendTypes;
 use distill_models::Kernels;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +44,13 @@ fn nvidia_driver_present() -> bool {
     std::path::Path::new("/proc/driver/nvidia/version").exists()
 }
 
-/// Work that runs on any backend; [`run_on`] picks the backend from the device.
+/// Work that runs on any backend (training on its autodiff wrapper too); [`run_on`] picks
+/// the backend from the device.
 pub trait Job {
     type Output;
-    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<Self::Output>;
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<Self::Output>
+    where
+        Autodiff<B>: Kernels + BackendTypes<Device = B::Device>;
 }
 
 pub fn run_on<J: Job>(device: DeviceArg, job: J) -> anyhow::Result<J::Output> {

@@ -4,6 +4,8 @@
 use std::io::Write;
 
 use anyhow::Context;
+use burn::backend::Autodiff;
+use burn::tensor::backend::BackendTypes;
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_models::hub::{self, HubSettings};
 use distill_models::template::Message;
@@ -54,7 +56,10 @@ struct Greedy {
 impl Job for Greedy {
     type Output = ();
 
-    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()> {
+    fn run<B: Kernels>(self, device: B::Device) -> anyhow::Result<()>
+    where
+        Autodiff<B>: Kernels + BackendTypes<Device = B::Device>,
+    {
         let model = CausalLm::<B>::load(&self.dir, &device)
             .with_context(|| format!("loading {}", self.dir.display()))?;
         let stop: Vec<u32> = model

@@ -4,6 +4,7 @@ mod backend;
 mod gen_data;
 mod generate;
 mod inspect;
+mod train;
 
 use std::process::ExitCode;
 
@@ -30,7 +31,7 @@ enum Command {
     /// Query a teacher to build prompt/response and soft-label datasets.
     GenData(gen_data::Args),
     /// Fine-tune a student with KL (soft labels) + cross-entropy (hard labels).
-    Train(NotYet),
+    Train(train::Args),
     /// Score students, their base model and the teacher on held-out sets.
     Eval(NotYet),
     /// Describe a model directory or Hub model: architecture, size, tokenizer, template.
@@ -54,7 +55,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::GenData(args) => gen_data::run(args),
-        Command::Train(_) => not_built("train"),
+        Command::Train(args) => train::run(args, cli.device),
         Command::Eval(_) => not_built("eval"),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),

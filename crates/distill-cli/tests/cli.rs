@@ -66,10 +66,97 @@ fn help_lists_the_commands() {
 
 #[test]
 fn unbuilt_commands_say_so_and_fail() {
-    for cmd in ["train", "eval"] {
-        let o = distill(&[cmd, "--recipe", "recipes/qwen7b.toml"]);
-        assert_clean_failure(&o, &[cmd, "not built yet"]);
+    let o = distill(&["eval", "--recipe", "recipes/qwen7b.toml"]);
+    assert_clean_failure(&o, &["eval", "not built yet"]);
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `distill train` run from the repository root, as recipes' paths assume.
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .arg("train")
+        .args(args)
+        .current_dir(repo_root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run distill train")
+}
+
+#[test]
+fn train_runs_the_tiny_recipe_resumes_and_exports() {
+    let out = tempfile::tempdir().unwrap();
+    let out_set = format!("train.out={:?}", out.path().to_str().unwrap());
+    let base = [
+        "--recipe",
+        "recipes/tiny.toml",
+        "--set",
+        &out_set,
+        "--set",
+        "train.seq_len=256",
+    ];
+    let o = train(
+        &[
+            &base[..],
+            &["--set", "train.max_steps=2", "--set", "train.checkpoint_every=1"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("over 2 steps"), "{}", stdout(&o));
+    // Asking for more steps with --resume continues from step 2.
+    let o = train(&[&base[..], &["--set", "train.max_steps=4", "--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("over 2 steps"),
+        "resumed run must run only steps 3-4: {}",
+        stdout(&o)
+    );
+    let run = out.path().join("tiny");
+    for f in [
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "adapter/adapter_config.json",
+        "step-4/state.json",
+        "recipe.toml",
+        "runs/metrics.jsonl",
+        "runs/curves.png",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
     }
+    let o = distill(&["inspect", run.join("final").to_str().unwrap()]);
+    assert!(o.status.success(), "export does not load: {}", stderr(&o));
+}
+
+#[test]
+fn train_rejects_bad_recipes_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("bad.toml");
+    std::fs::write(&recipe, "name = \"x\"\n[train]\nlearning_rate = 1\n").unwrap();
+    assert_clean_failure(
+        &train(&["--recipe", recipe.to_str().unwrap()]),
+        &["bad.toml:3", "learning_rate"],
+    );
+    assert_clean_failure(
+        &train(&["--recipe", "recipes/tiny.toml", "--set", "loss.kd_ratio=2"]),
+        &["[loss] kd_ratio", "must be in [0, 1]"],
+    );
+    let missing = format!("student.model={:?}", tmp.path().join("nope").to_str().unwrap());
+    let out_set = format!("train.out={:?}", tmp.path().to_str().unwrap());
+    assert_clean_failure(
+        &train(&[
+            "--recipe",
+            "recipes/tiny.toml",
+            "--set",
+            &missing,
+            "--set",
+            &out_set,
+        ]),
+        &["nope"],
+    );
 }
 
 #[test]
