@@ -30,9 +30,50 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
         recipe,
         resume: args.resume,
     };
-    let report = run_on(DeviceArg::resolve(device), job)?;
+    let report = catch_out_of_memory(|| run_on(DeviceArg::resolve(device), job))?;
     print_summary(&report);
     Ok(())
+}
+
+/// GPU backends panic when an allocation fails; turn that into an error naming the knobs,
+/// and let every other panic go on as a bug.
+fn catch_out_of_memory<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_out_of_memory(&panic_text(info.payload())) {
+            default_hook(info);
+        }
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let _ = std::panic::take_hook();
+    match result {
+        Ok(r) => r,
+        Err(payload) if is_out_of_memory(&panic_text(payload.as_ref())) => anyhow::bail!(
+            "the GPU ran out of memory; lower [train] micro_batch or seq_len, set [train] recompute = true, \
+             enable [lora], or lower [loss] chunk_tokens (override any with --set section.key=value)"
+        ),
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn is_out_of_memory(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "out of memory",
+        "out-of-memory",
+        "outofmemory",
+        "cuda_error_out_of_memory",
+    ]
+    .iter()
+    .any(|k| t.contains(k))
 }
 
 struct TrainJob {
@@ -81,4 +122,24 @@ fn print_summary(r: &TrainReport) {
         r.run_dir.display(),
         r.run_dir.join("tb").display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_allocation_panics_become_an_error_naming_the_knobs() {
+        let err = catch_out_of_memory::<()>(|| {
+            panic!("An out-of-memory error happened during launch\nCaused by:\n  cuMemAlloc failed")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ran out of memory") && err.contains("micro_batch") && err.contains("recompute"),
+            "{err}"
+        );
+        let other = std::panic::catch_unwind(|| catch_out_of_memory::<()>(|| panic!("index out of bounds")));
+        assert!(other.is_err(), "other panics are bugs and must not be swallowed");
+    }
 }
