@@ -1,8 +1,10 @@
 //! What every distill stage shares: the recipe schema, manifests and atomic file writes.
 
 pub mod fsutil;
+pub mod message;
 pub mod recipe;
 
+pub use message::Message;
 pub use recipe::{Recipe, RecipeError};
 
 /// The version written into every manifest.

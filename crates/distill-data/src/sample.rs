@@ -16,21 +16,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// One chat turn in OpenAI form.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Message {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-}
+pub use distill_core::Message;
 
 /// Token counts as the server reported them. `reasoning_tokens` and `cached_tokens` appear
 /// where the server reports them (DeepSeek: `completion_tokens_details.reasoning_tokens`,

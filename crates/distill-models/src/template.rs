@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind, context};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
@@ -16,21 +15,7 @@ const FUEL: u64 = 5_000_000;
 /// Largest rendered prompt we accept (bytes).
 const MAX_OUTPUT: usize = 64 << 20;
 
-/// One chat message in OpenAI form.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Message {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-}
+pub use distill_core::Message;
 
 /// A parsed chat template and the special tokens it may reference.
 pub struct ChatTemplate {
@@ -249,6 +234,8 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out
 
 #[cfg(test)]
 mod tests {
+    use serde::Deserialize;
+
     use super::*;
     use crate::test_util::fixtures;
 

@@ -4,34 +4,20 @@
 
 use std::path::{Path, PathBuf};
 
-use distill_models::template::Message;
+use distill_data::{Sample, is_held_out};
 use distill_models::tokenizer::TextTokenizer;
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 /// Label of positions that carry no loss.
 pub const IGNORE: i64 = -100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}:{line}: {msg}")]
+    #[error(transparent)]
+    Dataset(#[from] distill_data::DataError),
+    #[error("{path}: sample {line}: {msg}")]
     Record { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
-}
-
-/// The fields of a gen-data sample the trainer reads (see docs/gen-data.md for the rest).
-#[derive(Debug, Deserialize)]
-struct SampleRecord {
-    #[serde(default)]
-    prompt_id: Option<serde_json::Value>,
-    messages: Vec<Message>,
-    #[serde(default)]
-    finish_reason: Option<String>,
-    #[serde(default)]
-    correct: Option<bool>,
 }
 
 /// One tokenized sample: ids and next-token labels (IGNORE on prompt tokens).
@@ -45,7 +31,6 @@ pub struct Example {
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct DataStats {
-    pub files: usize,
     pub records: usize,
     pub train: usize,
     pub held_out: usize,
@@ -64,33 +49,6 @@ pub struct DataOptions {
     pub keep_only_correct: bool,
 }
 
-/// `samples-*.jsonl` in `dir`, sorted (a single .jsonl file is accepted too).
-pub fn sample_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    if dir.is_file() {
-        return Ok(vec![dir.to_path_buf()]);
-    }
-    let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("samples") && name.ends_with(".jsonl")
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(DataError::Invalid {
-            path: dir.to_path_buf(),
-            msg: "no samples-*.jsonl here; run `distill gen-data` first or point [data] dataset at the right directory"
-                .into(),
-        });
-    }
-    Ok(files)
-}
-
 /// Reads, renders and tokenizes every sample; returns (train, held_out, stats).
 pub fn load_examples(
     dir: &Path,
@@ -101,67 +59,44 @@ pub fn load_examples(
         path: dir.to_path_buf(),
         msg: format!("student tokenizer: {e}"),
     })?;
-    let mut stats = DataStats::default();
+    let samples = distill_data::shards::read_samples(dir)?;
+    if samples.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            msg: "no samples-*.jsonl records here; run `distill gen-data` first or point [data] dataset at the right directory"
+                .into(),
+        });
+    }
+    let mut stats = DataStats {
+        records: samples.len(),
+        ..Default::default()
+    };
     let (mut train, mut held) = (Vec::new(), Vec::new());
-    for path in sample_files(dir)? {
-        stats.files += 1;
-        let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let lines: Vec<&str> = text.split('\n').collect();
-        for (i, line) in lines.iter().enumerate() {
-            let torn_tail = i + 1 == lines.len(); // gen-data may be appending: a last line without \n
-            if line.trim().is_empty() || torn_tail && !text.ends_with('\n') {
-                continue;
+    for (i, rec) in samples.iter().enumerate() {
+        if !rec.keep_for_training(opts.keep_truncated, opts.keep_only_correct) {
+            if rec.truncated && !opts.keep_truncated {
+                stats.skipped_truncated_generation += 1;
+            } else {
+                stats.skipped_incorrect += 1;
             }
-            let record_err = |msg: String| DataError::Record {
-                path: path.clone(),
+            continue;
+        }
+        let Some(ex) = tokenize(rec, tokenizer, template, opts.seq_len, &mut stats).map_err(|msg| {
+            DataError::Record {
+                path: dir.to_path_buf(),
                 line: i + 1,
                 msg,
-            };
-            let rec: SampleRecord = serde_json::from_str(line).map_err(|e| record_err(e.to_string()))?;
-            stats.records += 1;
-            if rec.finish_reason.as_deref() == Some("length") && !opts.keep_truncated {
-                stats.skipped_truncated_generation += 1;
-                continue;
             }
-            if opts.keep_only_correct && rec.correct != Some(true) {
-                stats.skipped_incorrect += 1;
-                continue;
-            }
-            let (prompt, completion) = template
-                .render_for_training(&rec.messages)
-                .map_err(|e| record_err(e.to_string()))?;
-            let p = tokenizer
-                .encode(&prompt, false)
-                .map_err(|e| record_err(e.to_string()))?;
-            let c = tokenizer
-                .encode(&completion, false)
-                .map_err(|e| record_err(e.to_string()))?;
-            if p.len() + 1 >= opts.seq_len {
-                stats.skipped_too_long += 1;
-                continue;
-            }
-            let prompt_id = match &rec.prompt_id {
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(other) => other.to_string(),
-                None => prompt.clone(),
-            };
-            let mut ex = example(p, c, prompt_id);
-            if ex.input_ids.len() > opts.seq_len {
-                stats.truncated_to_seq_len += 1;
-                ex.input_ids.truncate(opts.seq_len);
-                ex.labels.truncate(opts.seq_len);
-                *ex.labels.last_mut().expect("seq_len > 0") = IGNORE;
-            }
-            if is_held_out(&ex.prompt_id, opts.held_out) {
-                held.push(ex);
-            } else {
-                stats.train_tokens += ex.input_ids.len();
-                stats.train_loss_tokens += ex.labels.iter().filter(|&&l| l != IGNORE).count();
-                train.push(ex);
-            }
+        })?
+        else {
+            continue;
+        };
+        if is_held_out(&ex.prompt_id, opts.held_out) {
+            held.push(ex);
+        } else {
+            stats.train_tokens += ex.input_ids.len();
+            stats.train_loss_tokens += ex.labels.iter().filter(|&&l| l != IGNORE).count();
+            train.push(ex);
         }
     }
     stats.train = train.len();
@@ -173,6 +108,34 @@ pub fn load_examples(
         });
     }
     Ok((train, held, stats))
+}
+
+/// Renders a sample with the student's template (reasoning kept) and tokenizes it; None when
+/// its prompt alone fills the sequence.
+fn tokenize(
+    rec: &Sample,
+    tokenizer: &TextTokenizer,
+    template: &distill_models::template::ChatTemplate,
+    seq_len: usize,
+    stats: &mut DataStats,
+) -> Result<Option<Example>, String> {
+    let (prompt, completion) = template
+        .render_for_training(&rec.messages)
+        .map_err(|e| e.to_string())?;
+    let p = tokenizer.encode(&prompt, false).map_err(|e| e.to_string())?;
+    let c = tokenizer.encode(&completion, false).map_err(|e| e.to_string())?;
+    if p.len() + 1 >= seq_len {
+        stats.skipped_too_long += 1;
+        return Ok(None);
+    }
+    let mut ex = example(p, c, rec.prompt_id.clone());
+    if ex.input_ids.len() > seq_len {
+        stats.truncated_to_seq_len += 1;
+        ex.input_ids.truncate(seq_len);
+        ex.labels.truncate(seq_len);
+        *ex.labels.last_mut().expect("seq_len > 0") = IGNORE;
+    }
+    Ok(Some(ex))
 }
 
 fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String) -> Example {
@@ -189,13 +152,6 @@ fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String) -> Example
         labels,
         prompt_id,
     }
-}
-
-/// Held out by a hash of the prompt, so every sample of a prompt lands on the same side.
-fn is_held_out(prompt_id: &str, share: f64) -> bool {
-    let h = Sha256::digest(prompt_id.as_bytes());
-    let x = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
-    x < share
 }
 
 /// One row of `seq_len` tokens holding one or more examples.
@@ -335,13 +291,5 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, items);
-    }
-
-    #[test]
-    fn held_out_split_is_by_prompt_and_near_the_share() {
-        let held = (0..10_000).filter(|i| is_held_out(&format!("p{i}"), 0.1)).count();
-        assert!((900..1100).contains(&held), "{held}");
-        assert_eq!(is_held_out("p1", 0.1), is_held_out("p1", 0.1));
-        assert!(!is_held_out("p1", 0.0));
     }
 }
