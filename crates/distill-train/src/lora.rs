@@ -71,7 +71,9 @@ pub fn full_finetune<B: Backend, M: Module<B>>(model: M) -> M {
     struct ToF32;
     impl<B: Backend> ModuleMapper<B> for ToF32 {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            param.map(|t| t.cast(DType::F32).require_grad())
+            // Untrack first (detach keeps require_grad): a cast of a tracked bf16 parameter
+            // would be an op output, which cannot become a leaf.
+            param.map(|t| t.set_require_grad(false).cast(DType::F32).require_grad())
         }
     }
     model.map(&mut ToF32)

@@ -11,7 +11,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_core::recipe::{KlKind, LossSection, MissingMass};
 
 /// Logits of vocabulary rows past the tokenizer (padding rows of the embedding matrix) are
@@ -238,13 +238,9 @@ where
 {
     let [n, c] = hidden.dims();
     let device = hidden.device();
-    let mut out = ChunkedLoss {
-        total: 0.0,
-        ce: 0.0,
-        kl: 0.0,
-        grad_hidden: Tensor::zeros([0, c], (&device, hidden.dtype())),
-        grad_weight: None,
-    };
+    let dtype = hidden.dtype();
+    let (mut total, mut ce, mut kl) = (0.0, 0.0, 0.0);
+    let mut grad_weight = None;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < n {
@@ -258,24 +254,34 @@ where
         let teacher_chunk = lift::<AD>(&teacher.narrow(start, len));
         let labels_chunk = Tensor::<AD, 1, Int>::from_inner(labels.clone().narrow(0, start, len));
         let sums = token_loss(logits, labels_chunk, &teacher_chunk, cfg);
-        out.total += sums.total.clone().into_scalar().elem::<f64>();
-        out.ce += sums.ce.into_scalar().elem::<f64>();
-        out.kl += sums.kl.into_scalar().elem::<f64>();
+        total += sums.total.clone().into_scalar().elem::<f64>();
+        ce += sums.ce.into_scalar().elem::<f64>();
+        kl += sums.kl.into_scalar().elem::<f64>();
         let grads = sums.total.mul_scalar(scale).backward();
         grad_chunks.push(h.grad(&grads).expect("hidden chunk is a leaf with grad"));
         if want_weight_grad {
             let g = w.grad(&grads).expect("weight is a leaf with grad");
-            out.grad_weight = Some(match out.grad_weight.take() {
+            grad_weight = Some(match grad_weight.take() {
                 Some(acc) => acc + g,
                 None => g,
             });
         }
         start += len;
     }
-    if !grad_chunks.is_empty() {
-        out.grad_hidden = Tensor::cat(grad_chunks, 0);
+    // GPU backends cannot launch kernels over zero elements: build the empty case on the
+    // host side of the API (no kernel) rather than with zeros().
+    let grad_hidden = if grad_chunks.is_empty() {
+        Tensor::from_data(TensorData::new(Vec::<f32>::new(), [0, c]), (&device, dtype))
+    } else {
+        Tensor::cat(grad_chunks, 0)
+    };
+    ChunkedLoss {
+        total,
+        ce,
+        kl,
+        grad_hidden,
+        grad_weight,
     }
-    out
 }
 
 use burn::tensor::ElementConversion;
@@ -299,7 +305,6 @@ mod tests {
     use std::collections::HashMap;
 
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::TensorData;
     use safetensors::{Dtype, SafeTensors};
 
     use super::*;
