@@ -98,33 +98,10 @@ pub struct ParamInfo {
 }
 
 pub fn param_infos<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
-    struct Namer {
-        path: Vec<String>,
-        out: Vec<ParamInfo>,
-    }
-    impl<B: Backend> ModuleVisitor<B> for Namer {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let value = param.val();
-            self.out.push(ParamInfo {
-                name: self.path.join("."),
-                id: param.id,
-                shape: value.dims().to_vec(),
-                trainable: value.is_require_grad(),
-            });
-        }
-    }
-    let mut namer = Namer {
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    module.visit(&mut namer);
-    namer.out
+    walk(module, |_| false)
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect()
 }
 
 /// Values of the named parameters as flattened host f32, for checkpoints and export.
@@ -132,12 +109,23 @@ pub fn read_params<B: Backend, M: Module<B>>(
     module: &M,
     want: impl Fn(&ParamInfo) -> bool,
 ) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    struct Reader<F> {
+    walk(module, want)
+        .into_iter()
+        .filter_map(|(info, data)| Some((info.name, (info.shape, data?))))
+        .collect()
+}
+
+/// Every float parameter with its HF name, and its values on the host where `fetch` says so.
+fn walk<B: Backend, M: Module<B>>(
+    module: &M,
+    fetch: impl Fn(&ParamInfo) -> bool,
+) -> Vec<(ParamInfo, Option<Vec<f32>>)> {
+    struct Walker<F> {
         path: Vec<String>,
-        want: F,
-        out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        fetch: F,
+        out: Vec<(ParamInfo, Option<Vec<f32>>)>,
     }
-    impl<B: Backend, F: Fn(&ParamInfo) -> bool> ModuleVisitor<B> for Reader<F> {
+    impl<B: Backend, F: Fn(&ParamInfo) -> bool> ModuleVisitor<B> for Walker<F> {
         fn enter_module(&mut self, name: &str, _container: &str) {
             self.path.push(name.to_string());
         }
@@ -152,21 +140,21 @@ pub fn read_params<B: Backend, M: Module<B>>(
                 shape: value.dims().to_vec(),
                 trainable: value.is_require_grad(),
             };
-            if (self.want)(&info) {
-                let data = value
+            let data = (self.fetch)(&info).then(|| {
+                value
                     .into_data()
                     .convert::<f32>()
                     .into_vec::<f32>()
-                    .expect("float data");
-                self.out.insert(info.name, (info.shape, data));
-            }
+                    .expect("float data")
+            });
+            self.out.push((info, data));
         }
     }
-    let mut reader = Reader {
+    let mut walker = Walker {
         path: Vec::new(),
-        want,
-        out: BTreeMap::new(),
+        fetch,
+        out: Vec::new(),
     };
-    module.visit(&mut reader);
-    reader.out
+    module.visit(&mut walker);
+    walker.out
 }
