@@ -140,6 +140,20 @@ impl Recipe {
 
 pub(crate) type Invalid<'a> = dyn Fn(&'static str, &'static str, String) -> RecipeError + 'a;
 
+/// A share or ratio: `value` must lie in [0, 1].
+pub(crate) fn in_unit_interval(
+    invalid: &Invalid,
+    section: &'static str,
+    field: &'static str,
+    value: f64,
+) -> Result<(), RecipeError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(section, field, format!("must be in [0, 1], got {value}")))
+    }
+}
+
 /// 1-based line of byte offset `at`.
 fn line_of(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].matches('\n').count() + 1

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Invalid, Recipe, RecipeError};
+use super::{Invalid, Recipe, RecipeError, in_unit_interval};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -185,13 +185,7 @@ pub const LORA_TARGETS: [&str; 7] = [
 
 pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
     let (t, l, lora) = (&r.train, &r.loss, &r.lora);
-    if !(0.0..=1.0).contains(&l.kd_ratio) {
-        return Err(invalid(
-            "loss",
-            "kd_ratio",
-            format!("must be in [0, 1], got {}", l.kd_ratio),
-        ));
-    }
+    in_unit_interval(invalid, "loss", "kd_ratio", l.kd_ratio)?;
     if l.temperature <= 0.0 {
         return Err(invalid(
             "loss",
@@ -199,13 +193,7 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
             format!("must be positive, got {}", l.temperature),
         ));
     }
-    if !(0.0..=1.0).contains(&l.beta) {
-        return Err(invalid(
-            "loss",
-            "beta",
-            format!("must be in [0, 1], got {}", l.beta),
-        ));
-    }
+    in_unit_interval(invalid, "loss", "beta", l.beta)?;
     if l.chunk_tokens == 0 {
         return Err(invalid("loss", "chunk_tokens", "must be at least 1".into()));
     }
@@ -221,13 +209,7 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
     if t.lr.is_nan() || t.lr <= 0.0 {
         return Err(invalid("train", "lr", format!("must be positive, got {}", t.lr)));
     }
-    if !(0.0..=1.0).contains(&t.min_lr_ratio) {
-        return Err(invalid(
-            "train",
-            "min_lr_ratio",
-            format!("must be in [0, 1], got {}", t.min_lr_ratio),
-        ));
-    }
+    in_unit_interval(invalid, "train", "min_lr_ratio", t.min_lr_ratio)?;
     if t.keep_checkpoints == 0 {
         return Err(invalid("train", "keep_checkpoints", "must be at least 1".into()));
     }
