@@ -386,6 +386,8 @@ fn load_teacher<B: Kernels>(
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
+/// The last step of an epoch wraps around to the epoch's first rows to fill its batch, so
+/// every step sees the same number of rows.
 fn step_rows(
     examples: &[Example],
     t: &distill_core::recipe::TrainSection,
