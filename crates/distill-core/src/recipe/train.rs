@@ -158,21 +158,12 @@ impl Default for LoraSection {
             r: 16,
             alpha: 32.0,
             dropout: 0.0,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: LORA_TARGETS.map(String::from).to_vec(),
         }
     }
 }
 
+/// The linear layers LoRA may adapt (HF module names); all of them by default.
 pub const LORA_TARGETS: [&str; 7] = [
     "q_proj",
     "k_proj",
