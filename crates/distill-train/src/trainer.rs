@@ -463,22 +463,8 @@ where
     // Head: final norm with a graph; the loss in chunks with their own backward passes.
     let x_last = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
     let h = model.model.norm.forward(x_last.clone()); // [R, T, C]
-    let [r, t, c] = h.dims();
-    let h_sel = h
-        .reshape([r * t, c])
-        .select(0, Tensor::<Ad<B>, 1, Int>::from_inner(positions.clone())); // [N, C]
-    let teacher_targets = match teacher {
-        Some(tm) => {
-            let th = tm.hidden_states_packed(ids, &docs); // [R, T, Ct]
-            let ct = th.dims()[2];
-            let th = th.reshape([r * t, ct]).select(0, positions.clone());
-            TeacherTargets::Dense(fit_width(
-                tm.logits(th.unsqueeze::<3>()).squeeze_dim(0),
-                model.config.vocab_size,
-            ))
-        }
-        None => TeacherTargets::None,
-    };
+    let h_sel = select_positions(h, &Tensor::<Ad<B>, 1, Int>::from_inner(positions.clone())); // [N, C]
+    let teacher_targets = teacher_targets(teacher, ids, &docs, &positions, model.config.vocab_size);
     let head_param = head_param(model);
     let want_w = head_param.as_ref().is_some_and(|(_, trainable)| *trainable);
     let out = chunked_loss::<Ad<B>>(
@@ -538,6 +524,29 @@ fn head_param<B: Backend>(model: &CausalLm<Ad<B>>) -> Option<(burn::module::Para
         None => &model.model.embed_tokens.weight,
     };
     Some((p.id, param_is_trainable(p)))
+}
+
+/// The local teacher's full-vocabulary logits at the loss positions, or none without one.
+fn teacher_targets<B: Kernels>(
+    teacher: Option<&CausalLm<B>>,
+    ids: Tensor<B, 2, Int>,
+    docs: &[Vec<u32>],
+    positions: &Tensor<B, 1, Int>,
+    width: usize,
+) -> TeacherTargets<B> {
+    match teacher {
+        Some(tm) => {
+            let h = select_positions(tm.hidden_states_packed(ids, docs), positions); // [N, Ct]
+            TeacherTargets::Dense(fit_width(tm.logits(h.unsqueeze::<3>()).squeeze_dim(0), width))
+        }
+        None => TeacherTargets::None,
+    }
+}
+
+/// [R, T, C] -> [N, C]: the rows at flattened `positions`.
+fn select_positions<B: Backend>(h: Tensor<B, 3>, positions: &Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    let [r, t, c] = h.dims();
+    h.reshape([r * t, c]).select(0, positions.clone())
 }
 
 /// Teacher logits [N, Vt] to the student's width: extra padding columns dropped, missing
@@ -618,21 +627,8 @@ where
     for micro in rows.chunks(recipe.train.micro_batch) {
         let (ids, docs, positions, labels) = batch_tensors::<B>(micro, device);
         let Some(positions) = positions else { continue };
-        let h = inner.hidden_states_packed(ids.clone(), &docs);
-        let [r, t, c] = h.dims();
-        let h = h.reshape([r * t, c]).select(0, positions.clone());
-        let targets = match teacher {
-            Some(tm) => {
-                let th = tm.hidden_states_packed(ids, &docs);
-                let ct = th.dims()[2];
-                let th = th.reshape([r * t, ct]).select(0, positions.clone());
-                TeacherTargets::Dense(fit_width(
-                    tm.logits(th.unsqueeze::<3>()).squeeze_dim(0),
-                    inner.config.vocab_size,
-                ))
-            }
-            None => TeacherTargets::None,
-        };
+        let h = select_positions(inner.hidden_states_packed(ids.clone(), &docs), &positions); // [N, C]
+        let targets = teacher_targets(teacher, ids, &docs, &positions, inner.config.vocab_size);
         let n = positions.dims()[0];
         let logits = inner.logits(h.unsqueeze::<3>()).squeeze_dim(0);
         let sums = crate::loss::token_loss(logits, labels, &targets, loss_cfg);
