@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use distill_core::recipe::LoraSection;
+use distill_models::weights::HostTensor;
 use distill_models::{CausalLm, Kernels};
 use safetensors::Dtype;
 
@@ -30,18 +31,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 /// burn keeps linear weights [in, out]; HF stores [out, in]. Embeddings are [V, C] in both.
-fn to_hf_layout(name: &str, shape: &[usize], data: &[f32]) -> (Vec<usize>, Vec<f32>) {
+fn to_hf_layout(name: &str, shape: Vec<usize>, data: Vec<f32>) -> (Vec<usize>, Vec<f32>) {
     if shape.len() != 2 || name == "model.embed_tokens.weight" {
-        return (shape.to_vec(), data.to_vec());
+        return (shape, data);
     }
-    let (rows, cols) = (shape[0], shape[1]);
-    let mut out = vec![0.0; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    (vec![cols, rows], out)
+    transposed(shape, data)
+}
+
+fn transposed(shape: Vec<usize>, data: Vec<f32>) -> (Vec<usize>, Vec<f32>) {
+    let t = HostTensor { shape, data }.transposed();
+    (t.shape, t.data)
 }
 
 fn dtype_of(torch_dtype: Option<&str>) -> Dtype {
@@ -68,7 +67,7 @@ pub fn export_hf<B: Kernels>(
     let tensors: HostTensors = read_params(model, |_| true)
         .into_iter()
         .map(|(name, (shape, data))| {
-            let t = to_hf_layout(&name, &shape, &data);
+            let t = to_hf_layout(&name, shape, data);
             (name, t)
         })
         .collect();
@@ -106,14 +105,7 @@ pub fn export_peft<B: Kernels>(
         .filter_map(|(name, (shape, data))| {
             let peft = peft_name(&name)?;
             // A is [in, r] here, [r, in] in PEFT; B is [r, out] here, [out, r] in PEFT.
-            let (rows, cols) = (shape[0], shape[1]);
-            let mut t = vec![0.0; data.len()];
-            for r in 0..rows {
-                for c in 0..cols {
-                    t[c * rows + r] = data[r * cols + c];
-                }
-            }
-            Some((peft, (vec![cols, rows], t)))
+            Some((peft, transposed(shape, data)))
         })
         .collect();
     write_safetensors(
