@@ -464,7 +464,7 @@ where
     let x_last = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
     let h = model.model.norm.forward(x_last.clone()); // [R, T, C]
     let h_sel = select_positions(h, &Tensor::<Ad<B>, 1, Int>::from_inner(positions.clone())); // [N, C]
-    let teacher_targets = teacher_targets(teacher, ids, &docs, &positions, model.config.vocab_size);
+    let teacher_targets = teacher_targets(teacher, ids.clone(), &docs, &positions, model.config.vocab_size);
     let head_param = head_param(model);
     let want_w = head_param.as_ref().is_some_and(|(_, trainable)| *trainable);
     let out = chunked_loss::<Ad<B>>(
@@ -505,8 +505,7 @@ where
         g = leaf.grad(&block_grads).expect("block input is a leaf");
     }
     if param_is_trainable(&model.model.embed_tokens.weight) {
-        let ids_ad = Tensor::<Ad<B>, 2, Int>::from_inner(batch_ids::<B>(rows, device));
-        let e = model.embed(ids_ad);
+        let e = model.embed(Tensor::<Ad<B>, 2, Int>::from_inner(ids));
         let embed_grads = (e * Tensor::from_inner(g)).sum().backward();
         collect_grads(&model.model.embed_tokens, &embed_grads, grads);
     }
