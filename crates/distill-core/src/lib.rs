@@ -1,9 +1,11 @@
 //! What every distill stage shares: the recipe schema, manifests and atomic file writes.
 
 pub mod fsutil;
+pub mod logprobs;
 pub mod message;
 pub mod recipe;
 
+pub use logprobs::{TokenLogprob, TopLogprob};
 pub use message::Message;
 pub use recipe::{Recipe, RecipeError};
 

@@ -3,6 +3,8 @@
 //! - [`prompts`]: prompt sets from JSONL, Parquet or a Hugging Face dataset, with field mapping;
 //! - [`sample`]: the sample record every `samples-*.jsonl` line holds (the file contract);
 //! - [`shards`]: reading JSONL shards that a killed writer may have left with a torn last line;
+//! - [`soft`]: soft labels (the teacher's top-k logprobs per response position): the
+//!   safetensors store in `<dataset>/soft/`, its writer, streaming reader and validation;
 //! - [`extract`]: final-answer extraction (`\boxed{}`, `#### n`, numbers) and equivalence, the
 //!   one both gen-data's rejection sampling and `distill eval` use.
 
@@ -11,6 +13,7 @@ pub mod hub;
 pub mod prompts;
 pub mod sample;
 pub mod shards;
+pub mod soft;
 
 mod error;
 
@@ -19,3 +22,4 @@ pub use extract::{Answer, AnswerSource, answers_match, extract_answer, reference
 pub use hub::HubAccess;
 pub use prompts::{Prompt, PromptSpec, load_prompts};
 pub use sample::{ErrorRecord, Message, Sample, Usage, assistant_turn, is_held_out};
+pub use soft::{SoftError, SoftLabels, SoftMeta, SoftRecord, SoftWriter};

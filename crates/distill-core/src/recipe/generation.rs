@@ -168,6 +168,39 @@ pub enum SoftLabelSource {
     VllmPromptLogprobs,
 }
 
+impl SoftLabelSource {
+    /// The name recipes and soft-label manifests use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SoftLabelSource::ApiTopLogprobs => "api-top-logprobs",
+            SoftLabelSource::LocalRescore => "local-rescore",
+            SoftLabelSource::VllmPromptLogprobs => "vllm-prompt-logprobs",
+        }
+    }
+}
+
+/// How soft-label shards store log-probabilities. f16 keeps 10 mantissa bits (a logprob of
+/// -10 to within 0.004); bf16 keeps 7 but the f32 exponent range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogprobDtype {
+    F16,
+    Bf16,
+}
+
+impl LogprobDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogprobDtype::F16 => "f16",
+            LogprobDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The OpenAI API, vLLM, SGLang, Ollama and llama.cpp return at most this many alternatives
+/// per position.
+pub const MAX_API_TOP_LOGPROBS: usize = 20;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SoftLabelSection {
@@ -177,6 +210,11 @@ pub struct SoftLabelSection {
     pub k: usize,
     /// Refuse when more than this share of teacher tokens do not map to student ids.
     pub max_mismatch_rate: f64,
+    /// The tokenizer whose ids the soft labels hold (HF dir or org/name[@rev]); unset: the
+    /// student's (`[student] model`).
+    pub tokenizer: Option<String>,
+    /// How shards store log-probabilities.
+    pub dtype: LogprobDtype,
 }
 
 impl Default for SoftLabelSection {
@@ -186,6 +224,8 @@ impl Default for SoftLabelSection {
             source: SoftLabelSource::ApiTopLogprobs,
             k: 20,
             max_mismatch_rate: 0.01,
+            tokenizer: None,
+            dtype: LogprobDtype::F16,
         }
     }
 }
@@ -264,8 +304,26 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
             format!("must be in [0, 1), got {}", r.data.held_out),
         ));
     }
-    if r.soft_labels.k == 0 {
+    let soft = &r.soft_labels;
+    if soft.k == 0 {
         return Err(invalid("soft_labels", "k", "must be at least 1".into()));
+    }
+    if soft.source == SoftLabelSource::ApiTopLogprobs && soft.k > MAX_API_TOP_LOGPROBS {
+        return Err(invalid(
+            "soft_labels",
+            "k",
+            format!(
+                "must be at most {MAX_API_TOP_LOGPROBS} with source = \"api-top-logprobs\" (servers return at most {MAX_API_TOP_LOGPROBS} alternatives), got {}",
+                soft.k
+            ),
+        ));
+    }
+    if !(0.0..=1.0).contains(&soft.max_mismatch_rate) {
+        return Err(invalid(
+            "soft_labels",
+            "max_mismatch_rate",
+            format!("must be in [0, 1], got {}", soft.max_mismatch_rate),
+        ));
     }
     for env in r
         .teacher
@@ -329,11 +387,24 @@ mod tests {
                 "[teacher]\napi_key_env = \"sk-abc\"",
                 "not an environment variable name",
             ),
+            ("[soft_labels]\nk = 21", "[soft_labels] k: must be at most 20"),
+            (
+                "[soft_labels]\nmax_mismatch_rate = 1.5",
+                "[soft_labels] max_mismatch_rate",
+            ),
+            ("[soft_labels]\ndtype = \"f32\"", "dtype"),
         ] {
             let err = parse(&format!("name = \"x\"\n{text}\n")).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
         let r = parse("name = \"x\"\n[teacher]\napi_key_env = \"\"\n").unwrap();
         assert_eq!(r.teacher.api_key_env.as_deref(), Some(""));
+        // Re-scoring locally is not bound by the APIs' 20.
+        let r = parse("name = \"x\"\n[soft_labels]\nsource = \"local-rescore\"\nk = 64\ndtype = \"bf16\"\n")
+            .unwrap();
+        assert_eq!(
+            (r.soft_labels.k, r.soft_labels.dtype),
+            (64, super::LogprobDtype::Bf16)
+        );
     }
 }

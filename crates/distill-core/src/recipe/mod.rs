@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use eval::EvalSection;
-pub use generation::{DataSection, Endpoint, GenSection, SoftLabelSection, SoftLabelSource, TeacherSection};
+pub use generation::{
+    DataSection, Endpoint, GenSection, LogprobDtype, MAX_API_TOP_LOGPROBS, SoftLabelSection, SoftLabelSource,
+    TeacherSection,
+};
 pub use train::{KlKind, LoraSection, LossSection, MissingMass, Schedule, StudentSection, TrainSection};
 
 #[derive(Debug, thiserror::Error)]
