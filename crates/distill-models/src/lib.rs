@@ -12,6 +12,7 @@ mod load;
 pub mod ops;
 pub mod qwen2;
 pub mod template;
+pub mod token_map;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

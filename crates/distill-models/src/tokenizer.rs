@@ -165,6 +165,11 @@ impl TextTokenizer {
         let text = self.template()?.render(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
+
+    /// The tokenizers crate's tokenizer, for vocabulary-level work in this crate (token_map).
+    pub(crate) fn raw(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
 }
 
 /// `chat_template` is a string, or a list of {"name", "template"} of which "default" is used.
