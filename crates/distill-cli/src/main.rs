@@ -3,6 +3,7 @@
 mod backend;
 mod gen_data;
 mod generate;
+mod gguf;
 mod inspect;
 mod train;
 
@@ -38,6 +39,10 @@ enum Command {
     Inspect(inspect::Args),
     /// Continue a prompt with greedy decoding (a quick check that a model loads and talks).
     Generate(generate::Args),
+    /// Convert a model from another format: `distill import gguf FILE|ollama:NAME --out DIR`.
+    Import(gguf::ImportArgs),
+    /// Convert a model to another format: `distill export gguf --model DIR --out FILE`.
+    Export(gguf::ExportArgs),
 }
 
 /// Arguments are accepted and ignored until the command exists.
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Command::Eval(_) => not_built("eval"),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),
+        Command::Import(args) => gguf::import(args),
+        Command::Export(args) => gguf::export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
