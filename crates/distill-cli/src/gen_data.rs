@@ -42,9 +42,17 @@ pub struct Args {
     /// Print what would be sent and what it would cost; send nothing, write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Instead of querying the teacher: re-score the dataset's samples with a local teacher
+    /// ([teacher] local_model, or --teacher) and write its top-k ([soft_labels] k) as soft
+    /// labels in the student's token ids.
+    #[arg(long)]
+    rescore: bool,
+    /// The local teacher for --rescore: an HF directory or `org/name[@rev]`.
+    #[arg(long, value_name = "MODEL", requires = "rescore")]
+    teacher: Option<String>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Result<()> {
     let mut overrides = args.set.clone();
     if let Some(c) = args.max_cost {
         overrides.push(format!("gen.max_cost={c:?}"));
@@ -53,6 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         overrides.push(format!("gen.max_tokens_total={t}"));
     }
     let recipe = Recipe::load(&args.recipe, &overrides)?;
+    if args.rescore {
+        return crate::rescore::run(&recipe, args.teacher, device);
+    }
     if recipe.soft_labels.enabled {
         bail!(
             "{}: [soft_labels] enabled: gen-data does not write soft labels in this version; set it to false (--set soft_labels.enabled=false)",

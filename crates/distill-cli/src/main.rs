@@ -1,10 +1,13 @@
 //! `distill`: distil DeepSeek-R1 into a small Qwen or Llama student on one GPU.
 
 mod backend;
+mod eval;
 mod gen_data;
 mod generate;
 mod gguf;
 mod inspect;
+mod progress;
+mod rescore;
 mod train;
 
 use std::process::ExitCode;
@@ -34,7 +37,7 @@ enum Command {
     /// Fine-tune a student with KL (soft labels) + cross-entropy (hard labels).
     Train(train::Args),
     /// Score students, their base model and the teacher on held-out sets.
-    Eval(NotYet),
+    Eval(eval::Args),
     /// Describe a model directory or Hub model: architecture, size, tokenizer, template.
     Inspect(inspect::Args),
     /// Continue a prompt with greedy decoding (a quick check that a model loads and talks).
@@ -45,23 +48,12 @@ enum Command {
     Export(gguf::ExportArgs),
 }
 
-/// Arguments are accepted and ignored until the command exists.
-#[derive(clap::Args)]
-struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
-}
-
-fn not_built(name: &str) -> anyhow::Result<()> {
-    anyhow::bail!("`distill {name}` is not built yet in this version; see the project's open issues")
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::GenData(args) => gen_data::run(args),
+        Command::GenData(args) => gen_data::run(args, cli.device),
         Command::Train(args) => train::run(args, cli.device),
-        Command::Eval(_) => not_built("eval"),
+        Command::Eval(args) => eval::run(args, cli.device),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),
         Command::Import(args) => gguf::import(args),

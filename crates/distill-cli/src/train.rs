@@ -104,6 +104,12 @@ fn print_summary(r: &TrainReport) {
         "data: {} train / {} held-out samples ({} cut off by max_tokens, {} over seq_len, {} truncated to fit)",
         s.train, s.held_out, s.skipped_truncated_generation, s.skipped_too_long, s.truncated_to_seq_len
     );
+    if let Some(soft) = &r.soft_labels {
+        println!(
+            "soft labels: {} samples aligned, {} without a record, {} misaligned (those train on CE alone)",
+            soft.aligned, soft.missing, soft.unaligned
+        );
+    }
     if let (Some(first), Some(last)) = (r.losses.first(), r.losses.last()) {
         println!(
             "loss: {first:.4} -> {last:.4} over {} steps ({} skipped as non-finite)",

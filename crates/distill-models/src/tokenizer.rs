@@ -138,6 +138,24 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// How many of this vocabulary's ids name the same token in `other`: (same, compared).
+    /// Tokenizers of one family (Qwen2.5 and DeepSeek-R1-Distill-Qwen) differ in their
+    /// tokenizer.json, and so in hash, while sharing the ids of every ordinary token.
+    pub fn shared_ids(&self, other: &TextTokenizer) -> (usize, usize) {
+        let n = self.vocab_size().min(other.vocab_size()) as u32;
+        let same = (0..n)
+            .filter(|&id| {
+                let a = self.id_to_token(id);
+                a.is_some() && a == other.id_to_token(id)
+            })
+            .count();
+        (same, self.vocab_size())
+    }
+
     /// Added tokens flagged special, sorted by id.
     pub fn added_special_tokens(&self) -> Vec<(u32, String)> {
         let mut out: Vec<(u32, String)> = self

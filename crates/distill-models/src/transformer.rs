@@ -218,6 +218,18 @@ impl<B: Backend> KvCache<B> {
         self.len() == 0
     }
 
+    /// Keeps only the batch rows `rows` (in that order): finished sequences leave the batch.
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+                &k.device(),
+            );
+            *k = k.clone().select(0, idx.clone());
+            *v = v.clone().select(0, idx);
+        }
+    }
+
     /// Appends this step's k/v for `layer` and returns the full history.
     fn append(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let (k, v) = match self.layers[layer].take() {
@@ -250,6 +262,30 @@ impl<B: Backend> Context<B> {
             let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
             Tensor::from_data(TensorData::new(data, [1, t, s]), device)
         });
+        Context { cos, sin, mask }
+    }
+
+    /// A left-padded batch: row r starts with `pads[r]` padding tokens that no query may see
+    /// and that do not count as positions, followed by its sequence. `t` new positions follow
+    /// `past` cached ones (padding included in both).
+    pub fn left_padded(rotary: &Rotary, pads: &[usize], t: usize, past: usize, device: &B::Device) -> Self {
+        let positions: Vec<Vec<usize>> = pads
+            .iter()
+            .map(|&pad| (past..past + t).map(|i| i.saturating_sub(pad)).collect())
+            .collect();
+        let (cos, sin) = rotary.tables(&positions, device);
+        let s = past + t;
+        let data: Vec<bool> = pads
+            .iter()
+            .flat_map(|&pad| {
+                // A padding query sees only itself: a fully masked row would softmax to NaN.
+                (0..t).flat_map(move |i| (0..s).map(move |j| j > past + i || (j < pad && j != past + i)))
+            })
+            .collect();
+        let mask = Some(Tensor::from_data(
+            TensorData::new(data, [pads.len(), t, s]),
+            device,
+        ));
         Context { cos, sin, mask }
     }
 
@@ -454,14 +490,25 @@ impl<B: Kernels> CausalLm<B> {
     pub fn hidden_states(
         &self,
         input_ids: Tensor<B, 2, Int>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let t = input_ids.dims()[1];
         let past = cache.as_ref().map_or(0, |c| c.len());
         let ctx = Context::causal(&self.rotary, t, past, &input_ids.device());
+        self.hidden_states_with(input_ids, &ctx, cache)
+    }
+
+    /// Final-norm hidden states [B, T, C] under a caller-built context (positions and mask),
+    /// e.g. [`Context::left_padded`] for batched generation.
+    pub fn hidden_states_with(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        ctx: &Context<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let mut x = self.embed(input_ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, &ctx, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(x, ctx, cache.as_deref_mut().map(|c| (c, i)));
         }
         self.model.norm.forward(x)
     }
@@ -474,11 +521,7 @@ impl<B: Kernels> CausalLm<B> {
     /// Final-norm hidden states [B, T, C] of packed rows.
     pub fn hidden_states_packed(&self, input_ids: Tensor<B, 2, Int>, docs: &[Vec<u32>]) -> Tensor<B, 3> {
         let ctx = Context::packed(&self.rotary, docs, &input_ids.device());
-        let mut x = self.embed(input_ids);
-        for layer in &self.model.layers {
-            x = layer.forward(x, &ctx, None);
-        }
-        self.model.norm.forward(x)
+        self.hidden_states_with(input_ids, &ctx, None)
     }
 
     /// Token embeddings. input_ids: [B, T] -> [B, T, C].

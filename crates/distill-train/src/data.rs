@@ -27,6 +27,8 @@ pub struct Example {
     /// labels[i] is the target for position i (= input_ids[i + 1] on completion tokens).
     pub labels: Vec<i64>,
     pub prompt_id: String,
+    /// The sample's key (samples-*.jsonl `key`): what soft labels are stored under.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -55,9 +57,44 @@ pub fn load_examples(
     tokenizer: &TextTokenizer,
     opts: &DataOptions,
 ) -> Result<(Vec<Example>, Vec<Example>, DataStats), DataError> {
+    let (train, held, stats) = split_examples(dir, tokenizer, opts)?;
+    if train.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            msg: format!("no usable training samples ({stats:?})"),
+        });
+    }
+    Ok((train, held, stats))
+}
+
+/// The held-out examples alone (what `distill eval` scores), tokenized exactly as training
+/// tokenizes them; `opts.held_out` = 1 takes every sample.
+pub fn load_held_out(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    opts: &DataOptions,
+) -> Result<Vec<Example>, DataError> {
+    let (_, held, stats) = split_examples(dir, tokenizer, opts)?;
+    if held.is_empty() {
+        return Err(DataError::Invalid {
+            path: dir.to_path_buf(),
+            msg: format!(
+                "no held-out samples at held-out share {} ({stats:?}); HINT: a dataset made for evaluation alone takes --held-out-share 1",
+                opts.held_out
+            ),
+        });
+    }
+    Ok(held)
+}
+
+fn split_examples(
+    dir: &Path,
+    tokenizer: &TextTokenizer,
+    opts: &DataOptions,
+) -> Result<(Vec<Example>, Vec<Example>, DataStats), DataError> {
     let template = tokenizer.template().map_err(|e| DataError::Invalid {
         path: dir.to_path_buf(),
-        msg: format!("student tokenizer: {e}"),
+        msg: format!("tokenizer: {e}"),
     })?;
     let samples = distill_data::shards::read_samples(dir)?;
     if samples.is_empty() {
@@ -101,12 +138,6 @@ pub fn load_examples(
     }
     stats.train = train.len();
     stats.held_out = held.len();
-    if train.is_empty() {
-        return Err(DataError::Invalid {
-            path: dir.to_path_buf(),
-            msg: format!("no usable training samples ({stats:?})"),
-        });
-    }
     Ok((train, held, stats))
 }
 
@@ -128,7 +159,7 @@ fn tokenize(
         stats.skipped_too_long += 1;
         return Ok(None);
     }
-    let mut ex = example(p, c, rec.prompt_id.clone());
+    let mut ex = example(p, c, rec.prompt_id.clone(), rec.key.clone());
     if ex.input_ids.len() > seq_len {
         stats.truncated_to_seq_len += 1;
         ex.input_ids.truncate(seq_len);
@@ -138,7 +169,7 @@ fn tokenize(
     Ok(Some(ex))
 }
 
-fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String) -> Example {
+fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String, key: String) -> Example {
     let n_prompt = prompt.len();
     let input_ids: Vec<u32> = prompt.into_iter().chain(completion).collect();
     let labels = (0..input_ids.len())
@@ -151,6 +182,7 @@ fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String) -> Example
         input_ids,
         labels,
         prompt_id,
+        key,
     }
 }
 
@@ -161,30 +193,27 @@ pub struct Row {
     pub labels: Vec<i64>,
     /// Document index per token; padding gets its own index.
     pub docs: Vec<u32>,
+    /// The sample key of each document, by document index (soft labels are found by it).
+    pub keys: Vec<String>,
 }
 
 /// Packs examples in order into rows of exactly `seq_len` (first fit in sequence), or one
 /// example per row when `packing` is off. Padding carries no loss and attends only to itself.
 pub fn pack(examples: &[Example], seq_len: usize, packing: bool, pad_id: u32) -> Vec<Row> {
     let mut rows = Vec::new();
-    let mut cur = Row {
+    let empty = || Row {
         input_ids: Vec::new(),
         labels: Vec::new(),
         docs: Vec::new(),
+        keys: Vec::new(),
     };
+    let mut cur = empty();
     let mut doc = 0u32;
     for ex in examples {
         let fits = cur.input_ids.len() + ex.input_ids.len() <= seq_len;
         if !cur.input_ids.is_empty() && (!packing || !fits) {
             rows.push(finish_row(
-                std::mem::replace(
-                    &mut cur,
-                    Row {
-                        input_ids: vec![],
-                        labels: vec![],
-                        docs: vec![],
-                    },
-                ),
+                std::mem::replace(&mut cur, empty()),
                 seq_len,
                 pad_id,
                 doc,
@@ -194,6 +223,7 @@ pub fn pack(examples: &[Example], seq_len: usize, packing: bool, pad_id: u32) ->
         cur.input_ids.extend(&ex.input_ids);
         cur.labels.extend(&ex.labels);
         cur.docs.extend(std::iter::repeat_n(doc, ex.input_ids.len()));
+        cur.keys.push(ex.key.clone());
         doc += 1;
     }
     if !cur.input_ids.is_empty() {
@@ -256,6 +286,7 @@ mod tests {
             ids[..n_prompt].to_vec(),
             ids[n_prompt..].to_vec(),
             format!("{ids:?}"),
+            format!("key-{ids:?}"),
         )
     }
 

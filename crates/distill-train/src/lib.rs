@@ -8,5 +8,6 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod soft;
 pub mod tensorboard;
 pub mod trainer;

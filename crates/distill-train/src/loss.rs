@@ -27,10 +27,14 @@ pub enum TeacherTargets<B: Backend> {
     None,
     /// Full-vocabulary logits [N, V] from a local teacher (no gradient).
     Dense(Tensor<B, 2>),
-    /// Top-k ids [N, k] and log-probs [N, k] at temperature 1.
+    /// Top-k ids [N, k] and log-probs [N, k] at temperature 1. An entry with log-prob -inf
+    /// is absent (fewer than k alternatives stored); its id must still be a valid index.
+    /// `present` [N] is 1 where the teacher has a distribution and 0 where it has none (KD
+    /// skips those positions: they train on CE alone); None means present everywhere.
     Sparse {
         ids: Tensor<B, 2, Int>,
         logprobs: Tensor<B, 2>,
+        present: Option<Tensor<B, 1>>,
     },
 }
 
@@ -39,9 +43,14 @@ impl<B: Backend> TeacherTargets<B> {
         match self {
             TeacherTargets::None => TeacherTargets::None,
             TeacherTargets::Dense(t) => TeacherTargets::Dense(t.clone().narrow(0, start, len)),
-            TeacherTargets::Sparse { ids, logprobs } => TeacherTargets::Sparse {
+            TeacherTargets::Sparse {
+                ids,
+                logprobs,
+                present,
+            } => TeacherTargets::Sparse {
                 ids: ids.clone().narrow(0, start, len),
                 logprobs: logprobs.clone().narrow(0, start, len),
+                present: present.as_ref().map(|p| p.clone().narrow(0, start, len)),
             },
         }
     }
@@ -101,9 +110,15 @@ pub fn token_loss<B: Backend>(
                 log_softmax(logits.div_scalar(t), 1)
             };
             let (log_p, log_q) = paired_distributions(log_q_t, teacher, cfg);
-            divergence(log_p, log_q, cfg.kind, cfg.beta)
-                .sum()
-                .mul_scalar(t * t)
+            let per_token = divergence(log_p, log_q, cfg.kind, cfg.beta); // [N]
+            let per_token = match teacher {
+                TeacherTargets::Sparse {
+                    present: Some(present),
+                    ..
+                } => per_token * present.clone(),
+                _ => per_token,
+            };
+            per_token.sum().mul_scalar(t * t)
         }
     };
     let total = kl.clone().mul_scalar(cfg.kd_ratio) + ce.clone().mul_scalar(1.0 - cfg.kd_ratio);
@@ -137,9 +152,16 @@ fn paired_distributions<B: Backend>(
             let z = mask_padding(z.clone().cast(DType::F32), cfg.vocab_limit);
             (log_softmax(z.div_scalar(t), 1), log_q)
         }
-        TeacherTargets::Sparse { ids, logprobs } => {
-            let lp = logprobs.clone().cast(DType::F32).div_scalar(t); // [N, k]
-            let lq = log_q.gather(1, ids.clone()); // [N, k]
+        TeacherTargets::Sparse { ids, logprobs, .. } => {
+            // Absent entries (-inf) become MASKED_LOGIT on both sides: zero probability,
+            // finite arithmetic, and no share of either rest bucket.
+            let absent = logprobs.clone().lower_equal_elem(-1e30); // [N, k]
+            let logprobs = logprobs
+                .clone()
+                .cast(DType::F32)
+                .mask_fill(absent.clone(), MASKED_LOGIT);
+            let lp = logprobs.clone().div_scalar(t); // [N, k]
+            let lq = log_q.gather(1, ids.clone()).mask_fill(absent, MASKED_LOGIT); // [N, k]
             match cfg.missing_mass {
                 MissingMass::Renormalize => (renormalize(lp), renormalize(lq)),
                 MissingMass::OtherBucket => {
@@ -293,9 +315,14 @@ fn lift<AD: burn::tensor::backend::AutodiffBackend>(
     match t {
         TeacherTargets::None => TeacherTargets::None,
         TeacherTargets::Dense(z) => TeacherTargets::Dense(Tensor::from_inner(z.clone())),
-        TeacherTargets::Sparse { ids, logprobs } => TeacherTargets::Sparse {
+        TeacherTargets::Sparse {
+            ids,
+            logprobs,
+            present,
+        } => TeacherTargets::Sparse {
             ids: Tensor::from_inner(ids.clone()),
             logprobs: Tensor::from_inner(logprobs.clone()),
+            present: present.as_ref().map(|p| Tensor::from_inner(p.clone())),
         },
     }
 }
@@ -398,6 +425,7 @@ mod tests {
                 TeacherTargets::Sparse {
                     ids: fx.i("topk_ids"),
                     logprobs: fx.f("topk_logprobs"),
+                    present: None,
                 },
             ),
             (
@@ -405,6 +433,7 @@ mod tests {
                 TeacherTargets::Sparse {
                     ids: fx.i("topk_ids"),
                     logprobs: fx.f("topk_logprobs"),
+                    present: None,
                 },
             ),
         ] {
@@ -481,6 +510,71 @@ mod tests {
             &vec_of(many.grad_weight.unwrap()),
             &vec_of(one.grad_weight.unwrap()),
         );
+    }
+
+    /// Soft-label shards pad positions with fewer than k entries (log-prob -inf): padding
+    /// must change nothing against the PyTorch reference for the unpadded top-k.
+    #[test]
+    fn absent_entries_and_positions_match_the_reference() {
+        let fx = fixture();
+        let ids = fx.i::<2>("topk_ids");
+        let lp = fx.f::<2>("topk_logprobs");
+        let [n, _] = ids.dims();
+        let device = Default::default();
+        let padded = TeacherTargets::Sparse {
+            ids: Tensor::cat(vec![ids.clone(), Tensor::zeros([n, 2], &device)], 1),
+            logprobs: Tensor::cat(
+                vec![lp.clone(), Tensor::full([n, 2], f32::NEG_INFINITY, &device)],
+                1,
+            ),
+            present: None,
+        };
+        for (mode, missing) in [
+            ("other_bucket", MissingMass::OtherBucket),
+            ("renormalize", MissingMass::Renormalize),
+        ] {
+            let name = format!("{mode}.forward.b0.5.t2.0");
+            let cfg = config(KlKind::Forward, 0.5, 2.0, missing);
+            let out = chunked_loss::<AD>(
+                fx.f("hidden"),
+                fx.f("weight"),
+                fx.i("labels"),
+                &padded,
+                &cfg,
+                4,
+                true,
+                1.0,
+            );
+            let sums = &fx.f32s[&format!("{name}.sums")].1;
+            assert_close(&name, &[out.total as f32, out.ce as f32, out.kl as f32], sums);
+            assert_close(
+                &name,
+                &vec_of(out.grad_hidden),
+                &fx.f32s[&format!("{name}.grad_hidden")].1,
+            );
+        }
+        // Positions marked absent train on CE alone: their KL drops out of the sum.
+        let cfg = config(KlKind::Forward, 0.5, 1.0, MissingMass::OtherBucket);
+        let with = |present: Vec<f32>| {
+            let t = TeacherTargets::Sparse {
+                ids: ids.clone(),
+                logprobs: lp.clone(),
+                present: Some(Tensor::from_data(TensorData::new(present, [n]), &device)),
+            };
+            token_loss(
+                fx.f::<2>("hidden").matmul(fx.f::<2>("weight")),
+                fx.i("labels"),
+                &t,
+                &cfg,
+            )
+        };
+        let all: f32 = with(vec![1.0; n]).kl.into_scalar();
+        let none = with(vec![0.0; n]);
+        assert_eq!(none.kl.into_scalar(), 0.0f32);
+        let first_only: f32 = with((0..n).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect())
+            .kl
+            .into_scalar();
+        assert!(first_only > 0.0 && first_only < all, "{first_only} vs {all}");
     }
 
     #[test]

@@ -290,8 +290,9 @@ fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> 
     root.present().map_err(|e| e.to_string())
 }
 
-/// plotters' ab_glyph backend looks fonts up by family name in a process-wide table.
-fn register_font_once() -> Result<(), String> {
+/// plotters' ab_glyph backend looks fonts up by family name in a process-wide table: call
+/// this before drawing text as "sans-serif" (distill-eval's plots share the embedded font).
+pub fn register_font_once() -> Result<(), String> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED
         .get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
@@ -345,7 +346,7 @@ fn draw_panel<DB: DrawingBackend>(
 
 /// Short tick labels for values from learning rates (1e-5) to token counts: plain decimals
 /// without trailing zeros in between, scientific notation outside.
-fn tick_label(v: f64) -> String {
+pub fn tick_label(v: f64) -> String {
     if v == 0.0 {
         return "0".to_owned();
     }
@@ -373,7 +374,8 @@ fn value_range(curves: &[Curve]) -> Range<f64> {
     lo - pad..hi + pad
 }
 
-fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> io::Result<()> {
+/// Writes an RGB8 buffer as a PNG, creating the parent directory.
+pub fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }

@@ -31,6 +31,7 @@ use crate::loss::{LossConfig, TeacherTargets, chunked_loss};
 use crate::metrics::{MetricsLog, MetricsRecord};
 use crate::optim::{AdamW, AdamWConfig, Moments, learning_rate};
 use crate::params::{GradStore, ParamInfo, collect_grads, param_infos, read_params};
+use crate::soft::{SoftStats, SoftTargetError, SoftTargets};
 use crate::tensorboard::EventWriter;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +46,20 @@ pub enum TrainError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Tensorboard(#[from] crate::tensorboard::TbError),
+    #[error(transparent)]
+    SoftLabels(#[from] SoftTargetError),
     #[error("{0}")]
     Refused(String),
+}
+
+/// Where the KL term's teacher distribution comes from.
+enum Teacher<B: Backend> {
+    /// kd_ratio = 0: CE only.
+    None,
+    /// A local model sharing the student's tokenizer: full-vocabulary logits.
+    Local(CausalLm<B>),
+    /// The dataset's stored top-k soft labels.
+    Stored(SoftTargets),
 }
 
 /// What a finished (or stopped) run reports.
@@ -61,6 +74,8 @@ pub struct TrainReport {
     pub export: Option<PathBuf>,
     pub run_dir: PathBuf,
     pub stats: data::DataStats,
+    /// How many samples found usable stored soft labels, when training on them.
+    pub soft_labels: Option<SoftStats>,
 }
 
 pub struct TrainOptions {
@@ -109,7 +124,8 @@ where
     } else {
         lora::full_finetune(student)
     };
-    let teacher = load_teacher::<B>(recipe, &tokenizer, &settings, &device)?;
+    let (teacher, soft_labels) =
+        load_teacher::<B>(recipe, &tokenizer, &settings, &device, &train_set, &held_out)?;
 
     let infos = param_infos(&model);
     let decayed = infos
@@ -200,15 +216,8 @@ where
         let mut sums = (0.0, 0.0, 0.0);
         for micro in rows.chunks(t.micro_batch) {
             let s = micro_step(
-                &model,
-                teacher.as_ref(),
-                micro,
-                &loss_cfg,
-                recipe,
-                scale,
-                &mut grads,
-                &device,
-            );
+                &model, &teacher, micro, &loss_cfg, recipe, scale, &mut grads, &device,
+            )?;
             sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
         }
         let n = loss_tokens.max(1) as f64;
@@ -293,15 +302,7 @@ where
     }
 
     let export = if state.step >= total_steps {
-        let held_loss = held_out_loss(
-            &model,
-            teacher.as_ref(),
-            &held_out,
-            &loss_cfg,
-            recipe,
-            pad_id,
-            &device,
-        );
+        let held_loss = held_out_loss(&model, &teacher, &held_out, &loss_cfg, recipe, pad_id, &device)?;
         if let Some(l) = held_loss {
             tb.add_scalar("eval/held_out_loss", l as f32, state.step as i64)?;
             tb.flush()?;
@@ -330,6 +331,7 @@ where
         export,
         run_dir,
         stats,
+        soft_labels,
     })
 }
 
@@ -358,19 +360,45 @@ fn check_vocab<B: Backend>(
     Ok(())
 }
 
-/// A local teacher for full-vocabulary KD, when the recipe names one and KD is on.
+/// The teacher distribution for the KL term: the dataset's stored soft labels when it has
+/// them (re-scored or captured ahead of time: no teacher in memory while training), else a
+/// live local teacher when the recipe names one. KD without either is refused rather than
+/// silently trained as CE.
 fn load_teacher<B: Kernels>(
     recipe: &Recipe,
     student_tokenizer: &TextTokenizer,
     settings: &HubSettings,
     device: &B::Device,
-) -> Result<Option<CausalLm<B>>, TrainError> {
-    let Some(reference) = recipe.teacher.local_model.as_deref() else {
-        return Ok(None);
-    };
+    train_set: &[Example],
+    held_out: &[Example],
+) -> Result<(Teacher<B>, Option<SoftStats>), TrainError> {
     if recipe.loss.kd_ratio == 0.0 {
-        return Ok(None);
+        return Ok((Teacher::None, None));
     }
+    let dataset = &recipe.data.dataset;
+    if let Some((soft, stats)) =
+        SoftTargets::open(dataset, student_tokenizer, train_set.iter().chain(held_out))?
+    {
+        if stats.aligned == 0 {
+            return Err(TrainError::Refused(format!(
+                "{}: no sample's soft labels line up with its tokens as the student's template renders them \
+                 ({} without a record, {} misaligned); HINT: re-score with `distill gen-data --rescore`",
+                distill_data::soft::soft_dir(dataset).display(),
+                stats.missing,
+                stats.unaligned
+            )));
+        }
+        return Ok((Teacher::Stored(soft), Some(stats)));
+    }
+    let Some(reference) = recipe.teacher.local_model.as_deref() else {
+        return Err(TrainError::Refused(format!(
+            "[loss] kd_ratio = {} needs the teacher's distribution, and there is none: write soft labels into {} \
+             (gen-data with [soft_labels] enabled, or `distill gen-data --rescore`), or set [teacher] local_model \
+             to a model sharing the student's tokenizer; or set kd_ratio = 0 to train on CE alone",
+            recipe.loss.kd_ratio,
+            distill_data::soft::soft_dir(dataset).display()
+        )));
+    };
     let dir = hub::resolve(reference, settings)?;
     let tokenizer = TextTokenizer::from_dir(&dir)?;
     if tokenizer.hash != student_tokenizer.hash {
@@ -382,7 +410,7 @@ fn load_teacher<B: Kernels>(
             &student_tokenizer.hash[..12]
         )));
     }
-    Ok(Some(CausalLm::<B>::load(&dir, device)?))
+    Ok((Teacher::Local(CausalLm::<B>::load(&dir, device)?), None))
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
@@ -420,20 +448,20 @@ fn step_rows(
 #[allow(clippy::too_many_arguments)]
 fn micro_step<B: Kernels>(
     model: &CausalLm<Ad<B>>,
-    teacher: Option<&CausalLm<B>>,
+    teacher: &Teacher<B>,
     rows: &[Row],
     loss_cfg: &LossConfig,
     recipe: &Recipe,
     scale: f64,
     grads: &mut GradStore<B>,
     device: &B::Device,
-) -> (f64, f64, f64)
+) -> Result<(f64, f64, f64), TrainError>
 where
     Ad<B>: Kernels,
 {
     let (ids, docs, positions, labels) = batch_tensors::<B>(rows, device);
     let Some(positions) = positions else {
-        return (0.0, 0.0, 0.0);
+        return Ok((0.0, 0.0, 0.0));
     };
     let ctx = Context::<B>::packed(&model.rotary, &docs, device);
     let ctx_ad = Context::<Ad<B>> {
@@ -464,7 +492,14 @@ where
     let x_last = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
     let h = model.model.norm.forward(x_last.clone()); // [R, T, C]
     let h_sel = select_positions(h, &Tensor::<Ad<B>, 1, Int>::from_inner(positions.clone())); // [N, C]
-    let teacher_targets = teacher_targets(teacher, ids.clone(), &docs, &positions, model.config.vocab_size);
+    let teacher_targets = teacher_targets(
+        teacher,
+        ids.clone(),
+        &docs,
+        &positions,
+        rows,
+        model.config.vocab_size,
+    )?;
     let head_param = head_param(model);
     let want_w = head_param.as_ref().is_some_and(|(_, trainable)| *trainable);
     let out = chunked_loss::<Ad<B>>(
@@ -509,7 +544,7 @@ where
         let embed_grads = (e * Tensor::from_inner(g)).sum().backward();
         collect_grads(&model.model.embed_tokens, &embed_grads, grads);
     }
-    (out.total, out.ce, out.kl)
+    Ok((out.total, out.ce, out.kl))
 }
 
 fn param_is_trainable<B: Backend, const D: usize>(p: &Param<Tensor<B, D>>) -> bool {
@@ -525,21 +560,24 @@ fn head_param<B: Backend>(model: &CausalLm<Ad<B>>) -> Option<(burn::module::Para
     Some((p.id, param_is_trainable(p)))
 }
 
-/// The local teacher's full-vocabulary logits at the loss positions, or none without one.
+/// The teacher's distribution at the loss positions of `rows`: a local teacher's
+/// full-vocabulary logits, the stored top-k, or none.
 fn teacher_targets<B: Kernels>(
-    teacher: Option<&CausalLm<B>>,
+    teacher: &Teacher<B>,
     ids: Tensor<B, 2, Int>,
     docs: &[Vec<u32>],
     positions: &Tensor<B, 1, Int>,
+    rows: &[Row],
     width: usize,
-) -> TeacherTargets<B> {
-    match teacher {
-        Some(tm) => {
+) -> Result<TeacherTargets<B>, TrainError> {
+    Ok(match teacher {
+        Teacher::Local(tm) => {
             let h = select_positions(tm.hidden_states_packed(ids, docs), positions); // [N, Ct]
             TeacherTargets::Dense(fit_width(tm.logits(h.unsqueeze::<3>()).squeeze_dim(0), width))
         }
-        None => TeacherTargets::None,
-    }
+        Teacher::Stored(soft) => soft.for_rows(rows, &positions.device())?,
+        Teacher::None => TeacherTargets::None,
+    })
 }
 
 /// [R, T, C] -> [N, C]: the rows at flattened `positions`.
@@ -607,18 +645,18 @@ fn batch_tensors<B: Backend>(
 /// Mean loss on the held-out rows (no gradients), or None without held-out data.
 fn held_out_loss<B: Kernels>(
     model: &CausalLm<Ad<B>>,
-    teacher: Option<&CausalLm<B>>,
+    teacher: &Teacher<B>,
     held_out: &[Example],
     loss_cfg: &LossConfig,
     recipe: &Recipe,
     pad_id: u32,
     device: &B::Device,
-) -> Option<f64>
+) -> Result<Option<f64>, TrainError>
 where
     Ad<B>: Kernels,
 {
     if held_out.is_empty() {
-        return None;
+        return Ok(None);
     }
     let inner = model.valid();
     let rows = data::pack(held_out, recipe.train.seq_len, recipe.train.packing, pad_id);
@@ -627,14 +665,14 @@ where
         let (ids, docs, positions, labels) = batch_tensors::<B>(micro, device);
         let Some(positions) = positions else { continue };
         let h = select_positions(inner.hidden_states_packed(ids.clone(), &docs), &positions); // [N, C]
-        let targets = teacher_targets(teacher, ids, &docs, &positions, inner.config.vocab_size);
+        let targets = teacher_targets(teacher, ids, &docs, &positions, micro, inner.config.vocab_size)?;
         let n = positions.dims()[0];
         let logits = inner.logits(h.unsqueeze::<3>()).squeeze_dim(0);
         let sums = crate::loss::token_loss(logits, labels, &targets, loss_cfg);
         total += sums.total.into_scalar().elem::<f64>();
         tokens += n;
     }
-    (tokens > 0).then(|| total / tokens as f64)
+    Ok((tokens > 0).then(|| total / tokens as f64))
 }
 
 fn save_checkpoint<B: Kernels>(

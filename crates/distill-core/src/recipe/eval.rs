@@ -1,32 +1,85 @@
-//! `[eval]`: held-out scoring (filled in by the eval stage).
+//! `[eval]`: held-out scoring of the trained student next to its base model (and the teacher
+//! where it can run), used by `distill eval --recipe`.
 
 use serde::{Deserialize, Serialize};
+
+use super::{Invalid, Recipe, RecipeError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
-    /// Models to compare besides the trained student: HF dirs or org/name refs.
+    /// Models to compare besides the trained student, its base and the local teacher: HF dirs
+    /// or org/name refs.
     pub models: Vec<String>,
-    /// Task set with references, e.g. "../shared/data/gsm8k/test.jsonl".
-    pub tasks: Option<String>,
+    /// Task sets with references, e.g. ["../shared/data/gsm8k/test.jsonl"].
+    pub tasks: Vec<String>,
+    /// First N examples of each task set (and of the held-out samples).
     pub max_examples: Option<usize>,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
+    /// 0 keeps every token.
+    pub top_k: usize,
     /// Samples per prompt (pass@1 is their mean; maj@n their vote).
     pub n: usize,
+    pub seed: u64,
+    /// Sequences decoded together.
+    pub batch_size: usize,
+    /// Score the held-out teacher samples of `[data] dataset` (NLL, KL, top-1 agreement).
+    pub held_out: bool,
+    /// Run the behaviour probes (data/probes/probes.jsonl).
+    pub probes: bool,
+    /// Drop task prompts found among the training prompts (they are reported either way).
+    pub exclude_contaminated: bool,
+    /// Top-k of a local teacher kept for held-out KL and agreement.
+    pub teacher_top_k: usize,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
         EvalSection {
             models: Vec::new(),
-            tasks: None,
+            tasks: Vec::new(),
             max_examples: None,
             max_new_tokens: 1024,
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             n: 1,
+            seed: 0,
+            batch_size: 16,
+            held_out: true,
+            probes: false,
+            exclude_contaminated: false,
+            teacher_top_k: 20,
         }
     }
+}
+
+pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
+    let e = &r.eval;
+    if e.n == 0 {
+        return Err(invalid("eval", "n", "must be at least 1".into()));
+    }
+    if e.batch_size == 0 {
+        return Err(invalid("eval", "batch_size", "must be at least 1".into()));
+    }
+    if !(0.0..=2.0).contains(&e.temperature) {
+        return Err(invalid(
+            "eval",
+            "temperature",
+            format!("must be in [0, 2], got {}", e.temperature),
+        ));
+    }
+    if !(e.top_p > 0.0 && e.top_p <= 1.0) {
+        return Err(invalid(
+            "eval",
+            "top_p",
+            format!("must be in (0, 1], got {}", e.top_p),
+        ));
+    }
+    if e.teacher_top_k == 0 {
+        return Err(invalid("eval", "teacher_top_k", "must be at least 1".into()));
+    }
+    Ok(())
 }

@@ -127,6 +127,7 @@ impl Recipe {
         }
         generation::validate(self, &invalid)?;
         train::validate(self, &invalid)?;
+        eval::validate(self, &invalid)?;
         Ok(())
     }
 

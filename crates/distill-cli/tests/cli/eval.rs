@@ -1,0 +1,200 @@
+//! `distill eval` on the fixture models: the files it writes, determinism, predictions
+//! scoring and its refusals.
+
+use super::*;
+
+fn eval_in_repo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .arg("eval")
+        .args(args)
+        .current_dir(repo_root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run distill eval")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_scores_models_on_tasks_held_out_samples_and_probes() {
+    let out = tempfile::tempdir().unwrap();
+    let run = |dir: &Path, extra: &[&str]| {
+        let o = eval_in_repo(
+            &[
+                &[
+                    "--model",
+                    "student=tests/fixtures/tiny-qwen2",
+                    "--model",
+                    "tests/fixtures/tiny-llama",
+                    "--tasks",
+                    "data/gsm8k/train-200.jsonl",
+                    "--max-examples",
+                    "3",
+                    "--max-new-tokens",
+                    "6",
+                    "--held-out",
+                    "tests/fixtures/dataset",
+                    "--held-out-share",
+                    "1",
+                    "--teacher",
+                    "tests/fixtures/tiny-llama",
+                    "--out",
+                    dir.to_str().unwrap(),
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+    let o = run(out.path(), &["-n", "2", "--temperature", "1.0", "--seed", "5"]);
+    assert!(stdout(&o).contains("accuracy"), "{}", stdout(&o));
+
+    let report = read_json(&out.path().join("report.json"));
+    let models = report["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2);
+    assert_eq!(models[0]["label"], "student");
+    assert_eq!(models[1]["label"], "tiny-llama");
+    let task = &models[0]["tasks"][0];
+    assert_eq!(task["task"], "gsm8k-train-200");
+    assert_eq!(task["examples"], 3);
+    assert_eq!(task["samples_per_prompt"], 2);
+    for field in ["accuracy", "maj_at_n", "pass_at_n"] {
+        let e = &task[field];
+        assert_eq!(e["n"], 3, "{field}: {e}");
+        assert!(e["ci95"].as_array().unwrap().len() == 2, "{field}: {e}");
+    }
+    // Held-out: the first 3 samples (--max-examples); the teacher agrees with itself exactly.
+    let student = &models[0]["held_out"];
+    let teacher = &models[1]["held_out"];
+    assert_eq!(student["examples"], 3);
+    assert!(student["nll"]["value"].as_f64().unwrap() > 0.0);
+    assert!(student["kl_to_teacher"]["value"].as_f64().unwrap() > 0.0);
+    assert!(
+        teacher["kl_to_teacher"]["value"].as_f64().unwrap() < 1e-4,
+        "{teacher}"
+    );
+    assert_eq!(teacher["top1_agreement"]["value"].as_f64().unwrap(), 1.0);
+
+    let examples = std::fs::read_to_string(out.path().join("examples.jsonl")).unwrap();
+    assert_eq!(examples.lines().count(), 2 * 3 * 2, "models x prompts x samples");
+    let first: serde_json::Value = serde_json::from_str(examples.lines().next().unwrap()).unwrap();
+    for field in [
+        "prompt",
+        "output",
+        "extracted",
+        "correct",
+        "reference",
+        "reasoning_tokens",
+    ] {
+        assert!(first.get(field).is_some(), "{field} missing: {first}");
+    }
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(md.contains("| student |") && md.contains("Held-out"), "{md}");
+    assert!(out.path().join("accuracy.png").exists());
+
+    // Same seed, same outputs, whatever the batch size.
+    let again = tempfile::tempdir().unwrap();
+    run(
+        again.path(),
+        &[
+            "-n",
+            "2",
+            "--temperature",
+            "1.0",
+            "--seed",
+            "5",
+            "--batch-size",
+            "1",
+        ],
+    );
+    let examples_again = std::fs::read_to_string(again.path().join("examples.jsonl")).unwrap();
+    assert_eq!(examples, examples_again);
+}
+
+#[test]
+fn eval_runs_the_probes_and_can_exclude_contaminated_prompts() {
+    let out = tempfile::tempdir().unwrap();
+    let o = eval_in_repo(&[
+        "--model",
+        "tests/fixtures/tiny-qwen2",
+        "--tasks",
+        "data/gsm8k/train-200.jsonl",
+        "--max-examples",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--train-data",
+        "tests/fixtures/dataset",
+        "--exclude-contaminated",
+        "--probes",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&out.path().join("report.json"));
+    let model = &report["models"][0];
+    // The fixture dataset's prompts wrap the first GSM8K questions (all count as training
+    // prompts here: no held-out share given): every task prompt is contaminated and left out.
+    let c = &report["contamination"]["gsm8k-train-200"];
+    assert_eq!(c["contaminated"].as_array().unwrap().len(), 4, "{c}");
+    assert_eq!(model["tasks"][0]["examples"], 0);
+    let probes = model["probes"].as_object().unwrap();
+    assert_eq!(probes.len(), 22, "one row per subject");
+    assert_eq!(probes["China"]["probes"], 4);
+    assert!(out.path().join("probes_refusal.png").exists());
+}
+
+#[test]
+fn eval_scores_predictions_without_a_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let preds = tmp.path().join("preds.jsonl");
+    // GSM8K train 0 is 72, 1 is 10: one right, one wrong, one right by prompt lookup.
+    let lines = [
+        r#"{"id": "0", "output": "<think>48/2=24, 48+24=72</think> The answer is \\boxed{72}."}"#,
+        "{\"id\": \"1\", \"output\": \"#### 11\", \"model\": \"m\"}",
+        r#"{"prompt": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?", "output": "She earned $10.", "model": "m"}"#,
+    ];
+    std::fs::write(&preds, lines.join("\n")).unwrap();
+    let out = tmp.path().join("out");
+    let o = eval_in_repo(&[
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--tasks",
+        "data/gsm8k/train-200.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&out.join("report.json"));
+    let models = report["models"].as_array().unwrap();
+    assert_eq!(models[0]["label"], "predictions");
+    assert_eq!(models[0]["tasks"][0]["accuracy"]["value"], 1.0);
+    assert_eq!(models[1]["label"], "m");
+    assert_eq!(models[1]["tasks"][0]["accuracy"]["value"], 0.5);
+    assert_eq!(models[1]["tasks"][0]["accuracy"]["n"], 2);
+}
+
+#[test]
+fn eval_refusals_are_one_line() {
+    // A recipe whose student was never trained.
+    let o = eval_in_repo(&["--recipe", "recipes/qwen7b.toml"]);
+    assert_clean_failure(&o, &["final", "distill train"]);
+    let o = eval_in_repo(&["--model", "tests/fixtures/tiny-qwen2"]);
+    assert_clean_failure(&o, &["nothing to evaluate"]);
+    let o = eval_in_repo(&["--model", "tests/fixtures/tiny-qwen2", "--tasks", "no/such.jsonl"]);
+    assert_clean_failure(&o, &["no/such.jsonl"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let preds = tmp.path().join("p.jsonl");
+    std::fs::write(&preds, "{\"id\": \"0\"}\n").unwrap();
+    let o = eval_in_repo(&[
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--tasks",
+        "data/gsm8k/train-200.jsonl",
+    ]);
+    assert_clean_failure(&o, &["p.jsonl", "line 1", "output"]);
+}

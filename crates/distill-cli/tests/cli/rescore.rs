@@ -1,0 +1,64 @@
+//! `distill gen-data --rescore` then `distill train` on the stored soft labels.
+
+use super::*;
+
+fn run_in_repo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run distill")
+}
+
+#[test]
+fn rescored_soft_labels_feed_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for e in std::fs::read_dir(fixtures().join("dataset")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), data.join(e.file_name())).unwrap();
+    }
+    let body = format!(
+        "[student]\nmodel = \"tests/fixtures/tiny-qwen2\"\n[data]\ndataset = {:?}\n[soft_labels]\nk = 8\n\
+         [train]\nout = {:?}\nmax_steps = 2\nseq_len = 1024\nmicro_batch = 2\ngrad_accum = 1\n[loss]\nkd_ratio = 0.5\n",
+        data.to_str().unwrap(),
+        tmp.path().join("ckpt").to_str().unwrap()
+    );
+    let recipe = tmp.path().join("r.toml");
+    let teacher = "[teacher]\nlocal_model = \"tests/fixtures/tiny-llama\"\n";
+    std::fs::write(&recipe, format!("name = \"soft\"\n{teacher}{body}")).unwrap();
+    let no_teacher = tmp.path().join("no-teacher.toml");
+    std::fs::write(&no_teacher, format!("name = \"soft2\"\n{body}")).unwrap();
+    let r = recipe.to_str().unwrap();
+    let o = run_in_repo(&["gen-data", "--recipe", r, "--rescore"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("re-scored 48 samples"), "{}", stdout(&o));
+    assert!(data.join("soft/manifest.json").exists());
+    // Interrupted or not, a second run has nothing left to do.
+    let o = run_in_repo(&["gen-data", "--recipe", r, "--rescore"]);
+    assert!(
+        stdout(&o).contains("re-scored 0 samples") && stdout(&o).contains("48 were already scored"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Training prefers the stored soft labels to loading the live teacher (the 3 samples
+    // cut off by max_tokens are not trained on).
+    let o = run_in_repo(&["train", "--recipe", r]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("soft labels: 45 samples aligned, 0 without a record, 0 misaligned"),
+        "{}",
+        stdout(&o)
+    );
+
+    // No teacher distribution at all: KD is refused, not silently CE.
+    std::fs::remove_dir_all(data.join("soft")).unwrap();
+    let o = run_in_repo(&["train", "--recipe", no_teacher.to_str().unwrap()]);
+    assert_clean_failure(&o, &["kd_ratio = 0.5", "soft labels", "--rescore"]);
+    // And --rescore without a teacher says how to name one.
+    let o = run_in_repo(&["gen-data", "--recipe", no_teacher.to_str().unwrap(), "--rescore"]);
+    assert_clean_failure(&o, &["local teacher", "--teacher"]);
+}

@@ -1,0 +1,634 @@
+//! Batched, KV-cached generation: greedy or sampled (temperature, top-k, top-p), with EOS and
+//! stop strings. `distill eval` scores its outputs; `distill serve` answers requests with it.
+//!
+//! Prompts of different lengths share a batch by left padding: padding is masked out of
+//! attention and does not count as a position, so a row computes what it would alone.
+//! Finished rows leave the batch (and the KV cache) at once. Each request samples from its
+//! own seeded generator, so its output does not depend on which requests share its batch.
+
+use std::time::Instant;
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use distill_models::tokenizer::TextTokenizer;
+use distill_models::transformer::Context;
+use distill_models::{CausalLm, Kernels};
+use serde::{Deserialize, Serialize};
+
+use crate::EvalError;
+
+/// How tokens are chosen. temperature 0 is greedy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 keeps every token.
+    pub top_k: usize,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+    };
+    /// DeepSeek's recommended settings for R1 and its distills.
+    pub const R1: Sampling = Sampling {
+        temperature: 0.6,
+        top_p: 0.95,
+        top_k: 0,
+    };
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends before the first occurrence of any of these (not included in the text).
+    pub stop: Vec<String>,
+    /// Token ids that end generation (not included in the text).
+    pub eos: Vec<u32>,
+    /// Most sequences decoded together.
+    pub batch_size: usize,
+    /// Also return each new token's log-probability and this many alternatives (0: none).
+    /// Log-probabilities are the model's own (temperature 1), as OpenAI and vLLM report them.
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// (id, logprob), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One prompt to continue, and the seed of its own sampler.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// max_new_tokens reached.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens up to (not including) EOS; with a stop string, all tokens decoded so far.
+    pub tokens: Vec<u32>,
+    /// The decoded continuation, cut before a stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// Per new token (EOS excluded), when [`GenerationConfig::logprobs`] asked for them.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// Throughput of one [`generate`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct GenerationStats {
+    pub sequences: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+}
+
+impl GenerationStats {
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.new_tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The ids that end generation for a model: its config's EOS ids and the tokenizer's EOS.
+pub fn eos_ids<B: Kernels>(model: &CausalLm<B>, tokenizer: &TextTokenizer) -> Vec<u32> {
+    let mut ids = model.config.eos_token_ids.clone();
+    let from_tokenizer = tokenizer
+        .specials
+        .eos
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t));
+    ids.extend(from_tokenizer);
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Continues every request; `on_done(i, &generation)` is called as request i finishes (for
+/// progress bars and streaming). Results come back in request order.
+pub fn generate<B: Kernels>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    requests: &[Request],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    mut on_done: impl FnMut(usize, &Generation),
+) -> Result<(Vec<Generation>, GenerationStats), EvalError> {
+    if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
+        return Err(EvalError::Invalid(format!("request {i} has an empty prompt")));
+    }
+    let started = Instant::now();
+    // Similar lengths batch together, so little compute goes to padding.
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| requests[i].prompt.len());
+    let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
+    for chunk in order.chunks(cfg.batch_size.max(1)) {
+        decode_batch(model, tokenizer, requests, chunk, cfg, device, &mut |i, g| {
+            on_done(i, &g);
+            results[i] = Some(g);
+        })?;
+    }
+    let generations: Vec<Generation> = results
+        .into_iter()
+        .map(|g| g.expect("every request decoded"))
+        .collect();
+    let stats = GenerationStats {
+        sequences: generations.len(),
+        new_tokens: generations.iter().map(|g| g.tokens.len()).sum(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((generations, stats))
+}
+
+/// A sequence still being decoded.
+struct Live {
+    request: usize,
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    rng: fastrand::Rng,
+    pad: usize,
+}
+
+fn decode_batch<B: Kernels>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    requests: &[Request],
+    batch: &[usize],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    done: &mut dyn FnMut(usize, Generation),
+) -> Result<(), EvalError> {
+    let width = batch.iter().map(|&i| requests[i].prompt.len()).max().unwrap_or(0);
+    let mut live: Vec<Live> = batch
+        .iter()
+        .map(|&i| Live {
+            request: i,
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            rng: fastrand::Rng::with_seed(requests[i].seed),
+            pad: width - requests[i].prompt.len(),
+        })
+        .collect();
+    let mut cache = model.new_cache();
+    // Prefill: the left-padded prompts [b, width].
+    let ids: Vec<u32> = live
+        .iter()
+        .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].prompt.iter().copied()))
+        .collect();
+    let mut input = ids_tensor::<B>(&ids, live.len(), width, device);
+    let mut step_len = width;
+    for _ in 0..cfg.max_new_tokens {
+        let pads: Vec<usize> = live.iter().map(|l| l.pad).collect();
+        let past = cache.len();
+        let ctx = Context::left_padded(&model.rotary, &pads, step_len, past, device);
+        let hidden = model.hidden_states_with(input, &ctx, Some(&mut cache)); // [b, t, C]
+        let last = hidden.narrow(1, step_len - 1, 1); // [b, 1, C]
+        let logits = model.logits(last).squeeze_dim::<2>(1); // [b, V]
+        let next = next_tokens(logits, &mut live, cfg, model.config.vocab_size)?;
+
+        let mut keep = Vec::with_capacity(live.len());
+        for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
+            if cfg.eos.contains(&tok) {
+                done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+                continue;
+            }
+            l.tokens.push(tok);
+            l.logprobs.extend(lp);
+            if !cfg.stop.is_empty() {
+                let text = tokenizer.decode(&l.tokens, true)?;
+                if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                    done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+                    continue;
+                }
+            }
+            keep.push(row);
+        }
+        if keep.is_empty() {
+            return Ok(());
+        }
+        if keep.len() < live.len() {
+            cache.select_rows(&keep);
+            let mut rows = keep.iter().peekable();
+            let mut i = 0;
+            live.retain(|_| {
+                let k = rows.peek() == Some(&&i);
+                if k {
+                    rows.next();
+                }
+                i += 1;
+                k
+            });
+        }
+        let last: Vec<u32> = live
+            .iter()
+            .map(|l| *l.tokens.last().expect("a token was pushed"))
+            .collect();
+        input = ids_tensor::<B>(&last, live.len(), 1, device);
+        step_len = 1;
+    }
+    for mut l in live {
+        done(l.request, finish(tokenizer, &mut l, FinishReason::Length, cfg)?);
+    }
+    Ok(())
+}
+
+fn ids_tensor<B: Kernels>(ids: &[u32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+    Tensor::from_data(TensorData::new(data, [rows, cols]), device)
+}
+
+fn finish(
+    tokenizer: &TextTokenizer,
+    live: &mut Live,
+    reason: FinishReason,
+    cfg: &GenerationConfig,
+) -> Result<Generation, EvalError> {
+    let tokens = std::mem::take(&mut live.tokens);
+    let mut text = tokenizer.decode(&tokens, true)?;
+    if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        text.truncate(cut);
+    }
+    let logprobs = std::mem::take(&mut live.logprobs);
+    Ok(Generation {
+        tokens,
+        text,
+        finish_reason: reason,
+        logprobs: cfg.logprobs.map(|_| logprobs),
+    })
+}
+
+/// The next token of every live row, with its log-probabilities when asked. logits: [b, V].
+fn next_tokens<B: Kernels>(
+    logits: Tensor<B, 2>,
+    live: &mut [Live],
+    cfg: &GenerationConfig,
+    vocab: usize,
+) -> Result<Vec<(u32, Option<TokenLogprob>)>, EvalError> {
+    let [b, v] = logits.dims();
+    // Rows past the real vocabulary are padding; never pick them.
+    let v_real = vocab.min(v);
+    let logits = logits.narrow(1, 0, v_real);
+    if cfg.sampling.is_greedy() && cfg.logprobs.is_none() {
+        // Only the ids cross to the host.
+        let ids = logits.argmax(1).into_data(); // [b, 1]
+        return ids
+            .iter::<i64>()
+            .map(|t| {
+                u32::try_from(t)
+                    .map(|t| (t, None))
+                    .map_err(|_| EvalError::Invalid(format!("token id {t}")))
+            })
+            .collect();
+    }
+    let host: Vec<f32> = logits
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| EvalError::Invalid(format!("logits to host: {e:?}")))?;
+    Ok((0..b)
+        .map(|r| {
+            let row = &host[r * v_real..(r + 1) * v_real];
+            let tok = if cfg.sampling.is_greedy() {
+                argmax(row)
+            } else {
+                sample(row, &cfg.sampling, &mut live[r].rng)
+            };
+            (tok, cfg.logprobs.map(|k| token_logprob(row, tok, k)))
+        })
+        .collect())
+}
+
+/// The first index of the largest logit (as torch.argmax).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &z) in row.iter().enumerate() {
+        if z > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax of `row` at `token`, and its top `k` entries.
+pub fn token_logprob(row: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + row.iter().map(|&z| (z - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let k = k.min(row.len());
+        idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        idx.truncate(k);
+        idx.sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        top.extend(idx.into_iter().map(|i| (i, row[i as usize] - log_z)));
+    }
+    TokenLogprob {
+        token,
+        logprob: row[token as usize] - log_z,
+        top,
+    }
+}
+
+/// Samples one id from `logits` as HF's generate does: temperature, then top-k, then top-p
+/// (the smallest set of most likely tokens whose probability reaches top_p; at least one).
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
+    let t = s.temperature as f32;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // Unnormalised probabilities; their sum normalises below.
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i as u32, ((z - max) / t).exp()))
+        .filter(|&(_, p)| p > 0.0)
+        .collect();
+    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if s.top_k > 0 {
+        cand.truncate(s.top_k);
+    }
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = 0;
+        for &(_, p) in &cand {
+            keep += 1;
+            acc += p / total;
+            if acc >= s.top_p as f32 {
+                break;
+            }
+        }
+        cand.truncate(keep.max(1));
+    }
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    let mut u = rng.f32() * total;
+    for &(id, p) in &cand {
+        if u < p {
+            return id;
+        }
+        u -= p;
+    }
+    cand.last().expect("at least one candidate").0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::env::var_os("DISTILL_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+            })
+            .join(name)
+    }
+
+    /// Greedy decoding one token at a time over the full sequence, no cache, no batch: the
+    /// plain definition (the forward it runs matches transformers, see distill-models).
+    fn reference_greedy(model: &CausalLm<Flex>, prompt: &[u32], steps: usize) -> Vec<u32> {
+        let mut ids = prompt.to_vec();
+        for _ in 0..steps {
+            let x = ids_tensor::<Flex>(&ids, 1, ids.len(), &Default::default());
+            let logits = model.forward(x); // [1, T, V]
+            let t = ids.len();
+            let last = logits.narrow(1, t - 1, 1).narrow(2, 0, model.config.vocab_size);
+            ids.push(last.argmax(2).into_data().iter::<i64>().next().unwrap() as u32);
+        }
+        ids[prompt.len()..].to_vec()
+    }
+
+    #[test]
+    fn batched_left_padded_decoding_equals_one_at_a_time() {
+        let dir = fixture("tiny-qwen2");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let prompts: Vec<Vec<u32>> = [
+            "Hi",
+            "What is 12 times 7? Think step by step.",
+            "A longer prompt, with commas, and more words in it.",
+        ]
+        .iter()
+        .map(|t| tokenizer.encode(t, false).unwrap())
+        .collect();
+        let requests: Vec<Request> = prompts
+            .iter()
+            .map(|p| Request {
+                prompt: p.clone(),
+                seed: 0,
+            })
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            sampling: Sampling::GREEDY,
+            stop: vec![],
+            eos: vec![],
+            batch_size: 3,
+            logprobs: None,
+        };
+        let (batched, stats) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
+        assert_eq!(stats.new_tokens, 36);
+        for (p, g) in prompts.iter().zip(&batched) {
+            assert_eq!(g.tokens, reference_greedy(&model, p, 12), "prompt {p:?}");
+            assert_eq!(g.finish_reason, FinishReason::Length);
+        }
+    }
+
+    #[test]
+    fn eos_and_stop_strings_end_rows_and_sampling_ignores_batch_company() {
+        let dir = fixture("tiny-qwen2");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let prompt = tokenizer.encode("Once upon a time", false).unwrap();
+        let greedy = reference_greedy(&model, &prompt, 6);
+        // The 3rd greedy token as EOS: the row stops before it.
+        let cfg = GenerationConfig {
+            max_new_tokens: 6,
+            sampling: Sampling::GREEDY,
+            stop: vec![],
+            eos: vec![greedy[2]],
+            batch_size: 4,
+            logprobs: None,
+        };
+        let req = Request {
+            prompt: prompt.clone(),
+            seed: 0,
+        };
+        let (out, _) = generate(
+            &model,
+            &tokenizer,
+            std::slice::from_ref(&req),
+            &cfg,
+            &device,
+            |_, _| {},
+        )
+        .unwrap();
+        let first = greedy.iter().position(|&t| t == greedy[2]).unwrap();
+        assert_eq!(out[0].tokens, greedy[..first]);
+        assert_eq!(out[0].finish_reason, FinishReason::Stop);
+
+        // Sampling: a request's output depends on its seed, not on the other rows.
+        let cfg = GenerationConfig {
+            max_new_tokens: 8,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 0.9,
+                top_k: 50,
+            },
+            stop: vec![],
+            eos: vec![],
+            batch_size: 4,
+            logprobs: Some(3),
+        };
+        let alone = Request {
+            prompt: prompt.clone(),
+            seed: 11,
+        };
+        let others: Vec<Request> = (0..3)
+            .map(|i| Request {
+                prompt: tokenizer
+                    .encode(&format!("Other prompt {i}, longer"), false)
+                    .unwrap(),
+                seed: i,
+            })
+            .collect();
+        let (solo, _) = generate(
+            &model,
+            &tokenizer,
+            std::slice::from_ref(&alone),
+            &cfg,
+            &device,
+            |_, _| {},
+        )
+        .unwrap();
+        let mut mixed = others.clone();
+        mixed.insert(1, alone);
+        let (together, _) = generate(&model, &tokenizer, &mixed, &cfg, &device, |_, _| {}).unwrap();
+        assert_eq!(solo[0].tokens, together[1].tokens);
+
+        // Log-probabilities are the model's own at each new token: teacher forcing agrees.
+        let lps = solo[0].logprobs.as_ref().unwrap();
+        assert_eq!(lps.len(), solo[0].tokens.len());
+        let full: Vec<u32> = prompt.iter().chain(&solo[0].tokens).copied().collect();
+        let v = model.config.vocab_size;
+        let logits = model
+            .forward(ids_tensor::<Flex>(&full, 1, full.len(), &device))
+            .narrow(2, 0, v);
+        let logp: Vec<f32> = burn::tensor::activation::log_softmax(logits, 2)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        for (i, lp) in lps.iter().enumerate() {
+            let at = (prompt.len() - 1 + i) * v;
+            assert!(
+                (lp.logprob - logp[at + lp.token as usize]).abs() < 1e-4,
+                "token {i}"
+            );
+            assert_eq!(lp.top.len(), 3);
+            assert!(lp.top[0].1 >= lp.top[1].1 && lp.top[1].1 >= lp.top[2].1);
+            let best = logp[at..at + v].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!((lp.top[0].1 - best).abs() < 1e-4);
+        }
+
+        // A stop string cuts the text before it.
+        let text = tokenizer.decode(&solo[0].tokens, true).unwrap();
+        let chars: Vec<char> = text.chars().collect();
+        assert!(
+            chars.len() >= 4,
+            "sampled text too short for the stop test: {text:?}"
+        );
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+        let cfg = GenerationConfig {
+            stop: vec![stop.clone()],
+            ..cfg
+        };
+        let (cut, _) = generate(&model, &tokenizer, &mixed[1..2], &cfg, &device, |_, _| {}).unwrap();
+        assert_eq!(cut[0].finish_reason, FinishReason::Stop);
+        assert_eq!(cut[0].text, text[..text.find(&stop).unwrap()]);
+    }
+
+    #[test]
+    fn top_k_1_and_tiny_top_p_are_greedy() {
+        let logits = [0.1, 2.0, 1.9, -3.0];
+        let mut rng = fastrand::Rng::with_seed(1);
+        for _ in 0..50 {
+            let k1 = Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 1,
+            };
+            assert_eq!(sample(&logits, &k1, &mut rng), 1);
+            let p = Sampling {
+                temperature: 1.0,
+                top_p: 0.01,
+                top_k: 0,
+            };
+            assert_eq!(sample(&logits, &p, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_tempered_softmax() {
+        // At T=2 the probabilities are softmax(logits / 2).
+        let logits = [0.0f32, 1.0, 2.0];
+        let s = Sampling {
+            temperature: 2.0,
+            top_p: 1.0,
+            top_k: 0,
+        };
+        let z: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / 2.0).exp()).collect();
+        let want: Vec<f64> = z.iter().map(|v| v / z.iter().sum::<f64>()).collect();
+        let mut counts = [0usize; 3];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let n = 200_000;
+        for _ in 0..n {
+            counts[sample(&logits, &s, &mut rng) as usize] += 1;
+        }
+        for i in 0..3 {
+            let got = counts[i] as f64 / n as f64;
+            // 5 standard errors of a proportion at n = 200k is under 0.006.
+            assert!((got - want[i]).abs() < 0.006, "token {i}: {got} vs {}", want[i]);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // probs ~ [0.665, 0.245, 0.090]: top_p 0.8 keeps the first two only.
+        let logits = [2.0f32, 1.0, 0.0];
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.8,
+            top_k: 0,
+        };
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut seen = [false; 3];
+        for _ in 0..5000 {
+            seen[sample(&logits, &s, &mut rng) as usize] = true;
+        }
+        assert_eq!(seen, [true, true, false]);
+    }
+}

@@ -1,0 +1,46 @@
+//! `distill eval`: whether distillation worked, on held-out data, with uncertainty.
+//!
+//! Data flow: models (HF dirs, `org/name` refs) and held-out sets go in; [`run::evaluate`]
+//! generates ([`generate`]), scores task outputs ([`tasks`], reasoning split by
+//! [`reasoning`]), teacher-forces held-out teacher samples ([`likelihood`]), runs the
+//! behaviour probes ([`probes`]) and flags contaminated prompts ([`contamination`]); the
+//! [`report`] module writes report.json, report.md, examples.jsonl and the plots.
+
+pub mod contamination;
+pub mod generate;
+pub mod likelihood;
+pub mod probes;
+pub mod reasoning;
+pub mod report;
+pub mod rescore;
+pub mod run;
+pub mod stats;
+pub mod tasks;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Model(#[from] distill_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] distill_data::DataError),
+    #[error(transparent)]
+    Samples(#[from] distill_train::data::DataError),
+    /// An input file or record that cannot be used.
+    #[error("{path}: {msg}")]
+    Input { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EvalError {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+        move |source| EvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Teacher forcing over held-out samples: how likely each model finds the teacher's responses
+//! (per-token NLL, perplexity) and how close its next-token distribution is to the teacher's
+//! (KL(teacher || model) over the teacher's top-k plus a rest bucket, top-1 agreement).
+//!
+//! The same pass gives a local teacher's own top-k log-probabilities, which is what
+//! re-scoring writes as soft labels.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use distill_models::{CausalLm, Kernels};
+use distill_train::data::{Example, IGNORE};
+use serde::Serialize;
+
+use crate::EvalError;
+use crate::stats::{Estimate, mean};
+
+/// Loss positions per forward chunk: bounds the [chunk, V] f32 logits (152k vocab: 150 MB).
+const CHUNK: usize = 256;
+
+/// A sparse next-token distribution per loss position: ids and natural-log probabilities,
+/// [n, k] row-major, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopK {
+    pub k: usize,
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+}
+
+impl TopK {
+    pub fn positions(&self) -> usize {
+        self.ids.len().checked_div(self.k).unwrap_or(0)
+    }
+}
+
+/// What teacher forcing one example through one model gives, per loss position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forced {
+    /// log p(label) per loss position.
+    pub label_logprobs: Vec<f32>,
+    /// The model's most likely next token per loss position.
+    pub argmax: Vec<u32>,
+    /// The model's own top-k, when asked for.
+    pub top: Option<TopK>,
+    /// The model's log-probabilities at the teacher's top-k ids ([n, k]), when given them.
+    pub at_teacher: Option<Vec<f32>>,
+}
+
+/// The loss positions of an example: where a label is set.
+pub fn loss_positions(ex: &Example) -> Vec<usize> {
+    ex.labels
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l != IGNORE)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Runs `ex` through `model` once. `top_k` > 0 also returns the model's top-k; `teacher`
+/// (aligned to the same loss positions) also returns the model's log-probs at its ids.
+pub fn teacher_force<B: Kernels>(
+    model: &CausalLm<B>,
+    ex: &Example,
+    top_k: usize,
+    teacher: Option<&TopK>,
+    device: &B::Device,
+) -> Result<Forced, EvalError> {
+    let positions = loss_positions(ex);
+    let n = positions.len();
+    if let Some(t) = teacher
+        && t.positions() != n
+    {
+        return Err(EvalError::Invalid(format!(
+            "teacher targets cover {} positions, the example has {n}",
+            t.positions()
+        )));
+    }
+    let t_len = ex.input_ids.len();
+    let ids = int_tensor::<B, 2>(
+        ex.input_ids.iter().map(|&t| i64::from(t)).collect(),
+        [1, t_len],
+        device,
+    );
+    let hidden = model.hidden_states(ids, None); // [1, T, C]
+    let mut out = Forced {
+        label_logprobs: Vec::with_capacity(n),
+        argmax: Vec::with_capacity(n),
+        top: (top_k > 0).then(|| TopK {
+            k: top_k,
+            ids: Vec::with_capacity(n * top_k),
+            logprobs: Vec::with_capacity(n * top_k),
+        }),
+        at_teacher: teacher.map(|_| Vec::with_capacity(n * teacher.map_or(0, |t| t.k))),
+    };
+    for start in (0..n).step_by(CHUNK) {
+        let chunk = &positions[start..n.min(start + CHUNK)];
+        let c = chunk.len();
+        let idx = int_tensor::<B, 1>(chunk.iter().map(|&p| p as i64).collect(), [c], device);
+        let h = hidden.clone().select(1, idx); // [1, c, C]
+        let logits = model.logits(h).squeeze_dim::<2>(0).cast(DType::F32); // [c, V]
+        let logp = log_softmax(logits, 1); // [c, V]
+        let labels: Vec<i64> = chunk.iter().map(|&p| ex.labels[p]).collect();
+        let labels = int_tensor::<B, 2>(labels, [c, 1], device);
+        out.label_logprobs.extend(to_f32(logp.clone().gather(1, labels))?);
+        out.argmax.extend(to_u32(logp.clone().argmax(1))?);
+        if let Some(top) = out.top.as_mut() {
+            let (values, indices) = logp.clone().topk_with_indices(top_k, 1); // [c, k]
+            top.logprobs.extend(to_f32(values)?);
+            top.ids.extend(to_u32(indices)?);
+        }
+        if let (Some(t), Some(at)) = (teacher, out.at_teacher.as_mut()) {
+            let rows = &t.ids[start * t.k..(start + c) * t.k];
+            let tid = int_tensor::<B, 2>(rows.iter().map(|&i| i64::from(i)).collect(), [c, t.k], device);
+            at.extend(to_f32(logp.gather(1, tid))?);
+        }
+    }
+    Ok(out)
+}
+
+fn int_tensor<B: Kernels, const D: usize>(
+    data: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+fn to_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, EvalError> {
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| EvalError::Invalid(format!("tensor to host: {e:?}")))
+}
+
+fn to_u32<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, EvalError> {
+    t.into_data()
+        .iter::<i64>()
+        .map(|v| u32::try_from(v).map_err(|_| EvalError::Invalid(format!("token id {v} out of range"))))
+        .collect()
+}
+
+/// KL(p || q) over the teacher's top-k ids plus one bucket for the rest of the vocabulary,
+/// per position; the form the trainer's "other bucket" loss uses, a lower bound of the full
+/// KL that tightens as k grows. Padding entries (id u32::MAX or -inf log-prob) are skipped.
+pub fn sparse_kl(teacher: &TopK, model_at_teacher: &[f32]) -> Vec<f64> {
+    let k = teacher.k;
+    (0..teacher.positions())
+        .map(|pos| {
+            let (mut kl, mut p_sum, mut q_sum) = (0.0f64, 0.0f64, 0.0f64);
+            for j in pos * k..(pos + 1) * k {
+                let lp = f64::from(teacher.logprobs[j]);
+                if teacher.ids[j] == u32::MAX || !lp.is_finite() {
+                    continue;
+                }
+                let lq = f64::from(model_at_teacher[j]);
+                let p = lp.exp();
+                kl += p * (lp - lq);
+                p_sum += p;
+                q_sum += lq.exp();
+            }
+            let (p_rest, q_rest) = ((1.0 - p_sum).max(0.0), (1.0 - q_sum).max(1e-12));
+            if p_rest > 0.0 {
+                kl += p_rest * (p_rest.ln() - q_rest.ln());
+            }
+            kl.max(0.0)
+        })
+        .collect()
+}
+
+/// Held-out scores of one model, each an estimate over examples (a sample's mean per token),
+/// with the token-weighted figures beside them.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOutScores {
+    pub examples: usize,
+    pub tokens: usize,
+    /// Mean over examples of the per-token NLL (nats).
+    pub nll: Estimate,
+    /// Total NLL / total tokens, and its exponential.
+    pub nll_per_token: f64,
+    pub perplexity: f64,
+    /// KL(teacher || model) per token, mean over examples (nats), when teacher targets exist.
+    pub kl_to_teacher: Option<Estimate>,
+    /// Share of positions where the model's top token is the teacher's, mean over examples.
+    pub top1_agreement: Option<Estimate>,
+}
+
+/// Accumulates [`Forced`] results into [`HeldOutScores`].
+#[derive(Default)]
+pub struct HeldOutAccumulator {
+    nll: Vec<f64>,
+    kl: Vec<f64>,
+    top1: Vec<f64>,
+    total_nll: f64,
+    tokens: usize,
+}
+
+impl HeldOutAccumulator {
+    pub fn add(&mut self, forced: &Forced, teacher: Option<&TopK>) {
+        let n = forced.label_logprobs.len();
+        if n == 0 {
+            return;
+        }
+        let sum: f64 = forced.label_logprobs.iter().map(|&l| -f64::from(l)).sum();
+        self.total_nll += sum;
+        self.tokens += n;
+        self.nll.push(sum / n as f64);
+        if let (Some(t), Some(at)) = (teacher, forced.at_teacher.as_ref()) {
+            let kl = sparse_kl(t, at);
+            self.kl.push(kl.iter().sum::<f64>() / n as f64);
+            let agree = (0..n).filter(|&p| t.ids[p * t.k] == forced.argmax[p]).count();
+            self.top1.push(agree as f64 / n as f64);
+        }
+    }
+
+    pub fn finish(self) -> HeldOutScores {
+        let per_token = if self.tokens > 0 {
+            self.total_nll / self.tokens as f64
+        } else {
+            f64::NAN
+        };
+        HeldOutScores {
+            examples: self.nll.len(),
+            tokens: self.tokens,
+            nll: mean(&self.nll),
+            nll_per_token: per_token,
+            perplexity: per_token.exp(),
+            kl_to_teacher: (!self.kl.is_empty()).then(|| mean(&self.kl)),
+            top1_agreement: (!self.top1.is_empty()).then(|| mean(&self.top1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_kl_with_full_support_is_the_exact_kl() {
+        // k = vocabulary: no rest bucket, so the sum is KL(p || q) in closed form.
+        let p = [0.5f64, 0.3, 0.2];
+        let q = [0.2f64, 0.5, 0.3];
+        let teacher = TopK {
+            k: 3,
+            ids: vec![0, 1, 2],
+            logprobs: p.iter().map(|v| v.ln() as f32).collect(),
+        };
+        let at: Vec<f32> = q.iter().map(|v| v.ln() as f32).collect();
+        let want: f64 = p.iter().zip(&q).map(|(a, b)| a * (a / b).ln()).sum();
+        let got = sparse_kl(&teacher, &at)[0];
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn sparse_kl_puts_the_missing_mass_in_one_bucket() {
+        // top-1 of p = [0.6, 0.4 spread], q = [0.3, 0.7 spread]:
+        // 0.6 ln(0.6/0.3) + 0.4 ln(0.4/0.7).
+        let teacher = TopK {
+            k: 2,
+            ids: vec![5, u32::MAX],
+            logprobs: vec![0.6f32.ln(), f32::NEG_INFINITY],
+        };
+        let at = vec![0.3f32.ln(), 0.0];
+        let want = 0.6 * (0.6f64 / 0.3).ln() + 0.4 * (0.4f64 / 0.7).ln();
+        assert!((sparse_kl(&teacher, &at)[0] - want).abs() < 1e-6);
+    }
+}

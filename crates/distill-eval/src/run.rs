@@ -1,0 +1,616 @@
+//! One evaluation: every model over every task set, the held-out teacher samples and the
+//! probes, into a [`Report`] and its per-example records.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use distill_data::HubAccess;
+use distill_models::hub::{self, HubSettings};
+use distill_models::tokenizer::TextTokenizer;
+use distill_models::{CausalLm, Kernels};
+use distill_train::data::{DataOptions, Example, load_held_out};
+
+use crate::EvalError;
+use crate::contamination::TrainingPrompts;
+use crate::generate::{
+    FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
+};
+use crate::likelihood::{HeldOutAccumulator, HeldOutScores, TopK, teacher_force};
+use crate::probes::{self, Probe, ProbeOutcome};
+use crate::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
+use crate::report::{
+    Contamination, ExampleRecord, FORMAT_VERSION, LengthBucket, ModelReport, ReasoningReport, Report,
+    Settings, TaskReport,
+};
+use crate::stats::{mean, pass_at_k, proportion};
+use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
+
+/// A model to evaluate, under the name the report gives it.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub label: String,
+    /// An HF directory or `org/name[@revision]`.
+    pub reference: String,
+}
+
+/// Held-out teacher samples (a gen-data dataset) and which of them are held out.
+#[derive(Debug, Clone)]
+pub struct HeldOutSpec {
+    pub dataset: PathBuf,
+    /// The share of prompts held out from training (the recipe's `data.held_out`); 1 = all.
+    pub share: f64,
+    pub seq_len: usize,
+    pub max_examples: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub models: Vec<ModelSpec>,
+    pub tasks: Vec<TaskSpec>,
+    pub held_out: Option<HeldOutSpec>,
+    /// A local teacher (sharing the students' tokenizer) whose top-k distribution held-out KL
+    /// and top-1 agreement are measured against.
+    pub teacher: Option<String>,
+    pub teacher_top_k: usize,
+    /// Run the behaviour probes: `Some(None)` the built-in set, `Some(Some(path))` a file.
+    pub probes: Option<Option<PathBuf>>,
+    pub training_prompts: Option<TrainingPrompts>,
+    pub exclude_contaminated: bool,
+    pub sampling: Sampling,
+    /// Samples per prompt.
+    pub n: usize,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub stop: Vec<String>,
+    pub device: String,
+}
+
+/// Where long work reports how far it got (the CLI draws indicatif bars).
+pub trait Progress {
+    fn stage(&self, label: &str, total: u64);
+    fn advance(&self, n: u64);
+    fn finish_stage(&self);
+}
+
+/// Progress that goes nowhere (tests, library use).
+pub struct Silent;
+
+impl Progress for Silent {
+    fn stage(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish_stage(&self) {}
+}
+
+pub fn evaluate<B: Kernels>(
+    plan: &Plan,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<(Report, Vec<ExampleRecord>), EvalError> {
+    let settings = HubSettings::from_env();
+    let task_sets = load_task_sets(plan)?;
+    let contamination = contamination(plan, &task_sets);
+    let teacher = match (&plan.held_out, &plan.teacher) {
+        (Some(h), Some(t)) => Some(teacher_targets::<B>(
+            t,
+            h,
+            plan.teacher_top_k,
+            &settings,
+            device,
+            progress,
+        )?),
+        _ => None,
+    };
+    let probes = plan
+        .probes
+        .as_ref()
+        .map(|p| probes::load(p.as_deref()))
+        .transpose()?;
+
+    let mut models = Vec::new();
+    let mut examples = Vec::new();
+    for spec in &plan.models {
+        let dir = hub::resolve(&spec.reference, &settings)?;
+        let tokenizer = TextTokenizer::from_dir(&dir)?;
+        let model = CausalLm::<B>::load(&dir, device)?;
+        let mut report = ModelReport {
+            label: spec.label.clone(),
+            reference: spec.reference.clone(),
+            parameters: Some(model.config.parameter_count() as u64),
+            tasks: Vec::new(),
+            held_out: None,
+            probes: None,
+        };
+        for set in &task_sets {
+            let skip = contamination
+                .get(&set.name)
+                .filter(|c| c.excluded)
+                .map(|c| c.contaminated.clone())
+                .unwrap_or_default();
+            let (task, records) = run_task(plan, spec, &model, &tokenizer, set, &skip, device, progress)?;
+            report.tasks.push(task);
+            examples.extend(records);
+        }
+        if let Some(h) = &plan.held_out {
+            let targets = teacher.as_ref().filter(|t| t.tokenizer_hash == tokenizer.hash);
+            report.held_out = Some(held_out(spec, &model, &tokenizer, h, targets, device, progress)?);
+        }
+        if let Some(probes) = &probes {
+            report.probes = Some(run_probes(
+                plan, spec, &model, &tokenizer, probes, device, progress,
+            )?);
+        }
+        models.push(report);
+    }
+    let report = Report {
+        format_version: FORMAT_VERSION,
+        tool_version: distill_core::TOOL_VERSION,
+        settings: Settings {
+            sampling: plan.sampling.clone(),
+            samples_per_prompt: plan.n,
+            max_new_tokens: plan.max_new_tokens,
+            seed: plan.seed,
+            batch_size: plan.batch_size,
+            device: plan.device.clone(),
+        },
+        models,
+        contamination,
+    };
+    Ok((report, examples))
+}
+
+fn load_task_sets(plan: &Plan) -> Result<Vec<TaskSet>, EvalError> {
+    let hub = hub_access();
+    plan.tasks.iter().map(|t| tasks::load(t, &hub)).collect()
+}
+
+/// The Hub settings distill-data reads datasets with, from the same HF_* variables.
+pub fn hub_access() -> HubAccess {
+    let s = HubSettings::from_env();
+    HubAccess {
+        cache_dir: s.cache_dir,
+        token: s.token,
+        offline: s.offline,
+        endpoint: s.endpoint,
+    }
+}
+
+fn contamination(plan: &Plan, sets: &[TaskSet]) -> std::collections::BTreeMap<String, Contamination> {
+    let Some(train) = &plan.training_prompts else {
+        return Default::default();
+    };
+    sets.iter()
+        .map(|set| {
+            let contaminated = set
+                .items
+                .iter()
+                .filter(|i| train.contains(i.user_text()))
+                .map(|i| i.id.clone())
+                .collect();
+            (
+                set.name.clone(),
+                Contamination {
+                    training_prompts: train.len(),
+                    contaminated,
+                    excluded: plan.exclude_contaminated,
+                },
+            )
+        })
+        .collect()
+}
+
+/// A seed per (prompt, sample) that does not depend on the model or the batch, so every model
+/// sees the same random stream for the same prompt.
+fn request_seed(seed: u64, id: &str, sample: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    splitmix(seed ^ h ^ (sample as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn generation_config<B: Kernels>(
+    plan: &Plan,
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: plan.max_new_tokens,
+        sampling: plan.sampling.clone(),
+        stop: plan.stop.clone(),
+        eos: eos_ids(model, tokenizer),
+        batch_size: plan.batch_size,
+        logprobs: None,
+    }
+}
+
+/// Generates for `prompts` (chat messages) with progress; returns the outputs, whether each
+/// prompt left the model inside `<think>`, and the throughput.
+fn generate_for<B: Kernels>(
+    plan: &Plan,
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    prompts: &[(&[distill_core::Message], u64)],
+    label: &str,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<(Vec<Generation>, Vec<bool>, GenerationStats), EvalError> {
+    let mut requests = Vec::with_capacity(prompts.len());
+    let mut in_think = Vec::with_capacity(prompts.len());
+    for (messages, seed) in prompts {
+        let ids = tokenizer.encode_chat(messages, true)?;
+        in_think.push(prompt_opens_think(&tokenizer.decode(&ids, false)?));
+        requests.push(Request {
+            prompt: ids,
+            seed: *seed,
+        });
+    }
+    progress.stage(label, requests.len() as u64);
+    let cfg = generation_config(plan, model, tokenizer);
+    let (outputs, stats) = generate(model, tokenizer, &requests, &cfg, device, |_, _| {
+        progress.advance(1)
+    })?;
+    progress.finish_stage();
+    Ok((outputs, in_think, stats))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_task<B: Kernels>(
+    plan: &Plan,
+    spec: &ModelSpec,
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    set: &TaskSet,
+    skip: &[String],
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<(TaskReport, Vec<ExampleRecord>), EvalError> {
+    let items: Vec<&tasks::TaskItem> = set.items.iter().filter(|i| !skip.contains(&i.id)).collect();
+    let n = plan.n.max(1);
+    let prompts: Vec<(&[distill_core::Message], u64)> = items
+        .iter()
+        .flat_map(|i| (0..n).map(move |s| (i.messages.as_slice(), request_seed(plan.seed, &i.id, s))))
+        .collect();
+    let label = format!("{} · {}", spec.label, set.name);
+    let (outputs, in_think, stats) =
+        generate_for(plan, model, tokenizer, &prompts, &label, device, progress)?;
+    let contaminated: Vec<String> = plan
+        .training_prompts
+        .as_ref()
+        .map(|t| {
+            items
+                .iter()
+                .filter(|i| t.contains(i.user_text()))
+                .map(|i| i.id.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut scored = Vec::with_capacity(outputs.len());
+    for (j, out) in outputs.iter().enumerate() {
+        let item = items[j / n];
+        let split = reasoning::split(&out.text, in_think[j]);
+        let reasoning_tokens = match &split.reasoning {
+            Some(r) if !r.is_empty() => Some(tokenizer.encode(r, false)?.len()),
+            Some(_) => Some(0),
+            None => None,
+        };
+        let s = score(set.kind, &split.answer, &item.reference);
+        scored.push(ScoredOutput {
+            record: ExampleRecord {
+                model: spec.label.clone(),
+                task: set.name.clone(),
+                id: item.id.clone(),
+                sample: j % n,
+                prompt: item.user_text().to_string(),
+                output: out.text.clone(),
+                reasoning_tokens,
+                unclosed_think: split.unclosed,
+                extracted: s.extracted,
+                reference: item.reference.clone(),
+                correct: s.correct,
+                finish_reason: Some(out.finish_reason),
+                contaminated: contaminated.contains(&item.id),
+            },
+            split,
+            output_tokens: out.tokens.len(),
+        });
+    }
+    let mut report = task_report(&set.name, set.kind, n, &scored);
+    report.tokens_per_second = Some(stats.tokens_per_second());
+    Ok((report, scored.into_iter().map(|s| s.record).collect()))
+}
+
+/// An output with what scoring and reasoning statistics need.
+pub struct ScoredOutput {
+    pub record: ExampleRecord,
+    pub split: Split,
+    pub output_tokens: usize,
+}
+
+/// Aggregates scored outputs (n per prompt, consecutive) into a task report.
+pub fn task_report(task: &str, kind: TaskKind, n: usize, scored: &[ScoredOutput]) -> TaskReport {
+    let prompts = scored.len() / n.max(1);
+    let per_prompt: Vec<&[ScoredOutput]> = scored.chunks(n.max(1)).collect();
+    let correct: Vec<usize> = per_prompt
+        .iter()
+        .map(|g| g.iter().filter(|s| s.record.correct).count())
+        .collect();
+    let accuracy = if n == 1 {
+        proportion(correct.iter().sum(), prompts)
+    } else {
+        mean(&correct.iter().map(|&c| c as f64 / n as f64).collect::<Vec<_>>())
+    };
+    let (maj_at_n, pass_at_n) = if n > 1 {
+        let maj = per_prompt
+            .iter()
+            .filter(|g| {
+                let answers: Vec<Option<&str>> = g.iter().map(|s| s.record.extracted.as_deref()).collect();
+                let same = |a: &str, b: &str| score(kind, a, b).correct;
+                crate::stats::majority(&answers, same)
+                    .is_some_and(|winner| score(kind, winner, &g[0].record.reference).correct)
+            })
+            .count();
+        let pass: Vec<f64> = correct.iter().map(|&c| pass_at_k(n, c, n)).collect();
+        (Some(proportion(maj, prompts)), Some(mean(&pass)))
+    } else {
+        (None, None)
+    };
+    TaskReport {
+        task: task.to_string(),
+        kind,
+        examples: prompts,
+        samples_per_prompt: n,
+        accuracy,
+        maj_at_n,
+        pass_at_n,
+        reasoning: reasoning_report(scored),
+        mean_output_tokens: mean(&scored.iter().map(|s| s.output_tokens as f64).collect::<Vec<_>>()).value,
+        tokens_per_second: None,
+    }
+}
+
+fn reasoning_report(scored: &[ScoredOutput]) -> ReasoningReport {
+    let total = scored.len();
+    let thinking: Vec<&ScoredOutput> = scored.iter().filter(|s| s.split.reasoning.is_some()).collect();
+    let lengths: Vec<f64> = thinking
+        .iter()
+        .map(|s| s.record.reasoning_tokens.unwrap_or(0) as f64)
+        .collect();
+    let accuracy_by_length = LENGTH_BUCKETS
+        .iter()
+        .map(|&(lo, hi)| {
+            let inside: Vec<&ScoredOutput> = scored
+                .iter()
+                .filter(|s| {
+                    let len = s.record.reasoning_tokens.unwrap_or(0);
+                    len >= lo && len < hi
+                })
+                .collect();
+            LengthBucket {
+                reasoning_tokens: bucket_label((lo, hi)),
+                outputs: inside.len(),
+                accuracy: proportion(inside.iter().filter(|s| s.record.correct).count(), inside.len()),
+            }
+        })
+        .collect();
+    ReasoningReport {
+        thinking: proportion(thinking.len(), total),
+        reasoning_tokens: mean(&lengths),
+        empty: proportion(scored.iter().filter(|s| s.split.empty_reasoning()).count(), total),
+        unclosed: proportion(scored.iter().filter(|s| s.split.unclosed).count(), total),
+        accuracy_by_length,
+    }
+}
+
+/// A local teacher's top-k over the held-out examples, keyed by sample key.
+pub struct TeacherTargets {
+    pub tokenizer_hash: String,
+    pub by_key: HashMap<String, TopK>,
+}
+
+fn teacher_targets<B: Kernels>(
+    reference: &str,
+    h: &HeldOutSpec,
+    k: usize,
+    settings: &HubSettings,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<TeacherTargets, EvalError> {
+    let dir = hub::resolve(reference, settings)?;
+    let tokenizer = TextTokenizer::from_dir(&dir)?;
+    let model = CausalLm::<B>::load(&dir, device)?;
+    let examples = held_out_examples(h, &tokenizer)?;
+    progress.stage("teacher top-k", examples.len() as u64);
+    let mut by_key = HashMap::new();
+    for ex in &examples {
+        let forced = teacher_force(&model, ex, k, None, device)?;
+        by_key.insert(ex.key.clone(), forced.top.expect("top-k was asked for"));
+        progress.advance(1);
+    }
+    progress.finish_stage();
+    Ok(TeacherTargets {
+        tokenizer_hash: tokenizer.hash,
+        by_key,
+    })
+}
+
+fn held_out_examples(h: &HeldOutSpec, tokenizer: &TextTokenizer) -> Result<Vec<Example>, EvalError> {
+    let opts = DataOptions {
+        seq_len: h.seq_len,
+        held_out: h.share,
+        keep_truncated: true,
+        keep_only_correct: false,
+    };
+    let mut examples = load_held_out(&h.dataset, tokenizer, &opts)?;
+    if let Some(max) = h.max_examples {
+        examples.truncate(max);
+    }
+    Ok(examples)
+}
+
+fn held_out<B: Kernels>(
+    spec: &ModelSpec,
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    h: &HeldOutSpec,
+    teacher: Option<&TeacherTargets>,
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<HeldOutScores, EvalError> {
+    let examples = held_out_examples(h, tokenizer)?;
+    progress.stage(&format!("{} · held-out", spec.label), examples.len() as u64);
+    let mut acc = HeldOutAccumulator::default();
+    for ex in &examples {
+        let targets = teacher.and_then(|t| t.by_key.get(&ex.key));
+        let forced = teacher_force(model, ex, 0, targets, device)?;
+        acc.add(&forced, targets);
+        progress.advance(1);
+    }
+    progress.finish_stage();
+    Ok(acc.finish())
+}
+
+fn run_probes<B: Kernels>(
+    plan: &Plan,
+    spec: &ModelSpec,
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    probes: &[Probe],
+    device: &B::Device,
+    progress: &dyn Progress,
+) -> Result<std::collections::BTreeMap<String, probes::SubjectScores>, EvalError> {
+    let messages: Vec<Vec<distill_core::Message>> = probes
+        .iter()
+        .map(|p| vec![distill_core::Message::new("user", p.prompt.clone())])
+        .collect();
+    let prompts: Vec<(&[distill_core::Message], u64)> = messages
+        .iter()
+        .zip(probes)
+        .map(|(m, p)| (m.as_slice(), request_seed(plan.seed, &p.id, 0)))
+        .collect();
+    let label = format!("{} · probes", spec.label);
+    let (outputs, in_think, _) = generate_for(plan, model, tokenizer, &prompts, &label, device, progress)?;
+    let mut outcomes = Vec::with_capacity(probes.len());
+    for ((probe, out), think) in probes.iter().zip(&outputs).zip(in_think) {
+        let split = reasoning::split(&out.text, think);
+        let answer_tokens = tokenizer.encode(&split.answer, false)?.len();
+        outcomes.push(ProbeOutcome {
+            probe,
+            split,
+            answer_tokens,
+        });
+    }
+    Ok(probes::score(&outcomes))
+}
+
+/// Scores generations made elsewhere (`--predictions FILE.jsonl`): each line has `id` (or
+/// `prompt`), the output in `output` (or `prediction`, `response`, `completion`), optionally
+/// `model` (to compare several) and `reference` (else the task set's, by id).
+pub fn score_predictions(
+    path: &std::path::Path,
+    set: Option<&TaskSet>,
+    kind: TaskKind,
+) -> Result<(Vec<ModelReport>, Vec<ExampleRecord>), EvalError> {
+    let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
+    let by_id: HashMap<&str, &tasks::TaskItem> = set
+        .map(|s| s.items.iter().map(|i| (i.id.as_str(), i)).collect())
+        .unwrap_or_default();
+    let by_prompt: HashMap<String, &tasks::TaskItem> = set
+        .map(|s| {
+            s.items
+                .iter()
+                .map(|i| (crate::contamination::normalize(i.user_text()), i))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut per_model: Vec<(String, Vec<ScoredOutput>)> = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |msg: String| EvalError::Input {
+            path: path.to_path_buf(),
+            msg: format!("line {}: {msg}", i + 1),
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let field = |names: &[&str]| {
+            names.iter().find_map(|n| match v.get(*n) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Number(x)) => Some(x.to_string()),
+                _ => None,
+            })
+        };
+        let output = field(&["output", "prediction", "response", "completion"])
+            .ok_or_else(|| bad("no `output` (or `prediction`, `response`, `completion`) field".into()))?;
+        let id = field(&["id"]);
+        let prompt = field(&["prompt"]);
+        let item = id.as_deref().and_then(|id| by_id.get(id)).or_else(|| {
+            prompt
+                .as_deref()
+                .and_then(|p| by_prompt.get(&crate::contamination::normalize(p)))
+        });
+        let reference = field(&["reference", "answer"])
+            .map(|r| distill_data::reference_answer(&r))
+            .or_else(|| item.map(|i| i.reference.clone()))
+            .ok_or_else(|| {
+                bad("no `reference` field and no task item with this id or prompt; pass --tasks".into())
+            })?;
+        let model = field(&["model"]).unwrap_or_else(|| "predictions".into());
+        let split = reasoning::split(&output, false);
+        let s = score(kind, &split.answer, &reference);
+        let record = ExampleRecord {
+            model: model.clone(),
+            task: set.map_or("predictions".into(), |s| s.name.clone()),
+            id: id
+                .or_else(|| item.map(|i| i.id.clone()))
+                .unwrap_or_else(|| i.to_string()),
+            sample: 0,
+            prompt: prompt
+                .or_else(|| item.map(|i| i.user_text().to_string()))
+                .unwrap_or_default(),
+            output,
+            reasoning_tokens: split.reasoning.as_ref().map(|r| r.split_whitespace().count()),
+            unclosed_think: split.unclosed,
+            extracted: s.extracted,
+            reference,
+            correct: s.correct,
+            finish_reason: None::<FinishReason>,
+            contaminated: false,
+        };
+        let scored = ScoredOutput {
+            output_tokens: 0,
+            record,
+            split,
+        };
+        match per_model.iter_mut().find(|(m, _)| *m == model) {
+            Some((_, v)) => v.push(scored),
+            None => per_model.push((model, vec![scored])),
+        }
+    }
+    if per_model.is_empty() {
+        return Err(EvalError::Input {
+            path: path.to_path_buf(),
+            msg: "holds no predictions".into(),
+        });
+    }
+    let task = set.map_or("predictions".to_string(), |s| s.name.clone());
+    let mut reports = Vec::new();
+    let mut records = Vec::new();
+    for (model, scored) in per_model {
+        let report = task_report(&task, kind, 1, &scored);
+        reports.push(ModelReport {
+            label: model.clone(),
+            reference: path.display().to_string(),
+            parameters: None,
+            tasks: vec![report],
+            held_out: None,
+            probes: None,
+        });
+        records.extend(scored.into_iter().map(|s| s.record));
+    }
+    Ok((reports, records))
+}
