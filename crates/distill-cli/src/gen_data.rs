@@ -1,6 +1,10 @@
 //! `distill gen-data --recipe R.toml`: the teacher answers every prompt `n` times; results land
 //! in `<data.dataset>/samples-*.jsonl` as they arrive, failures in `errors.jsonl`, and
 //! `manifest.json` says what the directory holds. Rerunning the same command resumes.
+//! With `[soft_labels] enabled` (source "api-top-logprobs") the teacher's top-k logprobs go to
+//! `soft/` as well (see [`soft_capture`]).
+
+mod soft_capture;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,17 +14,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use distill_core::Recipe;
+use distill_data::soft::SoftSummary;
 use distill_data::{ErrorRecord, HubAccess, PromptSpec, Sample, load_prompts};
-use distill_teacher::api::{Sampling, request_body};
+use distill_models::token_map::MappingStats;
+use distill_teacher::api::{Sampling, request_body, request_logprobs};
 use distill_teacher::fleet::{EndpointSpec, Fleet, FleetPolicy};
 use distill_teacher::ledger::{Ledger, Peek, Totals};
 use distill_teacher::manifest::{
-    self, Counts, Filter, Manifest, PromptInfo, RequestParams, TeacherInfo, UsageTotals,
+    self, Counts, Filter, Manifest, PromptInfo, RequestParams, SoftLabelsInfo, TeacherInfo, UsageTotals,
 };
 use distill_teacher::plan::{Job, Plan, RequestSetup, plan};
-use distill_teacher::run::{Outcome, Prices, Progress, RunOptions, Stop, StopReason, pending};
+use distill_teacher::run::{Outcome, Prices, Progress, RunOptions, SampleHook, Stop, StopReason, pending};
 use distill_teacher::{ApiKey, now_rfc3339};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use soft_capture::SoftCapture;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,12 +71,7 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
     if args.rescore {
         return crate::rescore::run(&recipe, args.teacher, device);
     }
-    if recipe.soft_labels.enabled {
-        bail!(
-            "{}: [soft_labels] enabled: gen-data does not write soft labels in this version; set it to false (--set soft_labels.enabled=false)",
-            recipe.source.display()
-        );
-    }
+    soft_capture::check_source(&recipe)?;
     let g = &recipe.generation;
     let setup = RequestSetup {
         model: recipe.teacher.model.clone(),
@@ -104,6 +106,10 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
     let params = RequestParams::from(&setup);
     if let Some(old) = Manifest::read(&dir)? {
         old.check_same_requests(&dir, &params)?;
+    }
+    let mut soft = SoftCapture::open(&recipe)?;
+    if let Some(s) = &soft {
+        s.check_ledger(&dir, &plan.jobs, &ledger)?;
     }
     for (path, bytes) in &ledger.repairs().torn {
         println!(
@@ -152,14 +158,16 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
         max_cost: g.max_cost,
         max_tokens: g.max_tokens_total,
         rejection_limit: 5,
+        top_logprobs: soft.as_ref().map(|_| recipe.soft_labels.k),
     };
-    let info = ManifestInfo {
+    let mut info = ManifestInfo {
         recipe: &recipe,
         params,
         endpoints: fleet_specs.iter().map(|e| e.base_url.clone()).collect(),
         prompts: prompts.len() - plan.duplicate_prompts,
         duplicates: plan.duplicate_prompts,
         prices,
+        soft: soft.as_ref().map(|s| s.info(None)),
     };
     write_manifest(&info, &ledger, &all_jobs, "running")?;
 
@@ -182,9 +190,16 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
                 }
             }
         });
-        distill_teacher::run::run(todo, fleet, &mut ledger, &opts, bar.clone(), stop.clone()).await
+        let hook = soft.as_mut().map(|s| s as &mut dyn SampleHook);
+        distill_teacher::run::run_with(todo, fleet, &mut ledger, &opts, bar.clone(), stop.clone(), hook).await
     })?;
     bar.finish();
+    if let Some(s) = soft.take() {
+        let stats = *s.stats();
+        let (summary, soft_info) = s.finish()?;
+        print_soft_summary(&dir, &summary, &stats, recipe.soft_labels.k);
+        info.soft = Some(soft_info);
+    }
     let manifest = write_manifest(&info, &ledger, &all_jobs, outcome.stop.tag())?;
     print_summary(&dir, &manifest, &outcome, &recipe);
     match outcome.stop {
@@ -206,8 +221,23 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
                 .unwrap_or("the key variable"),
             dir.join("errors.jsonl").display()
         ),
+        StopReason::Refused { message } => bail!("{message}"),
         _ => Ok(()),
     }
+}
+
+fn print_soft_summary(dir: &Path, s: &SoftSummary, stats: &MappingStats, k: usize) {
+    println!(
+        "  soft      {} samples, {} tokens, top-{k} at {:.1} bytes/token in {}; this run {} teacher tokens, {:.2}% did not carry over ({} unmapped, {} tokenized differently)",
+        s.counts.samples,
+        human(s.counts.tokens),
+        s.bytes_per_token,
+        distill_data::soft::soft_dir(dir).display(),
+        human(stats.tokens),
+        100.0 * stats.mismatch_rate(),
+        stats.unmapped,
+        stats.misaligned
+    );
 }
 
 /// HF_* variables as distill-models reads them.
@@ -323,13 +353,16 @@ fn dry_run(
     );
     println!("dataset    {}", dir.display());
     if let Some(first) = todo.first() {
-        let body = request_body(
+        let mut body = request_body(
             &setup.model,
             &first.messages,
             &setup.sampling,
             first.sample_index,
             recipe.generation.stream,
         );
+        if recipe.soft_labels.enabled {
+            request_logprobs(&mut body, recipe.soft_labels.k);
+        }
         println!(
             "first request (POST, key sent as an Authorization header):\n{}",
             serde_json::to_string_pretty(&body)?
@@ -391,6 +424,8 @@ struct ManifestInfo<'a> {
     prompts: usize,
     duplicates: usize,
     prices: Prices,
+    /// The soft-label store, when this run writes one.
+    soft: Option<SoftLabelsInfo>,
 }
 
 fn write_manifest(
@@ -449,6 +484,7 @@ fn write_manifest(
             keep_only_correct: g.keep_only_correct,
         },
         shards: ledger.shard_names()?,
+        soft_labels: info.soft.clone(),
         recipe_hash: info.recipe.hash(),
         recipe: info.recipe.to_toml(),
         updated: now_rfc3339(),
@@ -473,6 +509,7 @@ fn print_summary(dir: &Path, m: &Manifest, o: &Outcome, recipe: &Recipe) {
         StopReason::PaymentRequired { .. } => "stopped: insufficient balance (402)".into(),
         StopReason::Rejected { .. } => "stopped: the teacher rejects requests".into(),
         StopReason::Interrupted => "interrupted; rerun the same command to continue".into(),
+        StopReason::Refused { .. } => "stopped: soft labels refused".into(),
     };
     println!("gen-data {headline}: {}", dir.display());
     println!(
@@ -634,6 +671,7 @@ impl Progress for Bar {
                 format!("{count} requests in a row were rejected with {status}")
             }
             StopReason::Interrupted => "interrupted".into(),
+            StopReason::Refused { .. } => "soft labels cannot be made (the reason follows)".into(),
             StopReason::Finished => return,
         };
         self.println(&format!(

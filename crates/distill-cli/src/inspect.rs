@@ -1,5 +1,8 @@
 //! `distill inspect MODEL`: what a model directory holds, read from its headers only, with
-//! every tensor name and shape checked against config.json.
+//! every tensor name and shape checked against config.json. `distill inspect DATASET_DIR`: a
+//! gen-data dataset's counts and its soft labels, validated (see [`dataset`]).
+
+mod dataset;
 
 use std::path::PathBuf;
 
@@ -13,14 +16,26 @@ use serde_json::json;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A Hugging Face model directory, or `org/name[@revision]` from the Hub.
+    /// A Hugging Face model directory, `org/name[@revision]` from the Hub, or a dataset
+    /// directory (samples-*.jsonl, soft/) that gen-data wrote.
     model: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// For a dataset: the student model whose tokenizer the soft labels must match (its
+    /// tokenizer hash and vocabulary size are checked).
+    #[arg(long, value_name = "MODEL")]
+    student: Option<String>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if dataset::is_dataset(&args.model) {
+        return dataset::run(
+            std::path::Path::new(&args.model),
+            args.student.as_deref(),
+            args.json,
+        );
+    }
     let dir = hub::resolve(&args.model, &HubSettings::from_env())?;
     let report = Report::read(&dir).with_context(|| format!("inspecting {}", args.model))?;
     if args.json {

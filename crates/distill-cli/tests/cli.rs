@@ -9,6 +9,8 @@ mod eval;
 mod gguf;
 #[path = "cli/rescore.rs"]
 mod rescore;
+#[path = "cli/soft.rs"]
+mod soft;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")

@@ -13,6 +13,7 @@
 //! Bodies may start with blank lines (the DeepSeek API sends them while a non-streaming request
 //! waits) or SSE comment lines (`: keep-alive`); a body of `data:` lines is read as a stream.
 
+use distill_core::{TokenLogprob, TopLogprob};
 use distill_data::{Message, Usage};
 use serde::Serialize;
 use serde_json::Value;
@@ -56,6 +57,14 @@ pub fn request_body(
     body
 }
 
+/// Asks for the sampled tokens' log-probabilities and the top `k` alternatives at each position
+/// (OpenAI's `logprobs: true, top_logprobs: k`; vLLM, SGLang, Ollama >= 0.12.11 and llama.cpp
+/// accept it, at most 20).
+pub fn request_logprobs(body: &mut Value, k: usize) {
+    body["logprobs"] = Value::Bool(true);
+    body["top_logprobs"] = serde_json::json!(k);
+}
+
 /// `base_url` + `/chat/completions`, as the OpenAI SDKs build it: give vLLM/SGLang/Ollama/
 /// llama.cpp bases with their `/v1` (`http://host:8000/v1`); the DeepSeek API takes
 /// `https://api.deepseek.com`. A URL already ending in `/chat/completions` is used as is.
@@ -77,6 +86,8 @@ pub struct Completion {
     pub answer: String,
     pub finish_reason: String,
     pub usage: Usage,
+    /// `choices[0].logprobs.content`, one entry per generated token, when the server sent it.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// Why a 2xx body could not be used.
@@ -122,19 +133,77 @@ pub fn parse_body(body: &str) -> Result<Completion, BodyError> {
     let content = str_field(message, "content");
     let reasoning = str_field(message, "reasoning_content").or_else(|| str_field(message, "reasoning"));
     let (reasoning, answer) = split_reasoning(reasoning.as_deref(), content.as_deref().unwrap_or(""));
+    let logprobs = match choice.pointer("/logprobs/content") {
+        Some(c) if !c.is_null() => Some(parse_logprobs(c)?),
+        _ => None,
+    };
     Ok(Completion {
         model: str_field(&v, "model").unwrap_or_default(),
         reasoning,
         answer,
         finish_reason: str_field(choice, "finish_reason").unwrap_or_else(|| "unknown".into()),
         usage: v.get("usage").map(parse_usage).unwrap_or_default(),
+        logprobs,
     })
+}
+
+/// `logprobs.content`: `[{token, logprob, bytes?, top_logprobs: [{token, logprob, bytes?}]}]`
+/// (OpenAI, vLLM, SGLang, Ollama, llama.cpp; llama.cpp adds an `id`, ignored: it is the
+/// teacher's id). A null logprob is -inf.
+pub fn parse_logprobs(content: &Value) -> Result<Vec<TokenLogprob>, BodyError> {
+    let bad = |what: &str, i: usize| BodyError::Malformed(format!("logprobs.content[{i}]: {what}"));
+    let items = content.as_array().ok_or_else(|| bad("not a list", 0))?;
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let (token, bytes, logprob) = token_fields(item).ok_or_else(|| bad("no token or logprob", i))?;
+        let top = match item.get("top_logprobs") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(alts)) => alts
+                .iter()
+                .map(|a| {
+                    token_fields(a).map(|(token, bytes, logprob)| TopLogprob {
+                        token,
+                        bytes,
+                        logprob,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("a top_logprobs entry without token or logprob", i))?,
+            Some(_) => return Err(bad("top_logprobs is not a list", i)),
+        };
+        out.push(TokenLogprob {
+            token,
+            bytes,
+            logprob,
+            top_logprobs: top,
+        });
+    }
+    Ok(out)
+}
+
+/// (token, bytes, logprob) of one entry.
+fn token_fields(v: &Value) -> Option<(String, Option<Vec<u8>>, f32)> {
+    let token = v.get("token")?.as_str()?.to_string();
+    let logprob = match v.get("logprob")? {
+        Value::Null => f32::NEG_INFINITY,
+        x => x.as_f64()? as f32,
+    };
+    let bytes = match v.get("bytes") {
+        Some(Value::Array(b)) => Some(
+            b.iter()
+                .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+                .collect::<Option<Vec<u8>>>()?,
+        ),
+        _ => None,
+    };
+    Some((token, bytes, logprob))
 }
 
 /// `data: {chunk}` lines up to `data: [DONE]`: deltas are concatenated.
 fn parse_stream(lines: &[&str]) -> Result<Completion, BodyError> {
     let (mut content, mut reasoning) = (String::new(), String::new());
     let (mut model, mut finish, mut usage) = (String::new(), None, Usage::default());
+    let mut logprobs: Option<Vec<TokenLogprob>> = None;
     let mut done = false;
     for line in lines {
         let Some(payload) = line.strip_prefix("data:").map(str::trim) else {
@@ -164,6 +233,9 @@ fn parse_stream(lines: &[&str]) -> Result<Completion, BodyError> {
             if let Some(f) = str_field(choice, "finish_reason") {
                 finish = Some(f);
             }
+            if let Some(c) = choice.pointer("/logprobs/content").filter(|c| !c.is_null()) {
+                logprobs.get_or_insert_default().extend(parse_logprobs(c)?);
+            }
         }
     }
     if !done && finish.is_none() {
@@ -179,6 +251,7 @@ fn parse_stream(lines: &[&str]) -> Result<Completion, BodyError> {
         answer,
         finish_reason: finish.unwrap_or_else(|| "unknown".into()),
         usage,
+        logprobs,
     })
 }
 
@@ -310,6 +383,53 @@ mod tests {
             parse_body("data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n"),
             Err(BodyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn logprobs_are_read_in_every_server_form() {
+        // OpenAI / Ollama: true bytes (a character split across tokens), a null logprob.
+        let openai = r#"{"model":"m","choices":[{"message":{"content":"é"},"finish_reason":"stop",
+            "logprobs":{"content":[
+              {"token":"\ufffd","logprob":-0.5,"bytes":[195],"top_logprobs":[{"token":"\ufffd","logprob":-0.5,"bytes":[195]},{"token":"e","logprob":-1.5,"bytes":[101]}]},
+              {"token":"\ufffd","logprob":null,"bytes":[169],"top_logprobs":[]}]}}]}"#;
+        let c = parse_body(openai).unwrap();
+        let lp = c.logprobs.unwrap();
+        assert_eq!(lp.len(), 2);
+        assert_eq!(lp[0].bytes.as_deref(), Some(&[195u8][..]));
+        assert_eq!(lp[0].top_logprobs[1].token, "e");
+        assert_eq!(lp[1].logprob, f32::NEG_INFINITY);
+        // llama.cpp adds ids; vLLM without bytes on a token; servers without logprobs send null.
+        let llama = r#"{"choices":[{"message":{"content":"a"},"finish_reason":"stop","logprobs":{"content":[{"id":64,"token":"a","logprob":-0.1,"top_logprobs":[{"id":64,"token":"a","logprob":-0.1}]}]}}]}"#;
+        let lp = parse_body(llama).unwrap().logprobs.unwrap();
+        assert_eq!((lp[0].token.as_str(), lp[0].bytes.is_none()), ("a", true));
+        let none = r#"{"choices":[{"message":{"content":"a"},"finish_reason":"stop","logprobs":null}]}"#;
+        assert_eq!(parse_body(none).unwrap().logprobs, None);
+        // Streams carry them chunk by chunk.
+        let sse = "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"logprobs\":{\"content\":[{\"token\":\"a\",\"logprob\":-0.1,\"top_logprobs\":[]}]}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"b\"},\"logprobs\":{\"content\":[{\"token\":\"b\",\"logprob\":-0.2,\"top_logprobs\":[]}]},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n";
+        let lp = parse_body(sse).unwrap().logprobs.unwrap();
+        assert_eq!(lp.iter().map(|t| t.token.as_str()).collect::<String>(), "ab");
+        // A broken entry is a malformed body (retried), naming the position.
+        let broken = r#"{"choices":[{"message":{"content":"a"},"logprobs":{"content":[{"token":"a","logprob":-0.1},{"logprob":-1}]}}]}"#;
+        let err = parse_body(broken).unwrap_err().to_string();
+        assert!(err.contains("logprobs.content[1]"), "{err}");
+        let mut body = request_body(
+            "m",
+            &[],
+            &Sampling {
+                temperature: 0.6,
+                top_p: 1.0,
+                max_tokens: 5,
+                stop: vec![],
+                seed: None,
+            },
+            0,
+            false,
+        );
+        request_logprobs(&mut body, 20);
+        assert_eq!(
+            (body["logprobs"].clone(), body["top_logprobs"].clone()),
+            (Value::Bool(true), serde_json::json!(20))
+        );
     }
 
     #[test]

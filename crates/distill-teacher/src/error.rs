@@ -19,6 +19,16 @@ pub enum TeacherError {
     Config(String),
     #[error("cannot start the HTTP client: {0}")]
     Client(String),
+    /// A request that failed (no retries at this level), naming the URL and status.
+    #[error("{url}: {msg}")]
+    Request {
+        url: String,
+        status: Option<u16>,
+        msg: String,
+    },
+    /// What a sample hook (gen-data's soft-label writer) failed with.
+    #[error(transparent)]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl TeacherError {

@@ -6,7 +6,8 @@
 //! - [`plan`]: prompts × samples -> requests with their ledger keys;
 //! - [`fleet`], [`limiter`]: where the next request goes and how many are in flight;
 //! - [`ledger`]: `samples-*.jsonl` + `errors.jsonl`, resume, torn-line repair, the lock;
-//! - [`run`]: the loop that ties them together; [`manifest`]: `manifest.json`.
+//! - [`run`]: the loop that ties them together; [`manifest`]: `manifest.json`;
+//! - [`prompt_logprobs`]: vLLM's `/v1/completions` prompt logprobs (teacher-forced top-k).
 
 pub mod api;
 pub mod fleet;
@@ -14,6 +15,7 @@ pub mod ledger;
 pub mod limiter;
 pub mod manifest;
 pub mod plan;
+pub mod prompt_logprobs;
 pub mod run;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

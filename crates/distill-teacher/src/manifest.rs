@@ -37,10 +37,31 @@ pub struct Manifest {
     /// The training filter (see `Sample::keep_for_training`).
     pub filter: Filter,
     pub shards: Vec<String>,
+    /// The soft-label store beside the samples, when this run writes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels: Option<SoftLabelsInfo>,
     pub recipe_hash: String,
     /// The resolved recipe (TOML).
     pub recipe: String,
     pub updated: String,
+}
+
+/// `soft/`: see `distill_data::soft` for its format; its own manifest.json has the details.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SoftLabelsInfo {
+    /// Relative to the dataset directory.
+    pub dir: String,
+    pub source: String,
+    pub k: usize,
+    /// The tokenizer whose ids it holds, and the sha256 of its tokenizer.json.
+    pub tokenizer: String,
+    pub tokenizer_hash: String,
+    pub samples: u64,
+    pub tokens: u64,
+    pub bytes_per_token: f64,
+    /// Share of the teacher's tokens this run that did not carry over to the tokenizer's ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch_rate: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

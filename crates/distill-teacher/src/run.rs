@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use distill_core::TokenLogprob;
 use distill_data::{ErrorRecord, Sample, answers_match, assistant_turn, extract_answer};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -68,6 +69,8 @@ pub struct RunOptions {
     /// Stop once the dataset's tokens (prompt + completion, all runs) reach this.
     pub max_tokens: Option<u64>,
     pub rejection_limit: u32,
+    /// Ask for the sampled tokens' logprobs and this many alternatives (soft labels).
+    pub top_logprobs: Option<usize>,
 }
 
 /// Why a run ended.
@@ -93,6 +96,11 @@ pub enum StopReason {
         message: String,
     },
     Interrupted,
+    /// The sample hook refused to go on (e.g. the teacher's tokens do not map to the
+    /// student's vocabulary); the message says why and what to do.
+    Refused {
+        message: String,
+    },
 }
 
 impl StopReason {
@@ -104,6 +112,7 @@ impl StopReason {
             StopReason::PaymentRequired { .. } => "payment-required",
             StopReason::Rejected { .. } => "rejected",
             StopReason::Interrupted => "interrupted",
+            StopReason::Refused { .. } => "refused",
         }
     }
 }
@@ -128,6 +137,19 @@ pub trait Progress: Send + Sync {
     fn failure(&self, _error: &ErrorRecord) {}
     fn retry(&self, _endpoint: &str, _why: &str, _wait: Duration) {}
     fn stopping(&self, _reason: &StopReason, _in_flight: usize) {}
+}
+
+/// Sees each finished sample, with the token logprobs its response carried (when asked for),
+/// before the ledger records it: gen-data writes soft labels here, so that a sample in the
+/// ledger always has them.
+pub trait SampleHook: Send {
+    /// `Ok(None)`: record the sample. `Ok(Some(why))`: do not record it and stop the run
+    /// ([`StopReason::Refused`]). `Err`: the run fails (a disk error).
+    fn before_append(
+        &mut self,
+        sample: &Sample,
+        logprobs: Option<&[TokenLogprob]>,
+    ) -> Result<Option<String>, TeacherError>;
 }
 
 /// No reports.
@@ -178,7 +200,8 @@ struct Ctx {
 }
 
 enum JobResult {
-    Done(Box<Sample>, u32),
+    /// The sample and its response's token logprobs, and the retries it took.
+    Done(Box<(Sample, Option<Vec<TokenLogprob>>)>, u32),
     Failed(ErrorRecord, u32),
     Payment {
         endpoint: String,
@@ -228,6 +251,19 @@ pub async fn run(
     opts: &RunOptions,
     progress: Arc<dyn Progress>,
     stop: Arc<Stop>,
+) -> Result<Outcome, TeacherError> {
+    run_with(jobs, fleet, ledger, opts, progress, stop, None).await
+}
+
+/// [`run`], with a hook that sees each sample before it is appended.
+pub async fn run_with(
+    jobs: Vec<Job>,
+    fleet: Arc<Fleet>,
+    ledger: &mut Ledger,
+    opts: &RunOptions,
+    progress: Arc<dyn Progress>,
+    stop: Arc<Stop>,
+    mut hook: Option<&mut dyn SampleHook>,
 ) -> Result<Outcome, TeacherError> {
     let t0 = Instant::now();
     let ctx = Arc::new(Ctx {
@@ -288,9 +324,24 @@ pub async fn run(
         let Some(joined) = joined else { break };
         let result = joined.map_err(|e| TeacherError::Config(format!("a request task failed: {e}")))?;
         match result {
-            JobResult::Done(sample, retries) => {
+            JobResult::Done(done, retries) => {
                 out.retries += u64::from(retries);
                 rejections = 0;
+                let (sample, logprobs) = *done;
+                let refusal = match hook.as_deref_mut() {
+                    Some(h) => h.before_append(&sample, logprobs.as_deref())?,
+                    None => None,
+                };
+                if let Some(message) = refusal {
+                    out.abandoned += 1;
+                    if reason.is_none() {
+                        let r = StopReason::Refused { message };
+                        progress.stopping(&r, tasks.len());
+                        reason = Some(r);
+                        stop.trigger();
+                    }
+                    continue;
+                }
                 if ledger.append_sample(&sample)? {
                     out.succeeded += 1;
                     progress.sample(&sample);
@@ -389,13 +440,16 @@ enum Attempt {
 
 async fn send_job(ctx: Arc<Ctx>, job: Job) -> JobResult {
     let opts = &ctx.opts;
-    let body = api::request_body(
+    let mut body = api::request_body(
         &opts.setup.model,
         &job.messages,
         &opts.setup.sampling,
         job.sample_index,
         opts.stream,
     );
+    if let Some(k) = opts.top_logprobs {
+        api::request_logprobs(&mut body, k);
+    }
     let mut attempts = 0u32;
     loop {
         if ctx.stop.is_set() {
@@ -428,11 +482,12 @@ async fn send_job(ctx: Arc<Ctx>, job: Job) -> JobResult {
             timestamp: now_rfc3339(),
         };
         match result {
-            Attempt::Ok(c) => {
+            Attempt::Ok(mut c) => {
                 ctx.fleet.release(ep, Health::Ok);
                 ctx.limiter.on_success();
+                let logprobs = c.logprobs.take();
                 let sample = make_sample(&job, c, endpoint, latency, attempts);
-                return JobResult::Done(Box::new(sample), retries);
+                return JobResult::Done(Box::new((sample, logprobs)), retries);
             }
             Attempt::Payment(message) => {
                 ctx.fleet.release(ep, Health::Alive);

@@ -49,6 +49,7 @@ fn opts(n: u32) -> RunOptions {
         max_cost: None,
         max_tokens: None,
         rejection_limit: 5,
+        top_logprobs: None,
     }
 }
 
@@ -435,4 +436,71 @@ fn retry_after_and_backoff() {
             "{attempt}: {d:?}"
         );
     }
+}
+
+/// Records what it saw; refuses once it has seen `refuse_after` samples.
+struct Recorder {
+    seen: Vec<(String, Option<usize>)>,
+    refuse_after: usize,
+}
+
+impl SampleHook for Recorder {
+    fn before_append(
+        &mut self,
+        sample: &Sample,
+        logprobs: Option<&[TokenLogprob]>,
+    ) -> Result<Option<String>, TeacherError> {
+        if self.seen.len() >= self.refuse_after {
+            return Ok(Some("tokens do not map".into()));
+        }
+        self.seen.push((sample.key.clone(), logprobs.map(<[_]>::len)));
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_hook_sees_logprobs_first_and_can_stop_the_run() {
+    let server = FakeTeacher::start(|seen| {
+        let mut body: serde_json::Value = serde_json::from_str(&echo_completion(seen)).unwrap();
+        body["choices"][0]["logprobs"] = serde_json::json!({"content": [
+            {"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": [{"token": "a", "logprob": -0.1}]},
+            {"token": "b", "logprob": -0.2, "top_logprobs": []}]});
+        Reply::ok(body.to_string())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut ledger = Ledger::open(dir.path(), vec![]).unwrap();
+    let mut o = opts(1);
+    o.concurrency = 1;
+    o.top_logprobs = Some(5);
+    let mut hook = Recorder {
+        seen: Vec::new(),
+        refuse_after: 2,
+    };
+    let out = run_with(
+        plan(&prompts(6), &setup(1)).jobs,
+        fleet(&[server.url()], FleetPolicy::default()),
+        &mut ledger,
+        &o,
+        Arc::new(Silent),
+        Stop::new(),
+        Some(&mut hook),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out.stop,
+        StopReason::Refused {
+            message: "tokens do not map".into()
+        }
+    );
+    assert_eq!(out.succeeded, 2);
+    assert_eq!(hook.seen.len(), 2);
+    assert!(hook.seen.iter().all(|(k, n)| ledger.is_done(k) && *n == Some(2)));
+    // The refused sample is not in the ledger: a rerun sends it again.
+    assert_eq!(ledger.totals().samples, 2);
+    let reqs = server.requests();
+    assert!(
+        reqs.iter()
+            .all(|r| r.body["logprobs"] == true && r.body["top_logprobs"] == 5)
+    );
 }
