@@ -37,7 +37,7 @@ enum Command {
     /// Fine-tune a student with KL (soft labels) + cross-entropy (hard labels).
     Train(train::Args),
     /// Score students, their base model and the teacher on held-out sets.
-    Eval(eval::Args),
+    Eval(Box<eval::Args>),
     /// Describe a model directory or Hub model: architecture, size, tokenizer, template.
     Inspect(inspect::Args),
     /// Continue a prompt with greedy decoding (a quick check that a model loads and talks).
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::GenData(args) => gen_data::run(args, cli.device),
         Command::Train(args) => train::run(args, cli.device),
-        Command::Eval(args) => eval::run(args, cli.device),
+        Command::Eval(args) => eval::run(*args, cli.device),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),
         Command::Import(args) => gguf::import(args),

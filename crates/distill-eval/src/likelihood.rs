@@ -147,12 +147,13 @@ pub fn sparse_kl(teacher: &TopK, model_at_teacher: &[f32]) -> Vec<f64> {
     (0..teacher.positions())
         .map(|pos| {
             let (mut kl, mut p_sum, mut q_sum) = (0.0f64, 0.0f64, 0.0f64);
-            for j in pos * k..(pos + 1) * k {
-                let lp = f64::from(teacher.logprobs[j]);
-                if teacher.ids[j] == u32::MAX || !lp.is_finite() {
+            let row = pos * k..(pos + 1) * k;
+            let entries = teacher.ids[row.clone()].iter().zip(&teacher.logprobs[row.clone()]);
+            for ((&id, &lp), &lq) in entries.zip(&model_at_teacher[row]) {
+                let (lp, lq) = (f64::from(lp), f64::from(lq));
+                if id == u32::MAX || !lp.is_finite() {
                     continue;
                 }
-                let lq = f64::from(model_at_teacher[j]);
                 let p = lp.exp();
                 kl += p * (lp - lq);
                 p_sum += p;

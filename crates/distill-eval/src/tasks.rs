@@ -279,12 +279,12 @@ pub fn score(kind: TaskKind, answer: &str, reference: &str) -> Scored {
 /// The chosen letter: after "answer is" / "Answer:" when present, else the last standalone
 /// capital letter (word-bounded, optionally in parentheses).
 pub fn extract_choice(text: &str) -> Option<String> {
-    let lower = text.to_lowercase();
+    let lower = text.to_ascii_lowercase(); // byte offsets stay valid in `text`
     for phrase in ["answer is", "answer:"] {
-        if let Some(i) = lower.rfind(phrase) {
-            if let Some(l) = standalone_letters(&text[i + phrase.len()..]).first() {
-                return Some(l.to_string());
-            }
+        if let Some(i) = lower.rfind(phrase)
+            && let Some(l) = standalone_letters(&text[i + phrase.len()..]).first()
+        {
+            return Some(l.to_string());
         }
     }
     standalone_letters(text).last().map(|l| l.to_string())

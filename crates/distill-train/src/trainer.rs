@@ -57,9 +57,9 @@ enum Teacher<B: Backend> {
     /// kd_ratio = 0: CE only.
     None,
     /// A local model sharing the student's tokenizer: full-vocabulary logits.
-    Local(CausalLm<B>),
+    Local(Box<CausalLm<B>>),
     /// The dataset's stored top-k soft labels.
-    Stored(SoftTargets),
+    Stored(Box<SoftTargets>),
 }
 
 /// What a finished (or stopped) run reports.
@@ -388,7 +388,7 @@ fn load_teacher<B: Kernels>(
                 stats.unaligned
             )));
         }
-        return Ok((Teacher::Stored(soft), Some(stats)));
+        return Ok((Teacher::Stored(Box::new(soft)), Some(stats)));
     }
     let Some(reference) = recipe.teacher.local_model.as_deref() else {
         return Err(TrainError::Refused(format!(
@@ -410,7 +410,7 @@ fn load_teacher<B: Kernels>(
             &student_tokenizer.hash[..12]
         )));
     }
-    Ok((Teacher::Local(CausalLm::<B>::load(&dir, device)?), None))
+    Ok((Teacher::Local(Box::new(CausalLm::<B>::load(&dir, device)?)), None))
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
