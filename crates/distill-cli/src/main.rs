@@ -8,6 +8,7 @@ mod gguf;
 mod inspect;
 mod progress;
 mod rescore;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -42,6 +43,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Continue a prompt with greedy decoding (a quick check that a model loads and talks).
     Generate(generate::Args),
+    /// Serve a local model over an OpenAI-compatible HTTP API (chat, completions, logprobs).
+    Serve(serve::Args),
     /// Convert a model from another format: `distill import gguf FILE|ollama:NAME --out DIR`.
     Import(gguf::ImportArgs),
     /// Convert a model to another format: `distill export gguf --model DIR --out FILE`.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(*args, cli.device),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),
+        Command::Serve(args) => serve::run(args, cli.device),
         Command::Import(args) => gguf::import(args),
         Command::Export(args) => gguf::export(args),
     };

@@ -9,6 +9,8 @@ mod eval;
 mod gguf;
 #[path = "cli/rescore.rs"]
 mod rescore;
+#[path = "cli/serve.rs"]
+mod serve;
 #[path = "cli/soft.rs"]
 mod soft;
 

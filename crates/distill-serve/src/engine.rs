@@ -1,0 +1,393 @@
+//! The model's thread: it owns the model, takes work from a channel, and batches what is
+//! pending. Requests whose decoding parameters are equal share one `generate` call; each
+//! keeps its own seed, so its output does not depend on its company. HTTP handlers wait on a
+//! oneshot reply and never on each other.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use distill_eval::EvalError;
+use distill_eval::generate::{Generation, GenerationConfig, Request, Sampling, generate};
+use distill_models::tokenizer::TextTokenizer;
+use distill_models::{CausalLm, Kernels};
+use tokio::sync::oneshot;
+
+/// Prompt positions per scoring chunk: bounds the [chunk, V] f32 log-probabilities
+/// (152k vocabulary: 150 MB), as distill-eval's teacher forcing does.
+const SCORE_CHUNK: usize = 256;
+
+/// How new tokens are chosen: requests with equal parameters decode together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    pub logprobs: Option<usize>,
+}
+
+/// Why work failed; the handler answers 500 with it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub String);
+
+impl From<EvalError> for EngineError {
+    fn from(e: EvalError) -> Self {
+        EngineError(e.to_string())
+    }
+}
+
+pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// The requests of one HTTP request and where their generations go.
+type Member = (Vec<Request>, Reply<Vec<Generation>>);
+
+/// One unit of work for the model thread.
+pub enum Work {
+    /// Continue each of `requests` (the `n` choices of one HTTP request).
+    Generate {
+        requests: Vec<Request>,
+        params: Params,
+        reply: Reply<Vec<Generation>>,
+    },
+    /// Teacher-force a prompt: per position after the first, its log-probability, rank and
+    /// the `top` most likely tokens.
+    Score {
+        prompt: Vec<u32>,
+        top: usize,
+        reply: Reply<Vec<PositionScore>>,
+    },
+}
+
+impl Work {
+    /// Sequences this work adds to a batch.
+    fn sequences(&self) -> usize {
+        match self {
+            Work::Generate { requests, .. } => requests.len(),
+            Work::Score { .. } => 1,
+        }
+    }
+
+    /// The client went away: nobody would read the answer.
+    fn abandoned(&self) -> bool {
+        match self {
+            Work::Generate { reply, .. } => reply.is_closed(),
+            Work::Score { reply, .. } => reply.is_closed(),
+        }
+    }
+}
+
+/// A prompt token as the model saw it coming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionScore {
+    pub token: u32,
+    pub logprob: f32,
+    /// 1 + the number of tokens the model found strictly more likely (vLLM's rank).
+    pub rank: usize,
+    /// (id, logprob), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Counters for logs and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub generate_calls: AtomicUsize,
+    pub sequences: AtomicUsize,
+    pub new_tokens: AtomicUsize,
+    pub score_calls: AtomicUsize,
+}
+
+/// A point-in-time copy of [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub generate_calls: usize,
+    pub sequences: usize,
+    pub new_tokens: usize,
+    pub score_calls: usize,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            generate_calls: self.generate_calls.load(Ordering::Relaxed),
+            sequences: self.sequences.load(Ordering::Relaxed),
+            new_tokens: self.new_tokens.load(Ordering::Relaxed),
+            score_calls: self.score_calls.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// How the model thread batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most sequences taken into one round.
+    pub batch_size: usize,
+    /// After the first request of an idle spell, how long to wait for company.
+    pub window: Duration,
+}
+
+pub struct Engine<B: Kernels> {
+    pub model: CausalLm<B>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub eos: Vec<u32>,
+    pub device: B::Device,
+    pub batching: Batching,
+    pub stats: Arc<Stats>,
+}
+
+impl<B: Kernels> Engine<B> {
+    /// Serves work until every sender is gone.
+    pub fn run(&self, jobs: &Receiver<Work>) {
+        let mut queue: VecDeque<Work> = VecDeque::new();
+        loop {
+            if queue.is_empty() {
+                match jobs.recv() {
+                    Ok(w) => queue.push_back(w),
+                    Err(_) => return,
+                }
+                self.gather(jobs, &mut queue, Instant::now() + self.batching.window);
+            } else {
+                self.gather(jobs, &mut queue, Instant::now());
+            }
+            let round = take_round(&mut queue, self.batching.batch_size);
+            self.run_round(round);
+        }
+    }
+
+    /// Moves arriving work into the queue until the batch is full or `until` passes.
+    fn gather(&self, jobs: &Receiver<Work>, queue: &mut VecDeque<Work>, until: Instant) {
+        while queue.iter().map(Work::sequences).sum::<usize>() < self.batching.batch_size {
+            let wait = until.saturating_duration_since(Instant::now());
+            match jobs.recv_timeout(wait) {
+                Ok(w) => queue.push_back(w),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn run_round(&self, round: Vec<Work>) {
+        let mut groups: Vec<(Params, Vec<Member>)> = Vec::new();
+        for work in round.into_iter().filter(|w| !w.abandoned()) {
+            match work {
+                Work::Score { prompt, top, reply } => {
+                    self.stats.score_calls.fetch_add(1, Ordering::Relaxed);
+                    let result = guarded(|| score_prompt(&self.model, &prompt, top, &self.device));
+                    let _ = reply.send(result);
+                }
+                Work::Generate {
+                    requests,
+                    params,
+                    reply,
+                } => match groups.iter_mut().find(|(p, _)| *p == params) {
+                    Some((_, members)) => members.push((requests, reply)),
+                    None => groups.push((params, vec![(requests, reply)])),
+                },
+            }
+        }
+        for (params, members) in groups {
+            self.generate_group(&params, members);
+        }
+    }
+
+    /// One `generate` call for every member; each gets its own slice of the results.
+    fn generate_group(&self, params: &Params, members: Vec<Member>) {
+        let all: Vec<Request> = members.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: params.max_new_tokens,
+            sampling: params.sampling.clone(),
+            stop: params.stop.clone(),
+            eos: self.eos.clone(),
+            batch_size: self.batching.batch_size,
+            logprobs: params.logprobs,
+        };
+        self.stats.generate_calls.fetch_add(1, Ordering::Relaxed);
+        let result = guarded(|| {
+            generate(&self.model, &self.tokenizer, &all, &cfg, &self.device, |_, _| {})
+                .map_err(EngineError::from)
+        });
+        match result {
+            Ok((generations, stats)) => {
+                self.stats.sequences.fetch_add(stats.sequences, Ordering::Relaxed);
+                self.stats
+                    .new_tokens
+                    .fetch_add(stats.new_tokens, Ordering::Relaxed);
+                let mut rest = generations.into_iter();
+                for (requests, reply) in members {
+                    let mine: Vec<Generation> = rest.by_ref().take(requests.len()).collect();
+                    let _ = reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in members {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The oldest work, up to `batch_size` sequences (at least one piece of work).
+fn take_round(queue: &mut VecDeque<Work>, batch_size: usize) -> Vec<Work> {
+    let mut round = Vec::new();
+    let mut seqs = 0;
+    while let Some(next) = queue.front() {
+        if !round.is_empty() && seqs + next.sequences() > batch_size {
+            break;
+        }
+        seqs += next.sequences();
+        round.extend(queue.pop_front());
+    }
+    round
+}
+
+/// Runs model code so that a panic in it (a backend out of memory, say) becomes an error
+/// for the requests at hand instead of ending the server. The model is only read, so a
+/// panic leaves nothing half-changed.
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(EngineError(format!("the model failed: {msg}")))
+    })
+}
+
+/// Teacher forcing over a prompt: for positions 1.., the log-probability and rank of the
+/// prompt token given those before it, and the `top` most likely tokens there.
+pub fn score_prompt<B: Kernels>(
+    model: &CausalLm<B>,
+    prompt: &[u32],
+    top: usize,
+    device: &B::Device,
+) -> Result<Vec<PositionScore>, EngineError> {
+    let t = prompt.len();
+    if t < 2 {
+        return Ok(Vec::new());
+    }
+    let ids = int_tensor::<B, 2>(prompt.iter().map(|&i| i64::from(i)).collect(), [1, t], device);
+    let hidden = model.hidden_states(ids, None); // [1, T, C]
+    let mut out = Vec::with_capacity(t - 1);
+    for start in (0..t - 1).step_by(SCORE_CHUNK) {
+        let c = SCORE_CHUNK.min(t - 1 - start);
+        let logits = model
+            .logits(hidden.clone().narrow(1, start, c))
+            .squeeze_dim::<2>(0); // [c, V]
+        let v = model.config.vocab_size.min(logits.dims()[1]);
+        let logp = log_softmax(logits.narrow(1, 0, v).cast(DType::F32), 1); // [c, V]
+        let labels = &prompt[start + 1..start + 1 + c];
+        let label_ids = int_tensor::<B, 2>(labels.iter().map(|&i| i64::from(i)).collect(), [c, 1], device);
+        let label_lp = logp.clone().gather(1, label_ids); // [c, 1]
+        let above = logp
+            .clone()
+            .greater(label_lp.clone().expand([c, v]))
+            .int()
+            .sum_dim(1); // [c, 1]
+        let label_lp = host_f32(label_lp)?;
+        let above = host_ids(above)?;
+        let (top_lp, top_ids) = if top > 0 {
+            let (values, indices) = logp.topk_with_indices(top.min(v), 1); // [c, k]
+            (host_f32(values)?, host_ids(indices)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let k = top.min(v);
+        for (i, &token) in labels.iter().enumerate() {
+            out.push(PositionScore {
+                token,
+                logprob: label_lp[i],
+                rank: above[i] as usize + 1,
+                top: (0..k).map(|j| (top_ids[i * k + j], top_lp[i * k + j])).collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn int_tensor<B: Kernels, const D: usize>(
+    data: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+fn host_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, EngineError> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| EngineError(format!("tensor to host: {e:?}")))
+}
+
+fn host_ids<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, EngineError> {
+    t.into_data()
+        .iter::<i64>()
+        .map(|v| u32::try_from(v).map_err(|_| EngineError(format!("index {v} out of range"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(reply: Reply<Vec<PositionScore>>) -> Work {
+        Work::Score {
+            prompt: vec![1, 2],
+            top: 0,
+            reply,
+        }
+    }
+
+    fn generate_work(n: usize, reply: Reply<Vec<Generation>>) -> Work {
+        Work::Generate {
+            requests: vec![
+                Request {
+                    prompt: vec![1],
+                    seed: 0
+                };
+                n
+            ],
+            params: Params {
+                max_new_tokens: 1,
+                sampling: Sampling::GREEDY,
+                stop: vec![],
+                logprobs: None,
+            },
+            reply,
+        }
+    }
+
+    #[test]
+    fn a_round_takes_the_oldest_work_up_to_the_batch_size() {
+        let mut queue = VecDeque::new();
+        queue.push_back(generate_work(3, oneshot::channel().0));
+        queue.push_back(generate_work(2, oneshot::channel().0));
+        queue.push_back(score(oneshot::channel().0));
+        let round = take_round(&mut queue, 4);
+        assert_eq!(round.iter().map(Work::sequences).collect::<Vec<_>>(), [3]);
+        let round = take_round(&mut queue, 4);
+        assert_eq!(round.iter().map(Work::sequences).collect::<Vec<_>>(), [2, 1]);
+        // Work larger than a batch still runs, alone (generate chunks it).
+        queue.push_back(generate_work(9, oneshot::channel().0));
+        queue.push_back(generate_work(1, oneshot::channel().0));
+        assert_eq!(take_round(&mut queue, 4).len(), 1);
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn work_whose_client_left_is_abandoned_and_panics_become_errors() {
+        let (tx, rx) = oneshot::channel();
+        let w = generate_work(1, tx);
+        assert!(!w.abandoned());
+        drop(rx);
+        assert!(w.abandoned());
+        let err = guarded::<()>(|| panic!("out of memory")).unwrap_err();
+        assert_eq!(err.0, "the model failed: out of memory");
+    }
+}

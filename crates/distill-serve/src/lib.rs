@@ -1,0 +1,220 @@
+//! `distill serve`: an OpenAI-compatible HTTP server over a local model, so any local model
+//! can be a teacher for `distill gen-data` and a student can be tried with the usual clients.
+//!
+//! Data flow: an HTTP request is parsed and checked ([`api`]) on the async side
+//! ([`routes`]), turned into [`engine::Work`] and sent to the one thread that owns the model
+//! ([`engine::Engine`]), which batches what is pending and replies through a oneshot channel.
+//! The server owns no GPU state outside that thread.
+
+pub mod api;
+pub mod engine;
+mod error;
+mod routes;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use distill_eval::generate::eos_ids;
+use distill_models::tokenizer::TextTokenizer;
+use distill_models::{CausalLm, Kernels};
+
+pub use engine::{Stats, StatsSnapshot};
+pub use error::{ApiError, ServeError};
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Most sequences decoded together.
+    pub batch_size: usize,
+    /// The name clients send as `model` and `/v1/models` lists.
+    pub served_model_name: String,
+    /// Prompt + completion tokens at most; None: the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+    /// After a request arrives at an idle server, how long to wait for others to batch
+    /// with it. Short next to a generation, long enough for a client's burst to arrive.
+    pub batch_window: Duration,
+}
+
+impl ServeOptions {
+    pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(5);
+}
+
+/// The server is up: where, and its counters.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+}
+
+/// Loads the model in `dir` on `device`, listens, calls `on_ready`, and serves until
+/// `shutdown` completes and the requests in flight are answered. The model stays on the
+/// calling thread, which runs the engine; HTTP runs on a tokio runtime beside it.
+pub fn serve<B: Kernels>(
+    dir: &Path,
+    options: &ServeOptions,
+    device: B::Device,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), ServeError> {
+    let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
+    let vocab = tokens::Vocab::new(&tokenizer);
+    let model = CausalLm::<B>::load(dir, &device)?;
+    let served = served_model(dir, options, &model)?;
+    if options.batch_size == 0 {
+        return Err(options_error(dir, "the batch size must be at least 1".into()));
+    }
+    let addr = format!("{}:{}", options.host, options.port);
+    let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServeError::Bind { addr, source })?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (jobs, queue) = std::sync::mpsc::channel();
+    let stats = Arc::new(Stats::default());
+    let app = routes::router(routes::Shared {
+        jobs,
+        tokenizer: tokenizer.clone(),
+        vocab,
+        served,
+        started: routes::unix_now(),
+    });
+    // The router holds the only job senders: when the server has stopped and dropped it,
+    // the engine's queue closes and the engine returns.
+    let server = runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    });
+    on_ready(&Ready {
+        addr: local,
+        stats: stats.clone(),
+    });
+    let engine = engine::Engine {
+        eos: eos_ids(&model, &tokenizer),
+        model,
+        tokenizer,
+        device,
+        batching: engine::Batching {
+            batch_size: options.batch_size,
+            window: options.batch_window,
+        },
+        stats,
+    };
+    engine.run(&queue);
+    match runtime.block_on(server) {
+        Ok(result) => Ok(result?),
+        Err(join) => Err(ServeError::Io(std::io::Error::other(join.to_string()))),
+    }
+}
+
+fn served_model<B: Kernels>(
+    dir: &Path,
+    options: &ServeOptions,
+    model: &CausalLm<B>,
+) -> Result<api::ServedModel, ServeError> {
+    let limit = model.config.max_position_embeddings;
+    let max_model_len = match options.max_model_len {
+        Some(0) => return Err(options_error(dir, "--max-model-len must be at least 1".into())),
+        Some(n) if n > limit => {
+            return Err(options_error(
+                dir,
+                format!("--max-model-len {n} is longer than the model's max_position_embeddings ({limit})"),
+            ));
+        }
+        Some(n) => n,
+        None => limit,
+    };
+    Ok(api::ServedModel {
+        name: options.served_model_name.clone(),
+        max_model_len,
+        vocab_size: model.config.vocab_size,
+    })
+}
+
+fn options_error(dir: &Path, msg: String) -> ServeError {
+    ServeError::Options {
+        path: dir.join("config.json"),
+        msg,
+    }
+}
+
+/// A server on its own thread, for tests and for embedding: stopped when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    stats: Arc<Stats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl Server {
+    /// Starts serving `dir` on `B`; returns once it listens.
+    pub fn start<B: Kernels>(
+        dir: PathBuf,
+        options: ServeOptions,
+        device: B::Device,
+    ) -> Result<Server, ServeError> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            serve::<B>(&dir, &options, device, shutdown, |ready| {
+                let _ = ready_tx.send(ready.clone());
+            })
+        });
+        match ready_rx.recv() {
+            Ok(ready) => Ok(Server {
+                addr: ready.addr,
+                stats: ready.stats,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            // It stopped before listening: its error says why.
+            Err(_) => Err(match thread.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => ServeError::Io(std::io::Error::other("the server stopped before listening")),
+                Err(_) => ServeError::Io(std::io::Error::other("the server panicked while starting")),
+            }),
+        }
+    }
+
+    /// The OpenAI base URL, `http://ADDR/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops accepting, answers what is in flight, and waits for the model thread.
+    pub fn stop(mut self) -> Result<(), ServeError> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(ServeError::Io(std::io::Error::other(
+                "the server thread panicked",
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.shut_down();
+    }
+}
