@@ -514,3 +514,91 @@ fn start_errors_say_what_is_wrong() {
         "{err}"
     );
 }
+
+/// A copy of the fixture whose chat template opens `<think>` after the assistant header, as
+/// R1-Distill templates do.
+fn thinking_fixture() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
+                    {% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}";
+    std::fs::write(tmp.path().join("chat_template.jinja"), template).unwrap();
+    tmp
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gen_data_clients_read_what_the_server_sends() {
+    // A thinking model cut off while thinking: all reasoning, no answer, as DeepSeek sends it.
+    let dir = thinking_fixture();
+    let server = Server::start::<Flex>(
+        dir.path().to_path_buf(),
+        options(Duration::ZERO),
+        Default::default(),
+    )
+    .unwrap();
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "What is 2+3?"}],
+                      "temperature": 0, "max_tokens": 6});
+    let response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", server.url()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let message = &v["choices"][0]["message"];
+    let reasoning = message["reasoning_content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reasoning: {v}"));
+    assert_eq!(message["content"], "");
+    assert!(!reasoning.is_empty());
+    let parsed = distill_teacher::api::parse_body(&text).unwrap();
+    assert_eq!(
+        (parsed.reasoning.as_str(), parsed.answer.as_str()),
+        (reasoning, "")
+    );
+    assert_eq!(parsed.model, "tiny");
+    assert_eq!(
+        parsed.usage.completion_tokens,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    drop(server);
+
+    // gen-data's vLLM re-scoring client gets teacher forcing's top-k.
+    let server = start();
+    let r = Reference::load();
+    let ids = r
+        .tokenizer
+        .encode("Weng earns $12 an hour for babysitting.", false)
+        .unwrap();
+    let got = distill_teacher::prompt_logprobs::prompt_logprobs(
+        &reqwest::Client::new(),
+        &server.url(),
+        None,
+        "tiny",
+        &ids,
+        3,
+    )
+    .await
+    .unwrap();
+    let forced = r.force(&ids, 3);
+    let top = forced.top.as_ref().unwrap();
+    assert_eq!(got.len(), ids.len());
+    assert!(got[0].is_none());
+    for (i, position) in got.iter().enumerate().skip(1) {
+        let position = position.as_ref().unwrap();
+        let want: Vec<u32> = top.ids[(i - 1) * 3..i * 3].to_vec();
+        assert_eq!(
+            position.iter().map(|p| p.0).collect::<Vec<_>>(),
+            want,
+            "position {i}"
+        );
+        for (j, &(_, lp)) in position.iter().enumerate() {
+            assert_close(lp, top.logprobs[(i - 1) * 3 + j], "top logprob");
+        }
+    }
+}
