@@ -194,14 +194,20 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
         distill_teacher::run::run_with(todo, fleet, &mut ledger, &opts, bar.clone(), stop.clone(), hook).await
     })?;
     bar.finish();
-    if let Some(s) = soft.take() {
-        let stats = *s.stats();
-        let (summary, soft_info) = s.finish()?;
-        print_soft_summary(&dir, &summary, &stats, recipe.soft_labels.k);
-        info.soft = Some(soft_info);
-    }
+    let soft_summary = match soft.take() {
+        Some(s) => {
+            let stats = *s.stats();
+            let (summary, soft_info) = s.finish()?;
+            info.soft = Some(soft_info);
+            Some((summary, stats))
+        }
+        None => None,
+    };
     let manifest = write_manifest(&info, &ledger, &all_jobs, outcome.stop.tag())?;
     print_summary(&dir, &manifest, &outcome, &recipe);
+    if let Some((summary, stats)) = &soft_summary {
+        print_soft_summary(&dir, summary, stats, recipe.soft_labels.k);
+    }
     match outcome.stop {
         StopReason::PaymentRequired { endpoint, message } => bail!(
             "the teacher at {endpoint} answered {message} (insufficient balance): stopped cleanly with {} samples saved; top up, then rerun the same command to continue",
