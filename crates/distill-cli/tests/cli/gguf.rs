@@ -513,3 +513,36 @@ fn import_and_export_failures_are_one_line_and_leave_nothing() {
     );
     assert!(!gguf.exists());
 }
+
+/// A SentencePiece vocabulary (tokenizer.ggml.model = llama: scores, byte fallback, a
+/// user-defined token) becomes a tokenizer.json that encodes as sentencepiece itself does
+/// (llama.cpp's reference), BOS included, and decodes back to the text.
+#[test]
+fn sentencepiece_vocabularies_encode_as_sentencepiece() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("spm");
+    let src = fixtures().join("gguf/spm-tiny.gguf");
+    run_ok(&[
+        "import",
+        "gguf",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    CausalLm::<Flex>::load(&out, &Default::default()).unwrap();
+    let tok = TextTokenizer::from_dir(&out).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("gguf/spm-tiny.json")).unwrap()).unwrap();
+    let mut differs_from_transformers = 0;
+    for case in meta["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["sentencepiece"].clone()).unwrap();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        let with_bos = tok.encode(text, true).unwrap();
+        assert_eq!((with_bos[0], &with_bos[1..]), (1, &want[..]), "{text:?}: BOS");
+        assert_eq!(tok.decode(&want, true).unwrap(), text, "decode {text:?}");
+        differs_from_transformers += usize::from(case["transformers"] != case["sentencepiece"]);
+    }
+    // transformers' GGUF loader drops one of several leading spaces; llama.cpp and we do not.
+    assert_eq!(differs_from_transformers, 1);
+}
