@@ -1,7 +1,7 @@
 //! f32 to ggml blocks, for export. Q8_0, Q4_0 and Q5_0 follow gguf-py's `gguf.quants` (which is
 //! bit-exact with ggml's reference); Q4_K and Q6_K, which gguf-py cannot produce, are ports of
 //! ggml-quants.c's `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref` (the path llama-quantize
-//! takes without an importance matrix), scale search included.
+//! takes without an importance matrix), scale search included, and byte-identical to them.
 
 use half::{bf16, f16};
 
@@ -346,6 +346,31 @@ mod tests {
             let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
             assert_eq!(got.len(), want.len(), "{}", ty.name());
             assert_eq!(differ, 0, "{}: {differ} bytes differ", ty.name());
+        }
+    }
+
+    /// Q4_K and Q6_K against ggml's own quantize_row_q4_K_ref / quantize_row_q6_K_ref (compiled
+    /// by the fixture script from llama-cpp-python 0.3.36's vendored llama.cpp).
+    #[test]
+    fn k_quants_equal_ggml_reference_byte_for_byte() {
+        let fx = raw_tensors("kquants.safetensors");
+        let input = f32s(&fx["input"]);
+        assert_eq!(input.len(), 16 * QK_K);
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let want = &fx[ty.name()];
+            let got = quantize(ty, &input).unwrap();
+            assert_eq!(got.len(), want.len(), "{}", ty.name());
+            let blocks_differ = got
+                .chunks(ty.type_size())
+                .zip(want.chunks(ty.type_size()))
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(
+                blocks_differ,
+                0,
+                "{}: {blocks_differ} of 16 blocks differ",
+                ty.name()
+            );
         }
     }
 
