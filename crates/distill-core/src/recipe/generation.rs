@@ -392,7 +392,7 @@ mod tests {
                 "[soft_labels]\nmax_mismatch_rate = 1.5",
                 "[soft_labels] max_mismatch_rate",
             ),
-            ("[soft_labels]\ndtype = \"f32\"", "dtype"),
+            ("[soft_labels]\ndtype = \"f32\"", "expected `f16` or `bf16`"),
         ] {
             let err = parse(&format!("name = \"x\"\n{text}\n")).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");
