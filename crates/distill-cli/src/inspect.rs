@@ -220,7 +220,7 @@ impl Report {
 }
 
 /// 494032768 -> "494.0M".
-fn human(n: usize) -> String {
+pub(crate) fn human(n: usize) -> String {
     let n = n as f64;
     if n >= 1e9 {
         format!("{:.2}B", n / 1e9)

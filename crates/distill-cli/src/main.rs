@@ -5,6 +5,7 @@ mod eval;
 mod gen_data;
 mod generate;
 mod gguf;
+mod init_student;
 mod inspect;
 mod progress;
 mod rescore;
@@ -45,6 +46,8 @@ enum Command {
     Generate(generate::Args),
     /// Serve a local model over an OpenAI-compatible HTTP API (chat, completions, logprobs).
     Serve(serve::Args),
+    /// Make a student from a larger model by keeping some of its layers (`--keep-every 2`).
+    InitStudent(init_student::Args),
     /// Convert a model from another format: `distill import gguf FILE|ollama:NAME --out DIR`.
     Import(gguf::ImportArgs),
     /// Convert a model to another format: `distill export gguf --model DIR --out FILE`.
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args, cli.device),
         Command::Serve(args) => serve::run(args, cli.device),
+        Command::InitStudent(args) => init_student::run(args),
         Command::Import(args) => gguf::import(args),
         Command::Export(args) => gguf::export(args),
     };

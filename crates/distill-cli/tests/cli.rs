@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 mod eval;
 #[path = "cli/gguf.rs"]
 mod gguf;
+#[path = "cli/init_student.rs"]
+mod init_student;
 #[path = "cli/rescore.rs"]
 mod rescore;
 #[path = "cli/serve.rs"]

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod init_student;
 pub mod llama;
 mod load;
 pub mod ops;

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -159,8 +160,8 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Reads one tensor as f32 (from f32, f16 or bf16 storage).
-    pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
+    /// One tensor as stored: dtype, shape and the mapped bytes, for copying without conversion.
+    pub fn view(&self, name: &str) -> Result<TensorView<'_>> {
         let meta = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
             dir: self.dir.clone(),
             arch: "this model",
@@ -168,12 +169,21 @@ impl Checkpoint {
             shape: vec![],
         })?;
         let (path, mmap) = &self.files[meta.file];
-        let bad = |msg: String| ModelError::Safetensors {
+        let bad = |e: safetensors::SafeTensorError| ModelError::Safetensors {
             path: path.clone(),
+            msg: e.to_string(),
+        };
+        let tensors = SafeTensors::deserialize(mmap).map_err(bad)?;
+        tensors.tensor(name).map_err(bad)
+    }
+
+    /// Reads one tensor as f32 (from f32, f16 or bf16 storage).
+    pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
+        let view = self.view(name)?;
+        let bad = |msg: String| ModelError::Safetensors {
+            path: self.files[self.index[name].file].0.clone(),
             msg,
         };
-        let tensors = SafeTensors::deserialize(mmap).map_err(|e| bad(e.to_string()))?;
-        let view = tensors.tensor(name).map_err(|e| bad(e.to_string()))?;
         let bytes = view.data();
         let data = match view.dtype() {
             Dtype::F32 => bytes
