@@ -15,6 +15,8 @@ mod rescore;
 mod serve;
 #[path = "cli/soft.rs"]
 mod soft;
+#[path = "cli/soft_roundtrip.rs"]
+mod soft_roundtrip;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")

@@ -128,6 +128,13 @@ impl SoftTargets {
                     }
                     None => None,
                 };
+                // A stored position whose alternatives are all padding has no soft label
+                // (API capture could not map the teacher's token there).
+                let entry = entry.filter(|(tid, tlp)| {
+                    tid.iter()
+                        .zip(*tlp)
+                        .any(|(&id, lp)| id != distill_data::soft::PAD_ID && lp.is_finite())
+                });
                 match entry {
                     Some((tid, tlp)) => {
                         for (&id, &lp) in tid.iter().zip(tlp) {
