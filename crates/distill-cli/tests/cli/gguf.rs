@@ -546,3 +546,68 @@ fn sentencepiece_vocabularies_encode_as_sentencepiece() {
     // transformers' GGUF loader drops one of several leading spaces; llama.cpp and we do not.
     assert_eq!(differs_from_transformers, 1);
 }
+
+/// GGUF files written by llama.cpp's own converter (convert_hf_to_gguf.py, f16) from the tiny
+/// fixtures import back to the source: matrices equal to the f16-rounded originals, norms and
+/// biases exact, the llama q/k permutation undone, Llama 3 RoPE scaling recovered from
+/// `rope_freqs.weight`, and the same tokens and chat prompts.
+#[test]
+fn llama_cpp_converted_files_import_to_the_source_model() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let src = fixtures().join(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let back = tmp.path().join("back");
+        let gguf = fixtures().join(format!("gguf/llamacpp-{name}.gguf"));
+        run_ok(&[
+            "import",
+            "gguf",
+            gguf.to_str().unwrap(),
+            "--out",
+            back.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ]);
+        let (original, again) = (tensors(&src), tensors(&back));
+        assert_eq!(original.len(), again.len(), "{name}: tensor count");
+        for ((n, shape, want), (n2, shape2, got)) in original.iter().zip(&again) {
+            assert_eq!((n, shape), (n2, shape2));
+            let want: Vec<f32> = if shape.len() == 1 {
+                want.clone()
+            } else {
+                want.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+            };
+            assert!(want == *got, "{name}: {n} differs");
+        }
+        let (a, b) = (
+            distill_models::DecoderConfig::from_dir(&src).unwrap(),
+            distill_models::DecoderConfig::from_dir(&back).unwrap(),
+        );
+        assert_eq!(
+            (&a.rope_scaling, a.rope_theta, a.tie_word_embeddings),
+            (&b.rope_scaling, b.rope_theta, b.tie_word_embeddings),
+            "{name}"
+        );
+        assert_eq!(
+            (a.qkv_bias, a.num_key_value_heads, a.eos_token_ids.clone()),
+            (b.qkv_bias, b.num_key_value_heads, b.eos_token_ids.clone()),
+            "{name}"
+        );
+        let (ta, tb) = (
+            TextTokenizer::from_dir(&src).unwrap(),
+            TextTokenizer::from_dir(&back).unwrap(),
+        );
+        for text in ["Natalia sold 48 clips in April <|im_end|>", "  x\n\n12345 café"] {
+            assert_eq!(
+                ta.encode(text, false).unwrap(),
+                tb.encode(text, false).unwrap(),
+                "{name}: {text:?}"
+            );
+        }
+        let chat = [Message::new("user", "How many clips?")];
+        assert_eq!(
+            ta.encode_chat(&chat, true).unwrap(),
+            tb.encode_chat(&chat, true).unwrap(),
+            "{name}: template"
+        );
+    }
+}
