@@ -387,6 +387,17 @@ fn token_text(v: &Json) -> Option<String> {
     }
 }
 
+/// The special token a TemplateProcessing post-processor (alone or in a Sequence) puts first.
+fn template_prefix(post: &Json) -> Option<String> {
+    match post["type"].as_str()? {
+        "TemplateProcessing" => post["single"][0]["SpecialToken"]["id"]
+            .as_str()
+            .map(str::to_string),
+        "Sequence" => post["processors"].as_array()?.iter().find_map(template_prefix),
+        _ => None,
+    }
+}
+
 impl TokenizerExport {
     fn read(dir: &Path, hp: &Hparams) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
@@ -505,7 +516,10 @@ impl TokenizerExport {
             eos: id_of(&eos_text).or(hp.eos_token_id),
             unk: id_of(&special("unk_token")),
             pad: id_of(&special("pad_token")),
-            add_bos: tc["add_bos_token"].as_bool().unwrap_or(false),
+            // Llama 3's tokenizer_config.json has no add_bos_token; its post-processor adds BOS.
+            add_bos: tc["add_bos_token"]
+                .as_bool()
+                .unwrap_or_else(|| bos_text.is_some() && template_prefix(&tok["post_processor"]) == bos_text),
             add_eos: tc["add_eos_token"].as_bool().unwrap_or(false),
             eos_text,
             chat_template,
@@ -556,6 +570,20 @@ impl TokenizerExport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Llama 3's post-processor: ByteLevel then a template that starts with <|begin_of_text|>.
+    #[test]
+    fn bos_is_read_from_template_post_processors() {
+        let llama3 = serde_json::json!({"type": "Sequence", "processors": [
+            {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+            {"type": "TemplateProcessing",
+             "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}
+        ]});
+        assert_eq!(template_prefix(&llama3).as_deref(), Some("<|begin_of_text|>"));
+        let plain = serde_json::json!({"type": "ByteLevel", "add_prefix_space": true});
+        assert_eq!(template_prefix(&plain), None);
+        assert_eq!(template_prefix(&serde_json::Value::Null), None);
+    }
 
     /// SmolLM2-135M's 30 layers under Q4_K_M: llama.cpp gives attn_v/ffn_down Q6_K in layers
     /// 0-2, 27-29 and every third from 5; rows of 576 are not whole 256-blocks, so those
