@@ -14,6 +14,9 @@ use serde::Serialize;
 use crate::EvalError;
 use crate::stats::{Estimate, mean};
 
+/// The id that pads a top-k row (soft-label shards use it for "no alternative").
+const PAD: u32 = u32::MAX;
+
 /// Loss positions per forward chunk: bounds the [chunk, V] f32 logits (152k vocab: 150 MB).
 const CHUNK: usize = 256;
 
@@ -109,7 +112,12 @@ pub fn teacher_force<B: Kernels>(
         }
         if let (Some(t), Some(at)) = (teacher, out.at_teacher.as_mut()) {
             let rows = &t.ids[start * t.k..(start + c) * t.k];
-            let tid = int_tensor::<B, 2>(rows.iter().map(|&i| i64::from(i)).collect(), [c, t.k], device);
+            // Padding ids gather position 0; their -inf teacher log-prob drops them later.
+            let rows: Vec<i64> = rows
+                .iter()
+                .map(|&i| if i == PAD { 0 } else { i64::from(i) })
+                .collect();
+            let tid = int_tensor::<B, 2>(rows, [c, t.k], device);
             at.extend(to_f32(logp.gather(1, tid))?);
         }
     }
@@ -148,10 +156,12 @@ pub fn sparse_kl(teacher: &TopK, model_at_teacher: &[f32]) -> Vec<f64> {
         .map(|pos| {
             let (mut kl, mut p_sum, mut q_sum) = (0.0f64, 0.0f64, 0.0f64);
             let row = pos * k..(pos + 1) * k;
-            let entries = teacher.ids[row.clone()].iter().zip(&teacher.logprobs[row.clone()]);
+            let entries = teacher.ids[row.clone()]
+                .iter()
+                .zip(&teacher.logprobs[row.clone()]);
             for ((&id, &lp), &lq) in entries.zip(&model_at_teacher[row]) {
                 let (lp, lq) = (f64::from(lp), f64::from(lq));
-                if id == u32::MAX || !lp.is_finite() {
+                if id == PAD || !lp.is_finite() {
                     continue;
                 }
                 let p = lp.exp();
@@ -206,10 +216,21 @@ impl HeldOutAccumulator {
         self.tokens += n;
         self.nll.push(sum / n as f64);
         if let (Some(t), Some(at)) = (teacher, forced.at_teacher.as_ref()) {
-            let kl = sparse_kl(t, at);
-            self.kl.push(kl.iter().sum::<f64>() / n as f64);
-            let agree = (0..n).filter(|&p| t.ids[p * t.k] == forced.argmax[p]).count();
-            self.top1.push(agree as f64 / n as f64);
+            // Positions where the teacher has a distribution (stored soft labels may not
+            // cover every label position).
+            let labelled: Vec<usize> = (0..n)
+                .filter(|&p| (p * t.k..(p + 1) * t.k).any(|j| t.ids[j] != PAD && t.logprobs[j].is_finite()))
+                .collect();
+            if !labelled.is_empty() {
+                let kl = sparse_kl(t, at);
+                let m = labelled.len() as f64;
+                self.kl.push(labelled.iter().map(|&p| kl[p]).sum::<f64>() / m);
+                let agree = labelled
+                    .iter()
+                    .filter(|&&p| t.ids[p * t.k] == forced.argmax[p])
+                    .count();
+                self.top1.push(agree as f64 / m);
+            }
         }
     }
 

@@ -88,8 +88,7 @@ pub fn rescore<B: Kernels>(
         let forced = teacher_force(&model, ex, spec.k, None, device)?;
         let top = forced.top.expect("top-k was asked for");
         let ids = loss_positions(ex).iter().map(|&p| ex.labels[p] as u32).collect();
-        let record =
-            SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(EvalError::Invalid)?;
+        let record = SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(EvalError::Invalid)?;
         writer.append(&ex.key, &record).map_err(store_error)?;
         progress.advance(1);
     }

@@ -15,7 +15,7 @@ use crate::contamination::TrainingPrompts;
 use crate::generate::{
     FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
 };
-use crate::likelihood::{HeldOutAccumulator, HeldOutScores, TopK, teacher_force};
+use crate::likelihood::{HeldOutAccumulator, HeldOutScores, TopK, loss_positions, teacher_force};
 use crate::probes::{self, Probe, ProbeOutcome};
 use crate::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
 use crate::report::{
@@ -465,6 +465,12 @@ fn held_out<B: Kernels>(
     progress: &dyn Progress,
 ) -> Result<HeldOutScores, EvalError> {
     let examples = held_out_examples(h, tokenizer)?;
+    // Without a live teacher, the dataset's stored soft labels are the teacher's view.
+    let stored = match teacher {
+        Some(_) => None,
+        None => stored_targets(&h.dataset, tokenizer, &examples)?,
+    };
+    let teacher = teacher.or(stored.as_ref());
     progress.stage(&format!("{} · held-out", spec.label), examples.len() as u64);
     let mut acc = HeldOutAccumulator::default();
     for ex in &examples {
@@ -475,6 +481,64 @@ fn held_out<B: Kernels>(
     }
     progress.finish_stage();
     Ok(acc.finish())
+}
+
+/// The dataset's soft labels (`<dataset>/soft/`) as top-k targets over each example's loss
+/// positions, when they exist and are in this tokenizer's ids. Positions a record does not
+/// cover hold padding only and count in neither KL nor agreement.
+fn stored_targets(
+    dataset: &std::path::Path,
+    tokenizer: &TextTokenizer,
+    examples: &[Example],
+) -> Result<Option<TeacherTargets>, EvalError> {
+    let dir = distill_data::soft::soft_dir(dataset);
+    if !dir.join(distill_data::soft::MANIFEST_FILE).exists() {
+        return Ok(None);
+    }
+    let store = distill_data::soft::SoftLabels::open(&dir).map_err(|e| EvalError::Invalid(e.to_string()))?;
+    if store.manifest().tokenizer_hash != tokenizer.hash {
+        return Ok(None);
+    }
+    let k = store.manifest().k;
+    let mut by_key = HashMap::new();
+    for ex in examples {
+        let Some(rec) = store
+            .get(&ex.key)
+            .map_err(|e| EvalError::Invalid(e.to_string()))?
+        else {
+            continue;
+        };
+        let labels: Vec<i64> = loss_positions(ex).iter().map(|&p| ex.labels[p]).collect();
+        let Some(offset) = distill_train::soft::align(&labels, &rec.ids) else {
+            continue;
+        };
+        let mut top = TopK {
+            k,
+            ids: Vec::with_capacity(labels.len() * k),
+            logprobs: Vec::with_capacity(labels.len() * k),
+        };
+        for (p, &label) in labels.iter().enumerate() {
+            match p
+                .checked_sub(offset)
+                .filter(|&j| j < rec.len() && i64::from(rec.ids[j]) == label)
+            {
+                Some(j) => {
+                    let (ids, lps) = rec.position(j);
+                    top.ids.extend_from_slice(ids);
+                    top.logprobs.extend_from_slice(lps);
+                }
+                None => {
+                    top.ids.extend(std::iter::repeat_n(distill_data::soft::PAD_ID, k));
+                    top.logprobs.extend(std::iter::repeat_n(f32::NEG_INFINITY, k));
+                }
+            }
+        }
+        by_key.insert(ex.key.clone(), top);
+    }
+    Ok(Some(TeacherTargets {
+        tokenizer_hash: tokenizer.hash.clone(),
+        by_key,
+    }))
 }
 
 fn run_probes<B: Kernels>(

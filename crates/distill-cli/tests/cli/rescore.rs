@@ -44,6 +44,33 @@ fn rescored_soft_labels_feed_training() {
         stdout(&o)
     );
 
+    // Eval measures KL and agreement against the stored labels when no live teacher is
+    // given: the teacher that made them agrees with itself (to f16 rounding and the rest
+    // bucket of its top-8).
+    let eval_out = tmp.path().join("eval");
+    let o = run_in_repo(&[
+        "eval",
+        "--model",
+        "tests/fixtures/tiny-llama",
+        "--held-out",
+        data.to_str().unwrap(),
+        "--held-out-share",
+        "1",
+        "--seq-len",
+        "1024",
+        "--max-examples",
+        "6",
+        "--out",
+        eval_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval_out.join("report.json")).unwrap()).unwrap();
+    let held = &report["models"][0]["held_out"];
+    assert_eq!(held["examples"], 6);
+    assert!(held["kl_to_teacher"]["value"].as_f64().unwrap() < 5e-3, "{held}");
+    assert_eq!(held["top1_agreement"]["value"].as_f64().unwrap(), 1.0, "{held}");
+
     // Training prefers the stored soft labels to loading the live teacher (the 3 samples
     // cut off by max_tokens are not trained on).
     let o = run_in_repo(&["train", "--recipe", r]);
