@@ -1,5 +1,19 @@
-//! `distill gen-data --recipe R --rescore`: a local teacher re-scores the dataset's samples
-//! teacher-forced and writes its top-k log-probabilities as soft labels (`<dataset>/soft/`).
+//! `distill gen-data --recipe R --rescore`: a teacher re-scores the dataset's samples
+//! teacher-forced and writes its top-k log-probabilities as soft labels (`<dataset>/soft/`):
+//! a local teacher in burn (`[soft_labels] source = "local-rescore"`, the default for
+//! --rescore), or a vLLM server asked for `prompt_logprobs` over the token ids
+//! (`source = "vllm-prompt-logprobs"`, the [teacher] endpoint).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use distill_core::recipe::SoftLabelSource;
+use distill_data::soft::{PAD_ID, SoftMeta, SoftRecord, SoftWriter, soft_dir};
+use distill_models::hub::{self, HubSettings};
+use distill_models::tokenizer::TextTokenizer;
+use distill_teacher::ApiKey;
+use distill_teacher::prompt_logprobs::{PromptLogprobs, prompt_logprobs};
+use distill_train::data::{DataOptions, Example, IGNORE, load_held_out};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
@@ -11,6 +25,13 @@ use crate::backend::{DeviceArg, Job, run_on};
 use crate::progress::StageBars;
 
 pub fn run(recipe: &Recipe, teacher: Option<String>, device: Option<DeviceArg>) -> anyhow::Result<()> {
+    if recipe.soft_labels.source == SoftLabelSource::VllmPromptLogprobs {
+        anyhow::ensure!(
+            teacher.is_none(),
+            "--teacher names a local model; with [soft_labels] source = \"vllm-prompt-logprobs\" the teacher is the [teacher] server"
+        );
+        return run_remote(recipe);
+    }
     let Some(teacher) = teacher.or_else(|| recipe.teacher.local_model.clone()) else {
         anyhow::bail!(
             "re-scoring needs a local teacher: set [teacher] local_model in the recipe or pass --teacher MODEL \
@@ -54,4 +75,123 @@ impl Job for RescoreJob {
     {
         Ok(rescore::<B>(&self.spec, &device, &StageBars::default())?)
     }
+}
+
+/// Re-scoring through a vLLM server: each sample's token ids (rendered with the student's
+/// template, as training renders them) go to `/v1/completions` with `prompt_logprobs: k`,
+/// a few requests in flight at once ([gen] concurrency).
+fn run_remote(recipe: &Recipe) -> anyhow::Result<()> {
+    let s = &recipe.soft_labels;
+    let tokenizer_ref = s
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| recipe.student.model.clone());
+    let tokenizer = TextTokenizer::from_dir(&hub::resolve(&tokenizer_ref, &HubSettings::from_env())?)?;
+    let opts = DataOptions {
+        seq_len: recipe.train.seq_len,
+        held_out: 1.0,
+        keep_truncated: true,
+        keep_only_correct: false,
+    };
+    let examples = load_held_out(&recipe.data.dataset, &tokenizer, &opts)?;
+    let meta = SoftMeta {
+        source: SoftLabelSource::VllmPromptLogprobs,
+        k: s.k,
+        temperature: 1.0,
+        dtype: s.dtype,
+        tokenizer_hash: tokenizer.hash.clone(),
+        tokenizer: tokenizer_ref,
+        vocab_size: tokenizer.vocab_size(),
+    };
+    let dir = soft_dir(&recipe.data.dataset);
+    let mut writer = SoftWriter::create_or_resume(&dir, meta)?;
+    let todo: Vec<&Example> = examples.iter().filter(|e| !writer.contains(&e.key)).collect();
+    let key = api_key(recipe)?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(recipe.generation.request_timeout_s))
+        .build()
+        .context("building the HTTP client")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let bar = indicatif::ProgressBar::new(todo.len() as u64).with_message("re-scoring (vLLM)");
+    for chunk in todo.chunks(recipe.generation.concurrency.max(1)) {
+        let replies = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, ex) in chunk.iter().enumerate() {
+                let (client, key) = (client.clone(), key.clone());
+                let (url, model, ids, k) = (
+                    recipe.teacher.base_url.clone(),
+                    recipe.teacher.model.clone(),
+                    ex.input_ids.clone(),
+                    s.k,
+                );
+                set.spawn(async move {
+                    (
+                        i,
+                        prompt_logprobs(&client, &url, key.as_ref(), &model, &ids, k).await,
+                    )
+                });
+            }
+            let mut out: Vec<Option<_>> = (0..chunk.len()).map(|_| None).collect();
+            while let Some(joined) = set.join_next().await {
+                let (i, reply) = joined.expect("a re-scoring request task panicked");
+                out[i] = Some(reply);
+            }
+            out.into_iter().map(|r| r.expect("every request answered"))
+        });
+        for (ex, reply) in chunk.iter().zip(replies) {
+            let per_position = reply.with_context(|| format!("re-scoring sample {}", ex.key))?;
+            writer.append(&ex.key, &record_from_prompt_logprobs(ex, &per_position, s.k)?)?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let summary = writer.finish()?;
+    println!(
+        "re-scored {} samples with {} at {} ({} were already scored): {} samples, {} tokens, top-{} at {:.1} bytes/token in {}",
+        todo.len(),
+        recipe.teacher.model,
+        recipe.teacher.base_url,
+        examples.len() - todo.len(),
+        summary.counts.samples,
+        summary.counts.tokens,
+        s.k,
+        summary.bytes_per_token,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The key from `[teacher] api_key_env`, if it names one. Errors name the variable only.
+fn api_key(recipe: &Recipe) -> anyhow::Result<Option<ApiKey>> {
+    match recipe.teacher.api_key_env.as_deref().filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(var) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(ApiKey::new(v.trim()))),
+            _ => anyhow::bail!("teacher.api_key_env: the environment variable {var} is not set"),
+        },
+    }
+}
+
+/// A record over the example's label positions from per-position prompt logprobs, where
+/// entry i predicts token i (so label position p, predicting token p + 1, reads entry p + 1).
+fn record_from_prompt_logprobs(
+    ex: &Example,
+    per_position: &PromptLogprobs,
+    k: usize,
+) -> anyhow::Result<SoftRecord> {
+    let (mut ids, mut top_ids, mut top_lps) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, &label) in ex.labels.iter().enumerate().filter(|(_, l)| **l != IGNORE) {
+        ids.push(label as u32);
+        let mut alts: Vec<(u32, f32)> = per_position.get(p + 1).cloned().flatten().unwrap_or_default();
+        alts.sort_by(|a, b| b.1.total_cmp(&a.1));
+        alts.truncate(k);
+        for j in 0..k {
+            let (id, lp) = alts.get(j).copied().unwrap_or((PAD_ID, f32::NEG_INFINITY));
+            top_ids.push(id);
+            top_lps.push(lp);
+        }
+    }
+    SoftRecord::new(ids, k, top_ids, top_lps).map_err(|msg| anyhow::anyhow!("sample {}: {msg}", ex.key))
 }

@@ -39,7 +39,8 @@ pub fn check_source(recipe: &Recipe) -> anyhow::Result<()> {
             recipe.source.display()
         ),
         SoftLabelSource::VllmPromptLogprobs => bail!(
-            "{}: [soft_labels] source = \"vllm-prompt-logprobs\" is not driven by gen-data in this version (the client is distill_teacher::prompt_logprobs); use source = \"api-top-logprobs\" against the vLLM server, or `distill gen-data --rescore`",
+            "{}: [soft_labels] source = \"vllm-prompt-logprobs\" re-scores existing samples: run `distill gen-data --recipe {} --rescore` (the [teacher] server is asked for prompt_logprobs); generate with soft_labels.enabled = false first",
+            recipe.source.display(),
             recipe.source.display()
         ),
     }

@@ -89,3 +89,79 @@ fn rescored_soft_labels_feed_training() {
     let o = run_in_repo(&["gen-data", "--recipe", no_teacher.to_str().unwrap(), "--rescore"]);
     assert_clean_failure(&o, &["local teacher", "--teacher"]);
 }
+
+/// The vLLM route (`source = "vllm-prompt-logprobs"`) against `distill serve`, which answers
+/// `prompt_logprobs` as vLLM does, gives the soft labels local re-scoring gives.
+#[test]
+fn server_prompt_logprobs_rescoring_equals_local_rescoring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(fixtures().join("dataset")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        dir
+    };
+    let (local, remote) = (copy("local"), copy("remote"));
+    let (_server, url) = super::soft_roundtrip::serve(&fixtures().join("tiny-llama"));
+    let recipe = |name: &str, dataset: &Path, teacher: &str, source: &str| {
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\n[teacher]\n{teacher}\n[student]\nmodel = \"tests/fixtures/tiny-qwen2\"\n\
+                 [data]\ndataset = {:?}\n[gen]\nconcurrency = 4\n[soft_labels]\nsource = \"{source}\"\nk = 8\n[train]\nseq_len = 1024\n",
+                dataset.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let local_recipe = recipe(
+        "local",
+        &local,
+        "local_model = \"tests/fixtures/tiny-llama\"",
+        "local-rescore",
+    );
+    let remote_recipe = recipe(
+        "remote",
+        &remote,
+        &format!("model = \"tiny-llama\"\nbase_url = \"{url}\"\napi_key_env = \"\""),
+        "vllm-prompt-logprobs",
+    );
+    for r in [&local_recipe, &remote_recipe] {
+        let o = run_in_repo(&["gen-data", "--recipe", r.to_str().unwrap(), "--rescore"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("re-scored 48 samples"), "{}", stdout(&o));
+    }
+    let a = distill_data::soft::SoftLabels::open(&local.join("soft")).unwrap();
+    let b = distill_data::soft::SoftLabels::open(&remote.join("soft")).unwrap();
+    assert_eq!(
+        b.manifest().source,
+        distill_core::recipe::SoftLabelSource::VllmPromptLogprobs
+    );
+    let mut positions = 0;
+    for key in a.keys() {
+        let (ra, rb) = (a.get(key).unwrap().unwrap(), b.get(key).unwrap().unwrap());
+        assert_eq!(ra.ids, rb.ids, "sample {key}: label tokens");
+        for t in 0..ra.len() {
+            let ((ia, la), (ib, lb)) = (ra.position(t), rb.position(t));
+            for j in 0..8 {
+                // Near-ties may swap places between two computations; their values agree.
+                assert!(
+                    (la[j] - lb[j]).abs() < 5e-3,
+                    "sample {key} position {t} rank {j}: {} vs {}",
+                    la[j],
+                    lb[j]
+                );
+                if j == 0 || (la[j - 1] - la[j]).abs() > 1e-2 {
+                    assert_eq!(ia[j], ib[j], "sample {key} position {t} rank {j}");
+                }
+            }
+            positions += 1;
+        }
+    }
+    assert!(positions > 1000, "{positions}");
+}

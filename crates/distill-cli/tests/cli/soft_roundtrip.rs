@@ -14,7 +14,7 @@ use distill_models::tokenizer::TextTokenizer;
 
 use super::*;
 
-struct Server(Child);
+pub(super) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for Server {
 }
 
 /// Starts `distill serve` on a free port; returns it and its base URL (`http://.../v1`).
-fn serve(model: &Path) -> (Server, String) {
+pub(super) fn serve(model: &Path) -> (Server, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_distill"))
         .args([
             "--device",
