@@ -45,6 +45,9 @@ pub fn run(recipe: &Recipe, teacher: Option<String>, device: Option<DeviceArg>) 
         k: recipe.soft_labels.k,
         dtype: recipe.soft_labels.dtype,
         seq_len: recipe.train.seq_len,
+        // A few sequences per forward: enough to fill a GPU at fixture and 7B sizes alike
+        // without holding more than a [chunk x vocab] block of logits.
+        batch_tokens: 4 * recipe.train.seq_len,
     };
     let summary = run_on(DeviceArg::resolve(device), RescoreJob { spec: spec.clone() })?;
     let c = summary.store.counts;

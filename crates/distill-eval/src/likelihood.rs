@@ -67,24 +67,97 @@ pub fn teacher_force<B: Kernels>(
     teacher: Option<&TopK>,
     device: &B::Device,
 ) -> Result<Forced, EvalError> {
-    let positions = loss_positions(ex);
-    let n = positions.len();
-    if let Some(t) = teacher
-        && t.positions() != n
-    {
-        return Err(EvalError::Invalid(format!(
-            "teacher targets cover {} positions, the example has {n}",
-            t.positions()
-        )));
+    let teachers = teacher.map(|t| vec![t]);
+    let mut out = teacher_force_batch(model, &[ex], top_k, teachers.as_deref(), device)?;
+    Ok(out.pop().expect("one example in, one out"))
+}
+
+/// [`teacher_force`] for several examples in one forward pass: they are right-padded to the
+/// longest (causal attention keeps padding out of every real position), and their loss
+/// positions go through the head together, `CHUNK` at a time.
+pub fn teacher_force_batch<B: Kernels>(
+    model: &CausalLm<B>,
+    exs: &[&Example],
+    top_k: usize,
+    teachers: Option<&[&TopK]>,
+    device: &B::Device,
+) -> Result<Vec<Forced>, EvalError> {
+    let positions: Vec<Vec<usize>> = exs.iter().map(|ex| loss_positions(ex)).collect();
+    if let Some(ts) = teachers {
+        for (t, p) in ts.iter().zip(&positions) {
+            if t.positions() != p.len() {
+                return Err(EvalError::Invalid(format!(
+                    "teacher targets cover {} positions, the example has {}",
+                    t.positions(),
+                    p.len()
+                )));
+            }
+        }
     }
-    let t_len = ex.input_ids.len();
-    let ids = int_tensor::<B, 2>(
-        ex.input_ids.iter().map(|&t| i64::from(t)).collect(),
-        [1, t_len],
-        device,
+    let (b, t_len) = (
+        exs.len(),
+        exs.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
     );
-    let hidden = model.hidden_states(ids, None); // [1, T, C]
-    let mut out = Forced {
+    if b == 0 || t_len == 0 {
+        return Ok(exs
+            .iter()
+            .map(|_| empty_forced(0, top_k, teachers.is_some()))
+            .collect());
+    }
+    let ids: Vec<i64> = exs
+        .iter()
+        .flat_map(|e| {
+            let pad = t_len - e.input_ids.len();
+            e.input_ids
+                .iter()
+                .map(|&t| i64::from(t))
+                .chain(std::iter::repeat_n(0, pad))
+        })
+        .collect();
+    let hidden = model.hidden_states(int_tensor::<B, 2>(ids, [b, t_len], device), None); // [b, T, C]
+    let c_dim = hidden.dims()[2];
+    let hidden = hidden.reshape([b * t_len, c_dim]); // [b*T, C]
+    // Every loss position of every example, in order: (flat row, label).
+    let flat: Vec<(usize, i64)> = positions
+        .iter()
+        .enumerate()
+        .flat_map(|(i, ps)| ps.iter().map(move |&p| (i * t_len + p, exs[i].labels[p])))
+        .collect();
+    let teacher_ids: Vec<i64> = teachers
+        .map(|ts| {
+            ts.iter()
+                .flat_map(|t| t.ids.iter().map(|&i| if i == PAD { 0 } else { i64::from(i) }))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tk = teachers.and_then(|ts| ts.first()).map_or(0, |t| t.k);
+    let mut all = empty_forced(flat.len(), top_k, teachers.is_some());
+    for start in (0..flat.len()).step_by(CHUNK) {
+        let chunk = &flat[start..flat.len().min(start + CHUNK)];
+        let c = chunk.len();
+        let idx = int_tensor::<B, 1>(chunk.iter().map(|&(r, _)| r as i64).collect(), [c], device);
+        let h = hidden.clone().select(0, idx).unsqueeze::<3>(); // [1, c, C]
+        let logits = model.logits(h).squeeze_dim::<2>(0).cast(DType::F32); // [c, V]
+        let logp = log_softmax(logits, 1); // [c, V]
+        let labels = int_tensor::<B, 2>(chunk.iter().map(|&(_, l)| l).collect(), [c, 1], device);
+        all.label_logprobs.extend(to_f32(logp.clone().gather(1, labels))?);
+        all.argmax.extend(to_u32(logp.clone().argmax(1))?);
+        if let Some(top) = all.top.as_mut() {
+            let (values, indices) = logp.clone().topk_with_indices(top_k, 1); // [c, k]
+            top.logprobs.extend(to_f32(values)?);
+            top.ids.extend(to_u32(indices)?);
+        }
+        if let Some(at) = all.at_teacher.as_mut() {
+            // Padding ids gather position 0; their -inf teacher log-prob drops them later.
+            let rows = teacher_ids[start * tk..(start + c) * tk].to_vec();
+            at.extend(to_f32(logp.gather(1, int_tensor::<B, 2>(rows, [c, tk], device)))?);
+        }
+    }
+    Ok(split_forced(all, &positions, top_k, tk))
+}
+
+fn empty_forced(n: usize, top_k: usize, with_teacher: bool) -> Forced {
+    Forced {
         label_logprobs: Vec::with_capacity(n),
         argmax: Vec::with_capacity(n),
         top: (top_k > 0).then(|| TopK {
@@ -92,36 +165,33 @@ pub fn teacher_force<B: Kernels>(
             ids: Vec::with_capacity(n * top_k),
             logprobs: Vec::with_capacity(n * top_k),
         }),
-        at_teacher: teacher.map(|_| Vec::with_capacity(n * teacher.map_or(0, |t| t.k))),
-    };
-    for start in (0..n).step_by(CHUNK) {
-        let chunk = &positions[start..n.min(start + CHUNK)];
-        let c = chunk.len();
-        let idx = int_tensor::<B, 1>(chunk.iter().map(|&p| p as i64).collect(), [c], device);
-        let h = hidden.clone().select(1, idx); // [1, c, C]
-        let logits = model.logits(h).squeeze_dim::<2>(0).cast(DType::F32); // [c, V]
-        let logp = log_softmax(logits, 1); // [c, V]
-        let labels: Vec<i64> = chunk.iter().map(|&p| ex.labels[p]).collect();
-        let labels = int_tensor::<B, 2>(labels, [c, 1], device);
-        out.label_logprobs.extend(to_f32(logp.clone().gather(1, labels))?);
-        out.argmax.extend(to_u32(logp.clone().argmax(1))?);
-        if let Some(top) = out.top.as_mut() {
-            let (values, indices) = logp.clone().topk_with_indices(top_k, 1); // [c, k]
-            top.logprobs.extend(to_f32(values)?);
-            top.ids.extend(to_u32(indices)?);
-        }
-        if let (Some(t), Some(at)) = (teacher, out.at_teacher.as_mut()) {
-            let rows = &t.ids[start * t.k..(start + c) * t.k];
-            // Padding ids gather position 0; their -inf teacher log-prob drops them later.
-            let rows: Vec<i64> = rows
-                .iter()
-                .map(|&i| if i == PAD { 0 } else { i64::from(i) })
-                .collect();
-            let tid = int_tensor::<B, 2>(rows, [c, t.k], device);
-            at.extend(to_f32(logp.gather(1, tid))?);
-        }
+        at_teacher: with_teacher.then(Vec::new),
     }
-    Ok(out)
+}
+
+/// Cuts the batch's concatenated results back into one [`Forced`] per example.
+fn split_forced(all: Forced, positions: &[Vec<usize>], top_k: usize, tk: usize) -> Vec<Forced> {
+    let mut at = 0;
+    positions
+        .iter()
+        .map(|ps| {
+            let r = at..at + ps.len();
+            at += ps.len();
+            Forced {
+                label_logprobs: all.label_logprobs[r.clone()].to_vec(),
+                argmax: all.argmax[r.clone()].to_vec(),
+                top: all.top.as_ref().map(|t| TopK {
+                    k: top_k,
+                    ids: t.ids[r.start * top_k..r.end * top_k].to_vec(),
+                    logprobs: t.logprobs[r.start * top_k..r.end * top_k].to_vec(),
+                }),
+                at_teacher: all
+                    .at_teacher
+                    .as_ref()
+                    .map(|a| a[r.start * tk..r.end * tk].to_vec()),
+            }
+        })
+        .collect()
 }
 
 fn int_tensor<B: Kernels, const D: usize>(
@@ -255,6 +325,49 @@ impl HeldOutAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_forces_each_example_as_it_would_alone() {
+        use burn::backend::Flex;
+        let dir = std::env::var_os("DISTILL_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+            })
+            .join("tiny-qwen2");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let ex = |ids: &[u32], n_prompt: usize| Example {
+            input_ids: ids.to_vec(),
+            labels: (0..ids.len())
+                .map(|i| {
+                    if i + 1 >= n_prompt && i + 1 < ids.len() {
+                        i64::from(ids[i + 1])
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect(),
+            prompt_id: String::new(),
+            key: String::new(),
+        };
+        let exs = [
+            ex(&[5, 9, 30, 31, 200, 7], 2),
+            ex(&[11, 12, 13], 1),
+            ex(&[40, 41, 42, 43, 44, 45, 46, 47, 48], 5),
+        ];
+        let refs: Vec<&Example> = exs.iter().collect();
+        let batch = teacher_force_batch(&model, &refs, 4, None, &device).unwrap();
+        for (e, got) in exs.iter().zip(&batch) {
+            let alone = teacher_force(&model, e, 4, None, &device).unwrap();
+            assert_eq!(got.argmax, alone.argmax);
+            assert_eq!(got.top.as_ref().unwrap().ids, alone.top.as_ref().unwrap().ids);
+            for (a, b) in got.label_logprobs.iter().zip(&alone.label_logprobs) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+        assert_eq!(batch[2].label_logprobs.len(), 4);
+    }
 
     #[test]
     fn sparse_kl_with_full_support_is_the_exact_kl() {

@@ -17,10 +17,10 @@ use distill_data::soft::{SoftMeta, SoftRecord, SoftSummary, SoftWriter, soft_dir
 use distill_models::hub::{self, HubSettings};
 use distill_models::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, Kernels};
-use distill_train::data::{DataOptions, load_held_out};
+use distill_train::data::{DataOptions, Example, load_held_out};
 
 use crate::EvalError;
-use crate::likelihood::{loss_positions, teacher_force};
+use crate::likelihood::{loss_positions, teacher_force_batch};
 use crate::run::Progress;
 
 /// Below this share of identical ids, teacher and student do not share a vocabulary.
@@ -39,6 +39,29 @@ pub struct RescoreSpec {
     pub dtype: LogprobDtype,
     /// Longest tokenized sample (longer ones are cut, as training cuts them).
     pub seq_len: usize,
+    /// Samples are forced together up to this many (padded) tokens per batch.
+    pub batch_tokens: usize,
+}
+
+/// Consecutive groups whose padded size (count x longest) stays within `budget` tokens; a
+/// sample longer than the budget goes alone.
+fn token_batches<'a>(examples: &[&'a Example], budget: usize) -> Vec<Vec<&'a Example>> {
+    let mut out: Vec<Vec<&Example>> = Vec::new();
+    let mut longest = 0;
+    for &ex in examples {
+        let len = ex.input_ids.len();
+        match out.last_mut() {
+            Some(b) if (b.len() + 1) * longest.max(len) <= budget => {
+                b.push(ex);
+                longest = longest.max(len);
+            }
+            _ => {
+                out.push(vec![ex]);
+                longest = len;
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -84,13 +107,15 @@ pub fn rescore<B: Kernels>(
 
     let model = CausalLm::<B>::load(&teacher_dir, device)?;
     progress.stage("re-scoring", todo.len() as u64);
-    for ex in &todo {
-        let forced = teacher_force(&model, ex, spec.k, None, device)?;
-        let top = forced.top.expect("top-k was asked for");
-        let ids = loss_positions(ex).iter().map(|&p| ex.labels[p] as u32).collect();
-        let record = SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(EvalError::Invalid)?;
-        writer.append(&ex.key, &record).map_err(store_error)?;
-        progress.advance(1);
+    for batch in token_batches(&todo, spec.batch_tokens) {
+        let forced = teacher_force_batch(&model, &batch, spec.k, None, device)?;
+        for (ex, f) in batch.iter().zip(forced) {
+            let top = f.top.expect("top-k was asked for");
+            let ids = loss_positions(ex).iter().map(|&p| ex.labels[p] as u32).collect();
+            let record = SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(EvalError::Invalid)?;
+            writer.append(&ex.key, &record).map_err(store_error)?;
+            progress.advance(1);
+        }
     }
     progress.finish_stage();
     let store = writer.finish().map_err(store_error)?;
@@ -161,6 +186,7 @@ mod tests {
             dtype: LogprobDtype::F16,
             // The fixture tokenizer is tiny (384 ids): its prompts run to 300 tokens.
             seq_len: 1024,
+            batch_tokens: 4096,
         }
     }
 
