@@ -56,6 +56,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::GenData(args) => gen_data::run(args, cli.device),
         Command::Train(args) => train::run(args, cli.device),
@@ -73,5 +76,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`distill inspect M | head -1`) panics
+/// with "failed printing to stdout". Commands that print for pipes take the default action
+/// instead and end quietly, as other command-line tools do. Sockets are unaffected (Linux
+/// sends with MSG_NOSIGNAL); `serve` keeps Rust's setting all the same.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: sets a signal disposition to a libc-provided constant before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

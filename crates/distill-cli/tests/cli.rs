@@ -79,6 +79,23 @@ fn help_lists_the_commands() {
     }
 }
 
+/// `distill inspect M | head -0`: the reader is gone before distill prints; distill must end
+/// quietly rather than panic about a broken pipe.
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["inspect", fixtures().join("tiny-qwen2").to_str().unwrap()])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
