@@ -101,9 +101,14 @@ pub struct ErrorRecord {
     pub timestamp: String,
 }
 
-/// The assistant turn every sample stores: `<think>\n{reasoning}\n</think>\n\n{answer}`.
-pub fn assistant_turn(reasoning: &str, answer: &str) -> String {
-    format!("<think>\n{reasoning}\n</think>\n\n{answer}")
+/// The assistant turn a sample stores: `<think>\n{reasoning}\n</think>\n\n{answer}` from a
+/// thinking teacher (an empty block too, when it chose not to think), the answer alone from a
+/// teacher that does not think, so the student learns the text the teacher wrote.
+pub fn assistant_turn(reasoning: Option<&str>, answer: &str) -> String {
+    match reasoning {
+        Some(r) => format!("<think>\n{r}\n</think>\n\n{answer}"),
+        None => answer.to_string(),
+    }
 }
 
 /// Whether a prompt belongs to the held-out share (`data.held_out`): decided by a hash of its
@@ -169,6 +174,8 @@ mod tests {
         v["future_field"] = serde_json::json!(1);
         let back: Sample = serde_json::from_value(v).unwrap();
         assert_eq!(back, s);
-        assert_eq!(assistant_turn("r", "a"), "<think>\nr\n</think>\n\na");
+        assert_eq!(assistant_turn(Some("r"), "a"), "<think>\nr\n</think>\n\na");
+        assert_eq!(assistant_turn(Some(""), "a"), "<think>\n\n</think>\n\na");
+        assert_eq!(assistant_turn(None, "a"), "a");
     }
 }

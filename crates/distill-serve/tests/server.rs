@@ -558,8 +558,8 @@ async fn gen_data_clients_read_what_the_server_sends() {
     assert!(!reasoning.is_empty());
     let parsed = distill_teacher::api::parse_body(&text).unwrap();
     assert_eq!(
-        (parsed.reasoning.as_str(), parsed.answer.as_str()),
-        (reasoning, "")
+        (parsed.reasoning.as_deref(), parsed.answer.as_str()),
+        (Some(reasoning), "")
     );
     assert_eq!(parsed.model, "tiny");
     assert_eq!(

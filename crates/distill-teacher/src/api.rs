@@ -82,7 +82,9 @@ pub fn completions_url(base_url: &str) -> String {
 pub struct Completion {
     /// The model as the server named it.
     pub model: String,
-    pub reasoning: String,
+    /// `None` when the response carried no reasoning in any form (no reasoning field, no
+    /// `<think>` tags): a model that does not think. `Some("")` when it chose not to.
+    pub reasoning: Option<String>,
     pub answer: String,
     pub finish_reason: String,
     pub usage: Usage,
@@ -256,24 +258,27 @@ fn parse_stream(lines: &[&str]) -> Result<Completion, BodyError> {
 }
 
 /// (reasoning, answer) from a separate reasoning field or `<think>` tags inline in content.
-pub fn split_reasoning(reasoning_field: Option<&str>, content: &str) -> (String, String) {
+/// The reasoning is `None` only when neither is there: the model does not think, and its
+/// sample must not be taught an empty think block it never wrote.
+pub fn split_reasoning(reasoning_field: Option<&str>, content: &str) -> (Option<String>, String) {
     const OPEN: &str = "<think>";
     const CLOSE: &str = "</think>";
     if let Some(r) = reasoning_field.filter(|r| !r.trim().is_empty()) {
         // Some servers also leave the closing tag in content.
         let answer = content.rsplit_once(CLOSE).map_or(content, |(_, a)| a);
-        return (r.trim().to_string(), answer.trim().to_string());
+        return (Some(r.trim().to_string()), answer.trim().to_string());
     }
     if let Some((before, after)) = content.split_once(CLOSE) {
         let r = before.trim_start();
         let r = r.strip_prefix(OPEN).unwrap_or(r);
-        return (r.trim().to_string(), after.trim().to_string());
+        return (Some(r.trim().to_string()), after.trim().to_string());
     }
     if let Some(rest) = content.trim_start().strip_prefix(OPEN) {
         // Opened and never closed: cut off while reasoning.
-        return (rest.trim().to_string(), String::new());
+        return (Some(rest.trim().to_string()), String::new());
     }
-    (String::new(), content.trim().to_string())
+    // A reasoning field that is there but empty: a thinking model that skipped thinking.
+    (reasoning_field.map(|_| String::new()), content.trim().to_string())
 }
 
 fn parse_usage(u: &Value) -> Usage {
@@ -335,7 +340,7 @@ mod tests {
     fn every_server_form_normalises_to_reasoning_and_answer() {
         let deepseek = r#"{"id":"x","model":"deepseek-reasoner","choices":[{"index":0,"message":{"role":"assistant","content":"The answer is \\boxed{72}.","reasoning_content":"48/2 = 24; 48 + 24 = 72."},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":50,"prompt_cache_hit_tokens":10,"prompt_cache_miss_tokens":20,"completion_tokens_details":{"reasoning_tokens":40}}}"#;
         let c = parse_body(&format!("\n\n\n{deepseek}")).unwrap();
-        assert_eq!(c.reasoning, "48/2 = 24; 48 + 24 = 72.");
+        assert_eq!(c.reasoning.as_deref(), Some("48/2 = 24; 48 + 24 = 72."));
         assert_eq!(c.answer, "The answer is \\boxed{72}.");
         assert_eq!(c.model, "deepseek-reasoner");
         assert_eq!(
@@ -350,32 +355,35 @@ mod tests {
 
         let vllm = r#"{"model":"r1","choices":[{"message":{"content":"\n\n42","reasoning":"think hard"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#;
         let c = parse_body(vllm).unwrap();
-        assert_eq!((c.reasoning.as_str(), c.answer.as_str()), ("think hard", "42"));
+        assert_eq!((c.reasoning.as_deref(), c.answer.as_str()), (Some("think hard"), "42"));
         assert_eq!(c.usage.cached_tokens, Some(1));
 
         let ollama_inline = r#"{"model":"deepseek-r1:7b","choices":[{"message":{"content":"<think>\nhmm\n</think>\n\nIt is 5."},"finish_reason":"stop"}]}"#;
         let c = parse_body(ollama_inline).unwrap();
-        assert_eq!((c.reasoning.as_str(), c.answer.as_str()), ("hmm", "It is 5."));
+        assert_eq!((c.reasoning.as_deref(), c.answer.as_str()), (Some("hmm"), "It is 5."));
 
         // R1-Distill chat templates open <think> in the prompt: only the close appears.
         let (r, a) = split_reasoning(None, "step 1\nstep 2\n</think>\n\nDone.");
-        assert_eq!((r.as_str(), a.as_str()), ("step 1\nstep 2", "Done."));
+        assert_eq!((r.as_deref(), a.as_str()), (Some("step 1\nstep 2"), "Done."));
         // Cut off mid-thought.
         let (r, a) = split_reasoning(None, "<think>still going");
-        assert_eq!((r.as_str(), a.as_str()), ("still going", ""));
+        assert_eq!((r.as_deref(), a.as_str()), (Some("still going"), ""));
         // Reasoning field plus a stray close tag in content.
         let (r, a) = split_reasoning(Some("R"), "R</think>A");
-        assert_eq!((r.as_str(), a.as_str()), ("R", "A"));
-        // No reasoning at all.
+        assert_eq!((r.as_deref(), a.as_str()), (Some("R"), "A"));
+        // A thinking model that skipped thinking: an empty reasoning field.
         let (r, a) = split_reasoning(Some(""), " plain ");
-        assert_eq!((r.as_str(), a.as_str()), ("", "plain"));
+        assert_eq!((r.as_deref(), a.as_str()), (Some(""), "plain"));
+        // A model that does not think (SmolLM2, Llama through `distill serve`): no field, no tags.
+        let (r, a) = split_reasoning(None, " plain ");
+        assert_eq!((r, a.as_str()), (None, "plain"));
     }
 
     #[test]
     fn streams_and_keep_alive_comments_are_read() {
         let sse = ": keep-alive\n\n: keep-alive\n\ndata: {\"model\":\"deepseek-reasoner\",\"choices\":[{\"delta\":{\"reasoning_content\":\"a \"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"reasoning_content\":\"b\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"ans\"},\"finish_reason\":\"length\"}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\n\ndata: [DONE]\n\n";
         let c = parse_body(sse).unwrap();
-        assert_eq!(c.reasoning, "a b");
+        assert_eq!(c.reasoning.as_deref(), Some("a b"));
         assert_eq!(c.answer, "ans");
         assert_eq!(c.finish_reason, "length");
         assert_eq!(c.usage.completion_tokens, 4);

@@ -657,7 +657,7 @@ fn make_sample(job: &Job, c: Completion, endpoint: String, latency: Duration, at
     let mut messages = (*job.messages).clone();
     messages.push(distill_data::Message::new(
         "assistant",
-        assistant_turn(&c.reasoning, &c.answer),
+        assistant_turn(c.reasoning.as_deref(), &c.answer),
     ));
     let extracted = extract_answer(&c.answer).map(|a| a.text);
     let correct = job
@@ -670,7 +670,7 @@ fn make_sample(job: &Job, c: Completion, endpoint: String, latency: Duration, at
         sample_index: job.sample_index,
         messages,
         truncated: c.finish_reason == "length",
-        reasoning: c.reasoning,
+        reasoning: c.reasoning.unwrap_or_default(),
         answer: c.answer,
         finish_reason: c.finish_reason,
         usage: c.usage,
