@@ -355,12 +355,18 @@ mod tests {
 
         let vllm = r#"{"model":"r1","choices":[{"message":{"content":"\n\n42","reasoning":"think hard"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":1}}}"#;
         let c = parse_body(vllm).unwrap();
-        assert_eq!((c.reasoning.as_deref(), c.answer.as_str()), (Some("think hard"), "42"));
+        assert_eq!(
+            (c.reasoning.as_deref(), c.answer.as_str()),
+            (Some("think hard"), "42")
+        );
         assert_eq!(c.usage.cached_tokens, Some(1));
 
         let ollama_inline = r#"{"model":"deepseek-r1:7b","choices":[{"message":{"content":"<think>\nhmm\n</think>\n\nIt is 5."},"finish_reason":"stop"}]}"#;
         let c = parse_body(ollama_inline).unwrap();
-        assert_eq!((c.reasoning.as_deref(), c.answer.as_str()), (Some("hmm"), "It is 5."));
+        assert_eq!(
+            (c.reasoning.as_deref(), c.answer.as_str()),
+            (Some("hmm"), "It is 5.")
+        );
 
         // R1-Distill chat templates open <think> in the prompt: only the close appears.
         let (r, a) = split_reasoning(None, "step 1\nstep 2\n</think>\n\nDone.");
