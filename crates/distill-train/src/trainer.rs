@@ -53,13 +53,16 @@ pub enum TrainError {
 }
 
 /// Where the KL term's teacher distribution comes from.
-enum Teacher<B: Backend> {
+pub enum Teacher<B: Backend> {
     /// kd_ratio = 0: CE only.
     None,
     /// A local model sharing the student's tokenizer: full-vocabulary logits.
     Local(Box<CausalLm<B>>),
     /// The dataset's stored top-k soft labels.
     Stored(Box<SoftTargets>),
+    /// The same targets for every micro-batch, which must have exactly their N loss
+    /// positions (`distill bench`: synthetic top-k at real shapes, no dataset).
+    Fixed(TeacherTargets<B>),
 }
 
 /// What a finished (or stopped) run reports.
@@ -119,21 +122,12 @@ where
     <Ad<B> as Backend>::seed(&device, t.seed);
     let student = CausalLm::<Ad<B>>::load(&student_dir, &device)?;
     check_vocab(&student, &tokenizer, &student_dir)?;
-    let mut model = if recipe.lora.enabled {
-        lora::add_lora(student, &recipe.lora, t.seed, &device)
-    } else {
-        lora::full_finetune(student)
-    };
+    let mut model = trainable_student(student, recipe, &device);
     let (teacher, soft_labels) =
         load_teacher::<B>(recipe, &tokenizer, &settings, &device, &train_set, &held_out)?;
 
     let infos = param_infos(&model);
-    let decayed = infos
-        .iter()
-        .filter(|p| p.trainable && p.shape.len() >= 2)
-        .map(|p| p.id)
-        .collect();
-    let mut opt = AdamW::<B>::new(AdamWConfig::from_recipe(t), decayed);
+    let mut opt = new_optimizer(&model, t);
 
     let rows_per_step = t.micro_batch * t.grad_accum;
     let rows_epoch0 = data::epoch_rows(&train_set, t.seed, 0, t.seq_len, t.packing, pad_id).len();
@@ -207,24 +201,19 @@ where
             pad_id,
             &mut epoch_cache,
         );
-        let loss_tokens: usize = rows
-            .iter()
-            .map(|r| r.labels.iter().filter(|&&l| l != IGNORE).count())
-            .sum();
-        let scale = 1.0 / loss_tokens.max(1) as f64;
-        let mut grads = GradStore::<B>::default();
-        let mut sums = (0.0, 0.0, 0.0);
-        for micro in rows.chunks(t.micro_batch) {
-            let s = micro_step(
-                &model, &teacher, micro, &loss_cfg, recipe, scale, &mut grads, &device,
-            )?;
-            sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
-        }
-        let n = loss_tokens.max(1) as f64;
-        let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
-        let grad_norm = grads.global_norm();
         let lr = learning_rate(t, step, total_steps);
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        let (next, outcome) =
+            optimizer_step(model, &mut opt, &teacher, &rows, &loss_cfg, recipe, lr, &device)?;
+        model = next;
+        let StepOutcome {
+            loss,
+            ce,
+            kl,
+            grad_norm,
+            tokens,
+            ..
+        } = outcome;
+        if !outcome.applied {
             consecutive_bad += 1;
             state.skipped_steps += 1;
             if consecutive_bad >= t.max_bad_steps {
@@ -241,13 +230,8 @@ where
             continue;
         }
         consecutive_bad = 0;
-        if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
-            grads.scale(t.max_grad_norm / grad_norm);
-        }
-        model = opt.step::<Ad<B>, _>(model, &grads, lr);
         state.step += 1;
         state.adam_t = opt.t;
-        let tokens: usize = rows.iter().map(|r| r.input_ids.len()).sum();
         state.tokens_seen += tokens as u64;
         ran += 1;
         losses.push(loss);
@@ -333,6 +317,106 @@ where
         stats,
         soft_labels,
     })
+}
+
+/// The student as training sees it: LoRA adapters on a frozen model when the recipe enables
+/// [lora], else every parameter trainable in f32.
+pub fn trainable_student<B: Kernels>(
+    student: CausalLm<Ad<B>>,
+    recipe: &Recipe,
+    device: &B::Device,
+) -> CausalLm<Ad<B>>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    if recipe.lora.enabled {
+        lora::add_lora(student, &recipe.lora, recipe.train.seed, device)
+    } else {
+        lora::full_finetune(student)
+    }
+}
+
+/// AdamW over the trainable parameters, with weight decay on matrices only.
+pub fn new_optimizer<B: Kernels>(model: &CausalLm<Ad<B>>, t: &distill_core::recipe::TrainSection) -> AdamW<B>
+where
+    Ad<B>: Kernels,
+{
+    let decayed = param_infos(model)
+        .iter()
+        .filter(|p| p.trainable && p.shape.len() >= 2)
+        .map(|p| p.id)
+        .collect();
+    AdamW::<B>::new(AdamWConfig::from_recipe(t), decayed)
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Means per loss token.
+    pub loss: f64,
+    pub ce: f64,
+    pub kl: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens in the step's rows (padding included), and those carrying a loss.
+    pub tokens: usize,
+    pub loss_tokens: usize,
+    /// False when the loss or the gradient was not finite: the model was left as it was.
+    pub applied: bool,
+}
+
+/// One optimizer step on `rows`, exactly as `distill train` runs each step (and `distill
+/// bench` times it): micro-batches of [train] micro_batch rows, gradients of the mean loss
+/// over the step's loss tokens, global-norm clipping, one AdamW update at `lr`.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step<B: Kernels>(
+    model: CausalLm<Ad<B>>,
+    opt: &mut AdamW<B>,
+    teacher: &Teacher<B>,
+    rows: &[Row],
+    loss_cfg: &LossConfig,
+    recipe: &Recipe,
+    lr: f64,
+    device: &B::Device,
+) -> Result<(CausalLm<Ad<B>>, StepOutcome), TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let t = &recipe.train;
+    let loss_tokens: usize = rows
+        .iter()
+        .map(|r| r.labels.iter().filter(|&&l| l != IGNORE).count())
+        .sum();
+    let scale = 1.0 / loss_tokens.max(1) as f64;
+    let mut grads = GradStore::<B>::default();
+    let mut sums = (0.0, 0.0, 0.0);
+    for micro in rows.chunks(t.micro_batch) {
+        let s = micro_step(
+            &model, teacher, micro, loss_cfg, recipe, scale, &mut grads, device,
+        )?;
+        sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
+    }
+    let n = loss_tokens.max(1) as f64;
+    let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
+    let grad_norm = grads.global_norm();
+    let applied = loss.is_finite() && grad_norm.is_finite();
+    let mut model = model;
+    if applied {
+        if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
+            grads.scale(t.max_grad_norm / grad_norm);
+        }
+        model = opt.step::<Ad<B>, _>(model, &grads, lr);
+    }
+    let outcome = StepOutcome {
+        loss,
+        ce,
+        kl,
+        grad_norm,
+        tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
+        loss_tokens,
+        applied,
+    };
+    Ok((model, outcome))
 }
 
 fn pad_token(tokenizer: &TextTokenizer) -> u32 {
@@ -576,6 +660,20 @@ fn teacher_targets<B: Kernels>(
             TeacherTargets::Dense(fit_width(tm.logits(h.unsqueeze::<3>()).squeeze_dim(0), width))
         }
         Teacher::Stored(soft) => soft.for_rows(rows, &positions.device())?,
+        Teacher::Fixed(targets) => {
+            let n = positions.dims()[0];
+            let rows_of = match targets {
+                TeacherTargets::None => n,
+                TeacherTargets::Dense(z) => z.dims()[0],
+                TeacherTargets::Sparse { ids, .. } => ids.dims()[0],
+            };
+            if rows_of != n {
+                return Err(TrainError::Refused(format!(
+                    "fixed teacher targets cover {rows_of} positions, the micro-batch has {n}"
+                )));
+            }
+            targets.clone()
+        }
         Teacher::None => TeacherTargets::None,
     })
 }
