@@ -1,6 +1,7 @@
 //! `distill`: distil DeepSeek-R1 into a small Qwen or Llama student on one GPU.
 
 mod backend;
+mod bench;
 mod eval;
 mod gen_data;
 mod generate;
@@ -52,6 +53,9 @@ enum Command {
     Import(gguf::ImportArgs),
     /// Convert a model to another format: `distill export gguf --model DIR --out FILE`.
     Export(gguf::ExportArgs),
+    /// Benchmark GEMMs, the loss, training steps, memory and generation on random-init
+    /// models of real shapes (`--config DIR`); see docs/PERFORMANCE.md.
+    Bench(Box<bench::Args>),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::InitStudent(args) => init_student::run(args),
         Command::Import(args) => gguf::import(args),
         Command::Export(args) => gguf::export(args),
+        Command::Bench(args) => bench::run(*args, cli.device),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "cli/bench.rs"]
+mod bench;
 #[path = "cli/eval.rs"]
 mod eval;
 #[path = "cli/gguf.rs"]

@@ -1,5 +1,6 @@
 //! Distillation training: the KL + CE loss, LoRA, AdamW, checkpoints and the trainer loop.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod export;
