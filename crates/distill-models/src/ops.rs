@@ -2,20 +2,51 @@
 //! [`Kernels`], so a backend can swap in faster kernels (cuBLAS GEMMs, flash attention)
 //! by overriding a method in its impl below, without touching `transformer.rs`.
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
+//!
+//! How a kernel is swapped in (the GEMM is the first; attention and the loss can follow the
+//! same shape): a method on primitives ([`Kernels::gemm`]) that the inner backend overrides
+//! (CUDA: cuBLAS, `ops::cublas`), and for `Autodiff<B, C>` an op with its own backward
+//! ([`gemm_autodiff`]) whose backward calls the inner backend's method again, so forward and
+//! backward both get the fast kernel. Backends that override nothing keep burn's ops bit for bit.
 
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+
+/// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cublas;
 
 pub trait Kernels: Backend {
+    /// True where [`Kernels::gemm`] beats burn's matmul (cuBLAS on CUDA). Then `linear` is one
+    /// [`Kernels::gemm`] over the flattened input ([`linear_via_gemm`]), and under `Autodiff` both
+    /// backward GEMMs call it too. Where false, `linear` is burn's own, unchanged.
+    const FAST_GEMM: bool = false;
+
+    /// One 2-D GEMM on primitives: a [m, k] @ b [k, n] -> [m, n], same dtype in and out.
+    /// `a` and `b` may be transposed views (`float_transpose`, strides swapped): a fast
+    /// implementation takes those as op flags instead of copying.
+    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(a, b)
+    }
+
     /// `x @ weight + bias`. x: [..., in], weight: [in, out], bias: [out] -> [..., out].
     fn linear<const D: usize>(
         x: Tensor<Self, D>,
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, D> {
-        burn::tensor::module::linear(x, weight, bias)
+        if Self::FAST_GEMM {
+            linear_via_gemm(x, weight, bias)
+        } else {
+            burn::tensor::module::linear(x, weight, bias)
+        }
     }
 
     /// Scaled dot-product attention with scale 1/sqrt(head_dim).
@@ -50,9 +81,240 @@ pub trait Kernels: Backend {
     }
 }
 
+/// `linear` as a single [`Kernels::gemm`]: batch dims flattened into M (a reshape, free for a
+/// contiguous x), then the bias broadcast-added. Under `Autodiff` the reshape and the add are
+/// burn's tracked ops (dbias = dY summed over M by the add's backward) and the GEMM is
+/// [`gemm_autodiff`].
+pub fn linear_via_gemm<B: Kernels, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let m: usize = dims[..D - 1].iter().product();
+    let [k_w, n] = weight.dims();
+    assert_eq!(k, k_w, "linear: x {dims:?} does not fit weight [{k_w}, {n}]");
+    let x2 = x.reshape([m, k]); // (M, K)
+    let y = B::gemm(x2.into_primitive().tensor(), weight.into_primitive().tensor()); // (M, N)
+    let mut out = dims;
+    out[D - 1] = n;
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out); // (..., N)
+    match bias {
+        Some(bias) => y + bias.unsqueeze::<D>(),
+        None => y,
+    }
+}
+
+/// [`Kernels::gemm`] under autodiff, with its own backward (burn book, "custom kernels"):
+/// dA = dC @ Bᵀ and dB = Aᵀ @ dC, each by the inner backend's `gemm` on transposed views, so
+/// on CUDA the backward GEMMs are cuBLAS calls with transpose flags, not copies. Like burn's
+/// linear, A is kept for the backward only if B needs a gradient, and B only if A does.
+pub fn gemm_autodiff<B: Kernels, C: CheckpointStrategy>(
+    a: FloatTensor<Autodiff<B, C>>,
+    b: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Gemm;
+
+    impl<B: Kernels> Backward<B, 2> for Gemm {
+        type State = (Option<NodeId>, Option<NodeId>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+            let [node_a, node_b] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node); // dC (m, n)
+            let (a_state, b_state) = ops.state;
+            if let Some(node) = node_a {
+                let b: FloatTensor<B> =
+                    checkpointer.retrieve_node_output(b_state.expect("B kept when A needs a grad"));
+                let grad_a = B::gemm(grad.clone(), B::float_transpose(b)); // (m, n) @ (n, k)
+                grads.register::<B>(node.id, grad_a);
+            }
+            if let Some(node) = node_b {
+                let a: FloatTensor<B> =
+                    checkpointer.retrieve_node_output(a_state.expect("A kept when B needs a grad"));
+                let grad_b = B::gemm(B::float_transpose(a), grad); // (k, m) @ (m, n)
+                grads.register::<B>(node.id, grad_b);
+            }
+        }
+    }
+
+    let a_tracked = a.is_tracked();
+    let b_tracked = b.is_tracked();
+    match Gemm
+        .prepare::<C>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let a_state = b_tracked.then(|| prep.checkpoint(&a));
+            let b_state = a_tracked.then(|| prep.checkpoint(&b));
+            prep.finish((a_state, b_state), B::gemm(a.primitive, b.primitive))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::gemm(a.primitive, b.primitive)),
+    }
+}
+
 impl Kernels for Flex {}
-impl<B: Kernels> Kernels for Autodiff<B> {}
+
+impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+    const FAST_GEMM: bool = B::FAST_GEMM;
+
+    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        gemm_autodiff::<B, C>(a, b)
+    }
+}
+
+/// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
+/// bf16/f16 GEMMs go to cuBLAS, anything cuBLAS is not used for (f32, odd shapes, no
+/// libcublas, `DISTILL_CUBLAS=off`) to burn's matmul.
 #[cfg(feature = "cuda")]
-impl Kernels for burn::backend::Cuda<half::bf16> {}
-#[cfg(feature = "cuda")]
-impl Kernels for burn::backend::Cuda<f32> {}
+impl<F, I, BT> Kernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
+where
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    const FAST_GEMM: bool = true;
+
+    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match cublas::gemm(a, b) {
+            Ok(c) => c,
+            Err((a, b)) => <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_matmul(a, b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::TensorData;
+
+    type B = Autodiff<Flex>;
+
+    /// Small integers: every product and sum below is exact in f32, so burn's autodiff, the
+    /// custom backward and the closed form must agree exactly.
+    fn ints(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7 + seed * 3) % 11) as f32 - 5.0).collect()
+    }
+
+    fn leaf<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::<B, D>::from_data(TensorData::new(data, shape), &Default::default()).require_grad()
+    }
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// x [2, 3, K] @ w [K, N] (+ b): forward and dX, dW, db through `linear_via_gemm` (the custom
+    /// backward) and through burn's own `linear`, both against the closed form for
+    /// loss = sum(y * g): dX = g Wᵀ, dW = Σ_rows xᵀ g, db = Σ_rows g.
+    fn check_linear(with_bias: bool, transposed_weight: bool) {
+        let (k, n) = (4, 5);
+        let xs = ints(2 * 3 * k, 1);
+        let ws = ints(k * n, 2); // w [K, N] row-major
+        let bs = ints(n, 3);
+        let gs = ints(2 * 3 * n, 4);
+
+        let run = |custom: bool| {
+            let x = leaf(xs.clone(), [2, 3, k]);
+            // The LM-head case: the weight is a transposed view of a [N, K] leaf.
+            let (w_leaf, w) = if transposed_weight {
+                let wt: Vec<f32> = (0..n * k).map(|i| ws[(i % k) * n + i / k]).collect();
+                let leaf = leaf(wt, [n, k]);
+                (leaf.clone(), leaf.transpose())
+            } else {
+                let leaf = leaf(ws.clone(), [k, n]);
+                (leaf.clone(), leaf)
+            };
+            let b = with_bias.then(|| leaf(bs.clone(), [n]));
+            let y = if custom {
+                linear_via_gemm(x.clone(), w, b.clone())
+            } else {
+                burn::tensor::module::linear(x.clone(), w, b.clone())
+            };
+            let g = Tensor::<B, 3>::from_data(TensorData::new(gs.clone(), [2, 3, n]), &Default::default());
+            let grads = (y.clone() * g).sum().backward();
+            let gw = values(w_leaf.grad(&grads).unwrap());
+            // Back to [K, N] order when the leaf was [N, K].
+            let gw = if transposed_weight {
+                (0..k * n).map(|i| gw[(i % n) * k + i / n]).collect()
+            } else {
+                gw
+            };
+            (
+                values(y.inner()),
+                values(x.grad(&grads).unwrap()),
+                gw,
+                b.map(|b| values(b.grad(&grads).unwrap())),
+            )
+        };
+
+        // Closed form.
+        let rows = 6;
+        let mut y = vec![0f32; rows * n];
+        let mut dx = vec![0f32; rows * k];
+        let mut dw = vec![0f32; k * n];
+        let mut db = vec![0f32; n];
+        for r in 0..rows {
+            for j in 0..n {
+                let g = gs[r * n + j];
+                y[r * n + j] = (0..k).map(|i| xs[r * k + i] * ws[i * n + j]).sum::<f32>()
+                    + if with_bias { bs[j] } else { 0.0 };
+                db[j] += g;
+                for i in 0..k {
+                    dx[r * k + i] += g * ws[i * n + j];
+                    dw[i * n + j] += xs[r * k + i] * g;
+                }
+            }
+        }
+        let expected = (y, dx, dw, with_bias.then_some(db));
+        assert_eq!(
+            run(true),
+            expected,
+            "custom backward, bias {with_bias}, transposed {transposed_weight}"
+        );
+        assert_eq!(
+            run(false),
+            expected,
+            "burn's linear, bias {with_bias}, transposed {transposed_weight}"
+        );
+    }
+
+    #[test]
+    fn custom_gemm_backward_equals_burn_autodiff_and_closed_form() {
+        for with_bias in [false, true] {
+            for transposed_weight in [false, true] {
+                check_linear(with_bias, transposed_weight);
+            }
+        }
+    }
+
+    /// Only one side tracked (the chunked loss passes a frozen head): the op keeps what it needs.
+    #[test]
+    fn custom_gemm_backward_with_one_side_frozen() {
+        let device = Default::default();
+        let xs = ints(6 * 4, 1);
+        let ws = ints(4 * 5, 2);
+        let x = Tensor::<B, 2>::from_data(TensorData::new(xs.clone(), [6, 4]), &device);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(ws.clone(), [4, 5]), &device);
+
+        let xg = x.clone().require_grad();
+        let grads = linear_via_gemm(xg.clone(), w.clone(), None).sum().backward();
+        let expect_dx: Vec<f32> = (0..24)
+            .map(|i| (0..5).map(|j| ws[(i % 4) * 5 + j]).sum())
+            .collect();
+        assert_eq!(values(xg.grad(&grads).unwrap()), expect_dx);
+
+        let wg = w.require_grad();
+        let grads = linear_via_gemm(x, wg.clone(), None).sum().backward();
+        let expect_dw: Vec<f32> = (0..20).map(|i| (0..6).map(|r| xs[r * 4 + i / 5]).sum()).collect();
+        assert_eq!(values(wg.grad(&grads).unwrap()), expect_dw);
+    }
+
+    /// On backends without a fast GEMM `linear` stays burn's (CPU numerics unchanged).
+    #[test]
+    fn cpu_linear_is_burns() {
+        const { assert!(!<Flex as Kernels>::FAST_GEMM && !<B as Kernels>::FAST_GEMM) };
+    }
+}

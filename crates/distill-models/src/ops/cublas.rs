@@ -1,0 +1,667 @@
+//! cuBLAS GEMMs on burn's CUDA tensors: `cublasGemmEx`, bf16 (or f16) in and out, f32 compute.
+//!
+//! Why: on one H100, burn-cuda 0.21's own bf16 matmul ran at ~218 TFLOP/s on every training
+//! shape tried; cuBLAS on the same buffers at ~820 (docs: GUIDE "Platform facts").
+//!
+//! How the buffers are reached: a burn CUDA tensor is a `CubeTensor { client, handle, meta,
+//! device, dtype, .. }`. cubecl runs every device operation on a per-device runner thread that
+//! owns the `CudaServer`; we send our GEMM to that thread too
+//! (`DeviceHandle::submit_blocking` the first time from a thread, then `submit`, which queues it
+//! without waiting, as kernel launches are queued), so it is issued after every kernel the caller
+//! launched before it and before every kernel launched after it. There `server.get_resource(binding)`
+//! gives each buffer's device pointer (offset included) and makes the caller's stream wait for
+//! buffers written on other streams, as a kernel launch does.
+//!
+//! Ordering on the GPU ([`Ordering`]): cubecl launches on its own non-blocking CUstream per
+//! caller thread, which it does not expose. `Ordering::Stream` (the default) finds that stream
+//! in the server's `Debug` output (`StreamPool.streams[i].stream.sys`, i = stream id mod
+//! max_streams: cubecl 0.10.0's layout, pinned by burn =0.21.0), checks it is a live
+//! non-blocking stream of the current context, caches it per stream id, and sets it on the
+//! cuBLAS handle: the GEMM is then ordered like any cubecl kernel, with no host sync, and
+//! freeing/reusing the input buffers afterwards is stream-ordered as cubecl expects.
+//! If the stream cannot be found, or `DISTILL_CUBLAS=sync`, `Ordering::Sync` drains cubecl's
+//! stream first, runs the GEMM on a stream of ours and waits for it (two host syncs per GEMM).
+//!
+//! cuBLAS handles are created on first use on the device thread and kept: one per device and
+//! CUDA stream (a handle's workspace must not serve two streams at once), so one per device
+//! when a single thread drives the GPU, as training does. libcublas is loaded at run time
+//! (cudarc dynamic loading): without it the first GEMM prints one warning and every GEMM uses
+//! burn's matmul; so does any dtype but bf16/f16, and `DISTILL_CUBLAS=off`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering as Atomic};
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl::Runtime;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::device::Device as _;
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
+use burn_cubecl::cubecl::future::block_on;
+use burn_cubecl::cubecl::server::{Binding, ComputeServer};
+use burn_cubecl::cubecl::stream_id::StreamId;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::cublas::sys as blas;
+use cudarc::driver::sys as cu;
+
+type Server = <CudaRuntime as Runtime>::Server;
+type CudaTensor = CubeTensor<CudaRuntime>;
+
+/// How cuBLAS calls are ordered against cubecl's kernels. Set by `DISTILL_CUBLAS`
+/// (`stream` | `sync` | `off`) at first use, or by [`set_ordering`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ordering {
+    /// On cubecl's own CUDA stream for the calling thread: no host sync.
+    Stream,
+    /// On a stream of ours, between a sync of cubecl's stream and a sync of ours.
+    Sync,
+    /// cuBLAS not used: burn's matmul.
+    Off,
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0); // 0: not read from the environment yet
+
+fn code(o: Ordering) -> u8 {
+    match o {
+        Ordering::Stream => 1,
+        Ordering::Sync => 2,
+        Ordering::Off => 3,
+    }
+}
+
+/// The ordering in force; the first call reads `DISTILL_CUBLAS`.
+pub fn ordering() -> Ordering {
+    match MODE.load(Atomic::Relaxed) {
+        1 => Ordering::Stream,
+        2 => Ordering::Sync,
+        3 => Ordering::Off,
+        _ => {
+            let from_env = match std::env::var("DISTILL_CUBLAS").as_deref() {
+                Err(_) | Ok("") | Ok("stream") | Ok("on") | Ok("1") => Ordering::Stream,
+                Ok("sync") => Ordering::Sync,
+                Ok("off") | Ok("0") => Ordering::Off,
+                Ok(other) => {
+                    eprintln!(
+                        "warning: DISTILL_CUBLAS={other:?} is not one of stream, sync, off; using stream"
+                    );
+                    Ordering::Stream
+                }
+            };
+            let _ = MODE.compare_exchange(0, code(from_env), Atomic::Relaxed, Atomic::Relaxed);
+            ordering()
+        }
+    }
+}
+
+/// Switch cuBLAS ordering (or cuBLAS itself) for every later GEMM, e.g. to compare in a benchmark.
+pub fn set_ordering(o: Ordering) {
+    MODE.store(code(o), Atomic::Relaxed);
+}
+
+/// One line on what the GEMMs do now: for logs and the GPU tests.
+pub fn describe() -> String {
+    let loaded = match LOADED.get() {
+        None => "libcublas not tried yet",
+        Some(true) => "libcublas loaded",
+        Some(false) => "libcublas NOT loadable (burn matmul)",
+    };
+    let last = match LAST_STREAM.load(Atomic::Relaxed) {
+        0 => "none yet".to_string(),
+        SYNCED => format!("host-synced ({})", SYNC_REASON.get().map_or("?", String::as_str)),
+        addr => format!("on cubecl's stream {addr:#x}"),
+    };
+    format!("cuBLAS ordering {:?}; {loaded}; last GEMM: {last}", ordering())
+}
+
+static LOADED: OnceLock<bool> = OnceLock::new();
+/// The stream the last GEMM ran on: 0 none yet, SYNCED host-synced, else cubecl's stream.
+static LAST_STREAM: AtomicUsize = AtomicUsize::new(0);
+const SYNCED: usize = 1;
+static SYNC_REASON: OnceLock<String> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn cublas_loaded() -> bool {
+    *LOADED.get_or_init(|| {
+        // SAFETY: only tries to dlopen the candidate names cudarc would use.
+        let ok = unsafe { blas::is_culib_present() };
+        if !ok {
+            eprintln!(
+                "warning: libcublas could not be loaded (tried libcublas.so, libcublas.so.13, .12, .. \
+                 on the loader's path; set LD_LIBRARY_PATH to its directory): GEMMs use burn's \
+                 matmul, ~4x slower on H100"
+            );
+        }
+        ok
+    })
+}
+
+/// `a [m, k] @ b [k, n]` by cuBLAS, or the operands back when cuBLAS is not the tool:
+/// not bf16/f16, mixed dtypes, quantized, empty or > i32 sizes, cuBLAS off or missing,
+/// or a cuBLAS error (reported once, then cuBLAS is switched off).
+#[allow(clippy::result_large_err)]
+pub fn gemm(a: CudaTensor, b: CudaTensor) -> Result<CudaTensor, (CudaTensor, CudaTensor)> {
+    let mode = ordering();
+    let dtype = match a.dtype {
+        DType::BF16 => blas::cudaDataType::CUDA_R_16BF,
+        DType::F16 => blas::cudaDataType::CUDA_R_16F,
+        _ => return Err((a, b)),
+    };
+    let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
+    let usable = mode != Ordering::Off
+        && b.dtype == a.dtype
+        && a.meta.rank() == 2
+        && b.meta.rank() == 2
+        && a.qparams.is_none()
+        && b.qparams.is_none()
+        && a.device == b.device;
+    if !usable {
+        return Err((a, b));
+    }
+    let (m, k) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let (k_b, n) = (b.meta.shape()[0], b.meta.shape()[1]);
+    if k != k_b || !fits(m) || !fits(n) || !fits(k) || !cublas_loaded() {
+        return Err((a, b));
+    }
+
+    let a = Operand::new(a);
+    let b = Operand::new(b);
+    let c = empty_device_contiguous_dtype(
+        a.tensor.client.clone(),
+        a.tensor.device.clone(),
+        Shape::new([m, n]),
+        a.tensor.dtype,
+    );
+    let ldc = if m == 1 { n } else { c.meta.strides()[0] };
+    if !fits(a.ld) || !fits(b.ld) || !fits(ldc) || ldc < n {
+        return Err((a.tensor, b.tensor));
+    }
+    let args = GemmArgs {
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        trans_a: a.trans,
+        lda: a.ld as i32,
+        trans_b: b.trans,
+        ldb: b.ld as i32,
+        ldc: ldc as i32,
+        dtype,
+        mode,
+    };
+    match launch(&a, &b, &c, args) {
+        Ok(()) => Ok(c),
+        Err(e) => {
+            eprintln!("warning: cuBLAS GEMM failed ({e}); GEMMs use burn's matmul from now on");
+            set_ordering(Ordering::Off);
+            Err((a.tensor, b.tensor))
+        }
+    }
+}
+
+/// A 2-D operand as cuBLAS sees it: the tensor's memory is either the row-major matrix
+/// (`trans` false, row stride `ld`) or the row-major transpose of it (`trans` true: what
+/// `float_transpose` of a contiguous tensor is). Anything else is made contiguous first.
+struct Operand {
+    tensor: CudaTensor,
+    trans: bool,
+    ld: usize,
+}
+
+impl Operand {
+    fn new(tensor: CudaTensor) -> Self {
+        if let Some((trans, ld)) = layout(&tensor) {
+            return Operand { tensor, trans, ld };
+        }
+        let tensor = into_contiguous(tensor);
+        let (trans, ld) = layout(&tensor).expect("a contiguous 2-D tensor is row-major");
+        Operand { tensor, trans, ld }
+    }
+}
+
+fn layout(t: &CudaTensor) -> Option<(bool, usize)> {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    layout_of([shape[0], shape[1]], [strides[0], strides[1]])
+}
+
+/// (transposed, leading dimension) for a [rows, cols] view with these strides, if cuBLAS can
+/// read it in place. cuBLAS needs ld >= cols (row-major) or >= rows (transposed).
+fn layout_of([rows, cols]: [usize; 2], [s0, s1]: [usize; 2]) -> Option<(bool, usize)> {
+    if (cols == 1 || s1 == 1) && (rows == 1 || s0 >= cols) {
+        return Some((false, if rows == 1 { cols } else { s0 }));
+    }
+    if (rows == 1 || s0 == 1) && (cols == 1 || s1 >= rows) {
+        return Some((true, if cols == 1 { rows } else { s1 }));
+    }
+    None
+}
+
+#[derive(Clone, Copy, Debug)]
+struct GemmArgs {
+    m: i32,
+    n: i32,
+    k: i32,
+    trans_a: bool,
+    lda: i32,
+    trans_b: bool,
+    ldb: i32,
+    ldc: i32,
+    dtype: blas::cudaDataType,
+    mode: Ordering,
+}
+
+fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<(), String> {
+    let device = c.device.clone();
+    let index = device.index;
+    let bindings = [
+        a.tensor.handle.clone().binding(),
+        b.tensor.handle.clone().binding(),
+        c.handle.clone().binding(),
+    ];
+    let runner = DeviceHandle::<Server>::new(device.to_id());
+    // Once GEMMs from this thread have run on cubecl's stream, later ones are queued without
+    // waiting, like kernel launches: the caller does not block on the device thread.
+    static READY: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
+    let key = (index, StreamId::current().value);
+    if args.mode == Ordering::Stream && lock(&READY).contains(&key) {
+        runner.submit(move |server: &mut Server| {
+            if let Err(e) = on_device(server, index, bindings, args) {
+                // Its output would be garbage, and the caller has moved on: stop here.
+                eprintln!("error: a cuBLAS GEMM failed after earlier ones had worked: {e}");
+                std::process::abort();
+            }
+        });
+        return Ok(());
+    }
+    let on_stream = runner
+        .submit_blocking(move |server: &mut Server| on_device(server, index, bindings, args))
+        .map_err(|e| format!("cubecl's device thread did not answer: {e:?}"))??;
+    if on_stream {
+        lock(&READY).push(key);
+    }
+    Ok(())
+}
+
+/// Runs on cubecl's device thread, between the caller's earlier and later kernel launches.
+/// Ok(true): queued on cubecl's stream; Ok(false): done, host-synced.
+fn on_device(
+    server: &mut Server,
+    device: usize,
+    [a, b, c]: [Binding; 3],
+    g: GemmArgs,
+) -> Result<bool, String> {
+    // The runner thread executes tasks under the submitting thread's stream id.
+    let stream_id = StreamId::current();
+    // Each call also makes this stream wait for the buffer's writes on other streams, and
+    // makes the CUDA context current on this thread.
+    let ra = server
+        .get_resource(a, stream_id)
+        .map_err(|e| format!("A's buffer: {e:?}"))?;
+    let rb = server
+        .get_resource(b, stream_id)
+        .map_err(|e| format!("B's buffer: {e:?}"))?;
+    let rc = server
+        .get_resource(c, stream_id)
+        .map_err(|e| format!("C's buffer: {e:?}"))?;
+    let ptrs = [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr];
+
+    static DEVICES: OnceLock<Mutex<HashMap<usize, DeviceBlas>>> = OnceLock::new();
+    let mut devices = lock(DEVICES.get_or_init(Default::default));
+    let blas = match devices.entry(device) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(v) => v.insert(DeviceBlas::default()),
+    };
+    let stream = match g.mode {
+        Ordering::Stream => blas.cubecl_stream(server, stream_id),
+        _ => Err("DISTILL_CUBLAS=sync".to_string()),
+    };
+    let on_stream = match stream {
+        Ok(stream) => {
+            blas.gemm_ex(stream, ptrs, &g)?;
+            LAST_STREAM.store(stream as usize, Atomic::Relaxed);
+            true
+        }
+        Err(why) => {
+            if SYNC_REASON.set(why.clone()).is_ok() {
+                eprintln!("note: cuBLAS GEMMs are ordered by host syncs ({why})");
+            }
+            block_on(server.sync(stream_id)).map_err(|e| format!("syncing cubecl's stream: {e:?}"))?;
+            let own = blas.own_stream()?;
+            blas.gemm_ex(own, ptrs, &g)?;
+            // SAFETY: `own` is a live stream of the current context.
+            unsafe { cu::cuStreamSynchronize(own) }
+                .result()
+                .map_err(|e| format!("waiting for the GEMM: {e}"))?;
+            LAST_STREAM.store(SYNCED, Atomic::Relaxed);
+            false
+        }
+    };
+    // ra/rb/rc drop here: their memory may be reused by later work on this stream, which the
+    // GEMM precedes (Stream) or has finished before (Sync).
+    drop((ra, rb, rc));
+    Ok(on_stream)
+}
+
+/// cuBLAS state of one device, used only on that device's cubecl thread. One handle per CUDA
+/// stream: a handle's default workspace must not be used by two streams at once, so a handle is
+/// bound to one stream for good (with one caller thread, as in training, that is one handle per
+/// device).
+#[derive(Default)]
+struct DeviceBlas {
+    /// stream address -> handle set to that stream
+    handles: HashMap<usize, Handle>,
+    /// Our own stream's address, for `Ordering::Sync`; created on first need (0: not yet).
+    own: usize,
+    /// cubecl's stream per stream id (as an address), or why it was not found.
+    streams: HashMap<u64, Result<usize, String>>,
+}
+
+struct Handle(blas::cublasHandle_t);
+
+// SAFETY: the raw handles are only used on the device's runner thread, under the DEVICES lock.
+unsafe impl Send for Handle {}
+
+impl DeviceBlas {
+    fn handle(&mut self, stream: cu::CUstream) -> Result<blas::cublasHandle_t, String> {
+        if let Some(h) = self.handles.get(&(stream as usize)) {
+            return Ok(h.0);
+        }
+        let handle = cudarc::cublas::result::create_handle().map_err(|e| format!("cublasCreate: {e}"))?;
+        // SAFETY: a fresh handle and a live stream of the current context.
+        unsafe { cudarc::cublas::result::set_stream(handle, stream as blas::cudaStream_t) }
+            .map_err(|e| format!("cublasSetStream: {e}"))?;
+        self.handles.insert(stream as usize, Handle(handle));
+        Ok(handle)
+    }
+
+    fn own_stream(&mut self) -> Result<cu::CUstream, String> {
+        if self.own == 0 {
+            use cudarc::driver::result::stream::{StreamKind, create};
+            let stream = create(StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e}"))?;
+            self.own = stream as usize;
+        }
+        Ok(self.own as cu::CUstream)
+    }
+
+    fn cubecl_stream(&mut self, server: &Server, id: StreamId) -> Result<cu::CUstream, String> {
+        let found = self
+            .streams
+            .entry(id.value)
+            .or_insert_with(|| find_cubecl_stream(server, id))
+            .clone();
+        found.map(|addr| addr as cu::CUstream)
+    }
+
+    /// Row-major C [m, n] = op(A) [m, k] @ op(B) [k, n], computed column-major as
+    /// Cᵀ [n, m] = op(B)ᵀ @ op(A)ᵀ: the row-major memory of each operand is its column-major
+    /// transpose, so cuBLAS gets B first, A second, and each one's own transpose flag.
+    fn gemm_ex(&mut self, stream: cu::CUstream, [a, b, c]: [u64; 3], g: &GemmArgs) -> Result<(), String> {
+        let handle = self.handle(stream)?;
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: pointers come from live cubecl buffers of the sizes the shapes describe (the
+        // resources are held until after this call), leading dimensions were checked against
+        // the shapes, alpha/beta are host f32 as CUBLAS_COMPUTE_32F expects.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                op(g.trans_b),
+                op(g.trans_a),
+                g.n,
+                g.m,
+                g.k,
+                (&alpha as *const f32).cast::<c_void>(),
+                b as *const c_void,
+                g.dtype,
+                g.ldb,
+                a as *const c_void,
+                g.dtype,
+                g.lda,
+                (&beta as *const f32).cast::<c_void>(),
+                c as *mut c_void,
+                g.dtype,
+                g.ldc,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| format!("cublasGemmEx {g:?}: {e}"))
+    }
+}
+
+/// cubecl's CUstream for `id`, read from `{server:#?}` and checked with the driver.
+fn find_cubecl_stream(server: &Server, id: StreamId) -> Result<usize, String> {
+    let mut scan = StreamScan::default();
+    // The scan stops the formatting (with fmt::Error) once it has what it needs.
+    let _ = fmt::write(&mut scan, format_args!("{server:#?}"));
+    let (pool, max_streams) = scan.result()?;
+    let index = (id.value % max_streams as u64) as usize;
+    let addr = pool
+        .get(index)
+        .copied()
+        .flatten()
+        .ok_or_else(|| format!("no stream at index {index} of {pool:?}"))?;
+    let stream = addr as cu::CUstream;
+    let mut flags = 0u32;
+    // SAFETY: `stream` was printed as the `sys` field of a live cubecl `Stream`.
+    let status = unsafe { cu::cuStreamGetFlags(stream, &mut flags) };
+    if status != cu::CUresult::CUDA_SUCCESS || flags & cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32 == 0
+    {
+        return Err(format!(
+            "address {addr:#x} is not a non-blocking stream ({status:?}, flags {flags})"
+        ));
+    }
+    Ok(addr)
+}
+
+/// Reads `CudaServer { .., streams: MultiStream { streams: StreamPool { streams: [None |
+/// Some(StreamWrapper { stream: Stream { sys: 0x.., .. }, .. }), ..], .., max_streams: N } } }`
+/// from pretty `Debug` output, line by line as it is written.
+#[derive(Default)]
+struct StreamScan {
+    line: String,
+    state: ScanState,
+    list_indent: usize,
+    pool: Vec<Option<usize>>,
+    awaiting_sys: bool,
+    max_streams: Option<usize>,
+}
+
+#[derive(Default, PartialEq, Eq)]
+enum ScanState {
+    #[default]
+    SeekMultiStream,
+    SeekPool,
+    SeekList,
+    InList,
+    SeekMax,
+    Done,
+}
+
+impl StreamScan {
+    fn line(&mut self, line: &str) {
+        let text = line.trim_start();
+        let indent = line.len() - text.len();
+        let text = text.trim_end();
+        match self.state {
+            ScanState::SeekMultiStream if text == "streams: MultiStream {" => {
+                self.state = ScanState::SeekPool
+            }
+            ScanState::SeekPool if text == "streams: StreamPool {" => self.state = ScanState::SeekList,
+            ScanState::SeekList if text == "streams: [" => {
+                self.list_indent = indent;
+                self.state = ScanState::InList;
+            }
+            ScanState::InList => {
+                if indent == self.list_indent && text.starts_with(']') {
+                    self.state = ScanState::SeekMax;
+                } else if indent == self.list_indent + 4 && text == "None," {
+                    self.pool.push(None);
+                    self.awaiting_sys = false;
+                } else if indent == self.list_indent + 4 && text.starts_with("Some(") {
+                    self.pool.push(None);
+                    self.awaiting_sys = true;
+                } else if self.awaiting_sys && text.starts_with("sys: ") {
+                    let hex = text["sys: ".len()..]
+                        .trim_end_matches(',')
+                        .trim_start_matches("0x");
+                    if let (Ok(addr), Some(last)) = (usize::from_str_radix(hex, 16), self.pool.last_mut()) {
+                        *last = Some(addr).filter(|&a| a != 0);
+                    }
+                    self.awaiting_sys = false;
+                }
+            }
+            ScanState::SeekMax if indent == self.list_indent => {
+                if let Some(n) = text.strip_prefix("max_streams: ") {
+                    self.max_streams = n.trim_end_matches(',').parse().ok();
+                    self.state = ScanState::Done;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn result(self) -> Result<(Vec<Option<usize>>, usize), String> {
+        match self.max_streams {
+            Some(max) if max > 0 && self.pool.len() > max => Ok((self.pool, max)),
+            _ => Err(format!(
+                "cubecl's stream pool not found in CudaServer's Debug output (cubecl layout \
+                 changed?): {} entries, max_streams {:?}",
+                self.pool.len(),
+                self.max_streams
+            )),
+        }
+    }
+}
+
+impl fmt::Write for StreamScan {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some(pos) = rest.find('\n') {
+            self.line.push_str(&rest[..pos]);
+            let line = std::mem::take(&mut self.line);
+            self.line(&line);
+            if self.state == ScanState::Done {
+                return Err(fmt::Error);
+            }
+            rest = &rest[pos + 1..];
+        }
+        self.line.push_str(rest);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_cublas_can_read_in_place() {
+        // row-major, contiguous and pitched
+        assert_eq!(layout_of([3, 4], [4, 1]), Some((false, 4)));
+        assert_eq!(layout_of([3, 4], [8, 1]), Some((false, 8)));
+        // transpose of a contiguous [4, 3]
+        assert_eq!(layout_of([3, 4], [1, 3]), Some((true, 3)));
+        // single row / column, any stride on the size-1 axis
+        assert_eq!(layout_of([1, 4], [0, 1]), Some((false, 4)));
+        assert_eq!(layout_of([4, 1], [1, 7]), Some((false, 1)));
+        assert_eq!(layout_of([1, 4], [9, 5]), Some((true, 5)));
+        // broadcast or strided: copy first
+        assert_eq!(layout_of([3, 4], [0, 1]), None);
+        assert_eq!(layout_of([3, 4], [8, 2]), None);
+        assert_eq!(layout_of([3, 4], [1, 2]), None);
+    }
+
+    /// The scan on real `{:#?}` output of structs shaped like cubecl 0.10's.
+    #[test]
+    fn stream_scan_reads_pool_layout() {
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct Stream {
+            sys: *mut u8,
+            memory_management_gpu: &'static str,
+        }
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct StreamWrapper {
+            stream: Stream,
+            cursor: u64,
+            last_synced: Vec<Option<u8>>,
+        }
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct StreamPool {
+            streams: Vec<Option<StreamWrapper>>,
+            factory: &'static str,
+            max_streams: usize,
+        }
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct MultiStream {
+            streams: StreamPool,
+            max_streams: usize,
+        }
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct Ctx {
+            streams: Vec<u8>,
+            sys: *mut u8,
+        }
+        #[allow(dead_code)]
+        #[derive(Debug)]
+        struct CudaServer {
+            ctx: Ctx,
+            streams: MultiStream,
+            comm_stream: *mut u8,
+        }
+        let wrapper = |addr: usize| StreamWrapper {
+            stream: Stream {
+                sys: addr as *mut u8,
+                memory_management_gpu: "x",
+            },
+            cursor: 3,
+            last_synced: vec![None, Some(1)],
+        };
+        let server = CudaServer {
+            ctx: Ctx {
+                streams: vec![1],
+                sys: 0x99 as *mut u8,
+            },
+            streams: MultiStream {
+                streams: StreamPool {
+                    streams: vec![
+                        Some(wrapper(0x7f00_dead_0010)),
+                        None,
+                        Some(wrapper(0x20)),
+                        None,
+                        None,
+                    ],
+                    factory: "f",
+                    max_streams: 4,
+                },
+                max_streams: 4,
+            },
+            comm_stream: 0x30 as *mut u8,
+        };
+        let mut scan = StreamScan::default();
+        assert!(
+            fmt::write(&mut scan, format_args!("{server:#?}")).is_err(),
+            "scan stops early"
+        );
+        let (pool, max) = scan.result().unwrap();
+        assert_eq!(max, 4);
+        assert_eq!(pool, vec![Some(0x7f00_dead_0010), None, Some(0x20), None, None]);
+    }
+}

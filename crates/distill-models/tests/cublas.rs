@@ -1,0 +1,442 @@
+//! GPU checks of the cuBLAS GEMMs behind `Kernels::linear` on `Cuda<bf16>` (`--features cuda`).
+//! Each test prints SKIPPED and passes when there is no CUDA device.
+//!
+//!     cargo test -p distill-models --features cuda --test cublas                 # checks
+//!     cargo test -p distill-models --features cuda --test cublas -- --ignored --nocapture  # TFLOP/s
+//!
+//! Errors are measured against an f32 reference (same bf16 inputs, f32 matmul) as
+//! max |out - ref| / rms(ref); bf16 rounding of the output alone gives up to ~2^-8 of max|ref|.
+#![cfg(feature = "cuda")]
+
+use std::time::Instant;
+
+use burn::backend::cuda::CudaDevice;
+use burn::backend::{Autodiff, Cuda};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+use burn::tensor::{DType, Distribution, Tensor};
+use distill_models::Kernels;
+use distill_models::ops::cublas;
+
+type G = Cuda<half::bf16>;
+type AD = Autodiff<G>;
+
+fn gpu() -> Option<CudaDevice> {
+    // SAFETY: only tries to dlopen libcuda.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    let count = present
+        .then(|| cudarc::driver::result::init().ok())
+        .flatten()
+        .and_then(|_| cudarc::driver::result::device::get_count().ok())
+        .unwrap_or(0);
+    if count < 1 {
+        eprintln!("SKIPPED: no CUDA device");
+        return None;
+    }
+    Some(CudaDevice::new(0))
+}
+
+fn randn<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, std), device)
+}
+
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+fn f32_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.cast(DType::F32)
+}
+
+/// max |got - want| / rms(want)
+fn err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let rms = (want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / want.len() as f64).sqrt();
+    let max = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - f64::from(*w)).abs())
+        .fold(0.0, f64::max);
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
+    max / rms.max(1e-30)
+}
+
+/// bf16 output rounding is <= 2^-9 relative; a few ulps over rms covers max|ref| ~ 5 rms.
+const TOL: f64 = 2.5e-2;
+
+fn check(what: &str, ours: f64, burn: f64) {
+    eprintln!("  {what:<44} cuBLAS err {ours:.2e}   burn err {burn:.2e}");
+    assert!(
+        ours <= TOL,
+        "{what}: cuBLAS error {ours:.3e} > {TOL:e} (burn's: {burn:.3e})"
+    );
+    assert!(
+        ours <= 2.0 * burn + 5e-3,
+        "{what}: cuBLAS error {ours:.3e} well above burn's {burn:.3e}"
+    );
+}
+
+struct Case {
+    name: &'static str,
+    /// x's leading dims; K is appended
+    batch: &'static [usize],
+    k: usize,
+    n: usize,
+    bias: bool,
+    /// the weight is a transposed view of an [N, K] tensor (tied LM head)
+    transposed: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "small odd 37x64x48",
+        batch: &[37],
+        k: 64,
+        n: 48,
+        bias: false,
+        transposed: false,
+    },
+    Case {
+        name: "M=1001 (not /8), 896x4864",
+        batch: &[1001],
+        k: 896,
+        n: 4864,
+        bias: false,
+        transposed: false,
+    },
+    Case {
+        name: "3-D [3,333,896] x 896x4864 + bias",
+        batch: &[3, 333],
+        k: 896,
+        n: 4864,
+        bias: true,
+        transposed: false,
+    },
+    Case {
+        name: "LM head: [2,301,896] x E[1003,896]^T",
+        batch: &[2, 301],
+        k: 896,
+        n: 1003,
+        bias: false,
+        transposed: true,
+    },
+    Case {
+        name: "LoRA A 1001x896x16",
+        batch: &[1001],
+        k: 896,
+        n: 16,
+        bias: false,
+        transposed: false,
+    },
+    Case {
+        name: "LoRA B 1001x16x896",
+        batch: &[1001],
+        k: 16,
+        n: 896,
+        bias: false,
+        transposed: false,
+    },
+];
+
+/// Forward: `Kernels::linear` (cuBLAS) and burn's `linear`, both against f32.
+fn forward_case<const D: usize>(c: &Case, device: &CudaDevice) {
+    let mut shape = [0; D];
+    shape[..D - 1].copy_from_slice(c.batch);
+    shape[D - 1] = c.k;
+    let x = randn::<G, D>(shape, 1.0, device);
+    let w = weight::<G>(c, device);
+    let b = c.bias.then(|| randn::<G, 1>([c.n], 1.0, device));
+
+    let ours = <G as Kernels>::linear(x.clone(), w.clone(), b.clone());
+    let burn = burn::tensor::module::linear(x.clone(), w.clone(), b.clone());
+    let want = burn::tensor::module::linear(f32_of(x), f32_of(w), b.map(f32_of));
+    let want = host(want);
+    check(
+        &format!("fwd  {}", c.name),
+        err(&host(ours), &want),
+        err(&host(burn), &want),
+    );
+}
+
+fn weight<B: Backend>(c: &Case, device: &B::Device) -> Tensor<B, 2> {
+    let std = 1.0 / (c.k as f64).sqrt();
+    if c.transposed {
+        randn::<B, 2>([c.n, c.k], std, device).transpose()
+    } else {
+        randn::<B, 2>([c.k, c.n], std, device)
+    }
+}
+
+/// Backward under `Autodiff<Cuda<bf16>>`: loss = sum(y * g), so dY = g and
+/// dX = g Wᵀ, dW = Xᵀ g, db = Σ g, computed in f32 as the reference.
+fn backward_case<const D: usize>(c: &Case, device: &CudaDevice) {
+    let mut shape = [0; D];
+    shape[..D - 1].copy_from_slice(c.batch);
+    shape[D - 1] = c.k;
+    let mut yshape = shape;
+    yshape[D - 1] = c.n;
+    let x0 = randn::<G, D>(shape, 1.0, device);
+    let w_src = if c.transposed {
+        randn::<G, 2>([c.n, c.k], 1.0 / (c.k as f64).sqrt(), device)
+    } else {
+        randn::<G, 2>([c.k, c.n], 1.0 / (c.k as f64).sqrt(), device)
+    };
+    let b0 = c.bias.then(|| randn::<G, 1>([c.n], 1.0, device));
+    let g0 = randn::<G, D>(yshape, 1.0, device);
+
+    let run = |ours: bool| {
+        let x = Tensor::<AD, D>::from_inner(x0.clone()).require_grad();
+        let w_leaf = Tensor::<AD, 2>::from_inner(w_src.clone()).require_grad();
+        let w = if c.transposed {
+            w_leaf.clone().transpose()
+        } else {
+            w_leaf.clone()
+        };
+        let b = b0.clone().map(|b| Tensor::<AD, 1>::from_inner(b).require_grad());
+        let y = if ours {
+            <AD as Kernels>::linear(x.clone(), w, b.clone())
+        } else {
+            burn::tensor::module::linear(x.clone(), w, b.clone())
+        };
+        let grads = (y * Tensor::from_inner(g0.clone())).sum().backward();
+        let dw = w_leaf.grad(&grads).unwrap();
+        let dw = if c.transposed { dw.transpose() } else { dw }; // as [K, N]
+        (
+            host(x.grad(&grads).unwrap()),
+            host(dw),
+            b.map(|b| host(b.grad(&grads).unwrap())),
+        )
+    };
+
+    // f32 reference, flattened to 2-D.
+    let m: usize = c.batch.iter().product();
+    let x2 = f32_of(x0.clone()).reshape([m, c.k]);
+    let g2 = f32_of(g0.clone()).reshape([m, c.n]);
+    let w2 = f32_of(if c.transposed {
+        w_src.clone().transpose()
+    } else {
+        w_src.clone()
+    });
+    let want_dx = host(g2.clone().matmul(w2.transpose()));
+    let want_dw = host(x2.transpose().matmul(g2.clone()));
+    let want_db = host(g2.sum_dim(0));
+
+    let (ours, burn) = (run(true), run(false));
+    check(
+        &format!("dX   {}", c.name),
+        err(&ours.0, &want_dx),
+        err(&burn.0, &want_dx),
+    );
+    check(
+        &format!("dW   {}", c.name),
+        err(&ours.1, &want_dw),
+        err(&burn.1, &want_dw),
+    );
+    if let (Some(o), Some(b)) = (ours.2, burn.2) {
+        check(&format!("db   {}", c.name), err(&o, &want_db), err(&b, &want_db));
+    }
+}
+
+fn run_cases(device: &CudaDevice, f2: fn(&Case, &CudaDevice), f3: fn(&Case, &CudaDevice)) {
+    for c in CASES {
+        match c.batch.len() {
+            1 => f2(c, device),
+            2 => f3(c, device),
+            _ => unreachable!(),
+        }
+    }
+}
+
+#[test]
+fn cuda_cublas_forward_matches_f32_reference() {
+    let Some(device) = gpu() else { return };
+    run_cases(&device, forward_case::<2>, forward_case::<3>);
+    eprintln!("{}", cublas::describe());
+}
+
+#[test]
+fn cuda_cublas_gradients_match_f32_reference() {
+    let Some(device) = gpu() else { return };
+    run_cases(&device, backward_case::<2>, backward_case::<3>);
+    eprintln!("{}", cublas::describe());
+}
+
+/// 24 layers h = relu(h W_i) + h with no host read in between: cubecl kernels consume each
+/// cuBLAS output at once and intermediates are freed and their memory reused, so missing
+/// stream ordering shows up as garbage. Reference: the same chain in f32 with a bf16 rounding
+/// at each layer output, as the bf16 chain has.
+fn chain(device: &CudaDevice) -> f64 {
+    let (m, k, layers) = (1000, 896, 24);
+    let ws: Vec<Tensor<G, 2>> = (0..layers)
+        .map(|_| randn::<G, 2>([k, k], (1.0 / k as f64).sqrt(), device))
+        .collect();
+    let x = randn::<G, 2>([m, k], 1.0, device);
+    let mut h = x.clone();
+    for w in &ws {
+        h = burn::tensor::activation::relu(<G as Kernels>::linear(h.clone(), w.clone(), None)) + h;
+    }
+    let mut r = x;
+    for w in &ws {
+        let y = f32_of(r.clone()).matmul(f32_of(w.clone())).cast(DType::BF16);
+        r = burn::tensor::activation::relu(y) + r;
+    }
+    err(&host(h), &host(r))
+}
+
+#[test]
+fn cuda_cublas_chain_is_ordered_with_cubecl_kernels() {
+    let Some(device) = gpu() else { return };
+    let e = chain(&device);
+    eprintln!(
+        "  24-layer chain, one thread: err {e:.2e}; {}",
+        cublas::describe()
+    );
+    assert!(e < 5e-2, "chain error {e:.3e}");
+    // Two more threads: two more cubecl streams (stream ids) and their own stream lookups.
+    let errs: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2).map(|_| s.spawn(|| chain(&device))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "  24-layer chain, two threads: errs {errs:.3?}; {}",
+        cublas::describe()
+    );
+    assert!(errs.iter().all(|e| *e < 5e-2), "chain errors {errs:?}");
+}
+
+/// The default ordering must have found cubecl's stream (no host syncs); if this fails the
+/// GEMMs are still right (host-synced) but slower; the message says why.
+#[test]
+fn cuda_cublas_runs_on_cubecl_stream() {
+    let Some(device) = gpu() else { return };
+    if cublas::ordering() != cublas::Ordering::Stream {
+        eprintln!("SKIPPED: DISTILL_CUBLAS chose {:?}", cublas::ordering());
+        return;
+    }
+    let x = randn::<G, 2>([64, 64], 1.0, &device);
+    let _ = host(<G as Kernels>::linear(x.clone(), x, None));
+    let d = cublas::describe();
+    eprintln!("  {d}");
+    assert!(d.contains("on cubecl's stream"), "{d}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing harness: `-- --ignored --nocapture`.
+
+fn time(iters: usize, device: &CudaDevice, mut f: impl FnMut()) -> f64 {
+    for _ in 0..5 {
+        f(); // warm up: burn autotunes each new shape
+    }
+    G::sync(device).unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    G::sync(device).unwrap();
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
+fn prim<const D: usize>(t: &Tensor<G, D>) -> FloatTensor<G> {
+    t.clone().into_primitive().tensor()
+}
+
+#[test]
+#[ignore = "timing harness: run on the GPU with --ignored --nocapture"]
+fn cuda_bench_gemm_tflops() {
+    let Some(device) = gpu() else { return };
+    eprintln!("bf16, M x K x N, TFLOP/s (mean over iterations after 5 warm-ups)");
+    let shapes = [
+        (8192, 896, 4864),
+        (8192, 3584, 18944),
+        (8192, 896, 896),
+        (8192, 896, 16),
+    ];
+    for (m, k, n) in shapes {
+        let iters = if m * k * n > 100_000_000_000 { 10 } else { 30 };
+        let flop = 2.0 * (m * k * n) as f64;
+        let x = randn::<G, 2>([m, k], 1.0, &device);
+        let w = randn::<G, 2>([k, n], 0.03, &device);
+        let dy = randn::<G, 2>([m, n], 1.0, &device);
+        let tf = |secs: f64, gemms: f64| gemms * flop / secs / 1e12;
+
+        // Forward: one GEMM.
+        let burn_fwd = time(iters, &device, || drop(G::float_matmul(prim(&x), prim(&w))));
+        cublas::set_ordering(cublas::Ordering::Stream);
+        let ours_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
+        cublas::set_ordering(cublas::Ordering::Sync);
+        let sync_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
+        cublas::set_ordering(cublas::Ordering::Stream);
+
+        // Forward + both backward GEMMs on transposed views, as the autodiff op issues them.
+        let three = |mm: fn(_, _) -> _| {
+            drop(mm(prim(&x), prim(&w))); // Y = X W
+            drop(mm(prim(&dy), G::float_transpose(prim(&w)))); // dX = dY Wᵀ
+            drop(mm(G::float_transpose(prim(&x)), prim(&dy))); // dW = Xᵀ dY
+        };
+        let burn_3 = time(iters, &device, || three(G::float_matmul));
+        let ours_3 = time(iters, &device, || three(<G as Kernels>::gemm));
+
+        // The whole autodiff linear (incl. the sum's backward fill and autodiff bookkeeping).
+        let ad = |ours: bool| {
+            let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
+            let wa = Tensor::<AD, 2>::from_inner(w.clone()).require_grad();
+            let y = if ours {
+                <AD as Kernels>::linear(xa, wa, None)
+            } else {
+                burn::tensor::module::linear(xa, wa, None)
+            };
+            drop(y.sum().backward());
+        };
+        let burn_ad = time(iters, &device, || ad(false));
+        let ours_ad = time(iters, &device, || ad(true));
+
+        eprintln!("{m}x{k}x{n}:");
+        eprintln!(
+            "  fwd          burn {:7.1}  cuBLAS {:7.1}  cuBLAS host-synced {:7.1}  ({:.3} / {:.3} / {:.3} ms)",
+            tf(burn_fwd, 1.0),
+            tf(ours_fwd, 1.0),
+            tf(sync_fwd, 1.0),
+            burn_fwd * 1e3,
+            ours_fwd * 1e3,
+            sync_fwd * 1e3
+        );
+        eprintln!(
+            "  fwd+bwd GEMMs burn {:7.1}  cuBLAS {:7.1}  ({:.3} / {:.3} ms)",
+            tf(burn_3, 3.0),
+            tf(ours_3, 3.0),
+            burn_3 * 1e3,
+            ours_3 * 1e3
+        );
+        eprintln!(
+            "  autodiff linear fwd+bwd (+sum) burn {:7.1}  ours {:7.1}  ({:.3} / {:.3} ms)",
+            tf(burn_ad, 3.0),
+            tf(ours_ad, 3.0),
+            burn_ad * 1e3,
+            ours_ad * 1e3
+        );
+    }
+
+    // Host-sync cost on a train-like sequence of small GEMMs with kernels in between.
+    let (m, k) = (8192, 896);
+    let ws: Vec<Tensor<G, 2>> = (0..16).map(|_| randn::<G, 2>([k, k], 0.03, &device)).collect();
+    let x = randn::<G, 2>([m, k], 1.0, &device);
+    let seq = || {
+        let mut h = x.clone();
+        for w in &ws {
+            h = burn::tensor::activation::silu(<G as Kernels>::linear(h, w.clone(), None));
+        }
+        drop(h);
+    };
+    let mut row = Vec::new();
+    for o in [
+        cublas::Ordering::Off,
+        cublas::Ordering::Stream,
+        cublas::Ordering::Sync,
+    ] {
+        cublas::set_ordering(o);
+        row.push((o, time(10, &device, seq) * 1e3));
+    }
+    cublas::set_ordering(cublas::Ordering::Stream);
+    eprintln!("16 x (8192x896x896 GEMM + silu), ms per sequence: {row:.3?}");
+    eprintln!("{}", cublas::describe());
+}
