@@ -357,9 +357,9 @@ pub fn training_gemms(c: &DecoderConfig, tokens: usize, chunk: usize, r: usize) 
     };
     let mut gemms = vec![
         Gemm::new("q_proj", tokens, h, q),
-        Gemm::new("k_proj|v_proj", tokens, h, kv),
+        Gemm::new("k_proj/v_proj", tokens, h, kv),
         Gemm::new("o_proj", tokens, q, h),
-        Gemm::new("gate_proj|up_proj", tokens, h, i),
+        Gemm::new("gate_proj/up_proj", tokens, h, i),
         Gemm::new("down_proj", tokens, i, h),
         Gemm::new(
             format!("lm_head (chunk {})", chunk.min(tokens)),

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The issue #6 benchmark suite on the GPU machine: distill and the PyTorch baseline with the
+# same arguments, stage by stage, then one side-by-side table.
+#
+#   bash bench/run.sh [--quick] [--budget SECONDS] [--device cuda:N] DISTILL_BINARY[.gz]
+#
+# DISTILL_BINARY is a CUDA build of `distill` (`cargo build --release -p distill-cli
+# --features cuda`), or that binary gzipped. Results go to $OUT (the device tool's output
+# folder) or target/bench: distill.jsonl, pytorch.jsonl, table.md, and the logs.
+#
+# Full (default budget 540 s):                   Quick (--quick, budget 240 s):
+#   B1 GEMMs at Qwen2.5-7B shapes                  B1 GEMMs at 0.5B shapes
+#   B2 loss, vocab 151,936 (0.5B hidden)           B2 loss, vocab 151,936
+#   B3 LoRA 0.5B, 1.5B, 7B (7B recomputes)         B3 LoRA 0.5B
+#   B4 full fine-tune 0.5B, 1.5B                   B4 full fine-tune 0.5B
+#   B6 generate 0.5B bs1/bs64, 7B bs1/bs16         B6 generate 0.5B bs1/bs64
+#   B5 7B LoRA under 24 GiB, 1.5B full under 12 GiB
+# Each stage runs distill, then PyTorch, each under a time limit taken from what is left of
+# the budget; a stage cut short keeps the rows it finished (rows are written as they come).
+set -u -o pipefail
+
+quick=0
+budget=""
+device="cuda"
+bin=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --budget) budget="$2"; shift ;;
+    --device) device="$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) bin="$1" ;;
+  esac
+  shift
+done
+if [ -z "$bin" ]; then
+  echo "usage: bash bench/run.sh [--quick] [--budget SECONDS] DISTILL_BINARY[.gz]" >&2
+  exit 2
+fi
+[ -n "$budget" ] || budget=$([ "$quick" = 1 ] && echo 240 || echo 540)
+[ -f "$bin" ] || { echo "no such file: $bin" >&2; exit 2; }
+bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+
+cd "$(dirname "$0")/.."
+out="${OUT:-target/bench}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+case "$bin" in
+  *.gz) gunzip -c "$bin" > "$work/distill" ;;
+  *) cp "$bin" "$work/distill" ;;
+esac
+chmod +x "$work/distill"
+distill="$work/distill"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+py="${PYTHON:-python3}"
+
+cfg=bench/configs
+s05="--config $cfg/qwen2.5-0.5b"
+s15="--config $cfg/qwen2.5-1.5b"
+s7="--config $cfg/qwen2.5-7b"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__, "| peft", peft.__version__)' 2>&1 | tail -1
+  "$distill" --version
+} | tee "$out/env.txt"
+
+start=$SECONDS
+peak_d=""
+peak_t=""
+n=0
+
+# stage NAME CAP_SECONDS ARGS...: distill then PyTorch with the same ARGS.
+stage() {
+  local name="$1" cap="$2"; shift 2
+  n=$((n + 1))
+  local left=$((budget - (SECONDS - start)))
+  if [ "$left" -lt 30 ]; then
+    echo "== $name: skipped, ${left}s of the budget left" | tee -a "$out/skipped.txt"
+    return
+  fi
+  local t=$(( left / 2 < cap ? left / 2 : cap ))
+  local tag; tag=$(printf '%02d-%s' "$n" "$name")
+  echo "== $name (distill, limit ${t}s): $*"
+  timeout -k 10 "$t" "$distill" --device "$device" bench "$@" ${peak_d:+--peak-tflops $peak_d} \
+    --json "$out/d-$tag.jsonl" > "$out/d-$tag.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/d-$tag.jsonl" 2>/dev/null || echo 0) rows"
+  left=$((budget - (SECONDS - start)))
+  t=$(( left < cap ? left : cap ))
+  if [ "$t" -lt 15 ]; then
+    echo "   PyTorch skipped: ${left}s left" | tee -a "$out/skipped.txt"
+    return
+  fi
+  echo "== $name (PyTorch, limit ${t}s)"
+  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${peak_t:+--peak-tflops $peak_t} \
+    --json "$out/t-$tag.jsonl" > "$out/t-$tag.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/t-$tag.jsonl" 2>/dev/null || echo 0) rows"
+}
+
+# The matmul peak each side measured in the first stage, passed on so later stages skip it.
+peak_of() {
+  "$py" - "$1" <<'EOF'
+import json, sys
+best = 0.0
+try:
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        if r.get("bench") == "peak" and isinstance(r.get("tflops"), (int, float)):
+            best = max(best, r["tflops"])
+except OSError:
+    pass
+print(f"{best:.3f}" if best > 0 else "")
+EOF
+}
+
+common_args="--batch 4 --seq 2048 --warmup 2 --steps 3"
+if [ "$quick" = 1 ]; then
+  stage gemm 60 gemm $s05 --iters 10
+  peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
+  stage loss 40 loss $s05 --iters 5
+  stage train-0.5b 60 train $s05 $common_args
+  stage generate-0.5b 60 generate $s05 --gen-batch 1,64 --warmup 1
+else
+  stage gemm 60 gemm $s7 --iters 10
+  peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
+  stage loss 40 loss $s05 --iters 5
+  stage lora 150 lora $s05 $s15 $s7 $common_args
+  stage full 80 full $s05 $s15 $common_args
+  stage generate 100 generate $s05 --gen-batch 1,64 --warmup 1
+  stage generate-7b 80 generate $s7 --gen-batch 1,16 --warmup 1
+  stage memory-7b-lora 90 memory $s7 --mem-mode lora --mem-cap-gib 24 --mem-start 4096 --mem-step 1024 --mem-budget-s 75
+  stage memory-1.5b-full 40 memory $s15 --mem-mode full --mem-cap-gib 12 --mem-start 2048 --mem-step 1024 --mem-budget-s 30
+fi
+
+cat "$out"/d-*.jsonl > "$out/distill.jsonl" 2>/dev/null
+cat "$out"/t-*.jsonl > "$out/pytorch.jsonl" 2>/dev/null
+echo
+"$py" bench/compare.py "$out/distill.jsonl" "$out/pytorch.jsonl" --out "$out/table.md"
+echo
+echo "total $((SECONDS - start))s; logs and rows in $out"
+for f in "$out"/*.log; do
+  if grep -qiE "panicked|Traceback|error" "$f"; then
+    echo "--- $f (tail)"
+    tail -n 8 "$f"
+  fi
+done
