@@ -103,9 +103,10 @@ pub struct Args {
     /// Stop generation at this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// A training run's metrics.jsonl to plot beside the scores (repeatable).
-    #[arg(long = "metrics", value_name = "FILE")]
-    metrics: Vec<PathBuf>,
+    /// A training run's metrics.jsonl to plot beside the scores, optionally `LABEL=FILE`
+    /// (repeatable; with several, one plot also shows the runs together)
+    #[arg(long = "metrics", value_name = "[LABEL=]FILE")]
+    metrics: Vec<String>,
     /// Output directory (default: `<train.out>/<name>/eval` with a recipe, else `eval`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -137,14 +138,15 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
     let metrics = metrics_logs(&args, recipe.as_ref());
     let (report, examples) = run_on(device, EvalJob { plan })?;
     let mut plots = report::write_all(&out, &report, &examples)?;
-    for (i, log) in metrics.iter().enumerate() {
-        let png = out.join(if i == 0 {
-            "training_curves.png".to_string()
-        } else {
-            format!("training_curves-{i}.png")
-        });
+    for (label, log) in &metrics {
+        let png = out.join(format!("training_curves-{label}.png"));
         distill_train::metrics::plot_curves(log, &png)
             .with_context(|| format!("plotting {}", log.display()))?;
+        plots.push(png);
+    }
+    if metrics.len() > 1 {
+        let png = out.join("training_runs.png");
+        distill_train::metrics::plot_runs(&metrics, &png).context("plotting the training runs together")?;
         plots.push(png);
     }
     print!("{}", summary(&report));
@@ -354,17 +356,38 @@ fn training_prompts(dir: &Path, held_out: f64) -> anyhow::Result<TrainingPrompts
     Ok(TrainingPrompts::new(texts.iter().map(String::as_str)))
 }
 
-fn metrics_logs(args: &Args, recipe: Option<&Recipe>) -> Vec<PathBuf> {
-    let mut logs = args.metrics.clone();
+/// (label, metrics.jsonl) of each run to plot: the recipe's own run first.
+fn metrics_logs(args: &Args, recipe: Option<&Recipe>) -> Vec<(String, PathBuf)> {
+    let mut logs: Vec<(String, PathBuf)> = args.metrics.iter().map(|m| metrics_arg(m)).collect();
     if let Some(r) = recipe {
         let log = distill_train::trainer::run_root(r)
             .join("runs")
             .join(distill_train::metrics::METRICS_FILE);
         if log.exists() {
-            logs.insert(0, log);
+            logs.insert(0, (r.name.clone(), log));
         }
     }
     logs
+}
+
+/// `LABEL=FILE`, or a bare FILE labelled by its run: `<train.out>/<name>/runs/metrics.jsonl`
+/// is `<name>`.
+fn metrics_arg(arg: &str) -> (String, PathBuf) {
+    if let Some((label, file)) = arg
+        .split_once('=')
+        .filter(|(l, _)| !l.is_empty() && !l.contains('/'))
+    {
+        return (label.to_string(), PathBuf::from(file));
+    }
+    let path = PathBuf::from(arg);
+    let run_dir = match path.parent() {
+        Some(p) if p.file_name().is_some_and(|n| n == "runs") => p.parent(),
+        p => p,
+    };
+    let label = run_dir
+        .and_then(Path::file_name)
+        .map_or_else(|| "run".to_string(), |n| n.to_string_lossy().into_owned());
+    (label, path)
 }
 
 fn summary(report: &Report) -> String {
@@ -408,5 +431,24 @@ impl Job for EvalJob {
         Autodiff<B>: Kernels + BackendTypes<Device = B::Device>,
     {
         Ok(run::evaluate::<B>(&self.plan, &device, &StageBars::default())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_labelled_by_their_run_or_explicitly() {
+        let label = |a: &str| metrics_arg(a).0;
+        assert_eq!(label("ckpt/runs/sft/runs/metrics.jsonl"), "sft");
+        assert_eq!(label("logs/kd/metrics.jsonl"), "kd");
+        assert_eq!(label("metrics.jsonl"), "run");
+        assert_eq!(
+            metrics_arg("kd 0.5=a/b=c/metrics.jsonl"),
+            ("kd 0.5".to_string(), PathBuf::from("a/b=c/metrics.jsonl"))
+        );
+        // An `=` inside a path is not a label.
+        assert_eq!(label("a/b=c/metrics.jsonl"), "b=c");
     }
 }

@@ -240,26 +240,85 @@ pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsEr
     })
 }
 
+/// Line colours for runs side by side (matplotlib's tab10).
+const RUN_COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Draws several runs' curves on shared axes, one colour per run: the cross-entropy on the
+/// training text (which every run logs, whatever its loss weights) in the upper panel, the
+/// KL to the teacher in the lower one (runs without a KL term leave it). `runs`: (label,
+/// metrics.jsonl).
+pub fn plot_runs(runs: &[(String, PathBuf)], out_png: &Path) -> Result<(), MetricsError> {
+    let mut ce = Vec::with_capacity(runs.len());
+    let mut kl = Vec::with_capacity(runs.len());
+    let mut steps = (f64::INFINITY, f64::NEG_INFINITY);
+    for (i, (label, path)) in runs.iter().enumerate() {
+        let records = latest_per_step(read_metrics(path)?);
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Err(MetricsError::NothingToPlot { path: path.clone() });
+        };
+        steps = (steps.0.min(first.step as f64), steps.1.max(last.step as f64));
+        let color = RUN_COLORS[i % RUN_COLORS.len()];
+        ce.push(curve(&records, label, color, |r| r.ce));
+        kl.push(curve(&records, label, color, |r| r.kl));
+    }
+    // A CE-only run logs KL 0 throughout: no teacher, nothing to draw.
+    kl.retain(|c| c.points.iter().any(|&(_, v)| v != 0.0));
+    let steps = if steps.1 > steps.0 {
+        steps.0..steps.1
+    } else {
+        steps.0 - 1.0..steps.0 + 1.0
+    };
+    let (w, h) = PLOT_SIZE;
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    draw_runs(&ce, &kl, steps, &mut rgb).map_err(|message| MetricsError::Plot {
+        path: out_png.into(),
+        message,
+    })?;
+    write_png(out_png, &rgb, PLOT_SIZE).map_err(|source| MetricsError::WritePng {
+        path: out_png.into(),
+        source,
+    })
+}
+
+fn draw_runs(ce: &[Curve], kl: &[Curve], steps: Range<f64>, rgb: &mut [u8]) -> Result<(), String> {
+    register_font_once()?;
+    let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let root = root
+        .titled("Training runs", ("sans-serif", 28))
+        .map_err(|e| e.to_string())?;
+    let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 / 2);
+    draw_panel(&upper, "CE on the training text", ce, steps.clone())?;
+    draw_panel(&lower, "KL to the teacher", kl, steps)?;
+    root.present().map_err(|e| e.to_string())
+}
+
 /// One line on a panel.
 struct Curve {
-    label: &'static str,
+    label: String,
     color: RGBColor,
     /// (step, value), finite values only: NaN steps leave a gap-free line over their neighbours.
     points: Vec<(f64, f64)>,
 }
 
-fn curve(
-    records: &[MetricsRecord],
-    label: &'static str,
-    color: RGBColor,
-    field: fn(&MetricsRecord) -> f64,
-) -> Curve {
+fn curve(records: &[MetricsRecord], label: &str, color: RGBColor, field: fn(&MetricsRecord) -> f64) -> Curve {
     let points = records
         .iter()
         .map(|r| (r.step as f64, field(r)))
         .filter(|(_, v)| v.is_finite())
         .collect();
-    Curve { label, color, points }
+    Curve {
+        label: label.to_owned(),
+        color,
+        points,
+    }
 }
 
 fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> {
@@ -331,7 +390,7 @@ fn draw_panel<DB: DrawingBackend>(
         chart
             .draw_series(LineSeries::new(c.points.iter().copied(), color.stroke_width(2)))
             .map_err(err)?
-            .label(c.label)
+            .label(c.label.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
     }
     chart
@@ -539,6 +598,40 @@ mod tests {
         );
         // The loss curve's colour is actually there, not just black axes.
         assert!(pixels.chunks_exact(3).any(|px| px == [31, 119, 180]));
+    }
+
+    #[test]
+    fn runs_share_one_plot_in_their_own_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for (name, with_kl) in [("sft", false), ("kd", true)] {
+            let path = dir.path().join(name).join(METRICS_FILE);
+            let mut log = MetricsLog::open(&path).unwrap();
+            for step in (0..=100).step_by(5) {
+                let mut r = record(step);
+                if !with_kl {
+                    r.kl = 0.0;
+                }
+                log.append(&r).unwrap();
+            }
+            runs.push((name.to_string(), path));
+        }
+        let png_path = dir.path().join("runs.png");
+        plot_runs(&runs, &png_path).unwrap();
+        let decoder = png::Decoder::new(io::BufReader::new(File::open(&png_path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut pixels).unwrap();
+        for color in [[31, 119, 180], [214, 39, 40]] {
+            assert!(pixels.chunks_exact(3).any(|px| px == color), "{color:?} missing");
+        }
+        let empty = dir.path().join("empty").join(METRICS_FILE);
+        MetricsLog::open(&empty).unwrap();
+        runs.push(("empty".into(), empty.clone()));
+        assert!(matches!(
+            plot_runs(&runs, &png_path),
+            Err(MetricsError::NothingToPlot { path }) if path == empty
+        ));
     }
 
     #[test]
