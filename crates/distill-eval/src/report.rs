@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use distill_train::metrics::PALETTE;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -277,14 +278,6 @@ pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
 // Plots: grouped bars with 95% error bars, one group per category, one colour per model.
 
 const SIZE: (u32, u32) = (1200, 700);
-const PALETTE: [RGBColor; 6] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-];
 
 struct Bars<'a> {
     title: &'a str,

@@ -228,9 +228,14 @@ pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsEr
             path: metrics_jsonl.into(),
         });
     }
+    render(out_png, |rgb| draw_curves(&records, rgb))
+}
+
+/// Draws into a white RGB buffer of [`PLOT_SIZE`] and writes it to `out_png`.
+fn render(out_png: &Path, draw: impl FnOnce(&mut [u8]) -> Result<(), String>) -> Result<(), MetricsError> {
     let (w, h) = PLOT_SIZE;
     let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    draw_curves(&records, &mut rgb).map_err(|message| MetricsError::Plot {
+    draw(&mut rgb).map_err(|message| MetricsError::Plot {
         path: out_png.into(),
         message,
     })?;
@@ -240,12 +245,22 @@ pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsEr
     })
 }
 
-/// Line colours for runs side by side (matplotlib's tab10).
-const RUN_COLORS: [RGBColor; 6] = [
+/// The x range from the first to the last step, widened when they are one step.
+fn step_range(first: u64, last: u64) -> Range<f64> {
+    let (first, last) = (first as f64, last as f64);
+    if last > first {
+        first..last
+    } else {
+        first - 1.0..first + 1.0
+    }
+}
+
+/// One colour per model or run, in matplotlib's tab10 order (distill-eval's plots use it too).
+pub const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
     RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
 ];
@@ -257,34 +272,21 @@ const RUN_COLORS: [RGBColor; 6] = [
 pub fn plot_runs(runs: &[(String, PathBuf)], out_png: &Path) -> Result<(), MetricsError> {
     let mut ce = Vec::with_capacity(runs.len());
     let mut kl = Vec::with_capacity(runs.len());
-    let mut steps = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut first_step, mut last_step) = (u64::MAX, 0);
     for (i, (label, path)) in runs.iter().enumerate() {
         let records = latest_per_step(read_metrics(path)?);
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Err(MetricsError::NothingToPlot { path: path.clone() });
         };
-        steps = (steps.0.min(first.step as f64), steps.1.max(last.step as f64));
-        let color = RUN_COLORS[i % RUN_COLORS.len()];
+        (first_step, last_step) = (first_step.min(first.step), last_step.max(last.step));
+        let color = PALETTE[i % PALETTE.len()];
         ce.push(curve(&records, label, color, |r| r.ce));
         kl.push(curve(&records, label, color, |r| r.kl));
     }
     // A CE-only run logs KL 0 throughout: no teacher, nothing to draw.
     kl.retain(|c| c.points.iter().any(|&(_, v)| v != 0.0));
-    let steps = if steps.1 > steps.0 {
-        steps.0..steps.1
-    } else {
-        steps.0 - 1.0..steps.0 + 1.0
-    };
-    let (w, h) = PLOT_SIZE;
-    let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    draw_runs(&ce, &kl, steps, &mut rgb).map_err(|message| MetricsError::Plot {
-        path: out_png.into(),
-        message,
-    })?;
-    write_png(out_png, &rgb, PLOT_SIZE).map_err(|source| MetricsError::WritePng {
-        path: out_png.into(),
-        source,
-    })
+    let steps = step_range(first_step, last_step);
+    render(out_png, |rgb| draw_runs(&ce, &kl, steps, rgb))
 }
 
 fn draw_runs(ce: &[Curve], kl: &[Curve], steps: Range<f64>, rgb: &mut [u8]) -> Result<(), String> {
@@ -330,13 +332,7 @@ fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> 
         .map_err(|e| e.to_string())?;
     let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 * 3 / 5);
 
-    let first = records[0].step as f64;
-    let last = records[records.len() - 1].step as f64;
-    let steps = if last > first {
-        first..last
-    } else {
-        first - 1.0..first + 1.0
-    };
+    let steps = step_range(records[0].step, records[records.len() - 1].step);
 
     let losses = [
         curve(records, "loss", RGBColor(31, 119, 180), |r| r.loss),
@@ -622,7 +618,7 @@ mod tests {
         let mut reader = decoder.read_info().unwrap();
         let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
         reader.next_frame(&mut pixels).unwrap();
-        for color in [[31, 119, 180], [214, 39, 40]] {
+        for color in [[31, 119, 180], [255, 127, 14]] {
             assert!(pixels.chunks_exact(3).any(|px| px == color), "{color:?} missing");
         }
         let empty = dir.path().join("empty").join(METRICS_FILE);
