@@ -21,7 +21,7 @@
 #   eval    distill eval --model teacher=$W/teacher --model base=$W/student
 #             --model sft=$W/runs/sft/final --model kd=$W/runs/kd/final ...
 #             --tasks $GSM8K/test.jsonl --held-out $W/data --held-out-share 0.1
-#             --teacher $W/teacher --metrics ... --out $W/eval
+#             --teacher $W/teacher --baseline sft --metrics ... --out $W/eval
 #
 # gen-data, --rescore and train resume where they stopped when run again; eval is repeatable.
 set -euo pipefail
@@ -83,7 +83,7 @@ evaluate() {
     stamp "eval"
     $D eval "${models[@]}" "${metrics[@]}" \
         --tasks $W/gsm8k/test.jsonl --max-examples $EVAL_EXAMPLES --max-new-tokens 320 --batch-size 128 \
-        --held-out $W/data --held-out-share 0.1 --seq-len 1024 --teacher $W/teacher \
+        --held-out $W/data --held-out-share 0.1 --seq-len 1024 --teacher $W/teacher --baseline sft \
         --train-data $W/data --out $W/eval
 }
 

@@ -55,6 +55,10 @@ pub struct Args {
     /// every sample.
     #[arg(long)]
     held_out_share: Option<f64>,
+    /// Compare every model with this one (by label) example by example on the held-out
+    /// samples: differences with 95% intervals in report.md
+    #[arg(long, value_name = "LABEL")]
+    baseline: Option<String>,
     /// Longest tokenized held-out sample kept (longer ones are cut).
     #[arg(long, default_value_t = 4096)]
     seq_len: usize,
@@ -181,6 +185,7 @@ fn score_predictions(args: &Args, path: &Path, out: &Path) -> anyhow::Result<()>
             seed: 0,
             batch_size: 0,
             device: "none (scored predictions)".into(),
+            held_out_baseline: None,
         },
         models,
         contamination: Default::default(),
@@ -247,12 +252,14 @@ fn plan(args: &Args, recipe: Option<&Recipe>, device: DeviceArg) -> anyhow::Resu
                 .unwrap_or(recipe.map_or(1.0, |r| r.data.held_out)),
             seq_len: args.seq_len,
             max_examples,
+            baseline: args.baseline.clone(),
         }),
         (None, Some(r)) if e.held_out => Some(HeldOutSpec {
             dataset: r.data.dataset.clone(),
             share: args.held_out_share.unwrap_or(r.data.held_out),
             seq_len: r.train.seq_len,
             max_examples,
+            baseline: args.baseline.clone(),
         }),
         _ => None,
     };
@@ -286,6 +293,14 @@ fn plan(args: &Args, recipe: Option<&Recipe>, device: DeviceArg) -> anyhow::Resu
         (0.0..=2.0).contains(&sampling.temperature) && sampling.top_p > 0.0 && sampling.top_p <= 1.0,
         "--temperature must be in [0, 2] and --top-p in (0, 1]"
     );
+    if let Some(b) = &args.baseline {
+        let labels: Vec<&str> = models.iter().map(|m: &ModelSpec| m.label.as_str()).collect();
+        anyhow::ensure!(
+            labels.contains(&b.as_str()),
+            "--baseline {b}: no model has that label; the labels are {}",
+            labels.join(", ")
+        );
+    }
     Ok(Plan {
         models,
         tasks,

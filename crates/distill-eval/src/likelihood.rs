@@ -6,6 +6,8 @@
 //! re-scoring writes as soft labels.
 
 use burn::tensor::IndexingUpdateOp;
+use std::collections::HashMap;
+
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_models::{CausalLm, Kernels};
@@ -292,20 +294,65 @@ pub struct HeldOutScores {
     pub kl_to_teacher: Option<Estimate>,
     /// Share of positions where the model's top token is the teacher's, mean over examples.
     pub top1_agreement: Option<Estimate>,
+    /// Every example's scores (eval writes them to heldout.jsonl, not report.json).
+    #[serde(skip)]
+    pub per_example: Vec<ExampleScore>,
+}
+
+/// One held-out example's scores: what a paired comparison of two models matches on.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExampleScore {
+    pub key: String,
+    pub tokens: usize,
+    /// Mean NLL per token (nats).
+    pub nll: f64,
+    pub kl_to_teacher: Option<f64>,
+    pub top1_agreement: Option<f64>,
+}
+
+/// `model - baseline` per example, averaged over the examples both scored: two models on the
+/// same samples differ far less from sample to sample than either does alone, so this
+/// interval is what says whether one beat the other.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedDifference {
+    pub nll: Estimate,
+    pub kl_to_teacher: Option<Estimate>,
+    pub top1_agreement: Option<Estimate>,
+}
+
+pub fn paired_difference(model: &HeldOutScores, baseline: &HeldOutScores) -> Option<PairedDifference> {
+    let base: HashMap<&str, &ExampleScore> =
+        baseline.per_example.iter().map(|e| (e.key.as_str(), e)).collect();
+    let pairs: Vec<(&ExampleScore, &ExampleScore)> = model
+        .per_example
+        .iter()
+        .filter_map(|m| base.get(m.key.as_str()).map(|b| (m, *b)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let diff = |f: fn(&ExampleScore) -> Option<f64>| {
+        let d: Vec<f64> = pairs.iter().filter_map(|(m, b)| Some(f(m)? - f(b)?)).collect();
+        (!d.is_empty()).then(|| mean(&d))
+    };
+    Some(PairedDifference {
+        nll: diff(|e| Some(e.nll))?,
+        kl_to_teacher: diff(|e| e.kl_to_teacher),
+        top1_agreement: diff(|e| e.top1_agreement),
+    })
 }
 
 /// Accumulates [`Forced`] results into [`HeldOutScores`].
 #[derive(Default)]
 pub struct HeldOutAccumulator {
-    nll: Vec<f64>,
-    kl: Vec<f64>,
-    top1: Vec<f64>,
+    rows: Vec<ExampleScore>,
     total_nll: f64,
     tokens: usize,
 }
 
 impl HeldOutAccumulator {
-    pub fn add(&mut self, forced: &Forced, teacher: Option<&TopK>) {
+    /// Scores example `key`; one without loss positions counts nowhere.
+    pub fn add(&mut self, key: &str, forced: &Forced, teacher: Option<&TopK>) {
         let n = forced.label_logprobs.len();
         if n == 0 {
             return;
@@ -313,7 +360,13 @@ impl HeldOutAccumulator {
         let sum: f64 = forced.label_logprobs.iter().map(|&l| -f64::from(l)).sum();
         self.total_nll += sum;
         self.tokens += n;
-        self.nll.push(sum / n as f64);
+        let mut row = ExampleScore {
+            key: key.to_string(),
+            tokens: n,
+            nll: sum / n as f64,
+            kl_to_teacher: None,
+            top1_agreement: None,
+        };
         if let (Some(t), Some(at)) = (teacher, forced.at_teacher.as_ref()) {
             // Positions where the teacher has a distribution (stored soft labels may not
             // cover every label position).
@@ -323,14 +376,15 @@ impl HeldOutAccumulator {
             if !labelled.is_empty() {
                 let kl = sparse_kl(t, at);
                 let m = labelled.len() as f64;
-                self.kl.push(labelled.iter().map(|&p| kl[p]).sum::<f64>() / m);
+                row.kl_to_teacher = Some(labelled.iter().map(|&p| kl[p]).sum::<f64>() / m);
                 let agree = labelled
                     .iter()
                     .filter(|&&p| t.ids[p * t.k] == forced.argmax[p])
                     .count();
-                self.top1.push(agree as f64 / m);
+                row.top1_agreement = Some(agree as f64 / m);
             }
         }
+        self.rows.push(row);
     }
 
     pub fn finish(self) -> HeldOutScores {
@@ -339,14 +393,19 @@ impl HeldOutAccumulator {
         } else {
             f64::NAN
         };
+        let some = |f: fn(&ExampleScore) -> Option<f64>| {
+            let v: Vec<f64> = self.rows.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| mean(&v))
+        };
         HeldOutScores {
-            examples: self.nll.len(),
+            examples: self.rows.len(),
             tokens: self.tokens,
-            nll: mean(&self.nll),
+            nll: mean(&self.rows.iter().map(|r| r.nll).collect::<Vec<_>>()),
             nll_per_token: per_token,
             perplexity: per_token.exp(),
-            kl_to_teacher: (!self.kl.is_empty()).then(|| mean(&self.kl)),
-            top1_agreement: (!self.top1.is_empty()).then(|| mean(&self.top1)),
+            kl_to_teacher: some(|r| r.kl_to_teacher),
+            top1_agreement: some(|r| r.top1_agreement),
+            per_example: self.rows,
         }
     }
 }
@@ -396,6 +455,50 @@ mod tests {
             }
         }
         assert_eq!(batch[2].label_logprobs.len(), 4);
+    }
+
+    fn scores(rows: &[(&str, f64, Option<f64>)]) -> HeldOutScores {
+        let acc = HeldOutAccumulator {
+            rows: rows
+                .iter()
+                .map(|&(key, nll, kl)| ExampleScore {
+                    key: key.into(),
+                    tokens: 10,
+                    nll,
+                    kl_to_teacher: kl,
+                    top1_agreement: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        acc.finish()
+    }
+
+    #[test]
+    fn paired_difference_matches_examples_by_key() {
+        // The model is better by exactly 0.1 on every shared example, whatever the spread
+        // between examples; "c" has no partner and "d" no KL in the baseline.
+        let base = scores(&[("a", 1.0, Some(0.5)), ("b", 3.0, Some(1.5)), ("d", 2.0, None)]);
+        let model = scores(&[
+            ("b", 2.9, Some(1.3)),
+            ("a", 0.9, Some(0.3)),
+            ("c", 9.0, Some(9.0)),
+            ("d", 1.9, Some(0.1)),
+        ]);
+        let d = paired_difference(&model, &base).unwrap();
+        assert_eq!(d.nll.n, 3);
+        assert!(
+            (d.nll.value + 0.1).abs() < 1e-12 && d.nll.stderr < 1e-12,
+            "{:?}",
+            d.nll
+        );
+        let kl = d.kl_to_teacher.unwrap();
+        assert_eq!(kl.n, 2);
+        assert!((kl.value + 0.2).abs() < 1e-12);
+        assert!(d.top1_agreement.is_none());
+        // The per-model interval is wide (examples differ by 2 nats); the paired one is not.
+        assert!(base.nll.stderr > 0.5);
+        assert!(paired_difference(&model, &scores(&[("z", 1.0, None)])).is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::EvalError;
 use crate::generate::{FinishReason, Sampling};
-use crate::likelihood::HeldOutScores;
+use crate::likelihood::{HeldOutScores, paired_difference};
 use crate::probes::SubjectScores;
 use crate::stats::Estimate;
 use crate::tasks::TaskKind;
@@ -22,6 +22,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const REPORT_JSON: &str = "report.json";
 pub const REPORT_MD: &str = "report.md";
 pub const EXAMPLES: &str = "examples.jsonl";
+/// Per-example held-out scores of every model.
+pub const HELD_OUT_ROWS: &str = "heldout.jsonl";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -41,6 +43,9 @@ pub struct Settings {
     pub seed: u64,
     pub batch_size: usize,
     pub device: String,
+    /// The model every other one is compared with on the held-out samples, example by example.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_out_baseline: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +123,23 @@ pub struct ExampleRecord {
 
 /// Writes report.json, report.md, examples.jsonl and the plots into `out`; returns the
 /// paths of the plots it drew.
+/// Every model's per-example held-out scores, one JSON line each, for comparisons of your own.
+fn write_held_out_rows(out: &Path, report: &Report) -> Result<(), EvalError> {
+    let mut lines = String::new();
+    for m in &report.models {
+        for row in m.held_out.iter().flat_map(|h| &h.per_example) {
+            let mut v = serde_json::to_value(row).map_err(|e| EvalError::Invalid(e.to_string()))?;
+            v["model"] = m.label.clone().into();
+            lines.push_str(&v.to_string());
+            lines.push('\n');
+        }
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    write(&out.join(HELD_OUT_ROWS), lines.as_bytes())
+}
+
 pub fn write_all(out: &Path, report: &Report, examples: &[ExampleRecord]) -> Result<Vec<PathBuf>, EvalError> {
     std::fs::create_dir_all(out).map_err(EvalError::io(out))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| EvalError::Invalid(e.to_string()))?;
@@ -128,6 +150,7 @@ pub fn write_all(out: &Path, report: &Report, examples: &[ExampleRecord]) -> Res
         lines.push('\n');
     }
     write(&out.join(EXAMPLES), lines.as_bytes())?;
+    write_held_out_rows(out, report)?;
     let mut plots = Vec::new();
     if let Some(p) = accuracy_plot(out, report)? {
         plots.push(p);
@@ -233,6 +256,7 @@ pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
             }
         }
         md.push('\n');
+        paired_section(&mut md, report);
     }
     if report.models.iter().any(|m| m.probes.is_some()) {
         md.push_str("## Behaviour probes\n\n| model | subject | refusal | empty reasoning | stock answer | canned | answer tokens |\n|---|---|---|---|---|---|---|\n");
@@ -272,6 +296,40 @@ pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
         }
     }
     md
+}
+
+/// Each model minus the baseline, example by example, on the held-out samples.
+fn paired_section(md: &mut String, report: &Report) {
+    let Some(label) = &report.settings.held_out_baseline else {
+        return;
+    };
+    let Some(base) = report
+        .models
+        .iter()
+        .find(|m| &m.label == label)
+        .and_then(|m| m.held_out.as_ref())
+    else {
+        return;
+    };
+    let _ = write!(
+        md,
+        "Paired against `{label}`: model minus `{label}` per example, mean over the examples both scored (negative NLL and KL, positive agreement: closer to the teacher than `{label}`).\n\n| model | examples | ΔNLL/token | ΔKL(teacher‖model) | Δtop-1 agreement |\n|---|---|---|---|---|\n"
+    );
+    for m in report.models.iter().filter(|m| &m.label != label) {
+        let Some(d) = m.held_out.as_ref().and_then(|h| paired_difference(h, base)) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            m.label,
+            d.nll.n,
+            d.nll.display(3),
+            d.kl_to_teacher.as_ref().map_or("-".into(), |e| e.display(3)),
+            d.top1_agreement.as_ref().map_or("-".into(), |e| e.display(3)),
+        );
+    }
+    md.push('\n');
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ pub struct HeldOutSpec {
     pub share: f64,
     pub seq_len: usize,
     pub max_examples: Option<usize>,
+    /// The model (by label) every other one is compared with, example by example.
+    pub baseline: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +154,7 @@ pub fn evaluate<B: Kernels>(
             seed: plan.seed,
             batch_size: plan.batch_size,
             device: plan.device.clone(),
+            held_out_baseline: plan.held_out.as_ref().and_then(|h| h.baseline.clone()),
         },
         models,
         contamination,
@@ -476,7 +479,7 @@ fn held_out<B: Kernels>(
     for ex in &examples {
         let targets = teacher.and_then(|t| t.by_key.get(&ex.key));
         let forced = teacher_force(model, ex, 0, targets, device)?;
-        acc.add(&forced, targets);
+        acc.add(&ex.key, &forced, targets);
         progress.advance(1);
     }
     progress.finish_stage();

@@ -50,7 +50,19 @@ fn eval_scores_models_on_tasks_held_out_samples_and_probes() {
         assert!(o.status.success(), "{}", stderr(&o));
         o
     };
-    let o = run(out.path(), &["-n", "2", "--temperature", "1.0", "--seed", "5"]);
+    let o = run(
+        out.path(),
+        &[
+            "-n",
+            "2",
+            "--temperature",
+            "1.0",
+            "--seed",
+            "5",
+            "--baseline",
+            "tiny-llama",
+        ],
+    );
     assert!(stdout(&o).contains("accuracy"), "{}", stdout(&o));
 
     let report = read_json(&out.path().join("report.json"));
@@ -94,6 +106,33 @@ fn eval_scores_models_on_tasks_held_out_samples_and_probes() {
     }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(md.contains("| student |") && md.contains("Held-out"), "{md}");
+
+    // Per-example held-out rows, and the student compared with the baseline on them.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("heldout.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2 * 3, "models x held-out examples");
+    let mean_of = |model: &str, field: &str| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["model"] == model)
+            .map(|r| r[field].as_f64().unwrap())
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let nll = student["nll"]["value"].as_f64().unwrap();
+    assert!((mean_of("student", "nll") - nll).abs() < 1e-9);
+    assert!(md.contains("Paired against `tiny-llama`"), "{md}");
+    let paired = md
+        .lines()
+        .skip_while(|l| !l.starts_with("Paired against"))
+        .find(|l| l.starts_with("| student |"))
+        .unwrap_or_else(|| panic!("no paired row: {md}"));
+    // Same examples on both sides: the mean difference is the difference of the means.
+    let kl_diff = mean_of("student", "kl_to_teacher") - mean_of("tiny-llama", "kl_to_teacher");
+    assert!(paired.contains(&format!("{kl_diff:.3}")), "{paired} vs {kl_diff}");
     assert!(out.path().join("accuracy.png").exists());
 
     // Same seed, same outputs, whatever the batch size.
@@ -187,6 +226,15 @@ fn eval_refusals_are_one_line() {
     assert_clean_failure(&o, &["nothing to evaluate"]);
     let o = eval_in_repo(&["--model", "tests/fixtures/tiny-qwen2", "--tasks", "no/such.jsonl"]);
     assert_clean_failure(&o, &["no/such.jsonl"]);
+    let o = eval_in_repo(&[
+        "--model",
+        "tests/fixtures/tiny-qwen2",
+        "--held-out",
+        "tests/fixtures/dataset",
+        "--baseline",
+        "nobody",
+    ]);
+    assert_clean_failure(&o, &["--baseline nobody", "tiny-qwen2"]);
     let tmp = tempfile::tempdir().unwrap();
     let preds = tmp.path().join("p.jsonl");
     std::fs::write(&preds, "{\"id\": \"0\"}\n").unwrap();
