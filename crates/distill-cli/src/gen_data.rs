@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use distill_core::Recipe;
 use distill_data::soft::SoftSummary;
-use distill_data::{ErrorRecord, HubAccess, PromptSpec, Sample, load_prompts};
+use distill_data::{ErrorRecord, PromptSpec, Sample, load_prompts};
 use distill_models::token_map::MappingStats;
 use distill_teacher::api::{Sampling, request_body, request_logprobs};
 use distill_teacher::fleet::{EndpointSpec, Fleet, FleetPolicy};
@@ -93,7 +93,7 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
         id_field: recipe.data.id_field.clone(),
         max_prompts: recipe.data.max_prompts,
     };
-    let prompts = load_prompts(&spec, &hub_access())?;
+    let prompts = load_prompts(&spec, &distill_eval::run::hub_access())?;
     let plan = plan(&prompts, &setup);
     let endpoints = endpoints(&recipe)?;
 
@@ -244,17 +244,6 @@ fn print_soft_summary(dir: &Path, s: &SoftSummary, stats: &MappingStats, k: usiz
         stats.unmapped,
         stats.misaligned
     );
-}
-
-/// HF_* variables as distill-models reads them.
-fn hub_access() -> HubAccess {
-    let s = distill_models::hub::HubSettings::from_env();
-    HubAccess {
-        cache_dir: s.cache_dir,
-        token: s.token,
-        offline: s.offline,
-        endpoint: s.endpoint,
-    }
 }
 
 /// (base URL, name of the key variable or None) for `base_url` then each of `endpoints`,
