@@ -112,6 +112,11 @@ pub struct Args {
     /// B6: new tokens per sequence (no EOS: every sequence runs to the end).
     #[arg(long, default_value_t = 256)]
     new_tokens: usize,
+    /// B3/B4: also time each phase of the step (inputs, forward, loss, backward, grad norm,
+    /// optimizer), with a device sync after each; the row gets `phases` and the log a line
+    /// per phase. The syncs slow the step: compare profiled rows with each other.
+    #[arg(long)]
+    profile: bool,
     /// Internal: run case N of the plan in this process.
     #[arg(long, hide = true)]
     run_case: Option<usize>,
@@ -128,7 +133,10 @@ enum Case {
     Gemm(usize),
     Loss {
         config: usize,
+        /// One [tokens, V] block of logits (as a full-logits loss), else --chunk-tokens.
         naive: bool,
+        /// Differentiate with burn's autodiff instead of the closed-form gradient.
+        autodiff: bool,
     },
     Train {
         config: usize,
@@ -177,8 +185,13 @@ fn plan(args: &Args) -> anyhow::Result<Vec<Case>> {
             match b {
                 "B1" => cases.push(Case::Gemm(config)),
                 "B2" => {
-                    cases.push(Case::Loss { config, naive: false });
-                    cases.push(Case::Loss { config, naive: true });
+                    for (naive, autodiff) in [(false, false), (false, true), (true, true)] {
+                        cases.push(Case::Loss {
+                            config,
+                            naive,
+                            autodiff,
+                        });
+                    }
                 }
                 "B3" => cases.push(Case::Train { config, lora: true }),
                 "B4" => cases.push(Case::Train { config, lora: false }),
@@ -619,7 +632,11 @@ impl Job for CaseJob {
                     rows.push(row);
                 }
             }
-            Case::Loss { config: ci, naive } => {
+            Case::Loss {
+                config: ci,
+                naive,
+                autodiff,
+            } => {
                 let c = &self.configs[ci];
                 let chunk = if naive { tokens } else { a.chunk_tokens.min(tokens) };
                 eprintln!(
@@ -632,16 +649,17 @@ impl Job for CaseJob {
                     tokens,
                     chunk,
                     a.top_k,
+                    !autodiff,
                     a.warmup.max(1),
                     a.iters,
                     &device,
                     &mut || self.sample_pool(),
                 );
                 let tf = lib::loss_flops(c, tokens) / secs / 1e12;
-                let name = if naive {
-                    "naive full logits".to_string()
-                } else {
-                    format!("chunked {chunk}")
+                let name = match (naive, autodiff) {
+                    (true, _) => "naive full logits".to_string(),
+                    (false, true) => format!("chunked {chunk} autodiff"),
+                    (false, false) => format!("chunked {chunk}"),
                 };
                 let mut row = base_row("B2", &model_of(ci), &name);
                 row.insert("tokens_per_s".into(), json!(tokens as f64 / secs));
@@ -651,7 +669,8 @@ impl Job for CaseJob {
                 row.insert(
                     "config".into(),
                     json!({"tokens": tokens, "hidden": c.hidden_size, "vocab": c.vocab_size,
-                           "chunk_tokens": chunk, "top_k": a.top_k, "dtype": dtype}),
+                           "chunk_tokens": chunk, "top_k": a.top_k, "dtype": dtype,
+                           "gradient": if autodiff { "autodiff" } else { "closed form" }}),
                 );
                 rows.push(row);
             }
@@ -678,6 +697,7 @@ impl Job for CaseJob {
                     warmup: if probe { 1 } else { a.warmup },
                     steps: if probe { 1 } else { a.steps.max(1) },
                     seed: 42,
+                    profile: a.profile && !probe,
                 };
                 eprintln!(
                     "{} {}: {} x {} tokens, {}, recompute {}",
@@ -712,6 +732,22 @@ impl Job for CaseJob {
                     json!(times.seconds.iter().map(|s| s * 1e3).collect::<Vec<_>>()),
                 );
                 row.insert("losses".into(), json!(times.losses));
+                if !times.phases.is_empty() {
+                    for p in &times.phases {
+                        eprintln!(
+                            "  phase {:<10} host {:>9.2} ms   synced {:>9.2} ms",
+                            p.name,
+                            p.host_seconds * 1e3,
+                            p.total_seconds * 1e3
+                        );
+                    }
+                    let phases: Vec<Value> = times
+                        .phases
+                        .iter()
+                        .map(|p| json!({"phase": p.name, "host_ms": p.host_seconds * 1e3, "ms": p.total_seconds * 1e3}))
+                        .collect();
+                    row.insert("phases".into(), Value::Array(phases));
+                }
                 row.insert(
                     "config".into(),
                     json!({"batch": batch, "seq": seq, "mode": mode, "recompute": b.recompute,

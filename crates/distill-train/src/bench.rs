@@ -104,6 +104,10 @@ pub struct TrainBench {
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
+    /// Sync the device at the end of each phase of the step and time the phases
+    /// ([`StepTimes::phases`]). The syncs cost time of their own: compare profiled steps
+    /// with each other, not with unprofiled ones.
+    pub profile: bool,
 }
 
 impl TrainBench {
@@ -134,6 +138,62 @@ pub struct StepTimes {
     pub seconds: Vec<f64>,
     pub tokens_per_step: usize,
     pub losses: Vec<f64>,
+    /// With [`TrainBench::profile`]: each phase's mean time per timed step, in
+    /// [`trainer::PHASES`] order.
+    pub phases: Vec<PhaseTime>,
+}
+
+/// Where one phase of a step went: `host` is the time until the host had queued the phase's
+/// work, `total` until the device had finished it (a sync). host close to total means the
+/// GPU waited on the host (launch-bound); total far above host means the GPU was the limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseTime {
+    pub name: &'static str,
+    pub host_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Accumulates [`PhaseTime`]s over steps from a [`trainer::PhaseHook`]'s calls.
+struct PhaseClock<'a, B: Backend> {
+    device: &'a B::Device,
+    since: Instant,
+    /// Recording (timed steps) or not (warm-up).
+    on: bool,
+    sums: Vec<PhaseTime>,
+}
+
+impl<B: Backend> PhaseClock<'_, B> {
+    fn mark(&mut self, name: &'static str) {
+        let host = self.since.elapsed().as_secs_f64();
+        sync::<B>(self.device);
+        let total = self.since.elapsed().as_secs_f64();
+        if self.on {
+            match self.sums.iter_mut().find(|p| p.name == name) {
+                Some(p) => {
+                    p.host_seconds += host;
+                    p.total_seconds += total;
+                }
+                None => self.sums.push(PhaseTime {
+                    name,
+                    host_seconds: host,
+                    total_seconds: total,
+                }),
+            }
+        }
+        self.since = Instant::now();
+    }
+
+    /// Mean per step over `steps` steps, in [`trainer::PHASES`] order.
+    fn means(mut self, steps: usize) -> Vec<PhaseTime> {
+        let n = steps.max(1) as f64;
+        self.sums
+            .sort_by_key(|p| trainer::PHASES.iter().position(|&q| q == p.name));
+        for p in &mut self.sums {
+            p.host_seconds /= n;
+            p.total_seconds /= n;
+        }
+        self.sums
+    }
 }
 
 impl StepTimes {
@@ -183,9 +243,23 @@ where
         seconds: Vec::new(),
         tokens_per_step: b.batch * b.seq,
         losses: Vec::new(),
+        phases: Vec::new(),
+    };
+    let mut clock = PhaseClock::<B> {
+        device,
+        since: Instant::now(),
+        on: false,
+        sums: Vec::new(),
     };
     for i in 0..b.warmup + b.steps {
         let started = Instant::now();
+        clock.since = started;
+        clock.on = i >= b.warmup;
+        let mut hook = |name: &'static str| {
+            if b.profile {
+                clock.mark(name)
+            }
+        };
         let (next, outcome) = trainer::optimizer_step(
             model,
             &mut opt,
@@ -195,6 +269,7 @@ where
             &recipe,
             recipe.train.lr,
             device,
+            &mut hook,
         )?;
         model = next;
         sync::<B>(device);
@@ -204,6 +279,9 @@ where
             times.seconds.push(elapsed);
             times.losses.push(outcome.loss);
         }
+    }
+    if b.profile {
+        times.phases = clock.means(b.steps);
     }
     Ok(times)
 }
@@ -271,13 +349,15 @@ pub fn time_calls<B: Backend>(device: &B::Device, warmup: usize, iters: usize, m
 /// The loss over `tokens` positions at `config`'s hidden size and vocabulary: the trainer's
 /// [`chunked_loss`] with `chunk` tokens per block (`chunk >= tokens` is the naive version:
 /// one [tokens, V] block of logits, as a full-logits loss builds). Returns mean seconds per
-/// forward + backward (to the hidden states; the head is frozen as under LoRA).
+/// forward + backward (to the hidden states; the head is frozen as under LoRA). `analytic`:
+/// the closed-form gradient the trainer uses, else burn's autodiff through the same loss.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_loss<B: Kernels>(
     config: &DecoderConfig,
     tokens: usize,
     chunk: usize,
     top_k: usize,
+    analytic: bool,
     warmup: usize,
     iters: usize,
     device: &B::Device,
@@ -300,6 +380,7 @@ where
     };
     let cfg = LossConfig {
         kd_ratio: if top_k > 0 { 0.5 } else { 0.0 },
+        analytic_grad: analytic,
         ..LossConfig::from_recipe(&Default::default(), Some(v))
     };
     time_calls::<B>(device, warmup, iters, || {

@@ -8,10 +8,15 @@
 //! renormalised. Temperature T divides the student's logits and the teacher's log-probs
 //! (the teacher's rest mass is raised to 1/T alike); the divergence is scaled by T^2 so
 //! gradients keep their size across temperatures (Hinton et al.).
+//!
+//! [`chunked_loss`] differentiates with burn's autodiff, except for the recipe's default case
+//! (CE alone, or CE + forward KL on a top-k teacher with the rest bucket), whose gradient with
+//! respect to the logits it writes down in closed form ([`analytic_chunk`]): about half the
+//! passes over each [chunk, V] block of logits, and no graph.
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use distill_core::recipe::{KlKind, LossSection, MissingMass};
 
 /// Logits of vocabulary rows past the tokenizer (padding rows of the embedding matrix) are
@@ -65,6 +70,9 @@ pub struct LossConfig {
     pub missing_mass: MissingMass,
     /// Real vocabulary size; logits at or beyond it are masked out.
     pub vocab_limit: Option<usize>,
+    /// Let [`chunked_loss`] use the closed-form gradient where it applies (always, except to
+    /// compare it with autodiff: tests, `distill bench loss`).
+    pub analytic_grad: bool,
 }
 
 impl LossConfig {
@@ -76,6 +84,7 @@ impl LossConfig {
             temperature: s.temperature,
             missing_mass: s.missing_mass,
             vocab_limit,
+            analytic_grad: true,
         }
     }
 }
@@ -257,32 +266,50 @@ pub fn chunked_loss<AD>(
 ) -> ChunkedLoss<AD::InnerBackend>
 where
     AD: burn::tensor::backend::AutodiffBackend + distill_models::Kernels,
+    AD::InnerBackend: distill_models::Kernels,
 {
     let [n, c] = hidden.dims();
     let device = hidden.device();
     let dtype = hidden.dtype();
-    let (mut total, mut ce, mut kl) = (0.0, 0.0, 0.0);
-    let mut grad_weight = None;
+    let analytic = has_analytic_grad(teacher, cfg);
+    // (total, ce, kl) summed on the device, read once at the end: a read per chunk would
+    // stall the GPU queue between chunks.
+    let mut sums: Option<Tensor<AD::InnerBackend, 1>> = None; // [3]
+    let mut grad_weight: Option<Tensor<AD::InnerBackend, 2>> = None;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let h = Tensor::<AD, 2>::from_inner(hidden.clone().narrow(0, start, len)).require_grad();
-        let mut w = Tensor::<AD, 2>::from_inner(weight.clone());
-        if want_weight_grad {
-            w = w.require_grad();
-        }
-        let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.clone().cast(h.dtype()), None);
-        let teacher_chunk = lift::<AD>(&teacher.narrow(start, len));
-        let labels_chunk = Tensor::<AD, 1, Int>::from_inner(labels.clone().narrow(0, start, len));
-        let sums = token_loss(logits, labels_chunk, &teacher_chunk, cfg);
-        total += sums.total.clone().into_scalar().elem::<f64>();
-        ce += sums.ce.into_scalar().elem::<f64>();
-        kl += sums.kl.into_scalar().elem::<f64>();
-        let grads = sums.total.mul_scalar(scale).backward();
-        grad_chunks.push(h.grad(&grads).expect("hidden chunk is a leaf with grad"));
-        if want_weight_grad {
-            let g = w.grad(&grads).expect("weight is a leaf with grad");
+        let h = hidden.clone().narrow(0, start, len); // [len, C]
+        let labels_chunk = labels.clone().narrow(0, start, len);
+        let teacher_chunk = teacher.narrow(start, len);
+        let (chunk_sums, grad_h, grad_w) = if analytic {
+            analytic_head_chunk(
+                h,
+                weight.clone(),
+                labels_chunk,
+                &teacher_chunk,
+                cfg,
+                want_weight_grad,
+                scale,
+            )
+        } else {
+            autodiff_head_chunk::<AD>(
+                h,
+                weight.clone(),
+                labels_chunk,
+                &teacher_chunk,
+                cfg,
+                want_weight_grad,
+                scale,
+            )
+        };
+        sums = Some(match sums.take() {
+            Some(acc) => acc + chunk_sums,
+            None => chunk_sums,
+        });
+        grad_chunks.push(grad_h);
+        if let Some(g) = grad_w {
             grad_weight = Some(match grad_weight.take() {
                 Some(acc) => acc + g,
                 None => g,
@@ -290,6 +317,17 @@ where
         }
         start += len;
     }
+    let (total, ce, kl) = match sums {
+        Some(s) => {
+            let v: Vec<f64> = s
+                .into_data()
+                .convert::<f64>()
+                .into_vec()
+                .expect("loss sums are floats");
+            (v[0], v[1], v[2])
+        }
+        None => (0.0, 0.0, 0.0),
+    };
     // GPU backends cannot launch kernels over zero elements: build the empty case on the
     // host side of the API (no kernel) rather than with zeros().
     let grad_hidden = if grad_chunks.is_empty() {
@@ -306,7 +344,200 @@ where
     }
 }
 
-use burn::tensor::ElementConversion;
+/// Sums [3] (total, ce, kl), d(scale * total)/d h [len, C] and, when asked, /d weight [C, V]
+/// for one chunk, from [`token_loss`] through burn's autodiff.
+type ChunkOutput<B> = (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>);
+
+fn autodiff_head_chunk<AD>(
+    h: Tensor<AD::InnerBackend, 2>,
+    weight: Tensor<AD::InnerBackend, 2>,
+    labels: Tensor<AD::InnerBackend, 1, Int>,
+    teacher: &TeacherTargets<AD::InnerBackend>,
+    cfg: &LossConfig,
+    want_weight_grad: bool,
+    scale: f64,
+) -> ChunkOutput<AD::InnerBackend>
+where
+    AD: burn::tensor::backend::AutodiffBackend + distill_models::Kernels,
+{
+    let h = Tensor::<AD, 2>::from_inner(h).require_grad();
+    let mut w = Tensor::<AD, 2>::from_inner(weight);
+    if want_weight_grad {
+        w = w.require_grad();
+    }
+    let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.clone().cast(h.dtype()), None);
+    let sums = token_loss(logits, Tensor::from_inner(labels), &lift::<AD>(teacher), cfg);
+    let values = Tensor::cat(
+        vec![sums.total.clone().inner(), sums.ce.inner(), sums.kl.inner()],
+        0,
+    );
+    let grads = sums.total.mul_scalar(scale).backward();
+    let grad_h = h.grad(&grads).expect("hidden chunk is a leaf with grad");
+    let grad_w = want_weight_grad.then(|| w.grad(&grads).expect("weight is a leaf with grad"));
+    (values, grad_h, grad_w)
+}
+
+/// The same as [`autodiff_head_chunk`] with the closed-form gradient of [`analytic_chunk`]:
+/// logits = h @ W, dL/dh = G @ Wᵀ, dL/dW = hᵀ @ G, each one [`Kernels::gemm`].
+///
+/// [`Kernels::gemm`]: distill_models::Kernels::gemm
+fn analytic_head_chunk<B: distill_models::Kernels>(
+    h: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    teacher: &TeacherTargets<B>,
+    cfg: &LossConfig,
+    want_weight_grad: bool,
+    scale: f64,
+) -> ChunkOutput<B> {
+    let w_dtype = weight.dtype();
+    let w = weight.cast(h.dtype()); // [C, V]
+    let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
+    let (values, grad_logits) = analytic_chunk(logits, labels, teacher, cfg, scale);
+    let g = grad_logits.cast(h.dtype()); // [len, V]
+    let grad_h = gemm(g.clone(), w.transpose()); // [len, C]
+    let grad_w = want_weight_grad.then(|| gemm(h.transpose(), g).cast(w_dtype)); // [C, V]
+    (values, grad_h, grad_w)
+}
+
+fn gemm<B: distill_models::Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let out = B::gemm(a.into_primitive().tensor(), b.into_primitive().tensor());
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+}
+
+/// Whether [`analytic_chunk`] covers `teacher` under `cfg`: CE alone, or CE + forward KL
+/// (JSD with beta 0 is forward KL) on a top-k teacher with the rest bucket, at any temperature.
+fn has_analytic_grad<B: Backend>(teacher: &TeacherTargets<B>, cfg: &LossConfig) -> bool {
+    let forward = cfg.kind == KlKind::Forward || (cfg.kind == KlKind::Jsd && cfg.beta == 0.0);
+    cfg.analytic_grad
+        && match teacher {
+            TeacherTargets::None => true,
+            _ if cfg.kd_ratio == 0.0 => true,
+            TeacherTargets::Sparse { .. } => forward && cfg.missing_mass == MissingMass::OtherBucket,
+            TeacherTargets::Dense(_) => false,
+        }
+}
+
+/// Sums [3] (total, ce, kl) over logits [N, V] and d(scale * total)/d logits [N, V] in f32,
+/// in closed form: what [`token_loss`] and its backward compute, for the cases of
+/// [`has_analytic_grad`].
+///
+/// With q = softmax(z) and y the label, d CE/dz = q - onehot(y). With q_T = softmax(z / T),
+/// the teacher's k probabilities p_j and rest p_r (tempered, renormalised as in
+/// [`token_loss`]), Q = sum of q_T over the k ids and q_r = 1 - Q, the bucketed forward KL
+/// KL = sum_j p_j log(p_j / q_T,j) + p_r log(p_r / q_r) has
+///     d (T^2 KL)/dz_i = T (c q_T,i + [i in k] (q_T,i - p_i - c q_T,i)),  c = P - p_r Q / q_r,
+/// with P = 1 - p_r. Where q_r is clamped at EPS the rest term is constant (as clamp_min's
+/// gradient is zero there): c = P and the bracket becomes -p_i.
+fn analytic_chunk<B: Backend>(
+    logits: Tensor<B, 2>,
+    labels: Tensor<B, 1, Int>,
+    teacher: &TeacherTargets<B>,
+    cfg: &LossConfig,
+    scale: f64,
+) -> (Tensor<B, 1>, Tensor<B, 2>) {
+    let z = mask_padding(logits.cast(DType::F32), cfg.vocab_limit); // [N, V]
+    let [n, _] = z.dims();
+    let device = z.device();
+    let labels = labels.unsqueeze_dim::<2>(1); // [N, 1]
+    let ce_w = 1.0 - cfg.kd_ratio;
+    let (e, sum, lse) = softmax_parts(z.clone(), 1.0); // [N, V], [N, 1], [N, 1]
+    let ce = (lse.clone() - z.clone().gather(1, labels.clone())).sum(); // [1]
+    let label_grad = Tensor::<B, 2>::full([n, 1], -ce_w * scale, &device); // [N, 1]
+
+    let (ids, logprobs, present) = match teacher {
+        TeacherTargets::Sparse {
+            ids,
+            logprobs,
+            present,
+        } if cfg.kd_ratio != 0.0 => (ids, logprobs, present),
+        _ => {
+            // CE alone (no teacher, or kd_ratio 0).
+            let grad = e * sum.recip().mul_scalar(ce_w * scale);
+            let grad = grad.scatter(1, labels, label_grad, IndexingUpdateOp::Add);
+            let values = Tensor::cat(vec![ce.clone().mul_scalar(ce_w), ce.clone(), ce.zeros_like()], 0);
+            return (values, grad);
+        }
+    };
+
+    let t = cfg.temperature;
+    // The teacher: k tempered log-probs and the rest, renormalised ([N, k], [N, 1]).
+    let absent = logprobs.clone().lower_equal_elem(-1e30); // [N, k]
+    let lp = logprobs
+        .clone()
+        .cast(DType::F32)
+        .mask_fill(absent.clone(), MASKED_LOGIT);
+    let rest = lp
+        .clone()
+        .exp()
+        .sum_dim(1)
+        .neg()
+        .add_scalar(1.0)
+        .clamp_min(EPS)
+        .log(); // [N, 1]
+    let k = lp.dims()[1];
+    let log_p = log_softmax(Tensor::cat(vec![lp.div_scalar(t), rest.div_scalar(t)], 1), 1); // [N, k+1]
+    let log_p_k = log_p.clone().narrow(1, 0, k);
+    let log_p_rest = log_p.narrow(1, k, 1);
+    let p_k = log_p_k.clone().exp(); // absent entries: 0
+    let p_rest = log_p_rest.clone().exp();
+
+    // The student at temperature T.
+    let (e_t, sum_t, lse_t) = if t == 1.0 {
+        (e.clone(), sum.clone(), lse)
+    } else {
+        softmax_parts(z.clone(), t)
+    };
+    let lq_k = (z.gather(1, ids.clone()).div_scalar(t) - lse_t).mask_fill(absent, MASKED_LOGIT); // [N, k]
+    let q_k = lq_k.clone().exp(); // absent entries: 0
+    let big_q = q_k.clone().sum_dim(1); // [N, 1]
+    let r = big_q.clone().neg().add_scalar(1.0);
+    let unclamped = r.clone().greater_elem(EPS); // [N, 1]
+    let q_rest = r.clamp_min(EPS);
+    let kl_rows =
+        (p_k.clone() * (log_p_k - lq_k)).sum_dim(1) + p_rest.clone() * (log_p_rest - q_rest.clone().log()); // [N, 1]
+    let present = present.clone().map(|p| p.cast(DType::F32).unsqueeze_dim::<2>(1)); // [N, 1]
+    let kl_rows = match &present {
+        Some(p) => kl_rows * p.clone(),
+        None => kl_rows,
+    };
+    let kl = kl_rows.sum().mul_scalar(t * t); // [1]
+
+    let big_p = p_rest.clone().neg().add_scalar(1.0); // [N, 1]
+    let c_free = big_p.clone() - p_rest * big_q / q_rest;
+    let c = big_p.mask_where(unclamped.clone(), c_free); // [N, 1]
+    let d = c
+        .clone()
+        .neg()
+        .add_scalar(1.0)
+        .mask_fill(unclamped.bool_not(), 0.0); // [N, 1]
+    // Per-row weight of the KL gradient: kd_ratio * T * scale, times present.
+    let w_kd = match &present {
+        Some(p) => p.clone().mul_scalar(cfg.kd_ratio * t * scale),
+        None => Tensor::full([n, 1], cfg.kd_ratio * t * scale, &device),
+    };
+    let dense = if t == 1.0 {
+        e * ((w_kd.clone() * c).add_scalar(ce_w * scale) / sum)
+    } else {
+        e_t * (w_kd.clone() * c / sum_t) + e * sum.recip().mul_scalar(ce_w * scale)
+    }; // [N, V]
+    let sparse = w_kd * (d * q_k - p_k); // [N, k]
+    let grad = dense
+        .scatter(1, ids.clone(), sparse, IndexingUpdateOp::Add)
+        .scatter(1, labels, label_grad, IndexingUpdateOp::Add);
+    let total = kl.clone().mul_scalar(cfg.kd_ratio) + ce.clone().mul_scalar(ce_w);
+    (Tensor::cat(vec![total, ce, kl], 0), grad)
+}
+
+/// exp((z - max) / t) [N, V], its row sums [N, 1] and the log-normaliser of z / t [N, 1]:
+/// softmax(z / t) = e / sum, log_softmax(z / t) = z / t - lse.
+fn softmax_parts<B: Backend>(z: Tensor<B, 2>, t: f64) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+    let max = z.clone().max_dim(1); // [N, 1]
+    let e = (z - max.clone()).div_scalar(t).exp(); // [N, V]
+    let sum = e.clone().sum_dim(1); // [N, 1]
+    let lse = max.div_scalar(t) + sum.clone().log();
+    (e, sum, lse)
+}
 
 /// Teacher targets moved onto the autodiff backend as constants.
 fn lift<AD: burn::tensor::backend::AutodiffBackend>(
@@ -411,6 +642,7 @@ mod tests {
             temperature,
             missing_mass,
             vocab_limit: Some(9),
+            analytic_grad: true,
         }
     }
 
@@ -448,9 +680,19 @@ mod tests {
                 (KlKind::Jsd, "jsd", 0.5),
                 (KlKind::Jsd, "jsd", 0.1),
             ] {
-                for t in [1.0, 2.0] {
+                for (t, analytic) in [(1.0, true), (2.0, true), (1.0, false), (2.0, false)] {
                     let name = format!("{mode}.{kname}.b{beta}.t{t:.1}");
-                    let cfg = config(kind, beta, t, missing);
+                    let cfg = LossConfig {
+                        analytic_grad: analytic,
+                        ..config(kind, beta, t, missing)
+                    };
+                    // The closed form must be what the reference checks for the default loss.
+                    let default_loss = mode == "other_bucket" && kind == KlKind::Forward;
+                    assert_eq!(
+                        has_analytic_grad(&teacher, &cfg),
+                        analytic && default_loss,
+                        "{name}"
+                    );
                     // chunk 4 over 6 tokens: two chunks of different sizes.
                     let out = chunked_loss::<AD>(
                         fx.f("hidden"),
@@ -482,7 +724,93 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 24);
+        assert_eq!(cases, 48);
+    }
+
+    /// The closed-form gradient against autodiff where the fixture does not reach: positions
+    /// without a teacher, absent top-k entries, a student so sure of the top-k that its rest
+    /// mass clamps at EPS, and CE alone with and without a teacher.
+    #[test]
+    fn analytic_gradient_equals_autodiff_on_edge_cases() {
+        let fx = fixture();
+        let device = Default::default();
+        let hidden = fx.f::<2>("hidden");
+        let [n, _] = hidden.dims();
+        let weight = fx.f::<2>("weight");
+        let ids = fx.i::<2>("topk_ids");
+        let lp = fx.f::<2>("topk_logprobs");
+        let k = ids.dims()[1];
+        let present: Vec<f32> = (0..n).map(|i| (i % 3 != 1) as u8 as f32).collect();
+        let mut lp_data = lp.clone().into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        lp_data[k - 1] = f32::NEG_INFINITY; // row 0 lists one id fewer
+        let sparse = TeacherTargets::Sparse {
+            ids: ids.clone(),
+            logprobs: Tensor::from_data(TensorData::new(lp_data, [n, k]), &device),
+            present: Some(Tensor::from_data(TensorData::new(present, [n]), &device)),
+        };
+        // Hidden states 200x larger and the student's argmax listed first: its top-k mass rounds
+        // to 1 in f32, so the rest bucket clamps at EPS.
+        let saturated = hidden.clone().mul_scalar(200.0);
+        let logits = mask_padding(saturated.clone().matmul(weight.clone()), Some(9));
+        let top = logits.clone().argmax(1); // [N, 1]
+        let q_top = log_softmax(logits, 1).max_dim(1).exp();
+        assert!(
+            q_top.greater_equal_elem(1.0).any().into_scalar(),
+            "no row saturates"
+        );
+        let sure = match &sparse {
+            TeacherTargets::Sparse {
+                ids,
+                logprobs,
+                present,
+            } => TeacherTargets::Sparse {
+                ids: Tensor::cat(vec![top, ids.clone().narrow(1, 1, k - 1)], 1),
+                logprobs: logprobs.clone(),
+                present: present.clone(),
+            },
+            _ => unreachable!(),
+        };
+        let cases = [
+            ("present + absent, t1", hidden.clone(), sparse.clone(), 1.0, 0.5),
+            ("present + absent, t2", hidden.clone(), sparse.clone(), 2.0, 0.5),
+            ("saturated student", saturated.clone(), sure.clone(), 1.0, 0.5),
+            ("saturated student, t2", saturated, sure, 2.0, 0.3),
+            ("kd_ratio 0", hidden.clone(), sparse, 1.0, 0.0),
+            ("no teacher", hidden.clone(), TeacherTargets::None, 1.0, 0.5),
+        ];
+        for (name, h, teacher, t, kd) in cases {
+            let run = |analytic: bool| {
+                let cfg = LossConfig {
+                    kd_ratio: kd,
+                    analytic_grad: analytic,
+                    ..config(KlKind::Forward, 0.5, t, MissingMass::OtherBucket)
+                };
+                assert_eq!(has_analytic_grad(&teacher, &cfg), analytic, "{name}");
+                chunked_loss::<AD>(
+                    h.clone(),
+                    weight.clone(),
+                    fx.i("labels"),
+                    &teacher,
+                    &cfg,
+                    4,
+                    true,
+                    0.5,
+                )
+            };
+            let (ours, autodiff) = (run(true), run(false));
+            let sums = |o: &ChunkedLoss<B>| [o.total as f32, o.ce as f32, o.kl as f32];
+            assert_close(&format!("{name} sums"), &sums(&ours), &sums(&autodiff));
+            assert_close(
+                &format!("{name} grad_hidden"),
+                &vec_of(ours.grad_hidden),
+                &vec_of(autodiff.grad_hidden),
+            );
+            assert_close(
+                &format!("{name} grad_weight"),
+                &vec_of(ours.grad_weight.unwrap()),
+                &vec_of(autodiff.grad_weight.unwrap()),
+            );
+        }
     }
 
     #[test]

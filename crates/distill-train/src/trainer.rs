@@ -202,8 +202,17 @@ where
             &mut epoch_cache,
         );
         let lr = learning_rate(t, step, total_steps);
-        let (next, outcome) =
-            optimizer_step(model, &mut opt, &teacher, &rows, &loss_cfg, recipe, lr, &device)?;
+        let (next, outcome) = optimizer_step(
+            model,
+            &mut opt,
+            &teacher,
+            &rows,
+            &loss_cfg,
+            recipe,
+            lr,
+            &device,
+            &mut no_phases,
+        )?;
         model = next;
         let StepOutcome {
             loss,
@@ -365,6 +374,18 @@ pub struct StepOutcome {
     pub applied: bool,
 }
 
+/// The phases of a step, in order; [`optimizer_step`] calls its phase hook at the end of each
+/// (the first four once per micro-batch).
+pub const PHASES: [&str; 6] = ["inputs", "forward", "loss", "backward", "grad_norm", "optimizer"];
+
+/// Called with a phase's name (one of [`PHASES`]) when the step has queued that phase's work.
+/// `distill bench --profile` syncs the device there and times each phase; training passes
+/// [`no_phases`].
+pub type PhaseHook<'a> = &'a mut dyn FnMut(&'static str);
+
+/// The phase hook that does nothing.
+pub fn no_phases(_: &'static str) {}
+
 /// One optimizer step on `rows`, exactly as `distill train` runs each step (and `distill
 /// bench` times it): micro-batches of [train] micro_batch rows, gradients of the mean loss
 /// over the step's loss tokens, global-norm clipping, one AdamW update at `lr`.
@@ -378,6 +399,7 @@ pub fn optimizer_step<B: Kernels>(
     recipe: &Recipe,
     lr: f64,
     device: &B::Device,
+    phase: PhaseHook,
 ) -> Result<(CausalLm<Ad<B>>, StepOutcome), TrainError>
 where
     Ad<B>: Kernels,
@@ -392,13 +414,14 @@ where
     let mut sums = (0.0, 0.0, 0.0);
     for micro in rows.chunks(t.micro_batch) {
         let s = micro_step(
-            &model, teacher, micro, loss_cfg, recipe, scale, &mut grads, device,
+            &model, teacher, micro, loss_cfg, recipe, scale, &mut grads, device, phase,
         )?;
         sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
     }
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
     let grad_norm = grads.global_norm();
+    phase("grad_norm");
     let applied = loss.is_finite() && grad_norm.is_finite();
     let mut model = model;
     if applied {
@@ -407,6 +430,7 @@ where
         }
         model = opt.step::<Ad<B>, _>(model, &grads, lr);
     }
+    phase("optimizer");
     let outcome = StepOutcome {
         loss,
         ce,
@@ -539,6 +563,7 @@ fn micro_step<B: Kernels>(
     scale: f64,
     grads: &mut GradStore<B>,
     device: &B::Device,
+    phase: PhaseHook,
 ) -> Result<(f64, f64, f64), TrainError>
 where
     Ad<B>: Kernels,
@@ -553,6 +578,7 @@ where
         sin: Tensor::from_inner(ctx.sin.clone()),
         mask: ctx.mask.clone().map(Tensor::from_inner),
     };
+    phase("inputs");
     let layers = &model.model.layers;
 
     // Forward: keep block inputs only (or each block's graph when not recomputing).
@@ -571,6 +597,7 @@ where
             out
         };
     }
+    phase("forward");
 
     // Head: final norm with a graph; the loss in chunks with their own backward passes.
     let x_last = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
@@ -596,6 +623,7 @@ where
         want_w,
         scale,
     );
+    phase("loss");
     let head_grads = (h_sel * Tensor::from_inner(out.grad_hidden)).sum().backward();
     collect_grads(&model.model.norm, &head_grads, grads);
     let mut g = x_last.grad(&head_grads).expect("x_last is a leaf");
@@ -628,6 +656,7 @@ where
         let embed_grads = (e * Tensor::from_inner(g)).sum().backward();
         collect_grads(&model.model.embed_tokens, &embed_grads, grads);
     }
+    phase("backward");
     Ok((out.total, out.ce, out.kl))
 }
 

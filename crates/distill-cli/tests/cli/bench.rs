@@ -41,13 +41,15 @@ fn bench_runs_every_benchmark_on_the_tiny_model_and_writes_sane_rows() {
     // Counts: B1 = (6 projections/head + 3 LoRA shapes + the square) x (fwd, bwd); B2 =
     // chunked and naive; one training row each; B5 one row; B6 one per batch size.
     assert_eq!(of("B1").len(), 2 * (6 + 3 + 1), "{rows:#?}");
-    assert_eq!(of("B2").len(), 2);
+    assert_eq!(of("B2").len(), 3);
+    let b2: Vec<&str> = of("B2").iter().map(|r| r["case"].as_str().unwrap()).collect();
+    assert_eq!(b2, ["chunked 32", "chunked 32 autodiff", "naive full logits"]);
     assert_eq!(of("B3").len(), 1);
     assert_eq!(of("B4").len(), 1);
     assert_eq!(of("B5").len(), 1);
     assert_eq!(of("B6").len(), 2);
     assert!(of("peak").is_empty(), "--peak-tflops given: no peak case");
-    assert_eq!(rows.len(), 20 + 2 + 1 + 1 + 1 + 2);
+    assert_eq!(rows.len(), 20 + 3 + 1 + 1 + 1 + 2);
 
     for row in &rows {
         assert_eq!(row["framework"], "distill");
@@ -144,4 +146,39 @@ fn bench_memory_search_brackets_a_cap_and_rejects_unknown_names() {
     let o = distill(&["bench", "B9", "--config", config.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown benchmark `b9`"), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_profile_times_every_phase_of_the_step_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("rows.jsonl");
+    let config = fixtures().join("tiny-qwen2");
+    #[rustfmt::skip]
+    let o = distill(&[
+        "--device", "cpu", "bench", "full", "--profile",
+        "--config", config.to_str().unwrap(), "--peak-tflops", "1",
+        "--batch", "2", "--seq", "16", "--warmup", "1", "--steps", "2",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = rows_of(&json);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let phases = rows[0]["phases"].as_array().expect("--profile adds phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["inputs", "forward", "loss", "backward", "grad_norm", "optimizer"]
+    );
+    let (mut sum, step) = (0.0, num(&rows[0], "ms"));
+    for p in phases {
+        let (host, total) = (num(p, "host_ms"), num(p, "ms"));
+        assert!(host >= 0.0 && total > 0.0, "{p}");
+        sum += total;
+    }
+    // The phases tile the step: together they are the step's time, less the untimed gaps.
+    assert!(
+        sum > 0.5 * step && sum <= step * 1.001,
+        "phases {sum} ms, step {step} ms"
+    );
+    assert!(stderr(&o).contains("phase optimizer"), "{}", stderr(&o));
 }
