@@ -15,9 +15,10 @@
 #   data    distill serve --model $W/teacher --port 8765 &       (the teacher behind the OpenAI API)
 #           distill gen-data --recipe $R                          (2,000 GSM8K train questions)
 #           distill gen-data --recipe $R --rescore                (top-32 log-probs of every token)
-#   train   distill train --recipe $R --set name=sft --set loss.kd_ratio=0   --set train.seed=7
-#           distill train --recipe $R --set name=kd  --set loss.kd_ratio=0.5 --set train.seed=7
-#           (and sft-s2, kd-s2 with seed 8; kd1 with kd_ratio 1.0)
+#   train   distill train --recipe $R --set name=sft --set train.seed=7 --set loss.kd_ratio=0
+#           distill train --recipe $R --set name=kd  --set train.seed=7 --set loss.kd_ratio=0.5
+#           (and one run per entry of ARMS: the investigation's temperature, divergence,
+#           missing-mass and learning-rate variants)
 #   eval    distill eval --model teacher=$W/teacher --model base=$W/student
 #             --model sft=$W/runs/sft/final --model kd=$W/runs/kd/final ...
 #             --tasks $GSM8K/test.jsonl --held-out $W/data --held-out-share 0.1
@@ -32,8 +33,17 @@ W=$X/work
 R=$X/recipe.toml
 GSM8K=${GSM8K:-../shared/data/gsm8k}
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-1319}   # GSM8K test problems scored (docs/EXPERIMENTS.md: 128)
-# name:kd_ratio:seed of each training run.
-ARMS=${ARMS:-"sft:0:7 kd:0.5:7 sft-s2:0:8 kd-s2:0.5:8 kd1:1.0:7"}
+# name:seed:overrides of each training run; overrides are recipe keys, comma-separated.
+# Run C (docs/EXPERIMENTS.md): SFT and KD, then KD with one loss setting changed each, and
+# both at half the learning rate. Runs A and B used "sft:7:loss.kd_ratio=0
+# kd:7:loss.kd_ratio=0.5 sft-s2:8:loss.kd_ratio=0 kd-s2:8:loss.kd_ratio=0.5 kd1:7:loss.kd_ratio=1".
+ARMS=${ARMS:-"sft:7:loss.kd_ratio=0 kd:7:loss.kd_ratio=0.5
+    kd-t2:7:loss.kd_ratio=0.5,loss.temperature=2
+    kd-rev:7:loss.kd_ratio=0.5,loss.kind=reverse
+    kd-jsd:7:loss.kd_ratio=0.5,loss.kind=jsd
+    kd-renorm:7:loss.kd_ratio=0.5,loss.missing_mass=renormalize
+    sft-lr1e-4:7:loss.kd_ratio=0,train.lr=1e-4
+    kd-lr1e-4:7:loss.kd_ratio=0.5,train.lr=1e-4"}
 
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
@@ -66,11 +76,13 @@ data() {
 }
 
 train() {
-    local name ratio seed
+    local name seed overrides sets
     for arm in $ARMS; do
-        IFS=: read -r name ratio seed <<< "$arm"
-        stamp "train $name (kd_ratio $ratio, seed $seed)"
-        $D train --recipe $R --set name=$name --set loss.kd_ratio=$ratio --set train.seed=$seed
+        IFS=: read -r name seed overrides <<< "$arm"
+        sets=()
+        for kv in ${overrides//,/ }; do sets+=(--set "$kv"); done
+        stamp "train $name (seed $seed, $overrides)"
+        $D train --recipe $R --set name=$name --set train.seed=$seed "${sets[@]}"
     done
 }
 
