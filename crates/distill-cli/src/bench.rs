@@ -1105,7 +1105,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(plan(&args(&[])).unwrap().len(), 1 + 2 * (1 + 2 + 1 + 1 + 1 + 1));
+        assert_eq!(plan(&args(&[])).unwrap().len(), 1 + 2 * (1 + 3 + 1 + 1 + 1 + 1));
         let gen_cases = plan(&args(&["generate", "--gen-batch", "1,64"])).unwrap();
         assert_eq!(gen_cases.len(), 1 + 2 * 2);
         assert!(plan(&args(&["B9"])).is_err());

@@ -19,6 +19,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
 
+/// Attention with an O(T) backward state, block by block.
+pub mod attention;
+
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cublas;
@@ -155,6 +158,99 @@ pub fn gemm_autodiff<B: Kernels, C: CheckpointStrategy>(
     }
 }
 
+/// [`Kernels::attention`] under autodiff with its own backward ([`attention`]): the graph
+/// keeps Q, K, V, the output and the log-sum-exp per query, not the [B, H, T, S] scores and
+/// probabilities burn's fallback keeps; the backward recomputes them block by block.
+/// `DISTILL_ATTENTION=burn` switches back to burn's attention (for comparison).
+pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
+    q: Tensor<Autodiff<B, C>, 4>,
+    k: Tensor<Autodiff<B, C>, 4>,
+    v: Tensor<Autodiff<B, C>, 4>,
+    mask: Option<Tensor<Autodiff<B, C>, 4, Bool>>,
+    budget: usize,
+) -> Tensor<Autodiff<B, C>, 4> {
+    /// What the backward needs: Q, K, V, the mask, the output and the log-sum-exp.
+    type Saved<B> = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Option<<B as burn::tensor::backend::BackendTypes>::BoolTensorPrimitive>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        usize,
+    );
+
+    #[derive(Debug)]
+    struct Attention;
+
+    impl<B: Kernels> Backward<B, 3> for Attention {
+        type State = Saved<B>;
+
+        fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_q, node_k, node_v] = ops.parents;
+            let d_out = float::<B>(grads.consume::<B>(&ops.node));
+            let (q, k, v, mask, out, lse, budget) = ops.state;
+            let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
+            let (dq, dk, dv) = attention::backward(
+                &float(q),
+                &float(k),
+                &float(v),
+                mask.as_ref(),
+                &float(out),
+                &float(lse),
+                &d_out,
+                budget,
+            );
+            for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, grad.into_primitive().tensor());
+                }
+            }
+        }
+    }
+
+    fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
+        Tensor::from_primitive(TensorPrimitive::Float(t))
+    }
+
+    let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
+    let prim = |t: Tensor<Autodiff<B, C>, 4>| t.into_primitive().tensor();
+    let (q, k, v) = (prim(q), prim(k), prim(v));
+    let mask = mask.map(|m| m.into_primitive());
+    let mask_inner = mask.clone().map(Tensor::<B, 4, Bool>::from_primitive);
+    let out = match Attention
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (out, lse) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
+            let p = |t: Tensor<B, 4>| t.into_primitive().tensor();
+            let state = (p(qi), p(ki), p(vi), mask, p(out.clone()), p(lse), budget);
+            prep.finish(state, p(out))
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, _) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
+            prep.finish(out.into_primitive().tensor())
+        }
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Whether training uses [`attention_autodiff`] (default) or burn's attention under autodiff
+/// (`DISTILL_ATTENTION=burn`).
+fn blockwise_attention() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("DISTILL_ATTENTION").as_deref() {
+        Err(_) | Ok("") | Ok("blockwise") => true,
+        Ok("burn") => false,
+        Ok(other) => {
+            eprintln!("warning: DISTILL_ATTENTION={other:?} is not one of blockwise, burn; using blockwise");
+            true
+        }
+    })
+}
+
 impl Kernels for Flex {}
 
 impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
@@ -162,6 +258,19 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
 
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         gemm_autodiff::<B, C>(a, b)
+    }
+
+    fn attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+    ) -> Tensor<Self, 4> {
+        if blockwise_attention() {
+            attention_autodiff::<B, C>(q, k, v, mask, attention::BLOCK_BYTES)
+        } else {
+            burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+        }
     }
 }
 

@@ -344,10 +344,11 @@ where
     }
 }
 
-/// Sums [3] (total, ce, kl), d(scale * total)/d h [len, C] and, when asked, /d weight [C, V]
-/// for one chunk, from [`token_loss`] through burn's autodiff.
+/// One chunk's sums [3] (total, ce, kl), d(scale * total)/d h [len, C] and, when asked,
+/// d(scale * total)/d weight [C, V].
 type ChunkOutput<B> = (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>);
 
+/// One chunk of [`chunked_loss`] through [`token_loss`] and burn's autodiff.
 fn autodiff_head_chunk<AD>(
     h: Tensor<AD::InnerBackend, 2>,
     weight: Tensor<AD::InnerBackend, 2>,
