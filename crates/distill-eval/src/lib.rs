@@ -8,6 +8,7 @@
 
 pub mod contamination;
 pub mod generate;
+pub mod host;
 pub mod likelihood;
 pub mod probes;
 pub mod reasoning;

@@ -9,13 +9,13 @@ use burn::tensor::IndexingUpdateOp;
 use std::collections::HashMap;
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor};
 use distill_models::{CausalLm, Kernels};
 use distill_train::data::{Example, IGNORE};
 use serde::Serialize;
 
-use crate::EvalError;
 use crate::stats::{Estimate, mean};
+use crate::{EvalError, host};
 
 /// The id that pads a top-k row (soft-label shards use it for "no alternative").
 const PAD: u32 = u32::MAX;
@@ -117,7 +117,7 @@ pub fn teacher_force_batch<B: Kernels>(
                 .chain(std::iter::repeat_n(0, pad))
         })
         .collect();
-    let hidden = model.hidden_states(int_tensor::<B, 2>(ids, [b, t_len], device), None); // [b, T, C]
+    let hidden = model.hidden_states(host::int_tensor::<B, 2>(ids, [b, t_len], device), None); // [b, T, C]
     let c_dim = hidden.dims()[2];
     let hidden = hidden.reshape([b * t_len, c_dim]); // [b*T, C]
     // Every loss position of every example, in order: (flat row, label).
@@ -138,22 +138,25 @@ pub fn teacher_force_batch<B: Kernels>(
     for start in (0..flat.len()).step_by(CHUNK) {
         let chunk = &flat[start..flat.len().min(start + CHUNK)];
         let c = chunk.len();
-        let idx = int_tensor::<B, 1>(chunk.iter().map(|&(r, _)| r as i64).collect(), [c], device);
+        let idx = host::int_tensor::<B, 1>(chunk.iter().map(|&(r, _)| r as i64).collect(), [c], device);
         let h = hidden.clone().select(0, idx).unsqueeze::<3>(); // [1, c, C]
         let logits = model.logits(h).squeeze_dim::<2>(0).cast(DType::F32); // [c, V]
         let logp = log_softmax(logits, 1); // [c, V]
-        let labels = int_tensor::<B, 2>(chunk.iter().map(|&(_, l)| l).collect(), [c, 1], device);
-        all.label_logprobs.extend(to_f32(logp.clone().gather(1, labels))?);
-        all.argmax.extend(to_u32(logp.clone().argmax(1))?);
+        let labels = host::int_tensor::<B, 2>(chunk.iter().map(|&(_, l)| l).collect(), [c, 1], device);
+        all.label_logprobs
+            .extend(host::to_f32(logp.clone().gather(1, labels))?);
+        all.argmax.extend(host::to_u32(logp.clone().argmax(1))?);
         if let Some(top) = all.top.as_mut() {
             let (values, indices) = top_k_rows(logp.clone(), top_k); // [c, k]
-            top.logprobs.extend(to_f32(values)?);
-            top.ids.extend(to_u32(indices)?);
+            top.logprobs.extend(host::to_f32(values)?);
+            top.ids.extend(host::to_u32(indices)?);
         }
         if let Some(at) = all.at_teacher.as_mut() {
             // Padding ids gather position 0; their -inf teacher log-prob drops them later.
             let rows = teacher_ids[start * tk..(start + c) * tk].to_vec();
-            at.extend(to_f32(logp.gather(1, int_tensor::<B, 2>(rows, [c, tk], device)))?);
+            at.extend(host::to_f32(
+                logp.gather(1, host::int_tensor::<B, 2>(rows, [c, tk], device)),
+            )?);
         }
     }
     Ok(split_forced(all, &positions, top_k, tk))
@@ -222,29 +225,6 @@ fn split_forced(all: Forced, positions: &[Vec<usize>], top_k: usize, tk: usize) 
                     .map(|a| a[r.start * tk..r.end * tk].to_vec()),
             }
         })
-        .collect()
-}
-
-fn int_tensor<B: Kernels, const D: usize>(
-    data: Vec<i64>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
-    Tensor::from_data(TensorData::new(data, shape), device)
-}
-
-fn to_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, EvalError> {
-    t.cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| EvalError::Invalid(format!("tensor to host: {e:?}")))
-}
-
-fn to_u32<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, EvalError> {
-    t.into_data()
-        .iter::<i64>()
-        .map(|v| u32::try_from(v).map_err(|_| EvalError::Invalid(format!("token id {v} out of range"))))
         .collect()
 }
 
@@ -413,6 +393,7 @@ impl HeldOutAccumulator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::TensorData;
 
     #[test]
     fn a_batch_forces_each_example_as_it_would_alone() {
@@ -514,7 +495,7 @@ mod tests {
         let x = Tensor::<Flex, 2>::from_data(TensorData::new(host.clone(), [n, v]), &device);
         for k in [1, 5, 64, 65] {
             let (values, ids) = top_k_rows(x.clone(), k);
-            let (values, ids) = (to_f32(values).unwrap(), to_u32(ids).unwrap());
+            let (values, ids) = (host::to_f32(values).unwrap(), host::to_u32(ids).unwrap());
             for r in 0..n {
                 let row = &host[r * v..(r + 1) * v];
                 let mut order: Vec<u32> = (0..v as u32).collect();

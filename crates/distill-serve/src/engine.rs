@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use distill_eval::EvalError;
 use distill_eval::generate::{Generation, GenerationConfig, Request, Sampling, generate};
+use distill_eval::{EvalError, host};
 use distill_models::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, Kernels};
 use tokio::sync::oneshot;
@@ -271,7 +271,7 @@ pub fn score_prompt<B: Kernels>(
     if t < 2 {
         return Ok(Vec::new());
     }
-    let ids = int_tensor::<B, 2>(prompt.iter().map(|&i| i64::from(i)).collect(), [1, t], device);
+    let ids = host::int_tensor::<B, 2>(prompt.iter().map(|&i| i64::from(i)).collect(), [1, t], device);
     let hidden = model.hidden_states(ids, None); // [1, T, C]
     let mut out = Vec::with_capacity(t - 1);
     for start in (0..t - 1).step_by(SCORE_CHUNK) {
@@ -282,18 +282,19 @@ pub fn score_prompt<B: Kernels>(
         let v = model.config.vocab_size.min(logits.dims()[1]);
         let logp = log_softmax(logits.narrow(1, 0, v).cast(DType::F32), 1); // [c, V]
         let labels = &prompt[start + 1..start + 1 + c];
-        let label_ids = int_tensor::<B, 2>(labels.iter().map(|&i| i64::from(i)).collect(), [c, 1], device);
+        let label_ids =
+            host::int_tensor::<B, 2>(labels.iter().map(|&i| i64::from(i)).collect(), [c, 1], device);
         let label_lp = logp.clone().gather(1, label_ids); // [c, 1]
         let above = logp
             .clone()
             .greater(label_lp.clone().expand([c, v]))
             .int()
             .sum_dim(1); // [c, 1]
-        let label_lp = host_f32(label_lp)?;
-        let above = host_ids(above)?;
+        let label_lp = host::to_f32(label_lp)?;
+        let above = host::to_u32(above)?;
         let (top_lp, top_ids) = if top > 0 {
             let (values, indices) = logp.topk_with_indices(top.min(v), 1); // [c, k]
-            (host_f32(values)?, host_ids(indices)?)
+            (host::to_f32(values)?, host::to_u32(indices)?)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -308,28 +309,6 @@ pub fn score_prompt<B: Kernels>(
         }
     }
     Ok(out)
-}
-
-fn int_tensor<B: Kernels, const D: usize>(
-    data: Vec<i64>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
-    Tensor::from_data(TensorData::new(data, shape), device)
-}
-
-fn host_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, EngineError> {
-    t.into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| EngineError(format!("tensor to host: {e:?}")))
-}
-
-fn host_ids<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, EngineError> {
-    t.into_data()
-        .iter::<i64>()
-        .map(|v| u32::try_from(v).map_err(|_| EngineError(format!("index {v} out of range"))))
-        .collect()
 }
 
 #[cfg(test)]

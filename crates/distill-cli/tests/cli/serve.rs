@@ -1,20 +1,67 @@
 //! `distill serve` as users start it: the real binary on a free port, spoken to over HTTP,
 //! stopped with SIGTERM as a service manager would.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Lines, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use super::*;
 
-/// The server process, killed when dropped so a failed assertion leaves nothing running.
-struct Running(Child);
+/// A running `distill serve`, killed when dropped so a failed assertion leaves nothing running.
+pub(super) struct Served {
+    pub child: Child,
+    /// The first line it prints, once it listens: "serving `name` at http://.../v1".
+    pub banner: String,
+    /// The base URL from the banner (`http://127.0.0.1:PORT/v1`).
+    pub url: String,
+    /// The rest of its stdout. Whoever takes it must keep reading: a closed pipe would fail
+    /// the server's next print.
+    pub stdout: Option<Lines<BufReader<ChildStdout>>>,
+}
 
-impl Drop for Running {
+impl Drop for Served {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `distill serve --device cpu` for `model` on a free port and waits for its banner.
+pub(super) fn start(model: &Path) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args([
+            "--device",
+            "cpu",
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start distill serve");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first line comes once it listens; EOF instead means it failed to start.
+    let Some(banner) = stdout.next().and_then(Result::ok) else {
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        let _ = child.kill();
+        panic!("distill serve did not start: {err}");
+    };
+    let url = banner
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in the banner: {banner}"))
+        .to_string();
+    Served {
+        child,
+        banner,
+        url,
+        stdout: Some(stdout),
     }
 }
 
@@ -39,42 +86,17 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn serve_answers_models_and_chat_and_stops_on_sigterm() {
-    let model = fixtures().join("tiny-qwen2");
-    let child = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args([
-            "--device",
-            "cpu",
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-        ])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start distill serve");
-    let mut server = Running(child);
-    let mut stdout = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    // The first line comes once it listens; EOF instead means it failed to start.
-    let banner = stdout.next().and_then(Result::ok).unwrap_or_else(|| {
-        let mut err = String::new();
-        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        panic!("no banner; stderr: {err}")
-    });
+    let mut server = start(&fixtures().join("tiny-qwen2"));
+    let (banner, url) = (server.banner.clone(), server.url.clone());
     assert!(
         banner.starts_with("serving `tiny-qwen2` at http://127.0.0.1:"),
         "{banner}"
     );
-    let url = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap();
     let addr = url
         .trim_start_matches("http://")
         .trim_end_matches("/v1")
         .to_string();
+    let mut stdout = server.stdout.take().unwrap();
     let example = stdout.next().unwrap().unwrap();
     assert!(
         example.contains(&format!("curl {url}/chat/completions")),
@@ -95,7 +117,7 @@ fn serve_answers_models_and_chat_and_stops_on_sigterm() {
     assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4);
 
-    let pid = server.0.id().to_string();
+    let pid = server.child.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -105,14 +127,20 @@ fn serve_answers_models_and_chat_and_stops_on_sigterm() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
+        if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < deadline, "still running 30 s after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut log = String::new();
-    server.0.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    server
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
     assert!(status.success(), "exit {status}; stderr: {log}");
     assert!(log.contains("POST /v1/chat/completions 200"), "{log}");
     assert!(

@@ -2,9 +2,6 @@
 //! `distill gen-data` captures its top-k log-probabilities into soft/, and the same model run
 //! locally, teacher-forced over the same context, must give the same top-k.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Stdio};
-
 use burn::backend::Flex;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -14,47 +11,12 @@ use distill_models::tokenizer::TextTokenizer;
 
 use super::*;
 
-pub(super) struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `distill serve` on a free port; returns it and its base URL (`http://.../v1`).
-pub(super) fn serve(model: &Path) -> (Server, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_distill"))
-        .args([
-            "--device",
-            "cpu",
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-        ])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start distill serve");
-    let mut server = Server(child);
-    let mut lines = BufReader::new(server.0.stdout.take().unwrap()).lines();
-    let banner = lines.next().and_then(Result::ok);
-    // Keep reading: a closed pipe would fail the server's next print.
+pub(super) fn serve(model: &Path) -> (super::serve::Served, String) {
+    let mut server = super::serve::start(model);
+    let lines = server.stdout.take().unwrap();
     std::thread::spawn(move || lines.for_each(drop));
-    let Some(banner) = banner else {
-        let mut err = String::new();
-        server.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        panic!("distill serve did not start: {err}");
-    };
-    let url = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .to_string();
+    let url = server.url.clone();
     (server, url)
 }
 
