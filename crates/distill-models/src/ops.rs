@@ -3,11 +3,12 @@
 //! by overriding a method in its impl below, without touching `transformer.rs`.
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
 //!
-//! How a kernel is swapped in (the GEMM is the first; attention and the loss can follow the
-//! same shape): a method on primitives ([`Kernels::gemm`]) that the inner backend overrides
-//! (CUDA: cuBLAS, `ops::cublas`), and for `Autodiff<B, C>` an op with its own backward
-//! ([`gemm_autodiff`]) whose backward calls the inner backend's method again, so forward and
-//! backward both get the fast kernel. Backends that override nothing keep burn's ops bit for bit.
+//! How a kernel is swapped in: a method that the inner backend overrides (CUDA: cuBLAS for
+//! [`Kernels::gemm`], `ops::cublas`), and for `Autodiff<B, C>` an op with its own backward
+//! whose backward calls the inner backend's methods again, so forward and backward both get
+//! the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved state, `attention`),
+//! RMSNorm and SwiGLU through [`binary_autodiff`] (`elementwise`). Without autodiff, backends
+//! that override nothing keep burn's ops bit for bit.
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -21,6 +22,8 @@ use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
 
 /// Attention with an O(T) backward state, block by block.
 pub mod attention;
+/// RMSNorm and SwiGLU with hand-written backward passes.
+pub mod elementwise;
 
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
@@ -67,21 +70,31 @@ pub trait Kernels: Backend {
     /// RMSNorm over the last dim, computed in f32 whatever the storage dtype (as HF does),
     /// then scaled by `weight` in the input dtype. x: [B, T, C], weight: [C].
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        let dtype = x.dtype();
-        let x32 = if dtype == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
-        let inv_rms = x32.clone().square().mean_dim(2).add_scalar(eps).sqrt().recip(); // [B, T, 1]
-        let normed = x32 * inv_rms;
-        let normed = if dtype == DType::F32 {
-            normed
-        } else {
-            normed.cast(dtype)
-        };
-        normed * weight.unsqueeze::<3>()
+        rms_norm_default(x, weight, eps)
     }
+
+    /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        elementwise::swiglu_default(gate, up)
+    }
+}
+
+/// [`Kernels::rms_norm`] as burn ops.
+pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    let x32 = if dtype == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    };
+    let inv_rms = x32.clone().square().mean_dim(2).add_scalar(eps).sqrt().recip(); // [B, T, 1]
+    let normed = x32 * inv_rms;
+    let normed = if dtype == DType::F32 {
+        normed
+    } else {
+        normed.cast(dtype)
+    };
+    normed * weight.unsqueeze::<3>()
 }
 
 /// `linear` as a single [`Kernels::gemm`]: batch dims flattened into M (a reshape, free for a
@@ -155,6 +168,59 @@ pub fn gemm_autodiff<B: Kernels, C: CheckpointStrategy>(
             prep.finish((a_state, b_state), B::gemm(a.primitive, b.primitive))
         }
         OpsKind::UnTracked(prep) => prep.finish(B::gemm(a.primitive, b.primitive)),
+    }
+}
+
+/// An op of two float inputs whose backward is written by hand ([`binary_autodiff`]): the
+/// graph keeps the two inputs and nothing else.
+pub trait BinaryOp<B: Backend>: std::fmt::Debug + Clone + Send + 'static {
+    /// The output, on the inner backend.
+    fn forward(&self, a: FloatTensor<B>, b: FloatTensor<B>) -> FloatTensor<B>;
+    /// (d a, d b) from the inputs and the output's gradient.
+    fn backward(
+        &self,
+        a: FloatTensor<B>,
+        b: FloatTensor<B>,
+        d_out: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>);
+}
+
+/// `op` as one autodiff node.
+pub fn binary_autodiff<B: Backend, C: CheckpointStrategy, Op: BinaryOp<B>>(
+    op: Op,
+    a: FloatTensor<Autodiff<B, C>>,
+    b: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Node<Op>(Op);
+
+    impl<B: Backend, Op: BinaryOp<B>> Backward<B, 2> for Node<Op> {
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_a, node_b] = ops.parents;
+            let d_out = grads.consume::<B>(&ops.node);
+            let (a, b) = ops.state;
+            let (da, db) = self.0.backward(a, b, d_out);
+            if let Some(node) = node_a {
+                grads.register::<B>(node.id, da);
+            }
+            if let Some(node) = node_b {
+                grads.register::<B>(node.id, db);
+            }
+        }
+    }
+
+    match Node(op.clone())
+        .prepare::<C>([a.node.clone(), b.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = op.forward(a.primitive.clone(), b.primitive.clone());
+            prep.finish((a.primitive, b.primitive), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(op.forward(a.primitive, b.primitive)),
     }
 }
 
@@ -258,6 +324,24 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
 
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         gemm_autodiff::<B, C>(a, b)
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        let out = binary_autodiff::<B, C, _>(
+            elementwise::RmsNorm { eps },
+            x.into_primitive().tensor(),
+            weight.into_primitive().tensor(),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let out = binary_autodiff::<B, C, _>(
+            elementwise::SwiGlu,
+            gate.into_primitive().tensor(),
+            up.into_primitive().tensor(),
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
     fn attention(

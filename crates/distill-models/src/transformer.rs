@@ -4,7 +4,6 @@
 //! All heavy math goes through [`Kernels`].
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
 
@@ -188,8 +187,9 @@ pub struct Mlp<B: Backend> {
 impl<B: Kernels> Mlp<B> {
     /// SwiGLU. x: [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = silu(self.gate_proj.forward(x.clone())); // [B, T, I]
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone()); // [B, T, I]
+        let up = self.up_proj.forward(x);
+        self.down_proj.forward(<B as Kernels>::swiglu(gate, up))
     }
 }
 

@@ -1,0 +1,182 @@
+//! RMSNorm and SwiGLU with hand-written backward passes, for training ([`super::BinaryOp`]).
+//!
+//! Why: under burn's autodiff each of their ops is a graph node that keeps its inputs, and
+//! RMSNorm works in f32: a [B, T, C] RMSNorm kept about four f32 copies of its input per
+//! call, SwiGLU three [B, T, I] tensors. As single nodes they keep their two inputs, and the
+//! backward recomputes the rest (1 / rms, sigmoid) from them.
+
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+
+use super::{BinaryOp, Kernels};
+
+fn tensor<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// 1 / sqrt(mean(x²) + eps) over the last dim, in f32. x: [B, T, C] -> [B, T, 1].
+fn inv_rms<B: Backend>(x32: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
+    x32.square().mean_dim(2).add_scalar(eps).sqrt().recip()
+}
+
+/// y = cast(x · inv_rms(x)) · w, as [`Kernels::rms_norm`]. a = x [B, T, C], b = w [C].
+/// With n = x · inv_rms in f32 and g = dy · w:
+///     dx = inv_rms · (g - n · mean(g · n)),  dw = sum over B, T of dy · cast(n).
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNorm {
+    pub eps: f64,
+}
+
+impl<B: Kernels> BinaryOp<B> for RmsNorm {
+    fn forward(&self, x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+        prim(B::rms_norm(tensor(x), tensor(w), self.eps))
+    }
+
+    fn backward(
+        &self,
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        dy: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (x, w, dy) = (tensor::<B, 3>(x), tensor::<B, 1>(w), tensor::<B, 3>(dy));
+        let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
+        let x32 = x.cast(DType::F32);
+        let inv = inv_rms(x32.clone(), self.eps); // [B, T, 1]
+        let n = x32 * inv.clone(); // [B, T, C] f32
+        let g = (dy.clone() * w.unsqueeze::<3>()).cast(DType::F32); // [B, T, C]
+        let mean_gn = (g.clone() * n.clone()).mean_dim(2); // [B, T, 1]
+        let dx = (inv * (g - n.clone() * mean_gn)).cast(x_dtype);
+        let c = n.dims()[2];
+        let dw = (dy * n.cast(x_dtype))
+            .reshape([-1, c as i64])
+            .sum_dim(0)
+            .reshape([c]);
+        (prim(dx), prim(dw.cast(w_dtype)))
+    }
+}
+
+/// silu(gate) · up, as [`Kernels::swiglu`]. a = gate, b = up, both [B, T, I]. With
+/// s = sigmoid(gate), in f32:
+///     d up = dy · gate · s,  d gate = dy · up · s · (1 + gate · (1 - s)).
+#[derive(Debug, Clone, Copy)]
+pub struct SwiGlu;
+
+impl<B: Kernels> BinaryOp<B> for SwiGlu {
+    fn forward(&self, gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+        prim(B::swiglu(tensor::<B, 3>(gate), tensor(up)))
+    }
+
+    fn backward(
+        &self,
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        dy: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let (gate, up, dy) = (tensor::<B, 3>(gate), tensor::<B, 3>(up), tensor::<B, 3>(dy));
+        let dtype = gate.dtype();
+        let (g, u, dy) = (gate.cast(DType::F32), up.cast(DType::F32), dy.cast(DType::F32));
+        let s = sigmoid(g.clone());
+        let d_up = dy.clone() * g.clone() * s.clone();
+        let d_gate = dy * u * s.clone() * (g * s.neg().add_scalar(1.0)).add_scalar(1.0);
+        (prim(d_gate.cast(dtype)), prim(d_up.cast(dtype)))
+    }
+}
+
+/// The forward both ops default to: silu(gate) · up.
+pub fn swiglu_default<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    silu(gate) * up
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, TensorData};
+
+    use super::*;
+
+    type AD = Autodiff<Flex>;
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    fn assert_close(name: &str, ours: &[f32], theirs: &[f32]) {
+        assert_eq!(ours.len(), theirs.len(), "{name}");
+        for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+            assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{name}[{i}]: {a} vs {b}");
+        }
+    }
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<AD, D> {
+        let device = Default::default();
+        <AD as Backend>::seed(&device, seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
+    }
+
+    /// Output and both gradients of one op against burn's autodiff through the same forward
+    /// written as separate ops, under a weighted sum so each element's gradient differs.
+    fn check<const DA: usize, const DB: usize>(
+        name: &str,
+        ours: impl Fn(Tensor<AD, DA>, Tensor<AD, DB>) -> Tensor<AD, 3>,
+        reference: impl Fn(Tensor<AD, DA>, Tensor<AD, DB>) -> Tensor<AD, 3>,
+        a: Tensor<AD, DA>,
+        b: Tensor<AD, DB>,
+    ) {
+        let w = random(ours(a.clone(), b.clone()).dims(), 9);
+        let run = |f: &dyn Fn(Tensor<AD, DA>, Tensor<AD, DB>) -> Tensor<AD, 3>| {
+            let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+            let y = f(a.clone(), b.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (
+                values(y.inner()),
+                values(a.grad(&grads).unwrap()),
+                values(b.grad(&grads).unwrap()),
+            )
+        };
+        let (o, r) = (run(&ours), run(&reference));
+        assert_close(&format!("{name} out"), &o.0, &r.0);
+        assert_close(&format!("{name} grad a"), &o.1, &r.1);
+        assert_close(&format!("{name} grad b"), &o.2, &r.2);
+    }
+
+    #[test]
+    fn rms_norm_backward_matches_autodiff() {
+        let x = random([2, 3, 8], 1);
+        let w = random([8], 2).add_scalar(1.0);
+        check(
+            "rms_norm",
+            |x, w| AD::rms_norm(x, w, 1e-6),
+            |x, w| super::super::rms_norm_default(x, w, 1e-6),
+            x,
+            w,
+        );
+    }
+
+    #[test]
+    fn swiglu_backward_matches_autodiff() {
+        check(
+            "swiglu",
+            AD::swiglu,
+            swiglu_default,
+            random([2, 3, 8], 3),
+            random([2, 3, 8], 4),
+        );
+    }
+
+    /// x = [3, 4]: rms = sqrt(12.5), so y = x / sqrt(12.5) · w.
+    #[test]
+    fn rms_norm_closed_form() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::from_data(TensorData::new(vec![3.0f32, 4.0], [1, 1, 2]), &device);
+        let w = Tensor::<Flex, 1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &device);
+        let y = values(Flex::rms_norm(x, w, 0.0));
+        let r = 12.5f32.sqrt();
+        assert_close("y", &y, &[3.0 / r, 8.0 / r]);
+    }
+}
