@@ -22,7 +22,8 @@ pub struct Args {
     /// Port to listen on; 0 picks a free one (the URL printed at start says which).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Most sequences decoded together; concurrent requests share batches up to this.
+    /// Most sequences decoded at once; a round takes up to 4x as many, which join the running
+    /// batch as rows finish (continuous batching).
     #[arg(long, default_value_t = 16, value_parser = at_least_one)]
     batch_size: usize,
     /// The name clients send as `model` [default: the model directory's name, or the Hub id]

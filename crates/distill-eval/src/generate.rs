@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_models::tokenizer::TextTokenizer;
-use distill_models::transformer::Context;
+use distill_models::transformer::{Context, KvCache};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
 
@@ -128,6 +128,11 @@ pub fn eos_ids<B: Kernels>(model: &CausalLm<B>, tokenizer: &TextTokenizer) -> Ve
 
 /// Continues every request; `on_done(i, &generation)` is called as request i finishes (for
 /// progress bars and streaming). Results come back in request order.
+///
+/// Continuous batching: up to `batch_size` rows decode together, and as rows finish, waiting
+/// requests join the running batch (prefilled on their own, then their KV cache is merged
+/// in), so a batch does not idle until its longest row ends. A request's tokens depend only
+/// on its prompt and seed, not on which rows it ran beside.
 pub fn generate<B: Kernels>(
     model: &CausalLm<B>,
     tokenizer: &TextTokenizer,
@@ -140,15 +145,31 @@ pub fn generate<B: Kernels>(
         return Err(EvalError::Invalid(format!("request {i} has an empty prompt")));
     }
     let started = Instant::now();
-    // Similar lengths batch together, so little compute goes to padding.
+    // Similar lengths join together, so little compute goes to padding.
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].prompt.len());
+    let mut waiting: std::collections::VecDeque<usize> = order.into();
     let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
-    for chunk in order.chunks(cfg.batch_size.max(1)) {
-        decode_batch(model, tokenizer, requests, chunk, cfg, device, &mut |i, g| {
-            on_done(i, &g);
-            results[i] = Some(g);
-        })?;
+    let mut done = |i: usize, g: Generation| {
+        on_done(i, &g);
+        results[i] = Some(g);
+    };
+    let batch_size = cfg.batch_size.max(1);
+    let mut running = Running::new(model);
+    loop {
+        let free = batch_size - running.live.len();
+        // Join when a quarter of the batch is free (or the rest fits): each join costs a
+        // prefill and a copy of the cache.
+        let join = free.min(waiting.len());
+        if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
+            let joining: Vec<usize> = waiting.drain(..join).collect();
+            running.join(model, tokenizer, requests, &joining, cfg, device, &mut done)?;
+            continue;
+        }
+        if running.live.is_empty() {
+            break;
+        }
+        running.step(model, tokenizer, cfg, device, &mut done)?;
     }
     let generations: Vec<Generation> = results
         .into_iter()
@@ -162,96 +183,190 @@ pub fn generate<B: Kernels>(
     Ok((generations, stats))
 }
 
-/// A sequence still being decoded.
+/// A sequence still being decoded. Its last token is the next step's input; the cache holds
+/// everything before it.
 struct Live {
     request: usize,
     tokens: Vec<u32>,
     logprobs: Vec<TokenLogprob>,
     rng: fastrand::Rng,
+    /// Left padding of this row in the cache.
     pad: usize,
 }
 
-fn decode_batch<B: Kernels>(
-    model: &CausalLm<B>,
-    tokenizer: &TextTokenizer,
-    requests: &[Request],
-    batch: &[usize],
-    cfg: &GenerationConfig,
-    device: &B::Device,
-    done: &mut dyn FnMut(usize, Generation),
-) -> Result<(), EvalError> {
-    let width = batch.iter().map(|&i| requests[i].prompt.len()).max().unwrap_or(0);
-    let mut live: Vec<Live> = batch
-        .iter()
-        .map(|&i| Live {
-            request: i,
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            rng: fastrand::Rng::with_seed(requests[i].seed),
-            pad: width - requests[i].prompt.len(),
-        })
-        .collect();
-    let mut cache = model.new_cache();
-    // Prefill: the left-padded prompts [b, width].
-    let ids: Vec<u32> = live
-        .iter()
-        .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].prompt.iter().copied()))
-        .collect();
-    let mut input = ids_tensor::<B>(&ids, live.len(), width, device);
-    let mut step_len = width;
-    for _ in 0..cfg.max_new_tokens {
-        let pads: Vec<usize> = live.iter().map(|l| l.pad).collect();
-        let past = cache.len();
-        let ctx = Context::left_padded(&model.rotary, &pads, step_len, past, device);
-        let hidden = model.hidden_states_with(input, &ctx, Some(&mut cache)); // [b, t, C]
-        let last = hidden.narrow(1, step_len - 1, 1); // [b, 1, C]
-        let logits = model.logits(last).squeeze_dim::<2>(1); // [b, V]
-        let next = next_tokens(logits, &mut live, cfg, model.config.vocab_size)?;
+/// The rows decoding together and their KV cache, left-padded to one length.
+struct Running<B: Kernels> {
+    live: Vec<Live>,
+    cache: KvCache<B>,
+}
 
-        let mut keep = Vec::with_capacity(live.len());
-        for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
-            if cfg.eos.contains(&tok) {
-                done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
-                continue;
-            }
-            l.tokens.push(tok);
-            l.logprobs.extend(lp);
-            if !cfg.stop.is_empty() {
-                let text = tokenizer.decode(&l.tokens, true)?;
-                if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
-                    done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
-                    continue;
-                }
-            }
-            keep.push(row);
+impl<B: Kernels> Running<B> {
+    fn new(model: &CausalLm<B>) -> Self {
+        Running {
+            live: Vec::new(),
+            cache: model.new_cache(),
         }
+    }
+
+    /// Prefills `joining` (left-padded among themselves), takes each one's first token, and
+    /// merges the rows still going into the running batch, padding whichever cache is
+    /// shorter on the left.
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        model: &CausalLm<B>,
+        tokenizer: &TextTokenizer,
+        requests: &[Request],
+        joining: &[usize],
+        cfg: &GenerationConfig,
+        device: &B::Device,
+        done: &mut dyn FnMut(usize, Generation),
+    ) -> Result<(), EvalError> {
+        let width = joining
+            .iter()
+            .map(|&i| requests[i].prompt.len())
+            .max()
+            .unwrap_or(0);
+        let mut rows: Vec<Live> = joining
+            .iter()
+            .map(|&i| Live {
+                request: i,
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                rng: fastrand::Rng::with_seed(requests[i].seed),
+                pad: width - requests[i].prompt.len(),
+            })
+            .collect();
+        if cfg.max_new_tokens == 0 {
+            for mut l in rows {
+                done(l.request, finish(tokenizer, &mut l, FinishReason::Length, cfg)?);
+            }
+            return Ok(());
+        }
+        let ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].prompt.iter().copied()))
+            .collect();
+        let mut cache = model.new_cache();
+        let pads: Vec<usize> = rows.iter().map(|l| l.pad).collect();
+        let ctx = Context::left_padded(&model.rotary, &pads, width, 0, device);
+        let hidden = model.hidden_states_with(
+            ids_tensor::<B>(&ids, rows.len(), width, device),
+            &ctx,
+            Some(&mut cache),
+        ); // [n, width, C]
+        let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
+        let next = next_tokens(logits, &mut rows, cfg, model.config.vocab_size)?;
+        let keep = advance(tokenizer, &mut rows, next, cfg, done)?;
         if keep.is_empty() {
             return Ok(());
         }
-        if keep.len() < live.len() {
+        if keep.len() < rows.len() {
             cache.select_rows(&keep);
-            let mut rows = keep.iter().peekable();
-            let mut i = 0;
-            live.retain(|_| {
-                let k = rows.peek() == Some(&&i);
-                if k {
-                    rows.next();
-                }
-                i += 1;
-                k
-            });
+            retain_rows(&mut rows, &keep);
         }
-        let last: Vec<u32> = live
+        if self.live.is_empty() {
+            self.cache = cache;
+            self.live = rows;
+            return Ok(());
+        }
+        let (ours, theirs) = (self.cache.len(), cache.len());
+        if ours < theirs {
+            self.cache.left_pad(theirs - ours);
+            self.live.iter_mut().for_each(|l| l.pad += theirs - ours);
+        } else if theirs < ours {
+            cache.left_pad(ours - theirs);
+            rows.iter_mut().for_each(|l| l.pad += ours - theirs);
+        }
+        self.cache.append_rows(cache);
+        self.live.extend(rows);
+        Ok(())
+    }
+
+    /// One decoding step for every running row; finished rows leave the batch.
+    fn step(
+        &mut self,
+        model: &CausalLm<B>,
+        tokenizer: &TextTokenizer,
+        cfg: &GenerationConfig,
+        device: &B::Device,
+        done: &mut dyn FnMut(usize, Generation),
+    ) -> Result<(), EvalError> {
+        let last: Vec<u32> = self
+            .live
             .iter()
-            .map(|l| *l.tokens.last().expect("a token was pushed"))
+            .map(|l| *l.tokens.last().expect("a running row has a token"))
             .collect();
-        input = ids_tensor::<B>(&last, live.len(), 1, device);
-        step_len = 1;
+        let pads: Vec<usize> = self.live.iter().map(|l| l.pad).collect();
+        let ctx = Context::left_padded(&model.rotary, &pads, 1, self.cache.len(), device);
+        let input = ids_tensor::<B>(&last, self.live.len(), 1, device);
+        let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
+        let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
+        let next = next_tokens(logits, &mut self.live, cfg, model.config.vocab_size)?;
+        let keep = advance(tokenizer, &mut self.live, next, cfg, done)?;
+        if keep.len() < self.live.len() {
+            retain_rows(&mut self.live, &keep);
+            if keep.is_empty() {
+                self.cache = model.new_cache();
+                return Ok(());
+            }
+            self.cache.select_rows(&keep);
+            // Columns that are padding in every remaining row are dead weight.
+            let common = self.live.iter().map(|l| l.pad).min().unwrap_or(0);
+            if common > 0 {
+                self.cache.trim_front(common);
+                self.live.iter_mut().for_each(|l| l.pad -= common);
+            }
+        }
+        Ok(())
     }
-    for mut l in live {
-        done(l.request, finish(tokenizer, &mut l, FinishReason::Length, cfg)?);
+}
+
+/// Appends each row's new token, or finishes the row (EOS, a stop string, or
+/// `max_new_tokens` reached). Returns the indices of the rows still going.
+fn advance(
+    tokenizer: &TextTokenizer,
+    live: &mut [Live],
+    next: Vec<(u32, Option<TokenLogprob>)>,
+    cfg: &GenerationConfig,
+    done: &mut dyn FnMut(usize, Generation),
+) -> Result<Vec<usize>, EvalError> {
+    let mut keep = Vec::with_capacity(live.len());
+    for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
+        if cfg.eos.contains(&tok) {
+            done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+            continue;
+        }
+        l.tokens.push(tok);
+        l.logprobs.extend(lp);
+        if !cfg.stop.is_empty() {
+            let text = tokenizer.decode(&l.tokens, true)?;
+            if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
+                done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+                continue;
+            }
+        }
+        if l.tokens.len() >= cfg.max_new_tokens {
+            done(l.request, finish(tokenizer, l, FinishReason::Length, cfg)?);
+            continue;
+        }
+        keep.push(row);
     }
-    Ok(())
+    Ok(keep)
+}
+
+/// Keeps the rows at the (increasing) indices `keep`.
+fn retain_rows(live: &mut Vec<Live>, keep: &[usize]) {
+    let mut rows = keep.iter().peekable();
+    let mut i = 0;
+    live.retain(|_| {
+        let k = rows.peek() == Some(&&i);
+        if k {
+            rows.next();
+        }
+        i += 1;
+        k
+    });
 }
 
 fn ids_tensor<B: Kernels>(ids: &[u32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -483,6 +598,109 @@ mod tests {
         for (p, g) in prompts.iter().zip(&batched) {
             assert_eq!(g.tokens, reference_greedy(&model, p, 12), "prompt {p:?}");
             assert_eq!(g.finish_reason, FinishReason::Length);
+        }
+    }
+
+    /// Rows that end early make room, waiting requests join the running batch mid-flight with
+    /// caches of other lengths, and every request still draws what it draws alone.
+    #[test]
+    fn continuous_batching_joins_rows_mid_flight_and_changes_no_output() {
+        let dir = fixture("tiny-llama");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let texts = [
+            "Hi",
+            "Once upon a time",
+            "What is 12 times 7? Think step by step.",
+            "A longer prompt, with commas, and more words in it than the others.",
+            "Short one",
+            "Numbers: 1, 2, 3, 4",
+            "x",
+        ];
+        let requests: Vec<Request> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request {
+                prompt: tokenizer.encode(t, false).unwrap(),
+                seed: 100 + i as u64,
+            })
+            .collect();
+        let steps = 12;
+        let cfg = |batch_size: usize, eos: Vec<u32>| GenerationConfig {
+            max_new_tokens: steps,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            stop: vec![],
+            eos,
+            batch_size,
+            logprobs: None,
+        };
+        // Each request alone, without EOS: its sample stream.
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| {
+                generate(
+                    &model,
+                    &tokenizer,
+                    std::slice::from_ref(r),
+                    &cfg(1, vec![]),
+                    &device,
+                    |_, _| {},
+                )
+                .unwrap()
+                .0[0]
+                    .tokens
+                    .clone()
+            })
+            .collect();
+        // EOS tokens taken from the streams at different depths, so rows end at different steps.
+        let eos: Vec<u32> = (0..3).map(|i| alone[i][2 + 3 * i]).collect();
+        let expected: Vec<Vec<u32>> = alone
+            .iter()
+            .map(|g| g.iter().take_while(|t| !eos.contains(t)).copied().collect())
+            .collect();
+        let mut lengths: Vec<usize> = expected.iter().map(Vec::len).collect();
+        lengths.sort();
+        lengths.dedup();
+        assert!(
+            lengths.len() >= 3,
+            "rows should end at several depths: {expected:?}"
+        );
+        for batch_size in [2, 3, 8] {
+            let mut finished = Vec::new();
+            let (out, stats) = generate(
+                &model,
+                &tokenizer,
+                &requests,
+                &cfg(batch_size, eos.clone()),
+                &device,
+                |i, _| finished.push(i),
+            )
+            .unwrap();
+            for (i, g) in out.iter().enumerate() {
+                assert_eq!(g.tokens, expected[i], "batch {batch_size}, prompt {:?}", texts[i]);
+                let reason = if expected[i].len() < steps {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                };
+                assert_eq!(
+                    g.finish_reason, reason,
+                    "batch {batch_size}, prompt {:?}",
+                    texts[i]
+                );
+            }
+            finished.sort();
+            assert_eq!(
+                finished,
+                (0..texts.len()).collect::<Vec<_>>(),
+                "each request reported once"
+            );
+            assert_eq!(stats.new_tokens, expected.iter().map(Vec::len).sum::<usize>());
         }
     }
 

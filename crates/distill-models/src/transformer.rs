@@ -230,6 +230,39 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Adds `n` empty positions before every row's cached ones (the caller masks them as
+    /// padding): to line a cache up with a longer one before [`KvCache::append_rows`].
+    pub fn left_pad(&mut self, n: usize) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let [b, h, _, d] = k.dims();
+            let zeros = Tensor::<B, 4>::zeros([b, h, n, d], &k.device()).cast(k.dtype());
+            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
+            *v = Tensor::cat(vec![zeros, v.clone()], 2);
+        }
+    }
+
+    /// Drops the first `n` cached positions of every row (padding in all of them).
+    pub fn trim_front(&mut self, n: usize) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let s = k.dims()[2];
+            *k = k.clone().narrow(2, n, s - n);
+            *v = v.clone().narrow(2, n, s - n);
+        }
+    }
+
+    /// Puts `other`'s rows after these; both caches must hold the same number of positions.
+    pub fn append_rows(&mut self, other: KvCache<B>) {
+        assert_eq!(self.len(), other.len(), "caches of different lengths");
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            *mine = match (mine.take(), theirs) {
+                (Some((k, v)), Some((k2, v2))) => {
+                    Some((Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0)))
+                }
+                (a, b) => a.or(b),
+            };
+        }
+    }
+
     /// Appends this step's k/v for `layer` and returns the full history.
     fn append(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let (k, v) = match self.layers[layer].take() {

@@ -125,7 +125,7 @@ impl Stats {
 /// How the model thread batches.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
-    /// Most sequences taken into one round.
+    /// Most sequences decoded at once; a round takes up to `ROUND_BATCHES` times as many.
     pub batch_size: usize,
     /// After the first request of an idle spell, how long to wait for company.
     pub window: Duration,
@@ -154,7 +154,9 @@ impl<B: Kernels> Engine<B> {
             } else {
                 self.gather(jobs, &mut queue, Instant::now());
             }
-            let round = take_round(&mut queue, self.batching.batch_size);
+            // Up to ROUND_BATCHES batches of work per round: `generate` runs batch_size rows
+            // at a time and starts waiting ones as rows finish (continuous batching).
+            let round = take_round(&mut queue, self.batching.batch_size * ROUND_BATCHES);
             self.run_round(round);
         }
     }
@@ -194,7 +196,8 @@ impl<B: Kernels> Engine<B> {
         }
     }
 
-    /// One `generate` call for every member; each gets its own slice of the results.
+    /// One `generate` call for every member; each gets its own slice of the results as soon
+    /// as its last sequence finishes.
     fn generate_group(&self, params: &Params, members: Vec<Member>) {
         let all: Vec<Request> = members.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
         let cfg = GenerationConfig {
@@ -206,30 +209,60 @@ impl<B: Kernels> Engine<B> {
             logprobs: params.logprobs,
         };
         self.stats.generate_calls.fetch_add(1, Ordering::Relaxed);
+        // Request i of `all` belongs to member owner[i]; left[m] of member m's are unfinished.
+        let owner: Vec<usize> = members
+            .iter()
+            .enumerate()
+            .flat_map(|(m, (r, _))| std::iter::repeat_n(m, r.len()))
+            .collect();
+        let starts: Vec<usize> = members
+            .iter()
+            .scan(0, |at, (r, _)| {
+                let start = *at;
+                *at += r.len();
+                Some(start)
+            })
+            .collect();
+        let sizes: Vec<usize> = members.iter().map(|(r, _)| r.len()).collect();
+        let mut left = sizes.clone();
+        let mut finished: Vec<Option<Generation>> = vec![None; all.len()];
+        let mut replies: Vec<Option<Reply<Vec<Generation>>>> =
+            members.into_iter().map(|(_, reply)| Some(reply)).collect();
         let result = guarded(|| {
-            generate(&self.model, &self.tokenizer, &all, &cfg, &self.device, |_, _| {})
-                .map_err(EngineError::from)
+            generate(&self.model, &self.tokenizer, &all, &cfg, &self.device, |i, g| {
+                finished[i] = Some(g.clone());
+                let m = owner[i];
+                left[m] -= 1;
+                if left[m] == 0 {
+                    let mine = finished[starts[m]..starts[m] + sizes[m]]
+                        .iter_mut()
+                        .map(|g| g.take().expect("every sequence of the member finished"))
+                        .collect();
+                    if let Some(reply) = replies[m].take() {
+                        let _ = reply.send(Ok(mine));
+                    }
+                }
+            })
+            .map_err(EngineError::from)
         });
         match result {
-            Ok((generations, stats)) => {
+            Ok((_, stats)) => {
                 self.stats.sequences.fetch_add(stats.sequences, Ordering::Relaxed);
                 self.stats
                     .new_tokens
                     .fetch_add(stats.new_tokens, Ordering::Relaxed);
-                let mut rest = generations.into_iter();
-                for (requests, reply) in members {
-                    let mine: Vec<Generation> = rest.by_ref().take(requests.len()).collect();
-                    let _ = reply.send(Ok(mine));
-                }
             }
             Err(e) => {
-                for (_, reply) in members {
+                for reply in replies.into_iter().flatten() {
                     let _ = reply.send(Err(e.clone()));
                 }
             }
         }
     }
 }
+
+/// Batches of work one round may take (see [`Engine::run`]).
+const ROUND_BATCHES: usize = 4;
 
 /// The oldest work, up to `batch_size` sequences (at least one piece of work).
 fn take_round(queue: &mut VecDeque<Work>, batch_size: usize) -> Vec<Work> {
@@ -357,6 +390,74 @@ mod tests {
         queue.push_back(generate_work(1, oneshot::channel().0));
         assert_eq!(take_round(&mut queue, 4).len(), 1);
         assert_eq!(queue.len(), 1);
+    }
+
+    /// Members of one generate call (more sequences than the batch, so rows join mid-flight)
+    /// each get exactly what their own requests decode alone, in their order.
+    #[test]
+    fn each_member_gets_its_own_generations() {
+        use burn::backend::Flex;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+        let device = Default::default();
+        let tokenizer = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
+        let engine = Engine::<Flex> {
+            model: CausalLm::load(&dir, &device).unwrap(),
+            tokenizer: tokenizer.clone(),
+            eos: vec![],
+            device,
+            batching: Batching {
+                batch_size: 2,
+                window: Duration::ZERO,
+            },
+            stats: Arc::new(Stats::default()),
+        };
+        let params = Params {
+            max_new_tokens: 4,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            stop: vec![],
+            logprobs: None,
+        };
+        let request = |text: &str, seed: u64| Request {
+            prompt: tokenizer.encode(text, false).unwrap(),
+            seed,
+        };
+        let asks: Vec<Vec<Request>> = vec![
+            vec![request("One", 1)],
+            vec![
+                request("Two prompts here", 2),
+                request("and", 3),
+                request("a third, longer one", 4),
+            ],
+            vec![request("Last", 5), request("member", 6)],
+        ];
+        let (mut members, mut answers) = (Vec::new(), Vec::new());
+        for a in &asks {
+            let (tx, rx) = oneshot::channel();
+            members.push((a.clone(), tx));
+            answers.push(rx);
+        }
+        engine.generate_group(&params, members);
+        for (a, mut rx) in asks.iter().zip(answers) {
+            let got = rx.try_recv().expect("answered").expect("generated");
+            let cfg = GenerationConfig {
+                max_new_tokens: 4,
+                sampling: params.sampling.clone(),
+                stop: vec![],
+                eos: vec![],
+                batch_size: 1,
+                logprobs: None,
+            };
+            let alone = generate(&engine.model, &tokenizer, a, &cfg, &engine.device, |_, _| {})
+                .unwrap()
+                .0;
+            let tokens = |g: &[Generation]| g.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
+            assert_eq!(tokens(&got), tokens(&alone));
+        }
+        assert_eq!(engine.stats.snapshot().sequences, 6);
     }
 
     #[test]
