@@ -322,11 +322,11 @@ impl<B: Backend> Context<B> {
         Context { cos, sin, mask }
     }
 
-    /// Packed rows: several documents per row, `doc[r][i]` naming the document of token i.
-    /// Positions restart at 0 in each document and no token attends across documents, so a
-    /// packed row computes exactly what the documents would compute alone.
+    /// Packed rows: several documents per row, `doc[r][i]` naming the document of token i;
+    /// a document's tokens are one contiguous run. Positions restart at 0 in each document and
+    /// no token attends across documents, so a packed row computes exactly what the
+    /// documents would compute alone.
     pub fn packed(rotary: &Rotary, docs: &[Vec<u32>], device: &B::Device) -> Self {
-        let t = docs.first().map_or(0, Vec::len);
         let positions: Vec<Vec<usize>> = docs
             .iter()
             .map(|row| {
@@ -342,16 +342,32 @@ impl<B: Backend> Context<B> {
             })
             .collect();
         let (cos, sin) = rotary.tables(&positions, device);
-        let data: Vec<bool> = docs
-            .iter()
-            .flat_map(|row| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || row[j] != row[i])))
-            .collect();
-        let mask = Some(Tensor::from_data(
-            TensorData::new(data, [docs.len(), t, t]),
-            device,
-        ));
-        Context { cos, sin, mask }
+        Context {
+            cos,
+            sin,
+            mask: Some(packed_mask(docs, device)),
+        }
     }
+}
+
+/// [R, T, T], true where query i may not see key j: j > i, or another document. Filled a
+/// row at a time: every key masked, then the query's own document up to itself unmasked
+/// (packing keeps a document's tokens contiguous). Element by element this took 0.1 s for
+/// 4 x 2048 on a CPU core, every micro-step.
+fn packed_mask<B: Backend>(docs: &[Vec<u32>], device: &B::Device) -> Tensor<B, 3, Bool> {
+    let (r, t) = (docs.len(), docs.first().map_or(0, Vec::len));
+    let mut data = vec![true; r * t * t];
+    for (row, doc) in docs.iter().enumerate() {
+        let mut start = 0; // first token of the current document
+        for i in 0..t {
+            if i > 0 && doc[i] != doc[i - 1] {
+                start = i;
+            }
+            let at = (row * t + i) * t;
+            data[at + start..=at + i].fill(false);
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [r, t, t]), device)
 }
 
 #[derive(Module, Debug)]
@@ -590,4 +606,31 @@ pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor:
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 0.02), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    /// The row-fill mask equals its definition: key j hidden from query i when j > i or the
+    /// two tokens belong to different documents.
+    #[test]
+    fn packed_mask_is_causal_within_documents() {
+        let rows: Vec<Vec<u32>> = vec![
+            vec![0, 0, 0, 1, 1, 2, 3, 3],
+            vec![0; 8],
+            vec![0, 1, 2, 3, 4, 5, 6, 7],
+            vec![5, 5, 9, 9, 9, 9, u32::MAX, u32::MAX],
+        ];
+        let mask = packed_mask::<Flex>(&rows, &Default::default());
+        let got: Vec<bool> = mask.into_data().into_vec().unwrap();
+        let t = 8;
+        let want: Vec<bool> = rows
+            .iter()
+            .flat_map(|d| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || d[j] != d[i])))
+            .collect();
+        assert_eq!(got, want);
+    }
 }
