@@ -139,7 +139,7 @@ fn mask_padding<B: Backend>(logits: Tensor<B, 2>, vocab_limit: Option<usize>) ->
     match vocab_limit {
         Some(limit) if limit < v => {
             let keep = logits.clone().narrow(1, 0, limit);
-            let pad = Tensor::full([n, v - limit], MASKED_LOGIT, &logits.device());
+            let pad = Tensor::full([n, v - limit], MASKED_LOGIT, (&logits.device(), logits.dtype()));
             Tensor::cat(vec![keep, pad], 1)
         }
         _ => logits,
@@ -444,7 +444,8 @@ fn analytic_chunk<B: Backend>(
     let ce_w = 1.0 - cfg.kd_ratio;
     let (e, sum, lse) = softmax_parts(z.clone(), 1.0); // [N, V], [N, 1], [N, 1]
     let ce = (lse.clone() - z.clone().gather(1, labels.clone())).sum(); // [1]
-    let label_grad = Tensor::<B, 2>::full([n, 1], -ce_w * scale, &device); // [N, 1]
+    // Explicitly f32: a backend's default float type may be bf16 (Cuda<bf16>).
+    let label_grad = Tensor::<B, 2>::full([n, 1], -ce_w * scale, (&device, DType::F32)); // [N, 1]
 
     let (ids, logprobs, present) = match teacher {
         TeacherTargets::Sparse {
@@ -515,7 +516,7 @@ fn analytic_chunk<B: Backend>(
     // Per-row weight of the KL gradient: kd_ratio * T * scale, times present.
     let w_kd = match &present {
         Some(p) => p.clone().mul_scalar(cfg.kd_ratio * t * scale),
-        None => Tensor::full([n, 1], cfg.kd_ratio * t * scale, &device),
+        None => Tensor::full([n, 1], cfg.kd_ratio * t * scale, (&device, DType::F32)),
     };
     let dense = if t == 1.0 {
         e * ((w_kd.clone() * c).add_scalar(ce_w * scale) / sum)
