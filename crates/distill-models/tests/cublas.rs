@@ -14,52 +14,15 @@ use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Tensor};
 use distill_models::Kernels;
 use distill_models::ops::cublas;
 
 type G = Cuda<half::bf16>;
 type AD = Autodiff<G>;
 
-fn gpu() -> Option<CudaDevice> {
-    // SAFETY: only tries to dlopen libcuda.
-    let present = unsafe { cudarc::driver::sys::is_culib_present() };
-    let count = present
-        .then(|| cudarc::driver::result::init().ok())
-        .flatten()
-        .and_then(|_| cudarc::driver::result::device::get_count().ok())
-        .unwrap_or(0);
-    if count < 1 {
-        eprintln!("SKIPPED: no CUDA device");
-        return None;
-    }
-    Some(CudaDevice::new(0))
-}
-
-fn randn<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
-    Tensor::random(shape, Distribution::Normal(0.0, std), device)
-}
-
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
-}
-
-fn f32_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    t.cast(DType::F32)
-}
-
-/// max |got - want| / rms(want)
-fn err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let rms = (want.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / want.len() as f64).sqrt();
-    let max = got
-        .iter()
-        .zip(want)
-        .map(|(g, w)| (f64::from(*g) - f64::from(*w)).abs())
-        .fold(0.0, f64::max);
-    assert!(got.iter().all(|v| v.is_finite()), "non-finite output");
-    max / rms.max(1e-30)
-}
+mod common;
+use common::{err, f32_of, gpu, host, randn};
 
 /// bf16 output rounding is <= 2^-9 relative; a few ulps over rms covers max|ref| ~ 5 rms.
 const TOL: f64 = 2.5e-2;
