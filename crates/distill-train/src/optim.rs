@@ -54,14 +54,20 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// One update of every parameter that has a gradient in `grads`.
-    pub fn step<AD, M>(&mut self, module: M, grads: &GradStore<B>, lr: f64) -> M
+    /// One update of every parameter that has a gradient in `grads`, each gradient taken
+    /// times `grad_scale` (global-norm clipping's factor, 1 without clipping).
+    pub fn step<AD, M>(&mut self, module: M, grads: &GradStore<B>, lr: f64, grad_scale: f64) -> M
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
     {
         self.t += 1;
-        let mut mapper = Updater::<AD> { opt: self, grads, lr };
+        let mut mapper = Updater::<AD> {
+            opt: self,
+            grads,
+            lr,
+            grad_scale,
+        };
         module.map(&mut mapper)
     }
 }
@@ -70,6 +76,7 @@ struct Updater<'a, AD: AutodiffBackend> {
     opt: &'a mut AdamW<AD::InnerBackend>,
     grads: &'a GradStore<AD::InnerBackend>,
     lr: f64,
+    grad_scale: f64,
 }
 
 impl<AD: AutodiffBackend> ModuleMapper<AD> for Updater<'_, AD> {
@@ -87,16 +94,23 @@ impl<AD: AutodiffBackend> ModuleMapper<AD> for Updater<'_, AD> {
             m: p.zeros_like(),
             v: p.zeros_like(),
         });
-        let m = state.m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
-        let v = state.v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
+        // Every scalar factor rides on an op that runs anyway: the clipping scale s on the
+        // moment updates, the bias corrections on the step and eps. With bc_i = 1 - beta_i^t,
+        // torch's p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) is
+        //     p -= (lr sqrt(bc2)/bc1) * m / (sqrt(v) + eps sqrt(bc2)).
+        // Each op is a kernel launch per parameter on a GPU, and launches are most of a
+        // small step's time.
+        let s = self.grad_scale;
+        let m = state.m.mul_scalar(c.beta1) + g.clone().mul_scalar((1.0 - c.beta1) * s);
+        let v = state.v.mul_scalar(c.beta2) + g.square().mul_scalar((1.0 - c.beta2) * s * s);
         let t = self.opt.t as i32;
-        let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
-        let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         let mut p = p;
         if self.opt.decayed.contains(&id) && c.weight_decay > 0.0 {
             p = p.mul_scalar(1.0 - self.lr * c.weight_decay);
         }
-        let p = p - (m_hat / (v_hat.sqrt().add_scalar(c.eps))).mul_scalar(self.lr);
+        let denom = v.clone().sqrt().add_scalar(c.eps * bc2.sqrt());
+        let p = p - (m.clone() / denom).mul_scalar(self.lr * bc2.sqrt() / bc1);
         self.opt.moments.insert(id, Moments { m, v });
         let updated = Tensor::<AD, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, updated, mapper)
@@ -149,6 +163,13 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
+        for scale in [1.0, 0.25] {
+            check_two_steps(layer.clone(), x.clone(), cfg, scale);
+        }
+    }
+
+    /// Two steps with every gradient times `scale` (clipping's factor).
+    fn check_two_steps(layer: Linear<AD>, x: Tensor<AD, 2>, cfg: AdamWConfig, scale: f64) {
         let mut opt = AdamW::new(cfg, [layer.weight.id].into());
         let mut layer = layer;
         let lr = 0.01;
@@ -159,9 +180,9 @@ mod tests {
             let grads = layer.forward(x.clone()).sum().backward();
             let mut store = GradStore::default();
             collect_grads(&layer, &grads, &mut store);
-            layer = opt.step::<AD, _>(layer, &store, lr);
+            layer = opt.step::<AD, _>(layer, &store, lr, scale);
             for i in 0..2 {
-                let g = [1.0, 2.0][i];
+                let g = [1.0, 2.0][i] * scale;
                 m[i] = 0.9 * m[i] + 0.1 * g;
                 v[i] = 0.999 * v[i] + 0.001 * g * g;
                 let mh = m[i] / (1.0 - 0.9f64.powi(t));
@@ -177,7 +198,10 @@ mod tests {
             .into_vec()
             .unwrap();
         for i in 0..2 {
-            assert!((f64::from(ours[i]) - w[i]).abs() < 1e-6, "{ours:?} vs {w:?}");
+            assert!(
+                (f64::from(ours[i]) - w[i]).abs() < 1e-6,
+                "scale {scale}: {ours:?} vs {w:?}"
+            );
         }
     }
 

@@ -50,12 +50,6 @@ impl<B: Backend> GradStore<B> {
         total.sqrt()
     }
 
-    pub fn scale(&mut self, factor: f64) {
-        for g in self.grads.values_mut() {
-            *g = g.clone().mul_scalar(factor);
-        }
-    }
-
     pub fn all_finite(&self) -> bool {
         self.grads.values().all(|g| {
             let bad: bool = g.clone().is_nan().any().into_scalar().elem::<bool>()

@@ -425,10 +425,13 @@ where
     let applied = loss.is_finite() && grad_norm.is_finite();
     let mut model = model;
     if applied {
-        if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
-            grads.scale(t.max_grad_norm / grad_norm);
-        }
-        model = opt.step::<Ad<B>, _>(model, &grads, lr);
+        // Global-norm clipping: AdamW scales the gradients as it reads them.
+        let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm {
+            t.max_grad_norm / grad_norm
+        } else {
+            1.0
+        };
+        model = opt.step::<Ad<B>, _>(model, &grads, lr, clip);
     }
     phase("optimizer");
     let outcome = StepOutcome {
