@@ -39,27 +39,7 @@ impl<B: Backend> GradStore<B> {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
-
-    /// sqrt(sum of squares) over every gradient: one norm for the whole model.
-    pub fn global_norm(&self) -> f64 {
-        let sq: Vec<Tensor<B, 1>> = self.grads.values().map(|g| g.clone().square().sum()).collect();
-        if sq.is_empty() {
-            return 0.0;
-        }
-        let total: f64 = Tensor::cat(sq, 0).sum().into_scalar().elem();
-        total.sqrt()
-    }
-
-    pub fn all_finite(&self) -> bool {
-        self.grads.values().all(|g| {
-            let bad: bool = g.clone().is_nan().any().into_scalar().elem::<bool>()
-                || g.clone().is_inf().any().into_scalar().elem::<bool>();
-            !bad
-        })
-    }
 }
-
-use burn::tensor::ElementConversion;
 
 /// Collects the gradients in `grads` of every trainable parameter of `module` into `store`.
 pub fn collect_grads<AD: AutodiffBackend, M: Module<AD>>(

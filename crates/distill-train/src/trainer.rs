@@ -420,7 +420,10 @@ where
     }
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
-    let grad_norm = grads.global_norm();
+    // The trainable parameters as flat groups: the norm and the update both read them.
+    let flat = opt.gather::<Ad<B>, _>(&model, &grads);
+    drop(grads);
+    let grad_norm = flat.grad_norm();
     phase("grad_norm");
     let applied = loss.is_finite() && grad_norm.is_finite();
     let mut model = model;
@@ -431,7 +434,7 @@ where
         } else {
             1.0
         };
-        model = opt.step::<Ad<B>, _>(model, &grads, lr, clip);
+        model = opt.apply::<Ad<B>, _>(model, flat, lr, clip);
     }
     phase("optimizer");
     let outcome = StepOutcome {
