@@ -68,9 +68,9 @@ impl<B: Backend> AdamW<B> {
         self.apply(module, flat, lr, grad_scale)
     }
 
-    /// The parameters that have a gradient in `grads`, as flat groups: values and gradients
-    /// concatenated (decayed and undecayed parameters apart, consecutive in visiting order, up
-    /// to `group_elems` elements a group). The gradient norm and the update both read them:
+    /// The parameters that have a gradient in `grads`, as flat groups: gradients concatenated
+    /// now, values when the group is updated (decayed and undecayed parameters apart,
+    /// consecutive in visiting order, up to `group_elems` elements a group). The gradient norm and the update both read them:
     /// on a GPU each op is a kernel launch, and per parameter the update took ~12 and the norm
     /// 2; per group they now take about as many, plus one copy per parameter in.
     pub fn gather<AD, M>(&self, module: &M, grads: &GradStore<B>) -> FlatStep<B>
@@ -89,7 +89,7 @@ impl<B: Backend> AdamW<B> {
                 out.push(FlatGroup {
                     decayed,
                     params: group.iter().map(|(id, v)| (*id, v.dims()[0])).collect(),
-                    p: flat(group.iter().map(|(_, v)| v.clone()).collect()),
+                    values: group.iter().map(|(_, v)| v.clone()).collect(),
                     g: flat(
                         group
                             .iter()
@@ -140,14 +140,16 @@ impl<B: Backend> AdamW<B> {
         let mut at = 0;
         for &(id, n) in &group.params {
             let state = self.moments.remove(&id).unwrap_or_else(|| Moments {
-                m: group.p.clone().narrow(0, at, n).zeros_like(),
-                v: group.p.clone().narrow(0, at, n).zeros_like(),
+                m: group.g.clone().narrow(0, at, n).zeros_like(),
+                v: group.g.clone().narrow(0, at, n).zeros_like(),
             });
             ms.push(state.m);
             vs.push(state.v);
             at += n;
         }
-        let (p, g) = (group.p, group.g); // [N]
+        // The values are concatenated here, a group at a time, so only one group's copy exists.
+        let p = flat(group.values.into_iter().map(|v| v.cast(DType::F32)).collect()); // [N]
+        let g = group.g; // [N]
         // Every scalar factor rides on an op that runs anyway: the clipping scale s on the
         // moment updates, the bias corrections on the step and eps. With bc_i = 1 - beta_i^t,
         // torch's p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) is
@@ -186,10 +188,11 @@ pub struct FlatStep<B: Backend> {
 
 struct FlatGroup<B: Backend> {
     decayed: bool,
-    /// Each parameter and its element count, in the order of `p` and `g`.
+    /// Each parameter and its element count, in the order of `values` and `g`.
     params: Vec<(ParamId, usize)>,
-    /// Values and gradients, f32 [N].
-    p: Tensor<B, 1>,
+    /// The parameters' current values, flattened (no copy: the module's own tensors).
+    values: Vec<Tensor<B, 1>>,
+    /// Their gradients, f32 [N].
     g: Tensor<B, 1>,
 }
 
@@ -243,7 +246,8 @@ where
     out
 }
 
-/// Every parameter of `module` with a gradient in `grads`, in visiting order, as flat f32.
+/// Every parameter of `module` with a gradient in `grads`, in visiting order, flattened
+/// (a view, not a copy).
 fn trainable_values<AD, M>(
     module: &M,
     grads: &GradStore<AD::InnerBackend>,
@@ -261,7 +265,7 @@ where
             if self.grads.get(&param.id).is_some() {
                 let value = param.val().inner();
                 let n = value.shape().num_elements();
-                self.out.push((param.id, value.cast(DType::F32).reshape([n])));
+                self.out.push((param.id, value.reshape([n])));
             }
         }
     }
