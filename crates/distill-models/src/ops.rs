@@ -97,6 +97,20 @@ pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: 
     normed * weight.unsqueeze::<3>()
 }
 
+/// [`Kernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
+pub fn gemm<B: Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    tensor(B::gemm(prim(a), prim(b)))
+}
+
+/// A float primitive as a tensor, and back: custom ops work on primitives.
+pub(crate) fn tensor<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub(crate) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
 /// `linear` as a single [`Kernels::gemm`]: batch dims flattened into M (a reshape, free for a
 /// contiguous x), then the bias broadcast-added. Under `Autodiff` the reshape and the add are
 /// burn's tracked ops (dbias = dY summed over M by the add's backward) and the GEMM is
@@ -112,10 +126,10 @@ pub fn linear_via_gemm<B: Kernels, const D: usize>(
     let [k_w, n] = weight.dims();
     assert_eq!(k, k_w, "linear: x {dims:?} does not fit weight [{k_w}, {n}]");
     let x2 = x.reshape([m, k]); // (M, K)
-    let y = B::gemm(x2.into_primitive().tensor(), weight.into_primitive().tensor()); // (M, N)
+    let y = gemm(x2, weight); // (M, N)
     let mut out = dims;
     out[D - 1] = n;
-    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y)).reshape(out); // (..., N)
+    let y = y.reshape(out); // (..., N)
     match bias {
         Some(bias) => y + bias.unsqueeze::<D>(),
         None => y,
@@ -254,33 +268,28 @@ pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
             let [node_q, node_k, node_v] = ops.parents;
-            let d_out = float::<B>(grads.consume::<B>(&ops.node));
+            let d_out = tensor::<B, 4>(grads.consume::<B>(&ops.node));
             let (q, k, v, mask, out, lse, budget) = ops.state;
             let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
             let (dq, dk, dv) = attention::backward(
-                &float(q),
-                &float(k),
-                &float(v),
+                &tensor(q),
+                &tensor(k),
+                &tensor(v),
                 mask.as_ref(),
-                &float(out),
-                &float(lse),
+                &tensor(out),
+                &tensor(lse),
                 &d_out,
                 budget,
             );
             for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                 if let Some(node) = node {
-                    grads.register::<B>(node.id, grad.into_primitive().tensor());
+                    grads.register::<B>(node.id, prim(grad));
                 }
             }
         }
     }
 
-    fn float<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 4> {
-        Tensor::from_primitive(TensorPrimitive::Float(t))
-    }
-
     let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
-    let prim = |t: Tensor<Autodiff<B, C>, 4>| t.into_primitive().tensor();
     let (q, k, v) = (prim(q), prim(k), prim(v));
     let mask = mask.map(|m| m.into_primitive());
     let mask_inner = mask.clone().map(Tensor::<B, 4, Bool>::from_primitive);
@@ -291,16 +300,23 @@ pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
     {
         OpsKind::Tracked(prep) => {
             let (out, lse) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
-            let p = |t: Tensor<B, 4>| t.into_primitive().tensor();
-            let state = (p(qi), p(ki), p(vi), mask, p(out.clone()), p(lse), budget);
-            prep.finish(state, p(out))
+            let state = (
+                prim(qi),
+                prim(ki),
+                prim(vi),
+                mask,
+                prim(out.clone()),
+                prim(lse),
+                budget,
+            );
+            prep.finish(state, prim(out))
         }
         OpsKind::UnTracked(prep) => {
             let (out, _) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
-            prep.finish(out.into_primitive().tensor())
+            prep.finish(prim(out))
         }
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    tensor(out)
 }
 
 /// Whether training uses [`attention_autodiff`] (default) or burn's attention under autodiff
@@ -327,21 +343,19 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        let out = binary_autodiff::<B, C, _>(
+        tensor(binary_autodiff::<B, C, _>(
             elementwise::RmsNorm { eps },
-            x.into_primitive().tensor(),
-            weight.into_primitive().tensor(),
-        );
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+            prim(x),
+            prim(weight),
+        ))
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        let out = binary_autodiff::<B, C, _>(
+        tensor(binary_autodiff::<B, C, _>(
             elementwise::SwiGlu,
-            gate.into_primitive().tensor(),
-            up.into_primitive().tensor(),
-        );
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+            prim(gate),
+            prim(up),
+        ))
     }
 
     fn attention(

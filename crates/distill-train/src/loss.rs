@@ -396,14 +396,9 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, grad_logits) = analytic_chunk(logits, labels, teacher, cfg, scale);
     let g = grad_logits.cast(h.dtype()); // [len, V]
-    let grad_h = gemm(g.clone(), w.transpose()); // [len, C]
-    let grad_w = want_weight_grad.then(|| gemm(h.transpose(), g).cast(w_dtype)); // [C, V]
+    let grad_h = distill_models::ops::gemm(g.clone(), w.transpose()); // [len, C]
+    let grad_w = want_weight_grad.then(|| distill_models::ops::gemm(h.transpose(), g).cast(w_dtype)); // [C, V]
     (values, grad_h, grad_w)
-}
-
-fn gemm<B: distill_models::Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-    let out = B::gemm(a.into_primitive().tensor(), b.into_primitive().tensor());
-    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
 }
 
 /// Whether [`analytic_chunk`] covers `teacher` under `cfg`: CE alone, or CE + forward KL

@@ -8,17 +8,9 @@
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 
-use super::{BinaryOp, Kernels};
-
-fn tensor<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
-}
-
-fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
-}
+use super::{BinaryOp, Kernels, prim, tensor};
 
 /// 1 / sqrt(mean(x²) + eps) over the last dim, in f32. x: [B, T, C] -> [B, T, 1].
 fn inv_rms<B: Backend>(x32: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
