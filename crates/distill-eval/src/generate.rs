@@ -492,9 +492,15 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
         let keep = nucleus_len(&mut cand, s.top_p as f32);
         cand.truncate(keep);
     }
+    draw(&cand, rng)
+}
+
+/// One id from `cand` (id, unnormalised probability), in proportion to the probabilities,
+/// walking them in the given order with one uniform draw.
+fn draw(cand: &[(u32, f32)], rng: &mut fastrand::Rng) -> u32 {
     let total: f32 = cand.iter().map(|c| c.1).sum();
     let mut u = rng.f32() * total;
-    for &(id, p) in &cand {
+    for &(id, p) in cand {
         if u < p {
             return id;
         }
@@ -886,15 +892,7 @@ mod tests {
             }
         }
         cand.truncate(keep.max(1));
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut u = rng.f32() * total;
-        for &(id, p) in &cand {
-            if u < p {
-                return id;
-            }
-            u -= p;
-        }
-        cand.last().unwrap().0
+        draw(&cand, rng)
     }
 
     #[test]
