@@ -573,9 +573,13 @@ impl<B: Kernels> CausalLm<B> {
         self.hidden_states_with(input_ids, &ctx, None)
     }
 
-    /// Token embeddings. input_ids: [B, T] -> [B, T, C].
+    /// Token embeddings in the backend's float dtype (bf16 under CUDA) whatever the table's:
+    /// full fine-tuning keeps f32 master weights, and activations taking their dtype would run
+    /// every GEMM in f32 (off cuBLAS) and every elementwise op at twice the traffic.
+    /// input_ids: [B, T] -> [B, T, C].
     pub fn embed(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids)
+        let x = burn::tensor::module::embedding(self.model.embed_tokens.weight.val(), input_ids);
+        cast_to(x, <B::FloatElem as burn::tensor::Element>::dtype())
     }
 
     /// The output projection in burn layout [C, V]: lm_head, or the tied embeddings transposed.
@@ -632,5 +636,23 @@ mod tests {
             .flat_map(|d| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || d[j] != d[i])))
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// Activations take the backend's float dtype, not the embedding table's: full
+    /// fine-tuning keeps an f32 master table under bf16 CUDA (here the mirror image: a bf16
+    /// table under f32 Flex), and the whole forward would otherwise run in the table's dtype.
+    #[test]
+    fn embeddings_come_out_in_the_backend_float_dtype() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
+        let config = DecoderConfig::from_dir(&dir).unwrap();
+        let device = Default::default();
+        let mut model = CausalLm::<Flex>::init(&config, &device);
+        model.model.embed_tokens.weight = model
+            .model
+            .embed_tokens
+            .weight
+            .map(|w| w.cast(burn::tensor::DType::BF16));
+        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 2, 3]], &device);
+        assert_eq!(model.embed(ids).dtype(), burn::tensor::DType::F32);
     }
 }
