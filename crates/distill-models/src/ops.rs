@@ -4,9 +4,9 @@
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
 //!
 //! How a kernel is swapped in: a method that the inner backend overrides (CUDA: cuBLAS for
-//! [`Kernels::gemm`], `ops::cublas`), and for `Autodiff<B, C>` an op with its own backward
-//! whose backward calls the inner backend's methods again, so forward and backward both get
-//! the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved state, `attention`),
+//! [`Kernels::gemm`] and [`Kernels::bmm`], `ops::cublas`), and for `Autodiff<B, C>` an op with
+//! its own backward whose backward calls the inner backend's methods again, so forward and
+//! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved state, `attention`),
 //! RMSNorm and SwiGLU through [`binary_autodiff`] (`elementwise`). Without autodiff, backends
 //! that override nothing keep burn's ops bit for bit.
 
@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{Bool, DType, Tensor, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
 
 /// Attention with an O(T) backward state, block by block.
 pub mod attention;
@@ -40,6 +40,16 @@ pub trait Kernels: Backend {
     /// implementation takes those as op flags instead of copying.
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(a, b)
+    }
+
+    /// Batched GEMM on primitives, attention's: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N]
+    /// in dtype `out`. `out` other than the inputs' dtype is there for f32 scores from bf16
+    /// Q and K: a fast implementation writes its f32 accumulator directly (no bf16 rounding,
+    /// no cast kernel); the default rounds to the input dtype, then casts. `a` and `b` may be
+    /// views transposed in their last two dims (`swap_dims(2, 3)`), taken as op flags by a
+    /// fast implementation.
+    fn bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, out: FloatDType) -> FloatTensor<Self> {
+        bmm_default::<Self>(a, b, out)
     }
 
     /// `x @ weight + bias`. x: [..., in], weight: [in, out], bias: [out] -> [..., out].
@@ -100,6 +110,21 @@ pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: 
 /// [`Kernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
 pub fn gemm<B: Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     tensor(B::gemm(prim(a), prim(b)))
+}
+
+/// [`Kernels::bmm`] as burn ops: matmul, then a cast if `out` is not the result's dtype.
+pub fn bmm_default<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, out: FloatDType) -> FloatTensor<B> {
+    let c = B::float_matmul(a, b);
+    if c.dtype() == DType::from(out) {
+        c
+    } else {
+        B::float_cast(c, out)
+    }
+}
+
+/// [`Kernels::bmm`] on tensors: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N] in `out`.
+pub fn bmm<B: Kernels>(a: Tensor<B, 4>, b: Tensor<B, 4>, out: FloatDType) -> Tensor<B, 4> {
+    tensor(B::bmm(prim(a), prim(b), out))
 }
 
 /// A float primitive as a tensor, and back: custom ops work on primitives.
@@ -373,8 +398,8 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
 }
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
-/// bf16/f16 GEMMs go to cuBLAS, anything cuBLAS is not used for (f32, odd shapes, no
-/// libcublas, `DISTILL_CUBLAS=off`) to burn's matmul.
+/// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,
+/// odd shapes, no libcublas, `DISTILL_CUBLAS=off`) to burn's matmul.
 #[cfg(feature = "cuda")]
 impl<F, I, BT> Kernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
 where
@@ -388,6 +413,13 @@ where
         match cublas::gemm(a, b) {
             Ok(c) => c,
             Err((a, b)) => <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_matmul(a, b),
+        }
+    }
+
+    fn bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, out: FloatDType) -> FloatTensor<Self> {
+        match cublas::bmm(a, b, out.into()) {
+            Ok(c) => c,
+            Err((a, b)) => bmm_default::<Self>(a, b, out),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! GPU checks of the cuBLAS GEMMs behind `Kernels::linear` on `Cuda<bf16>` (`--features cuda`).
+//! GPU checks of the cuBLAS GEMMs behind `Kernels::linear` on `Cuda<bf16>`, and of the batched
+//! GEMMs behind `Kernels::bmm` (attention's) on `Cuda<bf16>` and `Cuda<f32>` (`--features cuda`).
 //! Each test prints SKIPPED and passes when there is no CUDA device.
 //!
 //!     cargo test -p distill-models --features cuda --test cublas                 # checks
@@ -14,9 +15,9 @@ use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, FloatDType, Tensor};
 use distill_models::Kernels;
-use distill_models::ops::cublas;
+use distill_models::ops::{bmm, cublas};
 
 type G = Cuda<half::bf16>;
 type AD = Autodiff<G>;
@@ -281,6 +282,247 @@ fn cuda_cublas_runs_on_cubecl_stream() {
     let d = cublas::describe();
     eprintln!("  {d}");
     assert!(d.contains("on cubecl's stream"), "{d}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batched GEMMs: `Kernels::bmm`, attention's [B, H] matrix products.
+
+/// How a bmm operand [B, H, rows, cols] is laid out in memory.
+#[derive(Clone, Copy, Debug)]
+enum View {
+    /// contiguous
+    Plain,
+    /// [B, H, cols, rows].swap_dims(2, 3), as Kᵀ in Q Kᵀ: cuBLAS's transpose flag
+    Transposed,
+    /// [B, rows, H, cols].swap_dims(1, 2), as Q after the head split: the [B, H] matrices are
+    /// not one stride apart, so the operand is copied to contiguous first
+    HeadsInner,
+    /// heads 1..=H of a contiguous [B, H + 2, rows, cols]: with B = 1, a view at an offset read
+    /// in place (an attention block of some heads of one row)
+    HeadSlice,
+    /// one [rows, cols] matrix expanded over [B, H]: zero batch strides, copied first
+    Broadcast,
+}
+
+struct BmmCase {
+    name: &'static str,
+    /// [B, H]
+    batch: [usize; 2],
+    m: usize,
+    k: usize,
+    n: usize,
+    a: View,
+    b: View,
+    /// f32 output from half inputs (attention's scores)
+    f32_out: bool,
+}
+
+const fn bmm_case(name: &'static str, batch: [usize; 2], a: View, b: View, f32_out: bool) -> BmmCase {
+    // M, K, N all different, so a swapped transpose flag or leading dimension cannot pass.
+    BmmCase {
+        name,
+        batch,
+        m: 67,
+        k: 40,
+        n: 53,
+        a,
+        b,
+        f32_out,
+    }
+}
+
+const BMM_CASES: &[BmmCase] = &[
+    bmm_case("plain", [2, 3], View::Plain, View::Plain, false),
+    bmm_case(
+        "B transposed (Q Kᵀ)",
+        [2, 3],
+        View::Plain,
+        View::Transposed,
+        false,
+    ),
+    bmm_case(
+        "A transposed (Pᵀ dO)",
+        [2, 3],
+        View::Transposed,
+        View::Plain,
+        false,
+    ),
+    bmm_case(
+        "both transposed",
+        [2, 3],
+        View::Transposed,
+        View::Transposed,
+        false,
+    ),
+    bmm_case(
+        "f32 out, B transposed (scores)",
+        [2, 3],
+        View::Plain,
+        View::Transposed,
+        true,
+    ),
+    bmm_case(
+        "f32 out, A transposed",
+        [2, 3],
+        View::Transposed,
+        View::Plain,
+        true,
+    ),
+    bmm_case("f32 out, one matrix", [1, 1], View::Plain, View::Transposed, true),
+    bmm_case(
+        "A heads inner (copied)",
+        [2, 3],
+        View::HeadsInner,
+        View::Transposed,
+        false,
+    ),
+    // M = 64: each head of A is 64 x 40 x 2 bytes, a multiple of cubecl's 512-byte slice
+    // alignment, so the slice is a view at an offset rather than a copy (see the test).
+    BmmCase {
+        name: "A head slice, one row (offset view)",
+        batch: [1, 3],
+        m: 64,
+        k: 40,
+        n: 53,
+        a: View::HeadSlice,
+        b: View::Plain,
+        f32_out: false,
+    },
+    bmm_case(
+        "A head slice, two rows (copied)",
+        [2, 3],
+        View::HeadSlice,
+        View::Plain,
+        true,
+    ),
+    bmm_case(
+        "B broadcast over [B, H] (copied)",
+        [2, 3],
+        View::Plain,
+        View::Broadcast,
+        false,
+    ),
+    BmmCase {
+        name: "attention-like 256x64x256, B transposed, f32 out",
+        batch: [1, 2],
+        m: 256,
+        k: 64,
+        n: 256,
+        a: View::Plain,
+        b: View::Transposed,
+        f32_out: true,
+    },
+];
+
+fn operand<B: Backend>(
+    view: View,
+    [bt, h]: [usize; 2],
+    rows: usize,
+    cols: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    match view {
+        View::Plain => randn([bt, h, rows, cols], 1.0, device),
+        View::Transposed => randn::<B, 4>([bt, h, cols, rows], 1.0, device).swap_dims(2, 3),
+        View::HeadsInner => randn::<B, 4>([bt, rows, h, cols], 1.0, device).swap_dims(1, 2),
+        View::HeadSlice => {
+            randn::<B, 4>([bt, h + 2, rows, cols], 1.0, device).slice([0..bt, 1..h + 1, 0..rows, 0..cols])
+        }
+        View::Broadcast => randn::<B, 4>([1, 1, rows, cols], 1.0, device).expand([bt, h, rows, cols]),
+    }
+}
+
+/// a [batch, m, k] @ b [batch, k, n] in f64 on the host, from the values as read back.
+fn host_bmm(a: &[f32], b: &[f32], batch: usize, m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; batch * m * n];
+    for (i, out) in c.iter_mut().enumerate() {
+        let (p, row, col) = (i / (m * n), i / n % m, i % n);
+        let dot: f64 = (0..k)
+            .map(|j| f64::from(a[(p * m + row) * k + j]) * f64::from(b[(p * k + j) * n + col]))
+            .sum();
+        *out = dot as f32;
+    }
+    c
+}
+
+/// Every case through `Kernels::bmm` and through burn's matmul (+ cast), both against the f64
+/// product of the same inputs. With half inputs, each case must have gone to cuBLAS (when it is
+/// on and loaded); with f32 inputs, none.
+fn bmm_cases<B: Kernels>(device: &B::Device, half: bool) {
+    let cublas_on = cublas::ordering() != cublas::Ordering::Off;
+    for c in BMM_CASES {
+        let a = operand::<B>(c.a, c.batch, c.m, c.k, device);
+        let b = operand::<B>(c.b, c.batch, c.k, c.n, device);
+        let in_dtype = a.dtype();
+        let out = if c.f32_out {
+            FloatDType::F32
+        } else {
+            in_dtype.into()
+        };
+        let before = cublas::issued_on_this_thread();
+        let ours = bmm(a.clone(), b.clone(), out);
+        let by_cublas = cublas::issued_on_this_thread() > before;
+        let burn = a.clone().matmul(b.clone()).cast(out);
+        assert_eq!(ours.dtype(), DType::from(out), "{}: output dtype", c.name);
+        assert_eq!(
+            ours.dims(),
+            [c.batch[0], c.batch[1], c.m, c.n],
+            "{}: output shape",
+            c.name
+        );
+
+        let batch = c.batch[0] * c.batch[1];
+        let want = host_bmm(&host(a), &host(b), batch, c.m, c.k, c.n);
+        let (e_ours, e_burn) = (err(&host(ours), &want), err(&host(burn), &want));
+        let what = format!("bmm {:?} {}", in_dtype, c.name);
+        eprintln!("  {what:<58} ours err {e_ours:.2e} (cuBLAS: {by_cublas})   burn err {e_burn:.2e}");
+        if !half {
+            // f32 inputs are burn's matmul: as good as a second call of it.
+            assert!(!by_cublas, "{what}: f32 inputs went to cuBLAS");
+            assert!(
+                e_ours <= 2.0 * e_burn + 1e-5,
+                "{what}: error {e_ours:.3e}, burn's {e_burn:.3e}"
+            );
+            continue;
+        }
+        if cublas_on && cublas::describe().contains("libcublas loaded") {
+            assert!(
+                by_cublas,
+                "{what}: fell back to burn's matmul ({})",
+                cublas::describe()
+            );
+        }
+        if c.f32_out {
+            // Products of bf16 are exact in f32 and the sum is f32: far below one bf16 rounding
+            // of the output (~4e-3 here), which a bf16-then-cast result would show.
+            assert!(
+                e_ours < 1e-4,
+                "{what}: error {e_ours:.3e} is a rounded, not an f32, result"
+            );
+        } else {
+            check(&what, e_ours, e_burn);
+        }
+    }
+}
+
+#[test]
+fn cuda_bmm_bf16_matches_burn_matmul() {
+    let Some(device) = gpu() else { return };
+    // The one-row head slice must reach cuBLAS as a view at an offset, or that case tests a copy.
+    let slice = operand::<G>(View::HeadSlice, [1, 3], 64, 40, &device);
+    let offset = slice.into_primitive().tensor().handle.offset_start;
+    assert!(
+        offset.is_some_and(|o| o > 0),
+        "head slice is not an offset view: {offset:?}"
+    );
+    bmm_cases::<G>(&device, true);
+    eprintln!("{}", cublas::describe());
+}
+
+#[test]
+fn cuda_bmm_f32_inputs_fall_back_to_burn_matmul() {
+    let Some(device) = gpu() else { return };
+    bmm_cases::<Cuda<f32>>(&device, false);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,13 +9,18 @@
 //! masks and probabilities live at once (79 GiB for a 0.5B full step at 4 x 2048 tokens on
 //! the H100, against PyTorch's 24 GiB). Here a layer keeps Q, K, V, O and the log-sum-exp.
 //!
-//! The scores are computed in f32 from the GEMM's output dtype, the softmax in f32, and the
+//! The scores come out of the Q Kᵀ GEMM in f32 ([`Kernels::bmm`]: cuBLAS writes its f32
+//! accumulator on CUDA; elsewhere the GEMM's output is cast), the softmax is in f32, and the
 //! probabilities are cast back to the value dtype for the P @ V GEMM, as burn's fallback does.
+//! All six GEMMs (two forward, four backward) are [`Kernels::bmm`] calls, transposed operands
+//! as `swap_dims(2, 3)` views.
 
 use std::ops::Range;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, FloatDType, Tensor};
+
+use crate::ops::{Kernels, bmm};
 
 /// Most bytes of f32 scores one block materialises ([rows, heads, T, S] x 4).
 pub const BLOCK_BYTES: usize = 256 << 20;
@@ -69,12 +74,9 @@ fn part_mask<B: Backend>(m: &Tensor<B, 4, Bool>, b: &Block) -> Tensor<B, 4, Bool
 }
 
 /// Scaled, masked scores of one block in f32: (q @ kᵀ) / sqrt(hd). [r, h, T, S].
-fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4> {
+fn scores<B: Kernels>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4> {
     let hd = q.dims()[3];
-    let s = q
-        .matmul(k.swap_dims(2, 3))
-        .cast(DType::F32)
-        .mul_scalar(1.0 / (hd as f64).sqrt());
+    let s = bmm(q, k.swap_dims(2, 3), FloatDType::F32).mul_scalar(1.0 / (hd as f64).sqrt());
     match mask {
         Some(m) => s.mask_fill(m, MASKED),
         None => s,
@@ -103,7 +105,7 @@ fn assemble<B: Backend>(parts: Vec<(Block, Tensor<B, 4>)>) -> Tensor<B, 4> {
 /// softmax((q @ kᵀ) / sqrt(hd), masked) @ v, and each query's log-sum-exp of its scores.
 /// q: [B, H, T, hd], k/v: [B, H, S, hd], mask: [B, H, T, S] (true = masked out; no row may be
 /// all masked). Returns ([B, H, T, hd] in v's dtype, [B, H, T, 1] f32).
-pub fn forward<B: Backend>(
+pub fn forward<B: Kernels>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -112,6 +114,7 @@ pub fn forward<B: Backend>(
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let [b, h, t, _] = q.dims();
     let s = k.dims()[2];
+    let v_dtype = FloatDType::from(v.dtype());
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for block in blocks(b, h, t, s, budget) {
@@ -123,8 +126,8 @@ pub fn forward<B: Backend>(
         let max = sc.clone().max_dim(3); // [r, h, T, 1]
         let e = (sc - max.clone()).exp();
         let sum = e.clone().sum_dim(3);
-        let p = (e / sum.clone()).cast(v.dtype());
-        outs.push((block.clone(), p.matmul(part(v, &block)))); // [r, h, T, hd]
+        let p = (e / sum.clone()).cast(v_dtype);
+        outs.push((block.clone(), bmm(p, part(v, &block), v_dtype))); // [r, h, T, hd]
         lses.push((block, max + sum.log()));
     }
     (assemble(outs), assemble(lses))
@@ -135,7 +138,7 @@ pub fn forward<B: Backend>(
 ///     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - rowsum(dO ∘ O)) / sqrt(hd),
 ///     dQ = dS K,   dK = dSᵀ Q.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: Backend>(
+pub fn backward<B: Kernels>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -148,18 +151,19 @@ pub fn backward<B: Backend>(
     let [b, h, t, hd] = q.dims();
     let s = k.dims()[2];
     let inv_sqrt = 1.0 / (hd as f64).sqrt();
+    let (q_dtype, v_dtype) = (FloatDType::from(q.dtype()), FloatDType::from(v.dtype()));
     let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
     for block in blocks(b, h, t, s, budget) {
         let (qb, kb, vb) = (part(q, &block), part(k, &block), part(v, &block));
         let dob = part(d_out, &block); // [r, h, T, hd]
         let p =
             (scores(qb.clone(), kb.clone(), mask.map(|m| part_mask(m, &block))) - part(lse, &block)).exp(); // [r, h, T, S] f32
-        let dv = p.clone().cast(v.dtype()).swap_dims(2, 3).matmul(dob.clone()); // [r, h, S, hd]
-        let dp = dob.clone().matmul(vb.swap_dims(2, 3)).cast(DType::F32); // [r, h, T, S]
+        let dv = bmm(p.clone().cast(v_dtype).swap_dims(2, 3), dob.clone(), v_dtype); // [r, h, S, hd]
+        let dp = bmm(dob.clone(), vb.swap_dims(2, 3), FloatDType::F32); // [r, h, T, S]
         let delta = (dob.cast(DType::F32) * part(out, &block).cast(DType::F32)).sum_dim(3); // [r, h, T, 1]
-        let ds = (p * (dp - delta)).mul_scalar(inv_sqrt).cast(q.dtype()); // [r, h, T, S]
-        dqs.push((block.clone(), ds.clone().matmul(kb))); // [r, h, T, hd]
-        dks.push((block.clone(), ds.swap_dims(2, 3).matmul(qb))); // [r, h, S, hd]
+        let ds = (p * (dp - delta)).mul_scalar(inv_sqrt).cast(q_dtype); // [r, h, T, S]
+        dqs.push((block.clone(), bmm(ds.clone(), kb, q_dtype))); // [r, h, T, hd]
+        dks.push((block.clone(), bmm(ds.swap_dims(2, 3), qb, q_dtype))); // [r, h, S, hd]
         dvs.push((block, dv));
     }
     (assemble(dqs), assemble(dks), assemble(dvs))

@@ -1,4 +1,6 @@
-//! cuBLAS GEMMs on burn's CUDA tensors: `cublasGemmEx`, bf16 (or f16) in and out, f32 compute.
+//! cuBLAS GEMMs on burn's CUDA tensors: `cublasGemmEx` ([`gemm`]) and
+//! `cublasGemmStridedBatchedEx` ([`bmm`], attention's [B, H] matrix products), bf16 (or f16)
+//! in, f32 compute, out in the input dtype (or f32 from [`bmm`] on request).
 //!
 //! Why: on one H100, burn-cuda 0.21's own bf16 matmul ran at ~218 TFLOP/s on every training
 //! shape tried; cuBLAS on the same buffers at ~820 (docs: GUIDE "Platform facts").
@@ -35,7 +37,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering as Atomic};
 use std::sync::{Mutex, OnceLock};
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::DType;
 use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::device::Device as _;
@@ -148,55 +150,122 @@ fn cublas_loaded() -> bool {
 /// or a cuBLAS error (reported once, then cuBLAS is switched off).
 #[allow(clippy::result_large_err)]
 pub fn gemm(a: CudaTensor, b: CudaTensor) -> Result<CudaTensor, (CudaTensor, CudaTensor)> {
+    if a.meta.rank() != 2 || b.meta.rank() != 2 {
+        return Err((a, b));
+    }
+    let out = a.dtype;
+    matmul(a, b, out)
+}
+
+/// Batched `a [.., m, k] @ b [.., k, n] -> [.., m, n]` (equal leading dims, e.g. [B, H]) by
+/// `cublasGemmStridedBatchedEx`, the output in `out`: a's dtype, or F32 (cuBLAS writes the
+/// f32 accumulator as is: no bf16 rounding, no cast kernel). `a` and `b` may be views
+/// transposed in their last two dims (`swap_dims(2, 3)`): cuBLAS reads them with op flags.
+/// Leading dims must step by one stride (contiguous [B*H] matrices, or a slice of heads in one
+/// row); other layouts (e.g. heads split off [B, T, H, hd], broadcast dims) are copied to
+/// contiguous first. The operands come back, as from [`gemm`], for what cuBLAS is not used for,
+/// and also for unequal leading dims (burn's matmul broadcasts them) and an `out` other than
+/// a's dtype or F32.
+#[allow(clippy::result_large_err)]
+pub fn bmm(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaTensor, CudaTensor)> {
+    if a.meta.rank() < 3 {
+        return Err((a, b));
+    }
+    matmul(a, b, out)
+}
+
+thread_local! {
+    static ISSUED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many GEMMs this thread has handed to cuBLAS so far: lets a test tell a cuBLAS result
+/// from a fallback to burn's matmul, which is numerically just as right.
+pub fn issued_on_this_thread() -> usize {
+    ISSUED.with(|n| n.get())
+}
+
+fn blas_type(d: DType) -> Option<blas::cudaDataType> {
+    match d {
+        DType::BF16 => Some(blas::cudaDataType::CUDA_R_16BF),
+        DType::F16 => Some(blas::cudaDataType::CUDA_R_16F),
+        DType::F32 => Some(blas::cudaDataType::CUDA_R_32F),
+        _ => None,
+    }
+}
+
+/// [`gemm`] and [`bmm`]: rank >= 2, equal leading dims, each matrix product by cuBLAS.
+#[allow(clippy::result_large_err)]
+fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaTensor, CudaTensor)> {
     let mode = ordering();
-    let dtype = match a.dtype {
-        DType::BF16 => blas::cudaDataType::CUDA_R_16BF,
-        DType::F16 => blas::cudaDataType::CUDA_R_16F,
-        _ => return Err((a, b)),
+    // Inputs bf16/f16 only: f32 inputs stay on burn's matmul, as the f32 path is the reference
+    // the GPU tests hold our kernels to.
+    let half = matches!(a.dtype, DType::BF16 | DType::F16);
+    let (Some(ab_type), Some(c_type)) = (blas_type(a.dtype), blas_type(out)) else {
+        return Err((a, b));
     };
-    let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
+    let rank = a.meta.rank();
     let usable = mode != Ordering::Off
+        && half
+        && (out == a.dtype || out == DType::F32)
         && b.dtype == a.dtype
-        && a.meta.rank() == 2
-        && b.meta.rank() == 2
+        && rank >= 2
+        && b.meta.rank() == rank
+        && a.meta.shape()[..rank - 2] == b.meta.shape()[..rank - 2]
         && a.qparams.is_none()
         && b.qparams.is_none()
         && a.device == b.device;
     if !usable {
         return Err((a, b));
     }
-    let (m, k) = (a.meta.shape()[0], a.meta.shape()[1]);
-    let (k_b, n) = (b.meta.shape()[0], b.meta.shape()[1]);
-    if k != k_b || !fits(m) || !fits(n) || !fits(k) || !cublas_loaded() {
+    let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
+    let (m, k) = (a.meta.shape()[rank - 2], a.meta.shape()[rank - 1]);
+    let (k_b, n) = (b.meta.shape()[rank - 2], b.meta.shape()[rank - 1]);
+    let batch: usize = a.meta.shape()[..rank - 2].iter().product();
+    if k != k_b || !fits(m) || !fits(n) || !fits(k) || !fits(batch) || !cublas_loaded() {
         return Err((a, b));
     }
 
     let a = Operand::new(a);
     let b = Operand::new(b);
-    let c = empty_device_contiguous_dtype(
-        a.tensor.client.clone(),
-        a.tensor.device.clone(),
-        Shape::new([m, n]),
-        a.tensor.dtype,
-    );
-    let ldc = if m == 1 { n } else { c.meta.strides()[0] };
-    if !fits(a.ld) || !fits(b.ld) || !fits(ldc) || ldc < n {
+    let mut c_shape = a.tensor.meta.shape().clone();
+    c_shape[rank - 1] = n;
+    let c = empty_device_contiguous_dtype(a.tensor.client.clone(), a.tensor.device.clone(), c_shape, out);
+    let Some(c_layout) = layout(&c).filter(|l| !l.trans && l.ld >= n) else {
+        return Err((a.tensor, b.tensor));
+    };
+    let stride = |s: usize| i64::try_from(s).ok();
+    let (Some(stride_a), Some(stride_b), Some(stride_c)) = (
+        stride(a.layout.batch_stride),
+        stride(b.layout.batch_stride),
+        stride(c_layout.batch_stride),
+    ) else {
+        return Err((a.tensor, b.tensor));
+    };
+    if !fits(a.layout.ld) || !fits(b.layout.ld) || !fits(c_layout.ld) {
         return Err((a.tensor, b.tensor));
     }
     let args = GemmArgs {
         m: m as i32,
         n: n as i32,
         k: k as i32,
-        trans_a: a.trans,
-        lda: a.ld as i32,
-        trans_b: b.trans,
-        ldb: b.ld as i32,
-        ldc: ldc as i32,
-        dtype,
+        batch: batch as i32,
+        trans_a: a.layout.trans,
+        lda: a.layout.ld as i32,
+        stride_a,
+        trans_b: b.layout.trans,
+        ldb: b.layout.ld as i32,
+        stride_b,
+        ldc: c_layout.ld as i32,
+        stride_c,
+        ab_type,
+        c_type,
         mode,
     };
     match launch(&a, &b, &c, args) {
-        Ok(()) => Ok(c),
+        Ok(()) => {
+            ISSUED.with(|n| n.set(n.get() + 1));
+            Ok(c)
+        }
         Err(e) => {
             eprintln!("warning: cuBLAS GEMM failed ({e}); GEMMs use burn's matmul from now on");
             set_ordering(Ordering::Off);
@@ -205,29 +274,44 @@ pub fn gemm(a: CudaTensor, b: CudaTensor) -> Result<CudaTensor, (CudaTensor, Cud
     }
 }
 
-/// A 2-D operand as cuBLAS sees it: the tensor's memory is either the row-major matrix
-/// (`trans` false, row stride `ld`) or the row-major transpose of it (`trans` true: what
-/// `float_transpose` of a contiguous tensor is). Anything else is made contiguous first.
+/// An operand as cuBLAS sees it: see [`Layout`]. Anything else is made contiguous first.
 struct Operand {
     tensor: CudaTensor,
-    trans: bool,
-    ld: usize,
+    layout: Layout,
 }
 
 impl Operand {
     fn new(tensor: CudaTensor) -> Self {
-        if let Some((trans, ld)) = layout(&tensor) {
-            return Operand { tensor, trans, ld };
+        if let Some(layout) = layout(&tensor) {
+            return Operand { tensor, layout };
         }
         let tensor = into_contiguous(tensor);
-        let (trans, ld) = layout(&tensor).expect("a contiguous 2-D tensor is row-major");
-        Operand { tensor, trans, ld }
+        let layout = layout(&tensor).expect("a contiguous tensor is row-major matrices at one stride");
+        Operand { tensor, layout }
     }
 }
 
-fn layout(t: &CudaTensor) -> Option<(bool, usize)> {
+/// How cuBLAS reads a [.., rows, cols] tensor in place: each matrix is either row-major
+/// (`trans` false, row stride `ld`) or the row-major transpose of it (`trans` true: what
+/// `swap_dims` of the last two dims of a contiguous tensor is), and matrix i of the flattened
+/// leading dims starts `batch_stride` elements after matrix 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    trans: bool,
+    ld: usize,
+    batch_stride: usize,
+}
+
+fn layout(t: &CudaTensor) -> Option<Layout> {
     let (shape, strides) = (t.meta.shape(), t.meta.strides());
-    layout_of([shape[0], shape[1]], [strides[0], strides[1]])
+    let r = shape.len();
+    let (trans, ld) = layout_of([shape[r - 2], shape[r - 1]], [strides[r - 2], strides[r - 1]])?;
+    let batch_stride = batch_stride_of(&shape[..r - 2], &strides[..r - 2])?;
+    Some(Layout {
+        trans,
+        ld,
+        batch_stride,
+    })
 }
 
 /// (transposed, leading dimension) for a [rows, cols] view with these strides, if cuBLAS can
@@ -242,17 +326,43 @@ fn layout_of([rows, cols]: [usize; 2], [s0, s1]: [usize; 2]) -> Option<(bool, us
     None
 }
 
+/// The one stride that steps through the leading dims in row-major order, if there is one:
+/// size-1 dims are skipped, every other dim's stride must be the next inner one's times that
+/// one's size. 0 when there is at most one matrix. None for a broadcast (zero stride) or
+/// any other layout, e.g. [B, H] out of a [B, T, H, hd] by `swap_dims(1, 2)`.
+fn batch_stride_of(dims: &[usize], strides: &[usize]) -> Option<usize> {
+    let mut innermost = None;
+    let mut next = None; // the stride the next outer dim must have
+    for (&d, &s) in dims.iter().zip(strides).rev().filter(|&(&d, _)| d != 1) {
+        match next {
+            None if s > 0 => innermost = Some(s),
+            Some(want) if s == want => {}
+            _ => return None,
+        }
+        next = Some(s.checked_mul(d)?);
+    }
+    Some(innermost.unwrap_or(0))
+}
+
 #[derive(Clone, Copy, Debug)]
 struct GemmArgs {
     m: i32,
     n: i32,
     k: i32,
+    /// Matrices per operand; 1: `cublasGemmEx`, else `cublasGemmStridedBatchedEx`.
+    batch: i32,
     trans_a: bool,
     lda: i32,
+    stride_a: i64,
     trans_b: bool,
     ldb: i32,
+    stride_b: i64,
     ldc: i32,
-    dtype: blas::cudaDataType,
+    stride_c: i64,
+    /// A and B's element type.
+    ab_type: blas::cudaDataType,
+    /// C's: A's, or f32.
+    c_type: blas::cudaDataType,
     mode: Ordering,
 }
 
@@ -323,7 +433,7 @@ fn on_device(
     };
     let on_stream = match stream {
         Ok(stream) => {
-            blas.gemm_ex(stream, ptrs, &g)?;
+            blas.gemm(stream, ptrs, &g)?;
             LAST_STREAM.store(stream as usize, Atomic::Relaxed);
             true
         }
@@ -333,7 +443,7 @@ fn on_device(
             }
             block_on(server.sync(stream_id)).map_err(|e| format!("syncing cubecl's stream: {e:?}"))?;
             let own = blas.own_stream()?;
-            blas.gemm_ex(own, ptrs, &g)?;
+            blas.gemm(own, ptrs, &g)?;
             // SAFETY: `own` is a live stream of the current context.
             unsafe { cu::cuStreamSynchronize(own) }
                 .result()
@@ -401,7 +511,8 @@ impl DeviceBlas {
     /// Row-major C [m, n] = op(A) [m, k] @ op(B) [k, n], computed column-major as
     /// Cᵀ [n, m] = op(B)ᵀ @ op(A)ᵀ: the row-major memory of each operand is its column-major
     /// transpose, so cuBLAS gets B first, A second, and each one's own transpose flag.
-    fn gemm_ex(&mut self, stream: cu::CUstream, [a, b, c]: [u64; 3], g: &GemmArgs) -> Result<(), String> {
+    /// With `batch` > 1, the same for matrix i of each operand at i x its batch stride.
+    fn gemm(&mut self, stream: cu::CUstream, [a, b, c]: [u64; 3], g: &GemmArgs) -> Result<(), String> {
         let handle = self.handle(stream)?;
         let op = |t: bool| {
             if t {
@@ -411,33 +522,65 @@ impl DeviceBlas {
             }
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: pointers come from live cubecl buffers of the sizes the shapes describe (the
-        // resources are held until after this call), leading dimensions were checked against
-        // the shapes, alpha/beta are host f32 as CUBLAS_COMPUTE_32F expects.
-        unsafe {
-            cudarc::cublas::result::gemm_ex(
-                handle,
-                op(g.trans_b),
-                op(g.trans_a),
-                g.n,
-                g.m,
-                g.k,
-                (&alpha as *const f32).cast::<c_void>(),
-                b as *const c_void,
-                g.dtype,
-                g.ldb,
-                a as *const c_void,
-                g.dtype,
-                g.lda,
-                (&beta as *const f32).cast::<c_void>(),
-                c as *mut c_void,
-                g.dtype,
-                g.ldc,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| format!("cublasGemmEx {g:?}: {e}"))
+        let alpha = (&alpha as *const f32).cast::<c_void>();
+        let beta = (&beta as *const f32).cast::<c_void>();
+        let compute = blas::cublasComputeType_t::CUBLAS_COMPUTE_32F;
+        let algo = blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        // SAFETY: pointers come from live cubecl buffers of the sizes the shapes and batch
+        // strides describe (the resources are held until after this call), leading dimensions
+        // were checked against the shapes, alpha/beta are host f32 as CUBLAS_COMPUTE_32F expects.
+        let done = unsafe {
+            if g.batch == 1 {
+                cudarc::cublas::result::gemm_ex(
+                    handle,
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    g.n,
+                    g.m,
+                    g.k,
+                    alpha,
+                    b as *const c_void,
+                    g.ab_type,
+                    g.ldb,
+                    a as *const c_void,
+                    g.ab_type,
+                    g.lda,
+                    beta,
+                    c as *mut c_void,
+                    g.c_type,
+                    g.ldc,
+                    compute,
+                    algo,
+                )
+            } else {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    handle,
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    g.n,
+                    g.m,
+                    g.k,
+                    alpha,
+                    b as *const c_void,
+                    g.ab_type,
+                    g.ldb,
+                    g.stride_b,
+                    a as *const c_void,
+                    g.ab_type,
+                    g.lda,
+                    g.stride_a,
+                    beta,
+                    c as *mut c_void,
+                    g.c_type,
+                    g.ldc,
+                    g.stride_c,
+                    g.batch,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        done.map_err(|e| format!("cublasGemm(StridedBatched)Ex {g:?}: {e}"))
     }
 }
 
@@ -582,6 +725,24 @@ mod tests {
         assert_eq!(layout_of([3, 4], [0, 1]), None);
         assert_eq!(layout_of([3, 4], [8, 2]), None);
         assert_eq!(layout_of([3, 4], [1, 2]), None);
+    }
+
+    #[test]
+    fn batch_strides_cublas_can_step() {
+        // contiguous [B, H, 5, 7]; a 2-D tensor has no leading dims
+        assert_eq!(batch_stride_of(&[2, 3], &[105, 35]), Some(35));
+        assert_eq!(batch_stride_of(&[], &[]), Some(0));
+        // heads 2..4 of one row of [4, 6, 5, 7]: the row stride no longer matters
+        assert_eq!(batch_stride_of(&[1, 2], &[210, 35]), Some(35));
+        // one matrix, whatever its strides
+        assert_eq!(batch_stride_of(&[1, 1], &[0, 9]), Some(0));
+        // rows with gaps between them, still one stride per matrix: [2, 3] of a [2, 4, ..] buffer
+        assert_eq!(batch_stride_of(&[2, 3], &[140, 35]), None);
+        // [B, T, H, hd].swap_dims(1, 2): heads hd apart, rows T*H*hd apart
+        assert_eq!(batch_stride_of(&[2, 3], &[5 * 3 * 7, 7]), None);
+        // broadcast over a dim: copy first
+        assert_eq!(batch_stride_of(&[2, 3], &[35, 0]), None);
+        assert_eq!(batch_stride_of(&[2, 3], &[0, 0]), None);
     }
 
     /// The scan on real `{:#?}` output of structs shaped like cubecl 0.10's.
