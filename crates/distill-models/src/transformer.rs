@@ -75,7 +75,10 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Kernels> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        <B as Kernels>::rms_norm(x, self.weight.val(), self.eps)
+        // The weight in the activations' dtype: an f32 master weight times bf16 activations
+        // is a mixed-dtype kernel, which burn-cuda does not convert (NaN on the H100).
+        let weight = cast_to(self.weight.val(), x.dtype());
+        <B as Kernels>::rms_norm(x, weight, self.eps)
     }
 
     fn init(size: usize, eps: f64, device: &B::Device) -> Self {
