@@ -255,14 +255,19 @@ fn step_range(first: u64, last: u64) -> Range<f64> {
     }
 }
 
-/// One colour per model or run, in matplotlib's tab10 order (distill-eval's plots use it too).
-pub const PALETTE: [RGBColor; 6] = [
+/// One colour per model or run: matplotlib's tab10, all ten, so that an experiment's ten
+/// models (teacher, base, eight arms) never share a colour (distill-eval's plots use it too).
+pub const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Draws several runs' curves on shared axes, one colour per run: the cross-entropy on the
@@ -600,7 +605,19 @@ mod tests {
     fn runs_share_one_plot_in_their_own_colours() {
         let dir = tempfile::tempdir().unwrap();
         let mut runs = Vec::new();
-        for (name, with_kl) in [("sft", false), ("kd", true)] {
+        // Eight runs, as an experiment's arms: each keeps a colour of its own.
+        let arms = [
+            "sft",
+            "kd",
+            "kd-t2",
+            "kd-rev",
+            "kd-jsd",
+            "kd-renorm",
+            "sft-lr",
+            "kd-lr",
+        ];
+        for (i, name) in arms.iter().enumerate() {
+            let with_kl = i % 2 == 1;
             let path = dir.path().join(name).join(METRICS_FILE);
             let mut log = MetricsLog::open(&path).unwrap();
             for step in (0..=100).step_by(5) {
@@ -618,7 +635,8 @@ mod tests {
         let mut reader = decoder.read_info().unwrap();
         let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
         reader.next_frame(&mut pixels).unwrap();
-        for color in [[31, 119, 180], [255, 127, 14]] {
+        for RGBColor(r, g, b) in &PALETTE[..arms.len()] {
+            let color = [*r, *g, *b];
             assert!(pixels.chunks_exact(3).any(|px| px == color), "{color:?} missing");
         }
         let empty = dir.path().join("empty").join(METRICS_FILE);
