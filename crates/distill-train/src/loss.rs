@@ -977,7 +977,8 @@ mod tests {
         let device = Default::default();
         let hidden = Tensor::<Flex, 2>::random([6, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
         let weight = Tensor::<Flex, 2>::random([4, 9], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-        let labels = Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4, 5, 6], [6]), &device);
+        let labels =
+            Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4, 5, 6], [6]), &device);
         let cfg = config(KlKind::Forward, 0.5, 1.0, MissingMass::OtherBucket);
         let run = |chunk: usize| {
             chunked_loss::<AD>(
@@ -995,7 +996,10 @@ mod tests {
         let gw = chunked.grad_weight.expect("asked for");
         assert_eq!(gw.dtype(), DType::F32);
         assert_eq!(chunked.grad_hidden.dtype(), DType::F16);
-        let diff: f32 = (gw - whole.grad_weight.expect("asked for")).abs().max().into_scalar();
+        let diff: f32 = (gw - whole.grad_weight.expect("asked for"))
+            .abs()
+            .max()
+            .into_scalar();
         assert!(diff < 1e-2, "chunked weight gradient differs by {diff}");
     }
 }

@@ -126,6 +126,24 @@ static LAST_STREAM: AtomicUsize = AtomicUsize::new(0);
 const SYNCED: usize = 1;
 static SYNC_REASON: OnceLock<String> = OnceLock::new();
 
+/// CUDA device 0, or None (after printing SKIPPED) when the driver or a device is missing:
+/// the GPU tests call this first, so that `cargo test --features cuda` passes on a machine
+/// without a GPU.
+pub fn first_cuda_device() -> Option<burn::backend::cuda::CudaDevice> {
+    // SAFETY: only tries to dlopen libcuda.
+    let present = unsafe { cu::is_culib_present() };
+    let count = present
+        .then(|| cudarc::driver::result::init().ok())
+        .flatten()
+        .and_then(|_| cudarc::driver::result::device::get_count().ok())
+        .unwrap_or(0);
+    if count < 1 {
+        eprintln!("SKIPPED: no CUDA device");
+        return None;
+    }
+    Some(burn::backend::cuda::CudaDevice::new(0))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -7,18 +7,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 
 /// Device 0, or None (after printing SKIPPED) when there is no CUDA device.
 pub fn gpu() -> Option<CudaDevice> {
-    // SAFETY: only tries to dlopen libcuda.
-    let present = unsafe { cudarc::driver::sys::is_culib_present() };
-    let count = present
-        .then(|| cudarc::driver::result::init().ok())
-        .flatten()
-        .and_then(|_| cudarc::driver::result::device::get_count().ok())
-        .unwrap_or(0);
-    if count < 1 {
-        eprintln!("SKIPPED: no CUDA device");
-        return None;
-    }
-    Some(CudaDevice::new(0))
+    distill_models::ops::cublas::first_cuda_device()
 }
 
 pub fn randn<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
