@@ -390,19 +390,19 @@ where
 }
 
 /// The same as [`autodiff_head_chunk`] with the closed-form gradient of [`analytic_chunk`]:
-/// logits = h @ W, dL/dh = G @ Wᵀ, dL/dW = hᵀ @ G, each one [`Kernels::gemm`].
+/// logits = h @ W, dL/dh = G @ Wᵀ, dL/dW = hᵀ @ G, each one [`Kernels::gemm`]. h: [len, C]
+/// and w: [C, V] in one dtype ([`chunked_loss`] casts the weight once per step).
 ///
 /// [`Kernels::gemm`]: distill_models::Kernels::gemm
 fn analytic_head_chunk<B: distill_models::Kernels>(
     h: Tensor<B, 2>,
-    weight: Tensor<B, 2>,
+    w: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
     teacher: &TeacherTargets<B>,
     cfg: &LossConfig,
     want_weight_grad: bool,
     scale: f64,
 ) -> ChunkOutput<B> {
-    let w = weight; // [C, V], in h's dtype
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, grad_logits) = analytic_chunk(logits, labels, teacher, cfg, scale);
     let g = grad_logits.cast(h.dtype()); // [len, V]
