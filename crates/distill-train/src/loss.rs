@@ -32,7 +32,8 @@ pub enum TeacherTargets<B: Backend> {
     None,
     /// Full-vocabulary logits [N, V] from a local teacher (no gradient).
     Dense(Tensor<B, 2>),
-    /// Top-k ids [N, k] and log-probs [N, k] at temperature 1. An entry with log-prob -inf
+    /// Top-k ids [N, k] and log-probs [N, k] at temperature 1 (any float dtype; the loss
+    /// works in f32, and `soft` builds them in f32). An entry with log-prob -inf
     /// is absent (fewer than k alternatives stored); its id must still be a valid index.
     /// `present` [N] is 1 where the teacher has a distribution and 0 where it has none (KD
     /// skips those positions: they train on CE alone); None means present everywhere.
@@ -130,7 +131,9 @@ pub fn token_loss<B: Backend>(
                 TeacherTargets::Sparse {
                     present: Some(present),
                     ..
-                } => per_token * present.clone(),
+                // Cast: `present` may be the backend's default dtype (bf16 on CUDA), and a
+                // mixed-dtype product on burn-cuda reads one buffer as the other's type.
+                } => per_token * present.clone().cast(DType::F32),
                 _ => per_token,
             };
             per_token.sum().mul_scalar(t * t)

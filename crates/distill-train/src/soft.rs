@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_data::soft::{SoftLabels, SoftRecord, soft_dir};
 use distill_models::tokenizer::TextTokenizer;
 
@@ -153,10 +153,13 @@ impl SoftTargets {
             }
         }
         let n = present.len();
+        // f32 whatever the backend's default float (bf16 on CUDA): the teacher's rest mass is
+        // 1 - the sum of k probabilities, which bf16 log-probs would shift by up to ~1%.
+        let f32_on = (device, DType::F32);
         Ok(TeacherTargets::Sparse {
             ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [n, k]), device),
-            logprobs: Tensor::from_data(TensorData::new(logprobs, [n, k]), device),
-            present: Some(Tensor::from_data(TensorData::new(present, [n]), device)),
+            logprobs: Tensor::from_data(TensorData::new(logprobs, [n, k]), f32_on),
+            present: Some(Tensor::from_data(TensorData::new(present, [n]), f32_on)),
         })
     }
 }
