@@ -109,7 +109,18 @@ pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: 
 
 /// [`Kernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
 pub fn gemm<B: Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    same_dtype("gemm", a.dtype(), b.dtype());
     tensor(B::gemm(prim(a), prim(b)))
+}
+
+/// Panics on operands of two float dtypes. burn-cuda 0.21 runs a mixed-dtype op without
+/// converting (it reads one buffer as the other's type), so the result would be silently
+/// wrong on the GPU while the CPU backend gets it right; a panic names the caller's mistake.
+pub fn same_dtype(op: &str, a: DType, b: DType) {
+    assert_eq!(
+        a, b,
+        "{op}: operands of two dtypes ({a:?} and {b:?}); cast one first"
+    );
 }
 
 /// [`Kernels::bmm`] as burn ops: matmul, then a cast if `out` is not the result's dtype.
@@ -124,6 +135,7 @@ pub fn bmm_default<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, out: FloatD
 
 /// [`Kernels::bmm`] on tensors: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N] in `out`.
 pub fn bmm<B: Kernels>(a: Tensor<B, 4>, b: Tensor<B, 4>, out: FloatDType) -> Tensor<B, 4> {
+    same_dtype("bmm", a.dtype(), b.dtype());
     tensor(B::bmm(prim(a), prim(b), out))
 }
 
@@ -552,6 +564,17 @@ mod tests {
     }
 
     /// On backends without a fast GEMM `linear` stays burn's (CPU numerics unchanged).
+    /// A mixed-dtype GEMM is refused, not computed: on burn-cuda it would read one operand's
+    /// buffer as the other's type.
+    #[test]
+    #[should_panic(expected = "gemm: operands of two dtypes")]
+    fn gemm_refuses_operands_of_two_dtypes() {
+        let device = Default::default();
+        let a = Tensor::<Flex, 2>::ones([2, 3], &device);
+        let b = Tensor::<Flex, 2>::ones([3, 2], &device).cast(DType::BF16);
+        let _ = gemm(a, b);
+    }
+
     #[test]
     fn cpu_linear_is_burns() {
         const { assert!(!<Flex as Kernels>::FAST_GEMM && !<B as Kernels>::FAST_GEMM) };
