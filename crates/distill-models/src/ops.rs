@@ -28,6 +28,9 @@ pub mod elementwise;
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cublas;
+/// Attention's softmax and its backward as fused CUDA kernels (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_softmax;
 
 pub trait Kernels: Backend {
     /// True where [`Kernels::gemm`] beats burn's matmul (cuBLAS on CUDA). Then `linear` is one
@@ -75,6 +78,36 @@ pub trait Kernels: Backend {
         mask: Option<Tensor<Self, 4, Bool>>,
     ) -> Tensor<Self, 4> {
         burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+    }
+
+    /// Attention's softmax over the keys of one block ([`attention`]): P = softmax(scale *
+    /// scores, masked) in `p_dtype` and each query's log-sum-exp in f32. scores: [r, h, T, S]
+    /// f32, unscaled (the Q Kᵀ GEMM's output); mask: [r, h, T, S], true = masked out.
+    /// Returns (P [r, h, T, S], lse [r, h, T, 1]).
+    fn attention_probs(
+        scores: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        attention::probs_default(scores, mask, scale, p_dtype)
+    }
+
+    /// The backward of [`Kernels::attention_probs`] given dP = dO Vᵀ [r, h, T, S] f32 and
+    /// delta = rowsum(dO ∘ O) [r, h, T, 1] f32: dS = P ∘ (dP - delta) · scale in `ds_dtype`,
+    /// and P, recomputed from the scores and lse, in `p_dtype`. Returns (dS, P).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_probs_grad(
+        scores: Tensor<Self, 4>,
+        dp: Tensor<Self, 4>,
+        lse: Tensor<Self, 4>,
+        delta: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        ds_dtype: FloatDType,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
 
     /// RMSNorm over the last dim, computed in f32 whatever the storage dtype (as HF does),
@@ -434,6 +467,59 @@ where
             Err((a, b)) => bmm_default::<Self>(a, b, out),
         }
     }
+
+    fn attention_probs(
+        scores: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if cuda_softmax::enabled() {
+            let m = mask.clone().map(|m| m.into_primitive());
+            match cuda_softmax::probs(&prim(scores.clone()), m.as_ref(), scale as f32, p_dtype.into()) {
+                Ok((p, lse)) => return (tensor(p), tensor(lse)),
+                Err(why) => fused_fallback(&why),
+            }
+        }
+        attention::probs_default(scores, mask, scale, p_dtype)
+    }
+
+    fn attention_probs_grad(
+        scores: Tensor<Self, 4>,
+        dp: Tensor<Self, 4>,
+        lse: Tensor<Self, 4>,
+        delta: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        ds_dtype: FloatDType,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if cuda_softmax::enabled() {
+            let m = mask.clone().map(|m| m.into_primitive());
+            let fused = cuda_softmax::probs_grad(
+                &prim(scores.clone()),
+                &prim(dp.clone()),
+                &prim(lse.clone()),
+                &prim(delta.clone()),
+                m.as_ref(),
+                scale as f32,
+                ds_dtype.into(),
+                p_dtype.into(),
+            );
+            match fused {
+                Ok((ds, p)) => return (tensor(ds), tensor(p)),
+                Err(why) => fused_fallback(&why),
+            }
+        }
+        attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
+    }
+}
+
+/// Notes once that the fused softmax kernels fell back to burn's ops, and why.
+#[cfg(feature = "cuda")]
+fn fused_fallback(why: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("note: attention softmax on burn's ops ({why}); later fallbacks are silent"));
 }
 
 #[cfg(test)]

@@ -73,14 +73,54 @@ fn part_mask<B: Backend>(m: &Tensor<B, 4, Bool>, b: &Block) -> Tensor<B, 4, Bool
     m.clone().slice([b.rows.clone(), b.heads.clone(), 0..t, 0..s])
 }
 
-/// Scaled, masked scores of one block in f32: (q @ kᵀ) / sqrt(hd). [r, h, T, S].
-fn scores<B: Kernels>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4> {
-    let hd = q.dims()[3];
-    let s = bmm(q, k.swap_dims(2, 3), FloatDType::F32).mul_scalar(1.0 / (hd as f64).sqrt());
+/// Raw scores of one block in f32: q @ kᵀ, [r, h, T, S]. Scale and mask are applied by
+/// [`Kernels::attention_probs`] and [`Kernels::attention_probs_grad`].
+fn scores<B: Kernels>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
+    bmm(q, k.swap_dims(2, 3), FloatDType::F32)
+}
+
+/// scale * scores with masked entries at [`MASKED`].
+fn scaled_masked<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let s = scores.mul_scalar(scale);
     match mask {
         Some(m) => s.mask_fill(m, MASKED),
         None => s,
     }
+}
+
+/// [`Kernels::attention_probs`] as burn ops.
+pub fn probs_default<B: Backend>(
+    scores: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    p_dtype: FloatDType,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let sc = scaled_masked(scores, mask, scale); // [r, h, T, S]
+    let max = sc.clone().max_dim(3); // [r, h, T, 1]
+    let e = (sc - max.clone()).exp();
+    let sum = e.clone().sum_dim(3);
+    ((e / sum.clone()).cast(p_dtype), max + sum.log())
+}
+
+/// [`Kernels::attention_probs_grad`] as burn ops.
+#[allow(clippy::too_many_arguments)]
+pub fn probs_grad_default<B: Backend>(
+    scores: Tensor<B, 4>,
+    dp: Tensor<B, 4>,
+    lse: Tensor<B, 4>,
+    delta: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    ds_dtype: FloatDType,
+    p_dtype: FloatDType,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let p = (scaled_masked(scores, mask, scale) - lse).exp(); // [r, h, T, S] f32
+    let ds = (p.clone() * (dp - delta)).mul_scalar(scale).cast(ds_dtype);
+    (ds, p.cast(p_dtype))
 }
 
 /// Joins per-block results [r, h, .., ..] back into [B, H, .., ..]: heads within a row
@@ -117,18 +157,12 @@ pub fn forward<B: Kernels>(
     let v_dtype = FloatDType::from(v.dtype());
     let mut outs = Vec::new();
     let mut lses = Vec::new();
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
     for block in blocks(b, h, t, s, budget) {
-        let sc = scores(
-            part(q, &block),
-            part(k, &block),
-            mask.map(|m| part_mask(m, &block)),
-        ); // [r, h, T, S]
-        let max = sc.clone().max_dim(3); // [r, h, T, 1]
-        let e = (sc - max.clone()).exp();
-        let sum = e.clone().sum_dim(3);
-        let p = (e / sum.clone()).cast(v_dtype);
+        let sc = scores(part(q, &block), part(k, &block)); // [r, h, T, S] f32
+        let (p, lse) = B::attention_probs(sc, mask.map(|m| part_mask(m, &block)), scale, v_dtype);
         outs.push((block.clone(), bmm(p, part(v, &block), v_dtype))); // [r, h, T, hd]
-        lses.push((block, max + sum.log()));
+        lses.push((block, lse)); // [r, h, T, 1]
     }
     (assemble(outs), assemble(lses))
 }
@@ -156,12 +190,20 @@ pub fn backward<B: Kernels>(
     for block in blocks(b, h, t, s, budget) {
         let (qb, kb, vb) = (part(q, &block), part(k, &block), part(v, &block));
         let dob = part(d_out, &block); // [r, h, T, hd]
-        let p =
-            (scores(qb.clone(), kb.clone(), mask.map(|m| part_mask(m, &block))) - part(lse, &block)).exp(); // [r, h, T, S] f32
-        let dv = bmm(p.clone().cast(v_dtype).swap_dims(2, 3), dob.clone(), v_dtype); // [r, h, S, hd]
+        let sc = scores(qb.clone(), kb.clone()); // [r, h, T, S] f32
         let dp = bmm(dob.clone(), vb.swap_dims(2, 3), FloatDType::F32); // [r, h, T, S]
-        let delta = (dob.cast(DType::F32) * part(out, &block).cast(DType::F32)).sum_dim(3); // [r, h, T, 1]
-        let ds = (p * (dp - delta)).mul_scalar(inv_sqrt).cast(q_dtype); // [r, h, T, S]
+        let delta = (dob.clone().cast(DType::F32) * part(out, &block).cast(DType::F32)).sum_dim(3); // [r, h, T, 1]
+        let (ds, p) = B::attention_probs_grad(
+            sc,
+            dp,
+            part(lse, &block),
+            delta,
+            mask.map(|m| part_mask(m, &block)),
+            inv_sqrt,
+            q_dtype,
+            v_dtype,
+        ); // [r, h, T, S] each
+        let dv = bmm(p.swap_dims(2, 3), dob, v_dtype); // [r, h, S, hd]
         dqs.push((block.clone(), bmm(ds.clone(), kb, q_dtype))); // [r, h, T, hd]
         dks.push((block.clone(), bmm(ds.swap_dims(2, 3), qb, q_dtype))); // [r, h, S, hd]
         dvs.push((block, dv));

@@ -385,30 +385,55 @@ struct GemmArgs {
 }
 
 fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<(), String> {
-    let device = c.device.clone();
-    let index = device.index;
+    let index = c.device.index;
     let bindings = [
         a.tensor.handle.clone().binding(),
         b.tensor.handle.clone().binding(),
         c.handle.clone().binding(),
     ];
+    run_on_stream(&c.device, bindings, args.mode, move |stream, ptrs| {
+        static HANDLES: OnceLock<Mutex<HashMap<(usize, usize), Handle>>> = OnceLock::new();
+        let mut handles = lock(HANDLES.get_or_init(Default::default));
+        let handle = match handles.entry((index, stream as usize)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(Handle::new(stream)?),
+        };
+        handle.gemm(ptrs, &args)
+    })
+}
+
+/// Runs `work` on cubecl's device thread for `device`, between the calling thread's earlier and
+/// later kernel launches, with the device pointers of `bindings` (offsets included) and the
+/// stream to issue on: cubecl's own stream for the calling thread (`Ordering::Stream`), or,
+/// after a sync of that stream, a stream of ours that is synced again afterwards
+/// (`Ordering::Sync`, or when cubecl's stream cannot be found). `work` may run after this
+/// returns (once this thread's work has run on cubecl's stream, later work is queued without
+/// waiting, like a kernel launch); an error there aborts the process, since the caller has
+/// moved on with outputs that were never written.
+pub(crate) fn run_on_stream<const N: usize, W>(
+    device: &burn::backend::cuda::CudaDevice,
+    bindings: [Binding; N],
+    mode: Ordering,
+    work: W,
+) -> Result<(), String>
+where
+    W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String> + Send + 'static,
+{
+    let index = device.index;
     let runner = DeviceHandle::<Server>::new(device.to_id());
-    // Once GEMMs from this thread have run on cubecl's stream, later ones are queued without
-    // waiting, like kernel launches: the caller does not block on the device thread.
     static READY: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
     let key = (index, StreamId::current().value);
-    if args.mode == Ordering::Stream && lock(&READY).contains(&key) {
+    if mode == Ordering::Stream && lock(&READY).contains(&key) {
         runner.submit(move |server: &mut Server| {
-            if let Err(e) = on_device(server, index, bindings, args) {
-                // Its output would be garbage, and the caller has moved on: stop here.
-                eprintln!("error: a cuBLAS GEMM failed after earlier ones had worked: {e}");
+            if let Err(e) = on_device(server, index, bindings, mode, work) {
+                eprintln!("error: GPU work queued on cubecl's stream failed after earlier work had run: {e}");
                 std::process::abort();
             }
         });
         return Ok(());
     }
     let on_stream = runner
-        .submit_blocking(move |server: &mut Server| on_device(server, index, bindings, args))
+        .submit_blocking(move |server: &mut Server| on_device(server, index, bindings, mode, work))
         .map_err(|e| format!("cubecl's device thread did not answer: {e:?}"))??;
     if on_stream {
         lock(&READY).push(key);
@@ -416,122 +441,106 @@ fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<()
     Ok(())
 }
 
-/// Runs on cubecl's device thread, between the caller's earlier and later kernel launches.
-/// Ok(true): queued on cubecl's stream; Ok(false): done, host-synced.
-fn on_device(
+/// [`run_on_stream`]'s part on the device thread. Ok(true): queued on cubecl's stream;
+/// Ok(false): done, host-synced.
+fn on_device<const N: usize, W>(
     server: &mut Server,
     device: usize,
-    [a, b, c]: [Binding; 3],
-    g: GemmArgs,
-) -> Result<bool, String> {
+    bindings: [Binding; N],
+    mode: Ordering,
+    work: W,
+) -> Result<bool, String>
+where
+    W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String>,
+{
     // The runner thread executes tasks under the submitting thread's stream id.
     let stream_id = StreamId::current();
     // Each call also makes this stream wait for the buffer's writes on other streams, and
     // makes the CUDA context current on this thread.
-    let ra = server
-        .get_resource(a, stream_id)
-        .map_err(|e| format!("A's buffer: {e:?}"))?;
-    let rb = server
-        .get_resource(b, stream_id)
-        .map_err(|e| format!("B's buffer: {e:?}"))?;
-    let rc = server
-        .get_resource(c, stream_id)
-        .map_err(|e| format!("C's buffer: {e:?}"))?;
-    let ptrs = [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr];
+    let mut resources = Vec::with_capacity(N);
+    for (i, binding) in bindings.into_iter().enumerate() {
+        let r = server
+            .get_resource(binding, stream_id)
+            .map_err(|e| format!("buffer {i}: {e:?}"))?;
+        resources.push(r);
+    }
+    let mut ptrs = [0u64; N];
+    for (p, r) in ptrs.iter_mut().zip(&resources) {
+        *p = r.resource().ptr;
+    }
 
-    static DEVICES: OnceLock<Mutex<HashMap<usize, DeviceBlas>>> = OnceLock::new();
-    let mut devices = lock(DEVICES.get_or_init(Default::default));
-    let blas = match devices.entry(device) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(v) => v.insert(DeviceBlas::default()),
-    };
-    let stream = match g.mode {
-        Ordering::Stream => blas.cubecl_stream(server, stream_id),
+    /// cubecl's stream per (device, stream id), as an address, or why it was not found.
+    type Found = HashMap<(usize, u64), Result<usize, String>>;
+    static STREAMS: OnceLock<Mutex<Found>> = OnceLock::new();
+    let stream = match mode {
+        Ordering::Stream => lock(STREAMS.get_or_init(Default::default))
+            .entry((device, stream_id.value))
+            .or_insert_with(|| find_cubecl_stream(server, stream_id))
+            .clone(),
         _ => Err("DISTILL_CUBLAS=sync".to_string()),
     };
     let on_stream = match stream {
         Ok(stream) => {
-            blas.gemm(stream, ptrs, &g)?;
-            LAST_STREAM.store(stream as usize, Atomic::Relaxed);
+            work(stream as cu::CUstream, ptrs)?;
+            LAST_STREAM.store(stream, Atomic::Relaxed);
             true
         }
         Err(why) => {
             if SYNC_REASON.set(why.clone()).is_ok() {
-                eprintln!("note: cuBLAS GEMMs are ordered by host syncs ({why})");
+                eprintln!("note: cuBLAS GEMMs and fused kernels are ordered by host syncs ({why})");
             }
             block_on(server.sync(stream_id)).map_err(|e| format!("syncing cubecl's stream: {e:?}"))?;
-            let own = blas.own_stream()?;
-            blas.gemm(own, ptrs, &g)?;
+            let own = own_stream(device)?;
+            work(own, ptrs)?;
             // SAFETY: `own` is a live stream of the current context.
             unsafe { cu::cuStreamSynchronize(own) }
                 .result()
-                .map_err(|e| format!("waiting for the GEMM: {e}"))?;
+                .map_err(|e| format!("waiting for the work: {e}"))?;
             LAST_STREAM.store(SYNCED, Atomic::Relaxed);
             false
         }
     };
-    // ra/rb/rc drop here: their memory may be reused by later work on this stream, which the
-    // GEMM precedes (Stream) or has finished before (Sync).
-    drop((ra, rb, rc));
+    // The resources drop here: their memory may be reused by later work on this stream, which
+    // the work precedes (Stream) or has finished before (Sync).
+    drop(resources);
     Ok(on_stream)
 }
 
-/// cuBLAS state of one device, used only on that device's cubecl thread. One handle per CUDA
-/// stream: a handle's default workspace must not be used by two streams at once, so a handle is
-/// bound to one stream for good (with one caller thread, as in training, that is one handle per
-/// device).
-#[derive(Default)]
-struct DeviceBlas {
-    /// stream address -> handle set to that stream
-    handles: HashMap<usize, Handle>,
-    /// Our own stream's address, for `Ordering::Sync`; created on first need (0: not yet).
-    own: usize,
-    /// cubecl's stream per stream id (as an address), or why it was not found.
-    streams: HashMap<u64, Result<usize, String>>,
+/// A non-blocking stream of ours on `device`, for `Ordering::Sync`; created on first need.
+fn own_stream(device: usize) -> Result<cu::CUstream, String> {
+    static OWN: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
+    let mut own = lock(OWN.get_or_init(Default::default));
+    if let Some(&s) = own.get(&device) {
+        return Ok(s as cu::CUstream);
+    }
+    use cudarc::driver::result::stream::{StreamKind, create};
+    let stream = create(StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e}"))?;
+    own.insert(device, stream as usize);
+    Ok(stream)
 }
 
+/// A cuBLAS handle bound for good to one CUDA stream: a handle's default workspace must not
+/// serve two streams at once. Used only on the device's runner thread.
 struct Handle(blas::cublasHandle_t);
 
-// SAFETY: the raw handles are only used on the device's runner thread, under the DEVICES lock.
+// SAFETY: the raw handles are only used on the device's runner thread, under a lock.
 unsafe impl Send for Handle {}
 
-impl DeviceBlas {
-    fn handle(&mut self, stream: cu::CUstream) -> Result<blas::cublasHandle_t, String> {
-        if let Some(h) = self.handles.get(&(stream as usize)) {
-            return Ok(h.0);
-        }
+impl Handle {
+    fn new(stream: cu::CUstream) -> Result<Self, String> {
         let handle = cudarc::cublas::result::create_handle().map_err(|e| format!("cublasCreate: {e}"))?;
         // SAFETY: a fresh handle and a live stream of the current context.
         unsafe { cudarc::cublas::result::set_stream(handle, stream as blas::cudaStream_t) }
             .map_err(|e| format!("cublasSetStream: {e}"))?;
-        self.handles.insert(stream as usize, Handle(handle));
-        Ok(handle)
-    }
-
-    fn own_stream(&mut self) -> Result<cu::CUstream, String> {
-        if self.own == 0 {
-            use cudarc::driver::result::stream::{StreamKind, create};
-            let stream = create(StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e}"))?;
-            self.own = stream as usize;
-        }
-        Ok(self.own as cu::CUstream)
-    }
-
-    fn cubecl_stream(&mut self, server: &Server, id: StreamId) -> Result<cu::CUstream, String> {
-        let found = self
-            .streams
-            .entry(id.value)
-            .or_insert_with(|| find_cubecl_stream(server, id))
-            .clone();
-        found.map(|addr| addr as cu::CUstream)
+        Ok(Handle(handle))
     }
 
     /// Row-major C [m, n] = op(A) [m, k] @ op(B) [k, n], computed column-major as
     /// Cᵀ [n, m] = op(B)ᵀ @ op(A)ᵀ: the row-major memory of each operand is its column-major
     /// transpose, so cuBLAS gets B first, A second, and each one's own transpose flag.
     /// With `batch` > 1, the same for matrix i of each operand at i x its batch stride.
-    fn gemm(&mut self, stream: cu::CUstream, [a, b, c]: [u64; 3], g: &GemmArgs) -> Result<(), String> {
-        let handle = self.handle(stream)?;
+    fn gemm(&mut self, [a, b, c]: [u64; 3], g: &GemmArgs) -> Result<(), String> {
+        let handle = self.0;
         let op = |t: bool| {
             if t {
                 blas::cublasOperation_t::CUBLAS_OP_T

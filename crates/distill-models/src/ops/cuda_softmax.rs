@@ -1,0 +1,401 @@
+//! Attention's softmax and its backward as two fused CUDA kernels, compiled at run time with
+//! NVRTC (which cubecl already loads) and issued on cubecl's stream like the cuBLAS GEMMs
+//! ([`cublas::run_on_stream`]).
+//!
+//! Why: between the Q Kᵀ and P V GEMMs the blockwise attention ([`super::attention`]) ran the
+//! softmax as burn ops, each one a kernel and a full pass over the f32 [r, h, T, S] scores:
+//! scale, mask, max, subtract, exp, sum, divide, cast (and about as many in the backward). Each
+//! pass moves 2-3x the bytes of the scores; the H100 profile of a 0.5B full fine-tuning step
+//! put this elementwise work at about half of the GPU time. Here the forward reads the scores
+//! and the mask once (twice from L2) and writes P and the log-sum-exp; the backward reads the
+//! scores, dP and the mask once and writes dS and P.
+//!
+//! Numerics are the burn-op path's ([`super::attention::probs_default`]): masked scores are
+//! -1e30, P = exp(s - lse) with lse = max + ln(sum exp(s - max)), all in f32, rounded once
+//! to the output dtype (bf16 round-to-nearest-even, or f32).
+//!
+//! Inputs the kernels do not take (another dtype, a mask stored as u32, a rank other than 4)
+//! get `Err` and the caller falls back to the burn ops; `DISTILL_SOFTMAX=burn` does so always.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::{BoolStore, DType};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::sys as cu;
+
+use super::cublas::{self, Ordering};
+
+type CudaTensor = CubeTensor<CudaRuntime>;
+
+const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+typedef long long i64;
+
+__device__ __forceinline__ bf16_t to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ void store(void* out, int bf16, i64 i, float v) {
+    if (bf16) ((bf16_t*)out)[i] = to_bf16(v); else ((float*)out)[i] = v;
+}
+
+/* Offset of (row, key 0) in a [r, h, T, S] mask with strides m0..m2 (elements). */
+__device__ __forceinline__ i64 mask_row(i64 row, int h, int t, i64 m0, i64 m1, i64 m2) {
+    i64 b = row / ((i64)h * t), hh = (row / t) % h, q = row % t;
+    return b * m0 + hh * m1 + q * m2;
+}
+
+/* (m, l) <- the running max and the sum of exp(x - m) over both halves. */
+__device__ __forceinline__ void combine(float& m, float& l, float m2, float l2) {
+    float mx = fmaxf(m, m2);
+    if (mx == __int_as_float(0xff800000)) { m = mx; l = 0.f; return; }
+    l = l * expf(m - mx) + l2 * expf(m2 - mx);
+    m = mx;
+}
+
+/* One block per query row of the [r, h, T, S] scores. */
+extern "C" __global__ void attention_probs(
+    const float* scores, const unsigned char* mask, i64 m0, i64 m1, i64 m2, i64 m3,
+    int h, int t, int s, float scale, void* p, int p_bf16, float* lse)
+{
+    const i64 row = blockIdx.x;
+    const float* x = scores + row * (i64)s;
+    const unsigned char* mrow = mask ? mask + mask_row(row, h, t, m0, m1, m2) : 0;
+    float m = __int_as_float(0xff800000), l = 0.f;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        float v = (mrow && mrow[j * m3]) ? -1e30f : x[j] * scale;
+        if (v > m) { l = l * expf(m - v) + 1.f; m = v; } else { l += expf(v - m); }
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        float m2v = __shfl_xor_sync(0xffffffffu, m, off);
+        float l2v = __shfl_xor_sync(0xffffffffu, l, off);
+        combine(m, l, m2v, l2v);
+    }
+    __shared__ float sm[32], sl[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) { sm[warp] = m; sl[warp] = l; }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < warps ? sm[lane] : __int_as_float(0xff800000);
+        l = lane < warps ? sl[lane] : 0.f;
+        for (int off = 16; off > 0; off >>= 1) {
+            float m2v = __shfl_xor_sync(0xffffffffu, m, off);
+            float l2v = __shfl_xor_sync(0xffffffffu, l, off);
+            combine(m, l, m2v, l2v);
+        }
+        if (lane == 0) { sm[0] = m; sl[0] = l; }
+    }
+    __syncthreads();
+    const float total = sm[0] + logf(sl[0]);
+    if (threadIdx.x == 0) lse[row] = total;
+    for (int j = threadIdx.x; j < s; j += blockDim.x) {
+        float v = (mrow && mrow[j * m3]) ? -1e30f : x[j] * scale;
+        store(p, p_bf16, row * (i64)s + j, expf(v - total));
+    }
+}
+
+/* Elementwise over [r, h, T, S]: P = exp(scale * s - lse), dS = P (dP - delta) scale. */
+extern "C" __global__ void attention_probs_grad(
+    const float* scores, const float* dp, const float* lse, const float* delta,
+    const unsigned char* mask, i64 m0, i64 m1, i64 m2, i64 m3,
+    int h, int t, int s, float scale, void* ds, int ds_bf16, void* p, int p_bf16, i64 n)
+{
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 row = i / s, j = i - row * s;
+        const bool masked = mask && mask[mask_row(row, h, t, m0, m1, m2) + j * m3];
+        const float v = masked ? -1e30f : scores[i] * scale;
+        const float pv = expf(v - lse[row]);
+        store(ds, ds_bf16, i, pv * (dp[i] - delta[row]) * scale);
+        store(p, p_bf16, i, pv);
+    }
+}
+"#;
+
+/// Whether the fused kernels are on: `DISTILL_SOFTMAX=burn` turns them off (for comparison).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("DISTILL_SOFTMAX").as_deref() {
+        Err(_) | Ok("") | Ok("fused") => true,
+        Ok("burn") => false,
+        Ok(other) => {
+            eprintln!("warning: DISTILL_SOFTMAX={other:?} is not one of fused, burn; using fused");
+            true
+        }
+    })
+}
+
+/// The two kernels of one device (a module is loaded per CUDA context).
+#[derive(Clone, Copy)]
+struct Functions {
+    probs: usize,
+    grad: usize,
+}
+
+/// Compiles [`SOURCE`] once per process and loads it once per device. Runs on the device
+/// thread, where the device's context is current.
+fn functions(device: usize) -> Result<Functions, String> {
+    static PTX: OnceLock<Result<CString, String>> = OnceLock::new();
+    static LOADED: OnceLock<Mutex<HashMap<usize, Result<Functions, String>>>> = OnceLock::new();
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    loaded
+        .entry(device)
+        .or_insert_with(|| {
+            let ptx = PTX
+                .get_or_init(|| {
+                    let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?;
+                    CString::new(ptx.to_src()).map_err(|e| format!("PTX text: {e}"))
+                })
+                .clone()?;
+            // SAFETY: a NUL-terminated PTX image; the context is current on this thread.
+            let module = unsafe { cudarc::driver::result::module::load_data(ptx.as_ptr().cast()) }
+                .map_err(|e| format!("cuModuleLoadData: {e}"))?;
+            let function = |name: &str| {
+                // SAFETY: `module` was just loaded and is never unloaded.
+                unsafe { cudarc::driver::result::module::get_function(module, CString::new(name).unwrap()) }
+                    .map(|f| f as usize)
+                    .map_err(|e| format!("cuModuleGetFunction({name}): {e}"))
+            };
+            Ok(Functions {
+                probs: function("attention_probs")?,
+                grad: function("attention_probs_grad")?,
+            })
+        })
+        .clone()
+}
+
+/// The mask as the kernels read it: u8 storage and its four strides, or None.
+fn mask_arg(mask: Option<&CudaTensor>, dims: &[usize]) -> Result<Option<(CudaTensor, [i64; 4])>, String> {
+    let Some(m) = mask else {
+        return Ok(None);
+    };
+    if m.dtype != DType::Bool(BoolStore::U8) || m.meta.shape().as_slice() != dims {
+        return Err(format!("mask {:?} {:?}", m.dtype, m.meta.shape()));
+    }
+    let st = m.meta.strides();
+    let strides = [st[0], st[1], st[2], st[3]].map(|x| x as i64);
+    Ok(Some((m.clone(), strides)))
+}
+
+fn out_flag(d: DType) -> Result<i32, String> {
+    match d {
+        DType::BF16 => Ok(1),
+        DType::F32 => Ok(0),
+        other => Err(format!("output dtype {other:?}")),
+    }
+}
+
+/// An f32 rank-4 tensor, made contiguous.
+fn f32_input(t: &CudaTensor, what: &str) -> Result<CudaTensor, String> {
+    if t.dtype != DType::F32 || t.meta.rank() != 4 {
+        return Err(format!("{what}: {:?} rank {}", t.dtype, t.meta.rank()));
+    }
+    Ok(into_contiguous(t.clone()))
+}
+
+fn ordering() -> Ordering {
+    match cublas::ordering() {
+        Ordering::Sync => Ordering::Sync,
+        _ => Ordering::Stream,
+    }
+}
+
+fn fits_i32(x: usize) -> Result<i32, String> {
+    i32::try_from(x).map_err(|_| format!("{x} does not fit a kernel's int"))
+}
+
+/// One kernel argument by value, as the kernel declares it.
+#[derive(Clone, Copy)]
+enum Arg {
+    /// A device pointer (or null).
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// Launches `function` with blocks of 256 threads on `stream`. Each argument sits in its own
+/// 8-byte slot, little-endian, so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel
+/// reads each argument's size from the kernel's signature and copies it before returning.
+fn launch(function: usize, grid: (u32, u32, u32), stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
+    let mut slots: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(p) => p,
+            Arg::I64(v) => v as u64,
+            Arg::I32(v) => u64::from(v as u32),
+            Arg::F32(v) => u64::from(v.to_bits()),
+        })
+        .collect();
+    let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+    // SAFETY: `args` follow the kernel's parameter list in order and type (the callers below);
+    // the pointers are live cubecl buffers of the sizes the shapes describe, held by
+    // `run_on_stream` until after the launch.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            function as cu::CUfunction,
+            grid,
+            (256, 1, 1),
+            0,
+            stream,
+            &mut params,
+        )
+    }
+    .map_err(|e| format!("launch: {e}"))
+}
+
+/// P = softmax(scale * scores, masked) in `p_dtype` and lse [r, h, T, 1] (f32).
+/// scores: [r, h, T, S] f32; mask: [r, h, T, S] bool, true = masked out.
+pub fn probs(
+    scores: &CudaTensor,
+    mask: Option<&CudaTensor>,
+    scale: f32,
+    p_dtype: DType,
+) -> Result<(CudaTensor, CudaTensor), String> {
+    let scores = f32_input(scores, "scores")?;
+    let dims = scores.meta.shape().as_slice().to_vec();
+    let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
+    let mask = mask_arg(mask, &dims)?;
+    let p_bf16 = out_flag(p_dtype)?;
+    let rows = r * h * t;
+    let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
+    let grid = u32::try_from(rows).map_err(|_| format!("{rows} rows"))?;
+    if rows == 0 || s == 0 {
+        return Err("empty".into());
+    }
+    let (client, device) = (scores.client.clone(), scores.device.clone());
+    let p = empty_device_contiguous_dtype(client.clone(), device.clone(), dims.clone().into(), p_dtype);
+    let lse = empty_device_contiguous_dtype(client, device.clone(), vec![r, h, t, 1].into(), DType::F32);
+    let (mask_t, [m0, m1, m2, m3]) = match &mask {
+        Some((m, st)) => (Some(m.clone()), *st),
+        None => (None, [0; 4]),
+    };
+    let with_mask = mask_t.is_some();
+    // Without a mask the kernel gets a null pointer; the binding is the scores' again.
+    let bindings = [
+        scores.handle.clone().binding(),
+        p.handle.clone().binding(),
+        lse.handle.clone().binding(),
+        mask_t.as_ref().unwrap_or(&scores).handle.clone().binding(),
+    ];
+    let index = device.index;
+    cublas::run_on_stream(&device, bindings, ordering(), move |stream, [x, pp, l, mk]| {
+        let mk = if with_mask { mk } else { 0 };
+        use Arg::*;
+        let args = [
+            Ptr(x),
+            Ptr(mk),
+            I64(m0),
+            I64(m1),
+            I64(m2),
+            I64(m3),
+            I32(hi),
+            I32(ti),
+            I32(si),
+            F32(scale),
+            Ptr(pp),
+            I32(p_bf16),
+            Ptr(l),
+        ];
+        launch(functions(index)?.probs, (grid, 1, 1), stream, &args)
+            .map_err(|e| format!("attention_probs: {e}"))
+    })?;
+    Ok((p, lse))
+}
+
+/// The backward of [`probs`]: dS = P ∘ (dP - delta) · scale in `ds_dtype` and P in `p_dtype`,
+/// P recomputed from the scores and lse. scores, dp: [r, h, T, S] f32; lse, delta:
+/// [r, h, T, 1] f32; mask as in [`probs`].
+#[allow(clippy::too_many_arguments)]
+pub fn probs_grad(
+    scores: &CudaTensor,
+    dp: &CudaTensor,
+    lse: &CudaTensor,
+    delta: &CudaTensor,
+    mask: Option<&CudaTensor>,
+    scale: f32,
+    ds_dtype: DType,
+    p_dtype: DType,
+) -> Result<(CudaTensor, CudaTensor), String> {
+    let scores = f32_input(scores, "scores")?;
+    let dp = f32_input(dp, "dP")?;
+    let lse = f32_input(lse, "lse")?;
+    let delta = f32_input(delta, "delta")?;
+    let dims = scores.meta.shape().as_slice().to_vec();
+    let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
+    let row_dims = vec![r, h, t, 1];
+    if dp.meta.shape().as_slice() != dims
+        || lse.meta.shape().as_slice() != row_dims
+        || delta.meta.shape().as_slice() != row_dims
+    {
+        return Err("shapes".into());
+    }
+    let mask = mask_arg(mask, &dims)?;
+    let (ds_bf16, p_bf16) = (out_flag(ds_dtype)?, out_flag(p_dtype)?);
+    let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
+    let n = (r * h * t * s) as i64;
+    if n == 0 {
+        return Err("empty".into());
+    }
+    let blocks = ((n + 255) / 256).min(1 << 20) as u32;
+    let (client, device) = (scores.client.clone(), scores.device.clone());
+    let ds = empty_device_contiguous_dtype(client.clone(), device.clone(), dims.clone().into(), ds_dtype);
+    let p = empty_device_contiguous_dtype(client, device.clone(), dims.into(), p_dtype);
+    let (mask_t, [m0, m1, m2, m3]) = match &mask {
+        Some((m, st)) => (Some(m.clone()), *st),
+        None => (None, [0; 4]),
+    };
+    let with_mask = mask_t.is_some();
+    let bindings = [
+        scores.handle.clone().binding(),
+        dp.handle.clone().binding(),
+        lse.handle.clone().binding(),
+        delta.handle.clone().binding(),
+        ds.handle.clone().binding(),
+        p.handle.clone().binding(),
+        mask_t.as_ref().unwrap_or(&scores).handle.clone().binding(),
+    ];
+    let index = device.index;
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        ordering(),
+        move |stream, [x, d, l, dl, o_ds, o_p, mk]| {
+            let mk = if with_mask { mk } else { 0 };
+            use Arg::*;
+            let args = [
+                Ptr(x),
+                Ptr(d),
+                Ptr(l),
+                Ptr(dl),
+                Ptr(mk),
+                I64(m0),
+                I64(m1),
+                I64(m2),
+                I64(m3),
+                I32(hi),
+                I32(ti),
+                I32(si),
+                F32(scale),
+                Ptr(o_ds),
+                I32(ds_bf16),
+                Ptr(o_p),
+                I32(p_bf16),
+                I64(n),
+            ];
+            launch(functions(index)?.grad, (blocks, 1, 1), stream, &args)
+                .map_err(|e| format!("attention_probs_grad: {e}"))
+        },
+    )?;
+    Ok((ds, p))
+}
