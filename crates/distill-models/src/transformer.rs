@@ -130,8 +130,8 @@ impl Rotary {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let t = positions.first().map_or(0, Vec::len);
         assert!(positions.iter().all(|p| p.len() == t), "ragged position rows");
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for &p in positions.iter().flatten() {
+        let hd = 2 * self.inv_freq.len();
+        let push_row = |p: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>| {
             for _half in 0..2 {
                 for f in &self.inv_freq {
                     let angle = p as f32 * f;
@@ -139,8 +139,28 @@ impl Rotary {
                     sin.push(angle.sin());
                 }
             }
+        };
+        let n = positions.len() * t;
+        let (mut cos, mut sin) = (Vec::with_capacity(n * hd), Vec::with_capacity(n * hd));
+        let end = positions.iter().flatten().copied().max().map_or(0, |m| m + 1);
+        if end > n {
+            // Few tokens at far positions (a decode step): per token.
+            for &p in positions.iter().flatten() {
+                push_row(p, &mut cos, &mut sin);
+            }
+        } else {
+            // A row per position, copied per token: packed training rows repeat positions
+            // across documents, and sin/cos per token took tens of ms of host time a step.
+            let (mut cos_of, mut sin_of) = (Vec::with_capacity(end * hd), Vec::with_capacity(end * hd));
+            for p in 0..end {
+                push_row(p, &mut cos_of, &mut sin_of);
+            }
+            for &p in positions.iter().flatten() {
+                cos.extend_from_slice(&cos_of[p * hd..(p + 1) * hd]);
+                sin.extend_from_slice(&sin_of[p * hd..(p + 1) * hd]);
+            }
         }
-        let shape = [positions.len(), t, 2 * self.inv_freq.len()];
+        let shape = [positions.len(), t, hd];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
