@@ -23,6 +23,7 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::{BoolStore, DType};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::server::Binding;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -174,17 +175,47 @@ fn functions(device: usize) -> Result<Functions, String> {
         .clone()
 }
 
-/// The mask as the kernels read it: u8 storage and its four strides, or None.
-fn mask_arg(mask: Option<&CudaTensor>, dims: &[usize]) -> Result<Option<(CudaTensor, [i64; 4])>, String> {
-    let Some(m) = mask else {
-        return Ok(None);
-    };
-    if m.dtype != DType::Bool(BoolStore::U8) || m.meta.shape().as_slice() != dims {
-        return Err(format!("mask {:?} {:?}", m.dtype, m.meta.shape()));
+/// The mask as the kernels take it: a u8 [r, h, T, S] buffer and its four strides, or none
+/// (a null pointer; the binding is then some other live buffer's, unused).
+struct MaskArg {
+    tensor: Option<CudaTensor>,
+    strides: [i64; 4],
+}
+
+impl MaskArg {
+    fn new(mask: Option<&CudaTensor>, dims: &[usize]) -> Result<Self, String> {
+        let Some(m) = mask else {
+            return Ok(MaskArg {
+                tensor: None,
+                strides: [0; 4],
+            });
+        };
+        if m.dtype != DType::Bool(BoolStore::U8) || m.meta.shape().as_slice() != dims {
+            return Err(format!("mask {:?} {:?}", m.dtype, m.meta.shape()));
+        }
+        let st = m.meta.strides();
+        Ok(MaskArg {
+            tensor: Some(m.clone()),
+            strides: [st[0], st[1], st[2], st[3]].map(|x| x as i64),
+        })
     }
-    let st = m.meta.strides();
-    let strides = [st[0], st[1], st[2], st[3]].map(|x| x as i64);
-    Ok(Some((m.clone(), strides)))
+
+    fn binding(&self, otherwise: &CudaTensor) -> Binding {
+        self.tensor.as_ref().unwrap_or(otherwise).handle.clone().binding()
+    }
+
+    /// The kernel's five mask parameters, given the binding's device pointer.
+    fn args(&self, ptr: u64) -> [Arg; 5] {
+        let [m0, m1, m2, m3] = self.strides;
+        let ptr = if self.tensor.is_some() { ptr } else { 0 };
+        [
+            Arg::Ptr(ptr),
+            Arg::I64(m0),
+            Arg::I64(m1),
+            Arg::I64(m2),
+            Arg::I64(m3),
+        ]
+    }
 }
 
 fn out_flag(d: DType) -> Result<i32, String> {
@@ -265,7 +296,7 @@ pub fn probs(
     let scores = f32_input(scores, "scores")?;
     let dims = scores.meta.shape().as_slice().to_vec();
     let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
-    let mask = mask_arg(mask, &dims)?;
+    let mask = MaskArg::new(mask, &dims)?;
     let p_bf16 = out_flag(p_dtype)?;
     let rows = r * h * t;
     let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
@@ -276,29 +307,18 @@ pub fn probs(
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let p = empty_device_contiguous_dtype(client.clone(), device.clone(), dims.clone().into(), p_dtype);
     let lse = empty_device_contiguous_dtype(client, device.clone(), vec![r, h, t, 1].into(), DType::F32);
-    let (mask_t, [m0, m1, m2, m3]) = match &mask {
-        Some((m, st)) => (Some(m.clone()), *st),
-        None => (None, [0; 4]),
-    };
-    let with_mask = mask_t.is_some();
-    // Without a mask the kernel gets a null pointer; the binding is the scores' again.
     let bindings = [
         scores.handle.clone().binding(),
         p.handle.clone().binding(),
         lse.handle.clone().binding(),
-        mask_t.as_ref().unwrap_or(&scores).handle.clone().binding(),
+        mask.binding(&scores),
     ];
     let index = device.index;
     cublas::run_on_stream(&device, bindings, ordering(), move |stream, [x, pp, l, mk]| {
-        let mk = if with_mask { mk } else { 0 };
         use Arg::*;
-        let args = [
-            Ptr(x),
-            Ptr(mk),
-            I64(m0),
-            I64(m1),
-            I64(m2),
-            I64(m3),
+        let mut args = vec![Ptr(x)];
+        args.extend(mask.args(mk));
+        args.extend([
             I32(hi),
             I32(ti),
             I32(si),
@@ -306,7 +326,7 @@ pub fn probs(
             Ptr(pp),
             I32(p_bf16),
             Ptr(l),
-        ];
+        ]);
         launch(functions(index)?.probs, (grid, 1, 1), stream, &args)
             .map_err(|e| format!("attention_probs: {e}"))
     })?;
@@ -340,7 +360,7 @@ pub fn probs_grad(
     {
         return Err("shapes".into());
     }
-    let mask = mask_arg(mask, &dims)?;
+    let mask = MaskArg::new(mask, &dims)?;
     let (ds_bf16, p_bf16) = (out_flag(ds_dtype)?, out_flag(p_dtype)?);
     let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
     let n = (r * h * t * s) as i64;
@@ -351,11 +371,6 @@ pub fn probs_grad(
     let (client, device) = (scores.client.clone(), scores.device.clone());
     let ds = empty_device_contiguous_dtype(client.clone(), device.clone(), dims.clone().into(), ds_dtype);
     let p = empty_device_contiguous_dtype(client, device.clone(), dims.into(), p_dtype);
-    let (mask_t, [m0, m1, m2, m3]) = match &mask {
-        Some((m, st)) => (Some(m.clone()), *st),
-        None => (None, [0; 4]),
-    };
-    let with_mask = mask_t.is_some();
     let bindings = [
         scores.handle.clone().binding(),
         dp.handle.clone().binding(),
@@ -363,7 +378,7 @@ pub fn probs_grad(
         delta.handle.clone().binding(),
         ds.handle.clone().binding(),
         p.handle.clone().binding(),
-        mask_t.as_ref().unwrap_or(&scores).handle.clone().binding(),
+        mask.binding(&scores),
     ];
     let index = device.index;
     cublas::run_on_stream(
@@ -371,18 +386,10 @@ pub fn probs_grad(
         bindings,
         ordering(),
         move |stream, [x, d, l, dl, o_ds, o_p, mk]| {
-            let mk = if with_mask { mk } else { 0 };
             use Arg::*;
-            let args = [
-                Ptr(x),
-                Ptr(d),
-                Ptr(l),
-                Ptr(dl),
-                Ptr(mk),
-                I64(m0),
-                I64(m1),
-                I64(m2),
-                I64(m3),
+            let mut args = vec![Ptr(x), Ptr(d), Ptr(l), Ptr(dl)];
+            args.extend(mask.args(mk));
+            args.extend([
                 I32(hi),
                 I32(ti),
                 I32(si),
@@ -392,7 +399,7 @@ pub fn probs_grad(
                 Ptr(o_p),
                 I32(p_bf16),
                 I64(n),
-            ];
+            ]);
             launch(functions(index)?.grad, (blocks, 1, 1), stream, &args)
                 .map_err(|e| format!("attention_probs_grad: {e}"))
         },
