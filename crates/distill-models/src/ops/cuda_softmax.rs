@@ -175,45 +175,58 @@ fn functions(device: usize) -> Result<Functions, String> {
         .clone()
 }
 
-/// The mask as the kernels take it: a u8 [r, h, T, S] buffer and its four strides, or none
-/// (a null pointer; the binding is then some other live buffer's, unused).
-struct MaskArg {
-    tensor: Option<CudaTensor>,
+/// The parameters both kernels share, in their order: the mask (a u8 [r, h, T, S] buffer and
+/// its four strides, or a null pointer, the binding then being some other live buffer's,
+/// unused), the block's h, T and S (a flat row index -> (row, head, query)), and the scale.
+struct Geometry {
+    mask: Option<CudaTensor>,
     strides: [i64; 4],
+    dims: [i32; 3],
+    scale: f32,
 }
 
-impl MaskArg {
-    fn new(mask: Option<&CudaTensor>, dims: &[usize]) -> Result<Self, String> {
-        let Some(m) = mask else {
-            return Ok(MaskArg {
-                tensor: None,
-                strides: [0; 4],
-            });
+impl Geometry {
+    /// dims: the scores' [r, h, T, S].
+    fn new(mask: Option<&CudaTensor>, dims: &[usize], scale: f32) -> Result<Self, String> {
+        let fit = |x: usize| i32::try_from(x).map_err(|_| format!("{x} does not fit a kernel's int"));
+        let (mask, strides) = match mask {
+            None => (None, [0; 4]),
+            Some(m) => {
+                if m.dtype != DType::Bool(BoolStore::U8) || m.meta.shape().as_slice() != dims {
+                    return Err(format!("mask {:?} {:?}", m.dtype, m.meta.shape()));
+                }
+                let st = m.meta.strides();
+                (Some(m.clone()), [st[0], st[1], st[2], st[3]].map(|x| x as i64))
+            }
         };
-        if m.dtype != DType::Bool(BoolStore::U8) || m.meta.shape().as_slice() != dims {
-            return Err(format!("mask {:?} {:?}", m.dtype, m.meta.shape()));
-        }
-        let st = m.meta.strides();
-        Ok(MaskArg {
-            tensor: Some(m.clone()),
-            strides: [st[0], st[1], st[2], st[3]].map(|x| x as i64),
+        Ok(Geometry {
+            mask,
+            strides,
+            dims: [fit(dims[1])?, fit(dims[2])?, fit(dims[3])?],
+            scale,
         })
     }
 
-    fn binding(&self, otherwise: &CudaTensor) -> Binding {
-        self.tensor.as_ref().unwrap_or(otherwise).handle.clone().binding()
+    fn mask_binding(&self, otherwise: &CudaTensor) -> Binding {
+        self.mask.as_ref().unwrap_or(otherwise).handle.clone().binding()
     }
 
-    /// The kernel's five mask parameters, given the binding's device pointer.
-    fn args(&self, ptr: u64) -> [Arg; 5] {
+    /// The nine shared parameters, given the mask binding's device pointer.
+    fn args(&self, mask_ptr: u64) -> [Arg; 9] {
         let [m0, m1, m2, m3] = self.strides;
-        let ptr = if self.tensor.is_some() { ptr } else { 0 };
+        let [h, t, s] = self.dims;
+        let ptr = if self.mask.is_some() { mask_ptr } else { 0 };
+        use Arg::*;
         [
-            Arg::Ptr(ptr),
-            Arg::I64(m0),
-            Arg::I64(m1),
-            Arg::I64(m2),
-            Arg::I64(m3),
+            Ptr(ptr),
+            I64(m0),
+            I64(m1),
+            I64(m2),
+            I64(m3),
+            I32(h),
+            I32(t),
+            I32(s),
+            F32(self.scale),
         ]
     }
 }
@@ -239,10 +252,6 @@ fn ordering() -> Ordering {
         Ordering::Sync => Ordering::Sync,
         _ => Ordering::Stream,
     }
-}
-
-fn fits_i32(x: usize) -> Result<i32, String> {
-    i32::try_from(x).map_err(|_| format!("{x} does not fit a kernel's int"))
 }
 
 /// One kernel argument by value, as the kernel declares it.
@@ -296,10 +305,9 @@ pub fn probs(
     let scores = f32_input(scores, "scores")?;
     let dims = scores.meta.shape().as_slice().to_vec();
     let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
-    let mask = MaskArg::new(mask, &dims)?;
+    let geometry = Geometry::new(mask, &dims, scale)?;
     let p_bf16 = out_flag(p_dtype)?;
     let rows = r * h * t;
-    let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
     let grid = u32::try_from(rows).map_err(|_| format!("{rows} rows"))?;
     if rows == 0 || s == 0 {
         return Err("empty".into());
@@ -311,22 +319,14 @@ pub fn probs(
         scores.handle.clone().binding(),
         p.handle.clone().binding(),
         lse.handle.clone().binding(),
-        mask.binding(&scores),
+        geometry.mask_binding(&scores),
     ];
     let index = device.index;
     cublas::run_on_stream(&device, bindings, ordering(), move |stream, [x, pp, l, mk]| {
         use Arg::*;
         let mut args = vec![Ptr(x)];
-        args.extend(mask.args(mk));
-        args.extend([
-            I32(hi),
-            I32(ti),
-            I32(si),
-            F32(scale),
-            Ptr(pp),
-            I32(p_bf16),
-            Ptr(l),
-        ]);
+        args.extend(geometry.args(mk));
+        args.extend([Ptr(pp), I32(p_bf16), Ptr(l)]);
         launch(functions(index)?.probs, (grid, 1, 1), stream, &args)
             .map_err(|e| format!("attention_probs: {e}"))
     })?;
@@ -360,9 +360,8 @@ pub fn probs_grad(
     {
         return Err("shapes".into());
     }
-    let mask = MaskArg::new(mask, &dims)?;
+    let geometry = Geometry::new(mask, &dims, scale)?;
     let (ds_bf16, p_bf16) = (out_flag(ds_dtype)?, out_flag(p_dtype)?);
-    let (hi, ti, si) = (fits_i32(h)?, fits_i32(t)?, fits_i32(s)?);
     let n = (r * h * t * s) as i64;
     if n == 0 {
         return Err("empty".into());
@@ -378,7 +377,7 @@ pub fn probs_grad(
         delta.handle.clone().binding(),
         ds.handle.clone().binding(),
         p.handle.clone().binding(),
-        mask.binding(&scores),
+        geometry.mask_binding(&scores),
     ];
     let index = device.index;
     cublas::run_on_stream(
@@ -388,18 +387,8 @@ pub fn probs_grad(
         move |stream, [x, d, l, dl, o_ds, o_p, mk]| {
             use Arg::*;
             let mut args = vec![Ptr(x), Ptr(d), Ptr(l), Ptr(dl)];
-            args.extend(mask.args(mk));
-            args.extend([
-                I32(hi),
-                I32(ti),
-                I32(si),
-                F32(scale),
-                Ptr(o_ds),
-                I32(ds_bf16),
-                Ptr(o_p),
-                I32(p_bf16),
-                I64(n),
-            ]);
+            args.extend(geometry.args(mk));
+            args.extend([Ptr(o_ds), I32(ds_bf16), Ptr(o_p), I32(p_bf16), I64(n)]);
             launch(functions(index)?.grad, (blocks, 1, 1), stream, &args)
                 .map_err(|e| format!("attention_probs_grad: {e}"))
         },
