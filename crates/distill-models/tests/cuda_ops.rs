@@ -182,11 +182,15 @@ fn cuda_blockwise_attention_matches_burns() {
         },
         &tensors[3],
     );
-    for (i, (a, b)) in small.iter().zip(&runs[0].1).enumerate() {
+    // Against the CPU as above, not against the whole-row blocks: burn-cuda autotunes its f32
+    // matmul per shape, and a [1, 1, T, T] block may get another kernel than [2, 4, T, T]
+    // (seen: 1.0e-4 apart in one run, under 1e-5 in another).
+    for (i, part) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+        let (e_small, e_burn) = (err(&small[i], &cpu[i]), err(&runs[0].2[i], &cpu[i]));
+        eprintln!("  attention f32, one head per block, {part}: error vs CPU {e_small:.2e}");
         assert!(
-            err(a, b) < 1e-5,
-            "part {i}: one head per block differs: {:.3e}",
-            err(a, b)
+            e_small <= 2.0 * e_burn + 1e-4,
+            "one head per block, {part}: {e_small:.3e} from the CPU result, burn's {e_burn:.3e}"
         );
     }
 }
