@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
 /// Attention with an O(T) backward state, block by block.
 pub mod attention;
@@ -28,9 +28,109 @@ pub mod elementwise;
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cublas;
+/// Flash attention forward and backward on tensor cores (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_flash;
 /// Attention's softmax and its backward as fused CUDA kernels (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_softmax;
+/// Run-time compiled CUDA C kernels (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub(crate) mod nvrtc;
+
+/// Which keys each query may see: the run of key positions `lo[r, i] ..= hi[r, i]` for query i
+/// of batch row r (R rows: the batch, or 1 when all rows share them). Causal, packed-document
+/// and left-padded attention are all such runs, so one [R, T] pair describes any mask the
+/// models make, where a dense mask is [R, T, S]; a flash kernel skips whole key tiles outside
+/// them ([`Kernels::flash_attention`]), the other paths expand them ([`KeyRanges::dense`]).
+#[derive(Debug, Clone)]
+pub struct KeyRanges<B: Backend> {
+    /// [R, T] each.
+    pub lo: Tensor<B, 2, Int>,
+    pub hi: Tensor<B, 2, Int>,
+}
+
+impl<B: Backend> KeyRanges<B> {
+    /// From per-row runs: `runs[r][i] = (lo, hi)`, every row of the same length.
+    pub fn from_runs(runs: &[Vec<(usize, usize)>], device: &B::Device) -> Self {
+        let (r, t) = (runs.len(), runs.first().map_or(0, Vec::len));
+        let column = |pick: fn(&(usize, usize)) -> usize| {
+            let data: Vec<i32> = runs.iter().flatten().map(|x| pick(x) as i32).collect();
+            Tensor::from_data(TensorData::new(data, [r, t]), device)
+        };
+        KeyRanges {
+            lo: column(|x| x.0),
+            hi: column(|x| x.1),
+        }
+    }
+
+    /// The dense mask [R, T, S]: true where key j is outside query i's run (masked out).
+    pub fn dense(&self, s: usize) -> Tensor<B, 3, Bool> {
+        let [r, t] = self.lo.dims();
+        let keys = Tensor::<B, 1, Int>::arange(0..s as i64, &self.lo.device())
+            .reshape([1, 1, s])
+            .expand([r, t, s]);
+        let lo = self.lo.clone().reshape([r, t, 1]).expand([r, t, s]);
+        let hi = self.hi.clone().reshape([r, t, 1]).expand([r, t, s]);
+        keys.clone().lower(lo).bool_or(keys.greater(hi))
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> KeyRanges<Autodiff<B, C>> {
+    /// The same ranges on the inner backend (they carry no gradient).
+    pub fn inner(&self) -> KeyRanges<B> {
+        KeyRanges {
+            lo: self.lo.clone().inner(),
+            hi: self.hi.clone().inner(),
+        }
+    }
+
+    /// Ranges of the inner backend, for its autodiff wrapper.
+    pub fn from_inner(r: KeyRanges<B>) -> Self {
+        KeyRanges {
+            lo: Tensor::from_inner(r.lo),
+            hi: Tensor::from_inner(r.hi),
+        }
+    }
+}
+
+/// [B, KV, S, hd] -> [B, H, S, hd], each K/V head serving H/KV query heads in turn (as HF).
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, kv, s, hd] = x.dims();
+    let groups = heads / kv;
+    if groups == 1 {
+        return x;
+    }
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kv, groups, s, hd])
+        .reshape([b, heads, s, hd])
+}
+
+/// The gradient of [`repeat_kv`]: [B, H, S, hd] summed over each K/V head's group.
+fn sum_groups<B: Backend>(x: Tensor<B, 4>, kv: usize) -> Tensor<B, 4> {
+    let [b, h, s, hd] = x.dims();
+    if h == kv {
+        return x;
+    }
+    x.reshape([b, kv, h / kv, s, hd])
+        .sum_dim(2)
+        .reshape([b, kv, s, hd])
+}
+
+/// [`Kernels::attention`] without a fused kernel: K/V heads repeated, the key ranges expanded
+/// to a dense mask, burn's attention.
+pub fn attention_default<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    keys: Option<&KeyRanges<B>>,
+) -> Tensor<B, 4> {
+    let [b, h, t, _] = q.dims();
+    let s = k.dims()[2];
+    let mask = keys.map(|r| r.dense(s).unsqueeze_dim::<4>(1).expand([b, h, t, s]));
+    let (k, v) = (repeat_kv(k, h), repeat_kv(v, h));
+    burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+}
 
 pub trait Kernels: Backend {
     /// True where [`Kernels::gemm`] beats burn's matmul (cuBLAS on CUDA). Then `linear` is one
@@ -68,16 +168,43 @@ pub trait Kernels: Backend {
         }
     }
 
-    /// Scaled dot-product attention with scale 1/sqrt(head_dim).
-    /// q: [B, H, Tq, hd], k/v: [B, H, Tk, hd] (K/V heads already repeated to H),
-    /// mask: [B, H, Tq, Tk], true = masked out. Returns [B, H, Tq, hd].
+    /// Scaled dot-product attention with scale 1/sqrt(head_dim), grouped K/V heads not
+    /// repeated: q [B, H, T, hd], k/v [B, KV, S, hd] (query head h reads K/V head
+    /// h / (H / KV)); `keys`: which keys each query sees, None = all. Returns [B, H, T, hd].
     fn attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
-        mask: Option<Tensor<Self, 4, Bool>>,
+        keys: Option<&KeyRanges<Self>>,
     ) -> Tensor<Self, 4> {
-        burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+        attention_default(q, k, v, keys)
+    }
+
+    /// A fused attention forward where this backend has one for these inputs, else None:
+    /// (output [B, H, T, hd], log-sum-exp per query [B, H, T, 1] f32), shapes as
+    /// [`Kernels::attention`].
+    fn flash_attention(
+        _q: &Tensor<Self, 4>,
+        _k: &Tensor<Self, 4>,
+        _v: &Tensor<Self, 4>,
+        _keys: Option<&KeyRanges<Self>>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
+        None
+    }
+
+    /// The backward of [`Kernels::flash_attention`]: (dq, dk, dv) from its inputs, its output
+    /// and log-sum-exp, and the output's gradient; None where it has none.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        _q: &Tensor<Self, 4>,
+        _k: &Tensor<Self, 4>,
+        _v: &Tensor<Self, 4>,
+        _keys: Option<&KeyRanges<Self>>,
+        _out: &Tensor<Self, 4>,
+        _lse: &Tensor<Self, 4>,
+        _d_out: &Tensor<Self, 4>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        None
     }
 
     /// Attention's softmax over the keys of one block ([`attention`]): P = softmax(scale *
@@ -308,28 +435,20 @@ pub fn binary_autodiff<B: Backend, C: CheckpointStrategy, Op: BinaryOp<B>>(
     }
 }
 
-/// [`Kernels::attention`] under autodiff with its own backward ([`attention`]): the graph
-/// keeps Q, K, V, the output and the log-sum-exp per query, not the [B, H, T, S] scores and
-/// probabilities burn's fallback keeps; the backward recomputes them block by block.
-/// `DISTILL_ATTENTION=burn` switches back to burn's attention (for comparison).
+/// [`Kernels::attention`] under autodiff with its own backward: the graph keeps Q, K, V, the
+/// output and the log-sum-exp per query, not the [B, H, T, S] scores and probabilities burn's
+/// fallback keeps. Forward and backward are the backend's flash kernels where it has them
+/// ([`Kernels::flash_attention`]), else the blockwise path ([`attention`]: K/V heads repeated,
+/// dense mask, scores recomputed block by block in the backward).
+/// `DISTILL_ATTENTION=blockwise` skips the flash kernels, `=burn` uses burn's attention (for
+/// comparison).
 pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>,
     k: Tensor<Autodiff<B, C>, 4>,
     v: Tensor<Autodiff<B, C>, 4>,
-    mask: Option<Tensor<Autodiff<B, C>, 4, Bool>>,
+    keys: Option<&KeyRanges<Autodiff<B, C>>>,
     budget: usize,
 ) -> Tensor<Autodiff<B, C>, 4> {
-    /// What the backward needs: Q, K, V, the mask, the output and the log-sum-exp.
-    type Saved<B> = (
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        Option<<B as burn::tensor::backend::BackendTypes>::BoolTensorPrimitive>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        usize,
-    );
-
     #[derive(Debug)]
     struct Attention;
 
@@ -339,18 +458,7 @@ pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
             let [node_q, node_k, node_v] = ops.parents;
             let d_out = tensor::<B, 4>(grads.consume::<B>(&ops.node));
-            let (q, k, v, mask, out, lse, budget) = ops.state;
-            let mask = mask.map(Tensor::<B, 4, Bool>::from_primitive);
-            let (dq, dk, dv) = attention::backward(
-                &tensor(q),
-                &tensor(k),
-                &tensor(v),
-                mask.as_ref(),
-                &tensor(out),
-                &tensor(lse),
-                &d_out,
-                budget,
-            );
+            let (dq, dk, dv) = ops.state.backward(&d_out);
             for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                 if let Some(node) = node {
                     grads.register::<B>(node.id, prim(grad));
@@ -359,46 +467,127 @@ pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
         }
     }
 
+    let keys = keys.map(KeyRanges::inner);
     let (qi, ki, vi) = (q.clone().inner(), k.clone().inner(), v.clone().inner());
     let (q, k, v) = (prim(q), prim(k), prim(v));
-    let mask = mask.map(|m| m.into_primitive());
-    let mask_inner = mask.clone().map(Tensor::<B, 4, Bool>::from_primitive);
     let out = match Attention
         .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (out, lse) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
-            let state = (
-                prim(qi),
-                prim(ki),
-                prim(vi),
-                mask,
-                prim(out.clone()),
-                prim(lse),
-                budget,
-            );
-            prep.finish(state, prim(out))
+            let saved = Saved::forward(qi, ki, vi, keys, budget);
+            let out = prim(saved.out.clone());
+            prep.finish(saved, out)
         }
-        OpsKind::UnTracked(prep) => {
-            let (out, _) = attention::forward(&qi, &ki, &vi, mask_inner.as_ref(), budget);
-            prep.finish(prim(out))
-        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(Saved::forward(qi, ki, vi, keys, budget).out)),
     };
     tensor(out)
 }
 
-/// Whether training uses [`attention_autodiff`] (default) or burn's attention under autodiff
-/// (`DISTILL_ATTENTION=burn`).
-fn blockwise_attention() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| match std::env::var("DISTILL_ATTENTION").as_deref() {
-        Err(_) | Ok("") | Ok("blockwise") => true,
-        Ok("burn") => false,
+/// What [`attention_autodiff`]'s backward needs: the inputs, the output, the log-sum-exp, and
+/// which path computed them.
+#[derive(Debug, Clone)]
+struct Saved<B: Backend> {
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    keys: Option<KeyRanges<B>>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 4>,
+    /// None: the flash kernels; Some(bytes): the blockwise path with this score budget.
+    blockwise: Option<usize>,
+}
+
+impl<B: Kernels> Saved<B> {
+    fn forward(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        keys: Option<KeyRanges<B>>,
+        budget: usize,
+    ) -> Self {
+        let flash = (attention_mode() == AttentionMode::Flash)
+            .then(|| B::flash_attention(&q, &k, &v, keys.as_ref()))
+            .flatten();
+        let ((out, lse), blockwise) = match flash {
+            Some(found) => (found, None),
+            None => {
+                let (kr, vr, mask) = Self::expanded(&q, &k, &v, keys.as_ref());
+                (
+                    attention::forward(&q, &kr, &vr, mask.as_ref(), budget),
+                    Some(budget),
+                )
+            }
+        };
+        Saved {
+            q,
+            k,
+            v,
+            keys,
+            out,
+            lse,
+            blockwise,
+        }
+    }
+
+    /// The blockwise path's inputs: K and V repeated to the query heads, the dense mask.
+    fn expanded(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        keys: Option<&KeyRanges<B>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) {
+        let [b, h, t, _] = q.dims();
+        let s = k.dims()[2];
+        let mask = keys.map(|r| r.dense(s).unsqueeze_dim::<4>(1).expand([b, h, t, s]));
+        (repeat_kv(k.clone(), h), repeat_kv(v.clone(), h), mask)
+    }
+
+    fn backward(self, d_out: &Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let Saved {
+            q,
+            k,
+            v,
+            keys,
+            out,
+            lse,
+            blockwise,
+        } = self;
+        if blockwise.is_none()
+            && let Some(grads) = B::flash_attention_backward(&q, &k, &v, keys.as_ref(), &out, &lse, d_out)
+        {
+            return grads;
+        }
+        let kv = k.dims()[1];
+        let (kr, vr, mask) = Self::expanded(&q, &k, &v, keys.as_ref());
+        let budget = blockwise.unwrap_or(attention::BLOCK_BYTES);
+        let (dq, dk, dv) = attention::backward(&q, &kr, &vr, mask.as_ref(), &out, &lse, d_out, budget);
+        (dq, sum_groups(dk, kv), sum_groups(dv, kv))
+    }
+}
+
+/// How training computes attention: `DISTILL_ATTENTION` = flash (default: the backend's fused
+/// kernels where it has them, else blockwise), blockwise, or burn (burn's own attention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMode {
+    Flash,
+    Blockwise,
+    Burn,
+}
+
+/// The [`AttentionMode`] from the environment, read once.
+pub fn attention_mode() -> AttentionMode {
+    static MODE: std::sync::OnceLock<AttentionMode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("DISTILL_ATTENTION").as_deref() {
+        Err(_) | Ok("") | Ok("flash") => AttentionMode::Flash,
+        Ok("blockwise") => AttentionMode::Blockwise,
+        Ok("burn") => AttentionMode::Burn,
         Ok(other) => {
-            eprintln!("warning: DISTILL_ATTENTION={other:?} is not one of blockwise, burn; using blockwise");
-            true
+            eprintln!(
+                "warning: DISTILL_ATTENTION={other:?} is not one of flash, blockwise, burn; using flash"
+            );
+            AttentionMode::Flash
         }
     })
 }
@@ -432,12 +621,11 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
-        mask: Option<Tensor<Self, 4, Bool>>,
+        keys: Option<&KeyRanges<Self>>,
     ) -> Tensor<Self, 4> {
-        if blockwise_attention() {
-            attention_autodiff::<B, C>(q, k, v, mask, attention::BLOCK_BYTES)
-        } else {
-            burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+        match attention_mode() {
+            AttentionMode::Burn => attention_default(q, k, v, keys),
+            _ => attention_autodiff::<B, C>(q, k, v, keys, attention::BLOCK_BYTES),
         }
     }
 }
@@ -465,6 +653,82 @@ where
         match cublas::bmm(a, b, out.into()) {
             Ok(c) => c,
             Err((a, b)) => bmm_default::<Self>(a, b, out),
+        }
+    }
+
+    fn attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Tensor<Self, 4> {
+        let flash = (attention_mode() == AttentionMode::Flash)
+            .then(|| Self::flash_attention(&q, &k, &v, keys))
+            .flatten();
+        match flash {
+            Some((out, _)) => out,
+            None => attention_default(q, k, v, keys),
+        }
+    }
+
+    fn flash_attention(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
+        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
+        let found = cuda_flash::forward(
+            &prim(q.clone()),
+            &prim(k.clone()),
+            &prim(v.clone()),
+            ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            scale,
+        );
+        match found {
+            // The output comes as [B, T, H, hd]: the view the model's next reshape wants.
+            Ok((out, lse)) => Some((tensor::<Self, 4>(out).swap_dims(1, 2), tensor(lse))),
+            Err(why) => {
+                flash_fallback(&why);
+                None
+            }
+        }
+    }
+
+    fn flash_attention_backward(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+        out: &Tensor<Self, 4>,
+        lse: &Tensor<Self, 4>,
+        d_out: &Tensor<Self, 4>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let delta = (d_out.clone().cast(DType::F32) * out.clone().cast(DType::F32)).sum_dim(3); // [B, H, T, 1]
+        let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
+        let found = cuda_flash::backward(
+            &prim(q.clone()),
+            &prim(k.clone()),
+            &prim(v.clone()),
+            ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            &prim(lse.clone()),
+            &prim(delta),
+            &prim(d_out.clone()),
+            scale,
+        );
+        match found {
+            // [B, T, H, hd] and [B, S, KV, hd] back to the inputs' [B, heads, rows, hd].
+            Ok((dq, dk, dv)) => Some((
+                tensor::<Self, 4>(dq).swap_dims(1, 2),
+                tensor::<Self, 4>(dk).swap_dims(1, 2),
+                tensor::<Self, 4>(dv).swap_dims(1, 2),
+            )),
+            Err(why) => {
+                flash_fallback(&why);
+                None
+            }
         }
     }
 
@@ -513,6 +777,15 @@ where
         }
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
+}
+
+/// Notes once that the flash kernels were not used, and why (the blockwise path runs instead).
+#[cfg(feature = "cuda")]
+fn flash_fallback(why: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!("note: attention without the flash kernels ({why}); later fallbacks are silent")
+    });
 }
 
 /// Notes once that the fused softmax kernels fell back to burn's ops, and why.

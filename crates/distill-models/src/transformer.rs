@@ -5,10 +5,10 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::config::{DecoderConfig, RopeScaling};
-use crate::ops::Kernels;
+use crate::ops::{Kernels, KeyRanges};
 
 /// A linear layer in burn's layout: weight [in, out] (HF stores [out, in]; the loader
 /// transposes), with an optional LoRA adapter.
@@ -298,14 +298,14 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// What every layer of one forward call shares: rotary tables for the query positions and
-/// the attention mask. R (rows) is the batch size, or 1 when all rows share them.
+/// which keys each query sees. R (rows) is the batch size, or 1 when all rows share them.
 #[derive(Debug, Clone)]
 pub struct Context<B: Backend> {
     /// [R, T, hd] each.
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
-    /// [R, T, S] with true = masked; None when every query may see every key.
-    pub mask: Option<Tensor<B, 3, Bool>>,
+    /// [R, T] key runs; None when every query may see every key.
+    pub keys: Option<KeyRanges<B>>,
 }
 
 impl<B: Backend> Context<B> {
@@ -313,12 +313,8 @@ impl<B: Backend> Context<B> {
     pub fn causal(rotary: &Rotary, t: usize, past: usize, device: &B::Device) -> Self {
         let positions: Vec<usize> = (past..past + t).collect();
         let (cos, sin) = rotary.tables(&[positions], device);
-        let mask = (t > 1).then(|| {
-            let s = past + t;
-            let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
-            Tensor::from_data(TensorData::new(data, [1, t, s]), device)
-        });
-        Context { cos, sin, mask }
+        let keys = (t > 1).then(|| KeyRanges::from_runs(&[(0..t).map(|i| (0, past + i)).collect()], device));
+        Context { cos, sin, keys }
     }
 
     /// A left-padded batch: row r starts with `pads[r]` padding tokens that no query may see
@@ -330,19 +326,20 @@ impl<B: Backend> Context<B> {
             .map(|&pad| (past..past + t).map(|i| i.saturating_sub(pad)).collect())
             .collect();
         let (cos, sin) = rotary.tables(&positions, device);
-        let s = past + t;
-        let data: Vec<bool> = pads
+        let runs: Vec<Vec<(usize, usize)>> = pads
             .iter()
-            .flat_map(|&pad| {
+            .map(|&pad| {
                 // A padding query sees only itself: a fully masked row would softmax to NaN.
-                (0..t).flat_map(move |i| (0..s).map(move |j| j > past + i || (j < pad && j != past + i)))
+                (past..past + t)
+                    .map(|i| if i < pad { (i, i) } else { (pad, i) })
+                    .collect()
             })
             .collect();
-        let mask = Some(Tensor::from_data(
-            TensorData::new(data, [pads.len(), t, s]),
-            device,
-        ));
-        Context { cos, sin, mask }
+        Context {
+            cos,
+            sin,
+            keys: Some(KeyRanges::from_runs(&runs, device)),
+        }
     }
 
     /// Packed rows: several documents per row, `doc[r][i]` naming the document of token i;
@@ -350,47 +347,35 @@ impl<B: Backend> Context<B> {
     /// no token attends across documents, so a packed row computes exactly what the
     /// documents would compute alone.
     pub fn packed(rotary: &Rotary, docs: &[Vec<u32>], device: &B::Device) -> Self {
-        let positions: Vec<Vec<usize>> = docs
+        let starts: Vec<Vec<usize>> = docs.iter().map(|row| document_starts(row)).collect();
+        let positions: Vec<Vec<usize>> = starts
             .iter()
-            .map(|row| {
-                let mut pos = Vec::with_capacity(row.len());
-                for (i, d) in row.iter().enumerate() {
-                    pos.push(if i > 0 && row[i - 1] == *d {
-                        pos[i - 1] + 1
-                    } else {
-                        0
-                    });
-                }
-                pos
-            })
+            .map(|row| row.iter().enumerate().map(|(i, &start)| i - start).collect())
             .collect();
         let (cos, sin) = rotary.tables(&positions, device);
+        let runs: Vec<Vec<(usize, usize)>> = starts
+            .iter()
+            .map(|row| row.iter().enumerate().map(|(i, &start)| (start, i)).collect())
+            .collect();
         Context {
             cos,
             sin,
-            mask: Some(packed_mask(docs, device)),
+            keys: Some(KeyRanges::from_runs(&runs, device)),
         }
     }
 }
 
-/// [R, T, T], true where query i may not see key j: j > i, or another document. Filled a
-/// row at a time: every key masked, then the query's own document up to itself unmasked
-/// (packing keeps a document's tokens contiguous). Element by element this took 0.1 s for
-/// 4 x 2048 on a CPU core, every micro-step.
-fn packed_mask<B: Backend>(docs: &[Vec<u32>], device: &B::Device) -> Tensor<B, 3, Bool> {
-    let (r, t) = (docs.len(), docs.first().map_or(0, Vec::len));
-    let mut data = vec![true; r * t * t];
-    for (row, doc) in docs.iter().enumerate() {
-        let mut start = 0; // first token of the current document
-        for i in 0..t {
+/// The first token of each token's document (documents are contiguous runs of one id).
+fn document_starts(doc: &[u32]) -> Vec<usize> {
+    let mut start = 0;
+    (0..doc.len())
+        .map(|i| {
             if i > 0 && doc[i] != doc[i - 1] {
                 start = i;
             }
-            let at = (row * t + i) * t;
-            data[at + start..=at + i].fill(false);
-        }
-    }
-    Tensor::from_data(TensorData::new(data, [r, t, t]), device)
+            start
+        })
+        .collect()
 }
 
 #[derive(Module, Debug)]
@@ -426,28 +411,9 @@ impl<B: Kernels> Attention<B> {
             Some((cache, layer)) => cache.append(layer, k, v), // [B, KV, S, hd]
             None => (k, v),
         };
-        let s = k.dims()[2];
-        let k = self.repeat_kv(k);
-        let v = self.repeat_kv(v);
-        let mask = ctx
-            .mask
-            .clone()
-            .map(|m| m.unsqueeze_dim::<4>(1).expand([b, self.num_heads, t, s]));
-        let y = <B as Kernels>::attention(q, k, v, mask); // [B, H, T, hd]
+        let y = <B as Kernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
         let y = y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(y)
-    }
-
-    /// [B, KV, S, hd] -> [B, H, S, hd], each KV head serving H/KV query heads in turn (as HF).
-    fn repeat_kv(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return x;
-        }
-        let [b, kv, s, hd] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kv, groups, s, hd])
-            .reshape([b, kv * groups, s, hd])
     }
 }
 
@@ -641,24 +607,58 @@ mod tests {
 
     use super::*;
 
-    /// The row-fill mask equals its definition: key j hidden from query i when j > i or the
-    /// two tokens belong to different documents.
+    fn dense(keys: Option<KeyRanges<Flex>>, s: usize) -> Vec<bool> {
+        keys.expect("a mask").dense(s).into_data().into_vec().unwrap()
+    }
+
+    fn rotary() -> Rotary {
+        Rotary {
+            inv_freq: vec![1.0, 0.5],
+        }
+    }
+
+    /// Packed rows: key j hidden from query i when j > i or the two tokens belong to
+    /// different documents.
     #[test]
-    fn packed_mask_is_causal_within_documents() {
+    fn packed_keys_are_causal_within_documents() {
         let rows: Vec<Vec<u32>> = vec![
             vec![0, 0, 0, 1, 1, 2, 3, 3],
             vec![0; 8],
             vec![0, 1, 2, 3, 4, 5, 6, 7],
             vec![5, 5, 9, 9, 9, 9, u32::MAX, u32::MAX],
         ];
-        let mask = packed_mask::<Flex>(&rows, &Default::default());
-        let got: Vec<bool> = mask.into_data().into_vec().unwrap();
+        let ctx = Context::<Flex>::packed(&rotary(), &rows, &Default::default());
         let t = 8;
         let want: Vec<bool> = rows
             .iter()
             .flat_map(|d| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || d[j] != d[i])))
             .collect();
-        assert_eq!(got, want);
+        assert_eq!(dense(ctx.keys, t), want);
+    }
+
+    /// Left padding after cached positions: a query sees the keys from its row's first real
+    /// token up to itself; a padding query sees only itself. Causal: everything up to itself.
+    #[test]
+    fn left_padded_and_causal_keys_match_their_definitions() {
+        let (pads, t, past) = ([0, 2, 3], 3, 2);
+        let s = past + t;
+        let ctx = Context::<Flex>::left_padded(&rotary(), &pads, t, past, &Default::default());
+        let want: Vec<bool> = pads
+            .iter()
+            .flat_map(|&pad| {
+                (0..t).flat_map(move |i| (0..s).map(move |j| j > past + i || (j < pad && j != past + i)))
+            })
+            .collect();
+        assert_eq!(dense(ctx.keys, s), want);
+
+        let ctx = Context::<Flex>::causal(&rotary(), t, past, &Default::default());
+        let want: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
+        assert_eq!(dense(ctx.keys, s), want);
+        assert!(
+            Context::<Flex>::causal(&rotary(), 1, past, &Default::default())
+                .keys
+                .is_none()
+        );
     }
 
     /// Activations take the backend's float dtype, not the embedding table's: full

@@ -15,7 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
 use distill_models::Kernels;
 use distill_models::ops::attention::{probs_default, probs_grad_default};
-use distill_models::ops::{attention_autodiff, elementwise, rms_norm_default};
+use distill_models::ops::{KeyRanges, attention_autodiff, attention_default, elementwise, rms_norm_default};
 
 mod common;
 use common::{err, gpu, host, randn};
@@ -67,6 +67,18 @@ fn compare(
     }
 }
 
+/// The key runs of [`packed_mask`]: row 1 holds two documents, split at t / 3.
+fn packed_keys<B: Backend>(b: usize, t: usize, device: &B::Device) -> KeyRanges<B> {
+    let runs: Vec<Vec<(usize, usize)>> = (0..b)
+        .map(|r| {
+            (0..t)
+                .map(|i| (if r == 1 && i >= t / 3 { t / 3 } else { 0 }, i))
+                .collect()
+        })
+        .collect();
+    KeyRanges::from_runs(&runs, device)
+}
+
 fn packed_mask<B: Backend>(b: usize, h: usize, t: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
     let doc = |r: usize, i: usize| usize::from(r == 1 && i >= t / 3);
     let data: Vec<bool> = (0..b)
@@ -113,12 +125,13 @@ fn attention_on<B: AutodiffBackend + Kernels>(
         .collect();
     let (qkv, w) = (tensors[..3].to_vec(), tensors[3].clone());
     let mask = packed_mask::<B>(b, h, t, device);
+    let keys = packed_keys::<B>(b, t, device);
     run(
         &qkv,
         &|x: Vec<Tensor<B, 4>>| {
             let [q, k, v]: [Tensor<B, 4>; 3] = x.try_into().unwrap();
             if blockwise {
-                <B as Kernels>::attention(q, k, v, Some(mask.clone()))
+                <B as Kernels>::attention(q, k, v, Some(&keys))
             } else {
                 burn_attention(
                     q,
@@ -168,17 +181,17 @@ fn cuda_blockwise_attention_matches_burns() {
     }
     // Several blocks per row (one head each): the same result.
     let (data, shape) = attention_inputs();
-    let [b, h, t, _] = shape;
+    let [b, _, t, _] = shape;
     let tensors: Vec<Tensor<F, 4>> = data
         .iter()
         .map(|d| Tensor::from_data(TensorData::new(d.clone(), shape), &device))
         .collect();
-    let mask = packed_mask::<F>(b, h, t, &device);
+    let keys = packed_keys::<F>(b, t, &device);
     let small = run(
         &tensors[..3],
         &|x: Vec<Tensor<F, 4>>| {
             let [q, k, v]: [Tensor<F, 4>; 3] = x.try_into().unwrap();
-            attention_autodiff(q, k, v, Some(mask.clone()), t * t * 4)
+            attention_autodiff(q, k, v, Some(&keys), t * t * 4)
         },
         &tensors[3],
     );
@@ -192,6 +205,129 @@ fn cuda_blockwise_attention_matches_burns() {
             e_small <= 2.0 * e_burn + 1e-4,
             "one head per block, {part}: {e_small:.3e} from the CPU result, burn's {e_burn:.3e}"
         );
+    }
+}
+
+/// One flash attention case: q [b, h, t, hd] over k/v [b, kv, s, hd], query i seeing
+/// `runs[r][i]` (None: every key), the inputs laid out as the model's views ([B, T, H, hd]
+/// memory seen as [B, H, T, hd]).
+struct FlashCase {
+    name: &'static str,
+    dims: [usize; 6],
+    runs: Option<Vec<Vec<(usize, usize)>>>,
+}
+
+fn flash_cases() -> Vec<FlashCase> {
+    let packed = |t: usize, splits: &[usize]| -> Vec<(usize, usize)> {
+        (0..t)
+            .map(|i| (splits.iter().copied().filter(|&s| s <= i).max().unwrap_or(0), i))
+            .collect()
+    };
+    let (past, pads) = (100, [0usize, 30]);
+    let padded: Vec<Vec<(usize, usize)>> = pads
+        .iter()
+        .map(|&pad| {
+            (past..past + 5)
+                .map(|i| if i < pad { (i, i) } else { (pad, i) })
+                .collect()
+        })
+        .collect();
+    vec![
+        FlashCase {
+            name: "packed rows, GQA 4/2, hd 64, T 150",
+            dims: [2, 4, 2, 150, 150, 64],
+            runs: Some(vec![packed(150, &[]), packed(150, &[50, 97])]),
+        },
+        FlashCase {
+            name: "causal shared, GQA 2/1, hd 128, T 200",
+            dims: [1, 2, 1, 200, 200, 128],
+            runs: Some(vec![(0..200).map(|i| (0, i)).collect()]),
+        },
+        FlashCase {
+            name: "left-padded, 5 queries after 100 cached keys",
+            dims: [2, 2, 2, 5, 105, 64],
+            runs: Some(padded),
+        },
+        FlashCase {
+            name: "no mask, T 70",
+            dims: [1, 2, 2, 70, 70, 64],
+            runs: None,
+        },
+    ]
+}
+
+/// Output and gradients of one case on `B`: ours (`Kernels::attention`, the flash kernels for
+/// bf16 on CUDA) or the reference path (`attention_default`: repeated heads, dense mask,
+/// burn's attention). Inputs are rounded to bf16 on the host, so every backend sees the
+/// same values.
+fn flash_case_on<B: AutodiffBackend + Kernels>(
+    device: &B::Device,
+    case: &FlashCase,
+    ours: bool,
+    dtype: DType,
+) -> Vec<Vec<f32>> {
+    let [b, h, kv, t, s, hd] = case.dims;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ (t * 131 + s) as u64;
+    let mut data = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+                half::bf16::from_f32(4.0 * u).to_f32()
+            })
+            .collect()
+    };
+    // [B, rows, heads, hd] memory seen as [B, heads, rows, hd], as the model makes them.
+    let view = |d: Vec<f32>, rows: usize, heads: usize| {
+        Tensor::<B, 4>::from_data(TensorData::new(d, [b, rows, heads, hd]), device)
+            .cast(dtype)
+            .swap_dims(1, 2)
+    };
+    let q = view(data(b * t * h * hd), t, h);
+    let k = view(data(b * s * kv * hd), s, kv);
+    let v = view(data(b * s * kv * hd), s, kv);
+    let w =
+        Tensor::<B, 4>::from_data(TensorData::new(data(b * h * t * hd), [b, h, t, hd]), device).cast(dtype);
+    let keys = case.runs.as_ref().map(|r| KeyRanges::<B>::from_runs(r, device));
+    run(
+        &[q, k, v],
+        &|x: Vec<Tensor<B, 4>>| {
+            let [q, k, v]: [Tensor<B, 4>; 3] = x.try_into().unwrap();
+            if ours {
+                <B as Kernels>::attention(q, k, v, keys.as_ref())
+            } else {
+                attention_default(q, k, v, keys.as_ref())
+            }
+        },
+        &w,
+    )
+}
+
+/// The flash kernels (bf16, the default training and inference path on CUDA) against the
+/// reference on the CPU in f32: grouped K/V heads, head dims 64 and 128, packed documents,
+/// left padding after cached keys, lengths that are not multiples of the 64-row tiles. They
+/// may not be much further from the CPU than burn-cuda's own bf16 attention.
+#[test]
+fn cuda_flash_attention_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    for case in flash_cases() {
+        let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
+        let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
+        let burns = flash_case_on::<H>(&device, &case, false, DType::BF16);
+        for (i, part) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            let (e_ours, e_burn) = (err(&ours[i], &cpu[i]), err(&burns[i], &cpu[i]));
+            eprintln!(
+                "  flash {}: {part} error vs CPU ours {e_ours:.2e}, burn's bf16 {e_burn:.2e}",
+                case.name
+            );
+            assert!(
+                e_ours <= 2.0 * e_burn + 2e-2,
+                "{} {part}: ours {e_ours:.3e} from the CPU result, burn's {e_burn:.3e}",
+                case.name
+            );
+        }
     }
 }
 

@@ -19,6 +19,7 @@ use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use distill_core::Recipe;
 use distill_models::hub::{self, HubSettings};
+use distill_models::ops::KeyRanges;
 use distill_models::tokenizer::TextTokenizer;
 use distill_models::transformer::Context;
 use distill_models::{CausalLm, Kernels};
@@ -582,7 +583,7 @@ where
     let ctx_ad = Context::<Ad<B>> {
         cos: Tensor::from_inner(ctx.cos.clone()),
         sin: Tensor::from_inner(ctx.sin.clone()),
-        mask: ctx.mask.clone().map(Tensor::from_inner),
+        keys: ctx.keys.clone().map(KeyRanges::from_inner),
     };
     phase("inputs");
     let layers = &model.model.layers;

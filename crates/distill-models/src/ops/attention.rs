@@ -219,7 +219,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-    use crate::ops::attention_autodiff;
+    use crate::ops::{KeyRanges, attention_autodiff, repeat_kv};
 
     type AD = Autodiff<Flex>;
 
@@ -250,15 +250,16 @@ mod tests {
         assert_eq!(blocks(2, 14, 8192, 8192, 256 << 20).len(), 28);
     }
 
-    /// Packed causal mask [B, H, T, S] like the trainer's: row 0 one document, row 1 two.
-    fn packed_mask(b: usize, h: usize, t: usize) -> Tensor<AD, 4, Bool> {
-        let docs = |r: usize, i: usize| if r == 1 && i >= t / 2 { 1 } else { 0 };
-        let data: Vec<bool> = (0..b)
-            .flat_map(|r| (0..t).flat_map(move |i| (0..t).map(move |j| j > i || docs(r, i) != docs(r, j))))
+    /// Packed causal key runs like the trainer's: row 0 one document, row 1 two.
+    fn packed_keys(b: usize, t: usize) -> KeyRanges<AD> {
+        let runs: Vec<Vec<(usize, usize)>> = (0..b)
+            .map(|r| {
+                (0..t)
+                    .map(|i| (if r == 1 && i >= t / 2 { t / 2 } else { 0 }, i))
+                    .collect()
+            })
             .collect();
-        Tensor::<AD, 3, Bool>::from_data(TensorData::new(data, [b, t, t]), &Default::default())
-            .unsqueeze_dim::<4>(1)
-            .expand([b, h, t, t])
+        KeyRanges::from_runs(&runs, &Default::default())
     }
 
     fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
@@ -276,47 +277,53 @@ mod tests {
     }
 
     /// Output and all three gradients against burn's own attention under autodiff, with the
-    /// blocks forced down to one head (several blocks per row) and to whole rows.
+    /// blocks forced down to one head (several blocks per row) and to whole rows, with and
+    /// without grouped K/V heads (burn's side repeats them; ours sums their gradients).
     #[test]
     fn blockwise_attention_matches_burns_values_and_gradients() {
         let device = Default::default();
-        let (b, h, t, hd) = (2, 3, 6, 4);
-        let rand = |seed: u64| {
+        let (b, h, t, hd) = (2, 4, 6, 4);
+        let rand = |seed: u64, heads: usize| {
             <AD as Backend>::seed(&device, seed);
-            Tensor::<AD, 4>::random([b, h, t, hd], Distribution::Normal(0.0, 1.0), &device)
+            Tensor::<AD, 4>::random([b, heads, t, hd], Distribution::Normal(0.0, 1.0), &device)
         };
-        let (q0, k0, v0, w) = (rand(1), rand(2), rand(3), rand(4));
-        for budget in [t * t * 4, BLOCK_BYTES] {
-            for mask in [Some(packed_mask(b, h, t)), None] {
-                let run = |ours: bool| {
-                    let (q, k, v) = (
-                        q0.clone().require_grad(),
-                        k0.clone().require_grad(),
-                        v0.clone().require_grad(),
-                    );
-                    let out = if ours {
-                        attention_autodiff(q.clone(), k.clone(), v.clone(), mask.clone(), budget)
-                    } else {
-                        burn_attention(
-                            q.clone(),
-                            k.clone(),
-                            v.clone(),
-                            mask.clone(),
-                            None,
-                            AttentionModuleOptions::default(),
-                        )
+        for kv in [h, 2] {
+            let (q0, k0, v0, w) = (rand(1, h), rand(2, kv), rand(3, kv), rand(4, h));
+            for budget in [t * t * 4, BLOCK_BYTES] {
+                for keys in [Some(packed_keys(b, t)), None] {
+                    let run = |ours: bool| {
+                        let (q, k, v) = (
+                            q0.clone().require_grad(),
+                            k0.clone().require_grad(),
+                            v0.clone().require_grad(),
+                        );
+                        let out = if ours {
+                            attention_autodiff(q.clone(), k.clone(), v.clone(), keys.as_ref(), budget)
+                        } else {
+                            let mask = keys
+                                .as_ref()
+                                .map(|r| r.dense(t).unsqueeze_dim::<4>(1).expand([b, h, t, t]));
+                            burn_attention(
+                                q.clone(),
+                                repeat_kv(k.clone(), h),
+                                repeat_kv(v.clone(), h),
+                                mask,
+                                None,
+                                AttentionModuleOptions::default(),
+                            )
+                        };
+                        // A weighted sum, so every output element gets a different gradient.
+                        let grads = (out.clone() * w.clone()).sum().backward();
+                        let g = |x: &Tensor<AD, 4>| values(x.grad(&grads).unwrap());
+                        (values(out.inner()), g(&q), g(&k), g(&v))
                     };
-                    // A weighted sum, so every output element gets a different gradient.
-                    let grads = (out.clone() * w.clone()).sum().backward();
-                    let g = |x: &Tensor<AD, 4>| values(x.grad(&grads).unwrap());
-                    (values(out.inner()), g(&q), g(&k), g(&v))
-                };
-                let (ours, burns) = (run(true), run(false));
-                let case = format!("budget {budget}, mask {}", mask.is_some());
-                assert_close(&format!("{case} out"), &ours.0, &burns.0);
-                assert_close(&format!("{case} dq"), &ours.1, &burns.1);
-                assert_close(&format!("{case} dk"), &ours.2, &burns.2);
-                assert_close(&format!("{case} dv"), &ours.3, &burns.3);
+                    let (ours, burns) = (run(true), run(false));
+                    let case = format!("kv {kv}, budget {budget}, keys {}", keys.is_some());
+                    assert_close(&format!("{case} out"), &ours.0, &burns.0);
+                    assert_close(&format!("{case} dq"), &ours.1, &burns.1);
+                    assert_close(&format!("{case} dk"), &ours.2, &burns.2);
+                    assert_close(&format!("{case} dv"), &ours.3, &burns.3);
+                }
             }
         }
     }

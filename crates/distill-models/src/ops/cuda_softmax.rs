@@ -17,9 +17,7 @@
 //! Inputs the kernels do not take (another dtype, a mask stored as u32, a rank other than 4)
 //! get `Err` and the caller falls back to the burn ops; `DISTILL_SOFTMAX=burn` does so always.
 
-use std::collections::HashMap;
-use std::ffi::{CString, c_void};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use burn::tensor::{BoolStore, DType};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -30,6 +28,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys as cu;
 
 use super::cublas::{self, Ordering};
+use super::nvrtc::{self, Arg};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -133,46 +132,26 @@ pub fn enabled() -> bool {
     })
 }
 
-/// The two kernels of one device (a module is loaded per CUDA context).
-#[derive(Clone, Copy)]
-struct Functions {
-    probs: usize,
-    grad: usize,
+/// The two kernels, NVRTC's default architecture.
+fn module() -> nvrtc::Module {
+    nvrtc::Module {
+        key: "attention_probs".into(),
+        source: SOURCE,
+        arch: None,
+        options: Vec::new(),
+        names: &["attention_probs", "attention_probs_grad"],
+        dynamic_smem: 0,
+    }
 }
 
-/// Compiles [`SOURCE`] once per process and loads it once per device. Runs on the device
-/// thread, where the device's context is current.
-fn functions(device: usize) -> Result<Functions, String> {
-    static PTX: OnceLock<Result<CString, String>> = OnceLock::new();
-    static LOADED: OnceLock<Mutex<HashMap<usize, Result<Functions, String>>>> = OnceLock::new();
-    let mut loaded = LOADED
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    loaded
-        .entry(device)
-        .or_insert_with(|| {
-            let ptx = PTX
-                .get_or_init(|| {
-                    let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| format!("NVRTC: {e:?}"))?;
-                    CString::new(ptx.to_src()).map_err(|e| format!("PTX text: {e}"))
-                })
-                .clone()?;
-            // SAFETY: a NUL-terminated PTX image; the context is current on this thread.
-            let module = unsafe { cudarc::driver::result::module::load_data(ptx.as_ptr().cast()) }
-                .map_err(|e| format!("cuModuleLoadData: {e}"))?;
-            let function = |name: &str| {
-                // SAFETY: `module` was just loaded and is never unloaded.
-                unsafe { cudarc::driver::result::module::get_function(module, CString::new(name).unwrap()) }
-                    .map(|f| f as usize)
-                    .map_err(|e| format!("cuModuleGetFunction({name}): {e}"))
-            };
-            Ok(Functions {
-                probs: function("attention_probs")?,
-                grad: function("attention_probs_grad")?,
-            })
-        })
-        .clone()
+/// Launches kernel `which` of [`module`] with blocks of 256 threads.
+fn run(device: usize, which: usize, blocks: u32, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
+    let how = nvrtc::Launch {
+        grid: (blocks, 1, 1),
+        threads: 256,
+        dynamic_smem: 0,
+    };
+    nvrtc::launch(nvrtc::functions(device, &module())?[which], how, stream, args)
 }
 
 /// The parameters both kernels share, in their order: the mask (a u8 [r, h, T, S] buffer and
@@ -254,46 +233,6 @@ fn ordering() -> Ordering {
     }
 }
 
-/// One kernel argument by value, as the kernel declares it.
-#[derive(Clone, Copy)]
-enum Arg {
-    /// A device pointer (or null).
-    Ptr(u64),
-    I64(i64),
-    I32(i32),
-    F32(f32),
-}
-
-/// Launches `function` with blocks of 256 threads on `stream`. Each argument sits in its own
-/// 8-byte slot, little-endian, so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel
-/// reads each argument's size from the kernel's signature and copies it before returning.
-fn launch(function: usize, grid: (u32, u32, u32), stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
-    let mut slots: Vec<u64> = args
-        .iter()
-        .map(|a| match *a {
-            Arg::Ptr(p) => p,
-            Arg::I64(v) => v as u64,
-            Arg::I32(v) => u64::from(v as u32),
-            Arg::F32(v) => u64::from(v.to_bits()),
-        })
-        .collect();
-    let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
-    // SAFETY: `args` follow the kernel's parameter list in order and type (the callers below);
-    // the pointers are live cubecl buffers of the sizes the shapes describe, held by
-    // `run_on_stream` until after the launch.
-    unsafe {
-        cudarc::driver::result::launch_kernel(
-            function as cu::CUfunction,
-            grid,
-            (256, 1, 1),
-            0,
-            stream,
-            &mut params,
-        )
-    }
-    .map_err(|e| format!("launch: {e}"))
-}
-
 /// P = softmax(scale * scores, masked) in `p_dtype` and lse [r, h, T, 1] (f32).
 /// scores: [r, h, T, S] f32; mask: [r, h, T, S] bool, true = masked out.
 pub fn probs(
@@ -306,6 +245,7 @@ pub fn probs(
     let dims = scores.meta.shape().as_slice().to_vec();
     let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
     let geometry = Geometry::new(mask, &dims, scale)?;
+    nvrtc::ensure_loaded(&scores.device, module())?;
     let p_bf16 = out_flag(p_dtype)?;
     let rows = r * h * t;
     let grid = u32::try_from(rows).map_err(|_| format!("{rows} rows"))?;
@@ -327,8 +267,7 @@ pub fn probs(
         let mut args = vec![Ptr(x)];
         args.extend(geometry.args(mk));
         args.extend([Ptr(pp), I32(p_bf16), Ptr(l)]);
-        launch(functions(index)?.probs, (grid, 1, 1), stream, &args)
-            .map_err(|e| format!("attention_probs: {e}"))
+        run(index, 0, grid, stream, &args).map_err(|e| format!("attention_probs: {e}"))
     })?;
     Ok((p, lse))
 }
@@ -361,6 +300,7 @@ pub fn probs_grad(
         return Err("shapes".into());
     }
     let geometry = Geometry::new(mask, &dims, scale)?;
+    nvrtc::ensure_loaded(&scores.device, module())?;
     let (ds_bf16, p_bf16) = (out_flag(ds_dtype)?, out_flag(p_dtype)?);
     let n = (r * h * t * s) as i64;
     if n == 0 {
@@ -389,8 +329,7 @@ pub fn probs_grad(
             let mut args = vec![Ptr(x), Ptr(d), Ptr(l), Ptr(dl)];
             args.extend(geometry.args(mk));
             args.extend([Ptr(o_ds), I32(ds_bf16), Ptr(o_p), I32(p_bf16), I64(n)]);
-            launch(functions(index)?.grad, (blocks, 1, 1), stream, &args)
-                .map_err(|e| format!("attention_probs_grad: {e}"))
+            run(index, 1, blocks, stream, &args).map_err(|e| format!("attention_probs_grad: {e}"))
         },
     )?;
     Ok((ds, p))

@@ -1,0 +1,365 @@
+//! Flash attention on CUDA tensor cores (`flash_attention.cu`): bf16 Q, K, V with head dim 64
+//! or 128, the mask given as each query's run of visible keys ([`crate::KeyRanges`]), grouped
+//! K/V heads read in place. Forward and backward never hold a [T, S] score matrix: the
+//! forward keeps O and the log-sum-exp per query, the backward recomputes P tile by tile.
+//!
+//! Why: the blockwise attention ([`super::attention`]) wrote the f32 scores, P, dP and dS of a
+//! whole block to memory and read them back: at 0.5B, 4 x 2048 that was most of the step's
+//! GPU time after the GEMMs moved to cuBLAS. Here they stay in registers, and key tiles no
+//! query of a tile can see (the upper triangle, other documents) are skipped.
+//!
+//! Inputs the kernels do not take (another dtype or head dim, strides that are not multiples
+//! of 8 elements, a GPU before sm_80) get `Err`; the caller then uses the blockwise path.
+//! `DISTILL_ATTENTION=blockwise` does so always.
+
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::cublas::{self, Ordering};
+use super::nvrtc::{self, Arg, Launch};
+
+type CudaTensor = CubeTensor<CudaRuntime>;
+
+const SOURCE: &str = include_str!("flash_attention.cu");
+/// Rows of a tile (queries or keys), as `TILE` in the source.
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+
+/// The kernels for one head dim: sm_80 tensor-core instructions.
+fn module(hd: usize) -> nvrtc::Module {
+    nvrtc::Module {
+        key: format!("flash_attention hd{hd}"),
+        source: SOURCE,
+        arch: Some("compute_80"),
+        options: vec![format!("-DHD={hd}")],
+        names: &["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"],
+        dynamic_smem: smem(hd, 4),
+    }
+}
+
+/// Shared memory for `tiles` bf16 tiles of [TILE, hd + 8].
+fn smem(hd: usize, tiles: usize) -> u32 {
+    (tiles * TILE * (hd + 8) * 2) as u32
+}
+
+/// A bf16 [B, heads, rows, hd] operand as the kernels read it: contiguous head dim, the other
+/// strides multiples of 8 elements, a 16-byte aligned start.
+struct Operand {
+    tensor: CudaTensor,
+    /// Strides of batch, head and row, in elements.
+    strides: [i64; 3],
+}
+
+impl Operand {
+    fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
+        if t.dtype != DType::BF16 || t.meta.rank() != 4 || t.meta.shape()[3] != hd {
+            return Err(format!("{what}: {:?} {:?}", t.dtype, t.meta.shape()));
+        }
+        let fits = |t: &CudaTensor| {
+            let st = t.meta.strides();
+            st[3] == 1
+                && st[..3].iter().all(|s| s % 8 == 0)
+                && t.handle.offset_start.unwrap_or(0).is_multiple_of(16)
+        };
+        let tensor = if fits(t) {
+            t.clone()
+        } else {
+            let c = into_contiguous(t.clone());
+            if !fits(&c) {
+                return Err(format!("{what}: strides {:?}", c.meta.strides()));
+            }
+            c
+        };
+        let st = tensor.meta.strides();
+        let strides = [st[0] as i64, st[1] as i64, st[2] as i64];
+        Ok(Operand { tensor, strides })
+    }
+
+    fn dims(&self) -> [usize; 4] {
+        let s = self.tensor.meta.shape();
+        [s[0], s[1], s[2], s[3]]
+    }
+
+    fn binding(&self) -> burn_cubecl::cubecl::server::Binding {
+        self.tensor.handle.clone().binding()
+    }
+}
+
+/// A bf16 output [B, rows, heads, hd] (contiguous), written by the kernels as the view
+/// [B, heads, rows, hd]: the layout the model's next reshape wants.
+fn output(like: &CudaTensor, [b, h, r, d]: [usize; 4]) -> Operand {
+    let t = empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        vec![b, r, h, d].into(),
+        DType::BF16,
+    );
+    let st = [(r * h * d) as i64, d as i64, (h * d) as i64];
+    Operand {
+        tensor: t,
+        strides: st,
+    }
+}
+
+/// Which keys each query sees: [R, T] i32 `lo` and `hi`, R = 1 or B; None = all keys.
+pub type Ranges<'a> = Option<(&'a CudaTensor, &'a CudaTensor)>;
+
+/// The ranges' tensors, checked, and whether there is one row of them per batch row.
+fn ranges(r: Ranges, b: usize, t: usize) -> Result<(Option<(CudaTensor, CudaTensor)>, bool), String> {
+    let Some((lo, hi)) = r else {
+        return Ok((None, false));
+    };
+    let check = |x: &CudaTensor| -> Result<CudaTensor, String> {
+        let s = x.meta.shape();
+        if x.dtype != DType::I32 || x.meta.rank() != 2 || s[1] != t || (s[0] != 1 && s[0] != b) {
+            return Err(format!("key ranges {:?} {:?}", x.dtype, x.meta.shape()));
+        }
+        Ok(into_contiguous(x.clone()))
+    };
+    let per_row = lo.meta.shape()[0] == b && b > 1;
+    Ok((Some((check(lo)?, check(hi)?)), per_row))
+}
+
+/// The shapes of one call: q [B, H, T, hd], k/v [B, KV, S, hd].
+struct Shape {
+    b: usize,
+    heads: usize,
+    groups: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+}
+
+impl Shape {
+    fn new(q: &CudaTensor, k: &CudaTensor, v: &CudaTensor) -> Result<Self, String> {
+        let (qs, ks, vs) = (q.meta.shape(), k.meta.shape(), v.meta.shape());
+        if q.meta.rank() != 4 || k.meta.rank() != 4 || ks.as_slice() != vs.as_slice() {
+            return Err(format!("shapes q {qs:?} k {ks:?} v {vs:?}"));
+        }
+        let (b, heads, t, hd) = (qs[0], qs[1], qs[2], qs[3]);
+        let (kv, s) = (ks[1], ks[2]);
+        if ks[0] != b || ks[3] != hd || kv == 0 || heads % kv != 0 || !matches!(hd, 64 | 128) {
+            return Err(format!("shapes q {qs:?} k {ks:?}"));
+        }
+        if b == 0 || t == 0 || s == 0 || t > i32::MAX as usize || s > i32::MAX as usize {
+            return Err("empty or oversized".into());
+        }
+        Ok(Shape {
+            b,
+            heads,
+            groups: heads / kv,
+            t,
+            s,
+            hd,
+        })
+    }
+
+    /// What every kernel takes last: ranges, per-row flag, heads, groups, T, S, scale.
+    fn tail(&self, lo: u64, hi: u64, per_row: bool, scale: f32) -> [Arg; 8] {
+        use Arg::*;
+        [
+            Ptr(lo),
+            Ptr(hi),
+            I32(per_row as i32),
+            I32(self.heads as i32),
+            I32(self.groups as i32),
+            I32(self.t as i32),
+            I32(self.s as i32),
+            F32(scale),
+        ]
+    }
+
+    fn tiles(n: usize) -> u32 {
+        n.div_ceil(TILE) as u32
+    }
+}
+
+fn ordering() -> Ordering {
+    match cublas::ordering() {
+        Ordering::Sync => Ordering::Sync,
+        _ => Ordering::Stream,
+    }
+}
+
+/// softmax(scale q kᵀ, ranges) v and the log-sum-exp per query. q: [B, H, T, hd], k/v:
+/// [B, KV, S, hd]. Returns the output as [B, T, H, hd] (contiguous) and lse [B, H, T, 1] f32.
+pub fn forward(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    keys: Ranges,
+    scale: f32,
+) -> Result<(CudaTensor, CudaTensor), String> {
+    let sh = Shape::new(q, k, v)?;
+    nvrtc::ensure_loaded(&q.device, module(sh.hd))?;
+    let (q, k, v) = (
+        Operand::new(q, "q", sh.hd)?,
+        Operand::new(k, "k", sh.hd)?,
+        Operand::new(v, "v", sh.hd)?,
+    );
+    let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
+    let o = output(&q.tensor, q.dims());
+    let lse = empty_device_contiguous_dtype(
+        q.tensor.client.clone(),
+        q.tensor.device.clone(),
+        vec![sh.b, sh.heads, sh.t, 1].into(),
+        DType::F32,
+    );
+    let (lo, hi) = range_bindings(&keys, &q);
+    let bindings = [
+        q.binding(),
+        k.binding(),
+        v.binding(),
+        o.binding(),
+        lse.handle.clone().binding(),
+        lo,
+        hi,
+    ];
+    let device = q.tensor.device.clone();
+    let how = Launch {
+        grid: (Shape::tiles(sh.t), sh.heads as u32, sh.b as u32),
+        threads: THREADS,
+        dynamic_smem: smem(sh.hd, 2),
+    };
+    let has_keys = keys.is_some();
+    let o_strides = o.strides;
+    let (qs, ks, vs) = (q.strides, k.strides, v.strides);
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        ordering(),
+        move |stream, [pq, pk, pv, po, pl, plo, phi]| {
+            let f = nvrtc::functions(device.index, &module(sh.hd))?[0];
+            let mut args = Vec::with_capacity(26);
+            args.extend(strided(pq, qs));
+            args.extend(strided(pk, ks));
+            args.extend(strided(pv, vs));
+            args.extend(strided(po, o_strides));
+            args.push(Arg::Ptr(pl));
+            let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
+            args.extend(sh.tail(lo, hi, per_row, scale));
+            nvrtc::launch(f, how, stream, &args).map_err(|e| format!("flash_fwd: {e}"))
+        },
+    )?;
+    Ok((o.tensor, lse))
+}
+
+/// Gradients of [`forward`] for q, k and v given the output gradient `d_out` [B, H, T, hd],
+/// the log-sum-exp it returned and delta = rowsum(d_out ∘ out) [B, H, T, 1] f32. Returns
+/// dq as [B, T, H, hd] and dk, dv as [B, S, KV, hd] (contiguous).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+    keys: Ranges,
+    lse: &CudaTensor,
+    delta: &CudaTensor,
+    d_out: &CudaTensor,
+    scale: f32,
+) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
+    let sh = Shape::new(q, k, v)?;
+    nvrtc::ensure_loaded(&q.device, module(sh.hd))?;
+    let (q, k, v) = (
+        Operand::new(q, "q", sh.hd)?,
+        Operand::new(k, "k", sh.hd)?,
+        Operand::new(v, "v", sh.hd)?,
+    );
+    let d_out = Operand::new(d_out, "d_out", sh.hd)?;
+    if d_out.dims() != q.dims() {
+        return Err(format!("d_out {:?}", d_out.dims()));
+    }
+    let rows = |x: &CudaTensor, what: &str| -> Result<CudaTensor, String> {
+        if x.dtype != DType::F32 || x.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
+            return Err(format!("{what}: {:?} {:?}", x.dtype, x.meta.shape()));
+        }
+        Ok(into_contiguous(x.clone()))
+    };
+    let (lse, delta) = (rows(lse, "lse")?, rows(delta, "delta")?);
+    let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
+    let dq = output(&q.tensor, q.dims());
+    let dk = output(&q.tensor, k.dims());
+    let dv = output(&q.tensor, v.dims());
+    let (lo, hi) = range_bindings(&keys, &q);
+    let bindings = [
+        q.binding(),
+        k.binding(),
+        v.binding(),
+        d_out.binding(),
+        lse.handle.clone().binding(),
+        delta.handle.clone().binding(),
+        dq.binding(),
+        dk.binding(),
+        dv.binding(),
+        lo,
+        hi,
+    ];
+    let device = q.tensor.device.clone();
+    let kv_heads = sh.heads / sh.groups;
+    let dq_launch = Launch {
+        grid: (Shape::tiles(sh.t), sh.heads as u32, sh.b as u32),
+        threads: THREADS,
+        dynamic_smem: smem(sh.hd, 2),
+    };
+    let dkdv_launch = Launch {
+        grid: (Shape::tiles(sh.s), kv_heads as u32, sh.b as u32),
+        threads: THREADS,
+        dynamic_smem: smem(sh.hd, 4),
+    };
+    let has_keys = keys.is_some();
+    let strides = [
+        q.strides,
+        k.strides,
+        v.strides,
+        d_out.strides,
+        dq.strides,
+        dk.strides,
+        dv.strides,
+    ];
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        ordering(),
+        move |stream, [pq, pk, pv, pdo, pl, pd, pdq, pdk, pdv, plo, phi]| {
+            let f = nvrtc::functions(device.index, &module(sh.hd))?;
+            let [qs, ks, vs, dos, dqs, dks, dvs] = strides;
+            let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
+            let mut args = Vec::with_capacity(32);
+            for (p, st) in [(pq, qs), (pk, ks), (pv, vs), (pdo, dos)] {
+                args.extend(strided(p, st));
+            }
+            args.extend([Arg::Ptr(pl), Arg::Ptr(pd)]);
+            let common = args.len();
+            args.extend(strided(pdq, dqs));
+            args.extend(sh.tail(lo, hi, per_row, scale));
+            nvrtc::launch(f[1], dq_launch, stream, &args).map_err(|e| format!("flash_bwd_dq: {e}"))?;
+            args.truncate(common);
+            args.extend(strided(pdk, dks));
+            args.extend(strided(pdv, dvs));
+            args.extend(sh.tail(lo, hi, per_row, scale));
+            nvrtc::launch(f[2], dkdv_launch, stream, &args).map_err(|e| format!("flash_bwd_dkdv: {e}"))
+        },
+    )?;
+    Ok((dq.tensor, dk.tensor, dv.tensor))
+}
+
+fn strided(ptr: u64, [b, h, r]: [i64; 3]) -> [Arg; 4] {
+    [Arg::Ptr(ptr), Arg::I64(b), Arg::I64(h), Arg::I64(r)]
+}
+
+/// Bindings for lo and hi, or (without ranges) q's, unused: the kernels get null pointers.
+fn range_bindings(
+    keys: &Option<(CudaTensor, CudaTensor)>,
+    q: &Operand,
+) -> (
+    burn_cubecl::cubecl::server::Binding,
+    burn_cubecl::cubecl::server::Binding,
+) {
+    match keys {
+        Some((lo, hi)) => (lo.handle.clone().binding(), hi.handle.clone().binding()),
+        None => (q.binding(), q.binding()),
+    }
+}

@@ -1,0 +1,450 @@
+/* Flash attention for bf16 Q, K, V (FlashAttention-2's algorithm), forward and backward, on
+ * tensor cores through mma.sync (sm_80+). Compiled at run time by NVRTC with HD (the head
+ * dim, a multiple of 16) defined; see cuda_flash.rs.
+ *
+ * Layout: a tensor is [B, heads, rows, HD] with the head dim contiguous and the other three
+ * strides given (elements, multiples of 8, 16-byte aligned base), so the views the model makes
+ * ([B, T, H, hd] memory seen as [B, H, T, hd]) are read in place. Query head h reads K/V head
+ * h / groups (grouped-query attention without repeating K and V).
+ *
+ * Masking: query i of batch row b sees the keys lo[i] ..= hi[i] of its row (int arrays
+ * [R, T], R = 1 shared or R = B); null lo/hi means every key. That describes causal, packed
+ * (documents) and left-padded batches alike, and lets a tile skip key blocks it cannot see.
+ *
+ * Work split: a CTA is 4 warps; a warp owns 16 rows of the tile (queries in the forward and
+ * dQ kernels, keys in the dK/dV kernel). Each warp computes its rows' scores with
+ * m16n8k16 MMAs; the f32 accumulator layout of one score block is the bf16 A-operand layout of
+ * the next MMA, so P and dS never leave registers. Softmax is online in log2 units.
+ */
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+typedef long long i64;
+
+#ifndef HD
+#error "define HD, the head dim"
+#endif
+#define TILE 64          /* rows of a tile: 4 warps x 16 */
+#define LD (HD + 8)      /* shared row stride: +16 bytes keeps fragment loads off one bank */
+#define NT 128
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define NEG_INF __int_as_float(0xff800000)
+#define NO_KEY 0x7fffffff
+
+/* Two floats as a bf16 pair, round to nearest even; `lo` in the low half. */
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ u32 pair(bf16_t lo, bf16_t hi) { return (u32)lo | ((u32)hi << 16); }
+
+/* c (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col). */
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Rows row0 .. row0+TILE of one head (row stride `st`) into a shared tile, zeros past `n`. */
+__device__ __forceinline__ void load_tile(bf16_t* tile, const bf16_t* head, i64 st, int row0, int n) {
+    const int chunks = HD / 8; /* 16-byte chunks per row */
+    for (int c = threadIdx.x; c < TILE * chunks; c += NT) {
+        const int r = c / chunks, col = (c - r * chunks) * 8;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < n) val = *(const uint4*)(head + (i64)(row0 + r) * st + col);
+        *(uint4*)(tile + r * LD + col) = val;
+    }
+}
+
+/* A operand: tile rows r0..r0+16, columns kk*16..+16. */
+__device__ __forceinline__ void frag_a(u32* a, const bf16_t* tile, int r0, int kk, int g, int t) {
+    const bf16_t* p = tile + (r0 + g) * LD + kk * 16 + t * 2;
+    a[0] = *(const u32*)p;
+    a[1] = *(const u32*)(p + 8 * LD);
+    a[2] = *(const u32*)(p + 8);
+    a[3] = *(const u32*)(p + 8 * LD + 8);
+}
+
+/* B operand (k16 x n8) = tileᵀ: B[k][n] = tile[n0 + n][kk*16 + k]. */
+__device__ __forceinline__ void frag_bt(u32& b0, u32& b1, const bf16_t* tile, int n0, int kk, int g, int t) {
+    const bf16_t* p = tile + (n0 + g) * LD + kk * 16 + t * 2;
+    b0 = *(const u32*)p;
+    b1 = *(const u32*)(p + 8);
+}
+
+/* B operand (k16 x n8) = tile: B[k][n] = tile[k0 + k][n0 + n]. */
+__device__ __forceinline__ void frag_b(u32& b0, u32& b1, const bf16_t* tile, int k0, int n0, int g, int t) {
+    const bf16_t* p = tile + (k0 + t * 2) * LD + n0 + g;
+    b0 = pair(p[0], p[LD]);
+    b1 = pair(p[8 * LD], p[9 * LD]);
+}
+
+/* The A operand for columns 16j..16j+16 from accumulator blocks 2j and 2j+1 (16x8 each). */
+__device__ __forceinline__ void acc_to_a(u32* a, const float (*c)[4], int j) {
+    a[0] = pack2(c[2 * j][0], c[2 * j][1]);
+    a[1] = pack2(c[2 * j][2], c[2 * j][3]);
+    a[2] = pack2(c[2 * j + 1][0], c[2 * j + 1][1]);
+    a[3] = pack2(c[2 * j + 1][2], c[2 * j + 1][3]);
+}
+
+/* Row i's visible keys [lo, hi]; an empty range (NO_KEY, -1) past the end. */
+__device__ __forceinline__ void key_range(const int* lo, const int* hi, int i, int t_len, int s_len, int& a, int& z) {
+    if (i >= t_len) { a = NO_KEY; z = -1; return; }
+    a = lo ? lo[i] : 0;
+    z = hi ? min(hi[i], s_len - 1) : s_len - 1;
+}
+
+/* Shared prologue of the two query-tile kernels: the tile's key ranges into slo/shi, and the
+ * span of keys any of its queries sees into span[0..2]. */
+__device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q0, int t_len, int s_len,
+                                             int* slo, int* shi, int* span) {
+    if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; }
+    __syncthreads();
+    if (threadIdx.x < TILE) {
+        int a, z;
+        key_range(lo, hi, q0 + threadIdx.x, t_len, s_len, a, z);
+        slo[threadIdx.x] = a;
+        shi[threadIdx.x] = z;
+        if (z >= a) { atomicMin(&span[0], a); atomicMax(&span[1], z); }
+    }
+}
+
+#define HEAD(p, b, h, sb, sh) ((p) + (i64)(b) * (sb) + (i64)(h) * (sh))
+
+/* Forward: O = softmax(scale Q Kᵀ, masked) V and lse (natural log) per query, [B, H, T].
+ * Grid (query tiles, H, B); heavy (late) query tiles first. */
+extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
+    const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
+    const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
+    const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
+    bf16_t* o, i64 o_b, i64 o_h, i64 o_t,
+    float* lse, const int* lo, const int* hi, int ranges_per_row,
+    int heads, int groups, int t_len, int s_len, float scale)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* sk = (bf16_t*)smem;
+    bf16_t* sv = sk + TILE * LD;
+    __shared__ int slo[TILE], shi[TILE], span[2];
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
+    const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
+    lo = lo ? lo + roff : lo;
+    hi = hi ? hi + roff : hi;
+
+    query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
+    load_tile(sk, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
+    __syncthreads();
+    u32 qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], sk, r0, kk, g, t);
+    const int lo_r[2] = {slo[r0 + g], slo[r0 + g + 8]}, hi_r[2] = {shi[r0 + g], shi[r0 + g + 8]};
+    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
+    __syncthreads();
+
+    const float sl2 = scale * LOG2E;
+    float acc[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
+    for (int k0 = first; k0 <= last; k0 += TILE) {
+        load_tile(sk, kh, k_t, k0, s_len);
+        load_tile(sv, vh, v_t, k0, s_len);
+        __syncthreads();
+        float s[TILE / 8][4];
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                u32 b0, b1;
+                frag_bt(b0, b1, sk, n * 8, kk, g, t);
+                mma(s[n], qa[kk], b0, b1);
+            }
+        }
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
+                const float x = (j >= lo_r[r] && j <= hi_r[r]) ? s[n][e] * sl2 : NEG_INF;
+                s[n][e] = x;
+                mx[r] = fmaxf(mx[r], x);
+            }
+        float base[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);
+            base[r] = mn == NEG_INF ? 0.f : mn; /* a row with no key yet: exp2(-inf - 0) = 0 */
+            alpha[r] = exp2f(m[r] - base[r]);
+            m[r] = mn;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(s[n][e] - base[e >> 1]);
+                s[n][e] = p;
+                l[e >> 1] += p;
+            }
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            acc[n][0] *= alpha[0]; acc[n][1] *= alpha[0];
+            acc[n][2] *= alpha[1]; acc[n][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int j = 0; j < TILE / 16; j++) {
+            u32 pa[4];
+            acc_to_a(pa, s, j);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                u32 b0, b1;
+                frag_b(b0, b1, sv, j * 16, n * 8, g, t);
+                mma(acc[n], pa, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        const int i = q0 + r0 + g + 8 * r;
+        if (i >= t_len) continue;
+        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        bf16_t* orow = HEAD(o, b, h, o_b, o_h) + (i64)i * o_t;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *(u32*)(orow + n * 8 + t * 2) = pack2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+        if (t == 0) lse[((i64)b * heads + h) * t_len + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : NEG_INF;
+    }
+}
+
+/* dQ = scale dS K with dS = P (dP - delta), P = exp(scale Q Kᵀ - lse), dP = dO Vᵀ.
+ * lse, delta: [B, H, T] f32. Grid (query tiles, H, B). */
+extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
+    const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
+    const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
+    const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
+    const bf16_t* dout, i64 do_b, i64 do_h, i64 do_t,
+    const float* lse, const float* delta,
+    bf16_t* dq, i64 dq_b, i64 dq_h, i64 dq_t,
+    const int* lo, const int* hi, int ranges_per_row,
+    int heads, int groups, int t_len, int s_len, float scale)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* sk = (bf16_t*)smem;
+    bf16_t* sv = sk + TILE * LD;
+    __shared__ int slo[TILE], shi[TILE], span[2];
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
+    const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
+    lo = lo ? lo + roff : lo;
+    hi = hi ? hi + roff : hi;
+
+    query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
+    load_tile(sk, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
+    load_tile(sv, HEAD(dout, b, h, do_b, do_h), do_t, q0, t_len);
+    __syncthreads();
+    u32 qa[HD / 16][4], da[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        frag_a(qa[kk], sk, r0, kk, g, t);
+        frag_a(da[kk], sv, r0, kk, g, t);
+    }
+    int lo_r[2], hi_r[2];
+    float lse_r[2], delta_r[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = r0 + g + 8 * r, i = q0 + row;
+        lo_r[r] = slo[row];
+        hi_r[r] = shi[row];
+        const i64 at = ((i64)b * heads + h) * t_len + i;
+        lse_r[r] = i < t_len ? lse[at] * LOG2E : 0.f;
+        delta_r[r] = i < t_len ? delta[at] : 0.f;
+    }
+    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
+    __syncthreads();
+
+    const float sl2 = scale * LOG2E;
+    float acc[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
+    for (int k0 = first; k0 <= last; k0 += TILE) {
+        load_tile(sk, kh, k_t, k0, s_len);
+        load_tile(sv, vh, v_t, k0, s_len);
+        __syncthreads();
+        float s[TILE / 8][4], dp[TILE / 8][4];
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                u32 b0, b1;
+                frag_bt(b0, b1, sk, n * 8, kk, g, t);
+                mma(s[n], qa[kk], b0, b1);
+                frag_bt(b0, b1, sv, n * 8, kk, g, t);
+                mma(dp[n], da[kk], b0, b1);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
+                const bool seen = j >= lo_r[r] && j <= hi_r[r];
+                const float p = seen ? exp2f(s[n][e] * sl2 - lse_r[r]) : 0.f;
+                dp[n][e] = seen ? p * (dp[n][e] - delta_r[r]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TILE / 16; j++) {
+            u32 dsa[4];
+            acc_to_a(dsa, dp, j);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                u32 b0, b1;
+                frag_b(b0, b1, sk, j * 16, n * 8, g, t);
+                mma(acc[n], dsa, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = q0 + r0 + g + 8 * r;
+        if (i >= t_len) continue;
+        bf16_t* row = HEAD(dq, b, h, dq_b, dq_h) + (i64)i * dq_t;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++)
+            *(u32*)(row + n * 8 + t * 2) = pack2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+    }
+}
+
+/* dV = Pᵀ dO and dK = scale dSᵀ Q for one tile of keys, summed over every query tile that sees
+ * it and over the query heads sharing its K/V head. A warp computes its 16 keys' transposed
+ * scores Sᵀ = K Qᵀ, so Pᵀ and dSᵀ are A operands in registers. Grid (key tiles, KV heads, B). */
+extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
+    const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
+    const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
+    const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
+    const bf16_t* dout, i64 do_b, i64 do_h, i64 do_t,
+    const float* lse, const float* delta,
+    bf16_t* dk, i64 dk_b, i64 dk_h, i64 dk_t,
+    bf16_t* dv, i64 dv_b, i64 dv_h, i64 dv_t,
+    const int* lo, const int* hi, int ranges_per_row,
+    int heads, int groups, int t_len, int s_len, float scale)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16_t* sk = (bf16_t*)smem;
+    bf16_t* sv = sk + TILE * LD;
+    bf16_t* sq = sv + TILE * LD;
+    bf16_t* sdo = sq + TILE * LD;
+    __shared__ int slo[TILE], shi[TILE];
+    __shared__ float sl[TILE], sd[TILE];
+    const int k0 = blockIdx.x * TILE, kvh = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
+    const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
+    lo = lo ? lo + roff : lo;
+    hi = hi ? hi + roff : hi;
+    const int kmax = min(k0 + TILE, s_len) - 1;
+    const int j_r[2] = {k0 + r0 + g, k0 + r0 + g + 8};
+
+    load_tile(sk, HEAD(k, b, kvh, k_b, k_h), k_t, k0, s_len);
+    load_tile(sv, HEAD(v, b, kvh, v_b, v_h), v_t, k0, s_len);
+
+    const float sl2 = scale * LOG2E;
+    float ak[HD / 8][4], av[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = 0.f;
+        av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.f;
+    }
+    for (int hq = kvh * groups; hq < (kvh + 1) * groups; hq++) {
+        for (int q0 = 0; q0 < t_len; q0 += TILE) {
+            bool sees = false;
+            if (threadIdx.x < TILE) {
+                int a, z;
+                const int i = q0 + threadIdx.x;
+                key_range(lo, hi, i, t_len, s_len, a, z);
+                slo[threadIdx.x] = a;
+                shi[threadIdx.x] = z;
+                sees = a <= z && a <= kmax && z >= k0;
+                const i64 at = ((i64)b * heads + hq) * t_len + i;
+                sl[threadIdx.x] = i < t_len ? lse[at] * LOG2E : 0.f;
+                sd[threadIdx.x] = i < t_len ? delta[at] : 0.f;
+            }
+            if (!__syncthreads_or(sees)) continue;
+            load_tile(sq, HEAD(q, b, hq, q_b, q_h), q_t, q0, t_len);
+            load_tile(sdo, HEAD(dout, b, hq, do_b, do_h), do_t, q0, t_len);
+            __syncthreads();
+            float st[TILE / 8][4], dpt[TILE / 8][4];
+#pragma unroll
+            for (int n = 0; n < TILE / 8; n++) {
+                st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
+                dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                u32 ka[4], va[4];
+                frag_a(ka, sk, r0, kk, g, t);
+                frag_a(va, sv, r0, kk, g, t);
+#pragma unroll
+                for (int n = 0; n < TILE / 8; n++) {
+                    u32 b0, b1;
+                    frag_bt(b0, b1, sq, n * 8, kk, g, t);
+                    mma(st[n], ka, b0, b1);
+                    frag_bt(b0, b1, sdo, n * 8, kk, g, t);
+                    mma(dpt[n], va, b0, b1);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
+                    const bool seen = j <= kmax && j >= slo[c] && j <= shi[c];
+                    const float p = seen ? exp2f(st[n][e] * sl2 - sl[c]) : 0.f;
+                    st[n][e] = p;
+                    dpt[n][e] = seen ? p * (dpt[n][e] - sd[c]) : 0.f;
+                }
+            }
+#pragma unroll
+            for (int jq = 0; jq < TILE / 16; jq++) {
+                u32 pa[4], dsa[4];
+                acc_to_a(pa, st, jq);
+                acc_to_a(dsa, dpt, jq);
+#pragma unroll
+                for (int n = 0; n < HD / 8; n++) {
+                    u32 b0, b1;
+                    frag_b(b0, b1, sdo, jq * 16, n * 8, g, t);
+                    mma(av[n], pa, b0, b1);
+                    frag_b(b0, b1, sq, jq * 16, n * 8, g, t);
+                    mma(ak[n], dsa, b0, b1);
+                }
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int j = j_r[r];
+        if (j > kmax) continue;
+        bf16_t* krow = HEAD(dk, b, kvh, dk_b, dk_h) + (i64)j * dk_t;
+        bf16_t* vrow = HEAD(dv, b, kvh, dv_b, dv_h) + (i64)j * dv_t;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            *(u32*)(krow + n * 8 + t * 2) = pack2(ak[n][2 * r] * scale, ak[n][2 * r + 1] * scale);
+            *(u32*)(vrow + n * 8 + t * 2) = pack2(av[n][2 * r], av[n][2 * r + 1]);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! CUDA C kernels compiled at run time: NVRTC (which cubecl already loads) compiles a source
+//! once per process and configuration, each device loads the module once, and [`launch`]
+//! issues a kernel on the stream [`cublas::run_on_stream`] hands out.
+//!
+//! [`cublas::run_on_stream`]: super::cublas::run_on_stream
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::sys as cu;
+use cudarc::nvrtc::CompileOptions;
+
+/// One compiled source: what [`functions`] needs to build and load it.
+pub(crate) struct Module {
+    /// Names this configuration in the caches (source and defines).
+    pub key: String,
+    pub source: &'static str,
+    /// e.g. `compute_80` for tensor-core instructions; None: NVRTC's default.
+    pub arch: Option<&'static str>,
+    /// `-D` defines and other NVRTC options.
+    pub options: Vec<String>,
+    pub names: &'static [&'static str],
+    /// Dynamic shared memory the kernels may ask for, in bytes (over 48 KiB needs an opt-in).
+    pub dynamic_smem: u32,
+}
+
+type Loaded = HashMap<(String, usize), Result<Vec<usize>, String>>;
+static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+
+/// Makes sure `module` is loaded on `device` before kernels of it are queued: loads it through
+/// a blocking call the first time, so that a failure (no NVRTC, a GPU older than `arch`)
+/// comes back here as an error the caller can fall back on, not inside queued work, where
+/// [`cublas::run_on_stream`] has to abort.
+///
+/// [`cublas::run_on_stream`]: super::cublas::run_on_stream
+pub(crate) fn ensure_loaded(device: &burn::backend::cuda::CudaDevice, module: Module) -> Result<(), String> {
+    if let Some(found) = lock(&LOADED).get(&(module.key.clone(), device.index)) {
+        return found.clone().map(|_| ());
+    }
+    let index = device.index;
+    super::cublas::run_on_stream(device, [], super::cublas::Ordering::Sync, move |_, []| {
+        functions(index, &module).map(|_| ())
+    })
+}
+
+/// The kernels of `module` on `device`, as `CUfunction` addresses in `module.names` order.
+/// Runs on the device thread, where the device's context is current. Errors (no NVRTC, a GPU
+/// older than `arch`) are kept, so a caller falls back once and is not retried.
+pub(crate) fn functions(device: usize, module: &Module) -> Result<Vec<usize>, String> {
+    static PTX: OnceLock<Mutex<HashMap<String, Result<CString, String>>>> = OnceLock::new();
+    let mut loaded = lock(&LOADED);
+    if let Some(found) = loaded.get(&(module.key.clone(), device)) {
+        return found.clone();
+    }
+    let ptx = lock(&PTX)
+        .entry(module.key.clone())
+        .or_insert_with(|| compile(module))
+        .clone();
+    let result = ptx.and_then(|ptx| load(&ptx, module));
+    loaded.insert((module.key.clone(), device), result.clone());
+    result
+}
+
+fn lock<T: Default>(m: &'static OnceLock<Mutex<T>>) -> std::sync::MutexGuard<'static, T> {
+    m.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn compile(module: &Module) -> Result<CString, String> {
+    let opts = CompileOptions {
+        arch: module.arch,
+        options: module.options.clone(),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(module.source, opts)
+        .map_err(|e| format!("NVRTC ({}): {e:?}", module.key))?;
+    CString::new(ptx.to_src()).map_err(|e| format!("PTX text: {e}"))
+}
+
+fn load(ptx: &CString, module: &Module) -> Result<Vec<usize>, String> {
+    // SAFETY: a NUL-terminated PTX image; the context is current on this thread.
+    let handle = unsafe { cudarc::driver::result::module::load_data(ptx.as_ptr().cast()) }
+        .map_err(|e| format!("cuModuleLoadData ({}): {e}", module.key))?;
+    module
+        .names
+        .iter()
+        .map(|name| {
+            // SAFETY: `handle` was just loaded and is never unloaded.
+            let f =
+                unsafe { cudarc::driver::result::module::get_function(handle, CString::new(*name).unwrap()) }
+                    .map_err(|e| format!("cuModuleGetFunction({name}): {e}"))?;
+            if module.dynamic_smem > 48 << 10 {
+                // SAFETY: a function of the module just loaded.
+                unsafe {
+                    cudarc::driver::result::function::set_function_attribute(
+                        f,
+                        cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        module.dynamic_smem as i32,
+                    )
+                }
+                .map_err(|e| format!("{name}: {} bytes of shared memory: {e}", module.dynamic_smem))?;
+            }
+            Ok(f as usize)
+        })
+        .collect()
+}
+
+/// One kernel argument by value, as the kernel declares it.
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device pointer (or null).
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// How a kernel is launched.
+#[derive(Clone, Copy)]
+pub(crate) struct Launch {
+    pub grid: (u32, u32, u32),
+    pub threads: u32,
+    pub dynamic_smem: u32,
+}
+
+/// Launches `function` on `stream`. Each argument sits in its own 8-byte slot, little-endian,
+/// so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel reads each argument's size from
+/// the kernel's signature and copies it before returning.
+pub(crate) fn launch(function: usize, how: Launch, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
+    let mut slots: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::Ptr(p) => p,
+            Arg::I64(v) => v as u64,
+            Arg::I32(v) => u64::from(v as u32),
+            Arg::F32(v) => u64::from(v.to_bits()),
+        })
+        .collect();
+    let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+    // SAFETY: `args` follow the kernel's parameter list in order and type (the callers);
+    // the pointers are live cubecl buffers of the sizes the shapes describe, held by
+    // `run_on_stream` until after the launch.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            function as cu::CUfunction,
+            how.grid,
+            (how.threads, 1, 1),
+            how.dynamic_smem,
+            stream,
+            &mut params,
+        )
+    }
+    .map_err(|e| format!("launch: {e}"))
+}
