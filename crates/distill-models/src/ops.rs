@@ -31,6 +31,9 @@ pub mod cublas;
 /// Flash attention forward and backward on tensor cores (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_flash;
+/// The AdamW update as one CUDA kernel (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_optim;
 /// Attention's softmax and its backward as fused CUDA kernels (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_softmax;
@@ -243,6 +246,20 @@ pub trait Kernels: Backend {
         rms_norm_default(x, weight, eps)
     }
 
+    /// One AdamW update of flat f32 tensors (an optimizer group): returns (p, m, v) with
+    ///     m' = β1 m + a1 g,   v' = β2 v + a2 g²,   p' = decay · p - step · m' / (sqrt(v') + eps)
+    /// where the scalars fold in the clipping scale, weight decay and bias corrections
+    /// ([`AdamWScalars`]). The default is burn ops; CUDA runs it as one kernel.
+    fn adamw(
+        p: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        c: AdamWScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        adamw_default(p, g, m, v, c)
+    }
+
     /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         elementwise::swiglu_default(gate, up)
@@ -265,6 +282,37 @@ pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: 
         normed.cast(dtype)
     };
     normed * weight.unsqueeze::<3>()
+}
+
+/// The scalars of one [`Kernels::adamw`] update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    pub beta1: f32,
+    /// (1 - β1) times the gradient's scale.
+    pub a1: f32,
+    pub beta2: f32,
+    /// (1 - β2) times the gradient's scale squared.
+    pub a2: f32,
+    /// 1 - lr · weight decay (1 without decay).
+    pub decay: f32,
+    /// The step size, bias corrections included.
+    pub step: f32,
+    pub eps: f32,
+}
+
+/// [`Kernels::adamw`] as burn ops.
+pub fn adamw_default<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
+    c: AdamWScalars,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(c.a1);
+    let v = v.mul_scalar(c.beta2) + g.square().mul_scalar(c.a2);
+    let p = if c.decay == 1.0 { p } else { p.mul_scalar(c.decay) };
+    let denom = v.clone().sqrt().add_scalar(c.eps);
+    (p - (m.clone() / denom).mul_scalar(c.step), m, v)
 }
 
 /// [`Kernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
@@ -671,6 +719,29 @@ where
         }
     }
 
+    fn adamw(
+        p: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        c: AdamWScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        match cuda_optim::adamw(
+            &prim(p.clone()),
+            &prim(g.clone()),
+            &prim(m.clone()),
+            &prim(v.clone()),
+            c,
+        ) {
+            Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
+            Err(why) => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| eprintln!("note: AdamW on burn's ops ({why})"));
+                adamw_default(p, g, m, v, c)
+            }
+        }
+    }
+
     fn flash_attention(
         q: &Tensor<Self, 4>,
         k: &Tensor<Self, 4>,
@@ -719,12 +790,16 @@ where
             scale,
         );
         match found {
-            // [B, T, H, hd] and [B, S, KV, hd] back to the inputs' [B, heads, rows, hd].
-            Ok((dq, dk, dv)) => Some((
-                tensor::<Self, 4>(dq).swap_dims(1, 2),
-                tensor::<Self, 4>(dk).swap_dims(1, 2),
-                tensor::<Self, 4>(dv).swap_dims(1, 2),
-            )),
+            // dq [B, T, H, hd] back to [B, H, T, hd]; dk and dv per query head, f32.
+            Ok((dq, dk, dv)) => {
+                let kv = k.dims()[1];
+                let per_kv_head = |x| sum_groups(tensor::<Self, 4>(x), kv).cast(k.dtype());
+                Some((
+                    tensor::<Self, 4>(dq).swap_dims(1, 2),
+                    per_kv_head(dk),
+                    per_kv_head(dv),
+                ))
+            }
             Err(why) => {
                 flash_fallback(&why);
                 None

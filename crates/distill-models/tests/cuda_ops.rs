@@ -15,7 +15,10 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
 use distill_models::Kernels;
 use distill_models::ops::attention::{probs_default, probs_grad_default};
-use distill_models::ops::{KeyRanges, attention_autodiff, attention_default, elementwise, rms_norm_default};
+use distill_models::ops::{
+    AdamWScalars, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
+    rms_norm_default,
+};
 
 mod common;
 use common::{err, gpu, host, randn};
@@ -307,28 +310,45 @@ fn flash_case_on<B: AutodiffBackend + Kernels>(
 
 /// The flash kernels (bf16, the default training and inference path on CUDA) against the
 /// reference on the CPU in f32: grouped K/V heads, head dims 64 and 128, packed documents,
-/// left padding after cached keys, lengths that are not multiples of the 64-row tiles. They
-/// may not be much further from the CPU than burn-cuda's own bf16 attention.
+/// left padding after cached keys, lengths that are not multiples of the 64-row tiles.
+/// Bounds (max error / rms of the reference): bf16 rounding of the output, P and dS gives
+/// about 1e-2 on the output and 3e-2 on the gradients; burn-cuda's own bf16 attention was
+/// 2.9e-2 and 5-8e-2 on the first case. A wrong fragment, mask or scale is off by O(1).
 #[test]
 fn cuda_flash_attention_matches_the_cpu() {
     let Some(device) = gpu() else { return };
     for case in flash_cases() {
         let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
         let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
-        let burns = flash_case_on::<H>(&device, &case, false, DType::BF16);
         for (i, part) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            let (e_ours, e_burn) = (err(&ours[i], &cpu[i]), err(&burns[i], &cpu[i]));
+            let e = err(&ours[i], &cpu[i]);
+            let bound = if i == 0 { 3e-2 } else { 8e-2 };
             eprintln!(
-                "  flash {}: {part} error vs CPU ours {e_ours:.2e}, burn's bf16 {e_burn:.2e}",
+                "  flash {}: {part} error vs CPU {e:.2e} (bound {bound:.0e})",
                 case.name
             );
-            assert!(
-                e_ours <= 2.0 * e_burn + 2e-2,
-                "{} {part}: ours {e_ours:.3e} from the CPU result, burn's {e_burn:.3e}",
-                case.name
-            );
+            assert!(e <= bound, "{} {part}: {e:.3e} from the CPU result", case.name);
         }
     }
+    // Inference (no autodiff) runs the same forward kernel.
+    let case = &flash_cases()[0];
+    let [b, h, kv, t, _, hd] = case.dims;
+    type I = Cuda<half::bf16>;
+    I::seed(&device, 3);
+    let q = randn::<I, 4>([b, t, h, hd], 1.0, &device).swap_dims(1, 2);
+    let k = randn::<I, 4>([b, t, kv, hd], 1.0, &device).swap_dims(1, 2);
+    let v = randn::<I, 4>([b, t, kv, hd], 1.0, &device).swap_dims(1, 2);
+    let keys = case.runs.as_ref().map(|r| KeyRanges::<I>::from_runs(r, &device));
+    let fast = host(<I as Kernels>::attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        keys.as_ref(),
+    ));
+    let reference = host(attention_default(q, k, v, keys.as_ref()));
+    let e = err(&fast, &reference);
+    eprintln!("  flash inference vs burn-cuda bf16: {e:.2e}");
+    assert!(e <= 5e-2, "inference: {e:.3e} from burn's attention");
 }
 
 /// The fused softmax kernels against the same computation as burn ops, on the same GPU (no
@@ -451,4 +471,48 @@ fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
     let [nh, nbh, sh, sbh] = both::<H>(&device);
     compare("rms_norm", &nf, &nbf, &nh, &nbh);
     compare("swiglu", &sf, &sbf, &sh, &sbh);
+}
+
+/// The fused AdamW kernel against the burn-op update on the CPU (f32 both): an odd length
+/// (no whole blocks), decay and a clipping scale folded in.
+#[test]
+fn cuda_adamw_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    type G = Cuda<f32>;
+    let n = 1_000_003;
+    let c = AdamWScalars {
+        beta1: 0.9,
+        a1: 0.1 * 0.5,
+        beta2: 0.95,
+        a2: 0.05 * 0.25,
+        decay: 1.0 - 3e-4 * 0.1,
+        step: 3e-4 * 0.3 / 0.19,
+        eps: 1e-8 * 0.3,
+    };
+    let cpu_device = Default::default();
+    Flex::seed(&cpu_device, 11);
+    let v_pos = randn::<Flex, 1>([n], 1e-3, &cpu_device).abs();
+    let inputs = [
+        randn::<Flex, 1>([n], 1.0, &cpu_device),
+        randn::<Flex, 1>([n], 1e-2, &cpu_device),
+        randn::<Flex, 1>([n], 1e-3, &cpu_device),
+        v_pos,
+    ];
+    let on_gpu: Vec<Tensor<G, 1>> = inputs
+        .iter()
+        .map(|t| Tensor::from_data(t.to_data(), &device))
+        .collect();
+    let [p, g, m, v] = inputs;
+    let want = adamw_default(p, g, m, v, c);
+    let [p, g, m, v]: [Tensor<G, 1>; 4] = on_gpu.try_into().unwrap();
+    let got = <G as Kernels>::adamw(p, g, m, v, c);
+    for (name, a, b) in [
+        ("p", host(got.0), host(want.0)),
+        ("m", host(got.1), host(want.1)),
+        ("v", host(got.2), host(want.2)),
+    ] {
+        let e = err(&a, &b);
+        eprintln!("  adamw {name}: error vs CPU {e:.2e}");
+        assert!(e < 1e-5, "adamw {name}: {e:.3e}");
+    }
 }

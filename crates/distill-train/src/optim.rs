@@ -8,6 +8,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, Tensor};
 use distill_core::recipe::{Schedule, TrainSection};
 
+use distill_models::Kernels;
+use distill_models::ops::AdamWScalars;
+
 use crate::params::GradStore;
 
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +49,7 @@ pub struct AdamW<B: Backend> {
     pub group_elems: usize,
 }
 
-impl<B: Backend> AdamW<B> {
+impl<B: Kernels> AdamW<B> {
     pub fn new(config: AdamWConfig, decayed: BTreeSet<ParamId>) -> Self {
         AdamW {
             config,
@@ -150,22 +153,28 @@ impl<B: Backend> AdamW<B> {
         // The values are concatenated here, a group at a time, so only one group's copy exists.
         let p = flat(group.values.into_iter().map(|v| v.cast(DType::F32)).collect()); // [N]
         let g = group.g; // [N]
-        // Every scalar factor rides on an op that runs anyway: the clipping scale s on the
+        // The scalar factors fold into the update's scalars: the clipping scale s into the
         // moment updates, the bias corrections on the step and eps. With bc_i = 1 - beta_i^t,
         // torch's p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps) is
         //     p -= (lr sqrt(bc2)/bc1) * m / (sqrt(v) + eps sqrt(bc2)).
         let s = grad_scale;
-        let m = flat(ms).mul_scalar(c.beta1) + g.clone().mul_scalar((1.0 - c.beta1) * s);
-        let v = flat(vs).mul_scalar(c.beta2) + g.square().mul_scalar((1.0 - c.beta2) * s * s);
         let t = self.t as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        let p = if group.decayed && c.weight_decay > 0.0 {
-            p.mul_scalar(1.0 - lr * c.weight_decay)
+        let decay = if group.decayed {
+            1.0 - lr * c.weight_decay
         } else {
-            p
+            1.0
         };
-        let denom = v.clone().sqrt().add_scalar(c.eps * bc2.sqrt());
-        let p = p - (m.clone() / denom).mul_scalar(lr * bc2.sqrt() / bc1);
+        let scalars = AdamWScalars {
+            beta1: c.beta1 as f32,
+            a1: ((1.0 - c.beta1) * s) as f32,
+            beta2: c.beta2 as f32,
+            a2: ((1.0 - c.beta2) * s * s) as f32,
+            decay: decay as f32,
+            step: (lr * bc2.sqrt() / bc1) as f32,
+            eps: (c.eps * bc2.sqrt()) as f32,
+        };
+        let (p, m, v) = B::adamw(p, g, flat(ms), flat(vs), scalars);
         let mut at = 0;
         for (id, n) in group.params {
             updated.insert(id, p.clone().narrow(0, at, n));

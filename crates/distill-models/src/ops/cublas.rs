@@ -486,7 +486,9 @@ where
             true
         }
         Err(why) => {
-            if SYNC_REASON.set(why.clone()).is_ok() {
+            // A deliberate one-off sync (`nvrtc::ensure_loaded`) is not worth a note.
+            let chosen = mode == Ordering::Stream || ordering() == Ordering::Sync;
+            if chosen && SYNC_REASON.set(why.clone()).is_ok() {
                 eprintln!("note: cuBLAS GEMMs and fused kernels are ordered by host syncs ({why})");
             }
             block_on(server.sync(stream_id)).map_err(|e| format!("syncing cubecl's stream: {e:?}"))?;

@@ -249,7 +249,8 @@ pub fn forward(
 
 /// Gradients of [`forward`] for q, k and v given the output gradient `d_out` [B, H, T, hd],
 /// the log-sum-exp it returned and delta = rowsum(d_out ∘ out) [B, H, T, 1] f32. Returns
-/// dq as [B, T, H, hd] and dk, dv as [B, S, KV, hd] (contiguous).
+/// dq as [B, T, H, hd] (bf16, contiguous) and dk, dv per query head as [B, H, S, hd] (f32):
+/// the caller sums each K/V head's group of query heads.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &CudaTensor,
@@ -281,8 +282,26 @@ pub fn backward(
     let (lse, delta) = (rows(lse, "lse")?, rows(delta, "delta")?);
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
     let dq = output(&q.tensor, q.dims());
-    let dk = output(&q.tensor, k.dims());
-    let dv = output(&q.tensor, v.dims());
+    // dK and dV per query head in f32, [B, H, S, hd]: the caller sums each group.
+    let partial = || {
+        let dims = [sh.b, sh.heads, sh.s, sh.hd];
+        let t = empty_device_contiguous_dtype(
+            q.tensor.client.clone(),
+            q.tensor.device.clone(),
+            dims.to_vec().into(),
+            DType::F32,
+        );
+        let st = [
+            (sh.heads * sh.s * sh.hd) as i64,
+            (sh.s * sh.hd) as i64,
+            sh.hd as i64,
+        ];
+        Operand {
+            tensor: t,
+            strides: st,
+        }
+    };
+    let (dk, dv) = (partial(), partial());
     let (lo, hi) = range_bindings(&keys, &q);
     let bindings = [
         q.binding(),
@@ -298,14 +317,13 @@ pub fn backward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let kv_heads = sh.heads / sh.groups;
     let dq_launch = Launch {
         grid: (Shape::tiles(sh.t), sh.heads as u32, sh.b as u32),
         threads: THREADS,
         dynamic_smem: smem(sh.hd, 2),
     };
     let dkdv_launch = Launch {
-        grid: (Shape::tiles(sh.s), kv_heads as u32, sh.b as u32),
+        grid: (Shape::tiles(sh.s), sh.heads as u32, sh.b as u32),
         threads: THREADS,
         dynamic_smem: smem(sh.hd, 4),
     };

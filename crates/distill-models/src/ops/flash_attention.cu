@@ -330,17 +330,19 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     }
 }
 
-/* dV = Pᵀ dO and dK = scale dSᵀ Q for one tile of keys, summed over every query tile that sees
- * it and over the query heads sharing its K/V head. A warp computes its 16 keys' transposed
- * scores Sᵀ = K Qᵀ, so Pᵀ and dSᵀ are A operands in registers. Grid (key tiles, KV heads, B). */
+/* dV = Pᵀ dO and dK = scale dSᵀ Q for one tile of keys and one query head, summed over every
+ * query tile that sees it; f32 partials per query head, [B, H, S, HD], which the caller sums
+ * over each K/V head's group (a CTA per query head keeps the grid wide under GQA). A warp
+ * computes its 16 keys' transposed scores Sᵀ = K Qᵀ, so Pᵀ and dSᵀ are A operands in
+ * registers. Grid (key tiles, H, B); key tile 0, which every later query sees, first. */
 extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
     const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
     const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
     const bf16_t* dout, i64 do_b, i64 do_h, i64 do_t,
     const float* lse, const float* delta,
-    bf16_t* dk, i64 dk_b, i64 dk_h, i64 dk_t,
-    bf16_t* dv, i64 dv_b, i64 dv_h, i64 dv_t,
+    float* dk, i64 dk_b, i64 dk_h, i64 dk_t,
+    float* dv, i64 dv_b, i64 dv_h, i64 dv_t,
     const int* lo, const int* hi, int ranges_per_row,
     int heads, int groups, int t_len, int s_len, float scale)
 {
@@ -351,7 +353,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
     bf16_t* sdo = sq + TILE * LD;
     __shared__ int slo[TILE], shi[TILE];
     __shared__ float sl[TILE], sd[TILE];
-    const int k0 = blockIdx.x * TILE, kvh = blockIdx.y, b = blockIdx.z;
+    const int k0 = blockIdx.x * TILE, hq = blockIdx.y, b = blockIdx.z, kvh = hq / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
     lo = lo ? lo + roff : lo;
@@ -369,82 +371,80 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
         ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = 0.f;
         av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.f;
     }
-    for (int hq = kvh * groups; hq < (kvh + 1) * groups; hq++) {
-        for (int q0 = 0; q0 < t_len; q0 += TILE) {
-            bool sees = false;
-            if (threadIdx.x < TILE) {
-                int a, z;
-                const int i = q0 + threadIdx.x;
-                key_range(lo, hi, i, t_len, s_len, a, z);
-                slo[threadIdx.x] = a;
-                shi[threadIdx.x] = z;
-                sees = a <= z && a <= kmax && z >= k0;
-                const i64 at = ((i64)b * heads + hq) * t_len + i;
-                sl[threadIdx.x] = i < t_len ? lse[at] * LOG2E : 0.f;
-                sd[threadIdx.x] = i < t_len ? delta[at] : 0.f;
-            }
-            if (!__syncthreads_or(sees)) continue;
-            load_tile(sq, HEAD(q, b, hq, q_b, q_h), q_t, q0, t_len);
-            load_tile(sdo, HEAD(dout, b, hq, do_b, do_h), do_t, q0, t_len);
-            __syncthreads();
-            float st[TILE / 8][4], dpt[TILE / 8][4];
-#pragma unroll
-            for (int n = 0; n < TILE / 8; n++) {
-                st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
-                dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
-            }
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                u32 ka[4], va[4];
-                frag_a(ka, sk, r0, kk, g, t);
-                frag_a(va, sv, r0, kk, g, t);
-#pragma unroll
-                for (int n = 0; n < TILE / 8; n++) {
-                    u32 b0, b1;
-                    frag_bt(b0, b1, sq, n * 8, kk, g, t);
-                    mma(st[n], ka, b0, b1);
-                    frag_bt(b0, b1, sdo, n * 8, kk, g, t);
-                    mma(dpt[n], va, b0, b1);
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
-                    const bool seen = j <= kmax && j >= slo[c] && j <= shi[c];
-                    const float p = seen ? exp2f(st[n][e] * sl2 - sl[c]) : 0.f;
-                    st[n][e] = p;
-                    dpt[n][e] = seen ? p * (dpt[n][e] - sd[c]) : 0.f;
-                }
-            }
-#pragma unroll
-            for (int jq = 0; jq < TILE / 16; jq++) {
-                u32 pa[4], dsa[4];
-                acc_to_a(pa, st, jq);
-                acc_to_a(dsa, dpt, jq);
-#pragma unroll
-                for (int n = 0; n < HD / 8; n++) {
-                    u32 b0, b1;
-                    frag_b(b0, b1, sdo, jq * 16, n * 8, g, t);
-                    mma(av[n], pa, b0, b1);
-                    frag_b(b0, b1, sq, jq * 16, n * 8, g, t);
-                    mma(ak[n], dsa, b0, b1);
-                }
-            }
-            __syncthreads();
+    for (int q0 = 0; q0 < t_len; q0 += TILE) {
+        bool sees = false;
+        if (threadIdx.x < TILE) {
+            int a, z;
+            const int i = q0 + threadIdx.x;
+            key_range(lo, hi, i, t_len, s_len, a, z);
+            slo[threadIdx.x] = a;
+            shi[threadIdx.x] = z;
+            sees = a <= z && a <= kmax && z >= k0;
+            const i64 at = ((i64)b * heads + hq) * t_len + i;
+            sl[threadIdx.x] = i < t_len ? lse[at] * LOG2E : 0.f;
+            sd[threadIdx.x] = i < t_len ? delta[at] : 0.f;
         }
+        if (!__syncthreads_or(sees)) continue;
+        load_tile(sq, HEAD(q, b, hq, q_b, q_h), q_t, q0, t_len);
+        load_tile(sdo, HEAD(dout, b, hq, do_b, do_h), do_t, q0, t_len);
+        __syncthreads();
+        float st[TILE / 8][4], dpt[TILE / 8][4];
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++) {
+            st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
+            dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            u32 ka[4], va[4];
+            frag_a(ka, sk, r0, kk, g, t);
+            frag_a(va, sv, r0, kk, g, t);
+#pragma unroll
+            for (int n = 0; n < TILE / 8; n++) {
+                u32 b0, b1;
+                frag_bt(b0, b1, sq, n * 8, kk, g, t);
+                mma(st[n], ka, b0, b1);
+                frag_bt(b0, b1, sdo, n * 8, kk, g, t);
+                mma(dpt[n], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
+                const bool seen = j <= kmax && j >= slo[c] && j <= shi[c];
+                const float p = seen ? exp2f(st[n][e] * sl2 - sl[c]) : 0.f;
+                st[n][e] = p;
+                dpt[n][e] = seen ? p * (dpt[n][e] - sd[c]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int jq = 0; jq < TILE / 16; jq++) {
+            u32 pa[4], dsa[4];
+            acc_to_a(pa, st, jq);
+            acc_to_a(dsa, dpt, jq);
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                u32 b0, b1;
+                frag_b(b0, b1, sdo, jq * 16, n * 8, g, t);
+                mma(av[n], pa, b0, b1);
+                frag_b(b0, b1, sq, jq * 16, n * 8, g, t);
+                mma(ak[n], dsa, b0, b1);
+            }
+        }
+        __syncthreads();
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int j = j_r[r];
         if (j > kmax) continue;
-        bf16_t* krow = HEAD(dk, b, kvh, dk_b, dk_h) + (i64)j * dk_t;
-        bf16_t* vrow = HEAD(dv, b, kvh, dv_b, dv_h) + (i64)j * dv_t;
+        float* krow = HEAD(dk, b, hq, dk_b, dk_h) + (i64)j * dk_t;
+        float* vrow = HEAD(dv, b, hq, dv_b, dv_h) + (i64)j * dv_t;
 #pragma unroll
         for (int n = 0; n < HD / 8; n++) {
-            *(u32*)(krow + n * 8 + t * 2) = pack2(ak[n][2 * r] * scale, ak[n][2 * r + 1] * scale);
-            *(u32*)(vrow + n * 8 + t * 2) = pack2(av[n][2 * r], av[n][2 * r + 1]);
+            *(float2*)(krow + n * 8 + t * 2) = make_float2(ak[n][2 * r] * scale, ak[n][2 * r + 1] * scale);
+            *(float2*)(vrow + n * 8 + t * 2) = make_float2(av[n][2 * r], av[n][2 * r + 1]);
         }
     }
 }
