@@ -18,7 +18,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cublas::{self, Ordering};
+use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -172,15 +172,14 @@ impl Shape {
         ]
     }
 
-    fn tiles(n: usize) -> u32 {
-        n.div_ceil(TILE) as u32
-    }
-}
-
-fn ordering() -> Ordering {
-    match cublas::ordering() {
-        Ordering::Sync => Ordering::Sync,
-        _ => Ordering::Stream,
+    /// A CTA per tile of `rows` (T or S) per head (of `heads`) per batch row, with `tiles`
+    /// shared-memory tiles.
+    fn launch(&self, rows: usize, heads: usize, tiles: usize) -> Launch {
+        Launch {
+            grid: (rows.div_ceil(TILE) as u32, heads as u32, self.b as u32),
+            threads: THREADS,
+            dynamic_smem: smem(self.hd, tiles),
+        }
     }
 }
 
@@ -219,18 +218,14 @@ pub fn forward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let how = Launch {
-        grid: (Shape::tiles(sh.t), sh.heads as u32, sh.b as u32),
-        threads: THREADS,
-        dynamic_smem: smem(sh.hd, 2),
-    };
+    let how = sh.launch(sh.t, sh.heads, 2);
     let has_keys = keys.is_some();
     let o_strides = o.strides;
     let (qs, ks, vs) = (q.strides, k.strides, v.strides);
     cublas::run_on_stream(
         &device,
         bindings,
-        ordering(),
+        nvrtc::ordering(),
         move |stream, [pq, pk, pv, po, pl, plo, phi]| {
             let f = nvrtc::functions(device.index, &module(sh.hd))?[0];
             let mut args = Vec::with_capacity(26);
@@ -317,16 +312,7 @@ pub fn backward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let dq_launch = Launch {
-        grid: (Shape::tiles(sh.t), sh.heads as u32, sh.b as u32),
-        threads: THREADS,
-        dynamic_smem: smem(sh.hd, 2),
-    };
-    let dkdv_launch = Launch {
-        grid: (Shape::tiles(sh.s), sh.heads as u32, sh.b as u32),
-        threads: THREADS,
-        dynamic_smem: smem(sh.hd, 4),
-    };
+    let (dq_launch, dkdv_launch) = (sh.launch(sh.t, sh.heads, 2), sh.launch(sh.s, sh.heads, 4));
     let has_keys = keys.is_some();
     let strides = [
         q.strides,
@@ -340,7 +326,7 @@ pub fn backward(
     cublas::run_on_stream(
         &device,
         bindings,
-        ordering(),
+        nvrtc::ordering(),
         move |stream, [pq, pk, pv, pdo, pl, pd, pdq, pdk, pdv, plo, phi]| {
             let f = nvrtc::functions(device.index, &module(sh.hd))?;
             let [qs, ks, vs, dos, dqs, dks, dvs] = strides;

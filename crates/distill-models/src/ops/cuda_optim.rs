@@ -12,7 +12,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::AdamWScalars;
-use super::cublas::{self, Ordering};
+use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -76,11 +76,7 @@ pub fn adamw(
         dynamic_smem: 0,
     };
     let device = p.device.clone();
-    let ordering = match cublas::ordering() {
-        Ordering::Sync => Ordering::Sync,
-        _ => Ordering::Stream,
-    };
-    cublas::run_on_stream(&device, bindings, ordering, move |stream, ptrs| {
+    cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         let f = nvrtc::functions(device.index, &module())?[0];
         let mut args: Vec<Arg> = ptrs.iter().map(|&x| Arg::Ptr(x)).collect();
         args.push(Arg::I64(n as i64));

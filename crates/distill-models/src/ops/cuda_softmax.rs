@@ -27,7 +27,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys as cu;
 
-use super::cublas::{self, Ordering};
+use super::cublas;
 use super::nvrtc::{self, Arg};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -226,13 +226,6 @@ fn f32_input(t: &CudaTensor, what: &str) -> Result<CudaTensor, String> {
     Ok(into_contiguous(t.clone()))
 }
 
-fn ordering() -> Ordering {
-    match cublas::ordering() {
-        Ordering::Sync => Ordering::Sync,
-        _ => Ordering::Stream,
-    }
-}
-
 /// P = softmax(scale * scores, masked) in `p_dtype` and lse [r, h, T, 1] (f32).
 /// scores: [r, h, T, S] f32; mask: [r, h, T, S] bool, true = masked out.
 pub fn probs(
@@ -262,13 +255,18 @@ pub fn probs(
         geometry.mask_binding(&scores),
     ];
     let index = device.index;
-    cublas::run_on_stream(&device, bindings, ordering(), move |stream, [x, pp, l, mk]| {
-        use Arg::*;
-        let mut args = vec![Ptr(x)];
-        args.extend(geometry.args(mk));
-        args.extend([Ptr(pp), I32(p_bf16), Ptr(l)]);
-        run(index, 0, grid, stream, &args).map_err(|e| format!("attention_probs: {e}"))
-    })?;
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [x, pp, l, mk]| {
+            use Arg::*;
+            let mut args = vec![Ptr(x)];
+            args.extend(geometry.args(mk));
+            args.extend([Ptr(pp), I32(p_bf16), Ptr(l)]);
+            run(index, 0, grid, stream, &args).map_err(|e| format!("attention_probs: {e}"))
+        },
+    )?;
     Ok((p, lse))
 }
 
@@ -323,7 +321,7 @@ pub fn probs_grad(
     cublas::run_on_stream(
         &device,
         bindings,
-        ordering(),
+        nvrtc::ordering(),
         move |stream, [x, d, l, dl, o_ds, o_p, mk]| {
             use Arg::*;
             let mut args = vec![Ptr(x), Ptr(d), Ptr(l), Ptr(dl)];

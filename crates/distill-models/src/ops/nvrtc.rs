@@ -107,6 +107,16 @@ fn load(ptx: &CString, module: &Module) -> Result<Vec<usize>, String> {
         .collect()
 }
 
+/// How the kernels are ordered against cubecl's work: on its stream unless the user asked for
+/// host syncs (`DISTILL_CUBLAS=sync`); `DISTILL_CUBLAS=off` only concerns the GEMMs.
+pub(crate) fn ordering() -> super::cublas::Ordering {
+    use super::cublas::Ordering;
+    match super::cublas::ordering() {
+        Ordering::Sync => Ordering::Sync,
+        _ => Ordering::Stream,
+    }
+}
+
 /// One kernel argument by value, as the kernel declares it.
 #[derive(Clone, Copy)]
 pub(crate) enum Arg {
