@@ -335,9 +335,14 @@ fn cuda_flash_attention_matches_the_cpu() {
     let [b, h, kv, t, _, hd] = case.dims;
     type I = Cuda<half::bf16>;
     I::seed(&device, 3);
-    let q = randn::<I, 4>([b, t, h, hd], 1.0, &device).swap_dims(1, 2);
-    let k = randn::<I, 4>([b, t, kv, hd], 1.0, &device).swap_dims(1, 2);
-    let v = randn::<I, 4>([b, t, kv, hd], 1.0, &device).swap_dims(1, 2);
+    // `random` gives f32 even on Cuda<bf16>: cast, or both sides would take burn's path.
+    let input = |heads: usize| {
+        randn::<I, 4>([b, t, heads, hd], 1.0, &device)
+            .cast(DType::BF16)
+            .swap_dims(1, 2)
+    };
+    let (q, k, v) = (input(h), input(kv), input(kv));
+    assert_eq!(q.dtype(), DType::BF16);
     let keys = case.runs.as_ref().map(|r| KeyRanges::<I>::from_runs(r, &device));
     let fast = host(<I as Kernels>::attention(
         q.clone(),
@@ -349,6 +354,10 @@ fn cuda_flash_attention_matches_the_cpu() {
     let e = err(&fast, &reference);
     eprintln!("  flash inference vs burn-cuda bf16: {e:.2e}");
     assert!(e <= 5e-2, "inference: {e:.3e} from burn's attention");
+    assert!(
+        e > 0.0,
+        "inference: bit-identical to burn's attention, so the flash kernel did not run"
+    );
 }
 
 /// The fused softmax kernels against the same computation as burn ops, on the same GPU (no

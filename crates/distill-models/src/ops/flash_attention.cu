@@ -91,6 +91,39 @@ __device__ __forceinline__ void acc_to_a(u32* a, const float (*c)[4], int j) {
     a[3] = pack2(c[2 * j + 1][2], c[2 * j + 1][3]);
 }
 
+/* s (16 x TILE) = a (16 x HD, A fragments) @ tileᵀ, tile: TILE rows of HD. */
+__device__ __forceinline__ void scores(float (*s)[4], const u32 (*a)[4], const bf16_t* tile, int g, int t) {
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            u32 b0, b1;
+            frag_bt(b0, b1, tile, n * 8, kk, g, t);
+            mma(s[n], a[kk], b0, b1);
+        }
+    }
+}
+
+/* acc (16 x HD) += c (16 x TILE, f32 accumulator blocks, rounded to bf16) @ tile. */
+__device__ __forceinline__ void accumulate(float (*acc)[4], const float (*c)[4], const bf16_t* tile, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < TILE / 16; j++) {
+        u32 a[4];
+        acc_to_a(a, c, j);
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            u32 b0, b1;
+            frag_b(b0, b1, tile, j * 16, n * 8, g, t);
+            mma(acc[n], a, b0, b1);
+        }
+    }
+}
+
+__device__ __forceinline__ void zero(float (*acc)[4], int blocks) {
+    for (int n = 0; n < blocks; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
 /* Row i's visible keys [lo, hi]; an empty range (NO_KEY, -1) past the end. */
 __device__ __forceinline__ void key_range(const int* lo, const int* hi, int i, int t_len, int s_len, int& a, int& z) {
     if (i >= t_len) { a = NO_KEY; z = -1; return; }
@@ -147,8 +180,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
 
     const float sl2 = scale * LOG2E;
     float acc[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    zero(acc, HD / 8);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
     const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
     const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
@@ -157,16 +189,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         load_tile(sv, vh, v_t, k0, s_len);
         __syncthreads();
         float s[TILE / 8][4];
-#pragma unroll
-        for (int n = 0; n < TILE / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                u32 b0, b1;
-                frag_bt(b0, b1, sk, n * 8, kk, g, t);
-                mma(s[n], qa[kk], b0, b1);
-            }
-        }
+        scores(s, qa, sk, g, t);
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int n = 0; n < TILE / 8; n++)
@@ -201,17 +224,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             acc[n][0] *= alpha[0]; acc[n][1] *= alpha[0];
             acc[n][2] *= alpha[1]; acc[n][3] *= alpha[1];
         }
-#pragma unroll
-        for (int j = 0; j < TILE / 16; j++) {
-            u32 pa[4];
-            acc_to_a(pa, s, j);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                u32 b0, b1;
-                frag_b(b0, b1, sv, j * 16, n * 8, g, t);
-                mma(acc[n], pa, b0, b1);
-            }
-        }
+        accumulate(acc, s, sv, g, t);
         __syncthreads();
     }
 #pragma unroll
@@ -277,8 +290,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
 
     const float sl2 = scale * LOG2E;
     float acc[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    zero(acc, HD / 8);
     const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
     const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
     for (int k0 = first; k0 <= last; k0 += TILE) {
@@ -286,18 +298,10 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
         load_tile(sv, vh, v_t, k0, s_len);
         __syncthreads();
         float s[TILE / 8][4], dp[TILE / 8][4];
+        scores(s, qa, sk, g, t);
+        scores(dp, da, sv, g, t);
 #pragma unroll
         for (int n = 0; n < TILE / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                u32 b0, b1;
-                frag_bt(b0, b1, sk, n * 8, kk, g, t);
-                mma(s[n], qa[kk], b0, b1);
-                frag_bt(b0, b1, sv, n * 8, kk, g, t);
-                mma(dp[n], da[kk], b0, b1);
-            }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
@@ -306,17 +310,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
                 dp[n][e] = seen ? p * (dp[n][e] - delta_r[r]) : 0.f;
             }
         }
-#pragma unroll
-        for (int j = 0; j < TILE / 16; j++) {
-            u32 dsa[4];
-            acc_to_a(dsa, dp, j);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                u32 b0, b1;
-                frag_b(b0, b1, sk, j * 16, n * 8, g, t);
-                mma(acc[n], dsa, b0, b1);
-            }
-        }
+        accumulate(acc, dp, sk, g, t);
         __syncthreads();
     }
 #pragma unroll
@@ -366,11 +360,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
 
     const float sl2 = scale * LOG2E;
     float ak[HD / 8][4], av[HD / 8][4];
-#pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-        ak[n][0] = ak[n][1] = ak[n][2] = ak[n][3] = 0.f;
-        av[n][0] = av[n][1] = av[n][2] = av[n][3] = 0.f;
-    }
+    zero(ak, HD / 8);
+    zero(av, HD / 8);
     for (int q0 = 0; q0 < t_len; q0 += TILE) {
         bool sees = false;
         if (threadIdx.x < TILE) {
@@ -389,11 +380,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
         load_tile(sdo, HEAD(dout, b, hq, do_b, do_h), do_t, q0, t_len);
         __syncthreads();
         float st[TILE / 8][4], dpt[TILE / 8][4];
-#pragma unroll
-        for (int n = 0; n < TILE / 8; n++) {
-            st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
-            dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
-        }
+        zero(st, TILE / 8);
+        zero(dpt, TILE / 8);
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
             u32 ka[4], va[4];
@@ -419,20 +407,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
                 dpt[n][e] = seen ? p * (dpt[n][e] - sd[c]) : 0.f;
             }
         }
-#pragma unroll
-        for (int jq = 0; jq < TILE / 16; jq++) {
-            u32 pa[4], dsa[4];
-            acc_to_a(pa, st, jq);
-            acc_to_a(dsa, dpt, jq);
-#pragma unroll
-            for (int n = 0; n < HD / 8; n++) {
-                u32 b0, b1;
-                frag_b(b0, b1, sdo, jq * 16, n * 8, g, t);
-                mma(av[n], pa, b0, b1);
-                frag_b(b0, b1, sq, jq * 16, n * 8, g, t);
-                mma(ak[n], dsa, b0, b1);
-            }
-        }
+        accumulate(av, st, sdo, g, t);
+        accumulate(ak, dpt, sq, g, t);
         __syncthreads();
     }
 #pragma unroll
