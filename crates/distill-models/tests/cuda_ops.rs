@@ -352,8 +352,9 @@ fn cuda_flash_attention_matches_the_cpu() {
     ));
     let reference = host(attention_default(q, k, v, keys.as_ref()));
     let e = err(&fast, &reference);
+    // Both are bf16 results, each 3-5e-2 from the exact one (above): 4.7e-2 apart on the H100.
     eprintln!("  flash inference vs burn-cuda bf16: {e:.2e}");
-    assert!(e <= 5e-2, "inference: {e:.3e} from burn's attention");
+    assert!(e <= 1.2e-1, "inference: {e:.3e} from burn's attention");
     assert!(
         e > 0.0,
         "inference: bit-identical to burn's attention, so the flash kernel did not run"
