@@ -56,7 +56,11 @@ struct Operand {
 impl Operand {
     fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
         if t.dtype != DType::BF16 || t.meta.rank() != 4 || t.meta.shape()[3] != hd {
-            return Err(format!("{what}: {:?} {:?}", t.dtype, t.meta.shape()));
+            return Err(format!(
+                "the kernels take bf16 with head dim 64 or 128; {what} is {:?} {:?}",
+                t.dtype,
+                t.meta.shape().as_slice()
+            ));
         }
         let fits = |t: &CudaTensor| {
             let st = t.meta.strides();
@@ -69,7 +73,10 @@ impl Operand {
         } else {
             let c = into_contiguous(t.clone());
             if !fits(&c) {
-                return Err(format!("{what}: strides {:?}", c.meta.strides()));
+                return Err(format!(
+                    "{what}: strides {:?} are not multiples of 8",
+                    c.meta.strides()
+                ));
             }
             c
         };
@@ -115,7 +122,11 @@ fn ranges(r: Ranges, b: usize, t: usize) -> Result<(Option<(CudaTensor, CudaTens
     let check = |x: &CudaTensor| -> Result<CudaTensor, String> {
         let s = x.meta.shape();
         if x.dtype != DType::I32 || x.meta.rank() != 2 || s[1] != t || (s[0] != 1 && s[0] != b) {
-            return Err(format!("key ranges {:?} {:?}", x.dtype, x.meta.shape()));
+            return Err(format!(
+                "key ranges are {:?} {:?}, not i32 [1 or {b}, {t}]",
+                x.dtype,
+                x.meta.shape().as_slice()
+            ));
         }
         Ok(into_contiguous(x.clone()))
     };
@@ -137,12 +148,21 @@ impl Shape {
     fn new(q: &CudaTensor, k: &CudaTensor, v: &CudaTensor) -> Result<Self, String> {
         let (qs, ks, vs) = (q.meta.shape(), k.meta.shape(), v.meta.shape());
         if q.meta.rank() != 4 || k.meta.rank() != 4 || ks.as_slice() != vs.as_slice() {
-            return Err(format!("shapes q {qs:?} k {ks:?} v {vs:?}"));
+            return Err(format!(
+                "shapes q {:?} k {:?} v {:?}",
+                qs.as_slice(),
+                ks.as_slice(),
+                vs.as_slice()
+            ));
         }
         let (b, heads, t, hd) = (qs[0], qs[1], qs[2], qs[3]);
         let (kv, s) = (ks[1], ks[2]);
         if ks[0] != b || ks[3] != hd || kv == 0 || heads % kv != 0 || !matches!(hd, 64 | 128) {
-            return Err(format!("shapes q {qs:?} k {ks:?}"));
+            return Err(format!(
+                "the kernels take head dim 64 or 128 and whole K/V head groups; q {:?} k {:?}",
+                qs.as_slice(),
+                ks.as_slice()
+            ));
         }
         if b == 0 || t == 0 || s == 0 || t > i32::MAX as usize || s > i32::MAX as usize {
             return Err("empty or oversized".into());
