@@ -24,6 +24,8 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetad
 pub mod attention;
 /// RMSNorm and SwiGLU with hand-written backward passes.
 pub mod elementwise;
+/// The loss's passes over LM-head logits: row statistics and the gradient.
+pub mod logits;
 
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
@@ -31,6 +33,9 @@ pub mod cublas;
 /// Flash attention forward and backward on tensor cores (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_flash;
+/// The loss's passes over logits as CUDA kernels (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_logits;
 /// The AdamW update as one CUDA kernel (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_optim;
@@ -244,6 +249,37 @@ pub trait Kernels: Backend {
     /// then scaled by `weight` in the input dtype. x: [B, T, C], weight: [C].
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
         rms_norm_default(x, weight, eps)
+    }
+
+    /// Softmax statistics of each row of logits z [N, V] (any float dtype) over its first
+    /// `limit` columns (the rest, vocabulary padding, take no part): (max, Σ exp(z - max),
+    /// Σ exp((z - max) / t)), each [N, 1] f32.
+    fn softmax_stats(
+        z: Tensor<Self, 2>,
+        t: f64,
+        limit: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        logits::stats_default(z, t, limit)
+    }
+
+    /// A softmax-family loss's gradient over logits z [N, V], in `dtype`:
+    ///     g[i, j] = a[i] exp(z[i, j] - max[i]) + b[i] exp((z[i, j] - max[i]) / t)  (j < limit, else 0)
+    /// plus `values[i, m]` at column `ids[i, m]` (repeated columns add up), summed in f32 and
+    /// rounded once. max, a, b: [N, 1] f32 (b None: no second term); ids: [N, M] int, values:
+    /// [N, M] f32.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_grad(
+        z: Tensor<Self, 2>,
+        max: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Option<Tensor<Self, 2>>,
+        t: f64,
+        limit: usize,
+        ids: Tensor<Self, 2, Int>,
+        values: Tensor<Self, 2>,
+        dtype: FloatDType,
+    ) -> Tensor<Self, 2> {
+        logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
     }
 
     /// One AdamW update of flat f32 tensors (an optimizer group): returns (p, m, v) with
@@ -719,6 +755,51 @@ where
         }
     }
 
+    fn softmax_stats(
+        z: Tensor<Self, 2>,
+        t: f64,
+        limit: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        match cuda_logits::stats(&prim(z.clone()), t as f32, limit) {
+            Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
+            Err(why) => {
+                logits_fallback(&why);
+                logits::stats_default(z, t, limit)
+            }
+        }
+    }
+
+    fn softmax_grad(
+        z: Tensor<Self, 2>,
+        max: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Option<Tensor<Self, 2>>,
+        t: f64,
+        limit: usize,
+        ids: Tensor<Self, 2, Int>,
+        values: Tensor<Self, 2>,
+        dtype: FloatDType,
+    ) -> Tensor<Self, 2> {
+        let found = cuda_logits::grad(
+            &prim(z.clone()),
+            &prim(max.clone()),
+            &prim(a.clone()),
+            b.clone().map(prim).as_ref(),
+            t as f32,
+            limit,
+            &ids.clone().into_primitive(),
+            &prim(values.clone()),
+            dtype.into(),
+        );
+        match found {
+            Ok(g) => tensor(g),
+            Err(why) => {
+                logits_fallback(&why);
+                logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
+            }
+        }
+    }
+
     fn adamw(
         p: Tensor<Self, 1>,
         g: Tensor<Self, 1>,
@@ -852,6 +933,15 @@ where
         }
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
+}
+
+/// Notes once that the loss's logits kernels were not used, and why (burn ops run instead).
+#[cfg(feature = "cuda")]
+fn logits_fallback(why: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!("note: the loss's softmax on burn's ops ({why}); later fallbacks are silent")
+    });
 }
 
 /// Notes once that the flash kernels were not used, and why (the blockwise path runs instead).

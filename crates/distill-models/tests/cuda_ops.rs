@@ -526,3 +526,69 @@ fn cuda_adamw_matches_the_cpu() {
         assert!(e < 1e-5, "adamw {name}: {e:.3e}");
     }
 }
+
+/// The loss's logits kernels against their burn-op defaults on the CPU: bf16 logits, a
+/// vocabulary limit below the width, temperature 2 (both exp terms), repeated sparse columns
+/// (a teacher id that is also the label) and columns in the padding.
+#[test]
+fn cuda_logits_kernels_match_the_cpu() {
+    let Some(device) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    let (n, v, limit, t) = (5, 3000, 2990, 2.0);
+    let cpu = Default::default();
+    Flex::seed(&cpu, 5);
+    let z = randn::<Flex, 2>([n, v], 3.0, &cpu)
+        .cast(DType::BF16)
+        .cast(DType::F32);
+    let a = randn::<Flex, 2>([n, 1], 1.0, &cpu);
+    let b = randn::<Flex, 2>([n, 1], 1.0, &cpu);
+    let ids: Vec<i32> = (0..n as i32)
+        .flat_map(|r| [r * 7, 2995, r * 7, 100 + r, 2989])
+        .collect();
+    let ids_cpu = Tensor::<Flex, 2, burn::tensor::Int>::from_data(TensorData::new(ids.clone(), [n, 5]), &cpu);
+    let values = randn::<Flex, 2>([n, 5], 1.0, &cpu);
+    let to_gpu = |x: &Tensor<Flex, 2>| Tensor::<G, 2>::from_data(x.to_data(), &device).cast(DType::F32);
+    let z_gpu = to_gpu(&z).cast(DType::BF16);
+    let ids_gpu = Tensor::<G, 2, burn::tensor::Int>::from_data(TensorData::new(ids, [n, 5]), &device);
+
+    let (m_ref, s_ref, st_ref) = distill_models::ops::logits::stats_default(z.clone(), t, limit);
+    let (m, s, st) = <G as Kernels>::softmax_stats(z_gpu.clone(), t, limit);
+    for (name, got, want) in [
+        ("max", m.clone(), m_ref.clone()),
+        ("sum", s, s_ref),
+        ("sum_t", st, st_ref),
+    ] {
+        let e = err(&host(got), &host(want));
+        eprintln!("  logits stats {name}: error vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{name}: {e:.3e}");
+    }
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        let want = distill_models::ops::logits::grad_default(
+            z.clone(),
+            m_ref.clone(),
+            a.clone(),
+            Some(b.clone()),
+            t,
+            limit,
+            ids_cpu.clone(),
+            values.clone(),
+            dtype,
+        );
+        let got = <G as Kernels>::softmax_grad(
+            z_gpu.clone(),
+            m.clone(),
+            to_gpu(&a),
+            Some(to_gpu(&b)),
+            t,
+            limit,
+            ids_gpu.clone(),
+            to_gpu(&values),
+            dtype,
+        );
+        assert_eq!(got.dtype(), DType::from(dtype));
+        let e = err(&host(got), &host(want));
+        eprintln!("  logits grad {dtype:?}: error vs CPU {e:.2e}");
+        let bound = if dtype == FloatDType::F32 { 1e-5 } else { 1e-2 };
+        assert!(e < bound, "grad {dtype:?}: {e:.3e}");
+    }
+}

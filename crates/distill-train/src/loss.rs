@@ -16,7 +16,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
 use distill_core::recipe::{KlKind, LossSection, MissingMass};
 
 /// Logits of vocabulary rows past the tokenizer (padding rows of the embedding matrix) are
@@ -407,8 +407,7 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
     scale: f64,
 ) -> ChunkOutput<B> {
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
-    let (values, grad_logits) = analytic_chunk(logits, labels, teacher, cfg, scale);
-    let g = grad_logits.cast(h.dtype()); // [len, V]
+    let (values, g) = analytic_chunk(logits, labels, teacher, cfg, scale, h.dtype().into()); // [len, V]
     let grad_h = distill_models::ops::gemm(g.clone(), w.transpose()); // [len, C]
     let grad_w = want_weight_grad.then(|| distill_models::ops::gemm(h.transpose(), g)); // [C, V]
     (values, grad_h, grad_w)
@@ -438,39 +437,43 @@ fn has_analytic_grad<B: Backend>(teacher: &TeacherTargets<B>, cfg: &LossConfig) 
 ///     d (T^2 KL)/dz_i = T (c q_T,i + [i in k] (q_T,i - p_i - c q_T,i)),  c = P - p_r Q / q_r,
 /// with P = 1 - p_r. Where q_r is clamped at EPS the rest term is constant (as clamp_min's
 /// gradient is zero there): c = P and the bracket becomes -p_i.
-fn analytic_chunk<B: Backend>(
+fn analytic_chunk<B: distill_models::Kernels>(
     logits: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
     teacher: &TeacherTargets<B>,
     cfg: &LossConfig,
     scale: f64,
+    grad_dtype: FloatDType,
 ) -> (Tensor<B, 1>, Tensor<B, 2>) {
-    let z = mask_padding(logits.cast(DType::F32), cfg.vocab_limit); // [N, V]
-    let [n, _] = z.dims();
-    let device = z.device();
+    let [n, v] = logits.dims();
+    let limit = cfg.vocab_limit.map_or(v, |l| l.min(v));
+    let device = logits.device();
     let labels = labels.unsqueeze_dim::<2>(1); // [N, 1]
     let ce_w = 1.0 - cfg.kd_ratio;
-    let (e, sum, lse) = softmax_parts(z.clone(), 1.0); // [N, V], [N, 1], [N, 1]
-    let ce = (lse.clone() - z.clone().gather(1, labels.clone())).sum(); // [1]
-    // Explicitly f32: a backend's default float type may be bf16 (Cuda<bf16>).
-    let label_grad = Tensor::<B, 2>::full([n, 1], -ce_w * scale, (&device, DType::F32)); // [N, 1]
-
-    let (ids, logprobs, present) = match teacher {
+    let sparse = match teacher {
         TeacherTargets::Sparse {
             ids,
             logprobs,
             present,
-        } if cfg.kd_ratio != 0.0 => (ids, logprobs, present),
-        _ => {
-            // CE alone (no teacher, or kd_ratio 0).
-            let grad = e * sum.recip().mul_scalar(ce_w * scale);
-            let grad = grad.scatter(1, labels, label_grad, IndexingUpdateOp::Add);
-            let values = Tensor::cat(vec![ce.clone().mul_scalar(ce_w), ce.clone(), ce.zeros_like()], 0);
-            return (values, grad);
-        }
+        } if cfg.kd_ratio != 0.0 => Some((ids, logprobs, present)),
+        _ => None,
+    };
+    let t = if sparse.is_some() { cfg.temperature } else { 1.0 };
+    // The two passes over [N, V]: row statistics now, the gradient at the end.
+    let (max, sum, sum_t) = B::softmax_stats(logits.clone(), t, limit); // [N, 1] f32 each
+    let lse = max.clone() + sum.clone().log();
+    let ce = (lse - logits_at(&logits, labels.clone(), limit)).sum(); // [1]
+    // Explicitly f32: a backend's default float type may be bf16 (Cuda<bf16>).
+    let label_grad = Tensor::<B, 2>::full([n, 1], -ce_w * scale, (&device, DType::F32)); // [N, 1]
+
+    let Some((ids, logprobs, present)) = sparse else {
+        // CE alone (no teacher, or kd_ratio 0).
+        let a = sum.recip().mul_scalar(ce_w * scale);
+        let grad = B::softmax_grad(logits, max, a, None, 1.0, limit, labels, label_grad, grad_dtype);
+        let values = Tensor::cat(vec![ce.clone().mul_scalar(ce_w), ce.clone(), ce.zeros_like()], 0);
+        return (values, grad);
     };
 
-    let t = cfg.temperature;
     // The teacher: k tempered log-probs and the rest, renormalised ([N, k], [N, 1]).
     let absent = logprobs.clone().lower_equal_elem(-1e30); // [N, k]
     let lp = logprobs
@@ -493,12 +496,8 @@ fn analytic_chunk<B: Backend>(
     let p_rest = log_p_rest.clone().exp();
 
     // The student at temperature T.
-    let (e_t, sum_t, lse_t) = if t == 1.0 {
-        (e.clone(), sum.clone(), lse)
-    } else {
-        softmax_parts(z.clone(), t)
-    };
-    let lq_k = (z.gather(1, ids.clone()).div_scalar(t) - lse_t).mask_fill(absent, MASKED_LOGIT); // [N, k]
+    let lse_t = max.clone().div_scalar(t) + sum_t.clone().log(); // [N, 1]
+    let lq_k = (logits_at(&logits, ids.clone(), limit).div_scalar(t) - lse_t).mask_fill(absent, MASKED_LOGIT); // [N, k]
     let q_k = lq_k.clone().exp(); // absent entries: 0
     let big_q = q_k.clone().sum_dim(1); // [N, 1]
     let r = big_q.clone().neg().add_scalar(1.0);
@@ -526,27 +525,40 @@ fn analytic_chunk<B: Backend>(
         Some(p) => p.clone().mul_scalar(cfg.kd_ratio * t * scale),
         None => Tensor::full([n, 1], cfg.kd_ratio * t * scale, (&device, DType::F32)),
     };
-    let dense = if t == 1.0 {
-        e * ((w_kd.clone() * c).add_scalar(ce_w * scale) / sum)
+    // Dense: a e + b e_T with e = exp(z - max), e_T = exp((z - max) / T); one term at T = 1.
+    let (a, b) = if t == 1.0 {
+        ((w_kd.clone() * c).add_scalar(ce_w * scale) / sum, None)
     } else {
-        e_t * (w_kd.clone() * c / sum_t) + e * sum.recip().mul_scalar(ce_w * scale)
-    }; // [N, V]
+        (
+            sum.recip().mul_scalar(ce_w * scale),
+            Some(w_kd.clone() * c / sum_t),
+        )
+    };
     let sparse = w_kd * (d * q_k - p_k); // [N, k]
-    let grad = dense
-        .scatter(1, ids.clone(), sparse, IndexingUpdateOp::Add)
-        .scatter(1, labels, label_grad, IndexingUpdateOp::Add);
+    let grad = B::softmax_grad(
+        logits,
+        max,
+        a,
+        b,
+        t,
+        limit,
+        Tensor::cat(vec![ids.clone(), labels], 1), // [N, k+1]
+        Tensor::cat(vec![sparse, label_grad], 1),
+        grad_dtype,
+    );
     let total = kl.clone().mul_scalar(cfg.kd_ratio) + ce.clone().mul_scalar(ce_w);
     (Tensor::cat(vec![total, ce, kl], 0), grad)
 }
 
-/// exp((z - max) / t) [N, V], its row sums [N, 1] and the log-normaliser of z / t [N, 1]:
-/// softmax(z / t) = e / sum, log_softmax(z / t) = z / t - lse.
-fn softmax_parts<B: Backend>(z: Tensor<B, 2>, t: f64) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
-    let max = z.clone().max_dim(1); // [N, 1]
-    let e = (z - max.clone()).div_scalar(t).exp(); // [N, V]
-    let sum = e.clone().sum_dim(1); // [N, 1]
-    let lse = max.div_scalar(t) + sum.clone().log();
-    (e, sum, lse)
+/// The logits at columns `ids` [N, M] in f32; columns at or past `limit` (vocabulary
+/// padding) read as [`MASKED_LOGIT`], as if the padding were masked first.
+fn logits_at<B: Backend>(logits: &Tensor<B, 2>, ids: Tensor<B, 2, Int>, limit: usize) -> Tensor<B, 2> {
+    let padding = ids.clone().greater_equal_elem(limit as i64);
+    logits
+        .clone()
+        .gather(1, ids)
+        .cast(DType::F32)
+        .mask_fill(padding, MASKED_LOGIT)
 }
 
 /// Teacher targets moved onto the autodiff backend as constants.
