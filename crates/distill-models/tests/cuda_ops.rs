@@ -547,8 +547,10 @@ fn cuda_logits_kernels_match_the_cpu() {
         .collect();
     let ids_cpu = Tensor::<Flex, 2, burn::tensor::Int>::from_data(TensorData::new(ids.clone(), [n, 5]), &cpu);
     let values = randn::<Flex, 2>([n, 5], 1.0, &cpu);
-    let to_gpu = |x: &Tensor<Flex, 2>| Tensor::<G, 2>::from_data(x.to_data(), &device).cast(DType::F32);
+    // f32 explicitly: from_data would round to the backend's default float type (bf16).
+    let to_gpu = |x: &Tensor<Flex, 2>| Tensor::<G, 2>::from_data(x.to_data(), (&device, DType::F32));
     let z_gpu = to_gpu(&z).cast(DType::BF16);
+    assert_eq!(to_gpu(&a).dtype(), DType::F32);
     let ids_gpu = Tensor::<G, 2, burn::tensor::Int>::from_data(TensorData::new(ids, [n, 5]), &device);
 
     let (m_ref, s_ref, st_ref) = distill_models::ops::logits::stats_default(z.clone(), t, limit);
