@@ -1,14 +1,18 @@
 //! The kernel seam. Model code calls GEMMs, attention and normalisation only through
 //! [`Kernels`], so a backend can swap in faster kernels (cuBLAS GEMMs, flash attention)
-//! by overriding a method in its impl below, without touching `transformer.rs`.
+//! by overriding a method in its impl below, without touching `transformer.rs`; the trainer
+//! does the same for the loss's passes over logits and the optimizer update.
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
 //!
 //! How a kernel is swapped in: a method that the inner backend overrides (CUDA: cuBLAS for
-//! [`Kernels::gemm`] and [`Kernels::bmm`], `ops::cublas`), and for `Autodiff<B, C>` an op with
+//! [`Kernels::gemm`] and [`Kernels::bmm`], `ops::cublas`; NVRTC-compiled kernels for
+//! [`Kernels::flash_attention`] and its backward, the attention softmax, [`Kernels::softmax_stats`],
+//! [`Kernels::softmax_grad`] and [`Kernels::adamw`]), and for `Autodiff<B, C>` an op with
 //! its own backward whose backward calls the inner backend's methods again, so forward and
-//! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved state, `attention`),
-//! RMSNorm and SwiGLU through [`binary_autodiff`] (`elementwise`). Without autodiff, backends
-//! that override nothing keep burn's ops bit for bit.
+//! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved
+//! state: flash kernels, else `attention`'s blockwise path), RMSNorm and SwiGLU through
+//! [`binary_autodiff`] (`elementwise`). Without autodiff, backends that override nothing keep
+//! burn's ops bit for bit.
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
