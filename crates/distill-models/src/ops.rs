@@ -137,11 +137,22 @@ pub fn attention_default<B: Backend>(
     v: Tensor<B, 4>,
     keys: Option<&KeyRanges<B>>,
 ) -> Tensor<B, 4> {
+    let (k, v, mask) = dense_inputs(&q, &k, &v, keys);
+    burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+}
+
+/// What attention without key ranges or grouped heads takes: K and V repeated to the query
+/// heads ([B, H, S, hd]) and the dense mask [B, H, T, S] (true = masked out).
+fn dense_inputs<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    keys: Option<&KeyRanges<B>>,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) {
     let [b, h, t, _] = q.dims();
     let s = k.dims()[2];
     let mask = keys.map(|r| r.dense(s).unsqueeze_dim::<4>(1).expand([b, h, t, s]));
-    let (k, v) = (repeat_kv(k, h), repeat_kv(v, h));
-    burn::tensor::module::attention(q, k, v, mask, None, AttentionModuleOptions::default())
+    (repeat_kv(k.clone(), h), repeat_kv(v.clone(), h), mask)
 }
 
 pub trait Kernels: Backend {
@@ -601,7 +612,7 @@ impl<B: Kernels> Saved<B> {
         let ((out, lse), blockwise) = match flash {
             Some(found) => (found, None),
             None => {
-                let (kr, vr, mask) = Self::expanded(&q, &k, &v, keys.as_ref());
+                let (kr, vr, mask) = dense_inputs(&q, &k, &v, keys.as_ref());
                 (
                     attention::forward(&q, &kr, &vr, mask.as_ref(), budget),
                     Some(budget),
@@ -617,19 +628,6 @@ impl<B: Kernels> Saved<B> {
             lse,
             blockwise,
         }
-    }
-
-    /// The blockwise path's inputs: K and V repeated to the query heads, the dense mask.
-    fn expanded(
-        q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-        keys: Option<&KeyRanges<B>>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>) {
-        let [b, h, t, _] = q.dims();
-        let s = k.dims()[2];
-        let mask = keys.map(|r| r.dense(s).unsqueeze_dim::<4>(1).expand([b, h, t, s]));
-        (repeat_kv(k.clone(), h), repeat_kv(v.clone(), h), mask)
     }
 
     fn backward(self, d_out: &Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -648,7 +646,7 @@ impl<B: Kernels> Saved<B> {
             return grads;
         }
         let kv = k.dims()[1];
-        let (kr, vr, mask) = Self::expanded(&q, &k, &v, keys.as_ref());
+        let (kr, vr, mask) = dense_inputs(&q, &k, &v, keys.as_ref());
         let budget = blockwise.unwrap_or(attention::BLOCK_BYTES);
         let (dq, dk, dv) = attention::backward(&q, &kr, &vr, mask.as_ref(), &out, &lse, d_out, budget);
         (dq, sum_groups(dk, kv), sum_groups(dv, kv))
@@ -767,7 +765,7 @@ where
         match cuda_logits::stats(&prim(z.clone()), t as f32, limit) {
             Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
             Err(why) => {
-                logits_fallback(&why);
+                fell_back(Fallback::LossSoftmax, &why);
                 logits::stats_default(z, t, limit)
             }
         }
@@ -798,7 +796,7 @@ where
         match found {
             Ok(g) => tensor(g),
             Err(why) => {
-                logits_fallback(&why);
+                fell_back(Fallback::LossSoftmax, &why);
                 logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
             }
         }
@@ -820,8 +818,7 @@ where
         ) {
             Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
             Err(why) => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| eprintln!("note: AdamW on burn's ops ({why})"));
+                fell_back(Fallback::AdamW, &why);
                 adamw_default(p, g, m, v, c)
             }
         }
@@ -846,7 +843,7 @@ where
             // The output comes as [B, T, H, hd]: the view the model's next reshape wants.
             Ok((out, lse)) => Some((tensor::<Self, 4>(out).swap_dims(1, 2), tensor(lse))),
             Err(why) => {
-                flash_fallback(&why);
+                fell_back(Fallback::Flash, &why);
                 None
             }
         }
@@ -886,7 +883,7 @@ where
                 ))
             }
             Err(why) => {
-                flash_fallback(&why);
+                fell_back(Fallback::Flash, &why);
                 None
             }
         }
@@ -902,7 +899,7 @@ where
             let m = mask.clone().map(|m| m.into_primitive());
             match cuda_softmax::probs(&prim(scores.clone()), m.as_ref(), scale as f32, p_dtype.into()) {
                 Ok((p, lse)) => return (tensor(p), tensor(lse)),
-                Err(why) => fused_fallback(&why),
+                Err(why) => fell_back(Fallback::AttentionSoftmax, &why),
             }
         }
         attention::probs_default(scores, mask, scale, p_dtype)
@@ -932,36 +929,34 @@ where
             );
             match fused {
                 Ok((ds, p)) => return (tensor(ds), tensor(p)),
-                Err(why) => fused_fallback(&why),
+                Err(why) => fell_back(Fallback::AttentionSoftmax, &why),
             }
         }
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
 }
 
-/// Notes once that the loss's logits kernels were not used, and why (burn ops run instead).
+/// The CUDA kernels a [`Kernels`] method may fall back from (to burn's ops or the blockwise
+/// attention), each noted once on stderr with the first reason.
 #[cfg(feature = "cuda")]
-fn logits_fallback(why: &str) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        eprintln!("note: the loss's softmax on burn's ops ({why}); later fallbacks are silent")
-    });
+#[derive(Clone, Copy)]
+enum Fallback {
+    Flash,
+    AttentionSoftmax,
+    LossSoftmax,
+    AdamW,
 }
 
-/// Notes once that the flash kernels were not used, and why (the blockwise path runs instead).
 #[cfg(feature = "cuda")]
-fn flash_fallback(why: &str) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        eprintln!("note: attention without the flash kernels ({why}); later fallbacks are silent")
-    });
-}
-
-/// Notes once that the fused softmax kernels fell back to burn's ops, and why.
-#[cfg(feature = "cuda")]
-fn fused_fallback(why: &str) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| eprintln!("note: attention softmax on burn's ops ({why}); later fallbacks are silent"));
+fn fell_back(which: Fallback, why: &str) {
+    static NOTED: [std::sync::Once; 4] = [const { std::sync::Once::new() }; 4];
+    let what = match which {
+        Fallback::Flash => "attention without the flash kernels",
+        Fallback::AttentionSoftmax => "attention softmax on burn's ops",
+        Fallback::LossSoftmax => "the loss's softmax on burn's ops",
+        Fallback::AdamW => "AdamW on burn's ops",
+    };
+    NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ const THREADS: u32 = 128;
 fn module(hd: usize) -> nvrtc::Module {
     nvrtc::Module {
         key: format!("flash_attention hd{hd}"),
-        source: SOURCE,
+        sources: &[SOURCE],
         arch: Some("compute_80"),
         options: vec![format!("-DHD={hd}")],
         names: &["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"],

@@ -18,23 +18,10 @@ use super::nvrtc::{self, Arg, Launch};
 type CudaTensor = CubeTensor<CudaRuntime>;
 
 const SOURCE: &str = r#"
-typedef unsigned short bf16_t;
-typedef long long i64;
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float load(const void* z, int bf16, i64 i) {
     return bf16 ? __uint_as_float(((unsigned int)((const bf16_t*)z)[i]) << 16) : ((const float*)z)[i];
-}
-
-__device__ __forceinline__ bf16_t to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-
-__device__ __forceinline__ void store(void* out, int bf16, i64 i, float v) {
-    if (bf16) ((bf16_t*)out)[i] = to_bf16(v); else ((float*)out)[i] = v;
 }
 
 /* (m, s, st) <- the running max and the exp-sums at temperatures 1 and t over both parts. */
@@ -131,7 +118,7 @@ extern "C" __global__ void softmax_grad_sparse(const void* z, int z_bf16, int v,
 fn module() -> nvrtc::Module {
     nvrtc::Module {
         key: "logits".into(),
-        source: SOURCE,
+        sources: &[nvrtc::BF16_STORE, SOURCE],
         arch: None,
         options: Vec::new(),
         names: &["softmax_stats", "softmax_grad", "softmax_grad_sparse"],

@@ -38,7 +38,7 @@ extern "C" __global__ void adamw(
 fn module() -> nvrtc::Module {
     nvrtc::Module {
         key: "adamw".into(),
-        source: SOURCE,
+        sources: &[SOURCE],
         arch: None,
         options: Vec::new(),
         names: &["adamw"],

@@ -33,20 +33,6 @@ use super::nvrtc::{self, Arg};
 type CudaTensor = CubeTensor<CudaRuntime>;
 
 const SOURCE: &str = r#"
-typedef unsigned short bf16_t;
-typedef long long i64;
-
-__device__ __forceinline__ bf16_t to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
-
-__device__ __forceinline__ void store(void* out, int bf16, i64 i, float v) {
-    if (bf16) ((bf16_t*)out)[i] = to_bf16(v); else ((float*)out)[i] = v;
-}
-
 /* Offset of (row, key 0) in a [r, h, T, S] mask with strides m0..m2 (elements). */
 __device__ __forceinline__ i64 mask_row(i64 row, int h, int t, i64 m0, i64 m1, i64 m2) {
     i64 b = row / ((i64)h * t), hh = (row / t) % h, q = row % t;
@@ -136,7 +122,7 @@ pub fn enabled() -> bool {
 fn module() -> nvrtc::Module {
     nvrtc::Module {
         key: "attention_probs".into(),
-        source: SOURCE,
+        sources: &[nvrtc::BF16_STORE, SOURCE],
         arch: None,
         options: Vec::new(),
         names: &["attention_probs", "attention_probs_grad"],

@@ -11,11 +11,30 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::sys as cu;
 use cudarc::nvrtc::CompileOptions;
 
+/// Helpers the elementwise kernels share: `bf16_t`, `i64`, `to_bf16` (round to nearest even,
+/// NaN kept) and `store` (an f32 value into a bf16 or f32 buffer).
+pub(crate) const BF16_STORE: &str = r#"
+typedef unsigned short bf16_t;
+typedef long long i64;
+
+__device__ __forceinline__ bf16_t to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ void store(void* out, int bf16, i64 i, float v) {
+    if (bf16) ((bf16_t*)out)[i] = to_bf16(v); else ((float*)out)[i] = v;
+}
+"#;
+
 /// One compiled source: what [`functions`] needs to build and load it.
 pub(crate) struct Module {
     /// Names this configuration in the caches (source and defines).
     pub key: String,
-    pub source: &'static str,
+    /// CUDA C, compiled as one text in this order (e.g. [`BF16_STORE`] first).
+    pub sources: &'static [&'static str],
     /// e.g. `compute_80` for tensor-core instructions; None: NVRTC's default.
     pub arch: Option<&'static str>,
     /// `-D` defines and other NVRTC options.
@@ -74,7 +93,7 @@ fn compile(module: &Module) -> Result<CString, String> {
         options: module.options.clone(),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(module.source, opts)
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(module.sources.concat(), opts)
         .map_err(|e| format!("NVRTC ({}): {e:?}", module.key))?;
     CString::new(ptx.to_src()).map_err(|e| format!("PTX text: {e}"))
 }
