@@ -7,7 +7,7 @@
 //! How a kernel is swapped in: a method that the inner backend overrides (CUDA: cuBLAS for
 //! [`Kernels::gemm`] and [`Kernels::bmm`], `ops::cublas`; NVRTC-compiled kernels for
 //! [`Kernels::flash_attention`] and its backward, the attention softmax, [`Kernels::softmax_stats`],
-//! [`Kernels::softmax_grad`] and [`Kernels::adamw`]), and for `Autodiff<B, C>` an op with
+//! [`Kernels::softmax_grad`], [`Kernels::adamw`], RMSNorm and SwiGLU), and for `Autodiff<B, C>` an op with
 //! its own backward whose backward calls the inner backend's methods again, so forward and
 //! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved
 //! state: flash kernels, else `attention`'s blockwise path), RMSNorm and SwiGLU through
@@ -34,6 +34,9 @@ pub mod logits;
 /// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cublas;
+/// RMSNorm and SwiGLU, forward and backward, as CUDA kernels (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_elementwise;
 /// Flash attention forward and backward on tensor cores (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_flash;
@@ -266,6 +269,17 @@ pub trait Kernels: Backend {
         rms_norm_default(x, weight, eps)
     }
 
+    /// The backward of [`Kernels::rms_norm`] (`eps` as there): (dx [B, T, C], d weight [C])
+    /// from its inputs and the output's gradient dy [B, T, C].
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        dy: Tensor<Self, 3>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        elementwise::rms_norm_backward_default(x, weight, dy, eps)
+    }
+
     /// Softmax statistics of each row of logits z [N, V] (any float dtype) over its first
     /// `limit` columns (the rest, vocabulary padding, take no part): (max, Σ exp(z - max),
     /// Σ exp((z - max) / t)), each [N, 1] f32.
@@ -314,6 +328,16 @@ pub trait Kernels: Backend {
     /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         elementwise::swiglu_default(gate, up)
+    }
+
+    /// The backward of [`Kernels::swiglu`]: (d gate, d up) from its inputs and the output's
+    /// gradient, all [B, T, I].
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        elementwise::swiglu_backward_default(gate, up, dy)
     }
 }
 
@@ -757,6 +781,63 @@ where
         }
     }
 
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        match cuda_elementwise::rms_norm(&prim(x.clone()), &prim(weight.clone()), eps as f32) {
+            Ok(y) => tensor(y),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                rms_norm_default(x, weight, eps)
+            }
+        }
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        dy: Tensor<Self, 3>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        match cuda_elementwise::rms_norm_backward(
+            &prim(x.clone()),
+            &prim(weight.clone()),
+            &prim(dy.clone()),
+            eps as f32,
+        ) {
+            Ok((dx, partial)) => {
+                let dw = tensor::<Self, 2>(partial).sum_dim(0).reshape([weight.dims()[0]]);
+                (tensor(dx), dw.cast(weight.dtype()))
+            }
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::rms_norm_backward_default(x, weight, dy, eps)
+            }
+        }
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        match cuda_elementwise::swiglu(&prim(gate.clone()), &prim(up.clone())) {
+            Ok(y) => tensor(y),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::swiglu_default(gate, up)
+            }
+        }
+    }
+
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        match cuda_elementwise::swiglu_backward(&prim(gate.clone()), &prim(up.clone()), &prim(dy.clone())) {
+            Ok((d_gate, d_up)) => (tensor(d_gate), tensor(d_up)),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::swiglu_backward_default(gate, up, dy)
+            }
+        }
+    }
+
     fn softmax_stats(
         z: Tensor<Self, 2>,
         t: f64,
@@ -939,22 +1020,36 @@ where
 /// The CUDA kernels a [`Kernels`] method may fall back from (to burn's ops or the blockwise
 /// attention), each noted once on stderr with the first reason.
 #[cfg(feature = "cuda")]
-#[derive(Clone, Copy)]
-enum Fallback {
+#[derive(Debug, Clone, Copy)]
+pub enum Fallback {
     Flash,
     AttentionSoftmax,
     LossSoftmax,
     AdamW,
+    Elementwise,
+}
+
+#[cfg(feature = "cuda")]
+static FELL_BACK: [std::sync::atomic::AtomicBool; 5] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; 5];
+
+/// Whether a CUDA [`Kernels`] method has fallen back from `which` kernels in this process: for
+/// tests that must know the kernel ran, and tools that report it.
+#[cfg(feature = "cuda")]
+pub fn has_fallen_back(which: Fallback) -> bool {
+    FELL_BACK[which as usize].load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(feature = "cuda")]
 fn fell_back(which: Fallback, why: &str) {
-    static NOTED: [std::sync::Once; 4] = [const { std::sync::Once::new() }; 4];
+    static NOTED: [std::sync::Once; 5] = [const { std::sync::Once::new() }; 5];
+    FELL_BACK[which as usize].store(true, std::sync::atomic::Ordering::Relaxed);
     let what = match which {
         Fallback::Flash => "attention without the flash kernels",
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
         Fallback::AdamW => "AdamW on burn's ops",
+        Fallback::Elementwise => "RMSNorm and SwiGLU on burn's ops",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }

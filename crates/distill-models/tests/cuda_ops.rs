@@ -1,6 +1,6 @@
-//! GPU checks of the ops with hand-written backward passes (`--features cuda`): blockwise
-//! attention, RMSNorm and SwiGLU under `Autodiff<Cuda>`, against burn's own autodiff through
-//! the same forward as separate ops. Each test prints SKIPPED and passes without a CUDA device.
+//! GPU checks of the CUDA kernels and the ops with hand-written backward passes (`--features
+//! cuda`): attention (blockwise and flash), RMSNorm and SwiGLU under `Autodiff<Cuda>`, the
+//! softmax kernels and AdamW, against burn's own ops or the CPU. Each test prints SKIPPED and passes without a CUDA device.
 //!
 //!     cargo test -p distill-models --features cuda --test cuda_ops -- --nocapture
 //!
@@ -16,8 +16,8 @@ use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
 use distill_models::Kernels;
 use distill_models::ops::attention::{probs_default, probs_grad_default};
 use distill_models::ops::{
-    AdamWScalars, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
-    rms_norm_default,
+    AdamWScalars, Fallback, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
+    has_fallen_back, rms_norm_default,
 };
 
 mod common;
@@ -435,15 +435,18 @@ fn cuda_fused_softmax_matches_burn_ops() {
     }
 }
 
+/// RMSNorm and SwiGLU (the CUDA kernels on both dtypes, forward and backward) against burn's
+/// autodiff through the default burn ops. The bf16 inputs are cast explicitly: `random` gives
+/// f32 even on `Cuda<bf16>`, which would test the f32 kernels twice.
 #[test]
 fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
     let Some(device) = gpu() else { return };
-    fn both<B: AutodiffBackend + Kernels>(device: &B::Device) -> [Vec<Vec<f32>>; 4] {
+    fn both<B: AutodiffBackend + Kernels>(device: &B::Device, dtype: DType) -> [Vec<Vec<f32>>; 4] {
         B::seed(device, 7);
-        let x: Tensor<B, 3> = randn([2, 64, 256], 1.0, device);
-        let g: Tensor<B, 3> = randn([2, 64, 256], 1.0, device);
-        let w3: Tensor<B, 3> = randn([2, 64, 256], 1.0, device);
-        let scale: Tensor<B, 1> = randn::<B, 1>([256], 0.1, device).add_scalar(1.0);
+        let input = |std: f64| randn::<B, 3>([2, 64, 256], std, device).cast(dtype);
+        let (x, g, w3) = (input(1.0), input(1.0), input(1.0));
+        let scale: Tensor<B, 1> = randn::<B, 1>([256], 0.1, device).add_scalar(1.0).cast(dtype);
+        assert_eq!(x.dtype(), dtype);
         // RMSNorm's second input is a vector: treat it as [1, 1, C] for `run`, reshaped inside.
         let s3 = scale.clone().reshape([1, 1, 256]);
         let norm = |ours: bool| {
@@ -477,8 +480,12 @@ fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
         };
         [norm(true), norm(false), swiglu(true), swiglu(false)]
     }
-    let [nf, nbf, sf, sbf] = both::<F>(&device);
-    let [nh, nbh, sh, sbh] = both::<H>(&device);
+    let [nf, nbf, sf, sbf] = both::<F>(&device, DType::F32);
+    let [nh, nbh, sh, sbh] = both::<H>(&device, DType::BF16);
+    assert!(
+        !has_fallen_back(Fallback::Elementwise),
+        "the RMSNorm/SwiGLU kernels fell back to burn's ops"
+    );
     compare("rms_norm", &nf, &nbf, &nh, &nbh);
     compare("swiglu", &sf, &sbf, &sh, &sbh);
 }

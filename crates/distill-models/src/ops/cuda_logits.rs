@@ -20,10 +20,6 @@ type CudaTensor = CubeTensor<CudaRuntime>;
 const SOURCE: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ float load(const void* z, int bf16, i64 i) {
-    return bf16 ? __uint_as_float(((unsigned int)((const bf16_t*)z)[i]) << 16) : ((const float*)z)[i];
-}
-
 /* (m, s, st) <- the running max and the exp-sums at temperatures 1 and t over both parts. */
 __device__ __forceinline__ void combine(float& m, float& s, float& st, float m2, float s2, float st2, float inv_t) {
     const float mx = fmaxf(m, m2);
@@ -126,17 +122,9 @@ fn module() -> nvrtc::Module {
     }
 }
 
-fn flag(d: DType, what: &str) -> Result<i32, String> {
-    match d {
-        DType::BF16 => Ok(1),
-        DType::F32 => Ok(0),
-        other => Err(format!("{what} is {other:?}; the kernels take bf16 or f32")),
-    }
-}
-
 /// Logits [N, V] (bf16 or f32), made contiguous, with N, V and the bf16 flag.
 fn logits(z: &CudaTensor) -> Result<(CudaTensor, usize, usize, i32), String> {
-    let bf16 = flag(z.dtype, "logits")?;
+    let bf16 = nvrtc::dtype_flag(z.dtype, "logits")?;
     let s = z.meta.shape();
     if z.meta.rank() != 2 || s[0] == 0 || s[1] == 0 || s[1] > i32::MAX as usize {
         return Err(format!("logits {:?}", s.as_slice()));
@@ -214,7 +202,7 @@ pub fn grad(
     dtype: DType,
 ) -> Result<CudaTensor, String> {
     let (z, n, v, z_bf16) = logits(z)?;
-    let out_bf16 = flag(dtype, "the gradient's dtype")?;
+    let out_bf16 = nvrtc::dtype_flag(dtype, "the gradient's dtype")?;
     let (max, a) = (rows(max, n, "max")?, rows(a, n, "a")?);
     let b = b.map(|b| rows(b, n, "b")).transpose()?;
     let m_len = ids.meta.shape()[1];

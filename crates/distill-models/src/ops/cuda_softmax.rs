@@ -196,14 +196,6 @@ impl Geometry {
     }
 }
 
-fn out_flag(d: DType) -> Result<i32, String> {
-    match d {
-        DType::BF16 => Ok(1),
-        DType::F32 => Ok(0),
-        other => Err(format!("output dtype {other:?}")),
-    }
-}
-
 /// An f32 rank-4 tensor, made contiguous.
 fn f32_input(t: &CudaTensor, what: &str) -> Result<CudaTensor, String> {
     if t.dtype != DType::F32 || t.meta.rank() != 4 {
@@ -225,7 +217,7 @@ pub fn probs(
     let (r, h, t, s) = (dims[0], dims[1], dims[2], dims[3]);
     let geometry = Geometry::new(mask, &dims, scale)?;
     nvrtc::ensure_loaded(&scores.device, module())?;
-    let p_bf16 = out_flag(p_dtype)?;
+    let p_bf16 = nvrtc::dtype_flag(p_dtype, "P")?;
     let rows = r * h * t;
     let grid = u32::try_from(rows).map_err(|_| format!("{rows} rows"))?;
     if rows == 0 || s == 0 {
@@ -285,7 +277,10 @@ pub fn probs_grad(
     }
     let geometry = Geometry::new(mask, &dims, scale)?;
     nvrtc::ensure_loaded(&scores.device, module())?;
-    let (ds_bf16, p_bf16) = (out_flag(ds_dtype)?, out_flag(p_dtype)?);
+    let (ds_bf16, p_bf16) = (
+        nvrtc::dtype_flag(ds_dtype, "dS")?,
+        nvrtc::dtype_flag(p_dtype, "P")?,
+    );
     let n = (r * h * t * s) as i64;
     if n == 0 {
         return Err("empty".into());

@@ -1,4 +1,6 @@
-//! RMSNorm and SwiGLU with hand-written backward passes, for training ([`super::BinaryOp`]).
+//! RMSNorm and SwiGLU with hand-written backward passes, for training ([`super::BinaryOp`]):
+//! the nodes call [`Kernels::rms_norm_backward`] and [`Kernels::swiglu_backward`], whose
+//! defaults (burn ops) are here.
 //!
 //! Why: under burn's autodiff each of their ops is a graph node that keeps its inputs, and
 //! RMSNorm works in f32: a [B, T, C] RMSNorm kept about four f32 copies of its input per
@@ -36,20 +38,8 @@ impl<B: Kernels> BinaryOp<B> for RmsNorm {
         w: FloatTensor<B>,
         dy: FloatTensor<B>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let (x, w, dy) = (tensor::<B, 3>(x), tensor::<B, 1>(w), tensor::<B, 3>(dy));
-        let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
-        let x32 = x.cast(DType::F32);
-        let inv = inv_rms(x32.clone(), self.eps); // [B, T, 1]
-        let n = x32 * inv.clone(); // [B, T, C] f32
-        let g = (dy.clone() * w.unsqueeze::<3>()).cast(DType::F32); // [B, T, C]
-        let mean_gn = (g.clone() * n.clone()).mean_dim(2); // [B, T, 1]
-        let dx = (inv * (g - n.clone() * mean_gn)).cast(x_dtype);
-        let c = n.dims()[2];
-        let dw = (dy * n.cast(x_dtype))
-            .reshape([-1, c as i64])
-            .sum_dim(0)
-            .reshape([c]);
-        (prim(dx), prim(dw.cast(w_dtype)))
+        let (dx, dw) = B::rms_norm_backward(tensor(x), tensor(w), tensor(dy), self.eps);
+        (prim(dx), prim(dw))
     }
 }
 
@@ -70,14 +60,45 @@ impl<B: Kernels> BinaryOp<B> for SwiGlu {
         up: FloatTensor<B>,
         dy: FloatTensor<B>,
     ) -> (FloatTensor<B>, FloatTensor<B>) {
-        let (gate, up, dy) = (tensor::<B, 3>(gate), tensor::<B, 3>(up), tensor::<B, 3>(dy));
-        let dtype = gate.dtype();
-        let (g, u, dy) = (gate.cast(DType::F32), up.cast(DType::F32), dy.cast(DType::F32));
-        let s = sigmoid(g.clone());
-        let d_up = dy.clone() * g.clone() * s.clone();
-        let d_gate = dy * u * s.clone() * (g * s.neg().add_scalar(1.0)).add_scalar(1.0);
-        (prim(d_gate.cast(dtype)), prim(d_up.cast(dtype)))
+        let (d_gate, d_up) = B::swiglu_backward(tensor(gate), tensor(up), tensor(dy));
+        (prim(d_gate), prim(d_up))
     }
+}
+
+/// [`Kernels::rms_norm_backward`] as burn ops: (dx [B, T, C], dw [C]).
+pub fn rms_norm_backward_default<B: Backend>(
+    x: Tensor<B, 3>,
+    w: Tensor<B, 1>,
+    dy: Tensor<B, 3>,
+    eps: f64,
+) -> (Tensor<B, 3>, Tensor<B, 1>) {
+    let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
+    let x32 = x.cast(DType::F32);
+    let inv = inv_rms(x32.clone(), eps); // [B, T, 1]
+    let n = x32 * inv.clone(); // [B, T, C] f32
+    let g = (dy.clone() * w.unsqueeze::<3>()).cast(DType::F32); // [B, T, C]
+    let mean_gn = (g.clone() * n.clone()).mean_dim(2); // [B, T, 1]
+    let dx = (inv * (g - n.clone() * mean_gn)).cast(x_dtype);
+    let c = n.dims()[2];
+    let dw = (dy * n.cast(x_dtype))
+        .reshape([-1, c as i64])
+        .sum_dim(0)
+        .reshape([c]);
+    (dx, dw.cast(w_dtype))
+}
+
+/// [`Kernels::swiglu_backward`] as burn ops, in f32: (d gate, d up), each [B, T, I].
+pub fn swiglu_backward_default<B: Backend>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    dy: Tensor<B, 3>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let dtype = gate.dtype();
+    let (g, u, dy) = (gate.cast(DType::F32), up.cast(DType::F32), dy.cast(DType::F32));
+    let s = sigmoid(g.clone());
+    let d_up = dy.clone() * g.clone() * s.clone();
+    let d_gate = dy * u * s.clone() * (g * s.neg().add_scalar(1.0)).add_scalar(1.0);
+    (d_gate.cast(dtype), d_up.cast(dtype))
 }
 
 /// The forward both ops default to: silu(gate) · up.

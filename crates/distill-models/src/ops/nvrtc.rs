@@ -12,7 +12,8 @@ use cudarc::driver::sys as cu;
 use cudarc::nvrtc::CompileOptions;
 
 /// Helpers the elementwise kernels share: `bf16_t`, `i64`, `to_bf16` (round to nearest even,
-/// NaN kept) and `store` (an f32 value into a bf16 or f32 buffer).
+/// NaN kept), `load` and `store` (an f32 value from or into a bf16 or f32 buffer, by the flag
+/// [`dtype_flag`] gives).
 pub(crate) const BF16_STORE: &str = r#"
 typedef unsigned short bf16_t;
 typedef long long i64;
@@ -27,7 +28,21 @@ __device__ __forceinline__ bf16_t to_bf16(float f) {
 __device__ __forceinline__ void store(void* out, int bf16, i64 i, float v) {
     if (bf16) ((bf16_t*)out)[i] = to_bf16(v); else ((float*)out)[i] = v;
 }
+
+__device__ __forceinline__ float load(const void* z, int bf16, i64 i) {
+    return bf16 ? __uint_as_float(((unsigned int)((const bf16_t*)z)[i]) << 16) : ((const float*)z)[i];
+}
 "#;
+
+/// The `bf16` flag of [`BF16_STORE`]'s `load` and `store` for a tensor of dtype `d`.
+pub(crate) fn dtype_flag(d: burn::tensor::DType, what: &str) -> Result<i32, String> {
+    use burn::tensor::DType;
+    match d {
+        DType::BF16 => Ok(1),
+        DType::F32 => Ok(0),
+        other => Err(format!("{what} is {other:?}; the kernels take bf16 or f32")),
+    }
+}
 
 /// One compiled source: what [`functions`] needs to build and load it.
 pub(crate) struct Module {

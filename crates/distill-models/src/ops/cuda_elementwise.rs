@@ -1,0 +1,345 @@
+//! RMSNorm and SwiGLU, forward and backward, as CUDA kernels ([`crate::Kernels::rms_norm`],
+//! [`crate::Kernels::swiglu`] and their backward methods), for bf16 or f32 tensors.
+//!
+//! Why: as burn ops each is a chain of elementwise passes, most of them in f32 (cast, sigmoid
+//! as five ops, products, casts back). At 0.5B, 4 x 2048 tokens, SwiGLU over [8192, 4864]
+//! took about 1 ms a layer forward and 2.4 ms backward, RMSNorm about 0.35 ms per backward:
+//! about 90 of a 266 ms step on the H100 (nsys). One kernel reads each input once and writes
+//! each output once.
+//!
+//! Rounding follows PyTorch's bf16 modules: RMSNorm rounds x · inv_rms to the storage dtype
+//! before the weight (HF's `weight * hidden.to(input_dtype)`), SwiGLU rounds silu(gate) once
+//! (burn's op rounds sigmoid, then the product); the backward passes work in f32 and round
+//! each gradient once.
+
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::cublas;
+use super::nvrtc::{self, Arg, Launch};
+
+type CudaTensor = CubeTensor<CudaRuntime>;
+
+const SOURCE: &str = r#"
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+/* v as the storage dtype holds it. */
+__device__ __forceinline__ float rounded(int bf16, float v) {
+    return bf16 ? __uint_as_float(((unsigned int)to_bf16(v)) << 16) : v;
+}
+
+/* One warp per row of x [rows, c]: y = round(round(x * inv_rms) * w). */
+extern "C" __global__ void rms_norm(const void* x, const void* w, void* y, int bf16, int rows, int c,
+                                    float eps)
+{
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const i64 base = (i64)row * c;
+    float ss = 0.f;
+    for (int j = lane; j < c; j += 32) { const float v = load(x, bf16, base + j); ss += v * v; }
+    const float inv = 1.f / sqrtf(warp_sum(ss) / c + eps);
+    for (int j = lane; j < c; j += 32)
+        store(y, bf16, base + j, rounded(bf16, load(x, bf16, base + j) * inv) * load(w, bf16, j));
+}
+
+/* One warp per row. With g = dy * w and n = x * inv_rms:
+ *     dx = inv_rms * (g - n * mean(g * n)) = inv_rms * (g - x * inv_rms^2 * sum(g * x) / c),
+ * and inv_rms per row for rms_norm_dw. */
+extern "C" __global__ void rms_norm_dx(const void* x, const void* w, const void* dy, void* dx,
+                                       float* inv_out, int bf16, int rows, int c, float eps)
+{
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const i64 base = (i64)row * c;
+    float ss = 0.f, gx = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float v = load(x, bf16, base + j);
+        ss += v * v;
+        gx += load(dy, bf16, base + j) * load(w, bf16, j) * v;
+    }
+    const float inv = 1.f / sqrtf(warp_sum(ss) / c + eps);
+    const float k = inv * inv * warp_sum(gx) / c;
+    for (int j = lane; j < c; j += 32) {
+        const float g = load(dy, bf16, base + j) * load(w, bf16, j);
+        store(dx, bf16, base + j, inv * (g - load(x, bf16, base + j) * k));
+    }
+    if (lane == 0) inv_out[row] = inv;
+}
+
+/* dw[j] = sum over rows of dy[r, j] * round(x[r, j] * inv[r]): one thread per column and
+ * chunk of rows (blockIdx.y), partial sums [chunks, c] in f32. */
+extern "C" __global__ void rms_norm_dw(const void* x, const void* dy, const float* inv, float* partial,
+                                       int bf16, int rows, int c, int chunk)
+{
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    const int r0 = blockIdx.y * chunk, r1 = min(rows, r0 + chunk);
+    float acc = 0.f;
+    for (int r = r0; r < r1; r++) {
+        const i64 i = (i64)r * c + j;
+        acc += load(dy, bf16, i) * rounded(bf16, load(x, bf16, i) * inv[r]);
+    }
+    partial[(i64)blockIdx.y * c + j] = acc;
+}
+
+/* y = round(silu(gate)) * up. */
+extern "C" __global__ void swiglu(const void* gate, const void* up, void* y, int bf16, i64 n)
+{
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const float g = load(gate, bf16, i);
+        store(y, bf16, i, rounded(bf16, g / (1.f + expf(-g))) * load(up, bf16, i));
+    }
+}
+
+/* With s = sigmoid(gate): d_up = dy * gate * s, d_gate = dy * up * s * (1 + gate * (1 - s)). */
+extern "C" __global__ void swiglu_backward(const void* gate, const void* up, const void* dy, void* d_gate,
+                                           void* d_up, int bf16, i64 n)
+{
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const float g = load(gate, bf16, i), d = load(dy, bf16, i);
+        const float s = 1.f / (1.f + expf(-g));
+        store(d_up, bf16, i, d * g * s);
+        store(d_gate, bf16, i, d * load(up, bf16, i) * s * (1.f + g * (1.f - s)));
+    }
+}
+"#;
+
+fn module() -> nvrtc::Module {
+    nvrtc::Module {
+        key: "elementwise".into(),
+        sources: &[nvrtc::BF16_STORE, SOURCE],
+        arch: None,
+        options: Vec::new(),
+        names: &[
+            "rms_norm",
+            "rms_norm_dx",
+            "rms_norm_dw",
+            "swiglu",
+            "swiglu_backward",
+        ],
+        dynamic_smem: 0,
+    }
+}
+
+/// Rows of a warp-per-row kernel per 256-thread block.
+const ROWS_PER_BLOCK: usize = 8;
+
+/// The inputs made contiguous, after checking they share one dtype (bf16 or f32) and the
+/// shape `dims` gives (None: any); returns them with the kernels' bf16 flag.
+fn inputs<const N: usize>(
+    ts: [(&CudaTensor, &str, Option<&[usize]>); N],
+) -> Result<([CudaTensor; N], i32), String> {
+    let dtype = ts[0].0.dtype;
+    let bf16 = nvrtc::dtype_flag(dtype, ts[0].1)?;
+    for (t, what, dims) in &ts {
+        if t.dtype != dtype {
+            return Err(format!("{what} is {:?}, {} {dtype:?}", t.dtype, ts[0].1));
+        }
+        if let Some(dims) = dims
+            && t.meta.shape().as_slice() != *dims
+        {
+            return Err(format!(
+                "{what}: shape {:?}, want {dims:?}",
+                t.meta.shape().as_slice()
+            ));
+        }
+    }
+    Ok((ts.map(|(t, _, _)| into_contiguous(t.clone())), bf16))
+}
+
+fn like(t: &CudaTensor, dims: &[usize], dtype: DType) -> CudaTensor {
+    empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), dims.to_vec().into(), dtype)
+}
+
+/// (rows, c) of x [.., c], with c as the weight's length.
+fn rows_of(x: &CudaTensor, w: &CudaTensor) -> Result<(usize, usize), String> {
+    let dims = x.meta.shape().as_slice().to_vec();
+    let c = *dims.last().ok_or("x has rank 0")?;
+    let rows = dims[..dims.len() - 1].iter().product::<usize>();
+    if w.meta.shape().as_slice() != [c] || c == 0 || rows == 0 || rows > i32::MAX as usize {
+        return Err(format!("x {dims:?}, weight {:?}", w.meta.shape().as_slice()));
+    }
+    Ok((rows, c))
+}
+
+fn warp_rows(rows: usize) -> Launch {
+    Launch {
+        grid: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        threads: 32 * ROWS_PER_BLOCK as u32,
+        dynamic_smem: 0,
+    }
+}
+
+fn elementwise(n: usize) -> Launch {
+    Launch {
+        grid: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
+        threads: 256,
+        dynamic_smem: 0,
+    }
+}
+
+/// RMSNorm of x [.., C] with weight [C] over the last dim, in x's shape and dtype.
+pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, String> {
+    let (rows, c) = rows_of(x, w)?;
+    let ([x, w], bf16) = inputs([(x, "x", None), (w, "weight", None)])?;
+    nvrtc::ensure_loaded(&x.device, module())?;
+    let y = like(&x, x.meta.shape().as_slice(), x.dtype);
+    let device = x.device.clone();
+    let bindings = [&x, &w, &y].map(|t| t.handle.clone().binding());
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [px, pw, py]| {
+            use Arg::*;
+            let f = nvrtc::functions(device.index, &module())?[0];
+            let args = [
+                Ptr(px),
+                Ptr(pw),
+                Ptr(py),
+                I32(bf16),
+                I32(rows as i32),
+                I32(c as i32),
+                F32(eps),
+            ];
+            nvrtc::launch(f, warp_rows(rows), stream, &args).map_err(|e| format!("rms_norm: {e}"))
+        },
+    )?;
+    Ok(y)
+}
+
+/// The backward of [`rms_norm`]: dx in x's shape and dtype, and dw as f32 partial sums
+/// [chunks, C] for the caller to sum over chunks.
+pub fn rms_norm_backward(
+    x: &CudaTensor,
+    w: &CudaTensor,
+    dy: &CudaTensor,
+    eps: f32,
+) -> Result<(CudaTensor, CudaTensor), String> {
+    let (rows, c) = rows_of(x, w)?;
+    let shape = x.meta.shape().as_slice().to_vec();
+    let ([x, w, dy], bf16) = inputs([(x, "x", None), (w, "weight", None), (dy, "dy", Some(&shape))])?;
+    nvrtc::ensure_loaded(&x.device, module())?;
+    // Enough chunks of rows to fill the GPU with a few columns' blocks; at most 64 rows each.
+    let chunk = rows.div_ceil(rows.div_ceil(64).clamp(1, 512));
+    let chunks = rows.div_ceil(chunk);
+    let dx = like(&x, &shape, x.dtype);
+    let inv = like(&x, &[rows], DType::F32);
+    let partial = like(&x, &[chunks, c], DType::F32);
+    let device = x.device.clone();
+    let bindings = [&x, &w, &dy, &dx, &inv, &partial].map(|t| t.handle.clone().binding());
+    let dx_launch = warp_rows(rows);
+    let dw_launch = Launch {
+        grid: (c.div_ceil(256) as u32, chunks as u32, 1),
+        threads: 256,
+        dynamic_smem: 0,
+    };
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [px, pw, pdy, pdx, pinv, ppart]| {
+            use Arg::*;
+            let f = nvrtc::functions(device.index, &module())?;
+            let (rows, c) = (I32(rows as i32), I32(c as i32));
+            let args = [
+                Ptr(px),
+                Ptr(pw),
+                Ptr(pdy),
+                Ptr(pdx),
+                Ptr(pinv),
+                I32(bf16),
+                rows,
+                c,
+                F32(eps),
+            ];
+            nvrtc::launch(f[1], dx_launch, stream, &args).map_err(|e| format!("rms_norm_dx: {e}"))?;
+            let args = [
+                Ptr(px),
+                Ptr(pdy),
+                Ptr(pinv),
+                Ptr(ppart),
+                I32(bf16),
+                rows,
+                c,
+                I32(chunk as i32),
+            ];
+            nvrtc::launch(f[2], dw_launch, stream, &args).map_err(|e| format!("rms_norm_dw: {e}"))
+        },
+    )?;
+    Ok((dx, partial))
+}
+
+/// silu(gate) · up, in gate's shape and dtype.
+pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> {
+    let shape = gate.meta.shape().as_slice().to_vec();
+    let ([gate, up], bf16) = inputs([(gate, "gate", None), (up, "up", Some(&shape))])?;
+    let n = shape.iter().product::<usize>();
+    if n == 0 {
+        return Err("empty".into());
+    }
+    nvrtc::ensure_loaded(&gate.device, module())?;
+    let y = like(&gate, &shape, gate.dtype);
+    let device = gate.device.clone();
+    let bindings = [&gate, &up, &y].map(|t| t.handle.clone().binding());
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [pg, pu, py]| {
+            use Arg::*;
+            let f = nvrtc::functions(device.index, &module())?[3];
+            let args = [Ptr(pg), Ptr(pu), Ptr(py), I32(bf16), I64(n as i64)];
+            nvrtc::launch(f, elementwise(n), stream, &args).map_err(|e| format!("swiglu: {e}"))
+        },
+    )?;
+    Ok(y)
+}
+
+/// The backward of [`swiglu`]: (d gate, d up), each in gate's shape and dtype.
+pub fn swiglu_backward(
+    gate: &CudaTensor,
+    up: &CudaTensor,
+    dy: &CudaTensor,
+) -> Result<(CudaTensor, CudaTensor), String> {
+    let shape = gate.meta.shape().as_slice().to_vec();
+    let ([gate, up, dy], bf16) = inputs([
+        (gate, "gate", None),
+        (up, "up", Some(&shape)),
+        (dy, "dy", Some(&shape)),
+    ])?;
+    let n = shape.iter().product::<usize>();
+    if n == 0 {
+        return Err("empty".into());
+    }
+    nvrtc::ensure_loaded(&gate.device, module())?;
+    let (d_gate, d_up) = (like(&gate, &shape, gate.dtype), like(&gate, &shape, gate.dtype));
+    let device = gate.device.clone();
+    let bindings = [&gate, &up, &dy, &d_gate, &d_up].map(|t| t.handle.clone().binding());
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [pg, pu, pdy, pdg, pdu]| {
+            use Arg::*;
+            let f = nvrtc::functions(device.index, &module())?[4];
+            let args = [
+                Ptr(pg),
+                Ptr(pu),
+                Ptr(pdy),
+                Ptr(pdg),
+                Ptr(pdu),
+                I32(bf16),
+                I64(n as i64),
+            ];
+            nvrtc::launch(f, elementwise(n), stream, &args).map_err(|e| format!("swiglu_backward: {e}"))
+        },
+    )?;
+    Ok((d_gate, d_up))
+}
