@@ -1,0 +1,322 @@
+//! The CUDA backend's [`Kernels`] impl (`Cuda<bf16>`, `Cuda<f32>`): each method calls its
+//! kernel module (`cublas`, `cuda_flash`, `cuda_softmax`, `cuda_logits`, `cuda_elementwise`,
+//! `cuda_optim`) and falls back to the burn-op default, noted once, when the kernel cannot take
+//! the input or cannot run.
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
+
+use super::{
+    AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
+    attention_mode, bmm_default, cublas, cuda_elementwise, cuda_flash, cuda_logits, cuda_optim, cuda_softmax,
+    elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
+};
+
+/// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
+/// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,
+/// odd shapes, no libcublas, `DISTILL_CUBLAS=off`) to burn's matmul.
+impl<F, I, BT> Kernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
+where
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    const FAST_GEMM: bool = true;
+
+    fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        match cublas::gemm(a, b) {
+            Ok(c) => c,
+            Err((a, b)) => <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_matmul(a, b),
+        }
+    }
+
+    fn bmm(a: FloatTensor<Self>, b: FloatTensor<Self>, out: FloatDType) -> FloatTensor<Self> {
+        match cublas::bmm(a, b, out.into()) {
+            Ok(c) => c,
+            Err((a, b)) => bmm_default::<Self>(a, b, out),
+        }
+    }
+
+    fn attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Tensor<Self, 4> {
+        let flash = (attention_mode() == AttentionMode::Flash)
+            .then(|| Self::flash_attention(&q, &k, &v, keys))
+            .flatten();
+        match flash {
+            Some((out, _)) => out,
+            None => attention_default(q, k, v, keys),
+        }
+    }
+
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        match cuda_elementwise::rms_norm(&prim(x.clone()), &prim(weight.clone()), eps as f32) {
+            Ok(y) => tensor(y),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                rms_norm_default(x, weight, eps)
+            }
+        }
+    }
+
+    fn rms_norm_backward(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        dy: Tensor<Self, 3>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
+        match cuda_elementwise::rms_norm_backward(
+            &prim(x.clone()),
+            &prim(weight.clone()),
+            &prim(dy.clone()),
+            eps as f32,
+        ) {
+            Ok((dx, partial)) => {
+                let dw = tensor::<Self, 2>(partial).sum_dim(0).reshape([weight.dims()[0]]);
+                (tensor(dx), dw.cast(weight.dtype()))
+            }
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::rms_norm_backward_default(x, weight, dy, eps)
+            }
+        }
+    }
+
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        match cuda_elementwise::swiglu(&prim(gate.clone()), &prim(up.clone())) {
+            Ok(y) => tensor(y),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::swiglu_default(gate, up)
+            }
+        }
+    }
+
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        match cuda_elementwise::swiglu_backward(&prim(gate.clone()), &prim(up.clone()), &prim(dy.clone())) {
+            Ok((d_gate, d_up)) => (tensor(d_gate), tensor(d_up)),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::swiglu_backward_default(gate, up, dy)
+            }
+        }
+    }
+
+    fn softmax_stats(
+        z: Tensor<Self, 2>,
+        t: f64,
+        limit: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        match cuda_logits::stats(&prim(z.clone()), t as f32, limit) {
+            Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
+            Err(why) => {
+                fell_back(Fallback::LossSoftmax, &why);
+                logits::stats_default(z, t, limit)
+            }
+        }
+    }
+
+    fn softmax_grad(
+        z: Tensor<Self, 2>,
+        max: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Option<Tensor<Self, 2>>,
+        t: f64,
+        limit: usize,
+        ids: Tensor<Self, 2, Int>,
+        values: Tensor<Self, 2>,
+        dtype: FloatDType,
+    ) -> Tensor<Self, 2> {
+        let found = cuda_logits::grad(
+            &prim(z.clone()),
+            &prim(max.clone()),
+            &prim(a.clone()),
+            b.clone().map(prim).as_ref(),
+            t as f32,
+            limit,
+            &ids.clone().into_primitive(),
+            &prim(values.clone()),
+            dtype.into(),
+        );
+        match found {
+            Ok(g) => tensor(g),
+            Err(why) => {
+                fell_back(Fallback::LossSoftmax, &why);
+                logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
+            }
+        }
+    }
+
+    fn adamw(
+        p: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        c: AdamWScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        match cuda_optim::adamw(
+            &prim(p.clone()),
+            &prim(g.clone()),
+            &prim(m.clone()),
+            &prim(v.clone()),
+            c,
+        ) {
+            Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
+            Err(why) => {
+                fell_back(Fallback::AdamW, &why);
+                adamw_default(p, g, m, v, c)
+            }
+        }
+    }
+
+    fn flash_attention(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
+        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
+        let found = cuda_flash::forward(
+            &prim(q.clone()),
+            &prim(k.clone()),
+            &prim(v.clone()),
+            ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            scale,
+        );
+        match found {
+            // The output comes as [B, T, H, hd]: the view the model's next reshape wants.
+            Ok((out, lse)) => Some((tensor::<Self, 4>(out).swap_dims(1, 2), tensor(lse))),
+            Err(why) => {
+                fell_back(Fallback::Flash, &why);
+                None
+            }
+        }
+    }
+
+    fn flash_attention_backward(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+        out: &Tensor<Self, 4>,
+        lse: &Tensor<Self, 4>,
+        d_out: &Tensor<Self, 4>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let delta = (d_out.clone().cast(DType::F32) * out.clone().cast(DType::F32)).sum_dim(3); // [B, H, T, 1]
+        let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
+        let found = cuda_flash::backward(
+            &prim(q.clone()),
+            &prim(k.clone()),
+            &prim(v.clone()),
+            ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            &prim(lse.clone()),
+            &prim(delta),
+            &prim(d_out.clone()),
+            scale,
+        );
+        match found {
+            // dq [B, T, H, hd] back to [B, H, T, hd]; dk and dv per query head, f32.
+            Ok((dq, dk, dv)) => {
+                let kv = k.dims()[1];
+                let per_kv_head = |x| sum_groups(tensor::<Self, 4>(x), kv).cast(k.dtype());
+                Some((
+                    tensor::<Self, 4>(dq).swap_dims(1, 2),
+                    per_kv_head(dk),
+                    per_kv_head(dv),
+                ))
+            }
+            Err(why) => {
+                fell_back(Fallback::Flash, &why);
+                None
+            }
+        }
+    }
+
+    fn attention_probs(
+        scores: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if cuda_softmax::enabled() {
+            let m = mask.clone().map(|m| m.into_primitive());
+            match cuda_softmax::probs(&prim(scores.clone()), m.as_ref(), scale as f32, p_dtype.into()) {
+                Ok((p, lse)) => return (tensor(p), tensor(lse)),
+                Err(why) => fell_back(Fallback::AttentionSoftmax, &why),
+            }
+        }
+        attention::probs_default(scores, mask, scale, p_dtype)
+    }
+
+    fn attention_probs_grad(
+        scores: Tensor<Self, 4>,
+        dp: Tensor<Self, 4>,
+        lse: Tensor<Self, 4>,
+        delta: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, Bool>>,
+        scale: f64,
+        ds_dtype: FloatDType,
+        p_dtype: FloatDType,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        if cuda_softmax::enabled() {
+            let m = mask.clone().map(|m| m.into_primitive());
+            let fused = cuda_softmax::probs_grad(
+                &prim(scores.clone()),
+                &prim(dp.clone()),
+                &prim(lse.clone()),
+                &prim(delta.clone()),
+                m.as_ref(),
+                scale as f32,
+                ds_dtype.into(),
+                p_dtype.into(),
+            );
+            match fused {
+                Ok((ds, p)) => return (tensor(ds), tensor(p)),
+                Err(why) => fell_back(Fallback::AttentionSoftmax, &why),
+            }
+        }
+        attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
+    }
+}
+
+/// The CUDA kernels a [`Kernels`] method may fall back from (to burn's ops or the blockwise
+/// attention), each noted once on stderr with the first reason.
+#[derive(Debug, Clone, Copy)]
+pub enum Fallback {
+    Flash,
+    AttentionSoftmax,
+    LossSoftmax,
+    AdamW,
+    Elementwise,
+}
+
+static FELL_BACK: [std::sync::atomic::AtomicBool; 5] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; 5];
+
+/// Whether a CUDA [`Kernels`] method has fallen back from `which` kernels in this process: for
+/// tests that must know the kernel ran, and tools that report it.
+pub fn has_fallen_back(which: Fallback) -> bool {
+    FELL_BACK[which as usize].load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn fell_back(which: Fallback, why: &str) {
+    static NOTED: [std::sync::Once; 5] = [const { std::sync::Once::new() }; 5];
+    FELL_BACK[which as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+    let what = match which {
+        Fallback::Flash => "attention without the flash kernels",
+        Fallback::AttentionSoftmax => "attention softmax on burn's ops",
+        Fallback::LossSoftmax => "the loss's softmax on burn's ops",
+        Fallback::AdamW => "AdamW on burn's ops",
+        Fallback::Elementwise => "RMSNorm and SwiGLU on burn's ops",
+    };
+    NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
+}
