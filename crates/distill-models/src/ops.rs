@@ -29,6 +29,7 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetad
 pub mod attention;
 /// RMSNorm and SwiGLU with hand-written backward passes.
 pub mod elementwise;
+pub use elementwise::rms_norm_default;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
 
@@ -346,24 +347,6 @@ pub trait Kernels: Backend {
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
         elementwise::swiglu_backward_default(gate, up, dy)
     }
-}
-
-/// [`Kernels::rms_norm`] as burn ops.
-pub fn rms_norm_default<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
-    let dtype = x.dtype();
-    let x32 = if dtype == DType::F32 {
-        x
-    } else {
-        x.cast(DType::F32)
-    };
-    let inv_rms = x32.clone().square().mean_dim(2).add_scalar(eps).sqrt().recip(); // [B, T, 1]
-    let normed = x32 * inv_rms;
-    let normed = if dtype == DType::F32 {
-        normed
-    } else {
-        normed.cast(dtype)
-    };
-    normed * weight.unsqueeze::<3>()
 }
 
 /// The scalars of one [`Kernels::adamw`] update.

@@ -176,14 +176,6 @@ fn warp_rows(rows: usize) -> Launch {
     }
 }
 
-fn elementwise(n: usize) -> Launch {
-    Launch {
-        grid: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
-        threads: 256,
-        dynamic_smem: 0,
-    }
-}
-
 /// RMSNorm of x [.., C] with weight [C] over the last dim, in x's shape and dtype.
 pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, String> {
     let (rows, c) = rows_of(x, w)?;
@@ -296,7 +288,7 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
             use Arg::*;
             let f = nvrtc::functions(device.index, &module())?[3];
             let args = [Ptr(pg), Ptr(pu), Ptr(py), I32(bf16), I64(n as i64)];
-            nvrtc::launch(f, elementwise(n), stream, &args).map_err(|e| format!("swiglu: {e}"))
+            nvrtc::launch(f, Launch::grid_stride(n), stream, &args).map_err(|e| format!("swiglu: {e}"))
         },
     )?;
     Ok(y)
@@ -338,7 +330,8 @@ pub fn swiglu_backward(
                 I32(bf16),
                 I64(n as i64),
             ];
-            nvrtc::launch(f, elementwise(n), stream, &args).map_err(|e| format!("swiglu_backward: {e}"))
+            nvrtc::launch(f, Launch::grid_stride(n), stream, &args)
+                .map_err(|e| format!("swiglu_backward: {e}"))
         },
     )?;
     Ok((d_gate, d_up))

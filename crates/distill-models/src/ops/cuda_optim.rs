@@ -70,11 +70,7 @@ pub fn adamw(
         || empty_device_contiguous_dtype(p.client.clone(), p.device.clone(), vec![n].into(), DType::F32);
     let (p_out, m_out, v_out) = (out(), out(), out());
     let bindings = [&p, &g, &m, &v, &p_out, &m_out, &v_out].map(|t| t.handle.clone().binding());
-    let how = Launch {
-        grid: (n.div_ceil(256).min(1 << 16) as u32, 1, 1),
-        threads: 256,
-        dynamic_smem: 0,
-    };
+    let how = Launch::grid_stride(n);
     let device = p.device.clone();
     cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         let f = nvrtc::functions(device.index, &module())?[0];

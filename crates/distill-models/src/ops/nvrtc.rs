@@ -169,6 +169,17 @@ pub(crate) struct Launch {
     pub dynamic_smem: u32,
 }
 
+impl Launch {
+    /// 256-thread blocks for a grid-stride loop over `n` elements, at most 65,536 of them.
+    pub(crate) fn grid_stride(n: usize) -> Self {
+        Launch {
+            grid: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+            threads: 256,
+            dynamic_smem: 0,
+        }
+    }
+}
+
 /// Launches `function` on `stream`. Each argument sits in its own 8-byte slot, little-endian,
 /// so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel reads each argument's size from
 /// the kernel's signature and copies it before returning.
