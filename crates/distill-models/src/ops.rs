@@ -12,7 +12,7 @@
 //! its own backward whose backward calls the inner backend's methods again, so forward and
 //! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved
 //! state: flash kernels, else `attention`'s blockwise path), RMSNorm and SwiGLU through
-//! [`binary_autodiff`] (`elementwise`). Without autodiff, backends that override nothing keep
+//! [`binary_autodiff`] (`elementwise`), RoPE ([`rope_autodiff`]). Without autodiff, backends that override nothing keep
 //! burn's ops bit for bit.
 
 use burn::backend::autodiff::NodeId;
@@ -39,7 +39,7 @@ pub mod cublas;
 /// The CUDA backend's [`Kernels`] impl (the `cuda` feature).
 #[cfg(feature = "cuda")]
 mod cuda;
-/// RMSNorm and SwiGLU, forward and backward, as CUDA kernels (the `cuda` feature).
+/// RMSNorm, SwiGLU and RoPE, forward and backward, as CUDA kernels (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_elementwise;
 /// Flash attention forward and backward on tensor cores (the `cuda` feature).
@@ -333,6 +333,21 @@ pub trait Kernels: Backend {
         adamw_default(p, g, m, v, c)
     }
 
+    /// The parts (any float dtypes) cast to f32 and laid end to end: [Σ n_i]. The optimizer's
+    /// flat groups ([`Kernels::adamw`]): burn's `cat` is a kernel per part, hundreds a step
+    /// for LoRA; CUDA copies up to 32 parts a launch.
+    fn concat_f32(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        concat_f32_default(parts)
+    }
+
+    /// Rotary position embedding in HF's rotate_half form: x · cos + rotate_half(x) · sin
+    /// over the head dim. x: [B, H, T, hd]; cos, sin: [R, T, hd] (R = B, or 1 when the rows
+    /// share positions), rounded to x's dtype as transformers does. Its backward is
+    /// itself with -sin.
+    fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
+        elementwise::rope_default(x, cos, sin)
+    }
+
     /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
         elementwise::swiglu_default(gate, up)
@@ -346,6 +361,16 @@ pub trait Kernels: Backend {
         dy: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
         elementwise::swiglu_backward_default(gate, up, dy)
+    }
+}
+
+/// [`Kernels::concat_f32`] as burn ops; a single f32 part as it is (no copy).
+pub fn concat_f32_default<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
+    let mut parts: Vec<Tensor<B, 1>> = parts.into_iter().map(|p| p.cast(DType::F32)).collect();
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(parts, 0)
     }
 }
 
@@ -548,6 +573,39 @@ pub fn binary_autodiff<B: Backend, C: CheckpointStrategy, Op: BinaryOp<B>>(
     }
 }
 
+/// [`Kernels::rope`] as one autodiff node: the graph keeps the tables, not x; the backward
+/// is the rotation by -angle, [`Kernels::rope`] with -sin.
+pub fn rope_autodiff<B: Kernels, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct Rope;
+
+    impl<B: Kernels> Backward<B, 1> for Rope {
+        type State = (FloatTensor<B>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node] = ops.parents;
+            let dy = grads.consume::<B>(&ops.node);
+            let (cos, sin) = ops.state;
+            if let Some(node) = node {
+                let dx = B::rope(tensor(dy), &tensor(cos), &tensor::<B, 3>(sin).neg());
+                grads.register::<B>(node.id, prim(dx));
+            }
+        }
+    }
+
+    match Rope.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = B::rope(tensor(x.primitive), &cos, &sin);
+            prep.finish((prim(cos), prim(sin)), prim(out))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(B::rope(tensor(x.primitive), &cos, &sin))),
+    }
+}
+
 /// [`Kernels::attention`] under autodiff with its own backward: the graph keeps Q, K, V, the
 /// output and the log-sum-exp per query, not the [B, H, T, S] scores and probabilities burn's
 /// fallback keeps. Forward and backward are the backend's flash kernels where it has them
@@ -714,6 +772,14 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             elementwise::SwiGlu,
             prim(gate),
             prim(up),
+        ))
+    }
+
+    fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
+        tensor(rope_autodiff::<B, C>(
+            prim(x),
+            cos.clone().inner(),
+            sin.clone().inner(),
         ))
     }
 

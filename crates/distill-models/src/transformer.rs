@@ -166,17 +166,6 @@ impl Rotary {
             Tensor::from_data(TensorData::new(sin, shape), device),
         )
     }
-
-    /// x: [B, H, T, hd], cos/sin: [R, T, hd] with R = B or 1 -> [B, H, T, hd].
-    pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
-        let half = x.dims()[3] / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        let cos = cast_to(cos.clone().unsqueeze_dim::<4>(1), x.dtype()); // [R, 1, T, hd]
-        let sin = cast_to(sin.clone().unsqueeze_dim::<4>(1), x.dtype());
-        x * cos + rotated * sin
-    }
 }
 
 /// transformers' `_compute_llama3_parameters`: long wavelengths are divided by `factor`,
@@ -405,8 +394,8 @@ impl<B: Kernels> Attention<B> {
         let q = heads(self.q_proj.forward(x.clone()), self.num_heads); // [B, H, T, hd]
         let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads); // [B, KV, T, hd]
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        let q = Rotary::apply(q, &ctx.cos, &ctx.sin);
-        let k = Rotary::apply(k, &ctx.cos, &ctx.sin);
+        let q = <B as Kernels>::rope(q, &ctx.cos, &ctx.sin);
+        let k = <B as Kernels>::rope(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v), // [B, KV, S, hd]
             None => (k, v),

@@ -601,3 +601,113 @@ fn cuda_logits_kernels_match_the_cpu() {
         assert!(e < bound, "grad {dtype:?}: {e:.3e}");
     }
 }
+
+/// The optimizer's flat groups: 70 parts (three launches of up to 32), bf16 and f32 mixed,
+/// lengths 1 to a few thousand, narrowed views of one buffer among them, exactly equal to the
+/// values cast to f32 and concatenated on the CPU.
+#[test]
+fn cuda_concat_f32_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    let whole: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.37).sin() * 100.0).collect();
+    let buffer = Tensor::<G, 1>::from_data(
+        TensorData::new(whole.clone(), [whole.len()]),
+        (&device, DType::F32),
+    );
+    let (mut parts, mut want) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    for k in 0..70usize {
+        let n = 1 + (k * 977) % 3001;
+        let values = &whole[at..at + n];
+        if k % 3 == 0 {
+            // A view with an offset into the shared buffer.
+            parts.push(buffer.clone().narrow(0, at, n));
+            want.extend_from_slice(values);
+        } else {
+            let dtype = if k % 3 == 1 { DType::BF16 } else { DType::F32 };
+            let t = Tensor::<G, 1>::from_data(TensorData::new(values.to_vec(), [n]), (&device, DType::F32))
+                .cast(dtype);
+            assert_eq!(t.dtype(), dtype);
+            let rounded = if dtype == DType::BF16 {
+                values.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect()
+            } else {
+                values.to_vec()
+            };
+            parts.push(t);
+            want.extend(rounded);
+        }
+        at = (at + n) % (whole.len() - 3001);
+    }
+    let got = <G as Kernels>::concat_f32(parts);
+    assert_eq!(got.dtype(), DType::F32);
+    assert!(
+        !has_fallen_back(Fallback::AdamW),
+        "concat_f32 fell back to burn's cat"
+    );
+    assert_eq!(host(got), want);
+}
+
+/// The RoPE kernel, forward and backward, on the strided [B, H, T, hd] view the model makes
+/// (heads of a [B, T, H, hd] projection), against the CPU in f32 on the same bf16 inputs:
+/// tables shared by the rows (bf16, as `Rotary::tables` gives on `Cuda<bf16>`) and one per row
+/// (f32). A wrong half, sign or table row is off by O(1); bf16 rounding is about 4e-3.
+#[test]
+fn cuda_rope_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    let [b, t, h, hd] = [2, 37, 3, 64];
+    let cpu_device = Default::default();
+    Flex::seed(&cpu_device, 21);
+    let round = |x: Tensor<Flex, 4>| x.cast(DType::BF16).cast(DType::F32);
+    let x = round(randn::<Flex, 4>([b, t, h, hd], 1.0, &cpu_device));
+    let w = randn::<Flex, 4>([b, h, t, hd], 1.0, &cpu_device);
+    for (rows, table_dtype) in [(1, DType::BF16), (b, DType::F32)] {
+        let angles: Vec<f32> = (0..rows * t * hd)
+            .map(|i| {
+                let (r, p, j) = (i / (t * hd), i / hd % t, i % (hd / 2));
+                (r * 5 + p) as f32 * 10_000f32.powf(-2.0 * j as f32 / hd as f32)
+            })
+            .collect();
+        let table = |f: fn(f32) -> f32| -> Vec<f32> {
+            angles
+                .iter()
+                .map(|a| half::bf16::from_f32(f(*a)).to_f32())
+                .collect()
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        fn side<B: AutodiffBackend + Kernels>(
+            device: &B::Device,
+            x: &Tensor<Flex, 4>,
+            w: &Tensor<Flex, 4>,
+            tables: [&Vec<f32>; 2],
+            shape: [usize; 3],
+            dtypes: [DType; 2],
+        ) -> [Vec<f32>; 2] {
+            let [x_dtype, table_dtype] = dtypes;
+            let x = Tensor::<B, 4>::from_data(x.to_data(), (device, DType::F32))
+                .cast(x_dtype)
+                .require_grad();
+            let w = Tensor::<B, 4>::from_data(w.to_data(), (device, DType::F32));
+            let [cos, sin] = tables.map(|v| {
+                Tensor::<B, 3>::from_data(TensorData::new(v.clone(), shape), (device, DType::F32))
+                    .cast(table_dtype)
+            });
+            let y = B::rope(x.clone().swap_dims(1, 2), &cos, &sin);
+            let grads = (y.clone().cast(DType::F32) * w).sum().backward();
+            [host(y.inner()), host(x.grad(&grads).unwrap())]
+        }
+        let shape = [rows, t, hd];
+        let want = side::<Autodiff<Flex>>(&cpu_device, &x, &w, [&cos, &sin], shape, [DType::F32; 2]);
+        let got = side::<H>(&device, &x, &w, [&cos, &sin], shape, [DType::BF16, table_dtype]);
+        for (part, (a, b)) in ["out", "dx"].iter().zip(got.iter().zip(&want)) {
+            let e = err(a, b);
+            eprintln!("  rope rows {rows} {part}: error vs CPU {e:.2e}");
+            // Up to three bf16 roundings (table, dy, output) of values to about 4 rms:
+            // 3 * 4 * 2^-9 = 2.3e-2; burn's ops, with more roundings, reach 2.0e-2.
+            assert!(e < 3e-2, "rope rows {rows} {part}: {e:.3e}");
+        }
+    }
+    assert!(
+        !has_fallen_back(Fallback::Elementwise),
+        "the RoPE kernel fell back to burn's ops"
+    );
+}

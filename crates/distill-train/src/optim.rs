@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Tensor};
 use distill_core::recipe::{Schedule, TrainSection};
 
 use distill_models::Kernels;
@@ -93,16 +93,10 @@ impl<B: Kernels> AdamW<B> {
                     decayed,
                     params: group.iter().map(|(id, v)| (*id, v.dims()[0])).collect(),
                     values: group.iter().map(|(_, v)| v.clone()).collect(),
-                    g: flat(
+                    g: B::concat_f32(
                         group
                             .iter()
-                            .map(|(id, _)| {
-                                grads
-                                    .get(id)
-                                    .expect("gathered parameters have gradients")
-                                    .clone()
-                                    .cast(DType::F32)
-                            })
+                            .map(|(id, _)| grads.get(id).expect("gathered parameters have gradients").clone())
                             .collect(),
                     ),
                 });
@@ -151,7 +145,7 @@ impl<B: Kernels> AdamW<B> {
             at += n;
         }
         // The values are concatenated here, a group at a time, so only one group's copy exists.
-        let p = flat(group.values.into_iter().map(|v| v.cast(DType::F32)).collect()); // [N]
+        let p = B::concat_f32(group.values); // [N]
         let g = group.g; // [N]
         // The scalar factors fold into the update's scalars: the clipping scale s into the
         // moment updates, the bias corrections on the step and eps. With bc_i = 1 - beta_i^t,
@@ -174,7 +168,7 @@ impl<B: Kernels> AdamW<B> {
             step: (lr * bc2.sqrt() / bc1) as f32,
             eps: (c.eps * bc2.sqrt()) as f32,
         };
-        let (p, m, v) = B::adamw(p, g, flat(ms), flat(vs), scalars);
+        let (p, m, v) = B::adamw(p, g, B::concat_f32(ms), B::concat_f32(vs), scalars);
         let mut at = 0;
         for (id, n) in group.params {
             updated.insert(id, p.clone().narrow(0, at, n));
@@ -215,15 +209,6 @@ impl<B: Backend> FlatStep<B> {
         }
         let total: f64 = Tensor::cat(sq, 0).sum().into_scalar().elem();
         total.sqrt()
-    }
-}
-
-/// The parts as one tensor; a single part as it is (no copy).
-fn flat<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
-    if parts.len() == 1 {
-        parts.into_iter().next().expect("one part")
-    } else {
-        Tensor::cat(parts, 0)
     }
 }
 

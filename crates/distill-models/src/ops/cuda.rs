@@ -8,8 +8,8 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 
 use super::{
     AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
-    attention_mode, bmm_default, cublas, cuda_elementwise, cuda_flash, cuda_logits, cuda_optim, cuda_softmax,
-    elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
+    attention_mode, bmm_default, concat_f32_default, cublas, cuda_elementwise, cuda_flash, cuda_logits,
+    cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
 };
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
@@ -105,6 +105,31 @@ where
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
                 elementwise::swiglu_backward_default(gate, up, dy)
+            }
+        }
+    }
+
+    fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
+        match cuda_elementwise::rope(&prim(x.clone()), &prim(cos.clone()), &prim(sin.clone())) {
+            // The output comes as [B, T, H, hd]: the view the model's next reshape wants.
+            Ok(y) => tensor::<Self, 4>(y).swap_dims(1, 2),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                elementwise::rope_default(x, cos, sin)
+            }
+        }
+    }
+
+    fn concat_f32(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        if parts.len() < 2 {
+            return concat_f32_default(parts);
+        }
+        let prims: Vec<FloatTensor<Self>> = parts.iter().cloned().map(prim).collect();
+        match cuda_optim::concat_f32(&prims) {
+            Ok(out) => tensor(out),
+            Err(why) => {
+                fell_back(Fallback::AdamW, &why);
+                concat_f32_default(parts)
             }
         }
     }
@@ -315,8 +340,8 @@ fn fell_back(which: Fallback, why: &str) {
         Fallback::Flash => "attention without the flash kernels",
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
-        Fallback::AdamW => "AdamW on burn's ops",
-        Fallback::Elementwise => "RMSNorm and SwiGLU on burn's ops",
+        Fallback::AdamW => "AdamW (update or flat groups) on burn's ops",
+        Fallback::Elementwise => "RMSNorm, SwiGLU and RoPE on burn's ops",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }

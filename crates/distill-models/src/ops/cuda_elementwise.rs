@@ -1,5 +1,6 @@
-//! RMSNorm and SwiGLU, forward and backward, as CUDA kernels ([`crate::Kernels::rms_norm`],
-//! [`crate::Kernels::swiglu`] and their backward methods), for bf16 or f32 tensors.
+//! RMSNorm and SwiGLU, forward and backward, and rotary embeddings as CUDA kernels
+//! ([`crate::Kernels::rms_norm`], [`crate::Kernels::swiglu`], their backward methods,
+//! [`crate::Kernels::rope`]), for bf16 or f32 tensors.
 //!
 //! Why: as burn ops each is a chain of elementwise passes, most of them in f32 (cast, sigmoid
 //! as five ops, products, casts back). At 0.5B, 4 x 2048 tokens, SwiGLU over [8192, 4864]
@@ -10,7 +11,8 @@
 //! Rounding follows PyTorch's bf16 modules: RMSNorm rounds x · inv_rms to the storage dtype
 //! before the weight (HF's `weight * hidden.to(input_dtype)`), SwiGLU rounds silu(gate) once
 //! (burn's op rounds sigmoid, then the product); the backward passes work in f32 and round
-//! each gradient once.
+//! each gradient once. RoPE rounds cos and sin to the storage dtype (transformers' `cos.to(dtype)`)
+//! and each output once.
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -108,6 +110,29 @@ extern "C" __global__ void swiglu_backward(const void* gate, const void* up, con
         store(d_gate, bf16, i, d * load(up, bf16, i) * s * (1.f + g * (1.f - s)));
     }
 }
+
+/* y = x * cos + rotate_half(x) * sin over the last dim (hd = 2 half); x [B, H, T, hd] with
+ * strides (xb, xh, xt, 1), y likewise (yb, yh, yt, 1); cos, sin [R, T, hd], R = B or 1
+ * (shared). One thread per pair (j, j + half). */
+extern "C" __global__ void rope(const void* x, void* y, const void* cos, const void* sin, int bf16,
+                                int tab_bf16, int heads, int t_len, int half, int shared, int pairs,
+                                i64 xb, i64 xh, i64 xt, i64 yb, i64 yh, i64 yt)
+{
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
+        const int j = p % half;
+        int q = p / half;
+        const int t = q % t_len;
+        q /= t_len;
+        const int h = q % heads, b = q / heads;
+        const i64 xi = b * xb + h * xh + t * xt + j, yi = b * yb + h * yh + t * yt + j;
+        const i64 tab = ((i64)(shared ? 0 : b) * t_len + t) * (2 * half) + j;
+        const float x1 = load(x, bf16, xi), x2 = load(x, bf16, xi + half);
+        const float c1 = rounded(bf16, load(cos, tab_bf16, tab)), c2 = rounded(bf16, load(cos, tab_bf16, tab + half));
+        const float s1 = rounded(bf16, load(sin, tab_bf16, tab)), s2 = rounded(bf16, load(sin, tab_bf16, tab + half));
+        store(y, bf16, yi, x1 * c1 - x2 * s1);
+        store(y, bf16, yi + half, x2 * c2 + x1 * s2);
+    }
+}
 "#;
 
 fn module() -> nvrtc::Module {
@@ -122,6 +147,7 @@ fn module() -> nvrtc::Module {
             "rms_norm_dw",
             "swiglu",
             "swiglu_backward",
+            "rope",
         ],
         dynamic_smem: 0,
     }
@@ -335,4 +361,74 @@ pub fn swiglu_backward(
         },
     )?;
     Ok((d_gate, d_up))
+}
+
+/// RoPE of x [B, H, T, hd] (any strides with a contiguous head dim) with tables cos, sin
+/// [R, T, hd] (bf16 or f32), R = B or 1. The output is [B, T, H, hd] contiguous, for the caller to view as
+/// [B, H, T, hd] (`swap_dims(1, 2)`): the layout the model's next reshape wants.
+pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTensor, String> {
+    let [b, h, t, hd] = match x.meta.shape().as_slice() {
+        &[b, h, t, hd] => [b, h, t, hd],
+        other => return Err(format!("x: shape {other:?}")),
+    };
+    let bf16 = nvrtc::dtype_flag(x.dtype, "x")?;
+    let r = cos.meta.shape()[0];
+    let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
+    for (table, what) in [(cos, "cos"), (sin, "sin")] {
+        if table.dtype != cos.dtype || table.meta.shape().as_slice() != [r, t, hd] || (r != b && r != 1) {
+            return Err(format!(
+                "{what}: {:?} {:?} for x {:?}",
+                table.dtype,
+                table.meta.shape().as_slice(),
+                [b, h, t, hd]
+            ));
+        }
+    }
+    let pairs = b * h * t * hd / 2;
+    if hd % 2 != 0 || pairs == 0 || pairs > i32::MAX as usize {
+        return Err(format!("x: shape {:?}", [b, h, t, hd]));
+    }
+    let x = if x.meta.strides()[3] == 1 {
+        x.clone()
+    } else {
+        into_contiguous(x.clone())
+    };
+    let xs = x.meta.strides();
+    let xs = [xs[0] as i64, xs[1] as i64, xs[2] as i64];
+    let (cos, sin) = (into_contiguous(cos.clone()), into_contiguous(sin.clone()));
+    nvrtc::ensure_loaded(&x.device, module())?;
+    let y = like(&x, &[b, t, h, hd], x.dtype);
+    let ys = [(t * h * hd) as i64, hd as i64, (h * hd) as i64];
+    let device = x.device.clone();
+    let bindings = [&x, &y, &cos, &sin].map(|t| t.handle.clone().binding());
+    cublas::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [px, py, pc, ps]| {
+            use Arg::*;
+            let f = nvrtc::functions(device.index, &module())?[5];
+            let args = [
+                Ptr(px),
+                Ptr(py),
+                Ptr(pc),
+                Ptr(ps),
+                I32(bf16),
+                I32(tab_bf16),
+                I32(h as i32),
+                I32(t as i32),
+                I32((hd / 2) as i32),
+                I32(i32::from(r == 1)),
+                I32(pairs as i32),
+                I64(xs[0]),
+                I64(xs[1]),
+                I64(xs[2]),
+                I64(ys[0]),
+                I64(ys[1]),
+                I64(ys[2]),
+            ];
+            nvrtc::launch(f, Launch::grid_stride(pairs), stream, &args).map_err(|e| format!("rope: {e}"))
+        },
+    )?;
+    Ok(y)
 }

@@ -76,15 +76,17 @@ __device__ __forceinline__ float dense(const void* z, int z_bf16, int v, int lim
     return g;
 }
 
+/* Row blockIdx.x, columns blockIdx.y * GRAD_COLS onwards: a 2-D grid, so no 64-bit division
+ * per element (a flat index's i / v halved the kernel's bandwidth). */
+#define GRAD_COLS 2048
 extern "C" __global__ void softmax_grad(const void* z, int z_bf16, int v, int limit,
                                         const float* mx, const float* a, const float* b, float inv_t,
-                                        void* out, int out_bf16, i64 n)
+                                        void* out, int out_bf16)
 {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const i64 row = i / v;
-        const int j = (int)(i - row * v);
-        store(out, out_bf16, i, dense(z, z_bf16, v, limit, row, j, mx, a, b, inv_t));
-    }
+    const i64 row = blockIdx.x;
+    const int end = min(v, (int)(blockIdx.y + 1) * GRAD_COLS);
+    for (int j = blockIdx.y * GRAD_COLS + threadIdx.x; j < end; j += blockDim.x)
+        store(out, out_bf16, row * v + j, dense(z, z_bf16, v, limit, row, j, mx, a, b, inv_t));
 }
 
 /* One thread per row: each distinct column among ids[row, :] gets dense + the sum of its
@@ -111,6 +113,9 @@ extern "C" __global__ void softmax_grad_sparse(const void* z, int z_bf16, int v,
 }
 "#;
 
+/// Columns per block of `softmax_grad` (its `GRAD_COLS`).
+const GRAD_COLS: usize = 2048;
+
 fn module() -> nvrtc::Module {
     nvrtc::Module {
         key: "logits".into(),
@@ -126,7 +131,7 @@ fn module() -> nvrtc::Module {
 fn logits(z: &CudaTensor) -> Result<(CudaTensor, usize, usize, i32), String> {
     let bf16 = nvrtc::dtype_flag(z.dtype, "logits")?;
     let s = z.meta.shape();
-    if z.meta.rank() != 2 || s[0] == 0 || s[1] == 0 || s[1] > i32::MAX as usize {
+    if z.meta.rank() != 2 || s[0] == 0 || s[1] == 0 || s[0] > i32::MAX as usize || s[1] > i32::MAX as usize {
         return Err(format!("logits {:?}", s.as_slice()));
     }
     Ok((into_contiguous(z.clone()), s[0], s[1], bf16))
@@ -223,10 +228,9 @@ pub fn grad(
     let bindings =
         [&z, &max, &a, b.as_ref().unwrap_or(&a), &ids, &values, &out].map(|x| x.handle.clone().binding());
     let device = z.device.clone();
-    let total = (n * v) as i64;
     let limit = limit.min(v);
     let dense_launch = Launch {
-        grid: ((total as usize).div_ceil(256).min(1 << 20) as u32, 1, 1),
+        grid: (n as u32, v.div_ceil(GRAD_COLS) as u32, 1),
         threads: 256,
         dynamic_smem: 0,
     };
@@ -254,7 +258,7 @@ pub fn grad(
                 F32(1.0 / t),
             ];
             let mut args = head.to_vec();
-            args.extend([Ptr(pout), I32(out_bf16), I64(total)]);
+            args.extend([Ptr(pout), I32(out_bf16)]);
             nvrtc::launch(f[1], dense_launch, stream, &args).map_err(|e| format!("softmax_grad: {e}"))?;
             let mut args = head.to_vec();
             args.extend([

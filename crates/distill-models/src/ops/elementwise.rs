@@ -118,6 +118,18 @@ pub fn swiglu_backward_default<B: Backend>(
     (d_gate.cast(dtype), d_up.cast(dtype))
 }
 
+/// [`Kernels::rope`] as burn ops (transformers' `q * cos + rotate_half(q) * sin`, the tables
+/// cast to x's dtype first).
+pub fn rope_default<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let cos = cos.clone().unsqueeze_dim::<4>(1).cast(x.dtype()); // [R, 1, T, hd]
+    let sin = sin.clone().unsqueeze_dim::<4>(1).cast(x.dtype());
+    x * cos + rotated * sin
+}
+
 /// The forward both ops default to: silu(gate) · up.
 pub fn swiglu_default<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     silu(gate) * up
@@ -197,6 +209,41 @@ mod tests {
             random([2, 3, 8], 3),
             random([2, 3, 8], 4),
         );
+    }
+
+    /// RoPE's node (backward: the rotation by -angle) against burn's autodiff through the
+    /// default ops, with angle tables (both halves equal, as `Rotary::tables` makes them) shared
+    /// by the rows or one per row.
+    #[test]
+    fn rope_backward_matches_autodiff() {
+        let x = random([2, 3, 5, 8], 5);
+        let w = random([2, 3, 5, 8], 6);
+        for rows in [1, 2] {
+            let angles: Vec<f32> = (0..rows * 5 * 8)
+                .map(|i| {
+                    let (r, t, j) = (i / 40, i / 8 % 5, i % 4);
+                    0.3 * (r + 1) as f32 * (t + 2) as f32 / (j + 1) as f32
+                })
+                .collect();
+            let table = |f: fn(f32) -> f32| {
+                let data = TensorData::new(angles.iter().map(|a| f(*a)).collect::<Vec<f32>>(), [rows, 5, 8]);
+                Tensor::<AD, 3>::from_data(data, &Default::default())
+            };
+            let (cos, sin) = (table(f32::cos), table(f32::sin));
+            let run = |ours: bool| {
+                let x = x.clone().require_grad();
+                let y = if ours {
+                    AD::rope(x.clone(), &cos, &sin)
+                } else {
+                    rope_default(x.clone(), &cos, &sin)
+                };
+                let grads = (y.clone() * w.clone()).sum().backward();
+                (values(y.inner()), values(x.grad(&grads).unwrap()))
+            };
+            let (o, r) = (run(true), run(false));
+            assert_close("rope out", &o.0, &r.0);
+            assert_close("rope grad", &o.1, &r.1);
+        }
     }
 
     /// x = [3, 4]: rms = sqrt(12.5), so y = x / sqrt(12.5) · w.

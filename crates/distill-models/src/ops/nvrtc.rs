@@ -159,6 +159,9 @@ pub(crate) enum Arg {
     I64(i64),
     I32(i32),
     F32(f32),
+    /// A struct passed by value: the address of its bytes, laid out as the kernel declares
+    /// it (`#[repr(C)]`), alive until [`launch`] returns.
+    Struct(*const c_void),
 }
 
 /// How a kernel is launched.
@@ -180,9 +183,9 @@ impl Launch {
     }
 }
 
-/// Launches `function` on `stream`. Each argument sits in its own 8-byte slot, little-endian,
-/// so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel reads each argument's size from
-/// the kernel's signature and copies it before returning.
+/// Launches `function` on `stream`. Each scalar argument sits in its own 8-byte slot,
+/// little-endian, so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel reads each
+/// argument's size from the kernel's signature and copies it before returning.
 pub(crate) fn launch(function: usize, how: Launch, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
     let mut slots: Vec<u64> = args
         .iter()
@@ -191,9 +194,17 @@ pub(crate) fn launch(function: usize, how: Launch, stream: cu::CUstream, args: &
             Arg::I64(v) => v as u64,
             Arg::I32(v) => u64::from(v as u32),
             Arg::F32(v) => u64::from(v.to_bits()),
+            Arg::Struct(_) => 0,
         })
         .collect();
-    let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
+    let mut params: Vec<*mut c_void> = slots
+        .iter_mut()
+        .zip(args)
+        .map(|(s, a)| match *a {
+            Arg::Struct(p) => p.cast_mut(),
+            _ => (s as *mut u64).cast(),
+        })
+        .collect();
     // SAFETY: `args` follow the kernel's parameter list in order and type (the callers);
     // the pointers are live cubecl buffers of the sizes the shapes describe, held by
     // `run_on_stream` until after the launch.
