@@ -38,8 +38,6 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return d;
 }
 
-__device__ __forceinline__ u32 pair(bf16_t lo, bf16_t hi) { return (u32)lo | ((u32)hi << 16); }
-
 /* c (16x8 f32) += a (16x16 bf16, row) * b (16x8 bf16, col). */
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -60,6 +58,13 @@ __device__ __forceinline__ void load_tile(bf16_t* tile, const bf16_t* head, i64 
     }
 }
 
+/* The shared-memory address of p, for ldmatrix. The B fragments are loaded with ldmatrix: 8x8
+ * blocks of b16 whose rows (16 bytes, 16-byte aligned: LD, n0 and kk * 16 are multiples of 8)
+ * the lanes address, 8 lanes a block; with LD = HD + 8 the 8 rows of a block fall in distinct
+ * banks. The A fragments keep 32-bit loads: as ldmatrix (volatile, so not rescheduled) they
+ * took the dK/dV kernel from 168 to 218 registers at HD 64, one CTA per SM fewer. */
+__device__ __forceinline__ u32 smem_addr(const bf16_t* p) { return (u32)__cvta_generic_to_shared(p); }
+
 /* A operand: tile rows r0..r0+16, columns kk*16..+16. */
 __device__ __forceinline__ void frag_a(u32* a, const bf16_t* tile, int r0, int kk, int g, int t) {
     const bf16_t* p = tile + (r0 + g) * LD + kk * 16 + t * 2;
@@ -69,18 +74,23 @@ __device__ __forceinline__ void frag_a(u32* a, const bf16_t* tile, int r0, int k
     a[3] = *(const u32*)(p + 8 * LD + 8);
 }
 
-/* B operand (k16 x n8) = tileᵀ: B[k][n] = tile[n0 + n][kk*16 + k]. */
+/* B operand (k16 x n8) = tileᵀ: B[k][n] = tile[n0 + n][kk*16 + k]. Blocks: tile rows n0..n0+8
+ * at columns kk*16 and kk*16 + 8. */
 __device__ __forceinline__ void frag_bt(u32& b0, u32& b1, const bf16_t* tile, int n0, int kk, int g, int t) {
-    const bf16_t* p = tile + (n0 + g) * LD + kk * 16 + t * 2;
-    b0 = *(const u32*)p;
-    b1 = *(const u32*)(p + 8);
+    const int lane = threadIdx.x & 31;
+    const u32 addr = smem_addr(tile + (n0 + (lane & 7)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(addr));
 }
 
-/* B operand (k16 x n8) = tile: B[k][n] = tile[k0 + k][n0 + n]. */
+/* B operand (k16 x n8) = tile: B[k][n] = tile[k0 + k][n0 + n], a column of the tile per
+ * register pair. ldmatrix .trans reads the blocks at rows k0 and k0 + 8 transposed and hands
+ * each lane B[2t, 2t+1][g]: one instruction where element-wise loads took four and two packs. */
 __device__ __forceinline__ void frag_b(u32& b0, u32& b1, const bf16_t* tile, int k0, int n0, int g, int t) {
-    const bf16_t* p = tile + (k0 + t * 2) * LD + n0 + g;
-    b0 = pair(p[0], p[LD]);
-    b1 = pair(p[8 * LD], p[9 * LD]);
+    const int lane = threadIdx.x & 31;
+    const u32 addr = smem_addr(tile + (k0 + (lane & 15)) * LD + n0);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(b0), "=r"(b1)
+                 : "r"(addr));
 }
 
 /* The A operand for columns 16j..16j+16 from accumulator blocks 2j and 2j+1 (16x8 each). */
