@@ -393,10 +393,8 @@ where
 }
 
 /// The same as [`autodiff_head_chunk`] with the closed-form gradient of [`analytic_chunk`]:
-/// logits = h @ W, dL/dh = G @ Wᵀ, dL/dW = hᵀ @ G, each one [`Kernels::gemm`]. h: [len, C]
-/// and w: [C, V] in one dtype ([`chunked_loss`] casts the weight once per step).
-///
-/// [`Kernels::gemm`]: distill_models::Kernels::gemm
+/// logits = h @ W, dL/dh = G @ Wᵀ, dL/dW = hᵀ @ G (in f32), each one GEMM. h: [len, C] and
+/// w: [C, V] in one dtype ([`chunked_loss`] casts the weight once per step).
 fn analytic_head_chunk<B: distill_models::Kernels>(
     h: Tensor<B, 2>,
     w: Tensor<B, 2>,
@@ -409,7 +407,13 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, g) = analytic_chunk(logits, labels, teacher, cfg, scale, h.dtype().into()); // [len, V]
     let grad_h = distill_models::ops::gemm(g.clone(), w.transpose()); // [len, C]
-    let grad_w = want_weight_grad.then(|| distill_models::ops::gemm(h.transpose(), g)); // [C, V]
+    // dL/dW straight from the GEMM's f32 accumulator: the step sums it over chunks in f32 (the
+    // master weight's dtype), and a bf16 result was rounded, then cast, once per chunk.
+    let grad_w = want_weight_grad.then(|| {
+        let ([len, c], v) = (h.dims(), g.dims()[1]);
+        let ht = h.reshape([1, 1, len, c]).swap_dims(2, 3); // [1, 1, C, len], a view
+        distill_models::ops::bmm(ht, g.reshape([1, 1, len, v]), FloatDType::F32).reshape([c, v])
+    }); // [C, V] f32
     (values, grad_h, grad_w)
 }
 
