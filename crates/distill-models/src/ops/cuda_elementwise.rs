@@ -216,7 +216,6 @@ pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, 
         nvrtc::ordering(),
         move |stream, [px, pw, py]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?[0];
             let args = [
                 Ptr(px),
                 Ptr(pw),
@@ -226,7 +225,14 @@ pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, 
                 I32(c as i32),
                 F32(eps),
             ];
-            nvrtc::launch(f, warp_rows(rows), stream, &args).map_err(|e| format!("rms_norm: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "rms_norm",
+                warp_rows(rows),
+                stream,
+                &args,
+            )
         },
     )?;
     Ok(y)
@@ -264,7 +270,6 @@ pub fn rms_norm_backward(
         nvrtc::ordering(),
         move |stream, [px, pw, pdy, pdx, pinv, ppart]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?;
             let (rows, c) = (I32(rows as i32), I32(c as i32));
             let args = [
                 Ptr(px),
@@ -277,7 +282,7 @@ pub fn rms_norm_backward(
                 c,
                 F32(eps),
             ];
-            nvrtc::launch(f[1], dx_launch, stream, &args).map_err(|e| format!("rms_norm_dx: {e}"))?;
+            nvrtc::launch(device.index, &module(), "rms_norm_dx", dx_launch, stream, &args)?;
             let args = [
                 Ptr(px),
                 Ptr(pdy),
@@ -288,7 +293,7 @@ pub fn rms_norm_backward(
                 c,
                 I32(chunk as i32),
             ];
-            nvrtc::launch(f[2], dw_launch, stream, &args).map_err(|e| format!("rms_norm_dw: {e}"))
+            nvrtc::launch(device.index, &module(), "rms_norm_dw", dw_launch, stream, &args)
         },
     )?;
     Ok((dx, partial))
@@ -312,9 +317,15 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
         nvrtc::ordering(),
         move |stream, [pg, pu, py]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?[3];
             let args = [Ptr(pg), Ptr(pu), Ptr(py), I32(bf16), I64(n as i64)];
-            nvrtc::launch(f, Launch::grid_stride(n), stream, &args).map_err(|e| format!("swiglu: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "swiglu",
+                Launch::grid_stride(n),
+                stream,
+                &args,
+            )
         },
     )?;
     Ok(y)
@@ -346,7 +357,6 @@ pub fn swiglu_backward(
         nvrtc::ordering(),
         move |stream, [pg, pu, pdy, pdg, pdu]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?[4];
             let args = [
                 Ptr(pg),
                 Ptr(pu),
@@ -356,8 +366,14 @@ pub fn swiglu_backward(
                 I32(bf16),
                 I64(n as i64),
             ];
-            nvrtc::launch(f, Launch::grid_stride(n), stream, &args)
-                .map_err(|e| format!("swiglu_backward: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "swiglu_backward",
+                Launch::grid_stride(n),
+                stream,
+                &args,
+            )
         },
     )?;
     Ok((d_gate, d_up))
@@ -407,7 +423,6 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
         nvrtc::ordering(),
         move |stream, [px, py, pc, ps]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?[5];
             let args = [
                 Ptr(px),
                 Ptr(py),
@@ -427,7 +442,14 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
                 I64(ys[1]),
                 I64(ys[2]),
             ];
-            nvrtc::launch(f, Launch::grid_stride(pairs), stream, &args).map_err(|e| format!("rope: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "rope",
+                Launch::grid_stride(pairs),
+                stream,
+                &args,
+            )
         },
     )?;
     Ok(y)

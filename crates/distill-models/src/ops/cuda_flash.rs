@@ -247,7 +247,6 @@ pub fn forward(
         bindings,
         nvrtc::ordering(),
         move |stream, [pq, pk, pv, po, pl, plo, phi]| {
-            let f = nvrtc::functions(device.index, &module(sh.hd))?[0];
             let mut args = Vec::with_capacity(26);
             args.extend(strided(pq, qs));
             args.extend(strided(pk, ks));
@@ -256,7 +255,7 @@ pub fn forward(
             args.push(Arg::Ptr(pl));
             let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
             args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(f, how, stream, &args).map_err(|e| format!("flash_fwd: {e}"))
+            nvrtc::launch(device.index, &module(sh.hd), "flash_fwd", how, stream, &args)
         },
     )?;
     Ok((o.tensor, lse))
@@ -348,7 +347,6 @@ pub fn backward(
         bindings,
         nvrtc::ordering(),
         move |stream, [pq, pk, pv, pdo, pl, pd, pdq, pdk, pdv, plo, phi]| {
-            let f = nvrtc::functions(device.index, &module(sh.hd))?;
             let [qs, ks, vs, dos, dqs, dks, dvs] = strides;
             let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
             let mut args = Vec::with_capacity(32);
@@ -359,12 +357,26 @@ pub fn backward(
             let common = args.len();
             args.extend(strided(pdq, dqs));
             args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(f[1], dq_launch, stream, &args).map_err(|e| format!("flash_bwd_dq: {e}"))?;
+            nvrtc::launch(
+                device.index,
+                &module(sh.hd),
+                "flash_bwd_dq",
+                dq_launch,
+                stream,
+                &args,
+            )?;
             args.truncate(common);
             args.extend(strided(pdk, dks));
             args.extend(strided(pdv, dvs));
             args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(f[2], dkdv_launch, stream, &args).map_err(|e| format!("flash_bwd_dkdv: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(sh.hd),
+                "flash_bwd_dkdv",
+                dkdv_launch,
+                stream,
+                &args,
+            )
         },
     )?;
     Ok((dq.tensor, dk.tensor, dv.tensor))

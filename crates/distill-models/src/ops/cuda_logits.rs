@@ -176,7 +176,6 @@ pub fn stats(z: &CudaTensor, t: f32, limit: usize) -> Result<(CudaTensor, CudaTe
         nvrtc::ordering(),
         move |stream, [pz, pm, ps, pst]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?[0];
             let args = [
                 Ptr(pz),
                 I32(z_bf16),
@@ -187,7 +186,7 @@ pub fn stats(z: &CudaTensor, t: f32, limit: usize) -> Result<(CudaTensor, CudaTe
                 Ptr(ps),
                 Ptr(pst),
             ];
-            nvrtc::launch(f, how, stream, &args).map_err(|e| format!("softmax_stats: {e}"))
+            nvrtc::launch(device.index, &module(), "softmax_stats", how, stream, &args)
         },
     )?;
     Ok((mx, sum, sum_t))
@@ -245,7 +244,6 @@ pub fn grad(
         nvrtc::ordering(),
         move |stream, [pz, pm, pa, pb, pids, pvals, pout]| {
             use Arg::*;
-            let f = nvrtc::functions(device.index, &module())?;
             let pb = if has_b { pb } else { 0 };
             let head = [
                 Ptr(pz),
@@ -259,7 +257,14 @@ pub fn grad(
             ];
             let mut args = head.to_vec();
             args.extend([Ptr(pout), I32(out_bf16)]);
-            nvrtc::launch(f[1], dense_launch, stream, &args).map_err(|e| format!("softmax_grad: {e}"))?;
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "softmax_grad",
+                dense_launch,
+                stream,
+                &args,
+            )?;
             let mut args = head.to_vec();
             args.extend([
                 Ptr(pids),
@@ -269,7 +274,14 @@ pub fn grad(
                 I32(out_bf16),
                 I32(n as i32),
             ]);
-            nvrtc::launch(f[2], sparse_launch, stream, &args).map_err(|e| format!("softmax_grad_sparse: {e}"))
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "softmax_grad_sparse",
+                sparse_launch,
+                stream,
+                &args,
+            )
         },
     )?;
     Ok(out)

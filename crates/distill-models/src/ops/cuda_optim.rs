@@ -111,11 +111,10 @@ pub fn adamw(
     let how = Launch::grid_stride(n);
     let device = p.device.clone();
     cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
-        let f = nvrtc::functions(device.index, &module())?[0];
         let mut args: Vec<Arg> = ptrs.iter().map(|&x| Arg::Ptr(x)).collect();
         args.push(Arg::I64(n as i64));
         args.extend([c.beta1, c.a1, c.beta2, c.a2, c.decay, c.step, c.eps].map(Arg::F32));
-        nvrtc::launch(f, how, stream, &args).map_err(|e| format!("adamw: {e}"))
+        nvrtc::launch(device.index, &module(), "adamw", how, stream, &args)
     })?;
     Ok((p_out, m_out, v_out))
 }
@@ -175,14 +174,13 @@ pub fn concat_f32(parts: &[CudaTensor]) -> Result<CudaTensor, String> {
         };
         let device = first.device.clone();
         cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
-            let f = nvrtc::functions(device.index, &module())?[1];
             let count = table.count as usize;
             table.src[..count].copy_from_slice(&ptrs[..count]);
             let args = [
                 Arg::Struct((&table as *const Parts).cast::<c_void>()),
                 Arg::Ptr(ptrs[PARTS]),
             ];
-            nvrtc::launch(f, how, stream, &args).map_err(|e| format!("concat_f32: {e}"))
+            nvrtc::launch(device.index, &module(), "concat_f32", how, stream, &args)
         })?;
     }
     Ok(out)

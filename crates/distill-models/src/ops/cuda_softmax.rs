@@ -130,14 +130,14 @@ fn module() -> nvrtc::Module {
     }
 }
 
-/// Launches kernel `which` of [`module`] with blocks of 256 threads.
-fn run(device: usize, which: usize, blocks: u32, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
+/// Launches kernel `name` of [`module`] with blocks of 256 threads.
+fn run(device: usize, name: &str, blocks: u32, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
     let how = nvrtc::Launch {
         grid: (blocks, 1, 1),
         threads: 256,
         dynamic_smem: 0,
     };
-    nvrtc::launch(nvrtc::functions(device, &module())?[which], how, stream, args)
+    nvrtc::launch(device, &module(), name, how, stream, args)
 }
 
 /// The parameters both kernels share, in their order: the mask (a u8 [r, h, T, S] buffer and
@@ -242,7 +242,7 @@ pub fn probs(
             let mut args = vec![Ptr(x)];
             args.extend(geometry.args(mk));
             args.extend([Ptr(pp), I32(p_bf16), Ptr(l)]);
-            run(index, 0, grid, stream, &args).map_err(|e| format!("attention_probs: {e}"))
+            run(index, "attention_probs", grid, stream, &args)
         },
     )?;
     Ok((p, lse))
@@ -308,7 +308,7 @@ pub fn probs_grad(
             let mut args = vec![Ptr(x), Ptr(d), Ptr(l), Ptr(dl)];
             args.extend(geometry.args(mk));
             args.extend([Ptr(o_ds), I32(ds_bf16), Ptr(o_p), I32(p_bf16), I64(n)]);
-            run(index, 1, blocks, stream, &args).map_err(|e| format!("attention_probs_grad: {e}"))
+            run(index, "attention_probs_grad", blocks, stream, &args)
         },
     )?;
     Ok((ds, p))

@@ -183,10 +183,20 @@ impl Launch {
     }
 }
 
-/// Launches `function` on `stream`. Each scalar argument sits in its own 8-byte slot,
-/// little-endian, so a 4-byte one is the slot's first 4 bytes; cuLaunchKernel reads each
-/// argument's size from the kernel's signature and copies it before returning.
-pub(crate) fn launch(function: usize, how: Launch, stream: cu::CUstream, args: &[Arg]) -> Result<(), String> {
+/// Launches kernel `name` of `module` on `stream`; errors start with the kernel's name. A name
+/// missing from `module.names` is an error here, not an index out of bounds on cubecl's device
+/// thread. Each scalar argument sits in its own 8-byte slot, little-endian, so a 4-byte one
+/// is the slot's first 4 bytes; cuLaunchKernel reads each argument's size from the kernel's
+/// signature and copies it before returning.
+pub(crate) fn launch(
+    device: usize,
+    module: &Module,
+    name: &str,
+    how: Launch,
+    stream: cu::CUstream,
+    args: &[Arg],
+) -> Result<(), String> {
+    let function = function(device, module, name)?;
     let mut slots: Vec<u64> = args
         .iter()
         .map(|a| match *a {
@@ -218,5 +228,16 @@ pub(crate) fn launch(function: usize, how: Launch, stream: cu::CUstream, args: &
             &mut params,
         )
     }
-    .map_err(|e| format!("launch: {e}"))
+    .map_err(|e| format!("{name}: launch: {e}"))
+}
+
+/// Kernel `name` of `module` on `device`, as a `CUfunction` address.
+fn function(device: usize, module: &Module, name: &str) -> Result<usize, String> {
+    let index = module.names.iter().position(|n| *n == name).ok_or_else(|| {
+        format!(
+            "{name}: not among the kernels of module {} ({:?})",
+            module.key, module.names
+        )
+    })?;
+    Ok(functions(device, module)?[index])
 }
