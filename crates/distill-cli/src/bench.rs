@@ -114,7 +114,8 @@ pub struct Args {
     new_tokens: usize,
     /// B3/B4: also time each phase of the step (inputs, forward, loss, backward, grad norm,
     /// optimizer), with a device sync after each; the row gets `phases` and the log a line
-    /// per phase. The syncs slow the step: compare profiled rows with each other.
+    /// per phase, with the memory it left in use and the pool's reservation after it in the
+    /// first step (CUDA). The syncs slow the step: compare profiled rows with each other.
     #[arg(long)]
     profile: bool,
     /// Internal: run case N of the plan in this process.
@@ -563,8 +564,8 @@ struct CaseJob {
 
 impl CaseJob {
     fn sample_pool(&self) {
-        if let Some(bytes) = pool_reserved_bytes(self.device) {
-            self.pool_peak.fetch_max(bytes, Ordering::Relaxed);
+        if let Some((_, reserved)) = pool_bytes(self.device) {
+            self.pool_peak.fetch_max(reserved, Ordering::Relaxed);
         }
     }
 
@@ -708,7 +709,9 @@ impl Job for CaseJob {
                     if lora { "LoRA" } else { "full fine-tune" },
                     b.recompute
                 );
-                let times = lib::bench_train::<B>(c, &b, &device, &mut || self.sample_pool())?;
+                let times = lib::bench_train::<B>(c, &b, &device, &mut || self.sample_pool(), &|| {
+                    pool_bytes(self.device)
+                })?;
                 let targets: Vec<String> = LoraSection::default().targets;
                 let flops = lib::train_flops_per_token(c, seq, b.lora_r.map(|r| (r, &targets[..])));
                 let tps = times.tokens_per_second();
@@ -733,9 +736,16 @@ impl Job for CaseJob {
                 );
                 row.insert("losses".into(), json!(times.losses));
                 if !times.phases.is_empty() {
+                    let gib = |b: Option<u64>| b.map(|b| b as f64 / GIB);
                     for p in &times.phases {
+                        let memory = match (gib(p.in_use_bytes), gib(p.reserved_bytes)) {
+                            (Some(used), Some(pool)) => {
+                                format!("   in use {used:>6.2} GiB   pool {pool:>6.2} GiB (first step)")
+                            }
+                            _ => String::new(),
+                        };
                         eprintln!(
-                            "  phase {:<10} host {:>9.2} ms   synced {:>9.2} ms",
+                            "  phase {:<10} host {:>9.2} ms   synced {:>9.2} ms{memory}",
                             p.name,
                             p.host_seconds * 1e3,
                             p.total_seconds * 1e3
@@ -744,7 +754,10 @@ impl Job for CaseJob {
                     let phases: Vec<Value> = times
                         .phases
                         .iter()
-                        .map(|p| json!({"phase": p.name, "host_ms": p.host_seconds * 1e3, "ms": p.total_seconds * 1e3}))
+                        .map(|p| {
+                            json!({"phase": p.name, "host_ms": p.host_seconds * 1e3, "ms": p.total_seconds * 1e3,
+                                   "in_use_gib": gib(p.in_use_bytes), "pool_gib_first_step": gib(p.reserved_bytes)})
+                        })
                         .collect();
                     row.insert("phases".into(), Value::Array(phases));
                 }
@@ -997,22 +1010,26 @@ fn vm_hwm_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Bytes cubecl's memory pools hold on the CUDA device for this thread's stream.
+/// Bytes of cubecl's memory pools on the CUDA device (this thread's stream): (in use,
+/// reserved).
 #[cfg(feature = "cuda")]
-fn pool_reserved_bytes(device: DeviceArg) -> Option<u64> {
+fn pool_bytes(device: DeviceArg) -> Option<(u64, u64)> {
     use burn::cubecl::Runtime;
     use burn::cubecl::cuda::CudaRuntime;
     match device {
         DeviceArg::Cuda(n) => {
             let client = CudaRuntime::client(&burn::backend::cuda::CudaDevice::new(n));
-            client.memory_usage().ok().map(|u| u.bytes_reserved)
+            client
+                .memory_usage()
+                .ok()
+                .map(|u| (u.bytes_in_use, u.bytes_reserved))
         }
         DeviceArg::Cpu => None,
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn pool_reserved_bytes(_device: DeviceArg) -> Option<u64> {
+fn pool_bytes(_device: DeviceArg) -> Option<(u64, u64)> {
     None
 }
 

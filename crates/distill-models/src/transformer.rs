@@ -49,10 +49,12 @@ impl<B: Kernels> Linear<B> {
                 } else {
                     x
                 };
-                let a = cast_to(lora.lora_a.val(), dtype);
+                // The scale goes on A [in, r]: on the delta it was a pass over [.., out] in the
+                // forward and another in the backward, for every adapted layer.
+                let a = cast_to(lora.lora_a.val().mul_scalar(lora.scale), dtype);
                 let b = cast_to(lora.lora_b.val(), dtype);
                 let delta = <B as Kernels>::linear(<B as Kernels>::linear(x, a, None), b, None); // [.., out]
-                y + delta.mul_scalar(lora.scale)
+                y + delta
             }
         }
     }

@@ -151,13 +151,22 @@ pub struct PhaseTime {
     pub name: &'static str,
     pub host_seconds: f64,
     pub total_seconds: f64,
+    /// The device memory the phase left in use (most over all steps), and what the pool had
+    /// reserved at its end in the first step, warm-up included: the phase whose reservation
+    /// grows is where the peak lives. None where the backend does not say.
+    pub in_use_bytes: Option<u64>,
+    pub reserved_bytes: Option<u64>,
 }
+
+/// The device memory pool's (bytes in use, bytes reserved), where the backend exposes it.
+pub type PoolReading<'a> = &'a dyn Fn() -> Option<(u64, u64)>;
 
 /// Accumulates [`PhaseTime`]s over steps from a [`trainer::PhaseHook`]'s calls.
 struct PhaseClock<'a, B: Backend> {
     device: &'a B::Device,
+    pool: PoolReading<'a>,
     since: Instant,
-    /// Recording (timed steps) or not (warm-up).
+    /// Recording times (timed steps) or not (warm-up); memory is read in every step.
     on: bool,
     sums: Vec<PhaseTime>,
 }
@@ -167,18 +176,21 @@ impl<B: Backend> PhaseClock<'_, B> {
         let host = self.since.elapsed().as_secs_f64();
         sync::<B>(self.device);
         let total = self.since.elapsed().as_secs_f64();
-        if self.on {
-            match self.sums.iter_mut().find(|p| p.name == name) {
-                Some(p) => {
-                    p.host_seconds += host;
-                    p.total_seconds += total;
-                }
-                None => self.sums.push(PhaseTime {
-                    name,
-                    host_seconds: host,
-                    total_seconds: total,
-                }),
+        let (host, total) = if self.on { (host, total) } else { (0.0, 0.0) };
+        let memory = (self.pool)();
+        match self.sums.iter_mut().find(|p| p.name == name) {
+            Some(p) => {
+                p.host_seconds += host;
+                p.total_seconds += total;
+                p.in_use_bytes = p.in_use_bytes.max(memory.map(|m| m.0));
             }
+            None => self.sums.push(PhaseTime {
+                name,
+                host_seconds: host,
+                total_seconds: total,
+                in_use_bytes: memory.map(|m| m.0),
+                reserved_bytes: memory.map(|m| m.1),
+            }),
         }
         self.since = Instant::now();
     }
@@ -208,13 +220,15 @@ impl StepTimes {
 
 /// Random-init student at `config`'s shapes, `warmup + steps` optimizer steps through
 /// [`trainer::optimizer_step`], each ended by a device sync; `after_step` runs after each
-/// (memory sampling). Rows are random tokens, one document each, every position a loss
+/// (memory sampling); `pool` reads the device's memory pool at the end of each profiled phase.
+/// Rows are random tokens, one document each, every position a loss
 /// token; the KL term uses a fixed synthetic top-k teacher.
 pub fn bench_train<B: Kernels>(
     config: &DecoderConfig,
     b: &TrainBench,
     device: &B::Device,
     after_step: &mut dyn FnMut(),
+    pool: PoolReading,
 ) -> Result<StepTimes, TrainError>
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
@@ -247,6 +261,7 @@ where
     };
     let mut clock = PhaseClock::<B> {
         device,
+        pool,
         since: Instant::now(),
         on: false,
         sums: Vec::new(),
