@@ -519,10 +519,15 @@ fn cuda_adamw_matches_the_cpu() {
         .iter()
         .map(|t| Tensor::from_data(t.to_data(), &device))
         .collect();
+    let m_before = host(inputs[2].clone());
     let [p, g, m, v] = inputs;
     let want = adamw_default(p, g, m, v, c);
     let [p, g, m, v]: [Tensor<G, 1>; 4] = on_gpu.try_into().unwrap();
+    // p and v are held only by the call, so updated in place; m is also held here, so its
+    // buffer must come back as it was (the update goes to a new tensor).
+    let m_shared = m.clone();
     let got = <G as Kernels>::adamw(p, g, m, v, c);
+    assert!(!has_fallen_back(Fallback::AdamW), "adamw fell back to burn ops");
     for (name, a, b) in [
         ("p", host(got.0), host(want.0)),
         ("m", host(got.1), host(want.1)),
@@ -532,6 +537,11 @@ fn cuda_adamw_matches_the_cpu() {
         eprintln!("  adamw {name}: error vs CPU {e:.2e}");
         assert!(e < 1e-5, "adamw {name}: {e:.3e}");
     }
+    assert_eq!(
+        host(m_shared),
+        m_before,
+        "adamw wrote into a moment tensor held elsewhere"
+    );
 }
 
 /// The loss's logits kernels against their burn-op defaults on the CPU: bf16 logits, a

@@ -42,11 +42,30 @@ pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     /// Updates applied so far (bias correction uses it).
     pub t: u64,
-    pub moments: BTreeMap<ParamId, Moments<B>>,
+    /// Per parameter: views of the flat groups' moments after an update.
+    moments: BTreeMap<ParamId, Moments<B>>,
+    /// The flat moments of the groups the last update made, which the next update of the
+    /// same group takes as they are: no copy of the moments in, and (held nowhere else once
+    /// the views above are dropped) updated in place by the CUDA kernel.
+    flat: Vec<FlatMoments<B>>,
     /// Parameters that get weight decay (matrices); norms and biases do not.
     pub decayed: BTreeSet<ParamId>,
     /// Most elements per flat update group ([`GROUP_ELEMS`]).
     pub group_elems: usize,
+}
+
+impl<B: Backend> AdamW<B> {
+    /// The moments of parameter `id`, once it has been updated or restored.
+    pub fn moments(&self, id: &ParamId) -> Option<&Moments<B>> {
+        self.moments.get(id)
+    }
+
+    /// Sets the moments of parameter `id` (resuming from a checkpoint).
+    pub fn restore_moments(&mut self, id: ParamId, moments: Moments<B>) {
+        // A flat group holding this parameter would now be stale.
+        self.flat.clear();
+        self.moments.insert(id, moments);
+    }
 }
 
 impl<B: Kernels> AdamW<B> {
@@ -55,6 +74,7 @@ impl<B: Kernels> AdamW<B> {
             config,
             t: 0,
             moments: BTreeMap::new(),
+            flat: Vec::new(),
             decayed,
             group_elems: GROUP_ELEMS,
         }
@@ -144,6 +164,16 @@ impl<B: Kernels> AdamW<B> {
             vs.push(state.v);
             at += n;
         }
+        let (m, v) = match self.flat.iter().position(|f| f.params == group.params) {
+            Some(i) => {
+                // The views just taken out are of these very tensors: dropped, the flat
+                // moments are held only here.
+                drop((ms, vs));
+                let f = self.flat.swap_remove(i);
+                (f.m, f.v)
+            }
+            None => (B::concat_f32(ms), B::concat_f32(vs)),
+        };
         // The values are concatenated here, a group at a time, so only one group's copy exists.
         let p = B::concat_f32(group.values); // [N]
         let g = group.g; // [N]
@@ -168,9 +198,9 @@ impl<B: Kernels> AdamW<B> {
             step: (lr * bc2.sqrt() / bc1) as f32,
             eps: (c.eps * bc2.sqrt()) as f32,
         };
-        let (p, m, v) = B::adamw(p, g, B::concat_f32(ms), B::concat_f32(vs), scalars);
+        let (p, m, v) = B::adamw(p, g, m, v, scalars);
         let mut at = 0;
-        for (id, n) in group.params {
+        for &(id, n) in &group.params {
             updated.insert(id, p.clone().narrow(0, at, n));
             self.moments.insert(
                 id,
@@ -181,7 +211,19 @@ impl<B: Kernels> AdamW<B> {
             );
             at += n;
         }
+        self.flat.push(FlatMoments {
+            params: group.params,
+            m,
+            v,
+        });
     }
+}
+
+/// One flat group's moments, f32 [N], and the parameters they are laid out for.
+struct FlatMoments<B: Backend> {
+    params: Vec<(ParamId, usize)>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
 }
 
 /// A step's trainable parameters as flat groups ([`AdamW::gather`]).
@@ -450,6 +492,49 @@ mod tests {
 
     /// The flat groups' norm is the global gradient norm: y = sum(W x + b) with x = [1, 2]
     /// has gradients [1, 2] for W and [1] for b, norm sqrt(6), in one group or two.
+    /// Restored moments replace what the optimizer holds, flat groups included: after
+    /// zeroing every parameter's moments, a step equals a fresh optimizer's second step.
+    #[test]
+    fn restored_moments_replace_the_flat_groups() {
+        let device = Default::default();
+        AD::seed(&device, 5);
+        let layer = LinearConfig::new(3, 2).init::<AD>(&device);
+        let x = Tensor::<AD, 2>::random([4, 3], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let step = |opt: &mut AdamW<Flex>, layer: Linear<AD>| {
+            let grads = layer.forward(x.clone()).square().sum().backward();
+            let mut store = GradStore::default();
+            collect_grads(&layer, &grads, &mut store);
+            opt.step::<AD, _>(layer, &store, 0.1, 1.0)
+        };
+        let weight = |l: &Linear<AD>| l.weight.val().inner().into_data().to_vec::<f32>().unwrap();
+        let ids = [layer.weight.id, layer.bias.as_ref().unwrap().id];
+
+        let mut used = AdamW::new(cfg, BTreeSet::new());
+        let once = step(&mut used, layer);
+        for id in ids {
+            let zeros = || Tensor::<Flex, 1>::zeros([6], &device);
+            let n = if id == ids[0] { 6 } else { 2 };
+            used.restore_moments(
+                id,
+                Moments {
+                    m: zeros().narrow(0, 0, n),
+                    v: zeros().narrow(0, 0, n),
+                },
+            );
+        }
+        let mut fresh = AdamW::new(cfg, BTreeSet::new());
+        fresh.t = 1;
+        let want = weight(&step(&mut fresh, once.clone()));
+        let got = weight(&step(&mut used, once));
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn gathered_grad_norm_is_the_global_norm() {
         let device = Default::default();

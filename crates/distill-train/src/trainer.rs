@@ -824,7 +824,7 @@ where
     let weights = read_params(model, |p| p.trainable);
     let mut moments = HostTensors::new();
     for info in infos.iter().filter(|p| p.trainable) {
-        if let Some(m) = opt.moments.get(&info.id) {
+        if let Some(m) = opt.moments(&info.id) {
             let n = info.shape.iter().product::<usize>();
             let host = |t: &Tensor<B, 1>| {
                 t.clone()
@@ -918,7 +918,7 @@ fn restore_moments<B: Backend>(
         let m = moments.get(&format!("exp_avg.{}", info.name));
         let v = moments.get(&format!("exp_avg_sq.{}", info.name));
         if let (Some(m), Some(v)) = (m, v) {
-            opt.moments.insert(
+            opt.restore_moments(
                 info.id,
                 Moments {
                     m: tensor(m),

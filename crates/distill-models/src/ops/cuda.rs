@@ -186,18 +186,16 @@ where
         v: Tensor<Self, 1>,
         c: AdamWScalars,
     ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
-        match cuda_optim::adamw(
-            &prim(p.clone()),
-            &prim(g.clone()),
-            &prim(m.clone()),
-            &prim(v.clone()),
-            c,
-        ) {
+        let (p, g, m, v) = (prim(p), prim(g), prim(m), prim(v));
+        if let Err(why) = cuda_optim::adamw_ready(&p, &g, &m, &v) {
+            fell_back(Fallback::AdamW, &why);
+            return adamw_default(tensor(p), tensor(g), tensor(m), tensor(v), c);
+        }
+        // Handed over, not cloned: a buffer held only here is updated in place.
+        match cuda_optim::adamw(p, g, m, v, c) {
             Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
-            Err(why) => {
-                fell_back(Fallback::AdamW, &why);
-                adamw_default(p, g, m, v, c)
-            }
+            // Inputs checked and the kernel loaded: a failed launch is a failed device.
+            Err(why) => panic!("AdamW kernel: {why}"),
         }
     }
 

@@ -84,29 +84,48 @@ fn module() -> nvrtc::Module {
     }
 }
 
-/// The updated (p, m, v) as new f32 [N] tensors; p, g, m, v: f32 [N].
-pub fn adamw(
-    p: &CudaTensor,
-    g: &CudaTensor,
-    m: &CudaTensor,
-    v: &CudaTensor,
-    c: AdamWScalars,
-) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
+/// Checks AdamW's inputs (f32 [N], one N) and loads its kernel: an Err is the reason to
+/// fall back to burn ops, before the tensors are handed to [`adamw`].
+pub fn adamw_ready(p: &CudaTensor, g: &CudaTensor, m: &CudaTensor, v: &CudaTensor) -> Result<(), String> {
     let n = p.meta.shape()[0];
-    let input = |t: &CudaTensor, what: &str| {
+    for (t, what) in [(p, "p"), (g, "g"), (m, "m"), (v, "v")] {
         if t.dtype != DType::F32 || t.meta.rank() != 1 || t.meta.shape()[0] != n {
             return Err(format!("{what}: {:?} {:?}", t.dtype, t.meta.shape()));
         }
-        Ok(into_contiguous(t.clone()))
-    };
-    let (p, g, m, v) = (input(p, "p")?, input(g, "g")?, input(m, "m")?, input(v, "v")?);
+    }
     if n == 0 {
         return Err("empty".into());
     }
-    nvrtc::ensure_loaded(&p.device, module())?;
-    let out =
-        || empty_device_contiguous_dtype(p.client.clone(), p.device.clone(), vec![n].into(), DType::F32);
-    let (p_out, m_out, v_out) = (out(), out(), out());
+    nvrtc::ensure_loaded(&p.device, module())
+}
+
+/// The updated (p, m, v), f32 [N]; inputs checked by [`adamw_ready`]. Each of p, m, v is
+/// updated in place when nothing else holds its buffer (the optimizer's flat groups), so a
+/// step needs no second copy of the parameters and moments; else into a new tensor.
+pub fn adamw(
+    p: CudaTensor,
+    g: CudaTensor,
+    m: CudaTensor,
+    v: CudaTensor,
+    c: AdamWScalars,
+) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
+    let n = p.meta.shape()[0];
+    let (p, g, m, v) = (
+        into_contiguous(p),
+        into_contiguous(g),
+        into_contiguous(m),
+        into_contiguous(v),
+    );
+    // The kernel reads element i of each input before it writes element i of the output, in
+    // one thread: an output may alias its input.
+    let output = |t: &CudaTensor| {
+        if t.can_mut() && t.is_contiguous_buffer() {
+            t.clone()
+        } else {
+            empty_device_contiguous_dtype(t.client.clone(), t.device.clone(), vec![n].into(), DType::F32)
+        }
+    };
+    let (p_out, m_out, v_out) = (output(&p), output(&m), output(&v));
     let bindings = [&p, &g, &m, &v, &p_out, &m_out, &v_out].map(|t| t.handle.clone().binding());
     let how = Launch::grid_stride(n);
     let device = p.device.clone();
