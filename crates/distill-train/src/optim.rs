@@ -153,27 +153,7 @@ impl<B: Kernels> AdamW<B> {
         updated: &mut BTreeMap<ParamId, Tensor<B, 1>>,
     ) {
         let c = self.config;
-        let (mut ms, mut vs) = (Vec::new(), Vec::new());
-        let mut at = 0;
-        for &(id, n) in &group.params {
-            let state = self.moments.remove(&id).unwrap_or_else(|| Moments {
-                m: group.g.clone().narrow(0, at, n).zeros_like(),
-                v: group.g.clone().narrow(0, at, n).zeros_like(),
-            });
-            ms.push(state.m);
-            vs.push(state.v);
-            at += n;
-        }
-        let (m, v) = match self.flat.iter().position(|f| f.params == group.params) {
-            Some(i) => {
-                // The views just taken out are of these very tensors: dropped, the flat
-                // moments are held only here.
-                drop((ms, vs));
-                let f = self.flat.swap_remove(i);
-                (f.m, f.v)
-            }
-            None => (B::concat_f32(ms), B::concat_f32(vs)),
-        };
+        let (m, v) = self.take_moments(&group);
         // The values are concatenated here, a group at a time, so only one group's copy exists.
         let p = B::concat_f32(group.values); // [N]
         let g = group.g; // [N]
@@ -216,6 +196,41 @@ impl<B: Kernels> AdamW<B> {
             m,
             v,
         });
+    }
+}
+
+impl<B: Kernels> AdamW<B> {
+    /// The group's moments as flat f32 [N] tensors: the last update's flat tensors when it
+    /// made this very group (the per-parameter views dropped, so they are held nowhere else
+    /// and the kernel may update them in place); zeros at the first update; else (restored
+    /// from a checkpoint) the parameters' moments concatenated, zeros for any missing.
+    fn take_moments(&mut self, group: &FlatGroup<B>) -> (Tensor<B, 1>, Tensor<B, 1>) {
+        let stored: Vec<Option<Moments<B>>> = group
+            .params
+            .iter()
+            .map(|(id, _)| self.moments.remove(id))
+            .collect();
+        if let Some(i) = self.flat.iter().position(|f| f.params == group.params) {
+            drop(stored);
+            let f = self.flat.swap_remove(i);
+            return (f.m, f.v);
+        }
+        if stored.iter().all(Option::is_none) {
+            // Made flat: zeros per parameter, then concatenated, were two copies at once.
+            return (group.g.zeros_like(), group.g.zeros_like());
+        }
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        for (state, &(_, n)) in stored.into_iter().zip(&group.params) {
+            let state = state.unwrap_or_else(|| Moments {
+                m: group.g.clone().narrow(0, at, n).zeros_like(),
+                v: group.g.clone().narrow(0, at, n).zeros_like(),
+            });
+            ms.push(state.m);
+            vs.push(state.v);
+            at += n;
+        }
+        (B::concat_f32(ms), B::concat_f32(vs))
     }
 }
 
