@@ -197,9 +197,7 @@ impl<B: Kernels> AdamW<B> {
             v,
         });
     }
-}
 
-impl<B: Kernels> AdamW<B> {
     /// The group's moments as flat f32 [N] tensors: the last update's flat tensors when it
     /// made this very group (the per-parameter views dropped, so they are held nowhere else
     /// and the kernel may update them in place); zeros at the first update; else (restored
@@ -505,8 +503,6 @@ mod tests {
         }
     }
 
-    /// The flat groups' norm is the global gradient norm: y = sum(W x + b) with x = [1, 2]
-    /// has gradients [1, 2] for W and [1] for b, norm sqrt(6), in one group or two.
     /// Restored moments replace what the optimizer holds, flat groups included: after
     /// zeroing every parameter's moments, a step equals a fresh optimizer's second step.
     #[test]
@@ -550,6 +546,8 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// The flat groups' norm is the global gradient norm: y = sum(W x + b) with x = [1, 2]
+    /// has gradients [1, 2] for W and [1] for b, norm sqrt(6), in one group or two.
     #[test]
     fn gathered_grad_norm_is_the_global_norm() {
         let device = Default::default();
