@@ -29,6 +29,9 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetad
 pub mod attention;
 /// RMSNorm and SwiGLU with hand-written backward passes.
 pub mod elementwise;
+/// The MLP's down projection over SwiGLU, its input recomputed in the backward.
+pub mod swiglu_linear;
+pub use swiglu_linear::LoraPair;
 pub use elementwise::rms_norm_default;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
@@ -361,6 +364,19 @@ pub trait Kernels: Backend {
         dy: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
         elementwise::swiglu_backward_default(gate, up, dy)
+    }
+
+    /// The SwiGLU MLP's down projection: swiglu(gate, up) W, plus (swiglu(gate, up) A) B with
+    /// a LoRA adapter (A's scale folded in). gate, up: [B, T, I]; W: [I, N]; A: [I, r];
+    /// B: [r, N] -> [B, T, N]. Under autodiff one node that keeps gate and up and recomputes
+    /// their product in the backward ([`swiglu_linear`]).
+    fn swiglu_linear(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        w: Tensor<Self, 2>,
+        lora: Option<LoraPair<Self>>,
+    ) -> Tensor<Self, 3> {
+        swiglu_linear::swiglu_linear_default(gate, up, w, lora)
     }
 }
 
@@ -773,6 +789,15 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             prim(gate),
             prim(up),
         ))
+    }
+
+    fn swiglu_linear(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        w: Tensor<Self, 2>,
+        lora: Option<LoraPair<Self>>,
+    ) -> Tensor<Self, 3> {
+        swiglu_linear::swiglu_linear_autodiff::<B, C>(gate, up, w, lora)
     }
 
     fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {

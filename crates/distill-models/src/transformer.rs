@@ -49,13 +49,27 @@ impl<B: Kernels> Linear<B> {
                 } else {
                     x
                 };
-                // The scale goes on A [in, r]: on the delta it was a pass over [.., out] in the
-                // forward and another in the backward, for every adapted layer.
-                let a = cast_to(lora.lora_a.val().mul_scalar(lora.scale), dtype);
-                let b = cast_to(lora.lora_b.val(), dtype);
+                let (a, b) = lora.pair(dtype);
                 let delta = <B as Kernels>::linear(<B as Kernels>::linear(x, a, None), b, None); // [.., out]
                 y + delta
             }
+        }
+    }
+
+    /// `forward(swiglu(gate, up))` through [`Kernels::swiglu_linear`], so that training keeps
+    /// gate and up but not their product. gate, up: [B, T, in] -> [B, T, out].
+    pub fn forward_swiglu(&self, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+        let dtype = gate.dtype();
+        let dropout = self.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
+        if dropout && B::ad_enabled(&gate.device()) {
+            // The adapter sees a dropped-out h, the base GEMM the whole: two inputs, not one.
+            return self.forward(<B as Kernels>::swiglu(gate, up));
+        }
+        let lora = self.lora.as_ref().map(|l| l.pair(dtype));
+        let y = <B as Kernels>::swiglu_linear(gate, up, cast_to(self.weight.val(), dtype), lora);
+        match &self.bias {
+            Some(b) => y + cast_to(b.val(), dtype).unsqueeze(),
+            None => y,
         }
     }
 
@@ -65,6 +79,17 @@ impl<B: Kernels> Linear<B> {
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             lora: None,
         }
+    }
+}
+
+impl<B: Backend> Lora<B> {
+    /// (A, B) in `dtype`, the scale on A [in, r]: on the delta [.., out] it was a pass over
+    /// the activations in the forward and another in the backward, for every adapted layer.
+    fn pair(&self, dtype: burn::tensor::DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        (
+            cast_to(self.lora_a.val().mul_scalar(self.scale), dtype),
+            cast_to(self.lora_b.val(), dtype),
+        )
     }
 }
 
@@ -203,7 +228,7 @@ impl<B: Kernels> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let gate = self.gate_proj.forward(x.clone()); // [B, T, I]
         let up = self.up_proj.forward(x);
-        self.down_proj.forward(<B as Kernels>::swiglu(gate, up))
+        self.down_proj.forward_swiglu(gate, up)
     }
 }
 

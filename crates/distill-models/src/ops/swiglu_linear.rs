@@ -1,0 +1,281 @@
+//! The SwiGLU MLP's down projection with its input recomputed ([`Kernels::swiglu_linear`]):
+//!     h = silu(gate) · up,   y = h W  (+ (h A) B with a LoRA adapter)
+//!
+//! Why: as separate nodes, swiglu keeps gate and up for its backward and the down projection's
+//! GEMMs keep h for theirs (dW = hᵀ dY; LoRA's dA = hᵀ (dY Bᵀ)): three [.., I] tensors a
+//! layer, h alone about a quarter of a layer's activation memory. As one node the graph keeps
+//! gate and up, and the backward recomputes h with one elementwise pass, the way Unsloth's
+//! fused MLP does. Same kernels, same rounding: the gradients equal the separate nodes'.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::Tensor;
+
+use super::{Kernels, gemm, prim, tensor};
+
+/// A LoRA adapter's two matrices as the GEMMs take them: A [I, r] (scale folded in), B [r, N].
+pub type LoraPair<B> = (Tensor<B, 2>, Tensor<B, 2>);
+
+/// [`Kernels::swiglu_linear`] as separate ops: what backends without autodiff run.
+pub fn swiglu_linear_default<B: Kernels>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    w: Tensor<B, 2>,
+    lora: Option<LoraPair<B>>,
+) -> Tensor<B, 3> {
+    let h = <B as Kernels>::swiglu(gate, up); // [B, T, I]
+    let y = <B as Kernels>::linear(h.clone(), w, None); // [B, T, N]
+    match lora {
+        None => y,
+        Some((a, b)) => y + <B as Kernels>::linear(<B as Kernels>::linear(h, a, None), b, None),
+    }
+}
+
+/// What the backward needs: the activation's inputs and the weights; with LoRA also
+/// t = h A [M, r] (r columns, kept: recomputing it would be a GEMM).
+#[derive(Debug, Clone)]
+struct Saved<B: Kernels> {
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    w: Tensor<B, 2>,
+    lora: Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)>,
+}
+
+/// h = swiglu(gate, up) flattened to [M, I].
+fn activation<B: Kernels>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, t, i] = gate.dims();
+    B::swiglu(gate.clone(), up.clone()).reshape([b * t, i])
+}
+
+/// The forward on the inner backend: (y [B, T, N], what the backward keeps).
+fn forward<B: Kernels>(
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    w: Tensor<B, 2>,
+    lora: Option<LoraPair<B>>,
+) -> (Tensor<B, 3>, Saved<B>) {
+    let [b, t, _] = gate.dims();
+    let n = w.dims()[1];
+    let h = activation(&gate, &up); // [M, I]
+    let y = gemm(h.clone(), w.clone()); // [M, N]
+    let (y, lora) = match lora {
+        None => (y, None),
+        Some((a, lb)) => {
+            let tt = gemm(h, a.clone()); // [M, r]
+            (y + gemm(tt.clone(), lb.clone()), Some((a, lb, tt)))
+        }
+    };
+    (y.reshape([b, t, n]), Saved { gate, up, w, lora })
+}
+
+/// Which inputs take a gradient, in the node's parent order: gate, up, W, A, B.
+type Wanted = [bool; 5];
+
+/// The gradients the node's parents want, same order, from dY [B, T, N].
+fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<Tensor<B, 2>>; 5] {
+    let [bt, t, n] = dy.dims();
+    let dy = dy.reshape([bt * t, n]); // [M, N]
+    let [want_gate, want_up, want_w, want_a, want_b] = want;
+    let h = (want_w || want_a).then(|| activation(&s.gate, &s.up)); // [M, I], recomputed
+    let mut grads: [Option<Tensor<B, 2>>; 5] = Default::default();
+    if want_w {
+        grads[2] = Some(gemm(h.clone().expect("h when W wants a grad").transpose(), dy.clone())); // [I, N]
+    }
+    // dh from the base GEMM, plus LoRA's path.
+    let mut dh = (want_gate || want_up).then(|| gemm(dy.clone(), s.w.clone().transpose())); // [M, I]
+    if let Some((a, lb, tt)) = &s.lora {
+        let dt = gemm(dy.clone(), lb.clone().transpose()); // [M, r]
+        if want_b {
+            grads[4] = Some(gemm(tt.clone().transpose(), dy)); // [r, N]
+        }
+        if want_a {
+            grads[3] = Some(gemm(h.expect("h when A wants a grad").transpose(), dt.clone())); // [I, r]
+        }
+        dh = dh.map(|dh| dh + gemm(dt, a.clone().transpose()));
+    }
+    if let Some(dh) = dh {
+        let dims = s.gate.dims();
+        let (d_gate, d_up) = B::swiglu_backward(s.gate, s.up, dh.reshape(dims));
+        let flat = |d: Tensor<B, 3>| d.reshape([dims[0] * dims[1], dims[2]]);
+        grads[0] = want_gate.then(|| flat(d_gate));
+        grads[1] = want_up.then(|| flat(d_up));
+    }
+    grads
+}
+
+/// [`Kernels::swiglu_linear`] under autodiff: one node whose graph keeps gate and up, not h.
+pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
+    gate: Tensor<Autodiff<B, C>, 3>,
+    up: Tensor<Autodiff<B, C>, 3>,
+    w: Tensor<Autodiff<B, C>, 2>,
+    lora: Option<LoraPair<Autodiff<B, C>>>,
+) -> Tensor<Autodiff<B, C>, 3> {
+    let gate_dims = gate.dims();
+    let inner = (
+        gate.clone().inner(),
+        up.clone().inner(),
+        w.clone().inner(),
+        lora.clone().map(|(a, b)| (a.inner(), b.inner())),
+    );
+    let (gate, up, w) = (prim(gate), prim(up), prim(w));
+    let out = match lora {
+        None => {
+            let nodes = [gate.node.clone(), up.node.clone(), w.node.clone()];
+            match Node.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (y, saved) = forward(inner.0, inner.1, inner.2, None);
+                    prep.finish((saved, gate_dims), prim(y))
+                }
+                OpsKind::UnTracked(prep) => prep.finish(prim(forward(inner.0, inner.1, inner.2, None).0)),
+            }
+        }
+        Some((a, b)) => {
+            let (a, b) = (prim(a), prim(b));
+            let nodes = [gate.node.clone(), up.node.clone(), w.node.clone(), a.node.clone(), b.node.clone()];
+            match Node.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (y, saved) = forward(inner.0, inner.1, inner.2, inner.3);
+                    prep.finish((saved, gate_dims), prim(y))
+                }
+                OpsKind::UnTracked(prep) => prep.finish(prim(forward(inner.0, inner.1, inner.2, inner.3).0)),
+            }
+        }
+    };
+    tensor(out)
+}
+
+/// The node, without LoRA (3 parents: gate, up, W) or with it (5: and A, B).
+#[derive(Debug)]
+struct Node;
+
+/// Registers the wanted gradients; gate's and up's back in their [B, T, I] shape.
+fn register<B: Kernels, const N: usize>(
+    ops: Ops<(Saved<B>, [usize; 3]), N>,
+    grads: &mut Gradients,
+) {
+    let dy = tensor::<B, 3>(grads.consume::<B>(&ops.node));
+    let (saved, gate_dims) = ops.state;
+    let mut want = [false; 5];
+    for (w, p) in want.iter_mut().zip(&ops.parents) {
+        *w = p.is_some();
+    }
+    let computed = backward(saved, dy, want);
+    for (i, (parent, grad)) in ops.parents.iter().zip(computed).enumerate() {
+        if let (Some(node), Some(grad)) = (parent, grad) {
+            let grad = if i < 2 { prim(grad.reshape(gate_dims)) } else { prim(grad) };
+            grads.register::<B>(node.id, grad);
+        }
+    }
+}
+
+impl<B: Kernels> Backward<B, 3> for Node {
+    type State = (Saved<B>, [usize; 3]);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        register::<B, 3>(ops, grads);
+    }
+}
+
+impl<B: Kernels> Backward<B, 5> for Node {
+    type State = (Saved<B>, [usize; 3]);
+
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
+        register::<B, 5>(ops, grads);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::*;
+    use crate::ops::elementwise::swiglu_default;
+
+    type AD = Autodiff<Flex>;
+
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<AD, D> {
+        let device = Default::default();
+        <AD as Backend>::seed(&device, seed);
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
+    }
+
+    fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec().unwrap()
+    }
+
+    /// The output and every wanted gradient under a weighted sum, through `f`.
+    fn run(
+        f: impl Fn(Tensor<AD, 3>, Tensor<AD, 3>, Tensor<AD, 2>, Option<LoraPair<AD>>) -> Tensor<AD, 3>,
+        with_lora: bool,
+        train_w: bool,
+    ) -> Vec<Vec<f32>> {
+        let (m, i, n, r) = ([2, 5], 12, 7, 3);
+        let gate = random([m[0], m[1], i], 1).require_grad();
+        let up = random([m[0], m[1], i], 2).require_grad();
+        let w = random([i, n], 3).mul_scalar(0.3);
+        let w = if train_w { w.require_grad() } else { w };
+        let lora = with_lora.then(|| {
+            (
+                random([i, r], 4).mul_scalar(0.5).require_grad(),
+                random([r, n], 5).require_grad(),
+            )
+        });
+        let y = f(gate.clone(), up.clone(), w.clone(), lora.clone());
+        let weights = random([m[0], m[1], n], 6);
+        let grads = (y.clone() * weights).sum().backward();
+        let mut out = vec![values(y.inner()), values(gate.grad(&grads).unwrap()), values(up.grad(&grads).unwrap())];
+        if train_w {
+            out.push(values(w.grad(&grads).unwrap()));
+        }
+        if let Some((a, b)) = lora {
+            out.push(values(a.grad(&grads).unwrap()));
+            out.push(values(b.grad(&grads).unwrap()));
+        }
+        out
+    }
+
+    /// The fused node against burn's autodiff through the same math as plain burn ops
+    /// (silu(gate) · up, matmuls, no custom backward anywhere): output and the gradients of
+    /// gate, up, W (full fine-tuning) and the adapter, with and without LoRA.
+    #[test]
+    fn recomputed_input_gives_the_gradients_of_separate_ops() {
+        let reference = |g: Tensor<AD, 3>, u: Tensor<AD, 3>, w: Tensor<AD, 2>, lora: Option<LoraPair<AD>>| {
+            let h = swiglu_default(g, u);
+            let y = h.clone().matmul(w.unsqueeze());
+            match lora {
+                None => y,
+                Some((a, b)) => y + h.matmul(a.unsqueeze()).matmul(b.unsqueeze()),
+            }
+        };
+        for (with_lora, train_w) in [(false, true), (true, false), (true, true)] {
+            let ours = run(swiglu_linear_autodiff::<Flex, _>, with_lora, train_w);
+            let theirs = run(reference, with_lora, train_w);
+            assert_eq!(ours.len(), theirs.len());
+            for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 + 1e-4 * y.abs(),
+                        "lora {with_lora}, train W {train_w}, output {k}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The unfused default (inference) computes the same output as the node.
+    #[test]
+    fn default_and_node_agree_forward() {
+        let (g, u) = (random([1, 4, 6], 7), random([1, 4, 6], 8));
+        let (w, a, b) = (random([6, 5], 9), random([6, 2], 10), random([2, 5], 11));
+        let lora = Some((a.inner(), b.inner()));
+        let plain = swiglu_linear_default::<Flex>(g.clone().inner(), u.clone().inner(), w.clone().inner(), lora);
+        let node = swiglu_linear_autodiff::<Flex, _>(g, u, w, Some((random([6, 2], 10), random([2, 5], 11))));
+        assert_eq!(values(plain), values(node.inner()));
+    }
+}
