@@ -82,7 +82,7 @@ impl<B: Kernels> AdamW<B> {
 
     /// One update of every parameter that has a gradient in `grads`, each gradient taken
     /// times `grad_scale`: [`AdamW::gather`] then [`AdamW::apply`].
-    pub fn step<AD, M>(&mut self, module: M, grads: &GradStore<B>, lr: f64, grad_scale: f64) -> M
+    pub fn step<AD, M>(&mut self, module: M, grads: GradStore<B>, lr: f64, grad_scale: f64) -> M
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
@@ -96,12 +96,15 @@ impl<B: Kernels> AdamW<B> {
     /// consecutive in visiting order, up to `group_elems` elements a group). The gradient norm and the update both read them:
     /// on a GPU each op is a kernel launch, and per parameter the update took ~12 and the norm
     /// 2; per group they now take about as many, plus one copy per parameter in.
-    pub fn gather<AD, M>(&self, module: &M, grads: &GradStore<B>) -> FlatStep<B>
+    /// Each parameter's gradient leaves `grads` as its group is made, so the per-parameter
+    /// gradients and the flat copies exist side by side one group at a time, not all of them
+    /// (full fine-tuning: the size of the model in f32 less).
+    pub fn gather<AD, M>(&self, module: &M, mut grads: GradStore<B>) -> FlatStep<B>
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
     {
-        let params = trainable_values(module, grads);
+        let params = trainable_values(module, &grads);
         let mut out = Vec::new();
         for decayed in [true, false] {
             let mine: Vec<&(ParamId, Tensor<B, 1>)> = params
@@ -109,16 +112,15 @@ impl<B: Kernels> AdamW<B> {
                 .filter(|(id, _)| self.decayed.contains(id) == decayed)
                 .collect();
             for group in groups(&mine, self.group_elems) {
+                let parts: Vec<Tensor<B, 1>> = group
+                    .iter()
+                    .map(|(id, _)| grads.take(id).expect("gathered parameters have gradients"))
+                    .collect();
                 out.push(FlatGroup {
                     decayed,
                     params: group.iter().map(|(id, v)| (*id, v.dims()[0])).collect(),
                     values: group.iter().map(|(_, v)| v.clone()).collect(),
-                    g: B::concat_f32(
-                        group
-                            .iter()
-                            .map(|(id, _)| grads.get(id).expect("gathered parameters have gradients").clone())
-                            .collect(),
-                    ),
+                    g: B::concat_f32(parts),
                 });
             }
         }
@@ -406,7 +408,7 @@ mod tests {
             let grads = layer.forward(x.clone()).sum().backward();
             let mut store = GradStore::default();
             collect_grads(&layer, &grads, &mut store);
-            layer = opt.step::<AD, _>(layer, &store, lr, scale);
+            layer = opt.step::<AD, _>(layer, store, lr, scale);
             for i in 0..2 {
                 let g = [1.0, 2.0][i] * scale;
                 m[i] = 0.9 * m[i] + 0.1 * g;
@@ -469,7 +471,7 @@ mod tests {
                 let grads = y.square().sum().backward();
                 let mut store = GradStore::default();
                 collect_grads(&net, &grads, &mut store);
-                net = opt.step::<AD, _>(net, &store, 0.05, 0.5);
+                net = opt.step::<AD, _>(net, store, 0.05, 0.5);
             }
             let vals = |t: Tensor<Flex, 1>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
             let weights: Vec<Vec<f32>> = crate::params::param_infos(&net)
@@ -521,7 +523,7 @@ mod tests {
             let grads = layer.forward(x.clone()).square().sum().backward();
             let mut store = GradStore::default();
             collect_grads(&layer, &grads, &mut store);
-            opt.step::<AD, _>(layer, &store, 0.1, 1.0)
+            opt.step::<AD, _>(layer, store, 0.1, 1.0)
         };
         let weight = |l: &Linear<AD>| l.weight.val().inner().into_data().to_vec::<f32>().unwrap();
         let ids = [layer.weight.id, layer.bias.as_ref().unwrap().id];
@@ -563,8 +565,11 @@ mod tests {
         };
         let x = Tensor::<AD, 2>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2]), &device);
         let grads = layer.forward(x).sum().backward();
-        let mut store = GradStore::default();
-        collect_grads(&layer, &grads, &mut store);
+        let store = || {
+            let mut store = GradStore::default();
+            collect_grads(&layer, &grads, &mut store);
+            store
+        };
         let cfg = AdamWConfig {
             beta1: 0.9,
             beta2: 0.999,
@@ -573,10 +578,10 @@ mod tests {
         };
         for decayed in [BTreeSet::new(), [layer.weight.id].into()] {
             let opt = AdamW::<Flex>::new(cfg, decayed);
-            let norm = opt.gather::<AD, _>(&layer, &store).grad_norm();
+            let norm = opt.gather::<AD, _>(&layer, store()).grad_norm();
             assert!((norm - 6f64.sqrt()).abs() < 1e-6, "{norm}");
         }
-        let empty = AdamW::<Flex>::new(cfg, BTreeSet::new()).gather::<AD, _>(&layer, &GradStore::default());
+        let empty = AdamW::<Flex>::new(cfg, BTreeSet::new()).gather::<AD, _>(&layer, GradStore::default());
         assert_eq!(empty.grad_norm(), 0.0);
     }
 

@@ -36,6 +36,11 @@ impl<B: Backend> GradStore<B> {
         self.grads.get(id)
     }
 
+    /// Removes and returns the gradient of `id`.
+    pub fn take(&mut self, id: &ParamId) -> Option<Tensor<B, 1>> {
+        self.grads.remove(id)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }

@@ -422,8 +422,7 @@ where
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
     // The trainable parameters as flat groups: the norm and the update both read them.
-    let flat = opt.gather::<Ad<B>, _>(&model, &grads);
-    drop(grads);
+    let flat = opt.gather::<Ad<B>, _>(&model, grads);
     let grad_norm = flat.grad_norm();
     phase("grad_norm");
     let applied = loss.is_finite() && grad_norm.is_finite();
