@@ -336,6 +336,15 @@ pub trait Kernels: Backend {
         adamw_default(p, g, m, v, c)
     }
 
+    /// Gives the device's wholly free pool memory back where later work allocates other sizes:
+    /// between training phases whose tensors differ in size (activations, then the
+    /// optimizer's flat groups). A page pool keeps pages per size class, so without this each
+    /// phase's pages stay reserved through the others. burn's `memory_cleanup` by default;
+    /// CUDA first makes the driver keep what is freed for the next allocation.
+    fn trim_memory(device: &Self::Device) {
+        Self::memory_cleanup(device)
+    }
+
     /// The parts (any float dtypes) cast to f32 and laid end to end: [Σ n_i]. The optimizer's
     /// flat groups ([`Kernels::adamw`]): burn's `cat` is a kernel per part, hundreds a step
     /// for LoRA; CUDA copies up to 32 parts a launch.
@@ -798,6 +807,10 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         lora: Option<LoraPair<Self>>,
     ) -> Tensor<Self, 3> {
         swiglu_linear::swiglu_linear_autodiff::<B, C>(gate, up, w, lora)
+    }
+
+    fn trim_memory(device: &Self::Device) {
+        B::trim_memory(device)
     }
 
     fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {

@@ -421,6 +421,8 @@ where
     }
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
+    // The activations are gone: their pages go back before the optimizer's groups are made.
+    B::trim_memory(device);
     // The trainable parameters as flat groups: the norm and the update both read them.
     let flat = opt.gather::<Ad<B>, _>(&model, grads);
     let grad_norm = flat.grad_norm();
@@ -436,6 +438,8 @@ where
         };
         model = opt.apply::<Ad<B>, _>(model, flat, lr, clip);
     }
+    // And the gradients' groups and last step's parameters before the next forward.
+    B::trim_memory(device);
     phase("optimizer");
     let outcome = StepOutcome {
         loss,

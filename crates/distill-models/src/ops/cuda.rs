@@ -23,6 +23,15 @@ where
 {
     const FAST_GEMM: bool = true;
 
+    fn trim_memory(device: &Self::Device) {
+        if let Err(e) = cublas::retain_freed_memory(device) {
+            // Still correct without it, only slower: pages come back from the driver.
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| eprintln!("note: freed GPU memory is returned to the driver ({e})"));
+        }
+        <Self as burn::tensor::backend::Backend>::memory_cleanup(device)
+    }
+
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         match cublas::gemm(a, b) {
             Ok(c) => c,
