@@ -31,8 +31,8 @@ pub mod attention;
 pub mod elementwise;
 /// The MLP's down projection over SwiGLU, its input recomputed in the backward.
 pub mod swiglu_linear;
-pub use swiglu_linear::LoraPair;
 pub use elementwise::rms_norm_default;
+pub use swiglu_linear::LoraPair;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
 

@@ -524,7 +524,9 @@ pub(crate) fn retain_freed_memory(device: &burn::backend::cuda::CudaDevice) -> R
         // pointers are live locals.
         unsafe {
             let mut dev: cu::CUdevice = 0;
-            cu::cuCtxGetDevice(&mut dev).result().map_err(|e| format!("cuCtxGetDevice: {e}"))?;
+            cu::cuCtxGetDevice(&mut dev)
+                .result()
+                .map_err(|e| format!("cuCtxGetDevice: {e}"))?;
             let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
             cu::cuDeviceGetDefaultMemPool(&mut pool, dev)
                 .result()

@@ -82,7 +82,10 @@ fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<
     let h = (want_w || want_a).then(|| activation(&s.gate, &s.up)); // [M, I], recomputed
     let mut grads: [Option<Tensor<B, 2>>; 5] = Default::default();
     if want_w {
-        grads[2] = Some(gemm(h.clone().expect("h when W wants a grad").transpose(), dy.clone())); // [I, N]
+        grads[2] = Some(gemm(
+            h.clone().expect("h when W wants a grad").transpose(),
+            dy.clone(),
+        )); // [I, N]
     }
     // dh from the base GEMM, plus LoRA's path.
     let mut dh = (want_gate || want_up).then(|| gemm(dy.clone(), s.w.clone().transpose())); // [M, I]
@@ -134,7 +137,13 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
         }
         Some((a, b)) => {
             let (a, b) = (prim(a), prim(b));
-            let nodes = [gate.node.clone(), up.node.clone(), w.node.clone(), a.node.clone(), b.node.clone()];
+            let nodes = [
+                gate.node.clone(),
+                up.node.clone(),
+                w.node.clone(),
+                a.node.clone(),
+                b.node.clone(),
+            ];
             match Node.prepare::<C>(nodes).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
                     let (y, saved) = forward(inner.0, inner.1, inner.2, inner.3);
@@ -152,10 +161,7 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
 struct Node;
 
 /// Registers the wanted gradients; gate's and up's back in their [B, T, I] shape.
-fn register<B: Kernels, const N: usize>(
-    ops: Ops<(Saved<B>, [usize; 3]), N>,
-    grads: &mut Gradients,
-) {
+fn register<B: Kernels, const N: usize>(ops: Ops<(Saved<B>, [usize; 3]), N>, grads: &mut Gradients) {
     let dy = tensor::<B, 3>(grads.consume::<B>(&ops.node));
     let (saved, gate_dims) = ops.state;
     let mut want = [false; 5];
@@ -165,7 +171,11 @@ fn register<B: Kernels, const N: usize>(
     let computed = backward(saved, dy, want);
     for (i, (parent, grad)) in ops.parents.iter().zip(computed).enumerate() {
         if let (Some(node), Some(grad)) = (parent, grad) {
-            let grad = if i < 2 { prim(grad.reshape(gate_dims)) } else { prim(grad) };
+            let grad = if i < 2 {
+                prim(grad.reshape(gate_dims))
+            } else {
+                prim(grad)
+            };
             grads.register::<B>(node.id, grad);
         }
     }
@@ -228,7 +238,11 @@ mod tests {
         let y = f(gate.clone(), up.clone(), w.clone(), lora.clone());
         let weights = random([m[0], m[1], n], 6);
         let grads = (y.clone() * weights).sum().backward();
-        let mut out = vec![values(y.inner()), values(gate.grad(&grads).unwrap()), values(up.grad(&grads).unwrap())];
+        let mut out = vec![
+            values(y.inner()),
+            values(gate.grad(&grads).unwrap()),
+            values(up.grad(&grads).unwrap()),
+        ];
         if train_w {
             out.push(values(w.grad(&grads).unwrap()));
         }
@@ -274,7 +288,8 @@ mod tests {
         let (g, u) = (random([1, 4, 6], 7), random([1, 4, 6], 8));
         let (w, a, b) = (random([6, 5], 9), random([6, 2], 10), random([2, 5], 11));
         let lora = Some((a.inner(), b.inner()));
-        let plain = swiglu_linear_default::<Flex>(g.clone().inner(), u.clone().inner(), w.clone().inner(), lora);
+        let plain =
+            swiglu_linear_default::<Flex>(g.clone().inner(), u.clone().inner(), w.clone().inner(), lora);
         let node = swiglu_linear_autodiff::<Flex, _>(g, u, w, Some((random([6, 2], 10), random([2, 5], 11))));
         assert_eq!(values(plain), values(node.inner()));
     }
