@@ -13,6 +13,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::Tensor;
+use burn::tensor::ops::FloatTensor;
 
 use super::{Kernels, gemm, prim, tensor};
 
@@ -116,7 +117,6 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
     w: Tensor<Autodiff<B, C>, 2>,
     lora: Option<LoraPair<Autodiff<B, C>>>,
 ) -> Tensor<Autodiff<B, C>, 3> {
-    let gate_dims = gate.dims();
     let inner = (
         gate.clone().inner(),
         up.clone().inner(),
@@ -124,36 +124,35 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
         lora.clone().map(|(a, b)| (a.inner(), b.inner())),
     );
     let (gate, up, w) = (prim(gate), prim(up), prim(w));
-    let out = match lora {
-        None => {
-            let nodes = [gate.node.clone(), up.node.clone(), w.node.clone()];
-            match Node.prepare::<C>(nodes).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let (y, saved) = forward(inner.0, inner.1, inner.2, None);
-                    prep.finish((saved, gate_dims), prim(y))
-                }
-                OpsKind::UnTracked(prep) => prep.finish(prim(forward(inner.0, inner.1, inner.2, None).0)),
-            }
-        }
+    tensor(match lora {
+        None => node::<B, C, 3>([&gate, &up, &w], inner),
         Some((a, b)) => {
             let (a, b) = (prim(a), prim(b));
-            let nodes = [
-                gate.node.clone(),
-                up.node.clone(),
-                w.node.clone(),
-                a.node.clone(),
-                b.node.clone(),
-            ];
-            match Node.prepare::<C>(nodes).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let (y, saved) = forward(inner.0, inner.1, inner.2, inner.3);
-                    prep.finish((saved, gate_dims), prim(y))
-                }
-                OpsKind::UnTracked(prep) => prep.finish(prim(forward(inner.0, inner.1, inner.2, inner.3).0)),
-            }
+            node::<B, C, 5>([&gate, &up, &w, &a, &b], inner)
         }
-    };
-    tensor(out)
+    })
+}
+
+/// The forward as a node with these parents (gate, up, W, and A, B with LoRA).
+fn node<B: Kernels, C: CheckpointStrategy, const N: usize>(
+    parents: [&FloatTensor<Autodiff<B, C>>; N],
+    (gate, up, w, lora): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 2>, Option<LoraPair<B>>),
+) -> FloatTensor<Autodiff<B, C>>
+where
+    Node: Backward<B, N, State = (Saved<B>, [usize; 3])>,
+{
+    let gate_dims = gate.dims();
+    match Node
+        .prepare::<C>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, saved) = forward(gate, up, w, lora);
+            prep.finish((saved, gate_dims), prim(y))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(forward(gate, up, w, lora).0)),
+    }
 }
 
 /// The node, without LoRA (3 parents: gate, up, W) or with it (5: and A, B).
