@@ -42,8 +42,7 @@ impl<B: Kernels> Linear<B> {
         match &self.lora {
             None => y,
             Some(lora) => {
-                // Dropout only while training, i.e. on an autodiff backend.
-                let x = if lora.dropout > 0.0 && B::ad_enabled(&x.device()) {
+                let x = if lora.drops(&x.device()) {
                     let keep = x.random_like(Distribution::Bernoulli(1.0 - lora.dropout));
                     (x * keep).div_scalar(1.0 - lora.dropout)
                 } else {
@@ -60,8 +59,7 @@ impl<B: Kernels> Linear<B> {
     /// gate and up but not their product. gate, up: [B, T, in] -> [B, T, out].
     pub fn forward_swiglu(&self, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = gate.dtype();
-        let dropout = self.lora.as_ref().is_some_and(|l| l.dropout > 0.0);
-        if dropout && B::ad_enabled(&gate.device()) {
+        if self.lora.as_ref().is_some_and(|l| l.drops(&gate.device())) {
             // The adapter sees a dropped-out h, the base GEMM the whole: two inputs, not one.
             return self.forward(<B as Kernels>::swiglu(gate, up));
         }
@@ -83,6 +81,11 @@ impl<B: Kernels> Linear<B> {
 }
 
 impl<B: Backend> Lora<B> {
+    /// Whether dropout applies: a rate, and training, i.e. an autodiff backend.
+    fn drops(&self, device: &B::Device) -> bool {
+        self.dropout > 0.0 && B::ad_enabled(device)
+    }
+
     /// (A, B) in `dtype`, the scale on A [in, r]: on the delta [.., out] it was a pass over
     /// the activations in the forward and another in the backward, for every adapted layer.
     fn pair(&self, dtype: burn::tensor::DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
