@@ -207,9 +207,9 @@ mod tests {
 
     type AD = Autodiff<Flex>;
 
-    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<AD, D> {
+    fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Flex, D> {
         let device = Default::default();
-        <AD as Backend>::seed(&device, seed);
+        <Flex as Backend>::seed(&device, seed);
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
     }
 
@@ -217,26 +217,50 @@ mod tests {
         t.into_data().convert::<f32>().into_vec().unwrap()
     }
 
+    /// gate, up, W, LoRA's A and B, and the output's weights. Made once and shared by both
+    /// sides: tests running beside this one draw from the same seeded generator.
+    struct Inputs {
+        gate: Tensor<Flex, 3>,
+        up: Tensor<Flex, 3>,
+        w: Tensor<Flex, 2>,
+        a: Tensor<Flex, 2>,
+        b: Tensor<Flex, 2>,
+        weights: Tensor<Flex, 3>,
+    }
+
+    fn inputs() -> Inputs {
+        let (m, i, n, r) = ([2, 5], 12, 7, 3);
+        Inputs {
+            gate: random([m[0], m[1], i], 1),
+            up: random([m[0], m[1], i], 2),
+            w: random([i, n], 3).mul_scalar(0.3),
+            a: random([i, r], 4).mul_scalar(0.5),
+            b: random([r, n], 5),
+            weights: random([m[0], m[1], n], 6),
+        }
+    }
+
     /// The output and every wanted gradient under a weighted sum, through `f`.
     fn run(
         f: impl Fn(Tensor<AD, 3>, Tensor<AD, 3>, Tensor<AD, 2>, Option<LoraPair<AD>>) -> Tensor<AD, 3>,
+        x: &Inputs,
         with_lora: bool,
         train_w: bool,
     ) -> Vec<Vec<f32>> {
-        let (m, i, n, r) = ([2, 5], 12, 7, 3);
-        let gate = random([m[0], m[1], i], 1).require_grad();
-        let up = random([m[0], m[1], i], 2).require_grad();
-        let w = random([i, n], 3).mul_scalar(0.3);
+        let gate = Tensor::<AD, 3>::from_inner(x.gate.clone()).require_grad();
+        let up = Tensor::<AD, 3>::from_inner(x.up.clone()).require_grad();
+        let w = Tensor::<AD, 2>::from_inner(x.w.clone());
         let w = if train_w { w.require_grad() } else { w };
         let lora = with_lora.then(|| {
             (
-                random([i, r], 4).mul_scalar(0.5).require_grad(),
-                random([r, n], 5).require_grad(),
+                Tensor::<AD, 2>::from_inner(x.a.clone()).require_grad(),
+                Tensor::<AD, 2>::from_inner(x.b.clone()).require_grad(),
             )
         });
         let y = f(gate.clone(), up.clone(), w.clone(), lora.clone());
-        let weights = random([m[0], m[1], n], 6);
-        let grads = (y.clone() * weights).sum().backward();
+        let grads = (y.clone() * Tensor::from_inner(x.weights.clone()))
+            .sum()
+            .backward();
         let mut out = vec![
             values(y.inner()),
             values(gate.grad(&grads).unwrap()),
@@ -266,8 +290,9 @@ mod tests {
             }
         };
         for (with_lora, train_w) in [(false, true), (true, false), (true, true)] {
-            let ours = run(swiglu_linear_autodiff::<Flex, _>, with_lora, train_w);
-            let theirs = run(reference, with_lora, train_w);
+            let x = inputs();
+            let ours = run(swiglu_linear_autodiff::<Flex, _>, &x, with_lora, train_w);
+            let theirs = run(reference, &x, with_lora, train_w);
             assert_eq!(ours.len(), theirs.len());
             for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                 assert_eq!(a.len(), b.len());
@@ -286,10 +311,14 @@ mod tests {
     fn default_and_node_agree_forward() {
         let (g, u) = (random([1, 4, 6], 7), random([1, 4, 6], 8));
         let (w, a, b) = (random([6, 5], 9), random([6, 2], 10), random([2, 5], 11));
-        let lora = Some((a.inner(), b.inner()));
         let plain =
-            swiglu_linear_default::<Flex>(g.clone().inner(), u.clone().inner(), w.clone().inner(), lora);
-        let node = swiglu_linear_autodiff::<Flex, _>(g, u, w, Some((random([6, 2], 10), random([2, 5], 11))));
+            swiglu_linear_default::<Flex>(g.clone(), u.clone(), w.clone(), Some((a.clone(), b.clone())));
+        let node = swiglu_linear_autodiff::<Flex, _>(
+            Tensor::<AD, 3>::from_inner(g),
+            Tensor::from_inner(u),
+            Tensor::from_inner(w),
+            Some((Tensor::from_inner(a), Tensor::from_inner(b))),
+        );
         assert_eq!(values(plain), values(node.inner()));
     }
 }
