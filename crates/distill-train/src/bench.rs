@@ -233,6 +233,8 @@ pub fn bench_train<B: Kernels>(
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
+    // As `distill train` allocates (before the device's first use).
+    B::exact_allocations();
     let recipe = b.recipe();
     <Ad<B> as Backend>::seed(device, b.seed);
     let student = CausalLm::<Ad<B>>::init(config, device);

@@ -120,7 +120,7 @@ impl<B: Kernels> AdamW<B> {
                     decayed,
                     params: group.iter().map(|(id, v)| (*id, v.dims()[0])).collect(),
                     values: group.iter().map(|(_, v)| v.clone()).collect(),
-                    g: apart::<B, _, _>(&group[0].1.device(), parts, B::concat_f32),
+                    g: B::concat_f32(parts),
                 });
             }
         }
@@ -157,7 +157,7 @@ impl<B: Kernels> AdamW<B> {
         let c = self.config;
         let (m, v) = self.take_moments(&group);
         // The values are concatenated here, a group at a time, so only one group's copy exists.
-        let p = apart::<B, _, _>(&group.g.device(), group.values, B::concat_f32); // [N]
+        let p = B::concat_f32(group.values); // [N]
         let g = group.g; // [N]
         // The scalar factors fold into the update's scalars: the clipping scale s into the
         // moment updates, the bias corrections on the step and eps. With bc_i = 1 - beta_i^t,
@@ -215,10 +215,9 @@ impl<B: Kernels> AdamW<B> {
             let f = self.flat.swap_remove(i);
             return (f.m, f.v);
         }
-        let device = group.g.device();
         if stored.iter().all(Option::is_none) {
             // Made flat: zeros per parameter, then concatenated, were two copies at once.
-            return apart::<B, _, _>(&device, &group.g, |g| (g.zeros_like(), g.zeros_like()));
+            return (group.g.zeros_like(), group.g.zeros_like());
         }
         let (mut ms, mut vs) = (Vec::new(), Vec::new());
         let mut at = 0;
@@ -231,20 +230,8 @@ impl<B: Kernels> AdamW<B> {
             vs.push(state.v);
             at += n;
         }
-        (
-            apart::<B, _, _>(&device, ms, B::concat_f32),
-            apart::<B, _, _>(&device, vs, B::concat_f32),
-        )
+        (B::concat_f32(ms), B::concat_f32(vs))
     }
-}
-
-/// `f(input)` with what it allocates kept apart from the activations' pages (cubecl's
-/// persistent pool: buffers of exact sizes, reused by the next request of the same size).
-/// The flat groups' parameters and moments live across steps and their gradients recur at
-/// the same sizes; cut from the shared pages, they kept pages of the activations' size
-/// classes from ever coming free, so those stayed reserved through the optimizer phase.
-fn apart<B: Backend, I: Send, O: Send>(device: &B::Device, input: I, f: impl Fn(I) -> O + Send) -> O {
-    B::memory_persistent_allocations(device, input, f)
 }
 
 /// One flat group's moments, f32 [N], and the parameters they are laid out for.

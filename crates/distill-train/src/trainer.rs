@@ -107,6 +107,7 @@ pub fn train<B: Kernels>(
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
+    B::exact_allocations();
     let t = &recipe.train;
     let settings = HubSettings::from_env();
     let student_dir = hub::resolve(&recipe.student.model, &settings)?;
@@ -421,7 +422,7 @@ where
     }
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
-    // The activations are gone: their pages go back before the optimizer's groups are made.
+    // The activations are gone: what they freed goes back before the optimizer's groups are made.
     B::trim_memory(device);
     // The trainable parameters as flat groups: the norm and the update both read them.
     let flat = opt.gather::<Ad<B>, _>(&model, grads);

@@ -32,6 +32,26 @@ where
         <Self as burn::tensor::backend::Backend>::memory_cleanup(device)
     }
 
+    /// cubecl's persistent memory, enforced for the process (its `cubecl.toml`'s other settings
+    /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
+    /// and handed back to the driver's pool (kept there, [`Kernels::trim_memory`]) by the
+    /// cleanup. cubecl reads the setting when it first makes the device's client.
+    fn exact_allocations() {
+        use burn_cubecl::cubecl::config::memory::PersistentMemory;
+        use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let mut slot = CubeClRuntimeConfig::storage().lock();
+        match slot.as_ref() {
+            None => {
+                let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+                config.memory.persistent_memory = PersistentMemory::Enforced;
+                *slot = Some(std::sync::Arc::new(config));
+            }
+            Some(config) if matches!(config.memory.persistent_memory, PersistentMemory::Enforced) => {}
+            // Still correct, only more memory: cubecl's pages as before.
+            Some(_) => eprintln!("note: GPU memory was set up before training; allocations stay paged"),
+        }
+    }
+
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         match cublas::gemm(a, b) {
             Ok(c) => c,
