@@ -680,6 +680,89 @@ mod tests {
         );
     }
 
+    /// LoRA dropout (PEFT's lora_dropout): in training the adapter's input has each element
+    /// zeroed with probability p and the rest scaled by 1 / (1 - p) while the base weight sees
+    /// it whole; at inference (no autodiff) nothing is dropped. Both forward paths: the plain
+    /// one and the MLP's down projection (`forward_swiglu`). With A = B = I and scale 1 the
+    /// adapter's share of the output is its input, so each element shows whether it was kept.
+    #[test]
+    fn lora_dropout_applies_to_the_adapters_input_in_training_only() {
+        use burn::module::AutodiffModule;
+        type AD = burn::backend::Autodiff<Flex>;
+        let device = Default::default();
+        let (n, rows, p) = (8, 64, 0.5);
+        // Nonzero values of both signs, so a kept element never reads as dropped.
+        let data = |salt: usize| -> Vec<f32> {
+            (0..rows * n)
+                .map(|i| {
+                    let v = ((i * 7 + salt) % 17) as f32 * 0.1 + 0.05;
+                    if i % 3 == 0 { -v } else { v }
+                })
+                .collect()
+        };
+        let t3 = |v: Vec<f32>| Tensor::<Flex, 3>::from_data(TensorData::new(v, [1, rows, n]), &device);
+        let eye: Vec<f32> = (0..n * n)
+            .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+            .collect();
+        let eye = || {
+            Param::from_tensor(Tensor::<AD, 2>::from_data(
+                TensorData::new(eye.clone(), [n, n]),
+                &device,
+            ))
+        };
+        let w = Tensor::<Flex, 2>::from_data(TensorData::new(data(3)[..n * n].to_vec(), [n, n]), &device);
+        let layer = Linear::<AD> {
+            weight: Param::from_tensor(Tensor::from_inner(w.clone())),
+            bias: None,
+            lora: Some(Lora {
+                lora_a: eye(),
+                lora_b: eye(),
+                scale: 1.0,
+                dropout: p,
+            }),
+        };
+        let values = |t: Tensor<Flex, 3>| t.into_data().into_vec::<f32>().unwrap();
+        // Every element of `adapter_out` is 0 or input / (1 - p); about p of them are 0.
+        let check = |path: &str, adapter_in: Tensor<Flex, 3>, adapter_out: Tensor<Flex, 3>| {
+            let (x, d) = (values(adapter_in), values(adapter_out));
+            let mut dropped = 0;
+            for (x, d) in x.iter().zip(&d) {
+                let kept = x / (1.0 - p as f32);
+                if d.abs() <= 1e-5 {
+                    dropped += 1;
+                } else {
+                    assert!(
+                        (d - kept).abs() <= 1e-4 * kept.abs() + 1e-5,
+                        "{path}: {d}, input {x}"
+                    );
+                }
+            }
+            let share = dropped as f64 / x.len() as f64;
+            assert!(
+                (0.3..0.7).contains(&share),
+                "{path}: {dropped} of {} dropped",
+                x.len()
+            );
+        };
+
+        let x = t3(data(0));
+        let base = x.clone().matmul(w.clone().unsqueeze());
+        let y = layer.forward(Tensor::<AD, 3>::from_inner(x.clone())).inner();
+        check("forward", x.clone(), y - base.clone());
+        let y = layer.valid().forward(x.clone());
+        let exact = values(base + x);
+        for (a, b) in values(y).iter().zip(&exact) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "inference: {a} vs {b}");
+        }
+
+        let (gate, up) = (t3(data(1)), t3(data(2)));
+        let h = crate::ops::elementwise::swiglu_default(gate.clone(), up.clone());
+        let y = layer
+            .forward_swiglu(Tensor::from_inner(gate), Tensor::from_inner(up))
+            .inner();
+        check("forward_swiglu", h.clone(), y - h.matmul(w.unsqueeze()));
+    }
+
     /// Activations take the backend's float dtype, not the embedding table's: full
     /// fine-tuning keeps an f32 master table under bf16 CUDA (here the mirror image: a bf16
     /// table under f32 Flex), and the whole forward would otherwise run in the table's dtype.
