@@ -353,6 +353,13 @@ pub trait Kernels: Backend {
     /// Nothing by default.
     fn exact_allocations() {}
 
+    /// Σ x² of an f32 [N] tensor, as [1]: a flat group's share of the global gradient norm.
+    /// burn's square and sum by default (two passes over the group and a temporary its size);
+    /// CUDA reads the group once.
+    fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
+        x.square().sum()
+    }
+
     /// The parts (any float dtypes) cast to f32 and laid end to end: [Σ n_i]. The optimizer's
     /// flat groups ([`Kernels::adamw`]): burn's `cat` is a kernel per part, hundreds a step
     /// for LoRA; CUDA copies up to 32 parts a launch.

@@ -612,6 +612,33 @@ fn cuda_logits_kernels_match_the_cpu() {
     }
 }
 
+/// The gradient norm's sum of squares: within one block, a partial last block, exactly the
+/// 1,024 blocks, and a grid-stride run over 11 elements a thread, against an f64 sum on the
+/// CPU; and the same bits twice (fixed blocks summed in a fixed order).
+#[test]
+fn cuda_sum_squares_matches_the_cpu() {
+    let Some(device) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    for n in [5usize, 1000, 262_144, 3_000_017] {
+        let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let want: f64 = values.iter().map(|&v| v as f64 * v as f64).sum();
+        let x = Tensor::<G, 1>::from_data(TensorData::new(values, [n]), (&device, DType::F32));
+        let got = host(<G as Kernels>::sum_squares(x.clone()));
+        assert!(
+            !has_fallen_back(Fallback::AdamW),
+            "sum_squares fell back to burn ops"
+        );
+        assert_eq!(got.len(), 1);
+        let e = (got[0] as f64 - want).abs() / want;
+        eprintln!("  sum_squares n={n}: relative error {e:.2e}");
+        assert!(e < 1e-5, "sum_squares n={n}: {} vs {want}", got[0]);
+        assert_eq!(
+            host(<G as Kernels>::sum_squares(x))[0].to_bits(),
+            got[0].to_bits()
+        );
+    }
+}
+
 /// The optimizer's flat groups: 70 parts (three launches of up to 32), bf16 and f32 mixed,
 /// lengths 1 to a few thousand, narrowed views of one buffer among them, exactly equal to the
 /// values cast to f32 and concatenated on the CPU.

@@ -256,11 +256,11 @@ struct FlatGroup<B: Backend> {
     g: Tensor<B, 1>,
 }
 
-impl<B: Backend> FlatStep<B> {
+impl<B: Kernels> FlatStep<B> {
     /// sqrt(sum of squares) over every gradient: one norm for the whole model (one read
     /// from the device).
     pub fn grad_norm(&self) -> f64 {
-        let sq: Vec<Tensor<B, 1>> = self.groups.iter().map(|g| g.g.clone().square().sum()).collect();
+        let sq: Vec<Tensor<B, 1>> = self.groups.iter().map(|g| B::sum_squares(g.g.clone())).collect();
         if sq.is_empty() {
             return 0.0;
         }

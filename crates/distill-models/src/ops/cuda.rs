@@ -163,6 +163,16 @@ where
         }
     }
 
+    fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
+        match cuda_optim::sum_squares_partials(&prim(x.clone())) {
+            Ok(partials) => tensor::<Self, 1>(partials).sum(),
+            Err(why) => {
+                fell_back(Fallback::AdamW, &why);
+                x.square().sum()
+            }
+        }
+    }
+
     fn softmax_stats(
         z: Tensor<Self, 2>,
         t: f64,
@@ -367,7 +377,7 @@ fn fell_back(which: Fallback, why: &str) {
         Fallback::Flash => "attention without the flash kernels",
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
-        Fallback::AdamW => "AdamW (update or flat groups) on burn's ops",
+        Fallback::AdamW => "AdamW (update, flat groups or gradient norm) on burn's ops",
         Fallback::Elementwise => "RMSNorm, SwiGLU and RoPE on burn's ops",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));

@@ -1,5 +1,6 @@
 //! The AdamW update of one flat f32 group as a single CUDA kernel ([`crate::Kernels::adamw`]),
-//! and the flat group's assembly from its parameters ([`crate::Kernels::concat_f32`]).
+//! the flat group's assembly from its parameters ([`crate::Kernels::concat_f32`]) and its sum
+//! of squares for the global gradient norm ([`crate::Kernels::sum_squares`]).
 //!
 //! Why: as burn ops the update is about ten kernels, each a full pass over the group's f32
 //! tensors (scale, square, add, sqrt, divide, ...): at 0.5B parameters the optimizer phase
@@ -35,6 +36,27 @@ extern "C" __global__ void adamw(
         p_out[i] = decay * p[i] - step * (mi / (sqrtf(vi) + eps));
         m_out[i] = mi;
         v_out[i] = vi;
+    }
+}
+
+/* Per-block sums of x[i]^2 over a grid-stride loop, into partial[blockIdx.x]; 256 threads.
+   Fixed-size blocks summed in a fixed order: the same input gives the same bits. */
+extern "C" __global__ void sum_squares(const float* x, long long n, float* partial)
+{
+    float acc = 0.f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float v = x[i];
+        acc += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    __shared__ float warps[8];
+    if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < 8; ++w) sum += warps[w];
+        partial[blockIdx.x] = sum;
     }
 }
 
@@ -79,7 +101,7 @@ fn module() -> nvrtc::Module {
         sources: &[nvrtc::BF16_STORE, SOURCE],
         arch: None,
         options: Vec::new(),
-        names: &["adamw", "concat_f32"],
+        names: &["adamw", "concat_f32", "sum_squares"],
         dynamic_smem: 0,
     }
 }
@@ -203,4 +225,45 @@ pub fn concat_f32(parts: &[CudaTensor]) -> Result<CudaTensor, String> {
         })?;
     }
     Ok(out)
+}
+
+/// Blocks of `sum_squares`: enough to keep the H100's 132 SMs streaming, few enough that the
+/// partial sums are a trifle to add up.
+const SUM_BLOCKS: usize = 1024;
+
+/// Σ x² of an f32 [N] tensor as per-block partial sums, f32 [G] with G <= 1024, for the caller
+/// to add up: one read of x, where square-then-sum reads it twice and writes it once.
+pub fn sum_squares_partials(x: &CudaTensor) -> Result<CudaTensor, String> {
+    if x.dtype != DType::F32 || x.meta.rank() != 1 {
+        return Err(format!(
+            "sum of squares of {:?} {:?}",
+            x.dtype,
+            x.meta.shape().as_slice()
+        ));
+    }
+    let n = x.meta.shape()[0];
+    if n == 0 {
+        return Err("sum of squares of an empty tensor".into());
+    }
+    nvrtc::ensure_loaded(&x.device, module())?;
+    let x = into_contiguous(x.clone());
+    let blocks = n.div_ceil(256).min(SUM_BLOCKS);
+    let partial = empty_device_contiguous_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        vec![blocks].into(),
+        DType::F32,
+    );
+    let bindings = [&x, &partial].map(|t| t.handle.clone().binding());
+    let how = Launch {
+        grid: (blocks as u32, 1, 1),
+        threads: 256,
+        dynamic_smem: 0,
+    };
+    let device = x.device.clone();
+    cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        let args = [Arg::Ptr(ptrs[0]), Arg::I64(n as i64), Arg::Ptr(ptrs[1])];
+        nvrtc::launch(device.index, &module(), "sum_squares", how, stream, &args)
+    })?;
+    Ok(partial)
 }
