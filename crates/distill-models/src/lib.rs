@@ -10,6 +10,7 @@ pub mod hub;
 pub mod init_student;
 pub mod llama;
 mod load;
+pub mod nf4;
 pub mod ops;
 pub mod qwen2;
 pub mod template;

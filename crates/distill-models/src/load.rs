@@ -9,13 +9,20 @@ use burn::tensor::{Tensor, TensorData};
 use crate::config::DecoderConfig;
 use crate::error::Result;
 use crate::ops::Kernels;
-use crate::transformer::{Attention, CausalLm, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm, Rotary};
+use distill_core::recipe::BaseQuant;
+
+use crate::nf4::Nf4;
+use crate::transformer::{
+    Attention, CausalLm, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm, Rotary, Weight,
+};
 use crate::weights::{Checkpoint, HostTensor};
 
 /// Reads tensors by HF name onto a device; names and shapes were checked up front.
 struct Reader<'a, B: Backend> {
     ckpt: &'a Checkpoint,
     device: &'a B::Device,
+    /// How the decoder layers' linear weights are held (the LM head stays dense).
+    quantize: BaseQuant,
 }
 
 impl<B: Backend> Reader<'_, B> {
@@ -35,10 +42,19 @@ impl<B: Backend> Reader<'_, B> {
         Ok(Param::from_tensor(self.tensor(self.host(name)?)))
     }
 
-    fn linear(&self, prefix: &str, bias: bool) -> Result<Linear<B>> {
-        let weight = self.host(&format!("{prefix}.weight"))?.transposed();
+    fn linear(&self, prefix: &str, bias: bool, quantize: BaseQuant) -> Result<Linear<B>> {
+        let weight = self.host(&format!("{prefix}.weight"))?;
+        let weight = match quantize {
+            BaseQuant::None => Weight::Dense(Param::from_tensor(self.tensor(weight.transposed()))),
+            // Quantized from the checkpoint's values, one tensor at a time: the dense model
+            // never exists on the device.
+            BaseQuant::Nf4 => {
+                let [out, inp] = [weight.shape[0], weight.shape[1]];
+                Weight::Nf4(Nf4::quantize(&weight.data, [out, inp], self.device))
+            }
+        };
         Ok(Linear {
-            weight: Param::from_tensor(self.tensor(weight)),
+            weight,
             bias: if bias {
                 Some(self.vector(&format!("{prefix}.bias"))?)
             } else {
@@ -46,6 +62,11 @@ impl<B: Backend> Reader<'_, B> {
             },
             lora: None,
         })
+    }
+
+    /// A decoder layer's linear layer, stored as the load asked.
+    fn layer_linear(&self, prefix: &str, bias: bool) -> Result<Linear<B>> {
+        self.linear(prefix, bias, self.quantize)
     }
 
     fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm<B>> {
@@ -60,32 +81,51 @@ impl<B: Kernels> CausalLm<B> {
     /// Loads config.json and the safetensors weights of `dir`. Every tensor the config implies
     /// must be present with its shape, and no other may be, before any is read.
     pub fn load(dir: &Path, device: &B::Device) -> Result<Self> {
+        Self::load_with(dir, device, BaseQuant::None)
+    }
+
+    /// [`CausalLm::load`] with the decoder layers' linear weights held as `quantize` says
+    /// (NF4 for a QLoRA run); embeddings, norms, biases and the LM head stay dense.
+    pub fn load_with(dir: &Path, device: &B::Device, quantize: BaseQuant) -> Result<Self> {
         let config = DecoderConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         ckpt.check(&config.expected_tensors(), config.architecture.hf_name())?;
-        Self::from_checkpoint(config, &ckpt, device)
+        Self::from_checkpoint_with(config, &ckpt, device, quantize)
     }
 
     pub fn from_checkpoint(config: DecoderConfig, ckpt: &Checkpoint, device: &B::Device) -> Result<Self> {
+        Self::from_checkpoint_with(config, ckpt, device, BaseQuant::None)
+    }
+
+    fn from_checkpoint_with(
+        config: DecoderConfig,
+        ckpt: &Checkpoint,
+        device: &B::Device,
+        quantize: BaseQuant,
+    ) -> Result<Self> {
         let c = &config;
-        let r = Reader::<B> { ckpt, device };
+        let r = Reader::<B> {
+            ckpt,
+            device,
+            quantize,
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: r.linear(&format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
-                    k_proj: r.linear(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
-                    v_proj: r.linear(&format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
-                    o_proj: r.linear(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
+                    q_proj: r.layer_linear(&format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
+                    k_proj: r.layer_linear(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
+                    v_proj: r.layer_linear(&format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
+                    o_proj: r.layer_linear(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: r.linear(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
-                    up_proj: r.linear(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
-                    down_proj: r.linear(&format!("{p}.mlp.down_proj"), c.mlp_bias)?,
+                    gate_proj: r.layer_linear(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
+                    up_proj: r.layer_linear(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
+                    down_proj: r.layer_linear(&format!("{p}.mlp.down_proj"), c.mlp_bias)?,
                 },
                 input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), c.rms_norm_eps)?,
                 post_attention_layernorm: r
@@ -95,7 +135,7 @@ impl<B: Kernels> CausalLm<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(r.linear("lm_head", false)?)
+            Some(r.linear("lm_head", false, BaseQuant::None)?)
         };
         Ok(CausalLm {
             model: Model {

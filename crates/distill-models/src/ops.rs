@@ -25,10 +25,14 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
+use crate::nf4::{self, Nf4Tensor};
+
 /// Attention with an O(T) backward state, block by block.
 pub mod attention;
 /// RMSNorm and SwiGLU with hand-written backward passes.
 pub mod elementwise;
+/// Linear layers over NF4 weights, dequantized again in the backward.
+pub mod nf4_linear;
 /// The MLP's down projection over SwiGLU, its input recomputed in the backward.
 pub mod swiglu_linear;
 pub use elementwise::rms_norm_default;
@@ -51,6 +55,9 @@ pub mod cuda_flash;
 /// The loss's passes over logits as CUDA kernels (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_logits;
+/// NF4 dequantization as one CUDA kernel (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub mod cuda_nf4;
 /// The AdamW update as one CUDA kernel (the `cuda` feature).
 #[cfg(feature = "cuda")]
 pub mod cuda_optim;
@@ -203,6 +210,18 @@ pub trait Kernels: Backend {
         } else {
             burn::tensor::module::linear(x, weight, bias)
         }
+    }
+
+    /// An NF4 weight's values in HF layout [out, in], in `dtype` ([`crate::nf4`]).
+    fn nf4_dequantize(w: &Nf4Tensor<Self>, dtype: DType) -> Tensor<Self, 2> {
+        nf4::dequantize_default(w, dtype)
+    }
+
+    /// `x Wᵀ` for an NF4 weight W [out, in]: x [..., in] -> [..., out]. Under autodiff one node
+    /// that keeps the 4-bit codes, not the dequantized W ([`nf4_linear`]).
+    fn linear_nf4<const D: usize>(x: Tensor<Self, D>, w: &Nf4Tensor<Self>) -> Tensor<Self, D> {
+        let dense = Self::nf4_dequantize(w, x.dtype());
+        <Self as Kernels>::linear(x, dense.transpose(), None)
     }
 
     /// Scaled dot-product attention with scale 1/sqrt(head_dim), grouped K/V heads not
@@ -397,10 +416,37 @@ pub trait Kernels: Backend {
     fn swiglu_linear(
         gate: Tensor<Self, 3>,
         up: Tensor<Self, 3>,
-        w: Tensor<Self, 2>,
+        w: LinearWeight<Self>,
         lora: Option<LoraPair<Self>>,
     ) -> Tensor<Self, 3> {
         swiglu_linear::swiglu_linear_default(gate, up, w, lora)
+    }
+}
+
+/// A linear layer's weight as the kernels take it.
+#[derive(Debug, Clone)]
+pub enum LinearWeight<B: Backend> {
+    /// burn layout [in, out], in the activations' dtype.
+    Dense(Tensor<B, 2>),
+    /// QLoRA's frozen base: dequantized to the activations' dtype at each use.
+    Nf4(Nf4Tensor<B>),
+}
+
+impl<B: Kernels> LinearWeight<B> {
+    /// The weight [in, out] in `dtype`; NF4 dequantized (a transposed view of HF's [out, in]).
+    pub fn dense(&self, dtype: DType) -> Tensor<B, 2> {
+        match self {
+            LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Nf4(w) => B::nf4_dequantize(w, dtype).transpose(),
+        }
+    }
+
+    /// [in, out].
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            LinearWeight::Dense(w) => w.dims(),
+            LinearWeight::Nf4(w) => [w.shape[1], w.shape[0]],
+        }
     }
 }
 
@@ -818,10 +864,18 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn swiglu_linear(
         gate: Tensor<Self, 3>,
         up: Tensor<Self, 3>,
-        w: Tensor<Self, 2>,
+        w: LinearWeight<Self>,
         lora: Option<LoraPair<Self>>,
     ) -> Tensor<Self, 3> {
         swiglu_linear::swiglu_linear_autodiff::<B, C>(gate, up, w, lora)
+    }
+
+    fn nf4_dequantize(w: &Nf4Tensor<Self>, dtype: DType) -> Tensor<Self, 2> {
+        Tensor::from_inner(B::nf4_dequantize(&w.inner(), dtype))
+    }
+
+    fn linear_nf4<const D: usize>(x: Tensor<Self, D>, w: &Nf4Tensor<Self>) -> Tensor<Self, D> {
+        nf4_linear::linear_nf4_autodiff::<B, C, D>(x, w)
     }
 
     fn trim_memory(device: &Self::Device) {

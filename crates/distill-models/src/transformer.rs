@@ -8,15 +8,42 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::config::{DecoderConfig, RopeScaling};
-use crate::ops::{Kernels, KeyRanges};
+use crate::nf4::Nf4;
+use crate::ops::{Kernels, KeyRanges, LinearWeight};
 
-/// A linear layer in burn's layout: weight [in, out] (HF stores [out, in]; the loader
-/// transposes), with an optional LoRA adapter.
+/// A linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    pub weight: Param<Tensor<B, 2>>,
+    pub weight: Weight<B>,
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub lora: Option<Lora<B>>,
+}
+
+/// A linear layer's weight: dense in burn's layout [in, out] (HF stores [out, in]; the loader
+/// transposes), or NF4 in HF's layout, for a QLoRA run's frozen base ([`Nf4`]). Parameter
+/// names leave the variant out (`q_proj.weight`, `q_proj.weight.codes`).
+#[derive(Module, Debug)]
+pub enum Weight<B: Backend> {
+    Dense(Param<Tensor<B, 2>>),
+    Nf4(Nf4<B>),
+}
+
+impl<B: Backend> Weight<B> {
+    /// [in, out] either way.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Weight::Dense(w) => w.dims(),
+            Weight::Nf4(w) => w.dims(),
+        }
+    }
+
+    /// The dense weight; None when quantized.
+    pub fn dense(&self) -> Option<&Param<Tensor<B, 2>>> {
+        match self {
+            Weight::Dense(w) => Some(w),
+            Weight::Nf4(_) => None,
+        }
+    }
 }
 
 /// LoRA: y += scale * (x A) B, never forming W + A B. A: [in, r], B: [r, out] (PEFT's
@@ -34,11 +61,17 @@ pub struct Lora<B: Backend> {
 impl<B: Kernels> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let y = <B as Kernels>::linear(
-            x.clone(),
-            cast_to(self.weight.val(), dtype),
-            self.bias.as_ref().map(|b| cast_to(b.val(), dtype)),
-        );
+        let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+        let y = match &self.weight {
+            Weight::Dense(w) => <B as Kernels>::linear(x.clone(), cast_to(w.val(), dtype), bias),
+            Weight::Nf4(w) => {
+                let y = <B as Kernels>::linear_nf4(x.clone(), &w.tensor());
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+        };
         match &self.lora {
             None => y,
             Some(lora) => {
@@ -64,16 +97,24 @@ impl<B: Kernels> Linear<B> {
             return self.forward(<B as Kernels>::swiglu(gate, up));
         }
         let lora = self.lora.as_ref().map(|l| l.pair(dtype));
-        let y = <B as Kernels>::swiglu_linear(gate, up, cast_to(self.weight.val(), dtype), lora);
+        let y = <B as Kernels>::swiglu_linear(gate, up, self.weight_for(dtype), lora);
         match &self.bias {
             Some(b) => y + cast_to(b.val(), dtype).unsqueeze(),
             None => y,
         }
     }
 
+    /// The weight as the kernels take it, for activations of `dtype`.
+    fn weight_for(&self, dtype: burn::tensor::DType) -> LinearWeight<B> {
+        match &self.weight {
+            Weight::Dense(w) => LinearWeight::Dense(cast_to(w.val(), dtype)),
+            Weight::Nf4(w) => LinearWeight::Nf4(w.tensor()),
+        }
+    }
+
     fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
         Linear {
-            weight: Param::from_tensor(random([d_in, d_out], device)),
+            weight: Weight::Dense(Param::from_tensor(random([d_in, d_out], device))),
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             lora: None,
         }
@@ -593,7 +634,7 @@ impl<B: Kernels> CausalLm<B> {
     /// The output projection in burn layout [C, V]: lm_head, or the tied embeddings transposed.
     pub fn head_weight(&self) -> Tensor<B, 2> {
         match &self.lm_head {
-            Some(head) => head.weight.val(),
+            Some(head) => head.weight.dense().expect("the LM head is never quantized").val(),
             None => self.model.embed_tokens.weight.val().transpose(),
         }
     }
@@ -712,7 +753,7 @@ mod tests {
         };
         let w = Tensor::<Flex, 2>::from_data(TensorData::new(data(3)[..n * n].to_vec(), [n, n]), &device);
         let layer = Linear::<AD> {
-            weight: Param::from_tensor(Tensor::from_inner(w.clone())),
+            weight: Weight::Dense(Param::from_tensor(Tensor::from_inner(w.clone()))),
             bias: None,
             lora: Some(Lora {
                 lora_a: eye(),

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use distill_core::recipe::LoraSection;
-use distill_models::weights::HostTensor;
+use distill_models::weights::{Checkpoint, HostTensor};
 use distill_models::{CausalLm, Kernels};
+use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::checkpoint::{CheckpointError, HostTensors, write_safetensors};
@@ -58,12 +59,6 @@ pub fn export_hf<B: Kernels>(
     student_dir: &Path,
     out: &Path,
 ) -> Result<PathBuf, CheckpointError> {
-    let parent = out.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-export-")
-        .tempdir_in(parent)
-        .map_err(io(parent))?;
     let tensors: HostTensors = read_params(model, |_| true)
         .into_iter()
         .map(|(name, (shape, data))| {
@@ -71,10 +66,72 @@ pub fn export_hf<B: Kernels>(
             (name, t)
         })
         .collect();
-    let dtype = dtype_of(model.config.torch_dtype.as_deref());
+    write_hf_dir(&tensors, &model.config, student_dir, out)
+}
+
+/// The merged weights of a QLoRA run, HF names and layout: the base read again from
+/// `student_dir` at full precision (not its NF4 rounding, which is all the device held),
+/// plus scale · A B for each adapter of `model`. Reads and merges one tensor at a time.
+pub fn merged_base<B: Kernels>(
+    model: &CausalLm<B>,
+    scale: f64,
+    student_dir: &Path,
+) -> Result<HostTensors, distill_models::ModelError> {
+    let adapters: HostTensors = read_params(model, |p| p.name.contains(".lora.lora_"))
+        .into_iter()
+        .collect();
+    let base = Checkpoint::open(student_dir)?;
+    let mut out = HostTensors::new();
+    for (name, _) in model.config.expected_tensors() {
+        let mut w = base.read_f32(&name)?; // HF layout
+        let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+        let factor = |f: &str| adapters.get(&format!("{prefix}.lora.lora_{f}"));
+        if let (Some(a), Some(b)) = (factor("a"), factor("b")) {
+            add_delta(&mut w.data, w.shape[1], a, b, scale as f32);
+        }
+        out.insert(name, (w.shape, w.data));
+    }
+    Ok(out)
+}
+
+/// w [out, in] (HF layout) += scale · (A B)ᵀ with A [in, r] and B [r, out] (burn layout),
+/// a row of w per task.
+fn add_delta(w: &mut [f32], d_in: usize, a: &(Vec<usize>, Vec<f32>), b: &(Vec<usize>, Vec<f32>), scale: f32) {
+    let (r, d_out) = (b.0[0], b.0[1]);
+    assert_eq!(
+        (a.0[0], a.0[1]),
+        (d_in, r),
+        "LoRA A for a [{d_out}, {d_in}] weight"
+    );
+    let bt: Vec<f32> = (0..d_out * r).map(|k| b.1[(k % r) * d_out + k / r]).collect(); // [out, r]
+    w.par_chunks_mut(d_in)
+        .zip(bt.par_chunks(r))
+        .for_each(|(row, b_o)| {
+            for (w_oi, a_i) in row.iter_mut().zip(a.1.chunks(r)) {
+                let dot: f32 = a_i.iter().zip(b_o).map(|(x, y)| x * y).sum();
+                *w_oi += scale * dot;
+            }
+        });
+}
+
+/// `tensors` (HF names and layout) in the student's dtype, with its config and tokenizer
+/// files, as an HF directory at `out`, replacing it atomically.
+pub fn write_hf_dir(
+    tensors: &HostTensors,
+    config: &distill_models::DecoderConfig,
+    student_dir: &Path,
+    out: &Path,
+) -> Result<PathBuf, CheckpointError> {
+    let parent = out.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-export-")
+        .tempdir_in(parent)
+        .map_err(io(parent))?;
+    let dtype = dtype_of(config.torch_dtype.as_deref());
     write_safetensors(
         &tmp.path().join(distill_models::weights::SINGLE_FILE),
-        &tensors,
+        tensors,
         dtype,
     )?;
     for name in COPIED {

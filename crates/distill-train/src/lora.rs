@@ -4,7 +4,7 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use distill_core::recipe::LoraSection;
-use distill_models::transformer::{Linear, Lora};
+use distill_models::transformer::{Linear, Lora, Weight};
 use distill_models::{CausalLm, Kernels};
 
 /// Freezes every weight of `model` and adds trainable f32 LoRA factors to the target
@@ -23,7 +23,7 @@ pub fn add_lora<B: Kernels>(
     let scale = cfg.alpha / cfg.r as f64;
     let mut rng = seed ^ 0x4C6F_5241; // "LoRA"
     let mut make = |linear: &mut Linear<B>| {
-        let [d_in, d_out] = linear.weight.val().dims();
+        let [d_in, d_out] = linear.weight.dims();
         let bound = 1.0 / (d_in as f64).sqrt();
         let a: Vec<f32> = (0..d_in * cfg.r)
             .map(|_| ((crate::data::uniform01(&mut rng) * 2.0 - 1.0) * bound) as f32)
@@ -80,17 +80,19 @@ pub fn full_finetune<B: Backend, M: Module<B>>(model: M) -> M {
 }
 
 /// W + scale * A B for every adapted layer, adapters removed: the plain model to export.
+/// The weights must be dense: a QLoRA run merges into the base read again from its files
+/// ([`crate::export::export_merged`]), not into the 4-bit rounding of it.
 pub fn merge<B: Kernels>(mut model: CausalLm<B>) -> CausalLm<B> {
     let fold = |linear: &mut Linear<B>| {
         if let Some(lora) = linear.lora.take() {
-            let w = linear.weight.val();
+            let w = linear.weight.dense().expect("merge: an NF4 weight");
             let delta = lora
                 .lora_a
                 .val()
                 .matmul(lora.lora_b.val())
                 .mul_scalar(lora.scale)
-                .cast(w.dtype());
-            linear.weight = Param::initialized(linear.weight.id, w + delta);
+                .cast(w.val().dtype());
+            linear.weight = Weight::Dense(Param::initialized(w.id, w.val() + delta));
         }
     };
     for layer in &mut model.model.layers {

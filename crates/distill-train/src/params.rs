@@ -105,11 +105,17 @@ fn walk<B: Backend, M: Module<B>>(
         out: Vec<(ParamInfo, Option<Vec<f32>>)>,
     }
     impl<B: Backend, F: Fn(&ParamInfo) -> bool> ModuleVisitor<B> for Walker<F> {
-        fn enter_module(&mut self, name: &str, _container: &str) {
-            self.path.push(name.to_string());
+        // An enum module's variant is not part of the HF name (`q_proj.weight`, not
+        // `q_proj.weight.Dense`).
+        fn enter_module(&mut self, name: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
         }
-        fn exit_module(&mut self, _name: &str, _container: &str) {
-            self.path.pop();
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.pop();
+            }
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let value = param.val();

@@ -17,7 +17,9 @@ pub use generation::{
     DataSection, Endpoint, GenSection, LogprobDtype, MAX_API_TOP_LOGPROBS, SoftLabelSection, SoftLabelSource,
     TeacherSection,
 };
-pub use train::{KlKind, LoraSection, LossSection, MissingMass, Schedule, StudentSection, TrainSection};
+pub use train::{
+    BaseQuant, KlKind, LoraSection, LossSection, MissingMass, Schedule, StudentSection, TrainSection,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
@@ -245,5 +247,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "r.toml: [loss] kd_ratio: must be in [0, 1], got 1.5");
+    }
+
+    #[test]
+    fn nf4_base_weights_are_a_lora_option() {
+        let qlora = parse("name = \"x\"\n[lora]\nquantize = \"nf4\"\n", &[]).unwrap();
+        assert_eq!(qlora.lora.quantize, BaseQuant::Nf4);
+        let err = parse("name = \"x\"\n[lora]\nenabled = false\nquantize = \"nf4\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("r.toml: [lora] quantize: "), "{err}");
+        let err = parse("name = \"x\"\n[lora]\nquantize = \"int3\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("int3") && err.contains("nf4"), "{err}");
     }
 }

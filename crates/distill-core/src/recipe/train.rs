@@ -149,6 +149,18 @@ pub struct LoraSection {
     pub dropout: f64,
     /// HF module names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj.
     pub targets: Vec<String>,
+    /// How the frozen base's linear layers are held: `none` (the model's dtype) or `nf4`
+    /// (QLoRA: 4-bit NormalFloat, about a quarter of the memory of bf16).
+    pub quantize: BaseQuant,
+}
+
+/// Storage of a LoRA run's frozen base weights ([`LoraSection::quantize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseQuant {
+    #[default]
+    None,
+    Nf4,
 }
 
 impl Default for LoraSection {
@@ -159,6 +171,7 @@ impl Default for LoraSection {
             alpha: 32.0,
             dropout: 0.0,
             targets: LORA_TARGETS.map(String::from).to_vec(),
+            quantize: BaseQuant::None,
         }
     }
 }
@@ -225,6 +238,12 @@ pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError>
                 format!("must be in [0, 1), got {}", lora.dropout),
             ));
         }
+    } else if lora.quantize != BaseQuant::None {
+        return Err(invalid(
+            "lora",
+            "quantize",
+            "quantizes the frozen base of a LoRA run; set [lora] enabled = true, or remove it for full fine-tuning".into(),
+        ));
     }
     Ok(())
 }

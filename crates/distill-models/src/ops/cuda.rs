@@ -6,10 +6,12 @@
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 
+use crate::nf4::Nf4Tensor;
+
 use super::{
     AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
     attention_mode, bmm_default, concat_f32_default, cublas, cuda_elementwise, cuda_flash, cuda_logits,
-    cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
+    cuda_nf4, cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
 };
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
@@ -159,6 +161,17 @@ where
             Err(why) => {
                 fell_back(Fallback::AdamW, &why);
                 concat_f32_default(parts)
+            }
+        }
+    }
+
+    fn nf4_dequantize(w: &Nf4Tensor<Self>, dtype: DType) -> Tensor<Self, 2> {
+        let codes = w.codes.clone().into_primitive();
+        match cuda_nf4::dequantize(&codes, &prim(w.absmax.clone()), w.shape, dtype) {
+            Ok(out) => tensor(out),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                crate::nf4::dequantize_default(w, dtype)
             }
         }
     }
@@ -378,7 +391,7 @@ fn fell_back(which: Fallback, why: &str) {
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
         Fallback::AdamW => "AdamW (update, flat groups or gradient norm) on burn's ops",
-        Fallback::Elementwise => "RMSNorm, SwiGLU and RoPE on burn's ops",
+        Fallback::Elementwise => "RMSNorm, SwiGLU, RoPE and NF4 dequantization on burn's ops",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }

@@ -15,7 +15,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::Tensor;
 use burn::tensor::ops::FloatTensor;
 
-use super::{Kernels, gemm, prim, tensor};
+use super::{Kernels, LinearWeight, gemm, prim, tensor};
 
 /// A LoRA adapter's two matrices as the GEMMs take them: A [I, r] (scale folded in), B [r, N].
 pub type LoraPair<B> = (Tensor<B, 2>, Tensor<B, 2>);
@@ -24,11 +24,14 @@ pub type LoraPair<B> = (Tensor<B, 2>, Tensor<B, 2>);
 pub fn swiglu_linear_default<B: Kernels>(
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
-    w: Tensor<B, 2>,
+    w: LinearWeight<B>,
     lora: Option<LoraPair<B>>,
 ) -> Tensor<B, 3> {
     let h = <B as Kernels>::swiglu(gate, up); // [B, T, I]
-    let y = <B as Kernels>::linear(h.clone(), w, None); // [B, T, N]
+    let y = match &w {
+        LinearWeight::Dense(w) => <B as Kernels>::linear(h.clone(), w.clone(), None),
+        LinearWeight::Nf4(w) => <B as Kernels>::linear_nf4(h.clone(), w),
+    }; // [B, T, N]
     match lora {
         None => y,
         Some((a, b)) => y + <B as Kernels>::linear(<B as Kernels>::linear(h, a, None), b, None),
@@ -41,7 +44,8 @@ pub fn swiglu_linear_default<B: Kernels>(
 struct Saved<B: Kernels> {
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
-    w: Tensor<B, 2>,
+    /// NF4: the codes, dequantized again in the backward.
+    w: LinearWeight<B>,
     lora: Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)>,
 }
 
@@ -55,13 +59,13 @@ fn activation<B: Kernels>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Tensor<B, 2
 fn forward<B: Kernels>(
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
-    w: Tensor<B, 2>,
+    w: LinearWeight<B>,
     lora: Option<LoraPair<B>>,
 ) -> (Tensor<B, 3>, Saved<B>) {
     let [b, t, _] = gate.dims();
     let n = w.dims()[1];
     let h = activation(&gate, &up); // [M, I]
-    let y = gemm(h.clone(), w.clone()); // [M, N]
+    let y = gemm(h.clone(), w.dense(h.dtype())); // [M, N]
     let (y, lora) = match lora {
         None => (y, None),
         Some((a, lb)) => {
@@ -89,7 +93,7 @@ fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<
         )); // [I, N]
     }
     // dh from the base GEMM, plus LoRA's path.
-    let mut dh = (want_gate || want_up).then(|| gemm(dy.clone(), s.w.clone().transpose())); // [M, I]
+    let mut dh = (want_gate || want_up).then(|| gemm(dy.clone(), s.w.dense(dy.dtype()).transpose())); // [M, I]
     if let Some((a, lb, tt)) = &s.lora {
         let dt = gemm(dy.clone(), lb.clone().transpose()); // [M, r]
         if want_b {
@@ -114,32 +118,39 @@ fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<
 pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
     gate: Tensor<Autodiff<B, C>, 3>,
     up: Tensor<Autodiff<B, C>, 3>,
-    w: Tensor<Autodiff<B, C>, 2>,
+    w: LinearWeight<Autodiff<B, C>>,
     lora: Option<LoraPair<Autodiff<B, C>>>,
 ) -> Tensor<Autodiff<B, C>, 3> {
+    let (w_inner, w_parent) = match w {
+        LinearWeight::Dense(w) => (LinearWeight::Dense(w.clone().inner()), Some(prim(w))),
+        LinearWeight::Nf4(w) => (LinearWeight::Nf4(w.inner()), None),
+    };
     let inner = (
         gate.clone().inner(),
         up.clone().inner(),
-        w.clone().inner(),
+        w_inner,
         lora.clone().map(|(a, b)| (a.inner(), b.inner())),
     );
-    let (gate, up, w) = (prim(gate), prim(up), prim(w));
-    tensor(match lora {
-        None => node::<B, C, 3>([&gate, &up, &w], inner),
-        Some((a, b)) => {
-            let (a, b) = (prim(a), prim(b));
-            node::<B, C, 5>([&gate, &up, &w, &a, &b], inner)
-        }
+    let (gate, up) = (prim(gate), prim(up));
+    let lora = lora.map(|(a, b)| (prim(a), prim(b)));
+    // Parents in the order gate, up, W, A, B, less those absent (an NF4 W is not a tensor of
+    // the graph); `slots` maps each to its place in that order.
+    tensor(match (&w_parent, &lora) {
+        (Some(w), None) => node::<B, C, 3>([&gate, &up, w], [0, 1, 2], inner),
+        (None, None) => node::<B, C, 2>([&gate, &up], [0, 1], inner),
+        (Some(w), Some((a, b))) => node::<B, C, 5>([&gate, &up, w, a, b], [0, 1, 2, 3, 4], inner),
+        (None, Some((a, b))) => node::<B, C, 4>([&gate, &up, a, b], [0, 1, 3, 4], inner),
     })
 }
 
-/// The forward as a node with these parents (gate, up, W, and A, B with LoRA).
+/// The forward as a node with these parents, each at `slots` in the order gate, up, W, A, B.
 fn node<B: Kernels, C: CheckpointStrategy, const N: usize>(
     parents: [&FloatTensor<Autodiff<B, C>>; N],
-    (gate, up, w, lora): (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 2>, Option<LoraPair<B>>),
+    slots: [usize; N],
+    (gate, up, w, lora): (Tensor<B, 3>, Tensor<B, 3>, LinearWeight<B>, Option<LoraPair<B>>),
 ) -> FloatTensor<Autodiff<B, C>>
 where
-    Node: Backward<B, N, State = (Saved<B>, [usize; 3])>,
+    Node: Backward<B, N, State = (Saved<B>, [usize; 3], [usize; N])>,
 {
     let gate_dims = gate.dims();
     match Node
@@ -149,50 +160,38 @@ where
     {
         OpsKind::Tracked(prep) => {
             let (y, saved) = forward(gate, up, w, lora);
-            prep.finish((saved, gate_dims), prim(y))
+            prep.finish((saved, gate_dims, slots), prim(y))
         }
         OpsKind::UnTracked(prep) => prep.finish(prim(forward(gate, up, w, lora).0)),
     }
 }
 
-/// The node, without LoRA (3 parents: gate, up, W) or with it (5: and A, B).
+/// The node, with 2 to 5 parents ([`swiglu_linear_autodiff`]).
 #[derive(Debug)]
 struct Node;
 
-/// Registers the wanted gradients; gate's and up's back in their [B, T, I] shape.
-fn register<B: Kernels, const N: usize>(ops: Ops<(Saved<B>, [usize; 3]), N>, grads: &mut Gradients) {
-    let dy = tensor::<B, 3>(grads.consume::<B>(&ops.node));
-    let (saved, gate_dims) = ops.state;
-    let mut want = [false; 5];
-    for (w, p) in want.iter_mut().zip(&ops.parents) {
-        *w = p.is_some();
-    }
-    let computed = backward(saved, dy, want);
-    for (i, (parent, grad)) in ops.parents.iter().zip(computed).enumerate() {
-        if let (Some(node), Some(grad)) = (parent, grad) {
-            let grad = if i < 2 {
-                prim(grad.reshape(gate_dims))
-            } else {
-                prim(grad)
-            };
-            grads.register::<B>(node.id, grad);
+impl<B: Kernels, const N: usize> Backward<B, N> for Node {
+    type State = (Saved<B>, [usize; 3], [usize; N]);
+
+    /// Registers the wanted gradients; gate's and up's back in their [B, T, I] shape.
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = tensor::<B, 3>(grads.consume::<B>(&ops.node));
+        let (saved, gate_dims, slots) = ops.state;
+        let mut want = [false; 5];
+        for (slot, parent) in slots.iter().zip(&ops.parents) {
+            want[*slot] = parent.is_some();
         }
-    }
-}
-
-impl<B: Kernels> Backward<B, 3> for Node {
-    type State = (Saved<B>, [usize; 3]);
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        register::<B, 3>(ops, grads);
-    }
-}
-
-impl<B: Kernels> Backward<B, 5> for Node {
-    type State = (Saved<B>, [usize; 3]);
-
-    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, _: &mut Checkpointer) {
-        register::<B, 5>(ops, grads);
+        let mut computed = backward(saved, dy, want);
+        for (slot, parent) in slots.iter().zip(&ops.parents) {
+            if let (Some(node), Some(grad)) = (parent, computed[*slot].take()) {
+                let grad = if *slot < 2 {
+                    prim(grad.reshape(gate_dims))
+                } else {
+                    prim(grad)
+                };
+                grads.register::<B>(node.id, grad);
+            }
+        }
     }
 }
 
@@ -291,7 +290,12 @@ mod tests {
         };
         for (with_lora, train_w) in [(false, true), (true, false), (true, true)] {
             let x = inputs();
-            let ours = run(swiglu_linear_autodiff::<Flex, _>, &x, with_lora, train_w);
+            let ours = run(
+                |g, u, w, l| swiglu_linear_autodiff::<Flex, _>(g, u, LinearWeight::Dense(w), l),
+                &x,
+                with_lora,
+                train_w,
+            );
             let theirs = run(reference, &x, with_lora, train_w);
             assert_eq!(ours.len(), theirs.len());
             for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
@@ -306,17 +310,54 @@ mod tests {
         }
     }
 
+    /// With an NF4 base the node keeps the codes and dequantizes again for dh: the same output
+    /// and gradients as the plain ops over the dequantized weight, with and without LoRA.
+    #[test]
+    fn an_nf4_base_gives_the_gradients_of_its_dequantized_weight() {
+        let mut x = inputs();
+        let [i, n] = x.w.dims();
+        let hf: Vec<f32> = values(x.w.clone().transpose()); // [N, I]
+        let nf4 = crate::nf4::Nf4::<AD>::quantize(&hf, [n, i], &Default::default()).tensor();
+        x.w = crate::nf4::dequantize_default(&nf4.inner(), burn::tensor::DType::F32).transpose();
+        for with_lora in [false, true] {
+            let ours = run(
+                |g, u, _, l| swiglu_linear_autodiff::<Flex, _>(g, u, LinearWeight::Nf4(nf4.clone()), l),
+                &x,
+                with_lora,
+                false,
+            );
+            let theirs = run(
+                |g, u, w, l| swiglu_linear_default::<AD>(g, u, LinearWeight::Dense(w), l),
+                &x,
+                with_lora,
+                false,
+            );
+            for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 + 1e-4 * y.abs(),
+                        "lora {with_lora}, output {k}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The unfused default (inference) computes the same output as the node.
     #[test]
     fn default_and_node_agree_forward() {
         let (g, u) = (random([1, 4, 6], 7), random([1, 4, 6], 8));
         let (w, a, b) = (random([6, 5], 9), random([6, 2], 10), random([2, 5], 11));
-        let plain =
-            swiglu_linear_default::<Flex>(g.clone(), u.clone(), w.clone(), Some((a.clone(), b.clone())));
+        let plain = swiglu_linear_default::<Flex>(
+            g.clone(),
+            u.clone(),
+            LinearWeight::Dense(w.clone()),
+            Some((a.clone(), b.clone())),
+        );
         let node = swiglu_linear_autodiff::<Flex, _>(
             Tensor::<AD, 3>::from_inner(g),
             Tensor::from_inner(u),
-            Tensor::from_inner(w),
+            LinearWeight::Dense(Tensor::from_inner(w)),
             Some((Tensor::from_inner(a), Tensor::from_inner(b))),
         );
         assert_eq!(values(plain), values(node.inner()));
