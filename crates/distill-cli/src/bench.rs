@@ -23,7 +23,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
-use distill_core::recipe::LoraSection;
+use distill_core::recipe::{BaseQuant, LoraSection};
 use distill_eval::generate::{GenerationConfig, Request, Sampling, generate};
 use distill_models::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, DecoderConfig, Kernels};
@@ -86,6 +86,9 @@ pub struct Args {
     /// Size of the square GEMM measuring the peak (default 8192 on CUDA, 256 on CPU).
     #[arg(long)]
     peak_n: Option<usize>,
+    /// LoRA cases (B3, B5 lora): the frozen base's storage, none (bf16) or nf4 (QLoRA).
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quantize: String,
     /// B5: what trains, lora or full.
     #[arg(long, default_value = "lora", value_parser = ["lora", "full"])]
     mem_mode: String,
@@ -368,7 +371,7 @@ impl Parent {
         };
         let out_of_time = || started.elapsed().as_secs_f64() > a.mem_budget_s;
         let lora = a.mem_mode == "lora";
-        let static_gib = static_train_bytes(c, lora.then_some(a.lora_r)) as f64 / GIB;
+        let static_gib = static_train_bytes(c, lora.then_some(a.lora_r), base_quant(a, lora)) as f64 / GIB;
         let step = a.mem_step.max(1);
         let mut seq = a.mem_start.max(step);
         if static_gib > cap {
@@ -472,16 +475,22 @@ fn case_config(case: &Case) -> Option<usize> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Weights, gradients and AdamW moments before any activation: bf16 frozen weights and f32
-/// adapters (LoRA), or f32 master weights, f32 gradients and two f32 moments (full).
-fn static_train_bytes(c: &DecoderConfig, lora_r: Option<usize>) -> u64 {
+/// Weights, gradients and AdamW moments before any activation: bf16 frozen weights (the
+/// decoder layers' at 4.5 bits in NF4) and f32 adapters (LoRA), or f32 master weights, f32
+/// gradients and two f32 moments (full).
+fn static_train_bytes(c: &DecoderConfig, lora_r: Option<usize>, quantize: BaseQuant) -> u64 {
     // matmul_params counts the head once; an untied model also stores the embeddings.
     let embed = (c.vocab_size * c.hidden_size) as u64;
     let params = lib::matmul_params(c) + if c.tie_word_embeddings { 0 } else { embed };
+    let layers = lib::layer_matmul_params(c) * c.num_hidden_layers as u64;
     match lora_r {
         Some(r) => {
             let targets: Vec<String> = LoraSection::default().targets;
-            2 * params + 16 * lib::lora_params(c, r, &targets)
+            let frozen = match quantize {
+                BaseQuant::None => 2 * params,
+                BaseQuant::Nf4 => 2 * (params - layers) + layers * 9 / 16,
+            };
+            frozen + 16 * lib::lora_params(c, r, &targets)
         }
         None => 16 * params,
     }
@@ -692,6 +701,7 @@ impl Job for CaseJob {
                     batch,
                     seq,
                     lora_r: lora.then_some(a.lora_r),
+                    quantize: base_quant(a, lora),
                     recompute: if probe { true } else { recompute_for(a, c) },
                     top_k: a.top_k,
                     chunk_tokens: a.chunk_tokens,
@@ -716,7 +726,9 @@ impl Job for CaseJob {
                 let flops = lib::train_flops_per_token(c, seq, b.lora_r.map(|r| (r, &targets[..])));
                 let tps = times.tokens_per_second();
                 let tf = flops * tps / 1e12;
-                let mode = if lora {
+                let mode = if b.quantize == BaseQuant::Nf4 {
+                    format!("qlora nf4 r{}", a.lora_r)
+                } else if lora {
                     format!("lora r{}", a.lora_r)
                 } else {
                     "full".to_string()
@@ -784,6 +796,14 @@ impl Job for CaseJob {
             }
         }
         Ok(rows.into_iter().map(Value::Object).collect())
+    }
+}
+
+/// The frozen base's storage: --quantize, for LoRA cases only.
+fn base_quant(args: &Args, lora: bool) -> BaseQuant {
+    match args.quantize.as_str() {
+        "nf4" if lora => BaseQuant::Nf4,
+        _ => BaseQuant::None,
     }
 }
 

@@ -50,7 +50,8 @@ fn catch_out_of_memory<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Resu
         Ok(r) => r,
         Err(payload) if is_out_of_memory(&panic_text(payload.as_ref())) => anyhow::bail!(
             "the GPU ran out of memory; lower [train] micro_batch or seq_len, set [train] recompute = true, \
-             enable [lora], or lower [loss] chunk_tokens (override any with --set section.key=value)"
+             enable [lora] (with quantize = \"nf4\" for a 4-bit base), or lower [loss] chunk_tokens \
+             (override any with --set section.key=value)"
         ),
         Err(payload) => std::panic::resume_unwind(payload),
     }

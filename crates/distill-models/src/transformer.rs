@@ -8,6 +8,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
 use crate::config::{DecoderConfig, RopeScaling};
+use distill_core::recipe::BaseQuant;
+
 use crate::nf4::Nf4;
 use crate::ops::{Kernels, KeyRanges, LinearWeight};
 
@@ -112,9 +114,18 @@ impl<B: Kernels> Linear<B> {
         }
     }
 
-    fn init(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+    fn init(d_in: usize, d_out: usize, bias: bool, quantize: BaseQuant, device: &B::Device) -> Self {
+        let weight = match quantize {
+            BaseQuant::None => Weight::Dense(Param::from_tensor(random([d_in, d_out], device))),
+            // Drawn on the device, quantized on the host: one layer's dense weight at a time.
+            BaseQuant::Nf4 => {
+                let w = random::<B, 2>([d_out, d_in], device).into_data().convert::<f32>();
+                let w = w.into_vec::<f32>().expect("f32 values");
+                Weight::Nf4(Nf4::quantize(&w, [d_out, d_in], device))
+            }
+        };
         Linear {
-            weight: Weight::Dense(Param::from_tensor(random([d_in, d_out], device))),
+            weight,
             bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
             lora: None,
         }
@@ -529,6 +540,12 @@ pub struct CausalLm<B: Backend> {
 impl<B: Kernels> CausalLm<B> {
     /// Random weights (N(0, 0.02), norms 1, biases 0): for benchmarks at real shapes.
     pub fn init(config: &DecoderConfig, device: &B::Device) -> Self {
+        Self::init_with(config, device, BaseQuant::None)
+    }
+
+    /// [`CausalLm::init`] with the decoder layers' linear weights held as `quantize` says
+    /// (as [`CausalLm::load_with`]).
+    pub fn init_with(config: &DecoderConfig, device: &B::Device, quantize: BaseQuant) -> Self {
         let c = config;
         let (h, q, kv) = (
             c.hidden_size,
@@ -538,18 +555,18 @@ impl<B: Kernels> CausalLm<B> {
         let layers = (0..c.num_hidden_layers)
             .map(|_| DecoderLayer {
                 self_attn: Attention {
-                    q_proj: Linear::init(h, q, c.qkv_bias, device),
-                    k_proj: Linear::init(h, kv, c.qkv_bias, device),
-                    v_proj: Linear::init(h, kv, c.qkv_bias, device),
-                    o_proj: Linear::init(q, h, c.o_bias, device),
+                    q_proj: Linear::init(h, q, c.qkv_bias, quantize, device),
+                    k_proj: Linear::init(h, kv, c.qkv_bias, quantize, device),
+                    v_proj: Linear::init(h, kv, c.qkv_bias, quantize, device),
+                    o_proj: Linear::init(q, h, c.o_bias, quantize, device),
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, device),
-                    up_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, device),
-                    down_proj: Linear::init(c.intermediate_size, h, c.mlp_bias, device),
+                    gate_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, quantize, device),
+                    up_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, quantize, device),
+                    down_proj: Linear::init(c.intermediate_size, h, c.mlp_bias, quantize, device),
                 },
                 input_layernorm: RmsNorm::init(h, c.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::init(h, c.rms_norm_eps, device),
@@ -563,7 +580,8 @@ impl<B: Kernels> CausalLm<B> {
                 layers,
                 norm: RmsNorm::init(h, c.rms_norm_eps, device),
             },
-            lm_head: (!c.tie_word_embeddings).then(|| Linear::init(h, c.vocab_size, false, device)),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| Linear::init(h, c.vocab_size, false, BaseQuant::None, device)),
             config: config.clone(),
             rotary: Rotary::new(config),
         }

@@ -748,3 +748,57 @@ fn cuda_rope_matches_the_cpu() {
         "the RoPE kernel fell back to burn's ops"
     );
 }
+
+/// NF4 dequantization: the kernel's values equal the host reference's exactly (level · absmax
+/// in f32, rounded once to bf16), for shapes with a partial last word and block, and a QLoRA
+/// linear layer's output and dx under autodiff match the dense weight's.
+#[test]
+fn cuda_nf4_dequantize_matches_the_host() {
+    let Some(device) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    use distill_models::nf4::{self, Nf4};
+    for shape in [[3usize, 7], [64, 96], [1000, 131]] {
+        let n = shape[0] * shape[1];
+        let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.61).sin() * 0.05).collect();
+        let want = nf4::dequantize(&nf4::quantize(&values), n);
+        let w = Nf4::<G>::quantize(&values, shape, &device).tensor();
+        for dtype in [DType::F32, DType::BF16] {
+            let got = host(<G as Kernels>::nf4_dequantize(&w, dtype));
+            assert!(
+                !has_fallen_back(Fallback::Elementwise),
+                "NF4 dequantization fell back to burn ops"
+            );
+            let want: Vec<f32> = match dtype {
+                DType::BF16 => want.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect(),
+                _ => want.clone(),
+            };
+            assert!(got == want, "{shape:?} {dtype:?}");
+        }
+    }
+    // y = x Wᵀ and dx through the node, against burn's matmul on the dequantized W, in bf16.
+    let (out, inp) = (96, 128);
+    let values: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.37).cos() * 0.05).collect();
+    let w = Nf4::<H>::quantize(&values, [out, inp], &device).tensor();
+    let dense = <G as Kernels>::nf4_dequantize(&w.inner(), DType::BF16).transpose();
+    let x = randn::<H, 3>([2, 5, inp], 1.0, &device).cast(DType::BF16);
+    let weight = randn::<H, 3>([2, 5, out], 1.0, &device).cast(DType::BF16);
+    let ours = run(
+        std::slice::from_ref(&x),
+        &|xs| <H as Kernels>::linear_nf4(xs[0].clone(), &w),
+        &weight,
+    );
+    let theirs = run(
+        &[x],
+        &|xs| {
+            xs[0]
+                .clone()
+                .matmul(Tensor::<H, 2>::from_inner(dense.clone()).unsqueeze())
+        },
+        &weight,
+    );
+    for (part, (a, b)) in ["y", "dx"].iter().zip(ours.iter().zip(&theirs)) {
+        let e = err(a, b);
+        eprintln!("  nf4 linear {part}: error {e:.2e}");
+        assert!(e < 1e-2, "nf4 linear {part}: {e}");
+    }
+}

@@ -18,6 +18,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use distill_core::Recipe;
+use distill_core::recipe::BaseQuant;
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 
 use crate::data::Row;
@@ -97,6 +98,8 @@ pub struct TrainBench {
     pub seq: usize,
     /// LoRA rank; None for full fine-tuning.
     pub lora_r: Option<usize>,
+    /// The frozen base's storage with LoRA (QLoRA: NF4).
+    pub quantize: BaseQuant,
     pub recompute: bool,
     /// Teacher top-k of the KL term (kd_ratio 0.5); 0 trains on CE alone.
     pub top_k: usize,
@@ -127,6 +130,9 @@ impl TrainBench {
         if let Some(r) = self.lora_r {
             sets.push(format!("lora.r={r}"));
             sets.push(format!("lora.alpha={}", 2 * r));
+            if self.quantize == BaseQuant::Nf4 {
+                sets.push("lora.quantize=\"nf4\"".into());
+            }
         }
         Recipe::parse("name = \"bench\"\n", Path::new("bench"), &sets).expect("bench recipes are valid")
     }
@@ -237,7 +243,7 @@ where
     B::exact_allocations();
     let recipe = b.recipe();
     <Ad<B> as Backend>::seed(device, b.seed);
-    let student = CausalLm::<Ad<B>>::init(config, device);
+    let student = CausalLm::<Ad<B>>::init_with(config, device, recipe.lora.quantize);
     let mut model = trainer::trainable_student(student, &recipe, device);
     let mut opt = trainer::new_optimizer(&model, &recipe.train);
     let mut rng = b.seed;
