@@ -127,6 +127,8 @@ else
   peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
   stage loss 40 loss $s05 --iters 5
   stage lora 150 lora $s05 $s15 $s7 $common_args
+  # QLoRA (NF4 base): PyTorch's side needs bitsandbytes; without it that side has no row.
+  stage qlora-7b 80 lora $s7 $common_args --quantize nf4
   stage full 80 full $s05 $s15 $common_args
   stage generate 100 generate $s05 --gen-batch 1,64 --warmup 1
   stage generate-7b 80 generate $s7 --gen-batch 1,16 --warmup 1

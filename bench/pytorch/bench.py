@@ -46,6 +46,8 @@ def parse(argv):
     p.add_argument("--loss", choices=["kd", "hf"], default="kd")
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--peak-n", type=int)
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
+                   help="LoRA cases: the frozen base in bf16 or NF4 (QLoRA, bitsandbytes Linear4bit)")
     p.add_argument("--mem-mode", choices=["lora", "full"], default="lora")
     p.add_argument("--mem-cap-gib", type=float, default=24.0)
     p.add_argument("--mem-start", type=int, default=2048)
@@ -178,7 +180,7 @@ def run_case(a, case):
         mean = sum(seconds) / len(seconds)
         tps = batch * seq / mean
         tf = common.train_flops_per_token(shape, seq, a.lora_r if lora else None) * tps / 1e12
-        mode = f"lora r{a.lora_r}" if lora else "full"
+        mode = (f"qlora nf4 r{a.lora_r}" if a.quantize == "nf4" else f"lora r{a.lora_r}") if lora else "full"
         r = common.base_row(bench_of(case), model, f"{mode} {batch}x{seq}{' recompute' if recompute else ''}")
         r.update(tokens_per_s=tps, tflops=tf, mfu=common.mfu(tf, peak), ms=mean * 1e3,
                  step_ms=[s * 1e3 for s in seconds], losses=losses,

@@ -45,6 +45,57 @@ def make_model(config_dir, dtype, device):
     return model.to(device=device, dtype=dtype)
 
 
+def make_qlora_model(config_dir, device):
+    """QLoRA's model as distill's `[lora] quantize = "nf4"`: the LoRA target layers as
+    bitsandbytes Linear4bit (NF4, blocksize 64, no double quantization, bf16 compute), each
+    drawn in bf16 on the GPU and quantized at once, so the dense model never exists (as on
+    distill's side). Built on the meta device: the rest is filled as HF initialises it
+    (normal(0, initializer_range), norms 1, biases 0) and the rotary tables are made again."""
+    import bitsandbytes as bnb
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    config.use_cache = False
+    bf16, std = torch.bfloat16, config.initializer_range
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=bf16, attn_implementation="sdpa")
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=bf16, attn_implementation="sdpa")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name in common.LORA_TARGETS:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=bf16, quant_type="nf4", compress_statistics=False,
+                                      device="meta")
+                w = torch.randn(child.out_features, child.in_features, device=device, dtype=bf16) * std
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=False,
+                                             blocksize=64).to(device)
+                del w
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(torch.zeros(child.out_features, device=device, dtype=bf16))
+                setattr(module, name, q)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = torch.empty(p.shape, device=device, dtype=p.dtype)
+                if "norm" in type(module).__name__.lower():
+                    t.fill_(1.0)
+                elif name == "bias":
+                    t.zero_()
+                else:
+                    t.normal_(0.0, std)
+                setattr(module, name, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"QLoRA model: still on the meta device: {left[:5]}")
+    return model
+
+
 def synthetic_batch(batch, seq, vocab, top_k, device, seed=42):
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq + 1), generator=g)
@@ -98,7 +149,10 @@ class Trainer:
         self.args, self.dev, self.batch, self.seq = args, dev, batch, seq
         torch.manual_seed(42)
         # LoRA: frozen bf16 base. Full: f32 master weights, bf16 autocast.
-        model = make_model(config_dir, act_dtype(args) if lora else torch.float32, dev)
+        if lora and args.quantize == "nf4":
+            model = make_qlora_model(config_dir, dev)
+        else:
+            model = make_model(config_dir, act_dtype(args) if lora else torch.float32, dev)
         if lora:
             from peft import LoraConfig, get_peft_model
 

@@ -420,7 +420,14 @@ impl Parent {
         let mut row = base_row(
             "B5",
             &model_name(&a.configs[config]),
-            &format!("{} bs1 under {cap} GiB", if lora { "lora" } else { "full" }),
+            &format!(
+                "{} bs1 under {cap} GiB",
+                match (lora, base_quant(a, lora)) {
+                    (true, BaseQuant::Nf4) => "qlora nf4",
+                    (true, BaseQuant::None) => "lora",
+                    (false, _) => "full",
+                }
+            ),
         );
         let resolved = match (&good, bad) {
             (Some((lo, _)), Some(hi)) => hi - lo <= step,
