@@ -86,6 +86,11 @@ pub struct Args {
     /// Size of the square GEMM measuring the peak (default 8192 on CUDA, 256 on CPU).
     #[arg(long)]
     peak_n: Option<usize>,
+    /// B3/B4/B5: KL from a local teacher (a random model of the student's config, in bf16 or
+    /// nf4) instead of synthetic top-k soft labels: the memory of a recipe with [teacher]
+    /// local_model.
+    #[arg(long, default_value = "off", value_parser = ["off", "bf16", "nf4"])]
+    local_teacher: String,
     /// LoRA cases (B3, B5 lora): the frozen base's storage, none (bf16) or nf4 (QLoRA).
     #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
     quantize: String,
@@ -709,6 +714,11 @@ impl Job for CaseJob {
                     seq,
                     lora_r: lora.then_some(a.lora_r),
                     quantize: base_quant(a, lora),
+                    local_teacher: match a.local_teacher.as_str() {
+                        "bf16" => Some(BaseQuant::None),
+                        "nf4" => Some(BaseQuant::Nf4),
+                        _ => None,
+                    },
                     recompute: if probe { true } else { recompute_for(a, c) },
                     top_k: a.top_k,
                     chunk_tokens: a.chunk_tokens,
@@ -741,8 +751,12 @@ impl Job for CaseJob {
                     "full".to_string()
                 };
                 let name = format!(
-                    "{mode} {batch}x{seq}{}",
-                    if b.recompute { " recompute" } else { "" }
+                    "{mode} {batch}x{seq}{}{}",
+                    if b.recompute { " recompute" } else { "" },
+                    match a.local_teacher.as_str() {
+                        "off" => String::new(),
+                        t => format!(" + {t} teacher"),
+                    }
                 );
                 let mut row = base_row(case_bench(&self.case), &model_of(ci), &name);
                 row.insert("tokens_per_s".into(), json!(tps));
@@ -783,7 +797,8 @@ impl Job for CaseJob {
                 row.insert(
                     "config".into(),
                     json!({"batch": batch, "seq": seq, "mode": mode, "recompute": b.recompute,
-                           "top_k": a.top_k, "kd_ratio": if a.top_k > 0 { 0.5 } else { 0.0 },
+                           "top_k": a.top_k, "kd_ratio": b.recipe().loss.kd_ratio,
+                           "local_teacher": a.local_teacher, "quantize": a.quantize,
                            "chunk_tokens": a.chunk_tokens, "warmup": b.warmup, "steps": b.steps,
                            "optimizer": "AdamW (f32 moments)", "dtype": dtype}),
                 );

@@ -103,6 +103,10 @@ pub struct TrainBench {
     pub recompute: bool,
     /// Teacher top-k of the KL term (kd_ratio 0.5); 0 trains on CE alone.
     pub top_k: usize,
+    /// A local teacher instead of stored top-k: a random model of the student's config held
+    /// as this says, its full-vocabulary logits computed every step (as `[teacher]
+    /// local_model` in a recipe).
+    pub local_teacher: Option<BaseQuant>,
     pub chunk_tokens: usize,
     pub warmup: usize,
     pub steps: usize,
@@ -124,7 +128,14 @@ impl TrainBench {
             format!("train.seed={}", self.seed),
             "train.lr=1e-5".into(),
             format!("loss.chunk_tokens={}", self.chunk_tokens),
-            format!("loss.kd_ratio={}", if self.top_k > 0 { 0.5 } else { 0.0 }),
+            format!(
+                "loss.kd_ratio={}",
+                if self.top_k > 0 || self.local_teacher.is_some() {
+                    0.5
+                } else {
+                    0.0
+                }
+            ),
             format!("lora.enabled={}", self.lora_r.is_some()),
         ];
         if let Some(r) = self.lora_r {
@@ -248,7 +259,9 @@ where
     let mut opt = trainer::new_optimizer(&model, &recipe.train);
     let mut rng = b.seed;
     let rows = random_rows(b.batch, b.seq, config.vocab_size, &mut rng);
-    let teacher = if b.top_k > 0 {
+    let teacher = if let Some(quantize) = b.local_teacher {
+        Teacher::Local(Box::new(CausalLm::<B>::init_with(config, device, quantize)))
+    } else if b.top_k > 0 {
         Teacher::Fixed(synthetic_teacher::<B>(
             b.batch * b.seq,
             b.top_k,
