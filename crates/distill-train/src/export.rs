@@ -122,12 +122,7 @@ pub fn write_hf_dir(
     student_dir: &Path,
     out: &Path,
 ) -> Result<PathBuf, CheckpointError> {
-    let parent = out.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-export-")
-        .tempdir_in(parent)
-        .map_err(io(parent))?;
+    let tmp = staging_dir(out, ".tmp-export-")?;
     let dtype = dtype_of(config.torch_dtype.as_deref());
     write_safetensors(
         &tmp.path().join(distill_models::weights::SINGLE_FILE),
@@ -151,12 +146,7 @@ pub fn export_peft<B: Kernels>(
     base_model: &str,
     out: &Path,
 ) -> Result<PathBuf, CheckpointError> {
-    let parent = out.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-adapter-")
-        .tempdir_in(parent)
-        .map_err(io(parent))?;
+    let tmp = staging_dir(out, ".tmp-adapter-")?;
     let tensors: HostTensors = read_params(model, |p| p.name.contains(".lora.lora_"))
         .into_iter()
         .filter_map(|(name, (shape, data))| {
@@ -186,6 +176,16 @@ pub fn export_peft<B: Kernels>(
     let path = tmp.path().join("adapter_config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).map_err(io(&path))?;
     replace_dir(tmp, out)
+}
+
+/// A temporary directory beside `out` (same filesystem), for [`replace_dir`] to rename.
+fn staging_dir(out: &Path, prefix: &str) -> Result<tempfile::TempDir, CheckpointError> {
+    let parent = out.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(io(parent))
 }
 
 fn replace_dir(tmp: tempfile::TempDir, out: &Path) -> Result<PathBuf, CheckpointError> {
