@@ -441,6 +441,21 @@ impl<B: Kernels> LinearWeight<B> {
         }
     }
 
+    /// x [..., in] through this weight (plus `bias` [out]): [`Kernels::linear`], or
+    /// [`Kernels::linear_nf4`] and the bias added after.
+    pub fn linear<const D: usize>(&self, x: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+        match self {
+            LinearWeight::Dense(w) => <B as Kernels>::linear(x, w.clone(), bias),
+            LinearWeight::Nf4(w) => {
+                let y = B::linear_nf4(x, w);
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+        }
+    }
+
     /// [in, out].
     pub fn dims(&self) -> [usize; 2] {
         match self {

@@ -64,16 +64,7 @@ impl<B: Kernels> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-        let y = match &self.weight {
-            Weight::Dense(w) => <B as Kernels>::linear(x.clone(), cast_to(w.val(), dtype), bias),
-            Weight::Nf4(w) => {
-                let y = <B as Kernels>::linear_nf4(x.clone(), &w.tensor());
-                match bias {
-                    Some(b) => y + b.unsqueeze(),
-                    None => y,
-                }
-            }
-        };
+        let y = self.weight_for(dtype).linear(x.clone(), bias);
         match &self.lora {
             None => y,
             Some(lora) => {

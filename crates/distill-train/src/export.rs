@@ -77,9 +77,7 @@ pub fn merged_base<B: Kernels>(
     scale: f64,
     student_dir: &Path,
 ) -> Result<HostTensors, distill_models::ModelError> {
-    let adapters: HostTensors = read_params(model, |p| p.name.contains(".lora.lora_"))
-        .into_iter()
-        .collect();
+    let adapters: HostTensors = read_adapters(model).collect();
     let base = Checkpoint::open(student_dir)?;
     let mut out = HostTensors::new();
     for (name, _) in model.config.expected_tensors() {
@@ -147,8 +145,7 @@ pub fn export_peft<B: Kernels>(
     out: &Path,
 ) -> Result<PathBuf, CheckpointError> {
     let tmp = staging_dir(out, ".tmp-adapter-")?;
-    let tensors: HostTensors = read_params(model, |p| p.name.contains(".lora.lora_"))
-        .into_iter()
+    let tensors: HostTensors = read_adapters(model)
         .filter_map(|(name, (shape, data))| {
             let peft = peft_name(&name)?;
             // A is [in, r] here, [r, in] in PEFT; B is [r, out] here, [out, r] in PEFT.
@@ -176,6 +173,11 @@ pub fn export_peft<B: Kernels>(
     let path = tmp.path().join("adapter_config.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).map_err(io(&path))?;
     replace_dir(tmp, out)
+}
+
+/// The LoRA factors of `model` by our parameter names (`...q_proj.lora.lora_a`), on the host.
+fn read_adapters<B: Kernels>(model: &CausalLm<B>) -> impl Iterator<Item = (String, (Vec<usize>, Vec<f32>))> {
+    read_params(model, |p| p.name.contains(".lora.lora_")).into_iter()
 }
 
 /// A temporary directory beside `out` (same filesystem), for [`replace_dir`] to rename.

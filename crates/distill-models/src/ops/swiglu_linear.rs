@@ -28,10 +28,7 @@ pub fn swiglu_linear_default<B: Kernels>(
     lora: Option<LoraPair<B>>,
 ) -> Tensor<B, 3> {
     let h = <B as Kernels>::swiglu(gate, up); // [B, T, I]
-    let y = match &w {
-        LinearWeight::Dense(w) => <B as Kernels>::linear(h.clone(), w.clone(), None),
-        LinearWeight::Nf4(w) => <B as Kernels>::linear_nf4(h.clone(), w),
-    }; // [B, T, N]
+    let y = w.linear(h.clone(), None); // [B, T, N]
     match lora {
         None => y,
         Some((a, b)) => y + <B as Kernels>::linear(<B as Kernels>::linear(h, a, None), b, None),
