@@ -12,7 +12,8 @@
 //! its own backward whose backward calls the inner backend's methods again, so forward and
 //! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved
 //! state: flash kernels, else `attention`'s blockwise path), RMSNorm and SwiGLU through
-//! [`binary_autodiff`] (`elementwise`), RoPE ([`rope_autodiff`]). Without autodiff, backends that override nothing keep
+//! [`binary_autodiff`] (`elementwise`), RoPE ([`rope_autodiff`]), linears over f32 master
+//! weights ([`master_linear`]: the weight cast again in the backward, not kept). Without autodiff, backends that override nothing keep
 //! burn's ops bit for bit.
 
 use burn::backend::autodiff::NodeId;
@@ -31,6 +32,8 @@ use crate::nf4::{self, Nf4Tensor};
 pub mod attention;
 /// RMSNorm and SwiGLU with hand-written backward passes.
 pub mod elementwise;
+/// Linear layers over master weights of another dtype, cast again in the backward.
+pub mod master_linear;
 /// Linear layers over NF4 weights, dequantized again in the backward.
 pub mod nf4_linear;
 /// The MLP's down projection over SwiGLU, its input recomputed in the backward.
@@ -199,6 +202,18 @@ pub trait Kernels: Backend {
         bmm_default::<Self>(a, b, out)
     }
 
+    /// `acc + a @ b` in acc's dtype, shapes as [`Kernels::bmm`]: a gradient summed over chunks
+    /// (f32 for bf16 a and b). The default is `bmm` into acc's dtype, then an add; CUDA
+    /// accumulates in the GEMM (cuBLAS, beta = 1) into acc's buffer when nothing else holds
+    /// it: no temporary the size of acc, no pass to add it.
+    fn bmm_accumulate(
+        acc: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        bmm_accumulate_default::<Self>(acc, a, b)
+    }
+
     /// `x @ weight + bias`. x: [..., in], weight: [in, out], bias: [out] -> [..., out].
     fn linear<const D: usize>(
         x: Tensor<Self, D>,
@@ -210,6 +225,25 @@ pub trait Kernels: Backend {
         } else {
             burn::tensor::module::linear(x, weight, bias)
         }
+    }
+
+    /// `x @ weight` for a weight stored in another dtype than x: full fine-tuning's f32 master
+    /// weights under bf16 activations, cast to x's dtype at use. x: [..., in], weight:
+    /// [in, out] -> [..., out] in x's dtype. Under autodiff one node that keeps the master (a
+    /// parameter, held anyway) instead of the cast, and casts again in the backward
+    /// ([`master_linear`]); dW comes back in the master's dtype.
+    fn linear_master<const D: usize>(x: Tensor<Self, D>, weight: Tensor<Self, 2>) -> Tensor<Self, D> {
+        let w = weight.cast(x.dtype());
+        <Self as Kernels>::linear(x, w, None)
+    }
+
+    /// [`Kernels::linear_master`] over an RMSNorm's output [B, T, in] -> [B, T, out]. Under
+    /// autodiff the node keeps the norm's input and weight, which the norm's own node keeps
+    /// anyway, instead of its output, and computes the output again in the backward for dW:
+    /// one elementwise pass, for a [T, in] tensor less from the forward to the backward
+    /// (two a layer: 11% of full fine-tuning's activations).
+    fn linear_master_normed(x: &Normed<Self>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        Self::linear_master(x.out.clone(), weight)
     }
 
     /// An NF4 weight's values in HF layout [out, in], in `dtype` ([`crate::nf4`]).
@@ -423,11 +457,56 @@ pub trait Kernels: Backend {
     }
 }
 
+/// An RMSNorm's output [B, T, C] with what made it, for the linear layers that read it
+/// ([`Kernels::linear_master_normed`]).
+#[derive(Debug, Clone)]
+pub struct Normed<B: Backend> {
+    pub out: Tensor<B, 3>,
+    pub input: NormInput<B>,
+}
+
+/// An RMSNorm's input x [B, T, C], weight [C] (in x's dtype) and epsilon.
+#[derive(Debug, Clone)]
+pub struct NormInput<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Kernels> NormInput<B> {
+    /// The norm's output, [`Kernels::rms_norm`].
+    pub fn output(&self) -> Tensor<B, 3> {
+        B::rms_norm(self.x.clone(), self.weight.clone(), self.eps)
+    }
+
+    /// This RMSNorm applied: its output beside its input.
+    pub fn normed(self) -> Normed<B> {
+        Normed {
+            out: self.output(),
+            input: self,
+        }
+    }
+}
+
+impl<B: Backend, C: CheckpointStrategy> NormInput<Autodiff<B, C>> {
+    /// The same on the inner backend.
+    pub fn inner(&self) -> NormInput<B> {
+        NormInput {
+            x: self.x.clone().inner(),
+            weight: self.weight.clone().inner(),
+            eps: self.eps,
+        }
+    }
+}
+
 /// A linear layer's weight as the kernels take it.
 #[derive(Debug, Clone)]
 pub enum LinearWeight<B: Backend> {
     /// burn layout [in, out], in the activations' dtype.
     Dense(Tensor<B, 2>),
+    /// burn layout [in, out] in another dtype (an f32 master weight): cast to the activations'
+    /// dtype at each use, in the backward again ([`Kernels::linear_master`]).
+    Master(Tensor<B, 2>),
     /// QLoRA's frozen base: dequantized to the activations' dtype at each use.
     Nf4(Nf4Tensor<B>),
 }
@@ -437,6 +516,7 @@ impl<B: Kernels> LinearWeight<B> {
     pub fn dense(&self, dtype: DType) -> Tensor<B, 2> {
         match self {
             LinearWeight::Dense(w) => w.clone(),
+            LinearWeight::Master(w) => w.clone().cast(dtype),
             LinearWeight::Nf4(w) => B::nf4_dequantize(w, dtype).transpose(),
         }
     }
@@ -446,22 +526,25 @@ impl<B: Kernels> LinearWeight<B> {
     pub fn linear<const D: usize>(&self, x: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
         match self {
             LinearWeight::Dense(w) => <B as Kernels>::linear(x, w.clone(), bias),
-            LinearWeight::Nf4(w) => {
-                let y = B::linear_nf4(x, w);
-                match bias {
-                    Some(b) => y + b.unsqueeze(),
-                    None => y,
-                }
-            }
+            LinearWeight::Master(w) => add_bias(B::linear_master(x, w.clone()), bias),
+            LinearWeight::Nf4(w) => add_bias(B::linear_nf4(x, w), bias),
         }
     }
 
     /// [in, out].
     pub fn dims(&self) -> [usize; 2] {
         match self {
-            LinearWeight::Dense(w) => w.dims(),
+            LinearWeight::Dense(w) | LinearWeight::Master(w) => w.dims(),
             LinearWeight::Nf4(w) => [w.shape[1], w.shape[0]],
         }
+    }
+}
+
+/// y [..., N] + bias [N], when there is one.
+pub fn add_bias<B: Backend, const D: usize>(y: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    match bias {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
     }
 }
 
@@ -532,10 +615,26 @@ pub fn bmm_default<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, out: FloatD
     }
 }
 
+/// [`Kernels::bmm_accumulate`] as [`Kernels::bmm`] then an add.
+pub fn bmm_accumulate_default<B: Kernels>(
+    acc: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let out = acc.dtype().into();
+    B::float_add(acc, B::bmm(a, b, out))
+}
+
 /// [`Kernels::bmm`] on tensors: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N] in `out`.
 pub fn bmm<B: Kernels>(a: Tensor<B, 4>, b: Tensor<B, 4>, out: FloatDType) -> Tensor<B, 4> {
     same_dtype("bmm", a.dtype(), b.dtype());
     tensor(B::bmm(prim(a), prim(b), out))
+}
+
+/// [`Kernels::bmm_accumulate`] on tensors: acc + a @ b in acc's dtype.
+pub fn bmm_accumulate<B: Kernels>(acc: Tensor<B, 4>, a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    same_dtype("bmm_accumulate", a.dtype(), b.dtype());
+    tensor(B::bmm_accumulate(prim(acc), prim(a), prim(b)))
 }
 
 /// A float primitive as a tensor, and back: custom ops work on primitives.
@@ -556,20 +655,23 @@ pub fn linear_via_gemm<B: Kernels, const D: usize>(
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
 ) -> Tensor<B, D> {
+    add_bias(flat_linear(x, weight.dims(), |x2| gemm(x2, weight)), bias) // (..., N)
+}
+
+/// A linear map of x [..., K] to [..., N] computed by `f` on x flattened to [M, K] (a reshape,
+/// free for a contiguous x) and reshaped back. `weight` is [K, N], for the shape check.
+pub fn flat_linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    [k_w, n]: [usize; 2],
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, D> {
     let dims = x.dims();
     let k = dims[D - 1];
-    let m: usize = dims[..D - 1].iter().product();
-    let [k_w, n] = weight.dims();
     assert_eq!(k, k_w, "linear: x {dims:?} does not fit weight [{k_w}, {n}]");
-    let x2 = x.reshape([m, k]); // (M, K)
-    let y = gemm(x2, weight); // (M, N)
+    let y = f(x.reshape([dims[..D - 1].iter().product(), k])); // (M, N)
     let mut out = dims;
     out[D - 1] = n;
-    let y = y.reshape(out); // (..., N)
-    match bias {
-        Some(bias) => y + bias.unsqueeze::<D>(),
-        None => y,
-    }
+    y.reshape(out)
 }
 
 /// [`Kernels::gemm`] under autodiff, with its own backward (burn book, "custom kernels"):
@@ -891,6 +993,14 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
 
     fn linear_nf4<const D: usize>(x: Tensor<Self, D>, w: &Nf4Tensor<Self>) -> Tensor<Self, D> {
         nf4_linear::linear_nf4_autodiff::<B, C, D>(x, w)
+    }
+
+    fn linear_master<const D: usize>(x: Tensor<Self, D>, weight: Tensor<Self, 2>) -> Tensor<Self, D> {
+        master_linear::linear_master_autodiff::<B, C, D>(x, weight)
+    }
+
+    fn linear_master_normed(x: &Normed<Self>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        master_linear::linear_master_normed_autodiff::<B, C>(x, weight)
     }
 
     fn trim_memory(device: &Self::Device) {

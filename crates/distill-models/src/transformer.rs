@@ -11,7 +11,7 @@ use crate::config::{DecoderConfig, RopeScaling};
 use distill_core::recipe::BaseQuant;
 
 use crate::nf4::Nf4;
-use crate::ops::{Kernels, KeyRanges, LinearWeight};
+use crate::ops::{Kernels, KeyRanges, LinearWeight, NormInput, Normed, add_bias};
 
 /// A linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
@@ -81,6 +81,19 @@ impl<B: Kernels> Linear<B> {
         }
     }
 
+    /// `forward(x.out)` for an RMSNorm's output: with an f32 master weight and no adapter,
+    /// [`Kernels::linear_master_normed`], which keeps the norm's input for dW, not x.
+    pub fn forward_normed(&self, x: &Normed<B>) -> Tensor<B, 3> {
+        let dtype = x.out.dtype();
+        match (self.weight_for(dtype), &self.lora) {
+            (LinearWeight::Master(w), None) => {
+                let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+                add_bias(<B as Kernels>::linear_master_normed(x, w), bias)
+            }
+            _ => self.forward(x.out.clone()),
+        }
+    }
+
     /// `forward(swiglu(gate, up))` through [`Kernels::swiglu_linear`], so that training keeps
     /// gate and up but not their product. gate, up: [B, T, in] -> [B, T, out].
     pub fn forward_swiglu(&self, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -100,7 +113,10 @@ impl<B: Kernels> Linear<B> {
     /// The weight as the kernels take it, for activations of `dtype`.
     fn weight_for(&self, dtype: burn::tensor::DType) -> LinearWeight<B> {
         match &self.weight {
-            Weight::Dense(w) => LinearWeight::Dense(cast_to(w.val(), dtype)),
+            Weight::Dense(w) => match w.val() {
+                w if w.dtype() == dtype => LinearWeight::Dense(w),
+                w => LinearWeight::Master(w),
+            },
             Weight::Nf4(w) => LinearWeight::Nf4(w.tensor()),
         }
     }
@@ -152,6 +168,18 @@ impl<B: Kernels> RmsNorm<B> {
         // is a mixed-dtype kernel, which burn-cuda does not convert (NaN on the H100).
         let weight = cast_to(self.weight.val(), x.dtype());
         <B as Kernels>::rms_norm(x, weight, self.eps)
+    }
+
+    /// [`RmsNorm::forward`] with its input beside the output, for linear layers that read it
+    /// ([`Linear::forward_normed`]).
+    pub fn forward_normed(&self, x: Tensor<B, 3>) -> Normed<B> {
+        let weight = cast_to(self.weight.val(), x.dtype());
+        NormInput {
+            x,
+            weight,
+            eps: self.eps,
+        }
+        .normed()
     }
 
     fn init(size: usize, eps: f64, device: &B::Device) -> Self {
@@ -270,10 +298,10 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Kernels> Mlp<B> {
-    /// SwiGLU. x: [B, T, C] -> [B, T, C].
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward(x.clone()); // [B, T, I]
-        let up = self.up_proj.forward(x);
+    /// SwiGLU. x: the post-attention norm's output [B, T, C] -> [B, T, C].
+    pub fn forward(&self, x: &Normed<B>) -> Tensor<B, 3> {
+        let gate = self.gate_proj.forward_normed(x); // [B, T, I]
+        let up = self.up_proj.forward_normed(x);
         self.down_proj.forward_swiglu(gate, up)
     }
 }
@@ -455,18 +483,18 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Kernels> Attention<B> {
-    /// x: [B, T, C] -> [B, T, C].
+    /// x: the input norm's output [B, T, C] -> [B, T, C].
     fn forward(
         &self,
-        x: Tensor<B, 3>,
+        x: &Normed<B>,
         ctx: &Context<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
-        let [b, t, _] = x.dims();
+        let [b, t, _] = x.out.dims();
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), self.num_heads); // [B, H, T, hd]
-        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads); // [B, KV, T, hd]
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = heads(self.q_proj.forward_normed(x), self.num_heads); // [B, H, T, hd]
+        let k = heads(self.k_proj.forward_normed(x), self.num_kv_heads); // [B, KV, T, hd]
+        let v = heads(self.v_proj.forward_normed(x), self.num_kv_heads);
         let q = <B as Kernels>::rope(q, &ctx.cos, &ctx.sin);
         let k = <B as Kernels>::rope(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
@@ -498,8 +526,8 @@ impl<B: Kernels> DecoderLayer<B> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), ctx, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(&self.input_layernorm.forward_normed(x), ctx, cache);
+        h.clone() + self.mlp.forward(&self.post_attention_layernorm.forward_normed(h))
     }
 }
 

@@ -525,6 +525,47 @@ fn cuda_bmm_f32_inputs_fall_back_to_burn_matmul() {
     bmm_cases::<Cuda<f32>>(&device, false);
 }
 
+/// `bmm_accumulate` as the loss runs it (a tied head's dW: hᵀ [C, len] a transposed view, times
+/// G [len, V], into an f32 sum): cuBLAS adds into the sum's own buffer, and the result is the
+/// f64 sum of the same values. A sum held elsewhere too is not written over: that call falls
+/// back to a new tensor and the other holder keeps its values.
+#[test]
+fn cuda_bmm_accumulate_adds_into_an_f32_sum() {
+    let Some(device) = gpu() else { return };
+    let (c, len, v) = (96, 64, 1000);
+    let acc = randn::<G, 4>([1, 1, c, v], 1.0, &device).cast(DType::F32);
+    let h = randn::<G, 2>([len, c], 1.0, &device);
+    let ht = h.clone().reshape([1, 1, len, c]).swap_dims(2, 3); // [1, 1, C, len], a view
+    let g = randn::<G, 4>([1, 1, len, v], 1.0, &device);
+    let before = host(acc.clone());
+    let product = host_bmm(&host(ht.clone()), &host(g.clone()), 1, c, len, v);
+    let want: Vec<f32> = before.iter().zip(&product).map(|(a, p)| a + p).collect();
+
+    let issued = cublas::issued_on_this_thread();
+    let sum = distill_models::ops::bmm_accumulate(acc, ht.clone(), g.clone());
+    let in_place = cublas::issued_on_this_thread() > issued;
+    assert_eq!((sum.dtype(), sum.dims()), (DType::F32, [1, 1, c, v]));
+    let e = err(&host(sum), &want);
+    eprintln!("  bmm_accumulate in place (cuBLAS: {in_place})   err {e:.2e}");
+    assert!(e < 1e-5, "accumulated sum off by {e:.3e}");
+    if cublas::describe().contains("libcublas loaded") {
+        assert!(
+            in_place,
+            "the accumulating GEMM fell back ({})",
+            cublas::describe()
+        );
+    }
+
+    let acc = Tensor::<G, 4>::from_data(
+        burn::tensor::TensorData::new(before.clone(), [1, 1, c, v]),
+        (&device, DType::F32),
+    );
+    let kept = acc.clone();
+    let sum = distill_models::ops::bmm_accumulate(acc, ht, g);
+    assert!(err(&host(sum), &want) < 1e-5, "shared sum: wrong result");
+    assert_eq!(host(kept), before, "a sum held elsewhere was written over");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Timing harness: `-- --ignored --nocapture`.
 

@@ -288,6 +288,7 @@ where
     // (total, ce, kl) summed on the device, read once at the end: a read per chunk would
     // stall the GPU queue between chunks.
     let mut sums: Option<Tensor<AD::InnerBackend, 1>> = None; // [3]
+    // dL/dW summed over the chunks in f32, cast to the weight's dtype once at the end.
     let mut grad_weight: Option<Tensor<AD::InnerBackend, 2>> = None;
     let mut grad_chunks = Vec::new();
     let mut start = 0;
@@ -296,6 +297,7 @@ where
         let h = hidden.clone().narrow(0, start, len); // [len, C]
         let labels_chunk = labels.clone().narrow(0, start, len);
         let teacher_chunk = teacher.narrow(start, len);
+        let want_w = want_weight_grad.then(|| grad_weight.take());
         let (chunk_sums, grad_h, grad_w) = if analytic {
             analytic_head_chunk(
                 h,
@@ -303,7 +305,7 @@ where
                 labels_chunk,
                 &teacher_chunk,
                 cfg,
-                want_weight_grad,
+                want_w,
                 scale,
             )
         } else {
@@ -313,7 +315,7 @@ where
                 labels_chunk,
                 &teacher_chunk,
                 cfg,
-                want_weight_grad,
+                want_w,
                 scale,
             )
         };
@@ -322,15 +324,10 @@ where
             None => chunk_sums,
         });
         grad_chunks.push(grad_h);
-        if let Some(g) = grad_w {
-            let g = distill_models::transformer::cast_to(g, w_dtype);
-            grad_weight = Some(match grad_weight.take() {
-                Some(acc) => acc + g,
-                None => g,
-            });
-        }
+        grad_weight = grad_w;
         start += len;
     }
+    let grad_weight = grad_weight.map(|g| distill_models::transformer::cast_to(g, w_dtype));
     let (total, ce, kl) = match sums {
         Some(s) => {
             let v: Vec<f64> = s
@@ -359,8 +356,11 @@ where
 }
 
 /// One chunk's sums [3] (total, ce, kl), d(scale * total)/d h [len, C] and, when asked,
-/// d(scale * total)/d weight [C, V].
+/// d(scale * total)/d weight [C, V] in f32 added to the earlier chunks'.
 type ChunkOutput<B> = (Tensor<B, 1>, Tensor<B, 2>, Option<Tensor<B, 2>>);
+
+/// Whether a chunk computes dL/dW: None, no; Some(earlier chunks' sum [C, V] f32, if any).
+type WeightGrad<B> = Option<Option<Tensor<B, 2>>>;
 
 /// One chunk of [`chunked_loss`] through [`token_loss`] and burn's autodiff.
 fn autodiff_head_chunk<AD>(
@@ -369,7 +369,7 @@ fn autodiff_head_chunk<AD>(
     labels: Tensor<AD::InnerBackend, 1, Int>,
     teacher: &TeacherTargets<AD::InnerBackend>,
     cfg: &LossConfig,
-    want_weight_grad: bool,
+    want_weight_grad: WeightGrad<AD::InnerBackend>,
     scale: f64,
 ) -> ChunkOutput<AD::InnerBackend>
 where
@@ -377,7 +377,7 @@ where
 {
     let h = Tensor::<AD, 2>::from_inner(h).require_grad();
     let mut w = Tensor::<AD, 2>::from_inner(weight);
-    if want_weight_grad {
+    if want_weight_grad.is_some() {
         w = w.require_grad();
     }
     let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.clone(), None);
@@ -388,7 +388,16 @@ where
     );
     let grads = sums.total.mul_scalar(scale).backward();
     let grad_h = h.grad(&grads).expect("hidden chunk is a leaf with grad");
-    let grad_w = want_weight_grad.then(|| w.grad(&grads).expect("weight is a leaf with grad"));
+    let grad_w = want_weight_grad.map(|acc| {
+        let g = w
+            .grad(&grads)
+            .expect("weight is a leaf with grad")
+            .cast(DType::F32);
+        match acc {
+            Some(acc) => acc + g,
+            None => g,
+        }
+    });
     (values, grad_h, grad_w)
 }
 
@@ -401,18 +410,24 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
     labels: Tensor<B, 1, Int>,
     teacher: &TeacherTargets<B>,
     cfg: &LossConfig,
-    want_weight_grad: bool,
+    want_weight_grad: WeightGrad<B>,
     scale: f64,
 ) -> ChunkOutput<B> {
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, g) = analytic_chunk(logits, labels, teacher, cfg, scale, h.dtype().into()); // [len, V]
     let grad_h = distill_models::ops::gemm(g.clone(), w.transpose()); // [len, C]
-    // dL/dW straight from the GEMM's f32 accumulator: the step sums it over chunks in f32 (the
-    // master weight's dtype), and a bf16 result was rounded, then cast, once per chunk.
-    let grad_w = want_weight_grad.then(|| {
+    // dL/dW straight from the GEMM's f32 accumulator, added there to the earlier chunks' sum:
+    // a bf16 result was rounded, then cast, once per chunk, and a separate sum kept a second
+    // [C, V] f32 buffer (0.87 GiB at 1.5B's tied head) through the loss, its peak.
+    let grad_w = want_weight_grad.map(|acc| {
         let ([len, c], v) = (h.dims(), g.dims()[1]);
         let ht = h.reshape([1, 1, len, c]).swap_dims(2, 3); // [1, 1, C, len], a view
-        distill_models::ops::bmm(ht, g.reshape([1, 1, len, v]), FloatDType::F32).reshape([c, v])
+        let g = g.reshape([1, 1, len, v]);
+        let sum: Tensor<B, 4> = match acc {
+            Some(acc) => distill_models::ops::bmm_accumulate(acc.reshape([1, 1, c, v]), ht, g),
+            None => distill_models::ops::bmm(ht, g, FloatDType::F32),
+        };
+        sum.reshape([c, v])
     }); // [C, V] f32
     (values, grad_h, grad_w)
 }

@@ -172,7 +172,7 @@ pub fn gemm(a: CudaTensor, b: CudaTensor) -> Result<CudaTensor, (CudaTensor, Cud
         return Err((a, b));
     }
     let out = a.dtype;
-    matmul(a, b, out)
+    matmul(a, b, out, None).map_err(|(a, b, _)| (a, b))
 }
 
 /// Batched `a [.., m, k] @ b [.., k, n] -> [.., m, n]` (equal leading dims, e.g. [B, H]) by
@@ -189,7 +189,24 @@ pub fn bmm(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (Cuda
     if a.meta.rank() < 3 {
         return Err((a, b));
     }
-    matmul(a, b, out)
+    matmul(a, b, out, None).map_err(|(a, b, _)| (a, b))
+}
+
+/// `acc + a @ b` as [`bmm`] with the GEMM accumulating into `acc` (beta = 1): `acc` [.., m, n]
+/// in f32 (or a's dtype), contiguous, and held nowhere else, since cuBLAS writes over it. The
+/// three come back for what cuBLAS is not used for, as from [`bmm`], and for an `acc` that
+/// does not meet those terms.
+#[allow(clippy::result_large_err)]
+pub fn bmm_accumulate(
+    acc: CudaTensor,
+    a: CudaTensor,
+    b: CudaTensor,
+) -> Result<CudaTensor, (CudaTensor, CudaTensor, CudaTensor)> {
+    if a.meta.rank() < 3 || !acc.can_mut() {
+        return Err((acc, a, b));
+    }
+    let out = acc.dtype;
+    matmul(a, b, out, Some(acc)).map_err(|(a, b, acc)| (acc.expect("given"), a, b))
 }
 
 thread_local! {
@@ -211,15 +228,19 @@ fn blas_type(d: DType) -> Option<blas::cudaDataType> {
     }
 }
 
-/// [`gemm`] and [`bmm`]: rank >= 2, equal leading dims, each matrix product by cuBLAS.
+/// The operands handed back, and the accumulator if one was given.
+type Refused = (CudaTensor, CudaTensor, Option<CudaTensor>);
+
+/// [`gemm`], [`bmm`] and [`bmm_accumulate`]: rank >= 2, equal leading dims, each matrix
+/// product by cuBLAS, into a new tensor of dtype `out` or added to `acc` (of that dtype).
 #[allow(clippy::result_large_err)]
-fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaTensor, CudaTensor)> {
+fn matmul(a: CudaTensor, b: CudaTensor, out: DType, acc: Option<CudaTensor>) -> Result<CudaTensor, Refused> {
     let mode = ordering();
     // Inputs bf16/f16 only: f32 inputs stay on burn's matmul, as the f32 path is the reference
     // the GPU tests hold our kernels to.
     let half = matches!(a.dtype, DType::BF16 | DType::F16);
     let (Some(ab_type), Some(c_type)) = (blas_type(a.dtype), blas_type(out)) else {
-        return Err((a, b));
+        return Err((a, b, acc));
     };
     let rank = a.meta.rank();
     let usable = mode != Ordering::Off
@@ -233,23 +254,28 @@ fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaT
         && b.qparams.is_none()
         && a.device == b.device;
     if !usable {
-        return Err((a, b));
+        return Err((a, b, acc));
     }
     let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
     let (m, k) = (a.meta.shape()[rank - 2], a.meta.shape()[rank - 1]);
     let (k_b, n) = (b.meta.shape()[rank - 2], b.meta.shape()[rank - 1]);
     let batch: usize = a.meta.shape()[..rank - 2].iter().product();
     if k != k_b || !fits(m) || !fits(n) || !fits(k) || !fits(batch) || !cublas_loaded() {
-        return Err((a, b));
+        return Err((a, b, acc));
     }
 
     let a = Operand::new(a);
     let b = Operand::new(b);
     let mut c_shape = a.tensor.meta.shape().clone();
     c_shape[rank - 1] = n;
-    let c = empty_device_contiguous_dtype(a.tensor.client.clone(), a.tensor.device.clone(), c_shape, out);
+    let accumulate = acc.is_some();
+    let c = match acc {
+        Some(acc) if acc.meta.shape() == &c_shape && acc.device == a.tensor.device => acc,
+        Some(acc) => return Err((a.tensor, b.tensor, Some(acc))),
+        None => empty_device_contiguous_dtype(a.tensor.client.clone(), a.tensor.device.clone(), c_shape, out),
+    };
     let Some(c_layout) = layout(&c).filter(|l| !l.trans && l.ld >= n) else {
-        return Err((a.tensor, b.tensor));
+        return Err((a.tensor, b.tensor, accumulate.then_some(c)));
     };
     let stride = |s: usize| i64::try_from(s).ok();
     let (Some(stride_a), Some(stride_b), Some(stride_c)) = (
@@ -257,10 +283,10 @@ fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaT
         stride(b.layout.batch_stride),
         stride(c_layout.batch_stride),
     ) else {
-        return Err((a.tensor, b.tensor));
+        return Err((a.tensor, b.tensor, accumulate.then_some(c)));
     };
     if !fits(a.layout.ld) || !fits(b.layout.ld) || !fits(c_layout.ld) {
-        return Err((a.tensor, b.tensor));
+        return Err((a.tensor, b.tensor, accumulate.then_some(c)));
     }
     let args = GemmArgs {
         m: m as i32,
@@ -277,6 +303,7 @@ fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaT
         stride_c,
         ab_type,
         c_type,
+        beta: if accumulate { 1.0 } else { 0.0 },
         mode,
     };
     match launch(&a, &b, &c, args) {
@@ -287,7 +314,7 @@ fn matmul(a: CudaTensor, b: CudaTensor, out: DType) -> Result<CudaTensor, (CudaT
         Err(e) => {
             eprintln!("warning: cuBLAS GEMM failed ({e}); GEMMs use burn's matmul from now on");
             set_ordering(Ordering::Off);
-            Err((a.tensor, b.tensor))
+            Err((a.tensor, b.tensor, accumulate.then_some(c)))
         }
     }
 }
@@ -381,6 +408,8 @@ struct GemmArgs {
     ab_type: blas::cudaDataType,
     /// C's: A's, or f32.
     c_type: blas::cudaDataType,
+    /// 0: C = A B; 1: C += A B.
+    beta: f32,
     mode: Ordering,
 }
 
@@ -587,7 +616,7 @@ impl Handle {
                 blas::cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (1.0f32, g.beta);
         let alpha = (&alpha as *const f32).cast::<c_void>();
         let beta = (&beta as *const f32).cast::<c_void>();
         let compute = blas::cublasComputeType_t::CUBLAS_COMPUTE_32F;

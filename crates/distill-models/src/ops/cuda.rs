@@ -10,8 +10,9 @@ use crate::nf4::Nf4Tensor;
 
 use super::{
     AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
-    attention_mode, bmm_default, concat_f32_default, cublas, cuda_elementwise, cuda_flash, cuda_logits,
-    cuda_nf4, cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default, sum_groups, tensor,
+    attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default, cublas, cuda_elementwise,
+    cuda_flash, cuda_logits, cuda_nf4, cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default,
+    sum_groups, tensor,
 };
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
@@ -65,6 +66,17 @@ where
         match cublas::bmm(a, b, out.into()) {
             Ok(c) => c,
             Err((a, b)) => bmm_default::<Self>(a, b, out),
+        }
+    }
+
+    fn bmm_accumulate(
+        acc: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match cublas::bmm_accumulate(acc, a, b) {
+            Ok(c) => c,
+            Err((acc, a, b)) => bmm_accumulate_default::<Self>(acc, a, b),
         }
     }
 

@@ -14,7 +14,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::Tensor;
 use burn::tensor::ops::FloatTensor;
 
-use super::{Kernels, prim, tensor};
+use super::{Kernels, flat_linear, prim, tensor};
 use crate::nf4::Nf4Tensor;
 
 /// x [M, K] @ Wᵀ, W the NF4 weight [N, K] dequantized to x's dtype: [M, N].
@@ -59,18 +59,10 @@ pub fn linear_nf4_autodiff<B: Kernels, C: CheckpointStrategy, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
     w: &Nf4Tensor<Autodiff<B, C>>,
 ) -> Tensor<Autodiff<B, C>, D> {
-    let dims = x.dims();
-    let k = dims[D - 1];
-    let [n, k_w] = w.shape;
-    assert_eq!(
-        k, k_w,
-        "linear: x {dims:?} does not fit NF4 weight [{n}, {k_w}] (HF layout)"
-    );
-    let x2 = x.reshape([dims[..D - 1].iter().product(), k]); // [M, K]
-    let y: Tensor<Autodiff<B, C>, 2> = tensor(nf4_linear_autodiff::<B, C>(prim(x2), w.inner()));
-    let mut out = dims;
-    out[D - 1] = n;
-    y.reshape(out)
+    let [n, k] = w.shape;
+    flat_linear(x, [k, n], |x2| {
+        tensor(nf4_linear_autodiff::<B, C>(prim(x2), w.inner()))
+    })
 }
 
 #[cfg(test)]

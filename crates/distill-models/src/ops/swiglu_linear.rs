@@ -41,7 +41,7 @@ pub fn swiglu_linear_default<B: Kernels>(
 struct Saved<B: Kernels> {
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
-    /// NF4: the codes, dequantized again in the backward.
+    /// NF4: the codes, dequantized again in the backward; a master weight, cast again.
     w: LinearWeight<B>,
     lora: Option<(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>)>,
 }
@@ -84,10 +84,12 @@ fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<
     let h = (want_w || want_a).then(|| activation(&s.gate, &s.up)); // [M, I], recomputed
     let mut grads: [Option<Tensor<B, 2>>; 5] = Default::default();
     if want_w {
-        grads[2] = Some(gemm(
-            h.clone().expect("h when W wants a grad").transpose(),
-            dy.clone(),
-        )); // [I, N]
+        let dw = gemm(h.clone().expect("h when W wants a grad").transpose(), dy.clone()); // [I, N]
+        // In the master's dtype, as its cast's backward would have returned it.
+        grads[2] = Some(match &s.w {
+            LinearWeight::Master(w) => dw.cast(w.dtype()),
+            _ => dw,
+        });
     }
     // dh from the base GEMM, plus LoRA's path.
     let mut dh = (want_gate || want_up).then(|| gemm(dy.clone(), s.w.dense(dy.dtype()).transpose())); // [M, I]
@@ -120,6 +122,7 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
 ) -> Tensor<Autodiff<B, C>, 3> {
     let (w_inner, w_parent) = match w {
         LinearWeight::Dense(w) => (LinearWeight::Dense(w.clone().inner()), Some(prim(w))),
+        LinearWeight::Master(w) => (LinearWeight::Master(w.clone().inner()), Some(prim(w))),
         LinearWeight::Nf4(w) => (LinearWeight::Nf4(w.inner()), None),
     };
     let inner = (
@@ -196,7 +199,7 @@ impl<B: Kernels, const N: usize> Backward<B, N> for Node {
 mod tests {
     use burn::backend::{Autodiff, Flex};
     use burn::tensor::backend::Backend;
-    use burn::tensor::{Distribution, Tensor};
+    use burn::tensor::{DType, Distribution, Tensor};
 
     use super::*;
     use crate::ops::elementwise::swiglu_default;
@@ -263,7 +266,9 @@ mod tests {
             values(up.grad(&grads).unwrap()),
         ];
         if train_w {
-            out.push(values(w.grad(&grads).unwrap()));
+            let dw = w.grad(&grads).unwrap();
+            assert_eq!(dw.dtype(), w.dtype(), "dW in the weight's dtype");
+            out.push(values(dw));
         }
         if let Some((a, b)) = lora {
             out.push(values(a.grad(&grads).unwrap()));
@@ -337,6 +342,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A master weight (f32 under bf16 activations) is cast again in the backward instead of
+    /// kept: the same output and gradients, to the bit, as the node over its bf16 cast, and dW
+    /// in f32.
+    #[test]
+    fn a_master_weight_gives_the_gradients_of_its_cast() {
+        let bf16 = |t: Tensor<Flex, 3>| t.cast(DType::BF16);
+        let mut x = inputs();
+        (x.gate, x.up, x.weights) = (bf16(x.gate), bf16(x.up), bf16(x.weights));
+        (x.a, x.b) = (x.a.cast(DType::BF16), x.b.cast(DType::BF16));
+        for with_lora in [false, true] {
+            let ours = run(
+                |g, u, w, l| swiglu_linear_autodiff::<Flex, _>(g, u, LinearWeight::Master(w), l),
+                &x,
+                with_lora,
+                true,
+            );
+            let theirs = run(
+                |g, u, w, l| {
+                    swiglu_linear_autodiff::<Flex, _>(g, u, LinearWeight::Dense(w.cast(DType::BF16)), l)
+                },
+                &x,
+                with_lora,
+                true,
+            );
+            assert_eq!(ours, theirs, "lora {with_lora}");
         }
     }
 
