@@ -541,9 +541,9 @@ fn cuda_bmm_accumulate_adds_into_an_f32_sum() {
     let product = host_bmm(&host(ht.clone()), &host(g.clone()), 1, c, len, v);
     let want: Vec<f32> = before.iter().zip(&product).map(|(a, p)| a + p).collect();
 
-    let issued = cublas::issued_on_this_thread();
+    let accumulated = cublas::accumulated_on_this_thread();
     let sum = distill_models::ops::bmm_accumulate(acc, ht.clone(), g.clone());
-    let in_place = cublas::issued_on_this_thread() > issued;
+    let in_place = cublas::accumulated_on_this_thread() > accumulated;
     assert_eq!((sum.dtype(), sum.dims()), (DType::F32, [1, 1, c, v]));
     let e = err(&host(sum), &want);
     eprintln!("  bmm_accumulate in place (cuBLAS: {in_place})   err {e:.2e}");
@@ -561,7 +561,13 @@ fn cuda_bmm_accumulate_adds_into_an_f32_sum() {
         (&device, DType::F32),
     );
     let kept = acc.clone();
+    let accumulated = cublas::accumulated_on_this_thread();
     let sum = distill_models::ops::bmm_accumulate(acc, ht, g);
+    assert_eq!(
+        cublas::accumulated_on_this_thread(),
+        accumulated,
+        "a shared sum was accumulated in place"
+    );
     assert!(err(&host(sum), &want) < 1e-5, "shared sum: wrong result");
     assert_eq!(host(kept), before, "a sum held elsewhere was written over");
 }

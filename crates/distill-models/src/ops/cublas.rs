@@ -206,11 +206,20 @@ pub fn bmm_accumulate(
         return Err((acc, a, b));
     }
     let out = acc.dtype;
-    matmul(a, b, out, Some(acc)).map_err(|(a, b, acc)| (acc.expect("given"), a, b))
+    let sum = matmul(a, b, out, Some(acc)).map_err(|(a, b, acc)| (acc.expect("given"), a, b))?;
+    ACCUMULATED.with(|n| n.set(n.get() + 1));
+    Ok(sum)
 }
 
 thread_local! {
     static ISSUED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static ACCUMULATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many [`bmm_accumulate`] calls this thread has run in the sum's own buffer: lets a test
+/// tell that from the fallback, whose `bmm` is a cuBLAS call too.
+pub fn accumulated_on_this_thread() -> usize {
+    ACCUMULATED.with(|n| n.get())
 }
 
 /// How many GEMMs this thread has handed to cuBLAS so far: lets a test tell a cuBLAS result
