@@ -63,8 +63,7 @@ pub struct Lora<B: Backend> {
 impl<B: Kernels> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-        let y = self.weight_for(dtype).linear(x.clone(), bias);
+        let y = self.weight_for(dtype).linear(x.clone(), self.bias_for(dtype));
         match &self.lora {
             None => y,
             Some(lora) => {
@@ -87,8 +86,7 @@ impl<B: Kernels> Linear<B> {
         let dtype = x.out.dtype();
         match (self.weight_for(dtype), &self.lora) {
             (LinearWeight::Master(w), None) => {
-                let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-                add_bias(<B as Kernels>::linear_master_normed(x, w), bias)
+                add_bias(<B as Kernels>::linear_master_normed(x, w), self.bias_for(dtype))
             }
             _ => self.forward(x.out.clone()),
         }
@@ -104,10 +102,12 @@ impl<B: Kernels> Linear<B> {
         }
         let lora = self.lora.as_ref().map(|l| l.pair(dtype));
         let y = <B as Kernels>::swiglu_linear(gate, up, self.weight_for(dtype), lora);
-        match &self.bias {
-            Some(b) => y + cast_to(b.val(), dtype).unsqueeze(),
-            None => y,
-        }
+        add_bias(y, self.bias_for(dtype))
+    }
+
+    /// The bias, if any, in the activations' dtype.
+    fn bias_for(&self, dtype: burn::tensor::DType) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(|b| cast_to(b.val(), dtype))
     }
 
     /// The weight as the kernels take it, for activations of `dtype`.
@@ -164,15 +164,14 @@ pub struct RmsNorm<B: Backend> {
 
 impl<B: Kernels> RmsNorm<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        // The weight in the activations' dtype: an f32 master weight times bf16 activations
-        // is a mixed-dtype kernel, which burn-cuda does not convert (NaN on the H100).
-        let weight = cast_to(self.weight.val(), x.dtype());
-        <B as Kernels>::rms_norm(x, weight, self.eps)
+        self.forward_normed(x).out
     }
 
     /// [`RmsNorm::forward`] with its input beside the output, for linear layers that read it
     /// ([`Linear::forward_normed`]).
     pub fn forward_normed(&self, x: Tensor<B, 3>) -> Normed<B> {
+        // The weight in the activations' dtype: an f32 master weight times bf16 activations
+        // is a mixed-dtype kernel, which burn-cuda does not convert (NaN on the H100).
         let weight = cast_to(self.weight.val(), x.dtype());
         NormInput {
             x,
