@@ -550,9 +550,13 @@ fn run_case(args: &Args, configs: &[DecoderConfig], case: &Case, device: DeviceA
         case: case.clone(),
         device,
         pool_peak: Arc::new(AtomicU64::new(0)),
+        driver_peak: Arc::new(AtomicU64::new(0)),
     };
     let pool_peak = job.pool_peak.clone();
+    let driver_peak = job.driver_peak.clone();
     let mut rows = run_on(device, job)?;
+    let driver = driver_pool_peaks(device, false)
+        .map(|(used, reserved)| (used.max(driver_peak.load(Ordering::Relaxed)), reserved));
     let memory = watch.finish();
     let pool = pool_peak.load(Ordering::Relaxed);
     let mut out = std::io::stdout().lock();
@@ -562,6 +566,10 @@ fn run_case(args: &Args, configs: &[DecoderConfig], case: &Case, device: DeviceA
             map.insert("mem_method".into(), json!(memory.method));
             if pool > 0 {
                 map.insert("pool_gib".into(), json!(pool as f64 / GIB));
+            }
+            if let Some((used, reserved)) = driver {
+                map.insert("driver_used_high_gib".into(), json!(used as f64 / GIB));
+                map.insert("driver_reserved_high_gib".into(), json!(reserved as f64 / GIB));
             }
             map.insert("device".into(), json!(memory.device));
             map.insert(
@@ -581,6 +589,8 @@ struct CaseJob {
     device: DeviceArg,
     /// The largest cubecl pool reservation seen between steps (CUDA).
     pool_peak: Arc<AtomicU64>,
+    /// The driver pool's most handed out, over the profile's readings (each resets it).
+    driver_peak: Arc<AtomicU64>,
 }
 
 impl CaseJob {
@@ -737,7 +747,16 @@ impl Job for CaseJob {
                     b.recompute
                 );
                 let times = lib::bench_train::<B>(c, &b, &device, &mut || self.sample_pool(), &|| {
-                    pool_bytes(self.device)
+                    let (in_use, reserved) = pool_bytes(self.device)?;
+                    let peak = driver_pool_peaks(self.device, true).map(|(used, _)| used);
+                    if let Some(p) = peak {
+                        self.driver_peak.fetch_max(p, Ordering::Relaxed);
+                    }
+                    Some(lib::PoolSample {
+                        in_use,
+                        reserved,
+                        peak,
+                    })
                 })?;
                 let targets: Vec<String> = LoraSection::default().targets;
                 let flops = lib::train_flops_per_token(c, seq, b.lora_r.map(|r| (r, &targets[..])));
@@ -770,10 +789,16 @@ impl Job for CaseJob {
                 row.insert("losses".into(), json!(times.losses));
                 if !times.phases.is_empty() {
                     let gib = |b: Option<u64>| b.map(|b| b as f64 / GIB);
+                    if let Some(setup) = gib(times.setup_peak_bytes) {
+                        eprintln!("  setup (model, optimizer, teacher): peak {setup:.2} GiB");
+                    }
                     for p in &times.phases {
+                        let peak = gib(p.peak_bytes)
+                            .map(|g| format!("   peak {g:>6.2} GiB"))
+                            .unwrap_or_default();
                         let memory = match (gib(p.in_use_bytes), gib(p.reserved_bytes)) {
                             (Some(used), Some(pool)) => {
-                                format!("   in use {used:>6.2} GiB   pool {pool:>6.2} GiB (first step)")
+                                format!("   in use {used:>6.2} GiB{peak}   pool {pool:>6.2} GiB (first step)")
                             }
                             _ => String::new(),
                         };
@@ -789,7 +814,8 @@ impl Job for CaseJob {
                         .iter()
                         .map(|p| {
                             json!({"phase": p.name, "host_ms": p.host_seconds * 1e3, "ms": p.total_seconds * 1e3,
-                                   "in_use_gib": gib(p.in_use_bytes), "pool_gib_first_step": gib(p.reserved_bytes)})
+                                   "in_use_gib": gib(p.in_use_bytes), "peak_gib": gib(p.peak_bytes),
+                                   "pool_gib_first_step": gib(p.reserved_bytes)})
                         })
                         .collect();
                     row.insert("phases".into(), Value::Array(phases));
@@ -1072,6 +1098,26 @@ fn pool_bytes(device: DeviceArg) -> Option<(u64, u64)> {
 
 #[cfg(not(feature = "cuda"))]
 fn pool_bytes(_device: DeviceArg) -> Option<(u64, u64)> {
+    None
+}
+
+/// The CUDA driver pool's (handed out, reserved) high-water marks for this process, in bytes:
+/// with nvidia-smi's peak they split the peak into cubecl's buffers, the pool's slack and the
+/// rest (context, module code, cuBLAS workspaces).
+#[cfg(feature = "cuda")]
+fn driver_pool_peaks(device: DeviceArg, reset: bool) -> Option<(u64, u64)> {
+    match device {
+        DeviceArg::Cuda(n) => {
+            distill_models::ops::cublas::driver_pool_peaks(&burn::backend::cuda::CudaDevice::new(n), reset)
+                .map_err(|e| eprintln!("note: no driver pool figures ({e})"))
+                .ok()
+        }
+        DeviceArg::Cpu => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn driver_pool_peaks(_device: DeviceArg, _reset: bool) -> Option<(u64, u64)> {
     None
 }
 

@@ -667,14 +667,6 @@ impl<B: Kernels> CausalLm<B> {
         cast_to(x, <B::FloatElem as burn::tensor::Element>::dtype())
     }
 
-    /// The output projection in burn layout [C, V]: lm_head, or the tied embeddings transposed.
-    pub fn head_weight(&self) -> Tensor<B, 2> {
-        match &self.lm_head {
-            Some(head) => head.weight.dense().expect("the LM head is never quantized").val(),
-            None => self.model.embed_tokens.weight.val().transpose(),
-        }
-    }
-
     /// hidden: [B, T, C] -> logits [B, T, V].
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {

@@ -22,7 +22,7 @@ use distill_core::recipe::BaseQuant;
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 
 use crate::data::Row;
-use crate::loss::{LossConfig, TeacherTargets, chunked_loss};
+use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 use crate::trainer::{self, Teacher, TrainError};
 
 type Ad<B> = Autodiff<B>;
@@ -158,6 +158,9 @@ pub struct StepTimes {
     /// With [`TrainBench::profile`]: each phase's mean time per timed step, in
     /// [`trainer::PHASES`] order.
     pub phases: Vec<PhaseTime>,
+    /// With [`TrainBench::profile`]: the most device memory in use while the model, optimizer
+    /// and teacher were made, before the first step.
+    pub setup_peak_bytes: Option<u64>,
 }
 
 /// Where one phase of a step went: `host` is the time until the host had queued the phase's
@@ -173,10 +176,23 @@ pub struct PhaseTime {
     /// grows is where the peak lives. None where the backend does not say.
     pub in_use_bytes: Option<u64>,
     pub reserved_bytes: Option<u64>,
+    /// The most in use at any moment of the phase (over all steps): above `in_use_bytes` by
+    /// what the phase made and freed again.
+    pub peak_bytes: Option<u64>,
 }
 
-/// The device memory pool's (bytes in use, bytes reserved), where the backend exposes it.
-pub type PoolReading<'a> = &'a dyn Fn() -> Option<(u64, u64)>;
+/// One reading of the device's memory pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSample {
+    pub in_use: u64,
+    pub reserved: u64,
+    /// The most in use at any moment since the previous reading, where the backend keeps a
+    /// high-water mark.
+    pub peak: Option<u64>,
+}
+
+/// Reads the device's memory pool, where the backend exposes it.
+pub type PoolReading<'a> = &'a dyn Fn() -> Option<PoolSample>;
 
 /// Accumulates [`PhaseTime`]s over steps from a [`trainer::PhaseHook`]'s calls.
 struct PhaseClock<'a, B: Backend> {
@@ -195,18 +211,21 @@ impl<B: Backend> PhaseClock<'_, B> {
         let total = self.since.elapsed().as_secs_f64();
         let (host, total) = if self.on { (host, total) } else { (0.0, 0.0) };
         let memory = (self.pool)();
+        let peak = memory.and_then(|m| m.peak);
         match self.sums.iter_mut().find(|p| p.name == name) {
             Some(p) => {
                 p.host_seconds += host;
                 p.total_seconds += total;
-                p.in_use_bytes = p.in_use_bytes.max(memory.map(|m| m.0));
+                p.in_use_bytes = p.in_use_bytes.max(memory.map(|m| m.in_use));
+                p.peak_bytes = p.peak_bytes.max(peak);
             }
             None => self.sums.push(PhaseTime {
                 name,
                 host_seconds: host,
                 total_seconds: total,
-                in_use_bytes: memory.map(|m| m.0),
-                reserved_bytes: memory.map(|m| m.1),
+                in_use_bytes: memory.map(|m| m.in_use),
+                reserved_bytes: memory.map(|m| m.reserved),
+                peak_bytes: peak,
             }),
         }
         self.since = Instant::now();
@@ -279,6 +298,11 @@ where
         tokens_per_step: b.batch * b.seq,
         losses: Vec::new(),
         phases: Vec::new(),
+        setup_peak_bytes: if b.profile {
+            pool().and_then(|m| m.peak)
+        } else {
+            None
+        },
     };
     let mut clock = PhaseClock::<B> {
         device,
@@ -422,7 +446,7 @@ where
     time_calls::<B>(device, warmup, iters, || {
         let out = chunked_loss::<Ad<B>>(
             hidden.clone(),
-            weight.clone(),
+            HeadWeight::Cv(weight.clone()),
             labels.clone(),
             &teacher,
             &cfg,

@@ -16,7 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_core::recipe::{KlKind, MissingMass};
 use distill_models::Kernels;
-use distill_train::loss::{ChunkedLoss, LossConfig, TeacherTargets, chunked_loss};
+use distill_train::loss::{ChunkedLoss, HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 
 type Gpu = Autodiff<Cuda<half::bf16>>;
 type Cpu = Autodiff<Flex>;
@@ -96,8 +96,14 @@ fn inputs(v: usize, seed: u64) -> Inputs {
     }
 }
 
-/// (total, ce, kl) per token and grad_hidden, from `chunked_loss` on backend `AD`.
-fn run<AD>(x: &Inputs, cfg: &LossConfig, device: &burn::tensor::Device<AD>) -> (Vec<f64>, Vec<f32>)
+/// (total, ce, kl) per token, grad_hidden and grad_weight ([C, V] order), from `chunked_loss`
+/// on backend `AD`, the weight given as an lm_head [C, V] or as tied embeddings [V, C].
+fn run<AD>(
+    x: &Inputs,
+    cfg: &LossConfig,
+    tied: bool,
+    device: &burn::tensor::Device<AD>,
+) -> (Vec<f64>, Vec<f32>, Vec<f32>)
 where
     AD: AutodiffBackend + Kernels,
     AD::InnerBackend: Kernels,
@@ -112,24 +118,33 @@ where
         present: Some(Tensor::from_data(TensorData::new(x.present.clone(), [N]), device)),
     };
     let labels = Tensor::<I<AD>, 1, Int>::from_data(TensorData::new(x.labels.clone(), [N]), device);
+    let weight = if tied {
+        HeadWeight::Vc(f(&transpose(&x.weight, C, x.v), vec![x.v, C]))
+    } else {
+        HeadWeight::Cv(f(&x.weight, vec![C, x.v]))
+    };
     let out: ChunkedLoss<I<AD>> = chunked_loss::<AD>(
         f(&x.hidden, vec![N, C]),
-        f(&x.weight, vec![C, x.v]),
+        weight,
         labels,
         &teacher,
         cfg,
         32,
-        false,
+        true,
         1.0 / N as f64,
     );
     let per_token = [out.total, out.ce, out.kl].map(|s| s / N as f64).to_vec();
-    let grad = out
-        .grad_hidden
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .unwrap();
-    (per_token, grad)
+    let host = |t: Tensor<I<AD>, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+    let grad_w = host(out.grad_weight.expect("asked for"));
+    let grad_w = if tied { transpose(&grad_w, x.v, C) } else { grad_w };
+    (per_token, host(out.grad_hidden), grad_w)
+}
+
+/// A row-major [rows, cols] matrix transposed.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| m[(i % rows) * cols + i / rows])
+        .collect()
 }
 
 /// ‖a - b‖ / ‖b‖.
@@ -205,25 +220,31 @@ fn cuda_bf16_loss_matches_cpu_for_every_kind_and_gradient_path() {
                 analytic_grad,
             };
             // The CPU's autodiff path is the reference (PyTorch-checked).
-            let (want, want_grad) = run::<Cpu>(&x, &cfg(false), &Default::default());
-            for analytic in [true, false] {
-                let (got, grad) = run::<Gpu>(&x, &cfg(analytic), &device);
+            let (want, want_grad, want_grad_w) = run::<Cpu>(&x, &cfg(false), false, &Default::default());
+            for (analytic, tied) in [(true, false), (true, true), (false, false), (false, true)] {
+                let (got, grad, grad_w) = run::<Gpu>(&x, &cfg(analytic), tied, &device);
                 let value_err = got
                     .iter()
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
                     .fold(0.0, f64::max);
                 let grad_err = rel_l2(&grad, &want_grad);
-                let path = if analytic { "closed form" } else { "autodiff" };
+                let grad_w_err = rel_l2(&grad_w, &want_grad_w);
+                let path = match (analytic, tied) {
+                    (true, false) => "closed form",
+                    (true, true) => "closed, tied",
+                    (false, false) => "autodiff",
+                    (false, true) => "autodiff, tied",
+                };
                 eprintln!(
-                    "V {v:>6} {name:<12} {path:<11} total/ce/kl {:.4}/{:.4}/{:.4} (cpu {:.4}/{:.4}/{:.4}) \
-                     value err {value_err:.1e} grad err {grad_err:.1e}",
+                    "V {v:>6} {name:<12} {path:<14} total/ce/kl {:.4}/{:.4}/{:.4} (cpu {:.4}/{:.4}/{:.4}) \
+                     value err {value_err:.1e} grad err {grad_err:.1e} weight grad err {grad_w_err:.1e}",
                     got[0], got[1], got[2], want[0], want[1], want[2]
                 );
-                // bf16 logits (2^-9 relative) bound both; a dtype bug is off by O(1).
-                if value_err > 2e-2 || grad_err > 5e-2 {
+                // bf16 logits (2^-9 relative) bound all three; a dtype or layout bug is off by O(1).
+                if value_err > 2e-2 || grad_err > 5e-2 || grad_w_err > 5e-2 {
                     failures.push(format!(
-                        "V {v} {name} {path}: value {value_err:.2e}, grad {grad_err:.2e}"
+                        "V {v} {name} {path}: value {value_err:.2e}, grad {grad_err:.2e}, weight grad {grad_w_err:.2e}"
                     ));
                 }
             }
