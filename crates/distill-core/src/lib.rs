@@ -1,9 +1,11 @@
-//! What every distill stage shares: the recipe schema, manifests and atomic file writes.
+//! What every distill stage shares: the recipe schema, manifests, atomic file writes and the
+//! safetensors writer.
 
 pub mod fsutil;
 pub mod logprobs;
 pub mod message;
 pub mod recipe;
+pub mod tensorfile;
 
 pub use logprobs::{TokenLogprob, TopLogprob};
 pub use message::Message;

@@ -3,9 +3,9 @@
 //! tokenizer_config.json (with the chat template).
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use distill_core::tensorfile::{self, FileDtype};
 use serde_json::json;
 
 use crate::error::{GgufError, Result};
@@ -24,13 +24,6 @@ pub enum OutDtype {
 }
 
 impl OutDtype {
-    fn safetensors_name(self) -> &'static str {
-        match self {
-            OutDtype::Bf16 => "BF16",
-            OutDtype::F32 => "F32",
-        }
-    }
-
     fn torch_name(self) -> &'static str {
         match self {
             OutDtype::Bf16 => "bfloat16",
@@ -38,18 +31,10 @@ impl OutDtype {
         }
     }
 
-    fn size(self) -> usize {
+    fn file_dtype(self) -> FileDtype {
         match self {
-            OutDtype::Bf16 => 2,
-            OutDtype::F32 => 4,
-        }
-    }
-
-    fn encode(self, data: &[f32], out: &mut Vec<u8>) {
-        out.clear();
-        match self {
-            OutDtype::Bf16 => out.extend(data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())),
-            OutDtype::F32 => out.extend(data.iter().flat_map(|v| v.to_le_bytes())),
+            OutDtype::Bf16 => FileDtype::Bf16,
+            OutDtype::F32 => FileDtype::F32,
         }
     }
 }
@@ -347,8 +332,8 @@ fn permuted_heads(hp: &Hparams, gguf_name: &str) -> Option<usize> {
     }
 }
 
-/// Streams model.safetensors: the header (all shapes are known up front), then each tensor
-/// dequantized, un-permuted and encoded in turn, so memory holds one tensor at a time.
+/// Streams model.safetensors: each tensor dequantized, un-permuted and encoded in turn, so
+/// memory holds one tensor at a time.
 fn write_safetensors(
     file: &GgufFile,
     hp: &Hparams,
@@ -356,46 +341,27 @@ fn write_safetensors(
     dtype: OutDtype,
     out_path: &Path,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for (g, hf) in plan {
-        let info = file.tensor(g).expect("planned from the file");
-        let bytes = info.n_elements() as usize * dtype.size();
-        header.insert(
-            hf.clone(),
-            json!({"dtype": dtype.safetensors_name(), "shape": info.shape(), "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let mut header = serde_json::to_vec(&header).expect("JSON values serialize");
-    // Pad with spaces to 8 bytes, as the safetensors writers do, so the data is aligned.
-    header.resize(header.len().next_multiple_of(8), b' ');
-
-    let io = |e| GgufError::io(out_path, e);
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(out_path).map_err(io)?);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&header).map_err(io)?;
-    let mut buf = Vec::new();
-    for (g, _) in plan {
-        let info = file.tensor(g).expect("planned from the file");
-        let mut data = file.read_f32(g)?;
-        if let Some(heads) = permuted_heads(hp, g) {
-            let rows = info.shape()[0];
-            if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
-                return Err(GgufError::tensor(
-                    file.path(),
-                    g,
-                    format!("{rows} rows do not split into {heads} heads of even size"),
-                ));
-            }
-            data = unpermute_rows(&data, rows, heads);
+    let entries: Vec<(String, Vec<usize>)> = plan
+        .iter()
+        .map(|(g, hf)| (hf.clone(), file.tensor(g).expect("planned from the file").shape()))
+        .collect();
+    let tensor = |i: usize| -> Result<Vec<f32>> {
+        let g = &plan[i].0;
+        let data = file.read_f32(g)?;
+        let Some(heads) = permuted_heads(hp, g) else {
+            return Ok(data);
+        };
+        let rows = entries[i].1[0];
+        if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+            return Err(GgufError::tensor(
+                file.path(),
+                g,
+                format!("{rows} rows do not split into {heads} heads of even size"),
+            ));
         }
-        dtype.encode(&data, &mut buf);
-        w.write_all(&buf).map_err(io)?;
-    }
-    w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)
+        Ok(unpermute_rows(&data, rows, heads))
+    };
+    tensorfile::write_safetensors(out_path, &entries, dtype.file_dtype(), tensor, |e| {
+        GgufError::io(out_path, e)
+    })
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use distill_core::tensorfile::{self, FileDtype};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,9 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
+    /// Reading the student's own weights again (a QLoRA export merges into them).
+    #[error(transparent)]
+    Model(#[from] distill_models::ModelError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -86,40 +90,23 @@ fn sync_file(path: &Path) -> Result<(), CheckpointError> {
 }
 
 fn write_tensors(path: &Path, tensors: &HostTensors) -> Result<(), CheckpointError> {
-    write_safetensors(path, tensors, Dtype::F32)?;
-    sync_file(path)
+    write_safetensors(path, tensors, FileDtype::F32)
 }
 
-/// Writes f32 host tensors as `dtype` (F32, F16 or BF16).
-pub fn write_safetensors(path: &Path, tensors: &HostTensors, dtype: Dtype) -> Result<(), CheckpointError> {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, (shape, data))| {
-            let bytes = match dtype {
-                Dtype::BF16 => data
-                    .iter()
-                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-                    .collect(),
-                Dtype::F16 => data
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect(),
-                _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            };
-            (name.clone(), shape.clone(), bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("consistent sizes");
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).map_err(|e| CheckpointError::Invalid {
+/// Writes f32 host tensors as `dtype`, encoding one tensor at a time.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &HostTensors,
+    dtype: FileDtype,
+) -> Result<(), CheckpointError> {
+    let entries: Vec<(String, Vec<usize>)> =
+        tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
+    let values: Vec<&Vec<f32>> = tensors.values().map(|(_, d)| d).collect();
+    let io = |source| CheckpointError::Io {
         path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
+        source,
+    };
+    tensorfile::write_safetensors(path, &entries, dtype, |i| Ok(values[i].clone()), io)
 }
 
 pub fn read_tensors(path: &Path) -> Result<HostTensors, CheckpointError> {

@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use distill_core::recipe::LoraSection;
+use distill_core::tensorfile::{self, FileDtype};
 use distill_models::weights::{Checkpoint, HostTensor};
 use distill_models::{CausalLm, Kernels};
 use rayon::prelude::*;
-use safetensors::Dtype;
 
 use crate::checkpoint::{CheckpointError, HostTensors, write_safetensors};
 use crate::lora::peft_name;
-use crate::params::read_params;
+use crate::params::{param_infos, read_params};
 
 /// Files copied verbatim from the student directory when present.
 const COPIED: [&str; 6] = [
@@ -32,11 +32,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 /// burn keeps linear weights [in, out]; HF stores [out, in]. Embeddings are [V, C] in both.
-fn to_hf_layout(name: &str, shape: Vec<usize>, data: Vec<f32>) -> (Vec<usize>, Vec<f32>) {
-    if shape.len() != 2 || name == "model.embed_tokens.weight" {
-        return (shape, data);
-    }
-    transposed(shape, data)
+fn transposed_in_hf(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2 && name != "model.embed_tokens.weight"
 }
 
 fn transposed(shape: Vec<usize>, data: Vec<f32>) -> (Vec<usize>, Vec<f32>) {
@@ -44,52 +41,59 @@ fn transposed(shape: Vec<usize>, data: Vec<f32>) -> (Vec<usize>, Vec<f32>) {
     (t.shape, t.data)
 }
 
-fn dtype_of(torch_dtype: Option<&str>) -> Dtype {
-    match torch_dtype {
-        Some("bfloat16") => Dtype::BF16,
-        Some("float16") => Dtype::F16,
-        _ => Dtype::F32,
-    }
-}
-
 /// Writes `model` (adapters already merged) as an HF directory at `out`, replacing it
-/// atomically.
+/// atomically. Reads one parameter from the device at a time.
 pub fn export_hf<B: Kernels>(
     model: &CausalLm<B>,
     student_dir: &Path,
     out: &Path,
 ) -> Result<PathBuf, CheckpointError> {
-    let tensors: HostTensors = read_params(model, |_| true)
-        .into_iter()
-        .map(|(name, (shape, data))| {
-            let t = to_hf_layout(&name, shape, data);
-            (name, t)
+    let infos = param_infos(model);
+    let entries: Vec<(String, Vec<usize>)> = infos
+        .iter()
+        .map(|p| {
+            let mut shape = p.shape.clone();
+            if transposed_in_hf(&p.name, &shape) {
+                shape.reverse();
+            }
+            (p.name.clone(), shape)
         })
         .collect();
-    write_hf_dir(&tensors, &model.config, student_dir, out)
+    write_hf_dir(&entries, &model.config, student_dir, out, |i| {
+        let name = &infos[i].name;
+        let (shape, data) = read_params(model, |p| &p.name == name)
+            .remove(name)
+            .expect("a parameter of the model");
+        Ok(if transposed_in_hf(name, &shape) {
+            transposed(shape, data).1
+        } else {
+            data
+        })
+    })
 }
 
-/// The merged weights of a QLoRA run, HF names and layout: the base read again from
-/// `student_dir` at full precision (not its NF4 rounding, which is all the device held),
-/// plus scale · A B for each adapter of `model`. Reads and merges one tensor at a time.
-pub fn merged_base<B: Kernels>(
+/// Writes the merged weights of a QLoRA run as an HF directory at `out`: the base read again
+/// from `student_dir` at full precision (not its NF4 rounding, which is all the device held),
+/// plus scale · A B for each adapter of `model`, one tensor at a time.
+pub fn export_merged_base<B: Kernels>(
     model: &CausalLm<B>,
     scale: f64,
     student_dir: &Path,
-) -> Result<HostTensors, distill_models::ModelError> {
+    out: &Path,
+) -> Result<PathBuf, CheckpointError> {
     let adapters: HostTensors = read_adapters(model).collect();
     let base = Checkpoint::open(student_dir)?;
-    let mut out = HostTensors::new();
-    for (name, _) in model.config.expected_tensors() {
-        let mut w = base.read_f32(&name)?; // HF layout
-        let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+    let entries = model.config.expected_tensors(); // HF names and layout
+    write_hf_dir(&entries, &model.config, student_dir, out, |i| {
+        let name = &entries[i].0;
+        let mut w = base.read_f32(name)?;
+        let prefix = name.strip_suffix(".weight").unwrap_or(name);
         let factor = |f: &str| adapters.get(&format!("{prefix}.lora.lora_{f}"));
         if let (Some(a), Some(b)) = (factor("a"), factor("b")) {
             add_delta(&mut w.data, w.shape[1], a, b, scale as f32);
         }
-        out.insert(name, (w.shape, w.data));
-    }
-    Ok(out)
+        Ok(w.data)
+    })
 }
 
 /// w [out, in] (HF layout) += scale · (A B)ᵀ with A [in, r] and B [r, out] (burn layout),
@@ -112,21 +116,24 @@ fn add_delta(w: &mut [f32], d_in: usize, a: &(Vec<usize>, Vec<f32>), b: &(Vec<us
         });
 }
 
-/// `tensors` (HF names and layout) in the student's dtype, with its config and tokenizer
-/// files, as an HF directory at `out`, replacing it atomically.
-pub fn write_hf_dir(
-    tensors: &HostTensors,
+/// `entries` (HF names and layout; `tensor(i)` makes entry i's values) in the student's
+/// dtype, with its config and tokenizer files, as an HF directory at `out`, replacing it
+/// atomically. A failed tensor leaves `out` as it was.
+fn write_hf_dir(
+    entries: &[(String, Vec<usize>)],
     config: &distill_models::DecoderConfig,
     student_dir: &Path,
     out: &Path,
+    tensor: impl FnMut(usize) -> Result<Vec<f32>, CheckpointError>,
 ) -> Result<PathBuf, CheckpointError> {
     let tmp = staging_dir(out, ".tmp-export-")?;
-    let dtype = dtype_of(config.torch_dtype.as_deref());
-    write_safetensors(
-        &tmp.path().join(distill_models::weights::SINGLE_FILE),
-        tensors,
-        dtype,
-    )?;
+    let dtype = FileDtype::from_torch(config.torch_dtype.as_deref());
+    let path = tmp.path().join(distill_models::weights::SINGLE_FILE);
+    let write_error = |source| CheckpointError::Io {
+        path: path.clone(),
+        source,
+    };
+    tensorfile::write_safetensors(&path, entries, dtype, tensor, write_error)?;
     for name in COPIED {
         let src = student_dir.join(name);
         if src.exists() {
@@ -155,7 +162,7 @@ pub fn export_peft<B: Kernels>(
     write_safetensors(
         &tmp.path().join("adapter_model.safetensors"),
         &tensors,
-        Dtype::F32,
+        FileDtype::F32,
     )?;
     let config = serde_json::json!({
         "peft_type": "LORA",

@@ -311,8 +311,7 @@ where
         let dir = match (recipe.lora.enabled, recipe.lora.quantize) {
             (true, BaseQuant::Nf4) => {
                 let scale = recipe.lora.alpha / recipe.lora.r as f64;
-                let merged = export::merged_base(&inner, scale, &student_dir)?;
-                export::write_hf_dir(&merged, &inner.config, &student_dir, &final_dir)?
+                export::export_merged_base(&inner, scale, &student_dir, &final_dir)?
             }
             (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), &student_dir, &final_dir)?,
             (false, _) => export::export_hf(&inner, &student_dir, &final_dir)?,
