@@ -268,9 +268,10 @@ pub enum HeadWeight<B: Backend> {
 }
 
 impl<B: Backend> HeadWeight<B> {
-    fn dtype(&self) -> DType {
+    /// The weight as stored, either layout.
+    fn stored(&self) -> &Tensor<B, 2> {
         match self {
-            HeadWeight::Cv(w) | HeadWeight::Vc(w) => w.dtype(),
+            HeadWeight::Cv(w) | HeadWeight::Vc(w) => w,
         }
     }
 
@@ -316,7 +317,7 @@ where
     let dtype = hidden.dtype();
     // The head weight in the activations' dtype once, not once per chunk: the tied head's f32
     // master copy is [C, 151936], and its cast took 4.3 ms a chunk on the H100.
-    let w_dtype = weight.dtype();
+    let w_dtype = weight.stored().dtype();
     let weight = weight.map(|w| distill_models::transformer::cast_to(w, dtype));
     let analytic = has_analytic_grad(teacher, cfg);
     // (total, ce, kl) summed on the device, read once at the end: a read per chunk would
@@ -415,9 +416,7 @@ where
     if want_weight_grad.is_some() {
         w = w.map(Tensor::require_grad);
     }
-    let leaf = match &w {
-        HeadWeight::Cv(w) | HeadWeight::Vc(w) => w.clone(),
-    };
+    let leaf = w.stored().clone();
     let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.cv(), None);
     let sums = token_loss(logits, Tensor::from_inner(labels), &lift::<AD>(teacher), cfg);
     let values = Tensor::cat(
