@@ -24,8 +24,8 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
 use distill_core::recipe::{BaseQuant, LoraSection};
-use distill_eval::generate::{GenerationConfig, Request, Sampling, generate};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
+use distill_infer::generate::{GenerationConfig, Request, Sampling, generate};
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 use distill_train::bench::{self as lib, Gemm, TrainBench};
 use serde_json::{Map, Value, json};
@@ -860,7 +860,7 @@ fn lora_of(case: &Case) -> bool {
 }
 
 /// B6: `batch` random prompts of --prompt-len tokens, --new-tokens greedy tokens each through
-/// `distill_eval::generate` (the KV-cached batched decoder eval and serve use), no EOS. One
+/// `distill_infer::generate` (the KV-cached batched decoder eval and serve use), no EOS. One
 /// untimed call of the same size first.
 fn bench_generate<B: Kernels>(
     a: &Args,
@@ -1108,7 +1108,7 @@ fn pool_bytes(_device: DeviceArg) -> Option<(u64, u64)> {
 fn driver_pool_peaks(device: DeviceArg, reset: bool) -> Option<(u64, u64)> {
     match device {
         DeviceArg::Cuda(n) => {
-            distill_models::ops::cublas::driver_pool_peaks(&burn::backend::cuda::CudaDevice::new(n), reset)
+            distill_kernels::cuda::cublas::driver_pool_peaks(&burn::backend::cuda::CudaDevice::new(n), reset)
                 .map_err(|e| eprintln!("note: no driver pool figures ({e})"))
                 .ok()
         }

@@ -14,10 +14,10 @@ use burn::tensor::backend::BackendTypes;
 use distill_core::Recipe;
 use distill_data::is_held_out;
 use distill_eval::contamination::TrainingPrompts;
-use distill_eval::generate::Sampling;
 use distill_eval::report::{self, Report, Settings};
 use distill_eval::run::{self, HeldOutSpec, ModelSpec, Plan};
 use distill_eval::tasks::{TaskKind, TaskSpec};
+use distill_infer::generate::Sampling;
 use distill_models::Kernels;
 
 use crate::backend::{DeviceArg, Job, run_on};
@@ -164,7 +164,7 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
 }
 
 fn score_predictions(args: &Args, path: &Path, out: &Path) -> anyhow::Result<()> {
-    let hub = run::hub_access();
+    let hub = distill_hf::hub::HubSettings::from_env();
     let set = args
         .tasks
         .first()

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use distill_core::Recipe;
 use distill_data::soft::SoftSummary;
 use distill_data::{ErrorRecord, PromptSpec, Sample, load_prompts};
-use distill_models::token_map::MappingStats;
+use distill_hf::token_map::MappingStats;
 use distill_teacher::api::{Sampling, request_body, request_logprobs};
 use distill_teacher::fleet::{EndpointSpec, Fleet, FleetPolicy};
 use distill_teacher::ledger::{Ledger, Peek, Totals};
@@ -93,7 +93,7 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
         id_field: recipe.data.id_field.clone(),
         max_prompts: recipe.data.max_prompts,
     };
-    let prompts = load_prompts(&spec, &distill_eval::run::hub_access())?;
+    let prompts = load_prompts(&spec, &distill_hf::hub::HubSettings::from_env())?;
     let plan = plan(&prompts, &setup);
     let endpoints = endpoints(&recipe)?;
 

@@ -7,9 +7,9 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
 use burn::tensor::{Int, Tensor, TensorData};
-use distill_models::hub::{self, HubSettings};
-use distill_models::template::Message;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::template::Message;
+use distill_hf::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, Kernels};
 
 use crate::backend::{DeviceArg, Job, run_on};

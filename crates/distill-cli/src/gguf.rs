@@ -8,7 +8,7 @@ use anyhow::Context;
 use distill_gguf::export::{Quant, export_gguf};
 use distill_gguf::import::{OutDtype, import_gguf};
 use distill_gguf::{output, resolve_source};
-use distill_models::hub::{self, HubSettings};
+use distill_hf::hub::{self, HubSettings};
 
 #[derive(clap::Args)]
 pub struct ImportArgs {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use distill_models::hub::{self, HubSettings};
+use distill_hf::hub::{self, HubSettings};
 use distill_models::init_student::{InitStudentError, InitSummary, LayerSelection, init_student};
 
 use crate::inspect::human;

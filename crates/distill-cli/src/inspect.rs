@@ -7,11 +7,11 @@ mod dataset;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use distill_hf::config::RopeScaling;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
+use distill_hf::weights::Checkpoint;
 use distill_models::DecoderConfig;
-use distill_models::config::RopeScaling;
-use distill_models::hub::{self, HubSettings};
-use distill_models::tokenizer::TextTokenizer;
-use distill_models::weights::Checkpoint;
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -67,7 +67,7 @@ impl Report {
             .map(|m| m.shape.iter().product::<usize>())
             .sum();
         let mut files = vec![dir.join("config.json")];
-        let index = dir.join(distill_models::weights::INDEX_FILE);
+        let index = dir.join(distill_hf::weights::INDEX_FILE);
         if index.exists() {
             files.push(index);
         }

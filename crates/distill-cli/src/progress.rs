@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use distill_eval::run::Progress;
+use distill_core::progress::Progress;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// One indicatif bar per stage: rate and ETA.

@@ -8,18 +8,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distill_core::recipe::SoftLabelSource;
+use distill_data::examples::{DataOptions, Example, IGNORE, load_held_out};
 use distill_data::soft::{PAD_ID, SoftMeta, SoftRecord, SoftWriter, soft_dir};
-use distill_models::hub::{self, HubSettings};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
 use distill_teacher::ApiKey;
 use distill_teacher::prompt_logprobs::{PromptLogprobs, prompt_logprobs};
-use distill_train::data::{DataOptions, Example, IGNORE, load_held_out};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
 use distill_core::Recipe;
-use distill_eval::rescore::{RescoreSpec, RescoreSummary, rescore};
 use distill_models::Kernels;
+use distill_teacher::rescore::{RescoreSpec, RescoreSummary, rescore};
 
 use crate::backend::{DeviceArg, Job, run_on};
 use crate::progress::StageBars;

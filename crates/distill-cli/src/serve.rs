@@ -5,8 +5,8 @@ use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
+use distill_hf::hub::{self, HubSettings};
 use distill_models::Kernels;
-use distill_models::hub::{self, HubSettings};
 use distill_serve::ServeOptions;
 
 use crate::backend::{DeviceArg, Job, run_on};

@@ -4,6 +4,7 @@
 pub mod fsutil;
 pub mod logprobs;
 pub mod message;
+pub mod progress;
 pub mod recipe;
 pub mod tensorfile;
 

@@ -5,25 +5,15 @@
 //! or `[dir/]split` (default `train`): files named `split`, `split.jsonl`, `split-00000-of-00002.parquet`, …
 //! under `dir`. Only `.jsonl`, `.json` and `.parquet` files are considered.
 //!
-//! hf-hub does not read the HF_* variables itself; the caller fills [`HubAccess`] from them
-//! (the CLI uses `distill_models::hub::HubSettings::from_env`, the one place that reads them).
+//! hf-hub does not read the HF_* variables itself; `distill_hf::hub::HubSettings::from_env`
+//! does, and its client ([`distill_hf::hub::api`]) is the one model downloads use too.
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiBuilder;
+use distill_hf::hub::{HubSettings, api};
 use hf_hub::{Repo, RepoType};
 
 use crate::DataError;
-
-/// How to reach the Hub and where its cache is.
-#[derive(Debug, Clone, Default)]
-pub struct HubAccess {
-    pub cache_dir: PathBuf,
-    /// Sent as a header only; never part of an error message.
-    pub token: Option<String>,
-    pub offline: bool,
-    pub endpoint: Option<String>,
-}
 
 const EXTENSIONS: [&str; 3] = [".jsonl", ".json", ".parquet"];
 
@@ -127,7 +117,7 @@ fn preview(listing: &[String]) -> String {
 
 /// Resolves `org/name[@revision][:selector]` (without the `hf:`) to local files, downloading
 /// what the cache lacks unless offline.
-pub fn dataset_files(text: &str, access: &HubAccess) -> Result<Vec<PathBuf>, DataError> {
+pub fn dataset_files(text: &str, access: &HubSettings) -> Result<Vec<PathBuf>, DataError> {
     let r = DatasetRef::parse(text)?;
     let source_ref = format!("hf:{text}");
     let repo = Repo::with_revision(r.repo.clone(), RepoType::Dataset, r.revision.clone());
@@ -148,16 +138,7 @@ pub fn dataset_files(text: &str, access: &HubAccess) -> Result<Vec<PathBuf>, Dat
         source_ref: source_ref.clone(),
         msg,
     };
-    let mut builder = ApiBuilder::new()
-        .with_cache_dir(access.cache_dir.clone())
-        .with_token(access.token.clone())
-        .with_progress(false);
-    if let Some(endpoint) = &access.endpoint {
-        builder = builder.with_endpoint(endpoint.clone());
-    }
-    let api = builder
-        .build()
-        .map_err(|e| hub_err(format!("cannot start the Hub client: {e}")))?;
+    let api = api(access, false).map_err(hub_err)?;
     let api_repo = api.repo(repo);
     let info = api_repo
         .info()
@@ -253,7 +234,7 @@ mod tests {
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join("train.jsonl"), "{}\n").unwrap();
         std::fs::write(snap.join("test.jsonl"), "{}\n").unwrap();
-        let access = HubAccess {
+        let access = HubSettings {
             cache_dir: tmp.path().to_path_buf(),
             offline: true,
             ..Default::default()

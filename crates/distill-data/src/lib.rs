@@ -5,9 +5,12 @@
 //! - [`shards`]: reading JSONL shards that a killed writer may have left with a torn last line;
 //! - [`soft`]: soft labels (the teacher's top-k logprobs per response position): the
 //!   safetensors store in `<dataset>/soft/`, its writer, streaming reader and validation;
+//! - [`examples`]: samples rendered with a student's chat template into token ids and labels,
+//!   split into train / held-out, packed into rows;
 //! - [`extract`]: final-answer extraction (`\boxed{}`, `#### n`, numbers) and equivalence, the
 //!   one both gen-data's rejection sampling and `distill eval` use.
 
+pub mod examples;
 pub mod extract;
 pub mod hub;
 pub mod prompts;
@@ -19,7 +22,6 @@ mod error;
 
 pub use error::DataError;
 pub use extract::{Answer, AnswerSource, answers_match, extract_answer, reference_answer};
-pub use hub::HubAccess;
 pub use prompts::{Prompt, PromptSpec, load_prompts};
 pub use sample::{ErrorRecord, Message, Sample, Usage, assistant_turn, is_held_out};
 pub use soft::{SoftError, SoftLabels, SoftMeta, SoftRecord, SoftWriter};

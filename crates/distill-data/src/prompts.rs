@@ -13,8 +13,9 @@ use serde_json::{Map, Value};
 
 use crate::DataError;
 use crate::extract::reference_answer;
-use crate::hub::{HubAccess, dataset_files};
+use crate::hub::dataset_files;
 use crate::sample::Message;
+use distill_hf::hub::HubSettings;
 
 /// Where prompts come from and how records map to them (the recipe's `[data]`).
 #[derive(Debug, Clone, Default)]
@@ -42,7 +43,7 @@ const AUTO_PROMPT: [&str; 5] = ["prompt", "question", "problem", "instruction+in
 const AUTO_REFERENCE: [&str; 4] = ["final_answer", "reference", "answer", "solution"];
 
 /// Reads every prompt of `spec.source` (up to `max_prompts`).
-pub fn load_prompts(spec: &PromptSpec, hub: &HubAccess) -> Result<Vec<Prompt>, DataError> {
+pub fn load_prompts(spec: &PromptSpec, hub: &HubSettings) -> Result<Vec<Prompt>, DataError> {
     let files = match spec.source.strip_prefix("hf:") {
         Some(r) => dataset_files(r, hub)?,
         None => vec![PathBuf::from(&spec.source)],
@@ -297,7 +298,7 @@ mod tests {
                 source: path.to_string_lossy().into_owned(),
                 ..spec
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
     }
 
@@ -384,7 +385,7 @@ mod tests {
                 source: "/nonexistent/p.jsonl".into(),
                 ..Default::default()
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
         .unwrap_err()
         .to_string();
@@ -406,7 +407,7 @@ mod tests {
                 max_prompts: Some(2),
                 ..Default::default()
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
         .unwrap();
         assert_eq!(
@@ -460,7 +461,7 @@ mod tests {
                 source: path.to_string_lossy().into_owned(),
                 ..Default::default()
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
         .unwrap();
         assert_eq!(p.len(), 2);
@@ -477,7 +478,7 @@ mod tests {
                 source: "x.parquet".into(),
                 ..Default::default()
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
         .unwrap_err()
         .to_string();
@@ -492,7 +493,7 @@ mod tests {
                 source: path.to_string_lossy().into_owned(),
                 ..Default::default()
             },
-            &HubAccess::default(),
+            &HubSettings::default(),
         )
         .unwrap();
         assert_eq!(p.len(), 200);

@@ -1,19 +1,15 @@
 //! `distill eval`: whether distillation worked, on held-out data, with uncertainty.
 //!
 //! Data flow: models (HF dirs, `org/name` refs) and held-out sets go in; [`run::evaluate`]
-//! generates ([`generate`]), scores task outputs ([`tasks`], reasoning split by
-//! [`reasoning`]), teacher-forces held-out teacher samples ([`likelihood`]), runs the
+//! generates (`distill_infer::generate`), scores task outputs ([`tasks`], reasoning split by
+//! `distill_infer::reasoning`), teacher-forces held-out teacher samples ([`likelihood`]), runs the
 //! behaviour probes ([`probes`]) and flags contaminated prompts ([`contamination`]); the
 //! [`report`] module writes report.json, report.md, examples.jsonl and the plots.
 
 pub mod contamination;
-pub mod generate;
-pub mod host;
 pub mod likelihood;
 pub mod probes;
-pub mod reasoning;
 pub mod report;
-pub mod rescore;
 pub mod run;
 pub mod stats;
 pub mod tasks;
@@ -27,7 +23,9 @@ pub enum EvalError {
     #[error(transparent)]
     Data(#[from] distill_data::DataError),
     #[error(transparent)]
-    Samples(#[from] distill_train::data::DataError),
+    Samples(#[from] distill_data::examples::ExampleError),
+    #[error(transparent)]
+    Infer(#[from] distill_infer::InferError),
     /// An input file or record that cannot be used.
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },

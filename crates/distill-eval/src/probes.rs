@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
-use crate::reasoning::Split;
 use crate::stats::{Estimate, mean, proportion};
+use distill_infer::reasoning::Split;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,7 +137,7 @@ pub fn score(outcomes: &[ProbeOutcome]) -> BTreeMap<String, SubjectScores> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasoning::split;
+    use distill_infer::reasoning::split;
 
     fn probe(subject: &str, template: &str) -> Probe {
         Probe {

@@ -7,16 +7,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use distill_train::metrics::PALETTE;
-use plotters::prelude::*;
+use distill_plot::PALETTE;
+use distill_plot::plotters::prelude::*;
 use serde::Serialize;
 
 use crate::EvalError;
-use crate::generate::{FinishReason, Sampling};
 use crate::likelihood::{HeldOutScores, paired_difference};
 use crate::probes::SubjectScores;
 use crate::stats::Estimate;
 use crate::tasks::TaskKind;
+use distill_infer::generate::{FinishReason, Sampling};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const REPORT_JSON: &str = "report.json";
@@ -456,18 +456,14 @@ fn nan() -> Estimate {
 }
 
 fn draw_bars(path: &Path, bars: &Bars) -> Result<PathBuf, EvalError> {
-    let (w, h) = SIZE;
-    let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    render_bars(bars, &mut rgb).map_err(|msg| EvalError::Input {
+    distill_plot::render(path, SIZE, |rgb| render_bars(bars, rgb)).map_err(|e| EvalError::Input {
         path: path.to_path_buf(),
-        msg: format!("drawing the plot: {msg}"),
+        msg: e.to_string(),
     })?;
-    distill_train::metrics::write_png(path, &rgb, SIZE).map_err(EvalError::io(path))?;
     Ok(path.to_path_buf())
 }
 
 fn render_bars(bars: &Bars, rgb: &mut [u8]) -> Result<(), String> {
-    distill_train::metrics::register_font_once()?;
     let err = |e: DrawingAreaErrorKind<_>| e.to_string();
     let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -501,7 +497,7 @@ fn render_bars(bars: &Bars, rgb: &mut [u8]) -> Result<(), String> {
             }
         })
         .y_desc(bars.y_label)
-        .y_label_formatter(&|v| distill_train::metrics::tick_label(*v))
+        .y_label_formatter(&|v| distill_plot::tick_label(*v))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
         .draw()

@@ -4,26 +4,26 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use distill_data::HubAccess;
-use distill_models::hub::{self, HubSettings};
-use distill_models::tokenizer::TextTokenizer;
+use distill_data::examples::{DataOptions, Example, load_held_out};
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, Kernels};
-use distill_train::data::{DataOptions, Example, load_held_out};
 
 use crate::EvalError;
 use crate::contamination::TrainingPrompts;
-use crate::generate::{
-    FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
-};
-use crate::likelihood::{HeldOutAccumulator, HeldOutScores, TopK, loss_positions, teacher_force};
+use crate::likelihood::{HeldOutAccumulator, HeldOutScores};
 use crate::probes::{self, Probe, ProbeOutcome};
-use crate::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
 use crate::report::{
     Contamination, ExampleRecord, FORMAT_VERSION, LengthBucket, ModelReport, ReasoningReport, Report,
     Settings, TaskReport,
 };
 use crate::stats::{mean, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
+use distill_infer::generate::{
+    FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
+};
+use distill_infer::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
+use distill_infer::score::{TopK, loss_positions, teacher_force};
 
 /// A model to evaluate, under the name the report gives it.
 #[derive(Debug, Clone)]
@@ -68,21 +68,7 @@ pub struct Plan {
     pub device: String,
 }
 
-/// Where long work reports how far it got (the CLI draws indicatif bars).
-pub trait Progress {
-    fn stage(&self, label: &str, total: u64);
-    fn advance(&self, n: u64);
-    fn finish_stage(&self);
-}
-
-/// Progress that goes nowhere (tests, library use).
-pub struct Silent;
-
-impl Progress for Silent {
-    fn stage(&self, _: &str, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn finish_stage(&self) {}
-}
+pub use distill_core::progress::{Progress, Silent};
 
 pub fn evaluate<B: Kernels>(
     plan: &Plan,
@@ -163,19 +149,8 @@ pub fn evaluate<B: Kernels>(
 }
 
 fn load_task_sets(plan: &Plan) -> Result<Vec<TaskSet>, EvalError> {
-    let hub = hub_access();
+    let hub = HubSettings::from_env();
     plan.tasks.iter().map(|t| tasks::load(t, &hub)).collect()
-}
-
-/// The Hub settings distill-data reads datasets with, from the same HF_* variables.
-pub fn hub_access() -> HubAccess {
-    let s = HubSettings::from_env();
-    HubAccess {
-        cache_dir: s.cache_dir,
-        token: s.token,
-        offline: s.offline,
-        endpoint: s.endpoint,
-    }
 }
 
 fn contamination(plan: &Plan, sets: &[TaskSet]) -> std::collections::BTreeMap<String, Contamination> {
@@ -512,7 +487,7 @@ fn stored_targets(
             continue;
         };
         let labels: Vec<i64> = loss_positions(ex).iter().map(|&p| ex.labels[p]).collect();
-        let Some(offset) = distill_train::soft::align(&labels, &rec.ids) else {
+        let Some(offset) = distill_data::examples::align(&labels, &rec.ids) else {
             continue;
         };
         let mut top = TopK {

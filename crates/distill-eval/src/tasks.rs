@@ -11,7 +11,8 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use distill_core::Message;
-use distill_data::{HubAccess, PromptSpec, answers_match, extract_answer, load_prompts};
+use distill_data::{PromptSpec, answers_match, extract_answer, load_prompts};
+use distill_hf::hub::HubSettings;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -79,7 +80,7 @@ pub struct Scored {
     pub correct: bool,
 }
 
-pub fn load(spec: &TaskSpec, hub: &HubAccess) -> Result<TaskSet, EvalError> {
+pub fn load(spec: &TaskSpec, hub: &HubSettings) -> Result<TaskSet, EvalError> {
     let kind = match spec.kind {
         Some(k) => k,
         None if has_choices(&spec.source) => TaskKind::Choice,
@@ -112,7 +113,7 @@ fn set_name(source: &str) -> String {
     }
 }
 
-fn load_with_references(spec: &TaskSpec, hub: &HubAccess) -> Result<Vec<TaskItem>, EvalError> {
+fn load_with_references(spec: &TaskSpec, hub: &HubSettings) -> Result<Vec<TaskItem>, EvalError> {
     let prompts = load_prompts(
         &PromptSpec {
             source: spec.source.clone(),
@@ -365,7 +366,7 @@ mod tests {
             max_examples: Some(5),
             ..Default::default()
         };
-        let set = load(&spec, &HubAccess::default()).unwrap();
+        let set = load(&spec, &HubSettings::default()).unwrap();
         assert_eq!(set.kind, TaskKind::Math);
         assert_eq!(set.items.len(), 5);
         assert_eq!(set.name, "gsm8k-train-200");

@@ -28,6 +28,9 @@ pub enum GgufError {
     Invalid { path: PathBuf, msg: String },
     #[error("ollama model `{name}`: {msg}")]
     Ollama { name: String, msg: String },
+    /// A model directory's config.json that does not parse or is not supported.
+    #[error(transparent)]
+    Model(#[from] distill_hf::ModelError),
 }
 
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;

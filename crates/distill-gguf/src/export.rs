@@ -12,12 +12,13 @@ use serde_json::Value as Json;
 
 use crate::error::{GgufError, Result};
 use crate::ggml::GgmlType;
-use crate::hfconfig::{Arch, HfConfig, Hparams, RopeScaling};
+use crate::hfconfig::{Arch, Hparams, RopeScaling};
 use crate::import::ROPE_SCALING_KEY;
 use crate::names::{hf_to_gguf, permute_rows};
 use crate::reader::{Value, value_type};
 use crate::tokenizer::{PreTokenizer, token_type};
 use crate::writer::{TensorSpec, write_gguf};
+use distill_hf::DecoderConfig;
 
 /// The quantization of the whole file, as llama.cpp's `llama-quantize` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,10 +197,8 @@ pub struct ExportSummary {
 /// Writes the model in `dir` to the GGUF file `out` (the caller makes that atomic).
 pub fn export_gguf(dir: &Path, out: &Path, quant: Quant) -> Result<ExportSummary> {
     let config_path = dir.join("config.json");
-    let config: HfConfig = read_json(&config_path)?;
-    let hp = config
-        .hparams()
-        .map_err(|msg| GgufError::invalid(&config_path, msg))?;
+    let config = DecoderConfig::from_file(&config_path)?;
+    let hp = Hparams::from_decoder(&config).map_err(|msg| GgufError::invalid(&config_path, msg))?;
     let weights = Weights::open(dir)?;
     let vocab = TokenizerExport::read(dir, &hp)?;
 

@@ -1,7 +1,8 @@
 //! Model hyperparameters both ways: GGUF `{arch}.*` metadata to an HF `config.json` that
-//! transformers and `distill_models::DecoderConfig` read, and `config.json` back to metadata.
+//! transformers and `distill_hf::DecoderConfig` read, and a config.json read by
+//! `distill_hf::DecoderConfig` back to metadata.
 
-use serde::Deserialize;
+use distill_hf::config::{Architecture, DecoderConfig, RopeScaling as HfRope};
 use serde_json::{Value as Json, json};
 
 /// The architectures we convert: llama.cpp's name, HF's class and model_type.
@@ -16,19 +17,6 @@ impl Arch {
         match name {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
-            _ => None,
-        }
-    }
-
-    pub fn from_hf(config: &HfConfig) -> Option<Self> {
-        let name = config
-            .architectures
-            .first()
-            .map(String::as_str)
-            .or(config.model_type.as_deref())?;
-        match name {
-            "LlamaForCausalLM" | "llama" => Some(Arch::Llama),
-            "Qwen2ForCausalLM" | "qwen2" => Some(Arch::Qwen2),
             _ => None,
         }
     }
@@ -194,110 +182,50 @@ impl Hparams {
     }
 }
 
-/// The config.json fields export reads (Qwen2 and Llama share them).
-#[derive(Deserialize, Debug, Clone)]
-pub struct HfConfig {
-    #[serde(default)]
-    pub architectures: Vec<String>,
-    pub model_type: Option<String>,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
-    pub head_dim: Option<usize>,
-    pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: Option<f64>,
-    pub rope_scaling: Option<Json>,
-    /// transformers 5 moves rope_theta and the scaling dict here.
-    pub rope_parameters: Option<Json>,
-    #[serde(default)]
-    pub attention_bias: bool,
-    #[serde(default)]
-    pub mlp_bias: bool,
-    #[serde(default)]
-    pub use_sliding_window: bool,
-    pub tie_word_embeddings: Option<bool>,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<Json>,
-}
-
-impl HfConfig {
-    /// Resolved hyperparameters, or a message naming the unsupported field.
-    pub fn hparams(&self) -> Result<Hparams, String> {
-        let arch = Arch::from_hf(self).ok_or_else(|| {
-            format!(
-                "architecture {:?} is not supported (supported: LlamaForCausalLM, Qwen2ForCausalLM)",
-                self.architectures
-            )
-        })?;
-        if self.use_sliding_window {
-            return Err("use_sliding_window=true is not supported".into());
-        }
-        if self.mlp_bias {
+impl Hparams {
+    /// The hyperparameters of a config.json that `distill_hf` has read (the one parser of
+    /// config.json), or a message naming what llama.cpp cannot take.
+    pub fn from_decoder(config: &DecoderConfig) -> Result<Hparams, String> {
+        let arch = match config.architecture {
+            Architecture::Llama => Arch::Llama,
+            Architecture::Qwen2 => Arch::Qwen2,
+        };
+        if config.mlp_bias {
             return Err("mlp_bias=true is not supported by llama.cpp's llama architecture".into());
         }
-        let params = self.rope_parameters.as_ref();
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| params?.get("rope_theta")?.as_f64())
-            .unwrap_or(10_000.0);
-        let scaling = self.rope_scaling.as_ref().or(params).filter(|v| !v.is_null());
-        let rope_scaling = match scaling {
-            None => RopeScaling::None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or(s.get("type"))
-                    .and_then(Json::as_str)
-                    .unwrap_or("default");
-                let num = |k: &str| {
-                    s.get(k)
-                        .and_then(Json::as_f64)
-                        .ok_or(format!("rope_scaling needs `{k}`"))
-                };
-                match kind {
-                    "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear(num("factor")?),
-                    "llama3" => RopeScaling::Llama3(Llama3Rope {
-                        factor: num("factor")?,
-                        low_freq_factor: num("low_freq_factor")?,
-                        high_freq_factor: num("high_freq_factor")?,
-                        original_max_position_embeddings: num("original_max_position_embeddings")?,
-                    }),
-                    other => {
-                        return Err(format!(
-                            "rope_scaling type `{other}` is not supported (default, linear, llama3)"
-                        ));
-                    }
-                }
-            }
+        let rope_scaling = match config.rope_scaling {
+            HfRope::None => RopeScaling::None,
+            HfRope::Linear { factor } => RopeScaling::Linear(factor),
+            HfRope::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => RopeScaling::Llama3(Llama3Rope {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }),
         };
-        let eos_token_id = match &self.eos_token_id {
-            Some(Json::Array(ids)) => ids.first().and_then(Json::as_u64).map(|v| v as u32),
-            Some(v) => v.as_u64().map(|v| v as u32),
-            None => None,
-        };
-        let heads = self.num_attention_heads.max(1);
         Ok(Hparams {
             arch,
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_hidden_layers: self.num_hidden_layers,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim.unwrap_or(self.hidden_size / heads),
-            max_position_embeddings: self.max_position_embeddings,
-            rms_norm_eps: self.rms_norm_eps,
-            rope_theta,
+            vocab_size: config.vocab_size,
+            hidden_size: config.hidden_size,
+            intermediate_size: config.intermediate_size,
+            num_hidden_layers: config.num_hidden_layers,
+            num_attention_heads: config.num_attention_heads,
+            num_key_value_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            max_position_embeddings: config.max_position_embeddings,
+            rms_norm_eps: config.rms_norm_eps,
+            rope_theta: config.rope_theta,
             rope_scaling,
-            attention_bias: arch == Arch::Qwen2 || self.attention_bias,
-            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            bos_token_id: self.bos_token_id,
-            eos_token_id,
+            // Qwen2 always has q/k/v biases; Llama's attention_bias sets them (and o_proj's).
+            attention_bias: config.qkv_bias,
+            tie_word_embeddings: config.tie_word_embeddings,
+            bos_token_id: config.bos_token_id,
+            eos_token_id: config.eos_token_ids.first().copied(),
         })
     }
 }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::TensorView;
 use serde_json::Value;
 
-use crate::config::DecoderConfig;
-use crate::error::{ModelError, read_json};
-use crate::tokenizer::{TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
-use crate::weights::{Checkpoint, SINGLE_FILE};
+use distill_hf::config::DecoderConfig;
+use distill_hf::error::{ModelError, read_json};
+use distill_hf::tokenizer::{TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
+use distill_hf::weights::{Checkpoint, SINGLE_FILE};
 
 /// Files copied verbatim from the source when present (config.json is rewritten instead).
 pub const COPIED_FILES: [&str; 5] = [

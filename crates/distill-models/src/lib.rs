@@ -1,27 +1,15 @@
 //! Qwen2 and Llama causal LMs in burn, loaded from Hugging Face model directories.
 //!
-//! Data flow: [`hub::resolve`] turns `org/name[@rev]` or a path into a local directory;
-//! [`DecoderConfig::from_dir`] reads config.json; [`CausalLm::load`] reads the safetensors;
-//! [`tokenizer::TextTokenizer`] reads tokenizer.json and the chat template.
+//! Data flow: `distill_hf::hub::resolve` turns `org/name[@rev]` or a path into a local
+//! directory and `distill_hf::DecoderConfig::from_dir` reads its config.json;
+//! [`CausalLm::load`] puts the safetensors on a device.
 
-pub mod config;
-pub mod error;
-pub mod hub;
 pub mod init_student;
-pub mod llama;
 mod load;
-pub mod nf4;
-pub mod ops;
-pub mod qwen2;
-pub mod template;
-pub mod token_map;
-pub mod tokenizer;
 pub mod transformer;
-pub mod weights;
 
-pub use config::{Architecture, DecoderConfig};
-pub use error::{ModelError, Result};
-pub use ops::Kernels;
+pub use distill_hf::{Architecture, DecoderConfig, ModelError, Result};
+pub use distill_kernels::Kernels;
 pub use transformer::{CausalLm, KvCache};
 
 #[cfg(test)]

@@ -6,16 +6,16 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
-use crate::config::DecoderConfig;
-use crate::error::Result;
-use crate::ops::Kernels;
 use distill_core::recipe::BaseQuant;
+use distill_hf::config::DecoderConfig;
+use distill_hf::error::Result;
+use distill_kernels::Kernels;
 
-use crate::nf4::Nf4;
 use crate::transformer::{
     Attention, CausalLm, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm, Rotary, Weight,
 };
-use crate::weights::{Checkpoint, HostTensor};
+use distill_hf::weights::{Checkpoint, HostTensor};
+use distill_kernels::nf4::Nf4;
 
 /// Reads tensors by HF name onto a device; names and shapes were checked up front.
 struct Reader<'a, B: Backend> {

@@ -4,8 +4,8 @@
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::CausalLm;
-use crate::ops::Kernels;
 use crate::test_util::{RefTensor, read_reference};
+use distill_kernels::Kernels;
 
 /// Largest |a - b| and the reference's largest |b|.
 fn max_diff(ours: &[f32], theirs: &[f64]) -> (f64, f64) {
@@ -143,7 +143,7 @@ fn llama_matches_transformers_on_cpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_bf16_matches_transformers() {
-    let Some(device) = crate::ops::cublas::first_cuda_device() else {
+    let Some(device) = distill_kernels::cuda::cublas::first_cuda_device() else {
         return;
     };
     for name in ["tiny-qwen2", "tiny-llama"] {

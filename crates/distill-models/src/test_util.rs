@@ -48,13 +48,3 @@ pub fn read_reference(model: &str) -> HashMap<String, RefTensor> {
         })
         .collect()
 }
-
-/// Copies a fixture model into a temp dir that a test may break.
-pub fn scratch_copy(model: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixtures().join(model)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
-    }
-    tmp
-}

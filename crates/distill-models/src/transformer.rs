@@ -7,11 +7,12 @@ use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
-use crate::config::{DecoderConfig, RopeScaling};
 use distill_core::recipe::BaseQuant;
+use distill_hf::config::{DecoderConfig, RopeScaling};
 
-use crate::nf4::Nf4;
-use crate::ops::{Kernels, KeyRanges, LinearWeight, NormInput, Normed, add_bias};
+use distill_kernels::cast_to;
+use distill_kernels::nf4::Nf4;
+use distill_kernels::{Kernels, KeyRanges, LinearWeight, NormInput, Normed, add_bias};
 
 /// A linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
@@ -681,9 +682,6 @@ impl<B: Kernels> CausalLm<B> {
 
 /// Parameters may be stored in another dtype than the activations (f32 trainable weights in a
 /// bf16 model): cast at use, so autodiff carries gradients back in the parameter's dtype.
-pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor::DType) -> Tensor<B, D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
-}
 
 fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 0.02), device)
@@ -825,7 +823,7 @@ mod tests {
         }
 
         let (gate, up) = (t3(data(1)), t3(data(2)));
-        let h = crate::ops::elementwise::swiglu_default(gate.clone(), up.clone());
+        let h = distill_kernels::elementwise::swiglu_default(gate.clone(), up.clone());
         let y = layer
             .forward_swiglu(Tensor::from_inner(gate), Tensor::from_inner(up))
             .inner();

@@ -4,15 +4,15 @@
 //! Fields follow OpenAI's API reference; extensions follow vLLM (`top_k`, `prompt_logprobs`
 //! and `reasoning_content`, which DeepSeek's API also uses for R1's reasoning).
 
-use distill_eval::generate::{FinishReason, Generation, Request, Sampling, TokenLogprob};
-use distill_eval::reasoning;
+use distill_infer::generate::{FinishReason, Generation, Request, Sampling, TokenLogprob};
+use distill_infer::reasoning;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::engine::{Params, PositionScore};
 use crate::error::ApiError;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
 
 use crate::tokens::Vocab;
 
@@ -283,7 +283,7 @@ pub struct Part {
 /// A chat request, checked: the messages in the template's form and how to decode.
 #[derive(Debug, Clone)]
 pub struct ChatPlan {
-    pub messages: Vec<distill_models::template::Message>,
+    pub messages: Vec<distill_hf::template::Message>,
     pub n: usize,
     pub top_logprobs: Option<usize>,
 }
@@ -348,7 +348,7 @@ impl ChatRequest {
 }
 
 impl ChatMessage {
-    fn to_template(&self, i: usize) -> Result<distill_models::template::Message, ApiError> {
+    fn to_template(&self, i: usize) -> Result<distill_hf::template::Message, ApiError> {
         let content = match &self.content {
             None => String::new(),
             Some(Content::Text(t)) => t.clone(),
@@ -373,7 +373,7 @@ impl ChatMessage {
         } else {
             self.role.as_str()
         };
-        Ok(distill_models::template::Message::new(role, content))
+        Ok(distill_hf::template::Message::new(role, content))
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
-use distill_eval::generate::{Generation, GenerationConfig, Request, Sampling, generate};
-use distill_eval::{EvalError, host};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
+use distill_infer::generate::{Generation, GenerationConfig, Request, Sampling, generate};
+use distill_infer::{InferError, host};
 use distill_models::{CausalLm, Kernels};
 use tokio::sync::oneshot;
 
@@ -36,8 +36,8 @@ pub struct Params {
 #[error("{0}")]
 pub struct EngineError(pub String);
 
-impl From<EvalError> for EngineError {
-    fn from(e: EvalError) -> Self {
+impl From<InferError> for EngineError {
+    fn from(e: InferError) -> Self {
         EngineError(e.to_string())
     }
 }

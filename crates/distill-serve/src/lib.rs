@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use distill_eval::generate::eos_ids;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
+use distill_infer::generate::eos_ids;
 use distill_models::{CausalLm, Kernels};
 
 pub use engine::{Stats, StatsSnapshot};

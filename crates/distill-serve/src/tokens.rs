@@ -5,8 +5,8 @@
 //! `bytes`, so a client can join tokens back into text exactly (our gen-data client's
 //! `token_map` relies on it); the token's text shows a partial character as U+FFFD.
 
-use distill_models::token_map::TokenMap;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::token_map::TokenMap;
+use distill_hf::tokenizer::TextTokenizer;
 
 /// The raw bytes of every token id of a tokenizer.
 #[derive(Debug, Clone)]

@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::backend::Flex;
-use distill_eval::generate::{GenerationConfig, Request, Sampling, eos_ids, generate};
-use distill_eval::likelihood::teacher_force;
+use distill_data::examples::{Example, IGNORE};
+use distill_hf::template::Message;
+use distill_hf::tokenizer::TextTokenizer;
+use distill_infer::generate::{GenerationConfig, Request, Sampling, eos_ids, generate};
+use distill_infer::score::teacher_force;
 use distill_models::CausalLm;
-use distill_models::template::Message;
-use distill_models::tokenizer::TextTokenizer;
 use distill_serve::tokens::Vocab;
 use distill_serve::{ServeError, ServeOptions, Server};
-use distill_train::data::{Example, IGNORE};
 use serde_json::{Value, json};
 
 fn fixture() -> PathBuf {
@@ -70,7 +70,7 @@ impl Reference {
         sampling: Sampling,
         max_new_tokens: usize,
         k: usize,
-    ) -> Vec<distill_eval::generate::Generation> {
+    ) -> Vec<distill_infer::generate::Generation> {
         let requests: Vec<Request> = seeds
             .iter()
             .map(|&seed| Request {
@@ -99,7 +99,7 @@ impl Reference {
     }
 
     /// log p(token | previous) and the top-k at every position after the first.
-    fn force(&self, ids: &[u32], k: usize) -> distill_eval::likelihood::Forced {
+    fn force(&self, ids: &[u32], k: usize) -> distill_infer::score::Forced {
         let mut labels: Vec<i64> = ids[1..].iter().map(|&t| i64::from(t)).collect();
         labels.push(IGNORE);
         let ex = Example {

@@ -7,7 +7,8 @@
 //! - [`fleet`], [`limiter`]: where the next request goes and how many are in flight;
 //! - [`ledger`]: `samples-*.jsonl` + `errors.jsonl`, resume, torn-line repair, the lock;
 //! - [`run`]: the loop that ties them together; [`manifest`]: `manifest.json`;
-//! - [`prompt_logprobs`]: vLLM's `/v1/completions` prompt logprobs (teacher-forced top-k).
+//! - [`prompt_logprobs`]: vLLM's `/v1/completions` prompt logprobs (teacher-forced top-k);
+//! - [`rescore`]: a local teacher re-scores the samples (`gen-data --rescore`): top-k soft labels.
 
 pub mod api;
 pub mod fleet;
@@ -16,6 +17,7 @@ pub mod limiter;
 pub mod manifest;
 pub mod plan;
 pub mod prompt_logprobs;
+pub mod rescore;
 pub mod run;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -21,9 +21,9 @@ use distill_core::Recipe;
 use distill_core::recipe::BaseQuant;
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 
-use crate::data::Row;
 use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 use crate::trainer::{self, Teacher, TrainError};
+use distill_data::examples::Row;
 
 type Ad<B> = Autodiff<B>;
 
@@ -383,7 +383,7 @@ pub fn synthetic_teacher<B: Backend>(
 }
 
 fn random_below(rng: &mut u64, n: usize) -> usize {
-    ((crate::data::uniform01(rng) * n as f64) as usize).min(n.saturating_sub(1))
+    ((distill_data::examples::uniform01(rng) * n as f64) as usize).min(n.saturating_sub(1))
 }
 
 fn sync<B: Backend>(device: &B::Device) {
@@ -541,8 +541,8 @@ where
 #[cfg(test)]
 mod tests {
     use distill_core::recipe::LoraSection;
+    use distill_hf::config::RopeScaling;
     use distill_models::Architecture;
-    use distill_models::config::RopeScaling;
 
     use super::*;
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use distill_core::recipe::LoraSection;
 use distill_core::tensorfile::{self, FileDtype};
-use distill_models::weights::{Checkpoint, HostTensor};
+use distill_hf::weights::{Checkpoint, HostTensor};
 use distill_models::{CausalLm, Kernels};
 use rayon::prelude::*;
 
@@ -128,7 +128,7 @@ fn write_hf_dir(
 ) -> Result<PathBuf, CheckpointError> {
     let tmp = staging_dir(out, ".tmp-export-")?;
     let dtype = FileDtype::from_torch(config.torch_dtype.as_deref());
-    let path = tmp.path().join(distill_models::weights::SINGLE_FILE);
+    let path = tmp.path().join(distill_hf::weights::SINGLE_FILE);
     let write_error = |source| CheckpointError::Io {
         path: path.clone(),
         source,

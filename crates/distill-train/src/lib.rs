@@ -2,7 +2,6 @@
 
 pub mod bench;
 pub mod checkpoint;
-pub mod data;
 pub mod export;
 pub mod lora;
 pub mod loss;

@@ -26,7 +26,7 @@ pub fn add_lora<B: Kernels>(
         let [d_in, d_out] = linear.weight.dims();
         let bound = 1.0 / (d_in as f64).sqrt();
         let a: Vec<f32> = (0..d_in * cfg.r)
-            .map(|_| ((crate::data::uniform01(&mut rng) * 2.0 - 1.0) * bound) as f32)
+            .map(|_| ((distill_data::examples::uniform01(&mut rng) * 2.0 - 1.0) * bound) as f32)
             .collect();
         linear.lora = Some(Lora {
             lora_a: Param::from_tensor(Tensor::from_data(

@@ -318,7 +318,7 @@ where
     // The head weight in the activations' dtype once, not once per chunk: the tied head's f32
     // master copy is [C, 151936], and its cast took 4.3 ms a chunk on the H100.
     let w_dtype = weight.stored().dtype();
-    let weight = weight.map(|w| distill_models::transformer::cast_to(w, dtype));
+    let weight = weight.map(|w| distill_kernels::cast_to(w, dtype));
     let analytic = has_analytic_grad(teacher, cfg);
     // (total, ce, kl) summed on the device, read once at the end: a read per chunk would
     // stall the GPU queue between chunks.
@@ -362,7 +362,7 @@ where
         grad_weight = grad_w;
         start += len;
     }
-    let grad_weight = grad_weight.map(|g| distill_models::transformer::cast_to(g, w_dtype));
+    let grad_weight = grad_weight.map(|g| distill_kernels::cast_to(g, w_dtype));
     let (total, ce, kl) = match sums {
         Some(s) => {
             let v: Vec<f64> = s
@@ -455,7 +455,7 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
     let w = weight.cv(); // [C, V]
     let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, g) = analytic_chunk(logits, labels, teacher, cfg, scale, h.dtype().into()); // [len, V]
-    let grad_h = distill_models::ops::gemm(g.clone(), w.transpose()); // [len, C]
+    let grad_h = distill_kernels::gemm(g.clone(), w.transpose()); // [len, C]
     // dL/dW straight from the GEMM's f32 accumulator, added there to the earlier chunks' sum:
     // a bf16 result was rounded, then cast, once per chunk, and a separate sum kept a second
     // [C, V] f32 buffer (0.87 GiB at 1.5B's tied head) through the loss, its peak.
@@ -470,8 +470,8 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
             (h.swap_dims(2, 3), g, [c, v])
         };
         let sum: Tensor<B, 4> = match acc {
-            Some(acc) => distill_models::ops::bmm_accumulate(acc.reshape([1, 1, dims[0], dims[1]]), a, b),
-            None => distill_models::ops::bmm(a, b, FloatDType::F32),
+            Some(acc) => distill_kernels::bmm_accumulate(acc.reshape([1, 1, dims[0], dims[1]]), a, b),
+            None => distill_kernels::bmm(a, b, FloatDType::F32),
         };
         sum.reshape(dims)
     }); // f32, the weight's layout

@@ -10,10 +10,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use plotters::coord::Shift;
-use plotters::prelude::*;
+use distill_plot::plotters::coord::Shift;
+use distill_plot::plotters::prelude::*;
+use distill_plot::{PALETTE, PlotError, tick_label};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The log's file name inside a run directory.
@@ -21,10 +21,6 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Width and height of the plot written by [`plot_curves`], in pixels.
 pub const PLOT_SIZE: (u32, u32) = (1200, 900);
-
-/// A small ASCII subset of DejaVu Sans (licence beside it in assets/), so plots get axis labels
-/// on machines without system fonts.
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -233,15 +229,15 @@ pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsEr
 
 /// Draws into a white RGB buffer of [`PLOT_SIZE`] and writes it to `out_png`.
 fn render(out_png: &Path, draw: impl FnOnce(&mut [u8]) -> Result<(), String>) -> Result<(), MetricsError> {
-    let (w, h) = PLOT_SIZE;
-    let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    draw(&mut rgb).map_err(|message| MetricsError::Plot {
-        path: out_png.into(),
-        message,
-    })?;
-    write_png(out_png, &rgb, PLOT_SIZE).map_err(|source| MetricsError::WritePng {
-        path: out_png.into(),
-        source,
+    distill_plot::render(out_png, PLOT_SIZE, draw).map_err(|e| match e {
+        PlotError::Draw(message) => MetricsError::Plot {
+            path: out_png.into(),
+            message,
+        },
+        PlotError::Write(source) => MetricsError::WritePng {
+            path: out_png.into(),
+            source,
+        },
     })
 }
 
@@ -254,21 +250,6 @@ fn step_range(first: u64, last: u64) -> Range<f64> {
         first - 1.0..first + 1.0
     }
 }
-
-/// One colour per model or run: matplotlib's tab10, all ten, so that an experiment's ten
-/// models (teacher, base, eight arms) never share a colour (distill-eval's plots use it too).
-pub const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
 
 /// Draws several runs' curves on shared axes, one colour per run: the cross-entropy on the
 /// training text (which every run logs, whatever its loss weights) in the upper panel, the
@@ -295,7 +276,6 @@ pub fn plot_runs(runs: &[(String, PathBuf)], out_png: &Path) -> Result<(), Metri
 }
 
 fn draw_runs(ce: &[Curve], kl: &[Curve], steps: Range<f64>, rgb: &mut [u8]) -> Result<(), String> {
-    register_font_once()?;
     let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let root = root
@@ -329,7 +309,6 @@ fn curve(records: &[MetricsRecord], label: &str, color: RGBColor, field: fn(&Met
 }
 
 fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> {
-    register_font_once()?;
     let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let root = root
@@ -348,19 +327,6 @@ fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> 
     let lr = [curve(records, "lr", RGBColor(148, 103, 189), |r| r.lr)];
     draw_panel(&lower, "Learning rate", &lr, steps)?;
     root.present().map_err(|e| e.to_string())
-}
-
-/// plotters' ab_glyph backend looks fonts up by family name in a process-wide table: call
-/// this before drawing text as "sans-serif" (distill-eval's plots share the embedded font).
-pub fn register_font_once() -> Result<(), String> {
-    static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED
-        .get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
-    if ok {
-        Ok(())
-    } else {
-        Err("the embedded font does not parse".to_owned())
-    }
 }
 
 fn draw_panel<DB: DrawingBackend>(
@@ -404,19 +370,6 @@ fn draw_panel<DB: DrawingBackend>(
         .map_err(err)
 }
 
-/// Short tick labels for values from learning rates (1e-5) to token counts: plain decimals
-/// without trailing zeros in between, scientific notation outside.
-pub fn tick_label(v: f64) -> String {
-    if v == 0.0 {
-        return "0".to_owned();
-    }
-    if !(1e-3..1e5).contains(&v.abs()) {
-        return format!("{v:.1e}");
-    }
-    let fixed = format!("{v:.3}");
-    fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
-
 /// The y range covering every finite point, padded 5% so lines do not run along the frame.
 fn value_range(curves: &[Curve]) -> Range<f64> {
     let values = curves.iter().flat_map(|c| c.points.iter().map(|&(_, v)| v));
@@ -432,19 +385,6 @@ fn value_range(curves: &[Curve]) -> Range<f64> {
         lo.abs().max(1e-12) * 0.1
     };
     lo - pad..hi + pad
-}
-
-/// Writes an RGB8 buffer as a PNG, creating the parent directory.
-pub fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> io::Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
-    let mut encoder = png::Encoder::new(io::BufWriter::new(File::create(path)?), w, h);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(io::Error::other)?;
-    writer.write_image_data(rgb).map_err(io::Error::other)?;
-    writer.finish().map_err(io::Error::other)
 }
 
 #[cfg(test)]
@@ -548,17 +488,6 @@ mod tests {
         assert!(
             matches!(err, MetricsError::ExtraKeyClash { ref key, .. } if key == "loss"),
             "{err}"
-        );
-    }
-
-    #[test]
-    fn tick_labels_stay_short() {
-        let labels: Vec<String> = [0.0, 2.5, 3.0, 0.125, 1e-5, 2.5e-4, -0.5, 123456.0]
-            .map(tick_label)
-            .into();
-        assert_eq!(
-            labels,
-            ["0", "2.5", "3", "0.125", "1.0e-5", "2.5e-4", "-0.5", "1.2e5"]
         );
     }
 

@@ -8,8 +8,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use distill_core::recipe::{Schedule, TrainSection};
 
+use distill_kernels::AdamWScalars;
 use distill_models::Kernels;
-use distill_models::ops::AdamWScalars;
 
 use crate::params::GradStore;
 

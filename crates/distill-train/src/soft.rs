@@ -13,11 +13,12 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use distill_data::examples::align;
 use distill_data::soft::{SoftLabels, SoftRecord, soft_dir};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
 
-use crate::data::{Example, IGNORE, Row};
 use crate::loss::TeacherTargets;
+use distill_data::examples::{Example, IGNORE, Row};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SoftTargetError {
@@ -28,7 +29,6 @@ pub enum SoftTargetError {
 }
 
 /// Tokens a record must share with the end of a cut example's labels to align.
-const MIN_CUT_OVERLAP: usize = 8;
 
 /// How many examples found usable soft labels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -171,54 +171,4 @@ fn short(hash: &str) -> &str {
 /// The label token at each loss position of an example, in order.
 fn label_tokens(ex: &Example) -> Vec<i64> {
     ex.labels.iter().copied().filter(|&l| l != IGNORE).collect()
-}
-
-/// Where `ids` (a record's response tokens) starts among `labels` (an example's label
-/// tokens): the first offset at which they agree over the record's whole length, or, for an
-/// example cut at seq_len, over the rest of the labels (at least 8 tokens, or the whole
-/// record if shorter, so a chance match of a token or two does not count). None when they
-/// do not line up.
-pub fn align(labels: &[i64], ids: &[u32]) -> Option<usize> {
-    if ids.is_empty() {
-        return None;
-    }
-    let matches = |o: usize| {
-        let m = ids.len().min(labels.len() - o);
-        let full = m == ids.len();
-        let enough = full || m >= ids.len().min(MIN_CUT_OVERLAP);
-        enough && m > 0 && labels[o..o + m].iter().zip(ids).all(|(&l, &t)| l == i64::from(t))
-    };
-    (0..labels.len()).find(|&o| matches(o))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_align_at_the_start_inside_or_cut_by_seq_len() {
-        let labels = [10, 11, 12, 13, 14, 99];
-        // Re-scored: the whole label span.
-        assert_eq!(align(&labels, &[10, 11, 12, 13, 14, 99]), Some(0));
-        // API capture: the template added a token before and an end-of-turn after.
-        assert_eq!(align(&labels, &[11, 12, 13, 14]), Some(1));
-        // The example was cut at seq_len: the record runs past the labels.
-        let cut: Vec<i64> = (10..20).collect();
-        let record: Vec<u32> = (10..25).collect();
-        assert_eq!(align(&cut, &record), Some(0));
-        assert_eq!(
-            align(&cut[..4], &record),
-            None,
-            "4 shared tokens are too few to trust"
-        );
-        assert_eq!(
-            align(&labels, &[13, 14, 99, 7]),
-            None,
-            "3 of 4 tokens is a chance match"
-        );
-        // Too little overlap, or different tokens.
-        assert_eq!(align(&labels, &[99, 7, 8, 9]), None);
-        assert_eq!(align(&labels, &[11, 13]), None);
-        assert_eq!(align(&labels, &[]), None);
-    }
 }

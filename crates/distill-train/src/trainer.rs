@@ -19,14 +19,13 @@ use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use distill_core::Recipe;
 use distill_core::recipe::BaseQuant;
-use distill_models::hub::{self, HubSettings};
-use distill_models::ops::KeyRanges;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
+use distill_kernels::KeyRanges;
 use distill_models::transformer::Context;
 use distill_models::{CausalLm, Kernels};
 
 use crate::checkpoint::{self, HostTensors, TrainState};
-use crate::data::{self, DataOptions, Example, IGNORE, Row};
 use crate::export;
 use crate::lora;
 use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
@@ -35,13 +34,14 @@ use crate::optim::{AdamW, AdamWConfig, Moments, learning_rate};
 use crate::params::{GradStore, ParamInfo, collect_grads, param_infos, read_params};
 use crate::soft::{SoftStats, SoftTargetError, SoftTargets};
 use crate::tensorboard::EventWriter;
+use distill_data::examples::{self as data, DataOptions, Example, IGNORE, Row};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
     Model(#[from] distill_models::ModelError),
     #[error(transparent)]
-    Data(#[from] data::DataError),
+    Data(#[from] data::ExampleError),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error(transparent)]

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use distill_data::shards::{list_shards, scan_jsonl};
 use distill_data::soft::{self, ValidationReport, soft_dir, validate};
-use distill_models::hub::{self, HubSettings};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
 use serde_json::{Value, json};
 
 /// Whether `text` names a dataset directory (one with samples-*.jsonl) rather than a model.

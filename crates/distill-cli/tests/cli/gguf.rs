@@ -8,10 +8,10 @@ use std::sync::OnceLock;
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
+use distill_hf::template::Message;
+use distill_hf::tokenizer::TextTokenizer;
+use distill_hf::weights::Checkpoint;
 use distill_models::CausalLm;
-use distill_models::template::Message;
-use distill_models::tokenizer::TextTokenizer;
-use distill_models::weights::Checkpoint;
 use safetensors::SafeTensors;
 
 use super::{assert_clean_failure, distill, fixtures, stderr, stdout};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use distill_data::soft::{SoftLabels, soft_dir};
-use distill_models::token_map::TokenMap;
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::token_map::TokenMap;
+use distill_hf::tokenizer::TextTokenizer;
 use distill_teacher::testing::{FakeTeacher, Reply, Seen, sum_in};
 use serde_json::{Value, json};
 

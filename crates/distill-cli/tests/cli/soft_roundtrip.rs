@@ -6,8 +6,8 @@ use burn::backend::Flex;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_data::soft::{SoftLabels, soft_dir};
+use distill_hf::tokenizer::TextTokenizer;
 use distill_models::CausalLm;
-use distill_models::tokenizer::TextTokenizer;
 
 use super::*;
 

@@ -68,10 +68,12 @@ fn valid_revision(rev: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
 }
 
-/// Where the HF cache is, and how to reach the Hub, from the environment.
-#[derive(Debug, Clone)]
+/// Where the HF cache is, and how to reach the Hub, from the environment: the one settings
+/// type for models and datasets alike.
+#[derive(Debug, Clone, Default)]
 pub struct HubSettings {
     pub cache_dir: PathBuf,
+    /// Sent as a header only; never part of an error message.
     pub token: Option<String>,
     pub offline: bool,
     pub endpoint: Option<String>,
@@ -127,6 +129,21 @@ struct ShardIndex {
     weight_map: std::collections::BTreeMap<String, String>,
 }
 
+/// The Hub client for `settings` (cache, token, endpoint), the one both model and dataset
+/// downloads use; `progress` draws hf-hub's download bars.
+pub fn api(settings: &HubSettings, progress: bool) -> std::result::Result<hf_hub::api::sync::Api, String> {
+    let mut builder = ApiBuilder::new()
+        .with_cache_dir(settings.cache_dir.clone())
+        .with_token(settings.token.clone())
+        .with_progress(progress);
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot start the Hub client: {e}"))
+}
+
 /// Fetches one file of the repo to a local path, or says why not.
 type FileGetter<'a> = dyn Fn(&str) -> std::result::Result<PathBuf, String> + 'a;
 
@@ -142,16 +159,7 @@ fn fetch(text: &str, repo_id: &str, revision: &str, settings: &HubSettings) -> R
     let getter: Box<FileGetter<'_>> = if settings.offline {
         Box::new(|file: &str| cache.get(file).ok_or_else(|| "not in cache".to_string()))
     } else {
-        let mut builder = ApiBuilder::new()
-            .with_cache_dir(settings.cache_dir.clone())
-            .with_token(settings.token.clone())
-            .with_progress(true);
-        if let Some(endpoint) = &settings.endpoint {
-            builder = builder.with_endpoint(endpoint.clone());
-        }
-        let api = builder
-            .build()
-            .map_err(|e| hub_err(format!("cannot start the Hub client: {e}")))?;
+        let api = api(settings, true).map_err(hub_err)?;
         let api_repo = api.repo(repo.clone());
         // The error text never includes the token: hf-hub sends it as a header only.
         Box::new(move |file: &str| api_repo.get(file).map_err(|e| e.to_string()))

@@ -1,7 +1,6 @@
-//! The kernel seam. Model code calls GEMMs, attention and normalisation only through
-//! [`Kernels`], so a backend can swap in faster kernels (cuBLAS GEMMs, flash attention)
-//! by overriding a method in its impl (CUDA's: `ops/cuda.rs`), without touching
-//! `transformer.rs`; the trainer does the same for the loss's passes over logits and the
+//! The kernel seam. Model code (distill-models) calls GEMMs, attention and normalisation only
+//! through [`Kernels`], so a backend can swap in faster kernels (cuBLAS GEMMs, flash attention)
+//! by overriding a method in its impl (CUDA's: `cuda.rs`), without touching the model; the trainer does the same for the loss's passes over logits and the
 //! optimizer update.
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
 //!
@@ -26,7 +25,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{Bool, DType, FloatDType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use crate::nf4::{self, Nf4Tensor};
+use crate::nf4::Nf4Tensor;
+
+/// NF4 (QLoRA's 4-bit NormalFloat) weights: quantization, packing, dequantization.
+pub mod nf4;
 
 /// Attention with an O(T) backward state, block by block.
 pub mod attention;
@@ -43,33 +45,10 @@ pub use swiglu_linear::LoraPair;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
 
-/// cuBLAS GEMMs on burn's CUDA tensors (the `cuda` feature).
+/// The CUDA backend's [`Kernels`] impl and its kernels: cuBLAS, NVRTC-compiled CUDA C, the
+/// bridge to cubecl's stream (the `cuda` feature).
 #[cfg(feature = "cuda")]
-pub mod cublas;
-/// The CUDA backend's [`Kernels`] impl (the `cuda` feature).
-#[cfg(feature = "cuda")]
-mod cuda;
-/// RMSNorm, SwiGLU and RoPE, forward and backward, as CUDA kernels (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_elementwise;
-/// Flash attention forward and backward on tensor cores (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_flash;
-/// The loss's passes over logits as CUDA kernels (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_logits;
-/// NF4 dequantization as one CUDA kernel (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_nf4;
-/// The AdamW update as one CUDA kernel (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_optim;
-/// Attention's softmax and its backward as fused CUDA kernels (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub mod cuda_softmax;
-/// Run-time compiled CUDA C kernels (the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub(crate) mod nvrtc;
+pub mod cuda;
 
 #[cfg(feature = "cuda")]
 pub use cuda::{Fallback, has_fallen_back};
@@ -541,6 +520,11 @@ impl<B: Kernels> LinearWeight<B> {
 }
 
 /// y [..., N] + bias [N], when there is one.
+/// `t` in `dtype`, without a cast when it is already there.
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
 pub fn add_bias<B: Backend, const D: usize>(y: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
     match bias {
         Some(b) => y + b.unsqueeze(),
@@ -1175,4 +1159,13 @@ mod tests {
     fn cpu_linear_is_burns() {
         const { assert!(!<Flex as Kernels>::FAST_GEMM && !<B as Kernels>::FAST_GEMM) };
     }
+}
+
+/// tests/fixtures, or $DISTILL_FIXTURES when the test binary runs away from the source tree
+/// (as on the GPU machine).
+#[cfg(test)]
+fn test_fixtures() -> std::path::PathBuf {
+    std::env::var_os("DISTILL_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }

@@ -202,7 +202,7 @@ mod tests {
     use burn::tensor::{DType, Distribution, Tensor};
 
     use super::*;
-    use crate::ops::elementwise::swiglu_default;
+    use crate::elementwise::swiglu_default;
 
     type AD = Autodiff<Flex>;
 

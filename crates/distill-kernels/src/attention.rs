@@ -20,7 +20,7 @@ use std::ops::Range;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
-use crate::ops::{Kernels, bmm};
+use crate::{Kernels, bmm};
 
 /// Most bytes of f32 scores one block materialises ([rows, heads, T, S] x 4).
 pub const BLOCK_BYTES: usize = 256 << 20;
@@ -219,7 +219,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     use super::*;
-    use crate::ops::{KeyRanges, attention_autodiff, repeat_kv};
+    use crate::{KeyRanges, attention_autodiff, repeat_kv};
 
     type AD = Autodiff<Flex>;
 

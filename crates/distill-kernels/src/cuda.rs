@@ -1,6 +1,5 @@
 //! The CUDA backend's [`Kernels`] impl (`Cuda<bf16>`, `Cuda<f32>`): each method calls its
-//! kernel module (`cublas`, `cuda_flash`, `cuda_softmax`, `cuda_logits`, `cuda_elementwise`,
-//! `cuda_optim`) and falls back to the burn-op default, noted once, when the kernel cannot take
+//! kernel module (`cublas`, `flash`, `softmax`, `logits`, `elementwise`, `optim`, `nf4`) and falls back to the burn-op default, noted once, when the kernel cannot take
 //! the input or cannot run.
 
 use burn::tensor::ops::FloatTensor;
@@ -8,12 +7,28 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 
 use crate::nf4::Nf4Tensor;
 
-use super::{
+use crate::{
     AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
-    attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default, cublas, cuda_elementwise,
-    cuda_flash, cuda_logits, cuda_nf4, cuda_optim, cuda_softmax, elementwise, logits, prim, rms_norm_default,
+    attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default, prim, rms_norm_default,
     sum_groups, tensor,
 };
+
+/// cuBLAS GEMMs on burn's CUDA tensors, and the bridge to cubecl's device thread and stream.
+pub mod cublas;
+/// RMSNorm, SwiGLU and RoPE, forward and backward.
+pub mod elementwise;
+/// Flash attention forward and backward on tensor cores.
+pub mod flash;
+/// The loss's passes over logits.
+pub mod logits;
+/// NF4 dequantization as one kernel.
+pub mod nf4;
+/// Run-time compiled CUDA C kernels.
+pub(crate) mod nvrtc;
+/// The AdamW update, the flat group's assembly and its sum of squares.
+pub mod optim;
+/// Attention's softmax and its backward, fused.
+pub mod softmax;
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
 /// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,
@@ -96,7 +111,7 @@ where
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
-        match cuda_elementwise::rms_norm(&prim(x.clone()), &prim(weight.clone()), eps as f32) {
+        match elementwise::rms_norm(&prim(x.clone()), &prim(weight.clone()), eps as f32) {
             Ok(y) => tensor(y),
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
@@ -111,7 +126,7 @@ where
         dy: Tensor<Self, 3>,
         eps: f64,
     ) -> (Tensor<Self, 3>, Tensor<Self, 1>) {
-        match cuda_elementwise::rms_norm_backward(
+        match elementwise::rms_norm_backward(
             &prim(x.clone()),
             &prim(weight.clone()),
             &prim(dy.clone()),
@@ -123,17 +138,17 @@ where
             }
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
-                elementwise::rms_norm_backward_default(x, weight, dy, eps)
+                crate::elementwise::rms_norm_backward_default(x, weight, dy, eps)
             }
         }
     }
 
     fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        match cuda_elementwise::swiglu(&prim(gate.clone()), &prim(up.clone())) {
+        match elementwise::swiglu(&prim(gate.clone()), &prim(up.clone())) {
             Ok(y) => tensor(y),
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
-                elementwise::swiglu_default(gate, up)
+                crate::elementwise::swiglu_default(gate, up)
             }
         }
     }
@@ -143,22 +158,22 @@ where
         up: Tensor<Self, 3>,
         dy: Tensor<Self, 3>,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
-        match cuda_elementwise::swiglu_backward(&prim(gate.clone()), &prim(up.clone()), &prim(dy.clone())) {
+        match elementwise::swiglu_backward(&prim(gate.clone()), &prim(up.clone()), &prim(dy.clone())) {
             Ok((d_gate, d_up)) => (tensor(d_gate), tensor(d_up)),
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
-                elementwise::swiglu_backward_default(gate, up, dy)
+                crate::elementwise::swiglu_backward_default(gate, up, dy)
             }
         }
     }
 
     fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
-        match cuda_elementwise::rope(&prim(x.clone()), &prim(cos.clone()), &prim(sin.clone())) {
+        match elementwise::rope(&prim(x.clone()), &prim(cos.clone()), &prim(sin.clone())) {
             // The output comes as [B, T, H, hd]: the view the model's next reshape wants.
             Ok(y) => tensor::<Self, 4>(y).swap_dims(1, 2),
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
-                elementwise::rope_default(x, cos, sin)
+                crate::elementwise::rope_default(x, cos, sin)
             }
         }
     }
@@ -168,7 +183,7 @@ where
             return concat_f32_default(parts);
         }
         let prims: Vec<FloatTensor<Self>> = parts.iter().cloned().map(prim).collect();
-        match cuda_optim::concat_f32(&prims) {
+        match optim::concat_f32(&prims) {
             Ok(out) => tensor(out),
             Err(why) => {
                 fell_back(Fallback::AdamW, &why);
@@ -179,7 +194,7 @@ where
 
     fn nf4_dequantize(w: &Nf4Tensor<Self>, dtype: DType) -> Tensor<Self, 2> {
         let codes = w.codes.clone().into_primitive();
-        match cuda_nf4::dequantize(&codes, &prim(w.absmax.clone()), w.shape, dtype) {
+        match nf4::dequantize(&codes, &prim(w.absmax.clone()), w.shape, dtype) {
             Ok(out) => tensor(out),
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
@@ -189,7 +204,7 @@ where
     }
 
     fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
-        match cuda_optim::sum_squares_partials(&prim(x.clone())) {
+        match optim::sum_squares_partials(&prim(x.clone())) {
             Ok(partials) => tensor::<Self, 1>(partials).sum(),
             Err(why) => {
                 fell_back(Fallback::AdamW, &why);
@@ -203,11 +218,11 @@ where
         t: f64,
         limit: usize,
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
-        match cuda_logits::stats(&prim(z.clone()), t as f32, limit) {
+        match logits::stats(&prim(z.clone()), t as f32, limit) {
             Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
             Err(why) => {
                 fell_back(Fallback::LossSoftmax, &why);
-                logits::stats_default(z, t, limit)
+                crate::logits::stats_default(z, t, limit)
             }
         }
     }
@@ -223,7 +238,7 @@ where
         values: Tensor<Self, 2>,
         dtype: FloatDType,
     ) -> Tensor<Self, 2> {
-        let found = cuda_logits::grad(
+        let found = logits::grad(
             &prim(z.clone()),
             &prim(max.clone()),
             &prim(a.clone()),
@@ -238,7 +253,7 @@ where
             Ok(g) => tensor(g),
             Err(why) => {
                 fell_back(Fallback::LossSoftmax, &why);
-                logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
+                crate::logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
             }
         }
     }
@@ -251,12 +266,12 @@ where
         c: AdamWScalars,
     ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
         let (p, g, m, v) = (prim(p), prim(g), prim(m), prim(v));
-        if let Err(why) = cuda_optim::adamw_ready(&p, &g, &m, &v) {
+        if let Err(why) = optim::adamw_ready(&p, &g, &m, &v) {
             fell_back(Fallback::AdamW, &why);
             return adamw_default(tensor(p), tensor(g), tensor(m), tensor(v), c);
         }
         // Handed over, not cloned: a buffer held only here is updated in place.
-        match cuda_optim::adamw(p, g, m, v, c) {
+        match optim::adamw(p, g, m, v, c) {
             Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
             // Inputs checked and the kernel loaded: a failed launch is a failed device.
             Err(why) => panic!("AdamW kernel: {why}"),
@@ -271,7 +286,7 @@ where
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
         let scale = 1.0 / (q.dims()[3] as f32).sqrt();
         let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
-        let found = cuda_flash::forward(
+        let found = flash::forward(
             &prim(q.clone()),
             &prim(k.clone()),
             &prim(v.clone()),
@@ -300,7 +315,7 @@ where
         let scale = 1.0 / (q.dims()[3] as f32).sqrt();
         let delta = (d_out.clone().cast(DType::F32) * out.clone().cast(DType::F32)).sum_dim(3); // [B, H, T, 1]
         let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
-        let found = cuda_flash::backward(
+        let found = flash::backward(
             &prim(q.clone()),
             &prim(k.clone()),
             &prim(v.clone()),
@@ -334,9 +349,9 @@ where
         scale: f64,
         p_dtype: FloatDType,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if cuda_softmax::enabled() {
+        if softmax::enabled() {
             let m = mask.clone().map(|m| m.into_primitive());
-            match cuda_softmax::probs(&prim(scores.clone()), m.as_ref(), scale as f32, p_dtype.into()) {
+            match softmax::probs(&prim(scores.clone()), m.as_ref(), scale as f32, p_dtype.into()) {
                 Ok((p, lse)) => return (tensor(p), tensor(lse)),
                 Err(why) => fell_back(Fallback::AttentionSoftmax, &why),
             }
@@ -354,9 +369,9 @@ where
         ds_dtype: FloatDType,
         p_dtype: FloatDType,
     ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        if cuda_softmax::enabled() {
+        if softmax::enabled() {
             let m = mask.clone().map(|m| m.into_primitive());
-            let fused = cuda_softmax::probs_grad(
+            let fused = softmax::probs_grad(
                 &prim(scores.clone()),
                 &prim(dp.clone()),
                 &prim(lse.clone()),

@@ -4,16 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use distill_data::{Sample, is_held_out};
-use distill_models::tokenizer::TextTokenizer;
+use crate::{Sample, is_held_out};
+use distill_hf::tokenizer::TextTokenizer;
 
 /// Label of positions that carry no loss.
 pub const IGNORE: i64 = -100;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DataError {
+pub enum ExampleError {
     #[error(transparent)]
-    Dataset(#[from] distill_data::DataError),
+    Dataset(#[from] crate::DataError),
     #[error("{path}: sample {line}: {msg}")]
     Record { path: PathBuf, line: usize, msg: String },
     #[error("{path}: {msg}")]
@@ -56,10 +56,10 @@ pub fn load_examples(
     dir: &Path,
     tokenizer: &TextTokenizer,
     opts: &DataOptions,
-) -> Result<(Vec<Example>, Vec<Example>, DataStats), DataError> {
+) -> Result<(Vec<Example>, Vec<Example>, DataStats), ExampleError> {
     let (train, held, stats) = split_examples(dir, tokenizer, opts)?;
     if train.is_empty() {
-        return Err(DataError::Invalid {
+        return Err(ExampleError::Invalid {
             path: dir.to_path_buf(),
             msg: format!("no usable training samples ({stats:?})"),
         });
@@ -73,10 +73,10 @@ pub fn load_held_out(
     dir: &Path,
     tokenizer: &TextTokenizer,
     opts: &DataOptions,
-) -> Result<Vec<Example>, DataError> {
+) -> Result<Vec<Example>, ExampleError> {
     let (_, held, stats) = split_examples(dir, tokenizer, opts)?;
     if held.is_empty() {
-        return Err(DataError::Invalid {
+        return Err(ExampleError::Invalid {
             path: dir.to_path_buf(),
             msg: format!(
                 "no held-out samples at held-out share {} ({stats:?}); HINT: a dataset made for evaluation alone takes --held-out-share 1",
@@ -91,14 +91,14 @@ fn split_examples(
     dir: &Path,
     tokenizer: &TextTokenizer,
     opts: &DataOptions,
-) -> Result<(Vec<Example>, Vec<Example>, DataStats), DataError> {
-    let template = tokenizer.template().map_err(|e| DataError::Invalid {
+) -> Result<(Vec<Example>, Vec<Example>, DataStats), ExampleError> {
+    let template = tokenizer.template().map_err(|e| ExampleError::Invalid {
         path: dir.to_path_buf(),
         msg: format!("tokenizer: {e}"),
     })?;
-    let samples = distill_data::shards::read_samples(dir)?;
+    let samples = crate::shards::read_samples(dir)?;
     if samples.is_empty() {
-        return Err(DataError::Invalid {
+        return Err(ExampleError::Invalid {
             path: dir.to_path_buf(),
             msg: "no samples-*.jsonl records here; run `distill gen-data` first or point [data] dataset at the right directory"
                 .into(),
@@ -119,7 +119,7 @@ fn split_examples(
             continue;
         }
         let Some(ex) = tokenize(rec, tokenizer, template, opts.seq_len, &mut stats).map_err(|msg| {
-            DataError::Record {
+            ExampleError::Record {
                 path: dir.to_path_buf(),
                 line: i + 1,
                 msg,
@@ -146,7 +146,7 @@ fn split_examples(
 fn tokenize(
     rec: &Sample,
     tokenizer: &TextTokenizer,
-    template: &distill_models::template::ChatTemplate,
+    template: &distill_hf::template::ChatTemplate,
     seq_len: usize,
     stats: &mut DataStats,
 ) -> Result<Option<Example>, String> {
@@ -277,6 +277,27 @@ pub fn epoch_rows(
     pack(&order, seq_len, packing, pad_id)
 }
 
+/// Response tokens shorter than this must match in full to align (see [`align`]).
+const MIN_CUT_OVERLAP: usize = 8;
+
+/// Where `ids` (a record's response tokens) starts among `labels` (an example's label
+/// tokens): the first offset at which they agree over the record's whole length, or, for an
+/// example cut at seq_len, over the rest of the labels (at least 8 tokens, or the whole
+/// record if shorter, so a chance match of a token or two does not count). None when they
+/// do not line up.
+pub fn align(labels: &[i64], ids: &[u32]) -> Option<usize> {
+    if ids.is_empty() {
+        return None;
+    }
+    let matches = |o: usize| {
+        let m = ids.len().min(labels.len() - o);
+        let full = m == ids.len();
+        let enough = full || m >= ids.len().min(MIN_CUT_OVERLAP);
+        enough && m > 0 && labels[o..o + m].iter().zip(ids).all(|(&l, &t)| l == i64::from(t))
+    };
+    (0..labels.len()).find(|&o| matches(o))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,5 +343,32 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, items);
+    }
+
+    #[test]
+    fn records_align_at_the_start_inside_or_cut_by_seq_len() {
+        let labels = [10, 11, 12, 13, 14, 99];
+        // Re-scored: the whole label span.
+        assert_eq!(align(&labels, &[10, 11, 12, 13, 14, 99]), Some(0));
+        // API capture: the template added a token before and an end-of-turn after.
+        assert_eq!(align(&labels, &[11, 12, 13, 14]), Some(1));
+        // The example was cut at seq_len: the record runs past the labels.
+        let cut: Vec<i64> = (10..20).collect();
+        let record: Vec<u32> = (10..25).collect();
+        assert_eq!(align(&cut, &record), Some(0));
+        assert_eq!(
+            align(&cut[..4], &record),
+            None,
+            "4 shared tokens are too few to trust"
+        );
+        assert_eq!(
+            align(&labels, &[13, 14, 99, 7]),
+            None,
+            "3 of 4 tokens is a chance match"
+        );
+        // Too little overlap, or different tokens.
+        assert_eq!(align(&labels, &[99, 7, 8, 9]), None);
+        assert_eq!(align(&labels, &[11, 13]), None);
+        assert_eq!(align(&labels, &[]), None);
     }
 }

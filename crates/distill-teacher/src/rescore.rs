@@ -13,15 +13,27 @@
 use std::path::PathBuf;
 
 use distill_core::recipe::{LogprobDtype, SoftLabelSource};
+use distill_data::examples::{DataOptions, Example, load_held_out};
 use distill_data::soft::{SoftMeta, SoftRecord, SoftSummary, SoftWriter, soft_dir};
-use distill_models::hub::{self, HubSettings};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
 use distill_models::{CausalLm, Kernels};
-use distill_train::data::{DataOptions, Example, load_held_out};
 
-use crate::EvalError;
-use crate::likelihood::{loss_positions, teacher_force_batch};
-use crate::run::Progress;
+use distill_core::progress::Progress;
+use distill_infer::score::{loss_positions, teacher_force_batch};
+
+/// Why re-scoring stopped; each names the file, model or record at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RescoreError {
+    #[error(transparent)]
+    Model(#[from] distill_hf::ModelError),
+    #[error(transparent)]
+    Samples(#[from] distill_data::examples::ExampleError),
+    #[error(transparent)]
+    Infer(#[from] distill_infer::InferError),
+    #[error("{0}")]
+    Invalid(String),
+}
 
 /// Below this share of identical ids, teacher and student do not share a vocabulary.
 const MIN_SHARED_IDS: f64 = 0.99;
@@ -75,7 +87,7 @@ pub fn rescore<B: Kernels>(
     spec: &RescoreSpec,
     device: &B::Device,
     progress: &dyn Progress,
-) -> Result<RescoreSummary, EvalError> {
+) -> Result<RescoreSummary, RescoreError> {
     let settings = HubSettings::from_env();
     let teacher_dir = hub::resolve(&spec.teacher, &settings)?;
     let teacher_tokenizer = TextTokenizer::from_dir(&teacher_dir)?;
@@ -112,7 +124,8 @@ pub fn rescore<B: Kernels>(
         for (ex, f) in batch.iter().zip(forced) {
             let top = f.top.expect("top-k was asked for");
             let ids = loss_positions(ex).iter().map(|&p| ex.labels[p] as u32).collect();
-            let record = SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(EvalError::Invalid)?;
+            let record =
+                SoftRecord::new(ids, spec.k, top.ids, top.logprobs).map_err(RescoreError::Invalid)?;
             writer.append(&ex.key, &record).map_err(store_error)?;
             progress.advance(1);
         }
@@ -126,8 +139,8 @@ pub fn rescore<B: Kernels>(
     })
 }
 
-fn store_error(e: distill_data::soft::SoftError) -> EvalError {
-    EvalError::Invalid(e.to_string())
+fn store_error(e: distill_data::soft::SoftError) -> RescoreError {
+    RescoreError::Invalid(e.to_string())
 }
 
 /// The teacher must give its distribution over the same ids the samples are tokenized into.
@@ -136,14 +149,14 @@ fn check_shared_vocabulary(
     teacher: &TextTokenizer,
     tokenizer_ref: &str,
     teacher_ref: &str,
-) -> Result<(), EvalError> {
+) -> Result<(), RescoreError> {
     if tokenizer.hash == teacher.hash {
         return Ok(());
     }
     let (same, total) = tokenizer.shared_ids(teacher);
     let share = same as f64 / total.max(1) as f64;
     if share < MIN_SHARED_IDS {
-        return Err(EvalError::Invalid(format!(
+        return Err(RescoreError::Invalid(format!(
             "teacher {teacher_ref} and {tokenizer_ref} do not share a vocabulary ({same} of {total} ids name the same token); \
              HINT: re-score with a teacher of the student's family (e.g. DeepSeek-R1-Distill-Qwen for a Qwen2.5 student)"
         )));
@@ -161,7 +174,7 @@ mod tests {
     use distill_train::trainer::{TrainOptions, train};
 
     use super::*;
-    use crate::run::Silent;
+    use distill_core::progress::Silent;
 
     fn fixtures() -> PathBuf {
         std::env::var_os("DISTILL_FIXTURES")

@@ -9,12 +9,12 @@
 use std::time::Instant;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use distill_models::tokenizer::TextTokenizer;
+use distill_hf::tokenizer::TextTokenizer;
 use distill_models::transformer::{Context, KvCache};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
 
-use crate::EvalError;
+use crate::InferError;
 
 /// How tokens are chosen. temperature 0 is greedy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,9 +140,9 @@ pub fn generate<B: Kernels>(
     cfg: &GenerationConfig,
     device: &B::Device,
     mut on_done: impl FnMut(usize, &Generation),
-) -> Result<(Vec<Generation>, GenerationStats), EvalError> {
+) -> Result<(Vec<Generation>, GenerationStats), InferError> {
     if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
-        return Err(EvalError::Invalid(format!("request {i} has an empty prompt")));
+        return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
     }
     let started = Instant::now();
     // Similar lengths join together, so little compute goes to padding.
@@ -221,7 +221,7 @@ impl<B: Kernels> Running<B> {
         cfg: &GenerationConfig,
         device: &B::Device,
         done: &mut dyn FnMut(usize, Generation),
-    ) -> Result<(), EvalError> {
+    ) -> Result<(), InferError> {
         let width = joining
             .iter()
             .map(|&i| requests[i].prompt.len())
@@ -291,7 +291,7 @@ impl<B: Kernels> Running<B> {
         cfg: &GenerationConfig,
         device: &B::Device,
         done: &mut dyn FnMut(usize, Generation),
-    ) -> Result<(), EvalError> {
+    ) -> Result<(), InferError> {
         let last: Vec<u32> = self
             .live
             .iter()
@@ -330,7 +330,7 @@ fn advance(
     next: Vec<(u32, Option<TokenLogprob>)>,
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generation),
-) -> Result<Vec<usize>, EvalError> {
+) -> Result<Vec<usize>, InferError> {
     let mut keep = Vec::with_capacity(live.len());
     for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
         if cfg.eos.contains(&tok) {
@@ -379,7 +379,7 @@ fn finish(
     live: &mut Live,
     reason: FinishReason,
     cfg: &GenerationConfig,
-) -> Result<Generation, EvalError> {
+) -> Result<Generation, InferError> {
     let tokens = std::mem::take(&mut live.tokens);
     let mut text = tokenizer.decode(&tokens, true)?;
     if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -400,7 +400,7 @@ fn next_tokens<B: Kernels>(
     live: &mut [Live],
     cfg: &GenerationConfig,
     vocab: usize,
-) -> Result<Vec<(u32, Option<TokenLogprob>)>, EvalError> {
+) -> Result<Vec<(u32, Option<TokenLogprob>)>, InferError> {
     let [b, v] = logits.dims();
     // Rows past the real vocabulary are padding; never pick them.
     let v_real = vocab.min(v);
@@ -413,7 +413,7 @@ fn next_tokens<B: Kernels>(
             .map(|t| {
                 u32::try_from(t)
                     .map(|t| (t, None))
-                    .map_err(|_| EvalError::Invalid(format!("token id {t}")))
+                    .map_err(|_| InferError::Invalid(format!("token id {t}")))
             })
             .collect();
     }
@@ -422,7 +422,7 @@ fn next_tokens<B: Kernels>(
         .into_data()
         .convert::<f32>()
         .into_vec()
-        .map_err(|e| EvalError::Invalid(format!("logits to host: {e:?}")))?;
+        .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?;
     Ok((0..b)
         .map(|r| {
             let row = &host[r * v_real..(r + 1) * v_real];

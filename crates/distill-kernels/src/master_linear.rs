@@ -134,7 +134,7 @@ mod tests {
     use burn::tensor::{DType, Distribution, Tensor};
 
     use super::*;
-    use crate::ops::NormInput;
+    use crate::NormInput;
 
     type AD = Autodiff<Flex>;
 

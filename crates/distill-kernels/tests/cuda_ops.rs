@@ -2,7 +2,7 @@
 //! cuda`): attention (blockwise and flash), RMSNorm and SwiGLU under `Autodiff<Cuda>`, the
 //! softmax kernels and AdamW, against burn's own ops or the CPU. Each test prints SKIPPED and passes without a CUDA device.
 //!
-//!     cargo test -p distill-models --features cuda --test cuda_ops -- --nocapture
+//!     cargo test -p distill-kernels --features cuda --test cuda_ops -- --nocapture
 //!
 //! In f32 the two must agree to rounding; in bf16 both are compared with the f32 result, and
 //! ours may not be much further from it than burn's.
@@ -13,9 +13,9 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
-use distill_models::Kernels;
-use distill_models::ops::attention::{probs_default, probs_grad_default};
-use distill_models::ops::{
+use distill_kernels::Kernels;
+use distill_kernels::attention::{probs_default, probs_grad_default};
+use distill_kernels::{
     AdamWScalars, Fallback, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
     has_fallen_back, rms_norm_default,
 };
@@ -570,7 +570,7 @@ fn cuda_logits_kernels_match_the_cpu() {
     assert_eq!(to_gpu(&a).dtype(), DType::F32);
     let ids_gpu = Tensor::<G, 2, burn::tensor::Int>::from_data(TensorData::new(ids, [n, 5]), &device);
 
-    let (m_ref, s_ref, st_ref) = distill_models::ops::logits::stats_default(z.clone(), t, limit);
+    let (m_ref, s_ref, st_ref) = distill_kernels::logits::stats_default(z.clone(), t, limit);
     let (m, s, st) = <G as Kernels>::softmax_stats(z_gpu.clone(), t, limit);
     for (name, got, want) in [
         ("max", m.clone(), m_ref.clone()),
@@ -582,7 +582,7 @@ fn cuda_logits_kernels_match_the_cpu() {
         assert!(e < 1e-5, "{name}: {e:.3e}");
     }
     for dtype in [FloatDType::F32, FloatDType::BF16] {
-        let want = distill_models::ops::logits::grad_default(
+        let want = distill_kernels::logits::grad_default(
             z.clone(),
             m_ref.clone(),
             a.clone(),
@@ -756,7 +756,7 @@ fn cuda_rope_matches_the_cpu() {
 fn cuda_nf4_dequantize_matches_the_host() {
     let Some(device) = gpu() else { return };
     type G = Cuda<half::bf16>;
-    use distill_models::nf4::{self, Nf4};
+    use distill_kernels::nf4::{self, Nf4};
     for shape in [[3usize, 7], [64, 96], [1000, 131]] {
         let n = shape[0] * shape[1];
         let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.61).sin() * 0.05).collect();

@@ -175,7 +175,7 @@ impl<B: Backend> Nf4<B> {
         }
     }
 
-    /// burn layout [in, out], like a dense [`crate::transformer::Linear`] weight.
+    /// burn layout [in, out], like a dense linear weight.
     pub fn dims(&self) -> [usize; 2] {
         [self.shape[1], self.shape[0]]
     }
@@ -207,7 +207,7 @@ pub fn dequantize_default<B: Backend>(w: &Nf4Tensor<B>, dtype: DType) -> Tensor<
         .reshape([blocks * BLOCK])
         .slice(0..out * inp)
         .reshape([out, inp]);
-    crate::transformer::cast_to(values, dtype)
+    crate::cast_to(values, dtype)
 }
 
 #[cfg(test)]
@@ -218,7 +218,7 @@ mod tests {
 
     /// Each case's tensors from tests/fixtures/nf4 (bitsandbytes 0.50.2): raw bytes by name.
     fn reference() -> std::collections::HashMap<String, (Vec<usize>, Vec<u8>)> {
-        let path = crate::test_util::fixtures().join("nf4/reference.safetensors");
+        let path = crate::test_fixtures().join("nf4/reference.safetensors");
         let bytes = std::fs::read(&path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         st.tensors()

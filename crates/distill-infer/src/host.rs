@@ -4,7 +4,7 @@
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_models::Kernels;
 
-use crate::EvalError;
+use crate::InferError;
 
 /// i64 ids [shape] on `device`.
 pub fn int_tensor<B: Kernels, const D: usize>(
@@ -16,18 +16,18 @@ pub fn int_tensor<B: Kernels, const D: usize>(
 }
 
 /// A float tensor's values as f32, whatever its dtype (bf16 is widened on the device first).
-pub fn to_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, EvalError> {
+pub fn to_f32<B: Kernels, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, InferError> {
     t.cast(DType::F32)
         .into_data()
         .convert::<f32>()
         .into_vec()
-        .map_err(|e| EvalError::Invalid(format!("tensor to host: {e:?}")))
+        .map_err(|e| InferError::Invalid(format!("tensor to host: {e:?}")))
 }
 
 /// An int tensor's values as token ids; a negative or too-large value is an error.
-pub fn to_u32<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, EvalError> {
+pub fn to_u32<B: Kernels, const D: usize>(t: Tensor<B, D, Int>) -> Result<Vec<u32>, InferError> {
     t.into_data()
         .iter::<i64>()
-        .map(|v| u32::try_from(v).map_err(|_| EvalError::Invalid(format!("token id {v} out of range"))))
+        .map(|v| u32::try_from(v).map_err(|_| InferError::Invalid(format!("token id {v} out of range"))))
         .collect()
 }

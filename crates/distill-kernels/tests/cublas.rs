@@ -2,8 +2,8 @@
 //! GEMMs behind `Kernels::bmm` (attention's) on `Cuda<bf16>` and `Cuda<f32>` (`--features cuda`).
 //! Each test prints SKIPPED and passes when there is no CUDA device.
 //!
-//!     cargo test -p distill-models --features cuda --test cublas                 # checks
-//!     cargo test -p distill-models --features cuda --test cublas -- --ignored --nocapture  # TFLOP/s
+//!     cargo test -p distill-kernels --features cuda --test cublas                 # checks
+//!     cargo test -p distill-kernels --features cuda --test cublas -- --ignored --nocapture  # TFLOP/s
 //!
 //! Errors are measured against an f32 reference (same bf16 inputs, f32 matmul) as
 //! max |out - ref| / rms(ref); bf16 rounding of the output alone gives up to ~2^-8 of max|ref|.
@@ -16,8 +16,9 @@ use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, FloatDType, Tensor};
-use distill_models::Kernels;
-use distill_models::ops::{bmm, cublas};
+use distill_kernels::Kernels;
+use distill_kernels::bmm;
+use distill_kernels::cuda::cublas;
 
 type G = Cuda<half::bf16>;
 type AD = Autodiff<G>;
@@ -542,7 +543,7 @@ fn cuda_bmm_accumulate_adds_into_an_f32_sum() {
     let want: Vec<f32> = before.iter().zip(&product).map(|(a, p)| a + p).collect();
 
     let accumulated = cublas::accumulated_on_this_thread();
-    let sum = distill_models::ops::bmm_accumulate(acc, ht.clone(), g.clone());
+    let sum = distill_kernels::bmm_accumulate(acc, ht.clone(), g.clone());
     let in_place = cublas::accumulated_on_this_thread() > accumulated;
     assert_eq!((sum.dtype(), sum.dims()), (DType::F32, [1, 1, c, v]));
     let e = err(&host(sum), &want);
@@ -562,7 +563,7 @@ fn cuda_bmm_accumulate_adds_into_an_f32_sum() {
     );
     let kept = acc.clone();
     let accumulated = cublas::accumulated_on_this_thread();
-    let sum = distill_models::ops::bmm_accumulate(acc, ht, g);
+    let sum = distill_kernels::bmm_accumulate(acc, ht, g);
     assert_eq!(
         cublas::accumulated_on_this_thread(),
         accumulated,

@@ -7,7 +7,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 
 /// Device 0, or None (after printing SKIPPED) when there is no CUDA device.
 pub fn gpu() -> Option<CudaDevice> {
-    distill_models::ops::cublas::first_cuda_device()
+    distill_kernels::cuda::cublas::first_cuda_device()
 }
 
 pub fn randn<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
