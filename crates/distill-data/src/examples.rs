@@ -277,7 +277,7 @@ pub fn epoch_rows(
     pack(&order, seq_len, packing, pad_id)
 }
 
-/// Response tokens shorter than this must match in full to align (see [`align`]).
+/// Tokens a record must share with the end of a cut example's labels to align (see [`align`]).
 const MIN_CUT_OVERLAP: usize = 8;
 
 /// Where `ids` (a record's response tokens) starts among `labels` (an example's label

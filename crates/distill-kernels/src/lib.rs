@@ -520,7 +520,9 @@ impl<B: Kernels> LinearWeight<B> {
 }
 
 /// y [..., N] + bias [N], when there is one.
-/// `t` in `dtype`, without a cast when it is already there.
+/// `t` in `dtype`, without a cast when it is already there. Parameters may be stored in
+/// another dtype than the activations (f32 trainable weights in a bf16 model): cast at use, so
+/// autodiff carries gradients back in the parameter's dtype.
 pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
@@ -1016,6 +1018,15 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     }
 }
 
+/// tests/fixtures, or $DISTILL_FIXTURES when the test binary runs away from the source tree
+/// (as on the GPU machine).
+#[cfg(test)]
+fn test_fixtures() -> std::path::PathBuf {
+    std::env::var_os("DISTILL_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1159,13 +1170,4 @@ mod tests {
     fn cpu_linear_is_burns() {
         const { assert!(!<Flex as Kernels>::FAST_GEMM && !<B as Kernels>::FAST_GEMM) };
     }
-}
-
-/// tests/fixtures, or $DISTILL_FIXTURES when the test binary runs away from the source tree
-/// (as on the GPU machine).
-#[cfg(test)]
-fn test_fixtures() -> std::path::PathBuf {
-    std::env::var_os("DISTILL_FIXTURES")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }

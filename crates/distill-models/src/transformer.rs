@@ -680,9 +680,6 @@ impl<B: Kernels> CausalLm<B> {
     }
 }
 
-/// Parameters may be stored in another dtype than the activations (f32 trainable weights in a
-/// bf16 model): cast at use, so autodiff carries gradients back in the parameter's dtype.
-
 fn random<B: Backend, const D: usize>(shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
     Tensor::random(shape, Distribution::Normal(0.0, 0.02), device)
 }

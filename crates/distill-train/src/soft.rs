@@ -28,8 +28,6 @@ pub enum SoftTargetError {
     Refused(String),
 }
 
-/// Tokens a record must share with the end of a cut example's labels to align.
-
 /// How many examples found usable soft labels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct SoftStats {
