@@ -527,13 +527,6 @@ fn render_bars(bars: &Bars, rgb: &mut [u8]) -> Result<(), String> {
             });
         chart.draw_series(whiskers).map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
+    distill_plot::draw_legend(&mut chart)?;
     root.present().map_err(err)
 }

@@ -12,13 +12,14 @@ use serde_json::Value as Json;
 
 use crate::error::{GgufError, Result};
 use crate::ggml::GgmlType;
-use crate::hfconfig::{Arch, Hparams, RopeScaling};
+use crate::hfconfig::{Arch, Hparams, Llama3Rope};
 use crate::import::ROPE_SCALING_KEY;
 use crate::names::{hf_to_gguf, permute_rows};
 use crate::reader::{Value, value_type};
 use crate::tokenizer::{PreTokenizer, token_type};
 use crate::writer::{TensorSpec, write_gguf};
 use distill_hf::DecoderConfig;
+use distill_hf::config::RopeScaling;
 
 /// The quantization of the whole file, as llama.cpp's `llama-quantize` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +199,7 @@ pub struct ExportSummary {
 pub fn export_gguf(dir: &Path, out: &Path, quant: Quant) -> Result<ExportSummary> {
     let config_path = dir.join("config.json");
     let config = DecoderConfig::from_file(&config_path)?;
-    let hp = Hparams::from_decoder(&config).map_err(|msg| GgufError::invalid(&config_path, msg))?;
+    let hp = Hparams::from_decoder(config).map_err(|msg| GgufError::invalid(&config_path, msg))?;
     let weights = Weights::open(dir)?;
     let vocab = TokenizerExport::read(dir, &hp)?;
 
@@ -206,12 +207,13 @@ pub fn export_gguf(dir: &Path, out: &Path, quant: Quant) -> Result<ExportSummary
     metadata.extend(vocab.metadata());
 
     let (specs, sources) = tensor_specs(&hp, &weights, quant, dir)?;
-    if let RopeScaling::Llama3(r) = &hp.rope_scaling {
+    let llama3 = Llama3Rope::from_hf(&hp.config.rope_scaling);
+    if let Some(r) = &llama3 {
         metadata.push((ROPE_SCALING_KEY.into(), Value::String(r.to_json().to_string())));
     }
-    let rope_factors = match &hp.rope_scaling {
-        RopeScaling::Llama3(r) => Some(r.factors(hp.rope_theta, hp.head_dim)),
-        _ => None,
+    let rope_factors = match &llama3 {
+        Some(r) => Some(r.factors(hp.config.rope_theta, hp.config.head_dim)),
+        None => None,
     };
     write_gguf(out, &metadata, &specs, |i| {
         let spec = &specs[i];
@@ -260,7 +262,7 @@ fn tensor_specs(
         if name.ends_with(".rotary_emb.inv_freq") {
             continue; // a buffer some exporters save; RoPE is recomputed from the config
         }
-        if hp.tie_word_embeddings && name == "lm_head.weight" {
+        if hp.config.tie_word_embeddings && name == "lm_head.weight" {
             continue; // a tied head saved anyway: llama.cpp reuses token_embd
         }
         let g = hf_to_gguf(name).ok_or_else(|| {
@@ -281,10 +283,10 @@ fn tensor_specs(
     planned.sort_by_key(|(g, _)| order(g));
     let mut specs = Vec::new();
     let mut sources = Vec::new();
-    if let RopeScaling::Llama3(_) = hp.rope_scaling {
+    if Llama3Rope::from_hf(&hp.config.rope_scaling).is_some() {
         specs.push(TensorSpec {
             name: "rope_freqs.weight".into(),
-            dims: vec![(hp.head_dim / 2) as u64],
+            dims: vec![(hp.config.head_dim / 2) as u64],
             ty: GgmlType::F32,
         });
         sources.push(Source::RopeFactors);
@@ -292,11 +294,17 @@ fn tensor_specs(
     for (g, hf) in planned {
         let shape = &weights_shape(weights, &hf)?;
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        let ty = tensor_type(quant, &g, &dims, hp.num_hidden_layers, hp.tie_word_embeddings);
+        let ty = tensor_type(
+            quant,
+            &g,
+            &dims,
+            hp.config.num_hidden_layers,
+            hp.config.tie_word_embeddings,
+        );
         let part = g.split('.').nth(2).unwrap_or("");
         let permute_heads = match part {
-            "attn_q" if hp.arch.permutes_qk() => Some(hp.num_attention_heads),
-            "attn_k" if hp.arch.permutes_qk() => Some(hp.num_key_value_heads),
+            "attn_q" if hp.arch.permutes_qk() => Some(hp.config.num_attention_heads),
+            "attn_k" if hp.arch.permutes_qk() => Some(hp.config.num_key_value_heads),
             _ => None,
         };
         specs.push(TensorSpec { name: g, dims, ty });
@@ -334,25 +342,25 @@ fn model_metadata(hp: &Hparams, dir: &Path, quant: Quant) -> Vec<(String, Value)
         ("general.architecture".to_string(), Value::String(arch.into())),
         ("general.type".into(), Value::String("model".into())),
         ("general.name".into(), Value::String(name)),
-        (k("vocab_size"), u32v(hp.vocab_size)),
-        (k("context_length"), u32v(hp.max_position_embeddings)),
-        (k("embedding_length"), u32v(hp.hidden_size)),
-        (k("block_count"), u32v(hp.num_hidden_layers)),
-        (k("feed_forward_length"), u32v(hp.intermediate_size)),
-        (k("attention.head_count"), u32v(hp.num_attention_heads)),
-        (k("attention.head_count_kv"), u32v(hp.num_key_value_heads)),
-        (k("rope.freq_base"), Value::F32(hp.rope_theta as f32)),
+        (k("vocab_size"), u32v(hp.config.vocab_size)),
+        (k("context_length"), u32v(hp.config.max_position_embeddings)),
+        (k("embedding_length"), u32v(hp.config.hidden_size)),
+        (k("block_count"), u32v(hp.config.num_hidden_layers)),
+        (k("feed_forward_length"), u32v(hp.config.intermediate_size)),
+        (k("attention.head_count"), u32v(hp.config.num_attention_heads)),
+        (k("attention.head_count_kv"), u32v(hp.config.num_key_value_heads)),
+        (k("rope.freq_base"), Value::F32(hp.config.rope_theta as f32)),
         (
             k("attention.layer_norm_rms_epsilon"),
-            Value::F32(hp.rms_norm_eps as f32),
+            Value::F32(hp.config.rms_norm_eps as f32),
         ),
-        (k("rope.dimension_count"), u32v(hp.head_dim)),
+        (k("rope.dimension_count"), u32v(hp.config.head_dim)),
     ];
-    if hp.head_dim != hp.hidden_size / hp.num_attention_heads {
-        m.push((k("attention.key_length"), u32v(hp.head_dim)));
-        m.push((k("attention.value_length"), u32v(hp.head_dim)));
+    if hp.config.head_dim != hp.config.hidden_size / hp.config.num_attention_heads {
+        m.push((k("attention.key_length"), u32v(hp.config.head_dim)));
+        m.push((k("attention.value_length"), u32v(hp.config.head_dim)));
     }
-    if let RopeScaling::Linear(f) = hp.rope_scaling {
+    if let RopeScaling::Linear { factor: f } = hp.config.rope_scaling {
         m.push((k("rope.scaling.type"), Value::String("linear".into())));
         m.push((k("rope.scaling.factor"), Value::F32(f as f32)));
     }
@@ -448,13 +456,14 @@ impl TokenizerExport {
         // The embedding may have more rows than the tokenizer has tokens (Qwen pads to a
         // multiple of 128); llama.cpp's converter names those rows [PADn], type UNUSED.
         let n = hp
+            .config
             .vocab_size
             .max(by_id.keys().next_back().map_or(0, |&k| k as usize + 1));
-        if n > hp.vocab_size {
+        if n > hp.config.vocab_size {
             return Err(bad(format!(
                 "token ids reach {}, beyond vocab_size {} in config.json",
                 n - 1,
-                hp.vocab_size
+                hp.config.vocab_size
             )));
         }
         let (mut tokens, mut types) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -494,7 +503,7 @@ impl TokenizerExport {
         let special = |key: &str| token_text(&tc[key]);
         let id_of = |t: &Option<String>| t.as_ref().and_then(|t| ids.get(t).copied());
         let eos_text =
-            special("eos_token").or_else(|| hp.eos_token_id.and_then(|i| tokens.get(i as usize).cloned()));
+            special("eos_token").or_else(|| hp.eos_token_id().and_then(|i| tokens.get(i as usize).cloned()));
         let bos_text = special("bos_token");
         let template_file = dir.join("chat_template.jinja");
         let chat_template = if template_file.exists() {
@@ -511,8 +520,8 @@ impl TokenizerExport {
         };
         Ok(TokenizerExport {
             pre,
-            bos: id_of(&bos_text).or(hp.bos_token_id),
-            eos: id_of(&eos_text).or(hp.eos_token_id),
+            bos: id_of(&bos_text).or(hp.config.bos_token_id),
+            eos: id_of(&eos_text).or(hp.eos_token_id()),
             unk: id_of(&special("unk_token")),
             pad: id_of(&special("pad_token")),
             // Llama 3's tokenizer_config.json has no add_bos_token; its post-processor adds BOS.

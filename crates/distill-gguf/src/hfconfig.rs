@@ -2,7 +2,7 @@
 //! transformers and `distill_hf::DecoderConfig` read, and a config.json read by
 //! `distill_hf::DecoderConfig` back to metadata.
 
-use distill_hf::config::{Architecture, DecoderConfig, RopeScaling as HfRope};
+use distill_hf::config::{Architecture, DecoderConfig, RopeScaling};
 use serde_json::{Value as Json, json};
 
 /// The architectures we convert: llama.cpp's name, HF's class and model_type.
@@ -108,125 +108,108 @@ impl Llama3Rope {
     }
 }
 
-/// The hyperparameters a conversion needs, whichever side they come from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Hparams {
-    pub arch: Arch,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub head_dim: usize,
-    pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: RopeScaling,
-    pub attention_bias: bool,
-    pub tie_word_embeddings: bool,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    None,
-    Linear(f64),
-    Llama3(Llama3Rope),
-}
-
-impl Hparams {
-    /// `config.json` in the form transformers writes for these architectures.
-    pub fn to_config_json(&self, torch_dtype: &str) -> Json {
-        let mut c = json!({
-            "architectures": [self.arch.hf_class()],
-            "model_type": self.arch.gguf_name(),
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "hidden_act": "silu",
-            "initializer_range": 0.02,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "torch_dtype": torch_dtype,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "use_cache": true,
-        });
-        match &self.rope_scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear(factor) => {
-                c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor})
-            }
-            RopeScaling::Llama3(r) => c["rope_scaling"] = r.to_json(),
-        }
-        match self.arch {
-            Arch::Llama => {
-                c["attention_bias"] = json!(self.attention_bias);
-                c["mlp_bias"] = json!(false);
-            }
-            Arch::Qwen2 => {
-                c["use_sliding_window"] = json!(false);
-                c["sliding_window"] = json!(self.max_position_embeddings);
-                c["max_window_layers"] = json!(self.num_hidden_layers);
-            }
-        }
-        c
-    }
-}
-
-impl Hparams {
-    /// The hyperparameters of a config.json that `distill_hf` has read (the one parser of
-    /// config.json), or a message naming what llama.cpp cannot take.
-    pub fn from_decoder(config: &DecoderConfig) -> Result<Hparams, String> {
-        let arch = match config.architecture {
-            Architecture::Llama => Arch::Llama,
-            Architecture::Qwen2 => Arch::Qwen2,
-        };
-        if config.mlp_bias {
-            return Err("mlp_bias=true is not supported by llama.cpp's llama architecture".into());
-        }
-        let rope_scaling = match config.rope_scaling {
-            HfRope::None => RopeScaling::None,
-            HfRope::Linear { factor } => RopeScaling::Linear(factor),
-            HfRope::Llama3 {
+impl Llama3Rope {
+    /// The parameters of an HF `rope_scaling` of type llama3, if it is one.
+    pub fn from_hf(scaling: &RopeScaling) -> Option<Self> {
+        match *scaling {
+            RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
-            } => RopeScaling::Llama3(Llama3Rope {
+            } => Some(Llama3Rope {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             }),
+            _ => None,
+        }
+    }
+
+    pub fn to_hf(&self) -> RopeScaling {
+        RopeScaling::Llama3 {
+            factor: self.factor,
+            low_freq_factor: self.low_freq_factor,
+            high_freq_factor: self.high_freq_factor,
+            original_max_position_embeddings: self.original_max_position_embeddings,
+        }
+    }
+}
+
+/// The hyperparameters a conversion needs, whichever side they come from: the decoder config
+/// `distill_hf` resolves (the one representation of config.json) and llama.cpp's name for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hparams {
+    pub arch: Arch,
+    pub config: DecoderConfig,
+}
+
+impl Hparams {
+    /// A config.json read by `distill_hf`, or a message naming what llama.cpp cannot take.
+    pub fn from_decoder(config: DecoderConfig) -> Result<Hparams, String> {
+        if config.mlp_bias {
+            return Err("mlp_bias=true is not supported by llama.cpp's llama architecture".into());
+        }
+        let arch = match config.architecture {
+            Architecture::Llama => Arch::Llama,
+            Architecture::Qwen2 => Arch::Qwen2,
         };
-        Ok(Hparams {
-            arch,
-            vocab_size: config.vocab_size,
-            hidden_size: config.hidden_size,
-            intermediate_size: config.intermediate_size,
-            num_hidden_layers: config.num_hidden_layers,
-            num_attention_heads: config.num_attention_heads,
-            num_key_value_heads: config.num_key_value_heads,
-            head_dim: config.head_dim,
-            max_position_embeddings: config.max_position_embeddings,
-            rms_norm_eps: config.rms_norm_eps,
-            rope_theta: config.rope_theta,
-            rope_scaling,
-            // Qwen2 always has q/k/v biases; Llama's attention_bias sets them (and o_proj's).
-            attention_bias: config.qkv_bias,
-            tie_word_embeddings: config.tie_word_embeddings,
-            bos_token_id: config.bos_token_id,
-            eos_token_id: config.eos_token_ids.first().copied(),
-        })
+        Ok(Hparams { arch, config })
+    }
+
+    /// The one end-of-sequence id GGUF stores (the first of config.json's list).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.config.eos_token_ids.first().copied()
+    }
+
+    /// `config.json` in the form transformers writes for these architectures.
+    pub fn to_config_json(&self, torch_dtype: &str) -> Json {
+        let c = &self.config;
+        let mut j = json!({
+            "architectures": [self.arch.hf_class()],
+            "model_type": self.arch.gguf_name(),
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "max_position_embeddings": c.max_position_embeddings,
+            "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "torch_dtype": torch_dtype,
+            "bos_token_id": c.bos_token_id,
+            "eos_token_id": self.eos_token_id(),
+            "use_cache": true,
+        });
+        match &c.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                j["rope_scaling"] = json!({"rope_type": "linear", "factor": factor})
+            }
+            llama3 @ RopeScaling::Llama3 { .. } => {
+                j["rope_scaling"] = Llama3Rope::from_hf(llama3)
+                    .map(|r| r.to_json())
+                    .unwrap_or_default()
+            }
+        }
+        match self.arch {
+            Arch::Llama => {
+                j["attention_bias"] = json!(c.qkv_bias);
+                j["mlp_bias"] = json!(false);
+            }
+            Arch::Qwen2 => {
+                j["use_sliding_window"] = json!(false);
+                j["sliding_window"] = json!(c.max_position_embeddings);
+                j["max_window_layers"] = json!(c.num_hidden_layers);
+            }
+        }
+        j
     }
 }
 

@@ -9,10 +9,11 @@ use distill_core::tensorfile::{self, FileDtype};
 use serde_json::json;
 
 use crate::error::{GgufError, Result};
-use crate::hfconfig::{Arch, Hparams, Llama3Rope, RopeScaling};
+use crate::hfconfig::{Arch, Hparams, Llama3Rope};
 use crate::names::{gguf_to_hf, unpermute_rows};
 use crate::reader::GgufFile;
 use crate::tokenizer::GgufVocab;
+use distill_hf::config::{Architecture, DecoderConfig, RopeScaling};
 
 /// Element type of the written safetensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,10 +65,10 @@ pub fn import_gguf(src: &Path, out: &Path, dtype: OutDtype) -> Result<ImportSumm
     let tokenizer = vocab
         .tokenizer_json()
         .map_err(|msg| GgufError::metadata(path, "tokenizer.ggml", msg))?;
-    let tok_config = vocab.tokenizer_config(Some(hp.max_position_embeddings as u64));
+    let tok_config = vocab.tokenizer_config(Some(hp.config.max_position_embeddings as u64));
     let generation = json!({
-        "bos_token_id": hp.bos_token_id,
-        "eos_token_id": hp.eos_token_id,
+        "bos_token_id": hp.config.bos_token_id,
+        "eos_token_id": hp.eos_token_id(),
         "do_sample": false,
     });
     write_json(&out.join("config.json"), &hp.to_config_json(dtype.torch_name()))?;
@@ -143,8 +144,12 @@ pub fn read_hparams(file: &GgufFile) -> Result<Hparams> {
     let vocab_size = embd.shape()[0];
     let rope_theta = file.get_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0);
     let rope_scaling = read_rope_scaling(file, arch_name, rope_theta, head_dim)?;
-    Ok(Hparams {
-        arch,
+    let attention_bias = arch == Arch::Qwen2 || file.tensor("blk.0.attn_q.bias").is_some();
+    let config = DecoderConfig {
+        architecture: match arch {
+            Arch::Llama => Architecture::Llama,
+            Arch::Qwen2 => Architecture::Qwen2,
+        },
         vocab_size,
         hidden_size: hidden,
         intermediate_size: usize_of("feed_forward_length")?,
@@ -158,11 +163,20 @@ pub fn read_hparams(file: &GgufFile) -> Result<Hparams> {
             .ok_or_else(|| GgufError::metadata(path, key("attention.layer_norm_rms_epsilon"), "missing"))?,
         rope_theta,
         rope_scaling,
-        attention_bias: arch == Arch::Qwen2 || file.tensor("blk.0.attn_q.bias").is_some(),
+        qkv_bias: attention_bias,
+        // Llama's attention_bias covers o_proj too; Qwen2 has none there.
+        o_bias: attention_bias && arch == Arch::Llama,
+        mlp_bias: false,
         tie_word_embeddings: file.tensor("output.weight").is_none(),
+        torch_dtype: None,
         bos_token_id: file.get_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
-        eos_token_id: file.get_u64("tokenizer.ggml.eos_token_id")?.map(|v| v as u32),
-    })
+        eos_token_ids: file
+            .get_u64("tokenizer.ggml.eos_token_id")?
+            .map(|v| v as u32)
+            .into_iter()
+            .collect(),
+    };
+    Ok(Hparams { arch, config })
 }
 
 /// Linear scaling from `{arch}.rope.scaling.*`; Llama 3 scaling from `rope_freqs.weight`.
@@ -176,7 +190,7 @@ fn read_rope_scaling(file: &GgufFile, arch: &str, theta: f64, head_dim: usize) -
             let factor = file
                 .get_f64(&factor_key)?
                 .ok_or_else(|| GgufError::metadata(path, &factor_key, "missing for linear scaling"))?;
-            return Ok(RopeScaling::Linear(factor));
+            return Ok(RopeScaling::Linear { factor });
         }
         Some(other) => {
             return Err(GgufError::metadata(
@@ -203,7 +217,7 @@ fn read_rope_scaling(file: &GgufFile, arch: &str, theta: f64, head_dim: usize) -
         });
     exact
         .or_else(|| Llama3Rope::infer(&factors, theta, head_dim))
-        .map(RopeScaling::Llama3)
+        .map(|r| r.to_hf())
         .ok_or_else(|| {
             GgufError::tensor(
                 path,
@@ -326,8 +340,8 @@ fn permuted_heads(hp: &Hparams, gguf_name: &str) -> Option<usize> {
     }
     let part = gguf_name.strip_prefix("blk.")?.split('.').nth(1)?;
     match part {
-        "attn_q" => Some(hp.num_attention_heads),
-        "attn_k" => Some(hp.num_key_value_heads),
+        "attn_q" => Some(hp.config.num_attention_heads),
+        "attn_k" => Some(hp.config.num_key_value_heads),
         _ => None,
     }
 }

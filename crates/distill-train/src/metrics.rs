@@ -360,14 +360,7 @@ fn draw_panel<DB: DrawingBackend>(
             .label(c.label.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)
+    distill_plot::draw_legend(&mut chart)
 }
 
 /// The y range covering every finite point, padded 5% so lines do not run along the frame.
