@@ -884,6 +884,39 @@ impl CudaServer {
     pub(crate) fn utilities(&self) -> Arc<ServerUtilities<Self>> {
         self.utilities.clone()
     }
+
+    // distill patch: the two methods below are not part of cubecl-cuda 0.10.0. distill issues
+    // cuBLAS GEMMs and its own NVRTC kernels from cubecl's device thread, and they must be
+    // ordered on the CUstream cubecl uses for the caller's stream id, which cubecl keeps
+    // private; a failure of such work, found once the caller has moved on, must reach the
+    // caller the way a failed kernel launch does. See distill's patches/README.md.
+
+    /// The CUDA stream `stream_id`'s work is issued on (created on first use), with the
+    /// device's context made current on this thread. Work issued on it is ordered after the
+    /// kernels launched for `stream_id` before this call and before those launched after it.
+    pub fn cu_stream(
+        &mut self,
+        stream_id: StreamId,
+    ) -> Result<cudarc::driver::sys::CUstream, ServerError> {
+        self.unsafe_set_current();
+        let mut streams = self.streams.resolve(stream_id, [].into_iter(), false)?;
+        Ok(streams.current().sys)
+    }
+
+    /// Records that work issued on `stream_id`'s stream outside cubecl failed: the next flush,
+    /// sync or read of that stream returns `ServerError::ServerUnhealthy` with this error, as
+    /// for a failed kernel launch.
+    pub fn record_stream_error(&mut self, stream_id: StreamId, reason: String) {
+        let mut streams = match self.streams.resolve(stream_id, [].into_iter(), false) {
+            Ok(streams) => streams,
+            Err(err) => unreachable!("{err:?}"),
+        };
+        streams.current().errors.push(ServerError::Generic {
+            reason,
+            backtrace: BackTrace::capture(),
+        });
+    }
+    // distill patch end
 }
 
 fn elem_to_tensor_map_type(ty: StorageType) -> CUtensorMapDataType {
