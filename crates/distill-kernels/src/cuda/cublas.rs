@@ -15,14 +15,15 @@
 //! buffers written on other streams, as a kernel launch does.
 //!
 //! Ordering on the GPU ([`Ordering`]): cubecl launches on its own non-blocking CUstream per
-//! caller thread, which it does not expose. `Ordering::Stream` (the default) finds that stream
-//! in the server's `Debug` output (`StreamPool.streams[i].stream.sys`, i = stream id mod
-//! max_streams: cubecl 0.10.0's layout, pinned by burn =0.21.0), checks it is a live
-//! non-blocking stream of the current context, caches it per stream id, and sets it on the
-//! cuBLAS handle: the GEMM is then ordered like any cubecl kernel, with no host sync, and
-//! freeing/reusing the input buffers afterwards is stream-ordered as cubecl expects.
-//! If the stream cannot be found, or `DISTILL_CUBLAS=sync`, `Ordering::Sync` drains cubecl's
-//! stream first, runs the GEMM on a stream of ours and waits for it (two host syncs per GEMM).
+//! caller thread (per `StreamId`). `Ordering::Stream` (the default) asks the server for that
+//! stream (`CudaServer::cu_stream`, an accessor our vendored cubecl-cuda adds: see
+//! patches/README.md) and sets it on the cuBLAS handle: the GEMM is then ordered like any
+//! cubecl kernel, with no host sync, and freeing/reusing the input buffers afterwards is
+//! stream-ordered as cubecl expects. Work queued that way that fails is recorded on the
+//! stream (`CudaServer::record_stream_error`), so cubecl reports it at the caller's next sync
+//! or read (burn's `try_into_data` returns it, `into_data` panics with it), as a failed kernel
+//! launch. With `DISTILL_CUBLAS=sync`, `Ordering::Sync` drains cubecl's stream first, runs the
+//! GEMM on a stream of ours and waits for it (two host syncs per GEMM).
 //!
 //! cuBLAS handles are created on first use on the device thread and kept: one per device and
 //! CUDA stream (a handle's workspace must not serve two streams at once), so one per device
@@ -33,7 +34,6 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::ffi::c_void;
-use std::fmt;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering as Atomic};
 use std::sync::{Mutex, OnceLock};
 
@@ -444,10 +444,11 @@ fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<()
 /// later kernel launches, with the device pointers of `bindings` (offsets included) and the
 /// stream to issue on: cubecl's own stream for the calling thread (`Ordering::Stream`), or,
 /// after a sync of that stream, a stream of ours that is synced again afterwards
-/// (`Ordering::Sync`, or when cubecl's stream cannot be found). `work` may run after this
+/// (`Ordering::Sync`, or if cubecl does not give its stream). `work` may run after this
 /// returns (once this thread's work has run on cubecl's stream, later work is queued without
-/// waiting, like a kernel launch); an error there aborts the process, since the caller has
-/// moved on with outputs that were never written.
+/// waiting, like a kernel launch); an error there is recorded on cubecl's stream, since the
+/// caller has moved on with outputs that were never written: cubecl returns it at the
+/// thread's next sync or read of the device (burn's `try_into_data`), as a failed launch.
 pub(crate) fn run_on_stream<const N: usize, W>(
     device: &burn::backend::cuda::CudaDevice,
     bindings: [Binding; N],
@@ -464,8 +465,10 @@ where
     if mode == Ordering::Stream && lock(&READY).contains(&key) {
         runner.submit(move |server: &mut Server| {
             if let Err(e) = on_device(server, index, bindings, mode, work) {
-                eprintln!("error: GPU work queued on cubecl's stream failed after earlier work had run: {e}");
-                std::process::abort();
+                let reason = format!("GPU work queued on cubecl's stream failed: {e}");
+                eprintln!("error: {reason} (reported at this thread's next sync or read)");
+                // The runner thread executes tasks under the submitting thread's stream id.
+                server.record_stream_error(StreamId::current(), reason);
             }
         });
         return Ok(());
@@ -507,20 +510,16 @@ where
         *p = r.resource().ptr;
     }
 
-    /// cubecl's stream per (device, stream id), as an address, or why it was not found.
-    type Found = HashMap<(usize, u64), Result<usize, String>>;
-    static STREAMS: OnceLock<Mutex<Found>> = OnceLock::new();
     let stream = match mode {
-        Ordering::Stream => lock(STREAMS.get_or_init(Default::default))
-            .entry((device, stream_id.value))
-            .or_insert_with(|| find_cubecl_stream(server, stream_id))
-            .clone(),
+        Ordering::Stream => server
+            .cu_stream(stream_id)
+            .map_err(|e| format!("cubecl gave no stream: {e:?}")),
         _ => Err("DISTILL_CUBLAS=sync".to_string()),
     };
     let on_stream = match stream {
         Ok(stream) => {
-            work(stream as cu::CUstream, ptrs)?;
-            LAST_STREAM.store(stream, Atomic::Relaxed);
+            work(stream, ptrs)?;
+            LAST_STREAM.store(stream as usize, Atomic::Relaxed);
             true
         }
         Err(why) => {
@@ -746,128 +745,6 @@ impl Handle {
     }
 }
 
-/// cubecl's CUstream for `id`, read from `{server:#?}` and checked with the driver.
-fn find_cubecl_stream(server: &Server, id: StreamId) -> Result<usize, String> {
-    let mut scan = StreamScan::default();
-    // The scan stops the formatting (with fmt::Error) once it has what it needs.
-    let _ = fmt::write(&mut scan, format_args!("{server:#?}"));
-    let (pool, max_streams) = scan.result()?;
-    let index = (id.value % max_streams as u64) as usize;
-    let addr = pool
-        .get(index)
-        .copied()
-        .flatten()
-        .ok_or_else(|| format!("no stream at index {index} of {pool:?}"))?;
-    let stream = addr as cu::CUstream;
-    let mut flags = 0u32;
-    // SAFETY: `stream` was printed as the `sys` field of a live cubecl `Stream`.
-    let status = unsafe { cu::cuStreamGetFlags(stream, &mut flags) };
-    if status != cu::CUresult::CUDA_SUCCESS || flags & cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32 == 0
-    {
-        return Err(format!(
-            "address {addr:#x} is not a non-blocking stream ({status:?}, flags {flags})"
-        ));
-    }
-    Ok(addr)
-}
-
-/// Reads `CudaServer { .., streams: MultiStream { streams: StreamPool { streams: [None |
-/// Some(StreamWrapper { stream: Stream { sys: 0x.., .. }, .. }), ..], .., max_streams: N } } }`
-/// from pretty `Debug` output, line by line as it is written.
-#[derive(Default)]
-struct StreamScan {
-    line: String,
-    state: ScanState,
-    list_indent: usize,
-    pool: Vec<Option<usize>>,
-    awaiting_sys: bool,
-    max_streams: Option<usize>,
-}
-
-#[derive(Default, PartialEq, Eq)]
-enum ScanState {
-    #[default]
-    SeekMultiStream,
-    SeekPool,
-    SeekList,
-    InList,
-    SeekMax,
-    Done,
-}
-
-impl StreamScan {
-    fn line(&mut self, line: &str) {
-        let text = line.trim_start();
-        let indent = line.len() - text.len();
-        let text = text.trim_end();
-        match self.state {
-            ScanState::SeekMultiStream if text == "streams: MultiStream {" => {
-                self.state = ScanState::SeekPool
-            }
-            ScanState::SeekPool if text == "streams: StreamPool {" => self.state = ScanState::SeekList,
-            ScanState::SeekList if text == "streams: [" => {
-                self.list_indent = indent;
-                self.state = ScanState::InList;
-            }
-            ScanState::InList => {
-                if indent == self.list_indent && text.starts_with(']') {
-                    self.state = ScanState::SeekMax;
-                } else if indent == self.list_indent + 4 && text == "None," {
-                    self.pool.push(None);
-                    self.awaiting_sys = false;
-                } else if indent == self.list_indent + 4 && text.starts_with("Some(") {
-                    self.pool.push(None);
-                    self.awaiting_sys = true;
-                } else if self.awaiting_sys && text.starts_with("sys: ") {
-                    let hex = text["sys: ".len()..]
-                        .trim_end_matches(',')
-                        .trim_start_matches("0x");
-                    if let (Ok(addr), Some(last)) = (usize::from_str_radix(hex, 16), self.pool.last_mut()) {
-                        *last = Some(addr).filter(|&a| a != 0);
-                    }
-                    self.awaiting_sys = false;
-                }
-            }
-            ScanState::SeekMax if indent == self.list_indent => {
-                if let Some(n) = text.strip_prefix("max_streams: ") {
-                    self.max_streams = n.trim_end_matches(',').parse().ok();
-                    self.state = ScanState::Done;
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn result(self) -> Result<(Vec<Option<usize>>, usize), String> {
-        match self.max_streams {
-            Some(max) if max > 0 && self.pool.len() > max => Ok((self.pool, max)),
-            _ => Err(format!(
-                "cubecl's stream pool not found in CudaServer's Debug output (cubecl layout \
-                 changed?): {} entries, max_streams {:?}",
-                self.pool.len(),
-                self.max_streams
-            )),
-        }
-    }
-}
-
-impl fmt::Write for StreamScan {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let mut rest = s;
-        while let Some(pos) = rest.find('\n') {
-            self.line.push_str(&rest[..pos]);
-            let line = std::mem::take(&mut self.line);
-            self.line(&line);
-            if self.state == ScanState::Done {
-                return Err(fmt::Error);
-            }
-            rest = &rest[pos + 1..];
-        }
-        self.line.push_str(rest);
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -905,86 +782,5 @@ mod tests {
         // broadcast over a dim: copy first
         assert_eq!(batch_stride_of(&[2, 3], &[35, 0]), None);
         assert_eq!(batch_stride_of(&[2, 3], &[0, 0]), None);
-    }
-
-    /// The scan on real `{:#?}` output of structs shaped like cubecl 0.10's.
-    #[test]
-    fn stream_scan_reads_pool_layout() {
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct Stream {
-            sys: *mut u8,
-            memory_management_gpu: &'static str,
-        }
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct StreamWrapper {
-            stream: Stream,
-            cursor: u64,
-            last_synced: Vec<Option<u8>>,
-        }
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct StreamPool {
-            streams: Vec<Option<StreamWrapper>>,
-            factory: &'static str,
-            max_streams: usize,
-        }
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct MultiStream {
-            streams: StreamPool,
-            max_streams: usize,
-        }
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct Ctx {
-            streams: Vec<u8>,
-            sys: *mut u8,
-        }
-        #[allow(dead_code)]
-        #[derive(Debug)]
-        struct CudaServer {
-            ctx: Ctx,
-            streams: MultiStream,
-            comm_stream: *mut u8,
-        }
-        let wrapper = |addr: usize| StreamWrapper {
-            stream: Stream {
-                sys: addr as *mut u8,
-                memory_management_gpu: "x",
-            },
-            cursor: 3,
-            last_synced: vec![None, Some(1)],
-        };
-        let server = CudaServer {
-            ctx: Ctx {
-                streams: vec![1],
-                sys: 0x99 as *mut u8,
-            },
-            streams: MultiStream {
-                streams: StreamPool {
-                    streams: vec![
-                        Some(wrapper(0x7f00_dead_0010)),
-                        None,
-                        Some(wrapper(0x20)),
-                        None,
-                        None,
-                    ],
-                    factory: "f",
-                    max_streams: 4,
-                },
-                max_streams: 4,
-            },
-            comm_stream: 0x30 as *mut u8,
-        };
-        let mut scan = StreamScan::default();
-        assert!(
-            fmt::write(&mut scan, format_args!("{server:#?}")).is_err(),
-            "scan stops early"
-        );
-        let (pool, max) = scan.result().unwrap();
-        assert_eq!(max, 4);
-        assert_eq!(pool, vec![Some(0x7f00_dead_0010), None, Some(0x20), None, None]);
     }
 }

@@ -65,7 +65,8 @@ static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
 /// Makes sure `module` is loaded on `device` before kernels of it are queued: loads it through
 /// a blocking call the first time, so that a failure (no NVRTC, a GPU older than `arch`)
 /// comes back here as an error the caller can fall back on, not inside queued work, where
-/// [`cublas::run_on_stream`] has to abort.
+/// [`cublas::run_on_stream`] can only record it on cubecl's stream: the caller's next sync or
+/// read then fails.
 ///
 /// [`cublas::run_on_stream`]: super::cublas::run_on_stream
 pub(crate) fn ensure_loaded(device: &burn::backend::cuda::CudaDevice, module: Module) -> Result<(), String> {
