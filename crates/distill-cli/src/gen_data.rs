@@ -18,14 +18,11 @@ use distill_data::soft::SoftSummary;
 use distill_data::{ErrorRecord, PromptSpec, Sample, load_prompts};
 use distill_hf::token_map::MappingStats;
 use distill_teacher::api::{Sampling, request_body, request_logprobs};
-use distill_teacher::fleet::{EndpointSpec, Fleet, FleetPolicy};
+use distill_teacher::fleet::{Fleet, FleetPolicy, endpoints, resolve_keys};
 use distill_teacher::ledger::{Ledger, Peek, Totals};
-use distill_teacher::manifest::{
-    self, Counts, Filter, Manifest, PromptInfo, RequestParams, SoftLabelsInfo, TeacherInfo, UsageTotals,
-};
+use distill_teacher::manifest::{Manifest, ManifestInfo, RequestParams, write_manifest};
 use distill_teacher::plan::{Job, Plan, RequestSetup, plan};
 use distill_teacher::run::{Outcome, Prices, Progress, RunOptions, SampleHook, Stop, StopReason, pending};
-use distill_teacher::{ApiKey, now_rfc3339};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use soft_capture::SoftCapture;
 
@@ -95,7 +92,7 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
     };
     let prompts = load_prompts(&spec, &distill_hf::hub::HubSettings::from_env())?;
     let plan = plan(&prompts, &setup);
-    let endpoints = endpoints(&recipe)?;
+    let endpoints = endpoints(&recipe);
 
     if args.dry_run {
         return dry_run(&recipe, &setup, &plan, &endpoints, prompts.len());
@@ -246,54 +243,6 @@ fn print_soft_summary(dir: &Path, s: &SoftSummary, stats: &MappingStats, k: usiz
     );
 }
 
-/// (base URL, name of the key variable or None) for `base_url` then each of `endpoints`,
-/// without repeats of the same URL with the same key.
-fn endpoints(recipe: &Recipe) -> anyhow::Result<Vec<(String, Option<String>)>> {
-    let t = &recipe.teacher;
-    let default_env = t.api_key_env.clone().filter(|e| !e.is_empty());
-    let mut out: Vec<(String, Option<String>)> = vec![(t.base_url.clone(), default_env.clone())];
-    for e in &t.endpoints {
-        let env = match &e.api_key_env {
-            Some(v) if v.is_empty() => None,
-            Some(v) => Some(v.clone()),
-            None => default_env.clone(),
-        };
-        // The same server may be listed once per key (several API keys' worth of capacity).
-        if !out
-            .iter()
-            .any(|(u, k)| u.trim_end_matches('/') == e.base_url.trim_end_matches('/') && *k == env)
-        {
-            out.push((e.base_url.clone(), env));
-        }
-    }
-    Ok(out)
-}
-
-/// Reads each endpoint's key from its variable. The error names the variable, never a value.
-fn resolve_keys(endpoints: &[(String, Option<String>)]) -> anyhow::Result<(Vec<EndpointSpec>, Vec<ApiKey>)> {
-    let mut specs = Vec::new();
-    let mut keys = Vec::new();
-    for (url, env) in endpoints {
-        let api_key = match env {
-            None => None,
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Some(ApiKey::new(v.trim())),
-                _ => bail!(
-                    "teacher.api_key_env: the environment variable {var} (the API key for {url}) is not set; export it, or set api_key_env = \"\" for a server that takes no key"
-                ),
-            },
-        };
-        if let Some(k) = &api_key {
-            keys.push(k.clone());
-        }
-        specs.push(EndpointSpec {
-            base_url: url.clone(),
-            api_key,
-        });
-    }
-    Ok((specs, keys))
-}
-
 fn dry_run(
     recipe: &Recipe,
     setup: &RequestSetup,
@@ -410,82 +359,6 @@ fn dry_run(
         println!("budget     stops at {} tokens", human(t));
     }
     Ok(())
-}
-
-struct ManifestInfo<'a> {
-    recipe: &'a Recipe,
-    params: RequestParams,
-    endpoints: Vec<String>,
-    prompts: usize,
-    duplicates: usize,
-    prices: Prices,
-    /// The soft-label store, when this run writes one.
-    soft: Option<SoftLabelsInfo>,
-}
-
-fn write_manifest(
-    info: &ManifestInfo,
-    ledger: &Ledger,
-    jobs: &[Job],
-    stop_reason: &str,
-) -> anyhow::Result<Manifest> {
-    let t = ledger.totals();
-    let g = &info.recipe.generation;
-    let (mut samples, mut failed) = (0, 0);
-    for j in jobs {
-        if ledger.is_done(&j.key) {
-            samples += 1;
-        } else if ledger.is_failed(&j.key) {
-            failed += 1;
-        }
-    }
-    let m = Manifest {
-        format: manifest::FORMAT.into(),
-        format_version: manifest::FORMAT_VERSION,
-        tool_version: distill_core::TOOL_VERSION.into(),
-        complete: samples + failed == jobs.len(),
-        stop_reason: stop_reason.into(),
-        teacher: TeacherInfo {
-            model: info.params.model.clone(),
-            returned_models: t.teacher_models.iter().cloned().collect(),
-            endpoints: info.endpoints.clone(),
-        },
-        request: info.params.clone(),
-        prompts: PromptInfo {
-            source: info.recipe.data.prompts.clone(),
-            count: info.prompts,
-            duplicates: info.duplicates,
-            n: g.n as u32,
-        },
-        counts: Counts {
-            requests: jobs.len(),
-            samples: t.samples,
-            failed,
-            pending: jobs.len() - samples - failed,
-            truncated: t.truncated,
-            with_reference: t.with_reference,
-            correct: t.correct,
-            kept: t.kept(g.keep_truncated, g.keep_only_correct),
-        },
-        usage: UsageTotals {
-            prompt_tokens: t.prompt_tokens,
-            completion_tokens: t.completion_tokens,
-            cached_tokens: t.cached_tokens,
-            reasoning_tokens: t.reasoning_tokens,
-        },
-        cost_usd: (info.prices.cost_of(t) * 1e6).round() / 1e6,
-        filter: Filter {
-            keep_truncated: g.keep_truncated,
-            keep_only_correct: g.keep_only_correct,
-        },
-        shards: ledger.shard_names()?,
-        soft_labels: info.soft.clone(),
-        recipe_hash: info.recipe.hash(),
-        recipe: info.recipe.to_toml(),
-        updated: now_rfc3339(),
-    };
-    m.write(ledger.dir())?;
-    Ok(m)
 }
 
 fn print_summary(dir: &Path, m: &Manifest, o: &Outcome, recipe: &Recipe) {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::ApiKey;
+use distill_core::Recipe;
+
+use crate::{ApiKey, TeacherError};
 
 #[derive(Debug, Clone)]
 pub struct EndpointSpec {
@@ -180,6 +182,58 @@ impl Fleet {
     pub fn served(&self, i: usize) -> u64 {
         self.state.lock().expect("fleet lock")[i].served
     }
+}
+
+/// (base URL, name of the key variable or None) for `base_url` then each of `endpoints`,
+/// without repeats of the same URL with the same key.
+pub fn endpoints(recipe: &Recipe) -> Vec<(String, Option<String>)> {
+    let t = &recipe.teacher;
+    let default_env = t.api_key_env.clone().filter(|e| !e.is_empty());
+    let mut out: Vec<(String, Option<String>)> = vec![(t.base_url.clone(), default_env.clone())];
+    for e in &t.endpoints {
+        let env = match &e.api_key_env {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(v.clone()),
+            None => default_env.clone(),
+        };
+        // The same server may be listed once per key (several API keys' worth of capacity).
+        if !out
+            .iter()
+            .any(|(u, k)| u.trim_end_matches('/') == e.base_url.trim_end_matches('/') && *k == env)
+        {
+            out.push((e.base_url.clone(), env));
+        }
+    }
+    out
+}
+
+/// Reads each endpoint's key from its variable. The error names the variable, never a value.
+pub fn resolve_keys(
+    endpoints: &[(String, Option<String>)],
+) -> Result<(Vec<EndpointSpec>, Vec<ApiKey>), TeacherError> {
+    let mut specs = Vec::new();
+    let mut keys = Vec::new();
+    for (url, env) in endpoints {
+        let api_key = match env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Some(ApiKey::new(v.trim())),
+                _ => {
+                    return Err(TeacherError::Config(format!(
+                        "teacher.api_key_env: the environment variable {var} (the API key for {url}) is not set; export it, or set api_key_env = \"\" for a server that takes no key"
+                    )));
+                }
+            },
+        };
+        if let Some(k) = &api_key {
+            keys.push(k.clone());
+        }
+        specs.push(EndpointSpec {
+            base_url: url.clone(),
+            api_key,
+        });
+    }
+    Ok((specs, keys))
 }
 
 #[cfg(test)]

@@ -10,8 +10,13 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use distill_core::Recipe;
+
 use crate::TeacherError;
-use crate::plan::RequestSetup;
+use crate::ledger::Ledger;
+use crate::now_rfc3339;
+use crate::plan::{Job, RequestSetup};
+use crate::run::Prices;
 
 pub const FORMAT: &str = "distill-samples";
 pub const FORMAT_VERSION: u32 = 1;
@@ -233,4 +238,82 @@ impl Manifest {
             ),
         })
     }
+}
+
+/// What a gen-data run's manifest records besides the ledger's counts.
+pub struct ManifestInfo<'a> {
+    pub recipe: &'a Recipe,
+    pub params: RequestParams,
+    pub endpoints: Vec<String>,
+    pub prompts: usize,
+    pub duplicates: usize,
+    pub prices: Prices,
+    /// The soft-label store, when this run writes one.
+    pub soft: Option<SoftLabelsInfo>,
+}
+
+/// Writes `manifest.json` for the dataset the ledger holds: what was asked, how far it got.
+pub fn write_manifest(
+    info: &ManifestInfo,
+    ledger: &Ledger,
+    jobs: &[Job],
+    stop_reason: &str,
+) -> Result<Manifest, TeacherError> {
+    let t = ledger.totals();
+    let g = &info.recipe.generation;
+    let (mut samples, mut failed) = (0, 0);
+    for j in jobs {
+        if ledger.is_done(&j.key) {
+            samples += 1;
+        } else if ledger.is_failed(&j.key) {
+            failed += 1;
+        }
+    }
+    let m = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        tool_version: distill_core::TOOL_VERSION.into(),
+        complete: samples + failed == jobs.len(),
+        stop_reason: stop_reason.into(),
+        teacher: TeacherInfo {
+            model: info.params.model.clone(),
+            returned_models: t.teacher_models.iter().cloned().collect(),
+            endpoints: info.endpoints.clone(),
+        },
+        request: info.params.clone(),
+        prompts: PromptInfo {
+            source: info.recipe.data.prompts.clone(),
+            count: info.prompts,
+            duplicates: info.duplicates,
+            n: g.n as u32,
+        },
+        counts: Counts {
+            requests: jobs.len(),
+            samples: t.samples,
+            failed,
+            pending: jobs.len() - samples - failed,
+            truncated: t.truncated,
+            with_reference: t.with_reference,
+            correct: t.correct,
+            kept: t.kept(g.keep_truncated, g.keep_only_correct),
+        },
+        usage: UsageTotals {
+            prompt_tokens: t.prompt_tokens,
+            completion_tokens: t.completion_tokens,
+            cached_tokens: t.cached_tokens,
+            reasoning_tokens: t.reasoning_tokens,
+        },
+        cost_usd: (info.prices.cost_of(t) * 1e6).round() / 1e6,
+        filter: Filter {
+            keep_truncated: g.keep_truncated,
+            keep_only_correct: g.keep_only_correct,
+        },
+        shards: ledger.shard_names()?,
+        soft_labels: info.soft.clone(),
+        recipe_hash: info.recipe.hash(),
+        recipe: info.recipe.to_toml(),
+        updated: now_rfc3339(),
+    };
+    m.write(ledger.dir())?;
+    Ok(m)
 }
