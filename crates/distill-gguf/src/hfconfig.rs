@@ -236,4 +236,30 @@ mod tests {
         off[40] *= 1.01;
         assert_eq!(Llama3Rope::infer(&off, 500_000.0, 128), None);
     }
+
+    /// config.json -> distill_hf -> Hparams -> the config.json import writes -> distill_hf
+    /// again gives the same decoder: the two directions agree on every field llama.cpp keeps.
+    #[test]
+    fn config_json_round_trips_through_hparams() {
+        for model in ["tiny-qwen2", "tiny-llama"] {
+            let original = DecoderConfig::from_dir(&crate::test_util::fixtures().join(model)).unwrap();
+            let hp = Hparams::from_decoder(original.clone()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, hp.to_config_json("float32").to_string()).unwrap();
+            let again = DecoderConfig::from_file(&path).unwrap();
+            let mut want = original.clone();
+            want.torch_dtype = Some("float32".into());
+            want.eos_token_ids.truncate(1);
+            assert_eq!(again, want, "{model}");
+        }
+    }
+
+    #[test]
+    fn mlp_bias_is_refused_with_its_name() {
+        let mut config = DecoderConfig::from_dir(&crate::test_util::fixtures().join("tiny-llama")).unwrap();
+        config.mlp_bias = true;
+        let err = Hparams::from_decoder(config).unwrap_err();
+        assert!(err.contains("mlp_bias"), "{err}");
+    }
 }
