@@ -1,5 +1,5 @@
 //! What every distill stage shares: the recipe schema, manifests, atomic file writes and the
-//! safetensors writer.
+//! safetensors writer; and what the workspace's tests share ([`testing`]).
 
 pub mod fsutil;
 pub mod logprobs;
@@ -7,6 +7,7 @@ pub mod message;
 pub mod progress;
 pub mod recipe;
 pub mod tensorfile;
+pub mod testing;
 
 pub use logprobs::{TokenLogprob, TopLogprob};
 pub use message::Message;

@@ -410,9 +410,21 @@ pub fn has_fallen_back(which: Fallback) -> bool {
     FELL_BACK[which as usize].load(std::sync::atomic::Ordering::Relaxed)
 }
 
+thread_local! {
+    static FELL_BACK_HERE: [std::cell::Cell<bool>; 5] =
+        const { [const { std::cell::Cell::new(false) }; 5] };
+}
+
+/// [`has_fallen_back`] on the calling thread alone (a method falls back on its caller's
+/// thread): what a test checks of its own calls, whatever the tests beside it did.
+pub fn has_fallen_back_on_this_thread(which: Fallback) -> bool {
+    FELL_BACK_HERE.with(|f| f[which as usize].get())
+}
+
 fn fell_back(which: Fallback, why: &str) {
     static NOTED: [std::sync::Once; 5] = [const { std::sync::Once::new() }; 5];
     FELL_BACK[which as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+    FELL_BACK_HERE.with(|f| f[which as usize].set(true));
     let what = match which {
         Fallback::Flash => "attention without the flash kernels",
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",

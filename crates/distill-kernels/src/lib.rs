@@ -51,7 +51,7 @@ pub mod logits;
 pub mod cuda;
 
 #[cfg(feature = "cuda")]
-pub use cuda::{Fallback, has_fallen_back};
+pub use cuda::{Fallback, has_fallen_back, has_fallen_back_on_this_thread};
 
 /// Which keys each query may see: the run of key positions `lo[r, i] ..= hi[r, i]` for query i
 /// of batch row r (R rows: the batch, or 1 when all rows share them). Causal, packed-document

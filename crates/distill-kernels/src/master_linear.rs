@@ -130,13 +130,20 @@ pub fn linear_master_normed_autodiff<B: Kernels, C: CheckpointStrategy>(
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::backend::Backend;
-    use burn::tensor::{DType, Distribution, Tensor};
+    use burn::tensor::{DType, Tensor, TensorData};
+    use distill_core::testing::TestRng;
 
     use super::*;
     use crate::NormInput;
 
     type AD = Autodiff<Flex>;
+
+    /// N(mean, std²) values from the test's own generator: burn's is one for the process,
+    /// which the tests running beside this one draw from too.
+    fn normal<const D: usize>(rng: &mut TestRng, shape: [usize; D], mean: f64, std: f64) -> Tensor<Flex, D> {
+        let values = rng.normal_vec(shape.iter().product(), mean, std);
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
 
     fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
         t.into_data().convert::<f32>().into_vec().unwrap()
@@ -147,14 +154,11 @@ mod tests {
     /// same bits, with either side frozen too.
     #[test]
     fn the_node_gives_the_cast_weights_output_and_gradients() {
-        let device = Default::default();
-        <Flex as Backend>::seed(&device, 3);
+        let mut rng = TestRng::new(3);
         let (k, n) = (12, 7);
-        let x0 =
-            Tensor::<Flex, 3>::random([2, 5, k], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
-        let w0 = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 0.3), &device);
-        let g =
-            Tensor::<Flex, 3>::random([2, 5, n], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
+        let x0 = normal(&mut rng, [2, 5, k], 0.0, 1.0).cast(DType::BF16);
+        let w0 = normal(&mut rng, [k, n], 0.0, 0.3);
+        let g = normal(&mut rng, [2, 5, n], 0.0, 1.0).cast(DType::BF16);
         for (train_x, train_w) in [(true, true), (true, false), (false, true)] {
             let run = |node: bool| {
                 let x = Tensor::<AD, 3>::from_inner(x0.clone());
@@ -184,15 +188,12 @@ mod tests {
     /// and of W (two linears reading one norm, as q and k do).
     #[test]
     fn a_norm_made_again_gives_the_kept_norms_gradients() {
-        let device = Default::default();
-        <Flex as Backend>::seed(&device, 5);
+        let mut rng = TestRng::new(5);
         let (c, n) = (12, 7);
-        let x0 =
-            Tensor::<Flex, 3>::random([2, 5, c], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
-        let nw0 = Tensor::<Flex, 1>::random([c], Distribution::Normal(1.0, 0.2), &device);
-        let w0 = Tensor::<Flex, 2>::random([c, n], Distribution::Normal(0.0, 0.3), &device);
-        let g =
-            Tensor::<Flex, 3>::random([2, 5, n], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
+        let x0 = normal(&mut rng, [2, 5, c], 0.0, 1.0).cast(DType::BF16);
+        let nw0 = normal(&mut rng, [c], 1.0, 0.2);
+        let w0 = normal(&mut rng, [c, n], 0.0, 0.3);
+        let g = normal(&mut rng, [2, 5, n], 0.0, 1.0).cast(DType::BF16);
         let run = |made_again: bool| {
             let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
             let nw = Tensor::<AD, 1>::from_inner(nw0.clone()).require_grad();

@@ -198,18 +198,19 @@ impl<B: Kernels, const N: usize> Backward<B, N> for Node {
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::backend::Backend;
-    use burn::tensor::{DType, Distribution, Tensor};
+    use burn::tensor::{DType, Tensor, TensorData};
+    use distill_core::testing::TestRng;
 
     use super::*;
     use crate::elementwise::swiglu_default;
 
     type AD = Autodiff<Flex>;
 
+    /// N(0, 1) values from a generator of the test's own: burn's is one for the process, which
+    /// the tests running beside this one draw from too.
     fn random<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<Flex, D> {
-        let device = Default::default();
-        <Flex as Backend>::seed(&device, seed);
-        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        let values = TestRng::new(seed).normal_vec(shape.iter().product(), 0.0, 1.0);
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
     }
 
     fn values<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
@@ -217,7 +218,7 @@ mod tests {
     }
 
     /// gate, up, W, LoRA's A and B, and the output's weights. Made once and shared by both
-    /// sides: tests running beside this one draw from the same seeded generator.
+    /// sides.
     struct Inputs {
         gate: Tensor<Flex, 3>,
         up: Tensor<Flex, 3>,

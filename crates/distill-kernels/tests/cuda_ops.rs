@@ -1,8 +1,10 @@
 //! GPU checks of the CUDA kernels and the ops with hand-written backward passes (`--features
 //! cuda`): attention (blockwise and flash), RMSNorm and SwiGLU under `Autodiff<Cuda>`, the
-//! softmax kernels and AdamW, against burn's own ops or the CPU. Each test prints SKIPPED and passes without a CUDA device.
+//! softmax kernels and AdamW, against burn's own ops or the CPU. Each test prints SKIPPED and
+//! passes without a CUDA device, or fails when `DISTILL_REQUIRE_GPU=1` is set, as on the GPU
+//! machine (the README's GPU test command); the tests take turns on the GPU (`common::gpu`).
 //!
-//!     cargo test -p distill-kernels --features cuda --test cuda_ops -- --nocapture
+//!     DISTILL_REQUIRE_GPU=1 cargo test -p distill-kernels --features cuda --test cuda_ops -- --nocapture
 //!
 //! In f32 the two must agree to rounding; in bf16 both are compared with the f32 result, and
 //! ours may not be much further from it than burn's.
@@ -17,7 +19,7 @@ use distill_kernels::Kernels;
 use distill_kernels::attention::{probs_default, probs_grad_default};
 use distill_kernels::{
     AdamWScalars, Fallback, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
-    has_fallen_back, rms_norm_default,
+    has_fallen_back_on_this_thread, rms_norm_default,
 };
 
 mod common;
@@ -156,7 +158,7 @@ fn attention_on<B: AutodiffBackend + Kernels>(
 /// the two backward passes feed it different operands.)
 #[test]
 fn cuda_blockwise_attention_matches_burns() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     let cpu = attention_on::<Autodiff<Flex>>(&Default::default(), false, DType::F32);
     let runs = [
         (
@@ -316,7 +318,7 @@ fn flash_case_on<B: AutodiffBackend + Kernels>(
 /// 2.9e-2 and 5-8e-2 on the first case. A wrong fragment, mask or scale is off by O(1).
 #[test]
 fn cuda_flash_attention_matches_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     for case in flash_cases() {
         let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
         let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
@@ -367,7 +369,7 @@ fn cuda_flash_attention_matches_the_cpu() {
 /// block of threads, and f32 and bf16 outputs.
 #[test]
 fn cuda_fused_softmax_matches_burn_ops() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<f32>;
     let scale = 0.125;
     for (t, sliced, masked) in [
@@ -440,7 +442,7 @@ fn cuda_fused_softmax_matches_burn_ops() {
 /// f32 even on `Cuda<bf16>`, which would test the f32 kernels twice.
 #[test]
 fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     fn both<B: AutodiffBackend + Kernels>(device: &B::Device, dtype: DType) -> [Vec<Vec<f32>>; 4] {
         B::seed(device, 7);
         let input = |std: f64| randn::<B, 3>([2, 64, 256], std, device).cast(dtype);
@@ -483,7 +485,7 @@ fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
     let [nf, nbf, sf, sbf] = both::<F>(&device, DType::F32);
     let [nh, nbh, sh, sbh] = both::<H>(&device, DType::BF16);
     assert!(
-        !has_fallen_back(Fallback::Elementwise),
+        !has_fallen_back_on_this_thread(Fallback::Elementwise),
         "the RMSNorm/SwiGLU kernels fell back to burn's ops"
     );
     compare("rms_norm", &nf, &nbf, &nh, &nbh);
@@ -494,7 +496,7 @@ fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
 /// (no whole blocks), decay and a clipping scale folded in.
 #[test]
 fn cuda_adamw_matches_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<f32>;
     let n = 1_000_003;
     let c = AdamWScalars {
@@ -527,7 +529,10 @@ fn cuda_adamw_matches_the_cpu() {
     // buffer must come back as it was (the update goes to a new tensor).
     let m_shared = m.clone();
     let got = <G as Kernels>::adamw(p, g, m, v, c);
-    assert!(!has_fallen_back(Fallback::AdamW), "adamw fell back to burn ops");
+    assert!(
+        !has_fallen_back_on_this_thread(Fallback::AdamW),
+        "adamw fell back to burn ops"
+    );
     for (name, a, b) in [
         ("p", host(got.0), host(want.0)),
         ("m", host(got.1), host(want.1)),
@@ -549,7 +554,7 @@ fn cuda_adamw_matches_the_cpu() {
 /// (a teacher id that is also the label) and columns in the padding.
 #[test]
 fn cuda_logits_kernels_match_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<half::bf16>;
     let (n, v, limit, t) = (5, 3000, 2990, 2.0);
     let cpu = Default::default();
@@ -617,7 +622,7 @@ fn cuda_logits_kernels_match_the_cpu() {
 /// CPU; and the same bits twice (fixed blocks summed in a fixed order).
 #[test]
 fn cuda_sum_squares_matches_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<half::bf16>;
     for n in [5usize, 1000, 262_144, 3_000_017] {
         let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
@@ -625,7 +630,7 @@ fn cuda_sum_squares_matches_the_cpu() {
         let x = Tensor::<G, 1>::from_data(TensorData::new(values, [n]), (&device, DType::F32));
         let got = host(<G as Kernels>::sum_squares(x.clone()));
         assert!(
-            !has_fallen_back(Fallback::AdamW),
+            !has_fallen_back_on_this_thread(Fallback::AdamW),
             "sum_squares fell back to burn ops"
         );
         assert_eq!(got.len(), 1);
@@ -644,7 +649,7 @@ fn cuda_sum_squares_matches_the_cpu() {
 /// values cast to f32 and concatenated on the CPU.
 #[test]
 fn cuda_concat_f32_matches_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<half::bf16>;
     let whole: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.37).sin() * 100.0).collect();
     let buffer = Tensor::<G, 1>::from_data(
@@ -678,7 +683,7 @@ fn cuda_concat_f32_matches_the_cpu() {
     let got = <G as Kernels>::concat_f32(parts);
     assert_eq!(got.dtype(), DType::F32);
     assert!(
-        !has_fallen_back(Fallback::AdamW),
+        !has_fallen_back_on_this_thread(Fallback::AdamW),
         "concat_f32 fell back to burn's cat"
     );
     assert_eq!(host(got), want);
@@ -690,7 +695,7 @@ fn cuda_concat_f32_matches_the_cpu() {
 /// (f32). A wrong half, sign or table row is off by O(1); bf16 rounding is about 4e-3.
 #[test]
 fn cuda_rope_matches_the_cpu() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     let [b, t, h, hd] = [2, 37, 3, 64];
     let cpu_device = Default::default();
     Flex::seed(&cpu_device, 21);
@@ -744,7 +749,7 @@ fn cuda_rope_matches_the_cpu() {
         }
     }
     assert!(
-        !has_fallen_back(Fallback::Elementwise),
+        !has_fallen_back_on_this_thread(Fallback::Elementwise),
         "the RoPE kernel fell back to burn's ops"
     );
 }
@@ -754,7 +759,7 @@ fn cuda_rope_matches_the_cpu() {
 /// linear layer's output and dx under autodiff match the dense weight's.
 #[test]
 fn cuda_nf4_dequantize_matches_the_host() {
-    let Some(device) = gpu() else { return };
+    let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<half::bf16>;
     use distill_kernels::nf4::{self, Nf4};
     for shape in [[3usize, 7], [64, 96], [1000, 131]] {
@@ -765,7 +770,7 @@ fn cuda_nf4_dequantize_matches_the_host() {
         for dtype in [DType::F32, DType::BF16] {
             let got = host(<G as Kernels>::nf4_dequantize(&w, dtype));
             assert!(
-                !has_fallen_back(Fallback::Elementwise),
+                !has_fallen_back_on_this_thread(Fallback::Elementwise),
                 "NF4 dequantization fell back to burn ops"
             );
             let want: Vec<f32> = match dtype {

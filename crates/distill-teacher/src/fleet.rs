@@ -241,6 +241,10 @@ mod tests {
     use super::*;
 
     fn fleet(n: usize) -> Fleet {
+        fleet_with(n, Duration::from_millis(40))
+    }
+
+    fn fleet_with(n: usize, cooldown: Duration) -> Fleet {
         let eps = (0..n)
             .map(|i| EndpointSpec {
                 base_url: format!("http://e{i}"),
@@ -251,8 +255,8 @@ mod tests {
             eps,
             FleetPolicy {
                 fail_threshold: 2,
-                cooldown: Duration::from_millis(40),
-                max_cooldown: Duration::from_millis(200),
+                cooldown,
+                max_cooldown: cooldown * 5,
             },
         )
     }
@@ -270,9 +274,19 @@ mod tests {
         assert_eq!(f.acquire().await, 0);
     }
 
+    /// Ends endpoint `i`'s cooldown now, as waiting it out would.
+    fn end_cooldown(f: &Fleet, i: usize) {
+        if let Some(until) = f.state.lock().unwrap()[i].set_aside_until.as_mut() {
+            *until = Instant::now();
+        }
+    }
+
     #[tokio::test]
     async fn failing_endpoints_are_set_aside_and_probed_again() {
-        let f = fleet(2);
+        // Cooldowns that no test machine outlasts, ended by hand: no assertion depends on how
+        // fast the steps run (with 40 ms ones, a stall of a few tens of ms failed it).
+        let cooldown = Duration::from_secs(600);
+        let f = fleet_with(2, cooldown);
         let (a, b) = (f.acquire().await, f.acquire().await);
         assert_eq!((a, b), (0, 1));
         f.release(a, Health::Fault);
@@ -288,35 +302,42 @@ mod tests {
             assert_eq!(i, 1);
             f.release(i, Health::Ok);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        end_cooldown(&f, 0);
         // Cooldown over: the next request probes 0; a failed probe doubles the cooldown.
         let i = f.acquire().await;
         assert_eq!(i, 0);
         f.release(i, Health::Fault);
         assert!(f.is_set_aside(0));
-        assert_eq!(f.acquire().await, 1);
-        f.release(1, Health::Ok);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(f.acquire().await, 1, "cooldown should have doubled to 80 ms");
-        f.release(1, Health::Ok);
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(f.state.lock().unwrap()[0].cooldown, 2 * cooldown);
+        for _ in 0..2 {
+            assert_eq!(f.acquire().await, 1, "0 is set aside again");
+            f.release(1, Health::Ok);
+        }
+        end_cooldown(&f, 0);
         let i = f.acquire().await;
         assert_eq!(i, 0);
         f.release(i, Health::Ok);
         assert!(!f.is_set_aside(0));
+        assert_eq!(
+            f.state.lock().unwrap()[0].cooldown,
+            cooldown,
+            "a success resets it"
+        );
     }
 
     #[tokio::test]
     async fn with_every_endpoint_set_aside_requests_wait_for_a_probe() {
         let f = fleet(1);
+        // Taken before the failure that sets 0 aside for 40 ms: the wait below is at least that
+        // long from here, however long the steps in between take.
+        let t = Instant::now();
         for _ in 0..2 {
             let i = f.acquire().await;
             f.release(i, Health::Fault);
         }
-        let t = Instant::now();
         let i = f.acquire().await;
         assert_eq!(i, 0);
-        assert!(t.elapsed() >= Duration::from_millis(30), "{:?}", t.elapsed());
+        assert!(t.elapsed() >= Duration::from_millis(40), "{:?}", t.elapsed());
         f.release(i, Health::Ok);
     }
 }

@@ -106,13 +106,17 @@ impl Limiter {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn halves_on_429_and_grows_back() {
-        let l = Limiter::new(8, Duration::from_millis(50));
+    #[test]
+    fn halves_on_429_and_grows_back() {
+        // One burst halves once: a cooldown no test machine outlasts between two calls (with
+        // 50 ms, a stall between them halved twice).
+        let l = Limiter::new(8, Duration::from_secs(3600));
         l.on_rate_limited();
         l.on_rate_limited(); // same burst: halves once
         assert_eq!(l.limit(), 4);
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        // A 429 after the cooldown halves again: with none, each one does.
+        let l = Limiter::new(8, Duration::ZERO);
+        l.on_rate_limited();
         l.on_rate_limited();
         assert_eq!(l.limit(), 2);
         for _ in 0..2 {

@@ -366,11 +366,19 @@ mod tests {
     use burn::backend::{Autodiff, Flex};
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::TensorData;
+    use distill_core::testing::TestRng;
 
     use super::*;
     use crate::params::collect_grads;
 
     type AD = Autodiff<Flex>;
+
+    /// N(0, std²) values from the test's own generator: burn's is one for the process, which
+    /// the tests running beside this one (training runs among them) draw from too.
+    fn normal<const D: usize>(rng: &mut TestRng, shape: [usize; D], std: f64) -> Tensor<AD, D> {
+        let values = rng.normal_vec(shape.iter().product(), 0.0, std);
+        Tensor::from_data(TensorData::new(values, shape), &Default::default())
+    }
 
     /// Two AdamW steps on y = sum(W x) against the closed form (torch.optim.AdamW semantics).
     #[test]
@@ -438,23 +446,14 @@ mod tests {
     /// checkpointable per-parameter state, decayed and undecayed parameters alike.
     #[test]
     fn flat_groups_update_like_parameters_alone() {
-        let device = Default::default();
-        <AD as Backend>::seed(&device, 3);
+        let mut rng = TestRng::new(3);
         // Initialised values (LinearConfig::init is lazy: each clone would draw its own).
-        let linear = |i: usize, o: usize| Linear {
-            weight: Param::from_tensor(Tensor::random(
-                [i, o],
-                burn::tensor::Distribution::Normal(0.0, 0.5),
-                &device,
-            )),
-            bias: Some(Param::from_tensor(Tensor::random(
-                [o],
-                burn::tensor::Distribution::Normal(0.0, 0.5),
-                &device,
-            ))),
+        let mut linear = |i: usize, o: usize| Linear {
+            weight: Param::from_tensor(normal(&mut rng, [i, o], 0.5)),
+            bias: Some(Param::from_tensor(normal(&mut rng, [o], 0.5))),
         };
         let net: Vec<Linear<AD>> = vec![linear(3, 4), linear(4, 2)];
-        let x = Tensor::<AD, 2>::random([5, 3], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let x = normal(&mut rng, [5, 3], 1.0);
         let cfg = AdamWConfig {
             beta1: 0.9,
             beta2: 0.999,
@@ -510,9 +509,12 @@ mod tests {
     #[test]
     fn restored_moments_replace_the_flat_groups() {
         let device = Default::default();
-        AD::seed(&device, 5);
-        let layer = LinearConfig::new(3, 2).init::<AD>(&device);
-        let x = Tensor::<AD, 2>::random([4, 3], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let mut rng = TestRng::new(5);
+        let layer = Linear {
+            weight: Param::from_tensor(normal(&mut rng, [3, 2], 0.5)),
+            bias: Some(Param::from_tensor(normal(&mut rng, [2], 0.5))),
+        };
+        let x = normal(&mut rng, [4, 3], 1.0);
         let cfg = AdamWConfig {
             beta1: 0.9,
             beta2: 0.999,

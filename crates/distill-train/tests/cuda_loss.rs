@@ -1,9 +1,10 @@
 //! GPU check of the KL + CE loss on the backend training uses (`Autodiff<Cuda<bf16>>`) against
 //! the CPU (`Autodiff<Flex>`, f32, itself checked against PyTorch in `loss::tests`), for every
 //! loss kind and both gradient paths (closed form and autodiff). Prints SKIPPED and passes
-//! without a CUDA device.
+//! without a CUDA device, or fails when `DISTILL_REQUIRE_GPU=1` is set, as on the GPU machine
+//! (`distill_core::testing::skip_gpu_test`, through `first_cuda_device`).
 //!
-//!     cargo test -p distill-train --features cuda --test cuda_loss -- --nocapture
+//!     DISTILL_REQUIRE_GPU=1 cargo test -p distill-train --features cuda --test cuda_loss -- --nocapture
 //!
 //! Why: burn-cuda runs a binary op on two different float dtypes without converting either,
 //! and a bf16 `present` mask times f32 per-token KL made every autodiff-path KD loss on the
