@@ -105,6 +105,13 @@ fn print_summary(r: &TrainReport) {
         "data: {} train / {} held-out samples ({} cut off by max_tokens, {} over seq_len, {} truncated to fit)",
         s.train, s.held_out, s.skipped_truncated_generation, s.skipped_too_long, s.truncated_to_seq_len
     );
+    for torn in &s.torn_lines {
+        eprintln!(
+            "warning: {}: dropped 1 torn last line ({} bytes, a write cut off by a crash); the lines before it trained",
+            torn.path.display(),
+            torn.bytes
+        );
+    }
     if let Some(soft) = &r.soft_labels {
         println!(
             "soft labels: {} samples aligned, {} without a record, {} misaligned (those train on CE alone)",

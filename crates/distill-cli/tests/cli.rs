@@ -19,6 +19,8 @@ mod serve;
 mod soft;
 #[path = "cli/soft_roundtrip.rs"]
 mod soft_roundtrip;
+#[path = "cli/train_guards.rs"]
+mod train_guards;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -170,7 +172,7 @@ fn train_rejects_bad_recipes_in_one_line() {
     );
     assert_clean_failure(
         &train(&["--recipe", "recipes/tiny.toml", "--set", "loss.kd_ratio=2"]),
-        &["[loss] kd_ratio", "must be in [0, 1]"],
+        &["tiny.toml: --set loss.kd_ratio=2: loss.kd_ratio: must be in [0, 1], got 2"],
     );
     let missing = format!("student.model={:?}", tmp.path().join("nope").to_str().unwrap());
     let out_set = format!("train.out={:?}", tmp.path().to_str().unwrap());

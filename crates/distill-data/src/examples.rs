@@ -42,6 +42,8 @@ pub struct DataStats {
     pub truncated_to_seq_len: usize,
     pub train_tokens: usize,
     pub train_loss_tokens: usize,
+    /// Torn last lines skipped (a write cut off by a crash), one at most a shard.
+    pub torn_lines: Vec<crate::shards::TornLine>,
 }
 
 pub struct DataOptions {
@@ -96,7 +98,7 @@ fn split_examples(
         path: dir.to_path_buf(),
         msg: format!("tokenizer: {e}"),
     })?;
-    let samples = crate::shards::read_samples(dir)?;
+    let (samples, torn_lines) = crate::shards::read_samples_noting_torn(dir)?;
     if samples.is_empty() {
         return Err(ExampleError::Invalid {
             path: dir.to_path_buf(),
@@ -106,6 +108,7 @@ fn split_examples(
     }
     let mut stats = DataStats {
         records: samples.len(),
+        torn_lines,
         ..Default::default()
     };
     let (mut train, mut held) = (Vec::new(), Vec::new());

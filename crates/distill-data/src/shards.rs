@@ -102,13 +102,33 @@ pub fn scan_jsonl<T: DeserializeOwned>(path: &Path, mut on: impl FnMut(T)) -> Re
     Ok(scan)
 }
 
+/// A torn last line a reader skipped: the end of a write cut off by a crash.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TornLine {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
 /// Every sample of a dataset directory, in shard order; torn last lines are skipped.
 pub fn read_samples(dir: &Path) -> Result<Vec<Sample>, DataError> {
+    Ok(read_samples_noting_torn(dir)?.0)
+}
+
+/// Every sample of a dataset directory, in shard order, and the torn last lines skipped
+/// (at most one a shard), for the caller to report.
+pub fn read_samples_noting_torn(dir: &Path) -> Result<(Vec<Sample>, Vec<TornLine>), DataError> {
     let mut samples = Vec::new();
+    let mut torn = Vec::new();
     for shard in list_shards(dir)? {
-        scan_jsonl(&shard, |s: Sample| samples.push(s))?;
+        let scan = scan_jsonl(&shard, |s: Sample| samples.push(s))?;
+        if scan.torn_bytes > 0 {
+            torn.push(TornLine {
+                path: scan.path,
+                bytes: scan.torn_bytes,
+            });
+        }
     }
-    Ok(samples)
+    Ok((samples, torn))
 }
 
 #[cfg(test)]
@@ -147,6 +167,28 @@ mod tests {
     fn corruption_before_the_end_is_an_error_with_its_line() {
         let err = scan(b"{\"a\":1}\n{\"a\"\n{\"a\":3}\n").unwrap_err().to_string();
         assert!(err.contains("samples-00000.jsonl:2: corrupt record"), "{err}");
+    }
+
+    #[test]
+    fn reading_a_dataset_notes_each_torn_last_line() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/dataset/samples-00000.jsonl");
+        let whole = std::fs::read(&fixture).unwrap();
+        let n = whole.iter().filter(|&&b| b == b'\n').count();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("samples-00000.jsonl"), &whole).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"{\"key\": \"cut");
+        std::fs::write(dir.path().join("samples-00001.jsonl"), &torn).unwrap();
+        let (samples, torn) = read_samples_noting_torn(dir.path()).unwrap();
+        assert_eq!(samples.len(), 2 * n);
+        assert_eq!(
+            torn,
+            [TornLine {
+                path: dir.path().join("samples-00001.jsonl"),
+                bytes: 12,
+            }]
+        );
     }
 
     #[test]

@@ -15,6 +15,97 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "state.json";
 pub const RECIPE: &str = "recipe.toml";
 
+/// Recipe keys (`section.key`; `section.*` for a whole section) that may differ between the
+/// recipe a checkpoint was saved with and the one resuming it. Everything else that training
+/// reads must be as it was, or the resumed run would not continue the one it resumes.
+pub const RESUME_MAY_CHANGE: &[&str] = &[
+    // Where the run lives: the checkpoint was found there, whatever the names say.
+    "name",
+    "train.out",
+    // How long it runs (the learning-rate schedule follows the new total).
+    "train.max_steps",
+    "train.epochs",
+    // How often it logs and saves, and when it gives up.
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.max_bad_steps",
+    // Memory knobs: the same values up to float rounding (tested for recompute).
+    "train.recompute",
+    "loss.chunk_tokens",
+    // Settings training does not read: the teacher's API, gen-data's requests, soft-label
+    // capture, eval. (The dataset on disk is what trains; gen-data guards its own changes.)
+    "teacher.model",
+    "teacher.base_url",
+    "teacher.api_key_env",
+    "teacher.endpoints",
+    "teacher.price_prompt_per_m",
+    "teacher.price_completion_per_m",
+    "teacher.price_cached_prompt_per_m",
+    "data.prompts",
+    "data.prompt_field",
+    "data.reference_field",
+    "data.id_field",
+    "data.max_prompts",
+    "gen.n",
+    "gen.temperature",
+    "gen.top_p",
+    "gen.max_tokens",
+    "gen.stop",
+    "gen.seed",
+    "gen.prompt_suffix",
+    "gen.system_prompt",
+    "gen.concurrency",
+    "gen.request_timeout_s",
+    "gen.max_retries",
+    "gen.retry_base_delay_s",
+    "gen.retry_max_delay_s",
+    "gen.stream",
+    "gen.max_cost",
+    "gen.max_tokens_total",
+    "soft_labels.*",
+    "eval.*",
+];
+
+fn may_change_on_resume(key: &str) -> bool {
+    RESUME_MAY_CHANGE
+        .iter()
+        .any(|allowed| match allowed.strip_suffix('*') {
+            Some(section) => key.starts_with(section),
+            None => key == *allowed,
+        })
+}
+
+/// Refuses to resume checkpoint `dir` with a recipe that differs from the one it was saved
+/// with in any key outside [`RESUME_MAY_CHANGE`], naming each such key.
+pub fn check_same_recipe(dir: &Path, recipe: &distill_core::Recipe) -> Result<(), CheckpointError> {
+    let path = dir.join(RECIPE);
+    let saved = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let changes = recipe
+        .changes_since(&saved)
+        .map_err(|e| CheckpointError::Invalid {
+            path: path.clone(),
+            msg: e.message().trim().to_string(),
+        })?;
+    let refused: Vec<String> = changes
+        .iter()
+        .filter(|c| !may_change_on_resume(&c.key))
+        .map(|c| c.to_string())
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    Err(CheckpointError::Invalid {
+        path,
+        msg: format!(
+            "--resume with a changed recipe: {}; HINT: set {} back to resume (docs/training.md lists what may change), \
+             or start a fresh run with --set name=<new name> or --set train.out=<another dir>",
+            refused.join("; "),
+            if refused.len() == 1 { "it" } else { "them" }
+        ),
+    })
+}
+
 /// Host tensors by name: (shape, f32 data).
 pub type HostTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 

@@ -96,6 +96,66 @@ pub fn run_root(recipe: &Recipe) -> PathBuf {
     recipe.train.out.join(&recipe.name)
 }
 
+/// What `train` checks before any work, so that nothing of an earlier run is touched by
+/// mistake: a fresh run needs an empty (or absent) run directory; `resume` needs a
+/// checkpoint there, saved with this recipe up to the keys in
+/// [`checkpoint::RESUME_MAY_CHANGE`]. Returns the checkpoint to resume from.
+pub fn check_run_dir(recipe: &Recipe, resume: bool) -> Result<Option<PathBuf>, TrainError> {
+    let root = run_root(recipe);
+    let mut found: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let dir = e.file_type().is_ok_and(|t| t.is_dir());
+                format!(
+                    "{}{}",
+                    e.file_name().to_string_lossy(),
+                    if dir { "/" } else { "" }
+                )
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(checkpoint::CheckpointError::Io { path: root, source }.into()),
+    };
+    found.sort();
+    let elsewhere = format!(
+        "start a fresh run elsewhere with --set name=<new name> or --set train.out=<another dir> (now {})",
+        recipe.train.out.display()
+    );
+    let latest = checkpoint::list(&root).pop();
+    match (resume, latest) {
+        (false, _) if found.is_empty() => Ok(None),
+        (false, latest) => Err(TrainError::Refused(format!(
+            "{} already holds a run ({}); a new run would overwrite its checkpoints and logs. HINT: {}",
+            root.display(),
+            found.join(", "),
+            match latest {
+                Some(_) => format!("continue it with --resume, or {elsewhere}"),
+                None => format!("it has no checkpoint to resume; move it aside, or {elsewhere}"),
+            }
+        ))),
+        (true, None) => Err(TrainError::Refused(format!(
+            "--resume: no checkpoint (step-N/ with {}) in {} ({}); HINT: {}",
+            checkpoint::STATE,
+            root.display(),
+            if found.is_empty() {
+                "nothing has been saved there".to_string()
+            } else {
+                format!("it holds {}", found.join(", "))
+            },
+            if found.is_empty() {
+                "run without --resume to start training".to_string()
+            } else {
+                format!("move it aside and run without --resume, or {elsewhere}")
+            }
+        ))),
+        (true, Some((_, dir))) => {
+            checkpoint::check_same_recipe(&dir, recipe)?;
+            Ok(Some(dir))
+        }
+    }
+}
+
 type Ad<B> = Autodiff<B>;
 /// A block's input leaf and output, with the graph between them kept for backward.
 type BlockGraph<B> = (Tensor<Ad<B>, 3>, Tensor<Ad<B>, 3>);
@@ -108,6 +168,7 @@ pub fn train<B: Kernels>(
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
+    let resume_from = check_run_dir(recipe, opts.resume)?;
     B::exact_allocations();
     let t = &recipe.train;
     let settings = HubSettings::from_env();
@@ -150,7 +211,7 @@ where
         recipe_hash: recipe.hash(),
         tokenizer_sha256: tokenizer.hash.clone(),
     };
-    if let Some((_, dir)) = checkpoint::list(&root).pop().filter(|_| opts.resume) {
+    if let Some(dir) = resume_from {
         let loaded = checkpoint::load(&dir)?;
         if loaded.state.tokenizer_sha256 != tokenizer.hash {
             return Err(TrainError::Refused(format!(
@@ -1193,6 +1254,143 @@ mod tests {
             dense != nf4 && (dense - nf4).abs() < 0.2 * dense,
             "first KL {dense} vs {nf4} (NF4)"
         );
+    }
+
+    /// Every file under `dir` with its bytes and modification time.
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(snapshot(&path));
+            } else {
+                let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+                out.push((path.clone(), std::fs::read(&path).unwrap(), modified));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A run directory as a run leaves it: a checkpoint saved with `r`, logs, the recipe.
+    fn earlier_run(r: &Recipe, step: usize) -> PathBuf {
+        let root = run_root(r);
+        let state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step,
+            total_steps: 10,
+            adam_t: step as u64,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            recipe_hash: r.hash(),
+            tokenizer_sha256: "t".into(),
+        };
+        let none = HostTensors::new();
+        checkpoint::save(&root, &state, &none, &none, &r.to_toml(), 2).unwrap();
+        std::fs::create_dir_all(root.join("runs")).unwrap();
+        std::fs::write(root.join("runs/metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+        std::fs::write(root.join("recipe.toml"), r.to_toml()).unwrap();
+        root
+    }
+
+    fn train_err(r: &Recipe, resume: bool) -> String {
+        let opts = TrainOptions {
+            resume,
+            stop_after: None,
+            progress: false,
+        };
+        match train::<Flex>(r, Default::default(), &opts) {
+            Ok(_) => panic!("trained; expected a refusal"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_fresh_run_over_an_earlier_one_is_refused_and_touches_nothing() {
+        let out = tempfile::tempdir().unwrap();
+        let r = recipe(out.path(), &["train.max_steps=2"]);
+        let root = earlier_run(&r, 1);
+        let before = snapshot(out.path());
+        let err = train_err(&r, false);
+        assert!(
+            err.contains(&format!("{} already holds a run", root.display()))
+                && err.contains("step-1/")
+                && err.contains("--resume")
+                && err.contains("--set train.out=")
+                && err.contains("--set name="),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert_eq!(snapshot(out.path()), before);
+
+        // Logs but no checkpoint (a run stopped before its first save): --resume is no way on.
+        std::fs::remove_dir_all(root.join("step-1")).unwrap();
+        let err = train_err(&r, false);
+        assert!(err.contains("no checkpoint to resume; move it aside"), "{err}");
+        let err = train_err(&r, true);
+        assert!(
+            err.contains("--resume: no checkpoint")
+                && err.contains("it holds recipe.toml, runs/")
+                && err.contains("move it aside"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resume_without_a_checkpoint_is_refused() {
+        let out = tempfile::tempdir().unwrap();
+        let r = recipe(out.path(), &["train.max_steps=2"]);
+        let err = train_err(&r, true);
+        assert!(
+            err.contains(&format!(
+                "no checkpoint (step-N/ with state.json) in {}",
+                run_root(&r).display()
+            )) && err.contains("nothing has been saved there")
+                && err.contains("run without --resume"),
+            "{err}"
+        );
+        assert!(!run_root(&r).exists(), "a refused run created its directory");
+    }
+
+    #[test]
+    fn resume_refuses_a_changed_recipe_except_the_allowed_keys() {
+        let out = tempfile::tempdir().unwrap();
+        let r = recipe(out.path(), &["train.max_steps=4"]);
+        let root = earlier_run(&r, 3);
+        let before = snapshot(out.path());
+        let changed = recipe(
+            out.path(),
+            &[
+                "train.max_steps=8",
+                "train.lr=5e-3",
+                "lora.r=4",
+                "train.log_every=2",
+            ],
+        );
+        let err = train_err(&changed, true);
+        assert!(
+            err.contains(&root.join("step-3/recipe.toml").display().to_string())
+                && err.contains("lora.r was 16, is 4; train.lr was 0.0001, is 0.005; HINT: set them back"),
+            "{err}"
+        );
+        assert!(!err.contains("max_steps") && !err.contains("log_every"), "{err}");
+        assert_eq!(snapshot(out.path()), before);
+
+        // Only keys that may change: resumed from the newest checkpoint.
+        let allowed = recipe(
+            out.path(),
+            &[
+                "train.max_steps=8",
+                "train.checkpoint_every=5",
+                "train.keep_checkpoints=4",
+                "train.log_every=2",
+                "train.recompute=false",
+                "loss.chunk_tokens=64",
+                "gen.temperature=0.9",
+                "eval.n=4",
+            ],
+        );
+        assert_eq!(check_run_dir(&allowed, true).unwrap(), Some(root.join("step-3")));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Invalid, Recipe, RecipeError};
+use super::{Checks, Interval, Recipe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -56,30 +56,14 @@ impl Default for EvalSection {
     }
 }
 
-pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
+/// Sampling ranges as vLLM and transformers' `generate` take them.
+pub(super) fn validate(r: &Recipe, c: &mut Checks) {
     let e = &r.eval;
-    if e.n == 0 {
-        return Err(invalid("eval", "n", "must be at least 1".into()));
-    }
-    if e.batch_size == 0 {
-        return Err(invalid("eval", "batch_size", "must be at least 1".into()));
-    }
-    if !(0.0..=2.0).contains(&e.temperature) {
-        return Err(invalid(
-            "eval",
-            "temperature",
-            format!("must be in [0, 2], got {}", e.temperature),
-        ));
-    }
-    if !(e.top_p > 0.0 && e.top_p <= 1.0) {
-        return Err(invalid(
-            "eval",
-            "top_p",
-            format!("must be in (0, 1], got {}", e.top_p),
-        ));
-    }
-    if e.teacher_top_k == 0 {
-        return Err(invalid("eval", "teacher_top_k", "must be at least 1".into()));
-    }
-    Ok(())
+    c.unset_or_at_least_1("eval.max_examples", e.max_examples.map(|n| n as u64));
+    c.at_least_1("eval.max_new_tokens", e.max_new_tokens as u64);
+    c.within("eval.temperature", e.temperature, Interval::Closed(0.0, 2.0));
+    c.within("eval.top_p", e.top_p, Interval::OpenClosed(0.0, 1.0));
+    c.at_least_1("eval.n", e.n as u64);
+    c.at_least_1("eval.batch_size", e.batch_size as u64);
+    c.at_least_1("eval.teacher_top_k", e.teacher_top_k as u64);
 }

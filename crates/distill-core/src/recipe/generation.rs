@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::train::BaseQuant;
-use super::{Invalid, Recipe, RecipeError};
+use super::{Checks, Interval, Recipe};
 
 /// One OpenAI-compatible server of the teacher.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -236,119 +236,82 @@ impl Default for SoftLabelSection {
     }
 }
 
-pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
-    let g = &r.generation;
-    if g.n == 0 {
-        return Err(invalid("gen", "n", "must be at least 1".into()));
-    }
-    if !(0.0..=2.0).contains(&g.temperature) {
-        return Err(invalid(
-            "gen",
-            "temperature",
-            format!("must be in [0, 2], got {}", g.temperature),
-        ));
-    }
-    if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-        return Err(invalid(
-            "gen",
-            "top_p",
-            format!("must be in (0, 1], got {}", g.top_p),
-        ));
-    }
-    if g.concurrency == 0 {
-        return Err(invalid("gen", "concurrency", "must be at least 1".into()));
-    }
-    if g.max_tokens == 0 {
-        return Err(invalid("gen", "max_tokens", "must be at least 1".into()));
-    }
-    if g.request_timeout_s == 0 {
-        return Err(invalid("gen", "request_timeout_s", "must be at least 1".into()));
-    }
-    if !(g.retry_base_delay_s >= 0.0 && g.retry_base_delay_s <= g.retry_max_delay_s) {
-        return Err(invalid(
-            "gen",
-            "retry_base_delay_s",
-            format!(
-                "must be in [0, retry_max_delay_s = {}], got {}",
-                g.retry_max_delay_s, g.retry_base_delay_s
-            ),
-        ));
-    }
-    if let Some(c) = g.max_cost
-        && (c.is_nan() || c <= 0.0)
-    {
-        return Err(invalid("gen", "max_cost", format!("must be > 0 (USD), got {c}")));
-    }
-    for (field, price) in [
-        ("price_prompt_per_m", Some(r.teacher.price_prompt_per_m)),
-        ("price_completion_per_m", Some(r.teacher.price_completion_per_m)),
-        ("price_cached_prompt_per_m", r.teacher.price_cached_prompt_per_m),
+/// Ranges as the OpenAI API, TRL and vLLM take them: counts at least 1, temperature in
+/// [0, 2], top_p in (0, 1], prices and delays finite and >= 0, budgets > 0.
+pub(super) fn validate(r: &Recipe, c: &mut Checks) {
+    let t = &r.teacher;
+    for (key, price) in [
+        ("teacher.price_prompt_per_m", Some(t.price_prompt_per_m)),
+        ("teacher.price_completion_per_m", Some(t.price_completion_per_m)),
+        ("teacher.price_cached_prompt_per_m", t.price_cached_prompt_per_m),
     ] {
-        if let Some(p) = price
-            && !(p >= 0.0 && p.is_finite())
-        {
-            return Err(invalid(
-                "teacher",
-                field,
-                format!("must be >= 0 (USD per million tokens), got {p}"),
-            ));
+        if let Some(p) = price {
+            c.non_negative(key, p);
         }
     }
-    for url in std::iter::once(&r.teacher.base_url).chain(r.teacher.endpoints.iter().map(|e| &e.base_url)) {
+    for (key, url) in std::iter::once(("teacher.base_url", &t.base_url))
+        .chain(t.endpoints.iter().map(|e| ("teacher.endpoints", &e.base_url)))
+    {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(invalid(
-                "teacher",
-                "base_url",
-                format!("`{url}` must start with http:// or https://"),
-            ));
+            c.fail(key, format!("`{url}` must start with http:// or https://"));
         }
     }
-    if !(0.0..1.0).contains(&r.data.held_out) {
-        return Err(invalid(
-            "data",
-            "held_out",
-            format!("must be in [0, 1), got {}", r.data.held_out),
-        ));
+    for (key, env) in t.api_key_env.iter().map(|e| ("teacher.api_key_env", e)).chain(
+        t.endpoints
+            .iter()
+            .filter_map(|e| e.api_key_env.as_ref().map(|env| ("teacher.endpoints", env))),
+    ) {
+        // "" means: send no key.
+        if !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            c.fail(
+                key,
+                format!(
+                    "`{env}` is not an environment variable name; put the key in a variable and name it here"
+                ),
+            );
+        }
     }
+
+    let d = &r.data;
+    c.unset_or_at_least_1("data.max_prompts", d.max_prompts.map(|n| n as u64));
+    c.within("data.held_out", d.held_out, Interval::ClosedOpen(0.0, 1.0));
+
+    let g = &r.generation;
+    c.at_least_1("gen.n", g.n as u64);
+    c.within("gen.temperature", g.temperature, Interval::Closed(0.0, 2.0));
+    c.within("gen.top_p", g.top_p, Interval::OpenClosed(0.0, 1.0));
+    c.at_least_1("gen.max_tokens", g.max_tokens as u64);
+    c.at_least_1("gen.concurrency", g.concurrency as u64);
+    c.at_least_1("gen.request_timeout_s", g.request_timeout_s);
+    c.non_negative("gen.retry_max_delay_s", g.retry_max_delay_s);
+    let (base, max) = (g.retry_base_delay_s, g.retry_max_delay_s);
+    if !((0.0..=max.max(0.0)).contains(&base) && base.is_finite()) {
+        c.fail(
+            "gen.retry_base_delay_s",
+            format!("must be in [0, gen.retry_max_delay_s = {max}], got {base}"),
+        );
+    }
+    if let Some(cost) = g.max_cost {
+        c.positive("gen.max_cost", cost);
+    }
+    c.unset_or_at_least_1("gen.max_tokens_total", g.max_tokens_total);
+
     let soft = &r.soft_labels;
-    if soft.k == 0 {
-        return Err(invalid("soft_labels", "k", "must be at least 1".into()));
-    }
+    c.at_least_1("soft_labels.k", soft.k as u64);
     if soft.source == SoftLabelSource::ApiTopLogprobs && soft.k > MAX_API_TOP_LOGPROBS {
-        return Err(invalid(
-            "soft_labels",
-            "k",
+        c.fail(
+            "soft_labels.k",
             format!(
                 "must be at most {MAX_API_TOP_LOGPROBS} with source = \"api-top-logprobs\" (servers return at most {MAX_API_TOP_LOGPROBS} alternatives), got {}",
                 soft.k
             ),
-        ));
+        );
     }
-    if !(0.0..=1.0).contains(&soft.max_mismatch_rate) {
-        return Err(invalid(
-            "soft_labels",
-            "max_mismatch_rate",
-            format!("must be in [0, 1], got {}", soft.max_mismatch_rate),
-        ));
-    }
-    for env in r
-        .teacher
-        .api_key_env
-        .iter()
-        .chain(r.teacher.endpoints.iter().filter_map(|e| e.api_key_env.as_ref()))
-    {
-        // "" means: send no key.
-        if !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(invalid(
-                "teacher",
-                "api_key_env",
-                format!(
-                    "`{env}` is not an environment variable name; put the key in a variable and name it here"
-                ),
-            ));
-        }
-    }
-    Ok(())
+    c.within(
+        "soft_labels.max_mismatch_rate",
+        soft.max_mismatch_rate,
+        Interval::UNIT,
+    );
 }
 
 #[cfg(test)]
@@ -361,29 +324,43 @@ mod tests {
         Recipe::parse(text, Path::new("r.toml"), &[])
     }
 
+    /// recipes/*.toml and the experiments' recipes pass every check.
     #[test]
     fn every_shipped_recipe_loads() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
-                n += 1;
-            }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut paths: Vec<_> = std::fs::read_dir(root.join("recipes"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        let n_recipes = paths.len();
+        paths.extend(
+            std::fs::read_dir(root.join("experiments"))
+                .unwrap()
+                .map(|e| e.unwrap().path().join("recipe.toml"))
+                .filter(|p| p.exists()),
+        );
+        for path in &paths {
+            Recipe::load(path, &[]).unwrap_or_else(|e| panic!("{e}"));
         }
-        assert!(n >= 1, "no recipes in {}", dir.display());
+        assert!(n_recipes >= 1, "no recipes in {}", root.join("recipes").display());
     }
 
     #[test]
     fn generation_fields_are_checked() {
         for (text, want) in [
-            ("[gen]\nmax_tokens = 0", "[gen] max_tokens: must be at least 1"),
-            ("[gen]\nretry_base_delay_s = 90.0", "[gen] retry_base_delay_s"),
-            ("[gen]\nmax_cost = 0.0", "[gen] max_cost: must be > 0"),
+            (
+                "[gen]\nmax_tokens = 0",
+                "r.toml:3: gen.max_tokens: must be at least 1",
+            ),
+            (
+                "[gen]\nretry_base_delay_s = 90.0",
+                "r.toml:3: gen.retry_base_delay_s",
+            ),
+            ("[gen]\nmax_cost = 0.0", "r.toml:3: gen.max_cost: must be > 0"),
             (
                 "[teacher]\nprice_prompt_per_m = -1.0",
-                "[teacher] price_prompt_per_m",
+                "r.toml:3: teacher.price_prompt_per_m",
             ),
             (
                 "[teacher]\nbase_url = \"api.deepseek.com\"",
@@ -393,10 +370,13 @@ mod tests {
                 "[teacher]\napi_key_env = \"sk-abc\"",
                 "not an environment variable name",
             ),
-            ("[soft_labels]\nk = 21", "[soft_labels] k: must be at most 20"),
+            (
+                "[soft_labels]\nk = 21",
+                "r.toml:3: soft_labels.k: must be at most 20",
+            ),
             (
                 "[soft_labels]\nmax_mismatch_rate = 1.5",
-                "[soft_labels] max_mismatch_rate",
+                "r.toml:3: soft_labels.max_mismatch_rate",
             ),
             ("[soft_labels]\ndtype = \"f32\"", "expected `f16` or `bf16`"),
         ] {

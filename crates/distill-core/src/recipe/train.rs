@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Invalid, Recipe, RecipeError, in_unit_interval};
+use super::{Checks, Interval, Recipe};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -187,63 +187,69 @@ pub const LORA_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-pub(super) fn validate(r: &Recipe, invalid: &Invalid) -> Result<(), RecipeError> {
-    let (t, l, lora) = (&r.train, &r.loss, &r.lora);
-    in_unit_interval(invalid, "loss", "kd_ratio", l.kd_ratio)?;
-    if l.temperature <= 0.0 {
-        return Err(invalid(
-            "loss",
-            "temperature",
-            format!("must be positive, got {}", l.temperature),
-        ));
-    }
-    in_unit_interval(invalid, "loss", "beta", l.beta)?;
-    if l.chunk_tokens == 0 {
-        return Err(invalid("loss", "chunk_tokens", "must be at least 1".into()));
-    }
-    for (field, v) in [
-        ("seq_len", t.seq_len),
-        ("micro_batch", t.micro_batch),
-        ("grad_accum", t.grad_accum),
+/// Ranges as torch's AdamW, TRL and torchtune take them: counts at least 1, lr and eps
+/// finite and > 0, betas in [0, 1), shares in [0, 1], dropout in [0, 1).
+pub(super) fn validate(r: &Recipe, c: &mut Checks) {
+    let t = &r.train;
+    c.unset_or_at_least_1("train.max_steps", t.max_steps.map(|n| n as u64));
+    c.positive("train.epochs", t.epochs);
+    for (key, n) in [
+        ("train.seq_len", t.seq_len),
+        ("train.micro_batch", t.micro_batch),
+        ("train.grad_accum", t.grad_accum),
     ] {
-        if v == 0 {
-            return Err(invalid("train", field, "must be at least 1".into()));
-        }
+        c.at_least_1(key, n as u64);
     }
-    if t.lr.is_nan() || t.lr <= 0.0 {
-        return Err(invalid("train", "lr", format!("must be positive, got {}", t.lr)));
+    c.positive("train.lr", t.lr);
+    c.within("train.min_lr_ratio", t.min_lr_ratio, Interval::UNIT);
+    c.non_negative("train.weight_decay", t.weight_decay);
+    c.within("train.beta1", t.beta1, Interval::ClosedOpen(0.0, 1.0));
+    c.within("train.beta2", t.beta2, Interval::ClosedOpen(0.0, 1.0));
+    c.positive("train.eps", t.eps);
+    c.non_negative("train.max_grad_norm", t.max_grad_norm);
+    for (key, n) in [
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.log_every", t.log_every),
+        ("train.max_bad_steps", t.max_bad_steps),
+    ] {
+        c.at_least_1(key, n as u64);
     }
-    in_unit_interval(invalid, "train", "min_lr_ratio", t.min_lr_ratio)?;
-    if t.keep_checkpoints == 0 {
-        return Err(invalid("train", "keep_checkpoints", "must be at least 1".into()));
+
+    // One weight, kd_ratio, and its complement: they can never both be zero.
+    let l = &r.loss;
+    c.within("loss.kd_ratio", l.kd_ratio, Interval::UNIT);
+    c.within("loss.beta", l.beta, Interval::UNIT);
+    c.positive("loss.temperature", l.temperature);
+    c.at_least_1("loss.chunk_tokens", l.chunk_tokens as u64);
+
+    let lora = &r.lora;
+    c.at_least_1("lora.r", lora.r as u64);
+    c.positive("lora.alpha", lora.alpha);
+    c.within("lora.dropout", lora.dropout, Interval::ClosedOpen(0.0, 1.0));
+    if let Some(bad) = lora.targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
+        c.fail(
+            "lora.targets",
+            format!(
+                "`{bad}` is not a linear layer; choose from {}",
+                LORA_TARGETS.join(", ")
+            ),
+        );
     }
-    if lora.enabled {
-        if lora.r == 0 {
-            return Err(invalid("lora", "r", "must be at least 1".into()));
-        }
-        if let Some(bad) = lora.targets.iter().find(|t| !LORA_TARGETS.contains(&t.as_str())) {
-            return Err(invalid(
-                "lora",
-                "targets",
-                format!(
-                    "`{bad}` is not a linear layer; choose from {}",
-                    LORA_TARGETS.join(", ")
-                ),
-            ));
-        }
-        if !(0.0..1.0).contains(&lora.dropout) {
-            return Err(invalid(
-                "lora",
-                "dropout",
-                format!("must be in [0, 1), got {}", lora.dropout),
-            ));
-        }
-    } else if lora.quantize != BaseQuant::None {
-        return Err(invalid(
-            "lora",
-            "quantize",
-            "quantizes the frozen base of a LoRA run; set [lora] enabled = true, or remove it for full fine-tuning".into(),
-        ));
+    if lora.enabled && lora.targets.is_empty() {
+        c.fail(
+            "lora.targets",
+            format!(
+                "is empty, so nothing would train; choose from {}, or set lora.enabled = false",
+                LORA_TARGETS.join(", ")
+            ),
+        );
     }
-    Ok(())
+    if !lora.enabled && lora.quantize != BaseQuant::None {
+        c.fail(
+            "lora.quantize",
+            "quantizes the frozen base of a LoRA run; set lora.enabled = true, or remove it for full fine-tuning"
+                .into(),
+        );
+    }
 }
