@@ -42,6 +42,11 @@ pub enum TeacherTargets<B: Backend> {
         logprobs: Tensor<B, 2>,
         present: Option<Tensor<B, 1>>,
     },
+    /// The teacher's log-probability [N] (temperature 1) of the label at each position, the
+    /// label being a token the student sampled: the divergence is then the sampled-token
+    /// estimate of the reverse KL, log q(x) - log p(x), whose gradient is that estimate times
+    /// the gradient of log q(x) (on-policy distillation with any teacher that can score text).
+    Sampled(Tensor<B, 1>),
 }
 
 impl<B: Backend> TeacherTargets<B> {
@@ -58,6 +63,7 @@ impl<B: Backend> TeacherTargets<B> {
                 logprobs: logprobs.clone().narrow(0, start, len),
                 present: present.as_ref().map(|p| p.clone().narrow(0, start, len)),
             },
+            TeacherTargets::Sampled(lp) => TeacherTargets::Sampled(lp.clone().narrow(0, start, len)),
         }
     }
 }
@@ -114,10 +120,15 @@ pub fn token_loss<B: Backend>(
 ) -> LossSums<B> {
     let logits = mask_padding(logits.cast(DType::F32), cfg.vocab_limit); // [N, V]
     let log_q = log_softmax(logits.clone(), 1);
-    let ce = log_q.clone().gather(1, labels.unsqueeze_dim(1)).neg().sum(); // [1]
+    let log_q_label = log_q
+        .clone()
+        .gather(1, labels.unsqueeze_dim(1))
+        .squeeze_dim::<1>(1); // [N]
+    let ce = log_q_label.clone().neg().sum(); // [1]
     let kl = match teacher {
         TeacherTargets::None => ce.zeros_like(),
         _ if cfg.kd_ratio == 0.0 => ce.zeros_like(),
+        TeacherTargets::Sampled(log_p) => sampled_reverse_kl(log_q_label, log_p.clone().cast(DType::F32)),
         _ => {
             let t = cfg.temperature;
             let log_q_t = if t == 1.0 {
@@ -143,6 +154,32 @@ pub fn token_loss<B: Backend>(
     LossSums { total, ce, kl }
 }
 
+impl<B: Backend> TeacherTargets<B> {
+    /// A full-vocabulary teacher reduced to what the sampled-token estimator reads: its
+    /// log-probability (temperature 1) of each label. Dense logits [N, V], labels [N].
+    pub fn at_labels(self, labels: Tensor<B, 1, Int>, vocab_limit: Option<usize>) -> Self {
+        match self {
+            TeacherTargets::Dense(z) => {
+                let log_p = log_softmax(mask_padding(z.cast(DType::F32), vocab_limit), 1); // [N, V]
+                TeacherTargets::Sampled(log_p.gather(1, labels.unsqueeze_dim(1)).squeeze_dim(1))
+            }
+            other => other,
+        }
+    }
+}
+
+/// The sampled-token reverse KL, summed over positions, as a surrogate whose value is the
+/// estimate sum(log q(x) - log p(x)) and whose gradient is sum((log q(x) - log p(x)) * grad
+/// log q(x)): the score-function gradient of E_q[log q - log p] with each token's own term as
+/// its reward (no value function, no credit to earlier tokens: Thinking Machines' on-policy
+/// distillation). E_q[grad log q] = 0 drops the derivative of the estimate itself.
+/// log_q, log_p: [N] at the sampled tokens.
+fn sampled_reverse_kl<B: Backend>(log_q: Tensor<B, 1>, log_p: Tensor<B, 1>) -> Tensor<B, 1> {
+    let estimate = log_q.clone().detach() - log_p; // [N]
+    let weighted = estimate.clone() * log_q;
+    (weighted.clone() - weighted.detach() + estimate).sum()
+}
+
 fn mask_padding<B: Backend>(logits: Tensor<B, 2>, vocab_limit: Option<usize>) -> Tensor<B, 2> {
     let [n, v] = logits.dims();
     match vocab_limit {
@@ -165,7 +202,7 @@ fn paired_distributions<B: Backend>(
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let t = cfg.temperature;
     match teacher {
-        TeacherTargets::None => unreachable!("no teacher, no divergence"),
+        TeacherTargets::None | TeacherTargets::Sampled(_) => unreachable!("no distribution to pair"),
         TeacherTargets::Dense(z) => {
             let z = mask_padding(z.clone().cast(DType::F32), cfg.vocab_limit);
             (log_softmax(z.div_scalar(t), 1), log_q)
@@ -487,7 +524,7 @@ fn has_analytic_grad<B: Backend>(teacher: &TeacherTargets<B>, cfg: &LossConfig) 
             TeacherTargets::None => true,
             _ if cfg.kd_ratio == 0.0 => true,
             TeacherTargets::Sparse { .. } => forward && cfg.missing_mass == MissingMass::OtherBucket,
-            TeacherTargets::Dense(_) => false,
+            TeacherTargets::Dense(_) | TeacherTargets::Sampled(_) => false,
         }
 }
 
@@ -642,6 +679,7 @@ fn lift<AD: burn::tensor::backend::AutodiffBackend>(
             logprobs: Tensor::from_inner(logprobs.clone()),
             present: present.as_ref().map(|p| Tensor::from_inner(p.clone())),
         },
+        TeacherTargets::Sampled(lp) => TeacherTargets::Sampled(Tensor::from_inner(lp.clone())),
     }
 }
 
@@ -663,10 +701,11 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/loss/reference.safetensors"
-        );
+        fixture_at("loss/reference.safetensors")
+    }
+
+    fn fixture_at(name: &str) -> Fixture {
+        let path = format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         let bytes = std::fs::read(path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut fx = Fixture {
@@ -730,6 +769,142 @@ mod tests {
             missing_mass,
             vocab_limit: Some(9),
             analytic_grad: true,
+        }
+    }
+
+    /// The on-policy divergence against TRL's own `GKDTrainer.generalized_jsd_loss`
+    /// (tests/fixtures/gkd): beta 0 (forward KL), 0.5 and 1 (reverse KL), temperature 1 and
+    /// 0.9, over every position and with TRL's -100 label mask. TRL does not scale by T^2;
+    /// ours does, so ours / T^2 must equal TRL's sum, value and gradient.
+    #[test]
+    fn generalized_jsd_matches_trl_gkd() {
+        let fx = fixture_at("gkd/reference.safetensors");
+        let (student, teacher) = (fx.f::<3>("student"), fx.f::<3>("teacher"));
+        let [b, t, v] = student.dims();
+        let labels = &fx.i64s["labels"].1;
+        let mut cases = 0;
+        for beta in [0.0, 0.5, 1.0] {
+            for temp in [1.0, 0.9] {
+                for masked in [false, true] {
+                    let name = format!("b{beta:.1}.t{temp:.1}.{}", if masked { "masked" } else { "all" });
+                    let keep: Vec<i64> = (0..b * t)
+                        .filter(|&i| !masked || labels[i] != -100)
+                        .map(|i| i as i64)
+                        .collect();
+                    let n = keep.len();
+                    let rows = Tensor::<B, 1, Int>::from_data(
+                        TensorData::new(keep.clone(), [n]),
+                        &Default::default(),
+                    );
+                    let z = Tensor::<AD, 2>::from_inner(
+                        student.clone().reshape([b * t, v]).select(0, rows.clone()),
+                    )
+                    .require_grad();
+                    let cfg = LossConfig {
+                        kd_ratio: 1.0,
+                        vocab_limit: None,
+                        ..config(KlKind::Jsd, beta, temp, MissingMass::OtherBucket)
+                    };
+                    let dense = TeacherTargets::Dense(Tensor::from_inner(
+                        teacher.clone().reshape([b * t, v]).select(0, rows),
+                    ));
+                    let labels = Tensor::<AD, 1, Int>::zeros([n], &Default::default());
+                    let kl = token_loss(z.clone(), labels, &dense, &cfg)
+                        .kl
+                        .div_scalar(temp * temp);
+                    let grads = kl.clone().backward();
+                    let ours_grad = vec_of(z.grad(&grads).unwrap());
+                    assert_close(
+                        &format!("{name} loss"),
+                        &vec_of(kl.inner()),
+                        &fx.f32s[&format!("{name}.loss")].1,
+                    );
+                    // TRL's gradient is zero at masked positions; ours covers the kept rows.
+                    let theirs = &fx.f32s[&format!("{name}.grad")].1;
+                    let mut want = Vec::new();
+                    for i in 0..b * t {
+                        let row = &theirs[i * v..(i + 1) * v];
+                        if keep.contains(&(i as i64)) {
+                            want.extend_from_slice(row);
+                        } else {
+                            assert!(
+                                row.iter().all(|&g| g == 0.0),
+                                "{name}: TRL trained masked row {i}"
+                            );
+                        }
+                    }
+                    assert_close(&format!("{name} grad"), &ours_grad, &want);
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 12);
+    }
+
+    /// The sampled-token estimator is unbiased: over tokens drawn from the student, its mean
+    /// is the exact reverse KL(q || p) and its mean gradient is the exact gradient
+    /// d KL / dz_i = q_i (log q_i - log p_i - KL). Tolerance: 5 standard errors, with the
+    /// spread of each per-sample term computed from the draws.
+    #[test]
+    fn sampled_reverse_kl_is_an_unbiased_estimate_of_the_reverse_kl() {
+        let (v, m) = (5usize, 40_000usize);
+        let z = [1.2f64, -0.3, 0.4, 2.0, -1.5];
+        let zp = [0.1f64, 0.9, -0.6, 1.1, 0.3];
+        let log_softmax = |x: &[f64]| {
+            let lse = x.iter().map(|a| a.exp()).sum::<f64>().ln();
+            x.iter().map(|a| a - lse).collect::<Vec<f64>>()
+        };
+        let (lq, lp) = (log_softmax(&z), log_softmax(&zp));
+        let exact: f64 = (0..v).map(|i| lq[i].exp() * (lq[i] - lp[i])).sum();
+        let exact_grad: Vec<f64> = (0..v).map(|i| lq[i].exp() * (lq[i] - lp[i] - exact)).collect();
+
+        let mut rng = distill_core::testing::TestRng::new(3);
+        let draws: Vec<usize> = (0..m)
+            .map(|_| {
+                let mut u = rng.uniform();
+                (0..v)
+                    .find(|&i| {
+                        u -= lq[i].exp();
+                        u < 0.0
+                    })
+                    .unwrap_or(v - 1)
+            })
+            .collect();
+        let device = Default::default();
+        let logits: Vec<f32> = (0..m).flat_map(|_| z.iter().map(|&a| a as f32)).collect();
+        let zt = Tensor::<AD, 2>::from_data(TensorData::new(logits, [m, v]), &device).require_grad();
+        let labels: Vec<i64> = draws.iter().map(|&x| x as i64).collect();
+        let labels = Tensor::<AD, 1, Int>::from_data(TensorData::new(labels, [m]), &device);
+        let teacher_lp: Vec<f32> = draws.iter().map(|&x| lp[x] as f32).collect();
+        let teacher = TeacherTargets::Sampled(Tensor::from_data(TensorData::new(teacher_lp, [m]), &device));
+        let cfg = LossConfig {
+            kd_ratio: 1.0,
+            vocab_limit: None,
+            ..config(KlKind::Reverse, 1.0, 1.0, MissingMass::OtherBucket)
+        };
+        let kl = token_loss(zt.clone(), labels, &teacher, &cfg).kl;
+        let grads = kl.clone().backward();
+        let estimate = vec_of(kl.inner())[0] as f64 / m as f64;
+
+        let terms: Vec<f64> = draws.iter().map(|&x| lq[x] - lp[x]).collect();
+        let sd = (terms.iter().map(|d| (d - exact).powi(2)).sum::<f64>() / m as f64).sqrt();
+        let se = sd / (m as f64).sqrt();
+        assert!(
+            (estimate - exact).abs() < 5.0 * se,
+            "estimate {estimate} vs exact {exact} (se {se})"
+        );
+
+        let g = vec_of(zt.grad(&grads).unwrap());
+        for i in 0..v {
+            let per_row: Vec<f64> = (0..m).map(|r| g[r * v + i] as f64).collect();
+            let mean = per_row.iter().sum::<f64>() / m as f64;
+            let sd = (per_row.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / m as f64).sqrt();
+            let se = sd / (m as f64).sqrt();
+            assert!(
+                (mean - exact_grad[i]).abs() < 5.0 * se + 1e-6,
+                "d/dz_{i}: mean {mean} vs exact {} (se {se})",
+                exact_grad[i]
+            );
         }
     }
 

@@ -795,6 +795,7 @@ fn teacher_targets<B: Kernels>(
                 TeacherTargets::None => n,
                 TeacherTargets::Dense(z) => z.dims()[0],
                 TeacherTargets::Sparse { ids, .. } => ids.dims()[0],
+                TeacherTargets::Sampled(lp) => lp.dims()[0],
             };
             if rows_of != n {
                 return Err(TrainError::Refused(format!(
