@@ -125,6 +125,16 @@ fn print_summary(r: &TrainReport) {
             r.skipped_steps
         );
     }
+    if let Some(op) = &r.on_policy {
+        let show = |kl: Option<f64>| kl.map_or("-".to_string(), |kl| format!("{kl:.4}"));
+        println!(
+            "on-policy: {} of {} steps on the student's samples; held-out reverse KL to the teacher {} -> {}",
+            op.steps,
+            r.losses.len(),
+            show(op.reverse_kl_before),
+            show(op.reverse_kl_after)
+        );
+    }
     if let Some(dir) = &r.checkpoint {
         println!("checkpoint: {}", dir.display());
     }

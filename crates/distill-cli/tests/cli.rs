@@ -11,6 +11,8 @@ mod eval;
 mod gguf;
 #[path = "cli/init_student.rs"]
 mod init_student;
+#[path = "cli/on_policy.rs"]
+mod on_policy;
 #[path = "cli/rescore.rs"]
 mod rescore;
 #[path = "cli/serve.rs"]

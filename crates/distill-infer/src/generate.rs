@@ -90,6 +90,9 @@ pub struct Generation {
     /// The decoded continuation, cut before a stop string.
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The EOS token that ended it (not in `tokens`): what a model trained on the sequence
+    /// learns to stop with.
+    pub eos: Option<u32>,
     /// Per new token (EOS excluded), when [`GenerationConfig::logprobs`] asked for them.
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
@@ -239,7 +242,10 @@ impl<B: Kernels> Running<B> {
             .collect();
         if cfg.max_new_tokens == 0 {
             for mut l in rows {
-                done(l.request, finish(tokenizer, &mut l, FinishReason::Length, cfg)?);
+                done(
+                    l.request,
+                    finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?,
+                );
             }
             return Ok(());
         }
@@ -334,7 +340,10 @@ fn advance(
     let mut keep = Vec::with_capacity(live.len());
     for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
         if cfg.eos.contains(&tok) {
-            done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+            done(
+                l.request,
+                finish(tokenizer, l, FinishReason::Stop, Some(tok), cfg)?,
+            );
             continue;
         }
         l.tokens.push(tok);
@@ -342,12 +351,12 @@ fn advance(
         if !cfg.stop.is_empty() {
             let text = tokenizer.decode(&l.tokens, true)?;
             if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
-                done(l.request, finish(tokenizer, l, FinishReason::Stop, cfg)?);
+                done(l.request, finish(tokenizer, l, FinishReason::Stop, None, cfg)?);
                 continue;
             }
         }
         if l.tokens.len() >= cfg.max_new_tokens {
-            done(l.request, finish(tokenizer, l, FinishReason::Length, cfg)?);
+            done(l.request, finish(tokenizer, l, FinishReason::Length, None, cfg)?);
             continue;
         }
         keep.push(row);
@@ -378,6 +387,7 @@ fn finish(
     tokenizer: &TextTokenizer,
     live: &mut Live,
     reason: FinishReason,
+    eos: Option<u32>,
     cfg: &GenerationConfig,
 ) -> Result<Generation, InferError> {
     let tokens = std::mem::take(&mut live.tokens);
@@ -390,6 +400,7 @@ fn finish(
         tokens,
         text,
         finish_reason: reason,
+        eos,
         logprobs: cfg.logprobs.map(|_| logprobs),
     })
 }

@@ -222,6 +222,7 @@ fn nothing_generated(logprobs: Option<usize>) -> Generation {
         tokens: Vec::new(),
         text: String::new(),
         finish_reason: FinishReason::Length,
+        eos: None,
         logprobs: logprobs.map(|_| Vec::<TokenLogprob>::new()),
     }
 }

@@ -8,10 +8,12 @@
 //! - [`ledger`]: `samples-*.jsonl` + `errors.jsonl`, resume, torn-line repair, the lock;
 //! - [`run`]: the loop that ties them together; [`manifest`]: `manifest.json`;
 //! - [`prompt_logprobs`]: vLLM's `/v1/completions` prompt logprobs (teacher-forced top-k);
+//! - [`grade`]: a served teacher grades given token sequences (on-policy distillation);
 //! - [`rescore`]: a local teacher re-scores the samples (`gen-data --rescore`): top-k soft labels.
 
 pub mod api;
 pub mod fleet;
+pub mod grade;
 pub mod ledger;
 pub mod limiter;
 pub mod manifest;

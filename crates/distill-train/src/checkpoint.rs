@@ -30,6 +30,8 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.keep_checkpoints",
     "train.log_every",
     "train.max_bad_steps",
+    // Sequences decoded together: each sample depends on its prompt and seed alone.
+    "on_policy.gen_batch",
     // Memory knobs: the same values up to float rounding (tested for recompute).
     "train.recompute",
     "loss.chunk_tokens",
@@ -140,13 +142,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-/// Writes step `state.step` under `root` atomically and prunes old ones.
+/// Writes step `state.step` under `root` atomically, with `extra` files beside the state,
+/// and prunes old ones.
 pub fn save(
     root: &Path,
     state: &TrainState,
     weights: &HostTensors,
     moments: &HostTensors,
     recipe_toml: &str,
+    extra: &[(&str, &[u8])],
     keep: usize,
 ) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(root).map_err(io(root))?;
@@ -157,7 +161,8 @@ pub fn save(
     write_tensors(&tmp.path().join(WEIGHTS), weights)?;
     write_tensors(&tmp.path().join(OPTIMIZER), moments)?;
     let state_json = serde_json::to_vec_pretty(state).expect("state serializes");
-    for (name, bytes) in [(STATE, state_json.as_slice()), (RECIPE, recipe_toml.as_bytes())] {
+    let files = [(STATE, state_json.as_slice()), (RECIPE, recipe_toml.as_bytes())];
+    for &(name, bytes) in files.iter().chain(extra) {
         let path = tmp.path().join(name);
         std::fs::write(&path, bytes).map_err(io(&path))?;
         sync_file(&path)?;
@@ -304,7 +309,7 @@ mod tests {
         let mut w = HostTensors::new();
         w.insert("a.lora_a".into(), (vec![2, 2], vec![1.0, -2.0, 3.5, 0.25]));
         for step in [1, 2, 3] {
-            save(root.path(), &state(step), &w, &w, "name = \"x\"\n", 2).unwrap();
+            save(root.path(), &state(step), &w, &w, "name = \"x\"\n", &[], 2).unwrap();
         }
         let steps: Vec<usize> = list(root.path()).into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![2, 3]);
@@ -332,7 +337,16 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let mut s = state(1);
         s.format_version = 99;
-        let dir = save(root.path(), &s, &HostTensors::new(), &HostTensors::new(), "", 1).unwrap();
+        let dir = save(
+            root.path(),
+            &s,
+            &HostTensors::new(),
+            &HostTensors::new(),
+            "",
+            &[],
+            1,
+        )
+        .unwrap();
         let err = load(&dir).err().unwrap().to_string();
         assert!(err.contains("state.json") && err.contains("HINT"), "{err}");
     }

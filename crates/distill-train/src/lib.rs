@@ -6,6 +6,7 @@ pub mod export;
 pub mod lora;
 pub mod loss;
 pub mod metrics;
+pub mod on_policy;
 pub mod optim;
 pub mod params;
 pub mod soft;

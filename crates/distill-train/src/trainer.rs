@@ -18,7 +18,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use distill_core::Recipe;
-use distill_core::recipe::BaseQuant;
+use distill_core::recipe::{BaseQuant, OnPolicyTeacher};
 use distill_hf::hub::{self, HubSettings};
 use distill_hf::tokenizer::TextTokenizer;
 use distill_kernels::KeyRanges;
@@ -30,6 +30,7 @@ use crate::export;
 use crate::lora;
 use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 use crate::metrics::{MetricsLog, MetricsRecord};
+use crate::on_policy::OnPolicy;
 use crate::optim::{AdamW, AdamWConfig, Moments, learning_rate};
 use crate::params::{GradStore, ParamInfo, collect_grads, param_infos, read_params};
 use crate::soft::{SoftStats, SoftTargetError, SoftTargets};
@@ -60,6 +61,11 @@ pub enum Teacher<B: Backend> {
     None,
     /// A local model sharing the student's tokenizer: full-vocabulary logits.
     Local(Box<CausalLm<B>>),
+    /// A local model read only at the labels: its log-probability of each (sampled) token,
+    /// for the on-policy sampled-token estimator.
+    LocalSampled(Box<CausalLm<B>>),
+    /// A served teacher's grades of on-policy samples (their rows' keys find them).
+    Graded(Box<crate::on_policy::GradedTargets>),
     /// The dataset's stored top-k soft labels.
     Stored(Box<SoftTargets>),
     /// The same targets for every micro-batch, which must have exactly their N loss
@@ -81,6 +87,17 @@ pub struct TrainReport {
     pub stats: data::DataStats,
     /// How many samples found usable stored soft labels, when training on them.
     pub soft_labels: Option<SoftStats>,
+    /// What on-policy distillation did, when `[on_policy] share` > 0.
+    pub on_policy: Option<OnPolicyReport>,
+}
+
+/// On-policy steps run in this invocation, and the held-out per-token reverse KL to the
+/// teacher on the student's own samples before the run and at its end.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OnPolicyReport {
+    pub steps: usize,
+    pub reverse_kl_before: Option<f64>,
+    pub reverse_kl_after: Option<f64>,
 }
 
 pub struct TrainOptions {
@@ -189,6 +206,20 @@ where
     let mut model = trainable_student(student, recipe, &device);
     let (teacher, soft_labels) =
         load_teacher::<B>(recipe, &tokenizer, &settings, &device, &train_set, &held_out)?;
+    let mut on_policy = if recipe.on_policy.enabled() {
+        let grader = match (recipe.on_policy.teacher, &teacher) {
+            (OnPolicyTeacher::Server, _) => None,
+            (OnPolicyTeacher::Local, Teacher::Local(m)) => Some((**m).clone()),
+            (OnPolicyTeacher::Local, _) => {
+                Some(load_local_teacher::<B>(recipe, &tokenizer, &settings, &device)?)
+            }
+        };
+        Some(OnPolicy::new(
+            recipe, &tokenizer, &train_set, &held_out, grader, &settings,
+        )?)
+    } else {
+        None
+    };
 
     let infos = param_infos(&model);
     let mut opt = new_optimizer(&model, t);
@@ -222,6 +253,10 @@ where
         }
         model = restore_params(model, &infos, &loaded.weights, &dir)?;
         restore_moments(&mut opt, &infos, &loaded.moments, &device);
+        let rollouts = dir.join(crate::on_policy::ROLLOUTS);
+        if let (Some(op), Ok(bytes)) = (on_policy.as_mut(), std::fs::read(&rollouts)) {
+            op.restore_window(&bytes, &rollouts)?;
+        }
         opt.t = loaded.state.adam_t;
         state = TrainState {
             total_steps,
@@ -245,6 +280,14 @@ where
     )?;
 
     let loss_cfg = LossConfig::from_recipe(&recipe.loss, Some(tokenizer.vocab_size()));
+    let mut op_report = on_policy.as_ref().map(|_| OnPolicyReport::default());
+    if let (Some(op), Some(report), 0) = (&on_policy, op_report.as_mut(), state.step) {
+        report.reverse_kl_before =
+            op.held_out_reverse_kl(&model.valid(), &tokenizer, pad_id, t.micro_batch, &device)?;
+        if let Some(kl) = report.reverse_kl_before {
+            tb.add_scalar("eval/reverse_kl", kl as f32, 0)?;
+        }
+    }
     let bar = progress_bar(opts.progress, total_steps, state.step);
     let mut losses = Vec::new();
     let mut consecutive_bad = 0;
@@ -256,28 +299,63 @@ where
         let started = Instant::now();
         let step = state.step;
         <Ad<B> as Backend>::seed(&device, t.seed.wrapping_add(step as u64 + 1));
-        let rows = step_rows(
-            &train_set,
-            t,
-            step,
-            steps_per_epoch,
-            rows_per_step,
-            pad_id,
-            &mut epoch_cache,
-        );
+        let mut extra = serde_json::Map::new();
+        let on_step = on_policy.as_ref().is_some_and(|op| op.is_on_policy(step));
+        let (rows, step_teacher, step_loss) = match on_policy.as_mut().filter(|_| on_step) {
+            Some(op) => {
+                if let Some(bar) = &bar {
+                    bar.set_message("on-policy: sampling");
+                }
+                let (rollouts, sampled) =
+                    op.rollouts(&model.valid(), &tokenizer, step, rows_per_step, &device)?;
+                log_rollouts(&mut extra, &rollouts, sampled);
+                if let Some(r) = op_report.as_mut() {
+                    r.steps += 1;
+                }
+                if let Some(bar) = &bar {
+                    bar.set_message("on-policy: grading");
+                }
+                let rows = op.rows(&rollouts, pad_id)?;
+                (rows, &op.teacher, &op.loss)
+            }
+            None => {
+                let rows = step_rows(
+                    &train_set,
+                    t,
+                    step,
+                    steps_per_epoch,
+                    rows_per_step,
+                    pad_id,
+                    &mut epoch_cache,
+                );
+                (rows, &teacher, &loss_cfg)
+            }
+        };
+        if let Some(bar) = bar.as_ref().filter(|_| on_step) {
+            bar.set_message("on-policy: training");
+        }
+        let trained = Instant::now();
         let lr = learning_rate(t, step, total_steps);
         let (next, outcome) = optimizer_step(
             model,
             &mut opt,
-            &teacher,
+            step_teacher,
             &rows,
-            &loss_cfg,
+            step_loss,
             recipe,
             lr,
             &device,
             &mut no_phases,
         )?;
         model = next;
+        if on_policy.is_some() {
+            extra.insert("on_policy".into(), on_step.into());
+            let total = started.elapsed().as_secs_f64();
+            extra.insert(
+                "train_share".into(),
+                (trained.elapsed().as_secs_f64() / total.max(1e-9)).into(),
+            );
+        }
         let StepOutcome {
             loss,
             ce,
@@ -320,7 +398,7 @@ where
                 grad_norm,
                 tokens_per_s,
                 mem_gb: None,
-                extra: Default::default(),
+                extra,
             };
             metrics.append(&record)?;
             for (tag, v) in [
@@ -343,6 +421,12 @@ where
             ));
         }
         if state.step.is_multiple_of(t.checkpoint_every.max(1)) || state.step == total_steps {
+            let window = on_policy.as_ref().and_then(|op| op.unfinished_window(state.step));
+            let extra: Vec<(&str, &[u8])> = window
+                .as_deref()
+                .map(|w| (crate::on_policy::ROLLOUTS, w))
+                .into_iter()
+                .collect();
             last_checkpoint = Some(save_checkpoint(
                 &root,
                 &model,
@@ -350,6 +434,7 @@ where
                 &opt,
                 &state,
                 &recipe_toml,
+                &extra,
                 t.keep_checkpoints,
             )?);
         }
@@ -362,8 +447,15 @@ where
         let held_loss = held_out_loss(&model, &teacher, &held_out, &loss_cfg, recipe, pad_id, &device)?;
         if let Some(l) = held_loss {
             tb.add_scalar("eval/held_out_loss", l as f32, state.step as i64)?;
-            tb.flush()?;
         }
+        if let (Some(op), Some(report)) = (&on_policy, op_report.as_mut()) {
+            report.reverse_kl_after =
+                op.held_out_reverse_kl(&model.valid(), &tokenizer, pad_id, t.micro_batch, &device)?;
+            if let Some(kl) = report.reverse_kl_after {
+                tb.add_scalar("eval/reverse_kl", kl as f32, state.step as i64)?;
+            }
+        }
+        tb.flush()?;
         let inner = model.valid();
         if recipe.lora.enabled {
             export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
@@ -392,7 +484,32 @@ where
         run_dir,
         stats,
         soft_labels,
+        on_policy: op_report,
     })
+}
+
+/// An on-policy step's sampling figures for its metrics line: mean completion length, the
+/// share cut at max_new_tokens and, on steps that sampled, the seconds and tokens per second.
+fn log_rollouts(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    rollouts: &[crate::on_policy::Rollout],
+    sampled: Option<crate::on_policy::RolloutStats>,
+) {
+    let n = rollouts.len().max(1) as f64;
+    let tokens: usize = rollouts.iter().map(|r| r.completion.len()).sum();
+    let cut = rollouts
+        .iter()
+        .filter(|r| r.finish == distill_infer::generate::FinishReason::Length)
+        .count();
+    extra.insert("sample_len".into(), (tokens as f64 / n).into());
+    extra.insert("truncated_share".into(), (cut as f64 / n).into());
+    if let Some(s) = sampled {
+        extra.insert("gen_s".into(), s.seconds.into());
+        extra.insert(
+            "gen_tokens_per_s".into(),
+            (s.new_tokens as f64 / s.seconds.max(1e-9)).into(),
+        );
+    }
 }
 
 /// The student as training sees it: LoRA adapters on a frozen model when the recipe enables
@@ -580,7 +697,7 @@ fn load_teacher<B: Kernels>(
         }
         return Ok((Teacher::Stored(Box::new(soft)), Some(stats)));
     }
-    let Some(reference) = recipe.teacher.local_model.as_deref() else {
+    if recipe.teacher.local_model.is_none() {
         return Err(TrainError::Refused(format!(
             "[loss] kd_ratio = {} needs the teacher's distribution, and there is none: write soft labels into {} \
              (gen-data with [soft_labels] enabled, or `distill gen-data --rescore`), or set [teacher] local_model \
@@ -588,6 +705,22 @@ fn load_teacher<B: Kernels>(
             recipe.loss.kd_ratio,
             distill_data::soft::soft_dir(dataset).display()
         )));
+    }
+    let teacher = load_local_teacher(recipe, student_tokenizer, settings, device)?;
+    Ok((Teacher::Local(Box::new(teacher)), None))
+}
+
+/// `[teacher] local_model`, which must share the student's tokenizer.
+fn load_local_teacher<B: Kernels>(
+    recipe: &Recipe,
+    student_tokenizer: &TextTokenizer,
+    settings: &HubSettings,
+    device: &B::Device,
+) -> Result<CausalLm<B>, TrainError> {
+    let Some(reference) = recipe.teacher.local_model.as_deref() else {
+        return Err(TrainError::Refused(
+            "[teacher] local_model is unset; HINT: name a model sharing the student's tokenizer".into(),
+        ));
     };
     let dir = hub::resolve(reference, settings)?;
     let tokenizer = TextTokenizer::from_dir(&dir)?;
@@ -600,8 +733,11 @@ fn load_teacher<B: Kernels>(
             &student_tokenizer.hash[..12]
         )));
     }
-    let teacher = CausalLm::<B>::load_with(&dir, device, recipe.teacher.local_quantize)?;
-    Ok((Teacher::Local(Box::new(teacher)), None))
+    Ok(CausalLm::<B>::load_with(
+        &dir,
+        device,
+        recipe.teacher.local_quantize,
+    )?)
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
@@ -693,6 +829,7 @@ where
         ids.clone(),
         &docs,
         &positions,
+        &labels,
         rows,
         model.config.vocab_size,
     )?;
@@ -775,20 +912,24 @@ fn head_param<B: Backend>(model: &CausalLm<Ad<B>>) -> Option<(burn::module::Para
 
 /// The teacher's distribution at the loss positions of `rows`: a local teacher's
 /// full-vocabulary logits, the stored top-k, or none.
-fn teacher_targets<B: Kernels>(
+pub(crate) fn teacher_targets<B: Kernels>(
     teacher: &Teacher<B>,
     ids: Tensor<B, 2, Int>,
     docs: &[Vec<u32>],
     positions: &Tensor<B, 1, Int>,
+    labels: &Tensor<B, 1, Int>,
     rows: &[Row],
     width: usize,
 ) -> Result<TeacherTargets<B>, TrainError> {
+    let dense = |tm: &CausalLm<B>| {
+        let h = select_positions(tm.hidden_states_packed(ids.clone(), docs), positions); // [N, Ct]
+        TeacherTargets::Dense(fit_width(tm.logits(h.unsqueeze::<3>()).squeeze_dim(0), width))
+    };
     Ok(match teacher {
-        Teacher::Local(tm) => {
-            let h = select_positions(tm.hidden_states_packed(ids, docs), positions); // [N, Ct]
-            TeacherTargets::Dense(fit_width(tm.logits(h.unsqueeze::<3>()).squeeze_dim(0), width))
-        }
+        Teacher::Local(tm) => dense(tm),
+        Teacher::LocalSampled(tm) => dense(tm).at_labels(labels.clone(), Some(tm.config.vocab_size)),
         Teacher::Stored(soft) => soft.for_rows(rows, &positions.device())?,
+        Teacher::Graded(graded) => graded.for_rows(rows, &positions.device())?,
         Teacher::Fixed(targets) => {
             let n = positions.dims()[0];
             let rows_of = match targets {
@@ -840,7 +981,7 @@ fn batch_ids<B: Backend>(rows: &[Row], device: &B::Device) -> Tensor<B, 2, Int> 
 /// ids [R, T], docs, positions with a label (flattened index) [N] or None if there are none,
 /// and those labels [N].
 #[allow(clippy::type_complexity)]
-fn batch_tensors<B: Backend>(
+pub(crate) fn batch_tensors<B: Backend>(
     rows: &[Row],
     device: &B::Device,
 ) -> (
@@ -883,19 +1024,36 @@ fn held_out_loss<B: Kernels>(
 where
     Ad<B>: Kernels,
 {
-    if held_out.is_empty() {
-        return Ok(None);
-    }
-    let inner = model.valid();
     let rows = data::pack(held_out, recipe.train.seq_len, recipe.train.packing, pad_id);
+    mean_loss(
+        &model.valid(),
+        teacher,
+        &rows,
+        loss_cfg,
+        recipe.train.micro_batch,
+        device,
+    )
+}
+
+/// Mean loss per loss token of `model` on `rows`, `micro_batch` rows at a time, without
+/// gradients; None when the rows carry no loss.
+pub(crate) fn mean_loss<B: Kernels>(
+    model: &CausalLm<B>,
+    teacher: &Teacher<B>,
+    rows: &[Row],
+    loss_cfg: &LossConfig,
+    micro_batch: usize,
+    device: &B::Device,
+) -> Result<Option<f64>, TrainError> {
     let (mut total, mut tokens) = (0.0, 0usize);
-    for micro in rows.chunks(recipe.train.micro_batch) {
+    for micro in rows.chunks(micro_batch.max(1)) {
         let (ids, docs, positions, labels) = batch_tensors::<B>(micro, device);
         let Some(positions) = positions else { continue };
-        let h = select_positions(inner.hidden_states_packed(ids.clone(), &docs), &positions); // [N, C]
-        let targets = teacher_targets(teacher, ids, &docs, &positions, micro, inner.config.vocab_size)?;
+        let h = select_positions(model.hidden_states_packed(ids.clone(), &docs), &positions); // [N, C]
+        let width = model.config.vocab_size;
+        let targets = teacher_targets(teacher, ids, &docs, &positions, &labels, micro, width)?;
         let n = positions.dims()[0];
-        let logits = inner.logits(h.unsqueeze::<3>()).squeeze_dim(0);
+        let logits = model.logits(h.unsqueeze::<3>()).squeeze_dim(0);
         let sums = crate::loss::token_loss(logits, labels, &targets, loss_cfg);
         total += sums.total.into_scalar().elem::<f64>();
         tokens += n;
@@ -903,6 +1061,7 @@ where
     Ok((tokens > 0).then(|| total / tokens as f64))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Kernels>(
     root: &Path,
     model: &CausalLm<Ad<B>>,
@@ -910,6 +1069,7 @@ fn save_checkpoint<B: Kernels>(
     opt: &AdamW<B>,
     state: &TrainState,
     recipe_toml: &str,
+    extra: &[(&str, &[u8])],
     keep: usize,
 ) -> Result<PathBuf, TrainError>
 where
@@ -937,6 +1097,7 @@ where
         &weights,
         &moments,
         recipe_toml,
+        extra,
         keep,
     )?)
 }
@@ -1257,6 +1418,121 @@ mod tests {
         );
     }
 
+    fn on_policy_recipe(out: &Path, extra: &[&str]) -> Recipe {
+        let teacher = fixtures().join("tiny-llama");
+        let sets = [
+            &[
+                format!("teacher.local_model={:?}", teacher.to_str().unwrap()),
+                "on_policy.share=1.0".to_string(),
+                "on_policy.max_new_tokens=24".to_string(),
+                "on_policy.temperature=1.0".to_string(),
+                "lora.enabled=false".to_string(),
+                "train.lr=3e-3".to_string(),
+            ][..],
+            &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>()[..],
+        ]
+        .concat();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        recipe(out, &sets)
+    }
+
+    /// The student samples, the teacher grades: with either divergence, the per-token reverse
+    /// KL to the teacher on the student's own samples of held-out prompts falls.
+    #[test]
+    fn on_policy_distillation_lowers_the_held_out_reverse_kl() {
+        for divergence in ["jsd", "sampled_reverse_kl"] {
+            let out = tempfile::tempdir().unwrap();
+            let r = on_policy_recipe(
+                out.path(),
+                &[
+                    &format!("on_policy.divergence={divergence:?}"),
+                    "on_policy.beta=1.0",
+                    "train.micro_batch=4",
+                    "train.grad_accum=4",
+                    "train.max_steps=12",
+                ],
+            );
+            let report = run(&r, false, None);
+            let op = report.on_policy.clone().unwrap();
+            assert_eq!(op.steps, 12, "{divergence}");
+            let (before, after) = (op.reverse_kl_before.unwrap(), op.reverse_kl_after.unwrap());
+            eprintln!("{divergence}: held-out reverse KL {before} -> {after}");
+            assert!(
+                after < 0.8 * before,
+                "{divergence}: held-out reverse KL {before} -> {after}"
+            );
+            let log = crate::metrics::read_metrics(&report.run_dir.join("metrics.jsonl")).unwrap();
+            let line = &log[0].extra;
+            assert_eq!(line["on_policy"], serde_json::Value::Bool(true));
+            let len = line["sample_len"].as_f64().unwrap();
+            assert!(len > 0.0 && len <= 24.0, "{line:?}");
+            assert!(
+                line.contains_key("gen_tokens_per_s") && line.contains_key("train_share"),
+                "{line:?}"
+            );
+        }
+    }
+
+    /// Steps are drawn on-policy with probability `share`, the same draw on every run.
+    #[test]
+    fn on_policy_steps_follow_the_share() {
+        for share in [0.0, 0.25, 0.5, 1.0] {
+            let n = (0..4000)
+                .filter(|&s| crate::on_policy::on_policy_step(7, share, s))
+                .count();
+            assert!(
+                (n as f64 / 4000.0 - share).abs() < 0.03,
+                "share {share}: {n} of 4000"
+            );
+        }
+        let a: Vec<bool> = (0..50)
+            .map(|s| crate::on_policy::on_policy_step(7, 0.5, s))
+            .collect();
+        let b: Vec<bool> = (0..50)
+            .map(|s| crate::on_policy::on_policy_step(7, 0.5, s))
+            .collect();
+        assert_eq!(a, b);
+    }
+
+    /// A run stopped after a checkpoint that falls inside a buffer window (its samples were
+    /// drawn from older weights) resumes on the very samples it would have trained on, and
+    /// ends where the uninterrupted run ends; off-policy steps mixed in alike.
+    #[test]
+    fn an_interrupted_on_policy_run_resumes_to_the_same_losses() {
+        let extra = [
+            "on_policy.share=0.5",
+            "on_policy.buffer_steps=2",
+            "on_policy.samples_per_prompt=2",
+            "train.max_steps=8",
+        ];
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let whole = run(&on_policy_recipe(a.path(), &extra), false, None);
+        let r = on_policy_recipe(b.path(), &extra);
+        let first = run(&r, false, Some(4)); // checkpoint at step 3; step 4 is lost on "crash"
+        let kept = run_root(&r).join("step-3").join(crate::on_policy::ROLLOUTS);
+        let on: Vec<bool> = (0..3)
+            .map(|s| crate::on_policy::on_policy_step(r.train.seed, 0.5, s))
+            .collect();
+        let k = on.iter().filter(|&&x| x).count();
+        assert_eq!(
+            kept.exists(),
+            k % 2 == 1,
+            "on-policy steps before the checkpoint: {on:?}"
+        );
+        let rest = run(&r, true, None);
+        let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+        assert_eq!(resumed.len(), whole.losses.len());
+        for (x, y) in whole.losses.iter().zip(&resumed) {
+            assert!(
+                (x - y).abs() < 1e-6,
+                "uninterrupted {:?}\nresumed       {resumed:?}",
+                whole.losses
+            );
+        }
+        let mixed = whole.on_policy.unwrap().steps;
+        assert!(mixed > 0 && mixed < 8, "{mixed} of 8 steps on-policy");
+    }
+
     /// Every file under `dir` with its bytes and modification time.
     fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
         let mut out = Vec::new();
@@ -1287,7 +1563,7 @@ mod tests {
             tokenizer_sha256: "t".into(),
         };
         let none = HostTensors::new();
-        checkpoint::save(&root, &state, &none, &none, &r.to_toml(), 2).unwrap();
+        checkpoint::save(&root, &state, &none, &none, &r.to_toml(), &[], 2).unwrap();
         std::fs::create_dir_all(root.join("runs")).unwrap();
         std::fs::write(root.join("runs/metrics.jsonl"), "{\"step\": 1}\n").unwrap();
         std::fs::write(root.join("recipe.toml"), r.to_toml()).unwrap();

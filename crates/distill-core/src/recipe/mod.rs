@@ -1,11 +1,12 @@
 //! Recipes: one TOML file per experiment, sections `[teacher] [student] [data] [gen]
-//! [soft_labels] [train] [loss] [lora] [eval]`. Unknown keys are errors (with the line),
+//! [soft_labels] [train] [loss] [lora] [on_policy] [eval]`. Unknown keys are errors (with the line),
 //! `--set section.key=value` overrides any key, every value is range-checked (all problems at
 //! once, each with its line or its `--set`), and the resolved recipe is saved beside every
 //! output so a run can always be reproduced from its own directory.
 
 mod eval;
 mod generation;
+mod on_policy;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use generation::{
     DataSection, Endpoint, GenSection, LogprobDtype, MAX_API_TOP_LOGPROBS, SoftLabelSection, SoftLabelSource,
     TeacherSection,
 };
+pub use on_policy::{OnPolicyDivergence, OnPolicySection, OnPolicyTeacher};
 pub use train::{
     BaseQuant, KlKind, LoraSection, LossSection, MissingMass, Schedule, StudentSection, TrainSection,
 };
@@ -122,6 +124,8 @@ pub struct Recipe {
     #[serde(default)]
     pub lora: LoraSection,
     #[serde(default)]
+    pub on_policy: OnPolicySection,
+    #[serde(default)]
     pub eval: EvalSection,
     /// The file this recipe was read from (not part of the TOML).
     #[serde(skip)]
@@ -205,6 +209,7 @@ impl Recipe {
         }
         generation::validate(self, &mut c);
         train::validate(self, &mut c);
+        on_policy::validate(self, &mut c);
         eval::validate(self, &mut c);
         c.problems
     }
