@@ -120,8 +120,8 @@ pub struct Args {
     /// B6: new tokens per sequence (no EOS: every sequence runs to the end).
     #[arg(long, default_value_t = 256)]
     new_tokens: usize,
-    /// B3/B4: also time each phase of the step (inputs, forward, loss, backward, grad norm,
-    /// optimizer), with a device sync after each; the row gets `phases` and the log a line
+    /// B3/B4: also time each phase of the step (inputs, forward, teacher, loss, backward, grad
+    /// norm, optimizer), with a device sync after each; the row gets `phases` and the log a line
     /// per phase, with the memory it left in use and the pool's reservation after it in the
     /// first step (CUDA). The syncs slow the step: compare profiled rows with each other.
     #[arg(long)]

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use distill_core::Recipe;
 
-use crate::prompt_logprobs::{completions_v1_url, parse_prompt_logprobs, prompt_logprobs_body};
+use crate::prompt_logprobs::{parse_prompt_logprobs, request};
 use crate::run::backoff;
-use crate::{ApiKey, TeacherError, api::error_body_text, redact};
+use crate::{ApiKey, TeacherError};
 
 /// The teacher's view of one position of a graded sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,7 +121,7 @@ impl Grader {
     fn one(&self) -> OneRequest {
         OneRequest {
             client: self.client.clone(),
-            url: completions_v1_url(&self.url),
+            url: self.url.clone(),
             model: self.model.clone(),
             key: self.key.clone(),
             k: self.k,
@@ -161,34 +161,11 @@ impl OneRequest {
     }
 
     async fn send(&self, ids: &[u32]) -> Result<Grades, TeacherError> {
-        let secrets: Vec<ApiKey> = self.key.iter().cloned().collect();
-        let fail = |status: Option<u16>, msg: String| TeacherError::Request {
-            url: self.url.clone(),
-            status,
-            msg: redact(&msg, &secrets),
-        };
-        let body = prompt_logprobs_body(&self.model, ids, self.k);
-        let mut req = self
-            .client
-            .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(&body).expect("bodies serialize"));
-        if let Some(k) = &self.key {
-            req = req.bearer_auth(k.expose());
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| fail(None, format!("request failed: {e}")))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| fail(Some(status), format!("reading the response: {e}")))?;
-        if !(200..300).contains(&status) {
-            return Err(fail(Some(status), format!("{status} {}", error_body_text(&text))));
-        }
-        parse_grades(&text, ids, self.k).map_err(|e| fail(Some(status), e.to_string()))
+        let (client, key) = (&self.client, self.key.as_ref());
+        request(client, &self.url, key, &self.model, ids, self.k, |body| {
+            parse_grades(body, ids, self.k)
+        })
+        .await
     }
 }
 

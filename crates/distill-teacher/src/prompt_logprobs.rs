@@ -47,6 +47,24 @@ pub async fn prompt_logprobs(
     token_ids: &[u32],
     k: usize,
 ) -> Result<PromptLogprobs, TeacherError> {
+    let n = token_ids.len();
+    request(client, base_url, key, model, token_ids, k, |body| {
+        parse_prompt_logprobs(body, n, k)
+    })
+    .await
+}
+
+/// POSTs the prompt-logprobs request for `token_ids` and reads a 2xx answer with `parse`;
+/// failures name the URL and status, never the key.
+pub(crate) async fn request<T>(
+    client: &reqwest::Client,
+    base_url: &str,
+    key: Option<&ApiKey>,
+    model: &str,
+    token_ids: &[u32],
+    k: usize,
+    parse: impl FnOnce(&str) -> Result<T, BodyError>,
+) -> Result<T, TeacherError> {
     let url = completions_v1_url(base_url);
     let secrets: Vec<ApiKey> = key.into_iter().cloned().collect();
     let fail = |status: Option<u16>, msg: String| TeacherError::Request {
@@ -73,7 +91,7 @@ pub async fn prompt_logprobs(
     if !(200..300).contains(&status) {
         return Err(fail(Some(status), format!("{status} {}", error_body_text(&text))));
     }
-    parse_prompt_logprobs(&text, token_ids.len(), k).map_err(|e| fail(Some(status), e.to_string()))
+    parse(&text).map_err(|e| fail(Some(status), e.to_string()))
 }
 
 /// Reads `choices[0].prompt_logprobs` for a prompt of `n` tokens, keeping the `k` best ranks.

@@ -301,6 +301,9 @@ where
         <Ad<B> as Backend>::seed(&device, t.seed.wrapping_add(step as u64 + 1));
         let mut extra = serde_json::Map::new();
         let on_step = on_policy.as_ref().is_some_and(|op| op.is_on_policy(step));
+        // On-policy steps time their phases (a device sync at each: a few per micro-batch) to
+        // report the step's split into sampling, teacher scoring and training.
+        let mut scoring = 0.0;
         let (rows, step_teacher, step_loss) = match on_policy.as_mut().filter(|_| on_step) {
             Some(op) => {
                 if let Some(bar) = &bar {
@@ -315,7 +318,9 @@ where
                 if let Some(bar) = &bar {
                     bar.set_message("on-policy: grading");
                 }
+                let graded = Instant::now();
                 let rows = op.rows(&rollouts, pad_id)?;
+                scoring += graded.elapsed().as_secs_f64();
                 (rows, &op.teacher, &op.loss)
             }
             None => {
@@ -336,6 +341,15 @@ where
         }
         let trained = Instant::now();
         let lr = learning_rate(t, step, total_steps);
+        let mut since = Instant::now();
+        let mut timed = |name: &'static str| {
+            let _ = B::sync(&device);
+            if name == "teacher" {
+                scoring += since.elapsed().as_secs_f64();
+            }
+            since = Instant::now();
+        };
+        let hook: PhaseHook = if on_step { &mut timed } else { &mut no_phases };
         let (next, outcome) = optimizer_step(
             model,
             &mut opt,
@@ -345,16 +359,20 @@ where
             recipe,
             lr,
             &device,
-            &mut no_phases,
+            hook,
         )?;
         model = next;
         if on_policy.is_some() {
             extra.insert("on_policy".into(), on_step.into());
-            let total = started.elapsed().as_secs_f64();
-            extra.insert(
-                "train_share".into(),
-                (trained.elapsed().as_secs_f64() / total.max(1e-9)).into(),
-            );
+        }
+        if on_step {
+            let total = started.elapsed().as_secs_f64().max(1e-9);
+            let sampling = extra.get("gen_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let training = (trained.elapsed().as_secs_f64() - scoring).max(0.0);
+            extra.insert("score_s".into(), scoring.into());
+            extra.insert("gen_share".into(), (sampling / total).into());
+            extra.insert("score_share".into(), (scoring / total).into());
+            extra.insert("train_share".into(), (training / total).into());
         }
         let StepOutcome {
             loss,
@@ -560,7 +578,15 @@ pub struct StepOutcome {
 
 /// The phases of a step, in order; [`optimizer_step`] calls its phase hook at the end of each
 /// (the first four once per micro-batch).
-pub const PHASES: [&str; 6] = ["inputs", "forward", "loss", "backward", "grad_norm", "optimizer"];
+pub const PHASES: [&str; 7] = [
+    "inputs",
+    "forward",
+    "teacher",
+    "loss",
+    "backward",
+    "grad_norm",
+    "optimizer",
+];
 
 /// Called with a phase's name (one of [`PHASES`]) when the step has queued that phase's work.
 /// `distill bench --profile` syncs the device there and times each phase; training passes
@@ -833,6 +859,7 @@ where
         rows,
         model.config.vocab_size,
     )?;
+    phase("teacher");
     let head_param = head_param(model);
     let want_w = head_param.as_ref().is_some_and(|(_, trainable)| *trainable);
     let out = chunked_loss::<Ad<B>>(
@@ -1201,6 +1228,7 @@ fn progress_bar(enabled: bool, total: usize, start: usize) -> Option<indicatif::
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
+    use distill_core::testing::snapshot;
 
     use super::*;
 
@@ -1531,22 +1559,6 @@ mod tests {
         }
         let mixed = whole.on_policy.unwrap().steps;
         assert!(mixed > 0 && mixed < 8, "{mixed} of 8 steps on-policy");
-    }
-
-    /// Every file under `dir` with its bytes and modification time.
-    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                out.extend(snapshot(&path));
-            } else {
-                let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
-                out.push((path.clone(), std::fs::read(&path).unwrap(), modified));
-            }
-        }
-        out.sort();
-        out
     }
 
     /// A run directory as a run leaves it: a checkpoint saved with `r`, logs, the recipe.

@@ -3,26 +3,9 @@
 //! `--resume` without a checkpoint and `--resume` with a changed recipe refused in one line
 //! with the earlier run's files untouched; a torn last dataset line reported, not fatal.
 
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use distill_core::testing::snapshot;
 
 use super::{assert_clean_failure, copy_fixture, stderr, stdout, train};
-
-/// Every file under `dir` with its bytes and modification time.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>, SystemTime)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(snapshot(&path));
-        } else {
-            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
-            out.push((path.clone(), std::fs::read(&path).unwrap(), modified));
-        }
-    }
-    out.sort();
-    out
-}
 
 #[test]
 fn train_lists_every_bad_setting_with_its_line_and_writes_nothing() {
