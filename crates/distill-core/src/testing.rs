@@ -95,6 +95,26 @@ impl TestRng {
     }
 }
 
+/// A file of a [`snapshot`]: its path, bytes and modification time.
+pub type FileState = (std::path::PathBuf, Vec<u8>, std::time::SystemTime);
+
+/// Every file under `dir`, recursively, sorted by path: two equal snapshots mean nothing was
+/// written, created or removed in between. Panics on I/O errors (tests only).
+pub fn snapshot(dir: &std::path::Path) -> Vec<FileState> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(snapshot(&path));
+        } else {
+            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+            out.push((path.clone(), std::fs::read(&path).unwrap(), modified));
+        }
+    }
+    out.sort();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,24 +167,4 @@ mod tests {
         let mut rng = TestRng::new(9);
         assert!((0..1000).map(|_| rng.uniform()).all(|u| (0.0..1.0).contains(&u)));
     }
-}
-
-/// A file of a [`snapshot`]: its path, bytes and modification time.
-pub type FileState = (std::path::PathBuf, Vec<u8>, std::time::SystemTime);
-
-/// Every file under `dir`, recursively, sorted by path: two equal snapshots mean nothing was
-/// written, created or removed in between. Panics on I/O errors (tests only).
-pub fn snapshot(dir: &std::path::Path) -> Vec<FileState> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(snapshot(&path));
-        } else {
-            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
-            out.push((path.clone(), std::fs::read(&path).unwrap(), modified));
-        }
-    }
-    out.sort();
-    out
 }

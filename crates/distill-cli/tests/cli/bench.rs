@@ -167,7 +167,15 @@ fn bench_profile_times_every_phase_of_the_step_in_order() {
     let names: Vec<&str> = phases.iter().map(|p| p["phase"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["inputs", "forward", "teacher", "loss", "backward", "grad_norm", "optimizer"]
+        [
+            "inputs",
+            "forward",
+            "teacher",
+            "loss",
+            "backward",
+            "grad_norm",
+            "optimizer"
+        ]
     );
     let (mut sum, step) = (0.0, num(&rows[0], "ms"));
     for p in phases {
