@@ -429,6 +429,10 @@ where
             ] {
                 tb.add_scalar(&format!("train/{tag}"), v as f32, state.step as i64)?;
             }
+            // On-policy steps' sampling and timing figures, under their own heading.
+            for (tag, v) in record.extra.iter().filter_map(|(k, v)| Some((k, v.as_f64()?))) {
+                tb.add_scalar(&format!("on_policy/{tag}"), v as f32, state.step as i64)?;
+            }
             tb.flush()?;
         }
         if let Some(bar) = &bar {
