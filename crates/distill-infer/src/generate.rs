@@ -262,7 +262,7 @@ impl<B: Kernels> Running<B> {
             Some(&mut cache),
         ); // [n, width, C]
         let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
-        let next = next_tokens(logits, &mut rows, cfg, model.config.vocab_size)?;
+        let next = next_tokens(logits, &mut rows, cfg, real_vocab(model, tokenizer))?;
         let keep = advance(tokenizer, &mut rows, next, cfg, done)?;
         if keep.is_empty() {
             return Ok(());
@@ -308,7 +308,7 @@ impl<B: Kernels> Running<B> {
         let input = ids_tensor::<B>(&last, self.live.len(), 1, device);
         let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
         let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
-        let next = next_tokens(logits, &mut self.live, cfg, model.config.vocab_size)?;
+        let next = next_tokens(logits, &mut self.live, cfg, real_vocab(model, tokenizer))?;
         let keep = advance(tokenizer, &mut self.live, next, cfg, done)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
@@ -405,6 +405,12 @@ fn finish(
     })
 }
 
+/// Ids the tokenizer knows: embedding rows past them are padding (Qwen2.5-7B has 152,064 rows
+/// for 151,665 tokens), which a sampler must never pick.
+fn real_vocab<B: Kernels>(model: &CausalLm<B>, tokenizer: &TextTokenizer) -> usize {
+    tokenizer.vocab_size().min(model.config.vocab_size)
+}
+
 /// The next token of every live row, with its log-probabilities when asked. logits: [b, V].
 fn next_tokens<B: Kernels>(
     logits: Tensor<B, 2>,
@@ -434,13 +440,18 @@ fn next_tokens<B: Kernels>(
         .convert::<f32>()
         .into_vec()
         .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?;
-    Ok((0..b)
-        .map(|r| {
-            let row = &host[r * v_real..(r + 1) * v_real];
+    // Rows in parallel: each is a pass or two over the vocabulary (152k for Qwen) with its own
+    // generator, a millisecond a row that a batch of 64 would otherwise pay in series.
+    use rayon::prelude::*;
+    debug_assert_eq!(live.len(), b);
+    Ok(live
+        .par_iter_mut()
+        .zip(host.par_chunks(v_real))
+        .map(|(l, row)| {
             let tok = if cfg.sampling.is_greedy() {
                 argmax(row)
             } else {
-                sample(row, &cfg.sampling, &mut live[r].rng)
+                sample(row, &cfg.sampling, &mut l.rng)
             };
             (tok, cfg.logprobs.map(|k| token_logprob(row, tok, k)))
         })
@@ -488,6 +499,9 @@ pub fn token_logprob(row: &[f32], token: u32, k: usize) -> TokenLogprob {
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
     let t = s.temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if s.top_k == 0 && s.top_p >= 1.0 {
+        return draw_all(logits, |z| ((z - max) / t).exp(), rng);
+    }
     // Unnormalised probabilities; their sum normalises below.
     let mut cand: Vec<(u32, f32)> = logits
         .iter()
@@ -518,6 +532,25 @@ fn draw(cand: &[(u32, f32)], rng: &mut fastrand::Rng) -> u32 {
         u -= p;
     }
     cand.last().expect("at least one candidate").0
+}
+
+/// [`draw`] over every id, with `weight` its unnormalised probability, without building the
+/// candidate list: the same id for the same draw.
+fn draw_all(logits: &[f32], weight: impl Fn(f32) -> f32, rng: &mut fastrand::Rng) -> u32 {
+    let total: f32 = logits.iter().map(|&z| weight(z)).filter(|&p| p > 0.0).sum();
+    let mut u = rng.f32() * total;
+    let mut last = 0;
+    for (i, &z) in logits.iter().enumerate() {
+        let p = weight(z);
+        if p > 0.0 {
+            if u < p {
+                return i as u32;
+            }
+            u -= p;
+            last = i as u32;
+        }
+    }
+    last
 }
 
 /// Most probable first, ties to the lower id: a total order, so a partial sort puts the same
@@ -615,6 +648,53 @@ mod tests {
         for (p, g) in prompts.iter().zip(&batched) {
             assert_eq!(g.tokens, reference_greedy(&model, p, 12), "prompt {p:?}");
             assert_eq!(g.finish_reason, FinishReason::Length);
+        }
+    }
+
+    /// Embedding rows past the tokenizer's vocabulary (padding, as Qwen2.5 has) are never
+    /// sampled: a random model over 384 + 64 rows would pick them about 1 time in 7.
+    #[test]
+    fn padding_rows_past_the_tokenizer_are_never_sampled() {
+        let dir = fixture("tiny-qwen2");
+        let device = Default::default();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let mut config = CausalLm::<Flex>::load(&dir, &device).unwrap().config;
+        config.vocab_size = tokenizer.vocab_size() + 64;
+        let model = CausalLm::<Flex>::init(&config, &device);
+        let prompt = tokenizer.encode("What is 2 + 3?", false).unwrap();
+        let requests: Vec<Request> = (0..16)
+            .map(|seed| Request {
+                prompt: prompt.clone(),
+                seed,
+            })
+            .collect();
+        for sampling in [
+            Sampling::GREEDY,
+            Sampling {
+                temperature: 1.5,
+                top_p: 1.0,
+                top_k: 0,
+            },
+        ] {
+            let cfg = GenerationConfig {
+                max_new_tokens: 16,
+                sampling,
+                stop: vec![],
+                eos: vec![],
+                batch_size: 8,
+                logprobs: None,
+            };
+            let (out, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
+            let picked: Vec<u32> = out.iter().flat_map(|g| g.tokens.iter().copied()).collect();
+            assert_eq!(picked.len(), 16 * 16);
+            assert!(
+                picked.iter().all(|&t| (t as usize) < tokenizer.vocab_size()),
+                "{:?}",
+                picked
+                    .iter()
+                    .filter(|&&t| t as usize >= tokenizer.vocab_size())
+                    .collect::<Vec<_>>()
+            );
         }
     }
 

@@ -235,6 +235,8 @@ impl<B: Kernels> OnPolicy<B> {
         let plain: Vec<Request> = requests.iter().map(|(_, r)| r.clone()).collect();
         let (generations, _) = generate(model, tokenizer, &plain, &cfg, device, |_, _| {})
             .map_err(|e| TrainError::Refused(format!("[on_policy] sampling: {e}")))?;
+        // The KV caches' buffers go back before the training step's activations are made.
+        B::trim_memory(device);
         let rollouts: Vec<Rollout> = requests
             .iter()
             .zip(generations)

@@ -186,7 +186,12 @@ where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
     let resume_from = check_run_dir(recipe, opts.resume)?;
-    B::exact_allocations();
+    // Exact-size buffers keep a training step's memory tight, but generation asks for new sizes
+    // at every token (its KV cache grows), each a fresh device allocation kept until trimmed:
+    // on-policy runs, which sample inside the loop, keep the backend's paged pool.
+    if !recipe.on_policy.enabled() {
+        B::exact_allocations();
+    }
     let t = &recipe.train;
     let settings = HubSettings::from_env();
     let student_dir = hub::resolve(&recipe.student.model, &settings)?;
