@@ -1,5 +1,5 @@
-//! Progress for library work that runs in stages (eval, re-scoring): one indicatif bar per
-//! stage with rate and ETA.
+//! Progress for library work that runs in stages (eval, re-scoring, training): one indicatif
+//! bar per stage with rate and ETA.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Default)]
 pub struct StageBars {
     bar: std::cell::RefCell<Option<ProgressBar>>,
+    label: std::cell::RefCell<String>,
 }
 
 impl Progress for StageBars {
@@ -22,6 +23,13 @@ impl Progress for StageBars {
         );
         bar.enable_steady_tick(Duration::from_millis(500));
         *self.bar.borrow_mut() = Some(bar);
+        *self.label.borrow_mut() = label.to_string();
+    }
+
+    fn message(&self, msg: &str) {
+        if let Some(b) = self.bar.borrow().as_ref() {
+            b.set_message(format!("{} | {msg}", self.label.borrow()));
+        }
     }
 
     fn advance(&self, n: u64) {

@@ -89,10 +89,11 @@ impl Job for TrainJob {
     where
         Autodiff<B>: Kernels + BackendTypes<Device = B::Device>,
     {
+        let progress = crate::progress::StageBars::default();
         let opts = TrainOptions {
             resume: self.resume,
             stop_after: None,
-            progress: true,
+            progress: &progress,
         };
         trainer::train::<B>(&self.recipe, device, &opts)
             .with_context(|| format!("training {} ({})", self.recipe.name, self.recipe.source.display()))

@@ -6,6 +6,8 @@ pub trait Progress {
     fn stage(&self, label: &str, total: u64);
     fn advance(&self, n: u64);
     fn finish_stage(&self);
+    /// What the current stage is doing now (a phase, the latest loss); nothing by default.
+    fn message(&self, _msg: &str) {}
 }
 
 /// Progress that goes nowhere (tests, library use).

@@ -228,7 +228,7 @@ mod tests {
         let opts = TrainOptions {
             resume: false,
             stop_after: None,
-            progress: false,
+            progress: &distill_core::progress::Silent,
         };
         train::<Flex>(&r, Default::default(), &opts).unwrap().losses[0]
     }

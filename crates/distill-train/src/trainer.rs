@@ -18,6 +18,7 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use distill_core::Recipe;
+use distill_core::progress::Progress;
 use distill_core::recipe::{BaseQuant, OnPolicyTeacher};
 use distill_hf::hub::{self, HubSettings};
 use distill_hf::tokenizer::TextTokenizer;
@@ -100,11 +101,13 @@ pub struct OnPolicyReport {
     pub reverse_kl_after: Option<f64>,
 }
 
-pub struct TrainOptions {
+pub struct TrainOptions<'a> {
     pub resume: bool,
     /// Stop after this many optimizer steps in this invocation (tests use it to interrupt).
     pub stop_after: Option<usize>,
-    pub progress: bool,
+    /// Where the steps are reported: one stage of `total_steps`, a message per step (the
+    /// loss, the on-policy phase). The CLI draws a bar; tests pass `Silent`.
+    pub progress: &'a dyn Progress,
 }
 
 /// Where a run writes: `<train.out>/<name>/` for checkpoints and the export,
@@ -293,7 +296,9 @@ where
             tb.add_scalar("eval/reverse_kl", kl as f32, 0)?;
         }
     }
-    let bar = progress_bar(opts.progress, total_steps, state.step);
+    let progress = opts.progress;
+    progress.stage("training", total_steps as u64);
+    progress.advance(state.step as u64);
     let mut losses = Vec::new();
     let mut consecutive_bad = 0;
     let mut last_checkpoint = None;
@@ -311,18 +316,14 @@ where
         let mut scoring = 0.0;
         let (rows, step_teacher, step_loss) = match on_policy.as_mut().filter(|_| on_step) {
             Some(op) => {
-                if let Some(bar) = &bar {
-                    bar.set_message("on-policy: sampling");
-                }
+                progress.message("on-policy: sampling");
                 let (rollouts, sampled) =
                     op.rollouts(&model.valid(), &tokenizer, step, rows_per_step, &device)?;
                 log_rollouts(&mut extra, &rollouts, sampled);
                 if let Some(r) = op_report.as_mut() {
                     r.steps += 1;
                 }
-                if let Some(bar) = &bar {
-                    bar.set_message("on-policy: grading");
-                }
+                progress.message("on-policy: grading");
                 let graded = Instant::now();
                 let rows = op.rows(&rollouts, pad_id)?;
                 scoring += graded.elapsed().as_secs_f64();
@@ -341,8 +342,8 @@ where
                 (rows, &teacher, &loss_cfg)
             }
         };
-        if let Some(bar) = bar.as_ref().filter(|_| on_step) {
-            bar.set_message("on-policy: training");
+        if on_step {
+            progress.message("on-policy: training");
         }
         let trained = Instant::now();
         let lr = learning_rate(t, step, total_steps);
@@ -401,6 +402,7 @@ where
             }
             state.step += 1;
             ran += 1;
+            progress.advance(1);
             continue;
         }
         consecutive_bad = 0;
@@ -440,13 +442,11 @@ where
             }
             tb.flush()?;
         }
-        if let Some(bar) = &bar {
-            bar.set_position(state.step as u64);
-            bar.set_message(format!(
-                "loss {loss:.4} | {tokens_per_s:.0} tok/s | skipped {}",
-                state.skipped_steps
-            ));
-        }
+        progress.advance(1);
+        progress.message(&format!(
+            "loss {loss:.4} | {tokens_per_s:.0} tok/s | skipped {}",
+            state.skipped_steps
+        ));
         if state.step.is_multiple_of(t.checkpoint_every.max(1)) || state.step == total_steps {
             let window = on_policy.as_ref().and_then(|op| op.unfinished_window(state.step));
             let extra: Vec<(&str, &[u8])> = window
@@ -466,9 +466,7 @@ where
             )?);
         }
     }
-    if let Some(bar) = bar {
-        bar.finish_with_message(format!("done: {} steps", state.step));
-    }
+    progress.finish_stage();
 
     let export = if state.step >= total_steps {
         let held_loss = held_out_loss(&model, &teacher, &held_out, &loss_cfg, recipe, pad_id, &device)?;
@@ -1220,20 +1218,6 @@ fn restore_moments<B: Backend>(
     }
 }
 
-fn progress_bar(enabled: bool, total: usize, start: usize) -> Option<indicatif::ProgressBar> {
-    enabled.then(|| {
-        let bar = indicatif::ProgressBar::new(total as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(start as u64);
-        bar
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
@@ -1276,7 +1260,7 @@ mod tests {
             &TrainOptions {
                 resume,
                 stop_after,
-                progress: false,
+                progress: &distill_core::progress::Silent,
             },
         )
         .unwrap()
@@ -1595,7 +1579,7 @@ mod tests {
         let opts = TrainOptions {
             resume,
             stop_after: None,
-            progress: false,
+            progress: &distill_core::progress::Silent,
         };
         match train::<Flex>(r, Default::default(), &opts) {
             Ok(_) => panic!("trained; expected a refusal"),
@@ -1713,7 +1697,7 @@ mod tests {
             &TrainOptions {
                 resume: false,
                 stop_after: None,
-                progress: false,
+                progress: &distill_core::progress::Silent,
             },
         )
         .unwrap_err()
