@@ -372,13 +372,7 @@ where
             extra.insert("on_policy".into(), on_step.into());
         }
         if on_step {
-            let total = started.elapsed().as_secs_f64().max(1e-9);
-            let sampling = extra.get("gen_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
-            let training = (trained.elapsed().as_secs_f64() - scoring).max(0.0);
-            extra.insert("score_s".into(), scoring.into());
-            extra.insert("gen_share".into(), (sampling / total).into());
-            extra.insert("score_share".into(), (scoring / total).into());
-            extra.insert("train_share".into(), (training / total).into());
+            log_step_split(&mut extra, started, trained, scoring);
         }
         let StepOutcome {
             loss,
@@ -425,22 +419,7 @@ where
                 mem_gb: None,
                 extra,
             };
-            metrics.append(&record)?;
-            for (tag, v) in [
-                ("loss", loss),
-                ("kl", kl),
-                ("ce", ce),
-                ("lr", lr),
-                ("grad_norm", grad_norm),
-                ("tokens_per_s", tokens_per_s),
-            ] {
-                tb.add_scalar(&format!("train/{tag}"), v as f32, state.step as i64)?;
-            }
-            // On-policy steps' sampling and timing figures, under their own heading.
-            for (tag, v) in record.extra.iter().filter_map(|(k, v)| Some((k, v.as_f64()?))) {
-                tb.add_scalar(&format!("on_policy/{tag}"), v as f32, state.step as i64)?;
-            }
-            tb.flush()?;
+            log_record(&mut metrics, &mut tb, &record)?;
         }
         progress.advance(1);
         progress.message(&format!(
@@ -481,19 +460,7 @@ where
             }
         }
         tb.flush()?;
-        let inner = model.valid();
-        if recipe.lora.enabled {
-            export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
-        }
-        let final_dir = root.join("final");
-        let dir = match (recipe.lora.enabled, recipe.lora.quantize) {
-            (true, BaseQuant::Nf4) => {
-                let scale = recipe.lora.alpha / recipe.lora.r as f64;
-                export::export_merged_base(&inner, scale, &student_dir, &final_dir)?
-            }
-            (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), &student_dir, &final_dir)?,
-            (false, _) => export::export_hf(&inner, &student_dir, &final_dir)?,
-        };
+        let dir = export_run(model.valid(), recipe, &student_dir, &root)?;
         crate::metrics::plot_curves(metrics.path(), &run_dir.join("curves.png")).ok();
         Some(dir)
     } else {
@@ -511,6 +478,67 @@ where
         soft_labels,
         on_policy: op_report,
     })
+}
+
+/// `final/` in HF format (LoRA merged, into the base as stored on disk for QLoRA) and, for
+/// LoRA, `adapter/` in PEFT format. Returns `final/`.
+fn export_run<B: Kernels>(
+    inner: CausalLm<B>,
+    recipe: &Recipe,
+    student_dir: &Path,
+    root: &Path,
+) -> Result<PathBuf, TrainError> {
+    if recipe.lora.enabled {
+        export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
+    }
+    let final_dir = root.join("final");
+    Ok(match (recipe.lora.enabled, recipe.lora.quantize) {
+        (true, BaseQuant::Nf4) => {
+            let scale = recipe.lora.alpha / recipe.lora.r as f64;
+            export::export_merged_base(&inner, scale, student_dir, &final_dir)?
+        }
+        (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), student_dir, &final_dir)?,
+        (false, _) => export::export_hf(&inner, student_dir, &final_dir)?,
+    })
+}
+
+/// One metrics line to metrics.jsonl and its figures to TensorBoard: the standard ones under
+/// `train/`, an on-policy step's numeric extras under `on_policy/`.
+fn log_record(metrics: &mut MetricsLog, tb: &mut EventWriter, r: &MetricsRecord) -> Result<(), TrainError> {
+    metrics.append(r)?;
+    let step = r.step as i64;
+    for (tag, v) in [
+        ("loss", r.loss),
+        ("kl", r.kl),
+        ("ce", r.ce),
+        ("lr", r.lr),
+        ("grad_norm", r.grad_norm),
+        ("tokens_per_s", r.tokens_per_s),
+    ] {
+        tb.add_scalar(&format!("train/{tag}"), v as f32, step)?;
+    }
+    for (tag, v) in r.extra.iter().filter_map(|(k, v)| Some((k, v.as_f64()?))) {
+        tb.add_scalar(&format!("on_policy/{tag}"), v as f32, step)?;
+    }
+    Ok(tb.flush()?)
+}
+
+/// An on-policy step's split into sampling (`gen_s`, already in `extra` on steps that
+/// sampled), teacher scoring (`scoring` seconds) and the rest of the optimizer step, which
+/// began at `trained`; the step began at `started`.
+fn log_step_split(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    started: Instant,
+    trained: Instant,
+    scoring: f64,
+) {
+    let total = started.elapsed().as_secs_f64().max(1e-9);
+    let sampling = extra.get("gen_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let training = (trained.elapsed().as_secs_f64() - scoring).max(0.0);
+    extra.insert("score_s".into(), scoring.into());
+    extra.insert("gen_share".into(), (sampling / total).into());
+    extra.insert("score_share".into(), (scoring / total).into());
+    extra.insert("train_share".into(), (training / total).into());
 }
 
 /// An on-policy step's sampling figures for its metrics line: mean completion length, the
