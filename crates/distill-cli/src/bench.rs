@@ -120,6 +120,10 @@ pub struct Args {
     /// B6: new tokens per sequence (no EOS: every sequence runs to the end).
     #[arg(long, default_value_t = 256)]
     new_tokens: usize,
+    /// B6: sample at this temperature over the whole vocabulary (top-p 1, as on-policy
+    /// distillation samples) instead of greedy decoding (0).
+    #[arg(long, default_value_t = 0.0)]
+    gen_temperature: f64,
     /// B3/B4: also time each phase of the step (inputs, forward, teacher, loss, backward, grad
     /// norm, optimizer), with a device sync after each; the row gets `phases` and the log a line
     /// per phase, with the memory it left in use and the pool's reservation after it in the
@@ -887,9 +891,17 @@ fn bench_generate<B: Kernels>(
             seed: i as u64,
         })
         .collect();
+    let sampling = match a.gen_temperature {
+        t if t > 0.0 => Sampling {
+            temperature: t,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        _ => Sampling::GREEDY,
+    };
     let cfg = GenerationConfig {
         max_new_tokens: a.new_tokens,
-        sampling: Sampling::GREEDY,
+        sampling,
         stop: Vec::new(),
         eos: Vec::new(),
         batch_size: batch,
@@ -908,7 +920,15 @@ fn bench_generate<B: Kernels>(
     let mut row = base_row(
         "B6",
         model_name,
-        &format!("bs{batch} {}->{}", a.prompt_len, a.new_tokens),
+        &format!(
+            "bs{batch} {}->{}{}",
+            a.prompt_len,
+            a.new_tokens,
+            match a.gen_temperature {
+                t if t > 0.0 => format!(" sampled t{t}"),
+                _ => String::new(),
+            }
+        ),
     );
     row.insert("tokens_per_s".into(), json!(stats.new_tokens as f64 / secs));
     row.insert("tflops".into(), json!(tf));
@@ -918,7 +938,8 @@ fn bench_generate<B: Kernels>(
     row.insert(
         "config".into(),
         json!({"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-               "sampling": "greedy", "kv_cache": true, "dtype": dtype}),
+               "sampling": if a.gen_temperature > 0.0 { "sampled" } else { "greedy" },
+               "temperature": a.gen_temperature, "kv_cache": true, "dtype": dtype}),
     );
     Ok(row)
 }
@@ -934,12 +955,17 @@ fn bench_tokenizer(dirs: &[PathBuf], c: &DecoderConfig) -> anyhow::Result<TextTo
     }
     let dir = std::env::temp_dir().join(format!("distill-bench-tokenizer-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-"pre_tokenizer":null,"post_processor":null,"decoder":null,
-"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#,
-    )?;
+    // A word per id, so that the tokenizer covers the model's whole vocabulary: generation
+    // never samples ids past the tokenizer.
+    let vocab: Map<String, Value> = std::iter::once(("<unk>".to_string(), json!(0)))
+        .chain((1..c.vocab_size).map(|i| (format!("w{i}"), json!(i))))
+        .collect();
+    let tokenizer_json = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json.to_string())?;
     let tokenizer = TextTokenizer::from_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(tokenizer?)
