@@ -12,7 +12,6 @@ use distill_data::examples::{DataOptions, Example, IGNORE, load_held_out};
 use distill_data::soft::{PAD_ID, SoftMeta, SoftRecord, SoftWriter, soft_dir};
 use distill_hf::hub::{self, HubSettings};
 use distill_hf::tokenizer::TextTokenizer;
-use distill_teacher::ApiKey;
 use distill_teacher::prompt_logprobs::{PromptLogprobs, prompt_logprobs};
 
 use burn::backend::Autodiff;
@@ -109,7 +108,10 @@ fn run_remote(recipe: &Recipe) -> anyhow::Result<()> {
     let dir = soft_dir(&recipe.data.dataset);
     let mut writer = SoftWriter::create_or_resume(&dir, meta)?;
     let todo: Vec<&Example> = examples.iter().filter(|e| !writer.contains(&e.key)).collect();
-    let key = api_key(recipe)?;
+    let key = distill_teacher::fleet::key_from_env(
+        &recipe.teacher.base_url,
+        recipe.teacher.api_key_env.as_deref(),
+    )?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(recipe.generation.request_timeout_s))
         .build()
@@ -164,17 +166,6 @@ fn run_remote(recipe: &Recipe) -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
-}
-
-/// The key from `[teacher] api_key_env`, if it names one. Errors name the variable only.
-fn api_key(recipe: &Recipe) -> anyhow::Result<Option<ApiKey>> {
-    match recipe.teacher.api_key_env.as_deref().filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(var) => match std::env::var(var) {
-            Ok(v) if !v.trim().is_empty() => Ok(Some(ApiKey::new(v.trim()))),
-            _ => anyhow::bail!("teacher.api_key_env: the environment variable {var} is not set"),
-        },
-    }
 }
 
 /// A record over the example's label positions from per-position prompt logprobs, where

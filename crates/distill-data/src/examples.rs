@@ -172,7 +172,9 @@ fn tokenize(
     Ok(Some(ex))
 }
 
-fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String, key: String) -> Example {
+/// `prompt` then `completion` as one example: each completion token is the label of the
+/// position before it; the prompt carries no loss.
+pub fn example(prompt: Vec<u32>, completion: Vec<u32>, prompt_id: String, key: String) -> Example {
     let n_prompt = prompt.len();
     let input_ids: Vec<u32> = prompt.into_iter().chain(completion).collect();
     let labels = (0..input_ids.len())

@@ -262,7 +262,7 @@ impl<B: Kernels> Running<B> {
             Some(&mut cache),
         ); // [n, width, C]
         let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
-        let next = next_tokens(logits, &mut rows, cfg, real_vocab(model, tokenizer))?;
+        let next = next_tokens(logits, &mut rows, cfg, tokenizer.vocab_size())?;
         let keep = advance(tokenizer, &mut rows, next, cfg, done)?;
         if keep.is_empty() {
             return Ok(());
@@ -308,7 +308,7 @@ impl<B: Kernels> Running<B> {
         let input = ids_tensor::<B>(&last, self.live.len(), 1, device);
         let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
         let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
-        let next = next_tokens(logits, &mut self.live, cfg, real_vocab(model, tokenizer))?;
+        let next = next_tokens(logits, &mut self.live, cfg, tokenizer.vocab_size())?;
         let keep = advance(tokenizer, &mut self.live, next, cfg, done)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
@@ -405,13 +405,9 @@ fn finish(
     })
 }
 
-/// Ids the tokenizer knows: embedding rows past them are padding (Qwen2.5-7B has 152,064 rows
-/// for 151,665 tokens), which a sampler must never pick.
-fn real_vocab<B: Kernels>(model: &CausalLm<B>, tokenizer: &TextTokenizer) -> usize {
-    tokenizer.vocab_size().min(model.config.vocab_size)
-}
-
-/// The next token of every live row, with its log-probabilities when asked. logits: [b, V].
+/// The next token of every live row, with its log-probabilities when asked. logits: [b, V];
+/// `vocab`: the tokenizer's size, past which embedding rows are padding (Qwen2.5-7B has
+/// 152,064 rows for 151,665 tokens) that are never picked.
 fn next_tokens<B: Kernels>(
     logits: Tensor<B, 2>,
     live: &mut [Live],
@@ -499,16 +495,17 @@ pub fn token_logprob(row: &[f32], token: u32, k: usize) -> TokenLogprob {
 pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
     let t = s.temperature as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if s.top_k == 0 && s.top_p >= 1.0 {
-        return draw_all(logits, |z| ((z - max) / t).exp(), rng);
-    }
-    // Unnormalised probabilities; their sum normalises below.
-    let mut cand: Vec<(u32, f32)> = logits
+    let weights = logits
         .iter()
         .enumerate()
         .map(|(i, &z)| (i as u32, ((z - max) / t).exp()))
-        .filter(|&(_, p)| p > 0.0)
-        .collect();
+        .filter(|&(_, p)| p > 0.0);
+    if s.top_k == 0 && s.top_p >= 1.0 {
+        // The whole vocabulary: drawn without building the candidate list.
+        return draw(weights, rng);
+    }
+    // Unnormalised probabilities; their sum normalises below.
+    let mut cand: Vec<(u32, f32)> = weights.collect();
     if s.top_k > 0 && s.top_k < cand.len() {
         cand.select_nth_unstable_by(s.top_k - 1, by_probability);
         cand.truncate(s.top_k);
@@ -517,40 +514,24 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
         let keep = nucleus_len(&mut cand, s.top_p as f32);
         cand.truncate(keep);
     }
-    draw(&cand, rng)
+    draw(cand.iter().copied(), rng)
 }
 
 /// One id from `cand` (id, unnormalised probability), in proportion to the probabilities,
-/// walking them in the given order with one uniform draw.
-fn draw(cand: &[(u32, f32)], rng: &mut fastrand::Rng) -> u32 {
-    let total: f32 = cand.iter().map(|c| c.1).sum();
+/// walking them in the given order with one uniform draw. `cand` is walked twice: once for
+/// the total, once to draw.
+fn draw(cand: impl Iterator<Item = (u32, f32)> + Clone, rng: &mut fastrand::Rng) -> u32 {
+    let total: f32 = cand.clone().map(|c| c.1).sum();
     let mut u = rng.f32() * total;
-    for &(id, p) in cand {
+    let mut last = None;
+    for (id, p) in cand {
         if u < p {
             return id;
         }
         u -= p;
+        last = Some(id);
     }
-    cand.last().expect("at least one candidate").0
-}
-
-/// [`draw`] over every id, with `weight` its unnormalised probability, without building the
-/// candidate list: the same id for the same draw.
-fn draw_all(logits: &[f32], weight: impl Fn(f32) -> f32, rng: &mut fastrand::Rng) -> u32 {
-    let total: f32 = logits.iter().map(|&z| weight(z)).filter(|&p| p > 0.0).sum();
-    let mut u = rng.f32() * total;
-    let mut last = 0;
-    for (i, &z) in logits.iter().enumerate() {
-        let p = weight(z);
-        if p > 0.0 {
-            if u < p {
-                return i as u32;
-            }
-            u -= p;
-            last = i as u32;
-        }
-    }
-    last
+    last.expect("at least one candidate")
 }
 
 /// Most probable first, ties to the lower id: a total order, so a partial sort puts the same
@@ -983,7 +964,7 @@ mod tests {
             }
         }
         cand.truncate(keep.max(1));
-        draw(&cand, rng)
+        draw(cand.iter().copied(), rng)
     }
 
     #[test]

@@ -207,6 +207,20 @@ pub fn endpoints(recipe: &Recipe) -> Vec<(String, Option<String>)> {
     out
 }
 
+/// The API key for `url` from the environment variable `var` (None or "": a server that
+/// takes no key). The error names the variable, never a value.
+pub fn key_from_env(url: &str, var: Option<&str>) -> Result<Option<ApiKey>, TeacherError> {
+    let Some(var) = var.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(ApiKey::new(v.trim()))),
+        _ => Err(TeacherError::Config(format!(
+            "teacher.api_key_env: the environment variable {var} (the API key for {url}) is not set; export it, or set api_key_env = \"\" for a server that takes no key"
+        ))),
+    }
+}
+
 /// Reads each endpoint's key from its variable. The error names the variable, never a value.
 pub fn resolve_keys(
     endpoints: &[(String, Option<String>)],
@@ -214,17 +228,7 @@ pub fn resolve_keys(
     let mut specs = Vec::new();
     let mut keys = Vec::new();
     for (url, env) in endpoints {
-        let api_key = match env {
-            None => None,
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Some(ApiKey::new(v.trim())),
-                _ => {
-                    return Err(TeacherError::Config(format!(
-                        "teacher.api_key_env: the environment variable {var} (the API key for {url}) is not set; export it, or set api_key_env = \"\" for a server that takes no key"
-                    )));
-                }
-            },
-        };
+        let api_key = key_from_env(url, env.as_deref())?;
         if let Some(k) = &api_key {
             keys.push(k.clone());
         }

@@ -45,18 +45,7 @@ impl Grader {
     /// top `k`, with `[gen]`'s concurrency, timeout and retry settings.
     pub fn from_recipe(recipe: &Recipe, k: usize) -> Result<Self, TeacherError> {
         let (t, g) = (&recipe.teacher, &recipe.generation);
-        let key = match t.api_key_env.as_deref().filter(|v| !v.is_empty()) {
-            None => None,
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Some(ApiKey::new(v.trim())),
-                _ => {
-                    return Err(TeacherError::Config(format!(
-                        "teacher.api_key_env: the environment variable {var} is not set \
-                         (set it, or api_key_env = \"\" for a server without a key)"
-                    )));
-                }
-            },
-        };
+        let key = crate::fleet::key_from_env(&t.base_url, t.api_key_env.as_deref())?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(g.request_timeout_s))
             .build()

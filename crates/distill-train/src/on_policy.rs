@@ -14,7 +14,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_core::Recipe;
 use distill_core::recipe::{KlKind, OnPolicyDivergence, OnPolicySection, OnPolicyTeacher};
-use distill_data::examples::{Example, IGNORE, Row, pack, shuffled, uniform01};
+use distill_data::examples::{Example, IGNORE, Row, example, pack, shuffled, uniform01};
 use distill_data::prompts::{PromptSpec, load_prompts};
 use distill_hf::hub::HubSettings;
 use distill_hf::tokenizer::TextTokenizer;
@@ -44,14 +44,20 @@ pub struct Rollout {
     pub finish: FinishReason,
 }
 
-/// What one round of sampling produced.
+/// What one round of sampling cost.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct RolloutStats {
-    pub samples: usize,
     pub new_tokens: usize,
-    /// Samples cut at max_new_tokens.
-    pub truncated: usize,
     pub seconds: f64,
+}
+
+/// On-policy steps run in this invocation, and the held-out per-token reverse KL to the
+/// teacher on the student's own samples before the run and at its end.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OnPolicyReport {
+    pub steps: usize,
+    pub reverse_kl_before: Option<f64>,
+    pub reverse_kl_after: Option<f64>,
 }
 
 /// A prompt, tokenized with the student's chat template up to the assistant's turn.
@@ -82,6 +88,8 @@ pub struct OnPolicy<B: Backend> {
     /// from `[on_policy]`.
     pub loss: LossConfig,
     window: Option<Window>,
+    /// What this invocation did, for the run's report.
+    pub report: OnPolicyReport,
 }
 
 impl<B: Kernels> OnPolicy<B> {
@@ -148,6 +156,7 @@ impl<B: Kernels> OnPolicy<B> {
             grader,
             loss,
             window: None,
+            report: OnPolicyReport::default(),
         })
     }
 
@@ -156,8 +165,14 @@ impl<B: Kernels> OnPolicy<B> {
         on_policy_step(self.seed, self.cfg.share, step)
     }
 
+    /// How many of the steps before `step` were on-policy: the index of step `step`'s samples.
+    fn on_policy_steps_before(&self, step: usize) -> usize {
+        (0..step).filter(|&s| self.is_on_policy(s)).count()
+    }
+
     /// The samples of on-policy step `step`, `n` of them: drawn from `model` when the buffer
-    /// does not hold them (with the stats of that round), else the buffered ones.
+    /// does not hold them (with the stats of that round), else the buffered ones. Counts the
+    /// step in [`OnPolicy::report`].
     pub fn rollouts(
         &mut self,
         model: &CausalLm<B>,
@@ -166,7 +181,7 @@ impl<B: Kernels> OnPolicy<B> {
         n: usize,
         device: &B::Device,
     ) -> Result<(Vec<Rollout>, Option<RolloutStats>), TrainError> {
-        let k = (0..step).filter(|&s| self.is_on_policy(s)).count();
+        let k = self.on_policy_steps_before(step);
         let per_window = self.cfg.buffer_steps;
         let index = k / per_window;
         let mut stats = None;
@@ -183,6 +198,7 @@ impl<B: Kernels> OnPolicy<B> {
             });
         }
         let window = self.window.as_ref().expect("filled above");
+        self.report.steps += 1;
         Ok((window.steps[k % per_window].clone(), stats))
     }
 
@@ -248,12 +264,7 @@ impl<B: Kernels> OnPolicy<B> {
             })
             .collect();
         let stats = RolloutStats {
-            samples: rollouts.len(),
             new_tokens: rollouts.iter().map(|r| r.completion.len()).sum(),
-            truncated: rollouts
-                .iter()
-                .filter(|r| r.finish == FinishReason::Length)
-                .count(),
             seconds: started.elapsed().as_secs_f64(),
         };
         Ok((rollouts, stats))
@@ -274,7 +285,7 @@ impl<B: Kernels> OnPolicy<B> {
     /// a window with on-policy steps still to train.
     pub fn unfinished_window(&self, done_steps: usize) -> Option<Vec<u8>> {
         let w = self.window.as_ref()?;
-        let k = (0..done_steps).filter(|&s| self.is_on_policy(s)).count();
+        let k = self.on_policy_steps_before(done_steps);
         (k / self.cfg.buffer_steps == w.index && !k.is_multiple_of(self.cfg.buffer_steps))
             .then(|| serde_json::to_vec(w).expect("rollouts serialize"))
     }
@@ -411,21 +422,12 @@ fn rows_of(rollouts: &[Rollout], mask_truncated: bool, pad_id: u32) -> Vec<Row> 
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let input_ids: Vec<u32> = r.prompt.iter().chain(&r.completion).copied().collect();
-            let trains = !(mask_truncated && r.finish == FinishReason::Length);
-            let n_prompt = r.prompt.len();
-            let labels = (0..input_ids.len())
-                .map(|i| match input_ids.get(i + 1) {
-                    Some(&next) if trains && i + 1 >= n_prompt => i64::from(next),
-                    _ => IGNORE,
-                })
-                .collect();
-            Example {
-                input_ids,
-                labels,
-                prompt_id: r.prompt_id.clone(),
-                key: format!("{}#{i}", r.prompt_id),
+            let key = format!("{}#{i}", r.prompt_id);
+            let mut ex = example(r.prompt.clone(), r.completion.clone(), r.prompt_id.clone(), key);
+            if mask_truncated && r.finish == FinishReason::Length {
+                ex.labels.fill(IGNORE);
             }
+            ex
         })
         .collect();
     let width = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(1);
@@ -453,12 +455,17 @@ impl GradedTargets {
         let k = self.k;
         let (mut ids, mut logprobs, mut sampled) = (Vec::new(), Vec::new(), Vec::new());
         for row in rows {
+            // Where each document of the row starts: grades count from a sample's first token.
+            let mut starts = std::collections::HashMap::new();
+            for (i, &d) in row.docs.iter().enumerate() {
+                starts.entry(d).or_insert(i);
+            }
             for (i, &label) in row.labels.iter().enumerate() {
                 if label == IGNORE {
                     continue;
                 }
                 let doc = row.docs[i];
-                let start = row.docs.iter().position(|&d| d == doc).unwrap_or(0);
+                let start = starts[&doc];
                 let key = row.keys.get(doc as usize).map(String::as_str).unwrap_or("");
                 // Label i is token i + 1 of the sample: the server's grade i + 1.
                 let graded = self

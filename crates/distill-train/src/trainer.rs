@@ -31,7 +31,7 @@ use crate::export;
 use crate::lora;
 use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 use crate::metrics::{MetricsLog, MetricsRecord};
-use crate::on_policy::OnPolicy;
+use crate::on_policy::{OnPolicy, OnPolicyReport};
 use crate::optim::{AdamW, AdamWConfig, Moments, learning_rate};
 use crate::params::{GradStore, ParamInfo, collect_grads, param_infos, read_params};
 use crate::soft::{SoftStats, SoftTargetError, SoftTargets};
@@ -90,15 +90,6 @@ pub struct TrainReport {
     pub soft_labels: Option<SoftStats>,
     /// What on-policy distillation did, when `[on_policy] share` > 0.
     pub on_policy: Option<OnPolicyReport>,
-}
-
-/// On-policy steps run in this invocation, and the held-out per-token reverse KL to the
-/// teacher on the student's own samples before the run and at its end.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct OnPolicyReport {
-    pub steps: usize,
-    pub reverse_kl_before: Option<f64>,
-    pub reverse_kl_after: Option<f64>,
 }
 
 pub struct TrainOptions<'a> {
@@ -288,13 +279,9 @@ where
     )?;
 
     let loss_cfg = LossConfig::from_recipe(&recipe.loss, Some(tokenizer.vocab_size()));
-    let mut op_report = on_policy.as_ref().map(|_| OnPolicyReport::default());
-    if let (Some(op), Some(report), 0) = (&on_policy, op_report.as_mut(), state.step) {
-        report.reverse_kl_before =
-            op.held_out_reverse_kl(&model.valid(), &tokenizer, pad_id, t.micro_batch, &device)?;
-        if let Some(kl) = report.reverse_kl_before {
-            tb.add_scalar("eval/reverse_kl", kl as f32, 0)?;
-        }
+    if let (Some(op), 0) = (on_policy.as_mut(), state.step) {
+        op.report.reverse_kl_before =
+            held_out_reverse_kl(op, &model, &tokenizer, recipe, pad_id, &mut tb, 0, &device)?;
     }
     let progress = opts.progress;
     progress.stage("training", total_steps as u64);
@@ -320,9 +307,6 @@ where
                 let (rollouts, sampled) =
                     op.rollouts(&model.valid(), &tokenizer, step, rows_per_step, &device)?;
                 log_rollouts(&mut extra, &rollouts, sampled);
-                if let Some(r) = op_report.as_mut() {
-                    r.steps += 1;
-                }
                 progress.message("on-policy: grading");
                 let graded = Instant::now();
                 let rows = op.rows(&rollouts, pad_id)?;
@@ -452,12 +436,10 @@ where
         if let Some(l) = held_loss {
             tb.add_scalar("eval/held_out_loss", l as f32, state.step as i64)?;
         }
-        if let (Some(op), Some(report)) = (&on_policy, op_report.as_mut()) {
-            report.reverse_kl_after =
-                op.held_out_reverse_kl(&model.valid(), &tokenizer, pad_id, t.micro_batch, &device)?;
-            if let Some(kl) = report.reverse_kl_after {
-                tb.add_scalar("eval/reverse_kl", kl as f32, state.step as i64)?;
-            }
+        if let Some(op) = on_policy.as_mut() {
+            let step = state.step as i64;
+            op.report.reverse_kl_after =
+                held_out_reverse_kl(op, &model, &tokenizer, recipe, pad_id, &mut tb, step, &device)?;
         }
         tb.flush()?;
         let dir = export_run(model.valid(), recipe, &student_dir, &root)?;
@@ -476,8 +458,37 @@ where
         run_dir,
         stats,
         soft_labels,
-        on_policy: op_report,
+        on_policy: on_policy.map(|op| op.report),
     })
+}
+
+/// [`OnPolicy::held_out_reverse_kl`] of the student as it is, logged at `step` as
+/// `eval/reverse_kl`.
+#[allow(clippy::too_many_arguments)]
+fn held_out_reverse_kl<B: Kernels>(
+    op: &OnPolicy<B>,
+    model: &CausalLm<Ad<B>>,
+    tokenizer: &TextTokenizer,
+    recipe: &Recipe,
+    pad_id: u32,
+    tb: &mut EventWriter,
+    step: i64,
+    device: &B::Device,
+) -> Result<Option<f64>, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let kl = op.held_out_reverse_kl(
+        &model.valid(),
+        tokenizer,
+        pad_id,
+        recipe.train.micro_batch,
+        device,
+    )?;
+    if let Some(kl) = kl {
+        tb.add_scalar("eval/reverse_kl", kl as f32, step)?;
+    }
+    Ok(kl)
 }
 
 /// `final/` in HF format (LoRA merged, into the base as stored on disk for QLoRA) and, for
