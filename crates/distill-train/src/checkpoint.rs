@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use distill_core::recipe::OnPolicyTeacher;
 use distill_core::tensorfile::{self, FileDtype};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
@@ -35,8 +36,8 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     // Memory knobs: the same values up to float rounding (tested for recompute).
     "train.recompute",
     "loss.chunk_tokens",
-    // Settings training does not read: the teacher's API, gen-data's requests, soft-label
-    // capture, eval. (The dataset on disk is what trains; gen-data guards its own changes.)
+    // Settings training does not read (on-policy steps read a few: `may_change_on_resume`):
+    // the teacher's API, gen-data's requests, soft-label capture, eval. (The dataset on disk is what trains; gen-data guards its own changes.)
     "teacher.model",
     "teacher.base_url",
     "teacher.api_key_env",
@@ -69,13 +70,24 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "eval.*",
 ];
 
-fn may_change_on_resume(key: &str) -> bool {
-    RESUME_MAY_CHANGE
-        .iter()
-        .any(|allowed| match allowed.strip_suffix('*') {
-            Some(section) => key.starts_with(section),
-            None => key == *allowed,
-        })
+/// Whether `key` may change when resuming a run of `recipe`: in [`RESUME_MAY_CHANGE`] and not
+/// read by its on-policy steps (a served grader's model; a prompts file's field and count).
+fn may_change_on_resume(key: &str, recipe: &distill_core::Recipe) -> bool {
+    let o = &recipe.on_policy;
+    let on_policy_reads: &[&str] = match (o.enabled(), o.teacher, o.prompts.is_some()) {
+        (false, _, _) => &[],
+        (true, OnPolicyTeacher::Server, true) => &["teacher.model", "data.prompt_field", "data.max_prompts"],
+        (true, OnPolicyTeacher::Server, false) => &["teacher.model"],
+        (true, OnPolicyTeacher::Local, true) => &["data.prompt_field", "data.max_prompts"],
+        (true, OnPolicyTeacher::Local, false) => &[],
+    };
+    !on_policy_reads.contains(&key)
+        && RESUME_MAY_CHANGE
+            .iter()
+            .any(|allowed| match allowed.strip_suffix('*') {
+                Some(section) => key.starts_with(section),
+                None => key == *allowed,
+            })
 }
 
 /// Refuses to resume checkpoint `dir` with a recipe that differs from the one it was saved
@@ -91,7 +103,7 @@ pub fn check_same_recipe(dir: &Path, recipe: &distill_core::Recipe) -> Result<()
         })?;
     let refused: Vec<String> = changes
         .iter()
-        .filter(|c| !may_change_on_resume(&c.key))
+        .filter(|c| !may_change_on_resume(&c.key, recipe))
         .map(|c| c.to_string())
         .collect();
     if refused.is_empty() {
@@ -300,6 +312,32 @@ mod tests {
             skipped_steps: 0,
             recipe_hash: "h".into(),
             tokenizer_sha256: "t".into(),
+        }
+    }
+
+    /// Keys training never reads may change on resume, unless the run's on-policy steps read
+    /// them: a served grader's model, a prompts file's field and count.
+    #[test]
+    fn keys_on_policy_steps_read_may_not_change_on_resume() {
+        let recipe = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            distill_core::Recipe::parse("name = \"t\"\n", Path::new("t.toml"), &sets).unwrap()
+        };
+        let off = recipe(&[]);
+        let served = recipe(&[
+            "on_policy.share=1.0",
+            "on_policy.teacher=\"server\"",
+            "teacher.base_url=\"http://127.0.0.1:8000/v1\"",
+            "on_policy.prompts=\"p.jsonl\"",
+        ]);
+        let local = recipe(&["on_policy.share=1.0", "teacher.local_model=\"t\""]);
+        for key in ["teacher.model", "data.prompt_field", "data.max_prompts"] {
+            assert!(may_change_on_resume(key, &off), "{key}");
+            assert!(!may_change_on_resume(key, &served), "{key}");
+            assert!(may_change_on_resume(key, &local), "{key}");
+        }
+        for key in ["teacher.base_url", "gen.concurrency", "on_policy.gen_batch"] {
+            assert!(may_change_on_resume(key, &served), "{key}");
         }
     }
 
