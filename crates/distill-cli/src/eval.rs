@@ -141,18 +141,8 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
     );
     let metrics = metrics_logs(&args, recipe.as_ref());
     let (report, examples) = run_on(device, EvalJob { plan })?;
-    let mut plots = report::write_all(&out, &report, &examples)?;
-    for (label, log) in &metrics {
-        let png = out.join(format!("training_curves-{label}.png"));
-        distill_train::metrics::plot_curves(log, &png)
-            .with_context(|| format!("plotting {}", log.display()))?;
-        plots.push(png);
-    }
-    if metrics.len() > 1 {
-        let png = out.join("training_runs.png");
-        distill_train::metrics::plot_runs(&metrics, &png).context("plotting the training runs together")?;
-        plots.push(png);
-    }
+    let curves = training_plots(&out, &metrics)?;
+    let plots = report::write_all(&out, &report, &examples, curves)?;
     print!("{}", summary(&report));
     println!(
         "wrote {} ({} examples, {} plots)",
@@ -161,6 +151,24 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
         plots.len()
     );
     Ok(())
+}
+
+/// The training curves of each run in `metrics`, and with several runs their curves together,
+/// drawn into `out` for report.md to link.
+fn training_plots(out: &Path, metrics: &[(String, PathBuf)]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut plots = Vec::new();
+    for (label, log) in metrics {
+        let png = out.join(format!("training_curves-{label}.png"));
+        distill_train::metrics::plot_curves(log, &png)
+            .with_context(|| format!("plotting {}", log.display()))?;
+        plots.push(png);
+    }
+    if metrics.len() > 1 {
+        let png = out.join("training_runs.png");
+        distill_train::metrics::plot_runs(metrics, &png).context("plotting the training runs together")?;
+        plots.push(png);
+    }
+    Ok(plots)
 }
 
 fn score_predictions(args: &Args, path: &Path, out: &Path) -> anyhow::Result<()> {
@@ -174,23 +182,20 @@ fn score_predictions(args: &Args, path: &Path, out: &Path) -> anyhow::Result<()>
         .task_kind
         .or(set.as_ref().map(|s| s.kind))
         .unwrap_or(TaskKind::Math);
-    let (models, examples) = run::score_predictions(path, set.as_ref(), kind)?;
+    let tasks = args.tasks.first().map(String::as_str).zip(set.as_ref());
+    let (models, examples) = run::score_predictions(path, tasks, kind)?;
     let report = Report {
         format_version: report::FORMAT_VERSION,
         tool_version: distill_core::TOOL_VERSION,
         settings: Settings {
-            sampling: Sampling::GREEDY,
-            samples_per_prompt: 1,
-            max_new_tokens: 0,
-            seed: 0,
-            batch_size: 0,
-            device: "none (scored predictions)".into(),
+            generation: None,
+            predictions: Some(path.to_path_buf()),
             held_out_baseline: None,
         },
         models,
         contamination: Default::default(),
     };
-    report::write_all(out, &report, &examples)?;
+    report::write_all(out, &report, &examples, Vec::new())?;
     print!("{}", summary(&report));
     println!("wrote {} ({} predictions)", out.display(), examples.len());
     Ok(())

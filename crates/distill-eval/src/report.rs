@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use distill_plot::PALETTE;
 use distill_plot::plotters::prelude::*;
+use distill_plot::plotters::style::IntoTextStyle;
+use distill_plot::plotters::style::text_anchor::{HPos, Pos, VPos};
+use distill_plot::{AxisLabels, LegendEntry, Mark, PALETTE};
 use serde::Serialize;
 
 use crate::EvalError;
@@ -37,15 +39,25 @@ pub struct Report {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    /// How the models were run; None when the report scores predictions made elsewhere.
+    #[serde(flatten)]
+    pub generation: Option<GenerationSettings>,
+    /// The predictions file scored instead of running models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<PathBuf>,
+    /// The model every other one is compared with on the held-out samples, example by example.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_out_baseline: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationSettings {
     pub sampling: Sampling,
     pub samples_per_prompt: usize,
     pub max_new_tokens: usize,
     pub seed: u64,
     pub batch_size: usize,
     pub device: String,
-    /// The model every other one is compared with on the held-out samples, example by example.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub held_out_baseline: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,8 +133,6 @@ pub struct ExampleRecord {
     pub contaminated: bool,
 }
 
-/// Writes report.json, report.md, examples.jsonl and the plots into `out`; returns the
-/// paths of the plots it drew.
 /// Every model's per-example held-out scores, one JSON line each, for comparisons of your own.
 fn write_held_out_rows(out: &Path, report: &Report) -> Result<(), EvalError> {
     let mut lines = String::new();
@@ -140,7 +150,15 @@ fn write_held_out_rows(out: &Path, report: &Report) -> Result<(), EvalError> {
     write(&out.join(HELD_OUT_ROWS), lines.as_bytes())
 }
 
-pub fn write_all(out: &Path, report: &Report, examples: &[ExampleRecord]) -> Result<Vec<PathBuf>, EvalError> {
+/// Writes report.json, examples.jsonl, heldout.jsonl, the plots and report.md into `out`;
+/// report.md links the plots drawn here and `more_plots` (PNGs the caller drew into `out`,
+/// such as training curves). Returns every plot report.md links.
+pub fn write_all(
+    out: &Path,
+    report: &Report,
+    examples: &[ExampleRecord],
+    more_plots: Vec<PathBuf>,
+) -> Result<Vec<PathBuf>, EvalError> {
     std::fs::create_dir_all(out).map_err(EvalError::io(out))?;
     let json = serde_json::to_string_pretty(report).map_err(|e| EvalError::Invalid(e.to_string()))?;
     write(&out.join(REPORT_JSON), json.as_bytes())?;
@@ -152,15 +170,10 @@ pub fn write_all(out: &Path, report: &Report, examples: &[ExampleRecord]) -> Res
     write(&out.join(EXAMPLES), lines.as_bytes())?;
     write_held_out_rows(out, report)?;
     let mut plots = Vec::new();
-    if let Some(p) = accuracy_plot(out, report)? {
-        plots.push(p);
+    for plot in [accuracy_plot, length_plot, probe_plot] {
+        plots.extend(plot(out, report)?);
     }
-    if let Some(p) = length_plot(out, report)? {
-        plots.push(p);
-    }
-    if let Some(p) = probe_plot(out, report)? {
-        plots.push(p);
-    }
+    plots.extend(more_plots);
     write(&out.join(REPORT_MD), markdown(report, &plots).as_bytes())?;
     Ok(plots)
 }
@@ -173,17 +186,27 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
 pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
     let mut md = String::from("# Evaluation report\n\n");
     let s = &report.settings;
-    let _ = writeln!(
-        md,
-        "Sampling: temperature {}, top_p {}, top_k {}; {} sample(s) per prompt; max {} new tokens; seed {}; device {}.\n\
-         Figures are value ± half-width of the 95% interval (Wilson for shares of prompts, normal for means).\n",
-        s.sampling.temperature,
-        s.sampling.top_p,
-        s.sampling.top_k,
-        s.samples_per_prompt,
-        s.max_new_tokens,
-        s.seed,
-        s.device
+    match (&s.generation, &s.predictions) {
+        (Some(g), _) => {
+            let _ = writeln!(
+                md,
+                "Sampling: temperature {}, top_p {}, top_k {}; {} sample(s) per prompt; max {} new tokens; seed {}; device {}.",
+                g.sampling.temperature,
+                g.sampling.top_p,
+                g.sampling.top_k,
+                g.samples_per_prompt,
+                g.max_new_tokens,
+                g.seed,
+                g.device
+            );
+        }
+        (None, Some(p)) => {
+            let _ = writeln!(md, "Scored predictions from `{}`: no model was run.", p.display());
+        }
+        (None, None) => {}
+    }
+    md.push_str(
+        "Figures are value ± half-width of the 95% interval (Wilson for shares of prompts, normal for means).\n\n",
     );
     let tasks: Vec<(String, TaskKind)> = {
         let mut t: Vec<(String, TaskKind)> = Vec::new();
@@ -289,13 +312,26 @@ pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
             }
         );
     }
+    if !plots.is_empty() {
+        md.push_str("\n## Plots\n");
+    }
     for p in plots {
         if let Some(name) = p.file_name() {
             let name = name.to_string_lossy();
-            let _ = writeln!(md, "\n![{name}]({name})");
+            let _ = writeln!(md, "\n![{name}]({})", link_target(&name));
         }
     }
     md
+}
+
+/// A file name as a Markdown link target: `<...>` keeps spaces and parentheses (a run
+/// labelled `kd (t=2)`) from ending the link early.
+fn link_target(name: &str) -> String {
+    if name.contains([' ', '(', ')']) {
+        format!("<{name}>")
+    } else {
+        name.to_owned()
+    }
 }
 
 /// Each model minus the baseline, example by example, on the held-out samples.
@@ -334,15 +370,91 @@ fn paired_section(md: &mut String, report: &Report) {
 
 // ---------------------------------------------------------------------------------------------
 // Plots: grouped bars with 95% error bars, one group per category, one colour per model.
+// Categories whose labels do not fit side by side (the 22 probe subjects) become horizontal
+// bars with the labels down the side.
 
-const SIZE: (u32, u32) = (1200, 700);
+const WIDTH: u32 = 1200;
+const VERTICAL_HEIGHT: u32 = 700;
+/// Room the value axis, margins and the legend take from the width, for the label fit.
+const CHROME_WIDTH: u32 = 360;
+/// About the width of one character of a 15 px label.
+const LABEL_CHAR_WIDTH: u32 = 9;
+const VALUE_TICKS: usize = 10;
 
 struct Bars<'a> {
     title: &'a str,
-    y_label: &'a str,
+    /// What the categories are: the category axis' title.
+    category_label: &'a str,
+    value_label: &'a str,
     categories: Vec<String>,
     /// (model label, one estimate per category; NaN = no bar).
     series: Vec<(String, Vec<Estimate>)>,
+}
+
+impl Bars<'_> {
+    /// Whether the category labels need the long side: they do not fit under vertical bars.
+    fn horizontal(&self) -> bool {
+        let chars: usize = self.categories.iter().map(|c| c.chars().count() + 2).sum();
+        chars as u32 * LABEL_CHAR_WIDTH > WIDTH - CHROME_WIDTH
+    }
+
+    fn size(&self) -> (u32, u32) {
+        if self.horizontal() {
+            let per_category = (14 * self.series.len() as u32 + 10).max(26);
+            (WIDTH, 160 + per_category * self.categories.len() as u32)
+        } else {
+            (WIDTH, VERTICAL_HEIGHT)
+        }
+    }
+
+    /// The value axis: from a little below zero, so a bar of zero stands clear of the frame,
+    /// to above the highest interval, leaving room for the value labels.
+    fn value_range(&self) -> std::ops::Range<f64> {
+        let top = self
+            .series
+            .iter()
+            .flat_map(|(_, v)| v.iter().flat_map(|e| [e.value, e.ci95[1]]))
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max);
+        let top = if top > 0.0 { top } else { 1.0 };
+        -0.03 * top..1.15 * top
+    }
+}
+
+/// One bar as drawn: where it sits on the category axis, its value, its 95% interval (the
+/// whisker) and the label written past the whisker's end.
+#[derive(Debug, Clone, PartialEq)]
+struct BarMark {
+    series: usize,
+    /// (start, end) on the category axis, where category i spans [i, i + 1).
+    band: (f64, f64),
+    value: f64,
+    whisker: Option<(f64, f64)>,
+    label: String,
+}
+
+fn bar_marks(bars: &Bars) -> Vec<BarMark> {
+    let width = 0.8 / bars.series.len().max(1) as f64;
+    let mut marks = Vec::new();
+    for (s, (_, values)) in bars.series.iter().enumerate() {
+        for (c, e) in values.iter().enumerate().filter(|(_, e)| e.value.is_finite()) {
+            let start = c as f64 + 0.1 + s as f64 * width;
+            let [lo, hi] = e.ci95;
+            marks.push(BarMark {
+                series: s,
+                band: (start, start + width * 0.9),
+                value: e.value,
+                whisker: (lo.is_finite() && hi > lo).then_some((lo, hi)),
+                label: value_text(e.value),
+            });
+        }
+    }
+    marks
+}
+
+/// A bar's value as written beside it: "0" for nothing, else two decimals.
+fn value_text(v: f64) -> String {
+    if v == 0.0 { "0".into() } else { format!("{v:.2}") }
 }
 
 fn accuracy_plot(out: &Path, report: &Report) -> Result<Option<PathBuf>, EvalError> {
@@ -373,7 +485,8 @@ fn accuracy_plot(out: &Path, report: &Report) -> Result<Option<PathBuf>, EvalErr
         .collect();
     let bars = Bars {
         title: "Accuracy (pass@1) with 95% intervals",
-        y_label: "accuracy",
+        category_label: "task",
+        value_label: "accuracy",
         categories,
         series,
     };
@@ -415,8 +528,9 @@ fn length_plot(out: &Path, report: &Report) -> Result<Option<PathBuf>, EvalError
         })
         .collect();
     let bars = Bars {
-        title: "Accuracy by reasoning length (tokens inside <think>)",
-        y_label: "accuracy",
+        title: "Accuracy by reasoning length, with 95% intervals",
+        category_label: "tokens inside <think>",
+        value_label: "accuracy",
         categories,
         series,
     };
@@ -443,8 +557,9 @@ fn probe_plot(out: &Path, report: &Report) -> Result<Option<PathBuf>, EvalError>
         })
         .collect();
     let bars = Bars {
-        title: "Behaviour probes: refusal rate per subject",
-        y_label: "refusal rate",
+        title: "Behaviour probes: refusal rate per subject, with 95% intervals",
+        category_label: "subject",
+        value_label: "refusal rate",
         categories,
         series,
     };
@@ -456,77 +571,295 @@ fn nan() -> Estimate {
 }
 
 fn draw_bars(path: &Path, bars: &Bars) -> Result<PathBuf, EvalError> {
-    distill_plot::render(path, SIZE, |rgb| render_bars(bars, rgb)).map_err(|e| EvalError::Input {
+    let size = bars.size();
+    distill_plot::render(path, size, |rgb| render_bars(bars, size, rgb)).map_err(|e| EvalError::Input {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
     Ok(path.to_path_buf())
 }
 
-fn render_bars(bars: &Bars, rgb: &mut [u8]) -> Result<(), String> {
+fn render_bars(bars: &Bars, size: (u32, u32), rgb: &mut [u8]) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<_>| e.to_string();
-    let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let top = bars
+    let root = root.titled(bars.title, ("sans-serif", 26)).map_err(err)?;
+    let legend: Vec<LegendEntry> = bars
         .series
         .iter()
-        .flat_map(|(_, v)| v.iter().map(|e| e.ci95[1]))
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max);
-    let y_max = if top > 0.0 { top * 1.1 } else { 1.0 };
-    let n_cat = bars.categories.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(bars.title, ("sans-serif", 26))
-        .margin(20)
-        .x_label_area_size(60)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..n_cat as f64, 0.0..y_max)
-        .map_err(err)?;
-    let categories = bars.categories.clone();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n_cat.max(1) * 2 + 1)
-        .x_label_formatter(&move |x| {
-            // Label only the centres of the groups.
-            let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 1e-6 {
-                categories.get(i).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
+        .enumerate()
+        .map(|(s, (label, _))| LegendEntry {
+            label,
+            color: PALETTE[s % PALETTE.len()],
+            mark: Mark::Box,
         })
-        .y_desc(bars.y_label)
-        .y_label_formatter(&|v| distill_plot::tick_label(*v))
-        .label_style(("sans-serif", 15))
+        .collect();
+    let (area, legend_area) = distill_plot::split_for_legend(&root, &legend)?;
+    distill_plot::draw_side_legend(&legend_area, &legend)?;
+
+    let horizontal = bars.horizontal();
+    let n_cat = bars.categories.len();
+    let categories = 0.0..n_cat as f64;
+    let values = bars.value_range();
+    let value_labels = AxisLabels::new(&values, VALUE_TICKS);
+    // (position on the category axis, value) -> chart coordinates; the first category on top
+    // when they run down the side.
+    let point = move |c: f64, v: f64| if horizontal { (v, n_cat as f64 - c) } else { (c, v) };
+    let label_font = ("sans-serif", 15).into_text_style(&area);
+    let mut widest = 0;
+    for c in &bars.categories {
+        widest = widest.max(area.estimate_text_size(c, &label_font).map_err(err)?.0);
+    }
+    let (x_range, y_range) = if horizontal {
+        (values.clone(), categories)
+    } else {
+        (categories, values.clone())
+    };
+    let mut chart = ChartBuilder::on(&area)
+        .margin(20)
+        .x_label_area_size(70)
+        .y_label_area_size(if horizontal { widest + 50 } else { 90 })
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(err)?;
+    let names = bars.categories.clone();
+    // Category labels at the centres of the groups only (ticks fall every half category).
+    let category_text = move |at: f64| {
+        let c = if horizontal { n_cat as f64 - at } else { at };
+        if (c - c.floor() - 0.5).abs() < 1e-6 {
+            names.get(c.floor() as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let value_text_at = move |v: f64| value_labels.format(v);
+    let (x_text, y_text): (Box<dyn Fn(f64) -> String>, Box<dyn Fn(f64) -> String>) = if horizontal {
+        (Box::new(value_text_at), Box::new(category_text))
+    } else {
+        (Box::new(category_text), Box::new(value_text_at))
+    };
+    let (x_desc, y_desc) = if horizontal {
+        (bars.value_label, bars.category_label)
+    } else {
+        (bars.category_label, bars.value_label)
+    };
+    let category_ticks = n_cat.max(1) * 2 + 1;
+    let mut mesh = chart.configure_mesh();
+    if horizontal {
+        mesh.disable_y_mesh()
+            .x_labels(VALUE_TICKS)
+            .y_labels(category_ticks);
+    } else {
+        mesh.disable_x_mesh()
+            .x_labels(category_ticks)
+            .y_labels(VALUE_TICKS);
+    }
+    mesh.x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| x_text(*v))
+        .y_label_formatter(&|v| y_text(*v))
+        .label_style(label_font.clone())
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(err)?;
-    let k = bars.series.len().max(1) as f64;
-    let width = 0.8 / k;
-    for (s, (label, values)) in bars.series.iter().enumerate() {
-        let color = PALETTE[s % PALETTE.len()];
-        let x0 = |c: usize| c as f64 + 0.1 + s as f64 * width;
-        let rects = values
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.value.is_finite())
-            .map(|(c, e)| Rectangle::new([(x0(c), 0.0), (x0(c) + width * 0.9, e.value)], color.filled()));
+    // The zero line the bars stand on.
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![point(0.0, 0.0), point(n_cat as f64, 0.0)],
+            BLACK.mix(0.4).stroke_width(1),
+        )))
+        .map_err(err)?;
+    let value_font = ("sans-serif", 13).into_font().color(&BLACK);
+    let label_pos = if horizontal {
+        Pos::new(HPos::Left, VPos::Center)
+    } else {
+        Pos::new(HPos::Center, VPos::Bottom)
+    };
+    for m in bar_marks(bars) {
+        let color = PALETTE[m.series % PALETTE.len()];
+        let (b0, b1) = m.band;
+        let mid = (b0 + b1) / 2.0;
+        // The bar, and its end as a thick line in the bar's colour: a bar of zero is that line
+        // on the zero line, not nothing.
         chart
-            .draw_series(rects)
-            .map_err(err)?
-            .label(label.as_str())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
-        let whiskers = values
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.value.is_finite() && e.ci95[0].is_finite() && e.ci95[1] > e.ci95[0])
-            .map(|(c, e)| {
-                let x = x0(c) + width * 0.45;
-                PathElement::new(vec![(x, e.ci95[0]), (x, e.ci95[1])], BLACK.stroke_width(2))
-            });
-        chart.draw_series(whiskers).map_err(err)?;
+            .draw_series(std::iter::once(Rectangle::new(
+                [point(b0, 0.0), point(b1, m.value)],
+                color.mix(0.75).filled(),
+            )))
+            .map_err(err)?;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![point(b0, m.value), point(b1, m.value)],
+                color.stroke_width(4),
+            )))
+            .map_err(err)?;
+        // The interval: a thin black whisker with caps, drawn over the bar.
+        let end = match m.whisker {
+            Some((lo, hi)) => {
+                let cap = (b1 - b0) / 4.0;
+                let style = BLACK.stroke_width(1);
+                chart
+                    .draw_series([
+                        PathElement::new(vec![point(mid, lo), point(mid, hi)], style),
+                        PathElement::new(vec![point(mid - cap, lo), point(mid + cap, lo)], style),
+                        PathElement::new(vec![point(mid - cap, hi), point(mid + cap, hi)], style),
+                    ])
+                    .map_err(err)?;
+                hi.max(m.value)
+            }
+            None => m.value,
+        };
+        let offset = if horizontal { (6, 0) } else { (0, -4) };
+        let label =
+            EmptyElement::at(point(mid, end)) + Text::new(m.label, offset, value_font.clone().pos(label_pos));
+        chart.draw_series(std::iter::once(label)).map_err(err)?;
     }
-    distill_plot::draw_legend(&mut chart)?;
     root.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn estimate(value: f64, ci95: [f64; 2]) -> Estimate {
+        Estimate {
+            value,
+            stderr: (ci95[1] - ci95[0]) / 3.92,
+            ci95,
+            n: 10,
+        }
+    }
+
+    fn bars(categories: &[&str], series: Vec<(String, Vec<Estimate>)>) -> Bars<'static> {
+        Bars {
+            title: "t",
+            category_label: "task",
+            value_label: "accuracy",
+            categories: categories.iter().map(|c| c.to_string()).collect(),
+            series,
+        }
+    }
+
+    #[test]
+    fn a_zero_bar_is_drawn_as_zero_with_its_interval_apart() {
+        let b = bars(
+            &["a", "b"],
+            vec![(
+                "m".into(),
+                vec![estimate(0.0, [0.0, 0.3]), estimate(0.5, [0.3, 0.7])],
+            )],
+        );
+        let marks = bar_marks(&b);
+        assert_eq!(marks.len(), 2);
+        assert_eq!((marks[0].value, marks[0].label.as_str()), (0.0, "0"));
+        assert_eq!(marks[0].whisker, Some((0.0, 0.3)));
+        assert_eq!(marks[1].label, "0.50");
+        // The value axis starts below zero: a bar of zero is not on the frame.
+        assert!(b.value_range().start < 0.0 && b.value_range().end > 0.7);
+
+        // Drawn: the series' own colour (the bar's end line) appears over the first category,
+        // left of the legend, though the bar has no height.
+        let size = b.size();
+        let mut rgb = vec![0u8; (size.0 * size.1 * 3) as usize];
+        distill_plot::register_font_once().unwrap();
+        let zero_only = bars(
+            &["a", "b"],
+            vec![("m".into(), vec![estimate(0.0, [0.0, 0.3]); 2])],
+        );
+        render_bars(&zero_only, size, &mut rgb).unwrap();
+        let RGBColor(r, g, b) = PALETTE[0];
+        let width = size.0 as usize;
+        let in_left_half = rgb
+            .chunks_exact(3)
+            .enumerate()
+            .filter(|(i, px)| i % width < width / 2 && *px == [r, g, b])
+            .count();
+        assert!(in_left_half > 20, "{in_left_half} pixels of the bar's colour");
+    }
+
+    #[test]
+    fn no_value_no_bar() {
+        let b = bars(&["a"], vec![("m".into(), vec![nan()])]);
+        assert!(bar_marks(&b).is_empty());
+    }
+
+    #[test]
+    fn many_categories_run_down_the_side() {
+        let few = bars(&["gsm8k-test", "math-500"], vec![("m".into(), vec![nan(); 2])]);
+        assert!(!few.horizontal());
+        assert_eq!(few.size(), (WIDTH, VERTICAL_HEIGHT));
+        let subjects: Vec<String> = (0..22).map(|i| format!("Subject number {i}")).collect();
+        let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        let many = bars(
+            &subjects,
+            vec![("m".into(), vec![nan(); 22]), ("n".into(), vec![nan(); 22])],
+        );
+        assert!(many.horizontal());
+        // Each subject gets its rows: the plot grows with them.
+        assert!(many.size().1 >= 22 * 26 + 100, "{:?}", many.size());
+    }
+
+    fn report(settings: Settings) -> Report {
+        Report {
+            format_version: FORMAT_VERSION,
+            tool_version: "test",
+            settings,
+            models: Vec::new(),
+            contamination: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn scored_predictions_report_no_sampling_settings() {
+        let r = report(Settings {
+            generation: None,
+            predictions: Some("preds.jsonl".into()),
+            held_out_baseline: None,
+        });
+        let md = markdown(&r, &[]);
+        assert!(!md.contains("Sampling") && !md.contains("temperature"), "{md}");
+        assert!(md.contains("Scored predictions from `preds.jsonl`"), "{md}");
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["settings"],
+            serde_json::json!({"predictions": "preds.jsonl"})
+        );
+
+        let r = report(Settings {
+            generation: Some(GenerationSettings {
+                sampling: Sampling::GREEDY,
+                samples_per_prompt: 4,
+                max_new_tokens: 64,
+                seed: 1,
+                batch_size: 8,
+                device: "cpu".into(),
+            }),
+            predictions: None,
+            held_out_baseline: None,
+        });
+        assert!(markdown(&r, &[]).contains("4 sample(s) per prompt; max 64 new tokens"));
+        // report.json keeps the settings' keys where they were.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["settings"]["samples_per_prompt"], 4);
+        assert_eq!(json["settings"]["device"], "cpu");
+    }
+
+    #[test]
+    fn plots_are_linked_by_relative_name() {
+        let r = report(Settings {
+            generation: None,
+            predictions: None,
+            held_out_baseline: None,
+        });
+        let md = markdown(
+            &r,
+            &[
+                PathBuf::from("/out/eval/accuracy.png"),
+                PathBuf::from("/out/eval/training_curves-kd (t=2).png"),
+            ],
+        );
+        assert!(md.contains("## Plots"), "{md}");
+        assert!(md.contains("![accuracy.png](accuracy.png)"), "{md}");
+        assert!(md.contains("(<training_curves-kd (t=2).png>)"), "{md}");
+        assert!(!md.contains("/out/eval"), "{md}");
+    }
 }

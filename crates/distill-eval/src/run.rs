@@ -14,8 +14,8 @@ use crate::contamination::TrainingPrompts;
 use crate::likelihood::{HeldOutAccumulator, HeldOutScores};
 use crate::probes::{self, Probe, ProbeOutcome};
 use crate::report::{
-    Contamination, ExampleRecord, FORMAT_VERSION, LengthBucket, ModelReport, ReasoningReport, Report,
-    Settings, TaskReport,
+    Contamination, ExampleRecord, FORMAT_VERSION, GenerationSettings, LengthBucket, ModelReport,
+    ReasoningReport, Report, Settings, TaskReport,
 };
 use crate::stats::{mean, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
@@ -134,12 +134,15 @@ pub fn evaluate<B: Kernels>(
         format_version: FORMAT_VERSION,
         tool_version: distill_core::TOOL_VERSION,
         settings: Settings {
-            sampling: plan.sampling.clone(),
-            samples_per_prompt: plan.n,
-            max_new_tokens: plan.max_new_tokens,
-            seed: plan.seed,
-            batch_size: plan.batch_size,
-            device: plan.device.clone(),
+            generation: Some(GenerationSettings {
+                sampling: plan.sampling.clone(),
+                samples_per_prompt: plan.n,
+                max_new_tokens: plan.max_new_tokens,
+                seed: plan.seed,
+                batch_size: plan.batch_size,
+                device: plan.device.clone(),
+            }),
+            predictions: None,
             held_out_baseline: plan.held_out.as_ref().and_then(|h| h.baseline.clone()),
         },
         models,
@@ -555,11 +558,14 @@ fn run_probes<B: Kernels>(
 /// Scores generations made elsewhere (`--predictions FILE.jsonl`): each line has `id` (or
 /// `prompt`), the output in `output` (or `prediction`, `response`, `completion`), optionally
 /// `model` (to compare several) and `reference` (else the task set's, by id).
+/// Scores the predictions file at `path`; `tasks` (the `--tasks` argument and the set it
+/// loaded) gives references by id or prompt to lines without their own.
 pub fn score_predictions(
     path: &std::path::Path,
-    set: Option<&TaskSet>,
+    tasks: Option<(&str, &TaskSet)>,
     kind: TaskKind,
 ) -> Result<(Vec<ModelReport>, Vec<ExampleRecord>), EvalError> {
+    let set = tasks.map(|(_, set)| set);
     let text = std::fs::read_to_string(path).map_err(EvalError::io(path))?;
     let by_id: HashMap<&str, &tasks::TaskItem> = set
         .map(|s| s.items.iter().map(|i| (i.id.as_str(), i)).collect())
@@ -599,7 +605,11 @@ pub fn score_predictions(
             .map(|r| distill_data::reference_answer(&r))
             .or_else(|| item.map(|i| i.reference.clone()))
             .ok_or_else(|| {
-                bad("no `reference` field and no task item with this id or prompt; pass --tasks".into())
+                bad(no_reference(
+                    id.as_deref(),
+                    prompt.is_some(),
+                    tasks.map(|(source, _)| source),
+                ))
             })?;
         let model = field(&["model"]).unwrap_or_else(|| "predictions".into());
         let split = reasoning::split(&output, false);
@@ -655,4 +665,19 @@ pub fn score_predictions(
         records.extend(scored.into_iter().map(|s| s.record));
     }
     Ok((reports, records))
+}
+
+/// Why a prediction line has no reference: nothing to look it up in, or what it was looked up
+/// by and where.
+fn no_reference(id: Option<&str>, has_prompt: bool, tasks: Option<&str>) -> String {
+    let Some(tasks) = tasks else {
+        return "no `reference` field; pass --tasks FILE to look references up by `id` or `prompt`".into();
+    };
+    let by = match (id, has_prompt) {
+        (Some(id), true) => format!("id `{id}` is not in {tasks}, nor is its prompt"),
+        (Some(id), false) => format!("id `{id}` is not in {tasks}"),
+        (None, true) => format!("its prompt is not in {tasks}"),
+        (None, false) => format!("it has no `id` or `prompt` to find it in {tasks} by"),
+    };
+    format!("{by}, and the line has no `reference` field")
 }

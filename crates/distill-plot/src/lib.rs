@@ -1,15 +1,19 @@
 //! The plotting plumbing training curves (distill-train) and eval reports (distill-eval) share:
 //! an embedded font, so plots get labels on machines without system fonts; one palette, so a
-//! model keeps its colour across plots; short tick labels; and drawing into an RGB buffer that
+//! model keeps its colour across plots; legends beside the chart; tick labels that stay distinct; and drawing into an RGB buffer that
 //! is written as a PNG. Charts themselves stay with the crate that knows their data.
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
 pub use plotters;
-use plotters::style::{FontStyle, RGBColor};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::{FontStyle, IntoTextStyle, RGBColor};
 
 /// A small ASCII subset of DejaVu Sans (licence beside it in assets/).
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans-subset.ttf");
@@ -76,35 +80,135 @@ pub fn render(
     write_png(out_png, &rgb, size).map_err(PlotError::Write)
 }
 
-/// Draws a chart's series labels as every plot here does: upper right, 16 px, on a
-/// translucent white box with a black border.
-pub fn draw_legend<'a, DB, CT>(chart: &mut plotters::chart::ChartContext<'a, DB, CT>) -> Result<(), String>
-where
-    DB: plotters::prelude::DrawingBackend + 'a,
-    CT: plotters::coord::CoordTranslate,
-{
-    use plotters::prelude::*;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| e.to_string())
+/// How a legend entry shows its series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Line,
+    Box,
 }
 
-/// Short tick labels for values from learning rates (1e-5) to token counts: plain decimals
-/// without trailing zeros in between, scientific notation outside.
-pub fn tick_label(v: f64) -> String {
-    if v == 0.0 {
-        return "0".to_owned();
+/// One series in a legend.
+#[derive(Debug, Clone, Copy)]
+pub struct LegendEntry<'a> {
+    pub label: &'a str,
+    pub color: RGBColor,
+    pub mark: Mark,
+}
+
+const LEGEND_FONT: u32 = 16;
+const LEGEND_ROW: i32 = 24;
+/// Room before a legend label: the mark and the gaps around it.
+const LEGEND_MARK_WIDTH: u32 = 44;
+
+/// Splits `area` into a chart area and a column at its right wide enough for `entries`'
+/// labels, for [`draw_side_legend`]: a legend beside the chart never covers its data.
+pub fn split_for_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[LegendEntry],
+) -> Result<(DrawingArea<DB, Shift>, DrawingArea<DB, Shift>), String> {
+    let font = ("sans-serif", LEGEND_FONT).into_text_style(area);
+    let mut widest = 0;
+    for e in entries {
+        widest = widest.max(
+            area.estimate_text_size(e.label, &font)
+                .map_err(|e| e.to_string())?
+                .0,
+        );
     }
-    if !(1e-3..1e5).contains(&v.abs()) {
-        return format!("{v:.1e}");
+    let width = area.dim_in_pixel().0;
+    let legend = (widest + LEGEND_MARK_WIDTH + 16).min(width / 3);
+    Ok(area.split_horizontally(width - legend))
+}
+
+/// Draws `entries` top down in `area` (from [`split_for_legend`]), each with its colour's
+/// line or box in front of its label.
+pub fn draw_side_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[LegendEntry],
+) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let font = ("sans-serif", LEGEND_FONT).into_font().color(&BLACK);
+    let top = 24;
+    for (i, e) in entries.iter().enumerate() {
+        let y = top + i as i32 * LEGEND_ROW;
+        match e.mark {
+            Mark::Line => area
+                .draw(&PathElement::new([(6, y), (34, y)], e.color.stroke_width(3)))
+                .map_err(err)?,
+            Mark::Box => area
+                .draw(&Rectangle::new([(12, y - 7), (28, y + 7)], e.color.filled()))
+                .map_err(err)?,
+        }
+        let text = Text::new(
+            e.label,
+            (LEGEND_MARK_WIDTH as i32, y),
+            font.clone().pos(Pos::new(HPos::Left, VPos::Center)),
+        );
+        area.draw(&text).map_err(err)?;
     }
-    let fixed = format!("{v:.3}");
-    fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
+    Ok(())
+}
+
+/// Tick labels for one axis: one format for all its ticks, with as many digits as their
+/// spacing needs, so that neighbouring ticks never share a label (at three decimals a learning
+/// rate's 0.0025 and 0.003 both read "0.003"). Values under 0.01 or from 1e5 up are written
+/// in scientific notation (`2.5e-3`), others as plain decimals without trailing zeros.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AxisLabels {
+    scientific: bool,
+    /// Decimals: after the point, or of the mantissa when scientific.
+    digits: usize,
+    /// Half the finest tick spacing: anything smaller is zero (float noise, not "-0").
+    zero: f64,
+}
+
+impl AxisLabels {
+    /// For an axis over `range` carrying at most `ticks` labels (the count given to plotters'
+    /// `x_labels`/`y_labels`).
+    pub fn new(range: &Range<f64>, ticks: usize) -> Self {
+        let span = range.end - range.start;
+        let top = range.start.abs().max(range.end.abs());
+        if !(span > 0.0 && span.is_finite()) || ticks == 0 {
+            return Self {
+                scientific: !(1e-2..1e5).contains(&top) && top > 0.0,
+                digits: 3,
+                zero: 0.0,
+            };
+        }
+        // plotters puts ticks on multiples of 1, 2 or 5 x 10^k, at least span / ticks apart:
+        // 10^step_exp is at most their spacing.
+        let step_exp = (span / ticks as f64).log10().floor() as i32;
+        let top_exp = top.log10().floor() as i32;
+        let zero = 10f64.powi(step_exp) / 2.0;
+        if (-2..5).contains(&top_exp) {
+            Self {
+                scientific: false,
+                digits: (-step_exp).max(0) as usize,
+                zero,
+            }
+        } else {
+            Self {
+                scientific: true,
+                digits: (top_exp - step_exp).max(1) as usize,
+                zero,
+            }
+        }
+    }
+
+    pub fn format(&self, v: f64) -> String {
+        if v == 0.0 || v.abs() < self.zero {
+            return "0".to_owned();
+        }
+        if self.scientific {
+            return format!("{v:.*e}", self.digits);
+        }
+        let fixed = format!("{v:.*}", self.digits);
+        if fixed.contains('.') {
+            fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            fixed
+        }
+    }
 }
 
 /// Writes an RGB8 buffer as a PNG, creating the parent directory.
@@ -124,15 +228,76 @@ pub fn write_png(path: &Path, rgb: &[u8], (w, h): (u32, u32)) -> io::Result<()> 
 mod tests {
     use super::*;
 
+    /// The ticks plotters draws on `range` with `n` labels, with the labels [`AxisLabels`] gives.
+    fn labelled_ticks(range: Range<f64>, n: usize) -> Vec<(f64, String)> {
+        use plotters::coord::ranged1d::Ranged;
+        use plotters::coord::types::RangedCoordf64;
+        let labels = AxisLabels::new(&range, n);
+        let coord: RangedCoordf64 = range.into();
+        coord
+            .key_points(n)
+            .into_iter()
+            .map(|v| (v, labels.format(v)))
+            .collect()
+    }
+
+    fn assert_distinct_and_faithful(range: Range<f64>, n: usize) {
+        let ticks = labelled_ticks(range.clone(), n);
+        assert!(ticks.len() >= 2, "{range:?}: {ticks:?}");
+        let spacing = ticks[1].0 - ticks[0].0;
+        for pair in ticks.windows(2) {
+            assert_ne!(pair[0].1, pair[1].1, "{range:?}: {ticks:?}");
+        }
+        for (v, label) in &ticks {
+            let read: f64 = label
+                .parse()
+                .unwrap_or_else(|_| panic!("{label:?} is not a number"));
+            assert!((read - v).abs() <= spacing * 1e-6, "{range:?}: {label} for {v}");
+        }
+    }
+
     #[test]
-    fn tick_labels_stay_short() {
-        let labels: Vec<String> = [0.0, 2.5, 3.0, 0.125, 1e-5, 2.5e-4, -0.5, 123456.0]
-            .map(tick_label)
-            .into();
+    fn learning_rate_ticks_read_distinctly() {
+        // A warm-up to 3e-3 and its decay, padded as the curves plot pads it.
+        let labels: Vec<String> = labelled_ticks(-1.5e-4..3.15e-3, 10)
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
         assert_eq!(
             labels,
-            ["0", "2.5", "3", "0.125", "1.0e-5", "2.5e-4", "-0.5", "1.2e5"]
+            ["0", "5.0e-4", "1.0e-3", "1.5e-3", "2.0e-3", "2.5e-3", "3.0e-3"]
         );
+        assert_distinct_and_faithful(-1.5e-4..3.15e-3, 10);
+    }
+
+    #[test]
+    fn plain_decimals_in_between_without_trailing_zeros() {
+        let labels: Vec<String> = labelled_ticks(0.0..6.0, 10).into_iter().map(|t| t.1).collect();
+        assert_eq!(labels, ["0", "1", "2", "3", "4", "5", "6"]);
+        let labels: Vec<String> = labelled_ticks(0.02..0.045, 6).into_iter().map(|t| t.1).collect();
+        assert_eq!(labels, ["0.02", "0.025", "0.03", "0.035", "0.04", "0.045"]);
+        assert_eq!(AxisLabels::new(&(0.0..2e5), 10).format(150_000.0), "1.5e5");
+        // Float noise around zero is zero, not "-0".
+        assert_eq!(AxisLabels::new(&(-1.0..1.0), 10).format(-1e-17), "0");
+    }
+
+    #[test]
+    fn ticks_stay_distinct_at_every_scale() {
+        for exp in -7..8 {
+            let scale = 10f64.powi(exp);
+            for (lo, hi) in [
+                (0.0, 1.0),
+                (0.0, 3.3),
+                (0.2, 0.75),
+                (-1.0, 2.5),
+                (100.0, 101.3),
+                (5.0, 5.02),
+            ] {
+                for n in [5, 10] {
+                    assert_distinct_and_faithful(lo * scale..hi * scale, n);
+                }
+            }
+        }
     }
 
     #[test]

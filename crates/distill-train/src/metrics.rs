@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use distill_plot::plotters::coord::Shift;
 use distill_plot::plotters::prelude::*;
-use distill_plot::{PALETTE, PlotError, tick_label};
+use distill_plot::{AxisLabels, LegendEntry, Mark, PALETTE, PlotError};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The log's file name inside a run directory.
@@ -215,8 +215,10 @@ fn latest_per_step(records: Vec<MetricsRecord>) -> Vec<MetricsRecord> {
 // ---------------------------------------------------------------------------------------------
 // Plotting.
 
-/// Draws the training curves of `metrics_jsonl` into a PNG at `out_png`: loss, KL and CE
-/// against step in the upper panel, the learning rate in the lower one.
+/// Draws the training curves of `metrics_jsonl` into a PNG at `out_png`: the loss and the CE
+/// in the upper panel, the KL to the teacher in its own panel below (it is two orders of
+/// magnitude smaller than the CE; a run without a KL term has no such panel), the learning
+/// rate at the bottom.
 pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsError> {
     let records = latest_per_step(read_metrics(metrics_jsonl)?);
     if records.is_empty() {
@@ -224,7 +226,9 @@ pub fn plot_curves(metrics_jsonl: &Path, out_png: &Path) -> Result<(), MetricsEr
             path: metrics_jsonl.into(),
         });
     }
-    render(out_png, |rgb| draw_curves(&records, rgb))
+    let steps = step_range(records[0].step, records[records.len() - 1].step);
+    let panels = curve_panels(&records);
+    render(out_png, |rgb| draw_panels("Training curves", &panels, steps, rgb))
 }
 
 /// Draws into a white RGB buffer of [`PLOT_SIZE`] and writes it to `out_png`.
@@ -270,21 +274,19 @@ pub fn plot_runs(runs: &[(String, PathBuf)], out_png: &Path) -> Result<(), Metri
         kl.push(curve(&records, label, color, |r| r.kl));
     }
     // A CE-only run logs KL 0 throughout: no teacher, nothing to draw.
-    kl.retain(|c| c.points.iter().any(|&(_, v)| v != 0.0));
+    kl.retain(Curve::has_signal);
+    let panels = [
+        Panel {
+            y_desc: "CE on the training text",
+            curves: ce,
+        },
+        Panel {
+            y_desc: "KL to the teacher",
+            curves: kl,
+        },
+    ];
     let steps = step_range(first_step, last_step);
-    render(out_png, |rgb| draw_runs(&ce, &kl, steps, rgb))
-}
-
-fn draw_runs(ce: &[Curve], kl: &[Curve], steps: Range<f64>, rgb: &mut [u8]) -> Result<(), String> {
-    let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let root = root
-        .titled("Training runs", ("sans-serif", 28))
-        .map_err(|e| e.to_string())?;
-    let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 / 2);
-    draw_panel(&upper, "CE on the training text", ce, steps.clone())?;
-    draw_panel(&lower, "KL to the teacher", kl, steps)?;
-    root.present().map_err(|e| e.to_string())
+    render(out_png, |rgb| draw_panels("Training runs", &panels, steps, rgb))
 }
 
 /// One line on a panel.
@@ -293,6 +295,13 @@ struct Curve {
     color: RGBColor,
     /// (step, value), finite values only: NaN steps leave a gap-free line over their neighbours.
     points: Vec<(f64, f64)>,
+}
+
+impl Curve {
+    /// Whether the curve is more than zero throughout (what a run without that term logs).
+    fn has_signal(&self) -> bool {
+        self.points.iter().any(|&(_, v)| v != 0.0)
+    }
 }
 
 fn curve(records: &[MetricsRecord], label: &str, color: RGBColor, field: fn(&MetricsRecord) -> f64) -> Curve {
@@ -308,76 +317,125 @@ fn curve(records: &[MetricsRecord], label: &str, color: RGBColor, field: fn(&Met
     }
 }
 
-fn draw_curves(records: &[MetricsRecord], rgb: &mut [u8]) -> Result<(), String> {
+/// Curves that share a y axis, stacked with the other panels over one step axis.
+struct Panel {
+    y_desc: &'static str,
+    curves: Vec<Curve>,
+}
+
+impl Panel {
+    /// The y range covering every finite point, padded 5% so lines do not run along the frame.
+    fn value_range(&self) -> Range<f64> {
+        let values = self.curves.iter().flat_map(|c| c.points.iter().map(|&(_, v)| v));
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
+        if !lo.is_finite() {
+            return 0.0..1.0; // nothing finite to show: an empty, labelled panel
+        }
+        let pad = if hi > lo {
+            (hi - lo) * 0.05
+        } else {
+            lo.abs().max(1e-12) * 0.1
+        };
+        lo - pad..hi + pad
+    }
+}
+
+/// One run's panels: loss and CE (on one scale: the loss is their weighted sum with the KL),
+/// the KL on its own scale when the run has a KL term, and the learning rate.
+fn curve_panels(records: &[MetricsRecord]) -> Vec<Panel> {
+    let mut panels = vec![Panel {
+        y_desc: "loss and CE",
+        curves: vec![
+            curve(records, "loss", PALETTE[0], |r| r.loss),
+            curve(records, "ce", PALETTE[2], |r| r.ce),
+        ],
+    }];
+    let kl = curve(records, "kl", PALETTE[3], |r| r.kl);
+    if kl.has_signal() {
+        panels.push(Panel {
+            y_desc: "KL to the teacher",
+            curves: vec![kl],
+        });
+    }
+    panels.push(Panel {
+        y_desc: "learning rate",
+        curves: vec![curve(records, "lr", PALETTE[4], |r| r.lr)],
+    });
+    panels
+}
+
+/// Labels on a panel's y axis.
+const Y_TICKS: usize = 6;
+/// Labels on the step axis.
+const X_TICKS: usize = 10;
+
+/// Draws `panels` stacked under `title` over one step axis, the first twice as tall as the
+/// others, with one legend beside them that lists every label once.
+fn draw_panels(title: &str, panels: &[Panel], steps: Range<f64>, rgb: &mut [u8]) -> Result<(), String> {
+    let err = |e: DrawingAreaErrorKind<_>| e.to_string();
     let root = BitMapBackend::with_buffer(rgb, PLOT_SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let root = root
-        .titled("Training curves", ("sans-serif", 28))
-        .map_err(|e| e.to_string())?;
-    let (upper, lower) = root.split_vertically(root.dim_in_pixel().1 * 3 / 5);
-
-    let steps = step_range(records[0].step, records[records.len() - 1].step);
-
-    let losses = [
-        curve(records, "loss", RGBColor(31, 119, 180), |r| r.loss),
-        curve(records, "kl", RGBColor(214, 39, 40), |r| r.kl),
-        curve(records, "ce", RGBColor(44, 160, 44), |r| r.ce),
-    ];
-    draw_panel(&upper, "Loss", &losses, steps.clone())?;
-    let lr = [curve(records, "lr", RGBColor(148, 103, 189), |r| r.lr)];
-    draw_panel(&lower, "Learning rate", &lr, steps)?;
-    root.present().map_err(|e| e.to_string())
+    root.fill(&WHITE).map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 28)).map_err(err)?;
+    let mut legend: Vec<LegendEntry> = Vec::new();
+    for c in panels.iter().flat_map(|p| &p.curves) {
+        if !legend.iter().any(|e| e.label == c.label) {
+            legend.push(LegendEntry {
+                label: &c.label,
+                color: c.color,
+                mark: Mark::Line,
+            });
+        }
+    }
+    let (plots, legend_area) = distill_plot::split_for_legend(&root, &legend)?;
+    distill_plot::draw_side_legend(&legend_area, &legend)?;
+    let height = plots.dim_in_pixel().1;
+    let shares = panels.len() as u32 + 1;
+    let breaks: Vec<u32> = (1..panels.len() as u32)
+        .map(|i| height * (i + 1) / shares)
+        .collect();
+    for (panel, area) in panels.iter().zip(plots.split_by_breakpoints([0u32; 0], breaks)) {
+        draw_panel(&area, panel, steps.clone())?;
+    }
+    root.present().map_err(err)
 }
 
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    y_desc: &str,
-    curves: &[Curve],
+    panel: &Panel,
     steps: Range<f64>,
 ) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let values = panel.value_range();
+    let (x_labels, y_labels) = (
+        AxisLabels::new(&steps, X_TICKS),
+        AxisLabels::new(&values, Y_TICKS),
+    );
     let mut chart = ChartBuilder::on(area)
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(96)
-        .build_cartesian_2d(steps, value_range(curves))
+        .build_cartesian_2d(steps, values)
         .map_err(err)?;
     chart
         .configure_mesh()
+        .x_labels(X_TICKS)
+        .y_labels(Y_TICKS)
         .x_desc("step")
-        .y_desc(y_desc)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| tick_label(*v))
+        .y_desc(panel.y_desc)
+        .x_label_formatter(&|v| x_labels.format(*v))
+        .y_label_formatter(&|v| y_labels.format(*v))
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(err)?;
-    for c in curves {
-        let color = c.color;
+    for c in &panel.curves {
         chart
-            .draw_series(LineSeries::new(c.points.iter().copied(), color.stroke_width(2)))
-            .map_err(err)?
-            .label(c.label.as_str())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
+            .draw_series(LineSeries::new(c.points.iter().copied(), c.color.stroke_width(2)))
+            .map_err(err)?;
     }
-    distill_plot::draw_legend(&mut chart)
-}
-
-/// The y range covering every finite point, padded 5% so lines do not run along the frame.
-fn value_range(curves: &[Curve]) -> Range<f64> {
-    let values = curves.iter().flat_map(|c| c.points.iter().map(|&(_, v)| v));
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
-        (lo.min(v), hi.max(v))
-    });
-    if !lo.is_finite() {
-        return 0.0..1.0; // nothing finite to show: an empty, labelled panel
-    }
-    let pad = if hi > lo {
-        (hi - lo) * 0.05
-    } else {
-        lo.abs().max(1e-12) * 0.1
-    };
-    lo - pad..hi + pad
+    Ok(())
 }
 
 #[cfg(test)]
@@ -568,6 +626,64 @@ mod tests {
             plot_runs(&runs, &png_path),
             Err(MetricsError::NothingToPlot { path }) if path == empty
         ));
+    }
+
+    /// The tiny recipe's run: CE about 5.5, KL about 0.03 (or none), the learning rate warming
+    /// up to 3e-3 over 3 steps and decaying to 0 at step 20.
+    fn tiny_run(kl: f64) -> Vec<MetricsRecord> {
+        (1..=20)
+            .map(|step| {
+                let mut r = record(step);
+                let t = step as f64;
+                r.ce = 5.5 - 0.01 * t;
+                r.kl = kl * (1.0 + 0.1 * (t / 3.0).sin());
+                r.loss = 0.5 * r.kl + 0.5 * r.ce;
+                r.lr = 3e-3 * (t / 3.0).min(1.0) * ((20.0 - t) / 17.0).min(1.0);
+                r
+            })
+            .collect()
+    }
+
+    fn labels(panels: &[Panel]) -> Vec<Vec<&str>> {
+        panels
+            .iter()
+            .map(|p| p.curves.iter().map(|c| c.label.as_str()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn kl_gets_a_panel_and_a_scale_of_its_own() {
+        let panels = curve_panels(&tiny_run(0.03));
+        assert_eq!(labels(&panels), [vec!["loss", "ce"], vec!["kl"], vec!["lr"]]);
+        // The KL spans its panel instead of lying flat at the bottom of the CE's 0-6.
+        let kl = panels[1].value_range();
+        assert!(kl.start > 0.02 && kl.end < 0.04, "{kl:?}");
+        assert!(panels[0].value_range().start > 2.0);
+        // A run without a KL term has no KL panel.
+        assert_eq!(
+            labels(&curve_panels(&tiny_run(0.0))),
+            [vec!["loss", "ce"], vec!["lr"]]
+        );
+    }
+
+    #[test]
+    fn the_learning_rate_axis_labels_are_distinct() {
+        use distill_plot::plotters::coord::ranged1d::Ranged;
+        use distill_plot::plotters::coord::types::RangedCoordf64;
+        let panels = curve_panels(&tiny_run(0.03));
+        let range = panels.last().unwrap().value_range();
+        let format = AxisLabels::new(&range, Y_TICKS);
+        let coord: RangedCoordf64 = range.into();
+        let ticks: Vec<String> = coord
+            .key_points(Y_TICKS)
+            .into_iter()
+            .map(|v| format.format(v))
+            .collect();
+        assert!(ticks.len() >= 3, "{ticks:?}");
+        let mut unique = ticks.clone();
+        unique.dedup();
+        assert_eq!(unique, ticks);
+        assert!(ticks.contains(&"3.0e-3".to_string()), "{ticks:?}");
     }
 
     #[test]

@@ -157,6 +157,14 @@ fn eval_scores_models_on_tasks_held_out_samples_and_probes() {
 #[test]
 fn eval_runs_the_probes_and_can_exclude_contaminated_prompts() {
     let out = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let metrics = logs.path().join("metrics.jsonl");
+    let line = |step: u32| {
+        format!(
+            "{{\"step\":{step},\"loss\":3.1,\"kl\":0.03,\"ce\":5.9,\"lr\":0.003,\"grad_norm\":1.0,\"tokens_per_s\":100.0,\"mem_gb\":null}}\n"
+        )
+    };
+    std::fs::write(&metrics, line(1) + &line(2)).unwrap();
     let o = eval_in_repo(&[
         "--model",
         "tests/fixtures/tiny-qwen2",
@@ -170,10 +178,13 @@ fn eval_runs_the_probes_and_can_exclude_contaminated_prompts() {
         "tests/fixtures/dataset",
         "--exclude-contaminated",
         "--probes",
+        "--metrics",
+        &format!("kd={}", metrics.display()),
         "--out",
         out.path().to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_report_links_its_plots(out.path());
     let report = read_json(&out.path().join("report.json"));
     let model = &report["models"][0];
     // The fixture dataset's prompts wrap the first GSM8K questions (all count as training
@@ -185,6 +196,35 @@ fn eval_runs_the_probes_and_can_exclude_contaminated_prompts() {
     assert_eq!(probes.len(), 22, "one row per subject");
     assert_eq!(probes["China"]["probes"], 4);
     assert!(out.path().join("probes_refusal.png").exists());
+    assert!(out.path().join("training_curves-kd.png").exists());
+}
+
+/// report.md links every plot in the output directory, by a relative link that resolves to
+/// it, and is as readable as the plots beside it.
+fn assert_report_links_its_plots(out: &Path) {
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let mut pngs: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    pngs.sort();
+    assert!(!pngs.is_empty());
+    let mut linked: Vec<String> = md
+        .lines()
+        .filter_map(|l| l.strip_prefix("![")?.split_once("](")?.1.strip_suffix(')'))
+        .map(|target| target.trim_start_matches('<').trim_end_matches('>').to_owned())
+        .collect();
+    linked.sort();
+    assert_eq!(linked, pngs, "{md}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| std::fs::metadata(out.join(name)).unwrap().permissions().mode() & 0o777;
+        for file in ["report.md", "report.json", "examples.jsonl"] {
+            assert_eq!(mode(file), mode(&pngs[0]), "{file}");
+        }
+    }
 }
 
 #[test]
@@ -215,6 +255,18 @@ fn eval_scores_predictions_without_a_model() {
     assert_eq!(models[1]["label"], "m");
     assert_eq!(models[1]["tasks"][0]["accuracy"]["value"], 0.5);
     assert_eq!(models[1]["tasks"][0]["accuracy"]["n"], 2);
+    // No model ran: no sampling settings, in report.json or report.md.
+    assert!(
+        report["settings"].get("sampling").is_none(),
+        "{}",
+        report["settings"]
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        !md.contains("Sampling") && md.contains("Scored predictions from"),
+        "{md}"
+    );
+    assert_report_links_its_plots(&out);
 }
 
 #[test]
@@ -245,4 +297,26 @@ fn eval_refusals_are_one_line() {
         "data/gsm8k/train-200.jsonl",
     ]);
     assert_clean_failure(&o, &["p.jsonl", "line 1", "output"]);
+    // An id the tasks file does not have: which id, on which line of which file, and which
+    // tasks file was searched.
+    std::fs::write(
+        &preds,
+        "{\"id\": \"0\", \"output\": \"72\"}\n{\"id\": \"nope\", \"output\": \"1\"}\n",
+    )
+    .unwrap();
+    let o = eval_in_repo(&[
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--tasks",
+        "data/gsm8k/train-200.jsonl",
+    ]);
+    assert_clean_failure(
+        &o,
+        &[
+            "p.jsonl",
+            "line 2",
+            "id `nope` is not in data/gsm8k/train-200.jsonl",
+        ],
+    );
+    assert!(!stderr(&o).contains("pass --tasks"), "{}", stderr(&o));
 }
