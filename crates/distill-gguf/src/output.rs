@@ -57,9 +57,7 @@ pub fn write_file<T>(out: &Path, force: bool, build: impl FnOnce(&Path) -> Resul
     check_destination(out, force)?;
     let parent = parent_of(out);
     std::fs::create_dir_all(&parent).map_err(|e| GgufError::io(&parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".distill-tmp-")
-        .tempfile_in(&parent)
+    let tmp = distill_core::fsutil::temp_file_in(&parent, ".distill-tmp-")
         .map_err(|e| GgufError::io(&parent, e))?;
     let value = build(tmp.path())?;
     tmp.persist(out).map_err(|e| GgufError::io(out, e.error))?;
@@ -103,5 +101,14 @@ mod tests {
         .unwrap();
         assert!(write_file(&file, false, |_| Ok(())).is_err());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 2);
+        #[cfg(unix)]
+        {
+            // Readable as a plain write's file is (tempfile alone would make it 0600).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            let plain = root.path().join("plain");
+            std::fs::write(&plain, "x").unwrap();
+            assert_eq!(mode(&file), mode(&plain));
+        }
     }
 }
