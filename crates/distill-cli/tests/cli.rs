@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 #[path = "cli/bench.rs"]
 mod bench;
+#[path = "cli/errors.rs"]
+mod errors;
 #[path = "cli/eval.rs"]
 mod eval;
 #[path = "cli/gguf.rs"]

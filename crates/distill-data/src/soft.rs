@@ -81,8 +81,10 @@ pub fn soft_dir(dataset: &Path) -> PathBuf {
 /// Errors name the file (and field, key or position) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum SoftError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
     /// Resuming a store made with other settings.
@@ -103,9 +105,9 @@ pub enum SoftError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SoftError + '_ {
-    move |source| SoftError::Io {
+    move |error| SoftError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

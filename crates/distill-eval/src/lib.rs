@@ -29,17 +29,19 @@ pub enum EvalError {
     /// An input file or record that cannot be used.
     #[error("{path}: {msg}")]
     Input { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{0}")]
     Invalid(String),
 }
 
 impl EvalError {
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
-        move |source| EvalError::Io {
+        move |error| EvalError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

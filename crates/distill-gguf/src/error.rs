@@ -4,8 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: not a GGUF file (it starts with {magic:?}, not \"GGUF\")")]
     NotGguf { path: PathBuf, magic: String },
     #[error(
@@ -36,10 +38,10 @@ pub enum GgufError {
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;
 
 impl GgufError {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         GgufError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 

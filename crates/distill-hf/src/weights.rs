@@ -72,15 +72,15 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for path in Self::weight_files(dir)? {
-            let file = File::open(&path).map_err(|source| ModelError::Io {
+            let file = File::open(&path).map_err(|error| ModelError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
             // SAFETY: the map is read-only and lives as long as `self`; a checkpoint being
             // rewritten underneath us is outside what any loader can defend against.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|error| ModelError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
             let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
                 path: path.clone(),

@@ -40,8 +40,10 @@ pub enum InitStudentError {
     Selection(String),
     #[error("{path}: already exists and is not empty; pass --force to replace it")]
     OutputExists { path: PathBuf },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: cannot write safetensors: {msg}")]
     Write { path: PathBuf, msg: String },
 }
@@ -49,9 +51,9 @@ pub enum InitStudentError {
 type Result<T, E = InitStudentError> = std::result::Result<T, E>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitStudentError + '_ {
-    move |source| InitStudentError::Io {
+    move |error| InitStudentError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 

@@ -16,12 +16,21 @@ use crate::engine::EngineError;
 pub enum ServeError {
     #[error(transparent)]
     Model(#[from] distill_models::ModelError),
-    #[error("cannot listen on {addr}: {source}")]
+    /// The OS error is the `source()`, printed after this message by the CLI.
+    #[error("cannot listen on {addr}")]
     Bind { addr: String, source: std::io::Error },
     #[error("{path}: {msg}")]
     Options { path: PathBuf, msg: String },
+    /// Shows the error in its message, so it is no `source()` (the CLI would print it twice;
+    /// `#[from]` would make it one).
     #[error("server: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        ServeError::Io(e)
+    }
 }
 
 /// An error answer to one request.

@@ -2,8 +2,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TeacherError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Data(#[from] distill_data::DataError),
     /// Another process holds the dataset directory.
@@ -33,9 +35,9 @@ pub enum TeacherError {
 
 impl TeacherError {
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TeacherError + '_ {
-        move |source| TeacherError::Io {
+        move |error| TeacherError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

@@ -138,8 +138,10 @@ pub struct TrainState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
     /// Reading the student's own weights again (a QLoRA export merges into them).
@@ -148,9 +150,9 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
+    move |error| CheckpointError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -210,9 +212,9 @@ pub fn write_safetensors(
     let entries: Vec<(String, Vec<usize>)> =
         tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect();
     let values: Vec<&Vec<f32>> = tensors.values().map(|(_, d)| d).collect();
-    let io = |source| CheckpointError::Io {
+    let io = |error| CheckpointError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     tensorfile::write_safetensors(path, &entries, dtype, |i| Ok(values[i].clone()), io)
 }

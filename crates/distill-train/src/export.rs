@@ -25,9 +25,9 @@ const COPIED: [&str; 6] = [
 ];
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
+    move |error| CheckpointError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -129,9 +129,9 @@ fn write_hf_dir(
     let tmp = staging_dir(out, ".tmp-export-")?;
     let dtype = FileDtype::from_torch(config.torch_dtype.as_deref());
     let path = tmp.path().join(distill_hf::weights::SINGLE_FILE);
-    let write_error = |source| CheckpointError::Io {
+    let write_error = |error| CheckpointError::Io {
         path: path.clone(),
-        source,
+        error,
     };
     tensorfile::write_safetensors(&path, entries, dtype, tensor, write_error)?;
     for name in COPIED {

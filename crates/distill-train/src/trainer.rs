@@ -126,7 +126,7 @@ pub fn check_run_dir(recipe: &Recipe, resume: bool) -> Result<Option<PathBuf>, T
             })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(source) => return Err(checkpoint::CheckpointError::Io { path: root, source }.into()),
+        Err(error) => return Err(checkpoint::CheckpointError::Io { path: root, error }.into()),
     };
     found.sort();
     let elsewhere = format!(
@@ -267,14 +267,14 @@ where
     let mut metrics = MetricsLog::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
     let mut tb = EventWriter::create(&run_dir.join("tb"))?;
     let recipe_toml = recipe.to_toml();
-    std::fs::create_dir_all(&root).map_err(|source| checkpoint::CheckpointError::Io {
+    std::fs::create_dir_all(&root).map_err(|error| checkpoint::CheckpointError::Io {
         path: root.clone(),
-        source,
+        error,
     })?;
     distill_core::fsutil::write_atomic(&root.join("recipe.toml"), recipe_toml.as_bytes()).map_err(
-        |source| checkpoint::CheckpointError::Io {
+        |error| checkpoint::CheckpointError::Io {
             path: root.join("recipe.toml"),
-            source,
+            error,
         },
     )?;
 

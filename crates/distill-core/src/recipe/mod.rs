@@ -26,8 +26,10 @@ pub use train::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Shows the OS error in its message, so it is no `source()`: the CLI prints each cause
+    /// of the chain after the message, and would print it twice.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: {msg}")]
     Parse { path: PathBuf, line: usize, msg: String },
     #[error("{path}: --set {arg}: {msg}")]
@@ -136,9 +138,9 @@ impl Recipe {
     /// Reads `path`, applies `overrides` (each `section.key=value`, value in TOML syntax or a
     /// bare string), and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| RecipeError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text, path, overrides)
     }
