@@ -5,6 +5,11 @@
 //! Layout (ggml/docs/gguf.md): magic "GGUF", u32 version, u64 tensor count, u64 metadata count,
 //! the metadata, the tensor infos, padding to `general.alignment` (default 32), tensor data.
 //! Tensor offsets are relative to the start of the data and aligned too.
+//!
+//! The file is untrusted: every count in the header is checked against the bytes left in the
+//! file before it sizes anything, and what the header parses into (keys, values, strings, tensor
+//! infos) is charged against [`MAX_HEADER_MEMORY`] as it is read, so a small file cannot ask for
+//! more (an array of a billion one-byte items takes 32 GB as [`Value`]s).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -19,6 +24,10 @@ use crate::ggml::GgmlType;
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const ALIGNMENT_KEY: &str = "general.alignment";
+/// Memory the parsed header may take (a 256k-token vocabulary with its merges takes ~30 MB).
+pub const MAX_HEADER_MEMORY: u64 = 1 << 30;
+/// Tensor infos a header may declare (released models have a few thousand).
+pub const MAX_TENSORS: u64 = 1 << 20;
 
 /// A metadata value; the type codes are GGUF's.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +212,8 @@ struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// What is left of [`MAX_HEADER_MEMORY`].
+    memory_left: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -248,13 +259,26 @@ impl<'a> Cursor<'a> {
         Ok(n as usize)
     }
 
-    fn string(&mut self) -> Result<String> {
+    /// Charges `bytes` of parsed header to the memory budget; `what` names the key or tensor.
+    fn charge(&mut self, bytes: u64, what: impl FnOnce(String) -> GgufError) -> Result<()> {
+        self.memory_left = self.memory_left.checked_sub(bytes).ok_or_else(|| {
+            what(format!(
+                "the header would take over {MAX_HEADER_MEMORY} bytes of memory, the limit for a GGUF header"
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// A string, charged to the budget before it is copied; `key` names it in errors.
+    fn string(&mut self, key: &str) -> Result<String> {
         let len = self.count(1, "string length")?;
+        let path = self.path;
+        self.charge(len as u64, |msg| GgufError::metadata(path, key, msg))?;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.corrupt("string is not UTF-8"))
     }
 
-    fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
+    fn value(&mut self, key: &str, ty: u32, depth: usize) -> Result<Value> {
         use value_type as t;
         Ok(match ty {
             t::U8 => Value::U8(self.array::<1>()?[0]),
@@ -269,17 +293,21 @@ impl<'a> Cursor<'a> {
                 1 => Value::Bool(true),
                 b => return Err(self.corrupt(format!("bool byte {b} is neither 0 nor 1"))),
             },
-            t::STRING => Value::String(self.string()?),
+            t::STRING => Value::String(self.string(key)?),
             t::ARRAY => {
                 if depth > 0 {
                     // gguf-py and llama.cpp never write nested arrays; refusing them bounds recursion.
                     return Err(self.corrupt("nested arrays are not supported"));
                 }
                 let item = self.u32()?;
-                let n = self.count(1, "array")?;
+                let n = self.count(min_encoded_size(item), "array")?;
+                let path = self.path;
+                self.charge(n as u64 * size_of::<Value>() as u64, |msg| {
+                    GgufError::metadata(path, key, format!("an array of {n} items: {msg}"))
+                })?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(self.value(item, depth + 1)?);
+                    items.push(self.value(key, item, depth + 1)?);
                 }
                 Value::Array(item, items)
             }
@@ -288,6 +316,21 @@ impl<'a> Cursor<'a> {
             t::F64 => Value::F64(f64::from_le_bytes(self.array()?)),
             other => return Err(self.corrupt(format!("unknown metadata value type {other}"))),
         })
+    }
+}
+
+/// The fewest bytes a value of type `ty` takes in the file (a string: its length).
+fn min_encoded_size(ty: u32) -> usize {
+    use value_type as t;
+    match ty {
+        t::U8 | t::I8 | t::BOOL => 1,
+        t::U16 | t::I16 => 2,
+        t::U32 | t::I32 | t::F32 => 4,
+        // Strings and arrays start with a u64 length; an array also has its item type.
+        t::STRING | t::U64 | t::I64 | t::F64 => 8,
+        t::ARRAY => 12,
+        // Unknown types fail at the first item.
+        _ => 1,
     }
 }
 
@@ -305,6 +348,7 @@ impl GgufFile {
             bytes: &mmap,
             pos: 0,
             path,
+            memory_left: MAX_HEADER_MEMORY,
         };
         let magic = c.array::<4>().map_err(|_| GgufError::NotGguf {
             path: path.to_path_buf(),
@@ -326,21 +370,41 @@ impl GgufFile {
         }
         // A tensor info takes at least 8 (name length) + 4 + 4 + 8 bytes.
         let n_tensors = c.count(24, "tensor")?;
+        if n_tensors as u64 > MAX_TENSORS {
+            return Err(GgufError::invalid(
+                path,
+                format!("the header declares {n_tensors} tensors, over the limit of {MAX_TENSORS}"),
+            ));
+        }
         let n_kv = c.count(12, "metadata")?;
+        // Each entry is held twice: in `metadata` and as `index`'s key.
+        let entry = (size_of::<(String, Value)>() + size_of::<(String, usize)>()) as u64;
+        c.charge(n_kv as u64 * entry, |msg| {
+            GgufError::invalid(path, format!("{n_kv} metadata entries: {msg}"))
+        })?;
         let mut metadata = Vec::with_capacity(n_kv);
         let mut index = HashMap::new();
         for _ in 0..n_kv {
-            let key = c.string()?;
+            let key = c.string("<key>")?;
+            // Its copy in `index`.
+            c.charge(key.len() as u64, |msg| GgufError::metadata(path, &key, msg))?;
             let ty = c.u32()?;
-            let value = c.value(ty, 0)?;
+            let value = c.value(&key, ty, 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(GgufError::metadata(path, key, "appears twice"));
             }
             metadata.push((key, value));
         }
+        // A tensor info, its dims, and `tensor_index`'s entry.
+        let info = (size_of::<TensorInfo>() + 4 * size_of::<u64>() + size_of::<(String, usize)>()) as u64;
+        c.charge(n_tensors as u64 * info, |msg| {
+            GgufError::invalid(path, format!("{n_tensors} tensor infos: {msg}"))
+        })?;
         let mut tensors = Vec::with_capacity(n_tensors);
         for _ in 0..n_tensors {
-            let name = c.string()?;
+            let name = c.string("<tensor name>")?;
+            // Its copy in `tensor_index`.
+            c.charge(name.len() as u64, |msg| GgufError::tensor(path, &name, msg))?;
             let n_dims = c.u32()?;
             if n_dims == 0 || n_dims > 4 {
                 return Err(GgufError::tensor(
@@ -391,6 +455,10 @@ impl GgufFile {
             let bad = |msg: String| GgufError::tensor(&self.path, &t.name, msg);
             if self.tensor_index.insert(t.name.clone(), i).is_some() {
                 return Err(bad("appears twice".into()));
+            }
+            // n_elements() multiplies the dims; every later use of them relies on this check.
+            if t.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).is_none() {
+                return Err(bad(format!("dims {:?} overflow 64 bits", t.dims)));
             }
             let n_bytes = t.n_bytes().ok_or_else(|| {
                 bad(format!(
@@ -642,5 +710,131 @@ mod tests {
         );
         let err = file.require_u64("nope").unwrap_err().to_string();
         assert!(err.contains("metadata `nope`: missing"), "{err}");
+    }
+
+    /// A GGUF v3 header by hand: `n_tensors`, `n_kv`, then `body` (entries as the file holds
+    /// them); `pad` zero bytes follow, sparse, so that counts checked against the file's size
+    /// pass without a large write.
+    fn hostile(name: &str, n_tensors: u64, n_kv: u64, body: &[u8], pad: u64) -> (tempfile::TempDir, PathBuf) {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&n_tensors.to_le_bytes());
+        bytes.extend_from_slice(&n_kv.to_le_bytes());
+        bytes.extend_from_slice(body);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(bytes.len() as u64 + pad).unwrap();
+        (tmp, path)
+    }
+
+    fn gguf_string(s: &str) -> Vec<u8> {
+        let mut out = (s.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    /// A metadata entry `key` holding an array of `n` items of type `item`.
+    fn array_entry(key: &str, item: u32, n: u64) -> Vec<u8> {
+        let mut out = gguf_string(key);
+        out.extend_from_slice(&value_type::ARRAY.to_le_bytes());
+        out.extend_from_slice(&item.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+        out
+    }
+
+    fn open_err(path: &Path) -> String {
+        GgufFile::open(path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_array_that_fits_the_file_but_not_the_memory_budget_is_refused() {
+        // 40M one-byte items would be 40M 32-byte Values: 1.3 GB from a 40 MB file.
+        let n = 40_000_000;
+        let (_tmp, path) = hostile("big.gguf", 0, 1, &array_entry("big", value_type::U8, n), n);
+        let err = open_err(&path);
+        assert!(
+            err.contains("big.gguf: metadata `big`: an array of 40000000 items: the header would take over 1073741824 bytes of memory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn counts_and_lengths_past_the_end_of_the_file_are_refused_before_allocating() {
+        let mut long_key = u64::MAX.to_le_bytes().to_vec();
+        long_key.extend_from_slice(b"k");
+        for (body, want) in [
+            (
+                array_entry("a", value_type::U8, u64::MAX),
+                "array count 18446744073709551615 does not fit",
+            ),
+            // Strings take at least their 8-byte length each.
+            (
+                array_entry("s", value_type::STRING, 100),
+                "array count 100 does not fit",
+            ),
+            (long_key, "string length count 18446744073709551615 does not fit"),
+        ] {
+            let (_tmp, path) = hostile("c.gguf", 0, 1, &body, 100);
+            let err = open_err(&path);
+            assert!(
+                err.contains("c.gguf: corrupt GGUF header") && err.contains(want),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn nested_arrays_are_refused() {
+        let mut body = array_entry("outer", value_type::ARRAY, 1);
+        body.extend_from_slice(&value_type::U8.to_le_bytes());
+        body.extend_from_slice(&1u64.to_le_bytes());
+        let (_tmp, path) = hostile("n.gguf", 0, 1, &body, 16);
+        assert!(open_err(&path).contains("nested arrays are not supported"));
+    }
+
+    #[test]
+    fn too_many_tensors_are_refused_before_their_infos_are_read() {
+        let n = MAX_TENSORS + 1;
+        let (_tmp, path) = hostile("t.gguf", n, 0, &[], 24 * n);
+        let err = open_err(&path);
+        assert!(
+            err.ends_with("t.gguf: the header declares 1048577 tensors, over the limit of 1048576"),
+            "{err}"
+        );
+    }
+
+    /// A tensor info: name, dims, type, offset.
+    fn tensor_entry(name: &str, dims: &[u64], ty: GgmlType, offset: u64) -> Vec<u8> {
+        let mut out = gguf_string(name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&ty.id().to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn tensor_extents_that_overflow_or_leave_the_file_are_refused() {
+        for (dims, offset, want) in [
+            (
+                vec![1u64 << 32, 1 << 32, 1 << 32],
+                0,
+                "dims [4294967296, 4294967296, 4294967296] overflow 64 bits",
+            ),
+            (vec![1 << 40], 0, "runs past the end of the file"),
+            (vec![8], u64::MAX - 31, "runs past the end of the file"),
+        ] {
+            let body = tensor_entry("w", &dims, GgmlType::F32, offset);
+            let (_tmp, path) = hostile("x.gguf", 1, 0, &body, 64);
+            let err = open_err(&path);
+            assert!(
+                err.contains("x.gguf: tensor `w`: ") && err.contains(want),
+                "{dims:?}: {err}"
+            );
+        }
     }
 }

@@ -6,6 +6,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result, read_json};
+use crate::limits::{
+    MAX_CONFIG_BYTES, MAX_HEAD_DIM, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS,
+    MAX_PARAMETERS, MAX_POSITIONS, MAX_VOCAB, check_file,
+};
 use crate::{llama, qwen2};
 
 /// The architectures distill can load, by their `architectures[0]` name in config.json.
@@ -229,6 +233,7 @@ impl DecoderConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
+        check_file(path, MAX_CONFIG_BYTES)?;
         let header: Header = read_json(path)?;
         let arch = header
             .architectures
@@ -264,6 +269,36 @@ impl DecoderConfig {
         ];
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ModelError::invalid(path, format!("`{field}` must be positive")));
+        }
+        // Shapes size allocations (and every tensor list and parameter count below), so a
+        // config from an untrusted directory is held to limits far above released models.
+        let limited = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN_SIZE),
+            ("intermediate_size", self.intermediate_size, MAX_INTERMEDIATE_SIZE),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ];
+        if let Some((field, value, max)) = limited.iter().find(|(_, v, max)| v > max) {
+            return Err(ModelError::invalid(
+                path,
+                format!("`{field}` is {value}, over the limit of {max}"),
+            ));
+        }
+        // Within those limits the count fits in 64 bits (under 2^52).
+        let params = self.parameter_count() as u64;
+        if params > MAX_PARAMETERS {
+            return Err(ModelError::invalid(
+                path,
+                format!("the shape implies {params} parameters, over the limit of {MAX_PARAMETERS}"),
+            ));
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ModelError::invalid(
@@ -435,5 +470,58 @@ mod tests {
         );
         let err = parse(&QWEN25_7B.replace(r#""hidden_size": 3584,"#, "")).unwrap_err();
         assert!(err.to_string().contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_the_field() {
+        for (from, to, want) in [
+            (
+                r#""vocab_size": 152064"#,
+                r#""vocab_size": 1000000000000"#,
+                "`vocab_size` is 1000000000000, over the limit of 2097152",
+            ),
+            (
+                r#""num_hidden_layers": 28"#,
+                r#""num_hidden_layers": 1000000"#,
+                "`num_hidden_layers` is 1000000, over the limit of 1024",
+            ),
+            (
+                r#""hidden_size": 3584"#,
+                r#""hidden_size": 18446744073709551615"#,
+                "`hidden_size` is 18446744073709551615, over the limit of 65536",
+            ),
+        ] {
+            let err = parse(&QWEN25_7B.replace(from, to)).unwrap_err().to_string();
+            assert!(err.ends_with(&format!("config.json: {want}")), "{err}");
+        }
+        // Each field within its limit, the whole over a trillion parameters.
+        let huge = QWEN25_7B
+            .replace(r#""hidden_size": 3584"#, r#""hidden_size": 65536"#)
+            .replace(r#""num_hidden_layers": 28"#, r#""num_hidden_layers": 1024"#);
+        let err = parse(&huge).unwrap_err().to_string();
+        assert!(
+            err.contains("parameters, over the limit of 1099511627776"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_or_special_config_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        let err = DecoderConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json: 67108865 bytes, over the 67108864-byte limit"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            std::fs::remove_file(&path).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+            let err = DecoderConfig::from_file(&path).unwrap_err().to_string();
+            assert!(err.ends_with("config.json: not a regular file"), "{err}");
+        }
     }
 }

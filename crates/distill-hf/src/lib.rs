@@ -9,7 +9,9 @@
 
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod hub;
+pub mod limits;
 pub mod llama;
 pub mod qwen2;
 pub mod template;
