@@ -1,5 +1,10 @@
 //! Safetensors checkpoints: one `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`, memory-mapped, headers validated before any tensor is read.
+//!
+//! The files are untrusted. The safetensors crate refuses a header over 100 MB (the 8-byte
+//! length prefix is checked before anything is read), offsets that leave the file or do not
+//! tile it, and shapes whose byte size overflows; shards must be plain file names in the
+//! model directory, and regular files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -11,9 +16,20 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result, read_json};
+use crate::limits::{MAX_CONFIG_BYTES, check_file};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// A shard name as HF writes them (`model-00001-of-00004.safetensors`): no directories, so an
+/// index cannot point the loader at files outside the model.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
 
 /// Buffers some exporters save that hold nothing the model needs.
 fn is_ignorable(name: &str) -> bool {
@@ -51,10 +67,19 @@ impl Checkpoint {
     pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let index = dir.join(INDEX_FILE);
         if index.exists() {
+            check_file(&index, MAX_CONFIG_BYTES)?;
             let shards: ShardIndex = read_json(&index)?;
             let names: BTreeSet<&String> = shards.weight_map.values().collect();
             if names.is_empty() {
                 return Err(ModelError::invalid(&index, "weight_map is empty"));
+            }
+            if let Some(bad) = names.iter().find(|n| !is_plain_file_name(n)) {
+                return Err(ModelError::invalid(
+                    &index,
+                    format!(
+                        "weight_map names shard {bad:?}, which is not a file name in the model directory"
+                    ),
+                ));
             }
             return Ok(names.into_iter().map(|n| dir.join(n)).collect());
         }
@@ -72,15 +97,18 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for path in Self::weight_files(dir)? {
-            let file = File::open(&path).map_err(|error| ModelError::Io {
+            if std::fs::metadata(&path).is_ok_and(|m| !m.is_file()) {
+                return Err(ModelError::invalid(&path, "not a regular file"));
+            }
+            let file = File::open(&path).map_err(|source| ModelError::Io {
                 path: path.clone(),
-                error,
+                source,
             })?;
             // SAFETY: the map is read-only and lives as long as `self`; a checkpoint being
             // rewritten underneath us is outside what any loader can defend against.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|error| ModelError::Io {
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
                 path: path.clone(),
-                error,
+                source,
             })?;
             let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
                 path: path.clone(),
@@ -365,5 +393,58 @@ mod tests {
         let t = t.transposed();
         assert_eq!(t.shape, vec![3, 2]);
         assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+
+    /// A safetensors file by hand: the 8-byte header length, the header, the data.
+    fn write_raw(path: &Path, header_len: u64, header: &str, data: &[u8]) {
+        let mut bytes = header_len.to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(SINGLE_FILE);
+        let tensor = |shape: &str, end: u64| {
+            format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,{end}]}}}}"#)
+        };
+        let small = tensor("[2]", 8);
+        for (len, header, want) in [
+            // A length prefix asking for 4 EiB of header is refused before anything is read.
+            (1u64 << 62, small.clone(), "header too large"),
+            (100_000_001, small.clone(), "header too large"),
+            // Offsets past the 8 data bytes.
+            (0, tensor("[2]", 1 << 40), "invalid shape, data type, or offset"),
+            // 2^40 x 2^40 elements: the byte size overflows.
+            (
+                0,
+                tensor("[1099511627776,1099511627776]", 8),
+                "overflow computing buffer size",
+            ),
+        ] {
+            let len = if len == 0 { header.len() as u64 } else { len };
+            write_raw(&path, len, &header, &[0; 8]);
+            let msg = Checkpoint::open(tmp.path()).err().unwrap().to_string();
+            assert!(
+                msg.contains("model.safetensors: not a valid safetensors file") && msg.contains(want),
+                "{header}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_index_cannot_name_files_outside_the_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        for shard in ["../../etc/passwd", "/etc/passwd", "sub/model.safetensors"] {
+            let index = format!(r#"{{"weight_map": {{"w": "{shard}"}}}}"#);
+            std::fs::write(tmp.path().join(INDEX_FILE), index).unwrap();
+            let msg = Checkpoint::weight_files(tmp.path()).unwrap_err().to_string();
+            assert!(
+                msg.contains(INDEX_FILE) && msg.contains("not a file name in the model directory"),
+                "{msg}"
+            );
+        }
     }
 }
