@@ -100,15 +100,15 @@ impl Checkpoint {
             if std::fs::metadata(&path).is_ok_and(|m| !m.is_file()) {
                 return Err(ModelError::invalid(&path, "not a regular file"));
             }
-            let file = File::open(&path).map_err(|source| ModelError::Io {
+            let file = File::open(&path).map_err(|error| ModelError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
             // SAFETY: the map is read-only and lives as long as `self`; a checkpoint being
             // rewritten underneath us is outside what any loader can defend against.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|error| ModelError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
             let tensors = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
                 path: path.clone(),
