@@ -25,6 +25,8 @@ mod soft;
 mod soft_roundtrip;
 #[path = "cli/train_guards.rs"]
 mod train_guards;
+#[path = "cli/untrusted.rs"]
+mod untrusted;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
