@@ -1,0 +1,176 @@
+//! The training loop. One optimizer step = `grad_accum` micro-batches of `micro_batch` packed
+//! rows. Each micro-batch runs the model block by block:
+//!
+//!   forward  (no graph)  x0 = embed(ids); x[i+1] = layer_i(x[i])      keep only x[i]
+//!   head     (graph)     h = norm(x[L]); chunked loss -> dL/dh         per-chunk backward
+//!   backward (graph)     for i = L-1..0: recompute layer_i from x[i], backprop dL/dx[i+1]
+//!
+//! so activation memory is one block's worth plus the block inputs (recompute per block),
+//! and at most a [chunk, vocab] block of logits exists. Gradients reach the parameters of
+//! each segment through `sum(y * g)`, whose gradient w.r.t. y is g. With `recompute = false`
+//! the forward keeps each block's graph instead of recomputing it.
+
+mod run;
+mod step;
+mod teacher;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::BackendTypes;
+use distill_core::Recipe;
+use distill_core::progress::Progress;
+use distill_data::examples as data;
+use distill_models::Kernels;
+
+use crate::checkpoint;
+use crate::on_policy::OnPolicyReport;
+use crate::soft::{SoftStats, SoftTargetError};
+use run::Run;
+
+#[cfg(test)]
+pub(crate) use step::batch_tensors;
+pub(crate) use step::mean_loss;
+pub use step::{PHASES, PhaseHook, StepOutcome, new_optimizer, no_phases, optimizer_step, trainable_student};
+pub use teacher::Teacher;
+#[cfg(test)]
+pub(crate) use teacher::teacher_targets;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] distill_models::ModelError),
+    #[error(transparent)]
+    Data(#[from] data::ExampleError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Tensorboard(#[from] crate::tensorboard::TbError),
+    #[error(transparent)]
+    SoftLabels(#[from] SoftTargetError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub total_steps: usize,
+    /// Mean loss per optimizer step, in order (resumed runs report the steps they ran).
+    pub losses: Vec<f64>,
+    pub skipped_steps: usize,
+    pub checkpoint: Option<PathBuf>,
+    pub export: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub stats: data::DataStats,
+    /// How many samples found usable stored soft labels, when training on them.
+    pub soft_labels: Option<SoftStats>,
+    /// What on-policy distillation did, when `[on_policy] share` > 0.
+    pub on_policy: Option<OnPolicyReport>,
+}
+
+pub struct TrainOptions<'a> {
+    pub resume: bool,
+    /// Stop after this many optimizer steps in this invocation (tests use it to interrupt).
+    pub stop_after: Option<usize>,
+    /// Where the steps are reported: one stage of `total_steps`, a message per step (the
+    /// loss, the on-policy phase). The CLI draws a bar; tests pass `Silent`.
+    pub progress: &'a dyn Progress,
+}
+
+/// Where a run writes: `<train.out>/<name>/` for checkpoints and the export,
+/// `<train.out>/<name>/runs/` for logs.
+pub fn run_root(recipe: &Recipe) -> PathBuf {
+    recipe.train.out.join(&recipe.name)
+}
+
+/// What `train` checks before any work, so that nothing of an earlier run is touched by
+/// mistake: a fresh run needs an empty (or absent) run directory; `resume` needs a
+/// checkpoint there, saved with this recipe up to the keys in
+/// [`checkpoint::RESUME_MAY_CHANGE`]. Returns the checkpoint to resume from.
+pub fn check_run_dir(recipe: &Recipe, resume: bool) -> Result<Option<PathBuf>, TrainError> {
+    let root = run_root(recipe);
+    let mut found: Vec<String> = match std::fs::read_dir(&root) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| {
+                let dir = e.file_type().is_ok_and(|t| t.is_dir());
+                format!(
+                    "{}{}",
+                    e.file_name().to_string_lossy(),
+                    if dir { "/" } else { "" }
+                )
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => return Err(checkpoint::CheckpointError::Io { path: root, error }.into()),
+    };
+    found.sort();
+    let elsewhere = format!(
+        "start a fresh run elsewhere with --set name=<new name> or --set train.out=<another dir> (now {})",
+        recipe.train.out.display()
+    );
+    let latest = checkpoint::list(&root).pop();
+    match (resume, latest) {
+        (false, _) if found.is_empty() => Ok(None),
+        (false, latest) => Err(TrainError::Refused(format!(
+            "{} already holds a run ({}); a new run would overwrite its checkpoints and logs. HINT: {}",
+            root.display(),
+            found.join(", "),
+            match latest {
+                Some(_) => format!("continue it with --resume, or {elsewhere}"),
+                None => format!("it has no checkpoint to resume; move it aside, or {elsewhere}"),
+            }
+        ))),
+        (true, None) => Err(TrainError::Refused(format!(
+            "--resume: no checkpoint (step-N/ with {}) in {} ({}); HINT: {}",
+            checkpoint::STATE,
+            root.display(),
+            if found.is_empty() {
+                "nothing has been saved there".to_string()
+            } else {
+                format!("it holds {}", found.join(", "))
+            },
+            if found.is_empty() {
+                "run without --resume to start training".to_string()
+            } else {
+                format!("move it aside and run without --resume, or {elsewhere}")
+            }
+        ))),
+        (true, Some((_, dir))) => {
+            checkpoint::check_same_recipe(&dir, recipe)?;
+            Ok(Some(dir))
+        }
+    }
+}
+
+pub(crate) type Ad<B> = Autodiff<B>;
+
+/// Trains the recipe's student: setup (or resume), optimizer steps until `total_steps` (or
+/// `opts.stop_after` steps in this call), then the held-out figures and the export.
+pub fn train<B: Kernels>(
+    recipe: &Recipe,
+    device: B::Device,
+    opts: &TrainOptions,
+) -> Result<TrainReport, TrainError>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    let (mut run, mut model) = Run::<B>::open(recipe, device, opts.resume)?;
+    run.before_training(&model)?;
+    let progress = opts.progress;
+    progress.stage("training", run.total_steps() as u64);
+    progress.advance(run.steps_done() as u64);
+    let mut ran = 0;
+    while run.steps_done() < run.total_steps() && opts.stop_after.is_none_or(|n| ran < n) {
+        model = run.step(model, progress)?;
+        ran += 1;
+    }
+    progress.finish_stage();
+    run.finish(model)
+}

@@ -1,0 +1,694 @@
+//! A run between steps: setup (data, models, resume), per-step bookkeeping (metrics,
+//! TensorBoard, checkpoints) and the end (held-out figures, export).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::tensor::backend::{Backend, BackendTypes};
+use burn::tensor::{DType, Tensor, TensorData};
+use distill_core::Recipe;
+use distill_core::progress::Progress;
+use distill_core::recipe::{BaseQuant, OnPolicyTeacher};
+use distill_data::examples::{self as data, DataOptions, Example, Row};
+use distill_hf::hub::{self, HubSettings};
+use distill_hf::tokenizer::TextTokenizer;
+use distill_models::{CausalLm, Kernels};
+
+use super::step::{held_out_loss, new_optimizer, no_phases, optimizer_step, step_rows, trainable_student};
+use super::teacher::{Teacher, load_local_teacher, load_teacher};
+use super::{Ad, PhaseHook, TrainError, TrainReport, check_run_dir, run_root};
+use crate::checkpoint::{self, HostTensors, TrainState};
+use crate::export;
+use crate::lora;
+use crate::loss::LossConfig;
+use crate::metrics::{MetricsLog, MetricsRecord};
+use crate::on_policy::OnPolicy;
+use crate::optim::{AdamW, Moments, learning_rate};
+use crate::params::{ParamInfo, param_infos, read_params};
+use crate::soft::SoftStats;
+use crate::tensorboard::EventWriter;
+
+/// A run between optimizer steps: its data, teacher, optimizer, counters and logs. The model
+/// travels beside it, as each optimizer step consumes it and returns the next.
+pub(super) struct Run<'r, B: Kernels>
+where
+    Ad<B>: Kernels,
+{
+    recipe: &'r Recipe,
+    device: B::Device,
+    student_dir: PathBuf,
+    tokenizer: TextTokenizer,
+    train_set: Vec<Example>,
+    held_out: Vec<Example>,
+    stats: data::DataStats,
+    pad_id: u32,
+    teacher: Teacher<B>,
+    soft_labels: Option<SoftStats>,
+    on_policy: Option<OnPolicy<B>>,
+    loss_cfg: LossConfig,
+    infos: Vec<ParamInfo>,
+    opt: AdamW<B>,
+    rows_per_step: usize,
+    steps_per_epoch: usize,
+    state: TrainState,
+    root: PathBuf,
+    run_dir: PathBuf,
+    recipe_toml: String,
+    metrics: MetricsLog,
+    tb: EventWriter,
+    losses: Vec<f64>,
+    consecutive_bad: usize,
+    last_checkpoint: Option<PathBuf>,
+    epoch_cache: Option<(u64, Vec<Row>)>,
+}
+
+impl<'r, B: Kernels> Run<'r, B>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    /// Everything before the first step: the run directory checked, the data tokenized, the
+    /// student (with LoRA or trainable in full), the teacher, the optimizer, the state of the
+    /// checkpoint resumed from, and the logs opened.
+    pub(super) fn open(
+        recipe: &'r Recipe,
+        device: B::Device,
+        resume: bool,
+    ) -> Result<(Self, CausalLm<Ad<B>>), TrainError> {
+        let resume_from = check_run_dir(recipe, resume)?;
+        // Exact-size buffers keep a training step's memory tight, but generation asks for new
+        // sizes at every token (its KV cache grows), each a fresh device allocation kept until
+        // trimmed: on-policy runs, which sample inside the loop, keep the backend's paged pool.
+        if !recipe.on_policy.enabled() {
+            B::exact_allocations();
+        }
+        let t = &recipe.train;
+        let settings = HubSettings::from_env();
+        let student_dir = hub::resolve(&recipe.student.model, &settings)?;
+        let tokenizer = TextTokenizer::from_dir(&student_dir)?;
+        let data_opts = DataOptions {
+            seq_len: t.seq_len,
+            held_out: recipe.data.held_out,
+            keep_truncated: recipe.generation.keep_truncated,
+            keep_only_correct: recipe.generation.keep_only_correct,
+        };
+        let (train_set, held_out, stats) = data::load_examples(&recipe.data.dataset, &tokenizer, &data_opts)?;
+        let pad_id = pad_token(&tokenizer);
+
+        <Ad<B> as Backend>::seed(&device, t.seed);
+        let student = CausalLm::<Ad<B>>::load_with(&student_dir, &device, recipe.lora.quantize)?;
+        check_vocab(&student, &tokenizer, &student_dir)?;
+        let mut model = trainable_student(student, recipe, &device);
+        let (teacher, soft_labels) =
+            load_teacher::<B>(recipe, &tokenizer, &settings, &device, &train_set, &held_out)?;
+        let mut on_policy = if recipe.on_policy.enabled() {
+            let grader = match (recipe.on_policy.teacher, &teacher) {
+                (OnPolicyTeacher::Server, _) => None,
+                (OnPolicyTeacher::Local, Teacher::Local(m)) => Some((**m).clone()),
+                (OnPolicyTeacher::Local, _) => {
+                    Some(load_local_teacher::<B>(recipe, &tokenizer, &settings, &device)?)
+                }
+            };
+            Some(OnPolicy::new(
+                recipe, &tokenizer, &train_set, &held_out, grader, &settings,
+            )?)
+        } else {
+            None
+        };
+
+        let infos = param_infos(&model);
+        let mut opt = new_optimizer(&model, t);
+        let rows_per_step = t.micro_batch * t.grad_accum;
+        let rows_epoch0 = data::epoch_rows(&train_set, t.seed, 0, t.seq_len, t.packing, pad_id).len();
+        let steps_per_epoch = rows_epoch0.div_ceil(rows_per_step).max(1);
+        let total_steps = t
+            .max_steps
+            .unwrap_or(((t.epochs * steps_per_epoch as f64).ceil() as usize).max(1));
+        let mut state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: 0,
+            total_steps,
+            adam_t: 0,
+            tokens_seen: 0,
+            skipped_steps: 0,
+            recipe_hash: recipe.hash(),
+            tokenizer_sha256: tokenizer.hash.clone(),
+        };
+        if let Some(dir) = resume_from {
+            let loaded = checkpoint::load(&dir)?;
+            if loaded.state.tokenizer_sha256 != tokenizer.hash {
+                return Err(TrainError::Refused(format!(
+                    "{}: made with another tokenizer than {}; HINT: resume with the student it was trained from",
+                    dir.display(),
+                    student_dir.display()
+                )));
+            }
+            model = restore_params(model, &infos, &loaded.weights, &dir)?;
+            restore_moments(&mut opt, &infos, &loaded.moments, &device);
+            let rollouts = dir.join(crate::on_policy::ROLLOUTS);
+            if let (Some(op), Ok(bytes)) = (on_policy.as_mut(), std::fs::read(&rollouts)) {
+                op.restore_window(&bytes, &rollouts)?;
+            }
+            opt.t = loaded.state.adam_t;
+            state = TrainState {
+                total_steps,
+                ..loaded.state
+            };
+        }
+
+        let root = run_root(recipe);
+        let run_dir = root.join("runs");
+        let metrics = MetricsLog::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
+        let tb = EventWriter::create(&run_dir.join("tb"))?;
+        let recipe_toml = recipe.to_toml();
+        let io = |path: PathBuf| move |error| checkpoint::CheckpointError::Io { path, error };
+        std::fs::create_dir_all(&root).map_err(io(root.clone()))?;
+        distill_core::fsutil::write_atomic(&root.join("recipe.toml"), recipe_toml.as_bytes())
+            .map_err(io(root.join("recipe.toml")))?;
+
+        let loss_cfg = LossConfig::from_recipe(&recipe.loss, Some(tokenizer.vocab_size()));
+        let run = Run {
+            recipe,
+            device,
+            student_dir,
+            tokenizer,
+            train_set,
+            held_out,
+            stats,
+            pad_id,
+            teacher,
+            soft_labels,
+            on_policy,
+            loss_cfg,
+            infos,
+            opt,
+            rows_per_step,
+            steps_per_epoch,
+            state,
+            root,
+            run_dir,
+            recipe_toml,
+            metrics,
+            tb,
+            losses: Vec::new(),
+            consecutive_bad: 0,
+            last_checkpoint: None,
+            epoch_cache: None,
+        };
+        Ok((run, model))
+    }
+
+    pub(super) fn steps_done(&self) -> usize {
+        self.state.step
+    }
+
+    pub(super) fn total_steps(&self) -> usize {
+        self.state.total_steps
+    }
+
+    /// An on-policy run's held-out reverse KL before its first step.
+    pub(super) fn before_training(&mut self, model: &CausalLm<Ad<B>>) -> Result<(), TrainError> {
+        if let (Some(op), 0) = (self.on_policy.as_mut(), self.state.step) {
+            op.report.reverse_kl_before = held_out_reverse_kl(
+                op,
+                model,
+                &self.tokenizer,
+                self.recipe,
+                self.pad_id,
+                &mut self.tb,
+                0,
+                &self.device,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step: its rows (the dataset's, or the student's own samples graded by
+    /// the teacher), the update, the metrics line and, when due, a checkpoint.
+    pub(super) fn step(
+        &mut self,
+        model: CausalLm<Ad<B>>,
+        progress: &dyn Progress,
+    ) -> Result<CausalLm<Ad<B>>, TrainError> {
+        let started = Instant::now();
+        let (recipe, t) = (self.recipe, &self.recipe.train);
+        let step = self.state.step;
+        <Ad<B> as Backend>::seed(&self.device, t.seed.wrapping_add(step as u64 + 1));
+        let mut extra = serde_json::Map::new();
+        let on_step = self.on_policy.as_ref().is_some_and(|op| op.is_on_policy(step));
+        // On-policy steps time their phases (a device sync at each: a few per micro-batch) to
+        // report the step's split into sampling, teacher scoring and training.
+        let mut scoring = 0.0;
+        let (rows, step_teacher, step_loss) = match self.on_policy.as_mut().filter(|_| on_step) {
+            Some(op) => {
+                progress.message("on-policy: sampling");
+                let (rollouts, sampled) = op.rollouts(
+                    &model.valid(),
+                    &self.tokenizer,
+                    step,
+                    self.rows_per_step,
+                    &self.device,
+                )?;
+                log_rollouts(&mut extra, &rollouts, sampled);
+                progress.message("on-policy: grading");
+                let graded = Instant::now();
+                let rows = op.rows(&rollouts, self.pad_id)?;
+                scoring += graded.elapsed().as_secs_f64();
+                (rows, &op.teacher, &op.loss)
+            }
+            None => {
+                let rows = step_rows(
+                    &self.train_set,
+                    t,
+                    step,
+                    self.steps_per_epoch,
+                    self.rows_per_step,
+                    self.pad_id,
+                    &mut self.epoch_cache,
+                );
+                (rows, &self.teacher, &self.loss_cfg)
+            }
+        };
+        if on_step {
+            progress.message("on-policy: training");
+        }
+        let trained = Instant::now();
+        let lr = learning_rate(t, step, self.state.total_steps);
+        let mut since = Instant::now();
+        let device = &self.device;
+        let mut timed = |name: &'static str| {
+            let _ = B::sync(device);
+            if name == "teacher" {
+                scoring += since.elapsed().as_secs_f64();
+            }
+            since = Instant::now();
+        };
+        let hook: PhaseHook = if on_step { &mut timed } else { &mut no_phases };
+        let (model, outcome) = optimizer_step(
+            model,
+            &mut self.opt,
+            step_teacher,
+            &rows,
+            step_loss,
+            recipe,
+            lr,
+            device,
+            hook,
+        )?;
+        if self.on_policy.is_some() {
+            extra.insert("on_policy".into(), on_step.into());
+        }
+        if on_step {
+            log_step_split(&mut extra, started, trained, scoring);
+        }
+        self.state.step += 1;
+        progress.advance(1);
+        if !outcome.applied {
+            return self.skipped(model);
+        }
+        self.consecutive_bad = 0;
+        self.state.adam_t = self.opt.t;
+        self.state.tokens_seen += outcome.tokens as u64;
+        self.losses.push(outcome.loss);
+        let tokens_per_s = outcome.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let at = self.state.step;
+        if at.is_multiple_of(t.log_every.max(1)) || at == self.state.total_steps {
+            let record = MetricsRecord {
+                step: at as u64,
+                loss: outcome.loss,
+                kl: outcome.kl,
+                ce: outcome.ce,
+                lr,
+                grad_norm: outcome.grad_norm,
+                tokens_per_s,
+                mem_gb: None,
+                extra,
+            };
+            log_record(&mut self.metrics, &mut self.tb, &record)?;
+        }
+        progress.message(&format!(
+            "loss {:.4} | {tokens_per_s:.0} tok/s | skipped {}",
+            outcome.loss, self.state.skipped_steps
+        ));
+        if at.is_multiple_of(t.checkpoint_every.max(1)) || at == self.state.total_steps {
+            self.checkpoint(&model)?;
+        }
+        Ok(model)
+    }
+
+    /// A step whose loss or gradient was not finite left the model as it was; too many in a
+    /// row stop the run.
+    fn skipped(&mut self, model: CausalLm<Ad<B>>) -> Result<CausalLm<Ad<B>>, TrainError> {
+        self.consecutive_bad += 1;
+        self.state.skipped_steps += 1;
+        if self.consecutive_bad >= self.recipe.train.max_bad_steps {
+            return Err(TrainError::Refused(format!(
+                "{} steps in a row had a non-finite loss or gradient (step {}); \
+                 the last good checkpoint is {}; HINT: lower [train] lr or check the data",
+                self.consecutive_bad,
+                self.state.step - 1,
+                self.last_checkpoint
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string())
+            )));
+        }
+        Ok(model)
+    }
+
+    /// step-N/ with the trainable weights, the optimizer's moments, the state and, mid-way
+    /// through an on-policy buffer, its unused samples.
+    fn checkpoint(&mut self, model: &CausalLm<Ad<B>>) -> Result<(), TrainError> {
+        let window = self
+            .on_policy
+            .as_ref()
+            .and_then(|op| op.unfinished_window(self.state.step));
+        let extra: Vec<(&str, &[u8])> = window
+            .as_deref()
+            .map(|w| (crate::on_policy::ROLLOUTS, w))
+            .into_iter()
+            .collect();
+        self.last_checkpoint = Some(save_checkpoint(
+            &self.root,
+            model,
+            &self.infos,
+            &self.opt,
+            &self.state,
+            &self.recipe_toml,
+            &extra,
+            self.recipe.train.keep_checkpoints,
+        )?);
+        Ok(())
+    }
+
+    /// After the last step (of the run, not of an interrupted call): the held-out loss and
+    /// reverse KL, the export and the curves' plot.
+    pub(super) fn finish(mut self, model: CausalLm<Ad<B>>) -> Result<TrainReport, TrainError> {
+        let step = self.state.step;
+        let export = if step >= self.state.total_steps {
+            let held_loss = held_out_loss(
+                &model,
+                &self.teacher,
+                &self.held_out,
+                &self.loss_cfg,
+                self.recipe,
+                self.pad_id,
+                &self.device,
+            )?;
+            if let Some(l) = held_loss {
+                self.tb.add_scalar("eval/held_out_loss", l as f32, step as i64)?;
+            }
+            if let Some(op) = self.on_policy.as_mut() {
+                op.report.reverse_kl_after = held_out_reverse_kl(
+                    op,
+                    &model,
+                    &self.tokenizer,
+                    self.recipe,
+                    self.pad_id,
+                    &mut self.tb,
+                    step as i64,
+                    &self.device,
+                )?;
+            }
+            self.tb.flush()?;
+            let dir = export_run(model.valid(), self.recipe, &self.student_dir, &self.root)?;
+            crate::metrics::plot_curves(self.metrics.path(), &self.run_dir.join("curves.png")).ok();
+            Some(dir)
+        } else {
+            None
+        };
+        Ok(TrainReport {
+            steps: step,
+            total_steps: self.state.total_steps,
+            losses: self.losses,
+            skipped_steps: self.state.skipped_steps,
+            checkpoint: self.last_checkpoint,
+            export,
+            run_dir: self.run_dir,
+            stats: self.stats,
+            soft_labels: self.soft_labels,
+            on_policy: self.on_policy.map(|op| op.report),
+        })
+    }
+}
+
+/// [`OnPolicy::held_out_reverse_kl`] of the student as it is, logged at `step` as
+/// `eval/reverse_kl`.
+#[allow(clippy::too_many_arguments)]
+fn held_out_reverse_kl<B: Kernels>(
+    op: &OnPolicy<B>,
+    model: &CausalLm<Ad<B>>,
+    tokenizer: &TextTokenizer,
+    recipe: &Recipe,
+    pad_id: u32,
+    tb: &mut EventWriter,
+    step: i64,
+    device: &B::Device,
+) -> Result<Option<f64>, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let kl = op.held_out_reverse_kl(
+        &model.valid(),
+        tokenizer,
+        pad_id,
+        recipe.train.micro_batch,
+        device,
+    )?;
+    if let Some(kl) = kl {
+        tb.add_scalar("eval/reverse_kl", kl as f32, step)?;
+    }
+    Ok(kl)
+}
+
+/// `final/` in HF format (LoRA merged, into the base as stored on disk for QLoRA) and, for
+/// LoRA, `adapter/` in PEFT format. Returns `final/`.
+fn export_run<B: Kernels>(
+    inner: CausalLm<B>,
+    recipe: &Recipe,
+    student_dir: &Path,
+    root: &Path,
+) -> Result<PathBuf, TrainError> {
+    if recipe.lora.enabled {
+        export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
+    }
+    let final_dir = root.join("final");
+    Ok(match (recipe.lora.enabled, recipe.lora.quantize) {
+        (true, BaseQuant::Nf4) => {
+            let scale = recipe.lora.alpha / recipe.lora.r as f64;
+            export::export_merged_base(&inner, scale, student_dir, &final_dir)?
+        }
+        (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), student_dir, &final_dir)?,
+        (false, _) => export::export_hf(&inner, student_dir, &final_dir)?,
+    })
+}
+
+/// One metrics line to metrics.jsonl and its figures to TensorBoard: the standard ones under
+/// `train/`, an on-policy step's numeric extras under `on_policy/`.
+fn log_record(metrics: &mut MetricsLog, tb: &mut EventWriter, r: &MetricsRecord) -> Result<(), TrainError> {
+    metrics.append(r)?;
+    let step = r.step as i64;
+    for (tag, v) in [
+        ("loss", r.loss),
+        ("kl", r.kl),
+        ("ce", r.ce),
+        ("lr", r.lr),
+        ("grad_norm", r.grad_norm),
+        ("tokens_per_s", r.tokens_per_s),
+    ] {
+        tb.add_scalar(&format!("train/{tag}"), v as f32, step)?;
+    }
+    for (tag, v) in r.extra.iter().filter_map(|(k, v)| Some((k, v.as_f64()?))) {
+        tb.add_scalar(&format!("on_policy/{tag}"), v as f32, step)?;
+    }
+    Ok(tb.flush()?)
+}
+
+/// An on-policy step's split into sampling (`gen_s`, already in `extra` on steps that
+/// sampled), teacher scoring (`scoring` seconds) and the rest of the optimizer step, which
+/// began at `trained`; the step began at `started`.
+fn log_step_split(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    started: Instant,
+    trained: Instant,
+    scoring: f64,
+) {
+    let total = started.elapsed().as_secs_f64().max(1e-9);
+    let sampling = extra.get("gen_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let training = (trained.elapsed().as_secs_f64() - scoring).max(0.0);
+    extra.insert("score_s".into(), scoring.into());
+    extra.insert("gen_share".into(), (sampling / total).into());
+    extra.insert("score_share".into(), (scoring / total).into());
+    extra.insert("train_share".into(), (training / total).into());
+}
+
+/// An on-policy step's sampling figures for its metrics line: mean completion length, the
+/// share cut at max_new_tokens and, on steps that sampled, the seconds and tokens per second.
+fn log_rollouts(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    rollouts: &[crate::on_policy::Rollout],
+    sampled: Option<crate::on_policy::RolloutStats>,
+) {
+    let n = rollouts.len().max(1) as f64;
+    let tokens: usize = rollouts.iter().map(|r| r.completion.len()).sum();
+    let cut = rollouts
+        .iter()
+        .filter(|r| r.finish == distill_infer::generate::FinishReason::Length)
+        .count();
+    extra.insert("sample_len".into(), (tokens as f64 / n).into());
+    extra.insert("truncated_share".into(), (cut as f64 / n).into());
+    if let Some(s) = sampled {
+        extra.insert("gen_s".into(), s.seconds.into());
+        extra.insert(
+            "gen_tokens_per_s".into(),
+            (s.new_tokens as f64 / s.seconds.max(1e-9)).into(),
+        );
+    }
+}
+
+fn pad_token(tokenizer: &TextTokenizer) -> u32 {
+    let s = &tokenizer.specials;
+    s.pad
+        .as_deref()
+        .or(s.eos.as_deref())
+        .and_then(|t| tokenizer.token_to_id(t))
+        .unwrap_or(0)
+}
+
+fn check_vocab<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        return Err(TrainError::Refused(format!(
+            "{}: tokenizer has {} tokens but the model's vocab_size is {}; the tokenizer does not belong to this model",
+            dir.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint<B: Kernels>(
+    root: &Path,
+    model: &CausalLm<Ad<B>>,
+    infos: &[ParamInfo],
+    opt: &AdamW<B>,
+    state: &TrainState,
+    recipe_toml: &str,
+    extra: &[(&str, &[u8])],
+    keep: usize,
+) -> Result<PathBuf, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let weights = read_params(model, |p| p.trainable);
+    let mut moments = HostTensors::new();
+    for info in infos.iter().filter(|p| p.trainable) {
+        if let Some(m) = opt.moments(&info.id) {
+            let n = info.shape.iter().product::<usize>();
+            let host = |t: &Tensor<B, 1>| {
+                t.clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("f32")
+            };
+            moments.insert(format!("exp_avg.{}", info.name), (vec![n], host(&m.m)));
+            moments.insert(format!("exp_avg_sq.{}", info.name), (vec![n], host(&m.v)));
+        }
+    }
+    Ok(checkpoint::save(
+        root,
+        state,
+        &weights,
+        &moments,
+        recipe_toml,
+        extra,
+        keep,
+    )?)
+}
+
+/// Puts checkpointed trainable weights back by name; every trainable parameter must be there.
+fn restore_params<B: Kernels>(
+    model: CausalLm<Ad<B>>,
+    infos: &[ParamInfo],
+    weights: &HostTensors,
+    dir: &Path,
+) -> Result<CausalLm<Ad<B>>, TrainError>
+where
+    Ad<B>: Kernels,
+{
+    for info in infos.iter().filter(|p| p.trainable) {
+        match weights.get(&info.name) {
+            Some((shape, _)) if shape == &info.shape => {}
+            Some((shape, _)) => {
+                return Err(TrainError::Refused(format!(
+                    "{}: `{}` has shape {shape:?}, the model needs {:?}; HINT: the recipe's [lora] or student changed since this checkpoint",
+                    dir.display(),
+                    info.name,
+                    info.shape
+                )));
+            }
+            None => {
+                return Err(TrainError::Refused(format!(
+                    "{}: no `{}`; HINT: the recipe's [lora] or student changed since this checkpoint",
+                    dir.display(),
+                    info.name
+                )));
+            }
+        }
+    }
+    struct Restore<'a> {
+        by_id: std::collections::HashMap<burn::module::ParamId, &'a (Vec<usize>, Vec<f32>)>,
+    }
+    impl<AD: Backend> ModuleMapper<AD> for Restore<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<AD, D>>) -> Param<Tensor<AD, D>> {
+            let Some((shape, data)) = self.by_id.get(&param.id) else {
+                return param;
+            };
+            let (id, value, mapper) = param.consume();
+            let device = value.device();
+            let t = Tensor::<AD, D>::from_data(
+                TensorData::new(data.clone(), shape.clone()),
+                (&device, DType::F32),
+            );
+            Param::from_mapped_value(id, t.require_grad(), mapper)
+        }
+    }
+    let by_id = infos
+        .iter()
+        .filter(|p| p.trainable)
+        .filter_map(|p| Some((p.id, weights.get(&p.name)?)))
+        .collect();
+    Ok(model.map(&mut Restore { by_id }))
+}
+
+fn restore_moments<B: Backend>(
+    opt: &mut AdamW<B>,
+    infos: &[ParamInfo],
+    moments: &HostTensors,
+    device: &B::Device,
+) {
+    let tensor = |(shape, data): &(Vec<usize>, Vec<f32>)| {
+        Tensor::<B, 1>::from_data(
+            TensorData::new(data.clone(), [shape.iter().product::<usize>()]),
+            (device, DType::F32),
+        )
+    };
+    for info in infos.iter().filter(|p| p.trainable) {
+        let m = moments.get(&format!("exp_avg.{}", info.name));
+        let v = moments.get(&format!("exp_avg_sq.{}", info.name));
+        if let (Some(m), Some(v)) = (m, v) {
+            opt.restore_moments(
+                info.id,
+                Moments {
+                    m: tensor(m),
+                    v: tensor(v),
+                },
+            );
+        }
+    }
+}

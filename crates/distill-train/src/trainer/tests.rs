@@ -1,0 +1,491 @@
+use burn::backend::Flex;
+use distill_core::testing::snapshot;
+
+use std::path::Path;
+
+use distill_models::CausalLm;
+
+use super::*;
+use crate::checkpoint::{HostTensors, TrainState};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+fn recipe(out: &Path, extra: &[&str]) -> Recipe {
+    let fx = fixtures();
+    let mut sets = vec![
+        format!("student.model={:?}", fx.join("tiny-qwen2").to_str().unwrap()),
+        format!("data.dataset={:?}", fx.join("dataset").to_str().unwrap()),
+        format!("train.out={:?}", out.to_str().unwrap()),
+        "data.held_out=0.1".into(),
+        "train.seq_len=256".into(),
+        "train.micro_batch=2".into(),
+        "train.grad_accum=2".into(),
+        "train.warmup_steps=2".into(),
+        "train.checkpoint_every=3".into(),
+        "loss.kd_ratio=0.0".into(),
+        "loss.chunk_tokens=100".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    Recipe::parse("name = \"t\"\n", Path::new("test.toml"), &sets).unwrap()
+}
+
+/// Training runs seed the backend's global generator (dropout); tests running side by side
+/// would draw from it in between, so they take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run(r: &Recipe, resume: bool, stop_after: Option<usize>) -> TrainReport {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    train::<Flex>(
+        r,
+        Default::default(),
+        &TrainOptions {
+            resume,
+            stop_after,
+            progress: &distill_core::progress::Silent,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn full_finetune_loss_decreases_and_exports() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recipe(
+        out.path(),
+        &[
+            "lora.enabled=false",
+            "train.max_steps=12",
+            "train.lr=3e-3",
+            "train.recompute=false",
+        ],
+    );
+    let report = run(&r, false, None);
+    assert_eq!(report.steps, 12);
+    assert_eq!(
+        report.stats.skipped_truncated_generation, 3,
+        "every 16th fixture sample is cut off"
+    );
+    let first: f64 = report.losses[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = report.losses[9..].iter().sum::<f64>() / 3.0;
+    assert!(last < first * 0.9, "loss did not fall: {:?}", report.losses);
+    let export = report.export.unwrap();
+    let reloaded = CausalLm::<Flex>::load(&export, &Default::default()).unwrap();
+    assert_eq!(reloaded.config.vocab_size, 384);
+    assert!(report.run_dir.join("metrics.jsonl").exists() && report.run_dir.join("curves.png").exists());
+}
+
+/// QLoRA: the base's linear layers in NF4 on the device. It trains, starts near the dense
+/// LoRA run (only the base's rounding differs), and the export merges the adapters into
+/// the base as stored on disk, not into its 4-bit rounding.
+#[test]
+fn qlora_trains_on_an_nf4_base_and_exports_the_full_precision_merge() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["train.max_steps=12", "train.lr=1e-2", "train.recompute=true"];
+    let r = recipe(a.path(), &[&extra[..], &["lora.quantize=\"nf4\""]].concat());
+    let qlora = run(&r, false, None);
+    let dense = run(&recipe(b.path(), &extra), false, None);
+    // LoRA on the tiny random model learns slowly (5.89 -> 5.83 over 12 steps); QLoRA
+    // follows the dense run step for step, but not bit for bit.
+    assert!(qlora.losses[0] != dense.losses[0], "the base was not quantized");
+    for (q, d) in qlora.losses.iter().zip(&dense.losses) {
+        assert!(
+            (q - d).abs() < 0.005 * d,
+            "{:?} vs {:?}",
+            qlora.losses,
+            dense.losses
+        );
+    }
+    let first: f64 = qlora.losses[..3].iter().sum::<f64>() / 3.0;
+    let last: f64 = qlora.losses[9..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 0.03, "loss did not fall: {:?}", qlora.losses);
+
+    // The merge, from the base's files and the PEFT adapter: W + (alpha / r) B A.
+    let read = |path: PathBuf| -> HostTensors {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                let data = v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                (name, (v.shape().to_vec(), data))
+            })
+            .collect()
+    };
+    let export = qlora.export.unwrap();
+    let merged = read(export.join("model.safetensors"));
+    let base = read(fixtures().join("tiny-qwen2/model.safetensors"));
+    let adapter = read(run_root(&r).join("adapter/adapter_model.safetensors"));
+    let scale = (r.lora.alpha / r.lora.r as f64) as f32;
+    let name = "model.layers.1.mlp.down_proj";
+    let peft = |f: &str| &adapter[&format!("base_model.model.{name}.lora_{f}.weight")];
+    let ((_, a), (b_shape, b)) = (peft("A"), peft("B")); // [r, in], [out, r]
+    let (w_shape, w) = &base[&format!("{name}.weight")];
+    let (rank, d_in) = (b_shape[1], w_shape[1]);
+    let got = &merged[&format!("{name}.weight")].1;
+    let mut moved = 0f32;
+    for (k, (w, got)) in w.iter().zip(got).enumerate() {
+        let (o, i) = (k / d_in, k % d_in);
+        let delta: f32 = (0..rank).map(|j| b[o * rank + j] * a[j * d_in + i]).sum();
+        assert!(
+            (w + scale * delta - got).abs() < 1e-5,
+            "{name}[{o}, {i}]: {got} vs {w} + {delta}"
+        );
+        moved = moved.max(delta.abs());
+    }
+    assert!(moved > 1e-4, "the adapter trained");
+}
+
+#[test]
+fn recompute_gives_the_same_steps_as_keeping_graphs() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let keep = run(
+        &recipe(a.path(), &["train.max_steps=3", "train.recompute=false"]),
+        false,
+        None,
+    );
+    let redo = run(
+        &recipe(b.path(), &["train.max_steps=3", "train.recompute=true"]),
+        false,
+        None,
+    );
+    for (x, y) in keep.losses.iter().zip(&redo.losses) {
+        assert!((x - y).abs() < 1e-6, "{:?} vs {:?}", keep.losses, redo.losses);
+    }
+}
+
+#[test]
+fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["train.max_steps=7", "train.lr=1e-3", "lora.dropout=0.1"];
+    let whole = run(&recipe(a.path(), &extra), false, None);
+    let r = recipe(b.path(), &extra);
+    let first = run(&r, false, Some(4)); // checkpoints at step 3; steps 4 is lost on "crash"
+    assert_eq!(first.steps, 4);
+    assert!(first.export.is_none());
+    let rest = run(&r, true, None);
+    assert_eq!(rest.steps, 7);
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), whole.losses.len());
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!(
+            (x - y).abs() < 1e-6,
+            "uninterrupted {:?}\nresumed       {resumed:?}",
+            whole.losses
+        );
+    }
+    let adapter = run_root(&r).join("adapter");
+    assert!(
+        adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists()
+    );
+}
+
+#[test]
+fn kd_from_a_local_teacher_reduces_the_divergence() {
+    // With the teacher in bf16/f32 and in NF4: its rounded weights give other logits (the
+    // first step's KL differs) and the student learns to match either.
+    let mut first_kl = Vec::new();
+    for quantize in ["none", "nf4"] {
+        let out = tempfile::tempdir().unwrap();
+        let teacher = fixtures().join("tiny-llama");
+        let r = recipe(
+            out.path(),
+            &[
+                &format!("teacher.local_model={:?}", teacher.to_str().unwrap()),
+                &format!("teacher.local_quantize={quantize:?}"),
+                "loss.kd_ratio=1.0",
+                "loss.temperature=2.0",
+                "lora.enabled=false",
+                "train.max_steps=10",
+                "train.lr=3e-3",
+            ],
+        );
+        let report = run(&r, false, None);
+        let log = crate::metrics::read_metrics(&report.run_dir.join("metrics.jsonl")).unwrap();
+        let (first, last) = (log.first().unwrap().kl, log.last().unwrap().kl);
+        assert!(
+            first > 0.0 && last < first * 0.8,
+            "{quantize}: KL {first} -> {last}"
+        );
+        first_kl.push(first);
+    }
+    let (dense, nf4) = (first_kl[0], first_kl[1]);
+    assert!(
+        dense != nf4 && (dense - nf4).abs() < 0.2 * dense,
+        "first KL {dense} vs {nf4} (NF4)"
+    );
+}
+
+fn on_policy_recipe(out: &Path, extra: &[&str]) -> Recipe {
+    let teacher = fixtures().join("tiny-llama");
+    let sets = [
+        &[
+            format!("teacher.local_model={:?}", teacher.to_str().unwrap()),
+            "on_policy.share=1.0".to_string(),
+            "on_policy.max_new_tokens=24".to_string(),
+            "on_policy.temperature=1.0".to_string(),
+            "lora.enabled=false".to_string(),
+            "train.lr=3e-3".to_string(),
+        ][..],
+        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>()[..],
+    ]
+    .concat();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    recipe(out, &sets)
+}
+
+/// The student samples, the teacher grades: with either divergence, the per-token reverse
+/// KL to the teacher on the student's own samples of held-out prompts falls.
+#[test]
+fn on_policy_distillation_lowers_the_held_out_reverse_kl() {
+    for divergence in ["jsd", "sampled_reverse_kl"] {
+        let out = tempfile::tempdir().unwrap();
+        let r = on_policy_recipe(
+            out.path(),
+            &[
+                &format!("on_policy.divergence={divergence:?}"),
+                "on_policy.beta=1.0",
+                "train.micro_batch=4",
+                "train.grad_accum=4",
+                "train.max_steps=12",
+            ],
+        );
+        let report = run(&r, false, None);
+        let op = report.on_policy.clone().unwrap();
+        assert_eq!(op.steps, 12, "{divergence}");
+        let (before, after) = (op.reverse_kl_before.unwrap(), op.reverse_kl_after.unwrap());
+        eprintln!("{divergence}: held-out reverse KL {before} -> {after}");
+        assert!(
+            after < 0.8 * before,
+            "{divergence}: held-out reverse KL {before} -> {after}"
+        );
+        let log = crate::metrics::read_metrics(&report.run_dir.join("metrics.jsonl")).unwrap();
+        let line = &log[0].extra;
+        assert_eq!(line["on_policy"], serde_json::Value::Bool(true));
+        let len = line["sample_len"].as_f64().unwrap();
+        assert!(len > 0.0 && len <= 24.0, "{line:?}");
+        assert!(
+            line.contains_key("gen_tokens_per_s") && line.contains_key("train_share"),
+            "{line:?}"
+        );
+    }
+}
+
+/// Steps are drawn on-policy with probability `share`, the same draw on every run.
+#[test]
+fn on_policy_steps_follow_the_share() {
+    for share in [0.0, 0.25, 0.5, 1.0] {
+        let n = (0..4000)
+            .filter(|&s| crate::on_policy::on_policy_step(7, share, s))
+            .count();
+        assert!(
+            (n as f64 / 4000.0 - share).abs() < 0.03,
+            "share {share}: {n} of 4000"
+        );
+    }
+    let a: Vec<bool> = (0..50)
+        .map(|s| crate::on_policy::on_policy_step(7, 0.5, s))
+        .collect();
+    let b: Vec<bool> = (0..50)
+        .map(|s| crate::on_policy::on_policy_step(7, 0.5, s))
+        .collect();
+    assert_eq!(a, b);
+}
+
+/// A run stopped after a checkpoint that falls inside a buffer window (its samples were
+/// drawn from older weights) resumes on the very samples it would have trained on, and
+/// ends where the uninterrupted run ends; off-policy steps mixed in alike.
+#[test]
+fn an_interrupted_on_policy_run_resumes_to_the_same_losses() {
+    let extra = [
+        "on_policy.share=0.5",
+        "on_policy.buffer_steps=2",
+        "on_policy.samples_per_prompt=2",
+        "train.max_steps=8",
+    ];
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = run(&on_policy_recipe(a.path(), &extra), false, None);
+    let r = on_policy_recipe(b.path(), &extra);
+    let first = run(&r, false, Some(4)); // checkpoint at step 3; step 4 is lost on "crash"
+    let kept = run_root(&r).join("step-3").join(crate::on_policy::ROLLOUTS);
+    let on: Vec<bool> = (0..3)
+        .map(|s| crate::on_policy::on_policy_step(r.train.seed, 0.5, s))
+        .collect();
+    let k = on.iter().filter(|&&x| x).count();
+    assert_eq!(
+        kept.exists(),
+        k % 2 == 1,
+        "on-policy steps before the checkpoint: {on:?}"
+    );
+    let rest = run(&r, true, None);
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), whole.losses.len());
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!(
+            (x - y).abs() < 1e-6,
+            "uninterrupted {:?}\nresumed       {resumed:?}",
+            whole.losses
+        );
+    }
+    let mixed = whole.on_policy.unwrap().steps;
+    assert!(mixed > 0 && mixed < 8, "{mixed} of 8 steps on-policy");
+}
+
+/// A run directory as a run leaves it: a checkpoint saved with `r`, logs, the recipe.
+fn earlier_run(r: &Recipe, step: usize) -> PathBuf {
+    let root = run_root(r);
+    let state = TrainState {
+        format_version: checkpoint::FORMAT_VERSION,
+        step,
+        total_steps: 10,
+        adam_t: step as u64,
+        tokens_seen: 0,
+        skipped_steps: 0,
+        recipe_hash: r.hash(),
+        tokenizer_sha256: "t".into(),
+    };
+    let none = HostTensors::new();
+    checkpoint::save(&root, &state, &none, &none, &r.to_toml(), &[], 2).unwrap();
+    std::fs::create_dir_all(root.join("runs")).unwrap();
+    std::fs::write(root.join("runs/metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    std::fs::write(root.join("recipe.toml"), r.to_toml()).unwrap();
+    root
+}
+
+fn train_err(r: &Recipe, resume: bool) -> String {
+    let opts = TrainOptions {
+        resume,
+        stop_after: None,
+        progress: &distill_core::progress::Silent,
+    };
+    match train::<Flex>(r, Default::default(), &opts) {
+        Ok(_) => panic!("trained; expected a refusal"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_fresh_run_over_an_earlier_one_is_refused_and_touches_nothing() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recipe(out.path(), &["train.max_steps=2"]);
+    let root = earlier_run(&r, 1);
+    let before = snapshot(out.path());
+    let err = train_err(&r, false);
+    assert!(
+        err.contains(&format!("{} already holds a run", root.display()))
+            && err.contains("step-1/")
+            && err.contains("--resume")
+            && err.contains("--set train.out=")
+            && err.contains("--set name="),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(snapshot(out.path()), before);
+
+    // Logs but no checkpoint (a run stopped before its first save): --resume is no way on.
+    std::fs::remove_dir_all(root.join("step-1")).unwrap();
+    let err = train_err(&r, false);
+    assert!(err.contains("no checkpoint to resume; move it aside"), "{err}");
+    let err = train_err(&r, true);
+    assert!(
+        err.contains("--resume: no checkpoint")
+            && err.contains("it holds recipe.toml, runs/")
+            && err.contains("move it aside"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_without_a_checkpoint_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recipe(out.path(), &["train.max_steps=2"]);
+    let err = train_err(&r, true);
+    assert!(
+        err.contains(&format!(
+            "no checkpoint (step-N/ with state.json) in {}",
+            run_root(&r).display()
+        )) && err.contains("nothing has been saved there")
+            && err.contains("run without --resume"),
+        "{err}"
+    );
+    assert!(!run_root(&r).exists(), "a refused run created its directory");
+}
+
+#[test]
+fn resume_refuses_a_changed_recipe_except_the_allowed_keys() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recipe(out.path(), &["train.max_steps=4"]);
+    let root = earlier_run(&r, 3);
+    let before = snapshot(out.path());
+    let changed = recipe(
+        out.path(),
+        &[
+            "train.max_steps=8",
+            "train.lr=5e-3",
+            "lora.r=4",
+            "train.log_every=2",
+        ],
+    );
+    let err = train_err(&changed, true);
+    assert!(
+        err.contains(&root.join("step-3/recipe.toml").display().to_string())
+            && err.contains("lora.r was 16, is 4; train.lr was 0.0001, is 0.005; HINT: set them back"),
+        "{err}"
+    );
+    assert!(!err.contains("max_steps") && !err.contains("log_every"), "{err}");
+    assert_eq!(snapshot(out.path()), before);
+
+    // Only keys that may change: resumed from the newest checkpoint.
+    let allowed = recipe(
+        out.path(),
+        &[
+            "train.max_steps=8",
+            "train.checkpoint_every=5",
+            "train.keep_checkpoints=4",
+            "train.log_every=2",
+            "train.recompute=false",
+            "loss.chunk_tokens=64",
+            "gen.temperature=0.9",
+            "eval.n=4",
+        ],
+    );
+    assert_eq!(check_run_dir(&allowed, true).unwrap(), Some(root.join("step-3")));
+}
+
+#[test]
+fn diverging_runs_stop_with_the_last_checkpoint_named() {
+    let out = tempfile::tempdir().unwrap();
+    let r = recipe(
+        out.path(),
+        &[
+            "lora.enabled=false",
+            "train.max_steps=20",
+            "train.lr=1e30",
+            "train.warmup_steps=0",
+            "train.max_grad_norm=0",
+            "train.max_bad_steps=2",
+            "train.checkpoint_every=1",
+        ],
+    );
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let err = train::<Flex>(
+        &r,
+        Default::default(),
+        &TrainOptions {
+            resume: false,
+            stop_after: None,
+            progress: &distill_core::progress::Silent,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("non-finite") && err.contains("step-"), "{err}");
+    let kept = checkpoint::list(&run_root(&r));
+    assert!(!kept.is_empty());
+    checkpoint::load(&kept.last().unwrap().1).unwrap();
+}
