@@ -215,15 +215,16 @@ pub fn run(args: Args, device: Option<crate::backend::DeviceArg>) -> anyhow::Res
             count,
             endpoint,
             message,
-        } => bail!(
-            "{endpoint} rejected {count} requests in a row ({message}); check teacher.model, teacher.base_url and the key in ${} (status {status}); failures are in {}",
-            recipe
-                .teacher
-                .api_key_env
-                .as_deref()
-                .unwrap_or("the key variable"),
-            dir.join("errors.jsonl").display()
-        ),
+        } => {
+            let key = match recipe.teacher.api_key_env.as_deref() {
+                Some(var) if !var.is_empty() => format!(" and the key in ${var}"),
+                _ => String::new(),
+            };
+            bail!(
+                "{endpoint} rejected {count} requests in a row ({message}); check teacher.model, teacher.base_url{key} (status {status}); failures are in {}",
+                dir.join("errors.jsonl").display()
+            )
+        }
         StopReason::Refused { message } => bail!("{message}"),
         _ => Ok(()),
     }

@@ -536,6 +536,31 @@ mod gen_data {
         assert_clean_failure(&o, &["manifest.json", "gen.temperature was 0.6, is 0.9", "HINT"]);
     }
 
+    /// A teacher that rejects every request stops the run with what to check: the key's
+    /// variable only when the recipe names one (a local server needs none).
+    #[test]
+    fn gen_data_rejected_names_what_to_check() {
+        let server = FakeTeacher::start(|_| Reply::status(404, "the model `x` does not exist"));
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts = write_prompts(tmp.path(), 8);
+        let recipe = write_recipe(tmp.path(), &server.url(), &prompts, "concurrency = 1");
+        let r = recipe.to_str().unwrap();
+        let o = run_gen(&["--recipe", r], true);
+        assert_clean_failure(
+            &o,
+            &[
+                "rejected",
+                "teacher.base_url and the key in $DISTILL_TEST_TEACHER_KEY (status 404)",
+            ],
+        );
+        let o = run_gen(&["--recipe", r, "--set", "teacher.api_key_env=\"\""], false);
+        assert_clean_failure(
+            &o,
+            &["rejected", "check teacher.model, teacher.base_url (status 404)"],
+        );
+        assert!(!stderr(&o).contains('$'), "{}", stderr(&o));
+    }
+
     #[test]
     fn gen_data_stops_cleanly_on_402_and_on_budgets() {
         let server = FakeTeacher::start(|seen| {
