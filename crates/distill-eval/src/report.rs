@@ -186,7 +186,15 @@ fn write(path: &Path, bytes: &[u8]) -> Result<(), EvalError> {
 pub fn markdown(report: &Report, plots: &[PathBuf]) -> String {
     let mut md = String::from("# Evaluation report\n\n");
     let s = &report.settings;
+    // Sampling settings mean something only where a model generated (tasks or probes).
+    let generated = report
+        .models
+        .iter()
+        .any(|m| !m.tasks.is_empty() || m.probes.is_some());
     match (&s.generation, &s.predictions) {
+        (Some(g), _) if !generated => {
+            let _ = writeln!(md, "Device {}; no outputs were generated.", g.device);
+        }
         (Some(g), _) => {
             let _ = writeln!(
                 md,
@@ -835,6 +843,18 @@ mod tests {
             }),
             predictions: None,
             held_out_baseline: None,
+        });
+        // Held-out scoring alone generates nothing: no sampling to report.
+        let md = markdown(&r, &[]);
+        assert!(!md.contains("Sampling") && md.contains("Device cpu"), "{md}");
+        let mut r = r;
+        r.models.push(ModelReport {
+            label: "m".into(),
+            reference: "m".into(),
+            parameters: None,
+            tasks: Vec::new(),
+            held_out: None,
+            probes: Some(BTreeMap::new()),
         });
         assert!(markdown(&r, &[]).contains("4 sample(s) per prompt; max 64 new tokens"));
         // report.json keeps the settings' keys where they were.

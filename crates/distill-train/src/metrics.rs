@@ -395,8 +395,11 @@ fn draw_panels(title: &str, panels: &[Panel], steps: Range<f64>, rgb: &mut [u8])
     let breaks: Vec<u32> = (1..panels.len() as u32)
         .map(|i| height * (i + 1) / shares)
         .collect();
-    for (panel, area) in panels.iter().zip(plots.split_by_breakpoints([0u32; 0], breaks)) {
-        draw_panel(&area, panel, steps.clone())?;
+    let areas = plots.split_by_breakpoints([0u32; 0], breaks);
+    for (i, (panel, area)) in panels.iter().zip(&areas).enumerate() {
+        // The step axis is named once, under the bottom panel.
+        let x_desc = if i + 1 == panels.len() { "step" } else { "" };
+        draw_panel(area, panel, x_desc, steps.clone())?;
     }
     root.present().map_err(err)
 }
@@ -404,6 +407,7 @@ fn draw_panels(title: &str, panels: &[Panel], steps: Range<f64>, rgb: &mut [u8])
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
+    x_desc: &str,
     steps: Range<f64>,
 ) -> Result<(), String> {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
@@ -422,7 +426,7 @@ fn draw_panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_labels(X_TICKS)
         .y_labels(Y_TICKS)
-        .x_desc("step")
+        .x_desc(x_desc)
         .y_desc(panel.y_desc)
         .x_label_formatter(&|v| x_labels.format(*v))
         .y_label_formatter(&|v| y_labels.format(*v))
