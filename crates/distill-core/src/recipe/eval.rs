@@ -11,7 +11,7 @@ pub struct EvalSection {
     /// Models to compare besides the trained student, its base and the local teacher: HF dirs
     /// or org/name refs.
     pub models: Vec<String>,
-    /// Task sets with references, e.g. ["../shared/data/gsm8k/test.jsonl"].
+    /// Task sets with references, e.g. ["hf:openai/gsm8k:main/test"].
     pub tasks: Vec<String>,
     /// First N examples of each task set (and of the held-out samples).
     pub max_examples: Option<usize>,

@@ -89,7 +89,7 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
-            prompts: "../shared/data/gsm8k/train.jsonl".into(),
+            prompts: "hf:openai/gsm8k:main/train".into(),
             prompt_field: None,
             reference_field: None,
             id_field: None,
