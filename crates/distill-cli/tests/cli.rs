@@ -553,7 +553,18 @@ mod gen_data {
                 "teacher.base_url and the key in $DISTILL_TEST_TEACHER_KEY (status 404)",
             ],
         );
-        let o = run_gen(&["--recipe", r, "--set", "teacher.api_key_env=\"\""], false);
+        let fresh = format!("data.dataset={:?}", tmp.path().join("out2").to_str().unwrap());
+        let o = run_gen(
+            &[
+                "--recipe",
+                r,
+                "--set",
+                "teacher.api_key_env=\"\"",
+                "--set",
+                &fresh,
+            ],
+            false,
+        );
         assert_clean_failure(
             &o,
             &["rejected", "check teacher.model, teacher.base_url (status 404)"],
