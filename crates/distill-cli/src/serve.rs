@@ -7,7 +7,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
 use distill_hf::hub::{self, HubSettings};
 use distill_models::Kernels;
-use distill_serve::ServeOptions;
+use distill_serve::{ApiKey, ServeOptions};
 
 use crate::backend::{DeviceArg, Job, run_on};
 
@@ -16,7 +16,7 @@ pub struct Args {
     /// A Hugging Face model directory, or `org/name[@revision]` from the Hub.
     #[arg(long)]
     model: String,
-    /// Address to listen on; 0.0.0.0 for every interface (there is no authentication).
+    /// Address to listen on; 0.0.0.0 for every interface (set --api-key there).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
     /// Port to listen on; 0 picks a free one (the URL printed at start says which).
@@ -32,6 +32,10 @@ pub struct Args {
     /// Prompt plus completion tokens at most [default: the model's max_position_embeddings]
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health. Prefer the
+    /// environment variable: a flag shows in `ps`
+    #[arg(long, env = "DISTILL_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {
@@ -54,6 +58,12 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
         served_model_name: name,
         max_model_len: args.max_model_len,
         batch_window: ServeOptions::DEFAULT_BATCH_WINDOW,
+        api_key: match args.api_key {
+            Some(key) => Some(
+                ApiKey::new(key).ok_or_else(|| anyhow::anyhow!("--api-key (or DISTILL_API_KEY) is empty"))?,
+            ),
+            None => None,
+        },
     };
     run_on(DeviceArg::resolve(device), Serve { dir, options })
 }
@@ -90,11 +100,19 @@ impl Job for Serve {
     {
         eprintln!("loading {}", self.dir.display());
         let name = self.options.served_model_name.clone();
+        // The key itself is never printed: the example reads it from the environment.
+        let (keyed, auth) = match self.options.api_key {
+            Some(_) => (
+                ", API key required",
+                " -H \"Authorization: Bearer $DISTILL_API_KEY\"",
+            ),
+            None => ("", ""),
+        };
         distill_serve::serve::<B>(&self.dir, &self.options, device, shutdown_signal(), |ready| {
             let url = format!("http://{}/v1", ready.addr);
-            println!("serving `{name}` at {url} (Ctrl-C stops)");
+            println!("serving `{name}` at {url} (Ctrl-C stops{keyed})");
             println!(
-                "  curl {url}/chat/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}]}}'"
+                "  curl {url}/chat/completions -N{auth} -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}]}}'"
             );
         })?;
         eprintln!("stopped");

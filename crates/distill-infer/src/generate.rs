@@ -1,3 +1,4 @@
+// LEAD TO HELPER: before any edit, build or commit, read /tmp/briefs/common.md (shared-machine rules, build command, commit rules, 12:05 UTC deadline). Delete this line when you first edit this file.
 //! Batched, KV-cached generation: greedy or sampled (temperature, top-k, top-p), with EOS and
 //! stop strings. `distill eval` scores its outputs; `distill serve` answers requests with it.
 //!
@@ -130,7 +131,7 @@ pub fn eos_ids<B: Kernels>(model: &CausalLm<B>, tokenizer: &TextTokenizer) -> Ve
 }
 
 /// Continues every request; `on_done(i, &generation)` is called as request i finishes (for
-/// progress bars and streaming). Results come back in request order.
+/// progress bars). Results come back in request order.
 ///
 /// Continuous batching: up to `batch_size` rows decode together, and as rows finish, waiting
 /// requests join the running batch (prefilled on their own, then their KV cache is merged
@@ -144,19 +145,66 @@ pub fn generate<B: Kernels>(
     device: &B::Device,
     mut on_done: impl FnMut(usize, &Generation),
 ) -> Result<(Vec<Generation>, GenerationStats), InferError> {
+    let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
+    let stats = generate_with(model, tokenizer, requests, cfg, device, |event| {
+        if let Event::Done { request, generation } = event {
+            on_done(request, &generation);
+            results[request] = Some(generation);
+        }
+        true
+    })?;
+    let generations = results
+        .into_iter()
+        .map(|g| g.expect("every request decoded"))
+        .collect();
+    Ok((generations, stats))
+}
+
+/// What [`generate_with`] reports as it decodes, in the order it happens.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Request `request` drew `token` (an EOS token never comes as one), with its
+    /// log-probabilities when [`GenerationConfig::logprobs`] asked for them. The sink answers
+    /// whether to go on: `false` drops the request at once (its row leaves the batch and it
+    /// gets no `Done`), for a client that went away.
+    Token {
+        request: usize,
+        token: u32,
+        logprob: Option<&'a TokenLogprob>,
+    },
+    /// Request `request` finished (EOS, a stop string or `max_new_tokens`). The sink's answer
+    /// is not read.
+    Done { request: usize, generation: Generation },
+}
+
+/// [`generate`] for callers that follow each token (streaming) or may give up on a request:
+/// `sink` sees every [`Event`]; results come only through it. `stats.sequences` counts the
+/// requests that finished, `stats.new_tokens` every token drawn (EOS excluded), dropped
+/// requests' included.
+pub fn generate_with<B: Kernels>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    requests: &[Request],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    mut sink: impl FnMut(Event<'_>) -> bool,
+) -> Result<GenerationStats, InferError> {
     if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
         return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
     }
     let started = Instant::now();
+    let mut stats = GenerationStats::default();
+    let mut counted = |event: Event<'_>| {
+        match &event {
+            Event::Token { .. } => stats.new_tokens += 1,
+            Event::Done { .. } => stats.sequences += 1,
+        }
+        sink(event)
+    };
     // Similar lengths join together, so little compute goes to padding.
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].prompt.len());
     let mut waiting: std::collections::VecDeque<usize> = order.into();
-    let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
-    let mut done = |i: usize, g: Generation| {
-        on_done(i, &g);
-        results[i] = Some(g);
-    };
     let batch_size = cfg.batch_size.max(1);
     let mut running = Running::new(model);
     loop {
@@ -166,25 +214,20 @@ pub fn generate<B: Kernels>(
         let join = free.min(waiting.len());
         if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
-            running.join(model, tokenizer, requests, &joining, cfg, device, &mut done)?;
+            running.join(model, tokenizer, requests, &joining, cfg, device, &mut counted)?;
             continue;
         }
         if running.live.is_empty() {
             break;
         }
-        running.step(model, tokenizer, cfg, device, &mut done)?;
+        running.step(model, tokenizer, cfg, device, &mut counted)?;
     }
-    let generations: Vec<Generation> = results
-        .into_iter()
-        .map(|g| g.expect("every request decoded"))
-        .collect();
-    let stats = GenerationStats {
-        sequences: generations.len(),
-        new_tokens: generations.iter().map(|g| g.tokens.len()).sum(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    Ok((generations, stats))
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
 }
+
+/// Where rows report to: answers whether a row goes on after a token.
+type Sink<'s> = dyn FnMut(Event<'_>) -> bool + 's;
 
 /// A sequence still being decoded. Its last token is the next step's input; the cache holds
 /// everything before it.
@@ -223,7 +266,7 @@ impl<B: Kernels> Running<B> {
         joining: &[usize],
         cfg: &GenerationConfig,
         device: &B::Device,
-        done: &mut dyn FnMut(usize, Generation),
+        sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
         let width = joining
             .iter()
@@ -242,10 +285,11 @@ impl<B: Kernels> Running<B> {
             .collect();
         if cfg.max_new_tokens == 0 {
             for mut l in rows {
-                done(
-                    l.request,
-                    finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?,
-                );
+                let generation = finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?;
+                sink(Event::Done {
+                    request: l.request,
+                    generation,
+                });
             }
             return Ok(());
         }
@@ -263,7 +307,7 @@ impl<B: Kernels> Running<B> {
         ); // [n, width, C]
         let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
         let next = next_tokens(logits, &mut rows, cfg, tokenizer.vocab_size())?;
-        let keep = advance(tokenizer, &mut rows, next, cfg, done)?;
+        let keep = advance(tokenizer, &mut rows, next, cfg, sink)?;
         if keep.is_empty() {
             return Ok(());
         }
@@ -296,7 +340,7 @@ impl<B: Kernels> Running<B> {
         tokenizer: &TextTokenizer,
         cfg: &GenerationConfig,
         device: &B::Device,
-        done: &mut dyn FnMut(usize, Generation),
+        sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
         let last: Vec<u32> = self
             .live
@@ -309,7 +353,7 @@ impl<B: Kernels> Running<B> {
         let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
         let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
         let next = next_tokens(logits, &mut self.live, cfg, tokenizer.vocab_size())?;
-        let keep = advance(tokenizer, &mut self.live, next, cfg, done)?;
+        let keep = advance(tokenizer, &mut self.live, next, cfg, sink)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
             if keep.is_empty() {
@@ -328,38 +372,51 @@ impl<B: Kernels> Running<B> {
     }
 }
 
-/// Appends each row's new token, or finishes the row (EOS, a stop string, or
-/// `max_new_tokens` reached). Returns the indices of the rows still going.
+/// Appends each row's new token and reports it, or finishes the row (EOS, a stop string, or
+/// `max_new_tokens` reached), or drops it (the sink said stop). Returns the indices of the
+/// rows still going.
 fn advance(
     tokenizer: &TextTokenizer,
     live: &mut [Live],
     next: Vec<(u32, Option<TokenLogprob>)>,
     cfg: &GenerationConfig,
-    done: &mut dyn FnMut(usize, Generation),
+    sink: &mut Sink<'_>,
 ) -> Result<Vec<usize>, InferError> {
     let mut keep = Vec::with_capacity(live.len());
     for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
+        let request = l.request;
         if cfg.eos.contains(&tok) {
-            done(
-                l.request,
-                finish(tokenizer, l, FinishReason::Stop, Some(tok), cfg)?,
-            );
+            let generation = finish(tokenizer, l, FinishReason::Stop, Some(tok), cfg)?;
+            sink(Event::Done { request, generation });
             continue;
         }
         l.tokens.push(tok);
+        let go_on = sink(Event::Token {
+            request,
+            token: tok,
+            logprob: lp.as_ref(),
+        });
         l.logprobs.extend(lp);
-        if !cfg.stop.is_empty() {
-            let text = tokenizer.decode(&l.tokens, true)?;
-            if cfg.stop.iter().any(|s| text.contains(s.as_str())) {
-                done(l.request, finish(tokenizer, l, FinishReason::Stop, None, cfg)?);
-                continue;
-            }
-        }
-        if l.tokens.len() >= cfg.max_new_tokens {
-            done(l.request, finish(tokenizer, l, FinishReason::Length, None, cfg)?);
+        if !go_on {
             continue;
         }
-        keep.push(row);
+        let reason = if !cfg.stop.is_empty() && {
+            let text = tokenizer.decode(&l.tokens, true)?;
+            cfg.stop.iter().any(|s| text.contains(s.as_str()))
+        } {
+            Some(FinishReason::Stop)
+        } else if l.tokens.len() >= cfg.max_new_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                let generation = finish(tokenizer, l, reason, None, cfg)?;
+                sink(Event::Done { request, generation });
+            }
+            None => keep.push(row),
+        }
     }
     Ok(keep)
 }

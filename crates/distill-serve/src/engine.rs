@@ -1,7 +1,8 @@
+// LEAD TO HELPER: before any edit, build or commit, read /tmp/briefs/common.md (shared-machine rules, build command, commit rules, 12:05 UTC deadline). Delete this line when you first edit this file.
 //! The model's thread: it owns the model, takes work from a channel, and batches what is
 //! pending. Requests whose decoding parameters are equal share one `generate` call; each
 //! keeps its own seed, so its output does not depend on its company. HTTP handlers wait on a
-//! oneshot reply and never on each other.
+//! oneshot reply (or, streaming, on a channel of tokens) and never on each other.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -13,10 +14,12 @@ use std::time::{Duration, Instant};
 use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{Generation, GenerationConfig, Request, Sampling, generate};
+use distill_infer::generate::{
+    Event, Generation, GenerationConfig, Request, Sampling, TokenLogprob, generate_with,
+};
 use distill_infer::{InferError, host};
 use distill_models::{CausalLm, Kernels};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 /// Prompt positions per scoring chunk: bounds the [chunk, V] f32 log-probabilities
 /// (152k vocabulary: 150 MB), as distill-eval's teacher forcing does.
@@ -29,6 +32,8 @@ pub struct Params {
     pub sampling: Sampling,
     pub stop: Vec<String>,
     pub logprobs: Option<usize>,
+    /// Decode past EOS tokens (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// Why work failed; the handler answers 500 with it.
@@ -44,8 +49,53 @@ impl From<InferError> for EngineError {
 
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
+/// Where the generations of one HTTP request go.
+pub enum Answer {
+    /// Every choice at once, when the last one finishes.
+    Whole(Reply<Vec<Generation>>),
+    /// Each token as it is drawn, then each choice's generation as it finishes; the sender
+    /// is dropped once every choice has finished (or after `Failed`).
+    Stream(mpsc::UnboundedSender<Streamed>),
+}
+
+/// What a streaming request hears from the engine.
+#[derive(Debug)]
+pub enum Streamed {
+    /// Choice `index` drew `token` (never an EOS token).
+    Token {
+        index: usize,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    /// Choice `index` finished: its text cut before any stop string, its reason, its tokens.
+    Done { index: usize, generation: Generation },
+    /// The model failed; nothing more comes.
+    Failed(EngineError),
+}
+
+impl Answer {
+    /// The client went away: nobody would read the answer.
+    fn closed(&self) -> bool {
+        match self {
+            Answer::Whole(reply) => reply.is_closed(),
+            Answer::Stream(tx) => tx.is_closed(),
+        }
+    }
+
+    fn fail(self, e: EngineError) {
+        match self {
+            Answer::Whole(reply) => {
+                let _ = reply.send(Err(e));
+            }
+            Answer::Stream(tx) => {
+                let _ = tx.send(Streamed::Failed(e));
+            }
+        }
+    }
+}
+
 /// The requests of one HTTP request and where their generations go.
-type Member = (Vec<Request>, Reply<Vec<Generation>>);
+type Member = (Vec<Request>, Answer);
 
 /// One unit of work for the model thread.
 pub enum Work {
@@ -53,7 +103,7 @@ pub enum Work {
     Generate {
         requests: Vec<Request>,
         params: Params,
-        reply: Reply<Vec<Generation>>,
+        answer: Answer,
     },
     /// Teacher-force a prompt: per position after the first, its log-probability, rank and
     /// the `top` most likely tokens.
@@ -76,7 +126,7 @@ impl Work {
     /// The client went away: nobody would read the answer.
     fn abandoned(&self) -> bool {
         match self {
-            Work::Generate { reply, .. } => reply.is_closed(),
+            Work::Generate { answer, .. } => answer.closed(),
             Work::Score { reply, .. } => reply.is_closed(),
         }
     }
@@ -100,6 +150,8 @@ pub struct Stats {
     pub sequences: AtomicUsize,
     pub new_tokens: AtomicUsize,
     pub score_calls: AtomicUsize,
+    /// Sequences dropped because their client went away, before or during generation.
+    pub cancelled: AtomicUsize,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -109,6 +161,7 @@ pub struct StatsSnapshot {
     pub sequences: usize,
     pub new_tokens: usize,
     pub score_calls: usize,
+    pub cancelled: usize,
 }
 
 impl Stats {
@@ -118,6 +171,7 @@ impl Stats {
             sequences: self.sequences.load(Ordering::Relaxed),
             new_tokens: self.new_tokens.load(Ordering::Relaxed),
             score_calls: self.score_calls.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
         }
     }
 }
@@ -174,7 +228,10 @@ impl<B: Kernels> Engine<B> {
 
     fn run_round(&self, round: Vec<Work>) {
         let mut groups: Vec<(Params, Vec<Member>)> = Vec::new();
-        for work in round.into_iter().filter(|w| !w.abandoned()) {
+        let (gone, round): (Vec<Work>, Vec<Work>) = round.into_iter().partition(Work::abandoned);
+        let dropped: usize = gone.iter().map(Work::sequences).sum();
+        self.stats.cancelled.fetch_add(dropped, Ordering::Relaxed);
+        for work in round {
             match work {
                 Work::Score { prompt, top, reply } => {
                     self.stats.score_calls.fetch_add(1, Ordering::Relaxed);
@@ -184,10 +241,10 @@ impl<B: Kernels> Engine<B> {
                 Work::Generate {
                     requests,
                     params,
-                    reply,
+                    answer,
                 } => match groups.iter_mut().find(|(p, _)| *p == params) {
-                    Some((_, members)) => members.push((requests, reply)),
-                    None => groups.push((params, vec![(requests, reply)])),
+                    Some((_, members)) => members.push((requests, answer)),
+                    None => groups.push((params, vec![(requests, answer)])),
                 },
             }
         }
@@ -197,14 +254,18 @@ impl<B: Kernels> Engine<B> {
     }
 
     /// One `generate` call for every member; each gets its own slice of the results as soon
-    /// as its last sequence finishes.
+    /// as its last sequence finishes, or, streaming, each token as it comes.
     fn generate_group(&self, params: &Params, members: Vec<Member>) {
         let all: Vec<Request> = members.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
         let cfg = GenerationConfig {
             max_new_tokens: params.max_new_tokens,
             sampling: params.sampling.clone(),
             stop: params.stop.clone(),
-            eos: self.eos.clone(),
+            eos: if params.ignore_eos {
+                Vec::new()
+            } else {
+                self.eos.clone()
+            },
             batch_size: self.batching.batch_size,
             logprobs: params.logprobs,
         };
@@ -226,35 +287,80 @@ impl<B: Kernels> Engine<B> {
         let sizes: Vec<usize> = members.iter().map(|(r, _)| r.len()).collect();
         let mut left = sizes.clone();
         let mut finished: Vec<Option<Generation>> = vec![None; all.len()];
-        let mut replies: Vec<Option<Reply<Vec<Generation>>>> =
-            members.into_iter().map(|(_, reply)| Some(reply)).collect();
+        let mut answers: Vec<Option<Answer>> = members.into_iter().map(|(_, a)| Some(a)).collect();
         let result = guarded(|| {
-            generate(&self.model, &self.tokenizer, &all, &cfg, &self.device, |i, g| {
-                finished[i] = Some(g.clone());
-                let m = owner[i];
-                left[m] -= 1;
-                if left[m] == 0 {
-                    let mine = finished[starts[m]..starts[m] + sizes[m]]
-                        .iter_mut()
-                        .map(|g| g.take().expect("every sequence of the member finished"))
-                        .collect();
-                    if let Some(reply) = replies[m].take() {
-                        let _ = reply.send(Ok(mine));
+            generate_with(
+                &self.model,
+                &self.tokenizer,
+                &all,
+                &cfg,
+                &self.device,
+                |event| match event {
+                    Event::Token {
+                        request: i,
+                        token,
+                        logprob,
+                    } => {
+                        let m = owner[i];
+                        let Some(answer) = &answers[m] else {
+                            return false;
+                        };
+                        if let Answer::Stream(tx) = answer {
+                            let _ = tx.send(Streamed::Token {
+                                index: i - starts[m],
+                                token,
+                                logprob: logprob.cloned(),
+                            });
+                        }
+                        // A client that went away frees its row at once.
+                        let go_on = !answer.closed();
+                        if !go_on {
+                            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        go_on
                     }
-                }
-            })
+                    Event::Done {
+                        request: i,
+                        generation,
+                    } => {
+                        let m = owner[i];
+                        left[m] -= 1;
+                        match &answers[m] {
+                            Some(Answer::Stream(tx)) => {
+                                let _ = tx.send(Streamed::Done {
+                                    index: i - starts[m],
+                                    generation,
+                                });
+                            }
+                            _ => finished[i] = Some(generation),
+                        }
+                        if left[m] == 0
+                            && let Some(Answer::Whole(reply)) = answers[m].take()
+                        {
+                            let mine = finished[starts[m]..starts[m] + sizes[m]]
+                                .iter_mut()
+                                .map(|g| g.take().expect("every sequence of the member finished"))
+                                .collect();
+                            let _ = reply.send(Ok(mine));
+                        }
+                        true
+                    }
+                },
+            )
             .map_err(EngineError::from)
         });
         match result {
-            Ok((_, stats)) => {
+            Ok(stats) => {
                 self.stats.sequences.fetch_add(stats.sequences, Ordering::Relaxed);
                 self.stats
                     .new_tokens
                     .fetch_add(stats.new_tokens, Ordering::Relaxed);
             }
             Err(e) => {
-                for reply in replies.into_iter().flatten() {
-                    let _ = reply.send(Err(e.clone()));
+                for (answer, left) in answers.into_iter().zip(left) {
+                    if let Some(answer) = answer.filter(|_| left > 0) {
+                        answer.fail(e.clone());
+                    }
                 }
             }
         }
@@ -357,6 +463,7 @@ mod tests {
     }
 
     fn generate_work(n: usize, reply: Reply<Vec<Generation>>) -> Work {
+        let answer = Answer::Whole(reply);
         Work::Generate {
             requests: vec![
                 Request {
@@ -370,8 +477,9 @@ mod tests {
                 sampling: Sampling::GREEDY,
                 stop: vec![],
                 logprobs: None,
+                ignore_eos: false,
             },
-            reply,
+            answer,
         }
     }
 
@@ -420,6 +528,7 @@ mod tests {
             },
             stop: vec![],
             logprobs: None,
+            ignore_eos: false,
         };
         let request = |text: &str, seed: u64| Request {
             prompt: tokenizer.encode(text, false).unwrap(),
@@ -437,7 +546,7 @@ mod tests {
         let (mut members, mut answers) = (Vec::new(), Vec::new());
         for a in &asks {
             let (tx, rx) = oneshot::channel();
-            members.push((a.clone(), tx));
+            members.push((a.clone(), Answer::Whole(tx)));
             answers.push(rx);
         }
         engine.generate_group(&params, members);
@@ -451,13 +560,65 @@ mod tests {
                 batch_size: 1,
                 logprobs: None,
             };
-            let alone = generate(&engine.model, &tokenizer, a, &cfg, &engine.device, |_, _| {})
-                .unwrap()
-                .0;
+            let alone = distill_infer::generate::generate(
+                &engine.model,
+                &tokenizer,
+                a,
+                &cfg,
+                &engine.device,
+                |_, _| {},
+            )
+            .unwrap()
+            .0;
             let tokens = |g: &[Generation]| g.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
             assert_eq!(tokens(&got), tokens(&alone));
         }
         assert_eq!(engine.stats.snapshot().sequences, 6);
+    }
+
+    /// A streaming member whose client is gone stops at its first token; the member beside
+    /// it still gets its whole answer.
+    #[test]
+    fn a_client_that_went_away_frees_its_rows() {
+        use burn::backend::Flex;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
+        let device = Default::default();
+        let tokenizer = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
+        let engine = Engine::<Flex> {
+            model: CausalLm::load(&dir, &device).unwrap(),
+            tokenizer: tokenizer.clone(),
+            eos: vec![],
+            device,
+            batching: Batching {
+                batch_size: 4,
+                window: Duration::ZERO,
+            },
+            stats: Arc::new(Stats::default()),
+        };
+        let params = Params {
+            max_new_tokens: 30,
+            sampling: Sampling::GREEDY,
+            stop: vec![],
+            logprobs: None,
+            ignore_eos: false,
+        };
+        let request = Request {
+            prompt: tokenizer.encode("Once upon a time", false).unwrap(),
+            seed: 0,
+        };
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        drop(gone_rx);
+        let (tx, mut rx) = oneshot::channel();
+        let members = vec![
+            (vec![request.clone(); 2], Answer::Stream(gone_tx)),
+            (vec![request], Answer::Whole(tx)),
+        ];
+        engine.generate_group(&params, members);
+        let kept = rx.try_recv().expect("answered").expect("generated");
+        assert_eq!(kept[0].tokens.len(), 30);
+        let stats = engine.stats.snapshot();
+        assert_eq!(stats.cancelled, 2);
+        assert_eq!(stats.new_tokens, 30 + 2, "one token each before the rows left");
     }
 
     #[test]

@@ -63,6 +63,16 @@ impl ApiError {
         }
     }
 
+    /// 401: no key, or not the server's key.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
     /// 500: our fault, not the request's.
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {

@@ -10,6 +10,7 @@ pub mod api;
 pub mod engine;
 mod error;
 mod routes;
+pub mod stream;
 pub mod tokens;
 
 use std::future::Future;
@@ -40,6 +41,37 @@ pub struct ServeOptions {
     /// After a request arrives at an idle server, how long to wait for others to batch
     /// with it. Short next to a generation, long enough for a client's burst to arrive.
     pub batch_window: Duration,
+    /// When set, every endpoint but `/health` requires `Authorization: Bearer KEY`.
+    pub api_key: Option<ApiKey>,
+}
+
+/// The key clients must send. Its `Debug` shows no part of it, so it stays out of logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// None for an empty key, which would let every request through by accident.
+    pub fn new(key: impl Into<String>) -> Option<ApiKey> {
+        let key = key.into();
+        (!key.is_empty()).then_some(ApiKey(key))
+    }
+
+    /// Compares in time that depends on the key's length only, not on where a guess
+    /// first differs.
+    pub fn matches(&self, given: &str) -> bool {
+        let (key, given) = (self.0.as_bytes(), given.as_bytes());
+        let mut diff = key.len() ^ given.len();
+        for (i, &k) in key.iter().enumerate() {
+            diff |= usize::from(k ^ given.get(i).copied().unwrap_or(!k));
+        }
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<hidden>)")
+    }
 }
 
 impl ServeOptions {
@@ -64,7 +96,7 @@ pub fn serve<B: Kernels>(
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), ServeError> {
     let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
-    let vocab = tokens::Vocab::new(&tokenizer);
+    let vocab = Arc::new(tokens::Vocab::new(&tokenizer));
     let model = CausalLm::<B>::load(dir, &device)?;
     let served = served_model(dir, options, &model)?;
     if options.batch_size == 0 {
@@ -84,6 +116,7 @@ pub fn serve<B: Kernels>(
         vocab,
         served,
         started: routes::unix_now(),
+        api_key: options.api_key.clone(),
     });
     // The router holds the only job senders: when the server has stopped and dropped it,
     // the engine's queue closes and the engine returns.
@@ -134,8 +167,36 @@ fn served_model<B: Kernels>(
         name: options.served_model_name.clone(),
         max_model_len,
         vocab_size: model.config.vocab_size,
+        defaults: generation_defaults(dir)?,
     })
 }
+
+/// The decoding defaults in the model's generation_config.json; none without the file.
+fn generation_defaults(dir: &Path) -> Result<api::Defaults, ServeError> {
+    let path = dir.join(GENERATION_CONFIG);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(api::Defaults::default()),
+        Err(e) => {
+            return Err(ServeError::Options {
+                path,
+                msg: e.to_string(),
+            });
+        }
+    };
+    let bad = |msg: String| ServeError::Options {
+        path: path.clone(),
+        msg,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let defaults = api::Defaults::from_json(&json).map_err(bad)?;
+    if defaults != api::Defaults::default() {
+        eprintln!("request defaults from {GENERATION_CONFIG}: {defaults:?}");
+    }
+    Ok(defaults)
+}
+
+const GENERATION_CONFIG: &str = "generation_config.json";
 
 fn options_error(dir: &Path, msg: String) -> ServeError {
     ServeError::Options {
@@ -216,5 +277,21 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.shut_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiKey;
+
+    #[test]
+    fn api_keys_match_exactly_and_never_show() {
+        let key = ApiKey::new("sk-local-123").unwrap();
+        assert!(key.matches("sk-local-123"));
+        for wrong in ["", "sk-local-12", "sk-local-1234", "sk-local-124", "SK-LOCAL-123"] {
+            assert!(!key.matches(wrong), "{wrong:?}");
+        }
+        assert_eq!(format!("{key:?}"), "ApiKey(<hidden>)");
+        assert!(ApiKey::new("").is_none());
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP side: axum handlers that check a request, hand the model work to the engine
-//! thread, await its reply and build the OpenAI response. One log line per request.
+//! thread, await its reply and build the OpenAI response, or stream it ([`crate::stream`]).
+//! One log line per request (and one more when a stream ends).
 
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
@@ -7,6 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{Request as HttpRequest, State};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,36 +18,70 @@ use distill_infer::generate::{FinishReason, Generation, Request, TokenLogprob};
 use distill_infer::reasoning::prompt_opens_think;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::ApiKey;
 use crate::api::{
     self, ChatCompletion, ChatRequest, CompletionRequest, ServedModel, TextChoice, TextCompletion, Usage,
 };
-use crate::engine::{Params, PositionScore, Work};
+use crate::engine::{Answer, Params, PositionScore, Work};
 use crate::error::ApiError;
+use crate::stream::{Chunker, Kind, SseBody, StreamPlan};
 use crate::tokens::Vocab;
 
 /// What every handler shares.
 pub struct Shared {
     pub jobs: Sender<Work>,
     pub tokenizer: Arc<TextTokenizer>,
-    pub vocab: Vocab,
+    pub vocab: Arc<Vocab>,
     pub served: ServedModel,
     /// Unix seconds the server started: `/v1/models`' `created`.
     pub started: u64,
+    pub api_key: Option<ApiKey>,
 }
 
 type AppState = Arc<Shared>;
 
+/// The path that answers without a key, for load balancers and scripts.
+const HEALTH: &str = "/health";
+
 pub fn router(shared: Shared) -> Router {
+    let state = Arc::new(shared);
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/health", get(|| async { "ok" }))
+        .route(HEALTH, get(|| async { "ok" }))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn(log_request))
-        .with_state(Arc::new(shared))
+        .with_state(state)
+}
+
+/// With `--api-key`, every path but the health check needs `Authorization: Bearer KEY`;
+/// the answer to a wrong key never repeats what was sent.
+async fn authorize(State(s): State<AppState>, request: HttpRequest, next: Next) -> Response {
+    let Some(key) = &s.api_key else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == HEALTH {
+        return next.run(request).await;
+    }
+    let sent = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match sent {
+        Some(token) if key.matches(token) => next.run(request).await,
+        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
+        None => ApiError::unauthorized(
+            "No API key provided: send the header `Authorization: Bearer KEY` with the key this server was started with (--api-key or DISTILL_API_KEY).",
+        )
+        .into_response(),
+    }
 }
 
 /// `METHOD /path STATUS [prompt+completion tokens] SECONDS` on stderr. Never the body: prompts
@@ -104,14 +140,37 @@ fn answer<T: Serialize>(result: Result<(T, Usage), ApiError>) -> Response {
 }
 
 async fn chat(State(s): State<AppState>, body: Bytes) -> Response {
-    answer(chat_completion(&s, &body).await)
+    match chat_request(&s, &body) {
+        Ok(chat) if chat.request.sampling.streaming() => {
+            stream_chat(&s, chat).unwrap_or_else(|e| e.into_response())
+        }
+        Ok(chat) => answer(chat_completion(&s, chat).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
-    answer(text_completion(&s, &body).await)
+    let request = api::parse_request::<CompletionRequest>(&body);
+    match request {
+        Ok(request) if request.sampling.streaming() => {
+            stream_completion(&s, &request).unwrap_or_else(|e| e.into_response())
+        }
+        Ok(request) => answer(text_completion(&s, &request).await),
+        Err(e) => e.into_response(),
+    }
 }
 
-async fn chat_completion(s: &Shared, body: &[u8]) -> Result<(ChatCompletion, Usage), ApiError> {
+/// A chat request, checked and rendered.
+struct Chat {
+    request: ChatRequest,
+    prompt: Vec<u32>,
+    params: Params,
+    requests: Vec<Request>,
+    /// The rendered prompt leaves the model inside `<think>`.
+    in_think: bool,
+}
+
+fn chat_request(s: &Shared, body: &[u8]) -> Result<Chat, ApiError> {
     let request: ChatRequest = api::parse_request(body)?;
     let plan = request.plan(&s.served)?;
     let template = s.tokenizer.template().map_err(|e| {
@@ -128,8 +187,24 @@ async fn chat_completion(s: &Shared, body: &[u8]) -> Result<(ChatCompletion, Usa
         .encode(&text, false)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let (params, requests) = request.params(&plan, &prompt, &s.served)?;
+    Ok(Chat {
+        request,
+        prompt,
+        params,
+        requests,
+        in_think: prompt_opens_think(&text),
+    })
+}
+
+async fn chat_completion(s: &Shared, chat: Chat) -> Result<(ChatCompletion, Usage), ApiError> {
+    let Chat {
+        prompt,
+        params,
+        requests,
+        in_think,
+        ..
+    } = chat;
     let generations = s.generate(requests, params).await?;
-    let in_think = prompt_opens_think(&text);
     let choices = generations
         .iter()
         .enumerate()
@@ -152,8 +227,45 @@ async fn chat_completion(s: &Shared, body: &[u8]) -> Result<(ChatCompletion, Usa
     Ok((body, usage))
 }
 
-async fn text_completion(s: &Shared, body: &[u8]) -> Result<(TextCompletion, Usage), ApiError> {
-    let request: CompletionRequest = api::parse_request(body)?;
+fn stream_chat(s: &Shared, chat: Chat) -> Result<Response, ApiError> {
+    let plan = StreamPlan {
+        kind: Kind::Chat {
+            prompt_opens_think: chat.in_think,
+        },
+        id: response_id("chatcmpl"),
+        created: unix_now(),
+        model: s.served.name.clone(),
+        n: chat.requests.len(),
+        stop: chat.params.stop.clone(),
+        prompt_tokens: chat.prompt.len(),
+        include_usage: chat.request.sampling.include_usage(),
+        logprobs: chat.params.logprobs.is_some(),
+    };
+    s.stream(chat.requests, chat.params, plan, "POST /v1/chat/completions")
+}
+
+fn stream_completion(s: &Shared, request: &CompletionRequest) -> Result<Response, ApiError> {
+    request.check(&s.served)?;
+    let (prompt, _) = request.prompt_ids(&s.tokenizer, &s.served)?;
+    let plan = request.plan(&prompt, &s.served)?;
+    let stream = StreamPlan {
+        kind: Kind::Text,
+        id: response_id("cmpl"),
+        created: unix_now(),
+        model: s.served.name.clone(),
+        n: plan.requests.len(),
+        stop: plan.params.stop.clone(),
+        prompt_tokens: prompt.len(),
+        include_usage: request.sampling.include_usage(),
+        logprobs: false,
+    };
+    s.stream(plan.requests, plan.params, stream, "POST /v1/completions")
+}
+
+async fn text_completion(
+    s: &Shared,
+    request: &CompletionRequest,
+) -> Result<(TextCompletion, Usage), ApiError> {
     request.check(&s.served)?;
     let (prompt, prompt_text) = request.prompt_ids(&s.tokenizer, &s.served)?;
     let plan = request.plan(&prompt, &s.served)?;
@@ -233,9 +345,42 @@ impl Shared {
         self.submit(Work::Generate {
             requests,
             params,
-            reply,
+            answer: Answer::Whole(reply),
         })?;
         Ok(answer.await.map_err(|_| model_thread_gone())??)
+    }
+
+    /// Queues the requests with a channel for their tokens; the response streams the chunks.
+    fn stream(
+        &self,
+        requests: Vec<Request>,
+        params: Params,
+        plan: StreamPlan,
+        route: &str,
+    ) -> Result<Response, ApiError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if params.max_new_tokens == 0 {
+            // Nothing to generate: every choice is done at once.
+            for index in 0..requests.len() {
+                let generation = nothing_generated(None);
+                let _ = tx.send(crate::engine::Streamed::Done { index, generation });
+            }
+        } else {
+            self.submit(Work::Generate {
+                requests,
+                params,
+                answer: Answer::Stream(tx),
+            })?;
+        }
+        let chunker = Chunker::new(plan);
+        let body = SseBody::new(
+            rx,
+            chunker,
+            self.tokenizer.clone(),
+            self.vocab.clone(),
+            route.to_string(),
+        );
+        Ok(body.into_response())
     }
 
     async fn score(&self, prompt: Vec<u32>, top: usize) -> Result<Vec<PositionScore>, ApiError> {

@@ -27,6 +27,7 @@ fn options(batch_window: Duration) -> ServeOptions {
         served_model_name: "tiny".into(),
         max_model_len: None,
         batch_window,
+        api_key: None,
     }
 }
 
@@ -450,9 +451,9 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         ),
         (
             "/chat/completions",
-            json!({"messages": msgs, "stream": true}),
+            json!({"messages": msgs, "stream": true, "n": 0}),
             400,
-            "stream",
+            "n",
         ),
         ("/chat/completions", json!({"messages": "hi"}), 400, "messages"),
         (
@@ -605,4 +606,411 @@ async fn gen_data_clients_read_what_the_server_sends() {
             assert_close(lp, top.logprobs[(i - 1) * 3 + j], "top logprob");
         }
     }
+}
+
+/// POSTs `body` with `stream: true` and reads the whole event stream: the `data:` payloads in
+/// order, `[DONE]` last.
+async fn sse(server: &Server, path: &str, mut body: Value) -> Vec<String> {
+    body["stream"] = json!(true);
+    let mut response = reqwest::Client::new()
+        .post(format!("{}{path}", server.url()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut raw = Vec::new();
+    while let Some(bytes) = response.chunk().await.unwrap() {
+        raw.extend_from_slice(&bytes);
+    }
+    let text = String::from_utf8(raw).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    text.split_terminator("\n\n")
+        .map(|event| {
+            event
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not a data line: {event:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+/// The JSON chunks of an event stream (all but `[DONE]`).
+fn parse_chunks(events: &[String]) -> Vec<Value> {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("{err}: {e}")))
+        .collect()
+}
+
+/// Per choice index, the concatenation of `delta[field]` (chat) or `text` (completions).
+fn joined(chunks: &[Value], field: &str, index: usize) -> String {
+    chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .filter(|c| c["index"] == index)
+        .filter_map(|c| {
+            let v = if field == "text" {
+                &c["text"]
+            } else {
+                &c["delta"][field]
+            };
+            v.as_str().map(str::to_string)
+        })
+        .collect()
+}
+
+/// Per choice index, the finish reasons its chunks carry (one, on its last chunk).
+fn finishes(chunks: &[Value], index: usize) -> Vec<(usize, String)> {
+    let mine: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter())
+        .filter(|c| c["index"] == index)
+        .collect();
+    mine.iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            c["finish_reason"]
+                .as_str()
+                .map(|f| (mine.len() - 1 - i, f.to_string()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_chat_is_the_whole_answer_in_openai_chunks() {
+    let server = start();
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "What is 2+3? Think step by step."}],
+                      "n": 2, "seed": 5, "temperature": 1.0, "max_tokens": 24, "logprobs": true, "top_logprobs": 2});
+    let (status, whole) = post(&server, "/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = body.clone();
+    streamed["stream_options"] = json!({"include_usage": true});
+    let chunks = parse_chunks(&sse(&server, "/chat/completions", streamed).await);
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("chatcmpl-"));
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk", "{c}");
+        assert_eq!((c["id"].as_str(), &c["model"]), (Some(id), &json!("tiny")));
+        assert!(
+            c.get("usage").is_some(),
+            "usage: null on every chunk when asked for"
+        );
+    }
+    // The first chunk of each choice announces the role, with empty content.
+    for (i, c) in chunks[..2].iter().enumerate() {
+        assert_eq!(c["choices"][0]["index"], i);
+        assert_eq!(
+            c["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+    }
+    for (index, choice) in whole["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            joined(&chunks, "content", index),
+            choice["message"]["content"].as_str().unwrap()
+        );
+        assert_eq!(
+            finishes(&chunks, index),
+            [(0, choice["finish_reason"].as_str().unwrap().to_string())]
+        );
+        // Each token's logprobs ride on exactly one chunk, in order.
+        let streamed_lp: Vec<Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap().iter())
+            .filter(|c| c["index"] == index && !c["logprobs"].is_null())
+            .flat_map(|c| c["logprobs"]["content"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(&Value::from(streamed_lp), &choice["logprobs"]["content"]);
+    }
+    // The last chunk: no choices, the usage of the whole answer.
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], whole["usage"]);
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+
+    // Without stream_options: no usage anywhere.
+    let chunks_plain = parse_chunks(&sse(&server, "/chat/completions", body).await);
+    assert!(chunks_plain.iter().all(|c| c.get("usage").is_none()));
+    assert_eq!(joined(&chunks_plain, "content", 1), joined(&chunks, "content", 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_completions_and_stop_strings_that_never_leak() {
+    let server = start();
+    let body = json!({"prompt": "Once upon a time", "temperature": 0, "max_tokens": 40, "ignore_eos": true});
+    let (_, whole) = post(&server, "/completions", body.clone()).await;
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(
+        whole["usage"]["completion_tokens"], 40,
+        "ignore_eos decodes to max_tokens"
+    );
+    let chunks = parse_chunks(&sse(&server, "/completions", body.clone()).await);
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+    assert!(chunks[0]["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(joined(&chunks, "text", 0), text);
+    assert_eq!(finishes(&chunks, 0), [(0, "length".to_string())]);
+
+    // A stop string from the middle of that text: the stream ends before it, and no chunk
+    // ever carried any of it, even as a prefix split over tokens.
+    let mut with_stop = body.clone();
+    let (stop, want) = stop_from_the_middle(&text);
+    with_stop["stop"] = json!([stop.clone(), "never appears"]);
+    let chunks = parse_chunks(&sse(&server, "/completions", with_stop).await);
+    check_no_leak(&chunks, "text", &stop, &want);
+    // The same through chat's reasoning splitter (the fixture does not think: content is
+    // the text untouched).
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0,
+                      "max_tokens": 40, "ignore_eos": true});
+    let (_, whole) = post(&server, "/chat/completions", chat.clone()).await;
+    let (stop, want) = stop_from_the_middle(whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let mut with_stop = chat;
+    with_stop["stop"] = json!(stop.clone());
+    let chunks = parse_chunks(&sse(&server, "/chat/completions", with_stop).await);
+    check_no_leak(&chunks, "content", &stop, &want);
+
+    // Scoring fields do not stream.
+    let (status, v) = post(
+        &server,
+        "/completions",
+        json!({"prompt": "a", "stream": true, "echo": true}),
+    )
+    .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("echo")));
+}
+
+/// Three characters from the middle of `text` as a stop string, and the text before its first
+/// occurrence.
+fn stop_from_the_middle(text: &str) -> (String, String) {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let (at, _) = chars[chars.len() / 2];
+    let stop: String = text[at..].chars().take(3).collect();
+    let want = text[..text.find(&stop).unwrap()].to_string();
+    (stop, want)
+}
+
+fn check_no_leak(chunks: &[Value], field: &str, stop: &str, want: &str) {
+    let mut sent = String::new();
+    for c in chunks {
+        for choice in c["choices"].as_array().unwrap() {
+            let piece = if field == "text" {
+                &choice["text"]
+            } else {
+                &choice["delta"][field]
+            };
+            sent.push_str(piece.as_str().unwrap_or(""));
+            assert!(
+                want.starts_with(&sent),
+                "sent {sent:?}, which is not a prefix of {want:?} (stop {stop:?})"
+            );
+        }
+    }
+    assert_eq!(sent, want, "stop {stop:?}");
+    assert_eq!(finishes(chunks, 0), [(0, "stop".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_reasoning_goes_to_reasoning_content() {
+    // The thinking template, cut off while thinking: every delta is reasoning.
+    let dir = thinking_fixture();
+    let server = Server::start::<Flex>(
+        dir.path().to_path_buf(),
+        options(Duration::ZERO),
+        Default::default(),
+    )
+    .unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "What is 2+3?"}], "temperature": 0,
+                      "max_tokens": 20, "ignore_eos": true});
+    let (_, whole) = post(&server, "/chat/completions", body.clone()).await;
+    let message = &whole["choices"][0]["message"];
+    let reasoning = message["reasoning_content"].as_str().unwrap();
+    assert!(!reasoning.is_empty());
+    let chunks = parse_chunks(&sse(&server, "/chat/completions", body).await);
+    assert_eq!(joined(&chunks, "reasoning_content", 0), reasoning);
+    assert_eq!(
+        joined(&chunks, "content", 0),
+        "",
+        "only the role chunk's empty content"
+    );
+    assert!(
+        chunks[1..]
+            .iter()
+            .all(|c| c["choices"][0]["delta"].get("content").is_none()),
+        "{chunks:?}"
+    );
+    assert_eq!(finishes(&chunks, 0), [(0, "length".to_string())]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_client_left_frees_its_row() {
+    // One row: the second request can only run once the first has left it.
+    let mut o = options(Duration::ZERO);
+    o.batch_size = 1;
+    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
+    // A long generation, streamed: 64 choices of the rest of the 512-token context each, EOS
+    // ignored (about 31k tokens, one row at a time). The client reads the first chunk and
+    // goes away; the engine notices at the next token it sends, whichever row that is.
+    let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                      "temperature": 0, "ignore_eos": true, "stream": true, "n": 64});
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", server.url()))
+        .body(long.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(response.chunk().await.unwrap().is_some());
+    drop(response);
+    let (status, v) = post(
+        &server,
+        "/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let stats = server.stats();
+    assert!(stats.cancelled >= 1, "{stats:?}");
+    // Half the long request's tokens would take far longer than noticing a closed socket.
+    assert!(
+        stats.new_tokens < 64 * 480 / 2,
+        "the dropped stream stopped early: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_api_key_guards_every_endpoint_but_health() {
+    let mut o = options(Duration::ZERO);
+    o.api_key = distill_serve::ApiKey::new("sk-test-key");
+    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
+    let client = reqwest::Client::new();
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let call = |path: &str, auth: Option<&str>| {
+        let mut r = if path == "/models" {
+            client.get(format!("{}{path}", server.url()))
+        } else {
+            client
+                .post(format!("{}{path}", server.url()))
+                .body(chat.to_string())
+        };
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    for path in ["/chat/completions", "/completions", "/models", "/embeddings"] {
+        for auth in [
+            None,
+            Some("Bearer wrong-key"),
+            Some("Basic sk-test-key"),
+            Some("Bearer sk-test-ke"),
+        ] {
+            let response = call(path, auth).await.unwrap();
+            assert_eq!(response.status().as_u16(), 401, "{path} {auth:?}");
+            let v = response.json_text().await;
+            assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert!(
+                !v.to_string().contains("wrong-key") && !v.to_string().contains("sk-test"),
+                "{v}"
+            );
+        }
+    }
+    for path in ["/chat/completions", "/models"] {
+        let response = call(path, Some("Bearer sk-test-key")).await.unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+    }
+    // The health check answers anyone.
+    let health = reqwest::get(format!("http://{}/health", server.addr))
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+/// The official `openai` Python client against the server (tests/openai_client.py), when
+/// `python3` (or `$DISTILL_PYTHON`) can import it; CI has no openai package and skips.
+#[test]
+fn the_openai_python_client_streams_and_reads_everything() {
+    let python = std::env::var("DISTILL_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_openai = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        println!("SKIPPED: {python} cannot import openai (pip install openai to run this test)");
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let thinking = thinking_fixture();
+    for (dir, key, extra) in [
+        (fixture(), Some("sk-local"), None),
+        (thinking.path().to_path_buf(), None, Some("--thinking")),
+    ] {
+        let mut o = options(Duration::ZERO);
+        o.api_key = key.and_then(distill_serve::ApiKey::new);
+        let server = Server::start::<Flex>(dir, o, Default::default()).unwrap();
+        let out = std::process::Command::new(&python)
+            .arg(&script)
+            .args([server.url().as_str(), "tiny"])
+            .args(key)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        println!("{}", stdout.trim());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generation_config_supplies_the_defaults() {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    let config = tmp.path().join("generation_config.json");
+    std::fs::write(
+        &config,
+        r#"{"eos_token_id": 2, "temperature": 0.0, "max_new_tokens": 5}"#,
+    )
+    .unwrap();
+    let server = Server::start::<Flex>(
+        tmp.path().to_path_buf(),
+        options(Duration::ZERO),
+        Default::default(),
+    )
+    .unwrap();
+    let ask = json!({"messages": [{"role": "user", "content": "Tell me a story."}], "ignore_eos": true});
+    let (_, defaulted) = post(&server, "/chat/completions", ask.clone()).await;
+    assert_eq!(defaulted["usage"]["completion_tokens"], 5, "{defaulted}");
+    // Greedy from the file: what an explicit temperature 0 gives, on the stock fixture too.
+    let mut explicit = ask.clone();
+    explicit["temperature"] = json!(0);
+    explicit["max_tokens"] = json!(5);
+    let (_, want) = post(&start(), "/chat/completions", explicit).await;
+    assert_eq!(defaulted["choices"], want["choices"]);
+    // The request's own fields win.
+    let mut own = ask;
+    own["max_tokens"] = json!(3);
+    let (_, v) = post(&server, "/chat/completions", own).await;
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    drop(server);
+
+    std::fs::write(&config, r#"{"top_p": 1.5}"#).unwrap();
+    let err = Server::start::<Flex>(
+        tmp.path().to_path_buf(),
+        options(Duration::ZERO),
+        Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("generation_config.json") && err.to_string().contains("top_p"),
+        "{err}"
+    );
 }
