@@ -639,11 +639,12 @@ fn render_bars(bars: &Bars, size: (u32, u32), rgb: &mut [u8]) -> Result<(), Stri
             String::new()
         }
     };
-    let value_text_at = move |v: f64| value_labels.format(v);
-    let (x_text, y_text): (Box<dyn Fn(f64) -> String>, Box<dyn Fn(f64) -> String>) = if horizontal {
-        (Box::new(value_text_at), Box::new(category_text))
-    } else {
-        (Box::new(category_text), Box::new(value_text_at))
+    let tick_text = |at: f64, on_category_axis: bool| {
+        if on_category_axis {
+            category_text(at)
+        } else {
+            value_labels.format(at)
+        }
     };
     let (x_desc, y_desc) = if horizontal {
         (bars.value_label, bars.category_label)
@@ -663,8 +664,8 @@ fn render_bars(bars: &Bars, size: (u32, u32), rgb: &mut [u8]) -> Result<(), Stri
     }
     mesh.x_desc(x_desc)
         .y_desc(y_desc)
-        .x_label_formatter(&|v| x_text(*v))
-        .y_label_formatter(&|v| y_text(*v))
+        .x_label_formatter(&|v| tick_text(*v, !horizontal))
+        .y_label_formatter(&|v| tick_text(*v, horizontal))
         .label_style(label_font.clone())
         .axis_desc_style(("sans-serif", 18))
         .draw()

@@ -100,12 +100,15 @@ const LEGEND_ROW: i32 = 24;
 /// Room before a legend label: the mark and the gaps around it.
 const LEGEND_MARK_WIDTH: u32 = 44;
 
+/// A chart area and the legend column beside it.
+pub type WithLegend<DB> = (DrawingArea<DB, Shift>, DrawingArea<DB, Shift>);
+
 /// Splits `area` into a chart area and a column at its right wide enough for `entries`'
 /// labels, for [`draw_side_legend`]: a legend beside the chart never covers its data.
 pub fn split_for_legend<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     entries: &[LegendEntry],
-) -> Result<(DrawingArea<DB, Shift>, DrawingArea<DB, Shift>), String> {
+) -> Result<WithLegend<DB>, String> {
     let font = ("sans-serif", LEGEND_FONT).into_text_style(area);
     let mut widest = 0;
     for e in entries {
