@@ -1,7 +1,8 @@
 //! The plotting plumbing training curves (distill-train) and eval reports (distill-eval) share:
 //! an embedded font, so plots get labels on machines without system fonts; one palette, so a
-//! model keeps its colour across plots; legends beside the chart; tick labels that stay distinct; and drawing into an RGB buffer that
-//! is written as a PNG. Charts themselves stay with the crate that knows their data.
+//! model keeps its colour across plots; legends beside the chart, never over its data; tick
+//! labels that stay distinct; and drawing into an RGB buffer that is written as a PNG. Charts
+//! themselves stay with the crate that knows their data.
 
 use std::fs::File;
 use std::io;
