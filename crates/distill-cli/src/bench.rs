@@ -1134,7 +1134,7 @@ fn pool_bytes(_device: DeviceArg) -> Option<(u64, u64)> {
 fn driver_pool_peaks(device: DeviceArg, reset: bool) -> Option<(u64, u64)> {
     match device {
         DeviceArg::Cuda(n) => {
-            distill_kernels::cuda::cublas::driver_pool_peaks(&burn::backend::cuda::CudaDevice::new(n), reset)
+            distill_kernels::cuda::pool::driver_pool_peaks(&burn::backend::cuda::CudaDevice::new(n), reset)
                 .map_err(|e| eprintln!("note: no driver pool figures ({e})"))
                 .ok()
         }

@@ -13,7 +13,7 @@ use crate::{
     sum_groups, tensor,
 };
 
-/// cuBLAS GEMMs on burn's CUDA tensors, and the bridge to cubecl's device thread and stream.
+/// cuBLAS GEMMs on burn's CUDA tensors.
 pub mod cublas;
 /// RMSNorm, SwiGLU and RoPE, forward and backward.
 pub mod elementwise;
@@ -27,8 +27,12 @@ pub mod nf4;
 pub(crate) mod nvrtc;
 /// The AdamW update, the flat group's assembly and its sum of squares.
 pub mod optim;
+/// The driver's memory pool under cubecl's allocations.
+pub mod pool;
 /// Attention's softmax and its backward, fused.
 pub mod softmax;
+/// The bridge to cubecl's device thread and CUDA stream: where our GPU work is queued.
+pub mod stream;
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
 /// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,
@@ -42,7 +46,7 @@ where
     const FAST_GEMM: bool = true;
 
     fn trim_memory(device: &Self::Device) {
-        if let Err(e) = cublas::retain_freed_memory(device) {
+        if let Err(e) = pool::retain_freed_memory(device) {
             // Still correct without it, only slower: pages come back from the driver.
             static NOTED: std::sync::Once = std::sync::Once::new();
             NOTED.call_once(|| eprintln!("note: freed GPU memory is returned to the driver ({e})"));

@@ -20,7 +20,7 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, FloatDType, Tensor};
 use distill_kernels::Kernels;
 use distill_kernels::bmm;
-use distill_kernels::cuda::cublas;
+use distill_kernels::cuda::{cublas, stream};
 
 type G = Cuda<half::bf16>;
 type AD = Autodiff<G>;
@@ -276,7 +276,7 @@ fn cuda_cublas_chain_is_ordered_with_cubecl_kernels() {
 #[test]
 fn cuda_cublas_runs_on_cubecl_stream() {
     let Some((_turn, device)) = gpu() else { return };
-    if cublas::ordering() != cublas::Ordering::Stream {
+    if stream::ordering() != stream::Ordering::Stream {
         // A legitimate skip, also under DISTILL_REQUIRE_GPU=1, only when the run itself chose
         // another ordering (DISTILL_CUBLAS=sync or off): this test is about the default, which
         // such a run does not use. Any other way here, a cuBLAS error switched cuBLAS off.
@@ -284,10 +284,10 @@ fn cuda_cublas_runs_on_cubecl_stream() {
         assert!(
             matches!(asked.as_str(), "sync" | "off" | "0"),
             "cuBLAS ordering {:?} though DISTILL_CUBLAS={asked:?}: {}",
-            cublas::ordering(),
+            stream::ordering(),
             cublas::describe()
         );
-        eprintln!("SKIPPED: DISTILL_CUBLAS={asked} chose {:?}", cublas::ordering());
+        eprintln!("SKIPPED: DISTILL_CUBLAS={asked} chose {:?}", stream::ordering());
         return;
     }
     let x = randn::<G, 2>([64, 64], 1.0, &device);
@@ -610,13 +610,13 @@ fn prim<const D: usize>(t: &Tensor<G, D>) -> FloatTensor<G> {
 fn cuda_bench_gemm_tflops() {
     let Some((_turn, device)) = gpu() else { return };
     // The ordering is the process's: put back the one found, also if a panic ends the test.
-    struct Restore(cublas::Ordering);
+    struct Restore(stream::Ordering);
     impl Drop for Restore {
         fn drop(&mut self) {
-            cublas::set_ordering(self.0);
+            stream::set_ordering(self.0);
         }
     }
-    let _restore = Restore(cublas::ordering());
+    let _restore = Restore(stream::ordering());
     eprintln!("bf16, M x K x N, TFLOP/s (mean over iterations after 5 warm-ups)");
     let shapes = [
         (8192, 896, 4864),
@@ -634,11 +634,11 @@ fn cuda_bench_gemm_tflops() {
 
         // Forward: one GEMM.
         let burn_fwd = time(iters, &device, || drop(G::float_matmul(prim(&x), prim(&w))));
-        cublas::set_ordering(cublas::Ordering::Stream);
+        stream::set_ordering(stream::Ordering::Stream);
         let ours_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
-        cublas::set_ordering(cublas::Ordering::Sync);
+        stream::set_ordering(stream::Ordering::Sync);
         let sync_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
-        cublas::set_ordering(cublas::Ordering::Stream);
+        stream::set_ordering(stream::Ordering::Stream);
 
         // Forward + both backward GEMMs on transposed views, as the autodiff op issues them.
         let three = |mm: fn(_, _) -> _| {
@@ -702,14 +702,14 @@ fn cuda_bench_gemm_tflops() {
     };
     let mut row = Vec::new();
     for o in [
-        cublas::Ordering::Off,
-        cublas::Ordering::Stream,
-        cublas::Ordering::Sync,
+        stream::Ordering::Off,
+        stream::Ordering::Stream,
+        stream::Ordering::Sync,
     ] {
-        cublas::set_ordering(o);
+        stream::set_ordering(o);
         row.push((o, time(10, &device, seq) * 1e3));
     }
-    cublas::set_ordering(cublas::Ordering::Stream);
+    stream::set_ordering(stream::Ordering::Stream);
     eprintln!("16 x (8192x896x896 GEMM + silu), ms per sequence: {row:.3?}");
     eprintln!("{}", cublas::describe());
 }

@@ -145,7 +145,7 @@ fn llama_matches_transformers_on_cpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_bf16_matches_transformers() {
-    let Some(device) = distill_kernels::cuda::cublas::first_cuda_device() else {
+    let Some(device) = distill_kernels::cuda::stream::first_cuda_device() else {
         return;
     };
     for name in ["tiny-qwen2", "tiny-llama"] {

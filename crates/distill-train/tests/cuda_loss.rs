@@ -161,7 +161,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn cuda_bf16_loss_matches_cpu_for_every_kind_and_gradient_path() {
-    let Some(device) = distill_kernels::cuda::cublas::first_cuda_device() else {
+    let Some(device) = distill_kernels::cuda::stream::first_cuda_device() else {
         return;
     };
     let cases: [(&str, KlKind, f64, f64, MissingMass, f64); 6] = [

@@ -14,17 +14,6 @@
 //! gives each buffer's device pointer (offset included) and makes the caller's stream wait for
 //! buffers written on other streams, as a kernel launch does.
 //!
-//! Ordering on the GPU ([`Ordering`]): cubecl launches on its own non-blocking CUstream per
-//! caller thread (per `StreamId`). `Ordering::Stream` (the default) asks the server for that
-//! stream (`CudaServer::cu_stream`, an accessor our vendored cubecl-cuda adds: see
-//! patches/README.md) and sets it on the cuBLAS handle: the GEMM is then ordered like any
-//! cubecl kernel, with no host sync, and freeing/reusing the input buffers afterwards is
-//! stream-ordered as cubecl expects. Work queued that way that fails is recorded on the
-//! stream (`CudaServer::record_stream_error`), so cubecl reports it at the caller's next sync
-//! or read (burn's `try_into_data` returns it, `into_data` panics with it), as a failed kernel
-//! launch. With `DISTILL_CUBLAS=sync`, `Ordering::Sync` drains cubecl's stream first, runs the
-//! GEMM on a stream of ours and waits for it (two host syncs per GEMM).
-//!
 //! cuBLAS handles are created on first use on the device thread and kept: one per device and
 //! CUDA stream (a handle's workspace must not serve two streams at once), so one per device
 //! when a single thread drives the GPU, as training does. libcublas is loaded at run time
@@ -34,76 +23,21 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering as Atomic};
 use std::sync::{Mutex, OnceLock};
 
 use burn::tensor::DType;
-use burn_cubecl::cubecl::Runtime;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::cubecl::device::Device as _;
-use burn_cubecl::cubecl::device_handle::DeviceHandle;
-use burn_cubecl::cubecl::future::block_on;
-use burn_cubecl::cubecl::server::{Binding, ComputeServer};
-use burn_cubecl::cubecl::stream_id::StreamId;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublas::sys as blas;
 use cudarc::driver::sys as cu;
 
-type Server = <CudaRuntime as Runtime>::Server;
+use super::stream::{self, Ordering, lock, ordering, run_on_stream, set_ordering};
+
 type CudaTensor = CubeTensor<CudaRuntime>;
 
-/// How cuBLAS calls are ordered against cubecl's kernels. Set by `DISTILL_CUBLAS`
-/// (`stream` | `sync` | `off`) at first use, or by [`set_ordering`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ordering {
-    /// On cubecl's own CUDA stream for the calling thread: no host sync.
-    Stream,
-    /// On a stream of ours, between a sync of cubecl's stream and a sync of ours.
-    Sync,
-    /// cuBLAS not used: burn's matmul.
-    Off,
-}
-
-static MODE: AtomicU8 = AtomicU8::new(0); // 0: not read from the environment yet
-
-fn code(o: Ordering) -> u8 {
-    match o {
-        Ordering::Stream => 1,
-        Ordering::Sync => 2,
-        Ordering::Off => 3,
-    }
-}
-
-/// The ordering in force; the first call reads `DISTILL_CUBLAS`.
-pub fn ordering() -> Ordering {
-    match MODE.load(Atomic::Relaxed) {
-        1 => Ordering::Stream,
-        2 => Ordering::Sync,
-        3 => Ordering::Off,
-        _ => {
-            let from_env = match std::env::var("DISTILL_CUBLAS").as_deref() {
-                Err(_) | Ok("") | Ok("stream") | Ok("on") | Ok("1") => Ordering::Stream,
-                Ok("sync") => Ordering::Sync,
-                Ok("off") | Ok("0") => Ordering::Off,
-                Ok(other) => {
-                    eprintln!(
-                        "warning: DISTILL_CUBLAS={other:?} is not one of stream, sync, off; using stream"
-                    );
-                    Ordering::Stream
-                }
-            };
-            let _ = MODE.compare_exchange(0, code(from_env), Atomic::Relaxed, Atomic::Relaxed);
-            ordering()
-        }
-    }
-}
-
-/// Switch cuBLAS ordering (or cuBLAS itself) for every later GEMM, e.g. to compare in a benchmark.
-pub fn set_ordering(o: Ordering) {
-    MODE.store(code(o), Atomic::Relaxed);
-}
+static LOADED: OnceLock<bool> = OnceLock::new();
 
 /// One line on what the GEMMs do now: for logs and the GPU tests.
 pub fn describe() -> String {
@@ -112,51 +46,11 @@ pub fn describe() -> String {
         Some(true) => "libcublas loaded",
         Some(false) => "libcublas NOT loadable (burn matmul)",
     };
-    let last = match LAST_STREAM.load(Atomic::Relaxed) {
-        0 => "none yet".to_string(),
-        SYNCED => format!("host-synced ({})", SYNC_REASON.get().map_or("?", String::as_str)),
-        addr => format!("on cubecl's stream {addr:#x}"),
-    };
-    format!("cuBLAS ordering {:?}; {loaded}; last GEMM: {last}", ordering())
-}
-
-static LOADED: OnceLock<bool> = OnceLock::new();
-/// The stream the last GEMM ran on: 0 none yet, SYNCED host-synced, else cubecl's stream.
-static LAST_STREAM: AtomicUsize = AtomicUsize::new(0);
-const SYNCED: usize = 1;
-static SYNC_REASON: OnceLock<String> = OnceLock::new();
-
-/// CUDA device 0, or None (after printing SKIPPED) when the driver or a device is missing:
-/// the GPU tests call this first, so that `cargo test --features cuda` passes on a machine
-/// without a GPU. Under `DISTILL_REQUIRE_GPU=1` a missing device panics instead
-/// (`distill_core::testing::skip_gpu_test`, the rule every GPU test follows).
-pub fn first_cuda_device() -> Option<burn::backend::cuda::CudaDevice> {
-    // SAFETY: only tries to dlopen libcuda.
-    let found = if !unsafe { cu::is_culib_present() } {
-        Err("no CUDA device: libcuda could not be loaded".to_string())
-    } else {
-        cudarc::driver::result::init()
-            .and_then(|_| cudarc::driver::result::device::get_count())
-            .map_err(|e| format!("no CUDA device: {e}"))
-            .and_then(|n| {
-                if n < 1 {
-                    Err("no CUDA device".to_string())
-                } else {
-                    Ok(())
-                }
-            })
-    };
-    match found {
-        Ok(()) => Some(burn::backend::cuda::CudaDevice::new(0)),
-        Err(why) => {
-            distill_core::testing::skip_gpu_test(&why);
-            None
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    format!(
+        "cuBLAS ordering {:?}; {loaded}; last GEMM: {}",
+        ordering(),
+        stream::last_launch()
+    )
 }
 
 fn cublas_loaded() -> bool {
@@ -449,223 +343,6 @@ fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<()
         };
         handle.gemm(ptrs, &args)
     })
-}
-
-/// Runs `work` on cubecl's device thread for `device`, between the calling thread's earlier and
-/// later kernel launches, with the device pointers of `bindings` (offsets included) and the
-/// stream to issue on: cubecl's own stream for the calling thread (`Ordering::Stream`), or,
-/// after a sync of that stream, a stream of ours that is synced again afterwards
-/// (`Ordering::Sync`, or if cubecl does not give its stream). `work` may run after this
-/// returns (once this thread's work has run on cubecl's stream, later work is queued without
-/// waiting, like a kernel launch); an error there is recorded on cubecl's stream, since the
-/// caller has moved on with outputs that were never written: cubecl returns it at the
-/// thread's next sync or read of the device (burn's `try_into_data`), as a failed launch.
-pub(crate) fn run_on_stream<const N: usize, W>(
-    device: &burn::backend::cuda::CudaDevice,
-    bindings: [Binding; N],
-    mode: Ordering,
-    work: W,
-) -> Result<(), String>
-where
-    W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String> + Send + 'static,
-{
-    let index = device.index;
-    let runner = DeviceHandle::<Server>::new(device.to_id());
-    static READY: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
-    let key = (index, StreamId::current().value);
-    if mode == Ordering::Stream && lock(&READY).contains(&key) {
-        runner.submit(move |server: &mut Server| {
-            if let Err(e) = on_device(server, index, bindings, mode, work) {
-                let reason = format!("GPU work queued on cubecl's stream failed: {e}");
-                eprintln!("error: {reason} (reported at this thread's next sync or read)");
-                // The runner thread executes tasks under the submitting thread's stream id.
-                server.record_stream_error(StreamId::current(), reason);
-            }
-        });
-        return Ok(());
-    }
-    let on_stream = runner
-        .submit_blocking(move |server: &mut Server| on_device(server, index, bindings, mode, work))
-        .map_err(|e| format!("cubecl's device thread did not answer: {e:?}"))??;
-    if on_stream {
-        lock(&READY).push(key);
-    }
-    Ok(())
-}
-
-/// [`run_on_stream`]'s part on the device thread. Ok(true): queued on cubecl's stream;
-/// Ok(false): done, host-synced.
-fn on_device<const N: usize, W>(
-    server: &mut Server,
-    device: usize,
-    bindings: [Binding; N],
-    mode: Ordering,
-    work: W,
-) -> Result<bool, String>
-where
-    W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String>,
-{
-    // The runner thread executes tasks under the submitting thread's stream id.
-    let stream_id = StreamId::current();
-    // Each call also makes this stream wait for the buffer's writes on other streams, and
-    // makes the CUDA context current on this thread.
-    let mut resources = Vec::with_capacity(N);
-    for (i, binding) in bindings.into_iter().enumerate() {
-        let r = server
-            .get_resource(binding, stream_id)
-            .map_err(|e| format!("buffer {i}: {e:?}"))?;
-        resources.push(r);
-    }
-    let mut ptrs = [0u64; N];
-    for (p, r) in ptrs.iter_mut().zip(&resources) {
-        *p = r.resource().ptr;
-    }
-
-    let stream = match mode {
-        Ordering::Stream => server
-            .cu_stream(stream_id)
-            .map_err(|e| format!("cubecl gave no stream: {e:?}")),
-        _ => Err("DISTILL_CUBLAS=sync".to_string()),
-    };
-    let on_stream = match stream {
-        Ok(stream) => {
-            work(stream, ptrs)?;
-            LAST_STREAM.store(stream as usize, Atomic::Relaxed);
-            true
-        }
-        Err(why) => {
-            // A deliberate one-off sync (`nvrtc::ensure_loaded`) is not worth a note.
-            let chosen = mode == Ordering::Stream || ordering() == Ordering::Sync;
-            if chosen && SYNC_REASON.set(why.clone()).is_ok() {
-                eprintln!("note: cuBLAS GEMMs and fused kernels are ordered by host syncs ({why})");
-            }
-            block_on(server.sync(stream_id)).map_err(|e| format!("syncing cubecl's stream: {e:?}"))?;
-            let own = own_stream(device)?;
-            work(own, ptrs)?;
-            // SAFETY: `own` is a live stream of the current context.
-            unsafe { cu::cuStreamSynchronize(own) }
-                .result()
-                .map_err(|e| format!("waiting for the work: {e}"))?;
-            // Only what the ordering decided: a one-off sync (a module load, the pool's
-            // settings) says nothing of how the GEMMs run, which `describe` reports.
-            if chosen {
-                LAST_STREAM.store(SYNCED, Atomic::Relaxed);
-            }
-            false
-        }
-    };
-    // The resources drop here: their memory may be reused by later work on this stream, which
-    // the work precedes (Stream) or has finished before (Sync).
-    drop(resources);
-    Ok(on_stream)
-}
-
-/// Makes the device's stream-ordered allocator keep what cubecl frees (its release threshold
-/// at the maximum), once per device. cubecl allocates its pages with `cuMemAllocAsync` and
-/// frees them with `cuMemFreeAsync`; with the default threshold (0) the freed memory went
-/// back to the driver at the next sync and each page freed by [`crate::Kernels::trim_memory`]
-/// had to be mapped again a step later (6-8% of a 0.5B step). Kept, it serves the next
-/// allocation of any size from the same physical memory.
-pub(crate) fn retain_freed_memory(device: &burn::backend::cuda::CudaDevice) -> Result<(), String> {
-    static DONE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    if lock(&DONE).contains(&device.index) {
-        return Ok(());
-    }
-    run_on_stream(device, [], Ordering::Sync, |_, []| {
-        // SAFETY: on cubecl's device thread (default_pool); the out pointer is a live local.
-        unsafe {
-            let pool = default_pool()?;
-            let mut threshold = u64::MAX;
-            cu::cuMemPoolSetAttribute(
-                pool,
-                cu::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast::<c_void>(),
-            )
-            .result()
-            .map_err(|e| format!("cuMemPoolSetAttribute: {e}"))
-        }
-    })?;
-    lock(&DONE).push(device.index);
-    Ok(())
-}
-
-/// The current device's default stream-ordered memory pool, the one `cuMemAllocAsync` (so
-/// cubecl) allocates from.
-///
-/// # Safety
-/// Call on cubecl's device thread, where the device's context is current.
-unsafe fn default_pool() -> Result<cu::CUmemoryPool, String> {
-    let mut dev: cu::CUdevice = 0;
-    // SAFETY: the caller's context is current; the out pointers are live locals.
-    unsafe {
-        cu::cuCtxGetDevice(&mut dev)
-            .result()
-            .map_err(|e| format!("cuCtxGetDevice: {e}"))?;
-        let mut pool: cu::CUmemoryPool = std::ptr::null_mut();
-        cu::cuDeviceGetDefaultMemPool(&mut pool, dev)
-            .result()
-            .map_err(|e| format!("cuDeviceGetDefaultMemPool: {e}"))?;
-        Ok(pool)
-    }
-}
-
-/// The driver pool's high-water marks, in bytes: what it handed out (cubecl's buffers at
-/// their allocated sizes) and what it had reserved from the device to do so, since the process
-/// began (the first: since the last call with `reset`). Reserved above handed out is the
-/// pool's own slack; nvidia-smi's peak above reserved is the context, module code and
-/// cuBLAS's workspaces. The mark counts allocations when they are queued, so between two
-/// device syncs it is exact.
-pub fn driver_pool_peaks(
-    device: &burn::backend::cuda::CudaDevice,
-    reset: bool,
-) -> Result<(u64, u64), String> {
-    use cu::CUmemPool_attribute::{CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, CU_MEMPOOL_ATTR_USED_MEM_HIGH};
-    let out = std::sync::Arc::new(Mutex::new((0u64, 0u64)));
-    let sink = out.clone();
-    run_on_stream(device, [], Ordering::Sync, move |_, []| {
-        // SAFETY: run_on_stream runs this on cubecl's device thread.
-        let pool = unsafe { default_pool()? };
-        let attr = |attr: cu::CUmemPool_attribute, get: bool| -> Result<u64, String> {
-            let mut v = 0u64;
-            let p = (&mut v as *mut u64).cast::<c_void>();
-            // SAFETY: a live pool and a u64, which these attributes take; setting a high
-            // mark to 0 resets it to the current value.
-            let r = unsafe {
-                if get {
-                    cu::cuMemPoolGetAttribute(pool, attr, p)
-                } else {
-                    cu::cuMemPoolSetAttribute(pool, attr, p)
-                }
-            };
-            r.result()
-                .map_err(|e| format!("cuMemPool{}Attribute: {e}", if get { "Get" } else { "Set" }))?;
-            Ok(v)
-        };
-        let peaks = (
-            attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, true)?,
-            attr(CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, true)?,
-        );
-        if reset {
-            attr(CU_MEMPOOL_ATTR_USED_MEM_HIGH, false)?;
-        }
-        *lock(&sink) = peaks;
-        Ok(())
-    })?;
-    let peaks = *lock(&out);
-    Ok(peaks)
-}
-
-/// A non-blocking stream of ours on `device`, for `Ordering::Sync`; created on first need.
-fn own_stream(device: usize) -> Result<cu::CUstream, String> {
-    static OWN: OnceLock<Mutex<HashMap<usize, usize>>> = OnceLock::new();
-    let mut own = lock(OWN.get_or_init(Default::default));
-    if let Some(&s) = own.get(&device) {
-        return Ok(s as cu::CUstream);
-    }
-    use cudarc::driver::result::stream::{StreamKind, create};
-    let stream = create(StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e}"))?;
-    own.insert(device, stream as usize);
-    Ok(stream)
 }
 
 /// A cuBLAS handle bound for good to one CUDA stream: a handle's default workspace must not

@@ -20,8 +20,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
+use super::stream;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -210,7 +210,7 @@ pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, 
     let y = like(&x, x.meta.shape().as_slice(), x.dtype);
     let device = x.device.clone();
     let bindings = [&x, &w, &y].map(|t| t.handle.clone().binding());
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -264,7 +264,7 @@ pub fn rms_norm_backward(
         threads: 256,
         dynamic_smem: 0,
     };
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -311,7 +311,7 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
     let y = like(&gate, &shape, gate.dtype);
     let device = gate.device.clone();
     let bindings = [&gate, &up, &y].map(|t| t.handle.clone().binding());
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -351,7 +351,7 @@ pub fn swiglu_backward(
     let (d_gate, d_up) = (like(&gate, &shape, gate.dtype), like(&gate, &shape, gate.dtype));
     let device = gate.device.clone();
     let bindings = [&gate, &up, &dy, &d_gate, &d_up].map(|t| t.handle.clone().binding());
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -417,7 +417,7 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
     let ys = [(t * h * hd) as i64, hd as i64, (h * hd) as i64];
     let device = x.device.clone();
     let bindings = [&x, &y, &cos, &sin].map(|t| t.handle.clone().binding());
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),

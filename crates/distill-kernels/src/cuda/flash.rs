@@ -18,8 +18,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
+use super::stream;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -242,7 +242,7 @@ pub fn forward(
     let has_keys = keys.is_some();
     let o_strides = o.strides;
     let (qs, ks, vs) = (q.strides, k.strides, v.strides);
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -342,7 +342,7 @@ pub fn backward(
         dk.strides,
         dv.strides,
     ];
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),

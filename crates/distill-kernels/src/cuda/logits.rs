@@ -12,8 +12,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
+use super::stream;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -170,7 +170,7 @@ pub fn stats(z: &CudaTensor, t: f32, limit: usize) -> Result<(CudaTensor, CudaTe
         threads: 512,
         dynamic_smem: 0,
     };
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -238,7 +238,7 @@ pub fn grad(
         threads: 128,
         dynamic_smem: 0,
     };
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),

@@ -9,8 +9,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
+use super::stream;
 use crate::nf4::CODEBOOK;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -98,7 +98,7 @@ pub fn dequantize(
     let bindings = [&codes, &absmax, &out].map(|t| t.handle.clone().binding());
     let how = Launch::grid_stride(n.div_ceil(8));
     let device = codes.device.clone();
-    cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         let mut args = vec![
             Arg::Ptr(ptrs[0]),
             Arg::I32(codes64),

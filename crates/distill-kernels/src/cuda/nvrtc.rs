@@ -1,8 +1,8 @@
 //! CUDA C kernels compiled at run time: NVRTC (which cubecl already loads) compiles a source
 //! once per process and configuration, each device loads the module once, and [`launch`]
-//! issues a kernel on the stream [`cublas::run_on_stream`] hands out.
+//! issues a kernel on the stream [`stream::run_on_stream`] hands out.
 //!
-//! [`cublas::run_on_stream`]: super::cublas::run_on_stream
+//! [`stream::run_on_stream`]: super::stream::run_on_stream
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
@@ -65,16 +65,16 @@ static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
 /// Makes sure `module` is loaded on `device` before kernels of it are queued: loads it through
 /// a blocking call the first time, so that a failure (no NVRTC, a GPU older than `arch`)
 /// comes back here as an error the caller can fall back on, not inside queued work, where
-/// [`cublas::run_on_stream`] can only record it on cubecl's stream: the caller's next sync or
+/// [`stream::run_on_stream`] can only record it on cubecl's stream: the caller's next sync or
 /// read then fails.
 ///
-/// [`cublas::run_on_stream`]: super::cublas::run_on_stream
+/// [`stream::run_on_stream`]: super::stream::run_on_stream
 pub(crate) fn ensure_loaded(device: &burn::backend::cuda::CudaDevice, module: Module) -> Result<(), String> {
     if let Some(found) = lock(&LOADED).get(&(module.key.clone(), device.index)) {
         return found.clone().map(|_| ());
     }
     let index = device.index;
-    super::cublas::run_on_stream(device, [], super::cublas::Ordering::Sync, move |_, []| {
+    super::stream::run_on_stream(device, [], super::stream::Ordering::Sync, move |_, []| {
         functions(index, &module).map(|_| ())
     })
 }
@@ -144,9 +144,9 @@ fn load(ptx: &CString, module: &Module) -> Result<Vec<usize>, String> {
 
 /// How the kernels are ordered against cubecl's work: on its stream unless the user asked for
 /// host syncs (`DISTILL_CUBLAS=sync`); `DISTILL_CUBLAS=off` only concerns the GEMMs.
-pub(crate) fn ordering() -> super::cublas::Ordering {
-    use super::cublas::Ordering;
-    match super::cublas::ordering() {
+pub(crate) fn ordering() -> super::stream::Ordering {
+    use super::stream::Ordering;
+    match super::stream::ordering() {
         Ordering::Sync => Ordering::Sync,
         _ => Ordering::Stream,
     }

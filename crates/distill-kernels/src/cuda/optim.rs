@@ -16,8 +16,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::AdamWScalars;
-use super::cublas;
 use super::nvrtc::{self, Arg, Launch};
+use super::stream;
 use std::ffi::c_void;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -151,7 +151,7 @@ pub fn adamw(
     let bindings = [&p, &g, &m, &v, &p_out, &m_out, &v_out].map(|t| t.handle.clone().binding());
     let how = Launch::grid_stride(n);
     let device = p.device.clone();
-    cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         let mut args: Vec<Arg> = ptrs.iter().map(|&x| Arg::Ptr(x)).collect();
         args.push(Arg::I64(n as i64));
         args.extend([c.beta1, c.a1, c.beta2, c.a2, c.decay, c.step, c.eps].map(Arg::F32));
@@ -214,7 +214,7 @@ pub fn concat_f32(parts: &[CudaTensor]) -> Result<CudaTensor, String> {
             dynamic_smem: 0,
         };
         let device = first.device.clone();
-        cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
             let count = table.count as usize;
             table.src[..count].copy_from_slice(&ptrs[..count]);
             let args = [
@@ -261,7 +261,7 @@ pub fn sum_squares_partials(x: &CudaTensor) -> Result<CudaTensor, String> {
         dynamic_smem: 0,
     };
     let device = x.device.clone();
-    cublas::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         let args = [Arg::Ptr(ptrs[0]), Arg::I64(n as i64), Arg::Ptr(ptrs[1])];
         nvrtc::launch(device.index, &module(), "sum_squares", how, stream, &args)
     })?;

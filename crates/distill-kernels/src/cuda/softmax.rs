@@ -1,6 +1,6 @@
 //! Attention's softmax and its backward as two fused CUDA kernels, compiled at run time with
 //! NVRTC (which cubecl already loads) and issued on cubecl's stream like the cuBLAS GEMMs
-//! ([`cublas::run_on_stream`]).
+//! ([`stream::run_on_stream`]).
 //!
 //! Why: between the Q Kᵀ and P V GEMMs the blockwise attention ([`super::attention`]) ran the
 //! softmax as burn ops, each one a kernel and a full pass over the f32 [r, h, T, S] scores:
@@ -27,8 +27,8 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys as cu;
 
-use super::cublas;
 use super::nvrtc::{self, Arg};
+use super::stream;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -233,7 +233,7 @@ pub fn probs(
         geometry.mask_binding(&scores),
     ];
     let index = device.index;
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
@@ -299,7 +299,7 @@ pub fn probs_grad(
         geometry.mask_binding(&scores),
     ];
     let index = device.index;
-    cublas::run_on_stream(
+    stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),

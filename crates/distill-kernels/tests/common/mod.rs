@@ -7,7 +7,7 @@ use burn::backend::cuda::CudaDevice;
 use burn::backend::{Cuda, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
-use distill_kernels::cuda::cublas;
+use distill_kernels::cuda::{cublas, stream};
 
 /// A test's turn on the GPU: see [`gpu`].
 pub type Turn = MutexGuard<'static, ()>;
@@ -17,7 +17,7 @@ pub const SEED: u64 = 0x5EED;
 
 /// Device 0 and this test's turn on it, or None when there is no CUDA device: the test
 /// prints SKIPPED and passes, or fails under `DISTILL_REQUIRE_GPU=1`
-/// (`distill_core::testing::skip_gpu_test`, via `cublas::first_cuda_device`). Hold the turn
+/// (`distill_core::testing::skip_gpu_test`, via `stream::first_cuda_device`). Hold the turn
 /// for the whole test: `let Some((_turn, device)) = gpu() else { return };`.
 ///
 /// The tests of one binary take turns, whatever `--test-threads` says: they share state of
@@ -30,7 +30,7 @@ pub const SEED: u64 = 0x5EED;
 /// `has_fallen_back_on_this_thread`.)
 pub fn gpu() -> Option<(Turn, CudaDevice)> {
     static TURN: Mutex<()> = Mutex::new(());
-    let device = cublas::first_cuda_device()?;
+    let device = stream::first_cuda_device()?;
     // A test that failed holding the turn poisons it; the next test's state is reset below.
     let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     static CONFIG: Once = Once::new();
@@ -68,7 +68,7 @@ fn lighter_autotune() {
 /// off: a failure.
 pub fn cublas_checks_apply() -> bool {
     let described = cublas::describe();
-    if cublas::ordering() == cublas::Ordering::Off {
+    if stream::ordering() == stream::Ordering::Off {
         let asked = std::env::var("DISTILL_CUBLAS").unwrap_or_default();
         assert!(
             matches!(asked.as_str(), "off" | "0"),
