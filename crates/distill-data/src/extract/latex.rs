@@ -162,7 +162,7 @@ fn strip_trailing_text_unit(s: &str) -> String {
             continue;
         };
         let open = at + name.len() + 1;
-        if braced(&body[open..]).map(str::len) != Some(inner_end - open) {
+        if braced(&body[open..]).map(str::len) != inner_end.checked_sub(open) {
             continue;
         }
         let unit = &body[open..inner_end];
