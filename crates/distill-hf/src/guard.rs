@@ -159,8 +159,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// Stack of a worker: minijinja recurses per nested value and macro call.
-const STACK: usize = 64 << 20;
+/// Stack of a worker, reserved (pages are used as touched): minijinja recurses per level of a
+/// nested value when it prints or drops one, and fuel allows a nesting a million deep.
+const STACK: usize = 512 << 20;
 
 /// Runs `work` on a new thread under `limits` and waits for it. On [`Stop::Memory`] or
 /// [`Stop::Time`] the thread is left parked (see the module docs).

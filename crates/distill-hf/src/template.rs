@@ -29,6 +29,8 @@ pub struct ChatTemplate {
     limits: Limits,
     /// The limit a render hit, once one has: the template is refused from then on.
     refused: OnceLock<String>,
+    /// [`Self::end_of_turn`], rendered once: every training example needs it.
+    end_of_turn: OnceLock<String>,
 }
 
 /// What a worker thread needs to render, shared so that nothing the caller allocated is freed
@@ -78,6 +80,9 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // Debug info would carry the template's variables out of the worker in its errors, to be
+        // dropped on the caller's (smaller) stack; a deeply nested list takes one frame a level.
+        env.set_debug(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -93,6 +98,7 @@ impl ChatTemplate {
             source: source.to_path_buf(),
             limits,
             refused: OnceLock::new(),
+            end_of_turn: OnceLock::new(),
         };
         template.probe()?;
         Ok(template)
@@ -199,13 +205,17 @@ impl ChatTemplate {
     /// What the template writes after an assistant message's content, found by rendering a
     /// marker: "<|im_end|>\n" for ChatML, "<｜end▁of▁sentence｜>" for R1, "<|eot_id|>" for Llama 3.
     pub fn end_of_turn(&self) -> Result<String> {
+        if let Some(text) = self.end_of_turn.get() {
+            return Ok(text.clone());
+        }
         const MARK: &str = "\u{E000}distill-marker\u{E000}";
         let probe = [Message::new("user", "hi"), Message::new("assistant", MARK)];
         let text = self.render(&probe, false)?;
-        Ok(match text.rfind(MARK) {
+        let end = match text.rfind(MARK) {
             Some(i) => text[i + MARK.len()..].to_string(),
             None => self.compiled.eos_token.clone(),
-        })
+        };
+        Ok(self.end_of_turn.get_or_init(|| end).clone())
     }
 }
 
@@ -597,6 +607,12 @@ mod tests {
     fn deep_nesting_and_recursion_end_in_errors_not_crashes() {
         let nested = "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x | length }}";
         assert_eq!(hostile(nested, TEMPLATE_LIMITS), "rendered 1 bytes");
+        // As deep as fuel allows (800k levels): printed and dropped on the worker's stack.
+        assert_refused(
+            "{% set ns = namespace(x=[]) %}{% for a in range(8) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x }}",
+            TEMPLATE_LIMITS,
+            "ran more than 5000000 instructions",
+        );
         assert_refused(
             "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
             TEMPLATE_LIMITS,
