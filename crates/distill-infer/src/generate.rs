@@ -839,6 +839,66 @@ mod tests {
         }
     }
 
+    /// The events of generate_with: each request's tokens one by one, then its generation;
+    /// a request the sink gives up on leaves without one, and the others are unchanged.
+    #[test]
+    fn events_follow_each_token_and_a_dropped_request_leaves_the_rest_unchanged() {
+        let dir = fixture("tiny-qwen2");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let requests: Vec<Request> = ["Hi", "Once upon a time", "Numbers: 1, 2, 3"]
+            .iter()
+            .map(|t| Request {
+                prompt: tokenizer.encode(t, false).unwrap(),
+                seed: 0,
+            })
+            .collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: 10,
+            sampling: Sampling::GREEDY,
+            stop: vec![],
+            eos: vec![],
+            batch_size: 2,
+            logprobs: Some(1),
+        };
+        let (want, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
+        let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut done: Vec<Option<Generation>> = vec![None; 3];
+        let stats = generate_with(
+            &model,
+            &tokenizer,
+            &requests,
+            &cfg,
+            &device,
+            |event| match event {
+                Event::Token {
+                    request,
+                    token,
+                    logprob,
+                } => {
+                    assert_eq!(logprob.map(|l| l.token), Some(token));
+                    assert!(done[request].is_none(), "a token after Done");
+                    seen[request].push(token);
+                    // Request 1 is dropped at its fourth token.
+                    !(request == 1 && seen[1].len() == 4)
+                }
+                Event::Done { request, generation } => {
+                    done[request] = Some(generation);
+                    true
+                }
+            },
+        )
+        .unwrap();
+        for i in [0, 2] {
+            assert_eq!(done[i].as_ref(), Some(&want[i]));
+            assert_eq!(seen[i], want[i].tokens);
+        }
+        assert!(done[1].is_none());
+        assert_eq!(seen[1], want[1].tokens[..4]);
+        assert_eq!((stats.sequences, stats.new_tokens), (2, 10 + 4 + 10));
+    }
+
     #[test]
     fn eos_and_stop_strings_end_rows_and_sampling_ignores_batch_company() {
         let dir = fixture("tiny-qwen2");
