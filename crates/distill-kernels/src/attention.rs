@@ -20,7 +20,7 @@ use std::ops::Range;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
-use crate::{Kernels, bmm};
+use crate::{ModelKernels, bmm};
 
 /// Most bytes of f32 scores one block materialises ([rows, heads, T, S] x 4).
 pub const BLOCK_BYTES: usize = 256 << 20;
@@ -75,7 +75,7 @@ fn part_mask<B: Backend>(m: &Tensor<B, 4, Bool>, b: &Block) -> Tensor<B, 4, Bool
 
 /// Raw scores of one block in f32: q @ kᵀ, [r, h, T, S]. Scale and mask are applied by
 /// [`Kernels::attention_probs`] and [`Kernels::attention_probs_grad`].
-fn scores<B: Kernels>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
+fn scores<B: ModelKernels>(q: Tensor<B, 4>, k: Tensor<B, 4>) -> Tensor<B, 4> {
     bmm(q, k.swap_dims(2, 3), FloatDType::F32)
 }
 
@@ -145,7 +145,7 @@ fn assemble<B: Backend>(parts: Vec<(Block, Tensor<B, 4>)>) -> Tensor<B, 4> {
 /// softmax((q @ kᵀ) / sqrt(hd), masked) @ v, and each query's log-sum-exp of its scores.
 /// q: [B, H, T, hd], k/v: [B, H, S, hd], mask: [B, H, T, S] (true = masked out; no row may be
 /// all masked). Returns ([B, H, T, hd] in v's dtype, [B, H, T, 1] f32).
-pub fn forward<B: Kernels>(
+pub fn forward<B: ModelKernels>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -172,7 +172,7 @@ pub fn forward<B: Kernels>(
 ///     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP - rowsum(dO ∘ O)) / sqrt(hd),
 ///     dQ = dS K,   dK = dSᵀ Q.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<B: Kernels>(
+pub fn backward<B: ModelKernels>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,

@@ -8,9 +8,9 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use crate::nf4::Nf4Tensor;
 
 use crate::{
-    AdamWScalars, AttentionMode, Kernels, KeyRanges, adamw_default, attention, attention_default,
-    attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default, prim, rms_norm_default,
-    sum_groups, tensor,
+    AdamWScalars, AttentionMode, KeyRanges, MemoryPolicy, ModelKernels, TrainKernels, adamw_default,
+    attention, attention_default, attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default,
+    prim, rms_norm_default, sum_groups, tensor,
 };
 
 /// cuBLAS GEMMs on burn's CUDA tensors.
@@ -37,42 +37,13 @@ pub mod stream;
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
 /// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,
 /// odd shapes, no libcublas, `DISTILL_CUBLAS=off`) to burn's matmul.
-impl<F, I, BT> Kernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
+impl<F, I, BT> ModelKernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
 where
     F: burn_cubecl::FloatElement,
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
     const FAST_GEMM: bool = true;
-
-    fn trim_memory(device: &Self::Device) {
-        if let Err(e) = pool::retain_freed_memory(device) {
-            // Still correct without it, only slower: pages come back from the driver.
-            static NOTED: std::sync::Once = std::sync::Once::new();
-            NOTED.call_once(|| eprintln!("note: freed GPU memory is returned to the driver ({e})"));
-        }
-        <Self as burn::tensor::backend::Backend>::memory_cleanup(device)
-    }
-
-    /// cubecl's persistent memory, enforced for the process (its `cubecl.toml`'s other settings
-    /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
-    /// and handed back to the driver's pool (kept there, [`Kernels::trim_memory`]) by the
-    /// cleanup. cubecl reads the setting when it first makes the device's client.
-    fn exact_allocations() {
-        use burn_cubecl::cubecl::config::memory::PersistentMemory;
-        use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
-        let mut slot = CubeClRuntimeConfig::storage().lock();
-        match slot.as_ref() {
-            None => {
-                let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
-                config.memory.persistent_memory = PersistentMemory::Enforced;
-                *slot = Some(std::sync::Arc::new(config));
-            }
-            Some(config) if matches!(config.memory.persistent_memory, PersistentMemory::Enforced) => {}
-            // Still correct, only more memory: cubecl's pages as before.
-            Some(_) => eprintln!("note: GPU memory was set up before training; allocations stay paged"),
-        }
-    }
 
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         match cublas::gemm(a, b) {
@@ -182,20 +153,6 @@ where
         }
     }
 
-    fn concat_f32(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
-        if parts.len() < 2 {
-            return concat_f32_default(parts);
-        }
-        let prims: Vec<FloatTensor<Self>> = parts.iter().cloned().map(prim).collect();
-        match optim::concat_f32(&prims) {
-            Ok(out) => tensor(out),
-            Err(why) => {
-                fell_back(Fallback::AdamW, &why);
-                concat_f32_default(parts)
-            }
-        }
-    }
-
     fn nf4_dequantize(w: &Nf4Tensor<Self>, dtype: DType) -> Tensor<Self, 2> {
         let codes = w.codes.clone().into_primitive();
         match nf4::dequantize(&codes, &prim(w.absmax.clone()), w.shape, dtype) {
@@ -204,81 +161,6 @@ where
                 fell_back(Fallback::Elementwise, &why);
                 crate::nf4::dequantize_default(w, dtype)
             }
-        }
-    }
-
-    fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
-        match optim::sum_squares_partials(&prim(x.clone())) {
-            Ok(partials) => tensor::<Self, 1>(partials).sum(),
-            Err(why) => {
-                fell_back(Fallback::AdamW, &why);
-                x.square().sum()
-            }
-        }
-    }
-
-    fn softmax_stats(
-        z: Tensor<Self, 2>,
-        t: f64,
-        limit: usize,
-    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
-        match logits::stats(&prim(z.clone()), t as f32, limit) {
-            Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
-            Err(why) => {
-                fell_back(Fallback::LossSoftmax, &why);
-                crate::logits::stats_default(z, t, limit)
-            }
-        }
-    }
-
-    fn softmax_grad(
-        z: Tensor<Self, 2>,
-        max: Tensor<Self, 2>,
-        a: Tensor<Self, 2>,
-        b: Option<Tensor<Self, 2>>,
-        t: f64,
-        limit: usize,
-        ids: Tensor<Self, 2, Int>,
-        values: Tensor<Self, 2>,
-        dtype: FloatDType,
-    ) -> Tensor<Self, 2> {
-        let found = logits::grad(
-            &prim(z.clone()),
-            &prim(max.clone()),
-            &prim(a.clone()),
-            b.clone().map(prim).as_ref(),
-            t as f32,
-            limit,
-            &ids.clone().into_primitive(),
-            &prim(values.clone()),
-            dtype.into(),
-        );
-        match found {
-            Ok(g) => tensor(g),
-            Err(why) => {
-                fell_back(Fallback::LossSoftmax, &why);
-                crate::logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
-            }
-        }
-    }
-
-    fn adamw(
-        p: Tensor<Self, 1>,
-        g: Tensor<Self, 1>,
-        m: Tensor<Self, 1>,
-        v: Tensor<Self, 1>,
-        c: AdamWScalars,
-    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
-        let (p, g, m, v) = (prim(p), prim(g), prim(m), prim(v));
-        if let Err(why) = optim::adamw_ready(&p, &g, &m, &v) {
-            fell_back(Fallback::AdamW, &why);
-            return adamw_default(tensor(p), tensor(g), tensor(m), tensor(v), c);
-        }
-        // Handed over, not cloned: a buffer held only here is updated in place.
-        match optim::adamw(p, g, m, v, c) {
-            Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
-            // Inputs checked and the kernel loaded: a failed launch is a failed device.
-            Err(why) => panic!("AdamW kernel: {why}"),
         }
     }
 
@@ -391,6 +273,140 @@ where
             }
         }
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
+    }
+}
+
+/// The loss's passes over logits and the AdamW update as fused kernels.
+impl<F, I, BT> TrainKernels for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
+where
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn concat_f32(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
+        if parts.len() < 2 {
+            return concat_f32_default(parts);
+        }
+        let prims: Vec<FloatTensor<Self>> = parts.iter().cloned().map(prim).collect();
+        match optim::concat_f32(&prims) {
+            Ok(out) => tensor(out),
+            Err(why) => {
+                fell_back(Fallback::AdamW, &why);
+                concat_f32_default(parts)
+            }
+        }
+    }
+
+    fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
+        match optim::sum_squares_partials(&prim(x.clone())) {
+            Ok(partials) => tensor::<Self, 1>(partials).sum(),
+            Err(why) => {
+                fell_back(Fallback::AdamW, &why);
+                x.square().sum()
+            }
+        }
+    }
+
+    fn softmax_stats(
+        z: Tensor<Self, 2>,
+        t: f64,
+        limit: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        match logits::stats(&prim(z.clone()), t as f32, limit) {
+            Ok((m, s, st)) => (tensor(m), tensor(s), tensor(st)),
+            Err(why) => {
+                fell_back(Fallback::LossSoftmax, &why);
+                crate::logits::stats_default(z, t, limit)
+            }
+        }
+    }
+
+    fn softmax_grad(
+        z: Tensor<Self, 2>,
+        max: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Option<Tensor<Self, 2>>,
+        t: f64,
+        limit: usize,
+        ids: Tensor<Self, 2, Int>,
+        values: Tensor<Self, 2>,
+        dtype: FloatDType,
+    ) -> Tensor<Self, 2> {
+        let found = logits::grad(
+            &prim(z.clone()),
+            &prim(max.clone()),
+            &prim(a.clone()),
+            b.clone().map(prim).as_ref(),
+            t as f32,
+            limit,
+            &ids.clone().into_primitive(),
+            &prim(values.clone()),
+            dtype.into(),
+        );
+        match found {
+            Ok(g) => tensor(g),
+            Err(why) => {
+                fell_back(Fallback::LossSoftmax, &why);
+                crate::logits::grad_default(z, max, a, b, t, limit, ids, values, dtype)
+            }
+        }
+    }
+
+    fn adamw(
+        p: Tensor<Self, 1>,
+        g: Tensor<Self, 1>,
+        m: Tensor<Self, 1>,
+        v: Tensor<Self, 1>,
+        c: AdamWScalars,
+    ) -> (Tensor<Self, 1>, Tensor<Self, 1>, Tensor<Self, 1>) {
+        let (p, g, m, v) = (prim(p), prim(g), prim(m), prim(v));
+        if let Err(why) = optim::adamw_ready(&p, &g, &m, &v) {
+            fell_back(Fallback::AdamW, &why);
+            return adamw_default(tensor(p), tensor(g), tensor(m), tensor(v), c);
+        }
+        // Handed over, not cloned: a buffer held only here is updated in place.
+        match optim::adamw(p, g, m, v, c) {
+            Ok((p, m, v)) => (tensor(p), tensor(m), tensor(v)),
+            // Inputs checked and the kernel loaded: a failed launch is a failed device.
+            Err(why) => panic!("AdamW kernel: {why}"),
+        }
+    }
+}
+
+/// Exact-size buffers and trims that keep freed memory in the driver's pool.
+impl<F, I, BT> MemoryPolicy for burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>
+where
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn trim_memory(device: &Self::Device) {
+        if let Err(e) = pool::retain_freed_memory(device) {
+            // Still correct without it, only slower: pages come back from the driver.
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| eprintln!("note: freed GPU memory is returned to the driver ({e})"));
+        }
+        <Self as burn::tensor::backend::Backend>::memory_cleanup(device)
+    }
+
+    /// cubecl's persistent memory, enforced for the process (its `cubecl.toml`'s other settings
+    /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
+    /// and handed back to the driver's pool (kept there, [`MemoryPolicy::trim_memory`]) by the
+    /// cleanup. cubecl reads the setting when it first makes the device's client.
+    fn exact_allocations() {
+        use burn_cubecl::cubecl::config::memory::PersistentMemory;
+        use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let mut slot = CubeClRuntimeConfig::storage().lock();
+        match slot.as_ref() {
+            None => {
+                let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+                config.memory.persistent_memory = PersistentMemory::Enforced;
+                *slot = Some(std::sync::Arc::new(config));
+            }
+            Some(config) if matches!(config.memory.persistent_memory, PersistentMemory::Enforced) => {}
+            // Still correct, only more memory: cubecl's pages as before.
+            Some(_) => eprintln!("note: GPU memory was set up before training; allocations stay paged"),
+        }
     }
 }
 

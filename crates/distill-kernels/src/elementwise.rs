@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
-use super::{BinaryOp, Kernels, prim, tensor};
+use super::{BinaryOp, ModelKernels, prim, tensor};
 
 /// 1 / sqrt(mean(x²) + eps) over the last dim, in f32. x: [B, T, C] -> [B, T, 1].
 fn inv_rms<B: Backend>(x32: Tensor<B, 3>, eps: f64) -> Tensor<B, 3> {
@@ -44,7 +44,7 @@ pub struct RmsNorm {
     pub eps: f64,
 }
 
-impl<B: Kernels> BinaryOp<B> for RmsNorm {
+impl<B: ModelKernels> BinaryOp<B> for RmsNorm {
     fn forward(&self, x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
         prim(B::rms_norm(tensor(x), tensor(w), self.eps))
     }
@@ -66,7 +66,7 @@ impl<B: Kernels> BinaryOp<B> for RmsNorm {
 #[derive(Debug, Clone, Copy)]
 pub struct SwiGlu;
 
-impl<B: Kernels> BinaryOp<B> for SwiGlu {
+impl<B: ModelKernels> BinaryOp<B> for SwiGlu {
     fn forward(&self, gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
         prim(B::swiglu(tensor::<B, 3>(gate), tensor(up)))
     }

@@ -1,13 +1,15 @@
 //! The kernel seam. Model code (distill-models) calls GEMMs, attention and normalisation only
-//! through [`Kernels`], so a backend can swap in faster kernels (cuBLAS GEMMs, flash attention)
-//! by overriding a method in its impl (CUDA's: `cuda.rs`), without touching the model; the trainer does the same for the loss's passes over logits and the
-//! optimizer update.
+//! through [`ModelKernels`]; the trainer runs the loss's passes over logits and the optimizer
+//! update through [`TrainKernels`]; both run the allocator as [`MemoryPolicy`] says.
+//! [`Kernels`] is the three together. A backend swaps in faster kernels (cuBLAS GEMMs, flash
+//! attention) by overriding a method in its impl (CUDA's: `cuda.rs`), without touching the
+//! model or the trainer.
 //! This is burn's "backend extension" pattern; the defaults are burn's own ops.
 //!
 //! How a kernel is swapped in: a method that the inner backend overrides (CUDA: cuBLAS for
-//! [`Kernels::gemm`] and [`Kernels::bmm`], `ops::cublas`; NVRTC-compiled kernels for
-//! [`Kernels::flash_attention`] and its backward, the attention softmax, [`Kernels::softmax_stats`],
-//! [`Kernels::softmax_grad`], [`Kernels::adamw`], RMSNorm and SwiGLU), and for `Autodiff<B, C>` an op with
+//! [`ModelKernels::gemm`] and [`ModelKernels::bmm`], `cuda::cublas`; NVRTC-compiled kernels for
+//! [`ModelKernels::flash_attention`] and its backward, the attention softmax, [`TrainKernels::softmax_stats`],
+//! [`TrainKernels::softmax_grad`], [`TrainKernels::adamw`], RMSNorm and SwiGLU), and for `Autodiff<B, C>` an op with
 //! its own backward whose backward calls the inner backend's methods again, so forward and
 //! backward both get the fast kernel: [`gemm_autodiff`], [`attention_autodiff`] (O(T) saved
 //! state: flash kernels, else `attention`'s blockwise path), RMSNorm and SwiGLU through
@@ -57,7 +59,7 @@ pub use cuda::{Fallback, has_fallen_back, has_fallen_back_on_this_thread};
 /// of batch row r (R rows: the batch, or 1 when all rows share them). Causal, packed-document
 /// and left-padded attention are all such runs, so one [R, T] pair describes any mask the
 /// models make, where a dense mask is [R, T, S]; a flash kernel skips whole key tiles outside
-/// them ([`Kernels::flash_attention`]), the other paths expand them ([`KeyRanges::dense`]).
+/// them ([`ModelKernels::flash_attention`]), the other paths expand them ([`KeyRanges::dense`]).
 #[derive(Debug, Clone)]
 pub struct KeyRanges<B: Backend> {
     /// [R, T] each.
@@ -132,7 +134,7 @@ fn sum_groups<B: Backend>(x: Tensor<B, 4>, kv: usize) -> Tensor<B, 4> {
         .reshape([b, kv, s, hd])
 }
 
-/// [`Kernels::attention`] without a fused kernel: K/V heads repeated, the key ranges expanded
+/// [`ModelKernels::attention`] without a fused kernel: K/V heads repeated, the key ranges expanded
 /// to a dense mask, burn's attention.
 pub fn attention_default<B: Backend>(
     q: Tensor<B, 4>,
@@ -158,9 +160,11 @@ fn dense_inputs<B: Backend>(
     (repeat_kv(k.clone(), h), repeat_kv(v.clone(), h), mask)
 }
 
-pub trait Kernels: Backend {
-    /// True where [`Kernels::gemm`] beats burn's matmul (cuBLAS on CUDA). Then `linear` is one
-    /// [`Kernels::gemm`] over the flattened input ([`linear_via_gemm`]), and under `Autodiff` both
+/// Model kernels: what a decoder's forward (and, under autodiff, its backward) runs. Each has a
+/// burn-op default; CUDA overrides them with cuBLAS and fused kernels.
+pub trait ModelKernels: Backend {
+    /// True where [`ModelKernels::gemm`] beats burn's matmul (cuBLAS on CUDA). Then `linear` is one
+    /// [`ModelKernels::gemm`] over the flattened input ([`linear_via_gemm`]), and under `Autodiff` both
     /// backward GEMMs call it too. Where false, `linear` is burn's own, unchanged.
     const FAST_GEMM: bool = false;
 
@@ -181,7 +185,7 @@ pub trait Kernels: Backend {
         bmm_default::<Self>(a, b, out)
     }
 
-    /// `acc + a @ b` in acc's dtype, shapes as [`Kernels::bmm`]: a gradient summed over chunks
+    /// `acc + a @ b` in acc's dtype, shapes as [`ModelKernels::bmm`]: a gradient summed over chunks
     /// (f32 for bf16 a and b). The default is `bmm` into acc's dtype, then an add; CUDA
     /// accumulates in the GEMM (cuBLAS, beta = 1) into acc's buffer when nothing else holds
     /// it: no temporary the size of acc, no pass to add it.
@@ -213,10 +217,10 @@ pub trait Kernels: Backend {
     /// ([`master_linear`]); dW comes back in the master's dtype.
     fn linear_master<const D: usize>(x: Tensor<Self, D>, weight: Tensor<Self, 2>) -> Tensor<Self, D> {
         let w = weight.cast(x.dtype());
-        <Self as Kernels>::linear(x, w, None)
+        <Self as ModelKernels>::linear(x, w, None)
     }
 
-    /// [`Kernels::linear_master`] over an RMSNorm's output [B, T, in] -> [B, T, out]. Under
+    /// [`ModelKernels::linear_master`] over an RMSNorm's output [B, T, in] -> [B, T, out]. Under
     /// autodiff the node keeps the norm's input and weight, which the norm's own node keeps
     /// anyway, instead of its output, and computes the output again in the backward for dW:
     /// one elementwise pass, for a [T, in] tensor less from the forward to the backward
@@ -234,7 +238,7 @@ pub trait Kernels: Backend {
     /// that keeps the 4-bit codes, not the dequantized W ([`nf4_linear`]).
     fn linear_nf4<const D: usize>(x: Tensor<Self, D>, w: &Nf4Tensor<Self>) -> Tensor<Self, D> {
         let dense = Self::nf4_dequantize(w, x.dtype());
-        <Self as Kernels>::linear(x, dense.transpose(), None)
+        <Self as ModelKernels>::linear(x, dense.transpose(), None)
     }
 
     /// Scaled dot-product attention with scale 1/sqrt(head_dim), grouped K/V heads not
@@ -251,7 +255,7 @@ pub trait Kernels: Backend {
 
     /// A fused attention forward where this backend has one for these inputs, else None:
     /// (output [B, H, T, hd], log-sum-exp per query [B, H, T, 1] f32), shapes as
-    /// [`Kernels::attention`].
+    /// [`ModelKernels::attention`].
     fn flash_attention(
         _q: &Tensor<Self, 4>,
         _k: &Tensor<Self, 4>,
@@ -261,7 +265,7 @@ pub trait Kernels: Backend {
         None
     }
 
-    /// The backward of [`Kernels::flash_attention`]: (dq, dk, dv) from its inputs, its output
+    /// The backward of [`ModelKernels::flash_attention`]: (dq, dk, dv) from its inputs, its output
     /// and log-sum-exp, and the output's gradient; None where it has none.
     #[allow(clippy::too_many_arguments)]
     fn flash_attention_backward(
@@ -289,7 +293,7 @@ pub trait Kernels: Backend {
         attention::probs_default(scores, mask, scale, p_dtype)
     }
 
-    /// The backward of [`Kernels::attention_probs`] given dP = dO Vᵀ [r, h, T, S] f32 and
+    /// The backward of [`ModelKernels::attention_probs`] given dP = dO Vᵀ [r, h, T, S] f32 and
     /// delta = rowsum(dO ∘ O) [r, h, T, 1] f32: dS = P ∘ (dP - delta) · scale in `ds_dtype`,
     /// and P, recomputed from the scores and lse, in `p_dtype`. Returns (dS, P).
     #[allow(clippy::too_many_arguments)]
@@ -312,7 +316,7 @@ pub trait Kernels: Backend {
         rms_norm_default(x, weight, eps)
     }
 
-    /// The backward of [`Kernels::rms_norm`] (`eps` as there): (dx [B, T, C], d weight [C])
+    /// The backward of [`ModelKernels::rms_norm`] (`eps` as there): (dx [B, T, C], d weight [C])
     /// from its inputs and the output's gradient dy [B, T, C].
     fn rms_norm_backward(
         x: Tensor<Self, 3>,
@@ -323,6 +327,45 @@ pub trait Kernels: Backend {
         elementwise::rms_norm_backward_default(x, weight, dy, eps)
     }
 
+    /// Rotary position embedding in HF's rotate_half form: x · cos + rotate_half(x) · sin
+    /// over the head dim. x: [B, H, T, hd]; cos, sin: [R, T, hd] (R = B, or 1 when the rows
+    /// share positions), rounded to x's dtype as transformers does. Its backward is
+    /// itself with -sin.
+    fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
+        elementwise::rope_default(x, cos, sin)
+    }
+
+    /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
+    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        elementwise::swiglu_default(gate, up)
+    }
+
+    /// The backward of [`ModelKernels::swiglu`]: (d gate, d up) from its inputs and the output's
+    /// gradient, all [B, T, I].
+    fn swiglu_backward(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        dy: Tensor<Self, 3>,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        elementwise::swiglu_backward_default(gate, up, dy)
+    }
+
+    /// The SwiGLU MLP's down projection: swiglu(gate, up) W, plus (swiglu(gate, up) A) B with
+    /// a LoRA adapter (A's scale folded in). gate, up: [B, T, I]; W: [I, N]; A: [I, r];
+    /// B: [r, N] -> [B, T, N]. Under autodiff one node that keeps gate and up and recomputes
+    /// their product in the backward ([`swiglu_linear`]).
+    fn swiglu_linear(
+        gate: Tensor<Self, 3>,
+        up: Tensor<Self, 3>,
+        w: LinearWeight<Self>,
+        lora: Option<LoraPair<Self>>,
+    ) -> Tensor<Self, 3> {
+        swiglu_linear::swiglu_linear_default(gate, up, w, lora)
+    }
+}
+
+/// Training-only kernels: the loss's passes over logits and the optimizer's update.
+pub trait TrainKernels: Backend {
     /// Softmax statistics of each row of logits z [N, V] (any float dtype) over its first
     /// `limit` columns (the rest, vocabulary padding, take no part): (max, Σ exp(z - max),
     /// Σ exp((z - max) / t)), each [N, 1] f32.
@@ -368,23 +411,6 @@ pub trait Kernels: Backend {
         adamw_default(p, g, m, v, c)
     }
 
-    /// Hands what the device's pool keeps for reuse back where later work can allocate any
-    /// size: between a training step's phases whose tensors differ in size (activations, then
-    /// the optimizer's flat groups) and at the step's end. Kept, a phase's freed buffers stayed
-    /// reserved through the next ([`Kernels::exact_allocations`]). burn's `memory_cleanup` by
-    /// default; CUDA first makes the driver keep what is freed for the next allocation.
-    fn trim_memory(device: &Self::Device) {
-        Self::memory_cleanup(device)
-    }
-
-    /// Makes the backend allocate each buffer at its exact size and keep a freed one for the
-    /// next request of that size, until [`Kernels::trim_memory`]. Training calls it before the
-    /// device's first use. cubecl's default cuts buffers from large pages per size class and
-    /// keeps a page while any slice of it lives: a step's long-lived activations were scattered
-    /// through pages otherwise free, so 1.5B LoRA reserved 21.4 GiB for 15.0 GiB in use.
-    /// Nothing by default.
-    fn exact_allocations() {}
-
     /// Σ x² of an f32 [N] tensor, as [1]: a flat group's share of the global gradient norm.
     /// burn's square and sum by default (two passes over the group and a temporary its size);
     /// CUDA reads the group once.
@@ -393,51 +419,41 @@ pub trait Kernels: Backend {
     }
 
     /// The parts (any float dtypes) cast to f32 and laid end to end: [Σ n_i]. The optimizer's
-    /// flat groups ([`Kernels::adamw`]): burn's `cat` is a kernel per part, hundreds a step
+    /// flat groups ([`TrainKernels::adamw`]): burn's `cat` is a kernel per part, hundreds a step
     /// for LoRA; CUDA copies up to 32 parts a launch.
     fn concat_f32(parts: Vec<Tensor<Self, 1>>) -> Tensor<Self, 1> {
         concat_f32_default(parts)
     }
-
-    /// Rotary position embedding in HF's rotate_half form: x · cos + rotate_half(x) · sin
-    /// over the head dim. x: [B, H, T, hd]; cos, sin: [R, T, hd] (R = B, or 1 when the rows
-    /// share positions), rounded to x's dtype as transformers does. Its backward is
-    /// itself with -sin.
-    fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
-        elementwise::rope_default(x, cos, sin)
-    }
-
-    /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].
-    fn swiglu(gate: Tensor<Self, 3>, up: Tensor<Self, 3>) -> Tensor<Self, 3> {
-        elementwise::swiglu_default(gate, up)
-    }
-
-    /// The backward of [`Kernels::swiglu`]: (d gate, d up) from its inputs and the output's
-    /// gradient, all [B, T, I].
-    fn swiglu_backward(
-        gate: Tensor<Self, 3>,
-        up: Tensor<Self, 3>,
-        dy: Tensor<Self, 3>,
-    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
-        elementwise::swiglu_backward_default(gate, up, dy)
-    }
-
-    /// The SwiGLU MLP's down projection: swiglu(gate, up) W, plus (swiglu(gate, up) A) B with
-    /// a LoRA adapter (A's scale folded in). gate, up: [B, T, I]; W: [I, N]; A: [I, r];
-    /// B: [r, N] -> [B, T, N]. Under autodiff one node that keeps gate and up and recomputes
-    /// their product in the backward ([`swiglu_linear`]).
-    fn swiglu_linear(
-        gate: Tensor<Self, 3>,
-        up: Tensor<Self, 3>,
-        w: LinearWeight<Self>,
-        lora: Option<LoraPair<Self>>,
-    ) -> Tensor<Self, 3> {
-        swiglu_linear::swiglu_linear_default(gate, up, w, lora)
-    }
 }
 
+/// How the backend's allocator is run: exact-size buffers and trims between a step's phases.
+pub trait MemoryPolicy: Backend {
+    /// Hands what the device's pool keeps for reuse back where later work can allocate any
+    /// size: between a training step's phases whose tensors differ in size (activations, then
+    /// the optimizer's flat groups) and at the step's end. Kept, a phase's freed buffers stayed
+    /// reserved through the next ([`MemoryPolicy::exact_allocations`]). burn's `memory_cleanup` by
+    /// default; CUDA first makes the driver keep what is freed for the next allocation.
+    fn trim_memory(device: &Self::Device) {
+        Self::memory_cleanup(device)
+    }
+
+    /// Makes the backend allocate each buffer at its exact size and keep a freed one for the
+    /// next request of that size, until [`MemoryPolicy::trim_memory`]. Training calls it before the
+    /// device's first use. cubecl's default cuts buffers from large pages per size class and
+    /// keeps a page while any slice of it lives: a step's long-lived activations were scattered
+    /// through pages otherwise free, so 1.5B LoRA reserved 21.4 GiB for 15.0 GiB in use.
+    /// Nothing by default.
+    fn exact_allocations() {}
+}
+
+/// Everything a backend provides to distill: [`ModelKernels`], [`TrainKernels`] and
+/// [`MemoryPolicy`]. Implemented for every backend that has all three.
+pub trait Kernels: ModelKernels + TrainKernels + MemoryPolicy {}
+
+impl<B: ModelKernels + TrainKernels + MemoryPolicy> Kernels for B {}
+
 /// An RMSNorm's output [B, T, C] with what made it, for the linear layers that read it
-/// ([`Kernels::linear_master_normed`]).
+/// ([`ModelKernels::linear_master_normed`]).
 #[derive(Debug, Clone)]
 pub struct Normed<B: Backend> {
     pub out: Tensor<B, 3>,
@@ -452,8 +468,8 @@ pub struct NormInput<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Kernels> NormInput<B> {
-    /// The norm's output, [`Kernels::rms_norm`].
+impl<B: ModelKernels> NormInput<B> {
+    /// The norm's output, [`ModelKernels::rms_norm`].
     pub fn output(&self) -> Tensor<B, 3> {
         B::rms_norm(self.x.clone(), self.weight.clone(), self.eps)
     }
@@ -484,13 +500,13 @@ pub enum LinearWeight<B: Backend> {
     /// burn layout [in, out], in the activations' dtype.
     Dense(Tensor<B, 2>),
     /// burn layout [in, out] in another dtype (an f32 master weight): cast to the activations'
-    /// dtype at each use, in the backward again ([`Kernels::linear_master`]).
+    /// dtype at each use, in the backward again ([`ModelKernels::linear_master`]).
     Master(Tensor<B, 2>),
     /// QLoRA's frozen base: dequantized to the activations' dtype at each use.
     Nf4(Nf4Tensor<B>),
 }
 
-impl<B: Kernels> LinearWeight<B> {
+impl<B: ModelKernels> LinearWeight<B> {
     /// The weight [in, out] in `dtype`; NF4 dequantized (a transposed view of HF's [out, in]).
     pub fn dense(&self, dtype: DType) -> Tensor<B, 2> {
         match self {
@@ -500,11 +516,11 @@ impl<B: Kernels> LinearWeight<B> {
         }
     }
 
-    /// x [..., in] through this weight (plus `bias` [out]): [`Kernels::linear`], or
-    /// [`Kernels::linear_nf4`] and the bias added after.
+    /// x [..., in] through this weight (plus `bias` [out]): [`ModelKernels::linear`], or
+    /// [`ModelKernels::linear_nf4`] and the bias added after.
     pub fn linear<const D: usize>(&self, x: Tensor<B, D>, bias: Option<Tensor<B, 1>>) -> Tensor<B, D> {
         match self {
-            LinearWeight::Dense(w) => <B as Kernels>::linear(x, w.clone(), bias),
+            LinearWeight::Dense(w) => <B as ModelKernels>::linear(x, w.clone(), bias),
             LinearWeight::Master(w) => add_bias(B::linear_master(x, w.clone()), bias),
             LinearWeight::Nf4(w) => add_bias(B::linear_nf4(x, w), bias),
         }
@@ -534,7 +550,7 @@ pub fn add_bias<B: Backend, const D: usize>(y: Tensor<B, D>, bias: Option<Tensor
     }
 }
 
-/// [`Kernels::concat_f32`] as burn ops; a single f32 part as it is (no copy).
+/// [`TrainKernels::concat_f32`] as burn ops; a single f32 part as it is (no copy).
 pub fn concat_f32_default<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
     let mut parts: Vec<Tensor<B, 1>> = parts.into_iter().map(|p| p.cast(DType::F32)).collect();
     if parts.len() == 1 {
@@ -544,7 +560,7 @@ pub fn concat_f32_default<B: Backend>(parts: Vec<Tensor<B, 1>>) -> Tensor<B, 1> 
     }
 }
 
-/// The scalars of one [`Kernels::adamw`] update.
+/// The scalars of one [`TrainKernels::adamw`] update.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWScalars {
     pub beta1: f32,
@@ -560,7 +576,7 @@ pub struct AdamWScalars {
     pub eps: f32,
 }
 
-/// [`Kernels::adamw`] as burn ops.
+/// [`TrainKernels::adamw`] as burn ops.
 pub fn adamw_default<B: Backend>(
     p: Tensor<B, 1>,
     g: Tensor<B, 1>,
@@ -575,8 +591,8 @@ pub fn adamw_default<B: Backend>(
     (p - (m.clone() / denom).mul_scalar(c.step), m, v)
 }
 
-/// [`Kernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
-pub fn gemm<B: Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+/// [`ModelKernels::gemm`] on tensors: a [m, k] @ b [k, n] -> [m, n].
+pub fn gemm<B: ModelKernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     same_dtype("gemm", a.dtype(), b.dtype());
     tensor(B::gemm(prim(a), prim(b)))
 }
@@ -591,7 +607,7 @@ pub fn same_dtype(op: &str, a: DType, b: DType) {
     );
 }
 
-/// [`Kernels::bmm`] as burn ops: matmul, then a cast if `out` is not the result's dtype.
+/// [`ModelKernels::bmm`] as burn ops: matmul, then a cast if `out` is not the result's dtype.
 pub fn bmm_default<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, out: FloatDType) -> FloatTensor<B> {
     let c = B::float_matmul(a, b);
     if c.dtype() == DType::from(out) {
@@ -601,8 +617,8 @@ pub fn bmm_default<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, out: FloatD
     }
 }
 
-/// [`Kernels::bmm_accumulate`] as [`Kernels::bmm`] then an add.
-pub fn bmm_accumulate_default<B: Kernels>(
+/// [`ModelKernels::bmm_accumulate`] as [`ModelKernels::bmm`] then an add.
+pub fn bmm_accumulate_default<B: ModelKernels>(
     acc: FloatTensor<B>,
     a: FloatTensor<B>,
     b: FloatTensor<B>,
@@ -611,14 +627,14 @@ pub fn bmm_accumulate_default<B: Kernels>(
     B::float_add(acc, B::bmm(a, b, out))
 }
 
-/// [`Kernels::bmm`] on tensors: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N] in `out`.
-pub fn bmm<B: Kernels>(a: Tensor<B, 4>, b: Tensor<B, 4>, out: FloatDType) -> Tensor<B, 4> {
+/// [`ModelKernels::bmm`] on tensors: a [B, H, M, K] @ b [B, H, K, N] -> [B, H, M, N] in `out`.
+pub fn bmm<B: ModelKernels>(a: Tensor<B, 4>, b: Tensor<B, 4>, out: FloatDType) -> Tensor<B, 4> {
     same_dtype("bmm", a.dtype(), b.dtype());
     tensor(B::bmm(prim(a), prim(b), out))
 }
 
-/// [`Kernels::bmm_accumulate`] on tensors: acc + a @ b in acc's dtype.
-pub fn bmm_accumulate<B: Kernels>(acc: Tensor<B, 4>, a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+/// [`ModelKernels::bmm_accumulate`] on tensors: acc + a @ b in acc's dtype.
+pub fn bmm_accumulate<B: ModelKernels>(acc: Tensor<B, 4>, a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
     same_dtype("bmm_accumulate", a.dtype(), b.dtype());
     tensor(B::bmm_accumulate(prim(acc), prim(a), prim(b)))
 }
@@ -632,11 +648,11 @@ pub(crate) fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B
     t.into_primitive().tensor()
 }
 
-/// `linear` as a single [`Kernels::gemm`]: batch dims flattened into M (a reshape, free for a
+/// `linear` as a single [`ModelKernels::gemm`]: batch dims flattened into M (a reshape, free for a
 /// contiguous x), then the bias broadcast-added. Under `Autodiff` the reshape and the add are
 /// burn's tracked ops (dbias = dY summed over M by the add's backward) and the GEMM is
 /// [`gemm_autodiff`].
-pub fn linear_via_gemm<B: Kernels, const D: usize>(
+pub fn linear_via_gemm<B: ModelKernels, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -660,18 +676,18 @@ pub fn flat_linear<B: Backend, const D: usize>(
     y.reshape(out)
 }
 
-/// [`Kernels::gemm`] under autodiff, with its own backward (burn book, "custom kernels"):
+/// [`ModelKernels::gemm`] under autodiff, with its own backward (burn book, "custom kernels"):
 /// dA = dC @ Bᵀ and dB = Aᵀ @ dC, each by the inner backend's `gemm` on transposed views, so
 /// on CUDA the backward GEMMs are cuBLAS calls with transpose flags, not copies. Like burn's
 /// linear, A is kept for the backward only if B needs a gradient, and B only if A does.
-pub fn gemm_autodiff<B: Kernels, C: CheckpointStrategy>(
+pub fn gemm_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     a: FloatTensor<Autodiff<B, C>>,
     b: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
     #[derive(Debug)]
     struct Gemm;
 
-    impl<B: Kernels> Backward<B, 2> for Gemm {
+    impl<B: ModelKernels> Backward<B, 2> for Gemm {
         type State = (Option<NodeId>, Option<NodeId>);
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
@@ -762,9 +778,9 @@ pub fn binary_autodiff<B: Backend, C: CheckpointStrategy, Op: BinaryOp<B>>(
     }
 }
 
-/// [`Kernels::rope`] as one autodiff node: the graph keeps the tables, not x; the backward
-/// is the rotation by -angle, [`Kernels::rope`] with -sin.
-pub fn rope_autodiff<B: Kernels, C: CheckpointStrategy>(
+/// [`ModelKernels::rope`] as one autodiff node: the graph keeps the tables, not x; the backward
+/// is the rotation by -angle, [`ModelKernels::rope`] with -sin.
+pub fn rope_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     cos: Tensor<B, 3>,
     sin: Tensor<B, 3>,
@@ -772,7 +788,7 @@ pub fn rope_autodiff<B: Kernels, C: CheckpointStrategy>(
     #[derive(Debug)]
     struct Rope;
 
-    impl<B: Kernels> Backward<B, 1> for Rope {
+    impl<B: ModelKernels> Backward<B, 1> for Rope {
         type State = (FloatTensor<B>, FloatTensor<B>);
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -795,14 +811,14 @@ pub fn rope_autodiff<B: Kernels, C: CheckpointStrategy>(
     }
 }
 
-/// [`Kernels::attention`] under autodiff with its own backward: the graph keeps Q, K, V, the
+/// [`ModelKernels::attention`] under autodiff with its own backward: the graph keeps Q, K, V, the
 /// output and the log-sum-exp per query, not the [B, H, T, S] scores and probabilities burn's
 /// fallback keeps. Forward and backward are the backend's flash kernels where it has them
-/// ([`Kernels::flash_attention`]), else the blockwise path ([`attention`]: K/V heads repeated,
+/// ([`ModelKernels::flash_attention`]), else the blockwise path ([`attention`]: K/V heads repeated,
 /// dense mask, scores recomputed block by block in the backward).
 /// `DISTILL_ATTENTION=blockwise` skips the flash kernels, `=burn` uses burn's attention (for
 /// comparison).
-pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
+pub fn attention_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>,
     k: Tensor<Autodiff<B, C>, 4>,
     v: Tensor<Autodiff<B, C>, 4>,
@@ -812,7 +828,7 @@ pub fn attention_autodiff<B: Kernels, C: CheckpointStrategy>(
     #[derive(Debug)]
     struct Attention;
 
-    impl<B: Kernels> Backward<B, 3> for Attention {
+    impl<B: ModelKernels> Backward<B, 3> for Attention {
         type State = Saved<B>;
 
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -859,7 +875,7 @@ struct Saved<B: Backend> {
     blockwise: Option<usize>,
 }
 
-impl<B: Kernels> Saved<B> {
+impl<B: ModelKernels> Saved<B> {
     fn forward(
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
@@ -939,9 +955,11 @@ pub fn attention_mode() -> AttentionMode {
     })
 }
 
-impl Kernels for Flex {}
+impl ModelKernels for Flex {}
+impl TrainKernels for Flex {}
+impl MemoryPolicy for Flex {}
 
-impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
+impl<B: Kernels, C: CheckpointStrategy> ModelKernels for Autodiff<B, C> {
     const FAST_GEMM: bool = B::FAST_GEMM;
 
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -989,14 +1007,6 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         master_linear::linear_master_normed_autodiff::<B, C>(x, weight)
     }
 
-    fn trim_memory(device: &Self::Device) {
-        B::trim_memory(device)
-    }
-
-    fn exact_allocations() {
-        B::exact_allocations()
-    }
-
     fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
         tensor(rope_autodiff::<B, C>(
             prim(x),
@@ -1015,6 +1025,18 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
             AttentionMode::Burn => attention_default(q, k, v, keys),
             _ => attention_autodiff::<B, C>(q, k, v, keys, attention::BLOCK_BYTES),
         }
+    }
+}
+
+impl<B: Kernels, C: CheckpointStrategy> TrainKernels for Autodiff<B, C> {}
+
+impl<B: Kernels, C: CheckpointStrategy> MemoryPolicy for Autodiff<B, C> {
+    fn trim_memory(device: &Self::Device) {
+        B::trim_memory(device)
+    }
+
+    fn exact_allocations() {
+        B::exact_allocations()
     }
 }
 
@@ -1168,6 +1190,6 @@ mod tests {
 
     #[test]
     fn cpu_linear_is_burns() {
-        const { assert!(!<Flex as Kernels>::FAST_GEMM && !<B as Kernels>::FAST_GEMM) };
+        const { assert!(!<Flex as ModelKernels>::FAST_GEMM && !<B as ModelKernels>::FAST_GEMM) };
     }
 }

@@ -17,12 +17,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 
-use super::{Kernels, NormInput, Normed, flat_linear, prim, tensor};
+use super::{ModelKernels, NormInput, Normed, flat_linear, prim, tensor};
 
 /// What the backward reads: x [M, K] when W takes a gradient, the master W [K, N] when x
 /// does.
 #[derive(Debug, Clone)]
-struct Saved<B: Kernels> {
+struct Saved<B: ModelKernels> {
     x: Option<Input<B>>,
     w: Option<Tensor<B, 2>>,
     w_dtype: DType,
@@ -30,12 +30,12 @@ struct Saved<B: Kernels> {
 
 /// x as the backward gets it: kept, or made again from the RMSNorm that made it.
 #[derive(Debug, Clone)]
-enum Input<B: Kernels> {
+enum Input<B: ModelKernels> {
     Kept(Tensor<B, 2>),
     Norm(NormInput<B>),
 }
 
-impl<B: Kernels> Input<B> {
+impl<B: ModelKernels> Input<B> {
     /// x [M, K].
     fn value(self) -> Tensor<B, 2> {
         match self {
@@ -49,13 +49,13 @@ impl<B: Kernels> Input<B> {
 }
 
 /// x [M, K] @ cast(W [K, N]) -> [M, N] in x's dtype.
-fn forward<B: Kernels>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+fn forward<B: ModelKernels>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
     super::gemm(x.clone(), w.clone().cast(x.dtype()))
 }
 
 /// [`Kernels::linear_master`] under autodiff, on x flattened to [M, K]; `norm`: the RMSNorm
 /// whose output x is, to make x again in the backward rather than keep it.
-fn master_linear_node<B: Kernels, C: CheckpointStrategy>(
+fn master_linear_node<B: ModelKernels, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     w: FloatTensor<Autodiff<B, C>>,
     norm: Option<NormInput<B>>,
@@ -63,7 +63,7 @@ fn master_linear_node<B: Kernels, C: CheckpointStrategy>(
     #[derive(Debug)]
     struct Node;
 
-    impl<B: Kernels> Backward<B, 2> for Node {
+    impl<B: ModelKernels> Backward<B, 2> for Node {
         type State = Saved<B>;
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -104,7 +104,7 @@ fn master_linear_node<B: Kernels, C: CheckpointStrategy>(
 }
 
 /// [`Kernels::linear_master`] under autodiff for x of any rank: [..., K] -> [..., N].
-pub fn linear_master_autodiff<B: Kernels, C: CheckpointStrategy, const D: usize>(
+pub fn linear_master_autodiff<B: ModelKernels, C: CheckpointStrategy, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
     w: Tensor<Autodiff<B, C>, 2>,
 ) -> Tensor<Autodiff<B, C>, D> {
@@ -115,7 +115,7 @@ pub fn linear_master_autodiff<B: Kernels, C: CheckpointStrategy, const D: usize>
 }
 
 /// [`Kernels::linear_master_normed`] under autodiff: [B, T, K] -> [B, T, N].
-pub fn linear_master_normed_autodiff<B: Kernels, C: CheckpointStrategy>(
+pub fn linear_master_normed_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     x: &Normed<Autodiff<B, C>>,
     w: Tensor<Autodiff<B, C>, 2>,
 ) -> Tensor<Autodiff<B, C>, 3> {

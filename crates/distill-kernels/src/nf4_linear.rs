@@ -14,25 +14,25 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::Tensor;
 use burn::tensor::ops::FloatTensor;
 
-use super::{Kernels, flat_linear, prim, tensor};
+use super::{ModelKernels, flat_linear, prim, tensor};
 use crate::nf4::Nf4Tensor;
 
 /// x [M, K] @ Wᵀ, W the NF4 weight [N, K] dequantized to x's dtype: [M, N].
-fn forward<B: Kernels>(x: FloatTensor<B>, w: &Nf4Tensor<B>) -> FloatTensor<B> {
+fn forward<B: ModelKernels>(x: FloatTensor<B>, w: &Nf4Tensor<B>) -> FloatTensor<B> {
     let x = tensor::<B, 2>(x);
     let dense = B::nf4_dequantize(w, x.dtype()); // [N, K]
     B::gemm(prim(x), prim(dense.transpose()))
 }
 
 /// [`Kernels::linear_nf4`] under autodiff, on x flattened to [M, K].
-pub fn nf4_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
+pub fn nf4_linear_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     w: Nf4Tensor<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
     #[derive(Debug)]
     struct Node;
 
-    impl<B: Kernels> Backward<B, 1> for Node {
+    impl<B: ModelKernels> Backward<B, 1> for Node {
         type State = Nf4Tensor<B>;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -55,7 +55,7 @@ pub fn nf4_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
 }
 
 /// [`Kernels::linear_nf4`] under autodiff for x of any rank: [..., K] -> [..., N].
-pub fn linear_nf4_autodiff<B: Kernels, C: CheckpointStrategy, const D: usize>(
+pub fn linear_nf4_autodiff<B: ModelKernels, C: CheckpointStrategy, const D: usize>(
     x: Tensor<Autodiff<B, C>, D>,
     w: &Nf4Tensor<Autodiff<B, C>>,
 ) -> Tensor<Autodiff<B, C>, D> {

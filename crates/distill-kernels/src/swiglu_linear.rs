@@ -15,30 +15,30 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::Tensor;
 use burn::tensor::ops::FloatTensor;
 
-use super::{Kernels, LinearWeight, gemm, prim, tensor};
+use super::{LinearWeight, ModelKernels, gemm, prim, tensor};
 
 /// A LoRA adapter's two matrices as the GEMMs take them: A [I, r] (scale folded in), B [r, N].
 pub type LoraPair<B> = (Tensor<B, 2>, Tensor<B, 2>);
 
 /// [`Kernels::swiglu_linear`] as separate ops: what backends without autodiff run.
-pub fn swiglu_linear_default<B: Kernels>(
+pub fn swiglu_linear_default<B: ModelKernels>(
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
     w: LinearWeight<B>,
     lora: Option<LoraPair<B>>,
 ) -> Tensor<B, 3> {
-    let h = <B as Kernels>::swiglu(gate, up); // [B, T, I]
+    let h = <B as ModelKernels>::swiglu(gate, up); // [B, T, I]
     let y = w.linear(h.clone(), None); // [B, T, N]
     match lora {
         None => y,
-        Some((a, b)) => y + <B as Kernels>::linear(<B as Kernels>::linear(h, a, None), b, None),
+        Some((a, b)) => y + <B as ModelKernels>::linear(<B as ModelKernels>::linear(h, a, None), b, None),
     }
 }
 
 /// What the backward needs: the activation's inputs and the weights; with LoRA also
 /// t = h A [M, r] (r columns, kept: recomputing it would be a GEMM).
 #[derive(Debug, Clone)]
-struct Saved<B: Kernels> {
+struct Saved<B: ModelKernels> {
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
     /// NF4: the codes, dequantized again in the backward; a master weight, cast again.
@@ -47,13 +47,13 @@ struct Saved<B: Kernels> {
 }
 
 /// h = swiglu(gate, up) flattened to [M, I].
-fn activation<B: Kernels>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Tensor<B, 2> {
+fn activation<B: ModelKernels>(gate: &Tensor<B, 3>, up: &Tensor<B, 3>) -> Tensor<B, 2> {
     let [b, t, i] = gate.dims();
     B::swiglu(gate.clone(), up.clone()).reshape([b * t, i])
 }
 
 /// The forward on the inner backend: (y [B, T, N], what the backward keeps).
-fn forward<B: Kernels>(
+fn forward<B: ModelKernels>(
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
     w: LinearWeight<B>,
@@ -77,7 +77,7 @@ fn forward<B: Kernels>(
 type Wanted = [bool; 5];
 
 /// The gradients the node's parents want, same order, from dY [B, T, N].
-fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<Tensor<B, 2>>; 5] {
+fn backward<B: ModelKernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<Tensor<B, 2>>; 5] {
     let [bt, t, n] = dy.dims();
     let dy = dy.reshape([bt * t, n]); // [M, N]
     let [want_gate, want_up, want_w, want_a, want_b] = want;
@@ -114,7 +114,7 @@ fn backward<B: Kernels>(s: Saved<B>, dy: Tensor<B, 3>, want: Wanted) -> [Option<
 }
 
 /// [`Kernels::swiglu_linear`] under autodiff: one node whose graph keeps gate and up, not h.
-pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
+pub fn swiglu_linear_autodiff<B: ModelKernels, C: CheckpointStrategy>(
     gate: Tensor<Autodiff<B, C>, 3>,
     up: Tensor<Autodiff<B, C>, 3>,
     w: LinearWeight<Autodiff<B, C>>,
@@ -144,7 +144,7 @@ pub fn swiglu_linear_autodiff<B: Kernels, C: CheckpointStrategy>(
 }
 
 /// The forward as a node with these parents, each at `slots` in the order gate, up, W, A, B.
-fn node<B: Kernels, C: CheckpointStrategy, const N: usize>(
+fn node<B: ModelKernels, C: CheckpointStrategy, const N: usize>(
     parents: [&FloatTensor<Autodiff<B, C>>; N],
     slots: [usize; N],
     (gate, up, w, lora): (Tensor<B, 3>, Tensor<B, 3>, LinearWeight<B>, Option<LoraPair<B>>),
@@ -170,7 +170,7 @@ where
 #[derive(Debug)]
 struct Node;
 
-impl<B: Kernels, const N: usize> Backward<B, N> for Node {
+impl<B: ModelKernels, const N: usize> Backward<B, N> for Node {
     type State = (Saved<B>, [usize; 3], [usize; N]);
 
     /// Registers the wanted gradients; gate's and up's back in their [B, T, I] shape.

@@ -18,9 +18,9 @@ use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, FloatDType, Tensor};
-use distill_kernels::Kernels;
 use distill_kernels::bmm;
 use distill_kernels::cuda::{cublas, stream};
+use distill_kernels::{Kernels, ModelKernels};
 
 type G = Cuda<half::bf16>;
 type AD = Autodiff<G>;
@@ -114,7 +114,7 @@ fn forward_case<const D: usize>(c: &Case, device: &CudaDevice) {
     let w = weight::<G>(c, device);
     let b = c.bias.then(|| randn::<G, 1>([c.n], 1.0, device));
 
-    let ours = <G as Kernels>::linear(x.clone(), w.clone(), b.clone());
+    let ours = <G as ModelKernels>::linear(x.clone(), w.clone(), b.clone());
     let burn = burn::tensor::module::linear(x.clone(), w.clone(), b.clone());
     let want = burn::tensor::module::linear(f32_of(x), f32_of(w), b.map(f32_of));
     let want = host(want);
@@ -161,7 +161,7 @@ fn backward_case<const D: usize>(c: &Case, device: &CudaDevice) {
         };
         let b = b0.clone().map(|b| Tensor::<AD, 1>::from_inner(b).require_grad());
         let y = if ours {
-            <AD as Kernels>::linear(x.clone(), w, b.clone())
+            <AD as ModelKernels>::linear(x.clone(), w, b.clone())
         } else {
             burn::tensor::module::linear(x.clone(), w, b.clone())
         };
@@ -240,7 +240,7 @@ fn chain(device: &CudaDevice) -> f64 {
     let x = randn::<G, 2>([m, k], 1.0, device);
     let mut h = x.clone();
     for w in &ws {
-        h = burn::tensor::activation::relu(<G as Kernels>::linear(h.clone(), w.clone(), None)) + h;
+        h = burn::tensor::activation::relu(<G as ModelKernels>::linear(h.clone(), w.clone(), None)) + h;
     }
     let mut r = x;
     for w in &ws {
@@ -291,7 +291,7 @@ fn cuda_cublas_runs_on_cubecl_stream() {
         return;
     }
     let x = randn::<G, 2>([64, 64], 1.0, &device);
-    let _ = host(<G as Kernels>::linear(x.clone(), x, None));
+    let _ = host(<G as ModelKernels>::linear(x.clone(), x, None));
     let d = cublas::describe();
     eprintln!("  {d}");
     assert!(d.contains("on cubecl's stream"), "{d}");
@@ -635,9 +635,13 @@ fn cuda_bench_gemm_tflops() {
         // Forward: one GEMM.
         let burn_fwd = time(iters, &device, || drop(G::float_matmul(prim(&x), prim(&w))));
         stream::set_ordering(stream::Ordering::Stream);
-        let ours_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
+        let ours_fwd = time(iters, &device, || {
+            drop(<G as ModelKernels>::gemm(prim(&x), prim(&w)))
+        });
         stream::set_ordering(stream::Ordering::Sync);
-        let sync_fwd = time(iters, &device, || drop(<G as Kernels>::gemm(prim(&x), prim(&w))));
+        let sync_fwd = time(iters, &device, || {
+            drop(<G as ModelKernels>::gemm(prim(&x), prim(&w)))
+        });
         stream::set_ordering(stream::Ordering::Stream);
 
         // Forward + both backward GEMMs on transposed views, as the autodiff op issues them.
@@ -647,14 +651,14 @@ fn cuda_bench_gemm_tflops() {
             drop(mm(G::float_transpose(prim(&x)), prim(&dy))); // dW = Xᵀ dY
         };
         let burn_3 = time(iters, &device, || three(G::float_matmul));
-        let ours_3 = time(iters, &device, || three(<G as Kernels>::gemm));
+        let ours_3 = time(iters, &device, || three(<G as ModelKernels>::gemm));
 
         // The whole autodiff linear (incl. the sum's backward fill and autodiff bookkeeping).
         let ad = |ours: bool| {
             let xa = Tensor::<AD, 2>::from_inner(x.clone()).require_grad();
             let wa = Tensor::<AD, 2>::from_inner(w.clone()).require_grad();
             let y = if ours {
-                <AD as Kernels>::linear(xa, wa, None)
+                <AD as ModelKernels>::linear(xa, wa, None)
             } else {
                 burn::tensor::module::linear(xa, wa, None)
             };
@@ -696,7 +700,7 @@ fn cuda_bench_gemm_tflops() {
     let seq = || {
         let mut h = x.clone();
         for w in &ws {
-            h = burn::tensor::activation::silu(<G as Kernels>::linear(h, w.clone(), None));
+            h = burn::tensor::activation::silu(<G as ModelKernels>::linear(h, w.clone(), None));
         }
         drop(h);
     };

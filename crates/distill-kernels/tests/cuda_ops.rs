@@ -15,12 +15,12 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
-use distill_kernels::Kernels;
 use distill_kernels::attention::{probs_default, probs_grad_default};
 use distill_kernels::{
     AdamWScalars, Fallback, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
     has_fallen_back_on_this_thread, rms_norm_default,
 };
+use distill_kernels::{Kernels, ModelKernels, TrainKernels};
 
 mod common;
 use common::{err, gpu, host, randn};
@@ -136,7 +136,7 @@ fn attention_on<B: AutodiffBackend + Kernels>(
         &|x: Vec<Tensor<B, 4>>| {
             let [q, k, v]: [Tensor<B, 4>; 3] = x.try_into().unwrap();
             if blockwise {
-                <B as Kernels>::attention(q, k, v, Some(&keys))
+                <B as ModelKernels>::attention(q, k, v, Some(&keys))
             } else {
                 burn_attention(
                     q,
@@ -301,7 +301,7 @@ fn flash_case_on<B: AutodiffBackend + Kernels>(
         &|x: Vec<Tensor<B, 4>>| {
             let [q, k, v]: [Tensor<B, 4>; 3] = x.try_into().unwrap();
             if ours {
-                <B as Kernels>::attention(q, k, v, keys.as_ref())
+                <B as ModelKernels>::attention(q, k, v, keys.as_ref())
             } else {
                 attention_default(q, k, v, keys.as_ref())
             }
@@ -346,7 +346,7 @@ fn cuda_flash_attention_matches_the_cpu() {
     let (q, k, v) = (input(h), input(kv), input(kv));
     assert_eq!(q.dtype(), DType::BF16);
     let keys = case.runs.as_ref().map(|r| KeyRanges::<I>::from_runs(r, &device));
-    let fast = host(<I as Kernels>::attention(
+    let fast = host(<I as ModelKernels>::attention(
         q.clone(),
         k.clone(),
         v.clone(),
@@ -389,7 +389,7 @@ fn cuda_fused_softmax_matches_burn_ops() {
         let delta = randn::<G, 4>([dims[0], dims[1], t, 1], 1.0, &device);
         for out in [FloatDType::F32, FloatDType::BF16] {
             let case = format!("T {t}, sliced {sliced}, mask {masked}, {out:?}");
-            let (p, lse) = <G as Kernels>::attention_probs(scores.clone(), mask.clone(), scale, out);
+            let (p, lse) = <G as ModelKernels>::attention_probs(scores.clone(), mask.clone(), scale, out);
             let (p_ref, lse_ref) = probs_default(scores.clone(), mask.clone(), scale, out);
             // max |difference| / max |reference|: bf16 outputs may differ by one rounding step.
             let tol = if out == FloatDType::F32 { 1e-5 } else { 8e-3 };
@@ -405,7 +405,7 @@ fn cuda_fused_softmax_matches_burn_ops() {
                 eprintln!("  fused softmax {case} {name}: {e:.2e}");
                 assert!(e < tol, "{case} {name}: {e:.3e}");
             }
-            let (ds, p) = <G as Kernels>::attention_probs_grad(
+            let (ds, p) = <G as ModelKernels>::attention_probs_grad(
                 scores.clone(),
                 dp.clone(),
                 lse.clone(),
@@ -528,7 +528,7 @@ fn cuda_adamw_matches_the_cpu() {
     // p and v are held only by the call, so updated in place; m is also held here, so its
     // buffer must come back as it was (the update goes to a new tensor).
     let m_shared = m.clone();
-    let got = <G as Kernels>::adamw(p, g, m, v, c);
+    let got = <G as TrainKernels>::adamw(p, g, m, v, c);
     assert!(
         !has_fallen_back_on_this_thread(Fallback::AdamW),
         "adamw fell back to burn ops"
@@ -576,7 +576,7 @@ fn cuda_logits_kernels_match_the_cpu() {
     let ids_gpu = Tensor::<G, 2, burn::tensor::Int>::from_data(TensorData::new(ids, [n, 5]), &device);
 
     let (m_ref, s_ref, st_ref) = distill_kernels::logits::stats_default(z.clone(), t, limit);
-    let (m, s, st) = <G as Kernels>::softmax_stats(z_gpu.clone(), t, limit);
+    let (m, s, st) = <G as TrainKernels>::softmax_stats(z_gpu.clone(), t, limit);
     for (name, got, want) in [
         ("max", m.clone(), m_ref.clone()),
         ("sum", s, s_ref),
@@ -598,7 +598,7 @@ fn cuda_logits_kernels_match_the_cpu() {
             values.clone(),
             dtype,
         );
-        let got = <G as Kernels>::softmax_grad(
+        let got = <G as TrainKernels>::softmax_grad(
             z_gpu.clone(),
             m.clone(),
             to_gpu(&a),
@@ -628,7 +628,7 @@ fn cuda_sum_squares_matches_the_cpu() {
         let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let want: f64 = values.iter().map(|&v| v as f64 * v as f64).sum();
         let x = Tensor::<G, 1>::from_data(TensorData::new(values, [n]), (&device, DType::F32));
-        let got = host(<G as Kernels>::sum_squares(x.clone()));
+        let got = host(<G as TrainKernels>::sum_squares(x.clone()));
         assert!(
             !has_fallen_back_on_this_thread(Fallback::AdamW),
             "sum_squares fell back to burn ops"
@@ -638,7 +638,7 @@ fn cuda_sum_squares_matches_the_cpu() {
         eprintln!("  sum_squares n={n}: relative error {e:.2e}");
         assert!(e < 1e-5, "sum_squares n={n}: {} vs {want}", got[0]);
         assert_eq!(
-            host(<G as Kernels>::sum_squares(x))[0].to_bits(),
+            host(<G as TrainKernels>::sum_squares(x))[0].to_bits(),
             got[0].to_bits()
         );
     }
@@ -680,7 +680,7 @@ fn cuda_concat_f32_matches_the_cpu() {
         }
         at = (at + n) % (whole.len() - 3001);
     }
-    let got = <G as Kernels>::concat_f32(parts);
+    let got = <G as TrainKernels>::concat_f32(parts);
     assert_eq!(got.dtype(), DType::F32);
     assert!(
         !has_fallen_back_on_this_thread(Fallback::AdamW),
@@ -768,7 +768,7 @@ fn cuda_nf4_dequantize_matches_the_host() {
         let want = nf4::dequantize(&nf4::quantize(&values), n);
         let w = Nf4::<G>::quantize(&values, shape, &device).tensor();
         for dtype in [DType::F32, DType::BF16] {
-            let got = host(<G as Kernels>::nf4_dequantize(&w, dtype));
+            let got = host(<G as ModelKernels>::nf4_dequantize(&w, dtype));
             assert!(
                 !has_fallen_back_on_this_thread(Fallback::Elementwise),
                 "NF4 dequantization fell back to burn ops"
@@ -784,12 +784,12 @@ fn cuda_nf4_dequantize_matches_the_host() {
     let (out, inp) = (96, 128);
     let values: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.37).cos() * 0.05).collect();
     let w = Nf4::<H>::quantize(&values, [out, inp], &device).tensor();
-    let dense = <G as Kernels>::nf4_dequantize(&w.inner(), DType::BF16).transpose();
+    let dense = <G as ModelKernels>::nf4_dequantize(&w.inner(), DType::BF16).transpose();
     let x = randn::<H, 3>([2, 5, inp], 1.0, &device).cast(DType::BF16);
     let weight = randn::<H, 3>([2, 5, out], 1.0, &device).cast(DType::BF16);
     let ours = run(
         std::slice::from_ref(&x),
-        &|xs| <H as Kernels>::linear_nf4(xs[0].clone(), &w),
+        &|xs| <H as ModelKernels>::linear_nf4(xs[0].clone(), &w),
         &weight,
     );
     let theirs = run(

@@ -9,7 +9,7 @@ mod load;
 pub mod transformer;
 
 pub use distill_hf::{Architecture, DecoderConfig, ModelError, Result};
-pub use distill_kernels::Kernels;
+pub use distill_kernels::{Kernels, MemoryPolicy, ModelKernels, TrainKernels};
 pub use transformer::{CausalLm, KvCache};
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use distill_hf::config::{DecoderConfig, RopeScaling};
 
 use distill_kernels::cast_to;
 use distill_kernels::nf4::Nf4;
-use distill_kernels::{Kernels, KeyRanges, LinearWeight, NormInput, Normed, add_bias};
+use distill_kernels::{Kernels, KeyRanges, LinearWeight, ModelKernels, NormInput, Normed, add_bias};
 
 /// A linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
@@ -75,34 +75,35 @@ impl<B: Kernels> Linear<B> {
                     x
                 };
                 let (a, b) = lora.pair(dtype);
-                let delta = <B as Kernels>::linear(<B as Kernels>::linear(x, a, None), b, None); // [.., out]
+                let delta = <B as ModelKernels>::linear(<B as ModelKernels>::linear(x, a, None), b, None); // [.., out]
                 y + delta
             }
         }
     }
 
     /// `forward(x.out)` for an RMSNorm's output: with an f32 master weight and no adapter,
-    /// [`Kernels::linear_master_normed`], which keeps the norm's input for dW, not x.
+    /// [`ModelKernels::linear_master_normed`](distill_kernels::ModelKernels::linear_master_normed), which keeps the norm's input for dW, not x.
     pub fn forward_normed(&self, x: &Normed<B>) -> Tensor<B, 3> {
         let dtype = x.out.dtype();
         match (self.weight_for(dtype), &self.lora) {
-            (LinearWeight::Master(w), None) => {
-                add_bias(<B as Kernels>::linear_master_normed(x, w), self.bias_for(dtype))
-            }
+            (LinearWeight::Master(w), None) => add_bias(
+                <B as ModelKernels>::linear_master_normed(x, w),
+                self.bias_for(dtype),
+            ),
             _ => self.forward(x.out.clone()),
         }
     }
 
-    /// `forward(swiglu(gate, up))` through [`Kernels::swiglu_linear`], so that training keeps
+    /// `forward(swiglu(gate, up))` through [`ModelKernels::swiglu_linear`](distill_kernels::ModelKernels::swiglu_linear), so that training keeps
     /// gate and up but not their product. gate, up: [B, T, in] -> [B, T, out].
     pub fn forward_swiglu(&self, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
         let dtype = gate.dtype();
         if self.lora.as_ref().is_some_and(|l| l.drops(&gate.device())) {
             // The adapter sees a dropped-out h, the base GEMM the whole: two inputs, not one.
-            return self.forward(<B as Kernels>::swiglu(gate, up));
+            return self.forward(<B as ModelKernels>::swiglu(gate, up));
         }
         let lora = self.lora.as_ref().map(|l| l.pair(dtype));
-        let y = <B as Kernels>::swiglu_linear(gate, up, self.weight_for(dtype), lora);
+        let y = <B as ModelKernels>::swiglu_linear(gate, up, self.weight_for(dtype), lora);
         add_bias(y, self.bias_for(dtype))
     }
 
@@ -495,13 +496,13 @@ impl<B: Kernels> Attention<B> {
         let q = heads(self.q_proj.forward_normed(x), self.num_heads); // [B, H, T, hd]
         let k = heads(self.k_proj.forward_normed(x), self.num_kv_heads); // [B, KV, T, hd]
         let v = heads(self.v_proj.forward_normed(x), self.num_kv_heads);
-        let q = <B as Kernels>::rope(q, &ctx.cos, &ctx.sin);
-        let k = <B as Kernels>::rope(k, &ctx.cos, &ctx.sin);
+        let q = <B as ModelKernels>::rope(q, &ctx.cos, &ctx.sin);
+        let k = <B as ModelKernels>::rope(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v), // [B, KV, S, hd]
             None => (k, v),
         };
-        let y = <B as Kernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
+        let y = <B as ModelKernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
         let y = y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
         self.o_proj.forward(y)
     }
@@ -674,7 +675,7 @@ impl<B: Kernels> CausalLm<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let w = cast_to(self.model.embed_tokens.weight.val(), hidden.dtype());
-                <B as Kernels>::linear(hidden, w.transpose(), None)
+                <B as ModelKernels>::linear(hidden, w.transpose(), None)
             }
         }
     }

@@ -19,7 +19,7 @@ use burn::tensor::backend::{Backend, BackendTypes};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use distill_core::Recipe;
 use distill_core::recipe::BaseQuant;
-use distill_models::{CausalLm, DecoderConfig, Kernels};
+use distill_models::{CausalLm, DecoderConfig, Kernels, ModelKernels};
 
 use crate::loss::{HeadWeight, LossConfig, TeacherTargets, chunked_loss};
 use crate::trainer::{self, Teacher, TrainError};
@@ -519,7 +519,7 @@ pub fn training_gemms(c: &DecoderConfig, tokens: usize, chunk: usize, r: usize) 
 
 /// Mean seconds of the forward product alone (inner backend, as the no-graph forward runs
 /// it) and of forward + backward (autodiff, gradients of x and w from a ones seed, as a
-/// training step runs it), both through [`Kernels::linear`].
+/// training step runs it), both through [`ModelKernels::linear`](distill_kernels::ModelKernels::linear).
 pub fn bench_gemm<B: Kernels>(g: &Gemm, warmup: usize, iters: usize, device: &B::Device) -> (f64, f64)
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
@@ -527,12 +527,12 @@ where
     let x = Tensor::<B, 2>::random([g.m, g.k], Distribution::Normal(0.0, 1.0), device);
     let w = Tensor::<B, 2>::random([g.k, g.n], Distribution::Normal(0.0, 0.02), device);
     let fwd = time_calls::<B>(device, warmup, iters, || {
-        drop(<B as Kernels>::linear(x.clone(), w.clone(), None));
+        drop(<B as ModelKernels>::linear(x.clone(), w.clone(), None));
     });
     let fwd_bwd = time_calls::<B>(device, warmup, iters, || {
         let xa = Tensor::<Ad<B>, 2>::from_inner(x.clone()).require_grad();
         let wa = Tensor::<Ad<B>, 2>::from_inner(w.clone()).require_grad();
-        let grads = <Ad<B> as Kernels>::linear(xa.clone(), wa.clone(), None).backward();
+        let grads = <Ad<B> as ModelKernels>::linear(xa.clone(), wa.clone(), None).backward();
         drop((xa.grad(&grads), wa.grad(&grads)));
     });
     (fwd, fwd_bwd)

@@ -454,7 +454,7 @@ where
         w = w.map(Tensor::require_grad);
     }
     let leaf = w.stored().clone();
-    let logits = <AD as distill_models::Kernels>::linear(h.clone(), w.cv(), None);
+    let logits = <AD as distill_models::ModelKernels>::linear(h.clone(), w.cv(), None);
     let sums = token_loss(logits, Tensor::from_inner(labels), &lift::<AD>(teacher), cfg);
     let values = Tensor::cat(
         vec![sums.total.clone().inner(), sums.ce.inner(), sums.kl.inner()],
@@ -490,7 +490,7 @@ fn analytic_head_chunk<B: distill_models::Kernels>(
 ) -> ChunkOutput<B> {
     let vc = matches!(weight, HeadWeight::Vc(_));
     let w = weight.cv(); // [C, V]
-    let logits = <B as distill_models::Kernels>::linear(h.clone(), w.clone(), None); // [len, V]
+    let logits = <B as distill_models::ModelKernels>::linear(h.clone(), w.clone(), None); // [len, V]
     let (values, g) = analytic_chunk(logits, labels, teacher, cfg, scale, h.dtype().into()); // [len, V]
     let grad_h = distill_kernels::gemm(g.clone(), w.transpose()); // [len, C]
     // dL/dW straight from the GEMM's f32 accumulator, added there to the earlier chunks' sum:

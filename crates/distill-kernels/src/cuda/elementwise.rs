@@ -1,6 +1,6 @@
 //! RMSNorm and SwiGLU, forward and backward, and rotary embeddings as CUDA kernels
-//! ([`crate::Kernels::rms_norm`], [`crate::Kernels::swiglu`], their backward methods,
-//! [`crate::Kernels::rope`]), for bf16 or f32 tensors.
+//! ([`crate::ModelKernels::rms_norm`], [`crate::ModelKernels::swiglu`], their backward methods,
+//! [`crate::ModelKernels::rope`]), for bf16 or f32 tensors.
 //!
 //! Why: as burn ops each is a chain of elementwise passes, most of them in f32 (cast, sigmoid
 //! as five ops, products, casts back). At 0.5B, 4 x 2048 tokens, SwiGLU over [8192, 4864]

@@ -192,7 +192,7 @@ pub fn stats(z: &CudaTensor, t: f32, limit: usize) -> Result<(CudaTensor, CudaTe
     Ok((mx, sum, sum_t))
 }
 
-/// The gradient of [`crate::Kernels::softmax_grad`] in `dtype` (bf16 or f32).
+/// The gradient of [`crate::TrainKernels::softmax_grad`] in `dtype` (bf16 or f32).
 #[allow(clippy::too_many_arguments)]
 pub fn grad(
     z: &CudaTensor,

@@ -1,4 +1,4 @@
-//! NF4 dequantization as one CUDA kernel ([`crate::Kernels::nf4_dequantize`]): a thread per
+//! NF4 dequantization as one CUDA kernel ([`crate::ModelKernels::nf4_dequantize`]): a thread per
 //! packed word, eight values out. As burn ops it is a shift, a mask, a gather and a multiply,
 //! each a pass over the full-size weight, run three times a step for every linear layer of a
 //! QLoRA model (forward, recomputed forward, backward).

@@ -1,6 +1,6 @@
-//! The AdamW update of one flat f32 group as a single CUDA kernel ([`crate::Kernels::adamw`]),
-//! the flat group's assembly from its parameters ([`crate::Kernels::concat_f32`]) and its sum
-//! of squares for the global gradient norm ([`crate::Kernels::sum_squares`]).
+//! The AdamW update of one flat f32 group as a single CUDA kernel ([`crate::TrainKernels::adamw`]),
+//! the flat group's assembly from its parameters ([`crate::TrainKernels::concat_f32`]) and its sum
+//! of squares for the global gradient norm ([`crate::TrainKernels::sum_squares`]).
 //!
 //! Why: as burn ops the update is about ten kernels, each a full pass over the group's f32
 //! tensors (scale, square, add, sqrt, divide, ...): at 0.5B parameters the optimizer phase

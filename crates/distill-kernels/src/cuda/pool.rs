@@ -11,7 +11,7 @@ use super::stream::{Ordering, lock, run_on_stream};
 /// Makes the device's stream-ordered allocator keep what cubecl frees (its release threshold
 /// at the maximum), once per device. cubecl allocates its pages with `cuMemAllocAsync` and
 /// frees them with `cuMemFreeAsync`; with the default threshold (0) the freed memory went
-/// back to the driver at the next sync and each page freed by [`crate::Kernels::trim_memory`]
+/// back to the driver at the next sync and each page freed by [`crate::MemoryPolicy::trim_memory`]
 /// had to be mapped again a step later (6-8% of a 0.5B step). Kept, it serves the next
 /// allocation of any size from the same physical memory.
 pub(crate) fn retain_freed_memory(device: &burn::backend::cuda::CudaDevice) -> Result<(), String> {
