@@ -590,6 +590,14 @@ impl GgufFile {
         let info = self
             .tensor(name)
             .ok_or_else(|| GgufError::tensor(&self.path, name, "not in this file"))?;
+        // Refused before the output is sized: the densest types hold 20 elements per byte.
+        if !info.ty.can_dequantize() {
+            return Err(GgufError::tensor(
+                &self.path,
+                name,
+                format!("ggml type {} cannot be dequantized here", info.ty.name()),
+            ));
+        }
         let mut out = vec![0.0; info.n_elements() as usize];
         dequant::dequantize(info.ty, self.tensor_bytes(info), &mut out)
             .map_err(|msg| GgufError::tensor(&self.path, name, msg))?;
