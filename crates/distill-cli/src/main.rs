@@ -15,6 +15,11 @@ mod train;
 
 use std::process::ExitCode;
 
+/// Counts what a chat template's render holds, so that a hostile template is stopped at its
+/// memory budget (distill_hf::guard) instead of taking the machine down.
+#[global_allocator]
+static ALLOCATOR: distill_hf::guard::GuardedAllocator = distill_hf::guard::GuardedAllocator;
+
 use clap::{Parser, Subcommand};
 
 use backend::DeviceArg;

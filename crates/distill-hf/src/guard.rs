@@ -4,9 +4,9 @@
 //! minijinja's fuel bounds the instructions a template runs, not the size of the values they
 //! build: `{% set s = s ~ s %}` doubles a string per instruction, so forty instructions ask for
 //! a terabyte. No minijinja hook sees `~`, `+`, `*` on lists or `{% set %}...{% endset %}`
-//! blocks, so the bound is kept one level down: this crate installs the global allocator, which
-//! counts the bytes a guarded thread holds, and an allocation that would take that thread past
-//! its budget is never made. An allocator must not unwind, so the thread stops inside the
+//! blocks, so the bound is kept one level down: [`GuardedAllocator`], which a binary installs as
+//! its global allocator (`distill` does, in its `main.rs`), counts the bytes a guarded thread
+//! holds, and an allocation that would take that thread past its budget is never made. An allocator must not unwind, so the thread stops inside the
 //! allocation, parked for good, and the caller (waiting on a condition variable) gets
 //! [`Stop::Memory`]. The parked thread keeps what it held, at most the budget, until the process
 //! exits; callers refuse further work from the same source, so this happens once per source.
@@ -14,6 +14,10 @@
 //! The deadline covers work that allocates nothing for a long time (one minijinja instruction
 //! can iterate a lazily repeated list for hours): the caller stops waiting, and the thread is
 //! parked at its next allocation.
+//!
+//! A library cannot choose the process's allocator for its users, so this crate only offers
+//! one: where it is not installed ([`memory_bounded`] is false), [`run`] keeps its deadline but
+//! not its memory budget.
 //!
 //! What is counted: every byte the worker allocates and has not freed. Memory it frees that
 //! another thread allocated lowers the count, so the bound is the budget plus what the caller
@@ -26,11 +30,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The system allocator, plus the per-thread count of guarded threads.
-struct Counting;
+/// The system allocator, plus the per-thread count of guarded threads: install it with
+/// `#[global_allocator] static A: GuardedAllocator = GuardedAllocator;` for [`run`] to keep
+/// its memory budget. Threads outside [`run`] pay one thread-local read per allocation.
+pub struct GuardedAllocator;
 
+// The library's own unit tests run hostile inputs; they need the budget in force.
+#[cfg(test)]
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: GuardedAllocator = GuardedAllocator;
 
 thread_local! {
     /// The budget of this thread while it runs guarded work; null otherwise. A const-initialised
@@ -131,7 +139,7 @@ fn with_budget(f: impl FnOnce(&Budget)) {
 }
 
 // SAFETY: every method forwards to `System` with the caller's layout; the count is bookkeeping.
-unsafe impl GlobalAlloc for Counting {
+unsafe impl GlobalAlloc for GuardedAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         with_budget(|b| b.charge(layout.size()));
         unsafe { System.alloc(layout) }
@@ -159,6 +167,31 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+fn new_budget(limit: usize) -> Budget {
+    Budget {
+        limit,
+        held: AtomicUsize::new(0),
+        cancelled: AtomicBool::new(false),
+        state: Mutex::new(State::default()),
+        changed: Condvar::new(),
+    }
+}
+
+/// Whether the process's global allocator is [`GuardedAllocator`], so that [`run`] keeps its
+/// memory budget: found once, by counting a probe allocation.
+pub fn memory_bounded() -> bool {
+    static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INSTALLED.get_or_init(|| {
+        let probe = new_budget(usize::MAX);
+        CURRENT.with(|c| c.set(&probe));
+        let allocated = std::hint::black_box(vec![0u8; 64]);
+        let counted = probe.held.load(Ordering::Relaxed) > 0;
+        CURRENT.with(|c| c.set(std::ptr::null()));
+        drop(allocated);
+        counted
+    })
+}
+
 /// Stack of a worker, reserved (pages are used as touched): minijinja recurses per level of a
 /// nested value when it prints or drops one, and fuel allows a nesting a million deep.
 const STACK: usize = 512 << 20;
@@ -166,13 +199,11 @@ const STACK: usize = 512 << 20;
 /// Runs `work` on a new thread under `limits` and waits for it. On [`Stop::Memory`] or
 /// [`Stop::Time`] the thread is left parked (see the module docs).
 pub fn run<T: Send + 'static>(limits: Limits, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Stop> {
-    let budget = Arc::new(Budget {
-        limit: limits.memory,
-        held: AtomicUsize::new(0),
-        cancelled: AtomicBool::new(false),
-        state: Mutex::new(State::default()),
-        changed: Condvar::new(),
-    });
+    let budget = Arc::new(new_budget(if memory_bounded() {
+        limits.memory
+    } else {
+        usize::MAX
+    }));
     let slot: Arc<Mutex<Option<std::thread::Result<T>>>> = Arc::new(Mutex::new(None));
     let (worker_budget, worker_slot) = (budget.clone(), slot.clone());
     std::thread::Builder::new()
@@ -272,6 +303,11 @@ mod tests {
             }
         });
         assert_eq!(out, Err(Stop::Time));
+    }
+
+    #[test]
+    fn the_test_binary_has_the_guarded_allocator() {
+        assert!(memory_bounded());
     }
 
     #[test]
