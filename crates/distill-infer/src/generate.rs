@@ -1,4 +1,3 @@
-// LEAD TO HELPER: before any edit, build or commit, read /tmp/briefs/common.md (shared-machine rules, build command, commit rules, 12:05 UTC deadline). Delete this line when you first edit this file.
 //! Batched, KV-cached generation: greedy or sampled (temperature, top-k, top-p), with EOS and
 //! stop strings. `distill eval` scores its outputs; `distill serve` answers requests with it.
 //!

@@ -1,4 +1,3 @@
-// LEAD TO HELPER: before any edit, build or commit, read /tmp/briefs/common.md (shared-machine rules, build command, commit rules, 12:05 UTC deadline). Delete this line when you first edit this file.
 //! The OpenAI wire format: request bodies, their checks (each failure names its field), and
 //! the response bodies built from generations and prompt scores.
 //!

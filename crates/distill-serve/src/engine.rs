@@ -1,4 +1,3 @@
-// LEAD TO HELPER: before any edit, build or commit, read /tmp/briefs/common.md (shared-machine rules, build command, commit rules, 12:05 UTC deadline). Delete this line when you first edit this file.
 //! The model's thread: it owns the model, takes work from a channel, and batches what is
 //! pending. Requests whose decoding parameters are equal share one `generate` call; each
 //! keeps its own seed, so its output does not depend on its company. HTTP handlers wait on a
