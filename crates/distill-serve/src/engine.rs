@@ -499,25 +499,32 @@ mod tests {
         assert_eq!(queue.len(), 1);
     }
 
-    /// Members of one generate call (more sequences than the batch, so rows join mid-flight)
-    /// each get exactly what their own requests decode alone, in their order.
-    #[test]
-    fn each_member_gets_its_own_generations() {
-        use burn::backend::Flex;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    /// An engine over a tests/fixtures model on the CPU, `batch_size` rows, no batching window.
+    fn test_engine(fixture: &str, batch_size: usize) -> (Engine<burn::backend::Flex>, Arc<TextTokenizer>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(fixture);
         let device = Default::default();
         let tokenizer = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
-        let engine = Engine::<Flex> {
+        let engine = Engine {
             model: CausalLm::load(&dir, &device).unwrap(),
             tokenizer: tokenizer.clone(),
             eos: vec![],
             device,
             batching: Batching {
-                batch_size: 2,
+                batch_size,
                 window: Duration::ZERO,
             },
             stats: Arc::new(Stats::default()),
         };
+        (engine, tokenizer)
+    }
+
+    /// Members of one generate call (more sequences than the batch, so rows join mid-flight)
+    /// each get exactly what their own requests decode alone, in their order.
+    #[test]
+    fn each_member_gets_its_own_generations() {
+        let (engine, tokenizer) = test_engine("tiny-llama", 2);
         let params = Params {
             max_new_tokens: 4,
             sampling: Sampling {
@@ -579,21 +586,7 @@ mod tests {
     /// it still gets its whole answer.
     #[test]
     fn a_client_that_went_away_frees_its_rows() {
-        use burn::backend::Flex;
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
-        let device = Default::default();
-        let tokenizer = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
-        let engine = Engine::<Flex> {
-            model: CausalLm::load(&dir, &device).unwrap(),
-            tokenizer: tokenizer.clone(),
-            eos: vec![],
-            device,
-            batching: Batching {
-                batch_size: 4,
-                window: Duration::ZERO,
-            },
-            stats: Arc::new(Stats::default()),
-        };
+        let (engine, tokenizer) = test_engine("tiny-qwen2", 4);
         let params = Params {
             max_new_tokens: 30,
             sampling: Sampling::GREEDY,
