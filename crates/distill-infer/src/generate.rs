@@ -186,9 +186,26 @@ pub fn generate_with<B: Kernels>(
     requests: &[Request],
     cfg: &GenerationConfig,
     device: &B::Device,
+    sink: impl FnMut(Event<'_>) -> bool,
+) -> Result<GenerationStats, InferError> {
+    let all = requests.iter().map(|r| (r.clone(), cfg.max_new_tokens)).collect();
+    generate_admitting(model, tokenizer, all, cfg, device, |_| Vec::new(), sink)
+}
+
+/// [`generate_with`] for a caller that takes more work while it runs (a server): before each
+/// step, `admit(room)` may return up to `room` more requests, each with its own
+/// `max_new_tokens` (as every request here has); they are numbered after those already given
+/// and join at the next step that has rows free. `cfg.max_new_tokens` is not read.
+pub fn generate_admitting<B: Kernels>(
+    model: &CausalLm<B>,
+    tokenizer: &TextTokenizer,
+    mut requests: Vec<(Request, usize)>,
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    mut admit: impl FnMut(usize) -> Vec<(Request, usize)>,
     mut sink: impl FnMut(Event<'_>) -> bool,
 ) -> Result<GenerationStats, InferError> {
-    if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
+    if let Some(i) = requests.iter().position(|(r, _)| r.prompt.is_empty()) {
         return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
     }
     let started = Instant::now();
@@ -202,18 +219,29 @@ pub fn generate_with<B: Kernels>(
     };
     // Similar lengths join together, so little compute goes to padding.
     let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| requests[i].prompt.len());
+    order.sort_by_key(|&i| requests[i].0.prompt.len());
     let mut waiting: std::collections::VecDeque<usize> = order.into();
     let batch_size = cfg.batch_size.max(1);
     let mut running = Running::new(model);
     loop {
+        let room = batch_size.saturating_sub(running.live.len() + waiting.len());
+        if room > 0 {
+            for (request, max_new) in admit(room) {
+                if request.prompt.is_empty() {
+                    let i = requests.len();
+                    return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
+                }
+                waiting.push_back(requests.len());
+                requests.push((request, max_new));
+            }
+        }
         let free = batch_size - running.live.len();
         // Join when a quarter of the batch is free (or the rest fits): each join costs a
         // prefill and a copy of the cache.
         let join = free.min(waiting.len());
         if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
-            running.join(model, tokenizer, requests, &joining, cfg, device, &mut counted)?;
+            running.join(model, tokenizer, &requests, &joining, cfg, device, &mut counted)?;
             continue;
         }
         if running.live.is_empty() {
@@ -237,6 +265,21 @@ struct Live {
     rng: fastrand::Rng,
     /// Left padding of this row in the cache.
     pad: usize,
+    /// Its request's `max_new_tokens`.
+    max_new: usize,
+}
+
+impl Live {
+    fn new(request: usize, (r, max_new): &(Request, usize), pad: usize) -> Self {
+        Live {
+            request,
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            rng: fastrand::Rng::with_seed(r.seed),
+            pad,
+            max_new: *max_new,
+        }
+    }
 }
 
 /// The rows decoding together and their KV cache, left-padded to one length.
@@ -261,40 +304,37 @@ impl<B: Kernels> Running<B> {
         &mut self,
         model: &CausalLm<B>,
         tokenizer: &TextTokenizer,
-        requests: &[Request],
+        requests: &[(Request, usize)],
         joining: &[usize],
         cfg: &GenerationConfig,
         device: &B::Device,
         sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
+        // Requests that may not draw a token finish at once.
+        let (joining, empty): (Vec<usize>, Vec<usize>) = joining.iter().partition(|&&i| requests[i].1 > 0);
+        for i in empty {
+            let mut l = Live::new(i, &requests[i], 0);
+            let generation = finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?;
+            sink(Event::Done {
+                request: i,
+                generation,
+            });
+        }
+        if joining.is_empty() {
+            return Ok(());
+        }
         let width = joining
             .iter()
-            .map(|&i| requests[i].prompt.len())
+            .map(|&i| requests[i].0.prompt.len())
             .max()
             .unwrap_or(0);
         let mut rows: Vec<Live> = joining
             .iter()
-            .map(|&i| Live {
-                request: i,
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                rng: fastrand::Rng::with_seed(requests[i].seed),
-                pad: width - requests[i].prompt.len(),
-            })
+            .map(|&i| Live::new(i, &requests[i], width - requests[i].0.prompt.len()))
             .collect();
-        if cfg.max_new_tokens == 0 {
-            for mut l in rows {
-                let generation = finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?;
-                sink(Event::Done {
-                    request: l.request,
-                    generation,
-                });
-            }
-            return Ok(());
-        }
         let ids: Vec<u32> = rows
             .iter()
-            .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].prompt.iter().copied()))
+            .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].0.prompt.iter().copied()))
             .collect();
         let mut cache = model.new_cache();
         let pads: Vec<usize> = rows.iter().map(|l| l.pad).collect();
@@ -404,7 +444,7 @@ fn advance(
             cfg.stop.iter().any(|s| text.contains(s.as_str()))
         } {
             Some(FinishReason::Stop)
-        } else if l.tokens.len() >= cfg.max_new_tokens {
+        } else if l.tokens.len() >= l.max_new {
             Some(FinishReason::Length)
         } else {
             None

@@ -3,6 +3,7 @@
 //! keeps its own seed, so its output does not depend on its company. HTTP handlers wait on a
 //! oneshot reply (or, streaming, on a channel of tokens) and never on each other.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{
-    Event, Generation, GenerationConfig, Request, Sampling, TokenLogprob, generate_with,
+    Event, Generation, GenerationConfig, Request, Sampling, TokenLogprob, generate_admitting,
 };
 use distill_infer::{InferError, host};
 use distill_models::{CausalLm, Kernels};
@@ -33,6 +34,17 @@ pub struct Params {
     pub logprobs: Option<usize>,
     /// Decode past EOS tokens (vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+}
+
+impl Params {
+    /// Whether two requests can decode in one call: everything but `max_new_tokens`, which
+    /// each row keeps for itself.
+    fn same_decoding(&self, other: &Params) -> bool {
+        self.sampling == other.sampling
+            && self.stop == other.stop
+            && self.logprobs == other.logprobs
+            && self.ignore_eos == other.ignore_eos
+    }
 }
 
 /// Why work failed; the handler answers 500 with it.
@@ -93,8 +105,8 @@ impl Answer {
     }
 }
 
-/// The requests of one HTTP request and where their generations go.
-type Member = (Vec<Request>, Answer);
+/// The requests of one HTTP request, where their generations go, and its `max_new_tokens`.
+type Member = (Vec<Request>, Answer, usize);
 
 /// One unit of work for the model thread.
 pub enum Work {
@@ -210,7 +222,7 @@ impl<B: Kernels> Engine<B> {
             // Up to ROUND_BATCHES batches of work per round: `generate` runs batch_size rows
             // at a time and starts waiting ones as rows finish (continuous batching).
             let round = take_round(&mut queue, self.batching.batch_size * ROUND_BATCHES);
-            self.run_round(round);
+            self.run_round(round, &mut queue, jobs);
         }
     }
 
@@ -225,7 +237,7 @@ impl<B: Kernels> Engine<B> {
         }
     }
 
-    fn run_round(&self, round: Vec<Work>) {
+    fn run_round(&self, round: Vec<Work>, queue: &mut VecDeque<Work>, jobs: &Receiver<Work>) {
         let mut groups: Vec<(Params, Vec<Member>)> = Vec::new();
         let (gone, round): (Vec<Work>, Vec<Work>) = round.into_iter().partition(Work::abandoned);
         let dropped: usize = gone.iter().map(Work::sequences).sum();
@@ -241,21 +253,66 @@ impl<B: Kernels> Engine<B> {
                     requests,
                     params,
                     answer,
-                } => match groups.iter_mut().find(|(p, _)| *p == params) {
-                    Some((_, members)) => members.push((requests, answer)),
-                    None => groups.push((params, vec![(requests, answer)])),
-                },
+                } => {
+                    let member = (requests, answer, params.max_new_tokens);
+                    match groups.iter_mut().find(|(p, _)| p.same_decoding(&params)) {
+                        Some((_, members)) => members.push(member),
+                        None => groups.push((params, vec![member])),
+                    }
+                }
             }
         }
         for (params, members) in groups {
-            self.generate_group(&params, members);
+            self.generate_group(&params, members, |room| self.admit(queue, jobs, &params, room));
         }
     }
 
-    /// One `generate` call for every member; each gets its own slice of the results as soon
-    /// as its last sequence finishes, or, streaming, each token as it comes.
-    fn generate_group(&self, params: &Params, members: Vec<Member>) {
-        let all: Vec<Request> = members.iter().flat_map(|(r, _)| r.iter().cloned()).collect();
+    /// Work that arrived while a generate call runs and can join it: the same decoding
+    /// settings (its own `max_new_tokens`), at most `room` sequences, oldest first.
+    fn admit(
+        &self,
+        queue: &mut VecDeque<Work>,
+        jobs: &Receiver<Work>,
+        params: &Params,
+        room: usize,
+    ) -> Vec<Member> {
+        queue.extend(jobs.try_iter());
+        let mut room = room;
+        let mut admitted = Vec::new();
+        let mut i = 0;
+        while i < queue.len() {
+            let joins = matches!(&queue[i], Work::Generate { requests, params: p, .. }
+                if p.same_decoding(params) && requests.len() <= room);
+            if !joins {
+                i += 1;
+                continue;
+            }
+            if let Some(Work::Generate {
+                requests,
+                params: p,
+                answer,
+            }) = queue.remove(i)
+            {
+                if answer.closed() {
+                    self.stats.cancelled.fetch_add(requests.len(), Ordering::Relaxed);
+                    continue;
+                }
+                room -= requests.len();
+                admitted.push((requests, answer, p.max_new_tokens));
+            }
+        }
+        admitted
+    }
+
+    /// One `generate` call for every member, and for the members `more(room)` adds while it
+    /// runs; each gets its own slice of the results as soon as its last sequence finishes, or,
+    /// streaming, each token as it comes.
+    fn generate_group(
+        &self,
+        params: &Params,
+        members: Vec<Member>,
+        mut more: impl FnMut(usize) -> Vec<Member>,
+    ) {
         let cfg = GenerationConfig {
             max_new_tokens: params.max_new_tokens,
             sampling: params.sampling.clone(),
@@ -269,82 +326,26 @@ impl<B: Kernels> Engine<B> {
             logprobs: params.logprobs,
         };
         self.stats.generate_calls.fetch_add(1, Ordering::Relaxed);
-        // Request i of `all` belongs to member owner[i]; left[m] of member m's are unfinished.
-        let owner: Vec<usize> = members
-            .iter()
-            .enumerate()
-            .flat_map(|(m, (r, _))| std::iter::repeat_n(m, r.len()))
-            .collect();
-        let starts: Vec<usize> = members
-            .iter()
-            .scan(0, |at, (r, _)| {
-                let start = *at;
-                *at += r.len();
-                Some(start)
-            })
-            .collect();
-        let sizes: Vec<usize> = members.iter().map(|(r, _)| r.len()).collect();
-        let mut left = sizes.clone();
-        let mut finished: Vec<Option<Generation>> = vec![None; all.len()];
-        let mut answers: Vec<Option<Answer>> = members.into_iter().map(|(_, a)| Some(a)).collect();
+        let group = RefCell::new(Group::default());
+        let enlist = |members: Vec<Member>| -> Vec<(Request, usize)> {
+            let mut group = group.borrow_mut();
+            let mut requests = Vec::new();
+            for (rs, answer, max_new) in members {
+                group.add(rs.len(), answer);
+                requests.extend(rs.into_iter().map(|r| (r, max_new)));
+            }
+            requests
+        };
+        let all = enlist(members);
         let result = guarded(|| {
-            generate_with(
+            generate_admitting(
                 &self.model,
                 &self.tokenizer,
-                &all,
+                all,
                 &cfg,
                 &self.device,
-                |event| match event {
-                    Event::Token {
-                        request: i,
-                        token,
-                        logprob,
-                    } => {
-                        let m = owner[i];
-                        let Some(answer) = &answers[m] else {
-                            return false;
-                        };
-                        if let Answer::Stream(tx) = answer {
-                            let _ = tx.send(Streamed::Token {
-                                index: i - starts[m],
-                                token,
-                                logprob: logprob.cloned(),
-                            });
-                        }
-                        // A client that went away frees its row at once.
-                        let go_on = !answer.closed();
-                        if !go_on {
-                            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        go_on
-                    }
-                    Event::Done {
-                        request: i,
-                        generation,
-                    } => {
-                        let m = owner[i];
-                        left[m] -= 1;
-                        match &answers[m] {
-                            Some(Answer::Stream(tx)) => {
-                                let _ = tx.send(Streamed::Done {
-                                    index: i - starts[m],
-                                    generation,
-                                });
-                            }
-                            _ => finished[i] = Some(generation),
-                        }
-                        if left[m] == 0
-                            && let Some(Answer::Whole(reply)) = answers[m].take()
-                        {
-                            let mine = finished[starts[m]..starts[m] + sizes[m]]
-                                .iter_mut()
-                                .map(|g| g.take().expect("every sequence of the member finished"))
-                                .collect();
-                            let _ = reply.send(Ok(mine));
-                        }
-                        true
-                    }
-                },
+                |room| enlist(more(room)),
+                |event| group.borrow_mut().on_event(event, &self.stats),
             )
             .map_err(EngineError::from)
         });
@@ -355,12 +356,96 @@ impl<B: Kernels> Engine<B> {
                     .new_tokens
                     .fetch_add(stats.new_tokens, Ordering::Relaxed);
             }
-            Err(e) => {
-                for (answer, left) in answers.into_iter().zip(left) {
-                    if let Some(answer) = answer.filter(|_| left > 0) {
-                        answer.fail(e.clone());
-                    }
+            Err(e) => group.into_inner().fail(e),
+        }
+    }
+}
+
+/// The members of one generate call: request i belongs to member `owner[i]`, whose requests
+/// are `starts[m]..starts[m] + sizes[m]`, `left[m]` of them unfinished.
+#[derive(Default)]
+struct Group {
+    owner: Vec<usize>,
+    starts: Vec<usize>,
+    sizes: Vec<usize>,
+    left: Vec<usize>,
+    finished: Vec<Option<Generation>>,
+    answers: Vec<Option<Answer>>,
+}
+
+impl Group {
+    fn add(&mut self, requests: usize, answer: Answer) {
+        let m = self.answers.len();
+        self.starts.push(self.owner.len());
+        self.owner.extend(std::iter::repeat_n(m, requests));
+        self.sizes.push(requests);
+        self.left.push(requests);
+        self.finished.resize_with(self.owner.len(), || None);
+        self.answers.push(Some(answer));
+    }
+
+    /// Passes a token or a finished generation to its member; false drops a row whose client
+    /// went away.
+    fn on_event(&mut self, event: Event<'_>, stats: &Stats) -> bool {
+        match event {
+            Event::Token {
+                request: i,
+                token,
+                logprob,
+            } => {
+                let m = self.owner[i];
+                let Some(answer) = &self.answers[m] else {
+                    return false;
+                };
+                if let Answer::Stream(tx) = answer {
+                    let _ = tx.send(Streamed::Token {
+                        index: i - self.starts[m],
+                        token,
+                        logprob: logprob.cloned(),
+                    });
                 }
+                // A client that went away frees its row at once.
+                let go_on = !answer.closed();
+                if !go_on {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                go_on
+            }
+            Event::Done {
+                request: i,
+                generation,
+            } => {
+                let m = self.owner[i];
+                self.left[m] -= 1;
+                match &self.answers[m] {
+                    Some(Answer::Stream(tx)) => {
+                        let _ = tx.send(Streamed::Done {
+                            index: i - self.starts[m],
+                            generation,
+                        });
+                    }
+                    _ => self.finished[i] = Some(generation),
+                }
+                if self.left[m] == 0
+                    && let Some(Answer::Whole(reply)) = self.answers[m].take()
+                {
+                    let (start, size) = (self.starts[m], self.sizes[m]);
+                    let mine = self.finished[start..start + size]
+                        .iter_mut()
+                        .map(|g| g.take().expect("every sequence of the member finished"))
+                        .collect();
+                    let _ = reply.send(Ok(mine));
+                }
+                true
+            }
+        }
+    }
+
+    /// Every member still owed something hears the error.
+    fn fail(self, e: EngineError) {
+        for (answer, left) in self.answers.into_iter().zip(self.left) {
+            if let Some(answer) = answer.filter(|_| left > 0) {
+                answer.fail(e.clone());
             }
         }
     }
@@ -552,10 +637,10 @@ mod tests {
         let (mut members, mut answers) = (Vec::new(), Vec::new());
         for a in &asks {
             let (tx, rx) = oneshot::channel();
-            members.push((a.clone(), Answer::Whole(tx)));
+            members.push((a.clone(), Answer::Whole(tx), params.max_new_tokens));
             answers.push(rx);
         }
-        engine.generate_group(&params, members);
+        engine.generate_group(&params, members, |_| Vec::new());
         for (a, mut rx) in asks.iter().zip(answers) {
             let got = rx.try_recv().expect("answered").expect("generated");
             let cfg = GenerationConfig {
@@ -602,10 +687,10 @@ mod tests {
         drop(gone_rx);
         let (tx, mut rx) = oneshot::channel();
         let members = vec![
-            (vec![request.clone(); 2], Answer::Stream(gone_tx)),
-            (vec![request], Answer::Whole(tx)),
+            (vec![request.clone(); 2], Answer::Stream(gone_tx), 30),
+            (vec![request], Answer::Whole(tx), 30),
         ];
-        engine.generate_group(&params, members);
+        engine.generate_group(&params, members, |_| Vec::new());
         let kept = rx.try_recv().expect("answered").expect("generated");
         assert_eq!(kept[0].tokens.len(), 30);
         let stats = engine.stats.snapshot();

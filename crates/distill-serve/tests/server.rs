@@ -1014,3 +1014,36 @@ async fn generation_config_supplies_the_defaults() {
         "{err}"
     );
 }
+
+/// A short request that arrives while a long generation runs joins it at the next step (same
+/// decoding settings, its own max_tokens) and is answered while the long one still decodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_request_during_a_long_one_finishes_first() {
+    let mut o = options(Duration::ZERO);
+    o.batch_size = 16;
+    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
+    // 8 choices of the rest of the 512-token context each, streamed so that we know it runs.
+    let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                      "temperature": 0, "ignore_eos": true, "stream": true, "n": 8});
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/chat/completions", server.url()))
+        .body(long.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(response.chunk().await.unwrap().is_some());
+    let (status, v) = post(
+        &server,
+        "/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4,
+               "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+    // A call's finished sequences are counted when it returns: none yet, so the short request
+    // ran inside the long one's call.
+    let stats = server.stats();
+    assert_eq!((stats.generate_calls, stats.sequences), (1, 0), "{stats:?}");
+    drop(response);
+}
