@@ -846,17 +846,18 @@ async fn streamed_reasoning_goes_to_reasoning_content() {
     assert_eq!(finishes(&chunks, 0), [(0, "length".to_string())]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stream_whose_client_left_frees_its_row() {
-    // One row: the second request can only run once the first has left it.
+/// A server on the tiny fixture decoding at most `rows` sequences at once, no batch window.
+fn start_with_rows(rows: usize) -> Server {
     let mut o = options(Duration::ZERO);
-    o.batch_size = 1;
-    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
-    // A long generation, streamed: 64 choices of the rest of the 512-token context each, EOS
-    // ignored (about 31k tokens, one row at a time). The client reads the first chunk and
-    // goes away; the engine notices at the next token it sends, whichever row that is.
+    o.batch_size = rows;
+    Server::start::<Flex>(fixture(), o, Default::default()).unwrap()
+}
+
+/// `n` streamed choices of the rest of the context each (EOS ignored), once their first chunk
+/// has come: the generation is running.
+async fn long_stream(server: &Server, n: usize) -> reqwest::Response {
     let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
-                      "temperature": 0, "ignore_eos": true, "stream": true, "n": 64});
+                      "temperature": 0, "ignore_eos": true, "stream": true, "n": n});
     let mut response = reqwest::Client::new()
         .post(format!("{}/chat/completions", server.url()))
         .body(long.to_string())
@@ -864,7 +865,17 @@ async fn a_stream_whose_client_left_frees_its_row() {
         .await
         .unwrap();
     assert!(response.chunk().await.unwrap().is_some());
-    drop(response);
+    response
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_client_left_frees_its_row() {
+    // One row: the second request can only run once the first has left it.
+    let server = start_with_rows(1);
+    // A long generation, streamed: 64 choices of the rest of the 512-token context each, EOS
+    // ignored (about 31k tokens, one row at a time). The client reads the first chunk and
+    // goes away; the engine notices at the next token it sends, whichever row that is.
+    drop(long_stream(&server, 64).await);
     let (status, v) = post(
         &server,
         "/chat/completions",
@@ -1019,19 +1030,9 @@ async fn generation_config_supplies_the_defaults() {
 /// decoding settings, its own max_tokens) and is answered while the long one still decodes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_short_request_during_a_long_one_finishes_first() {
-    let mut o = options(Duration::ZERO);
-    o.batch_size = 16;
-    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
+    let server = start_with_rows(16);
     // 8 choices of the rest of the 512-token context each, streamed so that we know it runs.
-    let long = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
-                      "temperature": 0, "ignore_eos": true, "stream": true, "n": 8});
-    let mut response = reqwest::Client::new()
-        .post(format!("{}/chat/completions", server.url()))
-        .body(long.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(response.chunk().await.unwrap().is_some());
+    let response = long_stream(&server, 8).await;
     let (status, v) = post(
         &server,
         "/chat/completions",
