@@ -1,5 +1,5 @@
 """What the PyTorch baselines share with `distill bench`: the FLOP formulas (the same as
-crates/distill-train/src/bench.rs, see docs/PERFORMANCE.md), peak-memory measurement,
+crates/distill-bench/src/flops.rs, see docs/PERFORMANCE.md), peak-memory measurement,
 timing with device synchronisation, and the JSON row format.
 
 Only the standard library is imported at module level, so the formulas can be checked
@@ -18,7 +18,7 @@ GIB = float(1 << 30)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-# --- FLOP counts (identical to distill_train::bench) ---------------------------------------
+# --- FLOP counts (identical to distill_bench::flops) ----------------------------------------
 
 class Shape:
     """The decoder shape of a Hugging Face config.json (a plain dict)."""
@@ -85,7 +85,7 @@ def mfu(tflops, peak):
 
 
 def training_gemms(s, tokens, chunk, r):
-    """(name, m, k, n) of one training step's GEMMs, as distill_train::bench::training_gemms."""
+    """(name, m, k, n) of one training step's GEMMs, as distill_bench::gemm::training_gemms."""
     h, q, kv, i = s.dims()
     c = min(chunk, tokens)
     g = [("q_proj", tokens, h, q), ("k_proj/v_proj", tokens, h, kv), ("o_proj", tokens, q, h),
@@ -198,7 +198,7 @@ def time_calls(device, warmup, iters, f):
 
 
 def _self_check():
-    """The hand-computed closed forms of distill_train::bench's unit tests."""
+    """The hand-computed closed forms of distill_bench::flops's unit tests."""
     toy = Shape({"hidden_size": 4, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "num_key_value_heads": 1, "head_dim": 2, "intermediate_size": 8,
                  "vocab_size": 10, "tie_word_embeddings": True})

@@ -1,6 +1,5 @@
 //! Distillation training: the KL + CE loss, LoRA, AdamW, checkpoints and the trainer loop.
 
-pub mod bench;
 pub mod checkpoint;
 pub mod export;
 pub mod lora;
