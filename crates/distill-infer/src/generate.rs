@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use distill_hf::tokenizer::TextTokenizer;
+use distill_kernels::{RowSampling, sample};
 use distill_models::transformer::{Context, KvCache};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
@@ -209,6 +210,8 @@ pub fn generate_admitting<B: Kernels>(
         return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
     }
     let started = Instant::now();
+    let decoding = model.for_decoding();
+    let model = &decoding;
     let mut stats = GenerationStats::default();
     let mut counted = |event: Event<'_>| {
         match &event {
@@ -504,6 +507,10 @@ fn finish(
 /// The next token of every live row, with its log-probabilities when asked. logits: [b, V];
 /// `vocab`: the tokenizer's size, past which embedding rows are padding (Qwen2.5-7B has
 /// 152,064 rows for 151,665 tokens) that are never picked.
+///
+/// Each row draws with one uniform number from its own generator, by
+/// [`distill_kernels::sample`]'s rule; on CUDA the draw runs on the device and only the ids
+/// cross to the host. Log-probabilities need the whole row on the host, which then draws too.
 fn next_tokens<B: Kernels>(
     logits: Tensor<B, 2>,
     live: &mut [Live],
@@ -511,54 +518,51 @@ fn next_tokens<B: Kernels>(
     vocab: usize,
 ) -> Result<Vec<(u32, Option<TokenLogprob>)>, InferError> {
     let [b, v] = logits.dims();
-    // Rows past the real vocabulary are padding; never pick them.
+    debug_assert_eq!(live.len(), b);
     let v_real = vocab.min(v);
-    let logits = logits.narrow(1, 0, v_real);
-    if cfg.sampling.is_greedy() && cfg.logprobs.is_none() {
-        // Only the ids cross to the host.
-        let ids = logits.argmax(1).into_data(); // [b, 1]
-        return ids
-            .iter::<i64>()
-            .map(|t| {
-                u32::try_from(t)
-                    .map(|t| (t, None))
-                    .map_err(|_| InferError::Invalid(format!("token id {t}")))
-            })
-            .collect();
-    }
+    let rows: Vec<RowSampling> = live
+        .iter_mut()
+        .map(|l| row_sampling(&cfg.sampling, &mut l.rng))
+        .collect();
+    let Some(k) = cfg.logprobs else {
+        let ids = if cfg.sampling.is_greedy() {
+            // burn's argmax: the same ids as the host's, without a kernel of ours.
+            let ids = logits.narrow(1, 0, v_real).argmax(1).into_data(); // [b, 1]
+            ids.iter::<i64>()
+                .map(|t| u32::try_from(t).map_err(|_| InferError::Invalid(format!("token id {t}"))))
+                .collect::<Result<Vec<u32>, _>>()?
+        } else {
+            B::sample_rows(logits, v_real, &rows).map_err(InferError::Invalid)?
+        };
+        return Ok(ids.into_iter().map(|t| (t, None)).collect());
+    };
     let host: Vec<f32> = logits
+        .narrow(1, 0, v_real)
         .cast(DType::F32)
         .into_data()
         .convert::<f32>()
         .into_vec()
         .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?;
-    // Rows in parallel: each is a pass or two over the vocabulary (152k for Qwen) with its own
-    // generator, a millisecond a row that a batch of 64 would otherwise pay in series.
     use rayon::prelude::*;
-    debug_assert_eq!(live.len(), b);
-    Ok(live
-        .par_iter_mut()
-        .zip(host.par_chunks(v_real))
-        .map(|(l, row)| {
-            let tok = if cfg.sampling.is_greedy() {
-                argmax(row)
-            } else {
-                sample(row, &cfg.sampling, &mut l.rng)
-            };
-            (tok, cfg.logprobs.map(|k| token_logprob(row, tok, k)))
+    Ok(host
+        .par_chunks(v_real)
+        .zip(rows.par_iter())
+        .map(|(row, s)| {
+            let tok = sample::sample_row(row, s);
+            (tok, Some(token_logprob(row, tok, k)))
         })
         .collect())
 }
 
-/// The first index of the largest logit (as torch.argmax).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &z) in row.iter().enumerate() {
-        if z > row[best] {
-            best = i;
-        }
+/// How a row draws its next token under `s`: one uniform from its generator, drawn whether
+/// or not the row samples, so a row's draws never depend on its neighbours' settings.
+fn row_sampling(s: &Sampling, rng: &mut fastrand::Rng) -> RowSampling {
+    RowSampling {
+        temperature: s.temperature as f32,
+        top_k: u32::try_from(s.top_k).unwrap_or(u32::MAX),
+        top_p: s.top_p as f32,
+        uniform: rng.f32(),
     }
-    best as u32
 }
 
 /// log-softmax of `row` at `token`, and its top `k` entries.
@@ -579,88 +583,6 @@ pub fn token_logprob(row: &[f32], token: u32, k: usize) -> TokenLogprob {
         logprob: row[token as usize] - log_z,
         top,
     }
-}
-
-/// Samples one id from `logits` as HF's generate does: temperature, then top-k, then top-p
-/// (the smallest set of most likely tokens whose probability reaches top_p; at least one).
-///
-/// Candidates are ordered by probability (ties to the lower id), but only as far as the
-/// draw needs: top-k selects k without sorting the rest, and top-p sorts a growing prefix
-/// until it holds top_p of the mass. A full sort of a 49k-152k vocabulary per row per step
-/// made host-side sampling the bottleneck of batched generation (~3 ms a row).
-pub fn sample(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
-    let t = s.temperature as f32;
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &z)| (i as u32, ((z - max) / t).exp()))
-        .filter(|&(_, p)| p > 0.0);
-    if s.top_k == 0 && s.top_p >= 1.0 {
-        // The whole vocabulary: drawn without building the candidate list.
-        return draw(weights, rng);
-    }
-    // Unnormalised probabilities; their sum normalises below.
-    let mut cand: Vec<(u32, f32)> = weights.collect();
-    if s.top_k > 0 && s.top_k < cand.len() {
-        cand.select_nth_unstable_by(s.top_k - 1, by_probability);
-        cand.truncate(s.top_k);
-    }
-    if s.top_p < 1.0 {
-        let keep = nucleus_len(&mut cand, s.top_p as f32);
-        cand.truncate(keep);
-    }
-    draw(cand.iter().copied(), rng)
-}
-
-/// One id from `cand` (id, unnormalised probability), in proportion to the probabilities,
-/// walking them in the given order with one uniform draw. `cand` is walked twice: once for
-/// the total, once to draw.
-fn draw(cand: impl Iterator<Item = (u32, f32)> + Clone, rng: &mut fastrand::Rng) -> u32 {
-    let total: f32 = cand.clone().map(|c| c.1).sum();
-    let mut u = rng.f32() * total;
-    let mut last = None;
-    for (id, p) in cand {
-        if u < p {
-            return id;
-        }
-        u -= p;
-        last = Some(id);
-    }
-    last.expect("at least one candidate")
-}
-
-/// Most probable first, ties to the lower id: a total order, so a partial sort puts the same
-/// candidates first as a full one.
-fn by_probability(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// Sorts the most probable candidates to the front until they hold `top_p` of the mass and
-/// returns how many that takes (at least one). The prefix grows 8-fold per round, so a
-/// peaked distribution costs one selection and a flat one a few.
-fn nucleus_len(cand: &mut [(u32, f32)], top_p: f32) -> usize {
-    // f64 sums: the candidates are summed in selection order, not sorted order, and f32
-    // rounding could otherwise move the cut by a token in a flat distribution.
-    let total: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
-    let top_p = f64::from(top_p);
-    let (mut sorted, mut acc) = (0, 0.0);
-    let mut end = cand.len().min(64);
-    while sorted < cand.len() {
-        if end < cand.len() {
-            cand[sorted..].select_nth_unstable_by(end - sorted - 1, by_probability);
-        }
-        cand[sorted..end].sort_unstable_by(by_probability);
-        for (i, &(_, p)) in cand[sorted..end].iter().enumerate() {
-            acc += f64::from(p) / total;
-            if acc >= top_p {
-                return sorted + i + 1;
-            }
-        }
-        sorted = end;
-        end = cand.len().min(end * 8);
-    }
-    cand.len().max(1)
 }
 
 #[cfg(test)]
@@ -1050,123 +972,5 @@ mod tests {
         let (cut, _) = generate(&model, &tokenizer, &mixed[1..2], &cfg, &device, |_, _| {}).unwrap();
         assert_eq!(cut[0].finish_reason, FinishReason::Stop);
         assert_eq!(cut[0].text, text[..text.find(&stop).unwrap()]);
-    }
-
-    #[test]
-    fn top_k_1_and_tiny_top_p_are_greedy() {
-        let logits = [0.1, 2.0, 1.9, -3.0];
-        let mut rng = fastrand::Rng::with_seed(1);
-        for _ in 0..50 {
-            let k1 = Sampling {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 1,
-            };
-            assert_eq!(sample(&logits, &k1, &mut rng), 1);
-            let p = Sampling {
-                temperature: 1.0,
-                top_p: 0.01,
-                top_k: 0,
-            };
-            assert_eq!(sample(&logits, &p, &mut rng), 1);
-        }
-    }
-
-    #[test]
-    fn sampling_follows_the_tempered_softmax() {
-        // At T=2 the probabilities are softmax(logits / 2).
-        let logits = [0.0f32, 1.0, 2.0];
-        let s = Sampling {
-            temperature: 2.0,
-            top_p: 1.0,
-            top_k: 0,
-        };
-        let z: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / 2.0).exp()).collect();
-        let want: Vec<f64> = z.iter().map(|v| v / z.iter().sum::<f64>()).collect();
-        let mut counts = [0usize; 3];
-        let mut rng = fastrand::Rng::with_seed(7);
-        let n = 200_000;
-        for _ in 0..n {
-            counts[sample(&logits, &s, &mut rng) as usize] += 1;
-        }
-        for i in 0..3 {
-            let got = counts[i] as f64 / n as f64;
-            // 5 standard errors of a proportion at n = 200k is under 0.006.
-            assert!((got - want[i]).abs() < 0.006, "token {i}: {got} vs {}", want[i]);
-        }
-    }
-
-    /// The sampler as it was, sorting every candidate: the partial sort must pick the same
-    /// ids from the same random draws whenever top-p truncates (the order then matters).
-    fn sample_full_sort(logits: &[f32], s: &Sampling, rng: &mut fastrand::Rng) -> u32 {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &z)| (i as u32, ((z - max) / s.temperature as f32).exp()))
-            .filter(|&(_, p)| p > 0.0)
-            .collect();
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if s.top_k > 0 {
-            cand.truncate(s.top_k);
-        }
-        let total: f64 = cand.iter().map(|c| f64::from(c.1)).sum();
-        let (mut acc, mut keep) = (0.0, 0);
-        for &(_, p) in &cand {
-            keep += 1;
-            acc += f64::from(p) / total;
-            if acc >= f64::from(s.top_p as f32) {
-                break;
-            }
-        }
-        cand.truncate(keep.max(1));
-        draw(cand.iter().copied(), rng)
-    }
-
-    #[test]
-    fn partial_sort_samples_what_a_full_sort_samples() {
-        let mut draw = fastrand::Rng::with_seed(11);
-        for case in 0..60 {
-            // Peaked and flat rows over a real vocabulary size, with exact ties.
-            let spread = [0.5f32, 3.0, 12.0][case % 3];
-            let logits: Vec<f32> = (0..49_152)
-                .map(|_| ((draw.f32() * spread * 8.0).round() / 8.0) - spread)
-                .collect();
-            for (t, top_p, top_k) in [(0.6, 0.95, 0), (1.0, 0.5, 0), (0.7, 0.9, 40), (1.3, 0.999, 0)] {
-                let s = Sampling {
-                    temperature: t,
-                    top_p,
-                    top_k,
-                };
-                let (mut a, mut b) = (
-                    fastrand::Rng::with_seed(case as u64),
-                    fastrand::Rng::with_seed(case as u64),
-                );
-                for _ in 0..20 {
-                    assert_eq!(
-                        sample(&logits, &s, &mut a),
-                        sample_full_sort(&logits, &s, &mut b),
-                        "case {case}, {s:?}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn top_p_keeps_the_smallest_set_reaching_p() {
-        // probs ~ [0.665, 0.245, 0.090]: top_p 0.8 keeps the first two only.
-        let logits = [2.0f32, 1.0, 0.0];
-        let s = Sampling {
-            temperature: 1.0,
-            top_p: 0.8,
-            top_k: 0,
-        };
-        let mut rng = fastrand::Rng::with_seed(3);
-        let mut seen = [false; 3];
-        for _ in 0..5000 {
-            seen[sample(&logits, &s, &mut rng) as usize] = true;
-        }
-        assert_eq!(seen, [true, true, false]);
     }
 }

@@ -1,5 +1,6 @@
 //! The CUDA backend's [`Kernels`] impl (`Cuda<bf16>`, `Cuda<f32>`): each method calls its
-//! kernel module (`cublas`, `flash`, `softmax`, `logits`, `elementwise`, `optim`, `nf4`) and falls back to the burn-op default, noted once, when the kernel cannot take
+//! kernel module (`cublas`, `flash`, `softmax`, `logits`, `elementwise`, `optim`, `nf4`,
+//! `sample`) and falls back to the burn-op default, noted once, when the kernel cannot take
 //! the input or cannot run.
 
 use burn::tensor::ops::FloatTensor;
@@ -8,9 +9,9 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use crate::nf4::Nf4Tensor;
 
 use crate::{
-    AdamWScalars, AttentionMode, KeyRanges, MemoryPolicy, ModelKernels, TrainKernels, adamw_default,
-    attention, attention_default, attention_mode, bmm_accumulate_default, bmm_default, concat_f32_default,
-    prim, rms_norm_default, sum_groups, tensor,
+    AdamWScalars, AttentionMode, KeyRanges, MemoryPolicy, ModelKernels, RowSampling, TrainKernels,
+    adamw_default, attention, attention_default, attention_mode, bmm_accumulate_default, bmm_default,
+    concat_f32_default, prim, rms_norm_default, sum_groups, tensor,
 };
 
 /// cuBLAS GEMMs on burn's CUDA tensors.
@@ -29,6 +30,8 @@ pub(crate) mod nvrtc;
 pub mod optim;
 /// The driver's memory pool under cubecl's allocations.
 pub mod pool;
+/// The next token of each row, drawn on the device.
+pub mod sample;
 /// Attention's softmax and its backward, fused.
 pub mod softmax;
 /// The bridge to cubecl's device thread and CUDA stream: where our GPU work is queued.
@@ -274,6 +277,27 @@ where
         }
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
+
+    fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
+        let device = logits.device();
+        let params = Tensor::<Self, 2>::from_data(
+            burn::tensor::TensorData::new(sample::params(rows), [rows.len(), 4]),
+            burn::tensor::TensorCreationOptions::new(device).with_dtype(DType::F32),
+        );
+        let ids = match sample::sample_rows(&prim(logits.clone()), vocab, &prim(params)) {
+            Ok(ids) => Tensor::<Self, 1, Int>::from_primitive(ids),
+            Err(why) => {
+                fell_back(Fallback::Sampling, &why);
+                return crate::sample::sample_rows_default(logits, vocab, rows);
+            }
+        };
+        let ids = ids
+            .try_into_data()
+            .map_err(|e| format!("sampled ids to host: {e:?}"))?;
+        ids.iter::<i64>()
+            .map(|t| u32::try_from(t).map_err(|_| format!("sampled id {t}")))
+            .collect()
+    }
 }
 
 /// The loss's passes over logits and the AdamW update as fused kernels.
@@ -419,10 +443,13 @@ pub enum Fallback {
     LossSoftmax,
     AdamW,
     Elementwise,
+    Sampling,
 }
 
-static FELL_BACK: [std::sync::atomic::AtomicBool; 5] =
-    [const { std::sync::atomic::AtomicBool::new(false) }; 5];
+const FALLBACKS: usize = 6;
+
+static FELL_BACK: [std::sync::atomic::AtomicBool; FALLBACKS] =
+    [const { std::sync::atomic::AtomicBool::new(false) }; FALLBACKS];
 
 /// Whether a CUDA [`Kernels`] method has fallen back from `which` kernels in this process: for
 /// tests that must know the kernel ran, and tools that report it.
@@ -431,8 +458,8 @@ pub fn has_fallen_back(which: Fallback) -> bool {
 }
 
 thread_local! {
-    static FELL_BACK_HERE: [std::cell::Cell<bool>; 5] =
-        const { [const { std::cell::Cell::new(false) }; 5] };
+    static FELL_BACK_HERE: [std::cell::Cell<bool>; FALLBACKS] =
+        const { [const { std::cell::Cell::new(false) }; FALLBACKS] };
 }
 
 /// [`has_fallen_back`] on the calling thread alone (a method falls back on its caller's
@@ -442,7 +469,7 @@ pub fn has_fallen_back_on_this_thread(which: Fallback) -> bool {
 }
 
 fn fell_back(which: Fallback, why: &str) {
-    static NOTED: [std::sync::Once; 5] = [const { std::sync::Once::new() }; 5];
+    static NOTED: [std::sync::Once; FALLBACKS] = [const { std::sync::Once::new() }; FALLBACKS];
     FELL_BACK[which as usize].store(true, std::sync::atomic::Ordering::Relaxed);
     FELL_BACK_HERE.with(|f| f[which as usize].set(true));
     let what = match which {
@@ -451,6 +478,7 @@ fn fell_back(which: Fallback, why: &str) {
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
         Fallback::AdamW => "AdamW (update, flat groups or gradient norm) on burn's ops",
         Fallback::Elementwise => "RMSNorm, SwiGLU, RoPE and NF4 dequantization on burn's ops",
+        Fallback::Sampling => "token sampling on the host",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }

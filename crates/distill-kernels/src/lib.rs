@@ -46,6 +46,9 @@ pub use elementwise::rms_norm_default;
 pub use swiglu_linear::LoraPair;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
+/// The next token of each row, drawn from its logits on the device.
+pub mod sample;
+pub use sample::RowSampling;
 
 /// The CUDA backend's [`Kernels`] impl and its kernels: cuBLAS, NVRTC-compiled CUDA C, the
 /// bridge to cubecl's stream (the `cuda` feature).
@@ -361,6 +364,14 @@ pub trait ModelKernels: Backend {
         lora: Option<LoraPair<Self>>,
     ) -> Tensor<Self, 3> {
         swiglu_linear::swiglu_linear_default(gate, up, w, lora)
+    }
+
+    /// The next token of each row of `logits` [b, V] by [`sample`]'s rule, row r drawn as
+    /// `rows[r]` says; only the first `vocab` columns are candidates (embedding rows past the
+    /// tokenizer are padding). Only the ids reach the host: CUDA draws on the device. The
+    /// default copies the logits to the host and draws there.
+    fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
+        sample::sample_rows_default(logits, vocab, rows)
     }
 }
 
@@ -1025,6 +1036,10 @@ impl<B: Kernels, C: CheckpointStrategy> ModelKernels for Autodiff<B, C> {
             AttentionMode::Burn => attention_default(q, k, v, keys),
             _ => attention_autodiff::<B, C>(q, k, v, keys, attention::BLOCK_BYTES),
         }
+    }
+
+    fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
+        B::sample_rows(logits.inner(), vocab, rows)
     }
 }
 

@@ -31,6 +31,9 @@ use common::{cublas_checks_apply, err, f32_of, gpu, host, randn};
 /// bf16 output rounding is <= 2^-9 relative; a few ulps over rms covers max|ref| ~ 5 rms.
 const TOL: f64 = 2.5e-2;
 
+/// burn's f32 matmul, TF32 kernels included: 10 bits of mantissa in the products.
+const F32_MATMUL_TOL: f64 = 5e-3;
+
 fn check(what: &str, ours: f64, burn: f64) {
     eprintln!("  {what:<44} cuBLAS err {ours:.2e}   burn err {burn:.2e}");
     assert!(
@@ -490,11 +493,15 @@ fn bmm_cases<B: Kernels>(device: &B::Device, half: bool) {
         let what = format!("bmm {:?} {}", in_dtype, c.name);
         eprintln!("  {what:<58} ours err {e_ours:.2e} (cuBLAS: {by_cublas})   burn err {e_burn:.2e}");
         if !half {
-            // f32 inputs are burn's matmul: as good as a second call of it.
+            // f32 inputs are burn's matmul. Not necessarily the same kernel as the second call:
+            // autotune runs a key's fallback kernel while the key is being tuned, and some of
+            // the kernels it picks from multiply in TF32 (an error near 1.5e-3 here, against
+            // 1e-6 in f32), so the two calls are each held to TF32's accuracy, not to each
+            // other. (Comparing them made this test fail beside others and pass alone.)
             assert!(!by_cublas, "{what}: f32 inputs went to cuBLAS");
             assert!(
-                e_ours <= 2.0 * e_burn + 1e-5,
-                "{what}: error {e_ours:.3e}, burn's {e_burn:.3e}"
+                e_ours <= F32_MATMUL_TOL && e_burn <= F32_MATMUL_TOL,
+                "{what}: error {e_ours:.3e}, burn's {e_burn:.3e} (at most {F32_MATMUL_TOL:e})"
             );
             continue;
         }

@@ -807,3 +807,62 @@ fn cuda_nf4_dequantize_matches_the_host() {
         assert!(e < 1e-2, "nf4 linear {part}: {e}");
     }
 }
+
+/// The sampling kernel draws what the host rule (`distill_kernels::sample`) draws from the
+/// same logits and uniforms: flat and peaked rows of a Qwen-sized vocabulary whose last
+/// columns are padding, bf16 (ties at the top-k and top-p edges) and f32, under the settings
+/// on-policy training, R1 evaluation and serve use.
+#[test]
+fn cuda_sampling_draws_what_the_host_rule_draws() {
+    use distill_kernels::RowSampling;
+    use distill_kernels::sample::sample_rows_host;
+    let Some((_turn, device)) = gpu() else { return };
+    let (rows, v, vocab) = (12, 151_936, 151_665);
+    let settings = [
+        (1.0, 0, 1.0),
+        (0.6, 0, 0.95),
+        (0.7, 40, 0.9),
+        (1.3, 0, 0.5),
+        (0.0, 0, 1.0),
+        (1.0, 1, 1.0),
+    ];
+    for dtype in [DType::BF16, DType::F32] {
+        // Row r's logits have spread r + 1: from nearly flat to sharply peaked.
+        let spread: Vec<f32> = (0..rows).map(|r| (r + 1) as f32).collect();
+        let spread = Tensor::<Cuda<f32>, 1>::from_floats(spread.as_slice(), &device).reshape([rows, 1]);
+        let logits = (randn::<Cuda<f32>, 2>([rows, v], 1.0, &device) * spread).cast(dtype);
+        let on_host = host(logits.clone());
+        let mut uniforms = 0.123_f32;
+        for &(temperature, top_k, top_p) in &settings {
+            let sampling: Vec<RowSampling> = (0..rows)
+                .map(|_| {
+                    uniforms = (uniforms + 0.618_034) % 1.0;
+                    RowSampling {
+                        temperature,
+                        top_k,
+                        top_p,
+                        uniform: uniforms,
+                    }
+                })
+                .collect();
+            let ours = <Cuda<f32> as ModelKernels>::sample_rows(logits.clone(), vocab, &sampling).unwrap();
+            assert!(
+                !has_fallen_back_on_this_thread(Fallback::Sampling),
+                "the sampling kernel did not run"
+            );
+            let want: Vec<u32> = on_host
+                .chunks(v)
+                .zip(&sampling)
+                .map(|(row, s)| sample_rows_host(&row[..vocab], vocab, std::slice::from_ref(s))[0])
+                .collect();
+            assert_eq!(
+                ours, want,
+                "{dtype:?}, temperature {temperature}, top-k {top_k}, top-p {top_p}"
+            );
+            assert!(
+                ours.iter().all(|&t| (t as usize) < vocab),
+                "a padding column was drawn"
+            );
+        }
+    }
+}

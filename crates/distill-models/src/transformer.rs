@@ -112,6 +112,30 @@ impl<B: Kernels> Linear<B> {
         self.bias.as_ref().map(|b| cast_to(b.val(), dtype))
     }
 
+    /// This layer as decoding reads it under activations of `dtype`: a dense weight and the
+    /// bias in that dtype, and the adapter's pair too with its scale folded into A (dropout
+    /// off). Tensors already so are shared, not copied.
+    fn for_decoding(&self, dtype: burn::tensor::DType) -> Self {
+        let weight = match &self.weight {
+            Weight::Dense(w) => Weight::Dense(cast_param(w, dtype)),
+            Weight::Nf4(w) => Weight::Nf4(w.clone()),
+        };
+        let lora = self.lora.as_ref().map(|l| {
+            let (a, b) = l.pair(dtype);
+            Lora {
+                lora_a: Param::from_tensor(a),
+                lora_b: Param::from_tensor(b),
+                scale: 1.0,
+                dropout: 0.0,
+            }
+        });
+        Linear {
+            weight,
+            bias: self.bias.as_ref().map(|b| cast_param(b, dtype)),
+            lora,
+        }
+    }
+
     /// The weight as the kernels take it, for activations of `dtype`.
     fn weight_for(&self, dtype: burn::tensor::DType) -> LinearWeight<B> {
         match &self.weight {
@@ -150,10 +174,11 @@ impl<B: Backend> Lora<B> {
     /// (A, B) in `dtype`, the scale on A [in, r]: on the delta [.., out] it was a pass over
     /// the activations in the forward and another in the backward, for every adapted layer.
     fn pair(&self, dtype: burn::tensor::DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        (
-            cast_to(self.lora_a.val().mul_scalar(self.scale), dtype),
-            cast_to(self.lora_b.val(), dtype),
-        )
+        let a = match self.scale {
+            1.0 => self.lora_a.val(),
+            scale => self.lora_a.val().mul_scalar(scale),
+        };
+        (cast_to(a, dtype), cast_to(self.lora_b.val(), dtype))
     }
 }
 
@@ -307,10 +332,72 @@ impl<B: Kernels> Mlp<B> {
     }
 }
 
-/// Keys and values of past positions, per layer: [B, n_kv_heads, S, hd] each.
+/// Keys and values of the positions decoded so far, per layer: [B, KV, cap, hd] buffers of
+/// which the first `len` positions are filled. A step writes its positions in place and
+/// attention reads a view of the filled part, so decoding a token costs no copy of the
+/// history; buffers grow by doubling. (Growing by concatenation copied the whole cache at
+/// every token of every layer: O(S²) traffic over a long generation.)
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<LayerCache<B>>>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    len: usize,
+}
+
+/// Positions a new buffer has room for beyond what it holds: new buffers round up to this.
+const CACHE_BLOCK: usize = 256;
+
+impl<B: Backend> LayerCache<B> {
+    fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The filled part, as views.
+    fn filled(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            self.k.clone().narrow(2, 0, self.len),
+            self.v.clone().narrow(2, 0, self.len),
+        )
+    }
+
+    /// A cache holding `k`, `v` [B, KV, S, hd] with room for `cap` >= S positions.
+    fn holding(k: Tensor<B, 4>, v: Tensor<B, 4>, cap: usize) -> Self {
+        let [b, h, s, d] = k.dims();
+        let (k, v) = if cap == s {
+            (k, v)
+        } else {
+            let buffer = |x: Tensor<B, 4>| {
+                let options = (&x.device(), x.dtype());
+                Tensor::empty([b, h, cap, d], options).slice_assign([0..b, 0..h, 0..s, 0..d], x)
+            };
+            (buffer(k), buffer(v))
+        };
+        LayerCache { k, v, len: s }
+    }
+
+    /// Writes `k`, `v` [B, KV, T, hd] after the filled positions: in place, as the buffers are
+    /// moved into the write and no view of them outlives a step.
+    fn push(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let [b, h, t, d] = k.dims();
+        let end = self.len + t;
+        let room = if end > self.capacity() {
+            let (ok, ov) = self.filled();
+            Self::holding(ok, ov, end.max(2 * self.capacity()).next_multiple_of(CACHE_BLOCK))
+        } else {
+            self
+        };
+        let at = [0..b, 0..h, room.len..end, 0..d];
+        LayerCache {
+            k: room.k.slice_assign(at.clone(), k),
+            v: room.v.slice_assign(at, v),
+            len: end,
+        }
+    }
 }
 
 impl<B: Backend> KvCache<B> {
@@ -322,46 +409,52 @@ impl<B: Backend> KvCache<B> {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dims()[2])
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Applies `f` to each layer's filled keys and values, each result becoming the layer's
+    /// whole cache (room for a block more).
+    fn remake(&mut self, f: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>) {
+        for layer in self.layers.iter_mut().flatten() {
+            let (k, v) = layer.filled();
+            let (k, v) = (f(k), f(v));
+            let s = k.dims()[2];
+            *layer = LayerCache::holding(k, v, (s + 1).next_multiple_of(CACHE_BLOCK));
+        }
+    }
+
     /// Keeps only the batch rows `rows` (in that order): finished sequences leave the batch.
     pub fn select_rows(&mut self, rows: &[usize]) {
-        for (k, v) in self.layers.iter_mut().flatten() {
+        self.remake(|x| {
             let idx = Tensor::<B, 1, Int>::from_data(
                 TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
-                &k.device(),
+                &x.device(),
             );
-            *k = k.clone().select(0, idx.clone());
-            *v = v.clone().select(0, idx);
-        }
+            x.select(0, idx)
+        });
     }
 
     /// Adds `n` empty positions before every row's cached ones (the caller masks them as
     /// padding): to line a cache up with a longer one before [`KvCache::append_rows`].
+    /// Zeros, not uninitialised memory: masked keys still meet values in the attention GEMM.
     pub fn left_pad(&mut self, n: usize) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let [b, h, _, d] = k.dims();
-            let zeros = Tensor::<B, 4>::zeros([b, h, n, d], &k.device()).cast(k.dtype());
-            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
-            *v = Tensor::cat(vec![zeros, v.clone()], 2);
-        }
+        self.remake(|x| {
+            let [b, h, _, d] = x.dims();
+            let zeros = Tensor::<B, 4>::zeros([b, h, n, d], (&x.device(), x.dtype()));
+            Tensor::cat(vec![zeros, x], 2)
+        });
     }
 
     /// Drops the first `n` cached positions of every row (padding in all of them).
     pub fn trim_front(&mut self, n: usize) {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let s = k.dims()[2];
-            *k = k.clone().narrow(2, n, s - n);
-            *v = v.clone().narrow(2, n, s - n);
-        }
+        self.remake(|x| {
+            let s = x.dims()[2];
+            x.narrow(2, n, s - n)
+        });
     }
 
     /// Puts `other`'s rows after these; both caches must hold the same number of positions.
@@ -369,22 +462,31 @@ impl<B: Backend> KvCache<B> {
         assert_eq!(self.len(), other.len(), "caches of different lengths");
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             *mine = match (mine.take(), theirs) {
-                (Some((k, v)), Some((k2, v2))) => {
-                    Some((Tensor::cat(vec![k, k2], 0), Tensor::cat(vec![v, v2], 0)))
+                (Some(a), Some(b)) => {
+                    let ((k, v), (k2, v2)) = (a.filled(), b.filled());
+                    let cap = a.capacity().max(b.capacity());
+                    Some(LayerCache::holding(
+                        Tensor::cat(vec![k, k2], 0),
+                        Tensor::cat(vec![v, v2], 0),
+                        cap,
+                    ))
                 }
                 (a, b) => a.or(b),
             };
         }
     }
 
-    /// Appends this step's k/v for `layer` and returns the full history.
+    /// Appends this step's k/v for `layer` and returns the full history, as views.
     fn append(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
+        let slot = &mut self.layers[layer];
+        let cache = match slot.take() {
+            Some(cache) => cache.push(k, v),
+            None => {
+                let s = k.dims()[2];
+                LayerCache::holding(k, v, (s + 1).next_multiple_of(CACHE_BLOCK))
+            }
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
+        slot.insert(cache).filled()
     }
 }
 
@@ -607,6 +709,55 @@ impl<B: Kernels> CausalLm<B> {
         }
     }
 
+    /// A copy to decode many tokens with: every weight in the activations' dtype and each
+    /// adapter's scale folded into its A, so a decode step runs no casts. What full
+    /// fine-tuning (f32 masters, a tied head cast whole at every token) or LoRA (a pair cast
+    /// and scaled at every linear) would recompute per token is computed once; weights already
+    /// in that dtype are shared, so a bf16 model without adapters costs nothing.
+    pub fn for_decoding(&self) -> Self {
+        let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
+        let norm = |n: &RmsNorm<B>| RmsNorm {
+            weight: cast_param(&n.weight, dtype),
+            eps: n.eps,
+        };
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: a.q_proj.for_decoding(dtype),
+                        k_proj: a.k_proj.for_decoding(dtype),
+                        v_proj: a.v_proj.for_decoding(dtype),
+                        o_proj: a.o_proj.for_decoding(dtype),
+                        ..a.clone()
+                    },
+                    mlp: Mlp {
+                        gate_proj: l.mlp.gate_proj.for_decoding(dtype),
+                        up_proj: l.mlp.up_proj.for_decoding(dtype),
+                        down_proj: l.mlp.down_proj.for_decoding(dtype),
+                    },
+                    input_layernorm: norm(&l.input_layernorm),
+                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                }
+            })
+            .collect();
+        CausalLm {
+            model: Model {
+                embed_tokens: Embedding {
+                    weight: cast_param(&self.model.embed_tokens.weight, dtype),
+                },
+                layers,
+                norm: norm(&self.model.norm),
+            },
+            lm_head: self.lm_head.as_ref().map(|h| h.for_decoding(dtype)),
+            config: self.config.clone(),
+            rotary: self.rotary.clone(),
+        }
+    }
+
     /// Full-sequence causal forward: logits for every position. input_ids: [B, T] -> [B, T, V].
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         self.logits(self.hidden_states(input_ids, None))
@@ -678,6 +829,17 @@ impl<B: Kernels> CausalLm<B> {
                 <B as ModelKernels>::linear(hidden, w.transpose(), None)
             }
         }
+    }
+}
+
+/// `p` in `dtype`: the same parameter when it is already, else a cast copy.
+fn cast_param<B: Backend, const D: usize>(
+    p: &Param<Tensor<B, D>>,
+    dtype: burn::tensor::DType,
+) -> Param<Tensor<B, D>> {
+    match p.val() {
+        t if t.dtype() == dtype => p.clone(),
+        t => Param::from_tensor(t.cast(dtype)),
     }
 }
 
@@ -844,5 +1006,80 @@ mod tests {
             .map(|w| w.cast(burn::tensor::DType::BF16));
         let ids = Tensor::<Flex, 2, Int>::from_data([[1, 2, 3]], &device);
         assert_eq!(model.embed(ids).dtype(), burn::tensor::DType::F32);
+    }
+
+    /// The copy generation decodes with computes what the model computes: adapters with a
+    /// scale other than 1 (folded into A in the copy) and weights held in another dtype than
+    /// the activations (cast once in the copy, at every use in the model).
+    #[test]
+    fn the_decoding_copy_computes_what_the_model_computes() {
+        use burn::tensor::DType;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
+        let config = DecoderConfig::from_dir(&dir).unwrap();
+        let device = Default::default();
+        let mut model = CausalLm::<Flex>::init(&config, &device);
+        for layer in &mut model.model.layers {
+            for linear in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
+                let [d_in, d_out] = linear.weight.dims();
+                linear.lora = Some(Lora {
+                    lora_a: Param::from_tensor(random([d_in, 4], &device)),
+                    lora_b: Param::from_tensor(random([4, d_out], &device)),
+                    scale: 2.0,
+                    dropout: 0.1,
+                });
+            }
+            let up = &mut layer.mlp.up_proj;
+            if let Weight::Dense(w) = &up.weight {
+                up.weight = Weight::Dense(Param::from_tensor(w.val().cast(DType::BF16)));
+            }
+        }
+        model.model.embed_tokens.weight = model
+            .model
+            .embed_tokens
+            .weight
+            .clone()
+            .map(|w| w.cast(DType::BF16));
+        let copy = model.for_decoding();
+        let layer = &copy.model.layers[0];
+        assert!(matches!(&layer.mlp.up_proj.weight, Weight::Dense(w) if w.val().dtype() == DType::F32));
+        assert_eq!(layer.self_attn.q_proj.lora.as_ref().map(|l| l.scale), Some(1.0));
+        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 5, 9, 2], [7, 3, 3, 8]], &device);
+        let want = model.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
+        let got = copy.forward(ids).into_data().into_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * scale, "{g} vs {w}");
+        }
+    }
+
+    /// Decoding through the cache, across its buffers' growth (a prefill, then a token at a
+    /// time past 256 and 512 positions), computes what one forward over the whole sequence
+    /// computes.
+    #[test]
+    fn cached_decoding_across_buffer_growth_equals_the_full_forward() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
+        let config = DecoderConfig::from_dir(&dir).unwrap();
+        let device = Default::default();
+        let model = CausalLm::<Flex>::init(&config, &device);
+        let n = 600;
+        let ids: Vec<i64> = (0..n).map(|i| (i * 37 % 97) as i64 + 1).collect();
+        let tensor = |ids: &[i64]| {
+            Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device)
+        };
+        let full = model.forward(tensor(&ids)); // [1, n, V]
+        let mut cache = model.new_cache();
+        let mut last = model.forward_cached(tensor(&ids[..100]), &mut cache);
+        for i in 100..n {
+            last = model.forward_cached(tensor(&ids[i..i + 1]), &mut cache);
+        }
+        assert_eq!(cache.len(), n);
+        let v = full.dims()[2];
+        let want = full.narrow(1, n - 1, 1).into_data().into_vec::<f32>().unwrap();
+        let got = last.into_data().into_vec::<f32>().unwrap();
+        assert_eq!(got.len(), v);
+        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * scale, "{g} vs {w}");
+        }
     }
 }
