@@ -57,6 +57,10 @@ def parse(argv):
     p.add_argument("--gen-batch", default="1")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gen-top-p", type=float, default=1.0, help="B6, when sampling: the nucleus")
+    p.add_argument("--gen-temperature", type=float, default=0.0,
+                   help="B6: sample at this temperature over the whole vocabulary (top-p 1, top-k 0), "
+                        "as `distill bench generate --gen-temperature` does; 0 is greedy")
     p.add_argument("--run-case", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-seq", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -194,11 +198,16 @@ def run_case(a, case):
         print(f"B6 {model}: batch {bs}, {a.prompt_len} prompt -> {a.new_tokens} new tokens", file=sys.stderr)
         secs, new_tokens = w.bench_generate(a, a.configs[ci], bs)
         tf = common.generate_flops_per_token(shape) * bs * (a.prompt_len + a.new_tokens) / secs / 1e12
-        r = common.base_row("B6", model, f"bs{bs} {a.prompt_len}->{a.new_tokens}")
+        sampled = ""
+        if a.gen_temperature > 0:
+            sampled = f" sampled t{a.gen_temperature:g}" + (f" p{a.gen_top_p:g}" if a.gen_top_p < 1 else "")
+        r = common.base_row("B6", model, f"bs{bs} {a.prompt_len}->{a.new_tokens}{sampled}")
         r.update(tokens_per_s=new_tokens / secs, tflops=tf, mfu=common.mfu(tf, peak), ms=secs * 1e3,
                  new_tokens=new_tokens,
                  config={"batch": bs, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                         "sampling": "greedy", "kv_cache": True, "dtype": dtype})
+                         "sampling": "sampled" if a.gen_temperature > 0 else "greedy",
+                         "temperature": a.gen_temperature, "top_p": a.gen_top_p, "kv_cache": True,
+                         "dtype": dtype})
         rows.append(r)
     extra = w.peak_memory_extra(a)
     peak_gib, method, device = watch.finish()

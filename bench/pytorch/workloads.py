@@ -264,6 +264,8 @@ def bench_generate(args, config_dir, batch):
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
               do_sample=False, use_cache=True, pad_token_id=0)
+    if args.gen_temperature > 0:
+        kw.update(do_sample=True, temperature=args.gen_temperature, top_p=args.gen_top_p, top_k=0)
     for _ in range(min(args.warmup, 1)):
         model.generate(ids, **kw)
     common.sync(dev)

@@ -44,7 +44,7 @@ pub(crate) fn bench_generate<B: Kernels>(
     let sampling = match a.gen_temperature {
         t if t > 0.0 => Sampling {
             temperature: t,
-            top_p: 1.0,
+            top_p: a.gen_top_p,
             top_k: 0,
         },
         _ => Sampling::GREEDY,
@@ -75,6 +75,7 @@ pub(crate) fn bench_generate<B: Kernels>(
             a.prompt_len,
             a.new_tokens,
             match a.gen_temperature {
+                t if t > 0.0 && a.gen_top_p < 1.0 => format!(" sampled t{t} p{}", a.gen_top_p),
                 t if t > 0.0 => format!(" sampled t{t}"),
                 _ => String::new(),
             }
@@ -89,7 +90,7 @@ pub(crate) fn bench_generate<B: Kernels>(
         "config".into(),
         json!({"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                "sampling": if a.gen_temperature > 0.0 { "sampled" } else { "greedy" },
-               "temperature": a.gen_temperature, "kv_cache": true, "dtype": dtype}),
+               "temperature": a.gen_temperature, "top_p": a.gen_top_p, "kv_cache": true, "dtype": dtype}),
     );
     Ok(row)
 }
