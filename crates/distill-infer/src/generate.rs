@@ -3,8 +3,10 @@
 //!
 //! Prompts of different lengths share a batch by left padding: padding is masked out of
 //! attention and does not count as a position, so a row computes what it would alone.
-//! Finished rows leave the batch (and the KV cache) at once. Each request samples from its
-//! own seeded generator, so its output does not depend on which requests share its batch.
+//! Finished rows leave the batch (and the KV cache) at once. Each request has its own
+//! [`Decoding`] (sampling, stop strings, EOS ids, logprobs, max_new_tokens) and samples from
+//! its own seeded generator, so its output does not depend on which requests share its batch
+//! or how they decode.
 
 use std::time::Instant;
 
@@ -44,6 +46,8 @@ impl Sampling {
     }
 }
 
+/// What one [`generate`] call applies to every request; [`generate_admitting`] takes a
+/// [`Decoding`] per request instead.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
     pub max_new_tokens: usize,
@@ -56,6 +60,34 @@ pub struct GenerationConfig {
     pub batch_size: usize,
     /// Also return each new token's log-probability and this many alternatives (0: none).
     /// Log-probabilities are the model's own (temperature 1), as OpenAI and vLLM report them.
+    pub logprobs: Option<usize>,
+}
+
+impl GenerationConfig {
+    /// The settings each request of a [`generate`] call decodes with.
+    pub fn decoding(&self) -> Decoding {
+        Decoding {
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.sampling.clone(),
+            stop: self.stop.clone(),
+            eos: self.eos.clone(),
+            logprobs: self.logprobs,
+        }
+    }
+}
+
+/// How one request decodes. Rows of one batch may each have their own: a row's tokens
+/// depend only on its prompt, seed and these settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoding {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends before the first occurrence of any of these (not included in the text).
+    pub stop: Vec<String>,
+    /// Token ids that end generation (not included in the text).
+    pub eos: Vec<u32>,
+    /// Also return each new token's log-probability and this many alternatives (0: none),
+    /// the model's own (temperature 1). A row that asks for them draws on the host.
     pub logprobs: Option<usize>,
 }
 
@@ -94,7 +126,7 @@ pub struct Generation {
     /// The EOS token that ended it (not in `tokens`): what a model trained on the sequence
     /// learns to stop with.
     pub eos: Option<u32>,
-    /// Per new token (EOS excluded), when [`GenerationConfig::logprobs`] asked for them.
+    /// Per new token (EOS excluded), when its [`Decoding::logprobs`] asked for them.
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
@@ -164,7 +196,7 @@ pub fn generate<B: Kernels>(
 #[derive(Debug)]
 pub enum Event<'a> {
     /// Request `request` drew `token` (an EOS token never comes as one), with its
-    /// log-probabilities when [`GenerationConfig::logprobs`] asked for them. The sink answers
+    /// log-probabilities when its [`Decoding::logprobs`] asked for them. The sink answers
     /// whether to go on: `false` drops the request at once (its row leaves the batch and it
     /// gets no `Done`), for a client that went away.
     Token {
@@ -189,21 +221,31 @@ pub fn generate_with<B: Kernels>(
     device: &B::Device,
     sink: impl FnMut(Event<'_>) -> bool,
 ) -> Result<GenerationStats, InferError> {
-    let all = requests.iter().map(|r| (r.clone(), cfg.max_new_tokens)).collect();
-    generate_admitting(model, tokenizer, all, cfg, device, |_| Vec::new(), sink)
+    let decoding = cfg.decoding();
+    let all = requests.iter().map(|r| (r.clone(), decoding.clone())).collect();
+    generate_admitting(
+        model,
+        tokenizer,
+        all,
+        cfg.batch_size,
+        device,
+        |_| Vec::new(),
+        sink,
+    )
 }
 
-/// [`generate_with`] for a caller that takes more work while it runs (a server): before each
-/// step, `admit(room)` may return up to `room` more requests, each with its own
-/// `max_new_tokens` (as every request here has); they are numbered after those already given
-/// and join at the next step that has rows free. `cfg.max_new_tokens` is not read.
+/// [`generate_with`] for a caller whose requests decode in different ways or that takes more
+/// work while it runs (a server): each request comes with its own [`Decoding`], and rows with
+/// different settings share the batch. Before each step, `admit(room)` may return up to
+/// `room` more requests; they are numbered after those already given and join at the next
+/// step that has rows free. At most `batch_size` rows decode together.
 pub fn generate_admitting<B: Kernels>(
     model: &CausalLm<B>,
     tokenizer: &TextTokenizer,
-    mut requests: Vec<(Request, usize)>,
-    cfg: &GenerationConfig,
+    mut requests: Vec<(Request, Decoding)>,
+    batch_size: usize,
     device: &B::Device,
-    mut admit: impl FnMut(usize) -> Vec<(Request, usize)>,
+    mut admit: impl FnMut(usize) -> Vec<(Request, Decoding)>,
     mut sink: impl FnMut(Event<'_>) -> bool,
 ) -> Result<GenerationStats, InferError> {
     if let Some(i) = requests.iter().position(|(r, _)| r.prompt.is_empty()) {
@@ -224,18 +266,18 @@ pub fn generate_admitting<B: Kernels>(
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].0.prompt.len());
     let mut waiting: std::collections::VecDeque<usize> = order.into();
-    let batch_size = cfg.batch_size.max(1);
+    let batch_size = batch_size.max(1);
     let mut running = Running::new(model);
     loop {
         let room = batch_size.saturating_sub(running.live.len() + waiting.len());
         if room > 0 {
-            for (request, max_new) in admit(room) {
+            for (request, decoding) in admit(room) {
                 if request.prompt.is_empty() {
                     let i = requests.len();
                     return Err(InferError::Invalid(format!("request {i} has an empty prompt")));
                 }
                 waiting.push_back(requests.len());
-                requests.push((request, max_new));
+                requests.push((request, decoding));
             }
         }
         let free = batch_size - running.live.len();
@@ -244,13 +286,13 @@ pub fn generate_admitting<B: Kernels>(
         let join = free.min(waiting.len());
         if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
-            running.join(model, tokenizer, &requests, &joining, cfg, device, &mut counted)?;
+            running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
             continue;
         }
         if running.live.is_empty() {
             break;
         }
-        running.step(model, tokenizer, cfg, device, &mut counted)?;
+        running.step(model, tokenizer, device, &mut counted)?;
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
@@ -268,19 +310,19 @@ struct Live {
     rng: fastrand::Rng,
     /// Left padding of this row in the cache.
     pad: usize,
-    /// Its request's `max_new_tokens`.
-    max_new: usize,
+    /// Its request's settings.
+    decoding: Decoding,
 }
 
 impl Live {
-    fn new(request: usize, (r, max_new): &(Request, usize), pad: usize) -> Self {
+    fn new(request: usize, (r, decoding): &(Request, Decoding), pad: usize) -> Self {
         Live {
             request,
             tokens: Vec::new(),
             logprobs: Vec::new(),
             rng: fastrand::Rng::with_seed(r.seed),
             pad,
-            max_new: *max_new,
+            decoding: decoding.clone(),
         }
     }
 }
@@ -302,22 +344,21 @@ impl<B: Kernels> Running<B> {
     /// Prefills `joining` (left-padded among themselves), takes each one's first token, and
     /// merges the rows still going into the running batch, padding whichever cache is
     /// shorter on the left.
-    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         model: &CausalLm<B>,
         tokenizer: &TextTokenizer,
-        requests: &[(Request, usize)],
+        requests: &[(Request, Decoding)],
         joining: &[usize],
-        cfg: &GenerationConfig,
         device: &B::Device,
         sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
         // Requests that may not draw a token finish at once.
-        let (joining, empty): (Vec<usize>, Vec<usize>) = joining.iter().partition(|&&i| requests[i].1 > 0);
+        let (joining, empty): (Vec<usize>, Vec<usize>) =
+            joining.iter().partition(|&&i| requests[i].1.max_new_tokens > 0);
         for i in empty {
             let mut l = Live::new(i, &requests[i], 0);
-            let generation = finish(tokenizer, &mut l, FinishReason::Length, None, cfg)?;
+            let generation = finish(tokenizer, &mut l, FinishReason::Length, None)?;
             sink(Event::Done {
                 request: i,
                 generation,
@@ -348,8 +389,8 @@ impl<B: Kernels> Running<B> {
             Some(&mut cache),
         ); // [n, width, C]
         let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
-        let next = next_tokens(logits, &mut rows, cfg, tokenizer.vocab_size())?;
-        let keep = advance(tokenizer, &mut rows, next, cfg, sink)?;
+        let next = next_tokens(logits, &mut rows, tokenizer.vocab_size())?;
+        let keep = advance(tokenizer, &mut rows, next, sink)?;
         if keep.is_empty() {
             return Ok(());
         }
@@ -380,7 +421,6 @@ impl<B: Kernels> Running<B> {
         &mut self,
         model: &CausalLm<B>,
         tokenizer: &TextTokenizer,
-        cfg: &GenerationConfig,
         device: &B::Device,
         sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
@@ -394,8 +434,8 @@ impl<B: Kernels> Running<B> {
         let input = ids_tensor::<B>(&last, self.live.len(), 1, device);
         let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
         let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
-        let next = next_tokens(logits, &mut self.live, cfg, tokenizer.vocab_size())?;
-        let keep = advance(tokenizer, &mut self.live, next, cfg, sink)?;
+        let next = next_tokens(logits, &mut self.live, tokenizer.vocab_size())?;
+        let keep = advance(tokenizer, &mut self.live, next, sink)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
             if keep.is_empty() {
@@ -414,21 +454,20 @@ impl<B: Kernels> Running<B> {
     }
 }
 
-/// Appends each row's new token and reports it, or finishes the row (EOS, a stop string, or
-/// `max_new_tokens` reached), or drops it (the sink said stop). Returns the indices of the
-/// rows still going.
+/// Appends each row's new token and reports it, or finishes the row (one of its EOS ids, one
+/// of its stop strings, or its `max_new_tokens` reached), or drops it (the sink said stop).
+/// Returns the indices of the rows still going.
 fn advance(
     tokenizer: &TextTokenizer,
     live: &mut [Live],
     next: Vec<(u32, Option<TokenLogprob>)>,
-    cfg: &GenerationConfig,
     sink: &mut Sink<'_>,
 ) -> Result<Vec<usize>, InferError> {
     let mut keep = Vec::with_capacity(live.len());
     for (row, (l, (tok, lp))) in live.iter_mut().zip(next).enumerate() {
         let request = l.request;
-        if cfg.eos.contains(&tok) {
-            let generation = finish(tokenizer, l, FinishReason::Stop, Some(tok), cfg)?;
+        if l.decoding.eos.contains(&tok) {
+            let generation = finish(tokenizer, l, FinishReason::Stop, Some(tok))?;
             sink(Event::Done { request, generation });
             continue;
         }
@@ -442,19 +481,20 @@ fn advance(
         if !go_on {
             continue;
         }
-        let reason = if !cfg.stop.is_empty() && {
+        let stop = &l.decoding.stop;
+        let reason = if !stop.is_empty() && {
             let text = tokenizer.decode(&l.tokens, true)?;
-            cfg.stop.iter().any(|s| text.contains(s.as_str()))
+            stop.iter().any(|s| text.contains(s.as_str()))
         } {
             Some(FinishReason::Stop)
-        } else if l.tokens.len() >= l.max_new {
+        } else if l.tokens.len() >= l.decoding.max_new_tokens {
             Some(FinishReason::Length)
         } else {
             None
         };
         match reason {
             Some(reason) => {
-                let generation = finish(tokenizer, l, reason, None, cfg)?;
+                let generation = finish(tokenizer, l, reason, None)?;
                 sink(Event::Done { request, generation });
             }
             None => keep.push(row),
@@ -487,11 +527,16 @@ fn finish(
     live: &mut Live,
     reason: FinishReason,
     eos: Option<u32>,
-    cfg: &GenerationConfig,
 ) -> Result<Generation, InferError> {
     let tokens = std::mem::take(&mut live.tokens);
     let mut text = tokenizer.decode(&tokens, true)?;
-    if let Some(cut) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+    if let Some(cut) = live
+        .decoding
+        .stop
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+    {
         text.truncate(cut);
     }
     let logprobs = std::mem::take(&mut live.logprobs);
@@ -500,21 +545,22 @@ fn finish(
         text,
         finish_reason: reason,
         eos,
-        logprobs: cfg.logprobs.map(|_| logprobs),
+        logprobs: live.decoding.logprobs.map(|_| logprobs),
     })
 }
 
-/// The next token of every live row, with its log-probabilities when asked. logits: [b, V];
-/// `vocab`: the tokenizer's size, past which embedding rows are padding (Qwen2.5-7B has
-/// 152,064 rows for 151,665 tokens) that are never picked.
+/// The next token of every live row, with its log-probabilities when its row asks for them.
+/// logits: [b, V]; `vocab`: the tokenizer's size, past which embedding rows are padding
+/// (Qwen2.5-7B has 152,064 rows for 151,665 tokens) that are never picked.
 ///
-/// Each row draws with one uniform number from its own generator, by
-/// [`distill_kernels::sample`]'s rule; on CUDA the draw runs on the device and only the ids
-/// cross to the host. Log-probabilities need the whole row on the host, which then draws too.
+/// Each row draws with one uniform number from its own generator, under its own settings, by
+/// [`distill_kernels::sample`]'s rule. Rows without log-probabilities draw together through
+/// [`Kernels::sample_rows`] (on CUDA on the device, only the ids cross to the host; when all
+/// of them are greedy, through burn's argmax). Rows with log-probabilities need their whole
+/// row of logits on the host: only those rows are copied, and they draw there.
 fn next_tokens<B: Kernels>(
     logits: Tensor<B, 2>,
     live: &mut [Live],
-    cfg: &GenerationConfig,
     vocab: usize,
 ) -> Result<Vec<(u32, Option<TokenLogprob>)>, InferError> {
     let [b, v] = logits.dims();
@@ -522,40 +568,68 @@ fn next_tokens<B: Kernels>(
     let v_real = vocab.min(v);
     let rows: Vec<RowSampling> = live
         .iter_mut()
-        .map(|l| row_sampling(&cfg.sampling, &mut l.rng))
+        .map(|l| row_sampling(&l.decoding.sampling, &mut l.rng))
         .collect();
-    let Some(k) = cfg.logprobs else {
-        let ids = if cfg.sampling.is_greedy() {
+    let (on_host, on_device): (Vec<usize>, Vec<usize>) =
+        (0..b).partition(|&i| live[i].decoding.logprobs.is_some());
+    let mut next: Vec<(u32, Option<TokenLogprob>)> = vec![(0, None); b];
+    if !on_device.is_empty() {
+        let settings: Vec<RowSampling> = on_device.iter().map(|&i| rows[i]).collect();
+        let ids = if settings.iter().all(|s| s.temperature <= 0.0) {
             // burn's argmax: the same ids as the host's, without a kernel of ours.
-            let ids = logits.narrow(1, 0, v_real).argmax(1).into_data(); // [b, 1]
+            let ids = rows_of(logits.clone(), &on_device)
+                .narrow(1, 0, v_real)
+                .argmax(1)
+                .into_data(); // [d, 1]
             ids.iter::<i64>()
                 .map(|t| u32::try_from(t).map_err(|_| InferError::Invalid(format!("token id {t}"))))
                 .collect::<Result<Vec<u32>, _>>()?
         } else {
-            B::sample_rows(logits, v_real, &rows).map_err(InferError::Invalid)?
+            B::sample_rows(rows_of(logits.clone(), &on_device), v_real, &settings)
+                .map_err(InferError::Invalid)?
         };
-        return Ok(ids.into_iter().map(|t| (t, None)).collect());
-    };
-    let host: Vec<f32> = logits
-        .narrow(1, 0, v_real)
-        .cast(DType::F32)
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?;
-    use rayon::prelude::*;
-    Ok(host
-        .par_chunks(v_real)
-        .zip(rows.par_iter())
-        .map(|(row, s)| {
-            let tok = sample::sample_row(row, s);
-            (tok, Some(token_logprob(row, tok, k)))
-        })
-        .collect())
+        for (&i, t) in on_device.iter().zip(ids) {
+            next[i].0 = t;
+        }
+    }
+    if !on_host.is_empty() {
+        let host: Vec<f32> = rows_of(logits, &on_host)
+            .narrow(1, 0, v_real)
+            .cast(DType::F32)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?; // [h, V]
+        use rayon::prelude::*;
+        let drawn: Vec<(u32, Option<TokenLogprob>)> = host
+            .par_chunks(v_real)
+            .zip(on_host.par_iter())
+            .map(|(row, &i)| {
+                let tok = sample::sample_row(row, &rows[i]);
+                let k = live[i].decoding.logprobs.unwrap_or(0);
+                (tok, Some(token_logprob(row, tok, k)))
+            })
+            .collect();
+        for (&i, d) in on_host.iter().zip(drawn) {
+            next[i] = d;
+        }
+    }
+    Ok(next)
 }
 
-/// How a row draws its next token under `s`: one uniform from its generator, drawn whether
-/// or not the row samples, so a row's draws never depend on its neighbours' settings.
+/// The rows `idx` (increasing) of `logits` [b, V]: [idx.len(), V]; all of them without a copy.
+fn rows_of<B: Kernels>(logits: Tensor<B, 2>, idx: &[usize]) -> Tensor<B, 2> {
+    if idx.len() == logits.dims()[0] {
+        return logits;
+    }
+    let device = logits.device();
+    let ids: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [idx.len()]), &device);
+    logits.select(0, ids)
+}
+
+/// How a row draws its next token under `s`: one uniform from its generator each step, drawn
+/// whether or not the row samples, so a row's stream of draws is its own.
 fn row_sampling(s: &Sampling, rng: &mut fastrand::Rng) -> RowSampling {
     RowSampling {
         temperature: s.temperature as f32,
@@ -858,6 +932,145 @@ mod tests {
         assert!(done[1].is_none());
         assert_eq!(seen[1], want[1].tokens[..4]);
         assert_eq!((stats.sequences, stats.new_tokens), (2, 10 + 4 + 10));
+    }
+
+    /// Rows with their own settings share one call (a greedy row, a sampled one, one with a
+    /// stop string, one with log-probabilities, one with its own EOS id that joins through
+    /// `admit`), rows joining mid-flight at small batch sizes, and each row gets exactly what
+    /// it gets alone in its own call: tokens, text, finish reason, EOS, log-probabilities.
+    #[test]
+    fn rows_with_their_own_settings_decode_as_they_do_alone() {
+        let dir = fixture("tiny-llama");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let request = |text: &str, seed: u64| Request {
+            prompt: tokenizer.encode(text, false).unwrap(),
+            seed,
+        };
+        let alone = |r: &Request, d: &Decoding| -> Generation {
+            let cfg = GenerationConfig {
+                max_new_tokens: d.max_new_tokens,
+                sampling: d.sampling.clone(),
+                stop: d.stop.clone(),
+                eos: d.eos.clone(),
+                batch_size: 1,
+                logprobs: d.logprobs,
+            };
+            let (mut out, _) = generate(
+                &model,
+                &tokenizer,
+                std::slice::from_ref(r),
+                &cfg,
+                &device,
+                |_, _| {},
+            )
+            .unwrap();
+            out.remove(0)
+        };
+        let plain = |max_new_tokens: usize, sampling: Sampling| Decoding {
+            max_new_tokens,
+            sampling,
+            stop: vec![],
+            eos: vec![],
+            logprobs: None,
+        };
+        let mut rows: Vec<(Request, Decoding)> = vec![
+            (request("Hi", 1), plain(10, Sampling::GREEDY)),
+            (
+                request("Once upon a time", 2),
+                plain(
+                    12,
+                    Sampling {
+                        temperature: 0.8,
+                        top_p: 0.9,
+                        top_k: 0,
+                    },
+                ),
+            ),
+            (
+                request("Numbers: 1, 2, 3", 3),
+                plain(
+                    14,
+                    Sampling {
+                        temperature: 1.0,
+                        top_p: 1.0,
+                        top_k: 20,
+                    },
+                ),
+            ),
+            (
+                request("What is 12 times 7? Think step by step.", 4),
+                Decoding {
+                    logprobs: Some(3),
+                    ..plain(
+                        9,
+                        Sampling {
+                            temperature: 1.0,
+                            top_p: 0.95,
+                            top_k: 50,
+                        },
+                    )
+                },
+            ),
+            (
+                request("A longer prompt, with commas, and more words.", 5),
+                plain(11, Sampling::GREEDY),
+            ),
+        ];
+        // Row 2's stop string: two characters from the middle of what it writes without one.
+        let text = alone(&rows[2].0, &rows[2].1).text;
+        let chars: Vec<char> = text.chars().collect();
+        assert!(
+            chars.len() >= 4,
+            "sampled text too short for a stop string: {text:?}"
+        );
+        rows[2].1.stop = vec![chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect()];
+        // Row 4's EOS: its own fourth token.
+        rows[4].1.eos = vec![alone(&rows[4].0, &rows[4].1).tokens[3]];
+        let want: Vec<Generation> = rows.iter().map(|(r, d)| alone(r, d)).collect();
+        assert_eq!(want[2].finish_reason, FinishReason::Stop, "{:?}", want[2]);
+        assert_eq!(want[4].finish_reason, FinishReason::Stop, "{:?}", want[4]);
+        assert!(want[3].logprobs.as_ref().is_some_and(|l| l.len() == 9));
+        // The settings really differ between rows: all greedy, row 1 would decode otherwise.
+        assert_ne!(alone(&rows[1].0, &rows[0].1).tokens, want[1].tokens);
+
+        for batch_size in [2, 3, 5] {
+            let mut got: Vec<Option<Generation>> = vec![None; rows.len()];
+            let mut late = Some(rows[4].clone());
+            generate_admitting(
+                &model,
+                &tokenizer,
+                rows[..4].to_vec(),
+                batch_size,
+                &device,
+                |_| late.take().into_iter().collect(),
+                |event| {
+                    if let Event::Done { request, generation } = event {
+                        got[request] = Some(generation);
+                    }
+                    true
+                },
+            )
+            .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let g = g.as_ref().unwrap_or_else(|| panic!("row {i} not finished"));
+                let at = format!("batch {batch_size}, row {i}");
+                assert_eq!(g.tokens, w.tokens, "{at}");
+                assert_eq!(g.text, w.text, "{at}");
+                assert_eq!((g.finish_reason, g.eos), (w.finish_reason, w.eos), "{at}");
+                assert_eq!(g.logprobs.is_some(), w.logprobs.is_some(), "{at}");
+                for (a, b) in g.logprobs.iter().flatten().zip(w.logprobs.iter().flatten()) {
+                    assert_eq!(a.token, b.token, "{at}");
+                    assert!((a.logprob - b.logprob).abs() < 1e-4, "{at}: {a:?} {b:?}");
+                    let ids = |t: &TokenLogprob| t.top.iter().map(|&(id, _)| id).collect::<Vec<_>>();
+                    assert_eq!(ids(a), ids(b), "{at}");
+                    for (x, y) in a.top.iter().zip(&b.top) {
+                        assert!((x.1 - y.1).abs() < 1e-4, "{at}: {a:?} {b:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! scores with it, re-scoring writes soft labels with it, and on-policy training samples the
 //! student and scores its tokens with it.
 //!
-//! - [`generate`]: batched, KV-cached decoding (greedy or sampled, EOS and stop strings);
+//! - [`generate`]: batched, KV-cached decoding (greedy or sampled, EOS and stop strings),
+//!   each request with its own settings if it likes;
 //! - [`score`]: teacher forcing: log-probabilities of given tokens and top-k distributions;
 //! - [`reasoning`]: the `<think>` split of R1-style outputs;
 //! - [`host`]: moving small tensors between device and host with errors, not panics.

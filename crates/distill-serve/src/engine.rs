@@ -1,6 +1,7 @@
 //! The model's thread: it owns the model, takes work from a channel, and batches what is
-//! pending. Requests whose decoding parameters are equal share one `generate` call; each
-//! keeps its own seed, so its output does not depend on its company. HTTP handlers wait on a
+//! pending. All pending generate work shares one `generate` call, whatever its decoding
+//! settings, and work that arrives while it runs joins it; each request keeps its own
+//! settings and seed, so its output does not depend on its company. HTTP handlers wait on a
 //! oneshot reply (or, streaming, on a channel of tokens) and never on each other.
 
 use std::cell::RefCell;
@@ -15,7 +16,7 @@ use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{
-    Event, Generation, GenerationConfig, Request, Sampling, TokenLogprob, generate_admitting,
+    Decoding, Event, Generation, Request, Sampling, TokenLogprob, generate_admitting,
 };
 use distill_infer::{InferError, host};
 use distill_models::{CausalLm, Kernels};
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 /// (152k vocabulary: 150 MB), as distill-eval's teacher forcing does.
 const SCORE_CHUNK: usize = 256;
 
-/// How new tokens are chosen: requests with equal parameters decode together.
+/// How a request's new tokens are chosen. Each row of a generate call keeps its own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     pub max_new_tokens: usize,
@@ -34,17 +35,6 @@ pub struct Params {
     pub logprobs: Option<usize>,
     /// Decode past EOS tokens (vLLM's `ignore_eos`).
     pub ignore_eos: bool,
-}
-
-impl Params {
-    /// Whether two requests can decode in one call: everything but `max_new_tokens`, which
-    /// each row keeps for itself.
-    fn same_decoding(&self, other: &Params) -> bool {
-        self.sampling == other.sampling
-            && self.stop == other.stop
-            && self.logprobs == other.logprobs
-            && self.ignore_eos == other.ignore_eos
-    }
 }
 
 /// Why work failed; the handler answers 500 with it.
@@ -105,8 +95,8 @@ impl Answer {
     }
 }
 
-/// The requests of one HTTP request, where their generations go, and its `max_new_tokens`.
-type Member = (Vec<Request>, Answer, usize);
+/// The requests of one HTTP request, where their generations go, and how they decode.
+type Member = (Vec<Request>, Answer, Decoding);
 
 /// One unit of work for the model thread.
 pub enum Work {
@@ -237,8 +227,25 @@ impl<B: Kernels> Engine<B> {
         }
     }
 
+    /// The model's settings for `params`: its EOS ids unless the request ignores them.
+    fn decoding(&self, params: Params) -> Decoding {
+        Decoding {
+            max_new_tokens: params.max_new_tokens,
+            sampling: params.sampling,
+            stop: params.stop,
+            eos: if params.ignore_eos {
+                Vec::new()
+            } else {
+                self.eos.clone()
+            },
+            logprobs: params.logprobs,
+        }
+    }
+
+    /// Scores the round's prompts, then runs all its generate work in one call, which takes
+    /// in queued generate work as rows free up.
     fn run_round(&self, round: Vec<Work>, queue: &mut VecDeque<Work>, jobs: &Receiver<Work>) {
-        let mut groups: Vec<(Params, Vec<Member>)> = Vec::new();
+        let mut members: Vec<Member> = Vec::new();
         let (gone, round): (Vec<Work>, Vec<Work>) = round.into_iter().partition(Work::abandoned);
         let dropped: usize = gone.iter().map(Work::sequences).sum();
         self.stats.cancelled.fetch_add(dropped, Ordering::Relaxed);
@@ -253,43 +260,31 @@ impl<B: Kernels> Engine<B> {
                     requests,
                     params,
                     answer,
-                } => {
-                    let member = (requests, answer, params.max_new_tokens);
-                    match groups.iter_mut().find(|(p, _)| p.same_decoding(&params)) {
-                        Some((_, members)) => members.push(member),
-                        None => groups.push((params, vec![member])),
-                    }
-                }
+                } => members.push((requests, answer, self.decoding(params))),
             }
         }
-        for (params, members) in groups {
-            self.generate_group(&params, members, |room| self.admit(queue, jobs, &params, room));
+        if !members.is_empty() {
+            self.generate_call(members, |room| self.admit(queue, jobs, room));
         }
     }
 
-    /// Work that arrived while a generate call runs and can join it: the same decoding
-    /// settings (its own `max_new_tokens`), at most `room` sequences, oldest first.
-    fn admit(
-        &self,
-        queue: &mut VecDeque<Work>,
-        jobs: &Receiver<Work>,
-        params: &Params,
-        room: usize,
-    ) -> Vec<Member> {
+    /// Generate work that arrived while a generate call runs and can join it, whatever its
+    /// decoding settings: at most `room` sequences, oldest first (work with more choices than
+    /// `room` stays queued, and younger work that fits may pass it).
+    fn admit(&self, queue: &mut VecDeque<Work>, jobs: &Receiver<Work>, room: usize) -> Vec<Member> {
         queue.extend(jobs.try_iter());
         let mut room = room;
         let mut admitted = Vec::new();
         let mut i = 0;
-        while i < queue.len() {
-            let joins = matches!(&queue[i], Work::Generate { requests, params: p, .. }
-                if p.same_decoding(params) && requests.len() <= room);
+        while i < queue.len() && room > 0 {
+            let joins = matches!(&queue[i], Work::Generate { requests, .. } if requests.len() <= room);
             if !joins {
                 i += 1;
                 continue;
             }
             if let Some(Work::Generate {
                 requests,
-                params: p,
+                params,
                 answer,
             }) = queue.remove(i)
             {
@@ -298,41 +293,24 @@ impl<B: Kernels> Engine<B> {
                     continue;
                 }
                 room -= requests.len();
-                admitted.push((requests, answer, p.max_new_tokens));
+                admitted.push((requests, answer, self.decoding(params)));
             }
         }
         admitted
     }
 
     /// One `generate` call for every member, and for the members `more(room)` adds while it
-    /// runs; each gets its own slice of the results as soon as its last sequence finishes, or,
-    /// streaming, each token as it comes.
-    fn generate_group(
-        &self,
-        params: &Params,
-        members: Vec<Member>,
-        mut more: impl FnMut(usize) -> Vec<Member>,
-    ) {
-        let cfg = GenerationConfig {
-            max_new_tokens: params.max_new_tokens,
-            sampling: params.sampling.clone(),
-            stop: params.stop.clone(),
-            eos: if params.ignore_eos {
-                Vec::new()
-            } else {
-                self.eos.clone()
-            },
-            batch_size: self.batching.batch_size,
-            logprobs: params.logprobs,
-        };
+    /// runs, each row with its own decoding settings; each member gets its own slice of the
+    /// results as soon as its last sequence finishes, or, streaming, each token as it comes.
+    fn generate_call(&self, members: Vec<Member>, mut more: impl FnMut(usize) -> Vec<Member>) {
         self.stats.generate_calls.fetch_add(1, Ordering::Relaxed);
         let group = RefCell::new(Group::default());
-        let enlist = |members: Vec<Member>| -> Vec<(Request, usize)> {
+        let enlist = |members: Vec<Member>| -> Vec<(Request, Decoding)> {
             let mut group = group.borrow_mut();
             let mut requests = Vec::new();
-            for (rs, answer, max_new) in members {
+            for (rs, answer, decoding) in members {
                 group.add(rs.len(), answer);
-                requests.extend(rs.into_iter().map(|r| (r, max_new)));
+                requests.extend(rs.into_iter().map(|r| (r, decoding.clone())));
             }
             requests
         };
@@ -342,7 +320,7 @@ impl<B: Kernels> Engine<B> {
                 &self.model,
                 &self.tokenizer,
                 all,
-                &cfg,
+                self.batching.batch_size,
                 &self.device,
                 |room| enlist(more(room)),
                 |event| group.borrow_mut().on_event(event, &self.stats),
@@ -537,6 +515,7 @@ pub fn score_prompt<B: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distill_infer::generate::GenerationConfig;
 
     fn score(reply: Reply<Vec<PositionScore>>) -> Work {
         Work::Score {
@@ -605,56 +584,76 @@ mod tests {
         (engine, tokenizer)
     }
 
-    /// Members of one generate call (more sequences than the batch, so rows join mid-flight)
-    /// each get exactly what their own requests decode alone, in their order.
+    /// Members of one generate call (more sequences than the batch, so rows join mid-flight),
+    /// each with its own decoding settings, each get exactly what their own requests decode
+    /// alone, in their order.
     #[test]
     fn each_member_gets_its_own_generations() {
         let (engine, tokenizer) = test_engine("tiny-llama", 2);
-        let params = Params {
+        let decoding = |sampling: Sampling, logprobs: Option<usize>| Decoding {
             max_new_tokens: 4,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
-            },
+            sampling,
             stop: vec![],
-            logprobs: None,
-            ignore_eos: false,
+            eos: vec![],
+            logprobs,
         };
         let request = |text: &str, seed: u64| Request {
             prompt: tokenizer.encode(text, false).unwrap(),
             seed,
         };
-        let asks: Vec<Vec<Request>> = vec![
-            vec![request("One", 1)],
-            vec![
-                request("Two prompts here", 2),
-                request("and", 3),
-                request("a third, longer one", 4),
-            ],
-            vec![request("Last", 5), request("member", 6)],
+        let asks: Vec<(Vec<Request>, Decoding)> = vec![
+            (
+                vec![request("One", 1)],
+                decoding(
+                    Sampling {
+                        temperature: 1.0,
+                        top_p: 1.0,
+                        top_k: 0,
+                    },
+                    None,
+                ),
+            ),
+            (
+                vec![
+                    request("Two prompts here", 2),
+                    request("and", 3),
+                    request("a third, longer one", 4),
+                ],
+                decoding(Sampling::GREEDY, Some(2)),
+            ),
+            (
+                vec![request("Last", 5), request("member", 6)],
+                decoding(
+                    Sampling {
+                        temperature: 0.8,
+                        top_p: 0.9,
+                        top_k: 0,
+                    },
+                    None,
+                ),
+            ),
         ];
         let (mut members, mut answers) = (Vec::new(), Vec::new());
-        for a in &asks {
+        for (rs, d) in &asks {
             let (tx, rx) = oneshot::channel();
-            members.push((a.clone(), Answer::Whole(tx), params.max_new_tokens));
+            members.push((rs.clone(), Answer::Whole(tx), d.clone()));
             answers.push(rx);
         }
-        engine.generate_group(&params, members, |_| Vec::new());
-        for (a, mut rx) in asks.iter().zip(answers) {
+        engine.generate_call(members, |_| Vec::new());
+        for ((rs, d), mut rx) in asks.iter().zip(answers) {
             let got = rx.try_recv().expect("answered").expect("generated");
             let cfg = GenerationConfig {
-                max_new_tokens: 4,
-                sampling: params.sampling.clone(),
+                max_new_tokens: d.max_new_tokens,
+                sampling: d.sampling.clone(),
                 stop: vec![],
                 eos: vec![],
                 batch_size: 1,
-                logprobs: None,
+                logprobs: d.logprobs,
             };
             let alone = distill_infer::generate::generate(
                 &engine.model,
                 &tokenizer,
-                a,
+                rs,
                 &cfg,
                 &engine.device,
                 |_, _| {},
@@ -663,8 +662,10 @@ mod tests {
             .0;
             let tokens = |g: &[Generation]| g.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>();
             assert_eq!(tokens(&got), tokens(&alone));
+            assert!(got.iter().all(|g| g.logprobs.is_some() == d.logprobs.is_some()));
         }
-        assert_eq!(engine.stats.snapshot().sequences, 6);
+        let stats = engine.stats.snapshot();
+        assert_eq!((stats.generate_calls, stats.sequences), (1, 6));
     }
 
     /// A streaming member whose client is gone stops at its first token; the member beside
@@ -672,12 +673,12 @@ mod tests {
     #[test]
     fn a_client_that_went_away_frees_its_rows() {
         let (engine, tokenizer) = test_engine("tiny-qwen2", 4);
-        let params = Params {
+        let decoding = Decoding {
             max_new_tokens: 30,
             sampling: Sampling::GREEDY,
             stop: vec![],
+            eos: vec![],
             logprobs: None,
-            ignore_eos: false,
         };
         let request = Request {
             prompt: tokenizer.encode("Once upon a time", false).unwrap(),
@@ -687,10 +688,14 @@ mod tests {
         drop(gone_rx);
         let (tx, mut rx) = oneshot::channel();
         let members = vec![
-            (vec![request.clone(); 2], Answer::Stream(gone_tx), 30),
-            (vec![request], Answer::Whole(tx), 30),
+            (
+                vec![request.clone(); 2],
+                Answer::Stream(gone_tx),
+                decoding.clone(),
+            ),
+            (vec![request], Answer::Whole(tx), decoding),
         ];
-        engine.generate_group(&params, members, |_| Vec::new());
+        engine.generate_call(members, |_| Vec::new());
         let kept = rx.try_recv().expect("answered").expect("generated");
         assert_eq!(kept[0].tokens.len(), 30);
         let stats = engine.stats.snapshot();

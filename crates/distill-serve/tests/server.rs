@@ -1048,3 +1048,46 @@ async fn a_short_request_during_a_long_one_finishes_first() {
     assert_eq!((stats.generate_calls, stats.sequences), (1, 0), "{stats:?}");
     drop(response);
 }
+
+/// A request with other decoding settings than the running call's (sampled, with
+/// log-probabilities, EOS honoured) joins it all the same: it is answered while the long
+/// greedy generation still decodes, with what the engine gives it alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_other_settings_joins_the_running_call() {
+    let server = start_with_rows(16);
+    let r = Reference::load();
+    let response = long_stream(&server, 8).await;
+    let (status, v) = post(
+        &server,
+        "/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0.8, "top_p": 0.9,
+               "seed": 7, "max_tokens": 4, "logprobs": true, "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // As in the test above: no call has returned, so the request ran inside the long one's.
+    let stats = server.stats();
+    assert_eq!((stats.generate_calls, stats.sequences), (1, 0), "{stats:?}");
+    drop(response);
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 0,
+    };
+    let want = &r.generate(&r.chat_prompt("Hi"), &[7], sampling, 4, 2)[0];
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["content"], want.text.as_str());
+    assert_eq!(bytes_list(&choice["logprobs"]), r.bytes_of(&want.tokens));
+    let finish = if want.tokens.len() == 4 { "length" } else { "stop" };
+    assert_eq!(choice["finish_reason"], finish);
+    assert_eq!(v["usage"]["completion_tokens"], want.tokens.len());
+    for (got, lp) in choice["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(want.logprobs.as_ref().unwrap())
+    {
+        assert_close(f32_of(&got["logprob"]), lp.logprob, "logprob");
+        assert_eq!(got["top_logprobs"].as_array().unwrap().len(), 2);
+    }
+}
