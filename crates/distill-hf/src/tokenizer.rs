@@ -48,6 +48,10 @@ fn token_text(v: &Option<Value>) -> Option<String> {
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// Counted once: tokenizers' `get_vocab_size(true)` copies the whole vocabulary into a map
+    /// on every call (tens of milliseconds at 152k tokens), and generation reads it at every
+    /// decode step.
+    vocab_size: usize,
     pub specials: SpecialTokens,
     pub chat_template: Option<ChatTemplate>,
     /// sha256 of tokenizer.json: manifests record it so a dataset is never trained with a
@@ -113,6 +117,7 @@ impl TextTokenizer {
             })
             .transpose()?;
         Ok(TextTokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             specials,
             chat_template,
@@ -139,7 +144,7 @@ impl TextTokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
