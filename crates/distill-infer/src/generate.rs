@@ -135,6 +135,9 @@ pub struct Generation {
 pub struct GenerationStats {
     pub sequences: usize,
     pub new_tokens: usize,
+    /// Prompt positions the model ran (left padding included); samples of one prompt that
+    /// join together share one prefill.
+    pub prefill_tokens: usize,
     pub seconds: f64,
 }
 
@@ -268,6 +271,7 @@ pub fn generate_admitting<B: Kernels>(
     let mut waiting: std::collections::VecDeque<usize> = order.into();
     let batch_size = batch_size.max(1);
     let mut running = Running::new(model);
+    let mut prefilled = 0;
     loop {
         let room = batch_size.saturating_sub(running.live.len() + waiting.len());
         if room > 0 {
@@ -286,7 +290,7 @@ pub fn generate_admitting<B: Kernels>(
         let join = free.min(waiting.len());
         if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
-            running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
+            prefilled += running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
             continue;
         }
         if running.live.is_empty() {
@@ -294,6 +298,7 @@ pub fn generate_admitting<B: Kernels>(
         }
         running.step(model, tokenizer, device, &mut counted)?;
     }
+    stats.prefill_tokens = prefilled;
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
 }
@@ -352,7 +357,7 @@ impl<B: Kernels> Running<B> {
         joining: &[usize],
         device: &B::Device,
         sink: &mut Sink<'_>,
-    ) -> Result<(), InferError> {
+    ) -> Result<usize, InferError> {
         // Requests that may not draw a token finish at once.
         let (joining, empty): (Vec<usize>, Vec<usize>) =
             joining.iter().partition(|&&i| requests[i].1.max_new_tokens > 0);
@@ -365,7 +370,7 @@ impl<B: Kernels> Running<B> {
             });
         }
         if joining.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let width = joining
             .iter()
@@ -376,23 +381,35 @@ impl<B: Kernels> Running<B> {
             .iter()
             .map(|&i| Live::new(i, &requests[i], width - requests[i].0.prompt.len()))
             .collect();
-        let ids: Vec<u32> = rows
+        // Samples of one prompt (eval's n per problem, serve's `n`, on-policy's samples per
+        // prompt) share its prefill: each distinct prompt runs once, then its cache rows and
+        // last logits are copied to every sample of it.
+        let (distinct, copy_of) = distinct_prompts(&joining, requests);
+        let ids: Vec<u32> = distinct
             .iter()
+            .map(|&r| &rows[r])
             .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].0.prompt.iter().copied()))
             .collect();
         let mut cache = model.new_cache();
-        let pads: Vec<usize> = rows.iter().map(|l| l.pad).collect();
+        let pads: Vec<usize> = distinct.iter().map(|&r| rows[r].pad).collect();
         let ctx = Context::left_padded(&model.rotary, &pads, width, 0, device);
         let hidden = model.hidden_states_with(
-            ids_tensor::<B>(&ids, rows.len(), width, device),
+            ids_tensor::<B>(&ids, distinct.len(), width, device),
             &ctx,
             Some(&mut cache),
-        ); // [n, width, C]
-        let logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [n, V]
+        ); // [u, width, C]
+        let mut logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [u, V]
+        if distinct.len() < rows.len() {
+            cache.select_rows(&copy_of);
+            let index: Vec<i64> = copy_of.iter().map(|&u| u as i64).collect();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [copy_of.len()]), device);
+            logits = logits.select(0, index); // [n, V]
+        }
+        let prefilled = distinct.len() * width;
         let next = next_tokens(logits, &mut rows, tokenizer.vocab_size())?;
         let keep = advance(tokenizer, &mut rows, next, sink)?;
         if keep.is_empty() {
-            return Ok(());
+            return Ok(prefilled);
         }
         if keep.len() < rows.len() {
             cache.select_rows(&keep);
@@ -401,7 +418,7 @@ impl<B: Kernels> Running<B> {
         if self.live.is_empty() {
             self.cache = cache;
             self.live = rows;
-            return Ok(());
+            return Ok(prefilled);
         }
         let (ours, theirs) = (self.cache.len(), cache.len());
         if ours < theirs {
@@ -413,7 +430,7 @@ impl<B: Kernels> Running<B> {
         }
         self.cache.append_rows(cache);
         self.live.extend(rows);
-        Ok(())
+        Ok(prefilled)
     }
 
     /// One decoding step for every running row; finished rows leave the batch.
@@ -501,6 +518,24 @@ fn advance(
         }
     }
     Ok(keep)
+}
+
+/// Of the requests `joining`: the positions (in `joining`) of the first request of each
+/// distinct prompt, and for every request the index of its prompt among those.
+fn distinct_prompts(joining: &[usize], requests: &[(Request, Decoding)]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let copy_of = joining
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| {
+            *first.entry(requests[i].0.prompt.as_slice()).or_insert_with(|| {
+                distinct.push(r);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, copy_of)
 }
 
 /// Keeps the rows at the (increasing) indices `keep`.
@@ -1185,5 +1220,68 @@ mod tests {
         let (cut, _) = generate(&model, &tokenizer, &mixed[1..2], &cfg, &device, |_, _| {}).unwrap();
         assert_eq!(cut[0].finish_reason, FinishReason::Stop);
         assert_eq!(cut[0].text, text[..text.find(&stop).unwrap()]);
+    }
+
+    /// Samples of one prompt share its prefill (the prompt runs once, its cache rows are
+    /// copied), and each sample still draws what it draws alone.
+    #[test]
+    fn samples_of_one_prompt_share_its_prefill_and_draw_what_they_draw_alone() {
+        let dir = fixture("tiny-llama");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let prompts = [
+            "Once upon a time",
+            "What is 12 times 7?",
+            "Once upon a time",
+            "x",
+            "Once upon a time",
+            "x",
+        ];
+        let requests: Vec<Request> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Request {
+                prompt: tokenizer.encode(t, false).unwrap(),
+                seed: 7 + i as u64,
+            })
+            .collect();
+        let cfg = |batch_size| GenerationConfig {
+            max_new_tokens: 10,
+            sampling: Sampling {
+                temperature: 1.0,
+                top_p: 0.95,
+                top_k: 0,
+            },
+            stop: vec![],
+            eos: vec![],
+            batch_size,
+            logprobs: None,
+        };
+        let (together, stats) = generate(&model, &tokenizer, &requests, &cfg(8), &device, |_, _| {}).unwrap();
+        let width = requests.iter().map(|r| r.prompt.len()).max().unwrap();
+        assert_eq!(
+            stats.prefill_tokens,
+            3 * width,
+            "three distinct prompts, one prefill each"
+        );
+        for (r, g) in requests.iter().zip(&together) {
+            let (alone, _) = generate(
+                &model,
+                &tokenizer,
+                std::slice::from_ref(r),
+                &cfg(1),
+                &device,
+                |_, _| {},
+            )
+            .unwrap();
+            assert_eq!(g.tokens, alone[0].tokens, "seed {}", r.seed);
+        }
+        // The copies are samples, not one sample copied: the three of the first prompt differ.
+        assert!(
+            together[0].tokens != together[2].tokens || together[2].tokens != together[4].tokens,
+            "{:?}",
+            [&together[0].tokens, &together[2].tokens, &together[4].tokens]
+        );
     }
 }
