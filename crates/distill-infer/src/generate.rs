@@ -610,19 +610,10 @@ fn next_tokens<B: Kernels>(
     let mut next: Vec<(u32, Option<TokenLogprob>)> = vec![(0, None); b];
     if !on_device.is_empty() {
         let settings: Vec<RowSampling> = on_device.iter().map(|&i| rows[i]).collect();
-        let ids = if settings.iter().all(|s| s.temperature <= 0.0) {
-            // burn's argmax: the same ids as the host's, without a kernel of ours.
-            let ids = rows_of(logits.clone(), &on_device)
-                .narrow(1, 0, v_real)
-                .argmax(1)
-                .into_data(); // [d, 1]
-            ids.iter::<i64>()
-                .map(|t| u32::try_from(t).map_err(|_| InferError::Invalid(format!("token id {t}"))))
-                .collect::<Result<Vec<u32>, _>>()?
-        } else {
-            B::sample_rows(rows_of(logits.clone(), &on_device), v_real, &settings)
-                .map_err(InferError::Invalid)?
-        };
+        // Greedy rows too (temperature 0 is the kernel's argmax, first maximum as torch's):
+        // one pass over each row's candidate columns, read in place, and one path for all rows.
+        let ids = B::sample_rows(rows_of(logits.clone(), &on_device), v_real, &settings)
+            .map_err(InferError::Invalid)?;
         for (&i, t) in on_device.iter().zip(ids) {
             next[i].0 = t;
         }
