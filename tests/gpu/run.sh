@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU test suite on a machine without a Rust toolchain (the lent H100): build and pack
+# the test binaries where cargo is, run them where the GPU is.
+#
+#   bash tests/gpu/run.sh pack DIR     # here: build the CUDA test binaries, strip and gzip them into DIR
+#   bash tests/gpu/run.sh run DIR      # on the GPU machine, from the repository root
+#
+# `run` starts every binary at once with DISTILL_REQUIRE_GPU=1 (a test that finds no GPU
+# fails), --test-threads ${THREADS:-2} and --nocapture (a failure's message is in the log as it
+# happens, even if the binary is then stopped at its limit), each under a limit of ${LIMIT:-480}
+# seconds. Logs and summary.txt go to ${OUT:-target/gpu-tests}.
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
+mode=${1:?pack or run}; dir=${2:?a directory}
+crates=(-p distill-kernels -p distill-models -p distill-train)
+case "$mode" in
+pack)
+  mkdir -p "$dir"
+  cargo test --release --locked --features cuda "${crates[@]}" --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' |
+    while read -r exe; do
+      name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+      strip -o "$dir/$name" "$exe" && gzip -f "$dir/$name" && echo "$dir/$name.gz"
+    done ;;
+run)
+  out=${OUT:-target/gpu-tests}; mkdir -p "$out" /tmp/gpu-tests
+  export DISTILL_FIXTURES=$PWD/tests/fixtures DISTILL_REQUIRE_GPU=1
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
+  for f in "$dir"/*.gz; do
+    b=/tmp/gpu-tests/$(basename "$f" .gz); gunzip -c "$f" > "$b"; chmod +x "$b"
+    ( start=$(date +%s)
+      timeout "${LIMIT:-480}" "$b" --test-threads "${THREADS:-2}" --nocapture > "$out/$(basename "$b").log" 2>&1
+      rc=$?
+      echo "$(basename "$b") rc=$rc $(( $(date +%s) - start ))s $(grep -E '^test result' "$out/$(basename "$b").log" | tail -1)" >> "$out/summary.txt" ) &
+  done
+  wait
+  cat "$out/gpu.txt" "$out/summary.txt"
+  grep -h -E "FAILED|panicked|SKIPPED" "$out"/*.log | head -40
+  ! grep -q -v " rc=0 " "$out/summary.txt" ;;
+*) echo "usage: $0 pack|run DIR" >&2; exit 2 ;;
+esac
