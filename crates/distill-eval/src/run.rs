@@ -17,7 +17,7 @@ use crate::report::{
     Contamination, ExampleRecord, FORMAT_VERSION, GenerationSettings, LengthBucket, ModelReport,
     ReasoningReport, Report, Settings, TaskReport,
 };
-use crate::stats::{mean, pass_at_k, proportion};
+use crate::stats::{mean, mean_share, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
 use distill_infer::generate::{
     FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
@@ -326,7 +326,7 @@ pub fn task_report(task: &str, kind: TaskKind, n: usize, scored: &[ScoredOutput]
     let accuracy = if n == 1 {
         proportion(correct.iter().sum(), prompts)
     } else {
-        mean(&correct.iter().map(|&c| c as f64 / n as f64).collect::<Vec<_>>())
+        mean_share(&correct.iter().map(|&c| c as f64 / n as f64).collect::<Vec<_>>())
     };
     let (maj_at_n, pass_at_n) = if n > 1 {
         let maj = per_prompt
@@ -339,7 +339,7 @@ pub fn task_report(task: &str, kind: TaskKind, n: usize, scored: &[ScoredOutput]
             })
             .count();
         let pass: Vec<f64> = correct.iter().map(|&c| pass_at_k(n, c, n)).collect();
-        (Some(proportion(maj, prompts)), Some(mean(&pass)))
+        (Some(proportion(maj, prompts)), Some(mean_share(&pass)))
     } else {
         (None, None)
     };

@@ -58,6 +58,15 @@ pub fn mean(values: &[f64]) -> Estimate {
     }
 }
 
+/// [`mean`] of values in [0, 1] (per-problem pass rates): the normal interval clipped to
+/// [0, 1], which a few problems with extreme rates would otherwise overrun (pass@1 12.5% over
+/// four problems reading "-12% to 37%").
+pub fn mean_share(values: &[f64]) -> Estimate {
+    let mut e = mean(values);
+    e.ci95 = [e.ci95[0].max(0.0), e.ci95[1].min(1.0)];
+    e
+}
+
 /// A share of successes with the Wilson score interval, which stays inside [0, 1] and is
 /// honest at 0/n and n/n, where the normal interval collapses to a point.
 pub fn proportion(successes: usize, n: usize) -> Estimate {
@@ -166,6 +175,17 @@ mod tests {
         assert!((e.stderr - (5.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
         assert_eq!(e.n, 4);
         assert!(mean(&[]).value.is_nan());
+    }
+
+    #[test]
+    fn a_mean_of_shares_keeps_its_interval_inside_0_and_1() {
+        // One of four problems at 0.5, three at 0: the normal interval starts below 0.
+        let rates = [0.5, 0.0, 0.0, 0.0];
+        assert!(mean(&rates).ci95[0] < 0.0);
+        let e = mean_share(&rates);
+        assert_eq!((e.value, e.ci95[0]), (0.125, 0.0));
+        assert_eq!(e.ci95[1], mean(&rates).ci95[1]);
+        assert_eq!(mean_share(&[1.0, 1.0, 0.5]).ci95[1], 1.0);
     }
 
     #[test]
