@@ -58,6 +58,8 @@ def parse(argv):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gen-top-p", type=float, default=1.0, help="B6, when sampling: the nucleus")
+    p.add_argument("--gen-samples", type=int, default=1,
+                   help="B6: samples of each prompt (batch / this many distinct prompts, repeated)")
     p.add_argument("--gen-temperature", type=float, default=0.0,
                    help="B6: sample at this temperature over the whole vocabulary (top-p 1, top-k 0), "
                         "as `distill bench generate --gen-temperature` does; 0 is greedy")
@@ -201,12 +203,16 @@ def run_case(a, case):
         sampled = ""
         if a.gen_temperature > 0:
             sampled = f" sampled t{a.gen_temperature:g}" + (f" p{a.gen_top_p:g}" if a.gen_top_p < 1 else "")
+        samples = max(1, min(a.gen_samples, bs))
+        if samples > 1:
+            sampled += f" x{samples} per prompt"
         r = common.base_row("B6", model, f"bs{bs} {a.prompt_len}->{a.new_tokens}{sampled}")
         r.update(tokens_per_s=new_tokens / secs, tflops=tf, mfu=common.mfu(tf, peak), ms=secs * 1e3,
                  new_tokens=new_tokens,
                  config={"batch": bs, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                          "sampling": "sampled" if a.gen_temperature > 0 else "greedy",
-                         "temperature": a.gen_temperature, "top_p": a.gen_top_p, "kv_cache": True,
+                         "temperature": a.gen_temperature, "top_p": a.gen_top_p,
+                         "samples_per_prompt": samples, "kv_cache": True,
                          "dtype": dtype})
         rows.append(r)
     extra = w.peak_memory_extra(a)

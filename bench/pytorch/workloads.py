@@ -260,7 +260,10 @@ def bench_generate(args, config_dir, batch):
     model.config.use_cache = True
     vocab = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(5)
-    ids = torch.randint(0, vocab, (batch, args.prompt_len), generator=g).to(dev)
+    samples = max(1, min(args.gen_samples, batch))
+    prompts = -(-batch // samples)
+    ids = torch.randint(0, vocab, (prompts, args.prompt_len), generator=g)
+    ids = ids.repeat_interleave(samples, dim=0)[:batch].to(dev)
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
               do_sample=False, use_cache=True, pad_token_id=0)

@@ -33,11 +33,17 @@ pub(crate) fn bench_generate<B: Kernels>(
     let model = CausalLm::<B>::init(c, device);
     let tokenizer = bench_tokenizer(&a.configs, c)?;
     let mut rng = 5u64;
+    let samples = a.gen_samples.clamp(1, batch.max(1));
+    let prompts: Vec<Vec<u32>> = (0..batch.div_ceil(samples))
+        .map(|_| {
+            random_rows(1, a.prompt_len, c.vocab_size, &mut rng)[0]
+                .input_ids
+                .clone()
+        })
+        .collect();
     let requests: Vec<Request> = (0..batch)
         .map(|i| Request {
-            prompt: random_rows(1, a.prompt_len, c.vocab_size, &mut rng)[0]
-                .input_ids
-                .clone(),
+            prompt: prompts[i / samples].clone(),
             seed: i as u64,
         })
         .collect();
@@ -78,6 +84,9 @@ pub(crate) fn bench_generate<B: Kernels>(
                 t if t > 0.0 && a.gen_top_p < 1.0 => format!(" sampled t{t} p{}", a.gen_top_p),
                 t if t > 0.0 => format!(" sampled t{t}"),
                 _ => String::new(),
+            } + &match samples {
+                1 => String::new(),
+                n => format!(" x{n} per prompt"),
             }
         ),
     );
@@ -86,11 +95,13 @@ pub(crate) fn bench_generate<B: Kernels>(
     row.insert("mfu".into(), json!(mfu(tf, peak)));
     row.insert("ms".into(), json!(secs * 1e3));
     row.insert("new_tokens".into(), json!(stats.new_tokens));
+    row.insert("prefill_tokens".into(), json!(stats.prefill_tokens));
     row.insert(
         "config".into(),
         json!({"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                "sampling": if a.gen_temperature > 0.0 { "sampled" } else { "greedy" },
-               "temperature": a.gen_temperature, "top_p": a.gen_top_p, "kv_cache": true, "dtype": dtype}),
+               "temperature": a.gen_temperature, "top_p": a.gen_top_p, "samples_per_prompt": samples,
+               "kv_cache": true, "dtype": dtype}),
     );
     Ok(row)
 }

@@ -137,6 +137,10 @@ pub struct Args {
     /// B6, when sampling: the nucleus (1 keeps every token; R1's evaluations use 0.95).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) gen_top_p: f64,
+    /// B6: samples of each prompt (eval's n per problem): batch / this many distinct prompts,
+    /// each continued this many times with its own seed (they share one prefill).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) gen_samples: usize,
     /// B3/B4: also time each phase of the step (inputs, forward, teacher, loss, backward, grad
     /// norm, optimizer), with a device sync after each; the row gets `phases` and the log a line
     /// per phase, with the memory it left in use and the pool's reservation after it in the
