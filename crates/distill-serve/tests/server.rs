@@ -153,6 +153,26 @@ fn bytes_list(logprobs: &Value) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A choice's logprob entries beside the engine's, one per token: each logprob equal to the
+/// engine's and `top` alternatives listed; the pairs come back for checks of their own.
+fn logprob_entries<'a>(
+    choice: &'a Value,
+    want: &'a distill_infer::generate::Generation,
+    top: usize,
+) -> Vec<(&'a Value, &'a distill_infer::generate::TokenLogprob)> {
+    let entries = choice["logprobs"]["content"].as_array().unwrap();
+    let want = want.logprobs.as_ref().unwrap();
+    assert_eq!(entries.len(), want.len(), "one logprob entry per token");
+    entries
+        .iter()
+        .zip(want)
+        .inspect(|(got, lp)| {
+            assert_close(f32_of(&got["logprob"]), lp.logprob, "logprob");
+            assert_eq!(got["top_logprobs"].as_array().unwrap().len(), top);
+        })
+        .collect()
+}
+
 fn assert_close(a: f32, b: f32, what: &str) {
     assert!((a - b).abs() < 1e-4, "{what}: {a} vs {b}");
 }
@@ -218,18 +238,10 @@ async fn greedy_chat_equals_the_engine_token_for_token() {
     assert_eq!(v["usage"]["total_tokens"], prompt.len() + want.tokens.len());
     assert_eq!(v["object"], "chat.completion");
     assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
-    for (got, lp) in choice["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(want.logprobs.as_ref().unwrap())
-    {
-        assert_close(f32_of(&got["logprob"]), lp.logprob, "logprob");
+    for (got, lp) in logprob_entries(choice, want, 3) {
         assert_eq!(got["token"], r.vocab.text(lp.token).as_str());
-        let top = got["top_logprobs"].as_array().unwrap();
-        assert_eq!(top.len(), 3);
         // Greedy: the chosen token is the most likely one.
-        assert_eq!(top[0]["bytes"], got["bytes"]);
+        assert_eq!(got["top_logprobs"][0]["bytes"], got["bytes"]);
     }
 }
 
@@ -1081,13 +1093,5 @@ async fn a_request_with_other_settings_joins_the_running_call() {
     let finish = if want.tokens.len() == 4 { "length" } else { "stop" };
     assert_eq!(choice["finish_reason"], finish);
     assert_eq!(v["usage"]["completion_tokens"], want.tokens.len());
-    for (got, lp) in choice["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(want.logprobs.as_ref().unwrap())
-    {
-        assert_close(f32_of(&got["logprob"]), lp.logprob, "logprob");
-        assert_eq!(got["top_logprobs"].as_array().unwrap().len(), 2);
-    }
+    logprob_entries(choice, want, 2);
 }
