@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use distill_hf::tokenizer::TextTokenizer;
 use distill_kernels::{RowSampling, sample};
 use distill_models::transformer::{Context, KvCache};
@@ -401,9 +401,7 @@ impl<B: Kernels> Running<B> {
         let mut logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [u, V]
         if distinct.len() < rows.len() {
             cache.select_rows(&copy_of);
-            let index: Vec<i64> = copy_of.iter().map(|&u| u as i64).collect();
-            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [copy_of.len()]), device);
-            logits = logits.select(0, index); // [n, V]
+            logits = rows_of(logits, &copy_of); // [n, V]
         }
         let prefilled = distinct.len() * width;
         let next = next_tokens(logits, &mut rows, tokenizer.vocab_size())?;
@@ -590,9 +588,9 @@ fn finish(
 ///
 /// Each row draws with one uniform number from its own generator, under its own settings, by
 /// [`distill_kernels::sample`]'s rule. Rows without log-probabilities draw together through
-/// [`Kernels::sample_rows`] (on CUDA on the device, only the ids cross to the host; when all
-/// of them are greedy, through burn's argmax). Rows with log-probabilities need their whole
-/// row of logits on the host: only those rows are copied, and they draw there.
+/// [`Kernels::sample_rows`] (on CUDA on the device, greedy rows too; only the ids cross to the
+/// host). Rows with log-probabilities need their whole row of logits on the host: only those
+/// rows are copied, and they draw there.
 fn next_tokens<B: Kernels>(
     logits: Tensor<B, 2>,
     live: &mut [Live],
@@ -619,13 +617,8 @@ fn next_tokens<B: Kernels>(
         }
     }
     if !on_host.is_empty() {
-        let host: Vec<f32> = rows_of(logits, &on_host)
-            .narrow(1, 0, v_real)
-            .cast(DType::F32)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .map_err(|e| InferError::Invalid(format!("logits to host: {e:?}")))?; // [h, V]
+        let host =
+            sample::candidates_on_host(rows_of(logits, &on_host), v_real).map_err(InferError::Invalid)?; // [h, V]
         use rayon::prelude::*;
         let drawn: Vec<(u32, Option<TokenLogprob>)> = host
             .par_chunks(v_real)
@@ -643,9 +636,10 @@ fn next_tokens<B: Kernels>(
     Ok(next)
 }
 
-/// The rows `idx` (increasing) of `logits` [b, V]: [idx.len(), V]; all of them without a copy.
+/// The rows `idx` of `logits` [b, V], repeats allowed: [idx.len(), V]; every row in order
+/// without a copy.
 fn rows_of<B: Kernels>(logits: Tensor<B, 2>, idx: &[usize]) -> Tensor<B, 2> {
-    if idx.len() == logits.dims()[0] {
+    if idx.iter().copied().eq(0..logits.dims()[0]) {
         return logits;
     }
     let device = logits.device();

@@ -75,29 +75,36 @@ pub fn sample_row(logits: &[f32], s: &RowSampling) -> u32 {
     last as u32
 }
 
-/// The smallest logit that stays a candidate under top-k and top-p.
+/// The smallest logit that stays a candidate under top-k and top-p. Only top-p needs the
+/// logits in order: without it, top-k's edge is one selection, and without either every
+/// logit stays (no pass at all, as the whole-vocabulary sampling of on-policy training asks).
 fn kept_floor(logits: &[f32], s: &RowSampling, weight: impl Fn(f32) -> f64) -> f32 {
-    let mut sorted: Vec<f32> = logits.to_vec();
-    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let by_value = |a: &f32, b: &f32| b.total_cmp(a);
+    let n = logits.len();
     let k = match s.top_k as usize {
-        0 => sorted.len(),
-        k => k.min(sorted.len()),
+        0 => n,
+        k => k.min(n),
     };
-    let mut floor = sorted[k - 1];
-    if s.top_p < 1.0 {
-        // The top-k set: every logit at least the k-th largest.
-        let top = sorted.iter().take_while(|&&z| z >= floor);
-        let goal = f64::from(s.top_p) * top.clone().map(|&z| weight(z)).sum::<f64>();
-        let mut acc = 0.0;
-        for &z in top {
-            acc += weight(z);
-            if acc >= goal {
-                floor = z;
-                break;
-            }
+    if s.top_p >= 1.0 {
+        if k == n {
+            return f32::NEG_INFINITY;
+        }
+        let mut values = logits.to_vec();
+        return *values.select_nth_unstable_by(k - 1, by_value).1;
+    }
+    let mut sorted: Vec<f32> = logits.to_vec();
+    sorted.sort_unstable_by(by_value);
+    // The top-k set: every logit at least the k-th largest.
+    let top = sorted.iter().take_while(|&&z| z >= sorted[k - 1]);
+    let goal = f64::from(s.top_p) * top.clone().map(|&z| weight(z)).sum::<f64>();
+    let mut acc = 0.0;
+    for &z in top {
+        acc += weight(z);
+        if acc >= goal {
+            return z;
         }
     }
-    floor
+    sorted[k - 1]
 }
 
 /// The first index of the largest value (as torch.argmax).
@@ -134,17 +141,27 @@ pub fn sample_rows_default<B: burn::tensor::backend::Backend>(
         return Err(format!("{b} rows of logits for {} samplings", rows.len()));
     }
     let v = vocab.min(v);
+    let host = candidates_on_host(logits, vocab)?;
+    Ok(sample_rows_host(&host, v, rows))
+}
+
+/// The first `vocab` columns of `logits` [b, V] on the host in f32, row-major [b, min(vocab,
+/// V)]: what a draw on the host reads.
+pub fn candidates_on_host<B: burn::tensor::backend::Backend>(
+    logits: burn::tensor::Tensor<B, 2>,
+    vocab: usize,
+) -> Result<Vec<f32>, String> {
+    let v = vocab.min(logits.dims()[1]);
     if v == 0 {
         return Err("no candidate tokens".into());
     }
-    let host: Vec<f32> = logits
+    logits
         .narrow(1, 0, v)
         .cast(burn::tensor::DType::F32)
         .into_data()
         .convert::<f32>()
         .into_vec()
-        .map_err(|e| format!("logits to host: {e:?}"))?;
-    Ok(sample_rows_host(&host, v, rows))
+        .map_err(|e| format!("logits to host: {e:?}"))
 }
 
 #[cfg(test)]
