@@ -8,7 +8,8 @@
 # `run` starts every binary at once with DISTILL_REQUIRE_GPU=1 (a test that finds no GPU
 # fails), --test-threads ${THREADS:-2} and --nocapture (a failure's message is in the log as it
 # happens, even if the binary is then stopped at its limit), each under a limit of ${LIMIT:-480}
-# seconds. Logs and summary.txt go to ${OUT:-target/gpu-tests}.
+# seconds. Logs (each line with the time it was printed, so a test's duration can be read off)
+# and summary.txt go to ${OUT:-target/gpu-tests}.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
 mode=${1:?pack or run}; dir=${2:?a directory}
@@ -33,9 +34,10 @@ run)
   for f in "$dir"/*.gz; do
     b=/tmp/gpu-tests/$(basename "$f" .gz); gunzip -c "$f" > "$b"; chmod +x "$b"
     ( start=$(date +%s)
-      timeout "${LIMIT:-480}" "$b" --test-threads "${THREADS:-2}" --nocapture > "$out/$(basename "$b").log" 2>&1
-      rc=$?
-      echo "$(basename "$b") rc=$rc $(( $(date +%s) - start ))s $(grep -E '^test result' "$out/$(basename "$b").log" | tail -1)" >> "$out/summary.txt" ) &
+      timeout "${LIMIT:-480}" "$b" --test-threads "${THREADS:-2}" --nocapture 2>&1 |
+        while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$out/$(basename "$b").log"
+      rc=${PIPESTATUS[0]}
+      echo "$(basename "$b") rc=$rc $(( $(date +%s) - start ))s $(grep -E 'test result' "$out/$(basename "$b").log" | tail -1)" >> "$out/summary.txt" ) &
   done
   wait
   cat "$out/gpu.txt" "$out/summary.txt"
