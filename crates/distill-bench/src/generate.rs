@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{GenerationConfig, Request, Sampling, generate};
+use distill_infer::generate::{Decoding, GenerationConfig, Request, Sampling, generate};
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 use serde_json::{Map, Value, json};
 
@@ -56,12 +56,14 @@ pub(crate) fn bench_generate<B: Kernels>(
         _ => Sampling::GREEDY,
     };
     let cfg = GenerationConfig {
-        max_new_tokens: a.new_tokens,
-        sampling,
-        stop: Vec::new(),
-        eos: Vec::new(),
+        decoding: Decoding {
+            max_new_tokens: a.new_tokens,
+            sampling,
+            stop: Vec::new(),
+            eos: Vec::new(),
+            logprobs: None,
+        },
         batch_size: batch,
-        logprobs: None,
     };
     for _ in 0..a.warmup.min(1) {
         generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;

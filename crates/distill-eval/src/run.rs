@@ -20,7 +20,8 @@ use crate::report::{
 use crate::stats::{mean, mean_share, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
 use distill_infer::generate::{
-    FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids, generate,
+    Decoding, FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids,
+    generate,
 };
 use distill_infer::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
 use distill_infer::score::{TopK, loss_positions, teacher_force};
@@ -203,12 +204,14 @@ fn generation_config<B: Kernels>(
     tokenizer: &TextTokenizer,
 ) -> GenerationConfig {
     GenerationConfig {
-        max_new_tokens: plan.max_new_tokens,
-        sampling: plan.sampling.clone(),
-        stop: plan.stop.clone(),
-        eos: eos_ids(model, tokenizer),
+        decoding: Decoding {
+            max_new_tokens: plan.max_new_tokens,
+            sampling: plan.sampling.clone(),
+            stop: plan.stop.clone(),
+            eos: eos_ids(model, tokenizer),
+            logprobs: None,
+        },
         batch_size: plan.batch_size,
-        logprobs: None,
     }
 }
 

@@ -50,30 +50,10 @@ impl Sampling {
 /// [`Decoding`] per request instead.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
-    pub max_new_tokens: usize,
-    pub sampling: Sampling,
-    /// Generation ends before the first occurrence of any of these (not included in the text).
-    pub stop: Vec<String>,
-    /// Token ids that end generation (not included in the text).
-    pub eos: Vec<u32>,
+    /// How every request decodes.
+    pub decoding: Decoding,
     /// Most sequences decoded together.
     pub batch_size: usize,
-    /// Also return each new token's log-probability and this many alternatives (0: none).
-    /// Log-probabilities are the model's own (temperature 1), as OpenAI and vLLM report them.
-    pub logprobs: Option<usize>,
-}
-
-impl GenerationConfig {
-    /// The settings each request of a [`generate`] call decodes with.
-    pub fn decoding(&self) -> Decoding {
-        Decoding {
-            max_new_tokens: self.max_new_tokens,
-            sampling: self.sampling.clone(),
-            stop: self.stop.clone(),
-            eos: self.eos.clone(),
-            logprobs: self.logprobs,
-        }
-    }
 }
 
 /// How one request decodes. Rows of one batch may each have their own: a row's tokens
@@ -224,8 +204,10 @@ pub fn generate_with<B: Kernels>(
     device: &B::Device,
     sink: impl FnMut(Event<'_>) -> bool,
 ) -> Result<GenerationStats, InferError> {
-    let decoding = cfg.decoding();
-    let all = requests.iter().map(|r| (r.clone(), decoding.clone())).collect();
+    let all = requests
+        .iter()
+        .map(|r| (r.clone(), cfg.decoding.clone()))
+        .collect();
     generate_admitting(
         model,
         tokenizer,
@@ -729,12 +711,14 @@ mod tests {
             })
             .collect();
         let cfg = GenerationConfig {
-            max_new_tokens: 12,
-            sampling: Sampling::GREEDY,
-            stop: vec![],
-            eos: vec![],
+            decoding: Decoding {
+                max_new_tokens: 12,
+                sampling: Sampling::GREEDY,
+                stop: vec![],
+                eos: vec![],
+                logprobs: None,
+            },
             batch_size: 3,
-            logprobs: None,
         };
         let (batched, stats) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
         assert_eq!(stats.new_tokens, 36);
@@ -770,12 +754,14 @@ mod tests {
             },
         ] {
             let cfg = GenerationConfig {
-                max_new_tokens: 16,
-                sampling,
-                stop: vec![],
-                eos: vec![],
+                decoding: Decoding {
+                    max_new_tokens: 16,
+                    sampling,
+                    stop: vec![],
+                    eos: vec![],
+                    logprobs: None,
+                },
                 batch_size: 8,
-                logprobs: None,
             };
             let (out, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
             let picked: Vec<u32> = out.iter().flat_map(|g| g.tokens.iter().copied()).collect();
@@ -818,16 +804,18 @@ mod tests {
             .collect();
         let steps = 12;
         let cfg = |batch_size: usize, eos: Vec<u32>| GenerationConfig {
-            max_new_tokens: steps,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: 0,
+            decoding: Decoding {
+                max_new_tokens: steps,
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                },
+                stop: vec![],
+                eos,
+                logprobs: None,
             },
-            stop: vec![],
-            eos,
             batch_size,
-            logprobs: None,
         };
         // Each request alone, without EOS: its sample stream.
         let alone: Vec<Vec<u32>> = requests
@@ -910,12 +898,14 @@ mod tests {
             })
             .collect();
         let cfg = GenerationConfig {
-            max_new_tokens: 10,
-            sampling: Sampling::GREEDY,
-            stop: vec![],
-            eos: vec![],
+            decoding: Decoding {
+                max_new_tokens: 10,
+                sampling: Sampling::GREEDY,
+                stop: vec![],
+                eos: vec![],
+                logprobs: Some(1),
+            },
             batch_size: 2,
-            logprobs: Some(1),
         };
         let (want, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
         let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
@@ -970,12 +960,14 @@ mod tests {
         };
         let alone = |r: &Request, d: &Decoding| -> Generation {
             let cfg = GenerationConfig {
-                max_new_tokens: d.max_new_tokens,
-                sampling: d.sampling.clone(),
-                stop: d.stop.clone(),
-                eos: d.eos.clone(),
+                decoding: Decoding {
+                    max_new_tokens: d.max_new_tokens,
+                    sampling: d.sampling.clone(),
+                    stop: d.stop.clone(),
+                    eos: d.eos.clone(),
+                    logprobs: d.logprobs,
+                },
                 batch_size: 1,
-                logprobs: d.logprobs,
             };
             let (mut out, _) = generate(
                 &model,
@@ -1103,12 +1095,14 @@ mod tests {
         let greedy = reference_greedy(&model, &prompt, 6);
         // The 3rd greedy token as EOS: the row stops before it.
         let cfg = GenerationConfig {
-            max_new_tokens: 6,
-            sampling: Sampling::GREEDY,
-            stop: vec![],
-            eos: vec![greedy[2]],
+            decoding: Decoding {
+                max_new_tokens: 6,
+                sampling: Sampling::GREEDY,
+                stop: vec![],
+                eos: vec![greedy[2]],
+                logprobs: None,
+            },
             batch_size: 4,
-            logprobs: None,
         };
         let req = Request {
             prompt: prompt.clone(),
@@ -1129,16 +1123,18 @@ mod tests {
 
         // Sampling: a request's output depends on its seed, not on the other rows.
         let cfg = GenerationConfig {
-            max_new_tokens: 8,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 0.9,
-                top_k: 50,
+            decoding: Decoding {
+                max_new_tokens: 8,
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_p: 0.9,
+                    top_k: 50,
+                },
+                stop: vec![],
+                eos: vec![],
+                logprobs: Some(3),
             },
-            stop: vec![],
-            eos: vec![],
             batch_size: 4,
-            logprobs: Some(3),
         };
         let alone = Request {
             prompt: prompt.clone(),
@@ -1199,7 +1195,10 @@ mod tests {
         );
         let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
         let cfg = GenerationConfig {
-            stop: vec![stop.clone()],
+            decoding: Decoding {
+                stop: vec![stop.clone()],
+                ..cfg.decoding
+            },
             ..cfg
         };
         let (cut, _) = generate(&model, &tokenizer, &mixed[1..2], &cfg, &device, |_, _| {}).unwrap();
@@ -1232,16 +1231,18 @@ mod tests {
             })
             .collect();
         let cfg = |batch_size| GenerationConfig {
-            max_new_tokens: 10,
-            sampling: Sampling {
-                temperature: 1.0,
-                top_p: 0.95,
-                top_k: 0,
+            decoding: Decoding {
+                max_new_tokens: 10,
+                sampling: Sampling {
+                    temperature: 1.0,
+                    top_p: 0.95,
+                    top_k: 0,
+                },
+                stop: vec![],
+                eos: vec![],
+                logprobs: None,
             },
-            stop: vec![],
-            eos: vec![],
             batch_size,
-            logprobs: None,
         };
         let (together, stats) = generate(&model, &tokenizer, &requests, &cfg(8), &device, |_, _| {}).unwrap();
         let width = requests.iter().map(|r| r.prompt.len()).max().unwrap();

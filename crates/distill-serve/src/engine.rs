@@ -515,7 +515,7 @@ pub fn score_prompt<B: Kernels>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use distill_infer::generate::GenerationConfig;
+    use distill_infer::generate::{Decoding, GenerationConfig};
 
     fn score(reply: Reply<Vec<PositionScore>>) -> Work {
         Work::Score {
@@ -643,12 +643,14 @@ mod tests {
         for ((rs, d), mut rx) in asks.iter().zip(answers) {
             let got = rx.try_recv().expect("answered").expect("generated");
             let cfg = GenerationConfig {
-                max_new_tokens: d.max_new_tokens,
-                sampling: d.sampling.clone(),
-                stop: vec![],
-                eos: vec![],
+                decoding: Decoding {
+                    max_new_tokens: d.max_new_tokens,
+                    sampling: d.sampling.clone(),
+                    stop: vec![],
+                    eos: vec![],
+                    logprobs: d.logprobs,
+                },
                 batch_size: 1,
-                logprobs: d.logprobs,
             };
             let alone = distill_infer::generate::generate(
                 &engine.model,

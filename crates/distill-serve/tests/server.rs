@@ -8,7 +8,7 @@ use burn::backend::Flex;
 use distill_data::examples::{Example, IGNORE};
 use distill_hf::template::Message;
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{GenerationConfig, Request, Sampling, eos_ids, generate};
+use distill_infer::generate::{Decoding, GenerationConfig, Request, Sampling, eos_ids, generate};
 use distill_infer::score::teacher_force;
 use distill_models::CausalLm;
 use distill_serve::tokens::Vocab;
@@ -80,12 +80,14 @@ impl Reference {
             })
             .collect();
         let cfg = GenerationConfig {
-            max_new_tokens,
-            sampling,
-            stop: vec![],
-            eos: eos_ids(&self.model, &self.tokenizer),
+            decoding: Decoding {
+                max_new_tokens,
+                sampling,
+                stop: vec![],
+                eos: eos_ids(&self.model, &self.tokenizer),
+                logprobs: Some(k),
+            },
             batch_size: 8,
-            logprobs: Some(k),
         };
         generate(
             &self.model,

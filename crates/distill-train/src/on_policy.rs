@@ -18,7 +18,9 @@ use distill_data::examples::{Example, IGNORE, Row, example, pack, shuffled, unif
 use distill_data::prompts::{PromptSpec, load_prompts};
 use distill_hf::hub::HubSettings;
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate};
+use distill_infer::generate::{
+    Decoding, FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate,
+};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
 
@@ -237,16 +239,18 @@ impl<B: Kernels> OnPolicy<B> {
     ) -> Result<(Vec<Rollout>, RolloutStats), TrainError> {
         let started = Instant::now();
         let cfg = GenerationConfig {
-            max_new_tokens: self.cfg.max_new_tokens,
-            sampling: Sampling {
-                temperature: self.cfg.temperature,
-                top_p: self.cfg.top_p,
-                top_k: 0,
+            decoding: Decoding {
+                max_new_tokens: self.cfg.max_new_tokens,
+                sampling: Sampling {
+                    temperature: self.cfg.temperature,
+                    top_p: self.cfg.top_p,
+                    top_k: 0,
+                },
+                stop: Vec::new(),
+                eos: eos_ids(model, tokenizer),
+                logprobs: None,
             },
-            stop: Vec::new(),
-            eos: eos_ids(model, tokenizer),
             batch_size: self.cfg.gen_batch,
-            logprobs: None,
         };
         let plain: Vec<Request> = requests.iter().map(|(_, r)| r.clone()).collect();
         let (generations, _) = generate(model, tokenizer, &plain, &cfg, device, |_, _| {})
