@@ -278,6 +278,18 @@ where
         attention::probs_grad_default(scores, dp, lse, delta, mask, scale, ds_dtype, p_dtype)
     }
 
+    fn prefix(x: Tensor<Self, 4>, dim: usize, len: usize) -> Tensor<Self, 4> {
+        let mut t = prim(x);
+        let shape = t.meta.shape_mut();
+        assert!(
+            dim < 4 && len <= shape[dim],
+            "prefix of {len} along dim {dim} of {shape:?}"
+        );
+        // The same buffer and strides: only the positions before `len` are ever addressed.
+        shape[dim] = len;
+        tensor(t)
+    }
+
     fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
         let device = logits.device();
         let params = Tensor::<Self, 2>::from_data(

@@ -366,6 +366,15 @@ pub trait ModelKernels: Backend {
         swiglu_linear::swiglu_linear_default(gate, up, w, lora)
     }
 
+    /// The first `len` positions of `x` along `dim`, as a view of x's buffer: the filled part
+    /// of a KV cache, read by attention at every decode step. burn's `narrow` is a view only
+    /// when both ends of the cut fall on the allocator's alignment, and otherwise copies the
+    /// whole prefix, which is O(S) traffic per layer per token; a backend that can describe a
+    /// shorter shape over the same buffer (CUDA) does so.
+    fn prefix(x: Tensor<Self, 4>, dim: usize, len: usize) -> Tensor<Self, 4> {
+        x.narrow(dim, 0, len)
+    }
+
     /// The next token of each row of `logits` [b, V] by [`sample`]'s rule, row r drawn as
     /// `rows[r]` says; only the first `vocab` columns are candidates (embedding rows past the
     /// tokenizer are padding). Only the ids reach the host: CUDA draws on the device. The

@@ -18,7 +18,7 @@ use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{DType, Distribution, FloatDType, Tensor};
 use distill_kernels::bmm;
 use distill_kernels::cuda::{cublas, stream};
 use distill_kernels::{Kernels, ModelKernels};
@@ -412,21 +412,24 @@ const BMM_CASES: &[BmmCase] = &[
     },
 ];
 
+/// A random operand of `dtype`, named explicitly: a device's default float dtype is shared by
+/// every backend on it, so `Cuda<f32>` draws bf16 once a bf16 test has run in the process.
 fn operand<B: Backend>(
     view: View,
     [bt, h]: [usize; 2],
     rows: usize,
     cols: usize,
+    dtype: DType,
     device: &B::Device,
 ) -> Tensor<B, 4> {
+    let randn =
+        |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), (device, dtype));
     match view {
-        View::Plain => randn([bt, h, rows, cols], 1.0, device),
-        View::Transposed => randn::<B, 4>([bt, h, cols, rows], 1.0, device).swap_dims(2, 3),
-        View::HeadsInner => randn::<B, 4>([bt, rows, h, cols], 1.0, device).swap_dims(1, 2),
-        View::HeadSlice => {
-            randn::<B, 4>([bt, h + 2, rows, cols], 1.0, device).slice([0..bt, 1..h + 1, 0..rows, 0..cols])
-        }
-        View::Broadcast => randn::<B, 4>([1, 1, rows, cols], 1.0, device).expand([bt, h, rows, cols]),
+        View::Plain => randn([bt, h, rows, cols]),
+        View::Transposed => randn([bt, h, cols, rows]).swap_dims(2, 3),
+        View::HeadsInner => randn([bt, rows, h, cols]).swap_dims(1, 2),
+        View::HeadSlice => randn([bt, h + 2, rows, cols]).slice([0..bt, 1..h + 1, 0..rows, 0..cols]),
+        View::Broadcast => randn([1, 1, rows, cols]).expand([bt, h, rows, cols]),
     }
 }
 
@@ -472,9 +475,9 @@ fn transposed(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 fn bmm_cases<B: Kernels>(device: &B::Device, half: bool) {
     let mut cublas_checked = None;
     for c in BMM_CASES {
-        let a = operand::<B>(c.a, c.batch, c.m, c.k, device);
-        let b = operand::<B>(c.b, c.batch, c.k, c.n, device);
-        let in_dtype = a.dtype();
+        let in_dtype = if half { DType::BF16 } else { DType::F32 };
+        let a = operand::<B>(c.a, c.batch, c.m, c.k, in_dtype, device);
+        let b = operand::<B>(c.b, c.batch, c.k, c.n, in_dtype, device);
         let out = if c.f32_out {
             FloatDType::F32
         } else {
@@ -495,10 +498,8 @@ fn bmm_cases<B: Kernels>(device: &B::Device, half: bool) {
         let e = err(&host(ours), &want);
         let what = format!("bmm {:?} {}", in_dtype, c.name);
         if !half {
-            // burn's f32 matmul: its autotune may pick a kernel that multiplies in TF32 or
-            // stages in half precision, and which one it picks depends on what else runs on
-            // the GPU while it times them. This test is about the routing, so the result is
-            // held to half precision's accuracy, not f32's.
+            // burn's f32 matmul, which autotune may run in TF32: this test is about the
+            // routing, so the result is held to the half-precision tolerance.
             eprintln!("  {what:<58} burn err {e:.2e}");
             assert!(!by_cublas, "{what}: f32 inputs went to cuBLAS");
             check(&what, e);
@@ -526,7 +527,7 @@ fn bmm_cases<B: Kernels>(device: &B::Device, half: bool) {
 fn cuda_bmm_bf16_matches_the_host_product() {
     let Some((_turn, device)) = gpu() else { return };
     // The one-row head slice must reach cuBLAS as a view at an offset, or that case tests a copy.
-    let slice = operand::<G>(View::HeadSlice, [1, 3], 64, 40, &device);
+    let slice = operand::<G>(View::HeadSlice, [1, 3], 64, 40, DType::BF16, &device);
     let offset = slice.into_primitive().tensor().handle.offset_start;
     assert!(
         offset.is_some_and(|o| o > 0),

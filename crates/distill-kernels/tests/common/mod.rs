@@ -83,8 +83,15 @@ pub fn cublas_checks_apply() -> bool {
     false
 }
 
+/// N(0, std²) values in `B`'s own float dtype, named explicitly: the device's default dtype is
+/// shared by every backend on it (`Cuda<f32>` draws bf16 once a `Cuda<bf16>` test has run).
 pub fn randn<B: Backend, const D: usize>(shape: [usize; D], std: f64, device: &B::Device) -> Tensor<B, D> {
-    Tensor::random(shape, Distribution::Normal(0.0, std), device)
+    use burn::tensor::Element;
+    Tensor::random(
+        shape,
+        Distribution::Normal(0.0, std),
+        (device, <B::FloatElem as Element>::dtype()),
+    )
 }
 
 pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
