@@ -113,18 +113,15 @@ impl<B: Kernels> Linear<B> {
     }
 
     /// This layer as decoding reads it under activations of `dtype`: a dense weight and the
-    /// bias in that dtype; the adapter merged into the weight when `merge` (and the weight is
-    /// dense), else its pair in that dtype with the scale folded into A (dropout off).
+    /// bias in that dtype. When `merge`, an adapter is merged into the weight and an NF4
+    /// weight is dequantized (with its adapter merged in), so a token costs one GEMM; else
+    /// the adapter's pair is in that dtype with its scale folded into A (dropout off).
     /// Tensors already so are shared, not copied.
     fn for_decoding(&self, dtype: burn::tensor::DType, merge: bool) -> Self {
         let bias = self.bias.as_ref().map(|b| cast_param(b, dtype));
-        if let (Weight::Dense(w), Some(lora), true) = (&self.weight, &self.lora, merge) {
-            // W + scale·A·B in f32, rounded once to `dtype`.
-            let f32 = burn::tensor::DType::F32;
-            let (a, b) = lora.pair(f32);
-            let merged = cast_to(w.val(), f32) + a.matmul(b); // [in, out]
+        if let Some(dense) = merge.then(|| self.merged_f32()).flatten() {
             return Linear {
-                weight: Weight::Dense(Param::from_tensor(cast_to(merged, dtype))),
+                weight: Weight::Dense(Param::from_tensor(cast_to(dense, dtype))),
                 bias,
                 lora: None,
             };
@@ -145,12 +142,30 @@ impl<B: Kernels> Linear<B> {
         Linear { weight, bias, lora }
     }
 
-    /// Bytes of the dense weight a merge would make in `dtype`: 0 when there is nothing to
-    /// merge (no adapter, or an NF4 base, which is never merged).
+    /// W + scale·A·B in f32, [in, out], rounded once to the decoding dtype by the caller; an
+    /// NF4 W dequantized. None when there is nothing to merge (a dense weight, no adapter).
+    fn merged_f32(&self) -> Option<Tensor<B, 2>> {
+        let f32 = burn::tensor::DType::F32;
+        let w = match (&self.weight, &self.lora) {
+            (Weight::Dense(_), None) => return None,
+            (Weight::Dense(w), Some(_)) => cast_to(w.val(), f32),
+            (Weight::Nf4(w), _) => <B as ModelKernels>::nf4_dequantize(&w.tensor(), f32).transpose(),
+        };
+        Some(match &self.lora {
+            Some(lora) => {
+                let (a, b) = lora.pair(f32);
+                w + a.matmul(b)
+            }
+            None => w,
+        })
+    }
+
+    /// Bytes of the dense weight a merge would make in `dtype` ([`Linear::merged_f32`]): 0
+    /// when there is nothing to merge.
     fn merged_bytes(&self, dtype: burn::tensor::DType) -> usize {
         match (&self.weight, &self.lora) {
-            (Weight::Dense(w), Some(_)) => w.val().shape().num_elements() * dtype.size(),
-            _ => 0,
+            (Weight::Dense(_), None) => 0,
+            (w, _) => w.dims().iter().product::<usize>() * dtype.size(),
         }
     }
 
@@ -681,10 +696,11 @@ pub struct Model<B: Backend> {
     pub norm: RmsNorm<B>,
 }
 
-/// The most bytes of merged weights [`CausalLm::for_decoding`] makes: merging a LoRA model
-/// costs a dense copy of every adapted weight while it decodes (Qwen2.5-0.5B's linear layers:
-/// about 0.7 GB in bf16, 1.5B: 2.6 GB, 7B: 13 GB). Under this, sampling runs as fast as the
-/// base model; over it (7B on a 24 GB card), the adapters stay apart.
+/// The most bytes of merged weights [`CausalLm::for_decoding`] makes: merging a LoRA or QLoRA
+/// model costs a dense copy of every adapted or NF4 weight while it decodes (Qwen2.5-0.5B's
+/// linear layers: about 0.7 GB in bf16, 1.5B: 2.6 GB, 7B: 13 GB). Under this, sampling runs
+/// as fast as the bf16 base model; over it (7B on a 24 GB or 12 GB card), adapters stay
+/// apart and NF4 weights are dequantized at every use, as in training.
 pub const MERGE_ADAPTERS_UP_TO: usize = 4 << 30;
 
 /// A decoder-only causal LM: `Qwen2ForCausalLM` or `LlamaForCausalLM`.
@@ -750,10 +766,10 @@ impl<B: Kernels> CausalLm<B> {
     }
 
     /// A copy to decode many tokens with: every weight in the activations' dtype, and each
-    /// LoRA adapter merged into its dense weight while all the merged weights together take at
-    /// most [`MERGE_ADAPTERS_UP_TO`] bytes (else kept apart, their scales folded into A), so a
-    /// decode step runs no casts and, merged, one GEMM per linear layer instead of three and an
-    /// add. What full fine-tuning (f32 masters, a tied head cast whole at every token) or LoRA
+    /// LoRA adapter merged into its weight (an NF4 weight dequantized) while all the merged
+    /// weights together take at most [`MERGE_ADAPTERS_UP_TO`] bytes (else kept apart, their
+    /// scales folded into A), so a decode step runs no casts and, merged, one GEMM per linear
+    /// layer instead of three and an add (and a dequantization). What full fine-tuning (f32 masters, a tied head cast whole at every token) or LoRA
     /// would recompute per token is computed once; weights already in that dtype are shared,
     /// so a bf16 model without adapters costs nothing.
     pub fn for_decoding(&self) -> Self {
@@ -1106,6 +1122,38 @@ mod tests {
             assert!(matches!(&layer.mlp.up_proj.weight, Weight::Dense(w) if w.val().dtype() == DType::F32));
             let lora = layer.self_attn.q_proj.lora.as_ref().map(|l| l.scale);
             assert_eq!(lora, (!merged).then_some(1.0), "merged: {merged}");
+            let got = copy.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * scale, "merged: {merged}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A QLoRA model's decoding copy: NF4 weights dequantized with their adapters merged in
+    /// (dense, no adapter) under the budget, left as they are over it, computing what the
+    /// model computes either way.
+    #[test]
+    fn the_decoding_copy_of_an_nf4_model_computes_what_it_computes() {
+        let device = Default::default();
+        let mut model = CausalLm::<Flex>::init_with(&tiny_qwen2(), &device, BaseQuant::Nf4);
+        for layer in &mut model.model.layers {
+            let v = &mut layer.self_attn.v_proj;
+            let [d_in, d_out] = v.weight.dims();
+            v.lora = Some(Lora {
+                lora_a: Param::from_tensor(random([d_in, 4], &device)),
+                lora_b: Param::from_tensor(random([4, d_out], &device)),
+                scale: 2.0,
+                dropout: 0.0,
+            });
+        }
+        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 5, 9, 2], [7, 3, 3, 8]], &device);
+        let want = model.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (budget, merged) in [(0, false), (MERGE_ADAPTERS_UP_TO, true)] {
+            let copy = model.for_decoding_merging_up_to(budget);
+            let v = &copy.model.layers[0].self_attn.v_proj;
+            assert_eq!(matches!(v.weight, Weight::Dense(_)), merged);
+            assert_eq!(v.lora.is_none(), merged);
             let got = copy.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 * scale, "merged: {merged}: {g} vs {w}");
