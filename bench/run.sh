@@ -2,7 +2,7 @@
 # The issue #6 benchmark suite on the GPU machine: distill and the PyTorch baseline with the
 # same arguments, stage by stage, then one side-by-side table.
 #
-#   bash bench/run.sh [--quick] [--budget SECONDS] [--device cuda:N] DISTILL_BINARY[.gz]
+#   bash bench/run.sh [--quick | --generation] [--budget SECONDS] [--device cuda:N] DISTILL_BINARY[.gz]
 #
 # DISTILL_BINARY is a CUDA build of `distill` (`cargo build --release -p distill-cli
 # --features cuda`), or that binary gzipped. Results go to $OUT (the device tool's output
@@ -15,6 +15,9 @@
 #   B4 full fine-tune 0.5B, 1.5B                   B4 full fine-tune 0.5B
 #   B6 generate 0.5B bs1/bs64, 7B bs1/bs16         B6 generate 0.5B bs1/bs64
 #   B5 7B LoRA under 24 GiB, 1.5B full under 12 GiB
+# Generation (--generation, budget 540 s): B6 alone, the generation issue's rows: batch 1, 16,
+# 64 and 256 at 0.5B, 1.5B and 7B (greedy, 128 -> 256 tokens), 0.5B sampled at batch 64
+# (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
 # Each stage runs distill, then PyTorch, each under a time limit taken from what is left of
 # the budget; a stage cut short keeps the rows it finished (rows are written as they come).
 set -u -o pipefail
@@ -26,9 +29,10 @@ bin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
+    --generation) quick=gen ;;
     --budget) budget="$2"; shift ;;
     --device) device="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) bin="$1" ;;
   esac
   shift
@@ -116,7 +120,14 @@ EOF
 }
 
 common_args="--batch 4 --seq 2048 --warmup 2 --steps 3"
-if [ "$quick" = 1 ]; then
+if [ "$quick" = gen ]; then
+  stage generate-0.5b 70 generate $s05 --gen-batch 1,16,64,256 --warmup 1
+  stage generate-1.5b 70 generate $s15 --gen-batch 1,16,64,256 --warmup 1
+  stage generate-7b 120 generate $s7 --gen-batch 1,16,64,256 --warmup 1
+  stage sampled-0.5b 40 generate $s05 --gen-batch 64 --gen-temperature 1.0 --warmup 1
+  stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
+  stage long-0.5b 120 generate $s05 --gen-batch 1 --new-tokens 4096 --warmup 0
+elif [ "$quick" = 1 ]; then
   stage gemm 60 gemm $s05 --iters 10
   peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
   stage loss 40 loss $s05 --iters 5
