@@ -6,9 +6,9 @@
 #   bash tests/gpu/run.sh run DIR      # on the GPU machine, from the repository root
 #
 # `run` starts every binary at once with DISTILL_REQUIRE_GPU=1 (a test that finds no GPU
-# fails), --test-threads ${THREADS:-2} and --nocapture (a failure's message is in the log as it
-# happens, even if the binary is then stopped at its limit), each under a limit of ${LIMIT:-480}
-# seconds. Logs (each line with the time it was printed, so a test's duration can be read off)
+# fails), cubecl's minimal autotune level, --test-threads ${THREADS:-2} and --nocapture (a
+# failure's message is in the log as it happens, even if the binary is then stopped at its
+# limit), each under a limit of ${LIMIT:-480} seconds. Logs (each line with the time it was printed, so a test's duration can be read off)
 # and summary.txt go to ${OUT:-target/gpu-tests}.
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +30,9 @@ for l in sys.stdin:
 run)
   out=${OUT:-target/gpu-tests}; mkdir -p "$out" /tmp/gpu-tests
   export DISTILL_FIXTURES=$PWD/tests/fixtures DISTILL_REQUIRE_GPU=1
+  # Coarser autotune keys (fewer tuning passes of burn's matmuls) for every binary, as the
+  # kernels' tests already choose for themselves (tests/common): the checks are of results.
+  export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
   for f in "$dir"/*.gz; do
     b=/tmp/gpu-tests/$(basename "$f" .gz); gunzip -c "$f" > "$b"; chmod +x "$b"
