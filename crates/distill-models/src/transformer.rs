@@ -461,14 +461,18 @@ impl<B: ModelKernels> KvCache<B> {
     }
 
     /// Keeps only the batch rows `rows` (in that order): finished sequences leave the batch.
+    /// Each buffer is selected whole (its room kept, one kernel), with one index tensor for
+    /// every layer: rows finish one by one, so this runs often.
     pub fn select_rows(&mut self, rows: &[usize]) {
-        self.remake(|x| {
-            let idx = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
-                &x.device(),
-            );
-            x.select(0, idx)
-        });
+        let Some(device) = self.layers.iter().flatten().next().map(|l| l.k.device()) else {
+            return;
+        };
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
+        for layer in self.layers.iter_mut().flatten() {
+            layer.k = layer.k.clone().select(0, idx.clone());
+            layer.v = layer.v.clone().select(0, idx.clone());
+        }
     }
 
     /// Adds `n` empty positions before every row's cached ones (the caller masks them as
