@@ -960,13 +960,7 @@ mod tests {
         };
         let alone = |r: &Request, d: &Decoding| -> Generation {
             let cfg = GenerationConfig {
-                decoding: Decoding {
-                    max_new_tokens: d.max_new_tokens,
-                    sampling: d.sampling.clone(),
-                    stop: d.stop.clone(),
-                    eos: d.eos.clone(),
-                    logprobs: d.logprobs,
-                },
+                decoding: d.clone(),
                 batch_size: 1,
             };
             let (mut out, _) = generate(

@@ -142,14 +142,21 @@ impl<B: Kernels> Linear<B> {
         Linear { weight, bias, lora }
     }
 
+    /// Whether the decoding copy has something to merge here: an adapter, or an NF4 weight.
+    fn merges(&self) -> bool {
+        self.lora.is_some() || matches!(self.weight, Weight::Nf4(_))
+    }
+
     /// W + scale·A·B in f32, [in, out], rounded once to the decoding dtype by the caller; an
-    /// NF4 W dequantized. None when there is nothing to merge (a dense weight, no adapter).
+    /// NF4 W dequantized. None when there is nothing to merge ([`Linear::merges`]).
     fn merged_f32(&self) -> Option<Tensor<B, 2>> {
+        if !self.merges() {
+            return None;
+        }
         let f32 = burn::tensor::DType::F32;
-        let w = match (&self.weight, &self.lora) {
-            (Weight::Dense(_), None) => return None,
-            (Weight::Dense(w), Some(_)) => cast_to(w.val(), f32),
-            (Weight::Nf4(w), _) => <B as ModelKernels>::nf4_dequantize(&w.tensor(), f32).transpose(),
+        let w = match &self.weight {
+            Weight::Dense(w) => cast_to(w.val(), f32),
+            Weight::Nf4(w) => <B as ModelKernels>::nf4_dequantize(&w.tensor(), f32).transpose(),
         };
         Some(match &self.lora {
             Some(lora) => {
@@ -160,12 +167,12 @@ impl<B: Kernels> Linear<B> {
         })
     }
 
-    /// Bytes of the dense weight a merge would make in `dtype` ([`Linear::merged_f32`]): 0
-    /// when there is nothing to merge.
+    /// Bytes of the dense weight a merge makes in `dtype` ([`Linear::merged_f32`]).
     fn merged_bytes(&self, dtype: burn::tensor::DType) -> usize {
-        match (&self.weight, &self.lora) {
-            (Weight::Dense(_), None) => 0,
-            (w, _) => w.dims().iter().product::<usize>() * dtype.size(),
+        if self.merges() {
+            self.weight.dims().iter().product::<usize>() * dtype.size()
+        } else {
+            0
         }
     }
 
@@ -773,9 +780,10 @@ impl<B: Kernels> CausalLm<B> {
     /// LoRA adapter merged into its weight (an NF4 weight dequantized) while all the merged
     /// weights together take at most [`MERGE_ADAPTERS_UP_TO`] bytes (else kept apart, their
     /// scales folded into A), so a decode step runs no casts and, merged, one GEMM per linear
-    /// layer instead of three and an add (and a dequantization). What full fine-tuning (f32 masters, a tied head cast whole at every token) or LoRA
-    /// would recompute per token is computed once; weights already in that dtype are shared,
-    /// so a bf16 model without adapters costs nothing.
+    /// layer instead of three and an add (and a dequantization). What full fine-tuning (f32
+    /// masters, a tied head cast whole at every token) or LoRA would recompute per token is
+    /// computed once; weights already in that dtype are shared, so a bf16 model without
+    /// adapters costs nothing.
     pub fn for_decoding(&self) -> Self {
         self.for_decoding_merging_up_to(MERGE_ADAPTERS_UP_TO)
     }
@@ -1116,9 +1124,6 @@ mod tests {
             .weight
             .clone()
             .map(|w| w.cast(DType::BF16));
-        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 5, 9, 2], [7, 3, 3, 8]], &device);
-        let want = model.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         // Adapters kept apart (no merge budget), then merged into their weights (the default).
         for (budget, merged) in [(0, false), (MERGE_ADAPTERS_UP_TO, true)] {
             let copy = model.for_decoding_merging_up_to(budget);
@@ -1126,10 +1131,7 @@ mod tests {
             assert!(matches!(&layer.mlp.up_proj.weight, Weight::Dense(w) if w.val().dtype() == DType::F32));
             let lora = layer.self_attn.q_proj.lora.as_ref().map(|l| l.scale);
             assert_eq!(lora, (!merged).then_some(1.0), "merged: {merged}");
-            let got = copy.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * scale, "merged: {merged}: {g} vs {w}");
-            }
+            assert_same_logits(&copy, &model, &format!("merged: {merged}"));
         }
     }
 
@@ -1150,18 +1152,28 @@ mod tests {
                 dropout: 0.0,
             });
         }
-        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 5, 9, 2], [7, 3, 3, 8]], &device);
-        let want = model.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for (budget, merged) in [(0, false), (MERGE_ADAPTERS_UP_TO, true)] {
             let copy = model.for_decoding_merging_up_to(budget);
             let v = &copy.model.layers[0].self_attn.v_proj;
             assert_eq!(matches!(v.weight, Weight::Dense(_)), merged);
             assert_eq!(v.lora.is_none(), merged);
-            let got = copy.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * scale, "merged: {merged}: {g} vs {w}");
-            }
+            assert_same_logits(&copy, &model, &format!("merged: {merged}"));
+        }
+    }
+
+    /// `copy` and `model` give the same logits on two fixed rows, within 1e-5 of the largest.
+    fn assert_same_logits(copy: &CausalLm<Flex>, model: &CausalLm<Flex>, what: &str) {
+        let ids = Tensor::<Flex, 2, Int>::from_data([[1, 5, 9, 2], [7, 3, 3, 8]], &Default::default());
+        let logits = |m: &CausalLm<Flex>| m.forward(ids.clone()).into_data().into_vec::<f32>().unwrap();
+        assert_within(&logits(copy), &logits(model), 1e-5, what);
+    }
+
+    /// Every value of `got` within `tol` times the largest |value| of `want` of its own.
+    fn assert_within(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= tol * scale, "{what}: {g} vs {w}");
         }
     }
 
@@ -1222,9 +1234,6 @@ mod tests {
         let want = host(full.narrow(1, n - 1, 1));
         let got = host(last);
         assert_eq!(got.len(), v);
-        let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= tol * scale, "{g} vs {w}");
-        }
+        assert_within(&got, &want, tol, "the last step's logits");
     }
 }

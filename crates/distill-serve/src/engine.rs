@@ -643,13 +643,7 @@ mod tests {
         for ((rs, d), mut rx) in asks.iter().zip(answers) {
             let got = rx.try_recv().expect("answered").expect("generated");
             let cfg = GenerationConfig {
-                decoding: Decoding {
-                    max_new_tokens: d.max_new_tokens,
-                    sampling: d.sampling.clone(),
-                    stop: vec![],
-                    eos: vec![],
-                    logprobs: d.logprobs,
-                },
+                decoding: d.clone(),
                 batch_size: 1,
             };
             let alone = distill_infer::generate::generate(
