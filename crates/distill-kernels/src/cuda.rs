@@ -73,6 +73,18 @@ where
         }
     }
 
+    fn linear_residual(residual: Tensor<Self, 3>, x: Tensor<Self, 3>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        let ([b, t, n], k) = (residual.dims(), x.dims()[2]);
+        let acc = prim(residual.reshape([b * t, n]));
+        match cublas::gemm_accumulate(acc, prim(x.reshape([b * t, k])), prim(weight)) {
+            Ok(sum) => tensor::<Self, 2>(sum).reshape([b, t, n]),
+            Err((acc, x, weight)) => {
+                let x = tensor::<Self, 2>(x).reshape([b, t, k]);
+                tensor::<Self, 2>(acc).reshape([b, t, n]) + <Self as ModelKernels>::linear(x, tensor(weight), None)
+            }
+        }
+    }
+
     fn attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -287,6 +299,21 @@ where
         );
         // The same buffer and strides: only the positions before `len` are ever addressed.
         shape[dim] = len;
+        tensor(t)
+    }
+
+    fn columns<const D: usize>(x: Tensor<Self, D>, start: usize, len: usize) -> Tensor<Self, D> {
+        let mut t = prim(x);
+        let n = t.meta.shape()[D - 1];
+        assert!(start + len <= n, "columns {start}..{} of {n}", start + len);
+        let step = (t.meta.strides()[D - 1] * t.dtype.size()) as u64;
+        // Strides stay; the view starts `start` columns in and ends before the last row's
+        // remaining columns, as burn's own slice views do.
+        t.handle = t
+            .handle
+            .offset_start(start as u64 * step)
+            .offset_end((n - start - len) as u64 * step);
+        t.meta.shape_mut()[D - 1] = len;
         tensor(t)
     }
 

@@ -213,6 +213,14 @@ pub trait ModelKernels: Backend {
         }
     }
 
+    /// `residual + x @ weight`, a decoder layer's output projection and residual add.
+    /// x: [B, T, in], weight: [in, out], residual: [B, T, out]. CUDA adds in the GEMM
+    /// (cuBLAS, beta = 1) into the residual's buffer when nothing else holds it: one launch
+    /// instead of two, and no [B, T, out] temporary.
+    fn linear_residual(residual: Tensor<Self, 3>, x: Tensor<Self, 3>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+        residual + <Self as ModelKernels>::linear(x, weight, None)
+    }
+
     /// `x @ weight` for a weight stored in another dtype than x: full fine-tuning's f32 master
     /// weights under bf16 activations, cast to x's dtype at use. x: [..., in], weight:
     /// [in, out] -> [..., out] in x's dtype. Under autodiff one node that keeps the master (a
@@ -373,6 +381,14 @@ pub trait ModelKernels: Backend {
     /// shorter shape over the same buffer (CUDA) does so.
     fn prefix(x: Tensor<Self, 4>, dim: usize, len: usize) -> Tensor<Self, 4> {
         x.narrow(dim, 0, len)
+    }
+
+    /// Columns `start..start + len` of the last dim of `x`, as a view of x's buffer where the
+    /// backend can describe one (CUDA: an offset and the same strides): q, k and v, or gate
+    /// and up, out of one fused projection's output, read in place by the next kernels.
+    /// burn's `narrow` is a view only when the cut falls on the allocator's alignment.
+    fn columns<const D: usize>(x: Tensor<Self, D>, start: usize, len: usize) -> Tensor<Self, D> {
+        x.narrow(D - 1, start, len)
     }
 
     /// The next token of each row of `logits` [b, V] by [`sample`]'s rule, row r drawn as

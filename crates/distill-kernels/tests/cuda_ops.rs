@@ -866,3 +866,52 @@ fn cuda_sampling_draws_what_the_host_rule_draws() {
         }
     }
 }
+
+/// What the decoding copy's fused projections read in place: column views of one GEMM's
+/// output ([`ModelKernels::columns`]) hold the values `narrow` copies out; SwiGLU and RoPE on
+/// those views compute what they compute on contiguous copies; and the residual add in the
+/// GEMM ([`ModelKernels::linear_residual`], cuBLAS beta = 1 into the residual's buffer) is
+/// `residual + x W`. bf16, at a decode step's shape (T = 1) and a prefill's.
+#[test]
+fn cuda_fused_projection_views_compute_what_contiguous_copies_compute() {
+    let Some((_turn, device)) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    G::seed(&device, 5);
+    let copy = |t: Tensor<G, 3>| Tensor::<G, 3>::from_data(t.into_data(), &device);
+    for [b, t] in [[4, 1], [2, 5]] {
+        // q | k | v of 4, 2 and 2 heads of 32, as Fused lays them side by side.
+        let hd = 32;
+        let y = randn::<G, 3>([b, t, 256], 1.0, &device);
+        let (k_view, k_copy) = (G::columns(y.clone(), 128, 64), y.clone().narrow(2, 128, 64));
+        assert_eq!(host(k_view.clone()), host(k_copy.clone()), "[{b}, {t}] k columns");
+        let heads = |x: Tensor<G, 3>, n: usize| x.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let pos: Vec<f32> = (0..t * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let table = |f: fn(f32) -> f32| {
+            Tensor::<G, 3>::from_data(TensorData::new(pos.iter().map(|&p| f(p)).collect::<Vec<_>>(), [1, t, hd]), &device)
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let rope_view = G::rope(heads(k_view, 2), &cos, &sin);
+        let rope_copy = G::rope(heads(copy(k_copy), 2), &cos, &sin);
+        assert_eq!(host(rope_view), host(rope_copy), "[{b}, {t}] rope of a column view");
+        let (gate, up) = (G::columns(y.clone(), 0, 128), G::columns(y.clone(), 128, 128));
+        let want = G::swiglu(copy(gate.clone()), copy(up.clone()));
+        assert_eq!(host(G::swiglu(gate, up)), host(want), "[{b}, {t}] swiglu of column views");
+
+        let (x, w) = (randn::<G, 3>([b, t, 96], 1.0, &device), randn::<G, 2>([96, 256], 0.1, &device));
+        let want = f32_of(y.clone()) + f32_of(x.clone()).matmul(f32_of(w.clone()).unsqueeze());
+        let want = host(want);
+        let accumulated = distill_kernels::cuda::cublas::accumulated_on_this_thread();
+        let got = host(G::linear_residual(copy(y), x, w));
+        assert!(
+            distill_kernels::cuda::cublas::accumulated_on_this_thread() > accumulated || !common::cublas_checks_apply(),
+            "[{b}, {t}] the residual add did not run in the GEMM"
+        );
+        let e = err(&got, &want);
+        eprintln!("  linear_residual [{b}, {t}]: {e:.2e}");
+        assert!(e < 2e-2, "[{b}, {t}] linear_residual: {e:.3e}");
+    }
+    assert!(
+        !has_fallen_back_on_this_thread(Fallback::Elementwise),
+        "the SwiGLU/RoPE kernels fell back to burn's ops"
+    );
+}

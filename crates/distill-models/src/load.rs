@@ -118,6 +118,7 @@ impl<B: Kernels> CausalLm<B> {
                     k_proj: r.layer_linear(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
                     v_proj: r.layer_linear(&format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
                     o_proj: r.layer_linear(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
+                    qkv: None,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
@@ -126,6 +127,7 @@ impl<B: Kernels> CausalLm<B> {
                     gate_proj: r.layer_linear(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
                     up_proj: r.layer_linear(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
                     down_proj: r.layer_linear(&format!("{p}.mlp.down_proj"), c.mlp_bias)?,
+                    gate_up: None,
                 },
                 input_layernorm: r.norm(&format!("{p}.input_layernorm.weight"), c.rms_norm_eps)?,
                 post_attention_layernorm: r

@@ -107,6 +107,17 @@ impl<B: Kernels> Linear<B> {
         add_bias(y, self.bias_for(dtype))
     }
 
+    /// `residual + forward(x)`, added in the GEMM ([`ModelKernels::linear_residual`]) for a
+    /// dense weight in x's dtype with no bias or adapter (the decoding copy's).
+    pub fn forward_residual(&self, residual: Tensor<B, 3>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match (&self.weight, &self.bias, &self.lora) {
+            (Weight::Dense(w), None, None) if w.val().dtype() == x.dtype() => {
+                <B as ModelKernels>::linear_residual(residual, x, w.val())
+            }
+            _ => residual + self.forward(x),
+        }
+    }
+
     /// The bias, if any, in the activations' dtype.
     fn bias_for(&self, dtype: burn::tensor::DType) -> Option<Tensor<B, 1>> {
         self.bias.as_ref().map(|b| cast_to(b.val(), dtype))
@@ -169,11 +180,12 @@ impl<B: Kernels> Linear<B> {
 
     /// Bytes of the dense weight a merge makes in `dtype` ([`Linear::merged_f32`]).
     fn merged_bytes(&self, dtype: burn::tensor::DType) -> usize {
-        if self.merges() {
-            self.weight.dims().iter().product::<usize>() * dtype.size()
-        } else {
-            0
-        }
+        if self.merges() { self.dense_bytes(dtype) } else { 0 }
+    }
+
+    /// Bytes of this layer's weight, dense in `dtype`.
+    fn dense_bytes(&self, dtype: burn::tensor::DType) -> usize {
+        self.weight.dims().iter().product::<usize>() * dtype.size()
     }
 
     /// The weight as the kernels take it, for activations of `dtype`.
@@ -222,6 +234,80 @@ impl<B: Backend> Lora<B> {
     }
 }
 
+/// Linear layers that read one input, as one GEMM: their weights side by side [in, Σ out]
+/// and their biases likewise (zeros for a part without). Each part's output is a column view
+/// of the GEMM's output ([`ModelKernels::columns`]), so q, k and v (or gate and up) cost one
+/// launch and one bias add instead of one of each per part. Only the decoding copy has these.
+#[derive(Module, Debug)]
+pub struct Fused<B: Backend> {
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    /// Each part's output width, in order.
+    #[module(skip)]
+    pub widths: Vec<usize>,
+}
+
+impl<B: Kernels> Fused<B> {
+    /// The parts side by side, and the parts again as views of the fused weight and bias (so
+    /// that the copy holds each weight once). None unless every part is a dense weight
+    /// without an adapter, all in one dtype.
+    fn of<const N: usize>(parts: &[Linear<B>; N]) -> Option<(Self, [Linear<B>; N])> {
+        let weights: Vec<Tensor<B, 2>> = parts
+            .iter()
+            .map(|p| match (&p.weight, &p.lora) {
+                (Weight::Dense(w), None) => Some(w.val()),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let dtype = weights[0].dtype();
+        if weights.iter().any(|w| w.dtype() != dtype) {
+            return None;
+        }
+        let widths: Vec<usize> = weights.iter().map(|w| w.dims()[1]).collect();
+        let bias = parts.iter().any(|p| p.bias.is_some()).then(|| {
+            let device = weights[0].device();
+            let biases = parts
+                .iter()
+                .zip(&widths)
+                .map(|(p, &n)| match &p.bias {
+                    Some(b) => cast_to(b.val(), dtype),
+                    None => Tensor::<B, 1>::zeros([n], &device).cast(dtype),
+                })
+                .collect();
+            Tensor::cat(biases, 0)
+        });
+        let fused = Fused {
+            weight: Tensor::cat(weights, 1),
+            bias,
+            widths,
+        };
+        let views = std::array::from_fn(|i| {
+            let (start, n) = (fused.start(i), fused.widths[i]);
+            let view = <B as ModelKernels>::columns(fused.weight.clone(), start, n);
+            Linear {
+                weight: Weight::Dense(Param::from_tensor(view)),
+                bias: parts[i].bias.as_ref().and(fused.bias.as_ref()).map(|b| {
+                    Param::from_tensor(<B as ModelKernels>::columns(b.clone(), start, n))
+                }),
+                lora: None,
+            }
+        });
+        Some((fused, views))
+    }
+
+    /// x [B, T, in] -> each of the N parts' output [B, T, out_i], views of one GEMM's output.
+    fn forward<const N: usize>(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; N] {
+        debug_assert_eq!(N, self.widths.len());
+        let y = <B as ModelKernels>::linear(x, self.weight.clone(), self.bias.clone()); // [B, T, Σ out]
+        std::array::from_fn(|i| <B as ModelKernels>::columns(y.clone(), self.start(i), self.widths[i]))
+    }
+
+    /// Where part i's columns start.
+    fn start(&self, i: usize) -> usize {
+        self.widths[..i].iter().sum()
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
@@ -246,6 +332,14 @@ impl<B: Kernels> RmsNorm<B> {
             eps: self.eps,
         }
         .normed()
+    }
+
+    /// This norm with its weight in `dtype`, for the decoding copy.
+    fn for_decoding(&self, dtype: burn::tensor::DType) -> Self {
+        RmsNorm {
+            weight: cast_param(&self.weight, dtype),
+            eps: self.eps,
+        }
     }
 
     fn init(size: usize, eps: f64, device: &B::Device) -> Self {
@@ -361,14 +455,34 @@ pub struct Mlp<B: Backend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
+    /// gate and up as one GEMM, in the decoding copy ([`Fused`]); None elsewhere.
+    #[module(skip)]
+    pub gate_up: Option<Fused<B>>,
 }
 
 impl<B: Kernels> Mlp<B> {
     /// SwiGLU. x: the post-attention norm's output [B, T, C] -> [B, T, C].
     pub fn forward(&self, x: &Normed<B>) -> Tensor<B, 3> {
-        let gate = self.gate_proj.forward_normed(x); // [B, T, I]
-        let up = self.up_proj.forward_normed(x);
+        let [gate, up] = match &self.gate_up {
+            Some(gate_up) => gate_up.forward(x.out.clone()),
+            None => [self.gate_proj.forward_normed(x), self.up_proj.forward_normed(x)],
+        }; // [B, T, I] each
         self.down_proj.forward_swiglu(gate, up)
+    }
+
+    /// `h + forward(x)` for x, the norm of h, taken whole so that it is gone before the
+    /// add: in the decoding copy the add then writes into h's buffer
+    /// ([`Linear::forward_residual`]).
+    fn forward_residual(&self, h: Tensor<B, 3>, x: Normed<B>) -> Tensor<B, 3> {
+        match &self.gate_up {
+            Some(gate_up) => {
+                let Normed { out, input } = x;
+                drop(input);
+                let [gate, up] = gate_up.forward(out); // [B, T, I] each
+                self.down_proj.forward_residual(h, <B as ModelKernels>::swiglu(gate, up))
+            }
+            None => h + self.forward(&x),
+        }
     }
 }
 
@@ -621,6 +735,9 @@ pub struct Attention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub o_proj: Linear<B>,
+    /// q, k and v as one GEMM, in the decoding copy ([`Fused`]); None elsewhere.
+    #[module(skip)]
+    pub qkv: Option<Fused<B>>,
     #[module(skip)]
     pub num_heads: usize,
     #[module(skip)]
@@ -630,8 +747,9 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Kernels> Attention<B> {
-    /// x: the input norm's output [B, T, C] -> [B, T, C].
-    fn forward(
+    /// x: the input norm's output [B, T, C] -> the heads' outputs, before o_proj
+    /// [B, T, H * hd].
+    fn attend(
         &self,
         x: &Normed<B>,
         ctx: &Context<B>,
@@ -639,9 +757,13 @@ impl<B: Kernels> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.out.dims();
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward_normed(x), self.num_heads); // [B, H, T, hd]
-        let k = heads(self.k_proj.forward_normed(x), self.num_kv_heads); // [B, KV, T, hd]
-        let v = heads(self.v_proj.forward_normed(x), self.num_kv_heads);
+        let [q, k, v] = match &self.qkv {
+            Some(qkv) => qkv.forward(x.out.clone()),
+            None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| p.forward_normed(x)),
+        };
+        let q = heads(q, self.num_heads); // [B, H, T, hd]
+        let k = heads(k, self.num_kv_heads); // [B, KV, T, hd]
+        let v = heads(v, self.num_kv_heads);
         let q = <B as ModelKernels>::rope(q, &ctx.cos, &ctx.sin);
         let k = <B as ModelKernels>::rope(k, &ctx.cos, &ctx.sin);
         let (k, v) = match cache {
@@ -649,8 +771,7 @@ impl<B: Kernels> Attention<B> {
             None => (k, v),
         };
         let y = <B as ModelKernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
-        let y = y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(y)
+        y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim])
     }
 }
 
@@ -679,6 +800,39 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: Kernels> DecoderLayer<B> {
+    /// The linear layers the decoding copy fuses: q, k, v; gate, up.
+    fn fusable(&self) -> [&Linear<B>; 5] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &m.gate_proj, &m.up_proj]
+    }
+
+    /// This layer as [`CausalLm::for_decoding`] copies it: linears as [`Linear::for_decoding`]
+    /// makes them, q/k/v and gate/up fused when `fuse` ([`Fused`]), norms in `dtype`.
+    fn for_decoding(&self, dtype: burn::tensor::DType, merge: bool, fuse: bool) -> Self {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let copy = |l: &Linear<B>| l.for_decoding(dtype, merge);
+        let (qkv, [q_proj, k_proj, v_proj]) = fused(fuse, [&a.q_proj, &a.k_proj, &a.v_proj].map(copy));
+        let (gate_up, [gate_proj, up_proj]) = fused(fuse, [&m.gate_proj, &m.up_proj].map(copy));
+        DecoderLayer {
+            self_attn: Attention {
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj: copy(&a.o_proj),
+                qkv,
+                ..a.clone()
+            },
+            mlp: Mlp {
+                gate_proj,
+                up_proj,
+                down_proj: copy(&m.down_proj),
+                gate_up,
+            },
+            input_layernorm: self.input_layernorm.for_decoding(dtype),
+            post_attention_layernorm: self.post_attention_layernorm.for_decoding(dtype),
+        }
+    }
+
     /// x: [B, T, C] -> [B, T, C]. `cache` is a KV cache and this layer's index, when decoding.
     pub fn forward(
         &self,
@@ -686,11 +840,11 @@ impl<B: Kernels> DecoderLayer<B> {
         ctx: &Context<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
-        let h = x.clone()
-            + self
-                .self_attn
-                .forward(&self.input_layernorm.forward_normed(x), ctx, cache);
-        h.clone() + self.mlp.forward(&self.post_attention_layernorm.forward_normed(h))
+        // The norms' outputs (which hold their inputs) are gone before each residual add.
+        let y = self.self_attn.attend(&self.input_layernorm.forward_normed(x.clone()), ctx, cache);
+        let h = self.self_attn.o_proj.forward_residual(x, y);
+        let normed = self.post_attention_layernorm.forward_normed(h.clone());
+        self.mlp.forward_residual(h, normed)
     }
 }
 
@@ -707,11 +861,14 @@ pub struct Model<B: Backend> {
     pub norm: RmsNorm<B>,
 }
 
-/// The most bytes of merged weights [`CausalLm::for_decoding`] makes: merging a LoRA or QLoRA
+/// The most bytes of weights [`CausalLm::for_decoding`] makes anew. Merging a LoRA or QLoRA
 /// model costs a dense copy of every adapted or NF4 weight while it decodes (Qwen2.5-0.5B's
-/// linear layers: about 0.7 GB in bf16, 1.5B: 2.6 GB, 7B: 13 GB). Under this, sampling runs
-/// as fast as the bf16 base model; over it (7B on a 24 GB or 12 GB card), adapters stay
-/// apart and NF4 weights are dequantized at every use, as in training.
+/// linear layers: about 0.7 GB in bf16, 1.5B: 2.6 GB, 7B: 13 GB); fusing q/k/v and gate/up
+/// costs their weights again where they were not merged (a bf16 model without adapters:
+/// 0.5B 0.5 GB, 1.5B 1.7 GB, 7B 8.5 GB). Under this, sampling runs as fast as the bf16 base
+/// model or faster; over it (7B on a 24 GB or 12 GB card), nothing is fused, and adapters
+/// stay apart and NF4 weights are dequantized at every use, as in training, unless the
+/// merge alone fits.
 pub const MERGE_ADAPTERS_UP_TO: usize = 4 << 30;
 
 /// A decoder-only causal LM: `Qwen2ForCausalLM` or `LlamaForCausalLM`.
@@ -748,6 +905,7 @@ impl<B: Kernels> CausalLm<B> {
                     k_proj: Linear::init(h, kv, c.qkv_bias, quantize, device),
                     v_proj: Linear::init(h, kv, c.qkv_bias, quantize, device),
                     o_proj: Linear::init(q, h, c.o_bias, quantize, device),
+                    qkv: None,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
@@ -756,6 +914,7 @@ impl<B: Kernels> CausalLm<B> {
                     gate_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, quantize, device),
                     up_proj: Linear::init(h, c.intermediate_size, c.mlp_bias, quantize, device),
                     down_proj: Linear::init(c.intermediate_size, h, c.mlp_bias, quantize, device),
+                    gate_up: None,
                 },
                 input_layernorm: RmsNorm::init(h, c.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::init(h, c.rms_norm_eps, device),
@@ -776,65 +935,47 @@ impl<B: Kernels> CausalLm<B> {
         }
     }
 
-    /// A copy to decode many tokens with: every weight in the activations' dtype, and each
-    /// LoRA adapter merged into its weight (an NF4 weight dequantized) while all the merged
-    /// weights together take at most [`MERGE_ADAPTERS_UP_TO`] bytes (else kept apart, their
-    /// scales folded into A), so a decode step runs no casts and, merged, one GEMM per linear
-    /// layer instead of three and an add (and a dequantization). What full fine-tuning (f32
-    /// masters, a tied head cast whole at every token) or LoRA would recompute per token is
-    /// computed once; weights already in that dtype are shared, so a bf16 model without
-    /// adapters costs nothing.
+    /// A copy to decode many tokens with: every weight in the activations' dtype, each LoRA
+    /// adapter merged into its weight (an NF4 weight dequantized), and q/k/v and gate/up
+    /// each fused into one GEMM ([`Fused`]), while the weights this makes take at most
+    /// [`MERGE_ADAPTERS_UP_TO`] bytes. A decode step then runs no casts, one GEMM per linear
+    /// layer instead of three and an add (and a dequantization), and four GEMMs a layer
+    /// instead of seven: at small batches a step costs what its kernel launches cost. What
+    /// full fine-tuning (f32 masters, a tied head cast whole at every token) or LoRA would
+    /// recompute per token is computed once. Over the budget, adapters stay apart (their
+    /// scales folded into A) and weights already in that dtype are shared.
     pub fn for_decoding(&self) -> Self {
         self.for_decoding_merging_up_to(MERGE_ADAPTERS_UP_TO)
     }
 
-    /// [`CausalLm::for_decoding`] with the merge budget given.
+    /// [`CausalLm::for_decoding`] with the budget given: the copy fuses and merges when all
+    /// the weights it makes anew fit in `budget_bytes`, else only merges when its merged
+    /// weights fit, else neither.
     pub fn for_decoding_merging_up_to(&self, budget_bytes: usize) -> Self {
         let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
-        let merged_bytes: usize = self
-            .model
-            .layers
+        let layers = &self.model.layers;
+        let merged_bytes: usize = layers
             .iter()
             .flat_map(DecoderLayer::linears)
+            .chain(self.lm_head.iter())
             .map(|x| x.merged_bytes(dtype))
-            .chain(self.lm_head.iter().map(|h| h.merged_bytes(dtype)))
             .sum();
-        let merge = merged_bytes <= budget_bytes;
-        let norm = |n: &RmsNorm<B>| RmsNorm {
-            weight: cast_param(&n.weight, dtype),
-            eps: n.eps,
-        };
-        let layers = self
-            .model
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.self_attn;
-                DecoderLayer {
-                    self_attn: Attention {
-                        q_proj: a.q_proj.for_decoding(dtype, merge),
-                        k_proj: a.k_proj.for_decoding(dtype, merge),
-                        v_proj: a.v_proj.for_decoding(dtype, merge),
-                        o_proj: a.o_proj.for_decoding(dtype, merge),
-                        ..a.clone()
-                    },
-                    mlp: Mlp {
-                        gate_proj: l.mlp.gate_proj.for_decoding(dtype, merge),
-                        up_proj: l.mlp.up_proj.for_decoding(dtype, merge),
-                        down_proj: l.mlp.down_proj.for_decoding(dtype, merge),
-                    },
-                    input_layernorm: norm(&l.input_layernorm),
-                    post_attention_layernorm: norm(&l.post_attention_layernorm),
-                }
-            })
-            .collect();
+        // Fused weights are made anew, merged or not.
+        let fused_bytes = merged_bytes
+            + layers
+                .iter()
+                .flat_map(DecoderLayer::fusable)
+                .map(|x| x.dense_bytes(dtype) - x.merged_bytes(dtype))
+                .sum::<usize>();
+        let fuse = fused_bytes <= budget_bytes;
+        let merge = fuse || merged_bytes <= budget_bytes;
         CausalLm {
             model: Model {
                 embed_tokens: Embedding {
                     weight: cast_param(&self.model.embed_tokens.weight, dtype),
                 },
-                layers,
-                norm: norm(&self.model.norm),
+                layers: layers.iter().map(|l| l.for_decoding(dtype, merge, fuse)).collect(),
+                norm: self.model.norm.for_decoding(dtype),
             },
             lm_head: self.lm_head.as_ref().map(|h| h.for_decoding(dtype, merge)),
             config: self.config.clone(),
@@ -913,6 +1054,17 @@ impl<B: Kernels> CausalLm<B> {
                 <B as ModelKernels>::linear(hidden, w.transpose(), None)
             }
         }
+    }
+}
+
+/// `parts` fused when `fuse` and they can be ([`Fused::of`]), else as they are.
+fn fused<B: Kernels, const N: usize>(
+    fuse: bool,
+    parts: [Linear<B>; N],
+) -> (Option<Fused<B>>, [Linear<B>; N]) {
+    match fuse.then(|| Fused::of(&parts)).flatten() {
+        Some((fused, views)) => (Some(fused), views),
+        None => (None, parts),
     }
 }
 
@@ -1113,6 +1265,11 @@ mod tests {
                     dropout: 0.1,
                 });
             }
+            // Qwen2's q/k/v biases, drawn (init makes them zeros): fused, they are one add.
+            for linear in [&mut layer.self_attn.q_proj, &mut layer.self_attn.k_proj, &mut layer.self_attn.v_proj] {
+                let bias = linear.bias.as_mut().expect("Qwen2 has q/k/v biases");
+                *bias = Param::from_tensor(random(bias.dims(), &device));
+            }
             let up = &mut layer.mlp.up_proj;
             if let Weight::Dense(w) = &up.weight {
                 up.weight = Weight::Dense(Param::from_tensor(w.val().cast(DType::BF16)));
@@ -1124,14 +1281,29 @@ mod tests {
             .weight
             .clone()
             .map(|w| w.cast(DType::BF16));
-        // Adapters kept apart (no merge budget), then merged into their weights (the default).
-        for (budget, merged) in [(0, false), (MERGE_ADAPTERS_UP_TO, true)] {
+        let merged_bytes: usize = model
+            .model
+            .layers
+            .iter()
+            .flat_map(DecoderLayer::linears)
+            .map(|l| l.merged_bytes(DType::F32))
+            .sum();
+        // Adapters kept apart (no budget), merged into their weights (a budget for just
+        // that), then merged with q/k/v and gate/up fused (the default).
+        for (budget, merged, fused) in [
+            (0, false, false),
+            (merged_bytes, true, false),
+            (MERGE_ADAPTERS_UP_TO, true, true),
+        ] {
+            let what = format!("merged: {merged}, fused: {fused}");
             let copy = model.for_decoding_merging_up_to(budget);
             let layer = &copy.model.layers[0];
             assert!(matches!(&layer.mlp.up_proj.weight, Weight::Dense(w) if w.val().dtype() == DType::F32));
             let lora = layer.self_attn.q_proj.lora.as_ref().map(|l| l.scale);
-            assert_eq!(lora, (!merged).then_some(1.0), "merged: {merged}");
-            assert_same_logits(&copy, &model, &format!("merged: {merged}"));
+            assert_eq!(lora, (!merged).then_some(1.0), "{what}");
+            assert_eq!(layer.self_attn.qkv.is_some(), fused, "{what}");
+            assert_eq!(layer.mlp.gate_up.is_some(), fused, "{what}");
+            assert_same_logits(&copy, &model, &what);
         }
     }
 
@@ -1209,7 +1381,8 @@ mod tests {
     }
 
     /// A 100-token prefill, then 500 single steps across the buffers' growth past 256 and 512
-    /// positions: the last step's logits against one forward over all 600 tokens, within
+    /// positions, through the decoding copy as generation runs it (q/k/v and gate/up fused):
+    /// the last step's logits against the model's one forward over all 600 tokens, within
     /// `tol` of the largest logit.
     fn cached_decoding_equals_the_full_forward<B: Kernels>(
         config: &DecoderConfig,
@@ -1223,10 +1396,12 @@ mod tests {
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
         };
         let full = model.forward(tensor(&ids)); // [1, n, V]
-        let mut cache = model.new_cache();
-        let mut last = model.forward_cached(tensor(&ids[..100]), &mut cache);
+        let decoding = model.for_decoding();
+        assert!(decoding.model.layers[0].self_attn.qkv.is_some());
+        let mut cache = decoding.new_cache();
+        let mut last = decoding.forward_cached(tensor(&ids[..100]), &mut cache);
         for i in 100..n {
-            last = model.forward_cached(tensor(&ids[i..i + 1]), &mut cache);
+            last = decoding.forward_cached(tensor(&ids[i..i + 1]), &mut cache);
         }
         assert_eq!(cache.len(), n);
         let v = full.dims()[2];

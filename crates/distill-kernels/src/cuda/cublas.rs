@@ -116,12 +116,29 @@ pub fn bmm_accumulate(
     Ok(sum)
 }
 
+/// `acc + a [m, k] @ b [k, n]` with the GEMM accumulating into `acc` [m, n] (beta = 1), on
+/// the terms of [`bmm_accumulate`] (acc of a's dtype here); the three come back otherwise.
+#[allow(clippy::result_large_err)]
+pub fn gemm_accumulate(
+    acc: CudaTensor,
+    a: CudaTensor,
+    b: CudaTensor,
+) -> Result<CudaTensor, (CudaTensor, CudaTensor, CudaTensor)> {
+    if a.meta.rank() != 2 || b.meta.rank() != 2 || acc.dtype != a.dtype || !acc.can_mut() {
+        return Err((acc, a, b));
+    }
+    let out = acc.dtype;
+    let sum = matmul(a, b, out, Some(acc)).map_err(|(a, b, acc)| (acc.expect("given"), a, b))?;
+    ACCUMULATED.with(|n| n.set(n.get() + 1));
+    Ok(sum)
+}
+
 thread_local! {
     static ISSUED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static ACCUMULATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// How many [`bmm_accumulate`] calls this thread has run in the sum's own buffer: lets a test
+/// How many [`bmm_accumulate`] and [`gemm_accumulate`] calls this thread has run in the sum's own buffer: lets a test
 /// tell that from the fallback, whose `bmm` is a cuBLAS call too.
 pub fn accumulated_on_this_thread() -> usize {
     ACCUMULATED.with(|n| n.get())

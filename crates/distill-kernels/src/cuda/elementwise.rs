@@ -90,12 +90,15 @@ extern "C" __global__ void rms_norm_dw(const void* x, const void* dy, const floa
     partial[(i64)blockIdx.y * c + j] = acc;
 }
 
-/* y = round(silu(gate)) * up. */
-extern "C" __global__ void swiglu(const void* gate, const void* up, void* y, int bf16, i64 n)
+/* y = round(silu(gate)) * up over rows of c columns; gate's and up's rows start ld_gate and
+ * ld_up elements apart (column views of one fused projection), y's c apart. */
+extern "C" __global__ void swiglu(const void* gate, const void* up, void* y, int bf16, i64 n, i64 c,
+                                  i64 ld_gate, i64 ld_up)
 {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const float g = load(gate, bf16, i);
-        store(y, bf16, i, rounded(bf16, g / (1.f + expf(-g))) * load(up, bf16, i));
+        const i64 r = i / c, j = i - r * c;
+        const float g = load(gate, bf16, r * ld_gate + j);
+        store(y, bf16, i, rounded(bf16, g / (1.f + expf(-g))) * load(up, bf16, r * ld_up + j));
     }
 }
 
@@ -299,14 +302,29 @@ pub fn rms_norm_backward(
     Ok((dx, partial))
 }
 
-/// silu(gate) · up, in gate's shape and dtype.
+/// silu(gate) · up, in gate's shape and dtype. gate and up may be views whose rows are
+/// apart by more than their width ([`row_stride`]), read in place.
 pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> {
     let shape = gate.meta.shape().as_slice().to_vec();
-    let ([gate, up], bf16) = inputs([(gate, "gate", None), (up, "up", Some(&shape))])?;
+    let rowed = |t: &CudaTensor| match row_stride(t) {
+        Some(ld) => (t.clone(), ld),
+        None => (into_contiguous(t.clone()), *shape.last().unwrap_or(&0)),
+    };
+    let ((gate, ld_gate), (up, ld_up)) = (rowed(gate), rowed(up));
+    let bf16 = nvrtc::dtype_flag(gate.dtype, "gate")?;
+    if up.dtype != gate.dtype || up.meta.shape().as_slice() != shape.as_slice() {
+        return Err(format!(
+            "up: {:?} {:?}, gate {:?} {shape:?}",
+            up.dtype,
+            up.meta.shape().as_slice(),
+            gate.dtype
+        ));
+    }
     let n = shape.iter().product::<usize>();
     if n == 0 {
         return Err("empty".into());
     }
+    let c = shape[shape.len() - 1];
     nvrtc::ensure_loaded(&gate.device, module())?;
     let y = like(&gate, &shape, gate.dtype);
     let device = gate.device.clone();
@@ -317,7 +335,16 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
         nvrtc::ordering(),
         move |stream, [pg, pu, py]| {
             use Arg::*;
-            let args = [Ptr(pg), Ptr(pu), Ptr(py), I32(bf16), I64(n as i64)];
+            let args = [
+                Ptr(pg),
+                Ptr(pu),
+                Ptr(py),
+                I32(bf16),
+                I64(n as i64),
+                I64(c as i64),
+                I64(ld_gate as i64),
+                I64(ld_up as i64),
+            ];
             nvrtc::launch(
                 device.index,
                 &module(),
@@ -329,6 +356,25 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
         },
     )?;
     Ok(y)
+}
+
+/// The distance between rows of `t` [.., c] read as rows of c contiguous elements, where the
+/// rows are evenly spaced (contiguous: c; a column view of a wider tensor: its width); None
+/// otherwise.
+fn row_stride(t: &CudaTensor) -> Option<usize> {
+    let (shape, strides) = (t.meta.shape().as_slice(), t.meta.strides());
+    let (&c, lead) = shape.split_last()?;
+    if strides[lead.len()] != 1 && c > 1 {
+        return None;
+    }
+    // The leading dims of more than one index, outermost first: (extent, stride).
+    let dims: Vec<(usize, usize)> = (0..lead.len())
+        .filter(|&i| lead[i] > 1)
+        .map(|i| (lead[i], strides[i]))
+        .collect();
+    let ld = dims.last().map_or(c, |&(_, s)| s);
+    let even = dims.windows(2).all(|w| w[0].1 == w[1].0 * w[1].1);
+    (ld >= c && even).then_some(ld)
 }
 
 /// The backward of [`swiglu`]: (d gate, d up), each in gate's shape and dtype.
