@@ -73,14 +73,19 @@ where
         }
     }
 
-    fn linear_residual(residual: Tensor<Self, 3>, x: Tensor<Self, 3>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+    fn linear_residual(
+        residual: Tensor<Self, 3>,
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
         let ([b, t, n], k) = (residual.dims(), x.dims()[2]);
         let acc = prim(residual.reshape([b * t, n]));
         match cublas::gemm_accumulate(acc, prim(x.reshape([b * t, k])), prim(weight)) {
             Ok(sum) => tensor::<Self, 2>(sum).reshape([b, t, n]),
             Err((acc, x, weight)) => {
                 let x = tensor::<Self, 2>(x).reshape([b, t, k]);
-                tensor::<Self, 2>(acc).reshape([b, t, n]) + <Self as ModelKernels>::linear(x, tensor(weight), None)
+                tensor::<Self, 2>(acc).reshape([b, t, n])
+                    + <Self as ModelKernels>::linear(x, tensor(weight), None)
             }
         }
     }
@@ -164,6 +169,42 @@ where
             Err(why) => {
                 fell_back(Fallback::Elementwise, &why);
                 crate::elementwise::rope_default(x, cos, sin)
+            }
+        }
+    }
+
+    fn rope_qkv(
+        y: Tensor<Self, 3>,
+        bias: Option<Tensor<Self, 1>>,
+        heads: [usize; 2],
+        cos: &Tensor<Self, 3>,
+        sin: &Tensor<Self, 3>,
+        k_cache: Tensor<Self, 4>,
+        v_cache: Tensor<Self, 4>,
+        at: usize,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let (kc, vc) = (prim(k_cache), prim(v_cache));
+        if !kc.can_mut() || !vc.can_mut() {
+            // A buffer someone else holds is copied before it is written, as slice_assign does.
+            let (kc, vc) = (tensor(kc), tensor(vc));
+            return crate::elementwise::rope_qkv_default(y, bias, heads, cos, sin, kc, vc, at);
+        }
+        let b = bias.clone().map(prim);
+        match elementwise::rope_qkv(
+            &prim(y.clone()),
+            b.as_ref(),
+            heads,
+            &prim(cos.clone()),
+            &prim(sin.clone()),
+            &kc,
+            &vc,
+            at,
+        ) {
+            // q comes as [B, T, H, hd]: the heads' view of it.
+            Ok(q) => (tensor::<Self, 4>(q).swap_dims(1, 2), tensor(kc), tensor(vc)),
+            Err(why) => {
+                fell_back(Fallback::Elementwise, &why);
+                crate::elementwise::rope_qkv_default(y, bias, heads, cos, sin, tensor(kc), tensor(vc), at)
             }
         }
     }

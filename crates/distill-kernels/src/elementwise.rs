@@ -130,6 +130,37 @@ pub fn rope_default<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tenso
     x * cos + rotated * sin
 }
 
+/// [`ModelKernels::rope_qkv`] as its parts: column views of y, RoPE, slice-assigns.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv_default<B: ModelKernels>(
+    y: Tensor<B, 3>,
+    bias: Option<Tensor<B, 1>>,
+    [heads, kv_heads]: [usize; 2],
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+    k_cache: Tensor<B, 4>,
+    v_cache: Tensor<B, 4>,
+    at: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let y = crate::add_bias(y, bias);
+    let ([b, t, _], hd) = (y.dims(), cos.dims()[2]);
+    // Heads `first..first + n` of y: [B, n, T, hd].
+    let part = |first: usize, n: usize| {
+        B::columns(y.clone(), first * hd, n * hd)
+            .reshape([b, t, n, hd])
+            .swap_dims(1, 2)
+    };
+    let q = B::rope(part(0, heads), cos, sin);
+    let k = B::rope(part(heads, kv_heads), cos, sin);
+    let v = part(heads + kv_heads, kv_heads);
+    let range = [0..b, 0..kv_heads, at..at + t, 0..hd];
+    (
+        q,
+        k_cache.slice_assign(range.clone(), k),
+        v_cache.slice_assign(range, v),
+    )
+}
+
 /// The forward both ops default to: silu(gate) · up.
 pub fn swiglu_default<B: Backend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
     silu(gate) * up

@@ -217,7 +217,11 @@ pub trait ModelKernels: Backend {
     /// x: [B, T, in], weight: [in, out], residual: [B, T, out]. CUDA adds in the GEMM
     /// (cuBLAS, beta = 1) into the residual's buffer when nothing else holds it: one launch
     /// instead of two, and no [B, T, out] temporary.
-    fn linear_residual(residual: Tensor<Self, 3>, x: Tensor<Self, 3>, weight: Tensor<Self, 2>) -> Tensor<Self, 3> {
+    fn linear_residual(
+        residual: Tensor<Self, 3>,
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+    ) -> Tensor<Self, 3> {
         residual + <Self as ModelKernels>::linear(x, weight, None)
     }
 
@@ -344,6 +348,26 @@ pub trait ModelKernels: Backend {
     /// itself with -sin.
     fn rope(x: Tensor<Self, 4>, cos: &Tensor<Self, 3>, sin: &Tensor<Self, 3>) -> Tensor<Self, 4> {
         elementwise::rope_default(x, cos, sin)
+    }
+
+    /// A cached step's attention inputs out of one fused q|k|v projection, put where they go:
+    /// y [B, T, (H + 2 KV) hd] plus `bias` [(H + 2 KV) hd] split into heads; q and k rotated
+    /// ([`ModelKernels::rope`]; cos, sin [R, T, hd]); k and v written into the cache buffers
+    /// `k_cache`, `v_cache` [B, KV, cap, hd] at positions `at..at + T`. Returns (q [B, H, T,
+    /// hd], k_cache, v_cache). The default is column views, two RoPEs and two slice-assigns;
+    /// CUDA does it in one kernel when it may write the buffers in place.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qkv(
+        y: Tensor<Self, 3>,
+        bias: Option<Tensor<Self, 1>>,
+        heads: [usize; 2],
+        cos: &Tensor<Self, 3>,
+        sin: &Tensor<Self, 3>,
+        k_cache: Tensor<Self, 4>,
+        v_cache: Tensor<Self, 4>,
+        at: usize,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        elementwise::rope_qkv_default(y, bias, heads, cos, sin, k_cache, v_cache, at)
     }
 
     /// The SwiGLU MLP's activation: silu(gate) * up, both [B, T, I].

@@ -23,7 +23,7 @@ use distill_kernels::{
 use distill_kernels::{Kernels, ModelKernels, TrainKernels};
 
 mod common;
-use common::{err, gpu, host, randn};
+use common::{err, f32_of, gpu, host, randn};
 
 type F = Autodiff<Cuda<f32>>;
 type H = Autodiff<Cuda<half::bf16>>;
@@ -887,23 +887,38 @@ fn cuda_fused_projection_views_compute_what_contiguous_copies_compute() {
         let heads = |x: Tensor<G, 3>, n: usize| x.reshape([b, t, n, hd]).swap_dims(1, 2);
         let pos: Vec<f32> = (0..t * hd).map(|i| (i as f32 * 0.37).sin()).collect();
         let table = |f: fn(f32) -> f32| {
-            Tensor::<G, 3>::from_data(TensorData::new(pos.iter().map(|&p| f(p)).collect::<Vec<_>>(), [1, t, hd]), &device)
+            Tensor::<G, 3>::from_data(
+                TensorData::new(pos.iter().map(|&p| f(p)).collect::<Vec<_>>(), [1, t, hd]),
+                &device,
+            )
         };
         let (cos, sin) = (table(f32::cos), table(f32::sin));
         let rope_view = G::rope(heads(k_view, 2), &cos, &sin);
         let rope_copy = G::rope(heads(copy(k_copy), 2), &cos, &sin);
-        assert_eq!(host(rope_view), host(rope_copy), "[{b}, {t}] rope of a column view");
+        assert_eq!(
+            host(rope_view),
+            host(rope_copy),
+            "[{b}, {t}] rope of a column view"
+        );
         let (gate, up) = (G::columns(y.clone(), 0, 128), G::columns(y.clone(), 128, 128));
         let want = G::swiglu(copy(gate.clone()), copy(up.clone()));
-        assert_eq!(host(G::swiglu(gate, up)), host(want), "[{b}, {t}] swiglu of column views");
+        assert_eq!(
+            host(G::swiglu(gate, up)),
+            host(want),
+            "[{b}, {t}] swiglu of column views"
+        );
 
-        let (x, w) = (randn::<G, 3>([b, t, 96], 1.0, &device), randn::<G, 2>([96, 256], 0.1, &device));
+        let (x, w) = (
+            randn::<G, 3>([b, t, 96], 1.0, &device),
+            randn::<G, 2>([96, 256], 0.1, &device),
+        );
         let want = f32_of(y.clone()) + f32_of(x.clone()).matmul(f32_of(w.clone()).unsqueeze());
         let want = host(want);
         let accumulated = distill_kernels::cuda::cublas::accumulated_on_this_thread();
         let got = host(G::linear_residual(copy(y), x, w));
         assert!(
-            distill_kernels::cuda::cublas::accumulated_on_this_thread() > accumulated || !common::cublas_checks_apply(),
+            distill_kernels::cuda::cublas::accumulated_on_this_thread() > accumulated
+                || !common::cublas_checks_apply(),
             "[{b}, {t}] the residual add did not run in the GEMM"
         );
         let e = err(&got, &want);
@@ -913,5 +928,58 @@ fn cuda_fused_projection_views_compute_what_contiguous_copies_compute() {
     assert!(
         !has_fallen_back_on_this_thread(Fallback::Elementwise),
         "the SwiGLU/RoPE kernels fell back to burn's ops"
+    );
+}
+
+/// The cached step's fused split ([`ModelKernels::rope_qkv`]: bias, heads, RoPE on q and k,
+/// k and v written into the cache buffers in place) computes what its parts compute
+/// (column views, two RoPEs, two slice-assigns): bf16, 4 query and 2 KV heads of 64, with
+/// and without a bias, tables shared by the rows or one per row (left-padded batches), a
+/// decode step (T = 1) and a prefill (T = 7) written at position 300 of a 512-position
+/// buffer. The positions before and after must keep what they held.
+#[test]
+fn cuda_rope_qkv_writes_what_its_parts_write() {
+    let Some((_turn, device)) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    G::seed(&device, 9);
+    let (heads, kv, hd, cap, at) = (4, 2, 64, 512, 300);
+    for (b, t, shared, with_bias) in [(3, 1, true, true), (3, 1, false, false), (2, 7, false, true)] {
+        let y = randn::<G, 3>([b, t, (heads + 2 * kv) * hd], 1.0, &device);
+        let bias = with_bias.then(|| randn::<G, 1>([(heads + 2 * kv) * hd], 0.5, &device));
+        let r = if shared { 1 } else { b };
+        let angles: Vec<f32> = (0..r * t * hd).map(|i| i as f32 * 0.013).collect();
+        let table = |f: fn(f32) -> f32| {
+            let values: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Tensor::<G, 3>::from_data(TensorData::new(values, [r, t, hd]), &device)
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let caches = || {
+            let filled = |s: u64| {
+                G::seed(&device, s);
+                randn::<G, 4>([b, kv, cap, hd], 1.0, &device)
+            };
+            (filled(1), filled(2))
+        };
+        let what = format!("b {b}, t {t}, shared tables {shared}, bias {with_bias}");
+        let (kc, vc) = caches();
+        let want =
+            elementwise::rope_qkv_default(y.clone(), bias.clone(), [heads, kv], &cos, &sin, kc, vc, at);
+        let (kc, vc) = caches();
+        let got = G::rope_qkv(y, bias, [heads, kv], &cos, &sin, kc, vc, at);
+        for (name, g, w) in [
+            ("q", got.0, want.0),
+            ("k cache", got.1, want.1),
+            ("v cache", got.2, want.2),
+        ] {
+            assert_eq!(g.dims(), w.dims(), "{what}: {name}");
+            let (g, w) = (host(g), host(w));
+            let e = err(&g, &w);
+            eprintln!("  rope_qkv {what} {name}: {e:.2e}");
+            assert!(e < 1e-2, "{what}: {name}: {e:.3e}");
+        }
+    }
+    assert!(
+        !has_fallen_back_on_this_thread(Fallback::Elementwise),
+        "rope_qkv fell back to its parts"
     );
 }

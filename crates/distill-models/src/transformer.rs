@@ -286,13 +286,20 @@ impl<B: Kernels> Fused<B> {
             let view = <B as ModelKernels>::columns(fused.weight.clone(), start, n);
             Linear {
                 weight: Weight::Dense(Param::from_tensor(view)),
-                bias: parts[i].bias.as_ref().and(fused.bias.as_ref()).map(|b| {
-                    Param::from_tensor(<B as ModelKernels>::columns(b.clone(), start, n))
-                }),
+                bias: parts[i]
+                    .bias
+                    .as_ref()
+                    .and(fused.bias.as_ref())
+                    .map(|b| Param::from_tensor(<B as ModelKernels>::columns(b.clone(), start, n))),
                 lora: None,
             }
         });
         Some((fused, views))
+    }
+
+    /// x [B, T, in] -> the GEMM's output [B, T, Σ out], bias not added.
+    fn project(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        <B as ModelKernels>::linear(x, self.weight.clone(), None)
     }
 
     /// x [B, T, in] -> each of the N parts' output [B, T, out_i], views of one GEMM's output.
@@ -479,7 +486,8 @@ impl<B: Kernels> Mlp<B> {
                 let Normed { out, input } = x;
                 drop(input);
                 let [gate, up] = gate_up.forward(out); // [B, T, I] each
-                self.down_proj.forward_residual(h, <B as ModelKernels>::swiglu(gate, up))
+                self.down_proj
+                    .forward_residual(h, <B as ModelKernels>::swiglu(gate, up))
             }
             None => h + self.forward(&x),
         }
@@ -534,23 +542,26 @@ impl<B: ModelKernels> LayerCache<B> {
         LayerCache { k, v, len: s }
     }
 
-    /// Writes `k`, `v` [B, KV, T, hd] after the filled positions: in place, as the buffers are
-    /// moved into the write and no view of them outlives a step.
-    fn push(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
-        let [b, h, t, d] = k.dims();
-        let end = self.len + t;
-        let room = if end > self.capacity() {
-            let (ok, ov) = self.filled();
-            Self::holding(ok, ov, end.max(2 * self.capacity()).next_multiple_of(CACHE_BLOCK))
-        } else {
-            self
-        };
-        let at = [0..b, 0..h, room.len..end, 0..d];
+    /// Empty buffers [B, KV, cap, hd] with room for `t` positions and a block more.
+    fn empty([b, h, t, d]: [usize; 4], options: (&B::Device, burn::tensor::DType)) -> Self {
+        let cap = (t + 1).next_multiple_of(CACHE_BLOCK);
+        let buffer = || Tensor::empty([b, h, cap, d], options);
         LayerCache {
-            k: room.k.slice_assign(at.clone(), k),
-            v: room.v.slice_assign(at, v),
-            len: end,
+            k: buffer(),
+            v: buffer(),
+            len: 0,
         }
+    }
+
+    /// This cache with room for `t` more positions: the same buffers, or buffers twice as
+    /// large holding the filled part.
+    fn with_room(self, t: usize) -> Self {
+        let end = self.len + t;
+        if end <= self.capacity() {
+            return self;
+        }
+        let (k, v) = self.filled();
+        Self::holding(k, v, end.max(2 * self.capacity()).next_multiple_of(CACHE_BLOCK))
     }
 }
 
@@ -634,17 +645,43 @@ impl<B: ModelKernels> KvCache<B> {
         }
     }
 
-    /// Appends this step's k/v for `layer` and returns the full history, as views.
+    /// Appends this step's k/v [B, KV, T, hd] for `layer` and returns the full history, as
+    /// views.
     fn append(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, h, t, d] = k.dims();
+        let options = (&k.device(), k.dtype());
+        let (_, k, v) = self.append_with(layer, [b, h, t, d], options, |kb, vb, at| {
+            let range = [0..b, 0..h, at..at + t, 0..d];
+            ((), kb.slice_assign(range.clone(), k), vb.slice_assign(range, v))
+        });
+        (k, v)
+    }
+
+    /// Appends `shape`'s [B, KV, T, hd] positions for `layer` through `write`, which gets the
+    /// buffers with room for them and the position they go at, and returns its own result
+    /// and the buffers written; then the full history, as views. The buffers are moved
+    /// into `write` and no view of them outlives a step, so they can be written in place.
+    fn append_with<R>(
+        &mut self,
+        layer: usize,
+        shape: [usize; 4],
+        options: (&B::Device, burn::tensor::DType),
+        write: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, usize) -> (R, Tensor<B, 4>, Tensor<B, 4>),
+    ) -> (R, Tensor<B, 4>, Tensor<B, 4>) {
         let slot = &mut self.layers[layer];
-        let cache = match slot.take() {
-            Some(cache) => cache.push(k, v),
-            None => {
-                let s = k.dims()[2];
-                LayerCache::holding(k, v, (s + 1).next_multiple_of(CACHE_BLOCK))
-            }
+        let room = match slot.take() {
+            Some(cache) => cache.with_room(shape[2]),
+            None => LayerCache::empty(shape, options),
         };
-        slot.insert(cache).filled()
+        let (out, k, v) = write(room.k, room.v, room.len);
+        let (k, v) = slot
+            .insert(LayerCache {
+                k,
+                v,
+                len: room.len + shape[2],
+            })
+            .filled();
+        (out, k, v)
     }
 }
 
@@ -756,19 +793,34 @@ impl<B: Kernels> Attention<B> {
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.out.dims();
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let [q, k, v] = match &self.qkv {
-            Some(qkv) => qkv.forward(x.out.clone()),
-            None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| p.forward_normed(x)),
-        };
-        let q = heads(q, self.num_heads); // [B, H, T, hd]
-        let k = heads(k, self.num_kv_heads); // [B, KV, T, hd]
-        let v = heads(v, self.num_kv_heads);
-        let q = <B as ModelKernels>::rope(q, &ctx.cos, &ctx.sin);
-        let k = <B as ModelKernels>::rope(k, &ctx.cos, &ctx.sin);
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, k, v), // [B, KV, S, hd]
-            None => (k, v),
+        let (q, k, v) = match (&self.qkv, cache) {
+            // The decoding copy: one kernel splits the fused projection into heads, rotates q
+            // and k and writes k and v into the cache.
+            (Some(qkv), Some((cache, layer))) => {
+                let y = qkv.project(x.out.clone()); // [B, T, (H + 2 KV) hd]
+                let shape = [b, self.num_kv_heads, t, self.head_dim];
+                let heads = [self.num_heads, self.num_kv_heads];
+                cache.append_with(layer, shape, (&y.device(), y.dtype()), |kb, vb, at| {
+                    <B as ModelKernels>::rope_qkv(y, qkv.bias.clone(), heads, &ctx.cos, &ctx.sin, kb, vb, at)
+                }) // q [B, H, T, hd]; k, v [B, KV, S, hd]
+            }
+            (qkv, cache) => {
+                let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
+                let [q, k, v] = match qkv {
+                    Some(qkv) => qkv.forward(x.out.clone()),
+                    None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| p.forward_normed(x)),
+                };
+                let q = <B as ModelKernels>::rope(heads(q, self.num_heads), &ctx.cos, &ctx.sin); // [B, H, T, hd]
+                let k = <B as ModelKernels>::rope(heads(k, self.num_kv_heads), &ctx.cos, &ctx.sin); // [B, KV, T, hd]
+                let v = heads(v, self.num_kv_heads);
+                match cache {
+                    Some((cache, layer)) => {
+                        let (k, v) = cache.append(layer, k, v); // [B, KV, S, hd]
+                        (q, k, v)
+                    }
+                    None => (q, k, v),
+                }
+            }
         };
         let y = <B as ModelKernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
         y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim])
@@ -841,7 +893,9 @@ impl<B: Kernels> DecoderLayer<B> {
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         // The norms' outputs (which hold their inputs) are gone before each residual add.
-        let y = self.self_attn.attend(&self.input_layernorm.forward_normed(x.clone()), ctx, cache);
+        let y = self
+            .self_attn
+            .attend(&self.input_layernorm.forward_normed(x.clone()), ctx, cache);
         let h = self.self_attn.o_proj.forward_residual(x, y);
         let normed = self.post_attention_layernorm.forward_normed(h.clone());
         self.mlp.forward_residual(h, normed)
@@ -974,7 +1028,10 @@ impl<B: Kernels> CausalLm<B> {
                 embed_tokens: Embedding {
                     weight: cast_param(&self.model.embed_tokens.weight, dtype),
                 },
-                layers: layers.iter().map(|l| l.for_decoding(dtype, merge, fuse)).collect(),
+                layers: layers
+                    .iter()
+                    .map(|l| l.for_decoding(dtype, merge, fuse))
+                    .collect(),
                 norm: self.model.norm.for_decoding(dtype),
             },
             lm_head: self.lm_head.as_ref().map(|h| h.for_decoding(dtype, merge)),
@@ -1266,7 +1323,11 @@ mod tests {
                 });
             }
             // Qwen2's q/k/v biases, drawn (init makes them zeros): fused, they are one add.
-            for linear in [&mut layer.self_attn.q_proj, &mut layer.self_attn.k_proj, &mut layer.self_attn.v_proj] {
+            for linear in [
+                &mut layer.self_attn.q_proj,
+                &mut layer.self_attn.k_proj,
+                &mut layer.self_attn.v_proj,
+            ] {
                 let bias = linear.bias.as_mut().expect("Qwen2 has q/k/v biases");
                 *bias = Param::from_tensor(random(bias.dims(), &device));
             }

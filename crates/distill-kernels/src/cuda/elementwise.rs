@@ -136,6 +136,46 @@ extern "C" __global__ void rope(const void* x, void* y, const void* cos, const v
         store(y, bf16, yi + half, x2 * c2 + x1 * s2);
     }
 }
+
+/* A cached step's attention inputs from one fused projection y [B, T, (H + 2 KV) hd]
+ * (contiguous) plus bias (or null): each head's pair (j, j + half) of y + bias, rounded to the
+ * storage dtype as the separate bias add rounds it; q heads rotated into q [B, T, H, hd], k
+ * heads rotated and v heads as they are into the caches [B, KV, cap, hd] at position at + t.
+ * Tables as in rope. One thread per pair. */
+extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, void* k_cache, void* v_cache,
+                                    const void* cos, const void* sin, int bf16, int tab_bf16, int heads,
+                                    int kv_heads, int t_len, int half, int shared, int pairs, i64 cap, i64 at)
+{
+    const int all = heads + 2 * kv_heads, hd = 2 * half;
+    for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
+        const int j = p % half;
+        int r = p / half;
+        const int head = r % all;
+        r /= all;
+        const int t = r % t_len, b = r / t_len;
+        const i64 yi = ((i64)b * t_len + t) * all * hd + (i64)head * hd + j;
+        float x1 = load(y, bf16, yi), x2 = load(y, bf16, yi + half);
+        if (bias) {
+            x1 = rounded(bf16, x1 + load(bias, bf16, (i64)head * hd + j));
+            x2 = rounded(bf16, x2 + load(bias, bf16, (i64)head * hd + j + half));
+        }
+        if (head >= heads + kv_heads) {
+            const i64 vi = (((i64)b * kv_heads + head - heads - kv_heads) * cap + at + t) * hd + j;
+            store(v_cache, bf16, vi, x1);
+            store(v_cache, bf16, vi + half, x2);
+            continue;
+        }
+        const i64 tab = ((i64)(shared ? 0 : b) * t_len + t) * hd + j;
+        const float c1 = rounded(bf16, load(cos, tab_bf16, tab)), c2 = rounded(bf16, load(cos, tab_bf16, tab + half));
+        const float s1 = rounded(bf16, load(sin, tab_bf16, tab)), s2 = rounded(bf16, load(sin, tab_bf16, tab + half));
+        const float o1 = x1 * c1 - x2 * s1, o2 = x2 * c2 + x1 * s2;
+        const i64 oi = head < heads ? (((i64)b * t_len + t) * heads + head) * hd + j
+                                    : (((i64)b * kv_heads + head - heads) * cap + at + t) * hd + j;
+        void* out = head < heads ? q : k_cache;
+        store(out, bf16, oi, o1);
+        store(out, bf16, oi + half, o2);
+    }
+}
 "#;
 
 fn module() -> nvrtc::Module {
@@ -151,6 +191,7 @@ fn module() -> nvrtc::Module {
             "swiglu",
             "swiglu_backward",
             "rope",
+            "rope_qkv",
         ],
         dynamic_smem: 0,
     }
@@ -499,4 +540,118 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
         },
     )?;
     Ok(y)
+}
+
+/// [`crate::ModelKernels::rope_qkv`] in one kernel: y [B, T, (H + 2 KV) hd] (made contiguous
+/// if it is not), bias [(H + 2 KV) hd] or none, tables as [`rope`]; k and v written into
+/// `k_cache`, `v_cache` [B, KV, cap, hd], which must be contiguous, of y's dtype and held
+/// nowhere else (they are written in place). Returns q [B, T, H, hd] contiguous, for the
+/// caller to view as [B, H, T, hd].
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv(
+    y: &CudaTensor,
+    bias: Option<&CudaTensor>,
+    [heads, kv_heads]: [usize; 2],
+    cos: &CudaTensor,
+    sin: &CudaTensor,
+    k_cache: &CudaTensor,
+    v_cache: &CudaTensor,
+    at: usize,
+) -> Result<CudaTensor, String> {
+    let [b, t, n] = match y.meta.shape().as_slice() {
+        &[b, t, n] => [b, t, n],
+        other => return Err(format!("y: shape {other:?}")),
+    };
+    let all = heads + 2 * kv_heads;
+    let hd = n / all.max(1);
+    let bf16 = nvrtc::dtype_flag(y.dtype, "y")?;
+    let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
+    let r = cos.meta.shape()[0];
+    if all == 0 || hd * all != n || hd % 2 != 0 || (r != b && r != 1) {
+        return Err(format!(
+            "y {:?} for {heads} + 2 x {kv_heads} heads, tables of {r} rows",
+            [b, t, n]
+        ));
+    }
+    for (table, what) in [(cos, "cos"), (sin, "sin")] {
+        if table.dtype != cos.dtype || table.meta.shape().as_slice() != [r, t, hd] {
+            return Err(format!(
+                "{what}: {:?} {:?}",
+                table.dtype,
+                table.meta.shape().as_slice()
+            ));
+        }
+    }
+    if let Some(bias) = bias
+        && (bias.dtype != y.dtype || bias.meta.shape().as_slice() != [n])
+    {
+        return Err(format!(
+            "bias: {:?} {:?}",
+            bias.dtype,
+            bias.meta.shape().as_slice()
+        ));
+    }
+    let cap = k_cache.meta.shape()[2];
+    for (cache, what) in [(k_cache, "k cache"), (v_cache, "v cache")] {
+        let shape = cache.meta.shape().as_slice();
+        if cache.dtype != y.dtype || shape != [b, kv_heads, cap, hd] || at + t > cap {
+            return Err(format!(
+                "{what}: {:?} {shape:?} for {t} positions at {at}",
+                cache.dtype
+            ));
+        }
+        if !cache.is_contiguous() || !cache.can_mut() {
+            return Err(format!("{what}: not contiguous, or held elsewhere"));
+        }
+    }
+    let pairs = b * t * all * hd / 2;
+    if pairs == 0 || pairs > i32::MAX as usize {
+        return Err(format!("y: shape {:?}", [b, t, n]));
+    }
+    let y = into_contiguous(y.clone());
+    let bias = bias.map(|b| into_contiguous(b.clone()));
+    let (cos, sin) = (into_contiguous(cos.clone()), into_contiguous(sin.clone()));
+    nvrtc::ensure_loaded(&y.device, module())?;
+    let q = like(&y, &[b, t, heads, hd], y.dtype);
+    let device = y.device.clone();
+    // With no bias, y stands in its binding's place and the kernel gets a null pointer.
+    let has_bias = bias.is_some();
+    let bias = bias.unwrap_or_else(|| y.clone());
+    let bindings = [&y, &bias, &q, k_cache, v_cache, &cos, &sin].map(|t| t.handle.clone().binding());
+    stream::run_on_stream(
+        &device,
+        bindings,
+        nvrtc::ordering(),
+        move |stream, [py, pb, pq, pk, pv, pc, ps]| {
+            use Arg::*;
+            let args = [
+                Ptr(py),
+                Ptr(if has_bias { pb } else { 0 }),
+                Ptr(pq),
+                Ptr(pk),
+                Ptr(pv),
+                Ptr(pc),
+                Ptr(ps),
+                I32(bf16),
+                I32(tab_bf16),
+                I32(heads as i32),
+                I32(kv_heads as i32),
+                I32(t as i32),
+                I32((hd / 2) as i32),
+                I32(i32::from(r == 1)),
+                I32(pairs as i32),
+                I64(cap as i64),
+                I64(at as i64),
+            ];
+            nvrtc::launch(
+                device.index,
+                &module(),
+                "rope_qkv",
+                Launch::grid_stride(pairs),
+                stream,
+                &args,
+            )
+        },
+    )?;
+    Ok(q)
 }
