@@ -877,7 +877,12 @@ fn cuda_fused_projection_views_compute_what_contiguous_copies_compute() {
     let Some((_turn, device)) = gpu() else { return };
     type G = Cuda<half::bf16>;
     G::seed(&device, 5);
-    let copy = |t: Tensor<G, 3>| Tensor::<G, 3>::from_data(t.into_data(), &device);
+    // In t's own dtype: `from_data` alone takes the device's default, which another test's
+    // `Cuda<f32>` may have set (see `common::randn`).
+    let copy = |t: Tensor<G, 3>| {
+        let dtype = t.dtype();
+        Tensor::<G, 3>::from_data(t.into_data(), (&device, dtype))
+    };
     for [b, t] in [[4, 1], [2, 5]] {
         // q | k | v of 4, 2 and 2 heads of 32, as Fused lays them side by side.
         let hd = 32;
