@@ -36,6 +36,16 @@ __device__ __forceinline__ float rounded(int bf16, float v) {
     return bf16 ? __uint_as_float(((unsigned int)to_bf16(v)) << 16) : v;
 }
 
+/* (x1, x2) = x[j], x[j + half] rotated by the tables' entries at tab and tab + half, which are
+ * rounded to the storage dtype first (transformers' cos.to(dtype)). */
+__device__ __forceinline__ float2 rotate(int bf16, int tab_bf16, const void* cos, const void* sin, i64 tab,
+                                         int half, float x1, float x2)
+{
+    const float c1 = rounded(bf16, load(cos, tab_bf16, tab)), c2 = rounded(bf16, load(cos, tab_bf16, tab + half));
+    const float s1 = rounded(bf16, load(sin, tab_bf16, tab)), s2 = rounded(bf16, load(sin, tab_bf16, tab + half));
+    return make_float2(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2);
+}
+
 /* One warp per row of x [rows, c]: y = round(round(x * inv_rms) * w). */
 extern "C" __global__ void rms_norm(const void* x, const void* w, void* y, int bf16, int rows, int c,
                                     float eps)
@@ -129,11 +139,9 @@ extern "C" __global__ void rope(const void* x, void* y, const void* cos, const v
         const int h = q % heads, b = q / heads;
         const i64 xi = b * xb + h * xh + t * xt + j, yi = b * yb + h * yh + t * yt + j;
         const i64 tab = ((i64)(shared ? 0 : b) * t_len + t) * (2 * half) + j;
-        const float x1 = load(x, bf16, xi), x2 = load(x, bf16, xi + half);
-        const float c1 = rounded(bf16, load(cos, tab_bf16, tab)), c2 = rounded(bf16, load(cos, tab_bf16, tab + half));
-        const float s1 = rounded(bf16, load(sin, tab_bf16, tab)), s2 = rounded(bf16, load(sin, tab_bf16, tab + half));
-        store(y, bf16, yi, x1 * c1 - x2 * s1);
-        store(y, bf16, yi + half, x2 * c2 + x1 * s2);
+        const float2 o = rotate(bf16, tab_bf16, cos, sin, tab, half, load(x, bf16, xi), load(x, bf16, xi + half));
+        store(y, bf16, yi, o.x);
+        store(y, bf16, yi + half, o.y);
     }
 }
 
@@ -166,14 +174,12 @@ extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, vo
             continue;
         }
         const i64 tab = ((i64)(shared ? 0 : b) * t_len + t) * hd + j;
-        const float c1 = rounded(bf16, load(cos, tab_bf16, tab)), c2 = rounded(bf16, load(cos, tab_bf16, tab + half));
-        const float s1 = rounded(bf16, load(sin, tab_bf16, tab)), s2 = rounded(bf16, load(sin, tab_bf16, tab + half));
-        const float o1 = x1 * c1 - x2 * s1, o2 = x2 * c2 + x1 * s2;
+        const float2 o = rotate(bf16, tab_bf16, cos, sin, tab, half, x1, x2);
         const i64 oi = head < heads ? (((i64)b * t_len + t) * heads + head) * hd + j
                                     : (((i64)b * kv_heads + head - heads) * cap + at + t) * hd + j;
         void* out = head < heads ? q : k_cache;
-        store(out, bf16, oi, o1);
-        store(out, bf16, oi + half, o2);
+        store(out, bf16, oi, o.x);
+        store(out, bf16, oi + half, o.y);
     }
 }
 "#;
