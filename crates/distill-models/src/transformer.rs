@@ -794,36 +794,49 @@ impl<B: Kernels> Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.out.dims();
         let (q, k, v) = match (&self.qkv, cache) {
-            // The decoding copy: one kernel splits the fused projection into heads, rotates q
-            // and k and writes k and v into the cache.
-            (Some(qkv), Some((cache, layer))) => {
-                let y = qkv.project(x.out.clone()); // [B, T, (H + 2 KV) hd]
-                let shape = [b, self.num_kv_heads, t, self.head_dim];
-                let heads = [self.num_heads, self.num_kv_heads];
-                cache.append_with(layer, shape, (&y.device(), y.dtype()), |kb, vb, at| {
-                    <B as ModelKernels>::rope_qkv(y, qkv.bias.clone(), heads, &ctx.cos, &ctx.sin, kb, vb, at)
-                }) // q [B, H, T, hd]; k, v [B, KV, S, hd]
-            }
-            (qkv, cache) => {
-                let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-                let [q, k, v] = match qkv {
-                    Some(qkv) => qkv.forward(x.out.clone()),
-                    None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| p.forward_normed(x)),
-                };
-                let q = <B as ModelKernels>::rope(heads(q, self.num_heads), &ctx.cos, &ctx.sin); // [B, H, T, hd]
-                let k = <B as ModelKernels>::rope(heads(k, self.num_kv_heads), &ctx.cos, &ctx.sin); // [B, KV, T, hd]
-                let v = heads(v, self.num_kv_heads);
-                match cache {
-                    Some((cache, layer)) => {
-                        let (k, v) = cache.append(layer, k, v); // [B, KV, S, hd]
-                        (q, k, v)
-                    }
-                    None => (q, k, v),
-                }
+            (Some(qkv), Some((cache, layer))) => self.fused_into_cache(qkv, x, ctx, cache, layer),
+            (_, None) => self.rotated_heads(x, ctx),
+            (_, Some((cache, layer))) => {
+                let (q, k, v) = self.rotated_heads(x, ctx);
+                let (k, v) = cache.append(layer, k, v); // [B, KV, S, hd]
+                (q, k, v)
             }
         };
         let y = <B as ModelKernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
         y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim])
+    }
+
+    /// q [B, H, T, hd], k and v [B, KV, T, hd] of this step, q and k rotated.
+    fn rotated_heads(&self, x: &Normed<B>, ctx: &Context<B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.out.dims();
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
+        let [q, k, v] = match &self.qkv {
+            Some(qkv) => qkv.forward(x.out.clone()),
+            None => [&self.q_proj, &self.k_proj, &self.v_proj].map(|p| p.forward_normed(x)),
+        };
+        let q = <B as ModelKernels>::rope(heads(q, self.num_heads), &ctx.cos, &ctx.sin);
+        let k = <B as ModelKernels>::rope(heads(k, self.num_kv_heads), &ctx.cos, &ctx.sin);
+        (q, k, heads(v, self.num_kv_heads))
+    }
+
+    /// The decoding copy's cached step: one kernel splits the fused projection into heads,
+    /// rotates q and k and writes k and v into the cache ([`ModelKernels::rope_qkv`]).
+    /// Returns q [B, H, T, hd] and the cached k, v [B, KV, S, hd].
+    fn fused_into_cache(
+        &self,
+        qkv: &Fused<B>,
+        x: &Normed<B>,
+        ctx: &Context<B>,
+        cache: &mut KvCache<B>,
+        layer: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.out.dims();
+        let y = qkv.project(x.out.clone()); // [B, T, (H + 2 KV) hd]
+        let shape = [b, self.num_kv_heads, t, self.head_dim];
+        let heads = [self.num_heads, self.num_kv_heads];
+        cache.append_with(layer, shape, (&y.device(), y.dtype()), |kb, vb, at| {
+            <B as ModelKernels>::rope_qkv(y, qkv.bias.clone(), heads, &ctx.cos, &ctx.sin, kb, vb, at)
+        })
     }
 }
 
