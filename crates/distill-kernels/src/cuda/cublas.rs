@@ -107,13 +107,10 @@ pub fn bmm_accumulate(
     a: CudaTensor,
     b: CudaTensor,
 ) -> Result<CudaTensor, (CudaTensor, CudaTensor, CudaTensor)> {
-    if a.meta.rank() < 3 || !acc.can_mut() {
+    if a.meta.rank() < 3 {
         return Err((acc, a, b));
     }
-    let out = acc.dtype;
-    let sum = matmul(a, b, out, Some(acc)).map_err(|(a, b, acc)| (acc.expect("given"), a, b))?;
-    ACCUMULATED.with(|n| n.set(n.get() + 1));
-    Ok(sum)
+    accumulate(acc, a, b)
 }
 
 /// `acc + a [m, k] @ b [k, n]` with the GEMM accumulating into `acc` [m, n] (beta = 1), on
@@ -124,7 +121,21 @@ pub fn gemm_accumulate(
     a: CudaTensor,
     b: CudaTensor,
 ) -> Result<CudaTensor, (CudaTensor, CudaTensor, CudaTensor)> {
-    if a.meta.rank() != 2 || b.meta.rank() != 2 || acc.dtype != a.dtype || !acc.can_mut() {
+    if a.meta.rank() != 2 || b.meta.rank() != 2 || acc.dtype != a.dtype {
+        return Err((acc, a, b));
+    }
+    accumulate(acc, a, b)
+}
+
+/// [`bmm_accumulate`] and [`gemm_accumulate`] once their shapes are checked: the GEMM into
+/// `acc`'s own buffer, which nothing else may hold.
+#[allow(clippy::result_large_err)]
+fn accumulate(
+    acc: CudaTensor,
+    a: CudaTensor,
+    b: CudaTensor,
+) -> Result<CudaTensor, (CudaTensor, CudaTensor, CudaTensor)> {
+    if !acc.can_mut() {
         return Err((acc, a, b));
     }
     let out = acc.dtype;
@@ -138,8 +149,8 @@ thread_local! {
     static ACCUMULATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// How many [`bmm_accumulate`] and [`gemm_accumulate`] calls this thread has run in the sum's own buffer: lets a test
-/// tell that from the fallback, whose `bmm` is a cuBLAS call too.
+/// How many [`bmm_accumulate`] and [`gemm_accumulate`] calls this thread has run in the sum's
+/// own buffer: lets a test tell that from the fallback, whose GEMM is a cuBLAS call too.
 pub fn accumulated_on_this_thread() -> usize {
     ACCUMULATED.with(|n| n.get())
 }

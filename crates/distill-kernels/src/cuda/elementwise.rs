@@ -481,18 +481,7 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
         other => return Err(format!("x: shape {other:?}")),
     };
     let bf16 = nvrtc::dtype_flag(x.dtype, "x")?;
-    let r = cos.meta.shape()[0];
-    let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
-    for (table, what) in [(cos, "cos"), (sin, "sin")] {
-        if table.dtype != cos.dtype || table.meta.shape().as_slice() != [r, t, hd] || (r != b && r != 1) {
-            return Err(format!(
-                "{what}: {:?} {:?} for x {:?}",
-                table.dtype,
-                table.meta.shape().as_slice(),
-                [b, h, t, hd]
-            ));
-        }
-    }
+    let (r, tab_bf16) = tables(cos, sin, [b, t, hd])?;
     let pairs = b * h * t * hd / 2;
     if hd % 2 != 0 || pairs == 0 || pairs > i32::MAX as usize {
         return Err(format!("x: shape {:?}", [b, h, t, hd]));
@@ -548,6 +537,23 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
     Ok(y)
 }
 
+/// RoPE's tables cos, sin [R, T, hd] for `b` rows of T positions: R = b or 1 (shared), one
+/// float dtype for both. Returns (R, the tables' bf16 flag).
+fn tables(cos: &CudaTensor, sin: &CudaTensor, [b, t, hd]: [usize; 3]) -> Result<(usize, i32), String> {
+    let r = cos.meta.shape()[0];
+    let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
+    for (table, what) in [(cos, "cos"), (sin, "sin")] {
+        if table.dtype != cos.dtype || table.meta.shape().as_slice() != [r, t, hd] || (r != b && r != 1) {
+            return Err(format!(
+                "{what}: {:?} {:?} for {b} rows of {t} positions, head dim {hd}",
+                table.dtype,
+                table.meta.shape().as_slice()
+            ));
+        }
+    }
+    Ok((r, tab_bf16))
+}
+
 /// [`crate::ModelKernels::rope_qkv`] in one kernel: y [B, T, (H + 2 KV) hd] (made contiguous
 /// if it is not), bias [(H + 2 KV) hd] or none, tables as [`rope`]; k and v written into
 /// `k_cache`, `v_cache` [B, KV, cap, hd], which must be contiguous, of y's dtype and held
@@ -571,23 +577,10 @@ pub fn rope_qkv(
     let all = heads + 2 * kv_heads;
     let hd = n / all.max(1);
     let bf16 = nvrtc::dtype_flag(y.dtype, "y")?;
-    let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
-    let r = cos.meta.shape()[0];
-    if all == 0 || hd * all != n || hd % 2 != 0 || (r != b && r != 1) {
-        return Err(format!(
-            "y {:?} for {heads} + 2 x {kv_heads} heads, tables of {r} rows",
-            [b, t, n]
-        ));
+    if all == 0 || hd * all != n || hd % 2 != 0 {
+        return Err(format!("y {:?} for {heads} + 2 x {kv_heads} heads", [b, t, n]));
     }
-    for (table, what) in [(cos, "cos"), (sin, "sin")] {
-        if table.dtype != cos.dtype || table.meta.shape().as_slice() != [r, t, hd] {
-            return Err(format!(
-                "{what}: {:?} {:?}",
-                table.dtype,
-                table.meta.shape().as_slice()
-            ));
-        }
-    }
+    let (r, tab_bf16) = tables(cos, sin, [b, t, hd])?;
     if let Some(bias) = bias
         && (bias.dtype != y.dtype || bias.meta.shape().as_slice() != [n])
     {
