@@ -1323,13 +1323,7 @@ mod tests {
         let mut model = CausalLm::<Flex>::init(&tiny_qwen2(), &device);
         for layer in &mut model.model.layers {
             for linear in [&mut layer.self_attn.q_proj, &mut layer.mlp.down_proj] {
-                let [d_in, d_out] = linear.weight.dims();
-                linear.lora = Some(Lora {
-                    lora_a: Param::from_tensor(random([d_in, 4], &device)),
-                    lora_b: Param::from_tensor(random([4, d_out], &device)),
-                    scale: 2.0,
-                    dropout: 0.1,
-                });
+                linear.lora = Some(drawn_lora(linear.weight.dims(), 0.1, &device));
             }
             // Qwen2's q/k/v biases, drawn (init makes them zeros): fused, they are one add.
             for linear in [
@@ -1386,13 +1380,7 @@ mod tests {
         let mut model = CausalLm::<Flex>::init_with(&tiny_qwen2(), &device, BaseQuant::Nf4);
         for layer in &mut model.model.layers {
             let v = &mut layer.self_attn.v_proj;
-            let [d_in, d_out] = v.weight.dims();
-            v.lora = Some(Lora {
-                lora_a: Param::from_tensor(random([d_in, 4], &device)),
-                lora_b: Param::from_tensor(random([4, d_out], &device)),
-                scale: 2.0,
-                dropout: 0.0,
-            });
+            v.lora = Some(drawn_lora(v.weight.dims(), 0.0, &device));
         }
         for (budget, merged) in [(0, false), (MERGE_ADAPTERS_UP_TO, true)] {
             let copy = model.for_decoding_merging_up_to(budget);
@@ -1400,6 +1388,21 @@ mod tests {
             assert_eq!(matches!(v.weight, Weight::Dense(_)), merged);
             assert_eq!(v.lora.is_none(), merged);
             assert_same_logits(&copy, &model, &format!("merged: {merged}"));
+        }
+    }
+
+    /// A rank-4 adapter with drawn A and B (B is zeros at init, which would make it a no-op)
+    /// and a scale other than 1, for a weight of `[d_in, d_out]`.
+    fn drawn_lora(
+        [d_in, d_out]: [usize; 2],
+        dropout: f64,
+        device: &burn::tensor::Device<Flex>,
+    ) -> Lora<Flex> {
+        Lora {
+            lora_a: Param::from_tensor(random([d_in, 4], device)),
+            lora_b: Param::from_tensor(random([4, d_out], device)),
+            scale: 2.0,
+            dropout,
         }
     }
 
