@@ -6,13 +6,15 @@ merged by model label), times.tsv (wall-clock milliseconds per stage and arm).
     python3 experiments/arith-r1/report.py experiments/arith-r1/work
 
 writes WORK/results.md (the table) and, where matplotlib is installed, WORK/accuracy.png
-(pass@1 per level and arm) and WORK/compute.png (middle-level pass@1 against training time).
+(pass@1 per level and arm) and WORK/compute.png (middle-level greedy accuracy against
+optimizer steps, from eval-curve*/: the arms' mid-run exports).
 Arms are the labels `<arm>-s<seed>`; their seeds are averaged, and each seed is also listed.
 """
 
 import json
 import re
 import sys
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -132,8 +134,42 @@ def table(work: Path) -> tuple[str, dict]:
                     + [seed_mean(by_arm[arm], lv, greedy) for lv in levels]
                     + ["-"] * 3 + [f"{mean(secs):.0f}" if secs else "-"])
     md = "\n".join("| " + " | ".join(r) + " |" for r in rows)
-    return md, {"levels": levels, "sampled": sampled, "times": times, "labels": labels,
-                "by_arm": by_arm}
+    return md, {"levels": levels, "sampled": sampled, "greedy": greedy, "times": times,
+                "labels": labels, "by_arm": by_arm, "curve": load_reports(work, "curve")}
+
+
+def max_steps(work: Path, run: str):
+    path = work / "runs" / run / "recipe.toml"
+    if not path.exists():
+        return None
+    return tomllib.loads(path.read_text()).get("train", {}).get("max_steps")
+
+
+def curve_points(work: Path, data: dict, label: str) -> dict:
+    """step -> greedy accuracy at MIDDLE (%) of one arm's seed: its mid-run exports
+    (eval-curve, labelled RUN@STEP), its final model, and for an arm that starts from another
+    run (STARTS_FROM) that run's points first, its own shifted by that run's steps."""
+    arm, seed = split_label(label)
+    greedy, curve = data["greedy"], data["curve"]
+    pts, offset, runs = {}, 0, [label]
+    if arm in STARTS_FROM:
+        runs = [f"{STARTS_FROM[arm]}-s{seed}", label]
+    base = greedy.get("base", {}).get(MIDDLE)
+    if base:
+        pts[0] = 100 * base["accuracy"]["value"]
+    for run in runs:
+        for lb, levels in curve.items():
+            name, _, step = lb.partition("@")
+            if name == run and MIDDLE in levels:
+                pts[offset + int(step)] = 100 * levels[MIDDLE]["accuracy"]["value"]
+        total = max_steps(work, run)
+        if total is None:
+            return {}
+        final = greedy.get(run, {}).get(MIDDLE)
+        if final:
+            pts[offset + total] = 100 * final["accuracy"]["value"]
+        offset += total
+    return pts
 
 
 def plots(work: Path, data: dict) -> list[str]:
@@ -169,24 +205,29 @@ def plots(work: Path, data: dict) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    times = data["times"]
-    base = value("base", MIDDLE) if "base" in sampled else 0.0
-    for arm in ARMS:
-        pts = [(0.0, 100 * base)]
-        for lb in data["by_arm"][arm]:
-            secs = arm_seconds(lb, times)
-            if secs is not None and MIDDLE in sampled.get(lb, {}):
-                pts.append((secs, 100 * sampled[lb][MIDDLE]["accuracy"]["value"]))
-        if len(pts) > 1:
-            ax.plot(*zip(*sorted(pts)), marker="o", label=arm)
-    if "teacher" in sampled:
-        ax.axhline(100 * value("teacher", MIDDLE), color="grey", linestyle="--", label="teacher")
-    ax.set_xlabel("training wall-clock (s, one H100, arms run side by side)")
-    ax.set_ylabel(f"pass@1 at {MIDDLE} (%)")
+    base = data["greedy"].get("base", {}).get(MIDDLE, {}).get("accuracy", {}).get("value")
+    for i, arm in enumerate(ARMS):
+        color = f"C{i}"
+        per_seed = [curve_points(work, data, label) for label in data["by_arm"][arm]]
+        per_seed = [pts for pts in per_seed if pts]
+        for pts in per_seed:
+            ax.plot(*zip(*sorted(pts.items())), color=color, alpha=0.3, linewidth=1)
+        shared = set.intersection(*(set(pts) for pts in per_seed)) if per_seed else set()
+        if shared:
+            steps = sorted(shared)
+            ax.plot(steps, [mean(pts[x] for pts in per_seed) for x in steps], color=color,
+                    marker="o", label=arm)
+    if base is not None:
+        ax.plot([0], [100 * base], "ko", label="student before training")
+    teacher = data["greedy"].get("teacher", {}).get(MIDDLE, {}).get("accuracy", {}).get("value")
+    if teacher is not None:
+        ax.axhline(100 * teacher, color="grey", linestyle="--", label="teacher")
+    ax.set_xlabel("optimizer steps (32 sequences each; kd-then-on-policy: kd, then on-policy)")
+    ax.set_ylabel(f"greedy accuracy at {MIDDLE} (%)")
     ax.set_ylim(0, 100)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="center right", fontsize=8)
-    ax.set_title("Accuracy against training time (each seed a point)")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Accuracy against training steps (mean of seeds; each seed faint)")
     fig.tight_layout()
     fig.savefig(work / "compute.png", dpi=120)
     plt.close(fig)

@@ -61,9 +61,12 @@ HALF=$((STEPS / 2))
 KEEP_EVERY=${KEEP_EVERY:-3}
 # The recipes' paths, moved under $W (WORK= puts a run elsewhere).
 TEACHER+=(--set student.model=$BASE --set data.dataset=$W/task/traces --set train.out=$W/runs)
+# Every arm also exports its model every quarter of the budget: the points of accuracy
+# against training steps.
+EXPORT_EVERY=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
 ARM+=(--set student.model=$W/student --set data.dataset=$W/data --set train.out=$W/runs
       --set data.prompts=$W/task/train.jsonl --set teacher.local_model=$W/runs/teacher/final
-      --set train.max_steps=$STEPS)
+      --set train.max_steps=$STEPS --set train.export_every=$EXPORT_EVERY)
 GEN+=(--set data.dataset=$W/data --set data.prompts=$W/task/train.jsonl)
 PORT=8766
 
@@ -171,6 +174,20 @@ evaluate() {
     stamp "eval: greedy"
     timed eval-greedy $D eval "${models[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
         --out $W/eval-greedy
+    local snapshots=()
+    for e in $W/runs/*/exports/step-*; do
+        [ -d "$e" ] || continue
+        local run=${e%/exports/*}
+        snapshots+=(--model "${run##*/}@${e##*/step-}=$e")
+    done
+    # kd-then-on-policy starts from kd-half's final model: its curve starts there.
+    for s in $SEEDS; do
+        [ -d $W/runs/kd-half-s$s/final ] && snapshots+=(--model kd-half-s$s@$HALF=$W/runs/kd-half-s$s/final)
+    done
+    [ ${#snapshots[@]} -gt 0 ] || return 0
+    stamp "eval: greedy, the arms' mid-run exports"
+    timed eval-curve $D eval "${snapshots[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
+        --out $W/eval-curve
 }
 
 report() {

@@ -29,6 +29,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     // How often it logs and saves, and when it gives up.
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.export_every",
     "train.log_every",
     "train.max_bad_steps",
     // Sequences decoded together: each sample depends on its prompt and seed alone.

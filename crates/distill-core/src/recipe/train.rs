@@ -59,6 +59,10 @@ pub struct TrainSection {
     pub recompute: bool,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
+    /// Every this many steps, also write the student as an HF model to `exports/step-N/`
+    /// under the run's checkpoints (kept, unlike checkpoints), for eval or serve mid-run;
+    /// 0: only `final/`.
+    pub export_every: usize,
     pub log_every: usize,
     /// Abort after this many consecutive non-finite steps.
     pub max_bad_steps: usize,
@@ -87,6 +91,7 @@ impl Default for TrainSection {
             recompute: true,
             checkpoint_every: 200,
             keep_checkpoints: 2,
+            export_every: 0,
             log_every: 1,
             max_bad_steps: 5,
         }

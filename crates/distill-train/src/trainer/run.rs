@@ -333,6 +333,10 @@ where
         if at.is_multiple_of(t.checkpoint_every.max(1)) || at == self.state.total_steps {
             self.checkpoint(&model)?;
         }
+        if t.export_every > 0 && at.is_multiple_of(t.export_every) && at < self.state.total_steps {
+            let dir = self.root.join("exports").join(format!("step-{at}"));
+            export_model(model.valid(), self.recipe, &self.student_dir, &dir)?;
+        }
         Ok(model)
     }
 
@@ -460,8 +464,8 @@ where
     Ok(kl)
 }
 
-/// `final/` in HF format (LoRA merged, into the base as stored on disk for QLoRA) and, for
-/// LoRA, `adapter/` in PEFT format. Returns `final/`.
+/// `final/` in HF format (see [`export_model`]) and, for LoRA, `adapter/` in PEFT format.
+/// Returns `final/`.
 fn export_run<B: Kernels>(
     inner: CausalLm<B>,
     recipe: &Recipe,
@@ -471,14 +475,24 @@ fn export_run<B: Kernels>(
     if recipe.lora.enabled {
         export::export_peft(&inner, &recipe.lora, &recipe.student.model, &root.join("adapter"))?;
     }
-    let final_dir = root.join("final");
+    export_model(inner, recipe, student_dir, &root.join("final"))
+}
+
+/// The student as an HF model directory at `out`: LoRA merged, into the base as stored on
+/// disk for QLoRA.
+fn export_model<B: Kernels>(
+    inner: CausalLm<B>,
+    recipe: &Recipe,
+    student_dir: &Path,
+    out: &Path,
+) -> Result<PathBuf, TrainError> {
     Ok(match (recipe.lora.enabled, recipe.lora.quantize) {
         (true, BaseQuant::Nf4) => {
             let scale = recipe.lora.alpha / recipe.lora.r as f64;
-            export::export_merged_base(&inner, scale, student_dir, &final_dir)?
+            export::export_merged_base(&inner, scale, student_dir, out)?
         }
-        (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), student_dir, &final_dir)?,
-        (false, _) => export::export_hf(&inner, student_dir, &final_dir)?,
+        (true, BaseQuant::None) => export::export_hf(&lora::merge(inner), student_dir, out)?,
+        (false, _) => export::export_hf(&inner, student_dir, out)?,
     })
 }
 

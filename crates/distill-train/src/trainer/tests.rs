@@ -185,6 +185,51 @@ fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
     );
 }
 
+/// A mid-run export is the model at its step: under a constant schedule, the same file as the
+/// final export of a run that stops there. LoRA, so that the merge is part of what is checked.
+#[test]
+fn mid_run_exports_are_the_model_at_their_step() {
+    let out = tempfile::tempdir().unwrap();
+    let recipe_for = |name: &str, steps: usize| {
+        let (name, steps) = (format!("name={name:?}"), format!("train.max_steps={steps}"));
+        recipe(
+            out.path(),
+            &[
+                &name,
+                &steps,
+                "train.schedule=\"constant\"",
+                "train.warmup_steps=0",
+                "train.export_every=2",
+            ],
+        )
+    };
+    let long = run(&recipe_for("long", 5), false, None);
+    let short = run(&recipe_for("short", 2), false, None);
+    let exports = |r: &TrainReport| r.export.as_ref().unwrap().parent().unwrap().join("exports");
+    let steps: Vec<String> = std::fs::read_dir(exports(&long))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        steps,
+        ["step-2", "step-4"],
+        "the last step's model is final/, not an export"
+    );
+    assert!(!exports(&short).exists());
+    let weights = |dir: PathBuf| std::fs::read(dir.join(distill_hf::weights::SINGLE_FILE)).unwrap();
+    assert!(
+        weights(exports(&long).join("step-2")) == weights(short.export.clone().unwrap()),
+        "exports/step-2 differs from a 2-step run's final/"
+    );
+    assert_ne!(
+        weights(exports(&long).join("step-4")),
+        weights(exports(&long).join("step-2"))
+    );
+    CausalLm::<Flex>::load(&exports(&long).join("step-4"), &Default::default()).unwrap();
+}
+
 #[test]
 fn kd_from_a_local_teacher_reduces_the_divergence() {
     // With the teacher in bf16/f32 and in NF4: its rounded weights give other logits (the
