@@ -56,7 +56,8 @@ def train_seconds(work: Path) -> dict:
     if path.exists():
         for line in path.read_text().splitlines():
             label, ms = line.split("\t")
-            times[label] = int(ms) / 1000
+            # A run resumed across calls of run.sh has a line per call.
+            times[label] = times.get(label, 0.0) + int(ms) / 1000
     return times
 
 
