@@ -160,34 +160,43 @@ arms() {
     for p in "${pids[@]}"; do wait $p; done
 }
 
+# EVAL_ARMS (default: all four) picks the arms evaluated, EVAL_TAG suffixes the output
+# directories (eval-sampled$EVAL_TAG, ...) and EVAL_REFERENCE=0 leaves out the teacher and the
+# untrained student: arms evaluated in groups, while others still train; report.py merges the
+# groups by label.
 evaluate() {
-    local models=(--model teacher=$W/runs/teacher/final --model base=$W/student) tasks=()
+    local arms=(${EVAL_ARMS:-sft kd on-policy kd-then-on-policy}) tag=${EVAL_TAG:-}
+    local models=() tasks=() snapshots=()
+    if [ "${EVAL_REFERENCE:-1}" = 1 ]; then
+        models+=(--model teacher=$W/runs/teacher/final --model base=$W/student)
+    fi
     for s in $SEEDS; do
-        for a in sft kd on-policy kd-then-on-policy; do
+        for a in "${arms[@]}"; do
             models+=(--model $a-s$s=$W/runs/$a-s$s/final)
+            local runs=($a-s$s)
+            # kd-then-on-policy starts from kd-half's final model: its curve starts there.
+            if [ $a = kd-then-on-policy ]; then
+                runs+=(kd-half-s$s)
+                snapshots+=(--model kd-half-s$s@$HALF=$W/runs/kd-half-s$s/final)
+            fi
+            for r in "${runs[@]}"; do
+                for e in $W/runs/$r/exports/step-*; do
+                    [ -d "$e" ] && snapshots+=(--model "$r@${e##*/step-}=$e")
+                done
+            done
         done
     done
     for t in $W/task/test-L*.jsonl; do tasks+=(--tasks $t); done
-    stamp "eval: pass@1 and maj@n at T = 0.6"
-    timed eval-sampled $D eval "${models[@]}" "${tasks[@]}" "${EVAL[@]}" -n $N --r1-sampling --seed 1 \
-        --out $W/eval-sampled
-    stamp "eval: greedy"
-    timed eval-greedy $D eval "${models[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
-        --out $W/eval-greedy
-    local snapshots=()
-    for e in $W/runs/*/exports/step-*; do
-        [ -d "$e" ] || continue
-        local run=${e%/exports/*}
-        snapshots+=(--model "${run##*/}@${e##*/step-}=$e")
-    done
-    # kd-then-on-policy starts from kd-half's final model: its curve starts there.
-    for s in $SEEDS; do
-        [ -d $W/runs/kd-half-s$s/final ] && snapshots+=(--model kd-half-s$s@$HALF=$W/runs/kd-half-s$s/final)
-    done
+    stamp "eval$tag: pass@1 and maj@n at T = 0.6"
+    timed eval-sampled$tag $D eval "${models[@]}" "${tasks[@]}" "${EVAL[@]}" -n $N --r1-sampling \
+        --seed 1 --out $W/eval-sampled$tag
+    stamp "eval$tag: greedy"
+    timed eval-greedy$tag $D eval "${models[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
+        --out $W/eval-greedy$tag
     [ ${#snapshots[@]} -gt 0 ] || return 0
-    stamp "eval: greedy, the arms' mid-run exports"
-    timed eval-curve $D eval "${snapshots[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
-        --out $W/eval-curve
+    stamp "eval$tag: greedy, the arms' mid-run exports"
+    timed eval-curve$tag $D eval "${snapshots[@]}" "${tasks[@]}" "${EVAL[@]}" -n 1 --temperature 0 \
+        --out $W/eval-curve$tag
 }
 
 report() {
