@@ -402,8 +402,8 @@ where
     }
 
     fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
-        match optim::sum_squares_partials(&prim(x.clone())) {
-            Ok(partials) => tensor::<Self, 1>(partials).sum(),
+        match optim::sum_squares(&prim(x.clone())) {
+            Ok(total) => tensor(total),
             Err(why) => {
                 fell_back(Fallback::AdamW, &why);
                 x.square().sum()

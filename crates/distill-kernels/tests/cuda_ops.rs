@@ -619,7 +619,7 @@ fn cuda_logits_kernels_match_the_cpu() {
 
 /// The gradient norm's sum of squares: within one block, a partial last block, exactly the
 /// 1,024 blocks, and a grid-stride run over 11 elements a thread, against an f64 sum on the
-/// CPU; and the same bits twice (fixed blocks summed in a fixed order).
+/// CPU; and the same bits twice (fixed blocks, and their total, summed in a fixed order).
 #[test]
 fn cuda_sum_squares_matches_the_cpu() {
     let Some((_turn, device)) = gpu() else { return };

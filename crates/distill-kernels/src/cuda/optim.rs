@@ -39,8 +39,20 @@ extern "C" __global__ void adamw(
     }
 }
 
-/* Per-block sums of x[i]^2 over a grid-stride loop, into partial[blockIdx.x]; 256 threads.
-   Fixed-size blocks summed in a fixed order: the same input gives the same bits. */
+/* The sum of a 256-thread block's values, in thread 0, in a fixed order. */
+__device__ float block_sum(float acc)
+{
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    __shared__ float warps[8];
+    if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    float sum = 0.f;
+    if (threadIdx.x == 0)
+        for (int w = 0; w < 8; ++w) sum += warps[w];
+    return sum;
+}
+
+/* Per-block sums of x[i]^2 over a grid-stride loop, into partial[blockIdx.x]; 256 threads. */
 extern "C" __global__ void sum_squares(const float* x, long long n, float* partial)
 {
     float acc = 0.f;
@@ -49,15 +61,19 @@ extern "C" __global__ void sum_squares(const float* x, long long n, float* parti
         const float v = x[i];
         acc += v * v;
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    __shared__ float warps[8];
-    if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float sum = 0.f;
-        for (int w = 0; w < 8; ++w) sum += warps[w];
-        partial[blockIdx.x] = sum;
-    }
+    const float sum = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+/* The partials' total in one block of 256 threads. With sum_squares: fixed blocks summed in a
+   fixed order, so the same input gives the same bits (burn's sum picks its strategy by
+   autotune, whose choice can change the order between calls). */
+extern "C" __global__ void sum_partials(const float* partial, int n, float* total)
+{
+    float acc = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    const float sum = block_sum(acc);
+    if (threadIdx.x == 0) total[0] = sum;
 }
 
 #define PARTS 32
@@ -101,7 +117,7 @@ fn module() -> nvrtc::Module {
         sources: &[nvrtc::BF16_STORE, SOURCE],
         arch: None,
         options: Vec::new(),
-        names: &["adamw", "concat_f32", "sum_squares"],
+        names: &["adamw", "concat_f32", "sum_squares", "sum_partials"],
         dynamic_smem: 0,
     }
 }
@@ -227,13 +243,13 @@ pub fn concat_f32(parts: &[CudaTensor]) -> Result<CudaTensor, String> {
     Ok(out)
 }
 
-/// Blocks of `sum_squares`: enough to keep the H100's 132 SMs streaming, few enough that the
-/// partial sums are a trifle to add up.
+/// Blocks of `sum_squares`: enough to keep the H100's 132 SMs streaming, few enough that one
+/// block adds up their partial sums.
 const SUM_BLOCKS: usize = 1024;
 
-/// Σ x² of an f32 [N] tensor as per-block partial sums, f32 [G] with G <= 1024, for the caller
-/// to add up: one read of x, where square-then-sum reads it twice and writes it once.
-pub fn sum_squares_partials(x: &CudaTensor) -> Result<CudaTensor, String> {
+/// Σ x² of an f32 [N] tensor as f32 [1]: per-block partial sums, then their total in one
+/// block, where square-then-sum reads x twice and writes it once.
+pub fn sum_squares(x: &CudaTensor) -> Result<CudaTensor, String> {
     if x.dtype != DType::F32 || x.meta.rank() != 1 {
         return Err(format!(
             "sum of squares of {:?} {:?}",
@@ -248,22 +264,36 @@ pub fn sum_squares_partials(x: &CudaTensor) -> Result<CudaTensor, String> {
     nvrtc::ensure_loaded(&x.device, module())?;
     let x = into_contiguous(x.clone());
     let blocks = n.div_ceil(256).min(SUM_BLOCKS);
-    let partial = empty_device_contiguous_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        vec![blocks].into(),
-        DType::F32,
-    );
-    let bindings = [&x, &partial].map(|t| t.handle.clone().binding());
-    let how = Launch {
+    let f32_buffer = |len: usize| {
+        empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), vec![len].into(), DType::F32)
+    };
+    let (partial, total) = (f32_buffer(blocks), f32_buffer(1));
+    let bindings = [&x, &partial, &total].map(|t| t.handle.clone().binding());
+    let grid = |blocks: usize| Launch {
         grid: (blocks as u32, 1, 1),
         threads: 256,
         dynamic_smem: 0,
     };
     let device = x.device.clone();
     stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
-        let args = [Arg::Ptr(ptrs[0]), Arg::I64(n as i64), Arg::Ptr(ptrs[1])];
-        nvrtc::launch(device.index, &module(), "sum_squares", how, stream, &args)
+        let squares = [Arg::Ptr(ptrs[0]), Arg::I64(n as i64), Arg::Ptr(ptrs[1])];
+        nvrtc::launch(
+            device.index,
+            &module(),
+            "sum_squares",
+            grid(blocks),
+            stream,
+            &squares,
+        )?;
+        let partials = [Arg::Ptr(ptrs[1]), Arg::I32(blocks as i32), Arg::Ptr(ptrs[2])];
+        nvrtc::launch(
+            device.index,
+            &module(),
+            "sum_partials",
+            grid(1),
+            stream,
+            &partials,
+        )
     })?;
-    Ok(partial)
+    Ok(total)
 }
