@@ -23,7 +23,7 @@ use crate::export;
 use crate::lora;
 use crate::loss::LossConfig;
 use crate::metrics::{MetricsLog, MetricsRecord};
-use crate::on_policy::OnPolicy;
+use crate::on_policy::{OnPolicy, RolloutStats};
 use crate::optim::{AdamW, Moments, learning_rate};
 use crate::params::{ParamInfo, param_infos, read_params};
 use crate::soft::SoftStats;
@@ -61,6 +61,7 @@ where
     consecutive_bad: usize,
     last_checkpoint: Option<PathBuf>,
     epoch_cache: Option<(u64, Vec<Row>)>,
+    phases: PhaseWindow,
 }
 
 impl<'r, B: Kernels> Run<'r, B>
@@ -193,6 +194,7 @@ where
             losses: Vec::new(),
             consecutive_bad: 0,
             last_checkpoint: None,
+            phases: PhaseWindow::default(),
             epoch_cache: None,
         };
         Ok((run, model))
@@ -238,7 +240,7 @@ where
         let on_step = self.on_policy.as_ref().is_some_and(|op| op.is_on_policy(step));
         // On-policy steps time their phases (a device sync at each: a few per micro-batch) to
         // report the step's split into sampling, teacher scoring and training.
-        let mut scoring = 0.0;
+        let (mut scoring, mut sampling) = (0.0, None);
         let (rows, step_teacher, step_loss) = match self.on_policy.as_mut().filter(|_| on_step) {
             Some(op) => {
                 progress.message("on-policy: sampling");
@@ -249,7 +251,8 @@ where
                     self.rows_per_step,
                     &self.device,
                 )?;
-                log_rollouts(&mut extra, &rollouts, sampled);
+                log_rollouts(&mut extra, &rollouts);
+                sampling = sampled;
                 progress.message("on-policy: grading");
                 let graded = Instant::now();
                 let rows = op.rows(&rollouts, self.pad_id)?;
@@ -272,7 +275,6 @@ where
         if on_step {
             progress.message("on-policy: training");
         }
-        let trained = Instant::now();
         let lr = learning_rate(t, step, self.state.total_steps);
         let mut since = Instant::now();
         let device = &self.device;
@@ -299,7 +301,8 @@ where
             extra.insert("on_policy".into(), on_step.into());
         }
         if on_step {
-            log_step_split(&mut extra, started, trained, scoring);
+            self.phases
+                .add(started.elapsed().as_secs_f64(), scoring, sampling);
         }
         self.state.step += 1;
         progress.advance(1);
@@ -313,6 +316,9 @@ where
         let tokens_per_s = outcome.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let at = self.state.step;
         if at.is_multiple_of(t.log_every.max(1)) || at == self.state.total_steps {
+            if self.on_policy.is_some() {
+                self.phases.drain_into(&mut extra);
+            }
             let record = MetricsRecord {
                 step: at as u64,
                 loss: outcome.loss,
@@ -517,30 +523,52 @@ fn log_record(metrics: &mut MetricsLog, tb: &mut EventWriter, r: &MetricsRecord)
     Ok(tb.flush()?)
 }
 
-/// An on-policy step's split into sampling (`gen_s`, already in `extra` on steps that
-/// sampled), teacher scoring (`scoring` seconds) and the rest of the optimizer step, which
-/// began at `trained`; the step began at `started`.
-fn log_step_split(
-    extra: &mut serde_json::Map<String, serde_json::Value>,
-    started: Instant,
-    trained: Instant,
-    scoring: f64,
-) {
-    let total = started.elapsed().as_secs_f64().max(1e-9);
-    let sampling = extra.get("gen_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
-    let training = (trained.elapsed().as_secs_f64() - scoring).max(0.0);
-    extra.insert("score_s".into(), scoring.into());
-    extra.insert("gen_share".into(), (sampling / total).into());
-    extra.insert("score_share".into(), (scoring / total).into());
-    extra.insert("train_share".into(), (training / total).into());
+/// On-policy phases summed over the steps since the last metrics line, so that a line's split
+/// covers every step it stands for: with `buffer_steps` > 1 only some steps sample, and
+/// they need not be the ones logged.
+#[derive(Default)]
+struct PhaseWindow {
+    /// Whole on-policy steps, the sampling within them, and the teacher's scoring.
+    step_s: f64,
+    gen_s: f64,
+    score_s: f64,
+    gen_tokens: usize,
 }
 
-/// An on-policy step's sampling figures for its metrics line: mean completion length, the
-/// share cut at max_new_tokens and, on steps that sampled, the seconds and tokens per second.
+impl PhaseWindow {
+    fn add(&mut self, step_s: f64, scoring: f64, sampled: Option<RolloutStats>) {
+        self.step_s += step_s;
+        self.score_s += scoring;
+        if let Some(s) = sampled {
+            self.gen_s += s.seconds;
+            self.gen_tokens += s.new_tokens;
+        }
+    }
+
+    /// `gen_s`, `score_s`, `gen_tokens_per_s` (when the window sampled) and the window's split
+    /// into `gen_share`, `score_share` and `train_share`; then an empty window.
+    fn drain_into(&mut self, extra: &mut serde_json::Map<String, serde_json::Value>) {
+        let w = std::mem::take(self);
+        if w.step_s <= 0.0 {
+            return;
+        }
+        let training = (w.step_s - w.gen_s - w.score_s).max(0.0);
+        extra.insert("gen_s".into(), w.gen_s.into());
+        extra.insert("score_s".into(), w.score_s.into());
+        if w.gen_s > 0.0 {
+            extra.insert("gen_tokens_per_s".into(), (w.gen_tokens as f64 / w.gen_s).into());
+        }
+        extra.insert("gen_share".into(), (w.gen_s / w.step_s).into());
+        extra.insert("score_share".into(), (w.score_s / w.step_s).into());
+        extra.insert("train_share".into(), (training / w.step_s).into());
+    }
+}
+
+/// An on-policy step's rollouts for its metrics line: mean completion length and the share
+/// cut at max_new_tokens.
 fn log_rollouts(
     extra: &mut serde_json::Map<String, serde_json::Value>,
     rollouts: &[crate::on_policy::Rollout],
-    sampled: Option<crate::on_policy::RolloutStats>,
 ) {
     let n = rollouts.len().max(1) as f64;
     let tokens: usize = rollouts.iter().map(|r| r.completion.len()).sum();
@@ -550,13 +578,6 @@ fn log_rollouts(
         .count();
     extra.insert("sample_len".into(), (tokens as f64 / n).into());
     extra.insert("truncated_share".into(), (cut as f64 / n).into());
-    if let Some(s) = sampled {
-        extra.insert("gen_s".into(), s.seconds.into());
-        extra.insert(
-            "gen_tokens_per_s".into(),
-            (s.new_tokens as f64 / s.seconds.max(1e-9)).into(),
-        );
-    }
 }
 
 fn pad_token(tokenizer: &TextTokenizer) -> u32 {

@@ -321,6 +321,31 @@ fn on_policy_distillation_lowers_the_held_out_reverse_kl() {
     }
 }
 
+/// A metrics line's sampling figures and split cover every step since the previous line:
+/// with a buffer of two steps and a line every two, each line stands for one step that sampled
+/// and one that did not, whichever of them is logged.
+#[test]
+fn on_policy_metrics_lines_count_the_sampling_of_every_step_they_stand_for() {
+    let out = tempfile::tempdir().unwrap();
+    let r = on_policy_recipe(
+        out.path(),
+        &[
+            "on_policy.buffer_steps=2",
+            "train.log_every=2",
+            "train.max_steps=4",
+        ],
+    );
+    let report = run(&r, false, None);
+    let log = crate::metrics::read_metrics(&report.run_dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(log.iter().map(|l| l.step).collect::<Vec<_>>(), [2, 4]);
+    for line in &log {
+        let x = |k: &str| line.extra[k].as_f64().unwrap_or_else(|| panic!("{k}: {line:?}"));
+        assert!(x("gen_s") > 0.0 && x("gen_tokens_per_s") > 0.0, "{line:?}");
+        let shares = x("gen_share") + x("score_share") + x("train_share");
+        assert!((shares - 1.0).abs() < 1e-9 && x("gen_share") > 0.0, "{line:?}");
+    }
+}
+
 /// Steps are drawn on-policy with probability `share`, the same draw on every run.
 #[test]
 fn on_policy_steps_follow_the_share() {
