@@ -112,7 +112,7 @@ models() {
 teacher() {
     stamp "teacher: SFT of SmolLM2-135M on the program's traces"
     train_run teacher $W/runs/teacher --recipe $X/teacher.toml "${TEACHER[@]}"
-    stamp "student: every ${KEEP_EVERY}th layer of the teacher"
+    stamp "student: the teacher with --keep-every $KEEP_EVERY (one layer in $KEEP_EVERY)"
     $D init-student --from $W/runs/teacher/final --out $W/student --keep-every $KEEP_EVERY --force
 }
 
