@@ -58,6 +58,13 @@ def train_seconds(work: Path) -> dict:
             label, ms = line.split("\t")
             # A run resumed across calls of run.sh has a line per call.
             times[label] = times.get(label, 0.0) + int(ms) / 1000
+    # A training run's own count (train_s on its metrics lines) includes calls that were
+    # stopped before run.sh could time them.
+    for metrics in work.glob("runs/*/runs/metrics.jsonl"):
+        lines = metrics.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        if "train_s" in last:
+            times[metrics.parent.parent.name] = last["train_s"]
     return times
 
 

@@ -126,6 +126,10 @@ fn print_summary(r: &TrainReport) {
             r.skipped_steps
         );
     }
+    println!(
+        "time: {:.0} s in steps 1-{} (resumed calls included)",
+        r.train_seconds, r.steps
+    );
     if let Some(op) = &r.on_policy {
         let show = |kl: Option<f64>| kl.map_or("-".to_string(), |kl| format!("{kl:.4}"));
         println!(

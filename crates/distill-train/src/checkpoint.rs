@@ -135,6 +135,11 @@ pub struct TrainState {
     pub skipped_steps: usize,
     pub recipe_hash: String,
     pub tokenizer_sha256: String,
+    /// Wall-clock seconds of the completed steps, summed over the calls that ran them (steps
+    /// an interruption lost, and time outside steps, are not counted). Absent in checkpoints
+    /// written before it was recorded: 0 there.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +320,7 @@ mod tests {
             skipped_steps: 0,
             recipe_hash: "h".into(),
             tokenizer_sha256: "t".into(),
+            train_seconds: 0.0,
         }
     }
 

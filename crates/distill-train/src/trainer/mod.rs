@@ -72,6 +72,9 @@ pub struct TrainReport {
     pub soft_labels: Option<SoftStats>,
     /// What on-policy distillation did, when `[on_policy] share` > 0.
     pub on_policy: Option<OnPolicyReport>,
+    /// Wall-clock seconds of the run's steps so far, resumed calls included
+    /// ([`crate::checkpoint::TrainState::train_seconds`]).
+    pub train_seconds: f64,
 }
 
 pub struct TrainOptions<'a> {

@@ -134,6 +134,7 @@ where
             skipped_steps: 0,
             recipe_hash: recipe.hash(),
             tokenizer_sha256: tokenizer.hash.clone(),
+            train_seconds: 0.0,
         };
         if let Some(dir) = resume_from {
             let loaded = checkpoint::load(&dir)?;
@@ -305,6 +306,7 @@ where
                 .add(started.elapsed().as_secs_f64(), scoring, sampling);
         }
         self.state.step += 1;
+        self.state.train_seconds += started.elapsed().as_secs_f64();
         progress.advance(1);
         if !outcome.applied {
             return self.skipped(model);
@@ -319,6 +321,7 @@ where
             if self.on_policy.is_some() {
                 self.phases.drain_into(&mut extra);
             }
+            extra.insert("train_s".into(), self.state.train_seconds.into());
             let record = MetricsRecord {
                 step: at as u64,
                 loss: outcome.loss,
@@ -435,6 +438,7 @@ where
             export,
             run_dir: self.run_dir,
             stats: self.stats,
+            train_seconds: self.state.train_seconds,
             soft_labels: self.soft_labels,
             on_policy: self.on_policy.map(|op| op.report),
         })

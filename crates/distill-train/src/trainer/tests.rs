@@ -183,6 +183,18 @@ fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
     assert!(
         adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists()
     );
+    // The time in steps carries over from the checkpoint: the resumed call's step 4 counts the
+    // first call's steps 1-3 too, and the run's total is its last line's.
+    let log = crate::metrics::read_metrics(&rest.run_dir.join("metrics.jsonl")).unwrap();
+    let train_s = |l: &crate::metrics::MetricsRecord| l.extra["train_s"].as_f64().unwrap();
+    let at_3 = train_s(log.iter().find(|l| l.step == 3).unwrap());
+    let resumed: Vec<f64> = log.iter().rev().take(4).rev().map(train_s).collect();
+    assert!(
+        at_3 > 0.0 && resumed[0] > at_3,
+        "step 3 at {at_3} s, resumed {resumed:?}"
+    );
+    assert!(resumed.windows(2).all(|w| w[1] > w[0]), "{resumed:?}");
+    assert_eq!(resumed[3], rest.train_seconds);
 }
 
 /// A mid-run export is the model at its step: under a constant schedule, the same file as the
@@ -418,6 +430,7 @@ fn earlier_run(r: &Recipe, step: usize) -> PathBuf {
         skipped_steps: 0,
         recipe_hash: r.hash(),
         tokenizer_sha256: "t".into(),
+        train_seconds: 0.0,
     };
     let none = HostTensors::new();
     checkpoint::save(&root, &state, &none, &none, &r.to_toml(), &[], 2).unwrap();
