@@ -1299,8 +1299,7 @@ mod tests {
     /// table under f32 Flex), and the whole forward would otherwise run in the table's dtype.
     #[test]
     fn embeddings_come_out_in_the_backend_float_dtype() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
-        let config = DecoderConfig::from_dir(&dir).unwrap();
+        let config = DecoderConfig::from_dir(&crate::test_util::fixtures().join("tiny-qwen2")).unwrap();
         let device = Default::default();
         let mut model = CausalLm::<Flex>::init(&config, &device);
         model.model.embed_tokens.weight = model
@@ -1449,8 +1448,7 @@ mod tests {
     }
 
     fn tiny_qwen2() -> DecoderConfig {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2");
-        DecoderConfig::from_dir(&dir).unwrap()
+        DecoderConfig::from_dir(&crate::test_util::fixtures().join("tiny-qwen2")).unwrap()
     }
 
     /// A 100-token prefill, then 500 single steps across the buffers' growth past 256 and 512

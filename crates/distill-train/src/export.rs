@@ -216,14 +216,11 @@ mod tests {
     /// Export then reload through the loader that matches transformers: same logits.
     #[test]
     fn exported_directory_reloads_to_the_same_logits() {
-        let fixture = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/tiny-llama"
-        ));
+        let fixture = crate::test_fixtures().join("tiny-llama");
         let device = Default::default();
-        let model = CausalLm::<Flex>::load(fixture, &device).unwrap();
+        let model = CausalLm::<Flex>::load(&fixture, &device).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let dir = export_hf(&model, fixture, &out.path().join("final")).unwrap();
+        let dir = export_hf(&model, &fixture, &out.path().join("final")).unwrap();
         let reloaded = CausalLm::<Flex>::load(&dir, &device).unwrap();
         let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![3i64, 99, 4, 250], [1, 4]), &device);
         let a: Vec<f32> = model.forward(ids.clone()).into_data().to_vec().unwrap();

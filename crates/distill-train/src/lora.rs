@@ -132,10 +132,7 @@ mod tests {
     type AD = Autodiff<Flex>;
 
     fn fixture() -> std::path::PathBuf {
-        std::path::PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/tiny-qwen2"
-        ))
+        crate::test_fixtures().join("tiny-qwen2")
     }
 
     fn ids() -> Tensor<Flex, 2, Int> {

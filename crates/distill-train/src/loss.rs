@@ -705,8 +705,7 @@ mod tests {
     }
 
     fn fixture_at(name: &str) -> Fixture {
-        let path = format!("{}/../../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let bytes = std::fs::read(path).unwrap();
+        let bytes = std::fs::read(crate::test_fixtures().join(name)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut fx = Fixture {
             f32s: HashMap::new(),

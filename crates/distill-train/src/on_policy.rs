@@ -522,9 +522,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures")
-            .join(name)
+        crate::test_fixtures().join(name)
     }
 
     /// A served teacher's grades, made here from the local teacher exactly as a server computes

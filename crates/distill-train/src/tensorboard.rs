@@ -508,10 +508,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn fixtures() -> PathBuf {
-        std::env::var_os("DISTILL_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-            .join("tensorboard")
+        crate::test_fixtures().join("tensorboard")
     }
 
     /// A clock that starts at `start` and advances by a quarter second per reading; quarters
