@@ -301,12 +301,12 @@ where
         if self.on_policy.is_some() {
             extra.insert("on_policy".into(), on_step.into());
         }
+        let step_s = started.elapsed().as_secs_f64();
         if on_step {
-            self.phases
-                .add(started.elapsed().as_secs_f64(), scoring, sampling);
+            self.phases.add(step_s, scoring, sampling);
         }
         self.state.step += 1;
-        self.state.train_seconds += started.elapsed().as_secs_f64();
+        self.state.train_seconds += step_s;
         progress.advance(1);
         if !outcome.applied {
             return self.skipped(model);
@@ -315,7 +315,7 @@ where
         self.state.adam_t = self.opt.t;
         self.state.tokens_seen += outcome.tokens as u64;
         self.losses.push(outcome.loss);
-        let tokens_per_s = outcome.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = outcome.tokens as f64 / step_s.max(1e-9);
         let at = self.state.step;
         if at.is_multiple_of(t.log_every.max(1)) || at == self.state.total_steps {
             if self.on_policy.is_some() {
