@@ -1,5 +1,5 @@
-//! Support for the workspace's tests, in one place: when a GPU test may skip, a small seeded
-//! generator for test inputs, and a snapshot of a directory (to show a refused command
+//! Support for the workspace's tests, in one place: where the fixtures are, when a GPU test may
+//! skip, a small seeded generator for test inputs, and a snapshot of a directory (to show a refused command
 //! touched nothing). No burn dependency: the rule and the generator are plain
 //! logic, used by the CPU and the CUDA builds alike.
 
@@ -113,6 +113,14 @@ pub fn snapshot(dir: &std::path::Path) -> Vec<FileState> {
     }
     out.sort();
     out
+}
+
+/// The repository's tests/fixtures, or $DISTILL_FIXTURES when a test binary runs away from
+/// the source tree it was built in (as on the GPU machine).
+pub fn fixtures() -> std::path::PathBuf {
+    std::env::var_os("DISTILL_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ mod tests {
 
     /// Each case's tensors from tests/fixtures/nf4 (bitsandbytes 0.50.2): raw bytes by name.
     fn reference() -> std::collections::HashMap<String, (Vec<usize>, Vec<u8>)> {
-        let path = crate::test_fixtures().join("nf4/reference.safetensors");
+        let path = distill_core::testing::fixtures().join("nf4/reference.safetensors");
         let bytes = std::fs::read(&path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         st.tensors()

@@ -1,17 +1,10 @@
 //! Fixtures shared by this crate's tests: tiny HF models made by tests/fixtures/make_fixtures.py.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
-/// tests/fixtures, or $DISTILL_FIXTURES when the test binary runs away from the source tree
-/// (as on the GPU machine).
-pub fn fixtures() -> PathBuf {
-    std::env::var_os("DISTILL_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
+pub use distill_core::testing::fixtures;
 
 /// A reference tensor from reference.safetensors, as f64 whatever its storage.
 pub struct RefTensor {

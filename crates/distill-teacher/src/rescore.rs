@@ -166,7 +166,7 @@ fn check_shared_vocabulary(
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     use burn::backend::Flex;
     use distill_core::Recipe;
@@ -176,11 +176,7 @@ mod tests {
     use super::*;
     use distill_core::progress::Silent;
 
-    fn fixtures() -> PathBuf {
-        std::env::var_os("DISTILL_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-    }
+    use distill_core::testing::fixtures;
 
     fn copy_dataset(to: &Path) {
         std::fs::create_dir_all(to).unwrap();

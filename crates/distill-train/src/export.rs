@@ -216,7 +216,7 @@ mod tests {
     /// Export then reload through the loader that matches transformers: same logits.
     #[test]
     fn exported_directory_reloads_to_the_same_logits() {
-        let fixture = crate::test_fixtures().join("tiny-llama");
+        let fixture = distill_core::testing::fixtures().join("tiny-llama");
         let device = Default::default();
         let model = CausalLm::<Flex>::load(&fixture, &device).unwrap();
         let out = tempfile::tempdir().unwrap();

@@ -132,7 +132,7 @@ mod tests {
     type AD = Autodiff<Flex>;
 
     fn fixture() -> std::path::PathBuf {
-        crate::test_fixtures().join("tiny-qwen2")
+        distill_core::testing::fixtures().join("tiny-qwen2")
     }
 
     fn ids() -> Tensor<Flex, 2, Int> {

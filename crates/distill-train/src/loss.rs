@@ -705,7 +705,7 @@ mod tests {
     }
 
     fn fixture_at(name: &str) -> Fixture {
-        let bytes = std::fs::read(crate::test_fixtures().join(name)).unwrap();
+        let bytes = std::fs::read(distill_core::testing::fixtures().join(name)).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut fx = Fixture {
             f32s: HashMap::new(),

@@ -522,7 +522,7 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> std::path::PathBuf {
-        crate::test_fixtures().join(name)
+        distill_core::testing::fixtures().join(name)
     }
 
     /// A served teacher's grades, made here from the local teacher exactly as a server computes

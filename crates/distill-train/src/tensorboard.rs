@@ -508,7 +508,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn fixtures() -> PathBuf {
-        crate::test_fixtures().join("tensorboard")
+        distill_core::testing::fixtures().join("tensorboard")
     }
 
     /// A clock that starts at `start` and advances by a quarter second per reading; quarters

@@ -1,5 +1,5 @@
 use burn::backend::Flex;
-use distill_core::testing::snapshot;
+use distill_core::testing::{fixtures, snapshot};
 
 use std::path::Path;
 
@@ -7,10 +7,6 @@ use distill_models::CausalLm;
 
 use super::*;
 use crate::checkpoint::{HostTensors, TrainState};
-
-fn fixtures() -> PathBuf {
-    crate::test_fixtures()
-}
 
 fn recipe(out: &Path, extra: &[&str]) -> Recipe {
     let fx = fixtures();
