@@ -903,14 +903,53 @@ impl<B: Kernels> DecoderLayer<B> {
         ctx: &Context<B>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
-        // The norms' outputs (which hold their inputs) are gone before each residual add.
+        self.mlp_residual(self.attention_residual(x, ctx, cache))
+    }
+
+    /// The block's first half: x [B, T, C] -> x + o_proj(attention(norm(x))) [B, T, C].
+    pub fn attention_residual(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &Context<B>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        // The norm's output (which holds its input) is gone before the residual add.
         let y = self
             .self_attn
             .attend(&self.input_layernorm.forward_normed(x.clone()), ctx, cache);
-        let h = self.self_attn.o_proj.forward_residual(x, y);
+        self.self_attn.o_proj.forward_residual(x, y)
+    }
+
+    /// The block's second half: h [B, T, C] -> h + mlp(norm(h)) [B, T, C]. Each token on its
+    /// own, so it may run over any split of the tokens.
+    pub fn mlp_residual(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.post_attention_layernorm.forward_normed(h.clone());
         self.mlp.forward_residual(h, normed)
     }
+
+    /// [`DecoderLayer::forward`] (no KV cache) with the MLP half over at most `chunk` tokens at
+    /// a time (0: all at once): its [tokens, intermediate] activations are a block's largest
+    /// at long sequence lengths. The same values up to the split of the work.
+    pub fn forward_mlp_chunked(&self, x: Tensor<B, 3>, ctx: &Context<B>, chunk: usize) -> Tensor<B, 3> {
+        let h = self.attention_residual(x, ctx, None);
+        let [b, t, c] = h.dims();
+        let spans = token_chunks(b * t, chunk);
+        if spans.len() < 2 {
+            return self.mlp_residual(h);
+        }
+        let flat = h.reshape([1, b * t, c]);
+        let parts = spans
+            .into_iter()
+            .map(|s| self.mlp_residual(flat.clone().slice([0..1, s, 0..c])))
+            .collect();
+        Tensor::cat(parts, 1).reshape([b, t, c])
+    }
+}
+
+/// `0..n` in consecutive spans of at most `chunk` (0: one span).
+pub fn token_chunks(n: usize, chunk: usize) -> Vec<std::ops::Range<usize>> {
+    let chunk = if chunk == 0 { n.max(1) } else { chunk };
+    (0..n).step_by(chunk).map(|s| s..(s + chunk).min(n)).collect()
 }
 
 /// Token embeddings [V, C] (same layout as HF).

@@ -57,6 +57,10 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Recompute each transformer block in backward instead of keeping its activations.
     pub recompute: bool,
+    /// With `recompute`, a block's MLP runs over at most this many tokens of the micro-batch at
+    /// a time, forward and backward (0: all at once). Its [tokens, intermediate] activations
+    /// are a block's largest at long sequence lengths; below this many tokens nothing changes.
+    pub mlp_chunk_tokens: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     /// Every this many steps, also write the student as an HF model to `exports/step-N/`
@@ -89,6 +93,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             max_grad_norm: 1.0,
             recompute: true,
+            mlp_chunk_tokens: 8192,
             checkpoint_every: 200,
             keep_checkpoints: 2,
             export_every: 0,

@@ -7,7 +7,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use distill_core::Recipe;
 use distill_data::examples::{self as data, Example, IGNORE, Row};
 use distill_kernels::KeyRanges;
-use distill_models::transformer::Context;
+use distill_models::transformer::{Context, DecoderLayer, token_chunks};
 use distill_models::{CausalLm, Kernels};
 
 use super::teacher::{Teacher, teacher_targets};
@@ -225,7 +225,9 @@ where
     for layer in layers {
         x = if recipe.train.recompute {
             xs.push(x.clone());
-            layer.valid().forward(x, &ctx, None)
+            layer
+                .valid()
+                .forward_mlp_chunked(x, &ctx, recipe.train.mlp_chunk_tokens)
         } else {
             let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
             let y = layer.forward(leaf.clone(), &ctx_ad, None);
@@ -278,12 +280,22 @@ where
     // their own sizes, they stayed reserved beside the gradients (1.5B full fine-tuning: 40.5
     // -> 35.2 GiB peak). The loss's chunk buffers go first.
     B::trim_memory(device);
+    let chunk = recipe.train.mlp_chunk_tokens;
     for layer in layers.iter().rev() {
         let (leaf, y) = if recipe.train.recompute {
             let x = xs.pop().expect("one input per layer");
             let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
-            let y = layer.forward(leaf.clone(), &ctx_ad, None);
-            (leaf, y)
+            let [r, t, _] = leaf.dims();
+            if token_chunks(r * t, chunk).len() > 1 {
+                // The MLP half first, chunk by chunk, each chunk's graph gone before the next;
+                // then the attention half with the gradient at its output.
+                let h = layer.attention_residual(leaf.clone(), &ctx_ad, None);
+                g = mlp_backward_chunked(layer, h.clone().inner(), g, chunk, grads);
+                (leaf, h)
+            } else {
+                let y = layer.forward(leaf.clone(), &ctx_ad, None);
+                (leaf, y)
+            }
         } else {
             kept.pop().expect("one graph per layer")
         };
@@ -300,6 +312,35 @@ where
     }
     phase("backward");
     Ok((out.total, out.ce, out.kl))
+}
+
+/// Backward through `layer`'s MLP half (h -> h + mlp(norm(h))) at h [R, T, C], given the
+/// gradient g at its output, over at most `chunk` tokens at a time: adds the parameters'
+/// gradients to `grads`, returns the gradient at h [R, T, C].
+fn mlp_backward_chunked<B: Kernels>(
+    layer: &DecoderLayer<Ad<B>>,
+    h: Tensor<B, 3>,
+    g: Tensor<B, 3>,
+    chunk: usize,
+    grads: &mut GradStore<B>,
+) -> Tensor<B, 3>
+where
+    Ad<B>: Kernels,
+{
+    let [r, t, c] = h.dims();
+    let (h, g) = (h.reshape([1, r * t, c]), g.reshape([1, r * t, c]));
+    let parts = token_chunks(r * t, chunk)
+        .into_iter()
+        .map(|s| {
+            let at = [0..1, s, 0..c];
+            let leaf = Tensor::<Ad<B>, 3>::from_inner(h.clone().slice(at.clone())).require_grad();
+            let out = layer.mlp_residual(leaf.clone());
+            let chunk_grads = (out * Tensor::from_inner(g.clone().slice(at))).sum().backward();
+            collect_grads(layer, &chunk_grads, grads);
+            leaf.grad(&chunk_grads).expect("the chunk is a leaf")
+        })
+        .collect();
+    Tensor::cat(parts, 1).reshape([r, t, c])
 }
 
 fn param_is_trainable<B: Backend, const D: usize>(p: &Param<Tensor<B, D>>) -> bool {
