@@ -85,6 +85,9 @@ pub struct Args {
     /// Tokens per loss chunk ([loss] chunk_tokens).
     #[arg(long, default_value_t = 1024)]
     pub(crate) chunk_tokens: usize,
+    /// With recompute, tokens per MLP chunk ([train] mlp_chunk_tokens; 0: all at once).
+    #[arg(long, default_value_t = 8192)]
+    pub(crate) mlp_chunk_tokens: usize,
     /// Recompute blocks in backward ([train] recompute): on, off, or auto (on above 4B
     /// matmul parameters, as the PyTorch baseline enables gradient checkpointing).
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]

@@ -36,6 +36,8 @@ pub struct TrainBench {
     /// local_model` in a recipe).
     pub local_teacher: Option<BaseQuant>,
     pub chunk_tokens: usize,
+    /// With recompute, tokens per MLP chunk ([train] mlp_chunk_tokens).
+    pub mlp_chunk_tokens: usize,
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
@@ -56,6 +58,7 @@ impl TrainBench {
             format!("train.seed={}", self.seed),
             "train.lr=1e-5".into(),
             format!("loss.chunk_tokens={}", self.chunk_tokens),
+            format!("train.mlp_chunk_tokens={}", self.mlp_chunk_tokens),
             format!(
                 "loss.kd_ratio={}",
                 if self.top_k > 0 || self.local_teacher.is_some() {
