@@ -88,6 +88,9 @@ pub struct Args {
     /// With recompute, tokens per MLP chunk ([train] mlp_chunk_tokens; 0: all at once).
     #[arg(long, default_value_t = 8192)]
     pub(crate) mlp_chunk_tokens: usize,
+    /// With recompute, park the block inputs in host memory ([train] offload_block_inputs).
+    #[arg(long)]
+    pub(crate) offload_block_inputs: bool,
     /// Recompute blocks in backward ([train] recompute): on, off, or auto (on above 4B
     /// matmul parameters, as the PyTorch baseline enables gradient checkpointing).
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]

@@ -38,6 +38,8 @@ pub struct TrainBench {
     pub chunk_tokens: usize,
     /// With recompute, tokens per MLP chunk ([train] mlp_chunk_tokens).
     pub mlp_chunk_tokens: usize,
+    /// With recompute, block inputs in host memory ([train] offload_block_inputs).
+    pub offload_block_inputs: bool,
     pub warmup: usize,
     pub steps: usize,
     pub seed: u64,
@@ -59,6 +61,7 @@ impl TrainBench {
             "train.lr=1e-5".into(),
             format!("loss.chunk_tokens={}", self.chunk_tokens),
             format!("train.mlp_chunk_tokens={}", self.mlp_chunk_tokens),
+            format!("train.offload_block_inputs={}", self.offload_block_inputs),
             format!(
                 "loss.kd_ratio={}",
                 if self.top_k > 0 || self.local_teacher.is_some() {

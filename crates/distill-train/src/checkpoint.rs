@@ -37,6 +37,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     // Memory knobs: the same values up to float rounding (tested for recompute).
     "train.recompute",
     "train.mlp_chunk_tokens",
+    "train.offload_block_inputs",
     "loss.chunk_tokens",
     // Settings training does not read (on-policy steps read a few: `may_change_on_resume`):
     // the teacher's API, gen-data's requests, soft-label capture, eval. (The dataset on disk is what trains; gen-data guards its own changes.)

@@ -61,6 +61,9 @@ pub struct TrainSection {
     /// a time, forward and backward (0: all at once). Its [tokens, intermediate] activations
     /// are a block's largest at long sequence lengths; below this many tokens nothing changes.
     pub mlp_chunk_tokens: usize,
+    /// With `recompute`, keep the block inputs in host memory between the forward and the
+    /// backward instead of on the device, copied beside the compute.
+    pub offload_block_inputs: bool,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     /// Every this many steps, also write the student as an HF model to `exports/step-N/`
@@ -94,6 +97,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             recompute: true,
             mlp_chunk_tokens: 8192,
+            offload_block_inputs: false,
             checkpoint_every: 200,
             keep_checkpoints: 2,
             export_every: 0,

@@ -10,6 +10,7 @@
 //! each segment through `sum(y * g)`, whose gradient w.r.t. y is g. With `recompute = false`
 //! the forward keeps each block's graph instead of recomputing it.
 
+mod offload;
 mod run;
 mod step;
 mod teacher;
@@ -54,6 +55,10 @@ pub enum TrainError {
     SoftLabels(#[from] SoftTargetError),
     #[error("{0}")]
     Refused(String),
+    /// A block input parked in host memory could not be copied out or back
+    /// (`train.offload_block_inputs`).
+    #[error("train.offload_block_inputs: {0}")]
+    Offload(String),
 }
 
 /// What a finished (or stopped) run reports.

@@ -10,6 +10,7 @@ use distill_kernels::KeyRanges;
 use distill_models::transformer::{Context, DecoderLayer, token_chunks};
 use distill_models::{CausalLm, Kernels};
 
+use super::offload::BlockInputs;
 use super::teacher::{Teacher, teacher_targets};
 use super::{Ad, TrainError};
 use crate::lora;
@@ -219,7 +220,7 @@ where
     let layers = &model.model.layers;
 
     // Forward: keep block inputs only (or each block's graph when not recomputing).
-    let mut xs: Vec<Tensor<B, 3>> = Vec::new();
+    let mut xs = BlockInputs::<B>::new(recipe.train.recompute && recipe.train.offload_block_inputs);
     let mut kept: Vec<BlockGraph<B>> = Vec::new();
     let mut x = model.valid().embed(ids.clone()); // [R, T, C]
     for layer in layers {
@@ -283,7 +284,7 @@ where
     let chunk = recipe.train.mlp_chunk_tokens;
     for layer in layers.iter().rev() {
         let (leaf, y) = if recipe.train.recompute {
-            let x = xs.pop().expect("one input per layer");
+            let x = xs.pop().map_err(TrainError::Offload)?;
             let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
             let [r, t, _] = leaf.dims();
             if token_chunks(r * t, chunk).len() > 1 {
