@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Sets `distill bench` rows beside the PyTorch baseline's: one Markdown table per run.
 
-    python3 bench/compare.py DISTILL.jsonl PYTORCH.jsonl [--out TABLE.md]
+    python3 bench/compare.py DISTILL.jsonl PYTORCH.jsonl [--liger LIGER.jsonl] [--out TABLE.md]
+
+With --liger (bench.py --liger's rows: PyTorch with Liger's kernels), its tok/s, peak and
+distill's ratio to it get columns of their own.
 
 Rows match on (bench, model, case); B5 rows on (model, mode). MFU is recomputed for both
 sides against one peak: the best GEMM either framework measured in the run (the peak case
@@ -54,14 +57,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("distill")
     p.add_argument("pytorch")
+    p.add_argument("--liger")
     p.add_argument("--out")
     a = p.parse_args()
     ours, theirs = load(a.distill), load(a.pytorch)
+    liger = load(a.liger) if a.liger else []
     peaks = [r["tflops"] for r in ours + theirs if is_peak(r) and isinstance(r.get("tflops"), (int, float))]
     peak = max(peaks) if peaks else None
     by_key = {}
     order = []
-    for side, rows in (("d", ours), ("t", theirs)):
+    for side, rows in (("d", ours), ("t", theirs), ("l", liger)):
         for r in rows:
             if r.get("bench") == "peak":
                 continue
@@ -80,6 +85,10 @@ def main():
     versions = {}
     for fw, v in first("version"):
         versions.setdefault(fw, v)
+    for r in liger:
+        if r.get("version"):
+            versions.setdefault(r.get("framework"), r["version"])
+            break
     out = []
     out.append(f"### distill vs PyTorch, {datetime.date.today().isoformat()}, {', '.join(devices) or 'unknown device'}")
     out.append("")
@@ -100,18 +109,26 @@ def main():
             return f"{dv / tv:.2f}"
         return "-"
 
-    out.append("| bench | model | case | distill tok/s | PyTorch tok/s | ratio | distill TFLOP/s | PyTorch TFLOP/s "
-               "| distill MFU | PyTorch MFU | distill peak GiB | PyTorch peak GiB |")
-    out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| bench | model | case | distill tok/s | PyTorch tok/s | ratio | distill TFLOP/s | PyTorch TFLOP/s "
+            "| distill MFU | PyTorch MFU | distill peak GiB | PyTorch peak GiB |")
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if liger:
+        head += " + Liger tok/s | ratio to Liger | + Liger peak GiB |"
+        rule += "---:|---:|---:|"
+    out.append(head)
+    out.append(rule)
     for k in order:
         if k[0] == "B5":
             continue
-        d, t = by_key[k].get("d"), by_key[k].get("t")
+        d, t, lg = by_key[k].get("d"), by_key[k].get("t"), by_key[k].get("l")
         field = "tflops" if k[0] == "B1" else "tokens_per_s"
         case = str(k[2]).replace("|", "\\|")
-        out.append(f"| {k[0]} | {k[1]} | {case} | {num(d, 'tokens_per_s', 0)} | {num(t, 'tokens_per_s', 0)} "
-                   f"| {ratio(d, t, field)} | {num(d, 'tflops')} | {num(t, 'tflops')} | {mfu(d)} | {mfu(t)} "
-                   f"| {num(d, 'peak_gib', 2)} | {num(t, 'peak_gib', 2)} |")
+        line = (f"| {k[0]} | {k[1]} | {case} | {num(d, 'tokens_per_s', 0)} | {num(t, 'tokens_per_s', 0)} "
+                f"| {ratio(d, t, field)} | {num(d, 'tflops')} | {num(t, 'tflops')} | {mfu(d)} | {mfu(t)} "
+                f"| {num(d, 'peak_gib', 2)} | {num(t, 'peak_gib', 2)} |")
+        if liger:
+            line += f" {num(lg, 'tokens_per_s', 0)} | {ratio(d, lg, field)} | {num(lg, 'peak_gib', 2)} |"
+        out.append(line)
     b5 = [k for k in order if k[0] == "B5"]
     if b5:
         out.append("")

@@ -20,6 +20,9 @@
 # (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
 # Each stage runs distill, then PyTorch, each under a time limit taken from what is left of
 # the budget; a stage cut short keeps the rows it finished (rows are written as they come).
+# Training stages run PyTorch a second time with Liger's kernels (bench.py --liger) when
+# liger_kernel imports (carry its wheel: docs/PERFORMANCE.md), unless LIGER=0; table.md then
+# has their columns too.
 set -u -o pipefail
 
 quick=0
@@ -71,6 +74,10 @@ s7="--config $cfg/qwen2.5-7b"
   "$distill" --version
 } | tee "$out/env.txt"
 
+liger=0
+if [ "${LIGER:-1}" != 0 ] && "$py" -c 'import liger_kernel' 2>/dev/null; then liger=1; fi
+echo "Liger twin: $([ $liger = 1 ] && echo on || echo "off (LIGER=0, or liger_kernel does not import)")" | tee -a "$out/env.txt"
+
 start=$SECONDS
 peak_d=""
 peak_t=""
@@ -101,6 +108,18 @@ stage() {
   timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${peak_t:+--peak-tflops $peak_t} \
     --json "$out/t-$tag.jsonl" > "$out/t-$tag.log" 2>&1
   echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/t-$tag.jsonl" 2>/dev/null || echo 0) rows"
+  case "$1" in lora|full|train|B3|B4) ;; *) return ;; esac
+  [ "$liger" = 1 ] || return
+  left=$((budget - (SECONDS - start)))
+  t=$(( left < cap ? left : cap ))
+  if [ "$t" -lt 15 ]; then
+    echo "   Liger skipped: ${left}s left" | tee -a "$out/skipped.txt"
+    return
+  fi
+  echo "== $name (PyTorch + Liger, limit ${t}s)"
+  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" --liger ${peak_t:+--peak-tflops $peak_t} \
+    --json "$out/l-$tag.jsonl" > "$out/l-$tag.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/l-$tag.jsonl" 2>/dev/null || echo 0) rows"
 }
 
 # The matmul peak each side measured in the first stage, passed on so later stages skip it.
@@ -149,8 +168,10 @@ fi
 
 cat "$out"/d-*.jsonl > "$out/distill.jsonl" 2>/dev/null
 cat "$out"/t-*.jsonl > "$out/pytorch.jsonl" 2>/dev/null
+cat "$out"/l-*.jsonl > "$out/liger.jsonl" 2>/dev/null
 echo
-"$py" bench/compare.py "$out/distill.jsonl" "$out/pytorch.jsonl" --out "$out/table.md"
+"$py" bench/compare.py "$out/distill.jsonl" "$out/pytorch.jsonl" --out "$out/table.md" \
+  $([ -s "$out/liger.jsonl" ] && echo --liger "$out/liger.jsonl")
 echo
 echo "total $((SECONDS - start))s; logs and rows in $out"
 for f in "$out"/*.log; do

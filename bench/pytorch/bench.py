@@ -63,6 +63,9 @@ def parse(argv):
     p.add_argument("--gen-temperature", type=float, default=0.0,
                    help="B6: sample at this temperature over the whole vocabulary (top-p 1, top-k 0), "
                         "as `distill bench generate --gen-temperature` does; 0 is greedy")
+    p.add_argument("--liger", action="store_true",
+                   help="patch Qwen2 with Liger's kernels (apply_liger_kernel_to_qwen2) in every case; "
+                        "rows say framework pytorch+liger")
     p.add_argument("--run-case", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-seq", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -127,6 +130,12 @@ def peak_n(a):
 
 def run_case(a, case):
     import workloads as w
+
+    if a.liger:
+        # Before any model is built: Liger swaps the Qwen2 module's RMSNorm, RoPE, SwiGLU and
+        # (for HF's own loss) the fused linear cross-entropy, as TRL and axolotl users enable it.
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+        apply_liger_kernel_to_qwen2()
 
     dev = w.device_of(a)
     watch = common.MemWatch(dev, int(a.device.split(":")[1]) if ":" in a.device else 0)
@@ -217,8 +226,14 @@ def run_case(a, case):
         rows.append(r)
     extra = w.peak_memory_extra(a)
     peak_gib, method, device = watch.finish()
+    version = w.versions()
+    if a.liger:
+        import liger_kernel
+        version += f", liger-kernel {getattr(liger_kernel, '__version__', '?')}"
     for r in rows:
-        r.update(peak_gib=peak_gib, mem_method=method, device=device, version=w.versions(), **extra)
+        r.update(peak_gib=peak_gib, mem_method=method, device=device, version=version, **extra)
+        if a.liger:
+            r["framework"] = "pytorch+liger"
         common.emit(r)
 
 
