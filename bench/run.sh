@@ -2,7 +2,7 @@
 # The issue #6 benchmark suite on the GPU machine: distill and the PyTorch baseline with the
 # same arguments, stage by stage, then one side-by-side table.
 #
-#   bash bench/run.sh [--quick | --generation] [--budget SECONDS] [--device cuda:N] DISTILL_BINARY[.gz]
+#   bash bench/run.sh [--quick | --generation | --long] [--budget SECONDS] [--device cuda:N] DISTILL_BINARY[.gz]
 #
 # DISTILL_BINARY is a CUDA build of `distill` (`cargo build --release -p distill-cli
 # --features cuda`), or that binary gzipped. Results go to $OUT (the device tool's output
@@ -18,6 +18,9 @@
 # Generation (--generation, budget 540 s): B6 alone, the generation issue's rows: batch 1, 16,
 # 64 and 256 at 0.5B, 1.5B and 7B (greedy, 128 -> 256 tokens), 0.5B sampled at batch 64
 # (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
+# Long context (--long, budget 540 s), R1's trace lengths: B3 7B and 1.5B LoRA at 1 x 16,384
+# and 1 x 32,768 (recompute); B5 7B QLoRA under 12 and 24 GiB, 7B bf16 LoRA under 24 GiB and
+# 1.5B full fine-tuning under 24 GiB.
 # Each stage runs distill, then PyTorch, each under a time limit taken from what is left of
 # the budget; a stage cut short keeps the rows it finished (rows are written as they come).
 # Training stages run PyTorch a second time with Liger's kernels (bench.py --liger) when
@@ -33,6 +36,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
     --generation) quick=gen ;;
+    --long) quick=long ;;
     --budget) budget="$2"; shift ;;
     --device) device="$2"; shift ;;
     -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
@@ -44,7 +48,7 @@ if [ -z "$bin" ]; then
   echo "usage: bash bench/run.sh [--quick] [--budget SECONDS] DISTILL_BINARY[.gz]" >&2
   exit 2
 fi
-[ -n "$budget" ] || budget=$([ "$quick" = 1 ] && echo 240 || echo 540)
+[ -n "$budget" ] || budget=$([ "$quick" = 1 ] && echo 240 || echo 540)  # --generation and --long: 540
 [ -f "$bin" ] || { echo "no such file: $bin" >&2; exit 2; }
 bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
 
@@ -146,6 +150,14 @@ if [ "$quick" = gen ]; then
   stage sampled-0.5b 40 generate $s05 --gen-batch 64 --gen-temperature 1.0 --warmup 1
   stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
   stage long-0.5b 120 generate $s05 --gen-batch 1 --new-tokens 4096 --warmup 0
+elif [ "$quick" = long ]; then
+  long_args="--batch 1 --warmup 1 --steps 2 --recompute on"
+  stage lora-16k 150 lora $s7 $s15 $long_args --seq 16384
+  stage lora-32k 150 lora $s7 $s15 $long_args --seq 32768
+  stage memory-7b-qlora-12 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 12 --mem-start 16384 --mem-step 1024 --mem-budget-s 90
+  stage memory-7b-qlora-24 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 24 --mem-start 65536 --mem-max 131072 --mem-step 4096 --mem-budget-s 90
+  stage memory-7b-lora-24 100 memory $s7 --mem-mode lora --mem-cap-gib 24 --mem-start 32768 --mem-max 131072 --mem-step 2048 --mem-budget-s 90
+  stage memory-1.5b-full-24 60 memory $s15 --mem-mode full --mem-cap-gib 24 --mem-start 8192 --mem-step 1024 --mem-budget-s 50
 elif [ "$quick" = 1 ]; then
   stage gemm 60 gemm $s05 --iters 10
   peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
