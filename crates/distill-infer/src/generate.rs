@@ -478,11 +478,7 @@ fn advance(
         if !go_on {
             continue;
         }
-        let stop = &l.decoding.stop;
-        let reason = if !stop.is_empty() && {
-            let text = tokenizer.decode(&l.tokens, true)?;
-            stop.iter().any(|s| text.contains(s.as_str()))
-        } {
+        let reason = if completes_stop(tokenizer, &l.tokens, &l.decoding.stop)? {
             Some(FinishReason::Stop)
         } else if l.tokens.len() >= l.decoding.max_new_tokens {
             Some(FinishReason::Length)
@@ -498,6 +494,21 @@ fn advance(
         }
     }
     Ok(keep)
+}
+
+/// Whether the text of `tokens` holds one of `stop`, checked once per token as they come: a
+/// stop string first found at this token ends within its text, so only the last tokens are
+/// decoded, as many as the longest stop string has bytes (a token decodes to at least one
+/// byte) and two more (a window's first token may decode differently alone: a cut UTF-8
+/// sequence, SentencePiece's leading space). Decoding the whole text at every token made a
+/// generation's host work quadratic in its length.
+fn completes_stop(tokenizer: &TextTokenizer, tokens: &[u32], stop: &[String]) -> Result<bool, InferError> {
+    let Some(longest) = stop.iter().map(String::len).max() else {
+        return Ok(false);
+    };
+    let from = tokens.len().saturating_sub(longest + 2);
+    let text = tokenizer.decode(&tokens[from..], true)?;
+    Ok(stop.iter().any(|s| text.contains(s.as_str())))
 }
 
 /// Of the requests `joining`: the positions (in `joining`) of the first request of each
@@ -673,6 +684,32 @@ mod tests {
                 std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
             })
             .join(name)
+    }
+
+    #[test]
+    fn stop_strings_are_found_at_the_token_that_completes_them_as_in_the_whole_text() {
+        let tokenizer = TextTokenizer::from_dir(&fixture("tiny-qwen2")).unwrap();
+        let text = "Let me think. 答案是 42.\n\nSo the answer is </answer> done, 答案 again\n\n";
+        let tokens = tokenizer.encode(text, false).unwrap();
+        let stops = [
+            vec!["</answer>".to_string()],
+            vec!["\n\n".to_string()],
+            vec!["答案".to_string(), "So".to_string()],
+            vec!["42.".to_string()],
+            vec!["not in it".to_string()],
+        ];
+        for stop in &stops {
+            // The first prefix whose whole text holds a stop string, by the definition.
+            let whole = (1..=tokens.len()).find(|&n| {
+                let t = tokenizer.decode(&tokens[..n], true).unwrap();
+                stop.iter().any(|s| t.contains(s.as_str()))
+            });
+            let windowed =
+                (1..=tokens.len()).find(|&n| completes_stop(&tokenizer, &tokens[..n], stop).unwrap());
+            assert_eq!(windowed, whole, "{stop:?}");
+            assert_eq!(whole.is_some(), stop[0] != "not in it", "{stop:?}");
+        }
+        assert!(!completes_stop(&tokenizer, &tokens, &[]).unwrap());
     }
 
     /// Greedy decoding one token at a time over the full sequence, no cache, no batch: the
