@@ -87,7 +87,8 @@ peak_d=""
 peak_t=""
 n=0
 
-# stage NAME CAP_SECONDS ARGS...: distill then PyTorch with the same ARGS.
+# stage NAME CAP_SECONDS ARGS...: distill then PyTorch (and for training, PyTorch + Liger)
+# with the same ARGS.
 stage() {
   local name="$1" cap="$2"; shift 2
   n=$((n + 1))
@@ -102,28 +103,24 @@ stage() {
   timeout -k 10 "$t" "$distill" --device "$device" bench "$@" ${peak_d:+--peak-tflops $peak_d} \
     --json "$out/d-$tag.jsonl" > "$out/d-$tag.log" 2>&1
   echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/d-$tag.jsonl" 2>/dev/null || echo 0) rows"
-  left=$((budget - (SECONDS - start)))
-  t=$(( left < cap ? left : cap ))
-  if [ "$t" -lt 15 ]; then
-    echo "   PyTorch skipped: ${left}s left" | tee -a "$out/skipped.txt"
-    return
-  fi
-  echo "== $name (PyTorch, limit ${t}s)"
-  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${peak_t:+--peak-tflops $peak_t} \
-    --json "$out/t-$tag.jsonl" > "$out/t-$tag.log" 2>&1
-  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/t-$tag.jsonl" 2>/dev/null || echo 0) rows"
+  twin t PyTorch "$@"
   case "$1" in lora|full|train|B3|B4) ;; *) return ;; esac
-  [ "$liger" = 1 ] || return
-  left=$((budget - (SECONDS - start)))
-  t=$(( left < cap ? left : cap ))
+  if [ "$liger" = 1 ]; then twin l "PyTorch + Liger" "$@" --liger; fi
+}
+
+# twin PREFIX LABEL ARGS...: the PyTorch side of the current stage (uses stage's locals).
+twin() {
+  local prefix="$1" label="$2"; shift 2
+  local left=$((budget - (SECONDS - start)))
+  local t=$(( left < cap ? left : cap ))
   if [ "$t" -lt 15 ]; then
-    echo "   Liger skipped: ${left}s left" | tee -a "$out/skipped.txt"
+    echo "   $label skipped: ${left}s left" | tee -a "$out/skipped.txt"
     return
   fi
-  echo "== $name (PyTorch + Liger, limit ${t}s)"
-  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" --liger ${peak_t:+--peak-tflops $peak_t} \
-    --json "$out/l-$tag.jsonl" > "$out/l-$tag.log" 2>&1
-  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/l-$tag.jsonl" 2>/dev/null || echo 0) rows"
+  echo "== $name ($label, limit ${t}s)"
+  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${peak_t:+--peak-tflops $peak_t} \
+    --json "$out/$prefix-$tag.jsonl" > "$out/$prefix-$tag.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/$prefix-$tag.jsonl" 2>/dev/null || echo 0) rows"
 }
 
 # The matmul peak each side measured in the first stage, passed on so later stages skip it.
