@@ -801,7 +801,10 @@ impl<B: Kernels> Attention<B> {
             }
         };
         let y = <B as ModelKernels>::attention(q, k, v, ctx.keys.as_ref()); // [B, H, T, hd]
-        y.swap_dims(1, 2).reshape([b, t, self.num_heads * self.head_dim])
+        // A decode step's [B, H, 1, hd] is [B, 1, H, hd] in memory: reshaped as it is, it stays
+        // a view, where the swapped view's strides made burn's reshape copy it.
+        let y = if t == 1 { y } else { y.swap_dims(1, 2) };
+        y.reshape([b, t, self.num_heads * self.head_dim])
     }
 
     /// q [B, H, T, hd], k and v [B, KV, T, hd] of this step, q and k rotated.
