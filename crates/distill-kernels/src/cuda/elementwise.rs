@@ -46,7 +46,9 @@ __device__ __forceinline__ float2 rotate(int bf16, int tab_bf16, const void* cos
     return make_float2(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2);
 }
 
-/* One warp per row of x [rows, c]: y = round(round(x * inv_rms) * w). */
+/* One warp per row of x [rows, c]: y = round(round(x * inv_rms) * w). Each lane has four
+ * loads in flight at a time: a decode step's few rows are a warp each, and one load after
+ * another made the kernel the latency of c / 32 loads in a row. */
 extern "C" __global__ void rms_norm(const void* x, const void* w, void* y, int bf16, int rows, int c,
                                     float eps)
 {
@@ -54,10 +56,31 @@ extern "C" __global__ void rms_norm(const void* x, const void* w, void* y, int b
     if (row >= rows) return;
     const i64 base = (i64)row * c;
     float ss = 0.f;
-    for (int j = lane; j < c; j += 32) { const float v = load(x, bf16, base + j); ss += v * v; }
+    for (int j0 = lane; j0 < c; j0 += 128) {
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = j0 + 32 * u;
+            v[u] = j < c ? load(x, bf16, base + j) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) ss += v[u] * v[u];
+    }
     const float inv = 1.f / sqrtf(warp_sum(ss) / c + eps);
-    for (int j = lane; j < c; j += 32)
-        store(y, bf16, base + j, rounded(bf16, load(x, bf16, base + j) * inv) * load(w, bf16, j));
+    for (int j0 = lane; j0 < c; j0 += 128) {
+        float v[4], g[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = j0 + 32 * u;
+            v[u] = j < c ? load(x, bf16, base + j) : 0.f;
+            g[u] = j < c ? load(w, bf16, j) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = j0 + 32 * u;
+            if (j < c) store(y, bf16, base + j, rounded(bf16, v[u] * inv) * g[u]);
+        }
+    }
 }
 
 /* One warp per row. With g = dy * w and n = x * inv_rms:
