@@ -14,6 +14,22 @@ use crate::{
     concat_f32_default, prim, rms_norm_default, sum_groups, tensor,
 };
 
+/// `t` with the compact strides of its shape when only its size-1 dimensions' strides are off
+/// ([`crate::layout::compact_up_to_unit_dims`]): burn's `reshape` and `into_contiguous` then
+/// take it as it is instead of copying it. A metadata change; no element moves.
+pub(crate) fn unit_dims_compact(
+    mut t: burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>,
+) -> burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime> {
+    let compact = crate::layout::compact_up_to_unit_dims(&t.meta.shape()[..], &t.meta.strides()[..]);
+    if let Some(compact) = compact {
+        let strides = t.meta.strides_mut();
+        for (i, c) in compact.into_iter().enumerate() {
+            strides[i] = c;
+        }
+    }
+    t
+}
+
 /// cuBLAS GEMMs on burn's CUDA tensors.
 pub mod cublas;
 /// RMSNorm, SwiGLU and RoPE, forward and backward.
@@ -79,8 +95,11 @@ where
         weight: Tensor<Self, 2>,
     ) -> Tensor<Self, 3> {
         let ([b, t, n], k) = (residual.dims(), x.dims()[2]);
-        let acc = prim(residual.reshape([b * t, n]));
-        match cublas::gemm_accumulate(acc, prim(x.reshape([b * t, k])), prim(weight)) {
+        // A decode step's [B, 1, C] may carry strides that would make the reshapes copy.
+        let flat =
+            |v: Tensor<Self, 3>, c: usize| tensor::<Self, 3>(unit_dims_compact(prim(v))).reshape([b * t, c]);
+        let acc = prim(flat(residual, n));
+        match cublas::gemm_accumulate(acc, prim(flat(x, k)), prim(weight)) {
             Ok(sum) => tensor::<Self, 2>(sum).reshape([b, t, n]),
             Err((acc, x, weight)) => {
                 let x = tensor::<Self, 2>(x).reshape([b, t, k]);

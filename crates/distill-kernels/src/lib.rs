@@ -44,6 +44,8 @@ pub mod nf4_linear;
 pub mod swiglu_linear;
 pub use elementwise::rms_norm_default;
 pub use swiglu_linear::LoraPair;
+/// Layouts burn's strict contiguity check turns away: strides of size-1 dimensions.
+pub mod layout;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
 /// The next token of each row, drawn from its logits on the device.
