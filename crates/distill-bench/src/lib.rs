@@ -91,6 +91,9 @@ pub struct Args {
     /// With recompute, park the block inputs in host memory ([train] offload_block_inputs).
     #[arg(long)]
     pub(crate) offload_block_inputs: bool,
+    /// With recompute, keep every N-th block's input ([train] block_inputs_every).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) block_inputs_every: usize,
     /// Recompute blocks in backward ([train] recompute): on, off, or auto (on above 4B
     /// matmul parameters, as the PyTorch baseline enables gradient checkpointing).
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]

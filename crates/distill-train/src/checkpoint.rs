@@ -38,6 +38,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.recompute",
     "train.mlp_chunk_tokens",
     "train.offload_block_inputs",
+    "train.block_inputs_every",
     "loss.chunk_tokens",
     // Settings training does not read (on-policy steps read a few: `may_change_on_resume`):
     // the teacher's API, gen-data's requests, soft-label capture, eval. (The dataset on disk is what trains; gen-data guards its own changes.)

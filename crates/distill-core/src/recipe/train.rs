@@ -64,6 +64,10 @@ pub struct TrainSection {
     /// With `recompute`, keep the block inputs in host memory between the forward and the
     /// backward instead of on the device, copied beside the compute.
     pub offload_block_inputs: bool,
+    /// With `recompute`, keep the input of every this-many-th block (1: every block's); the
+    /// backward recomputes the others from it, without a graph. Fewer kept inputs for one
+    /// more forward pass over all but one block of every this many.
+    pub block_inputs_every: usize,
     pub checkpoint_every: usize,
     pub keep_checkpoints: usize,
     /// Every this many steps, also write the student as an HF model to `exports/step-N/`
@@ -98,6 +102,7 @@ impl Default for TrainSection {
             recompute: true,
             mlp_chunk_tokens: 8192,
             offload_block_inputs: false,
+            block_inputs_every: 1,
             checkpoint_every: 200,
             keep_checkpoints: 2,
             export_every: 0,
@@ -211,6 +216,7 @@ pub(super) fn validate(r: &Recipe, c: &mut Checks) {
         ("train.seq_len", t.seq_len),
         ("train.micro_batch", t.micro_batch),
         ("train.grad_accum", t.grad_accum),
+        ("train.block_inputs_every", t.block_inputs_every),
     ] {
         c.at_least_1(key, n as u64);
     }

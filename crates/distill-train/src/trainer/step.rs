@@ -222,13 +222,17 @@ where
     // Forward: keep block inputs only (or each block's graph when not recomputing).
     let mut xs = BlockInputs::<B>::new(recipe.train.recompute && recipe.train.offload_block_inputs);
     let mut kept: Vec<BlockGraph<B>> = Vec::new();
+    let (chunk, every) = (
+        recipe.train.mlp_chunk_tokens,
+        recipe.train.block_inputs_every.max(1),
+    );
     let mut x = model.valid().embed(ids.clone()); // [R, T, C]
-    for layer in layers {
+    for (i, layer) in layers.iter().enumerate() {
         x = if recipe.train.recompute {
-            xs.push(x.clone());
-            layer
-                .valid()
-                .forward_mlp_chunked(x, &ctx, recipe.train.mlp_chunk_tokens)
+            if i % every == 0 {
+                xs.push(x.clone());
+            }
+            layer.valid().forward_mlp_chunked(x, &ctx, chunk)
         } else {
             let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
             let y = layer.forward(leaf.clone(), &ctx_ad, None);
@@ -281,10 +285,19 @@ where
     // their own sizes, they stayed reserved beside the gradients (1.5B full fine-tuning: 40.5
     // -> 35.2 GiB peak). The loss's chunk buffers go first.
     B::trim_memory(device);
-    let chunk = recipe.train.mlp_chunk_tokens;
-    for layer in layers.iter().rev() {
+    // The inputs of the blocks from the last kept input up to the current block, recomputed
+    // from it (just the kept input when every block's is kept); the last is the current one's.
+    let mut segment: Vec<Tensor<B, 3>> = Vec::new();
+    for (i, layer) in layers.iter().enumerate().rev() {
         let (leaf, y) = if recipe.train.recompute {
-            let x = xs.pop().map_err(TrainError::Offload)?;
+            if segment.is_empty() {
+                segment.push(xs.pop().map_err(TrainError::Offload)?);
+                for earlier in &layers[i - i % every..i] {
+                    let x = segment.last().expect("the kept input").clone();
+                    segment.push(earlier.valid().forward_mlp_chunked(x, &ctx, chunk));
+                }
+            }
+            let x = segment.pop().expect("block i's input");
             let leaf = Tensor::<Ad<B>, 3>::from_inner(x).require_grad();
             let [r, t, _] = leaf.dims();
             if token_chunks(r * t, chunk).len() > 1 {

@@ -181,6 +181,15 @@ fn the_mlp_over_token_chunks_gives_the_same_steps_as_over_all_tokens() {
 }
 
 #[test]
+fn keeping_every_nth_block_input_gives_the_same_steps() {
+    // The tiny model has 2 blocks: 2 keeps the first block's input and recomputes the second's.
+    let every_block = three_steps("train.block_inputs_every=1");
+    assert_eq!(every_block, three_steps("train.block_inputs_every=2"));
+    // Past the number of blocks: one kept input for all.
+    assert_eq!(every_block, three_steps("train.block_inputs_every=5"));
+}
+
+#[test]
 fn block_inputs_parked_in_host_memory_give_the_same_steps() {
     // The same bits come back, so the same steps.
     assert_eq!(
