@@ -35,6 +35,12 @@ impl Parent {
             let row = rows.into_iter().next().unwrap_or(Value::Null);
             let peak = row.get("peak_gib").and_then(Value::as_f64);
             let ok = row.get("error").is_none() && !row.is_null() && peak.is_none_or(|p| p <= cap);
+            // Printed as it comes: a search stopped at a caller's time limit keeps its probes.
+            eprintln!(
+                "B5 probe: seq {seq} {} (peak {})",
+                if ok { "fits" } else { "does not fit" },
+                peak.map_or("unknown".into(), |p| format!("{p:.2} GiB"))
+            );
             probes.push(json!({"seq": seq, "ok": ok, "peak_gib": peak}));
             Ok(ok.then_some(row))
         };
