@@ -14,12 +14,12 @@ use crate::{
     concat_f32_default, prim, rms_norm_default, sum_groups, tensor,
 };
 
+type CudaTensor = burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>;
+
 /// `t` with the compact strides of its shape when only its size-1 dimensions' strides are off
 /// ([`crate::layout::compact_up_to_unit_dims`]): burn's `reshape` and `into_contiguous` then
 /// take it as it is instead of copying it. A metadata change; no element moves.
-pub(crate) fn unit_dims_compact(
-    mut t: burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>,
-) -> burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime> {
+fn unit_dims_compact(mut t: CudaTensor) -> CudaTensor {
     let compact = crate::layout::compact_up_to_unit_dims(&t.meta.shape()[..], &t.meta.strides()[..]);
     if let Some(compact) = compact {
         let strides = t.meta.strides_mut();
@@ -28,6 +28,13 @@ pub(crate) fn unit_dims_compact(
         }
     }
     t
+}
+
+/// `t` as a contiguous tensor, for a kernel's input: its own buffer when only size-1
+/// dimensions' strides are off ([`unit_dims_compact`]), else burn's `into_contiguous` (a copy
+/// when it is strided).
+pub(crate) fn contiguous(t: CudaTensor) -> CudaTensor {
+    burn_cubecl::kernel::into_contiguous(unit_dims_compact(t))
 }
 
 /// cuBLAS GEMMs on burn's CUDA tensors.

@@ -25,9 +25,9 @@ use std::collections::hash_map::Entry;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
 
+use super::contiguous;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublas::sys as blas;
@@ -272,7 +272,7 @@ impl Operand {
         if let Some(layout) = layout(&tensor) {
             return Operand { tensor, layout };
         }
-        let tensor = into_contiguous(tensor);
+        let tensor = contiguous(tensor);
         let layout = layout(&tensor).expect("a contiguous tensor is row-major matrices at one stride");
         Operand { tensor, layout }
     }

@@ -16,12 +16,11 @@
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 use super::nvrtc::{self, Arg, Launch};
-use super::stream;
+use super::{contiguous, stream};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -249,13 +248,7 @@ fn inputs<const N: usize>(
             ));
         }
     }
-    Ok((ts.map(|(t, _, _)| contiguous(t)), bf16))
-}
-
-/// `t` as a contiguous tensor: its own buffer when only size-1 dimensions' strides are off
-/// ([`super::unit_dims_compact`]), else a copy.
-fn contiguous(t: &CudaTensor) -> CudaTensor {
-    into_contiguous(super::unit_dims_compact(t.clone()))
+    Ok((ts.map(|(t, _, _)| contiguous(t.clone())), bf16))
 }
 
 fn like(t: &CudaTensor, dims: &[usize], dtype: DType) -> CudaTensor {
@@ -384,7 +377,7 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
     let shape = gate.meta.shape().as_slice().to_vec();
     let rowed = |t: &CudaTensor| match row_stride(t) {
         Some(ld) => (t.clone(), ld),
-        None => (contiguous(t), *shape.last().unwrap_or(&0)),
+        None => (contiguous(t.clone()), *shape.last().unwrap_or(&0)),
     };
     let ((gate, ld_gate), (up, ld_up)) = (rowed(gate), rowed(up));
     let bf16 = nvrtc::dtype_flag(gate.dtype, "gate")?;
@@ -518,11 +511,11 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
     let x = if x.meta.strides()[3] == 1 {
         x.clone()
     } else {
-        into_contiguous(x.clone())
+        contiguous(x.clone())
     };
     let xs = x.meta.strides();
     let xs = [xs[0] as i64, xs[1] as i64, xs[2] as i64];
-    let (cos, sin) = (contiguous(cos), contiguous(sin));
+    let (cos, sin) = (contiguous(cos.clone()), contiguous(sin.clone()));
     nvrtc::ensure_loaded(&x.device, module())?;
     let y = like(&x, &[b, t, h, hd], x.dtype);
     let ys = [(t * h * hd) as i64, hd as i64, (h * hd) as i64];
@@ -636,9 +629,9 @@ pub fn rope_qkv(
     if pairs == 0 || pairs > i32::MAX as usize {
         return Err(format!("y: shape {:?}", [b, t, n]));
     }
-    let y = contiguous(y);
-    let bias = bias.map(contiguous);
-    let (cos, sin) = (contiguous(cos), contiguous(sin));
+    let y = contiguous(y.clone());
+    let bias = bias.map(|b| contiguous(b.clone()));
+    let (cos, sin) = (contiguous(cos.clone()), contiguous(sin.clone()));
     nvrtc::ensure_loaded(&y.device, module())?;
     let q = like(&y, &[b, t, heads, hd], y.dtype);
     let device = y.device.clone();

@@ -12,9 +12,9 @@
 //! of 8 elements, a GPU before sm_80) get `Err`; the caller then uses the blockwise path.
 //! `DISTILL_ATTENTION=blockwise` does so always.
 
+use super::contiguous;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
@@ -71,7 +71,7 @@ impl Operand {
         let tensor = if fits(t) {
             t.clone()
         } else {
-            let c = into_contiguous(t.clone());
+            let c = contiguous(t.clone());
             if !fits(&c) {
                 return Err(format!(
                     "{what}: strides {:?} are not multiples of 8",
@@ -128,7 +128,7 @@ fn ranges(r: Ranges, b: usize, t: usize) -> Result<(Option<(CudaTensor, CudaTens
                 x.meta.shape().as_slice()
             ));
         }
-        Ok(into_contiguous(x.clone()))
+        Ok(contiguous(x.clone()))
     };
     let per_row = lo.meta.shape()[0] == b && b > 1;
     Ok((Some((check(lo)?, check(hi)?)), per_row))
@@ -291,7 +291,7 @@ pub fn backward(
         if x.dtype != DType::F32 || x.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
             return Err(format!("{what}: {:?} {:?}", x.dtype, x.meta.shape()));
         }
-        Ok(into_contiguous(x.clone()))
+        Ok(contiguous(x.clone()))
     };
     let (lse, delta) = (rows(lse, "lse")?, rows(delta, "delta")?);
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;

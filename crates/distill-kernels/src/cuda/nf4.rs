@@ -3,9 +3,9 @@
 //! each a pass over the full-size weight, run three times a step for every linear layer of a
 //! QLoRA model (forward, recomputed forward, backward).
 
+use super::contiguous;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
@@ -88,7 +88,7 @@ pub fn dequantize(
         return Err("an empty weight".into());
     }
     nvrtc::ensure_loaded(&codes.device, module())?;
-    let (codes, absmax) = (into_contiguous(codes.clone()), into_contiguous(absmax.clone()));
+    let (codes, absmax) = (contiguous(codes.clone()), contiguous(absmax.clone()));
     let out = empty_device_contiguous_dtype(
         codes.client.clone(),
         codes.device.clone(),

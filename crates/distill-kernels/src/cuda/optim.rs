@@ -9,9 +9,9 @@
 //! parts (gradients, values, both moments) was about 1,200 launches a step at 0.5B, and 336
 //! parts each for LoRA, whose optimizer phase was host-bound at 17 ms.
 
+use super::contiguous;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
@@ -148,12 +148,7 @@ pub fn adamw(
     c: AdamWScalars,
 ) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
     let n = p.meta.shape()[0];
-    let (p, g, m, v) = (
-        into_contiguous(p),
-        into_contiguous(g),
-        into_contiguous(m),
-        into_contiguous(v),
-    );
+    let (p, g, m, v) = (contiguous(p), contiguous(g), contiguous(m), contiguous(v));
     // The kernel reads element i of each input before it writes element i of the output, in
     // one thread: an output may alias its input.
     let output = |t: &CudaTensor| {
@@ -186,7 +181,7 @@ pub fn concat_f32(parts: &[CudaTensor]) -> Result<CudaTensor, String> {
         }
         flags.push(nvrtc::dtype_flag(t.dtype, "a part")?);
     }
-    let parts: Vec<CudaTensor> = parts.iter().map(|t| into_contiguous(t.clone())).collect();
+    let parts: Vec<CudaTensor> = parts.iter().map(|t| contiguous(t.clone())).collect();
     let lens: Vec<usize> = parts.iter().map(|t| t.meta.shape()[0]).collect();
     let total: usize = lens.iter().sum();
     nvrtc::ensure_loaded(&first.device, module())?;
@@ -262,7 +257,7 @@ pub fn sum_squares(x: &CudaTensor) -> Result<CudaTensor, String> {
         return Err("sum of squares of an empty tensor".into());
     }
     nvrtc::ensure_loaded(&x.device, module())?;
-    let x = into_contiguous(x.clone());
+    let x = contiguous(x.clone());
     let blocks = n.div_ceil(256).min(SUM_BLOCKS);
     let f32_buffer = |len: usize| {
         empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), vec![len].into(), DType::F32)

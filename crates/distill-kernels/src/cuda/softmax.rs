@@ -19,10 +19,10 @@
 
 use std::sync::OnceLock;
 
+use super::contiguous;
 use burn::tensor::{BoolStore, DType};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::server::Binding;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys as cu;
@@ -201,7 +201,7 @@ fn f32_input(t: &CudaTensor, what: &str) -> Result<CudaTensor, String> {
     if t.dtype != DType::F32 || t.meta.rank() != 4 {
         return Err(format!("{what}: {:?} rank {}", t.dtype, t.meta.rank()));
     }
-    Ok(into_contiguous(t.clone()))
+    Ok(contiguous(t.clone()))
 }
 
 /// P = softmax(scale * scores, masked) in `p_dtype` and lse [r, h, T, 1] (f32).
