@@ -474,10 +474,13 @@ pub trait TrainKernels: Backend {
     }
 
     /// Σ x² of an f32 [N] tensor, as [1]: a flat group's share of the global gradient norm.
-    /// burn's square and sum by default (two passes over the group and a temporary its size);
-    /// CUDA reads the group once.
+    /// burn's square and sum in f64 by default (an f32 running sum over a group of millions
+    /// drifts in the fifth digit); CUDA reads the group once, summing per-block partials.
     fn sum_squares(x: Tensor<Self, 1>) -> Tensor<Self, 1> {
-        x.square().sum()
+        x.cast(burn::tensor::DType::F64)
+            .square()
+            .sum()
+            .cast(burn::tensor::DType::F32)
     }
 
     /// The parts (any float dtypes) cast to f32 and laid end to end: [Σ n_i]. The optimizer's
