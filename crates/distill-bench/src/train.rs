@@ -266,6 +266,7 @@ where
             &recipe,
             recipe.train.lr,
             device,
+            &distill_train::parallel::Solo,
             &mut hook,
         )?;
         model = next;

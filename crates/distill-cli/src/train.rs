@@ -22,17 +22,79 @@ pub struct Args {
     /// Continue from the newest checkpoint of this run, exactly where it stopped.
     #[arg(long)]
     resume: bool,
+    /// Train data-parallel on GPUs 0..N of this machine (CUDA_VISIBLE_DEVICES picks which),
+    /// summing gradients through NCCL. A step stays [train] micro_batch x grad_accum rows,
+    /// shared among the GPUs, so the run takes the one-GPU steps and resumes on any N.
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
 }
 
 pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
-    let job = TrainJob {
-        recipe,
-        resume: args.resume,
+    let report = match args.gpus {
+        Some(n) => catch_out_of_memory(|| train_on_gpus(&recipe, args.resume, n, device))?,
+        None => {
+            let job = TrainJob {
+                recipe,
+                resume: args.resume,
+            };
+            catch_out_of_memory(|| run_on(DeviceArg::resolve(device), job))?
+        }
     };
-    let report = catch_out_of_memory(|| run_on(DeviceArg::resolve(device), job))?;
     print_summary(&report);
     Ok(())
+}
+
+/// `--gpus N`: one worker per GPU, NCCL between them (`distill_train::parallel`).
+fn train_on_gpus(
+    recipe: &Recipe,
+    resume: bool,
+    n: usize,
+    device: Option<DeviceArg>,
+) -> anyhow::Result<TrainReport> {
+    if n == 0 {
+        anyhow::bail!("--gpus 0: give the number of GPUs to train on (1 or more)");
+    }
+    let named = match device {
+        Some(DeviceArg::Cpu) => Some("cpu".to_string()),
+        Some(DeviceArg::Cuda(k)) if k > 0 => Some(format!("cuda:{k}")),
+        _ => None,
+    };
+    if let Some(d) = named {
+        anyhow::bail!(
+            "--gpus {n} trains on GPUs 0..{n}, not on --device {d}; HINT: pick the GPUs with CUDA_VISIBLE_DEVICES"
+        );
+    }
+    data_parallel_on_cuda(recipe, resume, n)
+}
+
+#[cfg(feature = "cuda")]
+fn data_parallel_on_cuda(recipe: &Recipe, resume: bool, n: usize) -> anyhow::Result<TrainReport> {
+    use burn::backend::cuda::CudaDevice;
+    type B = burn::backend::Cuda<half::bf16>;
+    let devices: Vec<CudaDevice> = (0..n).map(CudaDevice::new).collect();
+    let members =
+        distill_train::nccl::members::<B>(&devices).map_err(|e| anyhow::anyhow!("--gpus {n}: {e}"))?;
+    let progress = crate::progress::StageBars::default();
+    let opts = TrainOptions {
+        resume,
+        stop_after: None,
+        progress: &progress,
+    };
+    trainer::train_data_parallel::<B>(recipe, devices, members, &opts).with_context(|| {
+        format!(
+            "training {} ({}) on {n} GPUs",
+            recipe.name,
+            recipe.source.display()
+        )
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn data_parallel_on_cuda(_: &Recipe, _: bool, n: usize) -> anyhow::Result<TrainReport> {
+    anyhow::bail!(
+        "--gpus {n}: this distill was built without CUDA; rebuild with `cargo build --release --features cuda`"
+    )
 }
 
 /// GPU backends panic when an allocation fails; turn that into an error naming the knobs,

@@ -45,6 +45,8 @@ pub mod elementwise;
 pub mod flash;
 /// The loss's passes over logits.
 pub mod logits;
+/// NCCL's all-reduce across the GPUs of this process, for data-parallel training.
+pub mod nccl;
 /// NF4 dequantization as one kernel.
 pub mod nf4;
 /// Run-time compiled CUDA C kernels.

@@ -5,8 +5,11 @@ pub mod export;
 pub mod lora;
 pub mod loss;
 pub mod metrics;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod on_policy;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod soft;
 pub mod tensorboard;

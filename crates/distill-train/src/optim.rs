@@ -11,6 +11,7 @@ use distill_core::recipe::{Schedule, TrainSection};
 use distill_kernels::AdamWScalars;
 use distill_models::Kernels;
 
+use crate::parallel::{Collective, CollectiveError};
 use crate::params::GradStore;
 
 #[derive(Debug, Clone, Copy)]
@@ -52,12 +53,51 @@ pub struct AdamW<B: Backend> {
     pub decayed: BTreeSet<ParamId>,
     /// Most elements per flat update group ([`GROUP_ELEMS`]).
     pub group_elems: usize,
+    /// Data parallelism's optimizer-state sharding (ZeRO stage 1): the worker that owns each
+    /// parameter ([`owners`]) and this worker's rank. A worker keeps the moments of, and
+    /// updates, only what it owns; the others' new values come from their owners. Empty:
+    /// this worker owns everything.
+    owners: BTreeMap<ParamId, usize>,
+    rank: usize,
+}
+
+/// Which of `world` workers owns each parameter, for [`AdamW::shard`]: contiguous runs of
+/// `params` (id, element count), in order, of about equal element counts.
+pub fn owners(params: &[(ParamId, usize)], world: usize) -> BTreeMap<ParamId, usize> {
+    let total: usize = params.iter().map(|(_, n)| n).sum::<usize>().max(1);
+    let mut at = 0;
+    params
+        .iter()
+        .map(|&(id, n)| {
+            // The worker whose equal share holds the parameter's middle element.
+            let owner = ((at + n / 2) * world / total).min(world - 1);
+            at += n;
+            (id, owner)
+        })
+        .collect()
 }
 
 impl<B: Backend> AdamW<B> {
     /// The moments of parameter `id`, once it has been updated or restored.
     pub fn moments(&self, id: &ParamId) -> Option<&Moments<B>> {
         self.moments.get(id)
+    }
+
+    /// Shards the optimizer's state: from now on this worker (`rank`) keeps moments for, and
+    /// updates, only the parameters `owners` gives it ([`owners`]).
+    pub fn shard(&mut self, owners: BTreeMap<ParamId, usize>, rank: usize) {
+        self.owners = owners;
+        self.rank = rank;
+    }
+
+    /// The worker that updates parameter `id`.
+    pub fn owner(&self, id: &ParamId) -> usize {
+        self.owners.get(id).copied().unwrap_or(0)
+    }
+
+    /// Whether this worker keeps the moments of parameter `id`.
+    pub fn owns(&self, id: &ParamId) -> bool {
+        self.owner(id) == self.rank
     }
 
     /// Sets the moments of parameter `id` (resuming from a checkpoint).
@@ -77,6 +117,8 @@ impl<B: Kernels> AdamW<B> {
             flat: Vec::new(),
             decayed,
             group_elems: GROUP_ELEMS,
+            owners: BTreeMap::new(),
+            rank: 0,
         }
     }
 
@@ -88,7 +130,8 @@ impl<B: Kernels> AdamW<B> {
         M: Module<AD>,
     {
         let flat = self.gather(&module, grads);
-        self.apply(module, flat, lr, grad_scale)
+        self.apply(module, flat, lr, grad_scale, &crate::parallel::Solo)
+            .expect("one worker has no one to wait for")
     }
 
     /// The parameters that have a gradient in `grads`, as flat groups: gradients concatenated
@@ -105,11 +148,15 @@ impl<B: Kernels> AdamW<B> {
         M: Module<AD>,
     {
         let params = trainable_values(module, &grads);
+        let workers = self.owners.values().max().map_or(1, |w| w + 1);
         let mut out = Vec::new();
-        for decayed in [true, false] {
+        for (decayed, owner) in [true, false]
+            .into_iter()
+            .flat_map(|d| (0..workers).map(move |o| (d, o)))
+        {
             let mine: Vec<&(ParamId, Tensor<B, 1>)> = params
                 .iter()
-                .filter(|(id, _)| self.decayed.contains(id) == decayed)
+                .filter(|(id, _)| self.decayed.contains(id) == decayed && self.owner(id) == owner)
                 .collect();
             for group in groups(&mine, self.group_elems) {
                 let parts: Vec<Tensor<B, 1>> = group
@@ -118,6 +165,7 @@ impl<B: Kernels> AdamW<B> {
                     .collect();
                 out.push(FlatGroup {
                     decayed,
+                    owner,
                     params: group.iter().map(|(id, v)| (*id, v.dims()[0])).collect(),
                     values: group.iter().map(|(_, v)| v.clone()).collect(),
                     g: B::concat_f32(parts),
@@ -128,8 +176,17 @@ impl<B: Kernels> AdamW<B> {
     }
 
     /// The AdamW update of `flat` (from [`AdamW::gather`] on this `module`), each gradient
-    /// taken times `grad_scale` (global-norm clipping's factor, 1 without clipping).
-    pub fn apply<AD, M>(&mut self, module: M, flat: FlatStep<B>, lr: f64, grad_scale: f64) -> M
+    /// taken times `grad_scale` (global-norm clipping's factor, 1 without clipping). With a
+    /// sharded state ([`AdamW::shard`]) this worker updates the groups it owns and takes the
+    /// others' new values from their owners through `group`.
+    pub fn apply<AD, M>(
+        &mut self,
+        module: M,
+        flat: FlatStep<B>,
+        lr: f64,
+        grad_scale: f64,
+        workers: &dyn Collective<B>,
+    ) -> Result<M, CollectiveError>
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
@@ -137,23 +194,36 @@ impl<B: Kernels> AdamW<B> {
         self.t += 1;
         let mut updated = BTreeMap::new();
         for group in flat.groups {
-            self.update_group(group, lr, grad_scale, &mut updated);
+            let (owner, params) = (group.owner, group.params.clone());
+            let p = if owner == self.rank {
+                self.update_group(group, lr, grad_scale)
+            } else {
+                // Restored moments of another worker's parameters are not this worker's to keep.
+                for (id, _) in &params {
+                    self.moments.remove(id);
+                }
+                group.g.zeros_like()
+            };
+            let p = if workers.world() > 1 {
+                workers.broadcast(owner, p)?
+            } else {
+                p
+            };
+            let mut at = 0;
+            for (id, n) in params {
+                updated.insert(id, p.clone().narrow(0, at, n));
+                at += n;
+            }
         }
-        module.map(&mut Replace::<AD> {
+        Ok(module.map(&mut Replace::<AD> {
             updated,
             _ad: std::marker::PhantomData,
-        })
+        }))
     }
 
-    /// AdamW on one flat group, writing each parameter's new value (a view of the group's)
-    /// into `updated` and its moments (views of the group's) into `self.moments`.
-    fn update_group(
-        &mut self,
-        group: FlatGroup<B>,
-        lr: f64,
-        grad_scale: f64,
-        updated: &mut BTreeMap<ParamId, Tensor<B, 1>>,
-    ) {
+    /// AdamW on one flat group: returns the parameters' new values, flat, and keeps its
+    /// moments (each parameter's a view of the group's) in `self.moments`.
+    fn update_group(&mut self, group: FlatGroup<B>, lr: f64, grad_scale: f64) -> Tensor<B, 1> {
         let c = self.config;
         let (m, v) = self.take_moments(&group);
         // The values are concatenated here, a group at a time, so only one group's copy exists.
@@ -183,7 +253,6 @@ impl<B: Kernels> AdamW<B> {
         let (p, m, v) = B::adamw(p, g, m, v, scalars);
         let mut at = 0;
         for &(id, n) in &group.params {
-            updated.insert(id, p.clone().narrow(0, at, n));
             self.moments.insert(
                 id,
                 Moments {
@@ -198,6 +267,7 @@ impl<B: Kernels> AdamW<B> {
             m,
             v,
         });
+        p
     }
 
     /// The group's moments as flat f32 [N] tensors: the last update's flat tensors when it
@@ -248,6 +318,8 @@ pub struct FlatStep<B: Backend> {
 
 struct FlatGroup<B: Backend> {
     decayed: bool,
+    /// The worker that updates it ([`AdamW::shard`]).
+    owner: usize,
     /// Each parameter and its element count, in the order of `values` and `g`.
     params: Vec<(ParamId, usize)>,
     /// The parameters' current values, flattened (no copy: the module's own tensors).
@@ -257,6 +329,16 @@ struct FlatGroup<B: Backend> {
 }
 
 impl<B: Kernels> FlatStep<B> {
+    /// Each group's gradients summed over the workers of `group`, in place (data parallelism:
+    /// every worker then holds the whole step's gradient).
+    pub fn all_reduce(&mut self, group: &dyn Collective<B>) -> Result<(), CollectiveError> {
+        for g in &mut self.groups {
+            let summed = group.all_reduce_sum(g.g.clone())?;
+            g.g = summed;
+        }
+        Ok(())
+    }
+
     /// sqrt(sum of squares) over every gradient: one norm for the whole model (one read
     /// from the device).
     pub fn grad_norm(&self) -> f64 {
@@ -372,6 +454,34 @@ mod tests {
     use crate::params::collect_grads;
 
     type AD = Autodiff<Flex>;
+
+    /// ZeRO-1's owners: contiguous runs, every worker some when there are enough parameters,
+    /// shares near equal by elements, and everything on worker 0 alone.
+    #[test]
+    fn owners_split_the_parameters_in_runs_of_about_equal_size() {
+        let sizes = [100usize, 5, 5, 300, 40, 40, 10, 200, 1, 299];
+        let params: Vec<(ParamId, usize)> = sizes.iter().map(|&n| (ParamId::new(), n)).collect();
+        let of = |world| {
+            let map = owners(&params, world);
+            params.iter().map(|(id, _)| map[id]).collect::<Vec<_>>()
+        };
+        assert!(of(1).iter().all(|&o| o == 0));
+        for world in [2, 3, 4] {
+            let o = of(world);
+            assert!(o.windows(2).all(|w| w[0] <= w[1]), "{o:?}");
+            assert_eq!((o[0], o[o.len() - 1]), (0, world - 1), "{o:?}");
+            let mut shares = vec![0usize; world];
+            for (&n, &w) in sizes.iter().zip(&o) {
+                shares[w] += n;
+            }
+            let fair = 1000 / world;
+            assert!(
+                shares.iter().all(|&s| s.abs_diff(fair) <= 300),
+                "{world}: {shares:?}"
+            );
+        }
+        assert_eq!(of(2), [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]);
+    }
 
     /// N(0, std²) values from the test's own generator: burn's is one for the process, which
     /// the tests running beside this one (training runs among them) draw from too.

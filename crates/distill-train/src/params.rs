@@ -44,6 +44,29 @@ impl<B: Backend> GradStore<B> {
     pub fn is_empty(&self) -> bool {
         self.grads.is_empty()
     }
+
+    /// Zeros for every trainable parameter of `module` that has no gradient here.
+    pub fn zeros_for_missing<AD, M>(&mut self, module: &M)
+    where
+        AD: AutodiffBackend<InnerBackend = B>,
+        M: Module<AD>,
+    {
+        struct Zeros<'a, AD: AutodiffBackend> {
+            store: &'a mut GradStore<AD::InnerBackend>,
+        }
+        impl<AD: AutodiffBackend> ModuleVisitor<AD> for Zeros<'_, AD> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+                let value = param.val();
+                if value.is_require_grad() && self.store.get(&param.id).is_none() {
+                    let inner = value.inner();
+                    let n = inner.shape().num_elements();
+                    let zeros = Tensor::zeros([n], (&inner.device(), burn::tensor::DType::F32));
+                    self.store.add(param.id, zeros);
+                }
+            }
+        }
+        module.visit(&mut Zeros::<AD> { store: self });
+    }
 }
 
 /// Collects the gradients in `grads` of every trainable parameter of `module` into `store`.

@@ -163,3 +163,44 @@ fn a_torn_last_dataset_line_is_reported_and_the_rest_trains() {
         .collect();
     assert_eq!(counts[..4].iter().sum::<usize>(), 48, "{text}");
 }
+
+/// `--gpus`: a count of 0, a `--device` it would contradict, and (in a build without CUDA)
+/// the build itself, each refused in one line before anything is written.
+#[test]
+fn train_on_gpus_refuses_what_it_cannot_run() {
+    let out = tempfile::tempdir().unwrap();
+    let out_set = format!("train.out={:?}", out.path().to_str().unwrap());
+    let base = ["--recipe", "recipes/tiny.toml", "--set", &out_set];
+    let with = |extra: &[&str]| train(&[&base[..], extra].concat());
+    assert_clean_failure(&with(&["--gpus", "0"]), &["--gpus 0: give the number of GPUs"]);
+    let recipe = super::repo_root().join("recipes/tiny.toml");
+    let o = super::distill(&[
+        "--device",
+        "cpu",
+        "train",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--set",
+        &out_set,
+        "--gpus",
+        "2",
+    ]);
+    assert_clean_failure(
+        &o,
+        &[
+            "--gpus 2 trains on GPUs 0..2, not on --device cpu",
+            "CUDA_VISIBLE_DEVICES",
+        ],
+    );
+    if !cfg!(feature = "cuda") {
+        assert_clean_failure(
+            &with(&["--gpus", "2"]),
+            &["--gpus 2: this distill was built without CUDA"],
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}

@@ -28,6 +28,7 @@ use distill_models::Kernels;
 
 use crate::checkpoint;
 use crate::on_policy::OnPolicyReport;
+use crate::parallel::{Collective, Solo};
 use crate::soft::{SoftStats, SoftTargetError};
 use run::Run;
 
@@ -59,6 +60,9 @@ pub enum TrainError {
     /// (`train.offload_block_inputs`).
     #[error("train.offload_block_inputs: {0}")]
     Offload(String),
+    /// A data-parallel worker could not sum with the others (one of them stopped).
+    #[error(transparent)]
+    Parallel(#[from] crate::parallel::CollectiveError),
 }
 
 /// What a finished (or stopped) run reports.
@@ -169,7 +173,111 @@ pub fn train<B: Kernels>(
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
-    let (mut run, mut model) = Run::<B>::open(recipe, device, opts.resume)?;
+    train_in_group(recipe, device, opts, &Solo)
+}
+
+/// [`train`] on several devices, one worker thread each, data-parallel through `members`
+/// (one per device, rank order: [`crate::parallel`]). Worker 0 runs on the calling thread,
+/// reports progress and writes every file; the others run silently. The first error of any
+/// worker stops them all and is returned.
+pub fn train_data_parallel<B: Kernels>(
+    recipe: &Recipe,
+    devices: Vec<B::Device>,
+    members: Vec<Box<dyn Collective<B>>>,
+    opts: &TrainOptions,
+) -> Result<TrainReport, TrainError>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    if devices.len() != members.len() || devices.is_empty() {
+        return Err(TrainError::Refused(format!(
+            "data parallelism over {} devices needs one group member each, got {}",
+            devices.len(),
+            members.len()
+        )));
+    }
+    let rows = recipe.train.micro_batch * recipe.train.grad_accum;
+    if rows < devices.len() {
+        return Err(TrainError::Refused(format!(
+            "train.micro_batch x train.grad_accum = {rows} rows a step cannot be shared by {} GPUs; \
+             HINT: raise train.grad_accum to at least {}",
+            devices.len(),
+            devices.len().div_ceil(recipe.train.micro_batch.max(1))
+        )));
+    }
+    let (resume, stop_after) = (opts.resume, opts.stop_after);
+    let mut workers = devices.into_iter().zip(members);
+    let (lead_device, lead) = workers.next().expect("checked above");
+    let results: Vec<Result<TrainReport, TrainError>> = std::thread::scope(|scope| {
+        let others: Vec<_> = workers
+            .map(|(device, member)| {
+                scope.spawn(move || {
+                    let silent = TrainOptions {
+                        resume,
+                        stop_after,
+                        progress: &distill_core::progress::Silent,
+                    };
+                    worker(recipe, device, &silent, member.as_ref())
+                })
+            })
+            .collect();
+        let mut results = vec![worker(recipe, lead_device, opts, lead.as_ref())];
+        results.extend(others.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(TrainError::Refused("a data-parallel worker panicked".into())))
+        }));
+        results
+    });
+    first_failure(results)
+}
+
+/// Worker 0's report when every worker finished; else the error of the worker that failed
+/// first, not of those it stopped (theirs only say another worker stopped).
+fn first_failure(results: Vec<Result<TrainReport, TrainError>>) -> Result<TrainReport, TrainError> {
+    let mut errors: Vec<TrainError> = Vec::new();
+    let mut lead = None;
+    for r in results {
+        match r {
+            Ok(report) => lead = lead.or(Some(report)),
+            Err(e) => errors.push(e),
+        }
+    }
+    let cause = errors.iter().position(|e| !matches!(e, TrainError::Parallel(_)));
+    match (cause, errors.is_empty()) {
+        (_, true) => Ok(lead.expect("at least one worker")),
+        (Some(i), _) => Err(errors.swap_remove(i)),
+        (None, _) => Err(errors.swap_remove(0)),
+    }
+}
+
+/// One data-parallel worker: [`train_in_group`], telling the others if it stops early.
+fn worker<B: Kernels>(
+    recipe: &Recipe,
+    device: B::Device,
+    opts: &TrainOptions,
+    member: &dyn Collective<B>,
+) -> Result<TrainReport, TrainError>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    let result = train_in_group(recipe, device, opts, member);
+    if let Err(e) = &result {
+        member.abort(&e.to_string());
+    }
+    result
+}
+
+/// [`train`] as one worker of a data-parallel group.
+pub fn train_in_group<B: Kernels>(
+    recipe: &Recipe,
+    device: B::Device,
+    opts: &TrainOptions,
+    group: &dyn Collective<B>,
+) -> Result<TrainReport, TrainError>
+where
+    Ad<B>: Kernels + BackendTypes<Device = B::Device>,
+{
+    let (mut run, mut model) = Run::<B>::open(recipe, device, opts.resume, group)?;
     run.before_training(&model)?;
     let progress = opts.progress;
     progress.stage("training", run.total_steps() as u64);

@@ -25,6 +25,7 @@ use crate::loss::LossConfig;
 use crate::metrics::{MetricsLog, MetricsRecord};
 use crate::on_policy::{OnPolicy, RolloutStats};
 use crate::optim::{AdamW, Moments, learning_rate};
+use crate::parallel::Collective;
 use crate::params::{ParamInfo, param_infos, read_params};
 use crate::soft::SoftStats;
 use crate::tensorboard::EventWriter;
@@ -55,8 +56,10 @@ where
     root: PathBuf,
     run_dir: PathBuf,
     recipe_toml: String,
-    metrics: MetricsLog,
-    tb: EventWriter,
+    /// metrics.jsonl and TensorBoard: data-parallel worker 0's alone, like every file of the
+    /// run ([`crate::parallel`]); None on the other workers.
+    logs: Option<Logs>,
+    group: &'r dyn Collective<B>,
     losses: Vec<f64>,
     consecutive_bad: usize,
     last_checkpoint: Option<PathBuf>,
@@ -75,8 +78,17 @@ where
         recipe: &'r Recipe,
         device: B::Device,
         resume: bool,
+        group: &'r dyn Collective<B>,
     ) -> Result<(Self, CausalLm<Ad<B>>), TrainError> {
         let resume_from = check_run_dir(recipe, resume)?;
+        if group.world() > 1 && recipe.on_policy.enabled() {
+            return Err(TrainError::Refused(format!(
+                "[on_policy] share = {}: on-policy distillation runs on one GPU for now; HINT: drop --gpus, or set on_policy.share = 0",
+                recipe.on_policy.share
+            )));
+        }
+        // Every worker has looked at the run directory before the first writes to it.
+        group.barrier()?;
         // Exact-size buffers keep a training step's memory tight, but generation asks for new
         // sizes at every token (its KV cache grows), each a fresh device allocation kept until
         // trimmed: on-policy runs, which sample inside the loop, keep the backend's paged pool.
@@ -119,6 +131,14 @@ where
 
         let infos = param_infos(&model);
         let mut opt = new_optimizer(&model, t);
+        if group.world() > 1 {
+            let trainable: Vec<_> = infos
+                .iter()
+                .filter(|p| p.trainable)
+                .map(|p| (p.id, p.shape.iter().product()))
+                .collect();
+            opt.shard(crate::optim::owners(&trainable, group.world()), group.rank());
+        }
         let rows_per_step = t.micro_batch * t.grad_accum;
         let rows_epoch0 = data::epoch_rows(&train_set, t.seed, 0, t.seq_len, t.packing, pad_id).len();
         let steps_per_epoch = rows_epoch0.div_ceil(rows_per_step).max(1);
@@ -160,13 +180,19 @@ where
 
         let root = run_root(recipe);
         let run_dir = root.join("runs");
-        let metrics = MetricsLog::open(&run_dir.join(crate::metrics::METRICS_FILE))?;
-        let tb = EventWriter::create(&run_dir.join("tb"))?;
         let recipe_toml = recipe.to_toml();
-        let io = |path: PathBuf| move |error| checkpoint::CheckpointError::Io { path, error };
-        std::fs::create_dir_all(&root).map_err(io(root.clone()))?;
-        distill_core::fsutil::write_atomic(&root.join("recipe.toml"), recipe_toml.as_bytes())
-            .map_err(io(root.join("recipe.toml")))?;
+        let logs = if group.rank() == 0 {
+            let io = |path: PathBuf| move |error| checkpoint::CheckpointError::Io { path, error };
+            std::fs::create_dir_all(&root).map_err(io(root.clone()))?;
+            distill_core::fsutil::write_atomic(&root.join("recipe.toml"), recipe_toml.as_bytes())
+                .map_err(io(root.join("recipe.toml")))?;
+            Some(Logs {
+                metrics: MetricsLog::open(&run_dir.join(crate::metrics::METRICS_FILE))?,
+                tb: EventWriter::create(&run_dir.join("tb"))?,
+            })
+        } else {
+            None
+        };
 
         let loss_cfg = LossConfig::from_recipe(&recipe.loss, Some(tokenizer.vocab_size()));
         let run = Run {
@@ -190,8 +216,8 @@ where
             root,
             run_dir,
             recipe_toml,
-            metrics,
-            tb,
+            logs,
+            group,
             losses: Vec::new(),
             consecutive_bad: 0,
             last_checkpoint: None,
@@ -211,14 +237,14 @@ where
 
     /// An on-policy run's held-out reverse KL before its first step.
     pub(super) fn before_training(&mut self, model: &CausalLm<Ad<B>>) -> Result<(), TrainError> {
-        if let (Some(op), 0) = (self.on_policy.as_mut(), self.state.step) {
+        if let (Some(op), 0, Some(logs)) = (self.on_policy.as_mut(), self.state.step, self.logs.as_mut()) {
             op.report.reverse_kl_before = held_out_reverse_kl(
                 op,
                 model,
                 &self.tokenizer,
                 self.recipe,
                 self.pad_id,
-                &mut self.tb,
+                &mut logs.tb,
                 0,
                 &self.device,
             )?;
@@ -296,6 +322,7 @@ where
             recipe,
             lr,
             device,
+            self.group,
             hook,
         )?;
         if self.on_policy.is_some() {
@@ -317,7 +344,13 @@ where
         self.losses.push(outcome.loss);
         let tokens_per_s = outcome.tokens as f64 / step_s.max(1e-9);
         let at = self.state.step;
-        if at.is_multiple_of(t.log_every.max(1)) || at == self.state.total_steps {
+        progress.message(&format!(
+            "loss {:.4} | {tokens_per_s:.0} tok/s | skipped {}",
+            outcome.loss, self.state.skipped_steps
+        ));
+        if let Some(logs) = self.logs.as_mut()
+            && (at.is_multiple_of(t.log_every.max(1)) || at == self.state.total_steps)
+        {
             if self.on_policy.is_some() {
                 self.phases.drain_into(&mut extra);
             }
@@ -333,16 +366,14 @@ where
                 mem_gb: None,
                 extra,
             };
-            log_record(&mut self.metrics, &mut self.tb, &record)?;
+            log_record(logs, &record)?;
         }
-        progress.message(&format!(
-            "loss {:.4} | {tokens_per_s:.0} tok/s | skipped {}",
-            outcome.loss, self.state.skipped_steps
-        ));
         if at.is_multiple_of(t.checkpoint_every.max(1)) || at == self.state.total_steps {
             self.checkpoint(&model)?;
         }
-        if t.export_every > 0 && at.is_multiple_of(t.export_every) && at < self.state.total_steps {
+        let export_due =
+            t.export_every > 0 && at.is_multiple_of(t.export_every) && at < self.state.total_steps;
+        if export_due && self.logs.is_some() {
             let dir = self.root.join("exports").join(format!("step-{at}"));
             export_model(model.valid(), self.recipe, &self.student_dir, &dir)?;
         }
@@ -370,7 +401,13 @@ where
 
     /// step-N/ with the trainable weights, the optimizer's moments, the state and, mid-way
     /// through an on-policy buffer, its unused samples.
+    /// Every data-parallel worker takes part (the moments are sharded among them); worker 0
+    /// writes.
     fn checkpoint(&mut self, model: &CausalLm<Ad<B>>) -> Result<(), TrainError> {
+        let moments = checkpoint_moments(&self.infos, &self.opt, self.group, &self.device)?;
+        if self.group.rank() != 0 {
+            return Ok(());
+        }
         let window = self
             .on_policy
             .as_ref()
@@ -383,8 +420,7 @@ where
         self.last_checkpoint = Some(save_checkpoint(
             &self.root,
             model,
-            &self.infos,
-            &self.opt,
+            &moments,
             &self.state,
             &self.recipe_toml,
             &extra,
@@ -397,7 +433,7 @@ where
     /// reverse KL, the export and the curves' plot.
     pub(super) fn finish(mut self, model: CausalLm<Ad<B>>) -> Result<TrainReport, TrainError> {
         let step = self.state.step;
-        let export = if step >= self.state.total_steps {
+        let export = if let (true, Some(logs)) = (step >= self.state.total_steps, self.logs.as_mut()) {
             let held_loss = held_out_loss(
                 &model,
                 &self.teacher,
@@ -408,7 +444,7 @@ where
                 &self.device,
             )?;
             if let Some(l) = held_loss {
-                self.tb.add_scalar("eval/held_out_loss", l as f32, step as i64)?;
+                logs.tb.add_scalar("eval/held_out_loss", l as f32, step as i64)?;
             }
             if let Some(op) = self.on_policy.as_mut() {
                 op.report.reverse_kl_after = held_out_reverse_kl(
@@ -417,14 +453,14 @@ where
                     &self.tokenizer,
                     self.recipe,
                     self.pad_id,
-                    &mut self.tb,
+                    &mut logs.tb,
                     step as i64,
                     &self.device,
                 )?;
             }
-            self.tb.flush()?;
+            logs.tb.flush()?;
             let dir = export_run(model.valid(), self.recipe, &self.student_dir, &self.root)?;
-            crate::metrics::plot_curves(self.metrics.path(), &self.run_dir.join("curves.png")).ok();
+            crate::metrics::plot_curves(logs.metrics.path(), &self.run_dir.join("curves.png")).ok();
             Some(dir)
         } else {
             None
@@ -508,7 +544,8 @@ fn export_model<B: Kernels>(
 
 /// One metrics line to metrics.jsonl and its figures to TensorBoard: the standard ones under
 /// `train/`, an on-policy step's numeric extras under `on_policy/`.
-fn log_record(metrics: &mut MetricsLog, tb: &mut EventWriter, r: &MetricsRecord) -> Result<(), TrainError> {
+fn log_record(logs: &mut Logs, r: &MetricsRecord) -> Result<(), TrainError> {
+    let Logs { metrics, tb } = logs;
     metrics.append(r)?;
     let step = r.step as i64;
     for (tag, v) in [
@@ -525,6 +562,12 @@ fn log_record(metrics: &mut MetricsLog, tb: &mut EventWriter, r: &MetricsRecord)
         tb.add_scalar(&format!("on_policy/{tag}"), v as f32, step)?;
     }
     Ok(tb.flush()?)
+}
+
+/// Where a run's figures go: metrics.jsonl and TensorBoard's event file.
+struct Logs {
+    metrics: MetricsLog,
+    tb: EventWriter,
 }
 
 /// On-policy phases summed over the steps since the last metrics line, so that a line's split
@@ -613,8 +656,7 @@ fn check_vocab<B: Backend>(
 fn save_checkpoint<B: Kernels>(
     root: &Path,
     model: &CausalLm<Ad<B>>,
-    infos: &[ParamInfo],
-    opt: &AdamW<B>,
+    moments: &HostTensors,
     state: &TrainState,
     recipe_toml: &str,
     extra: &[(&str, &[u8])],
@@ -624,30 +666,47 @@ where
     Ad<B>: Kernels,
 {
     let weights = read_params(model, |p| p.trainable);
-    let mut moments = HostTensors::new();
-    for info in infos.iter().filter(|p| p.trainable) {
-        if let Some(m) = opt.moments(&info.id) {
-            let n = info.shape.iter().product::<usize>();
-            let host = |t: &Tensor<B, 1>| {
-                t.clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("f32")
-            };
-            moments.insert(format!("exp_avg.{}", info.name), (vec![n], host(&m.m)));
-            moments.insert(format!("exp_avg_sq.{}", info.name), (vec![n], host(&m.v)));
-        }
-    }
     Ok(checkpoint::save(
         root,
         state,
         &weights,
-        &moments,
+        moments,
         recipe_toml,
         extra,
         keep,
     )?)
+}
+
+/// The AdamW moments of every trainable parameter, in host memory on worker 0 (empty on
+/// the others). With a sharded optimizer each parameter's owner sends them.
+fn checkpoint_moments<B: Kernels>(
+    infos: &[ParamInfo],
+    opt: &AdamW<B>,
+    workers: &dyn Collective<B>,
+    device: &B::Device,
+) -> Result<HostTensors, TrainError> {
+    let host = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
+    let mut out = HostTensors::new();
+    for info in infos.iter().filter(|p| p.trainable) {
+        let n = info.shape.iter().product::<usize>();
+        let mine = opt.moments(&info.id).map(|m| (m.m.clone(), m.v.clone()));
+        let (m, v) = if workers.world() == 1 {
+            match mine {
+                Some(mv) => mv,
+                None => continue,
+            }
+        } else {
+            let zeros = || Tensor::<B, 1>::zeros([n], (device, DType::F32));
+            let (m, v) = mine.unwrap_or_else(|| (zeros(), zeros()));
+            let owner = opt.owner(&info.id);
+            (workers.broadcast(owner, m)?, workers.broadcast(owner, v)?)
+        };
+        if workers.rank() == 0 {
+            out.insert(format!("exp_avg.{}", info.name), (vec![n], host(m)));
+            out.insert(format!("exp_avg_sq.{}", info.name), (vec![n], host(v)));
+        }
+    }
+    Ok(out)
 }
 
 /// Puts checkpointed trainable weights back by name; every trainable parameter must be there.
@@ -717,7 +776,9 @@ fn restore_moments<B: Backend>(
             (device, DType::F32),
         )
     };
-    for info in infos.iter().filter(|p| p.trainable) {
+    // A sharded optimizer keeps only its own parameters' moments.
+    let mine: Vec<&ParamInfo> = infos.iter().filter(|p| p.trainable && opt.owns(&p.id)).collect();
+    for info in mine {
         let m = moments.get(&format!("exp_avg.{}", info.name));
         let v = moments.get(&format!("exp_avg_sq.{}", info.name));
         if let (Some(m), Some(v)) = (m, v) {

@@ -16,6 +16,7 @@ use super::{Ad, TrainError};
 use crate::lora;
 use crate::loss::{HeadWeight, LossConfig, chunked_loss};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::parallel::{Collective, shard};
 use crate::params::{GradStore, collect_grads, param_infos};
 
 /// A block's input leaf and output, with the graph between them kept for backward.
@@ -90,6 +91,10 @@ pub fn no_phases(_: &'static str) {}
 /// One optimizer step on `rows`, exactly as `distill train` runs each step (and `distill
 /// bench` times it): micro-batches of [train] micro_batch rows, gradients of the mean loss
 /// over the step's loss tokens, global-norm clipping, one AdamW update at `lr`.
+///
+/// `rows` are the whole step's, on every worker of `group`: each runs its [`shard`] of them
+/// and the gradients and loss sums are summed over the group before the update, which is
+/// then the same everywhere ([`crate::parallel`]). [`crate::parallel::Solo`] runs them all.
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<B: Kernels>(
     model: CausalLm<Ad<B>>,
@@ -100,6 +105,7 @@ pub fn optimizer_step<B: Kernels>(
     recipe: &Recipe,
     lr: f64,
     device: &B::Device,
+    group: &dyn Collective<B>,
     phase: PhaseHook,
 ) -> Result<(CausalLm<Ad<B>>, StepOutcome), TrainError>
 where
@@ -112,15 +118,23 @@ where
         .sum();
     let scale = 1.0 / loss_tokens.max(1) as f64;
     let mut grads = GradStore::<B>::default();
-    let mut sums = (0.0, 0.0, 0.0);
-    for micro in rows.chunks(t.micro_batch) {
+    let mut sums = [0.0; 3];
+    let mine = &rows[shard(rows.len(), group.rank(), group.world())];
+    for micro in mine.chunks(t.micro_batch) {
         let s = micro_step(
             &model, teacher, micro, loss_cfg, recipe, scale, &mut grads, device, phase,
         )?;
-        sums = (sums.0 + s.0, sums.1 + s.1, sums.2 + s.2);
+        sums = [sums[0] + s.0, sums[1] + s.1, sums[2] + s.2];
+    }
+    if group.world() > 1 {
+        // A worker whose rows carried no loss has no gradients; every worker's flat groups
+        // must hold the same parameters for the sums to line up.
+        grads.zeros_for_missing::<Ad<B>, _>(&model);
+        let summed = group.all_reduce_host(&sums)?;
+        sums.copy_from_slice(&summed);
     }
     let n = loss_tokens.max(1) as f64;
-    let (loss, ce, kl) = (sums.0 / n, sums.1 / n, sums.2 / n);
+    let (loss, ce, kl) = (sums[0] / n, sums[1] / n, sums[2] / n);
     // The activations are gone: what they freed goes back before the optimizer's groups are
     // made, once the device has finished with it. Freed while the backward was still queued,
     // the driver's pool grew for the groups' 256 MiB buffers instead of reusing it (1.5B full
@@ -128,7 +142,10 @@ where
     let _ = B::sync(device);
     B::trim_memory(device);
     // The trainable parameters as flat groups: the norm and the update both read them.
-    let flat = opt.gather::<Ad<B>, _>(&model, grads);
+    let mut flat = opt.gather::<Ad<B>, _>(&model, grads);
+    if group.world() > 1 {
+        flat.all_reduce(group)?;
+    }
     // And the per-parameter gradients, copied into the groups, before the update's buffers.
     B::trim_memory(device);
     let grad_norm = flat.grad_norm();
@@ -142,7 +159,7 @@ where
         } else {
             1.0
         };
-        model = opt.apply::<Ad<B>, _>(model, flat, lr, clip);
+        model = opt.apply::<Ad<B>, _>(model, flat, lr, clip, group)?;
     }
     // And the gradients' groups and last step's parameters before the next forward.
     B::trim_memory(device);

@@ -198,6 +198,179 @@ fn block_inputs_parked_in_host_memory_give_the_same_steps() {
     );
 }
 
+/// `r` trained by `world` data-parallel workers, threads of this process on the CPU summing
+/// through host memory.
+fn run_data_parallel(r: &Recipe, world: usize, resume: bool, stop_after: Option<usize>) -> TrainReport {
+    use crate::parallel::{Collective, LocalGroup};
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let members = LocalGroup::new(world)
+        .into_iter()
+        .map(|m| Box::new(m) as Box<dyn Collective<Flex>>)
+        .collect();
+    train_data_parallel::<Flex>(
+        r,
+        vec![Default::default(); world],
+        members,
+        &TrainOptions {
+            resume,
+            stop_after,
+            progress: &distill_core::progress::Silent,
+        },
+    )
+    .unwrap()
+}
+
+/// The trainable weights and AdamW moments a run's last checkpoint holds.
+fn checkpointed(report: &TrainReport) -> (HostTensors, HostTensors) {
+    let loaded = crate::checkpoint::load(report.checkpoint.as_ref().unwrap()).unwrap();
+    (loaded.weights, loaded.moments)
+}
+
+/// Every tensor of `a` within `tol` of `b`'s, in absolute terms, or relative to the
+/// tensor's largest magnitude when `relative`.
+fn assert_close(what: &str, a: &HostTensors, b: &HostTensors, tol: f32, relative: bool) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (name, (shape, x)) in a {
+        let (other_shape, y) = &b[name];
+        assert_eq!(shape, other_shape, "{what} {name}");
+        let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        let scale = if relative {
+            x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+        } else {
+            1.0
+        };
+        assert!(
+            worst <= tol * scale,
+            "{what} {name}: differs by {worst} (scale {scale})"
+        );
+    }
+}
+
+/// The `grad_norm` of each line of a run's metrics.jsonl.
+fn grad_norms(report: &TrainReport) -> Vec<f64> {
+    std::fs::read_to_string(report.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The check of data parallelism: N workers, each on its share of every step's rows,
+/// take the steps one worker takes on all of them (the sums differ only in the order of f32
+/// additions). 3 workers share a step's 4 rows as 2, 1 and 1.
+#[test]
+fn data_parallel_workers_take_the_one_worker_steps() {
+    for extra in [
+        &["lora.dropout=0"][..],
+        &["lora.enabled=false", "train.lr=3e-3", "train.recompute=false"][..],
+    ] {
+        let sets: Vec<&str> = ["train.max_steps=4", "train.lr=1e-2"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let one = run(&recipe(dir.path(), &sets), false, None);
+        assert!(
+            (one.losses[0] - one.losses[3]).abs() > 1e-3,
+            "{extra:?}: {:?}",
+            one.losses
+        );
+        let (weights, moments) = checkpointed(&one);
+        for world in [2, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let many = run_data_parallel(&recipe(dir.path(), &sets), world, false, None);
+            for (x, y) in one.losses.iter().zip(&many.losses) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "{extra:?}, {world} workers: {:?} vs {:?}",
+                    one.losses,
+                    many.losses
+                );
+            }
+            // AdamW divides by the gradient's own scale, so the weights would hide a gradient
+            // summed wrongly by a constant factor; the norms and the moments do not. Elements
+            // whose gradient is float noise around 0 (k_proj's bias: softmax ignores it) move
+            // by up to lr a step in either run, so the weights are compared to a tenth of a
+            // percent of what 4 steps at lr 1e-2 can move them.
+            let (w, m) = checkpointed(&many);
+            assert_close(&format!("{extra:?} x{world} weights"), &weights, &w, 1e-4, false);
+            assert_close(&format!("{extra:?} x{world} moments"), &moments, &m, 1e-3, true);
+            // The first step starts from the same weights: its gradient differs only by the
+            // order of additions. Later ones start from weights that differ as above.
+            for (i, (x, y)) in grad_norms(&one).iter().zip(grad_norms(&many)).enumerate() {
+                let tol = if i == 0 { 1e-6 } else { 1e-3 };
+                assert!(
+                    (x - y).abs() <= tol * x,
+                    "{extra:?} x{world}: step {i}'s grad norm {x} vs {y}"
+                );
+            }
+            // Written once: a metrics line per step, one export.
+            let lines = std::fs::read_to_string(many.run_dir.join("metrics.jsonl")).unwrap();
+            assert_eq!(lines.lines().count(), 4, "{lines}");
+            assert!(many.export.unwrap().join("config.json").exists());
+        }
+    }
+}
+
+/// Checkpoints hold the whole state, so a run stopped on 2 workers resumes on 3 (or any
+/// number) and ends where an uninterrupted one-worker run does.
+#[test]
+fn a_data_parallel_run_resumes_on_another_number_of_workers() {
+    let extra = ["train.max_steps=6", "train.lr=1e-2", "lora.dropout=0"];
+    let whole = run(&recipe(tempfile::tempdir().unwrap().path(), &extra), false, None);
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &extra);
+    let first = run_data_parallel(&r, 2, false, Some(4)); // checkpoints at step 3; step 4 is lost
+    let rest = run_data_parallel(&r, 3, true, None);
+    assert_eq!(rest.steps, 6);
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), 6);
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!((x - y).abs() < 1e-5, "{:?}\n{resumed:?}", whole.losses);
+    }
+}
+
+/// A step's rows must give every worker at least one; on-policy runs stay on one device.
+#[test]
+fn data_parallel_runs_it_cannot_share_are_refused() {
+    use crate::parallel::{Collective, LocalGroup};
+    let dir = tempfile::tempdir().unwrap();
+    let err = |r: &Recipe, world: usize| {
+        let members = LocalGroup::new(world)
+            .into_iter()
+            .map(|m| Box::new(m) as Box<dyn Collective<Flex>>)
+            .collect();
+        let opts = TrainOptions {
+            resume: false,
+            stop_after: None,
+            progress: &distill_core::progress::Silent,
+        };
+        train_data_parallel::<Flex>(r, vec![Default::default(); world], members, &opts)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&recipe(dir.path(), &[]), 5);
+    assert!(
+        e.contains("4 rows a step cannot be shared by 5 GPUs") && e.contains("grad_accum to at least 3"),
+        "{e}"
+    );
+    let e = err(&on_policy_recipe(dir.path(), &[]), 2);
+    assert!(e.contains("on-policy distillation runs on one GPU"), "{e}");
+    assert!(
+        !run_root(&recipe(dir.path(), &[])).exists(),
+        "nothing was written"
+    );
+}
+
 #[test]
 fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
