@@ -34,6 +34,12 @@ run)
   # kernels' tests already choose for themselves (tests/common): the checks are of results.
   export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/gpu.txt"
+  # NCCL comes with PyTorch's wheels as libnccl.so.2; cudarc loads it as libnccl.so.
+  nccl=$(python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null)
+  if [ -e "$nccl/libnccl.so.2" ]; then
+    mkdir -p /tmp/nccl-lib && ln -sf "$nccl/libnccl.so.2" /tmp/nccl-lib/libnccl.so
+    export LD_LIBRARY_PATH=/tmp/nccl-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
   for f in "$dir"/*.gz; do
     b=/tmp/gpu-tests/$(basename "$f" .gz); gunzip -c "$f" > "$b"; chmod +x "$b"
     ( start=$(date +%s)

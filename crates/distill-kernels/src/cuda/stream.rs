@@ -98,6 +98,11 @@ pub(crate) fn last_launch() -> String {
 /// without a GPU. Under `DISTILL_REQUIRE_GPU=1` a missing device panics instead
 /// (`distill_core::testing::skip_gpu_test`, the rule every GPU test follows).
 pub fn first_cuda_device() -> Option<burn::backend::cuda::CudaDevice> {
+    cuda_devices().map(|mut all| all.swap_remove(0))
+}
+
+/// Every CUDA device the driver shows (at least one), or None as [`first_cuda_device`].
+pub fn cuda_devices() -> Option<Vec<burn::backend::cuda::CudaDevice>> {
     // SAFETY: only tries to dlopen libcuda.
     let found = if !unsafe { cu::is_culib_present() } {
         Err("no CUDA device: libcuda could not be loaded".to_string())
@@ -109,12 +114,12 @@ pub fn first_cuda_device() -> Option<burn::backend::cuda::CudaDevice> {
                 if n < 1 {
                     Err("no CUDA device".to_string())
                 } else {
-                    Ok(())
+                    Ok(n as usize)
                 }
             })
     };
     match found {
-        Ok(()) => Some(burn::backend::cuda::CudaDevice::new(0)),
+        Ok(n) => Some((0..n).map(burn::backend::cuda::CudaDevice::new).collect()),
         Err(why) => {
             distill_core::testing::skip_gpu_test(&why);
             None
