@@ -19,6 +19,9 @@ use cudarc::nccl::{result, sys};
 use super::{contiguous, stream};
 use crate::{prim, tensor};
 
+/// A flat f32 [N] tensor on burn's CUDA backend, as the collectives take and give.
+type Flat<F, I, BT> = Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>;
+
 /// One GPU's member of an NCCL communicator over the GPUs of this process.
 pub struct NcclComm {
     comm: sys::ncclComm_t,
@@ -79,10 +82,7 @@ impl NcclComm {
 
     /// Σ over the communicator's GPUs of `x` (f32 [N], on this member's device), as a new
     /// tensor, queued on cubecl's stream after the work that wrote `x`.
-    pub fn all_reduce_sum<F, I, BT>(
-        &self,
-        x: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>,
-    ) -> Result<Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>, String>
+    pub fn all_reduce_sum<F, I, BT>(&self, x: Flat<F, I, BT>) -> Result<Flat<F, I, BT>, String>
     where
         F: FloatElement,
         I: IntElement,
@@ -107,10 +107,10 @@ impl NcclComm {
     /// new tensor of n f32s, on cubecl's stream for this device after the work that wrote `x`.
     fn collective<F, I, BT, C>(
         &self,
-        x: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>,
+        x: Flat<F, I, BT>,
         name: &'static str,
         call: C,
-    ) -> Result<Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>, String>
+    ) -> Result<Flat<F, I, BT>, String>
     where
         F: FloatElement,
         I: IntElement,
@@ -163,11 +163,7 @@ impl NcclComm {
 
     /// Member `root`'s `x` (f32 [N]) on every member, as a new tensor; the others' `x` gives
     /// only the length.
-    pub fn broadcast<F, I, BT>(
-        &self,
-        root: usize,
-        x: Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>,
-    ) -> Result<Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>, String>
+    pub fn broadcast<F, I, BT>(&self, root: usize, x: Flat<F, I, BT>) -> Result<Flat<F, I, BT>, String>
     where
         F: FloatElement,
         I: IntElement,
