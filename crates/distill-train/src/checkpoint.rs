@@ -229,14 +229,24 @@ pub fn write_safetensors(
 }
 
 pub fn read_tensors(path: &Path) -> Result<HostTensors, CheckpointError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
+    read_tensors_where(path, |_| true)
+}
+
+/// The tensors of `path` whose names `want` accepts. The file is mapped, not read, so only
+/// those tensors are brought into memory (a data-parallel worker resuming takes only its own
+/// share of the moments).
+pub fn read_tensors_where(path: &Path, want: impl Fn(&str) -> bool) -> Result<HostTensors, CheckpointError> {
+    let file = std::fs::File::open(path).map_err(io(path))?;
+    // SAFETY: the map is read-only and dropped before this returns; a checkpoint is written
+    // to a temporary directory and renamed into place, never changed where it lies.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(io(path))?;
     let bad = |msg: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
         msg,
     };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
+    for (name, view) in st.tensors().into_iter().filter(|(name, _)| want(name)) {
         if view.dtype() != Dtype::F32 {
             return Err(bad(format!(
                 "tensor `{name}` is {:?}, checkpoints hold F32",
@@ -286,6 +296,12 @@ pub struct Loaded {
 }
 
 pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
+    load_where(dir, |_| true)
+}
+
+/// [`load`] with only the moments of the parameters `want_moments` accepts (by parameter
+/// name; the others' are left on disk).
+pub fn load_where(dir: &Path, want_moments: impl Fn(&str) -> bool) -> Result<Loaded, CheckpointError> {
     let state_path = dir.join(STATE);
     let bytes = std::fs::read(&state_path).map_err(io(&state_path))?;
     let state: TrainState = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Invalid {
@@ -305,7 +321,13 @@ pub fn load(dir: &Path) -> Result<Loaded, CheckpointError> {
         dir: dir.to_path_buf(),
         state,
         weights: read_tensors(&dir.join(WEIGHTS))?,
-        moments: read_tensors(&dir.join(OPTIMIZER))?,
+        moments: read_tensors_where(&dir.join(OPTIMIZER), |name| {
+            let param = name
+                .strip_prefix("exp_avg.")
+                .or_else(|| name.strip_prefix("exp_avg_sq."))
+                .unwrap_or(name);
+            want_moments(param)
+        })?,
     })
 }
 
@@ -372,6 +394,27 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(names.iter().all(|n| n.starts_with("step-")), "{names:?}");
+    }
+
+    /// A data-parallel worker reads only the moments of the parameters it keeps: both
+    /// moments of each, nothing of the others, all weights.
+    #[test]
+    fn load_where_takes_only_the_wanted_parameters_moments() {
+        let root = tempfile::tempdir().unwrap();
+        let mut w = HostTensors::new();
+        let mut m = HostTensors::new();
+        for name in ["a.weight", "b.weight", "ab.weight"] {
+            w.insert(name.into(), (vec![2], vec![1.0, 2.0]));
+            m.insert(format!("exp_avg.{name}"), (vec![2], vec![0.5, 0.25]));
+            m.insert(format!("exp_avg_sq.{name}"), (vec![2], vec![0.125, 4.0]));
+        }
+        let dir = save(root.path(), &state(1), &w, &m, "name = \"x\"\n", &[], 1).unwrap();
+        let mine = load_where(&dir, |p| p == "b.weight").unwrap();
+        assert_eq!(mine.weights, w);
+        let names: Vec<&str> = mine.moments.keys().map(String::as_str).collect();
+        assert_eq!(names, ["exp_avg.b.weight", "exp_avg_sq.b.weight"]);
+        assert_eq!(mine.moments["exp_avg_sq.b.weight"], m["exp_avg_sq.b.weight"]);
+        assert_eq!(load(&dir).unwrap().moments, m);
     }
 
     #[test]

@@ -157,7 +157,13 @@ where
             train_seconds: 0.0,
         };
         if let Some(dir) = resume_from {
-            let loaded = checkpoint::load(&dir)?;
+            // A worker of a sharded optimizer reads only the moments it keeps.
+            let mine: std::collections::BTreeSet<&str> = infos
+                .iter()
+                .filter(|p| p.trainable && opt.owns(&p.id))
+                .map(|p| p.name.as_str())
+                .collect();
+            let loaded = checkpoint::load_where(&dir, |name| mine.contains(name))?;
             if loaded.state.tokenizer_sha256 != tokenizer.hash {
                 return Err(TrainError::Refused(format!(
                     "{}: made with another tokenizer than {}; HINT: resume with the student it was trained from",
@@ -776,9 +782,7 @@ fn restore_moments<B: Backend>(
             (device, DType::F32),
         )
     };
-    // A sharded optimizer keeps only its own parameters' moments.
-    let mine: Vec<&ParamInfo> = infos.iter().filter(|p| p.trainable && opt.owns(&p.id)).collect();
-    for info in mine {
+    for info in infos.iter().filter(|p| p.trainable) {
         let m = moments.get(&format!("exp_avg.{}", info.name));
         let v = moments.get(&format!("exp_avg_sq.{}", info.name));
         if let (Some(m), Some(v)) = (m, v) {
