@@ -202,7 +202,8 @@ impl<B: Kernels> AdamW<B> {
                 for (id, _) in &params {
                     self.moments.remove(id);
                 }
-                group.g.zeros_like()
+                // Only its length counts: the owner's values come back in its place.
+                group.g
             };
             let p = if workers.world() > 1 {
                 workers.broadcast(owner, p)?

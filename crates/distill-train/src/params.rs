@@ -45,27 +45,32 @@ impl<B: Backend> GradStore<B> {
         self.grads.is_empty()
     }
 
-    /// Zeros for every trainable parameter of `module` that has no gradient here.
-    pub fn zeros_for_missing<AD, M>(&mut self, module: &M)
+    /// Every trainable parameter of `module`, in visiting order: its id, element count and
+    /// whether it has a gradient here.
+    pub fn presence<AD, M>(&self, module: &M) -> Vec<(ParamId, usize, bool)>
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
     {
-        struct Zeros<'a, AD: AutodiffBackend> {
-            store: &'a mut GradStore<AD::InnerBackend>,
+        struct Presence<'a, AD: AutodiffBackend> {
+            store: &'a GradStore<AD::InnerBackend>,
+            out: Vec<(ParamId, usize, bool)>,
         }
-        impl<AD: AutodiffBackend> ModuleVisitor<AD> for Zeros<'_, AD> {
+        impl<AD: AutodiffBackend> ModuleVisitor<AD> for Presence<'_, AD> {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
                 let value = param.val();
-                if value.is_require_grad() && self.store.get(&param.id).is_none() {
-                    let inner = value.inner();
-                    let n = inner.shape().num_elements();
-                    let zeros = Tensor::zeros([n], (&inner.device(), burn::tensor::DType::F32));
-                    self.store.add(param.id, zeros);
+                if value.is_require_grad() {
+                    let n = value.shape().num_elements();
+                    self.out.push((param.id, n, self.store.get(&param.id).is_some()));
                 }
             }
         }
-        module.visit(&mut Zeros::<AD> { store: self });
+        let mut visitor = Presence::<AD> {
+            store: self,
+            out: Vec::new(),
+        };
+        module.visit(&mut visitor);
+        visitor.out
     }
 }
 

@@ -127,9 +127,7 @@ where
         sums = [sums[0] + s.0, sums[1] + s.1, sums[2] + s.2];
     }
     if group.world() > 1 {
-        // A worker whose rows carried no loss has no gradients; every worker's flat groups
-        // must hold the same parameters for the sums to line up.
-        grads.zeros_for_missing::<Ad<B>, _>(&model);
+        align_gradients(&model, &mut grads, group, device)?;
         let summed = group.all_reduce_host(&sums)?;
         sums.copy_from_slice(&summed);
     }
@@ -174,6 +172,33 @@ where
         applied,
     };
     Ok((model, outcome))
+}
+
+/// Makes every worker's gradients cover the same parameters, so that their flat groups line
+/// up for the sums: zeros where another worker has a gradient and this one none (its rows
+/// carried no loss). A parameter no worker has a gradient for stays without one, and so is
+/// not updated, as on one worker.
+fn align_gradients<B: Kernels>(
+    model: &CausalLm<Ad<B>>,
+    grads: &mut GradStore<B>,
+    group: &dyn Collective<B>,
+    device: &B::Device,
+) -> Result<(), TrainError>
+where
+    Ad<B>: Kernels,
+{
+    let params = grads.presence::<Ad<B>, _>(model);
+    let here: Vec<f64> = params
+        .iter()
+        .map(|&(_, _, has)| f64::from(u8::from(has)))
+        .collect();
+    let anywhere = group.all_reduce_host(&here)?;
+    for (&(id, n, has), count) in params.iter().zip(anywhere) {
+        if !has && count > 0.0 {
+            grads.add(id, Tensor::zeros([n], (device, burn::tensor::DType::F32)));
+        }
+    }
+    Ok(())
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.

@@ -789,3 +789,64 @@ fn diverging_runs_stop_with_the_last_checkpoint_named() {
     assert!(!kept.is_empty());
     checkpoint::load(&kept.last().unwrap().1).unwrap();
 }
+
+/// A worker whose share of a step carries no loss (every label ignored) has no gradients; it
+/// still sums with the others (zeros in their place) and the update is one worker's.
+#[test]
+fn a_worker_whose_rows_carry_no_loss_keeps_in_step() {
+    use crate::parallel::{Collective, LocalGroup, Solo};
+    use crate::params::read_params;
+    use distill_data::examples::Row;
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &["lora.dropout=0", "train.micro_batch=1"]);
+    let device = Default::default();
+    let student = CausalLm::<Ad<Flex>>::load(&fixtures().join("tiny-qwen2"), &device).unwrap();
+    let model = trainable_student(student, &r, &device);
+    let row = |seed: u32, loss: bool| {
+        let ids: Vec<u32> = (0..65).map(|i| (i * 37 + seed * 11) % 300).collect();
+        Row {
+            input_ids: ids[..64].to_vec(),
+            labels: ids[1..]
+                .iter()
+                .map(|&t| if loss { i64::from(t) } else { data::IGNORE })
+                .collect(),
+            docs: vec![0; 64],
+            keys: vec![String::new()],
+        }
+    };
+    // Three workers take one row each; the third's carries no loss.
+    let rows = [row(1, true), row(2, true), row(3, false)];
+    let loss_cfg = crate::loss::LossConfig::from_recipe(&r.loss, Some(384));
+    let step = |group: &dyn Collective<Flex>| {
+        let mut opt = new_optimizer(&model, &r.train);
+        let (after, outcome) = optimizer_step(
+            model.clone(),
+            &mut opt,
+            &Teacher::None,
+            &rows,
+            &loss_cfg,
+            &r,
+            1e-2,
+            &device,
+            group,
+            &mut no_phases,
+        )
+        .unwrap();
+        (read_params(&after, |p| p.trainable), outcome)
+    };
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (one, one_outcome) = step(&Solo);
+    let members = LocalGroup::new(3);
+    let each: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = members.iter().map(|m| s.spawn(|| step(m))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (params, outcome) in &each {
+        assert!(
+            (outcome.loss - one_outcome.loss).abs() < 1e-6,
+            "{outcome:?} vs {one_outcome:?}"
+        );
+        assert!((outcome.grad_norm - one_outcome.grad_norm).abs() <= 1e-6 * one_outcome.grad_norm);
+        assert_close("weights after the step", &one, params, 1e-5, false);
+    }
+}
