@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use distill_teacher::grade::{Grader, Grades};
 
 use crate::loss::{LossConfig, TeacherTargets};
+use crate::parallel::{Collective, shard};
 use crate::trainer::{Teacher, TrainError};
 
 /// The checkpoint file holding the samples of an unfinished buffer window.
@@ -92,6 +93,9 @@ pub struct OnPolicy<B: Backend> {
     window: Option<Window>,
     /// What this invocation did, for the run's report.
     pub report: OnPolicyReport,
+    /// This data-parallel worker's rank and the number of workers: each samples its
+    /// [`shard`] of every step's requests ([`crate::parallel`]).
+    worker: (usize, usize),
 }
 
 impl<B: Kernels> OnPolicy<B> {
@@ -159,7 +163,20 @@ impl<B: Kernels> OnPolicy<B> {
             loss,
             window: None,
             report: OnPolicyReport::default(),
+            worker: (0, 1),
         })
+    }
+
+    /// Makes this the on-policy sampler of data-parallel worker `rank` of `world`: it draws
+    /// only its share of each step's samples (each sample's seed is its own, so the share
+    /// holds what one worker would draw for those requests).
+    pub fn for_worker(&mut self, rank: usize, world: usize) {
+        self.worker = (rank, world);
+    }
+
+    /// This worker's share of the `n` samples of a step.
+    fn mine(&self, n: usize) -> std::ops::Range<usize> {
+        shard(n, self.worker.0, self.worker.1)
     }
 
     /// Whether optimizer step `step` (0-based) trains on the student's samples.
@@ -172,9 +189,9 @@ impl<B: Kernels> OnPolicy<B> {
         (0..step).filter(|&s| self.is_on_policy(s)).count()
     }
 
-    /// The samples of on-policy step `step`, `n` of them: drawn from `model` when the buffer
-    /// does not hold them (with the stats of that round), else the buffered ones. Counts the
-    /// step in [`OnPolicy::report`].
+    /// The samples of on-policy step `step` (this worker's share of its `n`): drawn from
+    /// `model` when the buffer does not hold them (with the stats of that round), else the
+    /// buffered ones. Counts the step in [`OnPolicy::report`].
     pub fn rollouts(
         &mut self,
         model: &CausalLm<B>,
@@ -189,14 +206,15 @@ impl<B: Kernels> OnPolicy<B> {
         let mut stats = None;
         if self.window.as_ref().is_none_or(|w| w.index != index) {
             let first = index * per_window;
+            let mine = self.mine(n);
             let requests: Vec<(String, Request)> = (first..first + per_window)
-                .flat_map(|k| self.requests(k, n))
+                .flat_map(|k| self.requests(k, n).drain(mine.clone()).collect::<Vec<_>>())
                 .collect();
             let (all, s) = self.sample(model, tokenizer, &requests, device)?;
             stats = Some(s);
             self.window = Some(Window {
                 index,
-                steps: all.chunks(n).map(<[Rollout]>::to_vec).collect(),
+                steps: all.chunks(mine.len().max(1)).map(<[Rollout]>::to_vec).collect(),
             });
         }
         let window = self.window.as_ref().expect("filled above");
@@ -286,19 +304,53 @@ impl<B: Kernels> OnPolicy<B> {
     }
 
     /// The buffered samples a checkpoint at the end of step `done_steps` must keep: those of
-    /// a window with on-policy steps still to train.
-    pub fn unfinished_window(&self, done_steps: usize) -> Option<Vec<u8>> {
-        let w = self.window.as_ref()?;
+    /// a window with on-policy steps still to train, every worker's (every worker of `group`
+    /// calls this; worker 0 gets the whole window, the others their own share).
+    pub fn unfinished_window(
+        &self,
+        done_steps: usize,
+        group: &dyn Collective<B>,
+    ) -> Result<Option<Vec<u8>>, TrainError> {
+        let Some(w) = self.window.as_ref() else {
+            return Ok(None);
+        };
         let k = self.on_policy_steps_before(done_steps);
-        (k / self.cfg.buffer_steps == w.index && !k.is_multiple_of(self.cfg.buffer_steps))
-            .then(|| serde_json::to_vec(w).expect("rollouts serialize"))
+        if k / self.cfg.buffer_steps != w.index || k.is_multiple_of(self.cfg.buffer_steps) {
+            return Ok(None);
+        }
+        let mine = serde_json::to_vec(w).expect("rollouts serialize");
+        if group.world() == 1 {
+            return Ok(Some(mine));
+        }
+        let shares = group.all_gather_bytes(&mine)?;
+        let mut whole = Window {
+            index: w.index,
+            steps: vec![Vec::new(); w.steps.len()],
+        };
+        for share in shares {
+            let part: Window = serde_json::from_slice(&share)
+                .map_err(|e| TrainError::Refused(format!("a worker's buffered samples: {e}")))?;
+            for (step, rollouts) in whole.steps.iter_mut().zip(part.steps) {
+                step.extend(rollouts);
+            }
+        }
+        Ok(Some(serde_json::to_vec(&whole).expect("rollouts serialize")))
     }
 
     /// Puts back the samples a checkpoint kept ([`ROLLOUTS`]).
     pub fn restore_window(&mut self, bytes: &[u8], path: &std::path::Path) -> Result<(), TrainError> {
         let w: Window = serde_json::from_slice(bytes)
             .map_err(|e| TrainError::Refused(format!("{}: {e}", path.display())))?;
-        self.window = Some(w);
+        // Every step's samples were saved whole; this worker keeps its share.
+        let steps = w
+            .steps
+            .into_iter()
+            .map(|all| all[self.mine(all.len())].to_vec())
+            .collect();
+        self.window = Some(Window {
+            index: w.index,
+            steps,
+        });
         Ok(())
     }
 

@@ -39,6 +39,39 @@ pub trait Collective<B: Backend>: Send + Sync {
     }
     /// Σ over workers of a few host numbers (loss sums, counters).
     fn all_reduce_host(&self, xs: &[f64]) -> Result<Vec<f64>, CollectiveError>;
+    /// Every worker's `mine`, in rank order, on every worker: two [`Collective::all_reduce_host`]
+    /// calls (the lengths, then each worker's bytes in its own stretch of zeros). For small
+    /// things: buffered on-policy samples at a checkpoint.
+    fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        let (rank, world) = (self.rank(), self.world());
+        let mut lens = vec![0.0; world];
+        lens[rank] = mine.len() as f64;
+        let lens: Vec<usize> = self.all_reduce_host(&lens)?.iter().map(|&l| l as usize).collect();
+        let total: usize = lens.iter().sum();
+        // Sums may travel as f32 (NCCL): exact for whole numbers up to 2^24.
+        if total > 1 << 24 {
+            return Err(CollectiveError {
+                rank,
+                world,
+                message: format!("{total} bytes to gather; at most 16 MiB go this way"),
+            });
+        }
+        let start: usize = lens[..rank].iter().sum();
+        let mut spread = vec![0.0; total];
+        for (slot, &b) in spread[start..].iter_mut().zip(mine) {
+            *slot = f64::from(b);
+        }
+        let all = self.all_reduce_host(&spread)?;
+        let mut at = 0;
+        Ok(lens
+            .iter()
+            .map(|&n| {
+                let part = all[at..at + n].iter().map(|&b| b as u8).collect();
+                at += n;
+                part
+            })
+            .collect())
+    }
     /// Returns once every worker has called it.
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_reduce_host(&[0.0]).map(|_| ())
@@ -283,6 +316,25 @@ mod tests {
             assert_eq!(sums, &vec![3.0, 3.0 * round as f32, 3.0]);
         }
         assert!(results.iter().all(|r| r == &results[0]));
+    }
+
+    #[test]
+    fn bytes_gathered_come_back_whole_in_rank_order() {
+        let members = LocalGroup::new(3);
+        let mine = |rank: usize| -> Vec<u8> { (0..rank * 300).map(|i| (i * 7 + rank) as u8).collect() };
+        let all: Vec<Vec<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .iter()
+                .enumerate()
+                .map(|(rank, m)| {
+                    s.spawn(move || Collective::<Flex>::all_gather_bytes(m, &mine(rank)).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for got in all {
+            assert_eq!(got, vec![mine(0), mine(1), mine(2)]);
+        }
     }
 
     /// A worker that stops makes the others' waiting calls fail instead of hanging.

@@ -25,7 +25,7 @@ use crate::loss::LossConfig;
 use crate::metrics::{MetricsLog, MetricsRecord};
 use crate::on_policy::{OnPolicy, RolloutStats};
 use crate::optim::{AdamW, Moments, learning_rate};
-use crate::parallel::Collective;
+use crate::parallel::{Collective, shard};
 use crate::params::{ParamInfo, param_infos, read_params};
 use crate::soft::SoftStats;
 use crate::tensorboard::EventWriter;
@@ -81,12 +81,6 @@ where
         group: &'r dyn Collective<B>,
     ) -> Result<(Self, CausalLm<Ad<B>>), TrainError> {
         let resume_from = check_run_dir(recipe, resume)?;
-        if group.world() > 1 && recipe.on_policy.enabled() {
-            return Err(TrainError::Refused(format!(
-                "[on_policy] share = {}: on-policy distillation runs on one GPU for now; HINT: drop --gpus, or set on_policy.share = 0",
-                recipe.on_policy.share
-            )));
-        }
         // Every worker has looked at the run directory before the first writes to it.
         group.barrier()?;
         // Exact-size buffers keep a training step's memory tight, but generation asks for new
@@ -129,6 +123,9 @@ where
             None
         };
 
+        if let Some(op) = on_policy.as_mut() {
+            op.for_worker(group.rank(), group.world());
+        }
         let infos = param_infos(&model);
         let mut opt = new_optimizer(&model, t);
         if group.world() > 1 {
@@ -293,7 +290,7 @@ where
                 (rows, &op.teacher, &op.loss)
             }
             None => {
-                let rows = step_rows(
+                let mut rows = step_rows(
                     &self.train_set,
                     t,
                     step,
@@ -302,6 +299,9 @@ where
                     self.pad_id,
                     &mut self.epoch_cache,
                 );
+                let mine = shard(rows.len(), self.group.rank(), self.group.world());
+                rows.truncate(mine.end);
+                rows.drain(..mine.start);
                 (rows, &self.teacher, &self.loss_cfg)
             }
         };
@@ -411,13 +411,13 @@ where
     /// writes.
     fn checkpoint(&mut self, model: &CausalLm<Ad<B>>) -> Result<(), TrainError> {
         let moments = checkpoint_moments(&self.infos, &self.opt, self.group, &self.device)?;
+        let window = match self.on_policy.as_ref() {
+            Some(op) => op.unfinished_window(self.state.step, self.group)?,
+            None => None,
+        };
         if self.group.rank() != 0 {
             return Ok(());
         }
-        let window = self
-            .on_policy
-            .as_ref()
-            .and_then(|op| op.unfinished_window(self.state.step));
         let extra: Vec<(&str, &[u8])> = window
             .as_deref()
             .map(|w| (crate::on_policy::ROLLOUTS, w))

@@ -16,7 +16,7 @@ use super::{Ad, TrainError};
 use crate::lora;
 use crate::loss::{HeadWeight, LossConfig, chunked_loss};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::parallel::{Collective, shard};
+use crate::parallel::Collective;
 use crate::params::{GradStore, collect_grads, param_infos};
 
 /// A block's input leaf and output, with the graph between them kept for backward.
@@ -92,9 +92,10 @@ pub fn no_phases(_: &'static str) {}
 /// bench` times it): micro-batches of [train] micro_batch rows, gradients of the mean loss
 /// over the step's loss tokens, global-norm clipping, one AdamW update at `lr`.
 ///
-/// `rows` are the whole step's, on every worker of `group`: each runs its [`shard`] of them
-/// and the gradients and loss sums are summed over the group before the update, which is
-/// then the same everywhere ([`crate::parallel`]). [`crate::parallel::Solo`] runs them all.
+/// `rows` are this worker's share of the step ([`crate::parallel::shard`] of the dataset's,
+/// or the samples it drew on-policy); with several workers in `group`, the counts, the
+/// gradients and the loss sums are summed over them before the update, which is then the
+/// same everywhere ([`crate::parallel`]). With [`crate::parallel::Solo`], the whole step.
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<B: Kernels>(
     model: CausalLm<Ad<B>>,
@@ -112,15 +113,22 @@ where
     Ad<B>: Kernels,
 {
     let t = &recipe.train;
-    let loss_tokens: usize = rows
-        .iter()
-        .map(|r| r.labels.iter().filter(|&&l| l != IGNORE).count())
-        .sum();
+    let counts = [
+        rows.iter()
+            .map(|r| r.labels.iter().filter(|&&l| l != IGNORE).count())
+            .sum::<usize>() as f64,
+        rows.iter().map(|r| r.input_ids.len()).sum::<usize>() as f64,
+    ];
+    let [loss_tokens, tokens] = if group.world() > 1 {
+        let all = group.all_reduce_host(&counts)?;
+        [all[0] as usize, all[1] as usize]
+    } else {
+        counts.map(|c| c as usize)
+    };
     let scale = 1.0 / loss_tokens.max(1) as f64;
     let mut grads = GradStore::<B>::default();
     let mut sums = [0.0; 3];
-    let mine = &rows[shard(rows.len(), group.rank(), group.world())];
-    for micro in mine.chunks(t.micro_batch) {
+    for micro in rows.chunks(t.micro_batch) {
         let s = micro_step(
             &model, teacher, micro, loss_cfg, recipe, scale, &mut grads, device, phase,
         )?;
@@ -167,7 +175,7 @@ where
         ce,
         kl,
         grad_norm,
-        tokens: rows.iter().map(|r| r.input_ids.len()).sum(),
+        tokens,
         loss_tokens,
         applied,
     };

@@ -339,7 +339,7 @@ fn a_data_parallel_run_resumes_on_another_number_of_workers() {
     }
 }
 
-/// A step's rows must give every worker at least one; on-policy runs stay on one device.
+/// A step's rows must give every worker at least one.
 #[test]
 fn data_parallel_runs_it_cannot_share_are_refused() {
     use crate::parallel::{Collective, LocalGroup};
@@ -363,8 +363,6 @@ fn data_parallel_runs_it_cannot_share_are_refused() {
         e.contains("4 rows a step cannot be shared by 5 GPUs") && e.contains("grad_accum to at least 3"),
         "{e}"
     );
-    let e = err(&on_policy_recipe(dir.path(), &[]), 2);
-    assert!(e.contains("on-policy distillation runs on one GPU"), "{e}");
     assert!(
         !run_root(&recipe(dir.path(), &[])).exists(),
         "nothing was written"
@@ -599,6 +597,39 @@ fn on_policy_steps_follow_the_share() {
 /// A run stopped after a checkpoint that falls inside a buffer window (its samples were
 /// drawn from older weights) resumes on the very samples it would have trained on, and
 /// ends where the uninterrupted run ends; off-policy steps mixed in alike.
+/// On-policy steps on several workers: each samples its share of every step's requests (a
+/// sample's seed is its own), trains on it, and a checkpoint in the middle of a buffer keeps
+/// every worker's samples, so a run stopped on 2 workers resumes on 3 and ends where an
+/// uninterrupted one-worker run does.
+#[test]
+fn data_parallel_on_policy_steps_are_the_one_worker_steps() {
+    let extra = [
+        "on_policy.buffer_steps=2",
+        "on_policy.samples_per_prompt=2",
+        "train.max_steps=5",
+    ];
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = run(&on_policy_recipe(a.path(), &extra), false, None);
+    let r = on_policy_recipe(b.path(), &extra);
+    let first = run_data_parallel(&r, 2, false, Some(4)); // checkpoint at step 3, mid-buffer
+    assert!(
+        run_root(&r)
+            .join("step-3")
+            .join(crate::on_policy::ROLLOUTS)
+            .exists()
+    );
+    let rest = run_data_parallel(&r, 3, true, None);
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), whole.losses.len());
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!(
+            (x - y).abs() < 1e-5,
+            "one worker {:?}\nworkers     {resumed:?}",
+            whole.losses
+        );
+    }
+}
+
 #[test]
 fn an_interrupted_on_policy_run_resumes_to_the_same_losses() {
     let extra = [
@@ -817,13 +848,15 @@ fn a_worker_whose_rows_carry_no_loss_keeps_in_step() {
     // Three workers take one row each; the third's carries no loss.
     let rows = [row(1, true), row(2, true), row(3, false)];
     let loss_cfg = crate::loss::LossConfig::from_recipe(&r.loss, Some(384));
+    // Each worker is given its share of the rows, as the trainer does.
     let step = |group: &dyn Collective<Flex>| {
+        let mine = &rows[crate::parallel::shard(rows.len(), group.rank(), group.world())];
         let mut opt = new_optimizer(&model, &r.train);
         let (after, outcome) = optimizer_step(
             model.clone(),
             &mut opt,
             &Teacher::None,
-            &rows,
+            mine,
             &loss_cfg,
             &r,
             1e-2,
