@@ -51,6 +51,15 @@ macro_rules! nccl_collective {
                 self.0.all_reduce_sum(x).map_err(|e| self.error(e))
             }
 
+            fn reduce_sum(
+                &self,
+                root: usize,
+                x: Tensor<Cuda<$float>, 1>,
+            ) -> Result<Option<Tensor<Cuda<$float>, 1>>, CollectiveError> {
+                let summed = self.0.reduce_sum(root, x).map_err(|e| self.error(e))?;
+                Ok((self.0.rank() == root).then_some(summed))
+            }
+
             fn broadcast(
                 &self,
                 root: usize,

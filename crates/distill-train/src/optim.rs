@@ -330,25 +330,40 @@ struct FlatGroup<B: Backend> {
 }
 
 impl<B: Kernels> FlatStep<B> {
-    /// Each group's gradients summed over the workers of `group`, in place (data parallelism:
-    /// every worker then holds the whole step's gradient).
-    pub fn all_reduce(&mut self, group: &dyn Collective<B>) -> Result<(), CollectiveError> {
+    /// Each group's gradients summed over the workers of `group` onto the worker that owns
+    /// the group ([`AdamW::shard`]), in place there; the others keep their own share, which
+    /// only the group's length is read of after this.
+    pub fn reduce_to_owners(&mut self, group: &dyn Collective<B>) -> Result<(), CollectiveError> {
         for g in &mut self.groups {
-            let summed = group.all_reduce_sum(g.g.clone())?;
-            g.g = summed;
+            if let Some(summed) = group.reduce_sum(g.owner, g.g.clone())? {
+                g.g = summed;
+            }
         }
         Ok(())
     }
 
-    /// sqrt(sum of squares) over every gradient: one norm for the whole model (one read
-    /// from the device).
-    pub fn grad_norm(&self) -> f64 {
-        let sq: Vec<Tensor<B, 1>> = self.groups.iter().map(|g| B::sum_squares(g.g.clone())).collect();
-        if sq.is_empty() {
-            return 0.0;
-        }
-        let total: f64 = Tensor::cat(sq, 0).sum().into_scalar().elem();
-        total.sqrt()
+    /// The global gradient norm: sqrt(sum of squares) over every gradient, one read from the
+    /// device. With several workers each adds up the groups it owns (whose gradients it holds
+    /// summed: [`FlatStep::reduce_to_owners`]) and the partial sums are summed across them.
+    pub fn grad_norm(&self, group: &dyn Collective<B>) -> Result<f64, CollectiveError> {
+        let rank = group.rank();
+        let sq: Vec<Tensor<B, 1>> = self
+            .groups
+            .iter()
+            .filter(|g| group.world() == 1 || g.owner == rank)
+            .map(|g| B::sum_squares(g.g.clone()))
+            .collect();
+        let mine: f64 = if sq.is_empty() {
+            0.0
+        } else {
+            Tensor::cat(sq, 0).sum().into_scalar().elem()
+        };
+        let total = if group.world() > 1 {
+            group.all_reduce_host(&[mine])?[0]
+        } else {
+            mine
+        };
+        Ok(total.sqrt())
     }
 }
 
@@ -691,11 +706,14 @@ mod tests {
         };
         for decayed in [BTreeSet::new(), [layer.weight.id].into()] {
             let opt = AdamW::<Flex>::new(cfg, decayed);
-            let norm = opt.gather::<AD, _>(&layer, store()).grad_norm();
+            let norm = opt
+                .gather::<AD, _>(&layer, store())
+                .grad_norm(&crate::parallel::Solo)
+                .unwrap();
             assert!((norm - 6f64.sqrt()).abs() < 1e-6, "{norm}");
         }
         let empty = AdamW::<Flex>::new(cfg, BTreeSet::new()).gather::<AD, _>(&layer, GradStore::default());
-        assert_eq!(empty.grad_norm(), 0.0);
+        assert_eq!(empty.grad_norm(&crate::parallel::Solo).unwrap(), 0.0);
     }
 
     #[test]

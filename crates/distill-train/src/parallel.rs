@@ -8,8 +8,9 @@
 //! sum over workers is the one-worker gradient up to the order of f32 additions.
 //!
 //! With several workers the optimizer's state is sharded too (ZeRO stage 1,
-//! [`crate::optim::AdamW::shard`]): each keeps the AdamW moments of the parameters it owns,
-//! updates those, and sends their new values to the others.
+//! [`crate::optim::AdamW::shard`]): each gradient group is summed onto the worker that owns
+//! it, which keeps the AdamW moments of its parameters, updates them and sends the new values
+//! to the others.
 //!
 //! [`Collective`] is the transport: [`Solo`] for one worker, [`LocalGroup`] for workers that are
 //! threads of one process summing through host memory (CPU runs and the tests), and NCCL on
@@ -31,6 +32,12 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn world(&self) -> usize;
     /// Σ over workers of `x`, an f32 [N] tensor; every worker gets the same values.
     fn all_reduce_sum(&self, x: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError>;
+    /// Σ over workers of `x` (f32 [N]) on worker `root` (Some there, None elsewhere). By
+    /// default an [`Collective::all_reduce_sum`] whose result only `root` keeps.
+    fn reduce_sum(&self, root: usize, x: Tensor<B, 1>) -> Result<Option<Tensor<B, 1>>, CollectiveError> {
+        let summed = self.all_reduce_sum(x)?;
+        Ok((self.rank() == root).then_some(summed))
+    }
     /// Worker `root`'s `x` (f32 [N]) on every worker; the others' `x` gives only the length.
     /// By default an [`Collective::all_reduce_sum`] in which the others add zeros.
     fn broadcast(&self, root: usize, x: Tensor<B, 1>) -> Result<Tensor<B, 1>, CollectiveError> {

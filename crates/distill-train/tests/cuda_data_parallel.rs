@@ -1,6 +1,6 @@
-//! GPU checks of data-parallel training's NCCL path (`distill train --gpus N`): NCCL's sums and
-//! broadcasts across every visible GPU, and a one-GPU run through NCCL taking the plain run's
-//! steps. Prints SKIPPED and passes without a CUDA device, or fails when
+//! GPU checks of data-parallel training's NCCL path (`distill train --gpus N`): NCCL's sums,
+//! reductions and broadcasts across every visible GPU, and a one-GPU run through NCCL taking
+//! the plain run's steps. Prints SKIPPED and passes without a CUDA device, or fails when
 //! `DISTILL_REQUIRE_GPU=1` is set, as on the GPU machine.
 //!
 //!     DISTILL_REQUIRE_GPU=1 cargo test -p distill-train --features cuda --test cuda_data_parallel -- --nocapture
@@ -31,7 +31,7 @@ fn host(t: Tensor<B, 1>) -> Vec<f32> {
 }
 
 #[test]
-fn nccl_sums_and_broadcasts_across_every_visible_gpu() {
+fn nccl_sums_reduces_and_broadcasts_across_every_visible_gpu() {
     let Some(devices) = gpus() else { return };
     let world = devices.len();
     let members = distill_train::nccl::members::<B>(&devices).unwrap();
@@ -47,6 +47,11 @@ fn nccl_sums_and_broadcasts_across_every_visible_gpu() {
                     let values: Vec<f32> = (0..1000).map(|i| (rank + 1) as f32 * i as f32).collect();
                     let x = Tensor::<B, 1>::from_data(TensorData::new(values, [1000]), (device, DType::F32));
                     let sum = member.all_reduce_sum(x.clone()).unwrap();
+                    let onto_first = member.reduce_sum(0, x.clone()).unwrap();
+                    assert_eq!(onto_first.is_some(), rank == 0);
+                    if let Some(reduced) = onto_first {
+                        assert_eq!(host(reduced), host(sum.clone()), "reduce onto GPU 0");
+                    }
                     let from_last = member.broadcast(world - 1, x).unwrap();
                     (host(sum), host(from_last))
                 })

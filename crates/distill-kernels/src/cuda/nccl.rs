@@ -161,6 +161,29 @@ impl NcclComm {
         Ok(tensor(out))
     }
 
+    /// Σ over the communicator's GPUs of `x` (f32 [N]) on member `root`, as a new tensor
+    /// there (the others' result holds nothing).
+    pub fn reduce_sum<F, I, BT>(&self, root: usize, x: Flat<F, I, BT>) -> Result<Flat<F, I, BT>, String>
+    where
+        F: FloatElement,
+        I: IntElement,
+        BT: BoolElement,
+    {
+        // SAFETY: as in all_reduce_sum.
+        self.collective(x, "ncclReduce", move |send, recv, n, comm, stream| unsafe {
+            result::reduce(
+                send,
+                recv,
+                n,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                root as c_int,
+                comm,
+                stream,
+            )
+        })
+    }
+
     /// Member `root`'s `x` (f32 [N]) on every member, as a new tensor; the others' `x` gives
     /// only the length.
     pub fn broadcast<F, I, BT>(&self, root: usize, x: Flat<F, I, BT>) -> Result<Flat<F, I, BT>, String>

@@ -150,11 +150,11 @@ where
     // The trainable parameters as flat groups: the norm and the update both read them.
     let mut flat = opt.gather::<Ad<B>, _>(&model, grads);
     if group.world() > 1 {
-        flat.all_reduce(group)?;
+        flat.reduce_to_owners(group)?;
     }
     // And the per-parameter gradients, copied into the groups, before the update's buffers.
     B::trim_memory(device);
-    let grad_norm = flat.grad_norm();
+    let grad_norm = flat.grad_norm(group)?;
     phase("grad_norm");
     let applied = loss.is_finite() && grad_norm.is_finite();
     let mut model = model;
