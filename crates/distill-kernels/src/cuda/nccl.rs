@@ -7,6 +7,7 @@
 //! without it, and only `--gpus N` with N > 1 asks for it.
 
 use std::ffi::{c_int, c_void};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as Atomic};
 
 use burn::backend::cuda::CudaDevice;
@@ -24,18 +25,35 @@ type Flat<F, I, BT> = Tensor<CubeBackend<CudaRuntime, F, I, BT>, 1>;
 
 /// One GPU's member of an NCCL communicator over the GPUs of this process.
 pub struct NcclComm {
-    comm: sys::ncclComm_t,
+    all: Arc<Comms>,
     device: CudaDevice,
     rank: usize,
     world: usize,
+}
+
+/// Every member's communicator, shared by the members, so that one member's failure aborts
+/// them all: the others may be waiting in a collective it will never join.
+struct Comms {
+    comms: Vec<sys::ncclComm_t>,
     aborted: AtomicBool,
 }
 
-// SAFETY: NCCL communicators may be used from any thread. Ours issues its collectives only on
-// its device's cubecl thread (run_on_stream), one at a time; abort may come from any thread,
-// which NCCL allows.
-unsafe impl Send for NcclComm {}
-unsafe impl Sync for NcclComm {}
+// SAFETY: NCCL communicators may be used from any thread. Each member issues its collectives
+// only on its device's cubecl thread (run_on_stream), one at a time; abort may come from any
+// thread, which NCCL allows.
+unsafe impl Send for Comms {}
+unsafe impl Sync for Comms {}
+
+impl Drop for Comms {
+    fn drop(&mut self) {
+        if !self.aborted.load(Atomic::Relaxed) {
+            for &comm in &self.comms {
+                // SAFETY: made by ncclCommInitAll and not freed since (no abort).
+                let _ = unsafe { result::comm_destroy(comm) };
+            }
+        }
+    }
+}
 
 /// A communicator over `devices`, rank i on devices[i]: one member per device, in order.
 pub fn communicators(devices: &[CudaDevice]) -> Result<Vec<NcclComm>, String> {
@@ -52,17 +70,18 @@ pub fn communicators(devices: &[CudaDevice]) -> Result<Vec<NcclComm>, String> {
     // SAFETY: one communicator slot per device id; NCCL fills them all or fails.
     unsafe { result::comm_init_all(comms.as_mut_ptr(), ids.len() as c_int, ids.as_ptr()) }
         .map_err(|e| format!("ncclCommInitAll over CUDA devices {ids:?}: {e:?}"))?;
-    let world = devices.len();
-    Ok(comms
-        .into_iter()
-        .zip(devices)
+    let all = Arc::new(Comms {
+        comms,
+        aborted: AtomicBool::new(false),
+    });
+    Ok(devices
+        .iter()
         .enumerate()
-        .map(|(rank, (comm, device))| NcclComm {
-            comm,
+        .map(|(rank, device)| NcclComm {
+            all: all.clone(),
             device: device.clone(),
             rank,
-            world,
-            aborted: AtomicBool::new(false),
+            world: devices.len(),
         })
         .collect())
 }
@@ -125,7 +144,7 @@ impl NcclComm {
             + Send
             + 'static,
     {
-        if self.aborted.load(Atomic::Relaxed) {
+        if self.all.aborted.load(Atomic::Relaxed) {
             return Err(format!("{name}: the NCCL communicator was aborted"));
         }
         if x.dtype() != DType::F32 {
@@ -141,7 +160,7 @@ impl NcclComm {
         let bindings = [&x, &out].map(|t| t.handle.clone().binding());
         // The communicator's address: the closure runs on cubecl's device thread, and `self`
         // outlives it (the caller reads `out` before the group is dropped).
-        let comm = self.comm as usize;
+        let comm = self.all.comms[self.rank] as usize;
         stream::run_on_stream(
             &self.device,
             bindings,
@@ -206,21 +225,16 @@ impl NcclComm {
         })
     }
 
-    /// Stops this member's pending and later collectives (another member failed and will
-    /// never join them): NCCL returns from them instead of waiting.
+    /// Stops every member's pending and later collectives (this member failed and will never
+    /// join them): NCCL returns from them instead of waiting. The run is over by then: a
+    /// collective already on its way to the device thread may still reach the freed
+    /// communicator.
     pub fn abort(&self) {
-        if !self.aborted.swap(true, Atomic::Relaxed) {
-            // SAFETY: the communicator is valid until dropped; abort frees it.
-            let _ = unsafe { result::comm_abort(self.comm) };
-        }
-    }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        if !self.aborted.load(Atomic::Relaxed) {
-            // SAFETY: the communicator was made by ncclCommInitAll and not freed since.
-            let _ = unsafe { result::comm_destroy(self.comm) };
+        if !self.all.aborted.swap(true, Atomic::Relaxed) {
+            for &comm in &self.all.comms {
+                // SAFETY: valid until aborted or dropped; abort frees it.
+                let _ = unsafe { result::comm_abort(comm) };
+            }
         }
     }
 }

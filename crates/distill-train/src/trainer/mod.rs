@@ -208,7 +208,7 @@ where
     let (resume, stop_after) = (opts.resume, opts.stop_after);
     let mut workers = devices.into_iter().zip(members);
     let (lead_device, lead) = workers.next().expect("checked above");
-    let results: Vec<Result<TrainReport, TrainError>> = std::thread::scope(|scope| {
+    let outcomes: Vec<std::thread::Result<Result<TrainReport, TrainError>>> = std::thread::scope(|scope| {
         let others: Vec<_> = workers
             .map(|(device, member)| {
                 scope.spawn(move || {
@@ -221,13 +221,19 @@ where
                 })
             })
             .collect();
-        let mut results = vec![worker(recipe, lead_device, opts, lead.as_ref())];
-        results.extend(others.into_iter().map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(TrainError::Refused("a data-parallel worker panicked".into())))
-        }));
-        results
+        let mut outcomes = vec![worker(recipe, lead_device, opts, lead.as_ref())];
+        outcomes.extend(others.into_iter().map(|h| h.join().and_then(|outcome| outcome)));
+        outcomes
     });
+    // A panic (a GPU out of memory, say) goes on as the panic it was, once every worker has
+    // stopped: the caller may know it (the CLI names the memory knobs).
+    let mut results = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Ok(result) => results.push(result),
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    }
     first_failure(results)
 }
 
@@ -250,21 +256,32 @@ fn first_failure(results: Vec<Result<TrainReport, TrainError>>) -> Result<TrainR
     }
 }
 
-/// One data-parallel worker: [`train_in_group`], telling the others if it stops early.
+/// One data-parallel worker: [`train_in_group`], telling the others if it stops early, by
+/// an error or a panic (caught here, so that the others are not left waiting for it).
 fn worker<B: Kernels>(
     recipe: &Recipe,
     device: B::Device,
     opts: &TrainOptions,
     member: &dyn Collective<B>,
-) -> Result<TrainReport, TrainError>
+) -> std::thread::Result<Result<TrainReport, TrainError>>
 where
     Ad<B>: Kernels + BackendTypes<Device = B::Device>,
 {
-    let result = train_in_group(recipe, device, opts, member);
-    if let Err(e) = &result {
-        member.abort(&e.to_string());
+    let run = std::panic::AssertUnwindSafe(|| train_in_group(recipe, device, opts, member));
+    let outcome = std::panic::catch_unwind(run);
+    match &outcome {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => member.abort(&e.to_string()),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            member.abort(&format!("panicked: {text}"));
+        }
     }
-    result
+    outcome
 }
 
 /// [`train`] as one worker of a data-parallel group.

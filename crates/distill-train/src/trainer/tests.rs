@@ -883,3 +883,52 @@ fn a_worker_whose_rows_carry_no_loss_keeps_in_step() {
         assert_close("weights after the step", &one, params, 1e-5, false);
     }
 }
+
+/// A worker that panics (as a GPU out of memory does inside burn) releases the others, which
+/// would otherwise wait for it forever, and the panic reaches the caller as it was.
+#[test]
+fn a_panicking_worker_stops_the_others_and_its_panic_goes_on() {
+    use crate::parallel::{Collective, CollectiveError, LocalGroup};
+    use burn::tensor::Tensor;
+    /// Worker 1 panics at its fifth host sum (inside the second step).
+    struct Fragile(LocalGroup, std::sync::atomic::AtomicUsize);
+    impl Collective<Flex> for Fragile {
+        fn rank(&self) -> usize {
+            Collective::<Flex>::rank(&self.0)
+        }
+        fn world(&self) -> usize {
+            Collective::<Flex>::world(&self.0)
+        }
+        fn all_reduce_sum(&self, x: Tensor<Flex, 1>) -> Result<Tensor<Flex, 1>, CollectiveError> {
+            self.0.all_reduce_sum(x)
+        }
+        fn all_reduce_host(&self, xs: &[f64]) -> Result<Vec<f64>, CollectiveError> {
+            let calls = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.rank() == 1 && calls == 4 {
+                panic!("CUDA_ERROR_OUT_OF_MEMORY (simulated)");
+            }
+            Collective::<Flex>::all_reduce_host(&self.0, xs)
+        }
+        fn abort(&self, why: &str) {
+            Collective::<Flex>::abort(&self.0, why)
+        }
+    }
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &["train.max_steps=4", "lora.dropout=0"]);
+    let members = LocalGroup::new(2)
+        .into_iter()
+        .map(|m| Box::new(Fragile(m, Default::default())) as Box<dyn Collective<Flex>>)
+        .collect();
+    let opts = TrainOptions {
+        resume: false,
+        stop_after: None,
+        progress: &distill_core::progress::Silent,
+    };
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train_data_parallel::<Flex>(&r, vec![Default::default(); 2], members, &opts)
+    }));
+    let payload = caught.expect_err("the worker's panic goes on");
+    let text = payload.downcast_ref::<&str>().copied().unwrap_or_default();
+    assert_eq!(text, "CUDA_ERROR_OUT_OF_MEMORY (simulated)");
+}
