@@ -72,6 +72,16 @@ fn train_on_gpus(
 fn data_parallel_on_cuda(recipe: &Recipe, resume: bool, n: usize) -> anyhow::Result<TrainReport> {
     use burn::backend::cuda::CudaDevice;
     type B = burn::backend::Cuda<half::bf16>;
+    let shown =
+        distill_kernels::cuda::stream::device_count().map_err(|e| anyhow::anyhow!("--gpus {n}: {e}"))?;
+    if shown < n {
+        anyhow::bail!(
+            "--gpus {n}: this machine shows {shown} CUDA device(s){}",
+            std::env::var("CUDA_VISIBLE_DEVICES")
+                .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
+                .unwrap_or_default()
+        );
+    }
     let devices: Vec<CudaDevice> = (0..n).map(CudaDevice::new).collect();
     let members =
         distill_train::nccl::members::<B>(&devices).map_err(|e| anyhow::anyhow!("--gpus {n}: {e}"))?;

@@ -103,28 +103,32 @@ pub fn first_cuda_device() -> Option<burn::backend::cuda::CudaDevice> {
 
 /// Every CUDA device the driver shows (at least one), or None as [`first_cuda_device`].
 pub fn cuda_devices() -> Option<Vec<burn::backend::cuda::CudaDevice>> {
-    // SAFETY: only tries to dlopen libcuda.
-    let found = if !unsafe { cu::is_culib_present() } {
-        Err("no CUDA device: libcuda could not be loaded".to_string())
-    } else {
-        cudarc::driver::result::init()
-            .and_then(|_| cudarc::driver::result::device::get_count())
-            .map_err(|e| format!("no CUDA device: {e}"))
-            .and_then(|n| {
-                if n < 1 {
-                    Err("no CUDA device".to_string())
-                } else {
-                    Ok(n as usize)
-                }
-            })
-    };
-    match found {
+    match device_count().and_then(|n| {
+        if n < 1 {
+            Err("no CUDA device".to_string())
+        } else {
+            Ok(n)
+        }
+    }) {
         Ok(n) => Some((0..n).map(burn::backend::cuda::CudaDevice::new).collect()),
         Err(why) => {
             distill_core::testing::skip_gpu_test(&why);
             None
         }
     }
+}
+
+/// How many CUDA devices the driver shows (`CUDA_VISIBLE_DEVICES` applied), or why none can
+/// be counted.
+pub fn device_count() -> Result<usize, String> {
+    // SAFETY: only tries to dlopen libcuda.
+    if !unsafe { cu::is_culib_present() } {
+        return Err("no CUDA device: libcuda could not be loaded".to_string());
+    }
+    cudarc::driver::result::init()
+        .and_then(|_| cudarc::driver::result::device::get_count())
+        .map(|n| n.max(0) as usize)
+        .map_err(|e| format!("no CUDA device: {e}"))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
