@@ -112,7 +112,7 @@ fn data_parallel_on_cuda(_: &Recipe, _: bool, n: usize) -> anyhow::Result<TrainR
 fn catch_out_of_memory<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !is_out_of_memory(&panic_text(info.payload())) {
+        if !is_out_of_memory(panic_text(info.payload())) {
             default_hook(info);
         }
     }));
@@ -120,7 +120,7 @@ fn catch_out_of_memory<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Resu
     let _ = std::panic::take_hook();
     match result {
         Ok(r) => r,
-        Err(payload) if is_out_of_memory(&panic_text(payload.as_ref())) => anyhow::bail!(
+        Err(payload) if is_out_of_memory(panic_text(payload.as_ref())) => anyhow::bail!(
             "the GPU ran out of memory; lower [train] micro_batch or seq_len, set [train] recompute = true, \
              enable [lora] (with quantize = \"nf4\" for a 4-bit base), or lower [loss] chunk_tokens \
              (override any with --set section.key=value)"
@@ -129,12 +129,8 @@ fn catch_out_of_memory<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Resu
     }
 }
 
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    distill_core::panic_message(payload).unwrap_or_default()
 }
 
 fn is_out_of_memory(text: &str) -> bool {

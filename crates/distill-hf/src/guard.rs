@@ -244,11 +244,9 @@ pub fn run<T: Send + 'static>(limits: Limits, work: impl FnOnce() -> T + Send + 
     match out {
         Some(Ok(value)) => Ok(value),
         Some(Err(panic)) => Err(Stop::Panic(
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into()),
+            distill_core::panic_message(panic.as_ref())
+                .unwrap_or("unknown panic")
+                .to_string(),
         )),
         None => Err(Stop::Panic("the worker finished without a result".into())),
     }

@@ -451,11 +451,7 @@ fn take_round(queue: &mut VecDeque<Work>, batch_size: usize) -> Vec<Work> {
 /// panic leaves nothing half-changed.
 fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
+        let msg = distill_core::panic_message(panic.as_ref()).unwrap_or("unknown panic");
         Err(EngineError(format!("the model failed: {msg}")))
     })
 }

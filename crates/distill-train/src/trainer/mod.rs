@@ -248,12 +248,14 @@ fn first_failure(results: Vec<Result<TrainReport, TrainError>>) -> Result<TrainR
             Err(e) => errors.push(e),
         }
     }
-    let cause = errors.iter().position(|e| !matches!(e, TrainError::Parallel(_)));
-    match (cause, errors.is_empty()) {
-        (_, true) => Ok(lead.expect("at least one worker")),
-        (Some(i), _) => Err(errors.swap_remove(i)),
-        (None, _) => Err(errors.swap_remove(0)),
+    if errors.is_empty() {
+        return Ok(lead.expect("at least one worker"));
     }
+    let cause = errors
+        .iter()
+        .position(|e| !matches!(e, TrainError::Parallel(_)))
+        .unwrap_or(0);
+    Err(errors.swap_remove(cause))
 }
 
 /// One data-parallel worker: [`train_in_group`], telling the others if it stops early, by
@@ -273,11 +275,7 @@ where
         Ok(Ok(_)) => {}
         Ok(Err(e)) => member.abort(&e.to_string()),
         Err(payload) => {
-            let text = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic");
+            let text = distill_core::panic_message(payload.as_ref()).unwrap_or("a panic");
             member.abort(&format!("panicked: {text}"));
         }
     }
