@@ -123,6 +123,29 @@ pub fn fixtures() -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
+/// The training tests' recipe: the tiny Qwen2 student on the fixture dataset, writing under
+/// `out`, 4 rows of 256 tokens a step (2 x 2), CE only; `extra` overrides as `--set` does.
+pub fn tiny_train_recipe(out: &std::path::Path, extra: &[&str]) -> crate::Recipe {
+    let fx = fixtures();
+    let path = |p: std::path::PathBuf| format!("{:?}", p.to_str().expect("fixture paths are UTF-8"));
+    let mut sets = vec![
+        format!("student.model={}", path(fx.join("tiny-qwen2"))),
+        format!("data.dataset={}", path(fx.join("dataset"))),
+        format!("train.out={}", path(out.to_path_buf())),
+        "data.held_out=0.1".into(),
+        "train.seq_len=256".into(),
+        "train.micro_batch=2".into(),
+        "train.grad_accum=2".into(),
+        "train.warmup_steps=2".into(),
+        "train.checkpoint_every=3".into(),
+        "loss.kd_ratio=0.0".into(),
+        "loss.chunk_tokens=100".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    crate::Recipe::parse("name = \"t\"\n", std::path::Path::new("test.toml"), &sets)
+        .expect("the tiny training recipe parses")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
 use burn::tensor::{DType, Tensor, TensorData};
 use distill_core::Recipe;
-use distill_core::testing::fixtures;
+use distill_core::testing::tiny_train_recipe;
 use distill_kernels::cuda::stream::cuda_devices;
 use distill_train::parallel::Collective;
 use distill_train::trainer::{TrainOptions, TrainReport, train, train_data_parallel};
@@ -69,21 +69,7 @@ fn nccl_sums_reduces_and_broadcasts_across_every_visible_gpu() {
 }
 
 fn recipe(out: &Path) -> Recipe {
-    let fx = fixtures();
-    let sets = [
-        format!("student.model={:?}", fx.join("tiny-qwen2").to_str().unwrap()),
-        format!("data.dataset={:?}", fx.join("dataset").to_str().unwrap()),
-        format!("train.out={:?}", out.to_str().unwrap()),
-        "data.held_out=0.1".into(),
-        "train.seq_len=256".into(),
-        "train.micro_batch=2".into(),
-        "train.grad_accum=2".into(),
-        "train.max_steps=4".into(),
-        "train.lr=1e-2".into(),
-        "lora.dropout=0".into(),
-        "loss.kd_ratio=0.0".into(),
-    ];
-    Recipe::parse("name = \"t\"\n", Path::new("test.toml"), &sets).unwrap()
+    tiny_train_recipe(out, &["train.max_steps=4", "train.lr=1e-2", "lora.dropout=0"])
 }
 
 fn silent() -> TrainOptions<'static> {

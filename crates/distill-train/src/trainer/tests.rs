@@ -1,5 +1,5 @@
 use burn::backend::Flex;
-use distill_core::testing::{fixtures, snapshot};
+use distill_core::testing::{fixtures, snapshot, tiny_train_recipe as recipe};
 
 use std::path::Path;
 
@@ -8,41 +8,31 @@ use distill_models::CausalLm;
 use super::*;
 use crate::checkpoint::{HostTensors, TrainState};
 
-fn recipe(out: &Path, extra: &[&str]) -> Recipe {
-    let fx = fixtures();
-    let mut sets = vec![
-        format!("student.model={:?}", fx.join("tiny-qwen2").to_str().unwrap()),
-        format!("data.dataset={:?}", fx.join("dataset").to_str().unwrap()),
-        format!("train.out={:?}", out.to_str().unwrap()),
-        "data.held_out=0.1".into(),
-        "train.seq_len=256".into(),
-        "train.micro_batch=2".into(),
-        "train.grad_accum=2".into(),
-        "train.warmup_steps=2".into(),
-        "train.checkpoint_every=3".into(),
-        "loss.kd_ratio=0.0".into(),
-        "loss.chunk_tokens=100".into(),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    Recipe::parse("name = \"t\"\n", Path::new("test.toml"), &sets).unwrap()
-}
-
 /// Training runs seed the backend's global generator (dropout); tests running side by side
 /// would draw from it in between, so they take turns.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Options of a test run: nothing drawn.
+fn silent(resume: bool, stop_after: Option<usize>) -> TrainOptions<'static> {
+    TrainOptions {
+        resume,
+        stop_after,
+        progress: &distill_core::progress::Silent,
+    }
+}
+
 fn run(r: &Recipe, resume: bool, stop_after: Option<usize>) -> TrainReport {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    train::<Flex>(
-        r,
-        Default::default(),
-        &TrainOptions {
-            resume,
-            stop_after,
-            progress: &distill_core::progress::Silent,
-        },
-    )
-    .unwrap()
+    train::<Flex>(r, Default::default(), &silent(resume, stop_after)).unwrap()
+}
+
+/// The members of a data-parallel group of `world` threads of this process on the CPU,
+/// summing through host memory.
+fn local_members(world: usize) -> Vec<Box<dyn crate::parallel::Collective<Flex>>> {
+    crate::parallel::LocalGroup::new(world)
+        .into_iter()
+        .map(|m| Box::new(m) as Box<dyn crate::parallel::Collective<Flex>>)
+        .collect()
 }
 
 #[test]
@@ -198,26 +188,11 @@ fn block_inputs_parked_in_host_memory_give_the_same_steps() {
     );
 }
 
-/// `r` trained by `world` data-parallel workers, threads of this process on the CPU summing
-/// through host memory.
+/// `r` trained by `world` data-parallel workers ([`local_members`]).
 fn run_data_parallel(r: &Recipe, world: usize, resume: bool, stop_after: Option<usize>) -> TrainReport {
-    use crate::parallel::{Collective, LocalGroup};
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let members = LocalGroup::new(world)
-        .into_iter()
-        .map(|m| Box::new(m) as Box<dyn Collective<Flex>>)
-        .collect();
-    train_data_parallel::<Flex>(
-        r,
-        vec![Default::default(); world],
-        members,
-        &TrainOptions {
-            resume,
-            stop_after,
-            progress: &distill_core::progress::Silent,
-        },
-    )
-    .unwrap()
+    let devices = vec![Default::default(); world];
+    train_data_parallel::<Flex>(r, devices, local_members(world), &silent(resume, stop_after)).unwrap()
 }
 
 /// The trainable weights and AdamW moments a run's last checkpoint holds.
@@ -342,19 +317,10 @@ fn a_data_parallel_run_resumes_on_another_number_of_workers() {
 /// A step's rows must give every worker at least one.
 #[test]
 fn data_parallel_runs_it_cannot_share_are_refused() {
-    use crate::parallel::{Collective, LocalGroup};
     let dir = tempfile::tempdir().unwrap();
     let err = |r: &Recipe, world: usize| {
-        let members = LocalGroup::new(world)
-            .into_iter()
-            .map(|m| Box::new(m) as Box<dyn Collective<Flex>>)
-            .collect();
-        let opts = TrainOptions {
-            resume: false,
-            stop_after: None,
-            progress: &distill_core::progress::Silent,
-        };
-        train_data_parallel::<Flex>(r, vec![Default::default(); world], members, &opts)
+        let devices = vec![Default::default(); world];
+        train_data_parallel::<Flex>(r, devices, local_members(world), &silent(false, None))
             .unwrap_err()
             .to_string()
     };
@@ -594,9 +560,6 @@ fn on_policy_steps_follow_the_share() {
     assert_eq!(a, b);
 }
 
-/// A run stopped after a checkpoint that falls inside a buffer window (its samples were
-/// drawn from older weights) resumes on the very samples it would have trained on, and
-/// ends where the uninterrupted run ends; off-policy steps mixed in alike.
 /// On-policy steps on several workers: each samples its share of every step's requests (a
 /// sample's seed is its own), trains on it, and a checkpoint in the middle of a buffer keeps
 /// every worker's samples, so a run stopped on 2 workers resumes on 3 and ends where an
@@ -630,6 +593,9 @@ fn data_parallel_on_policy_steps_are_the_one_worker_steps() {
     }
 }
 
+/// A run stopped after a checkpoint that falls inside a buffer window (its samples were
+/// drawn from older weights) resumes on the very samples it would have trained on, and
+/// ends where the uninterrupted run ends; off-policy steps mixed in alike.
 #[test]
 fn an_interrupted_on_policy_run_resumes_to_the_same_losses() {
     let extra = [
@@ -689,12 +655,7 @@ fn earlier_run(r: &Recipe, step: usize) -> PathBuf {
 }
 
 fn train_err(r: &Recipe, resume: bool) -> String {
-    let opts = TrainOptions {
-        resume,
-        stop_after: None,
-        progress: &distill_core::progress::Silent,
-    };
-    match train::<Flex>(r, Default::default(), &opts) {
+    match train::<Flex>(r, Default::default(), &silent(resume, None)) {
         Ok(_) => panic!("trained; expected a refusal"),
         Err(e) => e.to_string(),
     }
@@ -804,17 +765,9 @@ fn diverging_runs_stop_with_the_last_checkpoint_named() {
         ],
     );
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let err = train::<Flex>(
-        &r,
-        Default::default(),
-        &TrainOptions {
-            resume: false,
-            stop_after: None,
-            progress: &distill_core::progress::Silent,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = train::<Flex>(&r, Default::default(), &silent(false, None))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite") && err.contains("step-"), "{err}");
     let kept = checkpoint::list(&run_root(&r));
     assert!(!kept.is_empty());
@@ -890,7 +843,7 @@ fn a_worker_whose_rows_carry_no_loss_keeps_in_step() {
 fn a_panicking_worker_stops_the_others_and_its_panic_goes_on() {
     use crate::parallel::{Collective, CollectiveError, LocalGroup};
     use burn::tensor::Tensor;
-    /// Worker 1 panics at its fifth host sum (inside the second step).
+    /// Worker 1 panics at its fifth host sum (at the start of the second step).
     struct Fragile(LocalGroup, std::sync::atomic::AtomicUsize);
     impl Collective<Flex> for Fragile {
         fn rank(&self) -> usize {
@@ -920,13 +873,8 @@ fn a_panicking_worker_stops_the_others_and_its_panic_goes_on() {
         .into_iter()
         .map(|m| Box::new(Fragile(m, Default::default())) as Box<dyn Collective<Flex>>)
         .collect();
-    let opts = TrainOptions {
-        resume: false,
-        stop_after: None,
-        progress: &distill_core::progress::Silent,
-    };
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        train_data_parallel::<Flex>(&r, vec![Default::default(); 2], members, &opts)
+        train_data_parallel::<Flex>(&r, vec![Default::default(); 2], members, &silent(false, None))
     }));
     let payload = caught.expect_err("the worker's panic goes on");
     let text = payload.downcast_ref::<&str>().copied().unwrap_or_default();
