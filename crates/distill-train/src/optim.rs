@@ -198,10 +198,6 @@ impl<B: Kernels> AdamW<B> {
             let p = if owner == self.rank {
                 self.update_group(group, lr, grad_scale)
             } else {
-                // Restored moments of another worker's parameters are not this worker's to keep.
-                for (id, _) in &params {
-                    self.moments.remove(id);
-                }
                 // Only its length counts: the owner's values come back in its place.
                 group.g
             };
@@ -346,11 +342,10 @@ impl<B: Kernels> FlatStep<B> {
     /// device. With several workers each adds up the groups it owns (whose gradients it holds
     /// summed: [`FlatStep::reduce_to_owners`]) and the partial sums are summed across them.
     pub fn grad_norm(&self, group: &dyn Collective<B>) -> Result<f64, CollectiveError> {
-        let rank = group.rank();
         let sq: Vec<Tensor<B, 1>> = self
             .groups
             .iter()
-            .filter(|g| group.world() == 1 || g.owner == rank)
+            .filter(|g| g.owner == group.rank())
             .map(|g| B::sum_squares(g.g.clone()))
             .collect();
         let mine: f64 = if sq.is_empty() {

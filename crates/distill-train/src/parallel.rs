@@ -139,8 +139,6 @@ struct Shared {
 
 /// One exchange: the values each worker posted, then how many have read the sums.
 struct Round {
-    /// Exchanges completed so far; a worker waits for the one it joined to finish.
-    generation: u64,
     posted: Vec<Option<Vec<f64>>>,
     read: usize,
     sums: Option<Arc<Vec<f64>>>,
@@ -153,7 +151,6 @@ impl LocalGroup {
         let shared = Arc::new(Shared {
             world,
             state: Mutex::new(Round {
-                generation: 0,
                 posted: vec![None; world],
                 read: 0,
                 sums: None,
@@ -202,7 +199,6 @@ impl LocalGroup {
             return Err(self.error(message));
         }
         round.posted[self.rank] = Some(values);
-        let generation = round.generation;
         if round.posted.iter().all(Option::is_some) {
             let mut sums = vec![0.0; round.posted[0].as_ref().map_or(0, Vec::len)];
             for part in round.posted.iter_mut() {
@@ -213,7 +209,8 @@ impl LocalGroup {
             round.sums = Some(Arc::new(sums));
             s.turn.notify_all();
         }
-        while round.generation == generation && round.sums.is_none() && round.aborted.is_none() {
+        // The sums stay until every worker, this one among them, has read them.
+        while round.sums.is_none() && round.aborted.is_none() {
             round = s.turn.wait(round).unwrap_or_else(|e| e.into_inner());
         }
         if let Some(why) = &round.aborted {
@@ -224,7 +221,6 @@ impl LocalGroup {
         if round.read == s.world {
             round.read = 0;
             round.sums = None;
-            round.generation += 1;
             s.turn.notify_all();
         }
         Ok(sums)

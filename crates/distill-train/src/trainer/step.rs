@@ -135,9 +135,7 @@ where
         sums = [sums[0] + s.0, sums[1] + s.1, sums[2] + s.2];
     }
     if group.world() > 1 {
-        align_gradients(&model, &mut grads, group, device)?;
-        let summed = group.all_reduce_host(&sums)?;
-        sums.copy_from_slice(&summed);
+        sums = align_gradients(&model, &mut grads, sums, group, device)?;
     }
     let n = loss_tokens.max(1) as f64;
     let (loss, ce, kl) = (sums[0] / n, sums[1] / n, sums[2] / n);
@@ -185,28 +183,31 @@ where
 /// Makes every worker's gradients cover the same parameters, so that their flat groups line
 /// up for the sums: zeros where another worker has a gradient and this one none (its rows
 /// carried no loss). A parameter no worker has a gradient for stays without one, and so is
-/// not updated, as on one worker.
+/// not updated, as on one worker. The loss sums (total, ce, kl) travel in the same exchange;
+/// returns them summed over the workers.
 fn align_gradients<B: Kernels>(
     model: &CausalLm<Ad<B>>,
     grads: &mut GradStore<B>,
+    sums: [f64; 3],
     group: &dyn Collective<B>,
     device: &B::Device,
-) -> Result<(), TrainError>
+) -> Result<[f64; 3], TrainError>
 where
     Ad<B>: Kernels,
 {
     let params = grads.presence::<Ad<B>, _>(model);
-    let here: Vec<f64> = params
-        .iter()
-        .map(|&(_, _, has)| f64::from(u8::from(has)))
+    let here: Vec<f64> = sums
+        .into_iter()
+        .chain(params.iter().map(|&(_, _, has)| f64::from(u8::from(has))))
         .collect();
-    let anywhere = group.all_reduce_host(&here)?;
-    for (&(id, n, has), count) in params.iter().zip(anywhere) {
+    let summed = group.all_reduce_host(&here)?;
+    let (totals, anywhere) = summed.split_at(3);
+    for (&(id, n, has), &count) in params.iter().zip(anywhere) {
         if !has && count > 0.0 {
             grads.add(id, Tensor::zeros([n], (device, burn::tensor::DType::F32)));
         }
     }
-    Ok(())
+    Ok([totals[0], totals[1], totals[2]])
 }
 
 /// The rows of optimizer step `step`: its slice of the (seeded, per-epoch) packed order.
