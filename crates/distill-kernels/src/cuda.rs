@@ -51,6 +51,8 @@ pub mod nccl;
 pub mod nf4;
 /// Run-time compiled CUDA C kernels.
 pub(crate) mod nvrtc;
+/// Tensors parked in pinned host memory, copied on a stream of their own.
+pub mod offload;
 /// The AdamW update, the flat group's assembly and its sum of squares.
 pub mod optim;
 /// The driver's memory pool under cubecl's allocations.
@@ -525,6 +527,42 @@ where
     /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
     /// and handed back to the driver's pool (kept there, [`MemoryPolicy::trim_memory`]) by the
     /// cleanup. cubecl reads the setting when it first makes the device's client.
+    fn park<const D: usize>(x: Tensor<Self, D>) -> Result<crate::Parked<Self>, String> {
+        let (device, dtype, shape) = (x.device(), x.dtype(), x.dims().to_vec());
+        let pinned = offload::park(prim(x))?;
+        Ok(crate::Parked {
+            device,
+            dtype,
+            shape,
+            host: crate::offload::HostCopy::Pinned(pinned),
+        })
+    }
+
+    fn fetch(parked: crate::Parked<Self>) -> Result<crate::Fetched<Self>, String> {
+        let crate::offload::HostCopy::Pinned(pinned) = parked.host else {
+            return crate::offload::fetch_default(parked);
+        };
+        let float = FloatDType::from(parked.dtype);
+        let tensor = <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_empty(
+            parked.shape.clone().into(),
+            &parked.device,
+            float,
+        );
+        let arrival = offload::fetch(pinned, &tensor)?;
+        Ok(crate::Fetched {
+            tensor,
+            shape: parked.shape,
+            arrival: Some(arrival),
+        })
+    }
+
+    fn land<const D: usize>(mut fetched: crate::Fetched<Self>) -> Result<Tensor<Self, D>, String> {
+        if let Some(arrival) = fetched.arrival.take() {
+            offload::land(arrival)?;
+        }
+        crate::offload::land_default(fetched)
+    }
+
     fn exact_allocations() {
         use burn_cubecl::cubecl::config::memory::PersistentMemory;
         use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};

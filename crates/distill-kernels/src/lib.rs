@@ -48,6 +48,9 @@ pub use swiglu_linear::LoraPair;
 pub mod layout;
 /// The loss's passes over LM-head logits: row statistics and the gradient.
 pub mod logits;
+/// Tensors parked in host memory between the forward and the backward.
+pub mod offload;
+pub use offload::{Fetched, Parked};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
 pub use sample::RowSampling;
@@ -509,6 +512,23 @@ pub trait MemoryPolicy: Backend {
     /// through pages otherwise free, so 1.5B LoRA reserved 21.4 GiB for 15.0 GiB in use.
     /// Nothing by default.
     fn exact_allocations() {}
+
+    /// Starts copying `x` to host memory ([`offload`]); its device buffer is freed once the
+    /// copy is done. The default copies at once through burn's `into_data`.
+    fn park<const D: usize>(x: Tensor<Self, D>) -> Result<Parked<Self>, String> {
+        offload::park_default(x)
+    }
+
+    /// Starts copying a parked tensor back into a new device buffer.
+    fn fetch(parked: Parked<Self>) -> Result<Fetched<Self>, String> {
+        offload::fetch_default(parked)
+    }
+
+    /// The fetched tensor, for work queued from now on, which reads it after its copy has
+    /// arrived.
+    fn land<const D: usize>(fetched: Fetched<Self>) -> Result<Tensor<Self, D>, String> {
+        offload::land_default(fetched)
+    }
 }
 
 /// Everything a backend provides to distill: [`ModelKernels`], [`TrainKernels`] and

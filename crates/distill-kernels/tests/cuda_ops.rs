@@ -988,3 +988,60 @@ fn cuda_rope_qkv_writes_what_its_parts_write() {
         "rope_qkv fell back to its parts"
     );
 }
+
+/// Block inputs parked in pinned host memory (`MemoryPolicy::park`) come back bit for bit, in
+/// f32 and bf16, while the compute stream reuses their buffers at once: after each park the
+/// next tensors of the same size are written over whatever cubecl hands out, and between the
+/// fetches (one ahead, as the trainer takes them) the landed buffers are read and others
+/// written. A buffer freed before its copy-out finished, or read before its copy back arrived,
+/// shows as a changed value. 64 MiB tensors keep each copy in flight for milliseconds.
+#[test]
+fn cuda_parked_tensors_come_back_unchanged_while_their_buffers_are_reused() {
+    use distill_kernels::MemoryPolicy;
+    let Some((_turn, device)) = gpu() else { return };
+    fn round_trip<B: MemoryPolicy>(device: &B::Device, dtype: DType) {
+        let shape = [4, 2048, 2048 * 4 / dtype.size()]; // 64 MiB
+        let mut parked = Vec::new();
+        let mut kept = Vec::new();
+        for i in 0..6 {
+            let x = Tensor::<B, 3>::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                (device, dtype),
+            );
+            kept.push(x.clone().into_data());
+            parked.push(B::park(x).unwrap());
+            // Likely the buffer x just left: overwritten before or while it is copied out.
+            let scribble = Tensor::<B, 3>::full(shape, i as f32, (device, dtype)) * 3.0;
+            drop(scribble);
+        }
+        let mut next = None;
+        let mut back = Vec::new();
+        while let Some(this) = next.take().or_else(|| parked.pop().map(|p| B::fetch(p).unwrap())) {
+            if let Some(below) = parked.pop() {
+                next = Some(B::fetch(below).unwrap());
+            }
+            // Work queued between the fetch and the landing, on buffers of the same size.
+            let busy = Tensor::<B, 3>::full(shape, -7.0, (device, dtype)) * 2.0;
+            let x: Tensor<B, 3> = B::land(this).unwrap();
+            // Read at once on the compute stream: a copy not yet arrived shows here.
+            let y = x.clone() * 1.0 + busy * 0.0;
+            back.push((x.into_data(), y.into_data()));
+        }
+        assert_eq!(back.len(), kept.len());
+        for (i, ((x, y), want)) in back.iter().zip(kept.iter().rev()).enumerate() {
+            assert_eq!(
+                x.as_bytes(),
+                want.as_bytes(),
+                "{dtype:?} tensor {i} from the end changed in host memory"
+            );
+            assert_eq!(
+                y.as_bytes(),
+                want.as_bytes(),
+                "{dtype:?} tensor {i} from the end read before it arrived"
+            );
+        }
+    }
+    round_trip::<Cuda<f32>>(&device, DType::F32);
+    round_trip::<Cuda<half::bf16>>(&device, DType::BF16);
+}

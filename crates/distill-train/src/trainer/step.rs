@@ -281,7 +281,7 @@ where
     for (i, layer) in layers.iter().enumerate() {
         x = if recipe.train.recompute {
             if i % every == 0 {
-                xs.push(x.clone());
+                xs.push(x.clone()).map_err(TrainError::Offload)?;
             }
             layer.valid().forward_mlp_chunked(x, &ctx, chunk)
         } else {
