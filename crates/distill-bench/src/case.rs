@@ -228,6 +228,7 @@ impl CaseJob {
                     chunk_tokens: a.chunk_tokens,
                     mlp_chunk_tokens: a.mlp_chunk_tokens,
                     offload_block_inputs: a.offload_block_inputs,
+                    offload_optimizer: a.offload_optimizer,
                     block_inputs_every: a.block_inputs_every,
                     warmup: if probe { 1 } else { a.warmup },
                     steps: if probe { 1 } else { a.steps.max(1) },
@@ -323,7 +324,7 @@ impl CaseJob {
                            "top_k": a.top_k, "kd_ratio": b.recipe().loss.kd_ratio,
                            "local_teacher": a.local_teacher, "quantize": a.quantize,
                            "chunk_tokens": a.chunk_tokens, "mlp_chunk_tokens": a.mlp_chunk_tokens,
-                           "offload_block_inputs": a.offload_block_inputs,
+                           "offload_block_inputs": a.offload_block_inputs, "offload_optimizer": a.offload_optimizer,
                            "block_inputs_every": a.block_inputs_every, "warmup": b.warmup, "steps": b.steps,
                            "optimizer": "AdamW (f32 moments)", "dtype": dtype}),
                 );

@@ -91,6 +91,9 @@ pub struct Args {
     /// With recompute, park the block inputs in host memory ([train] offload_block_inputs).
     #[arg(long)]
     pub(crate) offload_block_inputs: bool,
+    /// Park AdamW's moments in host memory between updates ([train] offload_optimizer).
+    #[arg(long)]
+    pub(crate) offload_optimizer: bool,
     /// With recompute, keep every N-th block's input ([train] block_inputs_every).
     #[arg(long, default_value_t = 1)]
     pub(crate) block_inputs_every: usize,

@@ -40,6 +40,8 @@ pub struct TrainBench {
     pub mlp_chunk_tokens: usize,
     /// With recompute, block inputs in host memory ([train] offload_block_inputs).
     pub offload_block_inputs: bool,
+    /// AdamW's moments in host memory between updates ([train] offload_optimizer).
+    pub offload_optimizer: bool,
     /// With recompute, every N-th block's input kept ([train] block_inputs_every).
     pub block_inputs_every: usize,
     pub warmup: usize,
@@ -64,6 +66,7 @@ impl TrainBench {
             format!("loss.chunk_tokens={}", self.chunk_tokens),
             format!("train.mlp_chunk_tokens={}", self.mlp_chunk_tokens),
             format!("train.offload_block_inputs={}", self.offload_block_inputs),
+            format!("train.offload_optimizer={}", self.offload_optimizer),
             format!("train.block_inputs_every={}", self.block_inputs_every),
             format!(
                 "loss.kd_ratio={}",

@@ -563,6 +563,17 @@ where
         crate::offload::land_default(fetched)
     }
 
+    fn read_parked(parked: &crate::Parked<Self>) -> Result<burn::tensor::TensorData, String> {
+        match &parked.host {
+            crate::offload::HostCopy::Pinned(pinned) => Ok(burn::tensor::TensorData::from_bytes_vec(
+                offload::read(pinned)?,
+                parked.shape.clone(),
+                parked.dtype,
+            )),
+            _ => crate::offload::read_default(parked),
+        }
+    }
+
     fn exact_allocations() {
         use burn_cubecl::cubecl::config::memory::PersistentMemory;
         use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};

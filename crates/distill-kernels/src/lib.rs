@@ -529,6 +529,12 @@ pub trait MemoryPolicy: Backend {
     fn land<const D: usize>(fetched: Fetched<Self>) -> Result<Tensor<Self, D>, String> {
         offload::land_default(fetched)
     }
+
+    /// A parked tensor's contents, read on the host (a checkpoint of parked state), once its
+    /// copy out has finished; it stays parked.
+    fn read_parked(parked: &Parked<Self>) -> Result<TensorData, String> {
+        offload::read_default(parked)
+    }
 }
 
 /// Everything a backend provides to distill: [`ModelKernels`], [`TrainKernels`] and

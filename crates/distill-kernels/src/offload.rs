@@ -91,3 +91,12 @@ pub fn land_default<B: Backend, const D: usize>(fetched: Fetched<B>) -> Result<T
     }
     Ok(crate::tensor(fetched.tensor))
 }
+
+/// [`crate::MemoryPolicy::read_parked`] by default: a copy of burn's host data.
+pub fn read_default<B: Backend>(parked: &Parked<B>) -> Result<TensorData, String> {
+    match &parked.host {
+        HostCopy::Data(data) => Ok(data.clone()),
+        #[cfg(feature = "cuda")]
+        HostCopy::Pinned(_) => Err("a tensor parked in pinned memory read by another backend".into()),
+    }
+}

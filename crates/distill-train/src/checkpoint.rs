@@ -38,6 +38,7 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.recompute",
     "train.mlp_chunk_tokens",
     "train.offload_block_inputs",
+    "train.offload_optimizer",
     "train.block_inputs_every",
     "loss.chunk_tokens",
     // Settings training does not read (on-policy steps read a few: `may_change_on_resume`):

@@ -8,7 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use distill_core::recipe::{Schedule, TrainSection};
 
-use distill_kernels::AdamWScalars;
+use distill_kernels::{AdamWScalars, Fetched, Parked};
 use distill_models::Kernels;
 
 use crate::parallel::{Collective, CollectiveError};
@@ -59,6 +59,23 @@ pub struct AdamW<B: Backend> {
     /// this worker owns everything.
     owners: BTreeMap<ParamId, usize>,
     rank: usize,
+    /// Moments parked in host memory between updates ([`AdamW::offloading`]).
+    offload: bool,
+    /// Restored moments parked per parameter until their group's first update.
+    restored: BTreeMap<ParamId, (Parked<B>, Parked<B>)>,
+}
+
+/// Each parameter's first and second moments, as host values.
+pub type HostMoments = BTreeMap<ParamId, (Vec<f32>, Vec<f32>)>;
+
+/// Why an update could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    #[error(transparent)]
+    Parallel(#[from] CollectiveError),
+    /// Moments parked in host memory could not be copied out or back (`train.offload_optimizer`).
+    #[error("train.offload_optimizer: {0}")]
+    Offload(String),
 }
 
 /// Which of `world` workers owns each parameter, for [`AdamW::shard`]: contiguous runs of
@@ -100,11 +117,9 @@ impl<B: Backend> AdamW<B> {
         self.owner(id) == self.rank
     }
 
-    /// Sets the moments of parameter `id` (resuming from a checkpoint).
-    pub fn restore_moments(&mut self, id: ParamId, moments: Moments<B>) {
-        // A flat group holding this parameter would now be stale.
-        self.flat.clear();
-        self.moments.insert(id, moments);
+    /// Whether the moments live in host memory between updates.
+    pub fn offloads(&self) -> bool {
+        self.offload
     }
 }
 
@@ -119,7 +134,55 @@ impl<B: Kernels> AdamW<B> {
             group_elems: GROUP_ELEMS,
             owners: BTreeMap::new(),
             rank: 0,
+            offload: false,
+            restored: BTreeMap::new(),
         }
+    }
+
+    /// With `offload`, the moments live in pinned host memory between updates
+    /// (`train.offload_optimizer`, what DeepSpeed calls ZeRO-Offload, with the update still on
+    /// the device): each group's moments come back one group ahead of its update and go out
+    /// again after it, so the device holds about two groups' moments instead of all of them.
+    pub fn offloading(mut self, offload: bool) -> Self {
+        self.offload = offload;
+        self
+    }
+
+    /// Sets the moments of parameter `id` (resuming from a checkpoint); parked at once when
+    /// offloading.
+    pub fn restore_moments(&mut self, id: ParamId, moments: Moments<B>) -> Result<(), OptimError> {
+        // A flat group holding this parameter would now be stale.
+        self.flat.clear();
+        if self.offload {
+            let park = |t| B::park(t).map_err(OptimError::Offload);
+            self.restored.insert(id, (park(moments.m)?, park(moments.v)?));
+        } else {
+            self.moments.insert(id, moments);
+        }
+        Ok(())
+    }
+
+    /// Every parameter's moments as host f32 values (a checkpoint): from the device, or read
+    /// from host memory where they are parked.
+    pub fn host_moments(&self) -> Result<HostMoments, OptimError> {
+        let mut out = BTreeMap::new();
+        for f in &self.flat {
+            let (m, v) = (host_values(&f.m)?, host_values(&f.v)?);
+            let mut at = 0;
+            for &(id, n) in &f.params {
+                out.insert(id, (m[at..at + n].to_vec(), v[at..at + n].to_vec()));
+                at += n;
+            }
+        }
+        for (id, mv) in &self.moments {
+            let host = |t: &Tensor<B, 1>| f32_values(t.clone().into_data());
+            out.entry(*id).or_insert((host(&mv.m), host(&mv.v)));
+        }
+        for (id, (m, v)) in &self.restored {
+            let host = |p: &Parked<B>| B::read_parked(p).map(f32_values).map_err(OptimError::Offload);
+            out.insert(*id, (host(m)?, host(v)?));
+        }
+        Ok(out)
     }
 
     /// One update of every parameter that has a gradient in `grads`, each gradient taken
@@ -186,17 +249,33 @@ impl<B: Kernels> AdamW<B> {
         lr: f64,
         grad_scale: f64,
         workers: &dyn Collective<B>,
-    ) -> Result<M, CollectiveError>
+    ) -> Result<M, OptimError>
     where
         AD: AutodiffBackend<InnerBackend = B>,
         M: Module<AD>,
     {
         self.t += 1;
         let mut updated = BTreeMap::new();
+        // Offloading: the next group's moments come back while this one updates.
+        let mut mine = (flat.groups.iter())
+            .filter(|g| g.owner == self.rank)
+            .map(|g| g.params.clone())
+            .collect::<Vec<_>>()
+            .into_iter();
+        if self.offload
+            && let Some(first) = mine.next()
+        {
+            self.start_fetch(&first)?;
+        }
         for group in flat.groups {
             let (owner, params) = (group.owner, group.params.clone());
             let p = if owner == self.rank {
-                self.update_group(group, lr, grad_scale)
+                if self.offload
+                    && let Some(next) = mine.next()
+                {
+                    self.start_fetch(&next)?;
+                }
+                self.update_group(group, lr, grad_scale)?
             } else {
                 // Only its length counts: the owner's values come back in its place.
                 group.g
@@ -218,11 +297,31 @@ impl<B: Kernels> AdamW<B> {
         }))
     }
 
+    /// Starts bringing back the parked moments of the group of `params`, if it has any.
+    fn start_fetch(&mut self, params: &[(ParamId, usize)]) -> Result<(), OptimError> {
+        if let Some(i) = self.flat.iter().position(|f| f.params == params) {
+            let f = self.flat.swap_remove(i);
+            let (m, v) = (f.m.fetch()?, f.v.fetch()?);
+            self.flat.push(FlatMoments {
+                params: f.params,
+                m,
+                v,
+            });
+        }
+        Ok(())
+    }
+
     /// AdamW on one flat group: returns the parameters' new values, flat, and keeps its
-    /// moments (each parameter's a view of the group's) in `self.moments`.
-    fn update_group(&mut self, group: FlatGroup<B>, lr: f64, grad_scale: f64) -> Tensor<B, 1> {
+    /// moments: on the device with each parameter's a view of the group's in `self.moments`,
+    /// or, offloading, parked.
+    fn update_group(
+        &mut self,
+        group: FlatGroup<B>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<Tensor<B, 1>, OptimError> {
         let c = self.config;
-        let (m, v) = self.take_moments(&group);
+        let (m, v) = self.take_moments(&group)?;
         // The values are concatenated here, a group at a time, so only one group's copy exists.
         let p = B::concat_f32(group.values); // [N]
         let g = group.g; // [N]
@@ -248,6 +347,16 @@ impl<B: Kernels> AdamW<B> {
             eps: (c.eps * bc2.sqrt()) as f32,
         };
         let (p, m, v) = B::adamw(p, g, m, v, scalars);
+        if self.offload {
+            let park = |t| B::park(t).map(Slot::Parked).map_err(OptimError::Offload);
+            let (m, v) = (park(m)?, park(v)?);
+            self.flat.push(FlatMoments {
+                params: group.params,
+                m,
+                v,
+            });
+            return Ok(p);
+        }
         let mut at = 0;
         for &(id, n) in &group.params {
             self.moments.insert(
@@ -261,18 +370,18 @@ impl<B: Kernels> AdamW<B> {
         }
         self.flat.push(FlatMoments {
             params: group.params,
-            m,
-            v,
+            m: Slot::Device(m),
+            v: Slot::Device(v),
         });
-        p
+        Ok(p)
     }
 
     /// The group's moments as flat f32 [N] tensors: the last update's flat tensors when it
     /// made this very group (the per-parameter views dropped, so they are held nowhere else
     /// and the kernel may update them in place); zeros at the first update; else (restored
     /// from a checkpoint) the parameters' moments concatenated, zeros for any missing.
-    fn take_moments(&mut self, group: &FlatGroup<B>) -> (Tensor<B, 1>, Tensor<B, 1>) {
-        let stored: Vec<Option<Moments<B>>> = group
+    fn take_moments(&mut self, group: &FlatGroup<B>) -> Result<(Tensor<B, 1>, Tensor<B, 1>), OptimError> {
+        let mut stored: Vec<Option<Moments<B>>> = group
             .params
             .iter()
             .map(|(id, _)| self.moments.remove(id))
@@ -280,11 +389,20 @@ impl<B: Kernels> AdamW<B> {
         if let Some(i) = self.flat.iter().position(|f| f.params == group.params) {
             drop(stored);
             let f = self.flat.swap_remove(i);
-            return (f.m, f.v);
+            return Ok((f.m.land()?, f.v.land()?));
+        }
+        for (slot, (id, _)) in stored.iter_mut().zip(&group.params) {
+            if let Some((m, v)) = self.restored.remove(id) {
+                let back = |p| Slot::Parked(p).land();
+                *slot = Some(Moments {
+                    m: back(m)?,
+                    v: back(v)?,
+                });
+            }
         }
         if stored.iter().all(Option::is_none) {
             // Made flat: zeros per parameter, then concatenated, were two copies at once.
-            return (group.g.zeros_like(), group.g.zeros_like());
+            return Ok((group.g.zeros_like(), group.g.zeros_like()));
         }
         let (mut ms, mut vs) = (Vec::new(), Vec::new());
         let mut at = 0;
@@ -297,15 +415,57 @@ impl<B: Kernels> AdamW<B> {
             vs.push(state.v);
             at += n;
         }
-        (B::concat_f32(ms), B::concat_f32(vs))
+        Ok((B::concat_f32(ms), B::concat_f32(vs)))
     }
 }
 
 /// One flat group's moments, f32 [N], and the parameters they are laid out for.
 struct FlatMoments<B: Backend> {
     params: Vec<(ParamId, usize)>,
-    m: Tensor<B, 1>,
-    v: Tensor<B, 1>,
+    m: Slot<B>,
+    v: Slot<B>,
+}
+
+/// Where a flat group's moment is between updates.
+enum Slot<B: Backend> {
+    Device(Tensor<B, 1>),
+    Parked(Parked<B>),
+    /// On its way back from host memory.
+    Fetched(Fetched<B>),
+}
+
+impl<B: Kernels> Slot<B> {
+    /// Starts the copy back of a parked moment.
+    fn fetch(self) -> Result<Self, OptimError> {
+        Ok(match self {
+            Slot::Parked(p) => Slot::Fetched(B::fetch(p).map_err(OptimError::Offload)?),
+            other => other,
+        })
+    }
+
+    /// The moment on the device, for work queued from now on.
+    fn land(self) -> Result<Tensor<B, 1>, OptimError> {
+        match self {
+            Slot::Device(t) => Ok(t),
+            Slot::Parked(p) => {
+                B::land(B::fetch(p).map_err(OptimError::Offload)?).map_err(OptimError::Offload)
+            }
+            Slot::Fetched(f) => B::land(f).map_err(OptimError::Offload),
+        }
+    }
+}
+
+/// A moment's values on the host, wherever it is.
+fn host_values<B: Kernels>(slot: &Slot<B>) -> Result<Vec<f32>, OptimError> {
+    match slot {
+        Slot::Device(t) => Ok(f32_values(t.clone().into_data())),
+        Slot::Parked(p) => B::read_parked(p).map(f32_values).map_err(OptimError::Offload),
+        Slot::Fetched(_) => Err(OptimError::Offload("a moment read while on its way back".into())),
+    }
+}
+
+fn f32_values(data: burn::tensor::TensorData) -> Vec<f32> {
+    data.convert::<f32>().into_vec::<f32>().expect("converted to f32")
 }
 
 /// A step's trainable parameters as flat groups ([`AdamW::gather`]).
@@ -564,7 +724,9 @@ mod tests {
 
     /// Grouping changes nothing: one group for everything, and every parameter alone (the
     /// per-parameter update the closed-form test checks), give the same weights, moments and
-    /// checkpointable per-parameter state, decayed and undecayed parameters alike.
+    /// checkpointable per-parameter state, decayed and undecayed parameters alike. Nor does
+    /// parking the moments in host memory between updates (`offloading`), which leaves no
+    /// moment on the device.
     #[test]
     fn flat_groups_update_like_parameters_alone() {
         let mut rng = TestRng::new(3);
@@ -582,8 +744,8 @@ mod tests {
             weight_decay: 0.1,
         };
         let decayed: BTreeSet<ParamId> = [net[0].weight.id, net[1].weight.id].into();
-        let run = |limit: usize| {
-            let mut opt = AdamW::new(cfg, decayed.clone());
+        let run = |limit: usize, offload: bool| {
+            let mut opt = AdamW::new(cfg, decayed.clone()).offloading(offload);
             opt.group_elems = limit;
             let mut net = net.clone();
             for _ in 0..3 {
@@ -604,23 +766,36 @@ mod tests {
                         .1
                 })
                 .collect();
-            let moments: Vec<Vec<f32>> = opt
+            let on_device: Vec<Vec<f32>> = opt
                 .moments
                 .values()
                 .map(|m| [vals(m.m.clone()), vals(m.v.clone())].concat())
                 .collect();
-            (weights, moments)
+            let host: Vec<Vec<f32>> = opt
+                .host_moments()
+                .unwrap()
+                .into_values()
+                .map(|(m, v)| [m, v].concat())
+                .collect();
+            if offload {
+                assert!(on_device.is_empty(), "parked moments left views on the device");
+            } else {
+                assert_eq!(on_device, host);
+            }
+            (weights, host)
         };
-        let (together, alone) = (run(usize::MAX), run(1));
+        let together = run(usize::MAX, false);
         assert_eq!(together.0.len(), 4, "two weights, two biases");
-        for (a, b) in together
-            .0
-            .iter()
-            .chain(&together.1)
-            .zip(alone.0.iter().chain(&alone.1))
-        {
-            for (x, y) in a.iter().zip(b) {
-                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+        for other in [run(1, false), run(usize::MAX, true), run(1, true)] {
+            for (a, b) in together
+                .0
+                .iter()
+                .chain(&together.1)
+                .zip(other.0.iter().chain(&other.1))
+            {
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+                }
             }
         }
     }
@@ -662,7 +837,8 @@ mod tests {
                     m: zeros().narrow(0, 0, n),
                     v: zeros().narrow(0, 0, n),
                 },
-            );
+            )
+            .unwrap();
         }
         let mut fresh = AdamW::new(cfg, BTreeSet::new());
         fresh.t = 1;

@@ -64,6 +64,10 @@ pub struct TrainSection {
     /// With `recompute`, keep the block inputs in host memory between the forward and the
     /// backward instead of on the device, copied beside the compute.
     pub offload_block_inputs: bool,
+    /// Keep AdamW's moments in host memory between updates, each group's brought back for its
+    /// update, one group ahead (ZeRO-Offload's memory, with the update still on the device):
+    /// the device holds about two groups' moments instead of 8 bytes a trainable parameter.
+    pub offload_optimizer: bool,
     /// With `recompute`, keep the input of every this-many-th block (1: every block's); the
     /// backward recomputes the others from it, without a graph. Fewer kept inputs for one
     /// more forward pass over all but one block of every this many.
@@ -102,6 +106,7 @@ impl Default for TrainSection {
             recompute: true,
             mlp_chunk_tokens: 8192,
             offload_block_inputs: false,
+            offload_optimizer: false,
             block_inputs_every: 1,
             checkpoint_every: 200,
             keep_checkpoints: 2,

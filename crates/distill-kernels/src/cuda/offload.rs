@@ -168,6 +168,28 @@ pub fn land(mut arrival: Arrival) -> Result<(), String> {
     })
 }
 
+/// A parked tensor's bytes, copied from its pinned buffer once its copy out has finished.
+pub fn read(parked: &Pinned) -> Result<Vec<u8>, String> {
+    let (key, id, bytes) = (parked.key, parked.id, parked.bytes);
+    let (send, receive) = std::sync::mpsc::channel();
+    run_on_stream(&parked.device, [], nvrtc::ordering(), move |_, []| {
+        let read = with_lane(key, |lane| {
+            let host = lane.parked.get(&id).ok_or("the parked tensor's copy is gone")?;
+            // SAFETY: the lane's live copy stream.
+            unsafe { cu::cuStreamSynchronize(lane.copies()) }
+                .result()
+                .map_err(|e| format!("waiting for the copy to host memory: {e}"))?;
+            // SAFETY: `host` holds at least `bytes` bytes, written by the finished copy.
+            Ok(unsafe { std::slice::from_raw_parts(host.ptr as *const u8, bytes) }.to_vec())
+        });
+        let _ = send.send(read);
+        Ok(())
+    })?;
+    receive
+        .recv()
+        .map_err(|_| "cubecl's device thread dropped the read".to_string())?
+}
+
 impl Drop for Pinned {
     fn drop(&mut self) {
         if self.taken {

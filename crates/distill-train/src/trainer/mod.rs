@@ -63,6 +63,9 @@ pub enum TrainError {
     /// A data-parallel worker could not sum with the others (one of them stopped).
     #[error(transparent)]
     Parallel(#[from] crate::parallel::CollectiveError),
+    /// The optimizer's update could not be applied (its parked moments, or the workers).
+    #[error(transparent)]
+    Optim(#[from] crate::optim::OptimError),
 }
 
 /// What a finished (or stopped) run reports.
@@ -204,6 +207,14 @@ where
             devices.len(),
             devices.len().div_ceil(recipe.train.micro_batch.max(1))
         )));
+    }
+    if recipe.train.offload_optimizer && devices.len() > 1 {
+        // Each worker already holds only its share of the moments (ZeRO-1).
+        return Err(TrainError::Refused(
+            "train.offload_optimizer works on one GPU; with several, each keeps only its share of \
+             the optimizer state already; HINT: set train.offload_optimizer = false"
+                .into(),
+        ));
     }
     let (resume, stop_after) = (opts.resume, opts.stop_after);
     let mut workers = devices.into_iter().zip(members);

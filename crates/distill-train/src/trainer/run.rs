@@ -169,7 +169,7 @@ where
                 )));
             }
             model = restore_params(model, &infos, &loaded.weights, &dir)?;
-            restore_moments(&mut opt, &infos, &loaded.moments, &device);
+            restore_moments(&mut opt, &infos, &loaded.moments, &device)?;
             let rollouts = dir.join(crate::on_policy::ROLLOUTS);
             if let (Some(op), Ok(bytes)) = (on_policy.as_mut(), std::fs::read(&rollouts)) {
                 op.restore_window(&bytes, &rollouts)?;
@@ -693,6 +693,18 @@ fn checkpoint_moments<B: Kernels>(
 ) -> Result<HostTensors, TrainError> {
     let host = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
     let mut out = HostTensors::new();
+    if opt.offloads() {
+        // One worker (refused with several): every group's moments read where they are.
+        let mut all = opt.host_moments()?;
+        for info in infos.iter().filter(|p| p.trainable) {
+            if let Some((m, v)) = all.remove(&info.id) {
+                let n = m.len();
+                out.insert(format!("exp_avg.{}", info.name), (vec![n], m));
+                out.insert(format!("exp_avg_sq.{}", info.name), (vec![n], v));
+            }
+        }
+        return Ok(out);
+    }
     for info in infos.iter().filter(|p| p.trainable) {
         let n = info.shape.iter().product::<usize>();
         let mine = opt.moments(&info.id).map(|m| (m.m.clone(), m.v.clone()));
@@ -770,12 +782,12 @@ where
     Ok(model.map(&mut Restore { by_id }))
 }
 
-fn restore_moments<B: Backend>(
+fn restore_moments<B: Kernels>(
     opt: &mut AdamW<B>,
     infos: &[ParamInfo],
     moments: &HostTensors,
     device: &B::Device,
-) {
+) -> Result<(), TrainError> {
     let tensor = |(shape, data): &(Vec<usize>, Vec<f32>)| {
         Tensor::<B, 1>::from_data(
             TensorData::new(data.clone(), [shape.iter().product::<usize>()]),
@@ -792,7 +804,8 @@ fn restore_moments<B: Backend>(
                     m: tensor(m),
                     v: tensor(v),
                 },
-            );
+            )?;
         }
     }
+    Ok(())
 }

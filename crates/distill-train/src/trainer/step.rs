@@ -49,7 +49,7 @@ where
         .filter(|p| p.trainable && p.shape.len() >= 2)
         .map(|p| p.id)
         .collect();
-    AdamW::<B>::new(AdamWConfig::from_recipe(t), decayed)
+    AdamW::<B>::new(AdamWConfig::from_recipe(t), decayed).offloading(t.offload_optimizer)
 }
 
 /// What one optimizer step did.

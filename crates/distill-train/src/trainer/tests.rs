@@ -335,6 +335,63 @@ fn data_parallel_runs_it_cannot_share_are_refused() {
     );
 }
 
+/// `train.offload_optimizer` parks AdamW's moments in host memory between updates: a run
+/// with them parked, stopped after step 4 and resumed (its checkpoint at step 3 read from
+/// host memory, its moments parked again at restore), ends where an uninterrupted run with
+/// them on the device does: the same losses, weights and checkpointed moments. Full
+/// fine-tuning, so that the norms' undecayed group is a second group.
+#[test]
+fn an_offloaded_optimizer_takes_the_device_steps_and_resumes() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = |offload: bool| {
+        [
+            "train.max_steps=7".to_string(),
+            "train.lr=3e-3".to_string(),
+            "lora.enabled=false".to_string(),
+            format!("train.offload_optimizer={offload}"),
+        ]
+    };
+    let (on_device, parked) = (extra(false), extra(true));
+    let whole = run(
+        &recipe(a.path(), &on_device.each_ref().map(String::as_str)),
+        false,
+        None,
+    );
+    let r = recipe(b.path(), &parked.each_ref().map(String::as_str));
+    let first = run(&r, false, Some(4));
+    let rest = run(&r, true, None);
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), whole.losses.len());
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!(
+            (x - y).abs() < 1e-6,
+            "on the device {:?}\nparked {resumed:?}",
+            whole.losses
+        );
+    }
+    let (w_dev, m_dev) = checkpointed(&whole);
+    let (w_parked, m_parked) = checkpointed(&rest);
+    assert!(!m_parked.is_empty(), "the parked moments were checkpointed");
+    assert_close("weights", &w_dev, &w_parked, 1e-6, true);
+    assert_close("moments", &m_dev, &m_parked, 1e-5, true);
+}
+
+#[test]
+fn an_offloaded_optimizer_is_refused_with_several_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recipe(dir.path(), &["train.offload_optimizer=true"]);
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let err = train_data_parallel::<Flex>(
+        &r,
+        vec![Default::default(); 2],
+        local_members(2),
+        &silent(false, None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("train.offload_optimizer works on one GPU"), "{err}");
+}
+
 #[test]
 fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
