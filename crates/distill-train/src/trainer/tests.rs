@@ -195,6 +195,21 @@ fn run_data_parallel(r: &Recipe, world: usize, resume: bool, stop_after: Option<
     train_data_parallel::<Flex>(r, devices, local_members(world), &silent(resume, stop_after)).unwrap()
 }
 
+/// A run stopped after step 4 (its checkpoint at step 3: step 4 is lost) and resumed ends
+/// where the uninterrupted run `whole` does: its first three losses and the resumed call's,
+/// each within `tol`.
+fn assert_resumed(whole: &TrainReport, first: &TrainReport, rest: &TrainReport, tol: f64) {
+    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
+    assert_eq!(resumed.len(), whole.losses.len());
+    for (x, y) in whole.losses.iter().zip(&resumed) {
+        assert!(
+            (x - y).abs() < tol,
+            "uninterrupted {:?}\nresumed       {resumed:?}",
+            whole.losses
+        );
+    }
+}
+
 /// The trainable weights and AdamW moments a run's last checkpoint holds.
 fn checkpointed(report: &TrainReport) -> (HostTensors, HostTensors) {
     let loaded = crate::checkpoint::load(report.checkpoint.as_ref().unwrap()).unwrap();
@@ -307,11 +322,7 @@ fn a_data_parallel_run_resumes_on_another_number_of_workers() {
     let first = run_data_parallel(&r, 2, false, Some(4)); // checkpoints at step 3; step 4 is lost
     let rest = run_data_parallel(&r, 3, true, None);
     assert_eq!(rest.steps, 6);
-    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
-    assert_eq!(resumed.len(), 6);
-    for (x, y) in whole.losses.iter().zip(&resumed) {
-        assert!((x - y).abs() < 1e-5, "{:?}\n{resumed:?}", whole.losses);
-    }
+    assert_resumed(&whole, &first, &rest, 1e-5);
 }
 
 /// A step's rows must give every worker at least one.
@@ -360,15 +371,7 @@ fn an_offloaded_optimizer_takes_the_device_steps_and_resumes() {
     let r = recipe(b.path(), &parked.each_ref().map(String::as_str));
     let first = run(&r, false, Some(4));
     let rest = run(&r, true, None);
-    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
-    assert_eq!(resumed.len(), whole.losses.len());
-    for (x, y) in whole.losses.iter().zip(&resumed) {
-        assert!(
-            (x - y).abs() < 1e-6,
-            "on the device {:?}\nparked {resumed:?}",
-            whole.losses
-        );
-    }
+    assert_resumed(&whole, &first, &rest, 1e-6);
     let (w_dev, m_dev) = checkpointed(&whole);
     let (w_parked, m_parked) = checkpointed(&rest);
     assert!(!m_parked.is_empty(), "the parked moments were checkpointed");
@@ -403,15 +406,7 @@ fn an_interrupted_and_resumed_run_matches_an_uninterrupted_one() {
     assert!(first.export.is_none());
     let rest = run(&r, true, None);
     assert_eq!(rest.steps, 7);
-    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
-    assert_eq!(resumed.len(), whole.losses.len());
-    for (x, y) in whole.losses.iter().zip(&resumed) {
-        assert!(
-            (x - y).abs() < 1e-6,
-            "uninterrupted {:?}\nresumed       {resumed:?}",
-            whole.losses
-        );
-    }
+    assert_resumed(&whole, &first, &rest, 1e-6);
     let adapter = run_root(&r).join("adapter");
     assert!(
         adapter.join("adapter_config.json").exists() && adapter.join("adapter_model.safetensors").exists()
@@ -639,15 +634,7 @@ fn data_parallel_on_policy_steps_are_the_one_worker_steps() {
             .exists()
     );
     let rest = run_data_parallel(&r, 3, true, None);
-    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
-    assert_eq!(resumed.len(), whole.losses.len());
-    for (x, y) in whole.losses.iter().zip(&resumed) {
-        assert!(
-            (x - y).abs() < 1e-5,
-            "one worker {:?}\nworkers     {resumed:?}",
-            whole.losses
-        );
-    }
+    assert_resumed(&whole, &first, &rest, 1e-5);
 }
 
 /// A run stopped after a checkpoint that falls inside a buffer window (its samples were
@@ -676,15 +663,7 @@ fn an_interrupted_on_policy_run_resumes_to_the_same_losses() {
         "on-policy steps before the checkpoint: {on:?}"
     );
     let rest = run(&r, true, None);
-    let resumed: Vec<f64> = first.losses[..3].iter().chain(&rest.losses).copied().collect();
-    assert_eq!(resumed.len(), whole.losses.len());
-    for (x, y) in whole.losses.iter().zip(&resumed) {
-        assert!(
-            (x - y).abs() < 1e-6,
-            "uninterrupted {:?}\nresumed       {resumed:?}",
-            whole.losses
-        );
-    }
+    assert_resumed(&whole, &first, &rest, 1e-6);
     let mixed = whole.on_policy.unwrap().steps;
     assert!(mixed > 0 && mixed < 8, "{mixed} of 8 steps on-policy");
 }
