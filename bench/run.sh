@@ -20,7 +20,8 @@
 # (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
 # Long context (--long, budget 540 s), R1's trace lengths: B3 7B and 1.5B LoRA at 1 x 16,384
 # and 1 x 32,768 (recompute); B5 7B QLoRA under 12 and 24 GiB, 7B bf16 LoRA under 24 GiB and
-# 1.5B full fine-tuning under 24 GiB.
+# 1.5B full fine-tuning under 24 GiB (distill with its block inputs, and for full
+# fine-tuning its optimizer state, in host memory).
 # Each stage runs distill, then PyTorch, each under a time limit taken from what is left of
 # the budget; a stage cut short keeps the rows it finished (rows are written as they come).
 # Training stages run PyTorch a second time with Liger's kernels (bench.py --liger) when
@@ -88,7 +89,8 @@ peak_t=""
 n=0
 
 # stage NAME CAP_SECONDS ARGS...: distill then PyTorch (and for training, PyTorch + Liger)
-# with the same ARGS.
+# with the same ARGS; `dx="..." stage ...` adds arguments for distill alone (its memory
+# knobs, which the PyTorch twin does not have).
 stage() {
   local name="$1" cap="$2"; shift 2
   n=$((n + 1))
@@ -100,7 +102,7 @@ stage() {
   local t=$(( left / 2 < cap ? left / 2 : cap ))
   local tag; tag=$(printf '%02d-%s' "$n" "$name")
   echo "== $name (distill, limit ${t}s): $*"
-  timeout -k 10 "$t" "$distill" --device "$device" bench "$@" ${peak_d:+--peak-tflops $peak_d} \
+  timeout -k 10 "$t" "$distill" --device "$device" bench "$@" ${dx:-} ${peak_d:+--peak-tflops $peak_d} \
     --json "$out/d-$tag.jsonl" > "$out/d-$tag.log" 2>&1
   echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/d-$tag.jsonl" 2>/dev/null || echo 0) rows"
   twin t PyTorch "$@"
@@ -151,10 +153,13 @@ elif [ "$quick" = long ]; then
   long_args="--batch 1 --warmup 1 --steps 2 --recompute on"
   stage lora-16k 150 lora $s7 $s15 $long_args --seq 16384
   stage lora-32k 150 lora $s7 $s15 $long_args --seq 32768
-  stage memory-7b-qlora-12 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 12 --mem-start 16384 --mem-step 1024 --mem-budget-s 90
-  stage memory-7b-qlora-24 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 24 --mem-start 65536 --mem-max 131072 --mem-step 4096 --mem-budget-s 90
-  stage memory-7b-lora-24 100 memory $s7 --mem-mode lora --mem-cap-gib 24 --mem-start 32768 --mem-max 131072 --mem-step 2048 --mem-budget-s 90
-  stage memory-1.5b-full-24 60 memory $s15 --mem-mode full --mem-cap-gib 24 --mem-start 8192 --mem-step 1024 --mem-budget-s 50
+  # distill parks the block inputs (and for full fine-tuning AdamW's moments) in host memory;
+  # PyTorch's gradient checkpointing keeps its inputs on the GPU.
+  parked="--offload-block-inputs --mlp-chunk-tokens 4096"
+  dx="$parked" stage memory-7b-qlora-12 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 12 --mem-start 16384 --mem-step 2048 --mem-budget-s 90
+  dx="$parked" stage memory-7b-qlora-24 100 memory $s7 --mem-mode lora --quantize nf4 --mem-cap-gib 24 --mem-start 65536 --mem-max 131072 --mem-step 8192 --mem-budget-s 90
+  dx="$parked" stage memory-7b-lora-24 100 memory $s7 --mem-mode lora --mem-cap-gib 24 --mem-start 32768 --mem-max 131072 --mem-step 4096 --mem-budget-s 90
+  dx="$parked --offload-optimizer" stage memory-1.5b-full-24 60 memory $s15 --mem-mode full --mem-cap-gib 24 --mem-start 8192 --mem-step 4096 --mem-budget-s 50
 elif [ "$quick" = 1 ]; then
   stage gemm 60 gemm $s05 --iters 10
   peak_d=$(peak_of "$out/d-01-gemm.jsonl"); peak_t=$(peak_of "$out/t-01-gemm.jsonl")
