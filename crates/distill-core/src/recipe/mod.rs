@@ -595,6 +595,23 @@ mod tests {
     }
 
     /// All problems at once, in file order (not schema order), the --sets after the lines.
+    /// What recompute keeps cannot be set with recompute off: it would do nothing.
+    #[test]
+    fn recompute_knobs_without_recompute_are_refused() {
+        let text = "name = \"x\"\n\n[train]\nrecompute = false\noffload_block_inputs = true\n";
+        let err = parse(text, &["train.block_inputs_every=2"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "r.toml:5: train.offload_block_inputs: works with train.recompute = true, which is off"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("train.block_inputs_every: works with"), "{err}");
+        assert!(parse("name = \"x\"\n\n[train]\noffload_block_inputs = true\n", &[]).is_ok());
+    }
+
     #[test]
     fn every_bad_value_is_listed_at_once() {
         let text = "name = \"x\"\n\n[eval]\ntop_p = 0.0\n\n[lora]\nr = 0\n\n[train]\nepochs = 0\nlr = -1e-4\nbeta2 = 1.0\n";

@@ -241,6 +241,19 @@ pub(super) fn validate(r: &Recipe, c: &mut Checks) {
         c.at_least_1(key, n as u64);
     }
 
+    // Knobs of what recompute keeps: without it each block's whole graph stays, and they
+    // would silently do nothing.
+    if !t.recompute {
+        for (key, on) in [
+            ("train.offload_block_inputs", t.offload_block_inputs),
+            ("train.block_inputs_every", t.block_inputs_every > 1),
+        ] {
+            if on {
+                c.fail(key, "works with train.recompute = true, which is off".into());
+            }
+        }
+    }
+
     // One weight, kd_ratio, and its complement: they can never both be zero.
     let l = &r.loss;
     c.within("loss.kd_ratio", l.kd_ratio, Interval::UNIT);
