@@ -5,8 +5,9 @@
 //! stream and a pool of pinned host buffers. Copies out wait for the compute stream's work
 //! queued before them and run beside what is queued after. The tensor being copied out stays
 //! held until the next park or fetch, which makes the compute stream wait for that copy before
-//! its buffer can be reused: a copy takes a few milliseconds where a block's forward takes
-//! tens, so the wait is normally over before it is queued. Copies back go into a buffer
+//! its buffer can be reused. The wait costs nothing where the work between two parks outlasts
+//! a copy (a block's forward does); where it does not (the optimizer's groups, whose update is
+//! one short kernel), the copies set the pace. Copies back go into a buffer
 //! cubecl hands out at the fetch, after the compute stream's work queued so far, and the
 //! compute stream waits for them at the landing.
 //!
