@@ -523,10 +523,7 @@ where
         <Self as burn::tensor::backend::Backend>::memory_cleanup(device)
     }
 
-    /// cubecl's persistent memory, enforced for the process (its `cubecl.toml`'s other settings
-    /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
-    /// and handed back to the driver's pool (kept there, [`MemoryPolicy::trim_memory`]) by the
-    /// cleanup. cubecl reads the setting when it first makes the device's client.
+    /// Into pinned host memory, copied on a stream of its own ([`offload`]).
     fn park<const D: usize>(x: Tensor<Self, D>) -> Result<crate::Parked<Self>, String> {
         let (device, dtype, shape) = (x.device(), x.dtype(), x.dims().to_vec());
         let pinned = offload::park(prim(x))?;
@@ -574,6 +571,10 @@ where
         }
     }
 
+    /// cubecl's persistent memory, enforced for the process (its `cubecl.toml`'s other settings
+    /// kept): every buffer an exact-size `cuMemAllocAsync`, a freed one reused for the same size
+    /// and handed back to the driver's pool (kept there, [`MemoryPolicy::trim_memory`]) by the
+    /// cleanup. cubecl reads the setting when it first makes the device's client.
     fn exact_allocations() {
         use burn_cubecl::cubecl::config::memory::PersistentMemory;
         use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};

@@ -594,7 +594,6 @@ mod tests {
         );
     }
 
-    /// All problems at once, in file order (not schema order), the --sets after the lines.
     /// What recompute keeps cannot be set with recompute off: it would do nothing.
     #[test]
     fn recompute_knobs_without_recompute_are_refused() {
@@ -612,6 +611,7 @@ mod tests {
         assert!(parse("name = \"x\"\n\n[train]\noffload_block_inputs = true\n", &[]).is_ok());
     }
 
+    /// All problems at once, in file order (not schema order), the --sets after the lines.
     #[test]
     fn every_bad_value_is_listed_at_once() {
         let text = "name = \"x\"\n\n[eval]\ntop_p = 0.0\n\n[lora]\nr = 0\n\n[train]\nepochs = 0\nlr = -1e-4\nbeta2 = 1.0\n";
