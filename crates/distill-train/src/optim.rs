@@ -116,11 +116,6 @@ impl<B: Backend> AdamW<B> {
     pub fn owns(&self, id: &ParamId) -> bool {
         self.owner(id) == self.rank
     }
-
-    /// Whether the moments live in host memory between updates.
-    pub fn offloads(&self) -> bool {
-        self.offload
-    }
 }
 
 impl<B: Kernels> AdamW<B> {
@@ -174,9 +169,10 @@ impl<B: Kernels> AdamW<B> {
                 at += n;
             }
         }
+        // Views of the groups above, except moments restored and not yet updated.
         for (id, mv) in &self.moments {
             let host = |t: &Tensor<B, 1>| f32_values(t.clone().into_data());
-            out.entry(*id).or_insert((host(&mv.m), host(&mv.v)));
+            out.entry(*id).or_insert_with(|| (host(&mv.m), host(&mv.v)));
         }
         for (id, (m, v)) in &self.restored {
             let host = |p: &Parked<B>| B::read_parked(p).map(f32_values).map_err(OptimError::Offload);
@@ -257,22 +253,18 @@ impl<B: Kernels> AdamW<B> {
         self.t += 1;
         let mut updated = BTreeMap::new();
         // Offloading: the next group's moments come back while this one updates.
-        let mut mine = (flat.groups.iter())
-            .filter(|g| g.owner == self.rank)
+        let mut ahead = (flat.groups.iter())
+            .filter(|g| self.offload && g.owner == self.rank)
             .map(|g| g.params.clone())
             .collect::<Vec<_>>()
             .into_iter();
-        if self.offload
-            && let Some(first) = mine.next()
-        {
+        if let Some(first) = ahead.next() {
             self.start_fetch(&first)?;
         }
         for group in flat.groups {
             let (owner, params) = (group.owner, group.params.clone());
             let p = if owner == self.rank {
-                if self.offload
-                    && let Some(next) = mine.next()
-                {
+                if let Some(next) = ahead.next() {
                     self.start_fetch(&next)?;
                 }
                 self.update_group(group, lr, grad_scale)?

@@ -693,8 +693,8 @@ fn checkpoint_moments<B: Kernels>(
 ) -> Result<HostTensors, TrainError> {
     let host = |t: Tensor<B, 1>| t.into_data().convert::<f32>().into_vec::<f32>().expect("f32");
     let mut out = HostTensors::new();
-    if opt.offloads() {
-        // One worker (refused with several): every group's moments read where they are.
+    if workers.world() == 1 {
+        // Every group's moments read once, where they are: on the device, or parked.
         let mut all = opt.host_moments()?;
         for info in infos.iter().filter(|p| p.trainable) {
             if let Some((m, v)) = all.remove(&info.id) {
@@ -708,17 +708,10 @@ fn checkpoint_moments<B: Kernels>(
     for info in infos.iter().filter(|p| p.trainable) {
         let n = info.shape.iter().product::<usize>();
         let mine = opt.moments(&info.id).map(|m| (m.m.clone(), m.v.clone()));
-        let (m, v) = if workers.world() == 1 {
-            match mine {
-                Some(mv) => mv,
-                None => continue,
-            }
-        } else {
-            let zeros = || Tensor::<B, 1>::zeros([n], (device, DType::F32));
-            let (m, v) = mine.unwrap_or_else(|| (zeros(), zeros()));
-            let owner = opt.owner(&info.id);
-            (workers.broadcast(owner, m)?, workers.broadcast(owner, v)?)
-        };
+        let zeros = || Tensor::<B, 1>::zeros([n], (device, DType::F32));
+        let (m, v) = mine.unwrap_or_else(|| (zeros(), zeros()));
+        let owner = opt.owner(&info.id);
+        let (m, v) = (workers.broadcast(owner, m)?, workers.broadcast(owner, v)?);
         if workers.rank() == 0 {
             out.insert(format!("exp_avg.{}", info.name), (vec![n], host(m)));
             out.insert(format!("exp_avg_sq.{}", info.name), (vec![n], host(v)));
