@@ -28,13 +28,6 @@ pub(crate) enum HostCopy {
     Pinned(crate::cuda::offload::Pinned),
 }
 
-impl<B: Backend> Parked<B> {
-    /// Bytes held in host memory.
-    pub fn bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.size()
-    }
-}
-
 /// A tensor on its way back to the device: its buffer, and what the device must wait for
 /// before reading it.
 pub struct Fetched<B: Backend> {

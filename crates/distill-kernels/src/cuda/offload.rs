@@ -76,6 +76,11 @@ pub struct Arrival {
     landed: bool,
 }
 
+/// A contiguous tensor's size in bytes.
+fn bytes_of(t: &CudaTensor) -> usize {
+    t.meta.shape().as_slice().iter().product::<usize>() * t.dtype.size()
+}
+
 fn key_of(device: &burn::backend::cuda::CudaDevice) -> (usize, u64) {
     (device.index, StreamId::current().value)
 }
@@ -83,7 +88,7 @@ fn key_of(device: &burn::backend::cuda::CudaDevice) -> (usize, u64) {
 /// Starts copying `x` into pinned host memory on the lane's copy stream.
 pub fn park(x: CudaTensor) -> Result<Pinned, String> {
     let x = super::contiguous(x);
-    let bytes = x.meta.shape().as_slice().iter().product::<usize>() * x.dtype.size();
+    let bytes = bytes_of(&x);
     let device = x.device.clone();
     let (key, id) = (key_of(&device), NEXT_ID.fetch_add(1, Atomic::Relaxed));
     let binding = x.handle.clone().binding();
@@ -114,7 +119,7 @@ pub fn park(x: CudaTensor) -> Result<Pinned, String> {
 /// Starts copying a parked tensor back into `into` (a fresh buffer of its size).
 pub fn fetch(mut parked: Pinned, into: &CudaTensor) -> Result<Arrival, String> {
     let (key, id, bytes) = (parked.key, parked.id, parked.bytes);
-    let have = into.meta.shape().as_slice().iter().product::<usize>() * into.dtype.size();
+    let have = bytes_of(into);
     if have != bytes {
         return Err(format!("a parked tensor of {bytes} bytes fetched into {have}"));
     }
