@@ -525,11 +525,10 @@ where
 
     /// Into pinned host memory, copied on a stream of its own ([`offload`]).
     fn park<const D: usize>(x: Tensor<Self, D>) -> Result<crate::Parked<Self>, String> {
-        let (device, dtype, shape) = (x.device(), x.dtype(), x.dims().to_vec());
+        let (device, shape) = (x.device(), x.dims().to_vec());
         let pinned = offload::park(prim(x))?;
         Ok(crate::Parked {
             device,
-            dtype,
             shape,
             host: crate::offload::HostCopy::Pinned(pinned),
         })
@@ -539,7 +538,7 @@ where
         let crate::offload::HostCopy::Pinned(pinned) = parked.host else {
             return crate::offload::fetch_default(parked);
         };
-        let float = FloatDType::from(parked.dtype);
+        let float = FloatDType::from(pinned.dtype());
         let tensor = <Self as burn::tensor::ops::FloatTensorOps<Self>>::float_empty(
             parked.shape.clone().into(),
             &parked.device,
@@ -565,7 +564,7 @@ where
             crate::offload::HostCopy::Pinned(pinned) => Ok(burn::tensor::TensorData::from_bytes_vec(
                 offload::read(pinned)?,
                 parked.shape.clone(),
-                parked.dtype,
+                pinned.dtype(),
             )),
             _ => crate::offload::read_default(parked),
         }

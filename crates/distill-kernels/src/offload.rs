@@ -10,12 +10,12 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
-/// A tensor's contents in host memory, with the device, dtype and shape it goes back to.
+/// A tensor's contents in host memory, with the device and shape it goes back to (the host
+/// copy knows its dtype).
 pub struct Parked<B: Backend> {
     pub(crate) device: B::Device,
-    pub(crate) dtype: DType,
     pub(crate) shape: Vec<usize>,
     pub(crate) host: HostCopy,
 }
@@ -50,13 +50,12 @@ impl<B: Backend> Fetched<B> {
 
 /// [`crate::MemoryPolicy::park`] by default: burn's host copy, made now.
 pub fn park_default<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Parked<B>, String> {
-    let (device, dtype, shape) = (x.device(), x.dtype(), x.dims().to_vec());
+    let (device, shape) = (x.device(), x.dims().to_vec());
     let data = x
         .try_into_data()
         .map_err(|e| format!("copying a tensor to host memory: {e:?}"))?;
     Ok(Parked {
         device,
-        dtype,
         shape,
         host: HostCopy::Data(data),
     })

@@ -64,8 +64,16 @@ pub struct Pinned {
     key: (usize, u64),
     id: u64,
     device: burn::backend::cuda::CudaDevice,
+    dtype: burn::tensor::DType,
     bytes: usize,
     taken: bool,
+}
+
+impl Pinned {
+    /// The parked tensor's dtype.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.dtype
+    }
 }
 
 /// A copy back under way, which the compute stream waits for at [`land`].
@@ -88,7 +96,7 @@ fn key_of(device: &burn::backend::cuda::CudaDevice) -> (usize, u64) {
 /// Starts copying `x` into pinned host memory on the lane's copy stream.
 pub fn park(x: CudaTensor) -> Result<Pinned, String> {
     let x = super::contiguous(x);
-    let bytes = bytes_of(&x);
+    let (bytes, dtype) = (bytes_of(&x), x.dtype);
     let device = x.device.clone();
     let (key, id) = (key_of(&device), NEXT_ID.fetch_add(1, Atomic::Relaxed));
     let binding = x.handle.clone().binding();
@@ -111,6 +119,7 @@ pub fn park(x: CudaTensor) -> Result<Pinned, String> {
         key,
         id,
         device,
+        dtype,
         bytes,
         taken: false,
     })
