@@ -18,7 +18,8 @@
 # Generation (--generation, budget 540 s): B6 alone, the generation issue's rows: batch 1, 16,
 # 64 and 256 at 0.5B, 1.5B and 7B (greedy, 128 -> 256 tokens), 0.5B sampled at batch 64
 # (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
-# Long context (--long, budget 540 s), R1's trace lengths: B3 7B and 1.5B LoRA at 1 x 16,384
+# Long context (--long, budget 540 s), R1's trace lengths: attention alone at 7B's heads
+# (distill, and PyTorch SDPA's cuDNN and flash backends) at 2k-32k; B3 7B and 1.5B LoRA at 1 x 16,384
 # and 1 x 32,768 (recompute); B5 7B QLoRA under 12 and 24 GiB, 7B bf16 LoRA under 24 GiB and
 # 1.5B full fine-tuning under 24 GiB (distill with its block inputs, and for full
 # fine-tuning its optimizer state, in host memory).
@@ -150,6 +151,17 @@ if [ "$quick" = gen ]; then
   stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
   stage long-0.5b 120 generate $s05 --gen-batch 1 --new-tokens 4096 --warmup 0
 elif [ "$quick" = long ]; then
+  # Attention alone at 7B's heads: distill's kernels through `distill bench attention`, then
+  # PyTorch SDPA's cuDNN and FlashAttention-2 backends (bench/attention/attention.py).
+  n=$((n + 1)); tag=$(printf '%02d-attention' "$n")
+  echo "== attention (distill, limit 90s)"
+  timeout -k 10 90 "$distill" --device "$device" bench attention $s7 --warmup 2 --iters 5 \
+    --json "$out/d-$tag.jsonl" > "$out/d-$tag.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s"
+  echo "== attention (PyTorch SDPA, limit 120s)"
+  timeout -k 10 120 "$py" bench/attention/attention.py --config $cfg/qwen2.5-7b --no-distill \
+    --json "$out/sdpa-$tag.jsonl" > "$out/sdpa-$tag.md" 2>&1
+  echo "   exit $? after $((SECONDS - start))s"; cat "$out/sdpa-$tag.md"
   long_args="--batch 1 --warmup 1 --steps 2 --recompute on"
   stage lora-16k 150 lora $s7 $s15 $long_args --seq 16384
   stage lora-32k 150 lora $s7 $s15 $long_args --seq 32768

@@ -11,6 +11,7 @@ use distill_core::recipe::{BaseQuant, LoraSection};
 use distill_models::{DecoderConfig, Kernels};
 use serde_json::{Value, json};
 
+use crate::attention::{bench_attention, causal_fwd_flops};
 use crate::flops::{matmul_params, mfu, train_flops_per_token};
 use crate::gemm::{Gemm, bench_gemm, training_gemms};
 use crate::generate::bench_generate;
@@ -156,6 +157,33 @@ impl CaseJob {
                     row.insert("fwd_bwd_ms".into(), json!(fwd_bwd * 1e3));
                     row.insert("config".into(), config);
                     rows.push(row);
+                }
+            }
+            Case::Attention(ci) => {
+                let c = &self.configs[ci];
+                for &seq in &a.attention_seq {
+                    eprintln!(
+                        "B1 {} attention: 1 x {seq}, {} / {} heads of {}, causal",
+                        model_of(ci),
+                        c.num_attention_heads,
+                        c.num_key_value_heads,
+                        c.head_dim
+                    );
+                    let (fwd, fwd_bwd) = bench_attention::<B>(c, seq, a.warmup.max(1), a.iters, &device);
+                    let flops = causal_fwd_flops(c, seq);
+                    let config = json!({"batch": 1, "seq": seq, "heads": c.num_attention_heads,
+                                        "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                                        "mask": "causal", "dtype": dtype, "iters": a.iters});
+                    for (pass, secs, f) in [("fwd", fwd, flops), ("fwd+bwd", fwd_bwd, 3.5 * flops)] {
+                        let tf = f / secs / 1e12;
+                        let mut row =
+                            base_row("B1", &model_of(ci), &format!("attention causal 1x{seq} {pass}"));
+                        row.insert("tflops".into(), json!(tf));
+                        row.insert("mfu".into(), json!(mfu(tf, peak)));
+                        row.insert("ms".into(), json!(secs * 1e3));
+                        row.insert("config".into(), config.clone());
+                        rows.push(row);
+                    }
                 }
             }
             Case::Loss {

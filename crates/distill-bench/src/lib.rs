@@ -20,6 +20,7 @@
 //! process), `watch` (its peak memory), `generate` (B6), `rows` (the table). The caller picks
 //! the burn backend: [`run`] takes a function that runs a [`CaseJob`] on the device's backend.
 
+pub mod attention;
 pub mod flops;
 pub mod gemm;
 pub mod loss;
@@ -47,8 +48,8 @@ const ROW_PREFIX: &str = "distill-bench-row: ";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Benchmarks to run: gemm (B1), loss (B2), lora (B3), full (B4), memory (B5),
-    /// generate (B6), train (B3 and B4), or B1..B6. Default: all.
+    /// Benchmarks to run: gemm (B1), attention (B1's attention rows), loss (B2), lora (B3),
+    /// full (B4), memory (B5), generate (B6), train (B3 and B4), or B1..B6. Default: all.
     #[arg(value_name = "BENCH")]
     pub(crate) which: Vec<String>,
     /// The same as a comma-separated list, e.g. `--only B1,B3`.
@@ -73,7 +74,10 @@ pub struct Args {
     /// Timed optimizer steps (B3, B4).
     #[arg(long, default_value_t = 3)]
     pub(crate) steps: usize,
-    /// Timed calls per GEMM shape and per loss variant (B1, B2).
+    /// Attention rows: sequence lengths (batch 1, causal, the config's heads).
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192,16384,32768")]
+    pub(crate) attention_seq: Vec<usize>,
+    /// Timed calls per GEMM shape, attention length and loss variant (B1, B2).
     #[arg(long, default_value_t = 10)]
     pub(crate) iters: usize,
     /// LoRA rank on all seven linear layers (alpha = 2r).

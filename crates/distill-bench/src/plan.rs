@@ -9,6 +9,8 @@ pub(crate) enum Case {
     /// The square GEMM MFU is measured against.
     Peak,
     Gemm(usize),
+    /// One layer's attention alone at each --attention-seq.
+    Attention(usize),
     Loss {
         config: usize,
         /// One [tokens, V] block of logits (as a full-logits loss), else --chunk-tokens.
@@ -27,7 +29,7 @@ pub(crate) enum Case {
     },
 }
 
-const ALL: [&str; 6] = ["B1", "B2", "B3", "B4", "B5", "B6"];
+const ALL: [&str; 7] = ["B1", "attention", "B2", "B3", "B4", "B5", "B6"];
 
 fn selected(args: &Args) -> anyhow::Result<Vec<&'static str>> {
     let names: Vec<&String> = args.which.iter().chain(&args.only).collect();
@@ -38,6 +40,7 @@ fn selected(args: &Args) -> anyhow::Result<Vec<&'static str>> {
     for name in names {
         let ids: &[&'static str] = match name.to_ascii_lowercase().as_str() {
             "b1" | "gemm" => &["B1"],
+            "attention" => &["attention"],
             "b2" | "loss" => &["B2"],
             "b3" | "lora" => &["B3"],
             "b4" | "full" => &["B4"],
@@ -46,7 +49,7 @@ fn selected(args: &Args) -> anyhow::Result<Vec<&'static str>> {
             "b6" | "generate" => &["B6"],
             "all" => &ALL,
             other => anyhow::bail!(
-                "unknown benchmark `{other}`; use gemm, loss, lora, full, train, memory, generate or B1..B6"
+                "unknown benchmark `{other}`; use gemm, attention, loss, lora, full, train, memory, generate or B1..B6"
             ),
         };
         out.extend(ids);
@@ -62,6 +65,7 @@ pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<Case>> {
         for config in 0..args.configs.len() {
             match b {
                 "B1" => cases.push(Case::Gemm(config)),
+                "attention" => cases.push(Case::Attention(config)),
                 "B2" => {
                     for (naive, autodiff) in [(false, false), (false, true), (true, true)] {
                         cases.push(Case::Loss {
@@ -89,7 +93,7 @@ pub(crate) fn plan(args: &Args) -> anyhow::Result<Vec<Case>> {
 pub(crate) fn case_bench(case: &Case) -> &'static str {
     match case {
         Case::Peak => "peak",
-        Case::Gemm(_) => "B1",
+        Case::Gemm(_) | Case::Attention(_) => "B1",
         Case::Loss { .. } => "B2",
         Case::Train { lora: true, .. } => "B3",
         Case::Train { lora: false, .. } => "B4",
@@ -101,7 +105,7 @@ pub(crate) fn case_bench(case: &Case) -> &'static str {
 pub(crate) fn case_config(case: &Case) -> Option<usize> {
     match *case {
         Case::Peak => None,
-        Case::Gemm(c) | Case::Memory(c) => Some(c),
+        Case::Gemm(c) | Case::Attention(c) | Case::Memory(c) => Some(c),
         Case::Loss { config, .. } | Case::Train { config, .. } | Case::Generate { config, .. } => {
             Some(config)
         }
@@ -151,7 +155,14 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(plan(&args(&[])).unwrap().len(), 1 + 2 * (1 + 3 + 1 + 1 + 1 + 1));
+        assert_eq!(
+            plan(&args(&[])).unwrap().len(),
+            1 + 2 * (1 + 1 + 3 + 1 + 1 + 1 + 1)
+        );
+        assert_eq!(
+            plan(&args(&["attention"])).unwrap(),
+            vec![Case::Peak, Case::Attention(0), Case::Attention(1)]
+        );
         let gen_cases = plan(&args(&["generate", "--gen-batch", "1,64"])).unwrap();
         assert_eq!(gen_cases.len(), 1 + 2 * 2);
         assert!(plan(&args(&["B9"])).is_err());

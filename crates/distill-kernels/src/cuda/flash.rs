@@ -27,6 +27,10 @@ const SOURCE: &str = include_str!("flash_attention.cu");
 /// Rows of a tile (queries or keys), as `TILE` in the source.
 const TILE: usize = 64;
 const THREADS: u32 = 128;
+/// Shared-memory tiles of the query-tile kernels (two K and two V tiles, double-buffered) and
+/// of the dK/dV kernel (its K and V tiles, two Q and two dO tiles).
+const QUERY_TILES: usize = 4;
+const DKDV_TILES: usize = 6;
 
 /// The kernels for one head dim: sm_80 tensor-core instructions.
 fn module(hd: usize) -> nvrtc::Module {
@@ -36,7 +40,7 @@ fn module(hd: usize) -> nvrtc::Module {
         arch: Some("compute_80"),
         options: vec![format!("-DHD={hd}")],
         names: &["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"],
-        dynamic_smem: smem(hd, 4),
+        dynamic_smem: smem(hd, DKDV_TILES),
     }
 }
 
@@ -238,7 +242,7 @@ pub fn forward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let how = sh.launch(sh.t, sh.heads, 2);
+    let how = sh.launch(sh.t, sh.heads, QUERY_TILES);
     let has_keys = keys.is_some();
     let o_strides = o.strides;
     let (qs, ks, vs) = (q.strides, k.strides, v.strides);
@@ -331,7 +335,10 @@ pub fn backward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let (dq_launch, dkdv_launch) = (sh.launch(sh.t, sh.heads, 2), sh.launch(sh.s, sh.heads, 4));
+    let (dq_launch, dkdv_launch) = (
+        sh.launch(sh.t, sh.heads, QUERY_TILES),
+        sh.launch(sh.s, sh.heads, DKDV_TILES),
+    );
     let has_keys = keys.is_some();
     let strides = [
         q.strides,

@@ -47,14 +47,29 @@ __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Rows row0 .. row0+TILE of one head (row stride `st`) into a shared tile, zeros past `n`. */
+/* Asynchronous copies (cp.async, sm_80+): global to shared without a pass through registers,
+ * so the next tile loads while the warps compute on the current one. `valid` false fills
+ * zeros and reads nothing. */
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::); }
+/* Wait until at most `n` of this thread's committed groups are in flight. */
+template <int n> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(n)); }
+
+/* Rows row0 .. row0+TILE of one head (row stride `st`) into a shared tile, zeros past `n`;
+ * asynchronous: visible to the CTA after cp_wait and a barrier. */
 __device__ __forceinline__ void load_tile(bf16_t* tile, const bf16_t* head, i64 st, int row0, int n) {
     const int chunks = HD / 8; /* 16-byte chunks per row */
     for (int c = threadIdx.x; c < TILE * chunks; c += NT) {
         const int r = c / chunks, col = (c - r * chunks) * 8;
-        uint4 val = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < n) val = *(const uint4*)(head + (i64)(row0 + r) * st + col);
-        *(uint4*)(tile + r * LD + col) = val;
+        const bool in = row0 + r < n;
+        cp_async16(tile + r * LD + col, in ? head + (i64)(row0 + r) * st + col : head, in);
     }
 }
 
@@ -159,7 +174,8 @@ __device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q
 #define HEAD(p, b, h, sb, sh) ((p) + (i64)(b) * (sb) + (i64)(h) * (sh))
 
 /* Forward: O = softmax(scale Q Kᵀ, masked) V and lse (natural log) per query, [B, H, T].
- * Grid (query tiles, H, B); heavy (late) query tiles first. */
+ * Grid (query tiles, H, B); heavy (late) query tiles first. Shared memory: K and V tiles,
+ * two of each, the next pair loading while the warps work on the current one. */
 extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
@@ -169,37 +185,51 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     int heads, int groups, int t_len, int s_len, float scale)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16_t* sk = (bf16_t*)smem;
-    bf16_t* sv = sk + TILE * LD;
+    bf16_t* sk = (bf16_t*)smem;       /* [2][TILE * LD] */
+    bf16_t* sv = sk + 2 * TILE * LD;  /* [2][TILE * LD] */
     __shared__ int slo[TILE], shi[TILE], span[2];
     const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
     lo = lo ? lo + roff : lo;
     hi = hi ? hi + roff : hi;
+    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
 
     query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
-    load_tile(sk, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
+    load_tile(sk + TILE * LD, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len); /* Q in the second K buffer */
+    cp_commit();
+    __syncthreads();
+    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
+    if (first <= last) {
+        load_tile(sk, kh, k_t, first, s_len);
+        load_tile(sv, vh, v_t, first, s_len);
+    }
+    cp_commit();
+    cp_wait<1>();
     __syncthreads();
     u32 qa[HD / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], sk, r0, kk, g, t);
+    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], sk + TILE * LD, r0, kk, g, t);
     const int lo_r[2] = {slo[r0 + g], slo[r0 + g + 8]}, hi_r[2] = {shi[r0 + g], shi[r0 + g + 8]};
-    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
     __syncthreads();
 
     const float sl2 = scale * LOG2E;
     float acc[HD / 8][4];
     zero(acc, HD / 8);
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
-    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
-    for (int k0 = first; k0 <= last; k0 += TILE) {
-        load_tile(sk, kh, k_t, k0, s_len);
-        load_tile(sv, vh, v_t, k0, s_len);
+    for (int k0 = first, buf = 0; k0 <= last; k0 += TILE, buf ^= 1) {
+        if (k0 + TILE <= last) {
+            load_tile(sk + (buf ^ 1) * TILE * LD, kh, k_t, k0 + TILE, s_len);
+            load_tile(sv + (buf ^ 1) * TILE * LD, vh, v_t, k0 + TILE, s_len);
+        }
+        cp_commit();
+        cp_wait<1>();
         __syncthreads();
+        const bf16_t* kt = sk + buf * TILE * LD;
+        const bf16_t* vt = sv + buf * TILE * LD;
         float s[TILE / 8][4];
-        scores(s, qa, sk, g, t);
+        scores(s, qa, kt, g, t);
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int n = 0; n < TILE / 8; n++)
@@ -234,9 +264,10 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
             acc[n][0] *= alpha[0]; acc[n][1] *= alpha[0];
             acc[n][2] *= alpha[1]; acc[n][3] *= alpha[1];
         }
-        accumulate(acc, s, sv, g, t);
+        accumulate(acc, s, vt, g, t);
         __syncthreads();
     }
+    cp_wait<0>();
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
@@ -253,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
 }
 
 /* dQ = scale dS K with dS = P (dP - delta), P = exp(scale Q Kᵀ - lse), dP = dO Vᵀ.
- * lse, delta: [B, H, T] f32. Grid (query tiles, H, B). */
+ * lse, delta: [B, H, T] f32. Grid (query tiles, H, B). Shared memory as the forward's. */
 extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
@@ -265,24 +296,36 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     int heads, int groups, int t_len, int s_len, float scale)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16_t* sk = (bf16_t*)smem;
-    bf16_t* sv = sk + TILE * LD;
+    bf16_t* sk = (bf16_t*)smem;       /* [2][TILE * LD] */
+    bf16_t* sv = sk + 2 * TILE * LD;  /* [2][TILE * LD] */
     __shared__ int slo[TILE], shi[TILE], span[2];
     const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
     lo = lo ? lo + roff : lo;
     hi = hi ? hi + roff : hi;
+    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
 
     query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
-    load_tile(sk, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
-    load_tile(sv, HEAD(dout, b, h, do_b, do_h), do_t, q0, t_len);
+    /* Q and dO in the second buffers, the first K/V tiles in the first. */
+    load_tile(sk + TILE * LD, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
+    load_tile(sv + TILE * LD, HEAD(dout, b, h, do_b, do_h), do_t, q0, t_len);
+    cp_commit();
+    __syncthreads();
+    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
+    if (first <= last) {
+        load_tile(sk, kh, k_t, first, s_len);
+        load_tile(sv, vh, v_t, first, s_len);
+    }
+    cp_commit();
+    cp_wait<1>();
     __syncthreads();
     u32 qa[HD / 16][4], da[HD / 16][4];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-        frag_a(qa[kk], sk, r0, kk, g, t);
-        frag_a(da[kk], sv, r0, kk, g, t);
+        frag_a(qa[kk], sk + TILE * LD, r0, kk, g, t);
+        frag_a(da[kk], sv + TILE * LD, r0, kk, g, t);
     }
     int lo_r[2], hi_r[2];
     float lse_r[2], delta_r[2];
@@ -295,21 +338,24 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
         lse_r[r] = i < t_len ? lse[at] * LOG2E : 0.f;
         delta_r[r] = i < t_len ? delta[at] : 0.f;
     }
-    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
     __syncthreads();
 
     const float sl2 = scale * LOG2E;
     float acc[HD / 8][4];
     zero(acc, HD / 8);
-    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
-    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
-    for (int k0 = first; k0 <= last; k0 += TILE) {
-        load_tile(sk, kh, k_t, k0, s_len);
-        load_tile(sv, vh, v_t, k0, s_len);
+    for (int k0 = first, buf = 0; k0 <= last; k0 += TILE, buf ^= 1) {
+        if (k0 + TILE <= last) {
+            load_tile(sk + (buf ^ 1) * TILE * LD, kh, k_t, k0 + TILE, s_len);
+            load_tile(sv + (buf ^ 1) * TILE * LD, vh, v_t, k0 + TILE, s_len);
+        }
+        cp_commit();
+        cp_wait<1>();
         __syncthreads();
+        const bf16_t* kt = sk + buf * TILE * LD;
+        const bf16_t* vt = sv + buf * TILE * LD;
         float s[TILE / 8][4], dp[TILE / 8][4];
-        scores(s, qa, sk, g, t);
-        scores(dp, da, sv, g, t);
+        scores(s, qa, kt, g, t);
+        scores(dp, da, vt, g, t);
 #pragma unroll
         for (int n = 0; n < TILE / 8; n++) {
 #pragma unroll
@@ -320,9 +366,10 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
                 dp[n][e] = seen ? p * (dp[n][e] - delta_r[r]) : 0.f;
             }
         }
-        accumulate(acc, dp, sk, g, t);
+        accumulate(acc, dp, kt, g, t);
         __syncthreads();
     }
+    cp_wait<0>();
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int i = q0 + r0 + g + 8 * r;
@@ -334,11 +381,76 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     }
 }
 
+/* The first and last query of [0, t_len) that sees a key of k0 ..= kmax, into *first and
+ * *last (first > last: none). Each round reads 8 queries a thread at once, from the start
+ * (and then from the end) until it finds one, so a causal mask costs a round or two where a
+ * scan tile by tile took a barrier and a load's latency per tile. */
+__device__ void seen_by(const int* lo, const int* hi, int t_len, int s_len, int k0, int kmax, int* first, int* last) {
+    __shared__ int found[2];
+    if (!lo && !hi) { *first = 0; *last = t_len - 1; return; }
+    if (threadIdx.x == 0) { found[0] = NO_KEY; found[1] = -1; }
+    __syncthreads();
+    const int step = NT * 8;
+    for (int base = 0; base < t_len; base += step) {
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = base + u * NT + threadIdx.x;
+            if (i < t_len) {
+                const int a = lo ? lo[i] : 0, z = hi ? hi[i] : s_len - 1;
+                if (a <= z && a <= kmax && z >= k0) atomicMin(&found[0], i);
+            }
+        }
+        __syncthreads();
+        if (found[0] != NO_KEY) break;
+    }
+    for (int top = t_len - 1; found[0] != NO_KEY && top >= 0; top -= step) {
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = top - u * NT - (int)threadIdx.x;
+            if (i >= 0) {
+                const int a = lo ? lo[i] : 0, z = hi ? hi[i] : s_len - 1;
+                if (a <= z && a <= kmax && z >= k0) atomicMax(&found[1], i);
+            }
+        }
+        __syncthreads();
+        if (found[1] >= 0) break;
+    }
+    *first = found[0];
+    *last = found[1];
+}
+
+/* One query tile's operands for the dK/dV kernel, asynchronously: Q and dO rows, and each
+ * query's key range, lse and delta (lse in natural log; ranges not clamped to s_len). */
+struct QueryTile {
+    int lo[TILE], hi[TILE];
+    float lse[TILE], delta[TILE];
+};
+
+__device__ __forceinline__ void load_query_tile(QueryTile* m, bf16_t* sq, bf16_t* sdo, const bf16_t* qh, i64 q_t,
+                                                const bf16_t* doh, i64 do_t, const int* lo, const int* hi,
+                                                const float* lse, const float* delta, int q0, int t_len, int s_len) {
+    load_tile(sq, qh, q_t, q0, t_len);
+    load_tile(sdo, doh, do_t, q0, t_len);
+    if (threadIdx.x < TILE) {
+        const int x = threadIdx.x, i = q0 + x;
+        if (i < t_len) {
+            if (lo) cp_async4(&m->lo[x], lo + i, true); else m->lo[x] = 0;
+            if (hi) cp_async4(&m->hi[x], hi + i, true); else m->hi[x] = s_len - 1;
+            cp_async4(&m->lse[x], lse + i, true);
+            cp_async4(&m->delta[x], delta + i, true);
+        } else {
+            m->lo[x] = NO_KEY; m->hi[x] = -1; m->lse[x] = 0.f; m->delta[x] = 0.f;
+        }
+    }
+}
+
 /* dV = Pᵀ dO and dK = scale dSᵀ Q for one tile of keys and one query head, summed over every
  * query tile that sees it; f32 partials per query head, [B, H, S, HD], which the caller sums
  * over each K/V head's group (a CTA per query head keeps the grid wide under GQA). A warp
  * computes its 16 keys' transposed scores Sᵀ = K Qᵀ, so Pᵀ and dSᵀ are A operands in
- * registers. Grid (key tiles, H, B); key tile 0, which every later query sees, first. */
+ * registers. Grid (key tiles, H, B); key tile 0, which every later query sees, first.
+ * Shared memory: the K and V tiles, and two Q and dO tiles, the next pair loading while the
+ * warps work on the current one. */
 extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
     const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
@@ -353,42 +465,47 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* sk = (bf16_t*)smem;
     bf16_t* sv = sk + TILE * LD;
-    bf16_t* sq = sv + TILE * LD;
-    bf16_t* sdo = sq + TILE * LD;
-    __shared__ int slo[TILE], shi[TILE];
-    __shared__ float sl[TILE], sd[TILE];
+    bf16_t* sq = sv + TILE * LD;       /* [2][TILE * LD] */
+    bf16_t* sdo = sq + 2 * TILE * LD;  /* [2][TILE * LD] */
+    __shared__ QueryTile meta[2];
     const int k0 = blockIdx.x * TILE, hq = blockIdx.y, b = blockIdx.z, kvh = hq / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
     lo = lo ? lo + roff : lo;
     hi = hi ? hi + roff : hi;
+    const i64 rows = ((i64)b * heads + hq) * t_len;
+    lse += rows;
+    delta += rows;
+    const bf16_t* qh = HEAD(q, b, hq, q_b, q_h);
+    const bf16_t* doh = HEAD(dout, b, hq, do_b, do_h);
     const int kmax = min(k0 + TILE, s_len) - 1;
     const int j_r[2] = {k0 + r0 + g, k0 + r0 + g + 8};
 
     load_tile(sk, HEAD(k, b, kvh, k_b, k_h), k_t, k0, s_len);
     load_tile(sv, HEAD(v, b, kvh, v_b, v_h), v_t, k0, s_len);
+    int first, last;
+    seen_by(lo, hi, t_len, s_len, k0, kmax, &first, &last);
+    first = first / TILE * TILE;
+    if (first <= last) load_query_tile(&meta[0], sq, sdo, qh, q_t, doh, do_t, lo, hi, lse, delta, first, t_len, s_len);
+    cp_commit();
 
     const float sl2 = scale * LOG2E;
     float ak[HD / 8][4], av[HD / 8][4];
     zero(ak, HD / 8);
     zero(av, HD / 8);
-    for (int q0 = 0; q0 < t_len; q0 += TILE) {
-        bool sees = false;
-        if (threadIdx.x < TILE) {
-            int a, z;
-            const int i = q0 + threadIdx.x;
-            key_range(lo, hi, i, t_len, s_len, a, z);
-            slo[threadIdx.x] = a;
-            shi[threadIdx.x] = z;
-            sees = a <= z && a <= kmax && z >= k0;
-            const i64 at = ((i64)b * heads + hq) * t_len + i;
-            sl[threadIdx.x] = i < t_len ? lse[at] * LOG2E : 0.f;
-            sd[threadIdx.x] = i < t_len ? delta[at] : 0.f;
-        }
-        if (!__syncthreads_or(sees)) continue;
-        load_tile(sq, HEAD(q, b, hq, q_b, q_h), q_t, q0, t_len);
-        load_tile(sdo, HEAD(dout, b, hq, do_b, do_h), do_t, q0, t_len);
+    for (int q0 = first, buf = 0; q0 <= last; q0 += TILE, buf ^= 1) {
+        if (q0 + TILE <= last)
+            load_query_tile(&meta[buf ^ 1], sq + (buf ^ 1) * TILE * LD, sdo + (buf ^ 1) * TILE * LD, qh, q_t, doh,
+                            do_t, lo, hi, lse, delta, q0 + TILE, t_len, s_len);
+        cp_commit();
+        cp_wait<1>();
         __syncthreads();
+        const QueryTile* m = &meta[buf];
+        const bf16_t* qt = sq + buf * TILE * LD;
+        const bf16_t* dot = sdo + buf * TILE * LD;
+        const int x = threadIdx.x;
+        const bool sees = x < TILE && m->lo[x] <= m->hi[x] && m->lo[x] <= kmax && m->hi[x] >= k0;
+        if (!__syncthreads_or(sees)) continue; /* a tile inside [first, last] that sees none of these keys */
         float st[TILE / 8][4], dpt[TILE / 8][4];
         zero(st, TILE / 8);
         zero(dpt, TILE / 8);
@@ -400,9 +517,9 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
 #pragma unroll
             for (int n = 0; n < TILE / 8; n++) {
                 u32 b0, b1;
-                frag_bt(b0, b1, sq, n * 8, kk, g, t);
+                frag_bt(b0, b1, qt, n * 8, kk, g, t);
                 mma(st[n], ka, b0, b1);
-                frag_bt(b0, b1, sdo, n * 8, kk, g, t);
+                frag_bt(b0, b1, dot, n * 8, kk, g, t);
                 mma(dpt[n], va, b0, b1);
             }
         }
@@ -411,16 +528,17 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
-                const bool seen = j <= kmax && j >= slo[c] && j <= shi[c];
-                const float p = seen ? exp2f(st[n][e] * sl2 - sl[c]) : 0.f;
+                const bool seen = j <= kmax && j >= m->lo[c] && j <= m->hi[c];
+                const float p = seen ? exp2f(st[n][e] * sl2 - m->lse[c] * LOG2E) : 0.f;
                 st[n][e] = p;
-                dpt[n][e] = seen ? p * (dpt[n][e] - sd[c]) : 0.f;
+                dpt[n][e] = seen ? p * (dpt[n][e] - m->delta[c]) : 0.f;
             }
         }
-        accumulate(av, st, sdo, g, t);
-        accumulate(ak, dpt, sq, g, t);
+        accumulate(av, st, dot, g, t);
+        accumulate(ak, dpt, qt, g, t);
         __syncthreads();
     }
+    cp_wait<0>();
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int j = j_r[r];
