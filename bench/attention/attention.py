@@ -53,6 +53,12 @@ class Distill:
         self.fwd = self.module.get_function("flash_fwd")
         self.dq = self.module.get_function("flash_bwd_dq")
         self.dkdv = self.module.get_function("flash_bwd_dkdv")
+        # The delta and group-sum kernels, where the source has them (else PyTorch does it,
+        # as distill did before them).
+        self.delta = self.sum_groups = None
+        if "flash_delta" in src:
+            self.delta = self.module.get_function("flash_delta")
+            self.sum_groups = self.module.get_function("flash_sum_groups")
         tiles = tuple(int(x) for x in tiles.split(",")) if tiles else TILES
         self.fwd_tiles, self.dq_tiles, self.dkdv_tiles = tiles
         for f, n in zip((self.fwd, self.dq, self.dkdv), tiles):
@@ -98,13 +104,19 @@ class Distill:
 
         b, h, t, hd = q.shape
         kv, s = k.shape[1], k.shape[2]
-        delta = (dout.float() * out.float()).sum(-1, keepdim=True).contiguous()
+        groups = h // kv
+        delta = torch.empty(b, h, t, device=q.device, dtype=torch.float32)
+        if self.delta is not None:
+            args = self._strided(out) + self._strided(dout) + [np.uint64(delta.data_ptr()), np.int32(h), np.int32(t)]
+            self.delta((math.ceil(t / 4), h, b), (THREADS,), tuple(args))
+        else:
+            delta = (dout.float() * out.float()).sum(-1).contiguous()
         dq = torch.empty(b, t, h, hd, device=q.device, dtype=torch.bfloat16).transpose(1, 2)
         dk = torch.empty(b, h, s, hd, device=q.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
         common = self._strided(q) + self._strided(k) + self._strided(v) + self._strided(dout)
         common += [np.uint64(lse.data_ptr()), np.uint64(delta.data_ptr())]
-        tail = self._tail(lo, hi, h, h // kv, t, s, 1 / math.sqrt(hd))
+        tail = self._tail(lo, hi, h, groups, t, s, 1 / math.sqrt(hd))
         self.dq(
             (math.ceil(t / TILE), h, b),
             (THREADS,),
@@ -117,10 +129,18 @@ class Distill:
             tuple(common + self._strided(dk) + self._strided(dv) + tail),
             shared_mem=smem(hd, self.dkdv_tiles),
         )
-        groups = h // kv
-        dk = dk.view(b, kv, groups, s, hd).sum(2).to(torch.bfloat16)
-        dv = dv.view(b, kv, groups, s, hd).sum(2).to(torch.bfloat16)
-        return dq, dk, dv
+        if self.sum_groups is None:
+            dk = dk.view(b, kv, groups, s, hd).sum(2).to(torch.bfloat16)
+            dv = dv.view(b, kv, groups, s, hd).sum(2).to(torch.bfloat16)
+            return dq, dk, dv
+        quads, rows = b * kv * s * hd // 4, s * hd // 4
+        summed = []
+        for part in (dk, dv):
+            dst = torch.empty(b, kv, s, hd, device=q.device, dtype=torch.bfloat16)
+            args = (np.uint64(part.data_ptr()), np.uint64(dst.data_ptr()), np.int64(quads), np.int32(kv), np.int32(groups), np.int64(rows))
+            self.sum_groups((min(math.ceil(quads / 256), 1 << 16),), (256,), args)
+            summed.append(dst)
+        return dq, summed[0], summed[1]
 
 
 def sdpa(backend, q, k, v):

@@ -11,7 +11,7 @@ use crate::nf4::Nf4Tensor;
 use crate::{
     AdamWScalars, AttentionMode, KeyRanges, MemoryPolicy, ModelKernels, RowSampling, TrainKernels,
     adamw_default, attention, attention_default, attention_mode, bmm_accumulate_default, bmm_default,
-    concat_f32_default, prim, rms_norm_default, sum_groups, tensor,
+    concat_f32_default, prim, rms_norm_default, tensor,
 };
 
 type CudaTensor = burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>;
@@ -285,29 +285,20 @@ where
         d_out: &Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
         let scale = 1.0 / (q.dims()[3] as f32).sqrt();
-        let delta = (d_out.clone().cast(DType::F32) * out.clone().cast(DType::F32)).sum_dim(3); // [B, H, T, 1]
         let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
         let found = flash::backward(
             &prim(q.clone()),
             &prim(k.clone()),
             &prim(v.clone()),
             ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            &prim(out.clone()),
             &prim(lse.clone()),
-            &prim(delta),
             &prim(d_out.clone()),
             scale,
         );
         match found {
-            // dq [B, T, H, hd] back to [B, H, T, hd]; dk and dv per query head, f32.
-            Ok((dq, dk, dv)) => {
-                let kv = k.dims()[1];
-                let per_kv_head = |x| sum_groups(tensor::<Self, 4>(x), kv).cast(k.dtype());
-                Some((
-                    tensor::<Self, 4>(dq).swap_dims(1, 2),
-                    per_kv_head(dk),
-                    per_kv_head(dv),
-                ))
-            }
+            // dq [B, T, H, hd] back to [B, H, T, hd]; dk and dv per K/V head.
+            Ok((dq, dk, dv)) => Some((tensor::<Self, 4>(dq).swap_dims(1, 2), tensor(dk), tensor(dv))),
             Err(why) => {
                 fell_back(Fallback::Flash, &why);
                 None

@@ -39,7 +39,13 @@ fn module(hd: usize) -> nvrtc::Module {
         sources: &[SOURCE],
         arch: Some("compute_80"),
         options: vec![format!("-DHD={hd}")],
-        names: &["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"],
+        names: &[
+            "flash_fwd",
+            "flash_bwd_dq",
+            "flash_bwd_dkdv",
+            "flash_delta",
+            "flash_sum_groups",
+        ],
         dynamic_smem: smem(hd, DKDV_TILES),
     }
 }
@@ -265,18 +271,17 @@ pub fn forward(
     Ok((o.tensor, lse))
 }
 
-/// Gradients of [`forward`] for q, k and v given the output gradient `d_out` [B, H, T, hd],
-/// the log-sum-exp it returned and delta = rowsum(d_out ∘ out) [B, H, T, 1] f32. Returns
-/// dq as [B, T, H, hd] (bf16, contiguous) and dk, dv per query head as [B, H, S, hd] (f32):
-/// the caller sums each K/V head's group of query heads.
+/// Gradients of [`forward`] for q, k and v given its output `out` [B, H, T, hd], the
+/// log-sum-exp it returned and the output gradient `d_out` [B, H, T, hd]. Returns dq as
+/// [B, T, H, hd] and dk, dv as [B, KV, S, hd], bf16 and contiguous.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &CudaTensor,
     k: &CudaTensor,
     v: &CudaTensor,
     keys: Ranges,
+    out: &CudaTensor,
     lse: &CudaTensor,
-    delta: &CudaTensor,
     d_out: &CudaTensor,
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
@@ -287,50 +292,57 @@ pub fn backward(
         Operand::new(k, "k", sh.hd)?,
         Operand::new(v, "v", sh.hd)?,
     );
-    let d_out = Operand::new(d_out, "d_out", sh.hd)?;
-    if d_out.dims() != q.dims() {
-        return Err(format!("d_out {:?}", d_out.dims()));
+    let (out, d_out) = (
+        Operand::new(out, "out", sh.hd)?,
+        Operand::new(d_out, "d_out", sh.hd)?,
+    );
+    if d_out.dims() != q.dims() || out.dims() != q.dims() {
+        return Err(format!("out {:?}, d_out {:?}", out.dims(), d_out.dims()));
     }
-    let rows = |x: &CudaTensor, what: &str| -> Result<CudaTensor, String> {
-        if x.dtype != DType::F32 || x.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
-            return Err(format!("{what}: {:?} {:?}", x.dtype, x.meta.shape()));
-        }
-        Ok(contiguous(x.clone()))
-    };
-    let (lse, delta) = (rows(lse, "lse")?, rows(delta, "delta")?);
+    if lse.dtype != DType::F32 || lse.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
+        return Err(format!("lse: {:?} {:?}", lse.dtype, lse.meta.shape()));
+    }
+    let lse = contiguous(lse.clone());
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
-    let dq = output(&q.tensor, q.dims());
-    // dK and dV per query head in f32, [B, H, S, hd]: the caller sums each group.
-    let partial = || {
-        let dims = [sh.b, sh.heads, sh.s, sh.hd];
-        let t = empty_device_contiguous_dtype(
+    let empty = |dims: Vec<usize>, dtype| {
+        empty_device_contiguous_dtype(
             q.tensor.client.clone(),
             q.tensor.device.clone(),
-            dims.to_vec().into(),
-            DType::F32,
-        );
-        let st = [
-            (sh.heads * sh.s * sh.hd) as i64,
-            (sh.s * sh.hd) as i64,
-            sh.hd as i64,
-        ];
-        Operand {
-            tensor: t,
-            strides: st,
-        }
+            dims.into(),
+            dtype,
+        )
     };
-    let (dk, dv) = (partial(), partial());
+    let delta = empty(vec![sh.b, sh.heads, sh.t], DType::F32);
+    let dq = output(&q.tensor, q.dims());
+    // dK and dV per query head in f32, [B, H, S, hd], then summed over each group in bf16.
+    let kv = sh.heads / sh.groups;
+    let partial_strides = [
+        (sh.heads * sh.s * sh.hd) as i64,
+        (sh.s * sh.hd) as i64,
+        sh.hd as i64,
+    ];
+    let (dk_part, dv_part) = (
+        empty(vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
+        empty(vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
+    );
+    let (dk, dv) = (
+        empty(vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
+        empty(vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
+    );
     let (lo, hi) = range_bindings(&keys, &q);
     let bindings = [
         q.binding(),
         k.binding(),
         v.binding(),
         d_out.binding(),
+        out.binding(),
         lse.handle.clone().binding(),
         delta.handle.clone().binding(),
         dq.binding(),
-        dk.binding(),
-        dv.binding(),
+        dk_part.handle.clone().binding(),
+        dv_part.handle.clone().binding(),
+        dk.handle.clone().binding(),
+        dv.handle.clone().binding(),
         lo,
         hi,
     ];
@@ -339,24 +351,40 @@ pub fn backward(
         sh.launch(sh.t, sh.heads, QUERY_TILES),
         sh.launch(sh.s, sh.heads, DKDV_TILES),
     );
+    let delta_launch = Launch {
+        grid: (sh.t.div_ceil(4) as u32, sh.heads as u32, sh.b as u32),
+        threads: THREADS,
+        dynamic_smem: 0,
+    };
+    // Four elements a thread (hd is 64 or 128).
+    let quads = sh.b * kv * sh.s * sh.hd / 4;
+    let sum_launch = Launch::grid_stride(quads);
     let has_keys = keys.is_some();
     let strides = [
         q.strides,
         k.strides,
         v.strides,
         d_out.strides,
+        out.strides,
         dq.strides,
-        dk.strides,
-        dv.strides,
     ];
     stream::run_on_stream(
         &device,
         bindings,
         nvrtc::ordering(),
-        move |stream, [pq, pk, pv, pdo, pl, pd, pdq, pdk, pdv, plo, phi]| {
-            let [qs, ks, vs, dos, dqs, dks, dvs] = strides;
+        move |stream, [pq, pk, pv, pdo, po, pl, pd, pdq, pdk, pdv, pdk16, pdv16, plo, phi]| {
+            let [qs, ks, vs, dos, os, dqs] = strides;
             let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
+            let m = module(sh.hd);
+            let run = |name: &str, how: Launch, args: &[Arg]| {
+                nvrtc::launch(device.index, &m, name, how, stream, args)
+            };
             let mut args = Vec::with_capacity(32);
+            args.extend(strided(po, os));
+            args.extend(strided(pdo, dos));
+            args.extend([Arg::Ptr(pd), Arg::I32(sh.heads as i32), Arg::I32(sh.t as i32)]);
+            run("flash_delta", delta_launch, &args)?;
+            args.clear();
             for (p, st) in [(pq, qs), (pk, ks), (pv, vs), (pdo, dos)] {
                 args.extend(strided(p, st));
             }
@@ -364,29 +392,27 @@ pub fn backward(
             let common = args.len();
             args.extend(strided(pdq, dqs));
             args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(
-                device.index,
-                &module(sh.hd),
-                "flash_bwd_dq",
-                dq_launch,
-                stream,
-                &args,
-            )?;
+            run("flash_bwd_dq", dq_launch, &args)?;
             args.truncate(common);
-            args.extend(strided(pdk, dks));
-            args.extend(strided(pdv, dvs));
+            args.extend(strided(pdk, partial_strides));
+            args.extend(strided(pdv, partial_strides));
             args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(
-                device.index,
-                &module(sh.hd),
-                "flash_bwd_dkdv",
-                dkdv_launch,
-                stream,
-                &args,
-            )
+            run("flash_bwd_dkdv", dkdv_launch, &args)?;
+            for (part, out) in [(pdk, pdk16), (pdv, pdv16)] {
+                let args = [
+                    Arg::Ptr(part),
+                    Arg::Ptr(out),
+                    Arg::I64(quads as i64),
+                    Arg::I32(kv as i32),
+                    Arg::I32(sh.groups as i32),
+                    Arg::I64((sh.s * sh.hd / 4) as i64),
+                ];
+                run("flash_sum_groups", sum_launch, &args)?;
+            }
+            Ok(())
         },
     )?;
-    Ok((dq.tensor, dk.tensor, dv.tensor))
+    Ok((dq.tensor, dk, dv))
 }
 
 fn strided(ptr: u64, [b, h, r]: [i64; 3]) -> [Arg; 4] {

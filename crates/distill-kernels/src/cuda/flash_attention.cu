@@ -156,11 +156,12 @@ __device__ __forceinline__ void key_range(const int* lo, const int* hi, int i, i
     z = hi ? min(hi[i], s_len - 1) : s_len - 1;
 }
 
-/* Shared prologue of the two query-tile kernels: the tile's key ranges into slo/shi, and the
- * span of keys any of its queries sees into span[0..2]. */
+/* Shared prologue of the two query-tile kernels: the tile's key ranges into slo/shi; into
+ * span[0..2] the span of keys any of its queries sees, and into span[2..4] the keys every one
+ * of its rows sees (max lo, min hi): a key tile inside those needs no mask. */
 __device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q0, int t_len, int s_len,
                                              int* slo, int* shi, int* span) {
-    if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; }
+    if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; span[2] = -1; span[3] = NO_KEY; }
     __syncthreads();
     if (threadIdx.x < TILE) {
         int a, z;
@@ -168,7 +169,20 @@ __device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q
         slo[threadIdx.x] = a;
         shi[threadIdx.x] = z;
         if (z >= a) { atomicMin(&span[0], a); atomicMax(&span[1], z); }
+        atomicMax(&span[2], a);
+        atomicMin(&span[3], z);
     }
+}
+
+/* Scores of keys k0.. outside each row's range to -inf (fragment layout of `scores`). */
+__device__ __forceinline__ void mask_scores(float (*s)[4], int k0, const int* lo_r, const int* hi_r, int t) {
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
+            if (j < lo_r[r] || j > hi_r[r]) s[n][e] = NEG_INF;
+        }
 }
 
 #define HEAD(p, b, h, sb, sh) ((p) + (i64)(b) * (sb) + (i64)(h) * (sh))
@@ -187,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* sk = (bf16_t*)smem;       /* [2][TILE * LD] */
     bf16_t* sv = sk + 2 * TILE * LD;  /* [2][TILE * LD] */
-    __shared__ int slo[TILE], shi[TILE], span[2];
+    __shared__ int slo[TILE], shi[TILE], span[4];
     const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
@@ -212,6 +226,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], sk + TILE * LD, r0, kk, g, t);
     const int lo_r[2] = {slo[r0 + g], slo[r0 + g + 8]}, hi_r[2] = {shi[r0 + g], shi[r0 + g + 8]};
+    const int seen_by_all[2] = {span[2], span[3]};
     __syncthreads();
 
     const float sl2 = scale * LOG2E;
@@ -230,15 +245,14 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
         const bf16_t* vt = sv + buf * TILE * LD;
         float s[TILE / 8][4];
         scores(s, qa, kt, g, t);
+        if (k0 < seen_by_all[0] || k0 + TILE - 1 > seen_by_all[1]) mask_scores(s, k0, lo_r, hi_r, t);
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
-                const float x = (j >= lo_r[r] && j <= hi_r[r]) ? s[n][e] * sl2 : NEG_INF;
-                s[n][e] = x;
-                mx[r] = fmaxf(mx[r], x);
+                s[n][e] *= sl2;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
             }
         float base[2], alpha[2];
 #pragma unroll
@@ -298,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     extern __shared__ __align__(16) unsigned char smem[];
     bf16_t* sk = (bf16_t*)smem;       /* [2][TILE * LD] */
     bf16_t* sv = sk + 2 * TILE * LD;  /* [2][TILE * LD] */
-    __shared__ int slo[TILE], shi[TILE], span[2];
+    __shared__ int slo[TILE], shi[TILE], span[4];
     const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
@@ -338,6 +352,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
         lse_r[r] = i < t_len ? lse[at] * LOG2E : 0.f;
         delta_r[r] = i < t_len ? delta[at] : 0.f;
     }
+    const int seen_by_all[2] = {span[2], span[3]};
     __syncthreads();
 
     const float sl2 = scale * LOG2E;
@@ -356,15 +371,24 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
         float s[TILE / 8][4], dp[TILE / 8][4];
         scores(s, qa, kt, g, t);
         scores(dp, da, vt, g, t);
+        if (k0 >= seen_by_all[0] && k0 + TILE - 1 <= seen_by_all[1]) {
 #pragma unroll
-        for (int n = 0; n < TILE / 8; n++) {
+            for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
-                const bool seen = j >= lo_r[r] && j <= hi_r[r];
-                const float p = seen ? exp2f(s[n][e] * sl2 - lse_r[r]) : 0.f;
-                dp[n][e] = seen ? p * (dp[n][e] - delta_r[r]) : 0.f;
-            }
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1;
+                    dp[n][e] = exp2f(s[n][e] * sl2 - lse_r[r]) * (dp[n][e] - delta_r[r]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r = e >> 1, j = k0 + n * 8 + t * 2 + (e & 1);
+                    const bool seen = j >= lo_r[r] && j <= hi_r[r];
+                    const float p = seen ? exp2f(s[n][e] * sl2 - lse_r[r]) : 0.f;
+                    dp[n][e] = seen ? p * (dp[n][e] - delta_r[r]) : 0.f;
+                }
         }
         accumulate(acc, dp, kt, g, t);
         __syncthreads();
@@ -420,7 +444,8 @@ __device__ void seen_by(const int* lo, const int* hi, int t_len, int s_len, int 
 }
 
 /* One query tile's operands for the dK/dV kernel, asynchronously: Q and dO rows, and each
- * query's key range, lse and delta (lse in natural log; ranges not clamped to s_len). */
+ * query's key range, lse and delta (lse lands in natural log and is scaled to log2 once
+ * landed; ranges not clamped to s_len). */
 struct QueryTile {
     int lo[TILE], hi[TILE];
     float lse[TILE], delta[TILE];
@@ -504,8 +529,11 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
         const bf16_t* qt = sq + buf * TILE * LD;
         const bf16_t* dot = sdo + buf * TILE * LD;
         const int x = threadIdx.x;
+        if (x < TILE) meta[buf].lse[x] *= LOG2E; /* this thread's own copy, landed */
         const bool sees = x < TILE && m->lo[x] <= m->hi[x] && m->lo[x] <= kmax && m->hi[x] >= k0;
         if (!__syncthreads_or(sees)) continue; /* a tile inside [first, last] that sees none of these keys */
+        /* Every query sees every key of the tile: no mask. */
+        const bool full = __syncthreads_and(x >= TILE || (m->lo[x] <= k0 && m->hi[x] >= k0 + TILE - 1));
         float st[TILE / 8][4], dpt[TILE / 8][4];
         zero(st, TILE / 8);
         zero(dpt, TILE / 8);
@@ -523,16 +551,27 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
                 mma(dpt[n], va, b0, b1);
             }
         }
+        if (full) {
 #pragma unroll
-        for (int n = 0; n < TILE / 8; n++) {
+            for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
-                const bool seen = j <= kmax && j >= m->lo[c] && j <= m->hi[c];
-                const float p = seen ? exp2f(st[n][e] * sl2 - m->lse[c] * LOG2E) : 0.f;
-                st[n][e] = p;
-                dpt[n][e] = seen ? p * (dpt[n][e] - m->delta[c]) : 0.f;
-            }
+                for (int e = 0; e < 4; e++) {
+                    const int c = n * 8 + t * 2 + (e & 1);
+                    const float p = exp2f(st[n][e] * sl2 - m->lse[c]);
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - m->delta[c]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = j_r[e >> 1], c = n * 8 + t * 2 + (e & 1);
+                    const bool seen = j <= kmax && j >= m->lo[c] && j <= m->hi[c];
+                    const float p = seen ? exp2f(st[n][e] * sl2 - m->lse[c]) : 0.f;
+                    st[n][e] = p;
+                    dpt[n][e] = seen ? p * (dpt[n][e] - m->delta[c]) : 0.f;
+                }
         }
         accumulate(av, st, dot, g, t);
         accumulate(ak, dpt, qt, g, t);
@@ -550,5 +589,52 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
             *(float2*)(krow + n * 8 + t * 2) = make_float2(ak[n][2 * r] * scale, ak[n][2 * r + 1] * scale);
             *(float2*)(vrow + n * 8 + t * 2) = make_float2(av[n][2 * r], av[n][2 * r + 1]);
         }
+    }
+}
+
+__device__ __forceinline__ float bf16_lo(u32 x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf16_hi(u32 x) { return __uint_as_float(x & 0xffff0000u); }
+
+/* delta = rowsum(dO ∘ O) per query in f32, [B, H, T]: what both backward kernels subtract.
+ * Grid (ceil(T / 4), H, B), a warp per query. */
+extern "C" __global__ void __launch_bounds__(NT) flash_delta(
+    const bf16_t* o, i64 o_b, i64 o_h, i64 o_t,
+    const bf16_t* dout, i64 do_b, i64 do_h, i64 do_t,
+    float* delta, int heads, int t_len)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int i = blockIdx.x * (NT / 32) + warp, h = blockIdx.y, b = blockIdx.z;
+    if (i >= t_len) return;
+    const bf16_t* orow = HEAD(o, b, h, o_b, o_h) + (i64)i * o_t;
+    const bf16_t* drow = HEAD(dout, b, h, do_b, do_h) + (i64)i * do_t;
+    float acc = 0.f;
+#pragma unroll
+    for (int c = lane * 2; c < HD; c += 64) {
+        const u32 x = *(const u32*)(orow + c), y = *(const u32*)(drow + c);
+        acc += bf16_lo(x) * bf16_lo(y) + bf16_hi(x) * bf16_hi(y);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta[((i64)b * heads + h) * t_len + i] = acc;
+}
+
+/* out[b, kvh, j, :] = Σ_g part[b, kvh * groups + g, j, :] in bf16: the backward's per-query-head
+ * dK or dV partials (f32 [B, H, S, HD], contiguous) summed over each K/V head's group into
+ * [B, KV, S, HD], contiguous. Four elements a thread, grid-stride. */
+extern "C" __global__ void __launch_bounds__(256) flash_sum_groups(
+    const float* part, bf16_t* out, i64 quads, int kv_heads, int groups, i64 rows)
+{
+    /* rows = S * HD / 4: quads of one head */
+    for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < quads; x += (i64)gridDim.x * blockDim.x) {
+        const i64 bk = x / rows, within = x - bk * rows; /* bk = b * KV + kvh */
+        const float4* src = (const float4*)part + (bk * groups) * rows + within;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int gi = 0; gi < groups; gi++) {
+            const float4 v = src[(i64)gi * rows];
+            acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
+        }
+        u32* dst = (u32*)(out + x * 4);
+        dst[0] = pack2(acc.x, acc.y);
+        dst[1] = pack2(acc.z, acc.w);
     }
 }
