@@ -32,8 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_SOURCE = os.path.join(ROOT, "crates/distill-kernels/src/cuda/flash_attention.cu")
 TILE, THREADS = 64, 128
 # Shared-memory tiles of [TILE, hd + 8] bf16 per CTA of flash_fwd, flash_bwd_dq and
-# flash_bwd_dkdv, as flash.rs launches them.
+# flash_bwd_dkdv, and the queries of a forward CTA, as flash.rs launches them.
 TILES = (4, 4, 6)
+FWD_ROWS = TILE
 
 
 def smem(hd, tiles):
@@ -46,7 +47,8 @@ class Distill:
     def __init__(self, spec, hd):
         import cupy
 
-        path, _, tiles = spec.partition(":")
+        path, _, launch = spec.partition(":")
+        tiles, _, rows = launch.partition(":")
         self.name = os.path.relpath(path, ROOT)
         src = open(path).read()
         self.module = cupy.RawModule(code=src, options=(f"-DHD={hd}", "-std=c++17"))
@@ -61,6 +63,7 @@ class Distill:
             self.sum_groups = self.module.get_function("flash_sum_groups")
         tiles = tuple(int(x) for x in tiles.split(",")) if tiles else TILES
         self.fwd_tiles, self.dq_tiles, self.dkdv_tiles = tiles
+        self.fwd_rows = int(rows) if rows else FWD_ROWS
         for f, n in zip((self.fwd, self.dq, self.dkdv), tiles):
             f.max_dynamic_shared_size_bytes = smem(hd, n)
 
@@ -95,7 +98,7 @@ class Distill:
         lse = torch.empty(b, h, t, 1, device=q.device, dtype=torch.float32)
         args = self._strided(q) + self._strided(k) + self._strided(v) + self._strided(out)
         args += [np.uint64(lse.data_ptr())] + self._tail(lo, hi, h, h // kv, t, s, 1 / math.sqrt(hd))
-        grid = (math.ceil(t / TILE), h, b)
+        grid = (math.ceil(t / self.fwd_rows), h, b)
         self.fwd(grid, (THREADS,), tuple(args), shared_mem=smem(hd, self.fwd_tiles))
         return out, lse
 
@@ -182,7 +185,8 @@ def main():
     ap.add_argument(
         "--source",
         action="append",
-        help="flash_attention.cu to time, optionally with its tiles per kernel: PATH[:FWD,DQ,DKDV] (repeatable)",
+        help="flash_attention.cu to time, optionally with its launch: PATH[:FWD,DQ,DKDV tiles[:FWD_ROWS]] "
+        "(repeatable; 1f172b9's source, before double buffering, is PATH:2,2,4:64)",
     )
     ap.add_argument("--no-torch", action="store_true", help="distill's kernels only")
     ap.add_argument("--no-distill", action="store_true", help="SDPA's backends only (`distill bench attention` times distill)")
