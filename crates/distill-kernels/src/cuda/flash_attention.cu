@@ -1,6 +1,6 @@
 /* Flash attention for bf16 Q, K, V (FlashAttention-2's algorithm), forward and backward, on
  * tensor cores through mma.sync (sm_80+). Compiled at run time by NVRTC with HD (the head
- * dim, a multiple of 16) defined; see cuda_flash.rs.
+ * dim, a multiple of 16) defined; see flash.rs.
  *
  * Layout: a tensor is [B, heads, rows, HD] with the head dim contiguous and the other three
  * strides given (elements, multiples of 8, 16-byte aligned base), so the views the model makes
@@ -14,7 +14,13 @@
  * Work split: a CTA is 4 warps; a warp owns 16 rows of the tile (queries in the forward and
  * dQ kernels, keys in the dK/dV kernel). Each warp computes its rows' scores with
  * m16n8k16 MMAs; the f32 accumulator layout of one score block is the bf16 A-operand layout of
- * the next MMA, so P and dS never leave registers. Softmax is online in log2 units.
+ * the next MMA, so P and dS never leave registers. Softmax is online in log2 units. The tiles
+ * each loop streams (K/V, or Q/dO for dK/dV) are double-buffered and loaded with cp.async, so
+ * the next tile lands while the warps compute on the current one; tiles every row of which
+ * sees every key skip the mask.
+ *
+ * Around the backward: flash_delta (rowsum(dO ∘ O), which both backward kernels read) before
+ * it, flash_sum_groups (each K/V head's dK/dV partials summed over its query heads) after it.
  */
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
