@@ -24,6 +24,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -69,14 +70,10 @@ class Distill:
 
     @staticmethod
     def _strided(t):
-        import numpy as np
-
         s = t.stride()
         return [np.uint64(t.data_ptr()), np.int64(s[0]), np.int64(s[1]), np.int64(s[2])]
 
     def _tail(self, lo, hi, heads, groups, t, s, scale):
-        import numpy as np
-
         return [
             np.uint64(lo.data_ptr()),
             np.uint64(hi.data_ptr()),
@@ -90,8 +87,6 @@ class Distill:
 
     def forward(self, q, k, v, lo, hi):
         """q [B, H, T, hd], k/v [B, KV, S, hd] -> out [B, H, T, hd] (a view of [B, T, H, hd]), lse."""
-        import numpy as np
-
         b, h, t, hd = q.shape
         kv, s = k.shape[1], k.shape[2]
         out = torch.empty(b, t, h, hd, device=q.device, dtype=torch.bfloat16).transpose(1, 2)
@@ -103,8 +98,6 @@ class Distill:
         return out, lse
 
     def backward(self, q, k, v, lo, hi, out, lse, dout):
-        import numpy as np
-
         b, h, t, hd = q.shape
         kv, s = k.shape[1], k.shape[2]
         groups = h // kv
