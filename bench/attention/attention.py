@@ -34,8 +34,8 @@ DEFAULT_SOURCE = os.path.join(ROOT, "crates/distill-kernels/src/cuda/flash_atten
 TILE, THREADS = 64, 128
 # Shared-memory tiles of [TILE, hd + 8] bf16 per CTA of flash_fwd, flash_bwd_dq and
 # flash_bwd_dkdv, and the queries of a forward CTA, as flash.rs launches them.
-TILES = (4, 4, 6)
-FWD_ROWS = TILE
+TILES = (6, 4, 6)
+FWD_ROWS = 2 * TILE
 
 
 def smem(hd, tiles):
@@ -133,7 +133,7 @@ class Distill:
         summed = []
         for part in (dk, dv):
             dst = torch.empty(b, kv, s, hd, device=q.device, dtype=torch.bfloat16)
-            args = (np.uint64(part.data_ptr()), np.uint64(dst.data_ptr()), np.int64(quads), np.int32(kv), np.int32(groups), np.int64(rows))
+            args = (np.uint64(part.data_ptr()), np.uint64(dst.data_ptr()), np.int64(quads), np.int32(groups), np.int64(rows))
             self.sum_groups((min(math.ceil(quads / 256), 1 << 16),), (256,), args)
             summed.append(dst)
         return dq, summed[0], summed[1]
@@ -179,7 +179,7 @@ def main():
         "--source",
         action="append",
         help="flash_attention.cu to time, optionally with its launch: PATH[:FWD,DQ,DKDV tiles[:FWD_ROWS]] "
-        "(repeatable; 1f172b9's source, before double buffering, is PATH:2,2,4:64)",
+        "(repeatable; 0221af8's source, a forward of 64 queries a CTA, is PATH:4,4,6:64)",
     )
     ap.add_argument("--no-torch", action="store_true", help="distill's kernels only")
     ap.add_argument("--no-distill", action="store_true", help="SDPA's backends only (`distill bench attention` times distill)")

@@ -27,10 +27,14 @@ const SOURCE: &str = include_str!("flash_attention.cu");
 /// Rows of a tile (queries or keys), as `TILE` in the source.
 const TILE: usize = 64;
 const THREADS: u32 = 128;
-/// Shared-memory tiles of the query-tile kernels (two K and two V tiles, double-buffered) and
-/// of the dK/dV kernel (its K and V tiles, two Q and two dO tiles).
+/// Shared-memory tiles of the forward (its 128-query Q tile, two K and two V tiles), the dQ
+/// kernel (two K and two V tiles; Q and dO pass through them into registers) and the dK/dV
+/// kernel (its K and V tiles, two Q and two dO tiles).
+const FWD_TILES: usize = 6;
 const QUERY_TILES: usize = 4;
 const DKDV_TILES: usize = 6;
+/// Queries of a forward CTA, as `QT` in the source.
+const FWD_ROWS: usize = 2 * TILE;
 
 /// The kernels for one head dim: sm_80 tensor-core instructions.
 fn module(hd: usize) -> nvrtc::Module {
@@ -46,7 +50,7 @@ fn module(hd: usize) -> nvrtc::Module {
             "flash_delta",
             "flash_sum_groups",
         ],
-        dynamic_smem: smem(hd, DKDV_TILES),
+        dynamic_smem: smem(hd, FWD_TILES.max(DKDV_TILES)),
     }
 }
 
@@ -248,7 +252,10 @@ pub fn forward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let how = sh.launch(sh.t, sh.heads, QUERY_TILES);
+    let how = Launch {
+        grid: (sh.t.div_ceil(FWD_ROWS) as u32, sh.heads as u32, sh.b as u32),
+        ..sh.launch(sh.t, sh.heads, FWD_TILES)
+    };
     let has_keys = keys.is_some();
     let o_strides = o.strides;
     let (qs, ks, vs) = (q.strides, k.strides, v.strides);
@@ -403,7 +410,6 @@ pub fn backward(
                     Arg::Ptr(part),
                     Arg::Ptr(out),
                     Arg::I64(quads as i64),
-                    Arg::I32(kv as i32),
                     Arg::I32(sh.groups as i32),
                     Arg::I64((sh.s * sh.hd / 4) as i64),
                 ];

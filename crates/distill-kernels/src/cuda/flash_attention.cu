@@ -191,11 +191,73 @@ __device__ __forceinline__ void mask_scores(float (*s)[4], int k0, const int* lo
         }
 }
 
+/* Ends a pipeline stage: commits the copies issued since the last one, waits for all but
+ * that newest group, and makes what landed visible to the CTA. */
+__device__ __forceinline__ void next_stage() {
+    cp_commit();
+    cp_wait<1>();
+    __syncthreads();
+}
+
+/* The key tiles a query tile's span (span[0..2], from query_ranges) reaches: first (a tile
+ * start) ..= last; none when first > last. */
+__device__ __forceinline__ void key_tiles(const int* span, int s_len, int& first, int& last) {
+    first = span[0] < 0 ? 0 : span[0] / TILE * TILE;
+    last = min(span[1], s_len - 1);
+}
+
+/* Keys k0 .. k0+TILE of K and V into buffer `buf` of sk and sv ([2][TILE * LD] each), if
+ * k0 <= last. */
+__device__ __forceinline__ void load_kv(bf16_t* sk, bf16_t* sv, int buf, const bf16_t* kh, i64 k_t,
+                                        const bf16_t* vh, i64 v_t, int k0, int last, int s_len) {
+    if (k0 > last) return;
+    load_tile(sk + buf * TILE * LD, kh, k_t, k0, s_len);
+    load_tile(sv + buf * TILE * LD, vh, v_t, k0, s_len);
+}
+
 #define HEAD(p, b, h, sb, sh) ((p) + (i64)(b) * (sb) + (i64)(h) * (sh))
 
 /* Forward: O = softmax(scale Q Kᵀ, masked) V and lse (natural log) per query, [B, H, T].
- * Grid (query tiles, H, B); heavy (late) query tiles first. Shared memory: K and V tiles,
- * two of each, the next pair loading while the warps work on the current one. */
+ * Grid (query tiles of QT = 128, H, B); heavy (late) query tiles first. Each warp owns 32
+ * query rows (two m16 blocks), so every K and V fragment read from shared memory feeds two
+ * MMAs. Shared memory: the Q tile, then K and V tiles, two of each, the next pair loading
+ * while the warps work on the current one. */
+#define QT (2 * TILE)
+__device__ __forceinline__ void softmax_step(float (*s)[4], float (*acc)[4], float* m, float* l, float sl2) {
+    float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            s[n][e] *= sl2;
+            mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+    float base[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        base[r] = mn == NEG_INF ? 0.f : mn;
+        alpha[r] = exp2f(m[r] - base[r]);
+        m[r] = mn;
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float p = exp2f(s[n][e] - base[e >> 1]);
+            s[n][e] = p;
+            l[e >> 1] += p;
+        }
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        acc[n][0] *= alpha[0]; acc[n][1] *= alpha[0];
+        acc[n][2] *= alpha[1]; acc[n][3] *= alpha[1];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     const bf16_t* q, i64 q_b, i64 q_h, i64 q_t,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
@@ -205,102 +267,106 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     int heads, int groups, int t_len, int s_len, float scale)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16_t* sk = (bf16_t*)smem;       /* [2][TILE * LD] */
-    bf16_t* sv = sk + 2 * TILE * LD;  /* [2][TILE * LD] */
-    __shared__ int slo[TILE], shi[TILE], span[4];
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * TILE, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 16;
+    bf16_t* sq = (bf16_t*)smem;            /* [QT * LD] */
+    bf16_t* sk = sq + QT * LD;             /* [2][TILE * LD] */
+    bf16_t* sv = sk + 2 * TILE * LD;       /* [2][TILE * LD] */
+    __shared__ int slo[QT], shi[QT], span[4];
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * QT, h = blockIdx.y, b = blockIdx.z, kvh = h / groups;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, r0 = warp * 32;
     const i64 roff = ranges_per_row ? (i64)b * t_len : 0;
     lo = lo ? lo + roff : lo;
     hi = hi ? hi + roff : hi;
     const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
     const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
 
-    query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
-    load_tile(sk + TILE * LD, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len); /* Q in the second K buffer */
-    cp_commit();
+    if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; span[2] = -1; span[3] = NO_KEY; }
     __syncthreads();
-    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
-    if (first <= last) {
-        load_tile(sk, kh, k_t, first, s_len);
-        load_tile(sv, vh, v_t, first, s_len);
+    {
+        int a, z;
+        key_range(lo, hi, q0 + threadIdx.x, t_len, s_len, a, z);
+        slo[threadIdx.x] = a;
+        shi[threadIdx.x] = z;
+        if (z >= a) { atomicMin(&span[0], a); atomicMax(&span[1], z); }
+        atomicMax(&span[2], a);
+        atomicMin(&span[3], z);
     }
+    const bf16_t* qh = HEAD(q, b, h, q_b, q_h);
+    load_tile(sq, qh, q_t, q0, t_len);
+    load_tile(sq + TILE * LD, qh, q_t, q0 + TILE, t_len);
     cp_commit();
-    cp_wait<1>();
     __syncthreads();
-    u32 qa[HD / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) frag_a(qa[kk], sk + TILE * LD, r0, kk, g, t);
-    const int lo_r[2] = {slo[r0 + g], slo[r0 + g + 8]}, hi_r[2] = {shi[r0 + g], shi[r0 + g + 8]};
+    int first, last;
+    key_tiles(span, s_len, first, last);
+    load_kv(sk, sv, 0, kh, k_t, vh, v_t, first, last, s_len);
+    cp_commit();
+    const int lo_r[4] = {slo[r0 + g], slo[r0 + g + 8], slo[r0 + 16 + g], slo[r0 + 24 + g]};
+    const int hi_r[4] = {shi[r0 + g], shi[r0 + g + 8], shi[r0 + 16 + g], shi[r0 + 24 + g]};
     const int seen_by_all[2] = {span[2], span[3]};
-    __syncthreads();
 
     const float sl2 = scale * LOG2E;
-    float acc[HD / 8][4];
-    zero(acc, HD / 8);
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    float acc[2][HD / 8][4];
+    zero(acc[0], HD / 8);
+    zero(acc[1], HD / 8);
+    float m[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, l[4] = {0.f, 0.f, 0.f, 0.f};
     for (int k0 = first, buf = 0; k0 <= last; k0 += TILE, buf ^= 1) {
-        if (k0 + TILE <= last) {
-            load_tile(sk + (buf ^ 1) * TILE * LD, kh, k_t, k0 + TILE, s_len);
-            load_tile(sv + (buf ^ 1) * TILE * LD, vh, v_t, k0 + TILE, s_len);
-        }
-        cp_commit();
-        cp_wait<1>();
-        __syncthreads();
+        load_kv(sk, sv, buf ^ 1, kh, k_t, vh, v_t, k0 + TILE, last, s_len);
+        next_stage();
         const bf16_t* kt = sk + buf * TILE * LD;
         const bf16_t* vt = sv + buf * TILE * LD;
-        float s[TILE / 8][4];
-        scores(s, qa, kt, g, t);
-        if (k0 < seen_by_all[0] || k0 + TILE - 1 > seen_by_all[1]) mask_scores(s, k0, lo_r, hi_r, t);
-        float mx[2] = {NEG_INF, NEG_INF};
+        float s[2][TILE / 8][4];
+        zero(s[0], TILE / 8);
+        zero(s[1], TILE / 8);
 #pragma unroll
-        for (int n = 0; n < TILE / 8; n++)
+        for (int kk = 0; kk < HD / 16; kk++) {
+            u32 a0[4], a1[4];
+            frag_a(a0, sq, r0, kk, g, t);
+            frag_a(a1, sq, r0 + 16, kk, g, t);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[n][e] *= sl2;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            for (int n = 0; n < TILE / 8; n++) {
+                u32 b0, b1;
+                frag_bt(b0, b1, kt, n * 8, kk, g, t);
+                mma(s[0][n], a0, b0, b1);
+                mma(s[1][n], a1, b0, b1);
             }
-        float base[2], alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mn = fmaxf(m[r], mx[r]);
-            base[r] = mn == NEG_INF ? 0.f : mn; /* a row with no key yet: exp2(-inf - 0) = 0 */
-            alpha[r] = exp2f(m[r] - base[r]);
-            m[r] = mn;
-            l[r] *= alpha[r];
         }
+        if (k0 < seen_by_all[0] || k0 + TILE - 1 > seen_by_all[1]) {
+            mask_scores(s[0], k0, lo_r, hi_r, t);
+            mask_scores(s[1], k0, lo_r + 2, hi_r + 2, t);
+        }
+        softmax_step(s[0], acc[0], m, l, sl2);
+        softmax_step(s[1], acc[1], m + 2, l + 2, sl2);
 #pragma unroll
-        for (int n = 0; n < TILE / 8; n++)
+        for (int j = 0; j < TILE / 16; j++) {
+            u32 a0[4], a1[4];
+            acc_to_a(a0, s[0], j);
+            acc_to_a(a1, s[1], j);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = exp2f(s[n][e] - base[e >> 1]);
-                s[n][e] = p;
-                l[e >> 1] += p;
+            for (int n = 0; n < HD / 8; n++) {
+                u32 b0, b1;
+                frag_b(b0, b1, vt, j * 16, n * 8, g, t);
+                mma(acc[0][n], a0, b0, b1);
+                mma(acc[1][n], a1, b0, b1);
             }
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            acc[n][0] *= alpha[0]; acc[n][1] *= alpha[0];
-            acc[n][2] *= alpha[1]; acc[n][3] *= alpha[1];
         }
-        accumulate(acc, s, vt, g, t);
         __syncthreads();
     }
     cp_wait<0>();
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        const int i = q0 + r0 + g + 8 * r;
-        if (i >= t_len) continue;
-        const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-        bf16_t* orow = HEAD(o, b, h, o_b, o_h) + (i64)i * o_t;
+    for (int mm = 0; mm < 2; mm++)
 #pragma unroll
-        for (int n = 0; n < HD / 8; n++)
-            *(u32*)(orow + n * 8 + t * 2) = pack2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
-        if (t == 0) lse[((i64)b * heads + h) * t_len + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : NEG_INF;
-    }
+        for (int r = 0; r < 2; r++) {
+            float lr = l[2 * mm + r];
+            lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+            lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+            const int i = q0 + r0 + 16 * mm + g + 8 * r;
+            if (i >= t_len) continue;
+            const float inv = lr > 0.f ? 1.f / lr : 0.f;
+            bf16_t* orow = HEAD(o, b, h, o_b, o_h) + (i64)i * o_t;
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++)
+                *(u32*)(orow + n * 8 + t * 2) = pack2(acc[mm][n][2 * r] * inv, acc[mm][n][2 * r + 1] * inv);
+            if (t == 0) lse[((i64)b * heads + h) * t_len + i] = lr > 0.f ? (m[2 * mm + r] + log2f(lr)) * LN2 : NEG_INF;
+        }
 }
 
 /* dQ = scale dS K with dS = P (dP - delta), P = exp(scale Q Kᵀ - lse), dP = dO Vᵀ.
@@ -333,14 +399,10 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     load_tile(sv + TILE * LD, HEAD(dout, b, h, do_b, do_h), do_t, q0, t_len);
     cp_commit();
     __syncthreads();
-    const int first = span[0] < 0 ? 0 : span[0] / TILE * TILE, last = min(span[1], s_len - 1);
-    if (first <= last) {
-        load_tile(sk, kh, k_t, first, s_len);
-        load_tile(sv, vh, v_t, first, s_len);
-    }
-    cp_commit();
-    cp_wait<1>();
-    __syncthreads();
+    int first, last;
+    key_tiles(span, s_len, first, last);
+    load_kv(sk, sv, 0, kh, k_t, vh, v_t, first, last, s_len);
+    next_stage();
     u32 qa[HD / 16][4], da[HD / 16][4];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
@@ -365,13 +427,8 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     float acc[HD / 8][4];
     zero(acc, HD / 8);
     for (int k0 = first, buf = 0; k0 <= last; k0 += TILE, buf ^= 1) {
-        if (k0 + TILE <= last) {
-            load_tile(sk + (buf ^ 1) * TILE * LD, kh, k_t, k0 + TILE, s_len);
-            load_tile(sv + (buf ^ 1) * TILE * LD, vh, v_t, k0 + TILE, s_len);
-        }
-        cp_commit();
-        cp_wait<1>();
-        __syncthreads();
+        load_kv(sk, sv, buf ^ 1, kh, k_t, vh, v_t, k0 + TILE, last, s_len);
+        next_stage();
         const bf16_t* kt = sk + buf * TILE * LD;
         const bf16_t* vt = sv + buf * TILE * LD;
         float s[TILE / 8][4], dp[TILE / 8][4];
@@ -528,9 +585,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dkdv(
         if (q0 + TILE <= last)
             load_query_tile(&meta[buf ^ 1], sq + (buf ^ 1) * TILE * LD, sdo + (buf ^ 1) * TILE * LD, qh, q_t, doh,
                             do_t, lo, hi, lse, delta, q0 + TILE, t_len, s_len);
-        cp_commit();
-        cp_wait<1>();
-        __syncthreads();
+        next_stage();
         const QueryTile* m = &meta[buf];
         const bf16_t* qt = sq + buf * TILE * LD;
         const bf16_t* dot = sdo + buf * TILE * LD;
@@ -628,7 +683,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_delta(
  * dK or dV partials (f32 [B, H, S, HD], contiguous) summed over each K/V head's group into
  * [B, KV, S, HD], contiguous. Four elements a thread, grid-stride. */
 extern "C" __global__ void __launch_bounds__(256) flash_sum_groups(
-    const float* part, bf16_t* out, i64 quads, int kv_heads, int groups, i64 rows)
+    const float* part, bf16_t* out, i64 quads, int groups, i64 rows)
 {
     /* rows = S * HD / 4: quads of one head */
     for (i64 x = blockIdx.x * (i64)blockDim.x + threadIdx.x; x < quads; x += (i64)gridDim.x * blockDim.x) {
