@@ -41,6 +41,12 @@ run)
     mkdir -p /tmp/nccl-lib && ln -sf "$nccl/libnccl.so.2" /tmp/nccl-lib/libnccl.so
     export LD_LIBRARY_PATH=/tmp/nccl-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   fi
+  # cuDNN too (libcudnn.so.9; cudarc tries that name): where it is found, the cuDNN attention
+  # tests must run (DISTILL_REQUIRE_CUDNN=1) rather than skip.
+  cudnn=$(python3 -c 'import nvidia.cudnn as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null)
+  if [ -e "$cudnn/libcudnn.so.9" ]; then
+    export LD_LIBRARY_PATH=$cudnn:$LD_LIBRARY_PATH DISTILL_REQUIRE_CUDNN=1
+  fi
   for f in "$dir"/*.xz "$dir"/*.gz; do
     [ -e "$f" ] || continue
     b=/tmp/gpu-tests/$(basename "${f%.*}")

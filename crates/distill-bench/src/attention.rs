@@ -1,6 +1,6 @@
 //! B1's attention rows: one layer's attention alone at a config's heads, batch 1, causal, as a
-//! training step runs it ([`ModelKernels::attention`]: the flash kernels on CUDA), forward and
-//! forward + backward, at long sequence lengths. `bench/attention/attention.py` times PyTorch
+//! training step runs it (on CUDA cuDNN's fused attention where libcudnn loads, else the flash
+//! kernels), forward and forward + backward, at long sequence lengths. `bench/attention/attention.py` times PyTorch
 //! SDPA's backends on the same shapes.
 
 use burn::backend::Autodiff;
@@ -26,10 +26,10 @@ fn causal<B: burn::tensor::backend::Backend>(seq: usize, device: &B::Device) -> 
     KeyRanges::from_runs(&runs, device)
 }
 
-/// Mean seconds of the forward alone (inner backend, as the no-graph forward runs it) and of
-/// forward + backward (autodiff, gradients of q, k and v from a ones seed) at `seq` tokens.
-/// q is [1, H, T, hd] and k/v [1, KV, T, hd], each a view of [1, T, heads, hd] memory as the
-/// model's projections make them.
+/// Mean seconds of the forward alone (inner backend, as training's forward runs it: output and
+/// log-sum-exp kept for the backward) and of forward + backward (autodiff, gradients of q, k and
+/// v from a ones seed) at `seq` tokens. q is [1, H, T, hd] and k/v [1, KV, T, hd], each a view of
+/// [1, T, heads, hd] memory as the model's projections make them.
 pub fn bench_attention<B: Kernels>(
     c: &DecoderConfig,
     seq: usize,
@@ -45,18 +45,22 @@ where
         |n| Tensor::<B, 4>::random([1, seq, n, hd], Distribution::Normal(0.0, 1.0), device).swap_dims(1, 2);
     let (q, k, v) = (heads(h), heads(kv), heads(kv));
     let keys = causal::<B>(seq, device);
-    let fwd = time_calls::<B>(device, warmup, iters, || {
-        drop(<B as ModelKernels>::attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            Some(&keys),
-        ));
-    });
-    let keys_ad = KeyRanges::<Ad<B>> {
-        lo: Tensor::from_inner(keys.lo.clone()),
-        hi: Tensor::from_inner(keys.hi.clone()),
-    };
+    let fwd =
+        time_calls::<B>(
+            device,
+            warmup,
+            iters,
+            || match <B as ModelKernels>::flash_attention_for_training(&q, &k, &v, Some(&keys)) {
+                Some(found) => drop(found),
+                None => drop(<B as ModelKernels>::attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(&keys),
+                )),
+            },
+        );
+    let keys_ad = KeyRanges::<Ad<B>>::from_inner(keys.clone());
     let fwd_bwd = time_calls::<B>(device, warmup, iters, || {
         let [qa, ka, va] = [&q, &k, &v].map(|x| Tensor::<Ad<B>, 4>::from_inner(x.clone()).require_grad());
         let grads =

@@ -37,8 +37,22 @@ pub(crate) fn contiguous(t: CudaTensor) -> CudaTensor {
     burn_cubecl::kernel::into_contiguous(unit_dims_compact(t))
 }
 
+/// The mask cuDNN's attention takes, if `keys` is one: Some(true) causal, Some(false) none.
+/// Packed documents and padding stay with the flash kernels; so does everything when cuDNN
+/// is off or missing (not a fallback worth a note).
+fn cudnn_mask<B: burn::tensor::backend::Backend>(keys: Option<&KeyRanges<B>>) -> Option<bool> {
+    let causal = match keys {
+        None => false,
+        Some(k) if k.causal => true,
+        Some(_) => return None,
+    };
+    (cudnn::enabled() && cudnn::available()).then_some(causal)
+}
+
 /// cuBLAS GEMMs on burn's CUDA tensors.
 pub mod cublas;
+/// Training attention through cuDNN's fused engines.
+pub mod cudnn;
 /// RMSNorm, SwiGLU and RoPE, forward and backward.
 pub mod elementwise;
 /// Flash attention forward and backward on tensor cores.
@@ -275,6 +289,28 @@ where
         }
     }
 
+    fn flash_attention_for_training(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
+        if let Some(causal) = cudnn_mask(keys) {
+            let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+            match cudnn::forward(
+                &prim(q.clone()),
+                &prim(k.clone()),
+                &prim(v.clone()),
+                causal,
+                scale,
+            ) {
+                Ok((out, lse)) => return Some((tensor::<Self, 4>(out).swap_dims(1, 2), tensor(lse))),
+                Err(why) => fell_back(Fallback::Cudnn, &why),
+            }
+        }
+        Self::flash_attention(q, k, v, keys)
+    }
+
     fn flash_attention_backward(
         q: &Tensor<Self, 4>,
         k: &Tensor<Self, 4>,
@@ -285,20 +321,20 @@ where
         d_out: &Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
         let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let (qp, kp, vp) = (prim(q.clone()), prim(k.clone()), prim(v.clone()));
+        let (op, lp, dp) = (prim(out.clone()), prim(lse.clone()), prim(d_out.clone()));
+        // dq comes as [B, T, H, hd]: back to [B, H, T, hd]; dk and dv per K/V head.
+        let grads = |(dq, dk, dv)| Some((tensor::<Self, 4>(dq).swap_dims(1, 2), tensor(dk), tensor(dv)));
+        if let Some(causal) = cudnn_mask(keys) {
+            match cudnn::backward(&qp, &kp, &vp, causal, &op, &lp, &dp, scale) {
+                Ok(found) => return grads(found),
+                Err(why) => fell_back(Fallback::Cudnn, &why),
+            }
+        }
         let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
-        let found = flash::backward(
-            &prim(q.clone()),
-            &prim(k.clone()),
-            &prim(v.clone()),
-            ranges.as_ref().map(|(lo, hi)| (lo, hi)),
-            &prim(out.clone()),
-            &prim(lse.clone()),
-            &prim(d_out.clone()),
-            scale,
-        );
-        match found {
-            // dq [B, T, H, hd] back to [B, H, T, hd]; dk and dv per K/V head.
-            Ok((dq, dk, dv)) => Some((tensor::<Self, 4>(dq).swap_dims(1, 2), tensor(dk), tensor(dv))),
+        let ranges = ranges.as_ref().map(|(lo, hi)| (lo, hi));
+        match flash::backward(&qp, &kp, &vp, ranges, &op, &lp, &dp, scale) {
+            Ok(found) => grads(found),
             Err(why) => {
                 fell_back(Fallback::Flash, &why);
                 None
@@ -587,6 +623,8 @@ where
 #[derive(Debug, Clone, Copy)]
 pub enum Fallback {
     Flash,
+    /// cuDNN's attention, to the flash kernels.
+    Cudnn,
     AttentionSoftmax,
     LossSoftmax,
     AdamW,
@@ -594,7 +632,7 @@ pub enum Fallback {
     Sampling,
 }
 
-const FALLBACKS: usize = 6;
+const FALLBACKS: usize = 7;
 
 static FELL_BACK: [std::sync::atomic::AtomicBool; FALLBACKS] =
     [const { std::sync::atomic::AtomicBool::new(false) }; FALLBACKS];
@@ -622,6 +660,7 @@ fn fell_back(which: Fallback, why: &str) {
     FELL_BACK_HERE.with(|f| f[which as usize].set(true));
     let what = match which {
         Fallback::Flash => "attention without the flash kernels",
+        Fallback::Cudnn => "training attention on the flash kernels, not cuDNN",
         Fallback::AttentionSoftmax => "attention softmax on burn's ops",
         Fallback::LossSoftmax => "the loss's softmax on burn's ops",
         Fallback::AdamW => "AdamW (update, flat groups or gradient norm) on burn's ops",

@@ -73,6 +73,9 @@ pub struct KeyRanges<B: Backend> {
     /// [R, T] each.
     pub lo: Tensor<B, 2, Int>,
     pub hi: Tensor<B, 2, Int>,
+    /// Known on the host: every run is `0 ..= i` (plain causal, keys and queries aligned), so a
+    /// kernel that only does causal masks may take it without reading `lo` and `hi`.
+    pub causal: bool,
 }
 
 impl<B: Backend> KeyRanges<B> {
@@ -83,9 +86,13 @@ impl<B: Backend> KeyRanges<B> {
             let data: Vec<i32> = runs.iter().flatten().map(|x| pick(x) as i32).collect();
             Tensor::from_data(TensorData::new(data, [r, t]), device)
         };
+        let causal = runs
+            .iter()
+            .all(|row| row.iter().enumerate().all(|(i, &run)| run == (0, i)));
         KeyRanges {
             lo: column(|x| x.0),
             hi: column(|x| x.1),
+            causal,
         }
     }
 
@@ -107,6 +114,7 @@ impl<B: Backend, C: CheckpointStrategy> KeyRanges<Autodiff<B, C>> {
         KeyRanges {
             lo: self.lo.clone().inner(),
             hi: self.hi.clone().inner(),
+            causal: self.causal,
         }
     }
 
@@ -115,6 +123,7 @@ impl<B: Backend, C: CheckpointStrategy> KeyRanges<Autodiff<B, C>> {
         KeyRanges {
             lo: Tensor::from_inner(r.lo),
             hi: Tensor::from_inner(r.hi),
+            causal: r.causal,
         }
     }
 }
@@ -283,6 +292,18 @@ pub trait ModelKernels: Backend {
         _keys: Option<&KeyRanges<Self>>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
         None
+    }
+
+    /// [`ModelKernels::flash_attention`] as training runs it, its output and log-sum-exp kept
+    /// for [`ModelKernels::flash_attention_backward`]: a backend may use a fused attention
+    /// there whose per-shape set-up only repeated shapes repay.
+    fn flash_attention_for_training(
+        q: &Tensor<Self, 4>,
+        k: &Tensor<Self, 4>,
+        v: &Tensor<Self, 4>,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
+        Self::flash_attention(q, k, v, keys)
     }
 
     /// The backward of [`ModelKernels::flash_attention`]: (dq, dk, dv) from its inputs, its output
@@ -975,7 +996,7 @@ impl<B: ModelKernels> Saved<B> {
         budget: usize,
     ) -> Self {
         let flash = (attention_mode() == AttentionMode::Flash)
-            .then(|| B::flash_attention(&q, &k, &v, keys.as_ref()))
+            .then(|| B::flash_attention_for_training(&q, &k, &v, keys.as_ref()))
             .flatten();
         let ((out, lse), blockwise) = match flash {
             Some(found) => (found, None),
@@ -1141,6 +1162,22 @@ mod tests {
     use burn::tensor::TensorData;
 
     type B = Autodiff<Flex>;
+
+    /// The host-side causal flag a cuDNN-only-causal path relies on: set for runs 0 ..= i in
+    /// every row, not for packed documents, cached keys before the queries, or padding.
+    #[test]
+    fn key_ranges_know_when_they_are_plain_causal() {
+        let device = Default::default();
+        let flag = |runs: &[Vec<(usize, usize)>]| KeyRanges::<Flex>::from_runs(runs, &device).causal;
+        let causal = |t: usize| (0..t).map(|i| (0, i)).collect::<Vec<_>>();
+        assert!(flag(&[causal(5)]));
+        assert!(flag(&[causal(5), causal(5)]));
+        assert!(!flag(&[causal(4), vec![(0, 0), (0, 1), (2, 2), (2, 3)]]));
+        assert!(!flag(&[(0..3).map(|i| (0, 10 + i)).collect()]));
+        assert!(!flag(&[vec![(0, 0), (1, 1), (1, 2)]]));
+        let ad = KeyRanges::<B>::from_runs(&[causal(3)], &device);
+        assert!(ad.inner().causal && KeyRanges::<B>::from_inner(ad.inner()).causal);
+    }
 
     /// Small integers: every product and sum below is exact in f32, so burn's autodiff, the
     /// custom backward and the closed form must agree exactly.

@@ -16,6 +16,7 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, FloatDType, Tensor, TensorData};
 use distill_kernels::attention::{probs_default, probs_grad_default};
+use distill_kernels::cuda::cudnn;
 use distill_kernels::{
     AdamWScalars, Fallback, KeyRanges, adamw_default, attention_autodiff, attention_default, elementwise,
     has_fallen_back_on_this_thread, rms_norm_default,
@@ -222,6 +223,33 @@ struct FlashCase {
     runs: Option<Vec<Vec<(usize, usize)>>>,
 }
 
+impl FlashCase {
+    /// Whether cuDNN's attention takes this mask: causal over aligned keys, or none.
+    fn cudnn_takes(&self) -> bool {
+        let [_, _, _, t, s, _] = self.dims;
+        t == s
+            && self.runs.as_ref().is_none_or(|rows| {
+                rows.iter()
+                    .all(|row| row.iter().enumerate().all(|(i, &run)| run == (0, i)))
+            })
+    }
+}
+
+/// Whether the cuDNN paths must run: libcudnn loads, or `DISTILL_REQUIRE_CUDNN=1` (the GPU
+/// machine's suite sets it where it found libcudnn), under which a missing one fails the test.
+fn cudnn_required() -> bool {
+    if cudnn::available() {
+        return true;
+    }
+    let why = cudnn::describe();
+    assert!(
+        std::env::var("DISTILL_REQUIRE_CUDNN").as_deref() != Ok("1"),
+        "DISTILL_REQUIRE_CUDNN=1 but {why}"
+    );
+    eprintln!("SKIPPED the cuDNN half: {why}");
+    false
+}
+
 fn flash_cases() -> Vec<FlashCase> {
     let packed = |t: usize, splits: &[usize]| -> Vec<(usize, usize)> {
         (0..t)
@@ -310,28 +338,63 @@ fn flash_case_on<B: AutodiffBackend + Kernels>(
     )
 }
 
-/// The flash kernels (bf16, the default training and inference path on CUDA) against the
-/// reference on the CPU in f32: grouped K/V heads, head dims 64 and 128, packed documents,
-/// left padding after cached keys, lengths that are not multiples of the 64-row tiles.
-/// Bounds (max error / rms of the reference): bf16 rounding of the output, P and dS gives
-/// about 1e-2 on the output and 3e-2 on the gradients; burn-cuda's own bf16 attention was
-/// 2.9e-2 and 5-8e-2 on the first case. A wrong fragment, mask or scale is off by O(1).
+/// The flash kernels (bf16, the default inference path on CUDA, and training's where cuDNN
+/// does not take the mask) and cuDNN's attention (training's for causal and unmasked
+/// self-attention) against the reference on the CPU in f32: grouped K/V heads, head dims 64
+/// and 128, packed documents, left padding after cached keys, lengths that are not multiples
+/// of the 64-row tiles. Bounds (max error / rms of the reference): bf16 rounding of the output,
+/// P and dS gives about 1e-2 on the output and 3e-2 on the gradients; burn-cuda's own bf16
+/// attention was 2.9e-2 and 5-8e-2 on the first case. A wrong fragment, mask or scale is off
+/// by O(1).
 #[test]
 fn cuda_flash_attention_matches_the_cpu() {
     let Some((_turn, device)) = gpu() else { return };
-    for case in flash_cases() {
-        let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
-        let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
-        for (i, part) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            let e = err(&ours[i], &cpu[i]);
-            let bound = if i == 0 { 3e-2 } else { 8e-2 };
-            eprintln!(
-                "  flash {}: {part} error vs CPU {e:.2e} (bound {bound:.0e})",
-                case.name
-            );
-            assert!(e <= bound, "{} {part}: {e:.3e} from the CPU result", case.name);
+    for with_cudnn in [false, true] {
+        cudnn::set_enabled(with_cudnn);
+        let before = cudnn::executed_on_this_thread();
+        let mut cudnn_takes = 0;
+        for case in flash_cases() {
+            let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
+            let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
+            let path = if with_cudnn && case.cudnn_takes() {
+                "cudnn"
+            } else {
+                "flash"
+            };
+            cudnn_takes += usize::from(case.cudnn_takes());
+            for (i, part) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                let e = err(&ours[i], &cpu[i]);
+                let bound = if i == 0 { 3e-2 } else { 8e-2 };
+                eprintln!(
+                    "  {path} {}: {part} error vs CPU {e:.2e} (bound {bound:.0e})",
+                    case.name
+                );
+                assert!(
+                    e <= bound,
+                    "{path} {} {part}: {e:.3e} from the CPU result",
+                    case.name
+                );
+            }
         }
+        // A forward and a backward per case cuDNN takes, where it is there.
+        let ran = cudnn::executed_on_this_thread() - before;
+        let want = if with_cudnn && cudnn_required() {
+            2 * cudnn_takes
+        } else {
+            0
+        };
+        eprintln!("  cuDNN {with_cudnn}: {ran} executions; {}", cudnn::describe());
+        if with_cudnn && !cudnn_required() {
+            continue;
+        }
+        assert_eq!(
+            ran,
+            want,
+            "cuDNN executions with cuDNN {with_cudnn}: {}",
+            cudnn::describe()
+        );
     }
+    cudnn::set_enabled(true);
     // Inference (no autodiff) runs the same forward kernel.
     let case = &flash_cases()[0];
     let [b, h, kv, t, _, hd] = case.dims;

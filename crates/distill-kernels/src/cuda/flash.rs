@@ -61,14 +61,14 @@ fn smem(hd: usize, tiles: usize) -> u32 {
 
 /// A bf16 [B, heads, rows, hd] operand as the kernels read it: contiguous head dim, the other
 /// strides multiples of 8 elements, a 16-byte aligned start.
-struct Operand {
-    tensor: CudaTensor,
+pub(super) struct Operand {
+    pub(super) tensor: CudaTensor,
     /// Strides of batch, head and row, in elements.
-    strides: [i64; 3],
+    pub(super) strides: [i64; 3],
 }
 
 impl Operand {
-    fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
+    pub(super) fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
         if t.dtype != DType::BF16 || t.meta.rank() != 4 || t.meta.shape()[3] != hd {
             return Err(format!(
                 "the kernels take bf16 with head dim 64 or 128; {what} is {:?} {:?}",
@@ -99,19 +99,19 @@ impl Operand {
         Ok(Operand { tensor, strides })
     }
 
-    fn dims(&self) -> [usize; 4] {
+    pub(super) fn dims(&self) -> [usize; 4] {
         let s = self.tensor.meta.shape();
         [s[0], s[1], s[2], s[3]]
     }
 
-    fn binding(&self) -> burn_cubecl::cubecl::server::Binding {
+    pub(super) fn binding(&self) -> burn_cubecl::cubecl::server::Binding {
         self.tensor.handle.clone().binding()
     }
 }
 
 /// A bf16 output [B, rows, heads, hd] (contiguous), written by the kernels as the view
 /// [B, heads, rows, hd]: the layout the model's next reshape wants.
-fn output(like: &CudaTensor, [b, h, r, d]: [usize; 4]) -> Operand {
+pub(super) fn output(like: &CudaTensor, [b, h, r, d]: [usize; 4]) -> Operand {
     let t = empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
@@ -149,17 +149,17 @@ fn ranges(r: Ranges, b: usize, t: usize) -> Result<(Option<(CudaTensor, CudaTens
 }
 
 /// The shapes of one call: q [B, H, T, hd], k/v [B, KV, S, hd].
-struct Shape {
-    b: usize,
-    heads: usize,
-    groups: usize,
-    t: usize,
-    s: usize,
-    hd: usize,
+pub(super) struct Shape {
+    pub(super) b: usize,
+    pub(super) heads: usize,
+    pub(super) groups: usize,
+    pub(super) t: usize,
+    pub(super) s: usize,
+    pub(super) hd: usize,
 }
 
 impl Shape {
-    fn new(q: &CudaTensor, k: &CudaTensor, v: &CudaTensor) -> Result<Self, String> {
+    pub(super) fn new(q: &CudaTensor, k: &CudaTensor, v: &CudaTensor) -> Result<Self, String> {
         let (qs, ks, vs) = (q.meta.shape(), k.meta.shape(), v.meta.shape());
         if q.meta.rank() != 4 || k.meta.rank() != 4 || ks.as_slice() != vs.as_slice() {
             return Err(format!(
