@@ -36,7 +36,7 @@ use dnn::cudnnBackendDescriptorType_t as Kind;
 use dnn::cudnnDataType_t as Data;
 use dnn::cudnnPointwiseMode_t as Pw;
 
-use super::flash::{Operand, Shape, output};
+use super::flash::{Shape, backward_operands, operands, output};
 use super::stream::{self, Ordering, lock, run_on_stream};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -921,12 +921,7 @@ pub fn forward(
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor), String> {
     usable()?;
-    let sh = Shape::new(q, k, v)?;
-    let (q, k, v) = (
-        Operand::new(q, "q", sh.hd)?,
-        Operand::new(k, "k", sh.hd)?,
-        Operand::new(v, "v", sh.hd)?,
-    );
+    let (sh, [q, k, v]) = operands(q, k, v)?;
     let o = output(&q.tensor, q.dims());
     let key = sh.key(
         &q.tensor,
@@ -970,23 +965,8 @@ pub fn backward(
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
     usable()?;
-    let sh = Shape::new(q, k, v)?;
-    let (q, k, v) = (
-        Operand::new(q, "q", sh.hd)?,
-        Operand::new(k, "k", sh.hd)?,
-        Operand::new(v, "v", sh.hd)?,
-    );
-    let (out, d_out) = (
-        Operand::new(out, "out", sh.hd)?,
-        Operand::new(d_out, "d_out", sh.hd)?,
-    );
-    if d_out.dims() != q.dims() || out.dims() != q.dims() {
-        return Err(format!("out {:?}, d_out {:?}", out.dims(), d_out.dims()));
-    }
-    if lse.dtype != DType::F32 || lse.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
-        return Err(format!("lse: {:?} {:?}", lse.dtype, lse.meta.shape()));
-    }
-    let lse = super::contiguous(lse.clone());
+    let (sh, [q, k, v]) = operands(q, k, v)?;
+    let (out, d_out, lse) = backward_operands(&sh, &q, out, lse, d_out)?;
     let strides = [q.strides, k.strides, v.strides, out.strides, d_out.strides];
     let key = sh.key(&q.tensor, true, causal, strides)?;
     let device = q.tensor.device.clone();

@@ -217,6 +217,43 @@ impl Shape {
     }
 }
 
+/// q [B, H, T, hd], k and v [B, KV, S, hd] as the kernels read them, with their shapes.
+pub(super) fn operands(
+    q: &CudaTensor,
+    k: &CudaTensor,
+    v: &CudaTensor,
+) -> Result<(Shape, [Operand; 3]), String> {
+    let sh = Shape::new(q, k, v)?;
+    let read = [
+        Operand::new(q, "q", sh.hd)?,
+        Operand::new(k, "k", sh.hd)?,
+        Operand::new(v, "v", sh.hd)?,
+    ];
+    Ok((sh, read))
+}
+
+/// A backward's other inputs, checked against q: the forward's output and log-sum-exp
+/// [B, H, T, 1] f32 (made contiguous) and the output's gradient.
+pub(super) fn backward_operands(
+    sh: &Shape,
+    q: &Operand,
+    out: &CudaTensor,
+    lse: &CudaTensor,
+    d_out: &CudaTensor,
+) -> Result<(Operand, Operand, CudaTensor), String> {
+    let (out, d_out) = (
+        Operand::new(out, "out", sh.hd)?,
+        Operand::new(d_out, "d_out", sh.hd)?,
+    );
+    if d_out.dims() != q.dims() || out.dims() != q.dims() {
+        return Err(format!("out {:?}, d_out {:?}", out.dims(), d_out.dims()));
+    }
+    if lse.dtype != DType::F32 || lse.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
+        return Err(format!("lse: {:?} {:?}", lse.dtype, lse.meta.shape()));
+    }
+    Ok((out, d_out, contiguous(lse.clone())))
+}
+
 /// softmax(scale q kᵀ, ranges) v and the log-sum-exp per query. q: [B, H, T, hd], k/v:
 /// [B, KV, S, hd]. Returns the output as [B, T, H, hd] (contiguous) and lse [B, H, T, 1] f32.
 pub fn forward(
@@ -226,13 +263,8 @@ pub fn forward(
     keys: Ranges,
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor), String> {
-    let sh = Shape::new(q, k, v)?;
-    nvrtc::ensure_loaded(&q.device, module(sh.hd))?;
-    let (q, k, v) = (
-        Operand::new(q, "q", sh.hd)?,
-        Operand::new(k, "k", sh.hd)?,
-        Operand::new(v, "v", sh.hd)?,
-    );
+    let (sh, [q, k, v]) = operands(q, k, v)?;
+    nvrtc::ensure_loaded(&q.tensor.device, module(sh.hd))?;
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
     let o = output(&q.tensor, q.dims());
     let lse = empty_device_contiguous_dtype(
@@ -292,24 +324,9 @@ pub fn backward(
     d_out: &CudaTensor,
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
-    let sh = Shape::new(q, k, v)?;
-    nvrtc::ensure_loaded(&q.device, module(sh.hd))?;
-    let (q, k, v) = (
-        Operand::new(q, "q", sh.hd)?,
-        Operand::new(k, "k", sh.hd)?,
-        Operand::new(v, "v", sh.hd)?,
-    );
-    let (out, d_out) = (
-        Operand::new(out, "out", sh.hd)?,
-        Operand::new(d_out, "d_out", sh.hd)?,
-    );
-    if d_out.dims() != q.dims() || out.dims() != q.dims() {
-        return Err(format!("out {:?}, d_out {:?}", out.dims(), d_out.dims()));
-    }
-    if lse.dtype != DType::F32 || lse.meta.shape().as_slice() != [sh.b, sh.heads, sh.t, 1] {
-        return Err(format!("lse: {:?} {:?}", lse.dtype, lse.meta.shape()));
-    }
-    let lse = contiguous(lse.clone());
+    let (sh, [q, k, v]) = operands(q, k, v)?;
+    nvrtc::ensure_loaded(&q.tensor.device, module(sh.hd))?;
+    let (out, d_out, lse) = backward_operands(&sh, &q, out, lse, d_out)?;
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
     let empty = |dims: Vec<usize>, dtype| {
         empty_device_contiguous_dtype(
