@@ -450,8 +450,21 @@ fn batch_ids<B: Backend>(rows: &[Row], device: &B::Device) -> Tensor<B, 2, Int> 
     Tensor::from_data(TensorData::new(ids, [rows.len(), t]), device)
 }
 
-/// ids [R, T], docs, positions with a label (flattened index) [N] or None if there are none,
-/// and those labels [N].
+/// Each token's document as attention sees it: the row's trailing padding (whose index is
+/// past the last document's, `Row::docs`) folded into its last document. Causal attention
+/// never lets a token see a later one and padding carries no loss, so every real token
+/// computes the same values and gradients; a row of one document then has a plain causal
+/// mask, which cuDNN's fused attention takes, where padding of its own kept it on the flash
+/// kernels.
+pub(crate) fn attention_docs(row: &Row) -> Vec<u32> {
+    let Some(last) = (row.keys.len() as u32).checked_sub(1) else {
+        return row.docs.clone();
+    };
+    row.docs.iter().map(|&d| d.min(last)).collect()
+}
+
+/// ids [R, T], docs as attention sees them ([`attention_docs`]), positions with a label
+/// (flattened index) [N] or None if there are none, and those labels [N].
 #[allow(clippy::type_complexity)]
 pub(crate) fn batch_tensors<B: Backend>(
     rows: &[Row],
@@ -463,7 +476,7 @@ pub(crate) fn batch_tensors<B: Backend>(
     Tensor<B, 1, Int>,
 ) {
     let t = rows[0].input_ids.len();
-    let docs: Vec<Vec<u32>> = rows.iter().map(|r| r.docs.clone()).collect();
+    let docs: Vec<Vec<u32>> = rows.iter().map(attention_docs).collect();
     let (mut pos, mut lab) = (Vec::new(), Vec::new());
     for (ri, row) in rows.iter().enumerate() {
         for (i, &l) in row.labels.iter().enumerate() {

@@ -916,3 +916,57 @@ fn a_panicking_worker_stops_the_others_and_its_panic_goes_on() {
     let text = payload.downcast_ref::<&str>().copied().unwrap_or_default();
     assert_eq!(text, "CUDA_ERROR_OUT_OF_MEMORY (simulated)");
 }
+
+/// Trailing padding folded into a row's last document: rows of one document get a plain
+/// causal mask (the flag cuDNN's attention needs), packed documents stay apart, and every
+/// real token's hidden state is what it was with padding as a document of its own.
+#[test]
+fn padding_folded_into_the_last_document_changes_no_real_token() {
+    let example = |n: usize, seed: u32| {
+        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + seed * 11) % 300).collect();
+        data::example(
+            ids[..n / 2].to_vec(),
+            ids[n / 2..].to_vec(),
+            format!("p{seed}"),
+            format!("k{seed}"),
+        )
+    };
+    let one = data::pack(&[example(20, 1)], 32, false, 0).remove(0);
+    let two = data::pack(&[example(10, 2), example(12, 3)], 32, true, 0).remove(0);
+    assert_eq!(one.docs[19..21], [0, 1], "the padding's own index");
+    assert_eq!(step::attention_docs(&one), vec![0; 32]);
+    let folded = step::attention_docs(&two);
+    assert_eq!(folded[..22], two.docs[..22]);
+    assert!(folded[22..].iter().all(|&d| d == 1), "{folded:?}");
+
+    let device = Default::default();
+    let student = CausalLm::<Flex>::load(&fixtures().join("tiny-qwen2"), &device).unwrap();
+    let causal = |docs: &[u32]| {
+        distill_models::transformer::Context::<Flex>::packed(&student.rotary, &[docs.to_vec()], &device)
+            .keys
+            .is_some_and(|k| k.causal)
+    };
+    assert!(causal(&step::attention_docs(&one)) && !causal(&one.docs));
+    assert!(!causal(&folded));
+    for (row, real) in [(&one, 20), (&two, 22)] {
+        let ids = burn::tensor::Tensor::<Flex, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(row.input_ids.iter().map(|&x| i64::from(x)).collect(), [1, 32]),
+            &device,
+        );
+        let hidden = |docs: Vec<u32>| -> Vec<f32> {
+            let h = student.hidden_states_packed(ids.clone(), &[docs]); // [1, 32, C]
+            let c = h.dims()[2];
+            h.slice([0..1, 0..real, 0..c])
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap()
+        };
+        let (apart, folded) = (hidden(row.docs.clone()), hidden(step::attention_docs(row)));
+        let worst = apart
+            .iter()
+            .zip(&folded)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-5, "real tokens moved by {worst}");
+    }
+}
