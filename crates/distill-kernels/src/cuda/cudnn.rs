@@ -653,8 +653,46 @@ struct Plan {
     _built_from: Builder,
 }
 
-/// Each key's plan, or why cuDNN refused it.
-type Plans = HashMap<Key, Result<Arc<Plan>, String>>;
+/// Plans kept at most; the one used least recently goes first. Training uses a few shapes;
+/// on-policy rows vary in width, and each plan holds compiled kernels.
+const PLANS_KEPT: usize = 32;
+
+/// Each key's plan, or why cuDNN refused it, with when it was last asked for.
+#[derive(Default)]
+struct Plans {
+    by_key: HashMap<Key, (u64, Result<Arc<Plan>, String>)>,
+    clock: u64,
+}
+
+impl Plans {
+    fn get(&mut self, key: &Key) -> Option<Result<Arc<Plan>, String>> {
+        self.clock += 1;
+        let now = self.clock;
+        self.by_key.get_mut(key).map(|(used, plan)| {
+            *used = now;
+            plan.clone()
+        })
+    }
+
+    fn insert(&mut self, key: Key, plan: Result<Arc<Plan>, String>) {
+        if self.by_key.len() >= PLANS_KEPT && !self.by_key.contains_key(&key) {
+            let oldest = self
+                .by_key
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| *k);
+            if let Some(oldest) = oldest {
+                self.by_key.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.by_key.insert(key, (self.clock, plan));
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
 
 fn plans() -> &'static Mutex<Plans> {
     static PLANS: OnceLock<Mutex<Plans>> = OnceLock::new();
@@ -803,18 +841,17 @@ fn execution_plan(handle: Raw, config: &Desc) -> Result<(Desc, usize), String> {
 /// remembered, so a shape cuDNN does not take costs one try.
 fn plan(key: Key, device: &burn::backend::cuda::CudaDevice, any: &CudaTensor) -> Result<Arc<Plan>, String> {
     if let Some(found) = lock(plans()).get(&key) {
-        return found.clone();
+        return found;
     }
     let binding = any.handle.clone().binding();
-    let built = run_on_stream(device, [binding], Ordering::Sync, move |_, _| {
+    // Built, and an evicted plan dropped, on the device thread, where its context is current.
+    run_on_stream(device, [binding], Ordering::Sync, move |_, _| {
         let plan = build(&key).map(Arc::new);
         lock(plans()).insert(key, plan);
         Ok(())
-    });
-    built?;
+    })?;
     lock(plans())
         .get(&key)
-        .cloned()
         .unwrap_or_else(|| Err("the plan was not built".into()))
 }
 
@@ -1037,5 +1074,42 @@ impl Shape {
             dims: [self.b, self.heads, kv, self.t, self.hd].map(|d| d as i64),
             strides,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(t: i64) -> Key {
+        Key {
+            device: 0,
+            backward: false,
+            causal: true,
+            dims: [1, 2, 1, t, 64],
+            strides: [[0; 3]; 5],
+        }
+    }
+
+    /// The cache keeps at most PLANS_KEPT shapes and drops the one asked for least recently,
+    /// so a run whose rows keep changing width neither grows it without bound nor loses the
+    /// plans it keeps using.
+    #[test]
+    fn the_plan_cache_drops_the_least_recently_used_shape() {
+        let mut plans = Plans::default();
+        for t in 0..PLANS_KEPT as i64 {
+            plans.insert(key(t), Err(format!("shape {t}")));
+        }
+        assert!(plans.get(&key(0)).is_some(), "shape 0, asked for again");
+        plans.insert(key(1000), Err("new".into()));
+        assert_eq!(plans.len(), PLANS_KEPT);
+        assert!(plans.get(&key(0)).is_some(), "recently used: kept");
+        assert!(plans.get(&key(1)).is_none(), "least recently used: dropped");
+        assert_eq!(
+            plans.get(&key(1000)).and_then(Result::err).as_deref(),
+            Some("new")
+        );
+        plans.insert(key(1000), Err("again".into()));
+        assert_eq!(plans.len(), PLANS_KEPT, "a key already held replaces itself");
     }
 }
