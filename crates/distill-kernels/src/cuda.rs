@@ -37,16 +37,17 @@ pub(crate) fn contiguous(t: CudaTensor) -> CudaTensor {
     burn_cubecl::kernel::into_contiguous(unit_dims_compact(t))
 }
 
-/// The mask cuDNN's attention takes, if `keys` is one: Some(true) causal, Some(false) none.
-/// Packed documents and padding stay with the flash kernels; so does everything when cuDNN
-/// is off or missing (not a fallback worth a note).
-fn cudnn_mask<B: burn::tensor::backend::Backend>(keys: Option<&KeyRanges<B>>) -> Option<bool> {
+/// The mask cuDNN's attention takes, if `keys` is one and rows of `t` tokens go to cuDNN:
+/// Some(true) causal, Some(false) none. Packed documents, padding and short rows stay with
+/// the flash kernels; so does everything when cuDNN is off or missing (not a fallback worth a
+/// note).
+fn cudnn_mask<B: burn::tensor::backend::Backend>(keys: Option<&KeyRanges<B>>, t: usize) -> Option<bool> {
     let causal = match keys {
         None => false,
         Some(k) if k.causal => true,
         Some(_) => return None,
     };
-    (cudnn::enabled() && cudnn::available()).then_some(causal)
+    (t >= cudnn::min_tokens() && cudnn::enabled() && cudnn::available()).then_some(causal)
 }
 
 /// cuBLAS GEMMs on burn's CUDA tensors.
@@ -295,7 +296,7 @@ where
         v: &Tensor<Self, 4>,
         keys: Option<&KeyRanges<Self>>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
-        if let Some(causal) = cudnn_mask(keys) {
+        if let Some(causal) = cudnn_mask(keys, q.dims()[2]) {
             let scale = 1.0 / (q.dims()[3] as f32).sqrt();
             match cudnn::forward(
                 &prim(q.clone()),
@@ -325,7 +326,7 @@ where
         let (op, lp, dp) = (prim(out.clone()), prim(lse.clone()), prim(d_out.clone()));
         // dq comes as [B, T, H, hd]: back to [B, H, T, hd]; dk and dv per K/V head.
         let grads = |(dq, dk, dv)| Some((tensor::<Self, 4>(dq).swap_dims(1, 2), tensor(dk), tensor(dv)));
-        if let Some(causal) = cudnn_mask(keys) {
+        if let Some(causal) = cudnn_mask(keys, q.dims()[2]) {
             match cudnn::backward(&qp, &kp, &vp, causal, &op, &lp, &dp, scale) {
                 Ok(found) => return grads(found),
                 Err(why) => fell_back(Fallback::Cudnn, &why),

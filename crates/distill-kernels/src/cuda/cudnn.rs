@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicU8, Ordering as Atomic};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering as Atomic};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::DType;
@@ -156,6 +156,21 @@ pub fn enabled() -> bool {
 /// Switch cuDNN attention on or off for every later call (the GPU tests run both paths).
 pub fn set_enabled(on: bool) {
     MODE.store(if on { 1 } else { 2 }, Atomic::Relaxed);
+}
+
+/// Rows shorter than this many tokens stay on the flash kernels: each new shape costs a plan
+/// build, which short rows of changing widths (on-policy samples) would pay at every step,
+/// for attention that is a small part of their step.
+static MIN_TOKENS: AtomicUsize = AtomicUsize::new(1024);
+
+/// The shortest row cuDNN's attention is used for ([`set_min_tokens`] moves it).
+pub fn min_tokens() -> usize {
+    MIN_TOKENS.load(Atomic::Relaxed)
+}
+
+/// Use cuDNN's attention from rows of `n` tokens on (the GPU tests run it on short rows).
+pub fn set_min_tokens(n: usize) {
+    MIN_TOKENS.store(n, Atomic::Relaxed);
 }
 
 /// One line on cuDNN's state: for logs and the GPU tests.
