@@ -67,6 +67,14 @@ chmod +x "$work/distill"
 distill="$work/distill"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 py="${PYTHON:-python3}"
+# distill's training attention runs on cuDNN where libcudnn.so.9 loads: PyTorch's wheels
+# bring it (nvidia-cudnn); without it on the loader's path distill uses its flash kernels.
+cudnn=$("$py" -c 'import nvidia.cudnn as n; print(list(n.__path__)[0] + "/lib")' 2>/dev/null)
+if [ -e "$cudnn/libcudnn.so.9" ]; then
+  export LD_LIBRARY_PATH=$cudnn${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+else
+  cudnn=""
+fi
 
 cfg=bench/configs
 s05="--config $cfg/qwen2.5-0.5b"
@@ -78,6 +86,7 @@ s7="--config $cfg/qwen2.5-7b"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__, "| peft", peft.__version__)' 2>&1 | tail -1
   "$distill" --version
+  echo "cuDNN for distill's training attention: ${cudnn:-not found (the flash kernels)}"
 } | tee "$out/env.txt"
 
 liger=0
@@ -151,7 +160,8 @@ if [ "$quick" = gen ]; then
   stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
   stage long-0.5b 120 generate $s05 --gen-batch 1 --new-tokens 4096 --warmup 0
 elif [ "$quick" = long ]; then
-  # Attention alone at 7B's heads: distill's kernels through `distill bench attention`, then
+  # Attention alone at 7B's heads: distill's training attention (cuDNN where it loads, else its
+  # flash kernels) through `distill bench attention`, then
   # PyTorch SDPA's cuDNN and FlashAttention-2 backends (bench/attention/attention.py).
   n=$((n + 1)); tag=$(printf '%02d-attention' "$n")
   echo "== attention (distill, limit 90s)"
