@@ -68,6 +68,9 @@ pub(crate) fn run_case(
                 map.insert("driver_reserved_high_gib".into(), json!(reserved as f64 / GIB));
             }
             map.insert("device".into(), json!(memory.device));
+            if let Some(path) = training_attention(device) {
+                map.insert("attention".into(), json!(path));
+            }
             map.insert(
                 "version".into(),
                 json!(concat!("distill ", env!("CARGO_PKG_VERSION"), ", burn 0.21.0")),
@@ -76,6 +79,27 @@ pub(crate) fn run_case(
         writeln!(out, "{ROW_PREFIX}{}", serde_json::to_string(row)?)?;
     }
     Ok(())
+}
+
+/// Which attention training used on a CUDA device, for the rows: cuDNN's fused attention, or
+/// distill's flash kernels and why.
+#[cfg(feature = "cuda")]
+fn training_attention(device: Device) -> Option<String> {
+    use distill_kernels::cuda::cudnn;
+    match device {
+        Device::Cuda(_) if !cudnn::enabled() => Some("flash kernels (DISTILL_CUDNN=off)".into()),
+        Device::Cuda(_) if cudnn::available() => Some(format!(
+            "cuDNN for rows of {} tokens or more",
+            cudnn::min_tokens()
+        )),
+        Device::Cuda(_) => Some(format!("flash kernels ({})", cudnn::describe())),
+        Device::Cpu => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn training_attention(_device: Device) -> Option<String> {
+    None
 }
 
 /// One case of the plan, to run on a backend: [`CaseJob::measure`].
