@@ -282,6 +282,11 @@ fn flash_cases() -> Vec<FlashCase> {
             runs: Some(padded),
         },
         FlashCase {
+            name: "causal per row, batch 2, GQA 4/2, hd 64, T 130",
+            dims: [2, 4, 2, 130, 130, 64],
+            runs: Some(vec![packed(130, &[]), packed(130, &[])]),
+        },
+        FlashCase {
             name: "no mask, T 70",
             dims: [1, 2, 2, 70, 70, 64],
             runs: None,
