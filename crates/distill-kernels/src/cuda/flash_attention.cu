@@ -162,14 +162,14 @@ __device__ __forceinline__ void key_range(const int* lo, const int* hi, int i, i
     z = hi ? min(hi[i], s_len - 1) : s_len - 1;
 }
 
-/* Shared prologue of the two query-tile kernels: the tile's key ranges into slo/shi; into
- * span[0..2] the span of keys any of its queries sees, and into span[2..4] the keys every one
- * of its rows sees (max lo, min hi): a key tile inside those needs no mask. */
-__device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q0, int t_len, int s_len,
-                                             int* slo, int* shi, int* span) {
+/* Shared prologue of the two query-tile kernels: the key ranges of the `rows` queries from q0
+ * into slo/shi; into span[0..2] the span of keys any of them sees, and into span[2..4] the keys
+ * every one of them sees (max lo, min hi): a key tile inside those needs no mask. */
+__device__ __forceinline__ void query_ranges(const int* lo, const int* hi, int q0, int rows, int t_len,
+                                             int s_len, int* slo, int* shi, int* span) {
     if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; span[2] = -1; span[3] = NO_KEY; }
     __syncthreads();
-    if (threadIdx.x < TILE) {
+    if (threadIdx.x < rows) {
         int a, z;
         key_range(lo, hi, q0 + threadIdx.x, t_len, s_len, a, z);
         slo[threadIdx.x] = a;
@@ -279,17 +279,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_fwd(
     const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
     const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
 
-    if (threadIdx.x == 0) { span[0] = NO_KEY; span[1] = -1; span[2] = -1; span[3] = NO_KEY; }
-    __syncthreads();
-    {
-        int a, z;
-        key_range(lo, hi, q0 + threadIdx.x, t_len, s_len, a, z);
-        slo[threadIdx.x] = a;
-        shi[threadIdx.x] = z;
-        if (z >= a) { atomicMin(&span[0], a); atomicMax(&span[1], z); }
-        atomicMax(&span[2], a);
-        atomicMin(&span[3], z);
-    }
+    query_ranges(lo, hi, q0, QT, t_len, s_len, slo, shi, span);
     const bf16_t* qh = HEAD(q, b, h, q_b, q_h);
     load_tile(sq, qh, q_t, q0, t_len);
     load_tile(sq + TILE * LD, qh, q_t, q0 + TILE, t_len);
@@ -393,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(NT) flash_bwd_dq(
     const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
     const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h);
 
-    query_ranges(lo, hi, q0, t_len, s_len, slo, shi, span);
+    query_ranges(lo, hi, q0, TILE, t_len, s_len, slo, shi, span);
     /* Q and dO in the second buffers, the first K/V tiles in the first. */
     load_tile(sk + TILE * LD, HEAD(q, b, h, q_b, q_h), q_t, q0, t_len);
     load_tile(sv + TILE * LD, HEAD(dout, b, h, do_b, do_h), do_t, q0, t_len);
