@@ -87,12 +87,10 @@ pub(crate) fn run_case(
 fn training_attention(device: Device) -> Option<String> {
     use distill_kernels::cuda::cudnn;
     match device {
-        Device::Cuda(_) if !cudnn::enabled() => Some("flash kernels (DISTILL_CUDNN=off)".into()),
-        Device::Cuda(_) if cudnn::available() => Some(format!(
-            "cuDNN for rows of {} tokens or more",
-            cudnn::min_tokens()
-        )),
-        Device::Cuda(_) => Some(format!("flash kernels ({})", cudnn::describe())),
+        Device::Cuda(_) => {
+            cudnn::available();
+            Some(cudnn::describe())
+        }
         Device::Cpu => None,
     }
 }

@@ -47,7 +47,7 @@ fn cudnn_mask<B: burn::tensor::backend::Backend>(keys: Option<&KeyRanges<B>>, t:
         Some(k) if k.causal => true,
         Some(_) => return None,
     };
-    (t >= cudnn::min_tokens() && cudnn::enabled() && cudnn::available()).then_some(causal)
+    (t >= cudnn::min_tokens() && cudnn::usable()).then_some(causal)
 }
 
 /// cuBLAS GEMMs on burn's CUDA tensors.

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cudnn::sys as dnn;
 use dnn::cudnnBackendAttributeName_t as Attr;
@@ -36,7 +35,7 @@ use dnn::cudnnBackendDescriptorType_t as Kind;
 use dnn::cudnnDataType_t as Data;
 use dnn::cudnnPointwiseMode_t as Pw;
 
-use super::flash::{Shape, backward_operands, operands, output};
+use super::flash::{Shape, backward_operands, empty, operands, output};
 use super::stream::{self, Ordering, lock, run_on_stream};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -65,6 +64,11 @@ static API: OnceLock<Result<Api, String>> = OnceLock::new();
 
 fn api() -> Result<&'static Api, String> {
     API.get_or_init(load).as_ref().map_err(Clone::clone)
+}
+
+/// Whether cuDNN's attention may run: switched on and libcudnn loaded (loads it on first call).
+pub(crate) fn usable() -> bool {
+    enabled() && available()
 }
 
 fn load() -> Result<Api, String> {
@@ -173,18 +177,26 @@ pub fn set_min_tokens(n: usize) {
     MIN_TOKENS.store(n, Atomic::Relaxed);
 }
 
-/// One line on cuDNN's state: for logs and the GPU tests.
+/// One line on what training attention on CUDA uses: for bench rows, logs and the GPU tests.
 pub fn describe() -> String {
+    if !enabled() {
+        return "flash kernels (DISTILL_CUDNN=off)".into();
+    }
     match API.get() {
         None => "libcudnn not tried yet".into(),
-        Some(Ok(_)) => format!("libcudnn loaded; {} attention plans built", lock(plans()).len()),
-        Some(Err(why)) => why.clone(),
+        Some(Ok(_)) => format!(
+            "cuDNN for rows of {} tokens or more; {} attention plans built",
+            min_tokens(),
+            lock(plans()).len()
+        ),
+        Some(Err(why)) => format!("flash kernels ({why})"),
     }
 }
 
-/// Whether libcudnn loads and is recent enough (loads it on first call).
+/// Whether libcudnn loads and is recent enough (loads it on first call). Cheap enough for
+/// every attention call: no error text is copied.
 pub fn available() -> bool {
-    api().is_ok()
+    API.get_or_init(load).is_ok()
 }
 
 thread_local! {
@@ -238,6 +250,10 @@ impl Desc {
                 values.as_ptr().cast(),
             )
         };
+        // The attribute's name only on failure: executions set three attributes a call.
+        if status == 0 {
+            return Ok(());
+        }
         check(api, &format!("set {name:?}"), status)
     }
 
@@ -941,18 +957,6 @@ fn execute<const N: usize>(
     Ok(())
 }
 
-/// Err unless cuDNN is switched on and loads.
-fn usable() -> Result<(), String> {
-    if !enabled() {
-        return Err("DISTILL_CUDNN=off".into());
-    }
-    api().map(|_| ())
-}
-
-fn empty(like: &CudaTensor, dims: Vec<usize>, dtype: DType) -> CudaTensor {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), dims.into(), dtype)
-}
-
 /// A workspace of at least `bytes` (never empty: it is always bound).
 fn workspace(like: &CudaTensor, bytes: usize) -> CudaTensor {
     empty(like, vec![bytes.div_ceil(4).max(4)], DType::F32)
@@ -972,7 +976,9 @@ pub fn forward(
     causal: bool,
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor), String> {
-    usable()?;
+    if !usable() {
+        return Err(describe());
+    }
     let (sh, [q, k, v]) = operands(q, k, v)?;
     let o = output(&q.tensor, q.dims());
     let key = sh.key(
@@ -1016,7 +1022,9 @@ pub fn backward(
     d_out: &CudaTensor,
     scale: f32,
 ) -> Result<(CudaTensor, CudaTensor, CudaTensor), String> {
-    usable()?;
+    if !usable() {
+        return Err(describe());
+    }
     let (sh, [q, k, v]) = operands(q, k, v)?;
     let (out, d_out, lse) = backward_operands(&sh, &q, out, lse, d_out)?;
     let strides = [q.strides, k.strides, v.strides, out.strides, d_out.strides];

@@ -68,7 +68,7 @@ pub(super) struct Operand {
 }
 
 impl Operand {
-    pub(super) fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
+    fn new(t: &CudaTensor, what: &str, hd: usize) -> Result<Self, String> {
         if t.dtype != DType::BF16 || t.meta.rank() != 4 || t.meta.shape()[3] != hd {
             return Err(format!(
                 "the kernels take bf16 with head dim 64 or 128; {what} is {:?} {:?}",
@@ -109,15 +109,15 @@ impl Operand {
     }
 }
 
+/// A new contiguous tensor of `dims` on `like`'s device, unwritten.
+pub(super) fn empty(like: &CudaTensor, dims: Vec<usize>, dtype: DType) -> CudaTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), dims.into(), dtype)
+}
+
 /// A bf16 output [B, rows, heads, hd] (contiguous), written by the kernels as the view
 /// [B, heads, rows, hd]: the layout the model's next reshape wants.
 pub(super) fn output(like: &CudaTensor, [b, h, r, d]: [usize; 4]) -> Operand {
-    let t = empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        vec![b, r, h, d].into(),
-        DType::BF16,
-    );
+    let t = empty(like, vec![b, r, h, d], DType::BF16);
     let st = [(r * h * d) as i64, d as i64, (h * d) as i64];
     Operand {
         tensor: t,
@@ -267,12 +267,7 @@ pub fn forward(
     nvrtc::ensure_loaded(&q.tensor.device, module(sh.hd))?;
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
     let o = output(&q.tensor, q.dims());
-    let lse = empty_device_contiguous_dtype(
-        q.tensor.client.clone(),
-        q.tensor.device.clone(),
-        vec![sh.b, sh.heads, sh.t, 1].into(),
-        DType::F32,
-    );
+    let lse = empty(&q.tensor, vec![sh.b, sh.heads, sh.t, 1], DType::F32);
     let (lo, hi) = range_bindings(&keys, &q);
     let bindings = [
         q.binding(),
@@ -328,15 +323,7 @@ pub fn backward(
     nvrtc::ensure_loaded(&q.tensor.device, module(sh.hd))?;
     let (out, d_out, lse) = backward_operands(&sh, &q, out, lse, d_out)?;
     let (keys, per_row) = ranges(keys, sh.b, sh.t)?;
-    let empty = |dims: Vec<usize>, dtype| {
-        empty_device_contiguous_dtype(
-            q.tensor.client.clone(),
-            q.tensor.device.clone(),
-            dims.into(),
-            dtype,
-        )
-    };
-    let delta = empty(vec![sh.b, sh.heads, sh.t], DType::F32);
+    let delta = empty(&q.tensor, vec![sh.b, sh.heads, sh.t], DType::F32);
     let dq = output(&q.tensor, q.dims());
     // dK and dV per query head in f32, [B, H, S, hd], then summed over each group in bf16.
     let kv = sh.heads / sh.groups;
@@ -346,12 +333,12 @@ pub fn backward(
         sh.hd as i64,
     ];
     let (dk_part, dv_part) = (
-        empty(vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
-        empty(vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
+        empty(&q.tensor, vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
+        empty(&q.tensor, vec![sh.b, sh.heads, sh.s, sh.hd], DType::F32),
     );
     let (dk, dv) = (
-        empty(vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
-        empty(vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
+        empty(&q.tensor, vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
+        empty(&q.tensor, vec![sh.b, kv, sh.s, sh.hd], DType::BF16),
     );
     let (lo, hi) = range_bindings(&keys, &q);
     let bindings = [
