@@ -427,10 +427,7 @@ impl<B: Kernels> Running<B> {
             .map(|l| *l.tokens.last().expect("a running row has a token"))
             .collect();
         let pads: Vec<usize> = self.live.iter().map(|l| l.pad).collect();
-        let ctx = Context::left_padded(&model.rotary, &pads, 1, self.cache.len(), device);
-        let input = ids_tensor::<B>(&last, self.live.len(), 1, device);
-        let hidden = model.hidden_states_with(input, &ctx, Some(&mut self.cache)); // [b, 1, C]
-        let logits = model.logits(hidden).squeeze_dim::<2>(1); // [b, V]
+        let logits = model.decode_step(&last, &pads, &mut self.cache, device); // [b, V]
         let next = next_tokens(logits, &mut self.live, tokenizer.vocab_size())?;
         let keep = advance(tokenizer, &mut self.live, next, sink)?;
         if keep.len() < self.live.len() {

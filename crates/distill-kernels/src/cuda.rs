@@ -9,9 +9,9 @@ use burn::tensor::{Bool, DType, FloatDType, Int, Tensor};
 use crate::nf4::Nf4Tensor;
 
 use crate::{
-    AdamWScalars, AttentionMode, KeyRanges, MemoryPolicy, ModelKernels, RowSampling, TrainKernels,
-    adamw_default, attention, attention_default, attention_mode, bmm_accumulate_default, bmm_default,
-    concat_f32_default, prim, rms_norm_default, tensor,
+    AdamWScalars, AttentionMode, CacheBuffers, DecodeInputs, DecodeWeights, KeyRanges, MemoryPolicy,
+    ModelKernels, RowSampling, TrainKernels, adamw_default, attention, attention_default, attention_mode,
+    bmm_accumulate_default, bmm_default, concat_f32_default, prim, rms_norm_default, tensor,
 };
 
 type CudaTensor = burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>;
@@ -54,6 +54,8 @@ fn cudnn_mask<B: burn::tensor::backend::Backend>(keys: Option<&KeyRanges<B>>, t:
 pub mod cublas;
 /// Training attention through cuDNN's fused engines.
 pub mod cudnn;
+/// A whole decoding step as one task on the device thread.
+pub mod decode;
 /// RMSNorm, SwiGLU and RoPE, forward and backward.
 pub mod elementwise;
 /// Flash attention forward and backward on tensor cores.
@@ -416,6 +418,58 @@ where
         tensor(t)
     }
 
+    fn decode_step(
+        weights: &DecodeWeights<'_, Self>,
+        x: DecodeInputs<'_, Self>,
+        caches: CacheBuffers<Self>,
+    ) -> (Option<Tensor<Self, 2>>, CacheBuffers<Self>) {
+        if !decode::enabled() {
+            return (None, caches);
+        }
+        let p = |t: &Tensor<Self, 1>| prim(t.clone());
+        let m = |t: &Tensor<Self, 2>| prim(t.clone());
+        let w = decode::Weights {
+            embed: m(weights.embed),
+            layers: weights
+                .layers
+                .iter()
+                .map(|l| decode::Layer {
+                    input_norm: p(l.input_norm),
+                    qkv: m(l.qkv),
+                    qkv_bias: l.qkv_bias.map(p),
+                    o_proj: m(l.o_proj),
+                    post_norm: p(l.post_norm),
+                    gate_up: m(l.gate_up),
+                    down_proj: m(l.down_proj),
+                })
+                .collect(),
+            norm: p(weights.norm),
+            lm_head: m(&weights.lm_head),
+            eps: weights.eps,
+            heads: weights.heads,
+            hd: weights.head_dim,
+        };
+        let inputs = decode::Inputs {
+            ids: x.ids.into_primitive(),
+            cos: prim(x.cos.clone()),
+            sin: prim(x.sin.clone()),
+            keys: x
+                .keys
+                .map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive())),
+            at: x.at,
+        };
+        let bufs: Vec<_> = caches.into_iter().map(|(k, v)| (prim(k), prim(v))).collect();
+        let found = decode::step(&w, &inputs, &bufs);
+        let caches = bufs.into_iter().map(|(k, v)| (tensor(k), tensor(v))).collect();
+        match found {
+            Ok(logits) => (Some(tensor(logits)), caches),
+            Err(why) => {
+                fell_back(Fallback::Decode, &why);
+                (None, caches)
+            }
+        }
+    }
+
     fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
         let device = logits.device();
         let params = Tensor::<Self, 2>::from_data(
@@ -631,9 +685,11 @@ pub enum Fallback {
     AdamW,
     Elementwise,
     Sampling,
+    /// The fused decoding step, to the op-by-op path.
+    Decode,
 }
 
-const FALLBACKS: usize = 7;
+const FALLBACKS: usize = 8;
 
 static FELL_BACK: [std::sync::atomic::AtomicBool; FALLBACKS] =
     [const { std::sync::atomic::AtomicBool::new(false) }; FALLBACKS];
@@ -667,6 +723,7 @@ fn fell_back(which: Fallback, why: &str) {
         Fallback::AdamW => "AdamW (update, flat groups or gradient norm) on burn's ops",
         Fallback::Elementwise => "RMSNorm, SwiGLU, RoPE and NF4 dequantization on burn's ops",
         Fallback::Sampling => "token sampling on the host",
+        Fallback::Decode => "decoding steps op by op",
     };
     NOTED[which as usize].call_once(|| eprintln!("note: {what} ({why}); later fallbacks are silent"));
 }

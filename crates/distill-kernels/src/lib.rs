@@ -51,6 +51,9 @@ pub mod logits;
 /// Tensors parked in host memory between the forward and the backward.
 pub mod offload;
 pub use offload::{Fetched, Parked};
+/// What a fused decoding step reads: a decoder's weights and one step's inputs.
+pub mod decode;
+pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
 pub use sample::RowSampling;
@@ -447,6 +450,21 @@ pub trait ModelKernels: Backend {
     /// default copies the logits to the host and draws there.
     fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
         sample::sample_rows_default(logits, vocab, rows)
+    }
+
+    /// One decoding step of a whole decoder issued at once: the token of each row ->
+    /// logits [B, V], with every layer's keys and values of this position written into its
+    /// `caches` buffers at `x.at`. The buffers come back either way. None where the backend
+    /// has no such path or cannot take these inputs: the caller then runs the layers op by
+    /// op. CUDA issues the op-by-op path's kernels, in its order with its arguments, from one
+    /// device-thread task, so both give the same logits bit for bit; the default has no
+    /// such path.
+    fn decode_step(
+        _weights: &DecodeWeights<'_, Self>,
+        _x: DecodeInputs<'_, Self>,
+        caches: CacheBuffers<Self>,
+    ) -> (Option<Tensor<Self, 2>>, CacheBuffers<Self>) {
+        (None, caches)
     }
 }
 

@@ -12,7 +12,10 @@ use distill_hf::config::{DecoderConfig, RopeScaling};
 
 use distill_kernels::cast_to;
 use distill_kernels::nf4::Nf4;
-use distill_kernels::{Kernels, KeyRanges, LinearWeight, ModelKernels, NormInput, Normed, add_bias};
+use distill_kernels::{
+    CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Kernels, KeyRanges, LinearWeight, ModelKernels,
+    NormInput, Normed, add_bias,
+};
 
 /// A linear layer with an optional LoRA adapter.
 #[derive(Module, Debug)]
@@ -643,6 +646,32 @@ impl<B: ModelKernels> KvCache<B> {
         }
     }
 
+    /// Every layer's buffers with room for one more position, moved out for a fused step
+    /// ([`CausalLm::decode_step`]), and the position it goes at; None before a prefill.
+    fn take_for_step(&mut self) -> Option<(CacheBuffers<B>, usize)> {
+        let at = self.len();
+        if self.layers.iter().any(Option::is_none) {
+            return None;
+        }
+        let buffers = self
+            .layers
+            .iter_mut()
+            .filter_map(Option::take)
+            .map(|c| {
+                let c = c.with_room(1);
+                (c.k, c.v)
+            })
+            .collect();
+        Some((buffers, at))
+    }
+
+    /// Puts back the buffers [`KvCache::take_for_step`] took, now holding `len` positions.
+    fn put_back(&mut self, buffers: CacheBuffers<B>, len: usize) {
+        for (slot, (k, v)) in self.layers.iter_mut().zip(buffers) {
+            *slot = Some(LayerCache { k, v, len });
+        }
+    }
+
     /// Appends this step's k/v [B, KV, T, hd] for `layer` and returns the full history, as
     /// views.
     fn append(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -1108,6 +1137,105 @@ impl<B: Kernels> CausalLm<B> {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    /// One decoding step of batched generation: `ids` (a token per row) continue the rows
+    /// `cache` holds, left-padded by `pads` ([`Context::left_padded`]). Returns logits [B, V].
+    /// A backend with a fused step runs the whole model at once
+    /// ([`ModelKernels::decode_step`]: CUDA, for the decoding copy's fused bf16 weights);
+    /// otherwise the layers run op by op, to the same logits.
+    pub fn decode_step(
+        &self,
+        ids: &[u32],
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let ctx = Context::left_padded(&self.rotary, pads, 1, cache.len(), device);
+        if let Some(logits) = self.fused_step(ids, &ctx, cache, device) {
+            return logits;
+        }
+        let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+        let input = Tensor::from_data(TensorData::new(data, [ids.len(), 1]), device);
+        let hidden = self.hidden_states_with(input, &ctx, Some(cache)); // [B, 1, C]
+        self.logits(hidden).squeeze_dim::<2>(1)
+    }
+
+    /// [`CausalLm::decode_step`] through the backend's fused step, or None (nothing changed)
+    /// where there is none for this model, cache or backend.
+    fn fused_step(
+        &self,
+        ids: &[u32],
+        ctx: &Context<B>,
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2>> {
+        let weights = self.decode_weights()?;
+        let rows = weights.embed.dims()[0];
+        if ids.iter().any(|&t| t as usize >= rows) {
+            return None;
+        }
+        let (buffers, at) = cache.take_for_step()?;
+        let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let x = DecodeInputs {
+            ids: Tensor::from_data(TensorData::new(data, [ids.len()]), device),
+            cos: &ctx.cos,
+            sin: &ctx.sin,
+            keys: ctx.keys.as_ref(),
+            at,
+        };
+        let (logits, buffers) = <B as ModelKernels>::decode_step(&weights, x, buffers);
+        cache.put_back(buffers, at + usize::from(logits.is_some()));
+        logits
+    }
+
+    /// The weights a fused decoding step reads, if this is a decoding copy whose layers all
+    /// have fused q/k/v and gate/up projections and plain dense output projections.
+    fn decode_weights(&self) -> Option<DecodeWeights<'_, B>> {
+        fn plain<B: Backend>(l: &Linear<B>) -> Option<&Tensor<B, 2>> {
+            match (&l.weight, &l.bias, &l.lora) {
+                (Weight::Dense(w), None, None) => Some(&**w),
+                _ => None,
+            }
+        }
+        let eps = self.model.norm.eps;
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                let (qkv, gate_up) = (a.qkv.as_ref()?, m.gate_up.as_ref()?);
+                let norms = [&l.input_layernorm, &l.post_attention_layernorm];
+                if gate_up.bias.is_some() || norms.iter().any(|n| n.eps != eps) {
+                    return None;
+                }
+                Some(DecodeLayer {
+                    input_norm: &*l.input_layernorm.weight,
+                    qkv: &qkv.weight,
+                    qkv_bias: qkv.bias.as_ref(),
+                    o_proj: plain(&a.o_proj)?,
+                    post_norm: &*l.post_attention_layernorm.weight,
+                    gate_up: &gate_up.weight,
+                    down_proj: plain(&m.down_proj)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let embed = &*self.model.embed_tokens.weight;
+        let lm_head = match &self.lm_head {
+            Some(head) => plain(head)?.clone(),
+            None => embed.clone().transpose(),
+        };
+        let first = &self.model.layers.first()?.self_attn;
+        Some(DecodeWeights {
+            embed,
+            layers,
+            norm: &*self.model.norm.weight,
+            lm_head,
+            eps,
+            heads: [first.num_heads, first.num_kv_heads],
+            head_dim: first.head_dim,
+        })
+    }
+
     /// Final-norm hidden states [B, T, C]; losses that chunk over the vocabulary start here.
     pub fn hidden_states(
         &self,
@@ -1487,6 +1615,69 @@ mod tests {
         config.hidden_size = config.num_attention_heads * config.head_dim;
         config.max_position_embeddings = 1024;
         cached_decoding_equals_the_full_forward::<burn::backend::Cuda<half::bf16>>(&config, &device, 3e-2);
+    }
+
+    /// The fused decoding step against the op-by-op one on the GPU: three left-padded rows
+    /// of different prompt lengths, 300 steps (past the cache's growth at 256 positions),
+    /// with an untied LM head and with a tied one. The logits must be equal bit for bit at
+    /// every step, since both paths issue the same kernels with the same arguments, and the
+    /// fused path must have run.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_fused_decoding_steps_equal_the_op_by_op_steps() {
+        use distill_kernels::cuda::decode;
+        type B = burn::backend::Cuda<half::bf16>;
+        let Some(device) = distill_kernels::cuda::stream::first_cuda_device() else {
+            return;
+        };
+        for tied in [false, true] {
+            let mut config = tiny_qwen2();
+            config.head_dim = 64;
+            config.hidden_size = config.num_attention_heads * config.head_dim;
+            config.tie_word_embeddings = tied;
+            let model = CausalLm::<B>::init(&config, &device).for_decoding();
+            let prompts: [&[u32]; 3] = [
+                &[5, 9, 14, 3, 8],
+                &[1, 2, 3, 4, 5, 6, 7, 8, 9],
+                &[40, 41, 42, 43, 44, 45, 46],
+            ];
+            let width = prompts.iter().map(|p| p.len()).max().unwrap();
+            let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+            let ids: Vec<i64> = prompts
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(0, width - p.len()).chain(p.iter().map(|&t| i64::from(t))))
+                .collect();
+            let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [3, width]), &device);
+            let ctx = Context::left_padded(&model.rotary, &pads, width, 0, &device);
+            let mut fused = model.new_cache();
+            model.hidden_states_with(input, &ctx, Some(&mut fused));
+            let mut ops = fused.clone();
+            // The prefill's buffers are shared by the two caches until one grows: deep copies.
+            ops.remake(|x| x.clone() * 1.0);
+            let host = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+            for step in 0..300 {
+                let tokens: Vec<u32> = (0..3).map(|r| ((step * 7 + r * 13) % 97 + 1) as u32).collect();
+                let before = decode::steps_on_this_thread();
+                decode::set_enabled(true);
+                let a = model.decode_step(&tokens, &pads, &mut fused, &device);
+                assert_eq!(
+                    decode::steps_on_this_thread(),
+                    before + 1,
+                    "step {step}: the fused path did not run"
+                );
+                decode::set_enabled(false);
+                let b = model.decode_step(&tokens, &pads, &mut ops, &device);
+                decode::set_enabled(true);
+                let (a, b) = (host(a), host(b));
+                assert_eq!(a.len(), 3 * config.vocab_size);
+                let first = a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits());
+                assert_eq!(
+                    first, None,
+                    "tied {tied}, step {step}: logits differ at {first:?}"
+                );
+            }
+            assert_eq!((fused.len(), ops.len()), (width + 300, width + 300));
+        }
     }
 
     fn tiny_qwen2() -> DecoderConfig {

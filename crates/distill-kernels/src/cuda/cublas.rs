@@ -363,14 +363,96 @@ fn launch(a: &Operand, b: &Operand, c: &CudaTensor, args: GemmArgs) -> Result<()
         c.handle.clone().binding(),
     ];
     run_on_stream(&c.device, bindings, args.mode, move |stream, ptrs| {
-        static HANDLES: OnceLock<Mutex<HashMap<(usize, usize), Handle>>> = OnceLock::new();
-        let mut handles = lock(HANDLES.get_or_init(Default::default));
-        let handle = match handles.entry((index, stream as usize)) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(Handle::new(stream)?),
-        };
-        handle.gemm(ptrs, &args)
+        gemm_on_stream(index, stream, ptrs, &args)
     })
+}
+
+/// One GEMM on device pointers, issued on `stream` from the device thread with the handle
+/// kept for that stream.
+fn gemm_on_stream(
+    device: usize,
+    stream: cu::CUstream,
+    ptrs: [u64; 3],
+    args: &GemmArgs,
+) -> Result<(), String> {
+    static HANDLES: OnceLock<Mutex<HashMap<(usize, usize), Handle>>> = OnceLock::new();
+    let mut handles = lock(HANDLES.get_or_init(Default::default));
+    let handle = match handles.entry((device, stream as usize)) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(v) => v.insert(Handle::new(stream)?),
+    };
+    handle.gemm(ptrs, args)
+}
+
+/// A row-major `x [m, k] @ w [k, n]` whose pointers a caller resolves itself: what a decoding
+/// step issues many of in one device-thread task ([`super::decode`]). `w` is read as
+/// [`weight_layout`] found it; x and the output are contiguous rows.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RowGemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub w: WeightLayout,
+    pub dtype: DType,
+    /// Added to the output's values (a residual) instead of writing over them.
+    pub accumulate: bool,
+}
+
+/// How cuBLAS reads a 2-D weight [k, n] in place: transposed (the tied LM head's view of the
+/// embedding table) or not, and its leading dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct WeightLayout {
+    trans: bool,
+    ld: usize,
+}
+
+/// `w`'s layout, if cuBLAS can read it in place and it is a bf16/f16 matrix, and cuBLAS is
+/// in use on cubecl's stream.
+pub(super) fn weight_layout(w: &CudaTensor) -> Option<WeightLayout> {
+    let usable = w.meta.rank() == 2
+        && matches!(w.dtype, DType::BF16 | DType::F16)
+        && w.qparams.is_none()
+        && ordering() == Ordering::Stream
+        && cublas_loaded();
+    let l = layout(w).filter(|_| usable)?;
+    Some(WeightLayout {
+        trans: l.trans,
+        ld: l.ld,
+    })
+}
+
+/// Issues `g` on `stream` (the device thread's, inside [`stream::run_on_stream_all`]):
+/// `[x, w, out]` pointers.
+pub(super) fn row_gemm(
+    device: usize,
+    stream: cu::CUstream,
+    ptrs: [u64; 3],
+    g: &RowGemm,
+) -> Result<(), String> {
+    let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
+    let ty = blas_type(g.dtype).ok_or_else(|| format!("cuBLAS takes no {:?}", g.dtype))?;
+    if ![g.m, g.n, g.k, g.w.ld].into_iter().all(fits) {
+        return Err(format!("GEMM sizes {g:?}"));
+    }
+    let args = GemmArgs {
+        m: g.m as i32,
+        n: g.n as i32,
+        k: g.k as i32,
+        batch: 1,
+        trans_a: false,
+        lda: g.k as i32,
+        stride_a: 0,
+        trans_b: g.w.trans,
+        ldb: g.w.ld as i32,
+        stride_b: 0,
+        ldc: g.n as i32,
+        stride_c: 0,
+        ab_type: ty,
+        c_type: ty,
+        beta: if g.accumulate { 1.0 } else { 0.0 },
+        mode: Ordering::Stream,
+    };
+    gemm_on_stream(device, stream, ptrs, &args)
 }
 
 /// A cuBLAS handle bound for good to one CUDA stream: a handle's default workspace must not

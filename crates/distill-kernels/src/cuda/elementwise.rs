@@ -19,7 +19,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::nvrtc::{self, Arg, Launch};
+use super::nvrtc::{self, Arg, Call, Launch};
 use super::{contiguous, stream};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -206,7 +206,7 @@ extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, vo
 }
 "#;
 
-fn module() -> nvrtc::Module {
+pub(super) fn module() -> nvrtc::Module {
     nvrtc::Module {
         key: "elementwise".into(),
         sources: &[nvrtc::BF16_STORE, SOURCE],
@@ -282,32 +282,28 @@ pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, 
     let y = like(&x, x.meta.shape().as_slice(), x.dtype);
     let device = x.device.clone();
     let bindings = [&x, &w, &y].map(|t| t.handle.clone().binding());
-    stream::run_on_stream(
-        &device,
-        bindings,
-        nvrtc::ordering(),
-        move |stream, [px, pw, py]| {
-            use Arg::*;
-            let args = [
-                Ptr(px),
-                Ptr(pw),
-                Ptr(py),
-                I32(bf16),
-                I32(rows as i32),
-                I32(c as i32),
-                F32(eps),
-            ];
-            nvrtc::launch(
-                device.index,
-                &module(),
-                "rms_norm",
-                warp_rows(rows),
-                stream,
-                &args,
-            )
-        },
-    )?;
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        rms_norm_call(ptrs, bf16, rows, c, eps).launch(device.index, &module(), stream)
+    })?;
     Ok(y)
+}
+
+/// The `rms_norm` kernel over `[x, weight, y]`: `rows` rows of `c`.
+pub(super) fn rms_norm_call([px, pw, py]: [u64; 3], bf16: i32, rows: usize, c: usize, eps: f32) -> Call {
+    use Arg::*;
+    Call {
+        name: "rms_norm",
+        how: warp_rows(rows),
+        args: vec![
+            Ptr(px),
+            Ptr(pw),
+            Ptr(py),
+            I32(bf16),
+            I32(rows as i32),
+            I32(c as i32),
+            F32(eps),
+        ],
+    }
 }
 
 /// The backward of [`rms_norm`]: dx in x's shape and dtype, and dw as f32 partial sums
@@ -398,33 +394,36 @@ pub fn swiglu(gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor, String> 
     let y = like(&gate, &shape, gate.dtype);
     let device = gate.device.clone();
     let bindings = [&gate, &up, &y].map(|t| t.handle.clone().binding());
-    stream::run_on_stream(
-        &device,
-        bindings,
-        nvrtc::ordering(),
-        move |stream, [pg, pu, py]| {
-            use Arg::*;
-            let args = [
-                Ptr(pg),
-                Ptr(pu),
-                Ptr(py),
-                I32(bf16),
-                I64(n as i64),
-                I64(c as i64),
-                I64(ld_gate as i64),
-                I64(ld_up as i64),
-            ];
-            nvrtc::launch(
-                device.index,
-                &module(),
-                "swiglu",
-                Launch::grid_stride(n),
-                stream,
-                &args,
-            )
-        },
-    )?;
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        swiglu_call(ptrs, bf16, n, c, [ld_gate, ld_up]).launch(device.index, &module(), stream)
+    })?;
     Ok(y)
+}
+
+/// The `swiglu` kernel over `[gate, up, y]`: `n` elements in rows of `c`, gate's and up's rows
+/// `ld` elements apart.
+pub(super) fn swiglu_call(
+    [pg, pu, py]: [u64; 3],
+    bf16: i32,
+    n: usize,
+    c: usize,
+    [ld_gate, ld_up]: [usize; 2],
+) -> Call {
+    use Arg::*;
+    Call {
+        name: "swiglu",
+        how: Launch::grid_stride(n),
+        args: vec![
+            Ptr(pg),
+            Ptr(pu),
+            Ptr(py),
+            I32(bf16),
+            I64(n as i64),
+            I64(c as i64),
+            I64(ld_gate as i64),
+            I64(ld_up as i64),
+        ],
+    }
 }
 
 /// The distance between rows of `t` [.., c] read as rows of c contiguous elements, where the
@@ -561,7 +560,11 @@ pub fn rope(x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTe
 
 /// RoPE's tables cos, sin [R, T, hd] for `b` rows of T positions: R = b or 1 (shared), one
 /// float dtype for both. Returns (R, the tables' bf16 flag).
-fn tables(cos: &CudaTensor, sin: &CudaTensor, [b, t, hd]: [usize; 3]) -> Result<(usize, i32), String> {
+pub(super) fn tables(
+    cos: &CudaTensor,
+    sin: &CudaTensor,
+    [b, t, hd]: [usize; 3],
+) -> Result<(usize, i32), String> {
     let r = cos.meta.shape()[0];
     let tab_bf16 = nvrtc::dtype_flag(cos.dtype, "cos")?;
     for (table, what) in [(cos, "cos"), (sin, "sin")] {
@@ -639,40 +642,73 @@ pub fn rope_qkv(
     let has_bias = bias.is_some();
     let bias = bias.unwrap_or_else(|| y.clone());
     let bindings = [&y, &bias, &q, k_cache, v_cache, &cos, &sin].map(|t| t.handle.clone().binding());
-    stream::run_on_stream(
-        &device,
-        bindings,
-        nvrtc::ordering(),
-        move |stream, [py, pb, pq, pk, pv, pc, ps]| {
-            use Arg::*;
-            let args = [
+    let rope = RopeQkv {
+        bf16,
+        tab_bf16,
+        heads: [heads, kv_heads],
+        b,
+        t,
+        hd,
+        shared: r == 1,
+        has_bias,
+        cap,
+        at,
+    };
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        rope.call(ptrs).launch(device.index, &module(), stream)
+    })?;
+    Ok(q)
+}
+
+/// What the `rope_qkv` kernel takes besides its buffers.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RopeQkv {
+    pub bf16: i32,
+    /// The tables' flag (they may be f32 under bf16 activations).
+    pub tab_bf16: i32,
+    /// Query and K/V heads.
+    pub heads: [usize; 2],
+    /// Rows, and new positions per row.
+    pub b: usize,
+    pub t: usize,
+    pub hd: usize,
+    /// One row of tables for every batch row.
+    pub shared: bool,
+    pub has_bias: bool,
+    /// The caches' positions, and where the new ones go.
+    pub cap: usize,
+    pub at: usize,
+}
+
+impl RopeQkv {
+    /// The kernel over `[y, bias, q, k_cache, v_cache, cos, sin]` (the bias pointer is not
+    /// read unless `has_bias`).
+    pub(super) fn call(&self, [py, pb, pq, pk, pv, pc, ps]: [u64; 7]) -> Call {
+        use Arg::*;
+        let [heads, kv_heads] = self.heads;
+        let pairs = self.b * self.t * (heads + 2 * kv_heads) * self.hd / 2;
+        Call {
+            name: "rope_qkv",
+            how: Launch::grid_stride(pairs),
+            args: vec![
                 Ptr(py),
-                Ptr(if has_bias { pb } else { 0 }),
+                Ptr(if self.has_bias { pb } else { 0 }),
                 Ptr(pq),
                 Ptr(pk),
                 Ptr(pv),
                 Ptr(pc),
                 Ptr(ps),
-                I32(bf16),
-                I32(tab_bf16),
+                I32(self.bf16),
+                I32(self.tab_bf16),
                 I32(heads as i32),
                 I32(kv_heads as i32),
-                I32(t as i32),
-                I32((hd / 2) as i32),
-                I32(i32::from(r == 1)),
+                I32(self.t as i32),
+                I32((self.hd / 2) as i32),
+                I32(i32::from(self.shared)),
                 I32(pairs as i32),
-                I64(cap as i64),
-                I64(at as i64),
-            ];
-            nvrtc::launch(
-                device.index,
-                &module(),
-                "rope_qkv",
-                Launch::grid_stride(pairs),
-                stream,
-                &args,
-            )
-        },
-    )?;
-    Ok(q)
+                I64(self.cap as i64),
+                I64(self.at as i64),
+            ],
+        }
+    }
 }

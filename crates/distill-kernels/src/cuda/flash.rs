@@ -18,7 +18,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
-use super::nvrtc::{self, Arg, Launch};
+use super::nvrtc::{self, Arg, Call, Launch};
 use super::stream;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -37,7 +37,7 @@ const DKDV_TILES: usize = 6;
 const FWD_ROWS: usize = 2 * TILE;
 
 /// The kernels for one head dim: sm_80 tensor-core instructions.
-fn module(hd: usize) -> nvrtc::Module {
+pub(super) fn module(hd: usize) -> nvrtc::Module {
     nvrtc::Module {
         key: format!("flash_attention hd{hd}"),
         sources: &[SOURCE],
@@ -129,7 +129,11 @@ pub(super) fn output(like: &CudaTensor, [b, h, r, d]: [usize; 4]) -> Operand {
 pub type Ranges<'a> = Option<(&'a CudaTensor, &'a CudaTensor)>;
 
 /// The ranges' tensors, checked, and whether there is one row of them per batch row.
-fn ranges(r: Ranges, b: usize, t: usize) -> Result<(Option<(CudaTensor, CudaTensor)>, bool), String> {
+pub(super) fn ranges(
+    r: Ranges,
+    b: usize,
+    t: usize,
+) -> Result<(Option<(CudaTensor, CudaTensor)>, bool), String> {
     let Some((lo, hi)) = r else {
         return Ok((None, false));
     };
@@ -279,30 +283,51 @@ pub fn forward(
         hi,
     ];
     let device = q.tensor.device.clone();
-    let how = Launch {
-        grid: (sh.t.div_ceil(FWD_ROWS) as u32, sh.heads as u32, sh.b as u32),
-        ..sh.launch(sh.t, sh.heads, FWD_TILES)
+    let fwd = Forward {
+        shape: sh,
+        strides: [q.strides, k.strides, v.strides, o.strides],
+        has_keys: keys.is_some(),
+        per_row,
+        scale,
     };
-    let has_keys = keys.is_some();
-    let o_strides = o.strides;
-    let (qs, ks, vs) = (q.strides, k.strides, v.strides);
-    stream::run_on_stream(
-        &device,
-        bindings,
-        nvrtc::ordering(),
-        move |stream, [pq, pk, pv, po, pl, plo, phi]| {
-            let mut args = Vec::with_capacity(26);
-            args.extend(strided(pq, qs));
-            args.extend(strided(pk, ks));
-            args.extend(strided(pv, vs));
-            args.extend(strided(po, o_strides));
-            args.push(Arg::Ptr(pl));
-            let (lo, hi) = if has_keys { (plo, phi) } else { (0, 0) };
-            args.extend(sh.tail(lo, hi, per_row, scale));
-            nvrtc::launch(device.index, &module(sh.hd), "flash_fwd", how, stream, &args)
-        },
-    )?;
+    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+        fwd.call(ptrs).launch(device.index, &module(fwd.shape.hd), stream)
+    })?;
     Ok((o.tensor, lse))
+}
+
+/// One `flash_fwd` launch besides its buffers: shapes, the strides of q, k, v and o, whether
+/// key ranges are given (and one row of them per batch row), the softmax scale.
+pub(super) struct Forward {
+    pub shape: Shape,
+    pub strides: [[i64; 3]; 4],
+    pub has_keys: bool,
+    pub per_row: bool,
+    pub scale: f32,
+}
+
+impl Forward {
+    /// The kernel over `[q, k, v, o, lse, lo, hi]` (lo and hi not read without ranges).
+    pub(super) fn call(&self, [pq, pk, pv, po, pl, plo, phi]: [u64; 7]) -> Call {
+        let sh = &self.shape;
+        let [qs, ks, vs, os] = self.strides;
+        let mut args = Vec::with_capacity(26);
+        args.extend(strided(pq, qs));
+        args.extend(strided(pk, ks));
+        args.extend(strided(pv, vs));
+        args.extend(strided(po, os));
+        args.push(Arg::Ptr(pl));
+        let (lo, hi) = if self.has_keys { (plo, phi) } else { (0, 0) };
+        args.extend(sh.tail(lo, hi, self.per_row, self.scale));
+        Call {
+            name: "flash_fwd",
+            how: Launch {
+                grid: (sh.t.div_ceil(FWD_ROWS) as u32, sh.heads as u32, sh.b as u32),
+                ..sh.launch(sh.t, sh.heads, FWD_TILES)
+            },
+            args,
+        }
+    }
 }
 
 /// Gradients of [`forward`] for q, k and v given its output `out` [B, H, T, hd], the

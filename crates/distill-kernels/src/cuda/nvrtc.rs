@@ -184,6 +184,37 @@ impl Launch {
     }
 }
 
+/// One launch of a kernel, ready to issue: what a kernel module's call builder gives, so that
+/// a tensor op and a caller issuing many launches in one go ([`super::decode`]) pass the
+/// same arguments.
+pub(crate) struct Call {
+    pub name: &'static str,
+    pub how: Launch,
+    pub args: Vec<Arg>,
+}
+
+impl Call {
+    /// Issues this call on `stream` (from the device thread).
+    pub(crate) fn launch(&self, device: usize, module: &Module, stream: cu::CUstream) -> Result<(), String> {
+        launch(device, module, self.name, self.how, stream, &self.args)
+    }
+
+    /// Issues this call with `module`'s kernels already looked up (`functions`, in
+    /// `module.names` order).
+    pub(crate) fn launch_with(
+        &self,
+        module: &Module,
+        functions: &[usize],
+        stream: cu::CUstream,
+    ) -> Result<(), String> {
+        let index = module.names.iter().position(|n| *n == self.name);
+        let function = index
+            .and_then(|i| functions.get(i))
+            .ok_or_else(|| format!("{}: not among the kernels of module {}", self.name, module.key))?;
+        launch_function(*function, self.name, self.how, stream, &self.args)
+    }
+}
+
 /// Launches kernel `name` of `module` on `stream`; errors start with the kernel's name. A name
 /// missing from `module.names` is an error here, not an index out of bounds on cubecl's device
 /// thread. Each scalar argument sits in its own 8-byte slot, little-endian, so a 4-byte one
@@ -197,7 +228,18 @@ pub(crate) fn launch(
     stream: cu::CUstream,
     args: &[Arg],
 ) -> Result<(), String> {
-    let function = function(device, module, name)?;
+    launch_function(function(device, module, name)?, name, how, stream, args)
+}
+
+/// [`launch`] of a kernel already looked up ([`function`]): what a caller issuing many launches
+/// in one go uses, to look each kernel up once.
+pub(crate) fn launch_function(
+    function: usize,
+    name: &str,
+    how: Launch,
+    stream: cu::CUstream,
+    args: &[Arg],
+) -> Result<(), String> {
     let mut slots: Vec<u64> = args
         .iter()
         .map(|a| match *a {
@@ -233,7 +275,7 @@ pub(crate) fn launch(
 }
 
 /// Kernel `name` of `module` on `device`, as a `CUfunction` address.
-fn function(device: usize, module: &Module, name: &str) -> Result<usize, String> {
+pub(crate) fn function(device: usize, module: &Module, name: &str) -> Result<usize, String> {
     let index = module.names.iter().position(|n| *n == name).ok_or_else(|| {
         format!(
             "{name}: not among the kernels of module {} ({:?})",

@@ -153,6 +153,23 @@ pub(crate) fn run_on_stream<const N: usize, W>(
 where
     W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String> + Send + 'static,
 {
+    run_on_stream_all(device, bindings.into(), mode, move |stream, ptrs| {
+        let ptrs: [u64; N] = ptrs.try_into().expect("one pointer per binding");
+        work(stream, ptrs)
+    })
+}
+
+/// [`run_on_stream`] for any number of buffers: `work` gets their pointers in `bindings`'
+/// order. A whole decoding step is one such call ([`super::decode`]).
+pub(crate) fn run_on_stream_all<W>(
+    device: &burn::backend::cuda::CudaDevice,
+    bindings: Vec<Binding>,
+    mode: Ordering,
+    work: W,
+) -> Result<(), String>
+where
+    W: FnOnce(cu::CUstream, Vec<u64>) -> Result<(), String> + Send + 'static,
+{
     let index = device.index;
     let runner = DeviceHandle::<Server>::new(device.to_id());
     static READY: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
@@ -179,31 +196,28 @@ where
 
 /// [`run_on_stream`]'s part on the device thread. Ok(true): queued on cubecl's stream;
 /// Ok(false): done, host-synced.
-fn on_device<const N: usize, W>(
+fn on_device<W>(
     server: &mut Server,
     device: usize,
-    bindings: [Binding; N],
+    bindings: Vec<Binding>,
     mode: Ordering,
     work: W,
 ) -> Result<bool, String>
 where
-    W: FnOnce(cu::CUstream, [u64; N]) -> Result<(), String>,
+    W: FnOnce(cu::CUstream, Vec<u64>) -> Result<(), String>,
 {
     // The runner thread executes tasks under the submitting thread's stream id.
     let stream_id = StreamId::current();
     // Each call also makes this stream wait for the buffer's writes on other streams, and
     // makes the CUDA context current on this thread.
-    let mut resources = Vec::with_capacity(N);
+    let mut resources = Vec::with_capacity(bindings.len());
     for (i, binding) in bindings.into_iter().enumerate() {
         let r = server
             .get_resource(binding, stream_id)
             .map_err(|e| format!("buffer {i}: {e:?}"))?;
         resources.push(r);
     }
-    let mut ptrs = [0u64; N];
-    for (p, r) in ptrs.iter_mut().zip(&resources) {
-        *p = r.resource().ptr;
-    }
+    let ptrs: Vec<u64> = resources.iter().map(|r| r.resource().ptr).collect();
 
     let stream = match mode {
         Ordering::Stream => server

@@ -1,0 +1,444 @@
+//! A whole decoding step as one task on cubecl's device thread
+//! ([`crate::ModelKernels::decode_step`]): every kernel and GEMM of the step, issued back to
+//! back on cubecl's stream with pointers resolved once.
+//!
+//! Why: op by op, each of a step's launches (14 a layer) went through burn's tensor ops, an
+//! allocation, a task sent to the device thread and its buffers' lookups there; at small batch
+//! the GPU waited on that host work, not on memory. Here the host work of a step is a few
+//! allocations, one task and the launches themselves.
+//!
+//! What runs is the op-by-op path's kernels, in its order, with its arguments: the
+//! embedding gather, then per layer RMSNorm, the q/k/v GEMM, `rope_qkv` (bias, rotation,
+//! the cache write), `flash_fwd` over positions 0..=at, the output projection accumulated
+//! into the residual (cuBLAS, beta 1), RMSNorm, the gate/up GEMM, SwiGLU and the down
+//! projection accumulated into the residual; then the final norm and the LM head. So the
+//! logits equal the op-by-op path's bit for bit (the GPU tests check that).
+//!
+//! Inputs it does not take (not bf16, weights cuBLAS cannot read in place, a head dim the
+//! flash kernels lack, shared cache buffers, cuBLAS or the flash kernels switched off) get
+//! `Err`, and the caller runs the step op by op. `DISTILL_DECODE=ops` does so always.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::server::Binding;
+use burn_cubecl::tensor::CubeTensor;
+
+use super::cublas::{self, RowGemm, WeightLayout};
+use super::elementwise::{self, RopeQkv};
+use super::flash::{self, Forward, Shape};
+use super::nvrtc::{self, Arg, Call, Launch};
+use super::stream;
+
+type CudaTensor = CubeTensor<CudaRuntime>;
+
+const SOURCE: &str = r#"
+typedef unsigned short bf16_t;
+typedef long long i64;
+
+/* out [rows, c] = the rows of table [V, c] that ids [rows] name. */
+extern "C" __global__ void embed_rows(const int* ids, const bf16_t* table, bf16_t* out, int rows, i64 c)
+{
+    const i64 n = (i64)rows * c;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / c;
+        out[i] = table[(i64)ids[r] * c + (i - r * c)];
+    }
+}
+"#;
+
+fn module() -> nvrtc::Module {
+    nvrtc::Module {
+        key: "decode".into(),
+        sources: &[SOURCE],
+        arch: None,
+        options: Vec::new(),
+        names: &["embed_rows"],
+        dynamic_smem: 0,
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0); // 0: not read yet, 1: on, 2: off
+
+/// Whether decoding steps are fused: `DISTILL_DECODE=ops` (op by op) turns it off, as does
+/// [`set_enabled`].
+pub fn enabled() -> bool {
+    match MODE.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = !matches!(std::env::var("DISTILL_DECODE").as_deref(), Ok("ops"));
+            let _ = MODE.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
+            enabled()
+        }
+    }
+}
+
+/// Fuses decoding steps (true) or runs them op by op, for every later step: to compare the two.
+pub fn set_enabled(on: bool) {
+    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+thread_local! {
+    static STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many fused steps this thread has queued: lets a test tell them from the op-by-op path.
+pub fn steps_on_this_thread() -> usize {
+    STEPS.with(|n| n.get())
+}
+
+/// One layer's weights, as primitives.
+pub(super) struct Layer {
+    pub input_norm: CudaTensor,
+    pub qkv: CudaTensor,
+    pub qkv_bias: Option<CudaTensor>,
+    pub o_proj: CudaTensor,
+    pub post_norm: CudaTensor,
+    pub gate_up: CudaTensor,
+    pub down_proj: CudaTensor,
+}
+
+/// The decoder's weights, as primitives ([`crate::DecodeWeights`]).
+pub(super) struct Weights {
+    pub embed: CudaTensor,
+    pub layers: Vec<Layer>,
+    pub norm: CudaTensor,
+    pub lm_head: CudaTensor,
+    pub eps: f64,
+    pub heads: [usize; 2],
+    pub hd: usize,
+}
+
+/// One step's inputs, as primitives ([`crate::DecodeInputs`]): lo and hi are the key ranges.
+pub(super) struct Inputs {
+    pub ids: CudaTensor,
+    pub cos: CudaTensor,
+    pub sin: CudaTensor,
+    pub keys: Option<(CudaTensor, CudaTensor)>,
+    pub at: usize,
+}
+
+/// The model's widths, checked against every weight.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    /// Rows (the batch), hidden size, q/k/v's width, intermediate size, logits' width.
+    b: usize,
+    c: usize,
+    qkv: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+/// Buffers bound for the step's task, by their index in the binding list.
+#[derive(Default)]
+struct Bindings(Vec<Binding>);
+
+impl Bindings {
+    fn add(&mut self, t: &CudaTensor) -> usize {
+        self.0.push(t.handle.clone().binding());
+        self.0.len() - 1
+    }
+}
+
+/// One layer's bindings and GEMM layouts.
+struct BoundLayer {
+    input_norm: usize,
+    qkv: (usize, WeightLayout),
+    bias: Option<usize>,
+    o_proj: (usize, WeightLayout),
+    post_norm: usize,
+    gate_up: (usize, WeightLayout),
+    down_proj: (usize, WeightLayout),
+    k_cache: usize,
+    v_cache: usize,
+    cap: usize,
+}
+
+/// Queues one decoding step: logits [B, V] for the token of each row, every layer's keys and
+/// values of position `x.at` written into `caches`.
+pub(super) fn step(
+    w: &Weights,
+    x: &Inputs,
+    caches: &[(CudaTensor, CudaTensor)],
+) -> Result<CudaTensor, String> {
+    if !enabled() {
+        return Err("DISTILL_DECODE=ops".into());
+    }
+    if crate::attention_mode() != crate::AttentionMode::Flash {
+        return Err("DISTILL_ATTENTION is not flash".into());
+    }
+    let d = dims(w, x)?;
+    let [heads, kv_heads] = w.heads;
+    let hd = w.hd;
+    if caches.len() != w.layers.len() {
+        return Err(format!(
+            "{} cache buffers for {} layers",
+            caches.len(),
+            w.layers.len()
+        ));
+    }
+    let (tab_rows, tab_bf16) = elementwise::tables(&x.cos, &x.sin, [d.b, 1, hd])?;
+    let (keys, per_row) = flash::ranges(x.keys.as_ref().map(|(lo, hi)| (lo, hi)), d.b, 1)?;
+    let device = x.ids.device.clone();
+    for m in [module(), elementwise::module(), flash::module(hd)] {
+        nvrtc::ensure_loaded(&device, m)?;
+    }
+
+    let like = |dims: Vec<usize>, dtype| flash::empty(&x.ids, dims, dtype);
+    let bf = DType::BF16;
+    // The step's work buffers, each reused by every layer: the residual stream, a norm's
+    // output, q/k/v, q rotated, attention's output and log-sum-exp, gate/up, SwiGLU's output.
+    let work = [
+        like(vec![d.b, d.c], bf),
+        like(vec![d.b, d.c], bf),
+        like(vec![d.b, d.qkv], bf),
+        like(vec![d.b, heads * hd], bf),
+        like(vec![d.b, heads * hd], bf),
+        like(vec![d.b, heads], DType::F32),
+        like(vec![d.b, 2 * d.inter], bf),
+        like(vec![d.b, d.inter], bf),
+    ];
+    let logits = like(vec![d.b, d.vocab], bf);
+
+    let mut bound = Bindings::default();
+    let [hx, hn, hqkv, hq, hattn, hlse, hgu, hh] = work.each_ref().map(|t| bound.add(t));
+    let hlogits = bound.add(&logits);
+    let (hids, hembed, hcos, hsin) = (
+        bound.add(&x.ids),
+        bound.add(&w.embed),
+        bound.add(&x.cos),
+        bound.add(&x.sin),
+    );
+    // Without ranges the kernel gets null pointers; q's binding stands in.
+    let (hlo, hhi) = match &keys {
+        Some((lo, hi)) => (bound.add(lo), bound.add(hi)),
+        None => (hq, hq),
+    };
+    let hnorm = bound.add(&w.norm);
+    let head = (
+        bound.add(&w.lm_head),
+        gemm_layout(&w.lm_head, [d.c, d.vocab], "lm_head")?,
+    );
+    let layers = w
+        .layers
+        .iter()
+        .zip(caches)
+        .map(|(l, (k, v))| bind_layer(&mut bound, l, (k, v), d, [kv_heads, hd], x.at))
+        .collect::<Result<Vec<_>, String>>()?;
+
+    let scale = 1.0 / (hd as f32).sqrt();
+    let eps = w.eps as f32;
+    let (b, at) = (d.b, x.at);
+    let shared = tab_rows == 1;
+    let has_keys = keys.is_some();
+    let index = device.index;
+    let modules = [module(), elementwise::module(), flash::module(hd)];
+    stream::run_on_stream_all(&device, bound.0, nvrtc::ordering(), move |stream, p| {
+        let [ours, elem, attn] = &modules;
+        let functions = [ours, elem, attn].map(|m| nvrtc::functions(index, m));
+        let [f_ours, f_elem, f_attn] = functions;
+        let (f_ours, f_elem, f_attn) = (f_ours?, f_elem?, f_attn?);
+        let run = |call: Call, m: &nvrtc::Module, f: &[usize]| call.launch_with(m, f, stream);
+        let gemm = |[x, w, out]: [usize; 3], layout, [m, k, n]: [usize; 3], accumulate| {
+            let g = RowGemm {
+                m,
+                n,
+                k,
+                w: layout,
+                dtype: DType::BF16,
+                accumulate,
+            };
+            cublas::row_gemm(index, stream, [p[x], p[w], p[out]], &g)
+        };
+        let norm = |[x, w, y]: [usize; 3]| {
+            run(
+                elementwise::rms_norm_call([p[x], p[w], p[y]], 1, b, d.c, eps),
+                elem,
+                &f_elem,
+            )
+        };
+        run(embed_call([p[hids], p[hembed], p[hx]], b, d.c), ours, &f_ours)?;
+        for l in &layers {
+            norm([hx, l.input_norm, hn])?;
+            gemm([hn, l.qkv.0, hqkv], l.qkv.1, [b, d.c, d.qkv], false)?;
+            let rope = RopeQkv {
+                bf16: 1,
+                tab_bf16,
+                heads: [heads, kv_heads],
+                b,
+                t: 1,
+                hd,
+                shared,
+                has_bias: l.bias.is_some(),
+                cap: l.cap,
+                at,
+            };
+            let bias = p[l.bias.unwrap_or(hqkv)];
+            let ptrs = [p[hqkv], bias, p[hq], p[l.k_cache], p[l.v_cache], p[hcos], p[hsin]];
+            run(rope.call(ptrs), elem, &f_elem)?;
+            let forward = Forward {
+                shape: Shape {
+                    b,
+                    heads,
+                    groups: heads / kv_heads,
+                    t: 1,
+                    s: at + 1,
+                    hd,
+                },
+                strides: attention_strides(heads, kv_heads, hd, l.cap),
+                has_keys,
+                per_row,
+                scale,
+            };
+            let ptrs = [
+                p[hq],
+                p[l.k_cache],
+                p[l.v_cache],
+                p[hattn],
+                p[hlse],
+                p[hlo],
+                p[hhi],
+            ];
+            run(forward.call(ptrs), attn, &f_attn)?;
+            gemm([hattn, l.o_proj.0, hx], l.o_proj.1, [b, heads * hd, d.c], true)?;
+            norm([hx, l.post_norm, hn])?;
+            gemm([hn, l.gate_up.0, hgu], l.gate_up.1, [b, d.c, 2 * d.inter], false)?;
+            // gate and up: the two halves of each gate/up row, as the op path's column views.
+            let up = p[hgu] + (d.inter * 2) as u64;
+            let n = b * d.inter;
+            let swiglu = elementwise::swiglu_call([p[hgu], up, p[hh]], 1, n, d.inter, [2 * d.inter; 2]);
+            run(swiglu, elem, &f_elem)?;
+            gemm([hh, l.down_proj.0, hx], l.down_proj.1, [b, d.inter, d.c], true)?;
+        }
+        norm([hx, hnorm, hn])?;
+        gemm([hn, head.0, hlogits], head.1, [b, d.c, d.vocab], false)
+    })?;
+    drop(work);
+    STEPS.with(|n| n.set(n.get() + 1));
+    Ok(logits)
+}
+
+/// Strides (batch, head, row) of q, k, v and the output as the op-by-op path hands them to
+/// `flash_fwd`: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd], the
+/// output written as [B, 1, H, hd].
+fn attention_strides(heads: usize, kv_heads: usize, hd: usize, cap: usize) -> [[i64; 3]; 4] {
+    let row = (heads * hd) as i64;
+    let q = [row, hd as i64, row];
+    let kv = [(kv_heads * cap * hd) as i64, (cap * hd) as i64, hd as i64];
+    [q, kv, kv, q]
+}
+
+/// The batch and the model's widths, from the inputs and weights; errors for anything the
+/// step does not take.
+fn dims(w: &Weights, x: &Inputs) -> Result<Dims, String> {
+    let [heads, kv_heads] = w.heads;
+    if !matches!(w.hd, 64 | 128) || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!("{heads}/{kv_heads} heads of {}", w.hd));
+    }
+    let shape = |t: &CudaTensor| t.meta.shape().as_slice().to_vec();
+    let b = match (x.ids.dtype, shape(&x.ids).as_slice()) {
+        (DType::I32, &[b]) if b > 0 && x.ids.is_contiguous() => b,
+        (dtype, s) => return Err(format!("ids: {dtype:?} {s:?}, not i32 [B]")),
+    };
+    let (c, vocab) = match (shape(&w.embed).as_slice(), shape(&w.lm_head).as_slice()) {
+        (&[_, c], &[c2, v]) if c == c2 => (c, v),
+        (e, h) => return Err(format!("embedding {e:?}, LM head {h:?}")),
+    };
+    if w.embed.dtype != DType::BF16 || !w.embed.is_contiguous() {
+        return Err(format!(
+            "embedding table: {:?}, contiguous {}",
+            w.embed.dtype,
+            w.embed.is_contiguous()
+        ));
+    }
+    let qkv = (heads + 2 * kv_heads) * w.hd;
+    let inter = w.layers.first().map_or(0, |l| l.down_proj.meta.shape()[0]);
+    Ok(Dims {
+        b,
+        c,
+        qkv,
+        inter,
+        vocab,
+    })
+}
+
+/// `l`'s weights and caches bound, each checked against the model's widths.
+fn bind_layer(
+    bound: &mut Bindings,
+    l: &Layer,
+    (k, v): (&CudaTensor, &CudaTensor),
+    d: Dims,
+    [kv_heads, hd]: [usize; 2],
+    at: usize,
+) -> Result<BoundLayer, String> {
+    let vector = |t: &CudaTensor, n: usize, what: &str| {
+        if t.dtype != DType::BF16 || t.meta.shape().as_slice() != [n] || !t.is_contiguous() {
+            return Err(format!(
+                "{what}: {:?} {:?}, not bf16 [{n}]",
+                t.dtype,
+                t.meta.shape().as_slice()
+            ));
+        }
+        Ok(())
+    };
+    vector(&l.input_norm, d.c, "input norm")?;
+    vector(&l.post_norm, d.c, "post-attention norm")?;
+    if let Some(bias) = &l.qkv_bias {
+        vector(bias, d.qkv, "q/k/v bias")?;
+    }
+    let o_in = l.o_proj.meta.shape()[0];
+    let layouts = [
+        gemm_layout(&l.qkv, [d.c, d.qkv], "q/k/v")?,
+        gemm_layout(&l.o_proj, [o_in, d.c], "o_proj")?,
+        gemm_layout(&l.gate_up, [d.c, 2 * d.inter], "gate/up")?,
+        gemm_layout(&l.down_proj, [d.inter, d.c], "down_proj")?,
+    ];
+    let cap = k.meta.shape().get(2).copied().unwrap_or(0);
+    for (t, what) in [(k, "k cache"), (v, "v cache")] {
+        let shape = t.meta.shape().as_slice();
+        if t.dtype != DType::BF16 || shape != [d.b, kv_heads, cap, hd] || at >= cap {
+            return Err(format!("{what}: {:?} {shape:?} for position {at}", t.dtype));
+        }
+        // Written in place: a buffer someone else holds is the op-by-op path's to copy.
+        if !t.is_contiguous() || !t.can_mut() {
+            return Err(format!("{what}: not contiguous, or held elsewhere"));
+        }
+    }
+    Ok(BoundLayer {
+        input_norm: bound.add(&l.input_norm),
+        qkv: (bound.add(&l.qkv), layouts[0]),
+        bias: l.qkv_bias.as_ref().map(|t| bound.add(t)),
+        o_proj: (bound.add(&l.o_proj), layouts[1]),
+        post_norm: bound.add(&l.post_norm),
+        gate_up: (bound.add(&l.gate_up), layouts[2]),
+        down_proj: (bound.add(&l.down_proj), layouts[3]),
+        k_cache: bound.add(k),
+        v_cache: bound.add(v),
+        cap,
+    })
+}
+
+/// `w`'s layout for cuBLAS after checking it is bf16 `[k, n]`.
+fn gemm_layout(w: &CudaTensor, dims: [usize; 2], what: &str) -> Result<WeightLayout, String> {
+    if w.dtype != DType::BF16 || w.meta.shape().as_slice() != dims {
+        return Err(format!(
+            "{what}: {:?} {:?}, not bf16 {dims:?}",
+            w.dtype,
+            w.meta.shape().as_slice()
+        ));
+    }
+    cublas::weight_layout(w)
+        .ok_or_else(|| format!("{what}: not a GEMM cuBLAS takes in place (or cuBLAS is off)"))
+}
+
+/// The gather of `[ids, table, out]`: `rows` rows of `c`.
+fn embed_call([pi, pt, po]: [u64; 3], rows: usize, c: usize) -> Call {
+    use Arg::*;
+    Call {
+        name: "embed_rows",
+        how: Launch::grid_stride(rows * c),
+        args: vec![Ptr(pi), Ptr(pt), Ptr(po), I32(rows as i32), I64(c as i64)],
+    }
+}

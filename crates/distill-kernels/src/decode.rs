@@ -1,0 +1,58 @@
+//! What a fused decoding step reads ([`crate::ModelKernels::decode_step`]): a decoder's weights
+//! as the decoding copy holds them, and one step's inputs. Backend-neutral; the models crate
+//! fills them in, a backend with such a path (CUDA: `cuda::decode`) runs them.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use crate::KeyRanges;
+
+/// A decoder's weights for a fused step: dense, in the activations' dtype, with q/k/v and
+/// gate/up each one matrix (the decoding copy's fused projections).
+pub struct DecodeWeights<'a, B: Backend> {
+    /// The embedding table [V, C].
+    pub embed: &'a Tensor<B, 2>,
+    pub layers: Vec<DecodeLayer<'a, B>>,
+    /// The final norm's weight [C].
+    pub norm: &'a Tensor<B, 1>,
+    /// [C, V]: the head's weight, or the transposed view of `embed` for a tied head.
+    pub lm_head: Tensor<B, 2>,
+    /// The norms' epsilon.
+    pub eps: f64,
+    /// Query and K/V heads.
+    pub heads: [usize; 2],
+    pub head_dim: usize,
+}
+
+/// One decoder layer of [`DecodeWeights`].
+pub struct DecodeLayer<'a, B: Backend> {
+    /// [C]
+    pub input_norm: &'a Tensor<B, 1>,
+    /// [C, (H + 2 KV) hd], and its bias [(H + 2 KV) hd] if the model has one.
+    pub qkv: &'a Tensor<B, 2>,
+    pub qkv_bias: Option<&'a Tensor<B, 1>>,
+    /// [H hd, C], no bias.
+    pub o_proj: &'a Tensor<B, 2>,
+    /// [C]
+    pub post_norm: &'a Tensor<B, 1>,
+    /// [C, 2 I]: gate's columns, then up's; no bias.
+    pub gate_up: &'a Tensor<B, 2>,
+    /// [I, C], no bias.
+    pub down_proj: &'a Tensor<B, 2>,
+}
+
+/// One decoding step's inputs: one new token per row at cache position `at` (the same in
+/// every row: left-padded rows), its rotary tables [R, 1, hd] and the keys each row's query
+/// sees (R = the batch or 1, as the models' `Context` makes them).
+pub struct DecodeInputs<'a, B: Backend> {
+    /// [B] token ids.
+    pub ids: Tensor<B, 1, Int>,
+    pub cos: &'a Tensor<B, 3>,
+    pub sin: &'a Tensor<B, 3>,
+    pub keys: Option<&'a KeyRanges<B>>,
+    pub at: usize,
+}
+
+/// Each layer's cache buffers, keys and values [B, KV, cap, hd] with cap > `at`: the step
+/// writes its position's keys and values into them and reads positions 0..=at.
+pub type CacheBuffers<B> = Vec<(Tensor<B, 4>, Tensor<B, 4>)>;
