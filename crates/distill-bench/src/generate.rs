@@ -70,7 +70,7 @@ pub(crate) fn bench_generate<B: Kernels>(
     }
     let _ = B::sync(device);
     let started = Instant::now();
-    let (_, stats) = generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
+    let (generations, stats) = generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
     let _ = B::sync(device);
     let secs = started.elapsed().as_secs_f64();
     let processed = (batch * (a.prompt_len + a.new_tokens)) as f64;
@@ -98,6 +98,9 @@ pub(crate) fn bench_generate<B: Kernels>(
     row.insert("ms".into(), json!(secs * 1e3));
     row.insert("new_tokens".into(), json!(stats.new_tokens));
     row.insert("prefill_tokens".into(), json!(stats.prefill_tokens));
+    // Two runs (two builds, or `DISTILL_DECODE` on and off) decoded the same tokens iff these match.
+    let tokens = generations.iter().flat_map(|g| &g.tokens).copied();
+    row.insert("tokens_fnv1a".into(), json!(format!("{:016x}", fnv1a(tokens))));
     row.insert(
         "config".into(),
         json!({"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
@@ -133,4 +136,11 @@ fn bench_tokenizer(dirs: &[PathBuf], c: &DecoderConfig) -> anyhow::Result<TextTo
     let tokenizer = TextTokenizer::from_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(tokenizer?)
+}
+
+/// FNV-1a over the tokens' little-endian bytes: a fingerprint of what a run decoded.
+fn fnv1a(tokens: impl Iterator<Item = u32>) -> u64 {
+    tokens
+        .flat_map(u32::to_le_bytes)
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
