@@ -142,5 +142,7 @@ fn bench_tokenizer(dirs: &[PathBuf], c: &DecoderConfig) -> anyhow::Result<TextTo
 fn fnv1a(tokens: impl Iterator<Item = u32>) -> u64 {
     tokens
         .flat_map(u32::to_le_bytes)
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }

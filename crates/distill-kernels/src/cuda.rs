@@ -435,11 +435,10 @@ where
                 .iter()
                 .map(|l| decode::Layer {
                     input_norm: p(l.input_norm),
-                    qkv: m(l.qkv),
-                    qkv_bias: l.qkv_bias.map(p),
+                    qkv: l.qkv.iter().map(|&(w, b)| (m(w), b.map(p))).collect(),
                     o_proj: m(l.o_proj),
                     post_norm: p(l.post_norm),
-                    gate_up: m(l.gate_up),
+                    gate_up: l.gate_up.iter().map(|&(w, b)| (m(w), b.map(p))).collect(),
                     down_proj: m(l.down_proj),
                 })
                 .collect(),

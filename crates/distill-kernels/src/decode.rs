@@ -28,18 +28,22 @@ pub struct DecodeWeights<'a, B: Backend> {
 pub struct DecodeLayer<'a, B: Backend> {
     /// [C]
     pub input_norm: &'a Tensor<B, 1>,
-    /// [C, (H + 2 KV) hd], and its bias [(H + 2 KV) hd] if the model has one.
-    pub qkv: &'a Tensor<B, 2>,
-    pub qkv_bias: Option<&'a Tensor<B, 1>>,
+    /// q, k and v: [C, (H + 2 KV) hd] in all, with their biases if the model has them.
+    pub qkv: Projection<'a, B>,
     /// [H hd, C], no bias.
     pub o_proj: &'a Tensor<B, 2>,
     /// [C]
     pub post_norm: &'a Tensor<B, 1>,
-    /// [C, 2 I]: gate's columns, then up's; no bias.
-    pub gate_up: &'a Tensor<B, 2>,
+    /// gate, then up: [C, 2 I] in all, no bias.
+    pub gate_up: Projection<'a, B>,
     /// [I, C], no bias.
     pub down_proj: &'a Tensor<B, 2>,
 }
+
+/// Linear layers whose outputs sit side by side in one row (q/k/v, gate/up): each part's
+/// weight [in, out_i] and bias, in order. The decoding copy's fused projection is one part;
+/// a copy too large to fuse (7B on a 24 GB card) gives the parts.
+pub type Projection<'a, B> = Vec<(&'a Tensor<B, 2>, Option<&'a Tensor<B, 1>>)>;
 
 /// One decoding step's inputs: one new token per row at cache position `at` (the same in
 /// every row: left-padded rows), its rotary tables [R, 1, hd] and the keys each row's query

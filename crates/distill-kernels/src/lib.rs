@@ -53,7 +53,7 @@ pub mod offload;
 pub use offload::{Fetched, Parked};
 /// What a fused decoding step reads: a decoder's weights and one step's inputs.
 pub mod decode;
-pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights};
+pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Projection};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
 pub use sample::RowSampling;

@@ -392,6 +392,8 @@ pub(super) struct RowGemm {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    /// The output's row stride: n, or wider where the GEMM writes some columns of each row.
+    pub ldc: usize,
     pub w: WeightLayout,
     pub dtype: DType,
     /// Added to the output's values (a residual) instead of writing over them.
@@ -431,7 +433,7 @@ pub(super) fn row_gemm(
 ) -> Result<(), String> {
     let fits = |d: usize| d > 0 && d <= i32::MAX as usize;
     let ty = blas_type(g.dtype).ok_or_else(|| format!("cuBLAS takes no {:?}", g.dtype))?;
-    if ![g.m, g.n, g.k, g.w.ld].into_iter().all(fits) {
+    if ![g.m, g.n, g.k, g.w.ld, g.ldc].into_iter().all(fits) || g.ldc < g.n {
         return Err(format!("GEMM sizes {g:?}"));
     }
     let args = GemmArgs {
@@ -445,7 +447,7 @@ pub(super) fn row_gemm(
         trans_b: g.w.trans,
         ldb: g.w.ld as i32,
         stride_b: 0,
-        ldc: g.n as i32,
+        ldc: g.ldc as i32,
         stride_c: 0,
         ab_type: ty,
         c_type: ty,

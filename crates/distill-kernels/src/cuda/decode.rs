@@ -89,16 +89,18 @@ pub fn steps_on_this_thread() -> usize {
     STEPS.with(|n| n.get())
 }
 
-/// One layer's weights, as primitives.
+/// One layer's weights, as primitives ([`crate::DecodeLayer`]).
 pub(super) struct Layer {
     pub input_norm: CudaTensor,
-    pub qkv: CudaTensor,
-    pub qkv_bias: Option<CudaTensor>,
+    pub qkv: Parts,
     pub o_proj: CudaTensor,
     pub post_norm: CudaTensor,
-    pub gate_up: CudaTensor,
+    pub gate_up: Parts,
     pub down_proj: CudaTensor,
 }
+
+/// A projection's parts side by side ([`crate::Projection`]): weights and biases.
+pub(super) type Parts = Vec<(CudaTensor, Option<CudaTensor>)>;
 
 /// The decoder's weights, as primitives ([`crate::DecodeWeights`]).
 pub(super) struct Weights {
@@ -145,15 +147,32 @@ impl Bindings {
 /// One layer's bindings and GEMM layouts.
 struct BoundLayer {
     input_norm: usize,
-    qkv: (usize, WeightLayout),
-    bias: Option<usize>,
+    qkv: Vec<BoundPart>,
+    bias: Bias,
     o_proj: (usize, WeightLayout),
     post_norm: usize,
-    gate_up: (usize, WeightLayout),
+    gate_up: Vec<BoundPart>,
     down_proj: (usize, WeightLayout),
     k_cache: usize,
     v_cache: usize,
     cap: usize,
+}
+
+/// One part of a projection: its weight's binding and layout, and the columns it writes.
+struct BoundPart {
+    weight: usize,
+    layout: WeightLayout,
+    column: usize,
+    width: usize,
+    bias: Option<usize>,
+}
+
+/// Where `rope_qkv` finds the q/k/v bias: none, one fused bias, or the parts' biases, copied
+/// side by side into the step's bias buffer first.
+enum Bias {
+    None,
+    Fused(usize),
+    Parts,
 }
 
 /// Queues one decoding step: logits [B, V] for the token of each row, every layer's keys and
@@ -189,7 +208,8 @@ pub(super) fn step(
     let like = |dims: Vec<usize>, dtype| flash::empty(&x.ids, dims, dtype);
     let bf = DType::BF16;
     // The step's work buffers, each reused by every layer: the residual stream, a norm's
-    // output, q/k/v, q rotated, attention's output and log-sum-exp, gate/up, SwiGLU's output.
+    // output, q/k/v, q rotated, attention's output and log-sum-exp, gate/up, SwiGLU's output,
+    // and q/k/v's bias when it comes in parts.
     let work = [
         like(vec![d.b, d.c], bf),
         like(vec![d.b, d.c], bf),
@@ -199,11 +219,12 @@ pub(super) fn step(
         like(vec![d.b, heads], DType::F32),
         like(vec![d.b, 2 * d.inter], bf),
         like(vec![d.b, d.inter], bf),
+        like(vec![d.qkv], bf),
     ];
     let logits = like(vec![d.b, d.vocab], bf);
 
     let mut bound = Bindings::default();
-    let [hx, hn, hqkv, hq, hattn, hlse, hgu, hh] = work.each_ref().map(|t| bound.add(t));
+    let [hx, hn, hqkv, hq, hattn, hlse, hgu, hh, hbias] = work.each_ref().map(|t| bound.add(t));
     let hlogits = bound.add(&logits);
     let (hids, hembed, hcos, hsin) = (
         bound.add(&x.ids),
@@ -241,16 +262,31 @@ pub(super) fn step(
         let [f_ours, f_elem, f_attn] = functions;
         let (f_ours, f_elem, f_attn) = (f_ours?, f_elem?, f_attn?);
         let run = |call: Call, m: &nvrtc::Module, f: &[usize]| call.launch_with(m, f, stream);
-        let gemm = |[x, w, out]: [usize; 3], layout, [m, k, n]: [usize; 3], accumulate| {
+        // x [m, k] @ w [k, n] into rows of `ldc` (a projection's part writes its columns of
+        // a wider row), or added to them.
+        let gemm = |[x, w, out]: [u64; 3], layout, [m, k, n]: [usize; 3], ldc, accumulate| {
             let g = RowGemm {
                 m,
                 n,
                 k,
+                ldc,
                 w: layout,
                 dtype: DType::BF16,
                 accumulate,
             };
-            cublas::row_gemm(index, stream, [p[x], p[w], p[out]], &g)
+            cublas::row_gemm(index, stream, [x, w, out], &g)
+        };
+        let project = |x: usize, parts: &[BoundPart], out: usize, total: usize| {
+            parts.iter().try_for_each(|part| {
+                let out = p[out] + (part.column * 2) as u64;
+                gemm(
+                    [p[x], p[part.weight], out],
+                    part.layout,
+                    [b, d.c, part.width],
+                    total,
+                    false,
+                )
+            })
         };
         let norm = |[x, w, y]: [usize; 3]| {
             run(
@@ -262,7 +298,20 @@ pub(super) fn step(
         run(embed_call([p[hids], p[hembed], p[hx]], b, d.c), ours, &f_ours)?;
         for l in &layers {
             norm([hx, l.input_norm, hn])?;
-            gemm([hn, l.qkv.0, hqkv], l.qkv.1, [b, d.c, d.qkv], false)?;
+            project(hn, &l.qkv, hqkv, d.qkv)?;
+            let bias = match l.bias {
+                Bias::None => None,
+                Bias::Fused(h) => Some(p[h]),
+                Bias::Parts => {
+                    for part in &l.qkv {
+                        let (src, at) = (p[part.bias.unwrap_or(hbias)], p[hbias] + (part.column * 2) as u64);
+                        // SAFETY: both ranges lie in live bf16 buffers bound for this task.
+                        unsafe { cudarc::driver::result::memcpy_dtod_async(at, src, part.width * 2, stream) }
+                            .map_err(|e| format!("q/k/v bias copy: {e}"))?;
+                    }
+                    Some(p[hbias])
+                }
+            };
             let rope = RopeQkv {
                 bf16: 1,
                 tab_bf16,
@@ -271,12 +320,19 @@ pub(super) fn step(
                 t: 1,
                 hd,
                 shared,
-                has_bias: l.bias.is_some(),
+                has_bias: bias.is_some(),
                 cap: l.cap,
                 at,
             };
-            let bias = p[l.bias.unwrap_or(hqkv)];
-            let ptrs = [p[hqkv], bias, p[hq], p[l.k_cache], p[l.v_cache], p[hcos], p[hsin]];
+            let ptrs = [
+                p[hqkv],
+                bias.unwrap_or(0),
+                p[hq],
+                p[l.k_cache],
+                p[l.v_cache],
+                p[hcos],
+                p[hsin],
+            ];
             run(rope.call(ptrs), elem, &f_elem)?;
             let forward = Forward {
                 shape: Shape {
@@ -302,18 +358,26 @@ pub(super) fn step(
                 p[hhi],
             ];
             run(forward.call(ptrs), attn, &f_attn)?;
-            gemm([hattn, l.o_proj.0, hx], l.o_proj.1, [b, heads * hd, d.c], true)?;
+            let (o, ol) = l.o_proj;
+            gemm([p[hattn], p[o], p[hx]], ol, [b, heads * hd, d.c], d.c, true)?;
             norm([hx, l.post_norm, hn])?;
-            gemm([hn, l.gate_up.0, hgu], l.gate_up.1, [b, d.c, 2 * d.inter], false)?;
+            project(hn, &l.gate_up, hgu, 2 * d.inter)?;
             // gate and up: the two halves of each gate/up row, as the op path's column views.
             let up = p[hgu] + (d.inter * 2) as u64;
             let n = b * d.inter;
             let swiglu = elementwise::swiglu_call([p[hgu], up, p[hh]], 1, n, d.inter, [2 * d.inter; 2]);
             run(swiglu, elem, &f_elem)?;
-            gemm([hh, l.down_proj.0, hx], l.down_proj.1, [b, d.inter, d.c], true)?;
+            let (down, dl) = l.down_proj;
+            gemm([p[hh], p[down], p[hx]], dl, [b, d.inter, d.c], d.c, true)?;
         }
         norm([hx, hnorm, hn])?;
-        gemm([hn, head.0, hlogits], head.1, [b, d.c, d.vocab], false)
+        gemm(
+            [p[hn], p[head.0], p[hlogits]],
+            head.1,
+            [b, d.c, d.vocab],
+            d.vocab,
+            false,
+        )
     })?;
     drop(work);
     STEPS.with(|n| n.set(n.get() + 1));
@@ -385,16 +449,20 @@ fn bind_layer(
     };
     vector(&l.input_norm, d.c, "input norm")?;
     vector(&l.post_norm, d.c, "post-attention norm")?;
-    if let Some(bias) = &l.qkv_bias {
-        vector(bias, d.qkv, "q/k/v bias")?;
+    let qkv = bind_parts(bound, &l.qkv, [d.c, d.qkv], "q/k/v")?;
+    let gate_up = bind_parts(bound, &l.gate_up, [d.c, 2 * d.inter], "gate/up")?;
+    let bias = match (qkv.as_slice(), qkv.iter().filter(|p| p.bias.is_some()).count()) {
+        (_, 0) => Bias::None,
+        ([one], 1) => Bias::Fused(one.bias.expect("counted")),
+        (all, n) if n == all.len() => Bias::Parts,
+        _ => return Err("q/k/v: some parts have a bias, some not".into()),
+    };
+    if gate_up.len() > 2 || gate_up.iter().any(|p| p.bias.is_some() || p.width % d.inter != 0) {
+        return Err("gate/up: not one matrix or two of the intermediate size, without bias".into());
     }
     let o_in = l.o_proj.meta.shape()[0];
-    let layouts = [
-        gemm_layout(&l.qkv, [d.c, d.qkv], "q/k/v")?,
-        gemm_layout(&l.o_proj, [o_in, d.c], "o_proj")?,
-        gemm_layout(&l.gate_up, [d.c, 2 * d.inter], "gate/up")?,
-        gemm_layout(&l.down_proj, [d.inter, d.c], "down_proj")?,
-    ];
+    let o_proj = gemm_layout(&l.o_proj, [o_in, d.c], "o_proj")?;
+    let down_proj = gemm_layout(&l.down_proj, [d.inter, d.c], "down_proj")?;
     let cap = k.meta.shape().get(2).copied().unwrap_or(0);
     for (t, what) in [(k, "k cache"), (v, "v cache")] {
         let shape = t.meta.shape().as_slice();
@@ -408,16 +476,53 @@ fn bind_layer(
     }
     Ok(BoundLayer {
         input_norm: bound.add(&l.input_norm),
-        qkv: (bound.add(&l.qkv), layouts[0]),
-        bias: l.qkv_bias.as_ref().map(|t| bound.add(t)),
-        o_proj: (bound.add(&l.o_proj), layouts[1]),
+        qkv,
+        bias,
+        o_proj: (bound.add(&l.o_proj), o_proj),
         post_norm: bound.add(&l.post_norm),
-        gate_up: (bound.add(&l.gate_up), layouts[2]),
-        down_proj: (bound.add(&l.down_proj), layouts[3]),
+        gate_up,
+        down_proj: (bound.add(&l.down_proj), down_proj),
         k_cache: bound.add(k),
         v_cache: bound.add(v),
         cap,
     })
+}
+
+/// A projection's parts bound, each checked: bf16 [k, width] weights whose widths add up to
+/// `n`, biases bf16 [width].
+fn bind_parts(
+    bound: &mut Bindings,
+    parts: &Parts,
+    [k, n]: [usize; 2],
+    what: &str,
+) -> Result<Vec<BoundPart>, String> {
+    let mut column = 0;
+    let mut bound_parts = Vec::with_capacity(parts.len());
+    for (w, bias) in parts {
+        let width = w.meta.shape().as_slice().get(1).copied().unwrap_or(0);
+        let layout = gemm_layout(w, [k, width], what)?;
+        if let Some(bias) = bias
+            && (bias.dtype != DType::BF16 || bias.meta.shape().as_slice() != [width] || !bias.is_contiguous())
+        {
+            return Err(format!(
+                "{what}: a bias {:?} {:?}, not bf16 [{width}]",
+                bias.dtype,
+                bias.meta.shape().as_slice()
+            ));
+        }
+        bound_parts.push(BoundPart {
+            weight: bound.add(w),
+            layout,
+            column,
+            width,
+            bias: bias.as_ref().map(|b| bound.add(b)),
+        });
+        column += width;
+    }
+    if column != n || bound_parts.is_empty() {
+        return Err(format!("{what}: parts {column} wide in all, not {n}"));
+    }
+    Ok(bound_parts)
 }
 
 /// `w`'s layout for cuBLAS after checking it is bf16 `[k, n]`.
