@@ -1,15 +1,15 @@
-//! `distill generate MODEL --prompt TEXT`: greedy decoding with the KV cache, streamed to
-//! stdout. A quick way to see that a model loads and talks; `distill eval` does the scoring.
+//! `distill generate MODEL --prompt TEXT`: greedy decoding by the shared generation engine,
+//! streamed to stdout. A quick way to see that a model loads and talks; `distill eval` does the scoring.
 
 use std::io::Write;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::BackendTypes;
-use burn::tensor::{Int, Tensor, TensorData};
 use distill_hf::hub::{self, HubSettings};
 use distill_hf::template::Message;
 use distill_hf::tokenizer::TextTokenizer;
+use distill_infer::generate::{Decoding, Event, GenerationConfig, Request, Sampling, generate_with};
 use distill_models::{CausalLm, Kernels};
 
 use crate::backend::{DeviceArg, Job, run_on};
@@ -75,30 +75,47 @@ impl Job for Greedy {
                     .and_then(|t| self.tokenizer.token_to_id(t)),
             )
             .collect();
-        let mut cache = model.new_cache();
-        let mut input = self.prompt.clone();
+        let request = Request {
+            prompt: self.prompt.clone(),
+            seed: 0,
+        };
+        let cfg = GenerationConfig {
+            decoding: Decoding {
+                max_new_tokens: self.max_new_tokens,
+                sampling: Sampling::GREEDY,
+                stop: Vec::new(),
+                eos: stop,
+                logprobs: None,
+            },
+            batch_size: 1,
+        };
         let mut generated: Vec<u32> = Vec::new();
         let mut printed = 0;
         let mut out = std::io::stdout().lock();
-        for _ in 0..self.max_new_tokens {
-            let ids: Vec<i64> = input.iter().map(|&t| i64::from(t)).collect();
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, input.len()]), &device);
-            let logits = model.forward_cached(ids, &mut cache); // [1, T, V]
-            let t = logits.dims()[1];
-            let next = logits.narrow(1, t - 1, 1).argmax(2).into_scalar();
-            let next = u32::try_from(burn::tensor::ElementConversion::elem::<i64>(next))?;
-            if stop.contains(&next) {
-                break;
-            }
-            generated.push(next);
+        let mut failed: Option<anyhow::Error> = None;
+        // The shared engine (KV cache, the fused decoding step on CUDA), one token at a time.
+        generate_with(&model, &self.tokenizer, &[request], &cfg, &device, |event| {
+            let Event::Token { token, .. } = event else {
+                return true;
+            };
+            generated.push(token);
             // Decode the whole continuation each time so multi-byte characters print whole.
-            let text = self.tokenizer.decode(&generated, true)?;
-            if text.len() > printed && text.is_char_boundary(printed) {
-                write!(out, "{}", &text[printed..])?;
-                out.flush()?;
-                printed = text.len();
-            }
-            input = vec![next];
+            let shown = self
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| {
+                    if text.len() > printed && text.is_char_boundary(printed) {
+                        write!(out, "{}", &text[printed..])?;
+                        out.flush()?;
+                        printed = text.len();
+                    }
+                    Ok(())
+                });
+            shown.map_err(|e| failed = Some(e)).is_ok()
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         writeln!(out)?;
         Ok(())

@@ -37,13 +37,13 @@ const SOURCE: &str = r#"
 typedef unsigned short bf16_t;
 typedef long long i64;
 
-/* out [rows, c] = the rows of table [V, c] that ids [rows] name. */
-extern "C" __global__ void embed_rows(const int* ids, const bf16_t* table, bf16_t* out, int rows, i64 c)
+/* out [rows, c] = the rows of table [V, c] (rows ld elements apart) that ids [rows] name. */
+extern "C" __global__ void embed_rows(const int* ids, const bf16_t* table, bf16_t* out, int rows, i64 c, i64 ld)
 {
     const i64 n = (i64)rows * c;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const i64 r = i / c;
-        out[i] = table[(i64)ids[r] * c + (i - r * c)];
+        out[i] = table[(i64)ids[r] * ld + (i - r * c)];
     }
 }
 "#;
@@ -249,6 +249,7 @@ pub(super) fn step(
         .map(|(l, (k, v))| bind_layer(&mut bound, l, (k, v), d, [kv_heads, hd], x.at))
         .collect::<Result<Vec<_>, String>>()?;
 
+    let embed_ld = w.embed.meta.strides()[0];
     let scale = 1.0 / (hd as f32).sqrt();
     let eps = w.eps as f32;
     let (b, at) = (d.b, x.at);
@@ -295,7 +296,11 @@ pub(super) fn step(
                 &f_elem,
             )
         };
-        run(embed_call([p[hids], p[hembed], p[hx]], b, d.c), ours, &f_ours)?;
+        run(
+            embed_call([p[hids], p[hembed], p[hx]], b, [d.c, embed_ld]),
+            ours,
+            &f_ours,
+        )?;
         for l in &layers {
             norm([hx, l.input_norm, hn])?;
             project(hn, &l.qkv, hqkv, d.qkv)?;
@@ -410,11 +415,12 @@ fn dims(w: &Weights, x: &Inputs) -> Result<Dims, String> {
         (&[_, c], &[c2, v]) if c == c2 => (c, v),
         (e, h) => return Err(format!("embedding {e:?}, LM head {h:?}")),
     };
-    if w.embed.dtype != DType::BF16 || !w.embed.is_contiguous() {
+    // burn may pitch a table's rows (a row stride past its width); the gather takes that.
+    let strides = w.embed.meta.strides();
+    if w.embed.dtype != DType::BF16 || strides[1] != 1 || strides[0] < c {
         return Err(format!(
-            "embedding table: {:?}, contiguous {}",
-            w.embed.dtype,
-            w.embed.is_contiguous()
+            "embedding table: {:?}, strides {strides:?}",
+            w.embed.dtype
         ));
     }
     let qkv = (heads + 2 * kv_heads) * w.hd;
@@ -538,12 +544,19 @@ fn gemm_layout(w: &CudaTensor, dims: [usize; 2], what: &str) -> Result<WeightLay
         .ok_or_else(|| format!("{what}: not a GEMM cuBLAS takes in place (or cuBLAS is off)"))
 }
 
-/// The gather of `[ids, table, out]`: `rows` rows of `c`.
-fn embed_call([pi, pt, po]: [u64; 3], rows: usize, c: usize) -> Call {
+/// The gather of `[ids, table, out]`: `rows` rows of `c`, the table's `ld` apart.
+fn embed_call([pi, pt, po]: [u64; 3], rows: usize, [c, ld]: [usize; 2]) -> Call {
     use Arg::*;
     Call {
         name: "embed_rows",
         how: Launch::grid_stride(rows * c),
-        args: vec![Ptr(pi), Ptr(pt), Ptr(po), I32(rows as i32), I64(c as i64)],
+        args: vec![
+            Ptr(pi),
+            Ptr(pt),
+            Ptr(po),
+            I32(rows as i32),
+            I64(c as i64),
+            I64(ld as i64),
+        ],
     }
 }
