@@ -91,6 +91,7 @@ where
     BT: burn_cubecl::BoolElement,
 {
     const FAST_GEMM: bool = true;
+    const FUSED_DECODE: bool = true;
 
     fn gemm(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
         match cublas::gemm(a, b) {

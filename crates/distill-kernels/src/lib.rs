@@ -188,6 +188,9 @@ pub trait ModelKernels: Backend {
     /// backward GEMMs call it too. Where false, `linear` is burn's own, unchanged.
     const FAST_GEMM: bool = false;
 
+    /// True where [`ModelKernels::decode_step`] may run a step (CUDA).
+    const FUSED_DECODE: bool = false;
+
     /// One 2-D GEMM on primitives: a [m, k] @ b [k, n] -> [m, n], same dtype in and out.
     /// `a` and `b` may be transposed views (`float_transpose`, strides swapped): a fast
     /// implementation takes those as op flags instead of copying.
@@ -458,7 +461,7 @@ pub trait ModelKernels: Backend {
     /// has no such path or cannot take these inputs: the caller then runs the layers op by
     /// op. CUDA issues the op-by-op path's kernels, in its order with its arguments, from one
     /// device-thread task, so both give the same logits bit for bit; the default has no
-    /// such path.
+    /// such path ([`ModelKernels::FUSED_DECODE`] false: callers need not build its inputs).
     fn decode_step(
         _weights: &DecodeWeights<'_, Self>,
         _x: DecodeInputs<'_, Self>,

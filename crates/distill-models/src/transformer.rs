@@ -1168,6 +1168,9 @@ impl<B: Kernels> CausalLm<B> {
         cache: &mut KvCache<B>,
         device: &B::Device,
     ) -> Option<Tensor<B, 2>> {
+        if !<B as ModelKernels>::FUSED_DECODE {
+            return None;
+        }
         let weights = self.decode_weights()?;
         let rows = weights.embed.dims()[0];
         if ids.iter().any(|&t| t as usize >= rows) {
