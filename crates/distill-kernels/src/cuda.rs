@@ -274,7 +274,7 @@ where
         v: &Tensor<Self, 4>,
         keys: Option<&KeyRanges<Self>>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
-        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let scale = flash::softmax_scale(q.dims()[3]);
         let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
         let found = flash::forward(
             &prim(q.clone()),
@@ -300,7 +300,7 @@ where
         keys: Option<&KeyRanges<Self>>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>)> {
         if let Some(causal) = cudnn_mask(keys, q.dims()[2]) {
-            let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+            let scale = flash::softmax_scale(q.dims()[3]);
             match cudnn::forward(
                 &prim(q.clone()),
                 &prim(k.clone()),
@@ -324,7 +324,7 @@ where
         lse: &Tensor<Self, 4>,
         d_out: &Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        let scale = 1.0 / (q.dims()[3] as f32).sqrt();
+        let scale = flash::softmax_scale(q.dims()[3]);
         let (qp, kp, vp) = (prim(q.clone()), prim(k.clone()), prim(v.clone()));
         let (op, lp, dp) = (prim(out.clone()), prim(lse.clone()), prim(d_out.clone()));
         // dq comes as [B, T, H, hd]: back to [B, H, T, hd]; dk and dv per K/V head.

@@ -250,7 +250,7 @@ pub(super) fn step(
         .collect::<Result<Vec<_>, String>>()?;
 
     let embed_ld = w.embed.meta.strides()[0];
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = flash::softmax_scale(hd);
     let eps = w.eps as f32;
     let (b, at) = (d.b, x.at);
     let shared = tab_rows == 1;

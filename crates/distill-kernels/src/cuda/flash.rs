@@ -54,6 +54,12 @@ pub(super) fn module(hd: usize) -> nvrtc::Module {
     }
 }
 
+/// The softmax scale 1/√hd every attention path here passes its kernels: the fused decoding
+/// step must pass the very same f32 as the op-by-op path to give the same logits.
+pub(super) fn softmax_scale(hd: usize) -> f32 {
+    1.0 / (hd as f32).sqrt()
+}
+
 /// Shared memory for `tiles` bf16 tiles of [TILE, hd + 8].
 fn smem(hd: usize, tiles: usize) -> u32 {
     (tiles * TILE * (hd + 8) * 2) as u32
