@@ -291,6 +291,24 @@ fn flash_cases() -> Vec<FlashCase> {
             dims: [1, 2, 2, 70, 70, 64],
             runs: None,
         },
+        // One query a row (decoding) takes the split kernels: splits of 64-512 keys, some all
+        // padding, one row that sees only its own key, 16 query heads to a K/V head (their
+        // most), and the history over one CTA's 512 keys.
+        FlashCase {
+            name: "decoding, left-padded rows, GQA 14/2, hd 64, S 700",
+            dims: [3, 14, 2, 1, 700, 64],
+            runs: Some([0, 250, 699].iter().map(|&pad| vec![(pad, 699)]).collect()),
+        },
+        FlashCase {
+            name: "decoding, GQA 16/1, hd 128, S 130",
+            dims: [2, 16, 1, 1, 130, 128],
+            runs: Some(vec![vec![(0, 129)], vec![(3, 129)]]),
+        },
+        FlashCase {
+            name: "decoding, no mask, GQA 28/4, hd 128, S 3000",
+            dims: [1, 28, 4, 1, 3000, 128],
+            runs: None,
+        },
     ]
 }
 
@@ -364,6 +382,11 @@ fn cuda_flash_attention_matches_the_cpu() {
         for case in flash_cases() {
             let cpu = flash_case_on::<Autodiff<Flex>>(&Default::default(), &case, false, DType::F32);
             let ours = flash_case_on::<H>(&device, &case, true, DType::BF16);
+            assert!(
+                !has_fallen_back_on_this_thread(Fallback::Flash),
+                "{}: the flash kernels fell back to burn's attention",
+                case.name
+            );
             let path = if with_cudnn && case.cudnn_takes() {
                 "cudnn"
             } else {
@@ -510,25 +533,31 @@ fn cuda_fused_softmax_matches_burn_ops() {
 }
 
 /// RMSNorm and SwiGLU (the CUDA kernels on both dtypes, forward and backward) against burn's
-/// autodiff through the default burn ops. The bf16 inputs are cast explicitly: `random` gives
-/// f32 even on `Cuda<bf16>`, which would test the f32 kernels twice.
+/// autodiff through the default burn ops, at 128 rows (RMSNorm's CTA-a-row kernel, a decoding
+/// step's) and 800 rows of 200 (its warp-a-row kernel, a width no block divides). The bf16
+/// inputs are cast explicitly: `random` gives f32 even on `Cuda<bf16>`, which would test the
+/// f32 kernels twice.
 #[test]
 fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
     let Some((_turn, device)) = gpu() else { return };
-    fn both<B: AutodiffBackend + Kernels>(device: &B::Device, dtype: DType) -> [Vec<Vec<f32>>; 4] {
+    fn both<B: AutodiffBackend + Kernels>(
+        device: &B::Device,
+        dtype: DType,
+        [b, t, c]: [usize; 3],
+    ) -> [Vec<Vec<f32>>; 4] {
         B::seed(device, 7);
-        let input = |std: f64| randn::<B, 3>([2, 64, 256], std, device).cast(dtype);
+        let input = |std: f64| randn::<B, 3>([b, t, c], std, device).cast(dtype);
         let (x, g, w3) = (input(1.0), input(1.0), input(1.0));
-        let scale: Tensor<B, 1> = randn::<B, 1>([256], 0.1, device).add_scalar(1.0).cast(dtype);
+        let scale: Tensor<B, 1> = randn::<B, 1>([c], 0.1, device).add_scalar(1.0).cast(dtype);
         assert_eq!(x.dtype(), dtype);
         // RMSNorm's second input is a vector: treat it as [1, 1, C] for `run`, reshaped inside.
-        let s3 = scale.clone().reshape([1, 1, 256]);
+        let s3 = scale.clone().reshape([1, 1, c]);
         let norm = |ours: bool| {
             run(
                 &[x.clone(), s3.clone()],
                 &|v: Vec<Tensor<B, 3>>| {
                     let [x, s]: [Tensor<B, 3>; 2] = v.try_into().unwrap();
-                    let s = s.reshape([256]);
+                    let s = s.reshape([c]);
                     if ours {
                         B::rms_norm(x, s, 1e-6)
                     } else {
@@ -554,14 +583,17 @@ fn cuda_rms_norm_and_swiglu_nodes_match_burns() {
         };
         [norm(true), norm(false), swiglu(true), swiglu(false)]
     }
-    let [nf, nbf, sf, sbf] = both::<F>(&device, DType::F32);
-    let [nh, nbh, sh, sbh] = both::<H>(&device, DType::BF16);
-    assert!(
-        !has_fallen_back_on_this_thread(Fallback::Elementwise),
-        "the RMSNorm/SwiGLU kernels fell back to burn's ops"
-    );
-    compare("rms_norm", &nf, &nbf, &nh, &nbh);
-    compare("swiglu", &sf, &sbf, &sh, &sbh);
+    for dims in [[2, 64, 256], [4, 200, 200]] {
+        let [nf, nbf, sf, sbf] = both::<F>(&device, DType::F32, dims);
+        let [nh, nbh, sh, sbh] = both::<H>(&device, DType::BF16, dims);
+        assert!(
+            !has_fallen_back_on_this_thread(Fallback::Elementwise),
+            "the RMSNorm/SwiGLU kernels fell back to burn's ops"
+        );
+        eprintln!("  {dims:?}");
+        compare("rms_norm", &nf, &nbf, &nh, &nbh);
+        compare("swiglu", &sf, &sbf, &sh, &sbh);
+    }
 }
 
 /// The fused AdamW kernel against the burn-op update on the CPU (f32 both): an odd length

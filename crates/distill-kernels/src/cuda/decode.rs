@@ -9,10 +9,12 @@
 //!
 //! What runs is the op-by-op path's kernels, in its order, with its arguments: the
 //! embedding gather, then per layer RMSNorm, the q/k/v GEMM, `rope_qkv` (bias, rotation,
-//! the cache write), `flash_fwd` over positions 0..=at, the output projection accumulated
-//! into the residual (cuBLAS, beta 1), RMSNorm, the gate/up GEMM, SwiGLU and the down
-//! projection accumulated into the residual; then the final norm and the LM head. So the
-//! logits equal the op-by-op path's bit for bit (the GPU tests check that).
+//! the cache write), attention over positions 0..=at (`flash_decode` over splits of the
+//! keys, then `flash_decode_combine`; `flash_fwd` for more than 16 query heads a K/V head),
+//! the output projection accumulated into the residual (cuBLAS, beta 1), RMSNorm, the
+//! gate/up GEMM, SwiGLU and the down projection accumulated into the residual; then the
+//! final norm and the LM head. So the logits equal the op-by-op path's bit for bit (the GPU
+//! tests check that).
 //!
 //! Inputs it does not take (not bf16, weights cuBLAS cannot read in place, a head dim the
 //! flash kernels lack, shared cache buffers, cuBLAS or the flash kernels switched off) get
@@ -207,24 +209,44 @@ pub(super) fn step(
 
     let like = |dims: Vec<usize>, dtype| flash::empty(&x.ids, dims, dtype);
     let bf = DType::BF16;
+    let (b, at) = (d.b, x.at);
+    let scale = flash::softmax_scale(hd);
+    // Every layer's attention but for its cache's strides.
+    let attention = |cap: usize| Forward {
+        shape: Shape {
+            b,
+            heads,
+            groups: heads / kv_heads,
+            t: 1,
+            s: at + 1,
+            hd,
+        },
+        strides: attention_strides(heads, kv_heads, hd, cap),
+        has_keys: keys.is_some(),
+        per_row,
+        scale,
+    };
+    let [part, ml] = attention(1).decode().map_or([1, 1], |dec| dec.scratch());
     // The step's work buffers, each reused by every layer: the residual stream, a norm's
-    // output, q/k/v, q rotated, attention's output and log-sum-exp, gate/up, SwiGLU's output,
-    // and q/k/v's bias when it comes in parts.
+    // output, q/k/v, q rotated, attention's output, log-sum-exp and split partials, gate/up,
+    // SwiGLU's output, and q/k/v's bias when it comes in parts.
     let work = [
-        like(vec![d.b, d.c], bf),
-        like(vec![d.b, d.c], bf),
-        like(vec![d.b, d.qkv], bf),
-        like(vec![d.b, heads * hd], bf),
-        like(vec![d.b, heads * hd], bf),
-        like(vec![d.b, heads], DType::F32),
-        like(vec![d.b, 2 * d.inter], bf),
-        like(vec![d.b, d.inter], bf),
+        like(vec![b, d.c], bf),
+        like(vec![b, d.c], bf),
+        like(vec![b, d.qkv], bf),
+        like(vec![b, heads * hd], bf),
+        like(vec![b, heads * hd], bf),
+        like(vec![b, heads], DType::F32),
+        like(vec![part], DType::F32),
+        like(vec![ml], DType::F32),
+        like(vec![b, 2 * d.inter], bf),
+        like(vec![b, d.inter], bf),
         like(vec![d.qkv], bf),
     ];
-    let logits = like(vec![d.b, d.vocab], bf);
+    let logits = like(vec![b, d.vocab], bf);
 
     let mut bound = Bindings::default();
-    let [hx, hn, hqkv, hq, hattn, hlse, hgu, hh, hbias] = work.each_ref().map(|t| bound.add(t));
+    let [hx, hn, hqkv, hq, hattn, hlse, hpart, hml, hgu, hh, hbias] = work.each_ref().map(|t| bound.add(t));
     let hlogits = bound.add(&logits);
     let (hids, hembed, hcos, hsin) = (
         bound.add(&x.ids),
@@ -250,11 +272,9 @@ pub(super) fn step(
         .collect::<Result<Vec<_>, String>>()?;
 
     let embed_ld = w.embed.meta.strides()[0];
-    let scale = flash::softmax_scale(hd);
     let eps = w.eps as f32;
-    let (b, at) = (d.b, x.at);
     let shared = tab_rows == 1;
-    let has_keys = keys.is_some();
+    let attentions: Vec<Forward> = layers.iter().map(|l| attention(l.cap)).collect();
     let index = device.index;
     let modules = [module(), elementwise::module(), flash::module(hd)];
     stream::run_on_stream_all(&device, bound.0, nvrtc::ordering(), move |stream, p| {
@@ -301,7 +321,7 @@ pub(super) fn step(
             ours,
             &f_ours,
         )?;
-        for l in &layers {
+        for (l, forward) in layers.iter().zip(&attentions) {
             norm([hx, l.input_norm, hn])?;
             project(hn, &l.qkv, hqkv, d.qkv)?;
             let bias = match l.bias {
@@ -339,20 +359,6 @@ pub(super) fn step(
                 p[hsin],
             ];
             run(rope.call(ptrs), elem, &f_elem)?;
-            let forward = Forward {
-                shape: Shape {
-                    b,
-                    heads,
-                    groups: heads / kv_heads,
-                    t: 1,
-                    s: at + 1,
-                    hd,
-                },
-                strides: attention_strides(heads, kv_heads, hd, l.cap),
-                has_keys,
-                per_row,
-                scale,
-            };
             let ptrs = [
                 p[hq],
                 p[l.k_cache],
@@ -362,7 +368,14 @@ pub(super) fn step(
                 p[hlo],
                 p[hhi],
             ];
-            run(forward.call(ptrs), attn, &f_attn)?;
+            match forward.decode() {
+                Some(dec) => {
+                    let [pq, pk, pv, po, pl, plo, phi] = ptrs;
+                    let calls = dec.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]]);
+                    calls.into_iter().try_for_each(|c| run(c, attn, &f_attn))?;
+                }
+                None => run(forward.call(ptrs), attn, &f_attn)?,
+            }
             let (o, ol) = l.o_proj;
             gemm([p[hattn], p[o], p[hx]], ol, [b, heads * hd, d.c], d.c, true)?;
             norm([hx, l.post_norm, hn])?;
@@ -390,7 +403,7 @@ pub(super) fn step(
 }
 
 /// Strides (batch, head, row) of q, k, v and the output as the op-by-op path hands them to
-/// `flash_fwd`: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd], the
+/// the attention kernels: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd], the
 /// output written as [B, 1, H, hd].
 fn attention_strides(heads: usize, kv_heads: usize, hd: usize, cap: usize) -> [[i64; 3]; 4] {
     let row = (heads * hd) as i64;

@@ -82,6 +82,39 @@ extern "C" __global__ void rms_norm(const void* x, const void* w, void* y, int b
     }
 }
 
+/* rms_norm with a CTA of WIDE_NT threads per row, for the few rows of a decoding step: a warp
+ * per row left most of the GPU idle there, waiting on c / 128 rounds of loads one after
+ * another. A thread holds its up to WIDE_PER elements in registers between the two passes,
+ * so c <= WIDE_NT * WIDE_PER. */
+#define WIDE_NT 256
+#define WIDE_PER 16
+extern "C" __global__ void __launch_bounds__(WIDE_NT) rms_norm_wide(const void* x, const void* w, void* y, int bf16,
+                                                                     int rows, int c, float eps)
+{
+    __shared__ float partial[WIDE_NT / 32];
+    const int tid = threadIdx.x;
+    const i64 base = (i64)blockIdx.x * c;
+    float v[WIDE_PER], ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < WIDE_PER; u++) {
+        const int j = tid + u * WIDE_NT;
+        v[u] = j < c ? load(x, bf16, base + j) : 0.f;
+        ss += v[u] * v[u];
+    }
+    ss = warp_sum(ss);
+    if ((tid & 31) == 0) partial[tid >> 5] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < WIDE_NT / 32; i++) total += partial[i];
+    const float inv = 1.f / sqrtf(total / c + eps);
+#pragma unroll
+    for (int u = 0; u < WIDE_PER; u++) {
+        const int j = tid + u * WIDE_NT;
+        if (j < c) store(y, bf16, base + j, rounded(bf16, v[u] * inv) * load(w, bf16, j));
+    }
+}
+
 /* One warp per row. With g = dy * w and n = x * inv_rms:
  *     dx = inv_rms * (g - n * mean(g * n)) = inv_rms * (g - x * inv_rms^2 * sum(g * x) / c),
  * and inv_rms per row for rms_norm_dw. */
@@ -214,6 +247,7 @@ pub(super) fn module() -> nvrtc::Module {
         options: Vec::new(),
         names: &[
             "rms_norm",
+            "rms_norm_wide",
             "rms_norm_dx",
             "rms_norm_dw",
             "swiglu",
@@ -224,6 +258,11 @@ pub(super) fn module() -> nvrtc::Module {
         dynamic_smem: 0,
     }
 }
+
+/// Up to this many rows (a decoding step's), RMSNorm takes a CTA a row (`rms_norm_wide`), for
+/// rows of at most `WIDE_C` elements (`WIDE_NT * WIDE_PER` in the source).
+const WIDE_ROWS: usize = 512;
+const WIDE_C: usize = 256 * 16;
 
 /// Rows of a warp-per-row kernel per 256-thread block.
 const ROWS_PER_BLOCK: usize = 8;
@@ -291,9 +330,19 @@ pub fn rms_norm(x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor, 
 /// The `rms_norm` kernel over `[x, weight, y]`: `rows` rows of `c`.
 pub(super) fn rms_norm_call([px, pw, py]: [u64; 3], bf16: i32, rows: usize, c: usize, eps: f32) -> Call {
     use Arg::*;
+    let (name, how) = if rows <= WIDE_ROWS && c <= WIDE_C {
+        let how = Launch {
+            grid: (rows as u32, 1, 1),
+            threads: 256,
+            dynamic_smem: 0,
+        };
+        ("rms_norm_wide", how)
+    } else {
+        ("rms_norm", warp_rows(rows))
+    };
     Call {
-        name: "rms_norm",
-        how: warp_rows(rows),
+        name,
+        how,
         args: vec![
             Ptr(px),
             Ptr(pw),

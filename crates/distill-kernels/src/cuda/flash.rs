@@ -49,6 +49,8 @@ pub(super) fn module(hd: usize) -> nvrtc::Module {
             "flash_bwd_dkdv",
             "flash_delta",
             "flash_sum_groups",
+            "flash_decode",
+            "flash_decode_combine",
         ],
         dynamic_smem: smem(hd, FWD_TILES.max(DKDV_TILES)),
     }
@@ -159,6 +161,7 @@ pub(super) fn ranges(
 }
 
 /// The shapes of one call: q [B, H, T, hd], k/v [B, KV, S, hd].
+#[derive(Clone, Copy)]
 pub(super) struct Shape {
     pub(super) b: usize,
     pub(super) heads: usize,
@@ -296,14 +299,28 @@ pub fn forward(
         per_row,
         scale,
     };
-    stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
-        fwd.call(ptrs).launch(device.index, &module(fwd.shape.hd), stream)
-    })?;
+    let m = module(fwd.shape.hd);
+    match fwd.decode() {
+        Some(dec) => {
+            let [part, ml] = dec
+                .scratch()
+                .map(|n| empty(&q.tensor, vec![n], DType::F32).handle.binding());
+            let [bq, bk, bv, bo, bl, blo, bhi] = bindings;
+            let bindings = [bq, bk, bv, bo, bl, blo, bhi, part, ml];
+            stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+                (dec.calls(ptrs).iter()).try_for_each(|c| c.launch(device.index, &m, stream))
+            })?;
+        }
+        None => stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
+            fwd.call(ptrs).launch(device.index, &m, stream)
+        })?,
+    }
     Ok((o.tensor, lse))
 }
 
 /// One `flash_fwd` launch besides its buffers: shapes, the strides of q, k, v and o, whether
 /// key ranges are given (and one row of them per batch row), the softmax scale.
+#[derive(Clone, Copy)]
 pub(super) struct Forward {
     pub shape: Shape,
     pub strides: [[i64; 3]; 4],
@@ -333,6 +350,110 @@ impl Forward {
             },
             args,
         }
+    }
+}
+
+/// Most query heads per K/V head and most keys per CTA of the decoding kernels, as
+/// `DEC_GMAX` and `DEC_SPLIT` in the source.
+const DECODE_GROUPS: usize = 16;
+const DECODE_SPLIT: usize = 512;
+/// CTAs a decoding call aims at: two per SM of an H100. Fewer splits leave SMs idle at small
+/// batches; more only add work to the combine.
+const DECODE_CTAS: usize = 264;
+const DECODE_THREADS: u32 = 128;
+
+/// A [`Forward`] of one query per row (decoding) as `flash_decode` over splits of the keys
+/// and `flash_decode_combine`: the forward gives each query a 128-row tile and walks its keys
+/// in one CTA, which at T = 1 leaves most of the GPU idle and reads each K/V head once per
+/// query head.
+pub(super) struct Decode {
+    forward: Forward,
+    /// Keys per split (a multiple of 64, at most `DECODE_SPLIT`) and splits.
+    split_len: usize,
+    splits: usize,
+}
+
+impl Forward {
+    /// This launch as the decoding kernels, where they take it: one query per row, at most
+    /// `DECODE_GROUPS` query heads per K/V head.
+    pub(super) fn decode(&self) -> Option<Decode> {
+        let sh = &self.shape;
+        if sh.t != 1 || sh.groups > DECODE_GROUPS {
+            return None;
+        }
+        let ctas_per_split = sh.b * (sh.heads / sh.groups);
+        let want = DECODE_CTAS.div_ceil(ctas_per_split);
+        let split_len =
+            sh.s.div_ceil(want)
+                .next_multiple_of(TILE)
+                .clamp(TILE, DECODE_SPLIT);
+        Some(Decode {
+            forward: *self,
+            split_len,
+            splits: sh.s.div_ceil(split_len),
+        })
+    }
+}
+
+impl Decode {
+    /// f32 elements of the two scratch buffers: each split's output [B, H, splits, hd] and
+    /// its max and sum [B, H, splits, 2].
+    pub(super) fn scratch(&self) -> [usize; 2] {
+        let sh = &self.forward.shape;
+        let n = sh.b * sh.heads * self.splits;
+        [n * sh.hd, n * 2]
+    }
+
+    /// The two kernels over `[q, k, v, o, lse, lo, hi, part, ml]`, part and ml as
+    /// [`Decode::scratch`] sizes them.
+    pub(super) fn calls(&self, [pq, pk, pv, po, pl, plo, phi, ppart, pml]: [u64; 9]) -> [Call; 2] {
+        let f = &self.forward;
+        let sh = &f.shape;
+        let [qs, ks, vs, os] = f.strides;
+        let (lo, hi) = if f.has_keys { (plo, phi) } else { (0, 0) };
+        let mut split = vec![Arg::Ptr(pq), Arg::I64(qs[0]), Arg::I64(qs[1])];
+        split.extend(strided(pk, ks));
+        split.extend(strided(pv, vs));
+        split.extend([
+            Arg::Ptr(ppart),
+            Arg::Ptr(pml),
+            Arg::Ptr(lo),
+            Arg::Ptr(hi),
+            Arg::I32(f.per_row as i32),
+            Arg::I32(sh.heads as i32),
+            Arg::I32(sh.groups as i32),
+            Arg::I32(sh.s as i32),
+            Arg::I32(self.split_len as i32),
+            Arg::F32(f.scale),
+        ]);
+        let combine = vec![
+            Arg::Ptr(ppart),
+            Arg::Ptr(pml),
+            Arg::Ptr(po),
+            Arg::I64(os[0]),
+            Arg::I64(os[1]),
+            Arg::Ptr(pl),
+            Arg::I32(sh.heads as i32),
+            Arg::I32(self.splits as i32),
+        ];
+        let launch = |grid| Launch {
+            grid,
+            threads: DECODE_THREADS,
+            dynamic_smem: 0,
+        };
+        let kv = sh.heads / sh.groups;
+        [
+            Call {
+                name: "flash_decode",
+                how: launch((self.splits as u32, kv as u32, sh.b as u32)),
+                args: split,
+            },
+            Call {
+                name: "flash_decode_combine",
+                how: launch((sh.heads as u32, sh.b as u32, 1)),
+                args: combine,
+            },
+        ]
     }
 }
 

@@ -689,3 +689,153 @@ extern "C" __global__ void __launch_bounds__(256) flash_sum_groups(
         dst[1] = pack2(acc.z, acc.w);
     }
 }
+
+/* Decoding: one query per batch row and head (T = 1), split over keys (FlashDecoding). The
+ * forward above gives a query a CTA of 128 query rows and walks all its keys alone: at T = 1
+ * that is B x H CTAs, each streaming the whole history, with 127 rows of its MMAs idle.
+ *
+ * flash_decode: grid (splits, KV heads, B). A CTA takes the `groups` query heads of one K/V
+ * head (so each key and value is read once for the whole group) over keys
+ * [split * split_len, +split_len) ∩ the row's range, in three passes over shared memory:
+ * scores (a thread per key, the group's queries from shared memory), each head's max and
+ * exponentials (a warp per head), then P V (a thread per four columns of a stream of keys).
+ * It leaves the split's unnormalised output, max and sum (log2 units) in `part` and `ml`;
+ * flash_decode_combine rescales the splits into O and lse. P stays f32 (the forward rounds it
+ * to bf16 for its MMA). */
+#define DEC_GMAX 16    /* most query heads per K/V head */
+#define DEC_SPLIT 512  /* most keys a CTA takes */
+#define DEC_NT 128
+#define DEC_COLS 4     /* value columns a thread accumulates in the P V pass */
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float((u32)x << 16); }
+
+extern "C" __global__ void __launch_bounds__(DEC_NT) flash_decode(
+    const bf16_t* q, i64 q_b, i64 q_h,
+    const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
+    const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
+    float* part, float* ml, const int* lo, const int* hi, int ranges_per_row,
+    int heads, int groups, int s_len, int split_len, float scale)
+{
+    __shared__ __align__(16) float sq[DEC_GMAX][HD];
+    /* Scores, then probabilities [DEC_GMAX][DEC_SPLIT]; then the P V streams' partial sums. */
+    __shared__ __align__(16) float sp[DEC_GMAX * DEC_SPLIT];
+    __shared__ float smax[DEC_GMAX], ssum[DEC_GMAX];
+    const int split = blockIdx.x, splits = gridDim.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int h0 = kvh * groups, tid = threadIdx.x;
+    const int r = ranges_per_row ? b : 0;
+    const int first = max(lo ? lo[r] : 0, split * split_len);
+    const int last = min(min(hi ? hi[r] : s_len - 1, s_len - 1), (split + 1) * split_len - 1);
+    const int n = last - first + 1; /* keys of this CTA; none when <= 0 */
+    const float sl2 = scale * LOG2E;
+    for (int i = tid; i < groups * HD; i += DEC_NT) {
+        const int g = i / HD, d = i - g * HD;
+        sq[g][d] = bf16_to_f32(HEAD(q, b, h0 + g, q_b, q_h)[d]) * sl2;
+    }
+    __syncthreads();
+    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    for (int j = tid; j < n; j += DEC_NT) {
+        const bf16_t* row = kh + (i64)(first + j) * k_t;
+        float s[DEC_GMAX];
+#pragma unroll
+        for (int g = 0; g < DEC_GMAX; g++) s[g] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < HD; c += 8) {
+            const uint4 raw = *(const uint4*)(row + c);
+            const u32 w[4] = {raw.x, raw.y, raw.z, raw.w};
+            float kf[8];
+#pragma unroll
+            for (int e = 0; e < 4; e++) { kf[2 * e] = bf16_lo(w[e]); kf[2 * e + 1] = bf16_hi(w[e]); }
+#pragma unroll
+            for (int g = 0; g < DEC_GMAX; g++) {
+                if (g >= groups) break;
+                const float4 a = *(const float4*)&sq[g][c], z = *(const float4*)&sq[g][c + 4];
+                s[g] += a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3] + z.x * kf[4] + z.y * kf[5] +
+                        z.z * kf[6] + z.w * kf[7];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < DEC_GMAX; g++) {
+            if (g >= groups) break;
+            sp[g * DEC_SPLIT + j] = s[g];
+        }
+    }
+    __syncthreads();
+    const int warp = tid >> 5, lane = tid & 31;
+    for (int g = warp; g < groups; g += DEC_NT / 32) {
+        float* p = sp + g * DEC_SPLIT;
+        float mx = NEG_INF;
+        for (int j = lane; j < n; j += 32) mx = fmaxf(mx, p[j]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float sum = 0.f;
+        for (int j = lane; j < n; j += 32) {
+            const float e = exp2f(p[j] - mx);
+            p[j] = e;
+            sum += e;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (lane == 0) { smax[g] = mx; ssum[g] = sum; }
+    }
+    __syncthreads();
+    /* P V: thread tid owns columns c0 .. c0 + DEC_COLS of the keys j ≡ stream (mod streams). */
+    const int quads = HD / DEC_COLS, streams = DEC_NT / quads;
+    const int c0 = (tid % quads) * DEC_COLS, stream = tid / quads;
+    float acc[DEC_GMAX][DEC_COLS];
+#pragma unroll
+    for (int g = 0; g < DEC_GMAX; g++)
+#pragma unroll
+        for (int e = 0; e < DEC_COLS; e++) acc[g][e] = 0.f;
+    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h) + c0;
+    for (int j = stream; j < n; j += streams) {
+        const uint2 raw = *(const uint2*)(vh + (i64)(first + j) * v_t);
+        const float vf[4] = {bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y)};
+#pragma unroll
+        for (int g = 0; g < DEC_GMAX; g++) {
+            if (g >= groups) break;
+            const float p = sp[g * DEC_SPLIT + j];
+#pragma unroll
+            for (int e = 0; e < DEC_COLS; e++) acc[g][e] += p * vf[e];
+        }
+    }
+    __syncthreads(); /* every stream is done with the probabilities: sp now holds the sums */
+#pragma unroll
+    for (int g = 0; g < DEC_GMAX; g++) {
+        if (g >= groups) break;
+        *(float4*)&sp[(stream * DEC_GMAX + g) * HD + c0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    }
+    __syncthreads();
+    for (int i = tid; i < groups * HD; i += DEC_NT) {
+        const int g = i / HD, d = i - g * HD;
+        float total = 0.f;
+        for (int st = 0; st < streams; st++) total += sp[(st * DEC_GMAX + g) * HD + d];
+        const i64 at = ((i64)b * heads + h0 + g) * splits + split;
+        part[at * HD + d] = total;
+        if (d == 0) { ml[2 * at] = smax[g]; ml[2 * at + 1] = ssum[g]; }
+    }
+}
+
+/* O = Σ_s part_s 2^(m_s - M) / Σ_s l_s 2^(m_s - M) and lse = (M + log2 L) ln 2 per (head, row),
+ * M = max_s m_s, from flash_decode's splits. Grid (H, B); o [B, H, 1, HD] strided. A row
+ * that sees no key gets zeros and lse -inf, as from the forward. */
+extern "C" __global__ void __launch_bounds__(DEC_NT) flash_decode_combine(
+    const float* part, const float* ml, bf16_t* o, i64 o_b, i64 o_h, float* lse, int heads, int splits)
+{
+    const int h = blockIdx.x, b = blockIdx.y;
+    const i64 at = ((i64)b * heads + h) * splits;
+    const float* m = ml + 2 * at;
+    float mx = NEG_INF;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, m[2 * s]);
+    float total = 0.f;
+    for (int s = 0; s < splits; s++)
+        if (m[2 * s + 1] > 0.f) total += m[2 * s + 1] * exp2f(m[2 * s] - mx);
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    bf16_t* orow = HEAD(o, b, h, o_b, o_h);
+    for (int d = threadIdx.x; d < HD; d += DEC_NT) {
+        float acc = 0.f;
+        for (int s = 0; s < splits; s++)
+            if (m[2 * s + 1] > 0.f) acc += part[(at + s) * HD + d] * exp2f(m[2 * s] - mx);
+        orow[d] = (bf16_t)(pack2(acc * inv, 0.f) & 0xffffu);
+    }
+    if (threadIdx.x == 0) lse[(i64)b * heads + h] = total > 0.f ? (mx + log2f(total)) * LN2 : NEG_INF;
+}
