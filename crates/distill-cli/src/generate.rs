@@ -61,7 +61,8 @@ impl Job for Greedy {
         Autodiff<B>: Kernels + BackendTypes<Device = B::Device>,
     {
         let model = CausalLm::<B>::load(&self.dir, &device)
-            .with_context(|| format!("loading {}", self.dir.display()))?;
+            .with_context(|| format!("loading {}", self.dir.display()))?
+            .into_decoding();
         let stop: Vec<u32> = model
             .config
             .eos_token_ids

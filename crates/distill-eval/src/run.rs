@@ -101,7 +101,7 @@ pub fn evaluate<B: Kernels>(
     for spec in &plan.models {
         let dir = hub::resolve(&spec.reference, &settings)?;
         let tokenizer = TextTokenizer::from_dir(&dir)?;
-        let model = CausalLm::<B>::load(&dir, device)?;
+        let model = CausalLm::<B>::load(&dir, device)?.into_decoding();
         let mut report = ModelReport {
             label: spec.label.clone(),
             reference: spec.reference.clone(),

@@ -895,19 +895,27 @@ impl<B: Backend> DecoderLayer<B> {
 }
 
 impl<B: Kernels> DecoderLayer<B> {
-    /// The linear layers the decoding copy fuses: q, k, v; gate, up.
-    fn fusable(&self) -> [&Linear<B>; 5] {
+    /// The linear layers the decoding copy would fuse and has not: q, k, v; gate, up.
+    fn fusable(&self) -> Vec<&Linear<B>> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [&a.q_proj, &a.k_proj, &a.v_proj, &m.gate_proj, &m.up_proj]
+        let qkv = a.qkv.is_none().then_some([&a.q_proj, &a.k_proj, &a.v_proj]);
+        let gate_up = m.gate_up.is_none().then_some([&m.gate_proj, &m.up_proj]);
+        qkv.into_iter()
+            .flatten()
+            .chain(gate_up.into_iter().flatten())
+            .collect()
     }
 
     /// This layer as [`CausalLm::for_decoding`] copies it: linears as [`Linear::for_decoding`]
-    /// makes them, q/k/v and gate/up fused when `fuse` ([`Fused`]), norms in `dtype`.
+    /// makes them, q/k/v and gate/up fused when `fuse` ([`Fused`]), norms in `dtype`. A
+    /// group fused already (a decoding copy's) is shared, not fused again.
     fn for_decoding(&self, dtype: burn::tensor::DType, merge: bool, fuse: bool) -> Self {
         let (a, m) = (&self.self_attn, &self.mlp);
         let copy = |l: &Linear<B>| l.for_decoding(dtype, merge);
-        let (qkv, [q_proj, k_proj, v_proj]) = fused(fuse, [&a.q_proj, &a.k_proj, &a.v_proj].map(copy));
-        let (gate_up, [gate_proj, up_proj]) = fused(fuse, [&m.gate_proj, &m.up_proj].map(copy));
+        let (qkv, [q_proj, k_proj, v_proj]) =
+            fused(fuse, &a.qkv, [&a.q_proj, &a.k_proj, &a.v_proj].map(copy), dtype);
+        let (gate_up, [gate_proj, up_proj]) =
+            fused(fuse, &m.gate_up, [&m.gate_proj, &m.up_proj].map(copy), dtype);
         DecoderLayer {
             self_attn: Attention {
                 q_proj,
@@ -1082,6 +1090,48 @@ impl<B: Kernels> CausalLm<B> {
     /// scales folded into A) and weights already in that dtype are shared.
     pub fn for_decoding(&self) -> Self {
         self.for_decoding_merging_up_to(MERGE_ADAPTERS_UP_TO)
+    }
+
+    /// [`CausalLm::for_decoding`] for a model that only generates from now on (serve, eval,
+    /// `generate`, `bench generate`): it is consumed a layer at a time, so fusing q/k/v and
+    /// gate/up costs no memory beyond one layer's parts, and every model gets the fused
+    /// GEMMs, not only those whose fused weights fit the copy's budget. Merges stay under
+    /// [`MERGE_ADAPTERS_UP_TO`]: an NF4 weight dequantized takes four times its memory. Its
+    /// own [`CausalLm::for_decoding`] shares its weights.
+    pub fn into_decoding(self) -> Self {
+        let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
+        let merged_bytes: usize = (self.model.layers.iter())
+            .flat_map(DecoderLayer::linears)
+            .chain(self.lm_head.iter())
+            .map(|x| x.merged_bytes(dtype))
+            .sum();
+        let merge = merged_bytes <= MERGE_ADAPTERS_UP_TO;
+        let CausalLm {
+            model,
+            lm_head,
+            config,
+            rotary,
+        } = self;
+        let Model {
+            embed_tokens,
+            layers,
+            norm,
+        } = model;
+        CausalLm {
+            model: Model {
+                embed_tokens: Embedding {
+                    weight: cast_param(&embed_tokens.weight, dtype),
+                },
+                // Each layer's originals are dropped as its copy is made.
+                layers: (layers.into_iter())
+                    .map(|l| l.for_decoding(dtype, merge, true))
+                    .collect(),
+                norm: norm.for_decoding(dtype),
+            },
+            lm_head: lm_head.map(|h| h.for_decoding(dtype, merge)),
+            config,
+            rotary,
+        }
     }
 
     /// [`CausalLm::for_decoding`] with the budget given: the copy fuses and merges when all
@@ -1311,8 +1361,14 @@ impl<B: Kernels> CausalLm<B> {
 /// `parts` fused when `fuse` and they can be ([`Fused::of`]), else as they are.
 fn fused<B: Kernels, const N: usize>(
     fuse: bool,
+    already: &Option<Fused<B>>,
     parts: [Linear<B>; N],
+    dtype: burn::tensor::DType,
 ) -> (Option<Fused<B>>, [Linear<B>; N]) {
+    // The parts of a fused group are views of its weight: copied, they still are.
+    if let Some(f) = already.as_ref().filter(|f| f.weight.dtype() == dtype) {
+        return (Some(f.clone()), parts);
+    }
     match fuse.then(|| Fused::of(&parts)).flatten() {
         Some((fused, views)) => (Some(fused), views),
         None => (None, parts),
@@ -1551,6 +1607,34 @@ mod tests {
             assert_eq!(layer.mlp.gate_up.is_some(), fused, "{what}");
             assert_same_logits(&copy, &model, &what);
         }
+    }
+
+    /// A model that only generates is made its decoding copy (`into_decoding`): fused and
+    /// merged whatever the budget says of a copy beside it, with the model's logits; and the
+    /// copy's own decoding copy (what `generate` makes of it) keeps its fused groups under a
+    /// budget of nothing, so it shares them rather than fusing again.
+    #[test]
+    fn a_model_made_its_decoding_copy_is_fused_and_shared_by_its_own_copy() {
+        let device = Default::default();
+        let mut model = CausalLm::<Flex>::init(&tiny_qwen2(), &device);
+        let q = &mut model.model.layers[0].self_attn.q_proj;
+        q.lora = Some(drawn_lora(q.weight.dims(), 0.0, &device));
+        let copy = model.for_decoding_merging_up_to(0);
+        let owned = model.clone().into_decoding();
+        for layer in &owned.model.layers {
+            assert!(layer.self_attn.qkv.is_some() && layer.mlp.gate_up.is_some());
+            assert!(layer.self_attn.q_proj.lora.is_none());
+        }
+        assert_same_logits(&owned, &model, "into_decoding");
+        assert!(
+            copy.model.layers[0].self_attn.qkv.is_none(),
+            "a budget of 0 fuses nothing anew"
+        );
+        let again = owned.for_decoding_merging_up_to(0);
+        for layer in &again.model.layers {
+            assert!(layer.self_attn.qkv.is_some() && layer.mlp.gate_up.is_some());
+        }
+        assert_same_logits(&again, &model, "the copy's copy");
     }
 
     /// A QLoRA model's decoding copy: NF4 weights dequantized with their adapters merged in

@@ -97,7 +97,8 @@ pub fn serve<B: Kernels>(
 ) -> Result<(), ServeError> {
     let tokenizer = Arc::new(TextTokenizer::from_dir(dir)?);
     let vocab = Arc::new(tokens::Vocab::new(&tokenizer));
-    let model = CausalLm::<B>::load(dir, &device)?;
+    // Serving only generates: its decoding copy is the model, held once.
+    let model = CausalLm::<B>::load(dir, &device)?.into_decoding();
     let served = served_model(dir, options, &model)?;
     if options.batch_size == 0 {
         return Err(options_error(dir, "the batch size must be at least 1".into()));
