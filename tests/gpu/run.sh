@@ -5,8 +5,8 @@
 #   bash tests/gpu/run.sh pack DIR     # here: build the CUDA test binaries, strip and xz them into DIR
 #   bash tests/gpu/run.sh run DIR      # on the GPU machine, from the repository root
 #
-# `run` starts every binary at once with DISTILL_REQUIRE_GPU=1 (a test that finds no GPU
-# fails), cubecl's minimal autotune level, --test-threads ${THREADS:-2} and --nocapture (a
+# `run` starts every binary at once (one after another with SERIAL=1) with
+# DISTILL_REQUIRE_GPU=1 (a test that finds no GPU fails), cubecl's minimal autotune level, --test-threads ${THREADS:-2} and --nocapture (a
 # failure's message is in the log as it happens, even if the binary is then stopped at its
 # limit), each under a limit of ${LIMIT:-480} seconds. Logs (each line with the time it was printed, so a test's duration can be read off)
 # and summary.txt go to ${OUT:-target/gpu-tests}.
@@ -61,6 +61,9 @@ run)
         while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$out/$(basename "$b").log"
       rc=${PIPESTATUS[0]}
       echo "$(basename "$b") rc=$rc $(( $(date +%s) - start ))s $(grep -E 'test result' "$out/$(basename "$b").log" | tail -1)" >> "$out/summary.txt" ) &
+    # SERIAL=1: one binary at a time, each with the GPU to itself (all at once, the slow
+    # ones can run out of their limit while the others compile and tune).
+    [ "${SERIAL:-0}" = 1 ] && wait
   done
   wait
   cat "$out/gpu.txt" "$out/summary.txt"
