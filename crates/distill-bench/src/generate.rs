@@ -3,15 +3,16 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::tensor::Tensor;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{Decoding, GenerationConfig, Request, Sampling, generate};
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 use serde_json::{Map, Value, json};
 
-use crate::Args;
-use crate::flops::{generate_flops_per_token, mfu};
+use crate::flops::{generate_flops_per_token, matmul_params, mfu};
 use crate::rows::base_row;
 use crate::train::random_rows;
+use crate::{Args, time_calls};
 
 /// B6: `batch` random prompts of --prompt-len tokens, --new-tokens greedy tokens each through
 /// `distill_infer::generate` (the KV-cached batched decoder eval and serve use), no EOS. One
@@ -29,6 +30,7 @@ pub(crate) fn bench_generate<B: Kernels>(
         "B6 {model_name}: batch {batch}, {} prompt -> {} new tokens",
         a.prompt_len, a.new_tokens
     );
+    let (gbps, gbps_from) = bandwidth_gbps::<B>(a, dtype, device);
     B::seed(device, 42);
     // As serve and eval hold it: the decoding copy made once, outside the timing.
     let model = CausalLm::<B>::init(c, device).into_decoding();
@@ -93,7 +95,16 @@ pub(crate) fn bench_generate<B: Kernels>(
             }
         ),
     );
-    row.insert("tokens_per_s".into(), json!(stats.new_tokens as f64 / secs));
+    let tokens_per_s = stats.new_tokens as f64 / secs;
+    row.insert("tokens_per_s".into(), json!(tokens_per_s));
+    // What a step must read at the least sets the fastest it can go: batch tokens a step.
+    let elem = if dtype == "bf16" { 2 } else { 4 };
+    let step_bytes = decode_step_bytes(c, batch, a.prompt_len, a.new_tokens, elem);
+    let limit = batch as f64 * gbps * 1e9 / step_bytes;
+    row.insert("bandwidth_gbps".into(), json!(gbps));
+    row.insert("bandwidth_from".into(), json!(gbps_from));
+    row.insert("bandwidth_limit_tokens_per_s".into(), json!(limit));
+    row.insert("of_bandwidth_limit".into(), json!(tokens_per_s / limit));
     row.insert("tflops".into(), json!(tf));
     row.insert("mfu".into(), json!(mfu(tf, peak)));
     row.insert("ms".into(), json!(secs * 1e3));
@@ -110,6 +121,43 @@ pub(crate) fn bench_generate<B: Kernels>(
                "kv_cache": true, "dtype": dtype}),
     );
     Ok(row)
+}
+
+/// Bytes a decoding step reads at the least, each value `elem` bytes: every linear layer's
+/// weights and the LM head's (tied or not), and the keys and values each of `batch` rows
+/// attends to, at the generation's mean length (`prompt` + `new` / 2). The embedding gather,
+/// norms and biases are left out.
+pub(crate) fn decode_step_bytes(
+    c: &DecoderConfig,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    elem: usize,
+) -> f64 {
+    let weights = matmul_params(c) as f64;
+    let kv_per_position = (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim) as f64;
+    let positions = prompt as f64 + new as f64 / 2.0;
+    (weights + batch as f64 * kv_per_position * positions) * elem as f64
+}
+
+/// The bandwidth B6's limit divides by, in GB/s, and where it came from: --peak-gbps, or a
+/// scale (`x * 1.5`) of 512 MiB of bf16 on CUDA (16 MiB of f32 on CPU), read once and written
+/// once, the mean of five calls after two.
+fn bandwidth_gbps<B: Kernels>(a: &Args, dtype: &str, device: &B::Device) -> (f64, String) {
+    if let Some(g) = a.peak_gbps.filter(|g| *g > 0.0) {
+        return (g, "--peak-gbps".into());
+    }
+    let (bytes, dt) = match dtype {
+        "bf16" => (512usize << 20, burn::tensor::DType::BF16),
+        _ => (16 << 20, burn::tensor::DType::F32),
+    };
+    let x = Tensor::<B, 1>::ones([bytes / dt.size()], device).cast(dt);
+    let secs = time_calls::<B>(device, 2, 5, || drop(x.clone().mul_scalar(1.5)));
+    let gbps = 2.0 * bytes as f64 / secs / 1e9;
+    (
+        gbps,
+        format!("measured: a scale of {} MiB, read and written", bytes >> 20),
+    )
 }
 
 /// The model directory's tokenizer when it has one, else a one-token word-level tokenizer
@@ -146,4 +194,26 @@ fn fnv1a(tokens: impl Iterator<Item = u32>) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-0.5B's bytes a step: transformers counts 494,032,768 parameters, of which the
+    /// biases (24 x (896 + 2 x 128)) and norms (49 x 896) are not read as GEMM weights; the
+    /// head is the tied embedding, read once. The KV cache at batch 64, 128 -> 256 tokens:
+    /// 256 positions on average, 24 layers of K and V over 2 heads of 64.
+    #[test]
+    fn a_decoding_step_reads_the_gemm_weights_and_the_mean_kv_cache() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/configs/qwen2.5-0.5b");
+        let c = DecoderConfig::from_dir(&dir).unwrap();
+        let gemm_params = 494_032_768u64 - 24 * (896 + 2 * 128) - 49 * 896;
+        assert_eq!(decode_step_bytes(&c, 1, 0, 0, 2), (2 * gemm_params) as f64);
+        let kv = 64.0 * (24 * 2 * 2 * 64) as f64 * 256.0 * 2.0;
+        assert_eq!(
+            decode_step_bytes(&c, 64, 128, 256, 2),
+            (2 * gemm_params) as f64 + kv
+        );
+    }
 }

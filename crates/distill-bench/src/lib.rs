@@ -109,6 +109,11 @@ pub struct Args {
     /// GEMM of --peak-n.
     #[arg(long)]
     pub(crate) peak_tflops: Option<f64>,
+    /// Memory bandwidth in GB/s that B6's bandwidth limit divides by (the H100 SXM's
+    /// datasheet figure is 3,350). Default: measured in each B6 case, a scale of 512 MiB
+    /// (16 MiB on CPU) read and written once.
+    #[arg(long)]
+    pub(crate) peak_gbps: Option<f64>,
     /// Size of the square GEMM measuring the peak (default 8192 on CUDA, 256 on CPU).
     #[arg(long)]
     pub(crate) peak_n: Option<usize>,
