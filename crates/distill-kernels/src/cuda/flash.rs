@@ -8,6 +8,9 @@
 //! GPU time after the GEMMs moved to cuBLAS. Here they stay in registers, and key tiles no
 //! query of a tile can see (the upper triangle, other documents) are skipped.
 //!
+//! One query a row (a decoding step) takes [`Decode`]'s kernels instead: the keys split
+//! across CTAs, each reading a K/V head once for its whole group of query heads.
+//!
 //! Inputs the kernels do not take (another dtype or head dim, strides that are not multiples
 //! of 8 elements, a GPU before sm_80) get `Err`; the caller then uses the blockwise path.
 //! `DISTILL_ATTENTION=blockwise` does so always.
