@@ -5,7 +5,7 @@
 //!   B3 lora      LoRA distillation step (KL on a top-k teacher + CE): tok/s, MFU, peak memory
 //!   B4 full      full fine-tuning step: the same
 //!   B5 memory    longest sequence at batch 1 whose peak memory stays under a cap
-//!   B6 generate  greedy generation tok/s, prompt -> new tokens, at the given batch sizes
+//!   B6 generate  generation tok/s and its bandwidth limit, at the given batch sizes
 //!
 //! The parent process plans the cases and runs each one in a child process (the calling
 //! binary re-invoked with the same arguments and a hidden `--run-case`), so every case's peak
