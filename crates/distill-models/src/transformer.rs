@@ -1099,13 +1099,43 @@ impl<B: Kernels> CausalLm<B> {
     /// [`MERGE_ADAPTERS_UP_TO`]: an NF4 weight dequantized takes four times its memory. Its
     /// own [`CausalLm::for_decoding`] shares its weights.
     pub fn into_decoding(self) -> Self {
+        let merge = self.merged_bytes() <= MERGE_ADAPTERS_UP_TO;
+        self.decoding_copy(merge, true)
+    }
+
+    /// [`CausalLm::for_decoding`] with the budget given: the copy fuses and merges when all
+    /// the weights it makes anew fit in `budget_bytes`, else only merges when its merged
+    /// weights fit, else neither.
+    pub fn for_decoding_merging_up_to(&self, budget_bytes: usize) -> Self {
         let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
-        let merged_bytes: usize = (self.model.layers.iter())
+        let merged_bytes = self.merged_bytes();
+        // Fused weights are made anew, merged or not.
+        let fused_bytes = merged_bytes
+            + (self.model.layers.iter())
+                .flat_map(DecoderLayer::fusable)
+                .map(|x| x.dense_bytes(dtype) - x.merged_bytes(dtype))
+                .sum::<usize>();
+        let fuse = fused_bytes <= budget_bytes;
+        let merge = fuse || merged_bytes <= budget_bytes;
+        // A clone shares every tensor: the copy is made beside the model, which keeps its own.
+        self.clone().decoding_copy(merge, fuse)
+    }
+
+    /// Bytes of the dense weights merging the adapters (and dequantizing NF4 weights) makes,
+    /// in the decoding dtype.
+    fn merged_bytes(&self) -> usize {
+        let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
+        (self.model.layers.iter())
             .flat_map(DecoderLayer::linears)
             .chain(self.lm_head.iter())
             .map(|x| x.merged_bytes(dtype))
-            .sum();
-        let merge = merged_bytes <= MERGE_ADAPTERS_UP_TO;
+            .sum()
+    }
+
+    /// The decoding copy of this model, merged and fused as told, made a layer at a time:
+    /// each layer's own tensors are dropped as its copy is made, unless shared elsewhere.
+    fn decoding_copy(self, merge: bool, fuse: bool) -> Self {
+        let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
         let CausalLm {
             model,
             lm_head,
@@ -1122,53 +1152,14 @@ impl<B: Kernels> CausalLm<B> {
                 embed_tokens: Embedding {
                     weight: cast_param(&embed_tokens.weight, dtype),
                 },
-                // Each layer's originals are dropped as its copy is made.
                 layers: (layers.into_iter())
-                    .map(|l| l.for_decoding(dtype, merge, true))
+                    .map(|l| l.for_decoding(dtype, merge, fuse))
                     .collect(),
                 norm: norm.for_decoding(dtype),
             },
             lm_head: lm_head.map(|h| h.for_decoding(dtype, merge)),
             config,
             rotary,
-        }
-    }
-
-    /// [`CausalLm::for_decoding`] with the budget given: the copy fuses and merges when all
-    /// the weights it makes anew fit in `budget_bytes`, else only merges when its merged
-    /// weights fit, else neither.
-    pub fn for_decoding_merging_up_to(&self, budget_bytes: usize) -> Self {
-        let dtype = <B::FloatElem as burn::tensor::Element>::dtype();
-        let layers = &self.model.layers;
-        let merged_bytes: usize = layers
-            .iter()
-            .flat_map(DecoderLayer::linears)
-            .chain(self.lm_head.iter())
-            .map(|x| x.merged_bytes(dtype))
-            .sum();
-        // Fused weights are made anew, merged or not.
-        let fused_bytes = merged_bytes
-            + layers
-                .iter()
-                .flat_map(DecoderLayer::fusable)
-                .map(|x| x.dense_bytes(dtype) - x.merged_bytes(dtype))
-                .sum::<usize>();
-        let fuse = fused_bytes <= budget_bytes;
-        let merge = fuse || merged_bytes <= budget_bytes;
-        CausalLm {
-            model: Model {
-                embed_tokens: Embedding {
-                    weight: cast_param(&self.model.embed_tokens.weight, dtype),
-                },
-                layers: layers
-                    .iter()
-                    .map(|l| l.for_decoding(dtype, merge, fuse))
-                    .collect(),
-                norm: self.model.norm.for_decoding(dtype),
-            },
-            lm_head: self.lm_head.as_ref().map(|h| h.for_decoding(dtype, merge)),
-            config: self.config.clone(),
-            rotary: self.rotary.clone(),
         }
     }
 
