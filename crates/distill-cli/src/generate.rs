@@ -1,5 +1,6 @@
 //! `distill generate MODEL --prompt TEXT`: greedy decoding by the shared generation engine,
-//! streamed to stdout. A quick way to see that a model loads and talks; `distill eval` does the scoring.
+//! streamed to stdout. A quick way to see that a model loads and talks; `distill eval` does
+//! the scoring.
 
 use std::io::Write;
 

@@ -365,10 +365,10 @@ fn flash_case_on<B: AutodiffBackend + Kernels>(
 /// does not take the mask) and cuDNN's attention (training's for causal and unmasked
 /// self-attention) against the reference on the CPU in f32: grouped K/V heads, head dims 64
 /// and 128, packed documents, left padding after cached keys, lengths that are not multiples
-/// of the 64-row tiles, and one query a row (decoding's split kernels, forward only). Bounds (max error / rms of the reference): bf16 rounding of the output,
-/// P and dS gives about 1e-2 on the output and 3e-2 on the gradients; burn-cuda's own bf16
-/// attention was 2.9e-2 and 5-8e-2 on the first case. A wrong fragment, mask or scale is off
-/// by O(1).
+/// of the 64-row tiles, and one query a row (decoding's split kernels, forward only). Bounds
+/// (max error / rms of the reference): bf16 rounding of the output, P and dS gives about 1e-2
+/// on the output and 3e-2 on the gradients; burn-cuda's own bf16 attention was 2.9e-2 and
+/// 5-8e-2 on the first case. A wrong fragment, mask or scale is off by O(1).
 #[test]
 fn cuda_flash_attention_matches_the_cpu() {
     let Some((_turn, device)) = gpu() else { return };

@@ -403,8 +403,8 @@ pub(super) fn step(
 }
 
 /// Strides (batch, head, row) of q, k, v and the output as the op-by-op path hands them to
-/// the attention kernels: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd], the
-/// output written as [B, 1, H, hd].
+/// the attention kernels: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd],
+/// the output written as [B, 1, H, hd].
 fn attention_strides(heads: usize, kv_heads: usize, hd: usize, cap: usize) -> [[i64; 3]; 4] {
     let row = (heads * hd) as i64;
     let q = [row, hd as i64, row];

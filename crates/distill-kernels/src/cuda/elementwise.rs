@@ -259,10 +259,12 @@ pub(super) fn module() -> nvrtc::Module {
     }
 }
 
-/// Up to this many rows (a decoding step's), RMSNorm takes a CTA a row (`rms_norm_wide`), for
-/// rows of at most `WIDE_C` elements (`WIDE_NT * WIDE_PER` in the source).
+/// Up to this many rows (a decoding step's), RMSNorm takes a CTA of `WIDE_THREADS` a row
+/// (`rms_norm_wide`), for rows of at most `WIDE_C` elements (`WIDE_NT` and
+/// `WIDE_NT * WIDE_PER` in the source).
 const WIDE_ROWS: usize = 512;
-const WIDE_C: usize = 256 * 16;
+const WIDE_THREADS: u32 = 256;
+const WIDE_C: usize = WIDE_THREADS as usize * 16;
 
 /// Rows of a warp-per-row kernel per 256-thread block.
 const ROWS_PER_BLOCK: usize = 8;
@@ -333,7 +335,7 @@ pub(super) fn rms_norm_call([px, pw, py]: [u64; 3], bf16: i32, rows: usize, c: u
     let (name, how) = if rows <= WIDE_ROWS && c <= WIDE_C {
         let how = Launch {
             grid: (rows as u32, 1, 1),
-            threads: 256,
+            threads: WIDE_THREADS,
             dynamic_smem: 0,
         };
         ("rms_norm_wide", how)
