@@ -5,7 +5,8 @@
 #   bash tests/gpu/run.sh pack DIR     # here: build the CUDA test binaries, strip and xz them into DIR
 #   bash tests/gpu/run.sh run DIR      # on the GPU machine, from the repository root
 #
-# `run` starts every binary at once (one after another with SERIAL=1) with
+# `run` starts every binary at once (one after another with SERIAL=1; only the tests whose
+# names contain $FILTER where it is set) with
 # DISTILL_REQUIRE_GPU=1 (a test that finds no GPU fails), cubecl's minimal autotune level, --test-threads ${THREADS:-2} and --nocapture (a
 # failure's message is in the log as it happens, even if the binary is then stopped at its
 # limit), each under a limit of ${LIMIT:-480} seconds. Logs (each line with the time it was printed, so a test's duration can be read off)
@@ -57,7 +58,7 @@ run)
     esac
     chmod +x "$b"
     ( start=$(date +%s)
-      timeout "${LIMIT:-480}" "$b" --test-threads "${THREADS:-2}" --nocapture 2>&1 |
+      timeout "${LIMIT:-480}" "$b" ${FILTER:+"$FILTER"} --test-threads "${THREADS:-2}" --nocapture 2>&1 |
         while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$out/$(basename "$b").log"
       rc=${PIPESTATUS[0]}
       echo "$(basename "$b") rc=$rc $(( $(date +%s) - start ))s $(grep -E 'test result' "$out/$(basename "$b").log" | tail -1)" >> "$out/summary.txt" ) &

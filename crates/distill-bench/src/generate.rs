@@ -72,10 +72,18 @@ pub(crate) fn bench_generate<B: Kernels>(
         generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
     }
     let _ = B::sync(device);
+    let issued = fused_steps();
     let started = Instant::now();
     let (generations, stats) = generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
     let _ = B::sync(device);
     let secs = started.elapsed().as_secs_f64();
+    let issued = fused_steps().map(|(after, host)| {
+        let (before, before_host) = issued.unwrap_or_default();
+        (
+            std::array::from_fn::<usize, 3, _>(|i| after[i] - before[i]),
+            host - before_host,
+        )
+    });
     let processed = (batch * (a.prompt_len + a.new_tokens)) as f64;
     let tf = generate_flops_per_token(c) * processed / secs / 1e12;
     let mut row = base_row(
@@ -108,6 +116,15 @@ pub(crate) fn bench_generate<B: Kernels>(
     row.insert("tflops".into(), json!(tf));
     row.insert("mfu".into(), json!(mfu(tf, peak)));
     row.insert("ms".into(), json!(secs * 1e3));
+    if let Some(([replayed, captured, steps], host)) = issued {
+        // How the fused steps went out: from a CUDA graph or not, and the device thread's
+        // host time issuing each.
+        let per_step = host.as_secs_f64() * 1e6 / steps.max(1) as f64;
+        row.insert("fused_steps".into(), json!(steps));
+        row.insert("graph_replays".into(), json!(replayed));
+        row.insert("graph_captures".into(), json!(captured));
+        row.insert("issue_us_per_step".into(), json!(per_step));
+    }
     row.insert("new_tokens".into(), json!(stats.new_tokens));
     row.insert("prefill_tokens".into(), json!(stats.prefill_tokens));
     // Two runs (two builds, or `DISTILL_DECODE` on and off) decoded the same tokens iff these match.
@@ -121,6 +138,15 @@ pub(crate) fn bench_generate<B: Kernels>(
                "kv_cache": true, "dtype": dtype}),
     );
     Ok(row)
+}
+
+/// Fused decoding steps issued so far in this process, with the host time spent issuing
+/// them ([`distill_kernels::cuda::decode::issued`]); None without CUDA.
+fn fused_steps() -> Option<([usize; 3], std::time::Duration)> {
+    #[cfg(feature = "cuda")]
+    return Some(distill_kernels::cuda::decode::issued());
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Bytes a decoding step reads at the least, each value `elem` bytes: every linear layer's

@@ -60,6 +60,8 @@ pub mod decode;
 pub mod elementwise;
 /// Flash attention forward and backward on tensor cores.
 pub mod flash;
+/// A decoding step replayed from a CUDA graph.
+mod graph;
 /// The loss's passes over logits.
 pub mod logits;
 /// NCCL's all-reduce across the GPUs of this process, for data-parallel training.
@@ -423,6 +425,7 @@ where
         weights: &DecodeWeights<'_, Self>,
         x: DecodeInputs<'_, Self>,
         caches: CacheBuffers<Self>,
+        state: &mut crate::StepState,
     ) -> (Option<Tensor<Self, 2>>, CacheBuffers<Self>) {
         if !decode::enabled() {
             return (None, caches);
@@ -459,7 +462,7 @@ where
             at: x.at,
         };
         let bufs: Vec<_> = caches.into_iter().map(|(k, v)| (prim(k), prim(v))).collect();
-        let found = decode::step(&w, &inputs, &bufs);
+        let found = decode::step(&w, &inputs, &bufs, state);
         let caches = bufs.into_iter().map(|(k, v)| (tensor(k), tensor(v))).collect();
         match found {
             Ok(logits) => (Some(tensor(logits)), caches),

@@ -60,3 +60,25 @@ pub struct DecodeInputs<'a, B: Backend> {
 /// Each layer's cache buffers, keys and values [B, KV, cap, hd] with cap > `at`: the step
 /// writes its position's keys and values into them and reads positions 0..=at.
 pub type CacheBuffers<B> = Vec<(Tensor<B, 4>, Tensor<B, 4>)>;
+
+/// What a backend keeps from one fused decoding step of a cache to the next (CUDA: the
+/// step's work buffers and the CUDA graph that issues it), held by the cache and dropped
+/// with it. A copy of a cache starts without one: its buffers are others.
+#[derive(Default)]
+pub struct StepState(pub(crate) Option<Box<dyn std::any::Any + Send>>);
+
+impl Clone for StepState {
+    fn clone(&self) -> Self {
+        StepState(None)
+    }
+}
+
+impl std::fmt::Debug for StepState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "StepState(kept)"
+        } else {
+            "StepState(none)"
+        })
+    }
+}

@@ -53,7 +53,7 @@ pub mod offload;
 pub use offload::{Fetched, Parked};
 /// What a fused decoding step reads: a decoder's weights and one step's inputs.
 pub mod decode;
-pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Projection};
+pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Projection, StepState};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
 pub use sample::RowSampling;
@@ -462,10 +462,12 @@ pub trait ModelKernels: Backend {
     /// op. CUDA issues the op-by-op path's kernels, in its order with its arguments, from one
     /// device-thread task, so both give the same logits bit for bit; the default has no
     /// such path ([`ModelKernels::FUSED_DECODE`] false: callers need not build its inputs).
+    /// `state` is what the backend keeps between the steps of one cache.
     fn decode_step(
         _weights: &DecodeWeights<'_, Self>,
         _x: DecodeInputs<'_, Self>,
         caches: CacheBuffers<Self>,
+        _state: &mut StepState,
     ) -> (Option<Tensor<Self, 2>>, CacheBuffers<Self>) {
         (None, caches)
     }

@@ -14,7 +14,7 @@ use distill_kernels::cast_to;
 use distill_kernels::nf4::Nf4;
 use distill_kernels::{
     CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Kernels, KeyRanges, LinearWeight, ModelKernels,
-    NormInput, Normed, Projection, add_bias,
+    NormInput, Normed, Projection, StepState, add_bias,
 };
 
 /// A linear layer with an optional LoRA adapter.
@@ -503,6 +503,8 @@ impl<B: Kernels> Mlp<B> {
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerCache<B>>>,
+    /// What the backend's fused step keeps for this cache's next step (its graph).
+    step: StepState,
 }
 
 #[derive(Debug, Clone)]
@@ -570,6 +572,7 @@ impl<B: ModelKernels> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: vec![None; num_layers],
+            step: StepState::default(),
         }
     }
 
@@ -1226,7 +1229,7 @@ impl<B: Kernels> CausalLm<B> {
             keys: ctx.keys.as_ref(),
             at,
         };
-        let (logits, buffers) = <B as ModelKernels>::decode_step(&weights, x, buffers);
+        let (logits, buffers) = <B as ModelKernels>::decode_step(&weights, x, buffers, &mut cache.step);
         cache.put_back(buffers, at + usize::from(logits.is_some()));
         logits
     }
@@ -1705,17 +1708,20 @@ mod tests {
         cached_decoding_equals_the_full_forward::<burn::backend::Cuda<half::bf16>>(&config, &device, 3e-2);
     }
 
-    /// The fused decoding step against the op-by-op one on the GPU: three left-padded rows
-    /// of different prompt lengths, 300 steps (past the cache's growth at 256 positions),
-    /// with an untied LM head and with a tied one. With the decoding copy's fused projections
-    /// the logits must be equal bit for bit at every step, since both paths issue the same
-    /// kernels with the same arguments; with projections left apart (a copy over its
-    /// budget), where the op path adds the MLP's residual after its GEMM instead of in it,
-    /// within bf16's rounding (3e-2 of the largest logit). The fused path must have run.
+    /// The fused decoding step, replayed from a CUDA graph and issued directly, against the
+    /// op-by-op one on the GPU: three left-padded rows of different prompt lengths, 300 steps
+    /// (past the cache's growth at 256 positions, which moves every cache buffer under the
+    /// graph), the middle row leaving at step 150 (a new batch: a new graph), with an untied
+    /// LM head and with a tied one. With the decoding copy's fused projections the logits
+    /// must be equal bit for bit at every step, since all three issue the same kernels with
+    /// the same arguments; with projections left apart (a copy over its budget), where the op
+    /// path adds the MLP's residual after its GEMM instead of in it, the two fused modes bit
+    /// for bit and the op path within bf16's rounding (3e-2 of the largest logit). The fused
+    /// path must have run, and nearly every graph step must have been a replay.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_fused_decoding_steps_equal_the_op_by_op_steps() {
-        use distill_kernels::cuda::decode;
+        use distill_kernels::cuda::decode::{self, Mode};
         type B = burn::backend::Cuda<half::bf16>;
         let Some(device) = distill_kernels::cuda::stream::first_cuda_device() else {
             return;
@@ -1734,45 +1740,77 @@ mod tests {
                 &[40, 41, 42, 43, 44, 45, 46],
             ];
             let width = prompts.iter().map(|p| p.len()).max().unwrap();
-            let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+            let mut pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
             let ids: Vec<i64> = prompts
                 .iter()
                 .flat_map(|p| std::iter::repeat_n(0, width - p.len()).chain(p.iter().map(|&t| i64::from(t))))
                 .collect();
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [3, width]), &device);
             let ctx = Context::left_padded(&model.rotary, &pads, width, 0, &device);
-            let mut fused = model.new_cache();
-            model.hidden_states_with(input, &ctx, Some(&mut fused));
-            let mut ops = fused.clone();
-            // The prefill's buffers are shared by the two caches until one grows: deep copies.
-            ops.remake(|x| x.clone() * 1.0);
+            let mut graph = model.new_cache();
+            model.hidden_states_with(input, &ctx, Some(&mut graph));
+            // The prefill's buffers are shared by the caches until one grows: deep copies.
+            let copy = |c: &KvCache<B>| {
+                let mut c = c.clone();
+                c.remake(|x| x.clone() * 1.0);
+                c
+            };
+            let (mut direct, mut ops) = (copy(&graph), copy(&graph));
             let host = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
+            let replayed = decode::issued().0[0];
+            let mut rows = vec![0, 1, 2];
             for step in 0..300 {
-                let tokens: Vec<u32> = (0..3).map(|r| ((step * 7 + r * 13) % 97 + 1) as u32).collect();
-                let before = decode::steps_on_this_thread();
-                decode::set_enabled(true);
-                let a = model.decode_step(&tokens, &pads, &mut fused, &device);
-                assert_eq!(
-                    decode::steps_on_this_thread(),
-                    before + 1,
-                    "step {step}: the fused path did not run"
+                if step == 150 {
+                    let keep = [0, 2];
+                    for c in [&mut graph, &mut direct, &mut ops] {
+                        c.select_rows(&keep);
+                    }
+                    rows = keep.map(|r| rows[r]).to_vec();
+                    pads = keep.map(|r| pads[r]).to_vec();
+                }
+                let tokens: Vec<u32> = rows
+                    .iter()
+                    .map(|r| ((step * 7 + r * 13) % 97 + 1) as u32)
+                    .collect();
+                let run = |mode, cache: &mut KvCache<B>| {
+                    decode::set_mode(mode);
+                    let before = decode::steps_on_this_thread();
+                    let logits = host(model.decode_step(&tokens, &pads, cache, &device));
+                    let fused = decode::steps_on_this_thread() == before + 1;
+                    assert_eq!(fused, mode != Mode::Ops, "step {step}, {mode:?}: fused or not");
+                    logits
+                };
+                let (a, b, c) = (
+                    run(Mode::Graph, &mut graph),
+                    run(Mode::Direct, &mut direct),
+                    run(Mode::Ops, &mut ops),
                 );
-                decode::set_enabled(false);
-                let b = model.decode_step(&tokens, &pads, &mut ops, &device);
-                decode::set_enabled(true);
-                let (a, b) = (host(a), host(b));
-                assert_eq!(a.len(), 3 * config.vocab_size);
+                decode::set_mode(Mode::Graph);
+                assert_eq!(a.len(), rows.len() * config.vocab_size);
+                let first = a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits());
+                assert_eq!(
+                    first, None,
+                    "tied {tied}, fused {fuse}, step {step}: graph and direct differ at {first:?}"
+                );
                 if fuse {
-                    let first = a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits());
+                    let first = a.iter().zip(&c).position(|(x, y)| x.to_bits() != y.to_bits());
                     assert_eq!(
                         first, None,
                         "tied {tied}, step {step}: logits differ at {first:?}"
                     );
                 } else {
-                    assert_within(&a, &b, 3e-2, &format!("step {step}, projections apart"));
+                    assert_within(&a, &c, 3e-2, &format!("step {step}, projections apart"));
                 }
             }
-            assert_eq!((fused.len(), ops.len()), (width + 300, width + 300));
+            for c in [&graph, &direct, &ops] {
+                assert_eq!(c.len(), width + 300);
+            }
+            // Two batches, each a direct step and a capture before its replays.
+            let replays = decode::issued().0[0] - replayed;
+            assert!(
+                replays >= 296,
+                "tied {tied}, fused {fuse}: {replays} of 300 steps replayed"
+            );
         }
     }
 

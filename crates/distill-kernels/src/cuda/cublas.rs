@@ -400,6 +400,17 @@ pub(super) struct RowGemm {
     pub accumulate: bool,
 }
 
+impl RowGemm {
+    /// Everything that decides what this GEMM does on `[x, w, out]`: what a replayed
+    /// decoding step compares with its captured GEMM ([`super::graph::Issuer::other`]).
+    pub(super) fn key(&self, [x, w, out]: [u64; 3]) -> [u64; 11] {
+        let dtype = blas_type(self.dtype).map_or(u64::MAX, |t| t as u64);
+        let [m, n, k, ldc, ld] = [self.m, self.n, self.k, self.ldc, self.w.ld].map(|d| d as u64);
+        let flags = [self.w.trans, self.accumulate].map(u64::from);
+        [x, w, out, m, n, k, ldc, ld, flags[0], flags[1], dtype]
+    }
+}
+
 /// How cuBLAS reads a 2-D weight [k, n] in place: transposed (the tied LM head's view of the
 /// embedding table) or not, and its leading dimension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,16 +20,21 @@
 //! flash kernels lack, shared cache buffers, cuBLAS or the flash kernels switched off) get
 //! `Err`, and the caller runs the step op by op. `DISTILL_DECODE=ops` does so always.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::server::Binding;
 use burn_cubecl::tensor::CubeTensor;
 
+use crate::StepState;
+
 use super::cublas::{self, RowGemm, WeightLayout};
 use super::elementwise::{self, RopeQkv};
 use super::flash::{self, Forward, Shape};
+use super::graph::{Issue, Issuer, Path, Replays};
 use super::nvrtc::{self, Arg, Call, Launch};
 use super::stream;
 
@@ -61,25 +66,52 @@ fn module() -> nvrtc::Module {
     }
 }
 
-static MODE: AtomicU8 = AtomicU8::new(0); // 0: not read yet, 1: on, 2: off
+/// How decoding steps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Op by op, through burn's tensor ops (`DISTILL_DECODE=ops`).
+    Ops,
+    /// Fused: one device-thread task issues every launch (`DISTILL_DECODE=direct`).
+    Direct,
+    /// Fused, and replayed from a CUDA graph captured once per cache and batch
+    /// ([`super::graph`]): the default.
+    Graph,
+}
 
-/// Whether decoding steps are fused: `DISTILL_DECODE=ops` (op by op) turns it off, as does
-/// [`set_enabled`].
-pub fn enabled() -> bool {
+static MODE: AtomicU8 = AtomicU8::new(0); // 0: not read yet, else 1 + the mode's index
+const MODES: [Mode; 3] = [Mode::Ops, Mode::Direct, Mode::Graph];
+
+/// How decoding steps run: `DISTILL_DECODE` (`ops`, `direct` or `graph`, the default) or
+/// what [`set_mode`] set.
+pub fn mode() -> Mode {
     match MODE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = !matches!(std::env::var("DISTILL_DECODE").as_deref(), Ok("ops"));
-            let _ = MODE.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed);
-            enabled()
+        0 => {
+            let mode = match std::env::var("DISTILL_DECODE").as_deref() {
+                Ok("ops") => Mode::Ops,
+                Ok("direct") => Mode::Direct,
+                Ok("graph") | Err(_) => Mode::Graph,
+                Ok(other) => {
+                    eprintln!("note: DISTILL_DECODE={other} is none of ops, direct, graph; using graph");
+                    Mode::Graph
+                }
+            };
+            let code = 1 + MODES.iter().position(|m| *m == mode).unwrap_or(2) as u8;
+            let _ = MODE.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+            self::mode()
         }
+        code => MODES[usize::from(code - 1).min(2)],
     }
 }
 
-/// Fuses decoding steps (true) or runs them op by op, for every later step: to compare the two.
-pub fn set_enabled(on: bool) {
-    MODE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+/// Whether decoding steps are fused (any mode but [`Mode::Ops`]).
+pub fn enabled() -> bool {
+    mode() != Mode::Ops
+}
+
+/// Runs every later decoding step in `mode`: to compare the modes.
+pub fn set_mode(mode: Mode) {
+    let code = 1 + MODES.iter().position(|m| *m == mode).unwrap_or(2) as u8;
+    MODE.store(code, Ordering::Relaxed);
 }
 
 thread_local! {
@@ -89,6 +121,22 @@ thread_local! {
 /// How many fused steps this thread has queued: lets a test tell them from the op-by-op path.
 pub fn steps_on_this_thread() -> usize {
     STEPS.with(|n| n.get())
+}
+
+static REPLAYED: AtomicUsize = AtomicUsize::new(0);
+static CAPTURED: AtomicUsize = AtomicUsize::new(0);
+static ISSUED: AtomicUsize = AtomicUsize::new(0);
+static ISSUE_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Fused steps issued so far in this process: [replayed from a graph, captured into one,
+/// all], and the host time the device thread spent issuing them. Counted as the device
+/// thread issues them: a sync or read of the results first makes them current.
+pub fn issued() -> ([usize; 3], std::time::Duration) {
+    let counts = [&REPLAYED, &CAPTURED, &ISSUED].map(|c| c.load(Ordering::Relaxed));
+    (
+        counts,
+        std::time::Duration::from_nanos(ISSUE_NS.load(Ordering::Relaxed)),
+    )
 }
 
 /// One layer's weights, as primitives ([`crate::DecodeLayer`]).
@@ -177,14 +225,75 @@ enum Bias {
     Parts,
 }
 
+/// What a cache keeps between fused steps (in its [`crate::StepState`]): the step's work
+/// buffers, sized for its batch, and the graph that issues it. A step of another size
+/// replaces it.
+pub(super) struct State {
+    sizes: Vec<(usize, DType)>,
+    work: Vec<CudaTensor>,
+    replays: Arc<Mutex<Replays>>,
+    device: burn::backend::cuda::CudaDevice,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // Graph handles are destroyed on the device thread, where the context is current.
+        let graph = std::mem::take(&mut *self.replays.lock().unwrap_or_else(|p| p.into_inner()));
+        let destroyed =
+            stream::run_on_stream_all(&self.device, Vec::new(), nvrtc::ordering(), move |_, _| {
+                drop(graph);
+                Ok(())
+            });
+        if let Err(e) = destroyed {
+            eprintln!("warning: a decoding step's CUDA graph was not destroyed: {e}");
+        }
+    }
+}
+
+impl State {
+    /// `slot`'s state if its buffers have these sizes, else a new one with such buffers.
+    fn for_sizes<'s>(
+        slot: &'s mut StepState,
+        sizes: Vec<(usize, DType)>,
+        like: &CudaTensor,
+    ) -> Result<&'s State, String> {
+        let fits = |s: &StepState| {
+            s.0.as_ref()
+                .and_then(|s| s.downcast_ref::<State>())
+                .is_some_and(|s| s.sizes == sizes)
+        };
+        if !fits(slot) {
+            // The old buffers go before the new ones are taken.
+            slot.0 = None;
+            let work = sizes
+                .iter()
+                .map(|&(n, dtype)| flash::empty(like, vec![n], dtype))
+                .collect();
+            slot.0 = Some(Box::new(State {
+                sizes,
+                work,
+                replays: Arc::default(),
+                device: like.device.clone(),
+            }));
+        }
+        slot.0
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<State>())
+            .ok_or_else(|| "a decoding step's state of another backend".into())
+    }
+}
+
 /// Queues one decoding step: logits [B, V] for the token of each row, every layer's keys and
-/// values of position `x.at` written into `caches`.
+/// values of position `x.at` written into `caches`. `state` keeps the step's buffers and
+/// graph for the cache's next step.
 pub(super) fn step(
     w: &Weights,
     x: &Inputs,
     caches: &[(CudaTensor, CudaTensor)],
+    state: &mut StepState,
 ) -> Result<CudaTensor, String> {
-    if !enabled() {
+    let mode = mode();
+    if mode == Mode::Ops {
         return Err("DISTILL_DECODE=ops".into());
     }
     if crate::attention_mode() != crate::AttentionMode::Flash {
@@ -207,7 +316,6 @@ pub(super) fn step(
         nvrtc::ensure_loaded(&device, m)?;
     }
 
-    let like = |dims: Vec<usize>, dtype| flash::empty(&x.ids, dims, dtype);
     let bf = DType::BF16;
     let (b, at) = (d.b, x.at);
     let scale = flash::softmax_scale(hd);
@@ -226,27 +334,51 @@ pub(super) fn step(
         per_row,
         scale,
     };
-    let [part, ml] = attention(1).decode().map_or([1, 1], |dec| dec.scratch());
-    // The step's work buffers, each reused by every layer: the residual stream, a norm's
-    // output, q/k/v, q rotated, attention's output, log-sum-exp and split partials, gate/up,
-    // SwiGLU's output, and q/k/v's bias when it comes in parts.
-    let work = [
-        like(vec![b, d.c], bf),
-        like(vec![b, d.c], bf),
-        like(vec![b, d.qkv], bf),
-        like(vec![b, heads * hd], bf),
-        like(vec![b, heads * hd], bf),
-        like(vec![b, heads], DType::F32),
-        like(vec![part], DType::F32),
-        like(vec![ml], DType::F32),
-        like(vec![b, 2 * d.inter], bf),
-        like(vec![b, d.inter], bf),
-        like(vec![d.qkv], bf),
+    let cap = caches
+        .first()
+        .map_or(0, |(k, _)| k.meta.shape().get(2).copied().unwrap_or(0));
+    // Split partials sized for any length the cache holds, so a graph outlives the splits'
+    // growth.
+    let [part, ml] = attention(cap)
+        .decode()
+        .map_or([1, 1], |dec| dec.scratch_up_to(cap));
+    // The step's work buffers, each reused by every layer and kept for the next step: the
+    // residual stream, a norm's output, q/k/v, q rotated, attention's output, log-sum-exp and
+    // split partials, gate/up, SwiGLU's output, q/k/v's bias when it comes in parts, and the
+    // logits a graph writes.
+    let sizes = vec![
+        (b * d.c, bf),
+        (b * d.c, bf),
+        (b * d.qkv, bf),
+        (b * heads * hd, bf),
+        (b * heads * hd, bf),
+        (b * heads, DType::F32),
+        (part, DType::F32),
+        (ml, DType::F32),
+        (b * 2 * d.inter, bf),
+        (b * d.inter, bf),
+        (d.qkv, bf),
+        (b * d.vocab, bf),
     ];
-    let logits = like(vec![b, d.vocab], bf);
+    let st = State::for_sizes(state, sizes, &x.ids)?;
+    let logits = flash::empty(&x.ids, vec![b, d.vocab], bf);
 
     let mut bound = Bindings::default();
-    let [hx, hn, hqkv, hq, hattn, hlse, hpart, hml, hgu, hh, hbias] = work.each_ref().map(|t| bound.add(t));
+    let work: [&CudaTensor; 12] = std::array::from_fn(|i| &st.work[i]);
+    let [
+        hx,
+        hn,
+        hqkv,
+        hq,
+        hattn,
+        hlse,
+        hpart,
+        hml,
+        hgu,
+        hh,
+        hbias,
+        hgraph_logits,
+    ] = work.map(|t| bound.add(t));
     let hlogits = bound.add(&logits);
     let (hids, hembed, hcos, hsin) = (
         bound.add(&x.ids),
@@ -277,15 +409,20 @@ pub(super) fn step(
     let attentions: Vec<Forward> = layers.iter().map(|l| attention(l.cap)).collect();
     let index = device.index;
     let modules = [module(), elementwise::module(), flash::module(hd)];
+    let replays = st.replays.clone();
     stream::run_on_stream_all(&device, bound.0, nvrtc::ordering(), move |stream, p| {
+        let started = Instant::now();
         let [ours, elem, attn] = &modules;
         let functions = [ours, elem, attn].map(|m| nvrtc::functions(index, m));
         let [f_ours, f_elem, f_attn] = functions;
         let (f_ours, f_elem, f_attn) = (f_ours?, f_elem?, f_attn?);
-        let run = |call: Call, m: &nvrtc::Module, f: &[usize]| call.launch_with(m, f, stream);
+        let run = |is: &mut Issuer<'_>, call: Call, (m, f): (&nvrtc::Module, &[usize])| {
+            is.kernel(call.function(m, f)?, &call)
+        };
+        let (ours, elem, attn) = ((ours, &f_ours[..]), (elem, &f_elem[..]), (attn, &f_attn[..]));
         // x [m, k] @ w [k, n] into rows of `ldc` (a projection's part writes its columns of
         // a wider row), or added to them.
-        let gemm = |[x, w, out]: [u64; 3], layout, [m, k, n]: [usize; 3], ldc, accumulate| {
+        let gemm = |is: &mut Issuer<'_>, ptrs: [u64; 3], layout, [m, k, n]: [usize; 3], ldc, accumulate| {
             let g = RowGemm {
                 m,
                 n,
@@ -295,12 +432,13 @@ pub(super) fn step(
                 dtype: DType::BF16,
                 accumulate,
             };
-            cublas::row_gemm(index, stream, [x, w, out], &g)
+            is.other(&g.key(ptrs), |stream| cublas::row_gemm(index, stream, ptrs, &g))
         };
-        let project = |x: usize, parts: &[BoundPart], out: usize, total: usize| {
+        let project = |is: &mut Issuer<'_>, x: usize, parts: &[BoundPart], out: usize, total: usize| {
             parts.iter().try_for_each(|part| {
                 let out = p[out] + (part.column * 2) as u64;
                 gemm(
+                    is,
                     [p[x], p[part.weight], out],
                     part.layout,
                     [b, d.c, part.width],
@@ -309,95 +447,127 @@ pub(super) fn step(
                 )
             })
         };
-        let norm = |[x, w, y]: [usize; 3]| {
+        let norm = |is: &mut Issuer<'_>, [x, w, y]: [usize; 3]| {
             run(
+                is,
                 elementwise::rms_norm_call([p[x], p[w], p[y]], 1, b, d.c, eps),
                 elem,
-                &f_elem,
             )
         };
-        run(
-            embed_call([p[hids], p[hembed], p[hx]], b, [d.c, embed_ld]),
-            ours,
-            &f_ours,
-        )?;
-        for (l, forward) in layers.iter().zip(&attentions) {
-            norm([hx, l.input_norm, hn])?;
-            project(hn, &l.qkv, hqkv, d.qkv)?;
-            let bias = match l.bias {
-                Bias::None => None,
-                Bias::Fused(h) => Some(p[h]),
-                Bias::Parts => {
-                    for part in &l.qkv {
-                        let (src, at) = (p[part.bias.unwrap_or(hbias)], p[hbias] + (part.column * 2) as u64);
-                        // SAFETY: both ranges lie in live bf16 buffers bound for this task.
-                        unsafe { cudarc::driver::result::memcpy_dtod_async(at, src, part.width * 2, stream) }
-                            .map_err(|e| format!("q/k/v bias copy: {e}"))?;
+        let graphed = mode == Mode::Graph;
+        // A graph writes logits of its own, copied out after it runs.
+        let logits_at = p[if graphed { hgraph_logits } else { hlogits }];
+        let body = |is: &mut Issuer<'_>| -> Result<(), Issue> {
+            run(
+                is,
+                embed_call([p[hids], p[hembed], p[hx]], b, [d.c, embed_ld]),
+                ours,
+            )?;
+            for (l, forward) in layers.iter().zip(&attentions) {
+                norm(is, [hx, l.input_norm, hn])?;
+                project(is, hn, &l.qkv, hqkv, d.qkv)?;
+                let bias = match l.bias {
+                    Bias::None => None,
+                    Bias::Fused(h) => Some(p[h]),
+                    Bias::Parts => {
+                        for part in &l.qkv {
+                            let (src, at) =
+                                (p[part.bias.unwrap_or(hbias)], p[hbias] + (part.column * 2) as u64);
+                            let bytes = part.width * 2;
+                            is.other(&[at, src, bytes as u64], |stream| {
+                                // SAFETY: both ranges lie in live bf16 buffers bound for this task.
+                                unsafe { cudarc::driver::result::memcpy_dtod_async(at, src, bytes, stream) }
+                                    .map_err(|e| format!("q/k/v bias copy: {e}"))
+                            })?;
+                        }
+                        Some(p[hbias])
                     }
-                    Some(p[hbias])
+                };
+                let rope = RopeQkv {
+                    bf16: 1,
+                    tab_bf16,
+                    heads: [heads, kv_heads],
+                    b,
+                    t: 1,
+                    hd,
+                    shared,
+                    has_bias: bias.is_some(),
+                    cap: l.cap,
+                    at,
+                };
+                let ptrs = [
+                    p[hqkv],
+                    bias.unwrap_or(0),
+                    p[hq],
+                    p[l.k_cache],
+                    p[l.v_cache],
+                    p[hcos],
+                    p[hsin],
+                ];
+                run(is, rope.call(ptrs), elem)?;
+                let ptrs = [
+                    p[hq],
+                    p[l.k_cache],
+                    p[l.v_cache],
+                    p[hattn],
+                    p[hlse],
+                    p[hlo],
+                    p[hhi],
+                ];
+                match forward.decode() {
+                    Some(dec) => {
+                        let [pq, pk, pv, po, pl, plo, phi] = ptrs;
+                        let calls = dec.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]]);
+                        calls.into_iter().try_for_each(|c| run(is, c, attn))?;
+                    }
+                    None => run(is, forward.call(ptrs), attn)?,
                 }
-            };
-            let rope = RopeQkv {
-                bf16: 1,
-                tab_bf16,
-                heads: [heads, kv_heads],
-                b,
-                t: 1,
-                hd,
-                shared,
-                has_bias: bias.is_some(),
-                cap: l.cap,
-                at,
-            };
-            let ptrs = [
-                p[hqkv],
-                bias.unwrap_or(0),
-                p[hq],
-                p[l.k_cache],
-                p[l.v_cache],
-                p[hcos],
-                p[hsin],
-            ];
-            run(rope.call(ptrs), elem, &f_elem)?;
-            let ptrs = [
-                p[hq],
-                p[l.k_cache],
-                p[l.v_cache],
-                p[hattn],
-                p[hlse],
-                p[hlo],
-                p[hhi],
-            ];
-            match forward.decode() {
-                Some(dec) => {
-                    let [pq, pk, pv, po, pl, plo, phi] = ptrs;
-                    let calls = dec.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]]);
-                    calls.into_iter().try_for_each(|c| run(c, attn, &f_attn))?;
-                }
-                None => run(forward.call(ptrs), attn, &f_attn)?,
+                let (o, ol) = l.o_proj;
+                gemm(is, [p[hattn], p[o], p[hx]], ol, [b, heads * hd, d.c], d.c, true)?;
+                norm(is, [hx, l.post_norm, hn])?;
+                project(is, hn, &l.gate_up, hgu, 2 * d.inter)?;
+                // gate and up: the two halves of each gate/up row, as the op path's column views.
+                let up = p[hgu] + (d.inter * 2) as u64;
+                let n = b * d.inter;
+                let swiglu = elementwise::swiglu_call([p[hgu], up, p[hh]], 1, n, d.inter, [2 * d.inter; 2]);
+                run(is, swiglu, elem)?;
+                let (down, dl) = l.down_proj;
+                gemm(is, [p[hh], p[down], p[hx]], dl, [b, d.inter, d.c], d.c, true)?;
             }
-            let (o, ol) = l.o_proj;
-            gemm([p[hattn], p[o], p[hx]], ol, [b, heads * hd, d.c], d.c, true)?;
-            norm([hx, l.post_norm, hn])?;
-            project(hn, &l.gate_up, hgu, 2 * d.inter)?;
-            // gate and up: the two halves of each gate/up row, as the op path's column views.
-            let up = p[hgu] + (d.inter * 2) as u64;
-            let n = b * d.inter;
-            let swiglu = elementwise::swiglu_call([p[hgu], up, p[hh]], 1, n, d.inter, [2 * d.inter; 2]);
-            run(swiglu, elem, &f_elem)?;
-            let (down, dl) = l.down_proj;
-            gemm([p[hh], p[down], p[hx]], dl, [b, d.inter, d.c], d.c, true)?;
+            norm(is, [hx, hnorm, hn])?;
+            gemm(
+                is,
+                [p[hn], p[head.0], logits_at],
+                head.1,
+                [b, d.c, d.vocab],
+                d.vocab,
+                false,
+            )
+        };
+        if graphed {
+            let path = replays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .issue(stream, body)?;
+            let bytes = b * d.vocab * 2;
+            // SAFETY: two live bf16 [b, V] buffers bound for this task.
+            unsafe { cudarc::driver::result::memcpy_dtod_async(p[hlogits], logits_at, bytes, stream) }
+                .map_err(|e| format!("logits copy: {e}"))?;
+            match path {
+                Path::Replayed => REPLAYED.fetch_add(1, Ordering::Relaxed),
+                Path::Captured => CAPTURED.fetch_add(1, Ordering::Relaxed),
+                Path::Direct => 0,
+            };
+        } else {
+            body(&mut Issuer::direct(stream)).map_err(|e| match e {
+                Issue::Failed(e) => e,
+                Issue::Changed => "a direct step cannot change".into(),
+            })?;
         }
-        norm([hx, hnorm, hn])?;
-        gemm(
-            [p[hn], p[head.0], p[hlogits]],
-            head.1,
-            [b, d.c, d.vocab],
-            d.vocab,
-            false,
-        )
+        ISSUED.fetch_add(1, Ordering::Relaxed);
+        ISSUE_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(())
     })?;
-    drop(work);
     STEPS.with(|n| n.set(n.get() + 1));
     Ok(logits)
 }

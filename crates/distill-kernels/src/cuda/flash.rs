@@ -407,6 +407,17 @@ impl Decode {
         [n * sh.hd, n * 2]
     }
 
+    /// [`Decode::scratch`]'s sizes for any number of keys up to `cap` at this batch and
+    /// these heads: splits are at most the CTAs' aim, or `cap` over the longest split.
+    pub(super) fn scratch_up_to(&self, cap: usize) -> [usize; 2] {
+        let sh = &self.forward.shape;
+        let most = DECODE_CTAS
+            .div_ceil(sh.b * (sh.heads / sh.groups))
+            .max(cap.div_ceil(DECODE_SPLIT));
+        let n = sh.b * sh.heads * most;
+        [n * sh.hd, n * 2]
+    }
+
     /// The two kernels over `[q, k, v, o, lse, lo, hi, part, ml]`, part and ml as
     /// [`Decode::scratch`] sizes them.
     pub(super) fn calls(&self, [pq, pk, pv, po, pl, plo, phi, ppart, pml]: [u64; 9]) -> [Call; 2] {

@@ -166,7 +166,7 @@ pub(crate) enum Arg {
 }
 
 /// How a kernel is launched.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Launch {
     pub grid: (u32, u32, u32),
     pub threads: u32,
@@ -199,19 +199,13 @@ impl Call {
         launch(device, module, self.name, self.how, stream, &self.args)
     }
 
-    /// Issues this call with `module`'s kernels already looked up (`functions`, in
-    /// `module.names` order).
-    pub(crate) fn launch_with(
-        &self,
-        module: &Module,
-        functions: &[usize],
-        stream: cu::CUstream,
-    ) -> Result<(), String> {
+    /// This call's kernel among `module`'s, looked up as `functions` (in `module.names`
+    /// order).
+    pub(crate) fn function(&self, module: &Module, functions: &[usize]) -> Result<usize, String> {
         let index = module.names.iter().position(|n| *n == self.name);
-        let function = index
-            .and_then(|i| functions.get(i))
-            .ok_or_else(|| format!("{}: not among the kernels of module {}", self.name, module.key))?;
-        launch_function(*function, self.name, self.how, stream, &self.args)
+        index
+            .and_then(|i| functions.get(i).copied())
+            .ok_or_else(|| format!("{}: not among the kernels of module {}", self.name, module.key))
     }
 }
 
@@ -240,16 +234,7 @@ pub(crate) fn launch_function(
     stream: cu::CUstream,
     args: &[Arg],
 ) -> Result<(), String> {
-    let mut slots: Vec<u64> = args
-        .iter()
-        .map(|a| match *a {
-            Arg::Ptr(p) => p,
-            Arg::I64(v) => v as u64,
-            Arg::I32(v) => u64::from(v as u32),
-            Arg::F32(v) => u64::from(v.to_bits()),
-            Arg::Struct(_) => 0,
-        })
-        .collect();
+    let mut slots: Vec<u64> = args.iter().map(|a| slot(*a)).collect();
     let mut params: Vec<*mut c_void> = slots
         .iter_mut()
         .zip(args)
@@ -272,6 +257,26 @@ pub(crate) fn launch_function(
         )
     }
     .map_err(|e| format!("{name}: launch: {e}"))
+}
+
+/// An argument's 8-byte slot: the value, little-endian (a struct's is unused: it is passed
+/// by its address).
+fn slot(a: Arg) -> u64 {
+    match a {
+        Arg::Ptr(p) => p,
+        Arg::I64(v) => v as u64,
+        Arg::I32(v) => u64::from(v as u32),
+        Arg::F32(v) => u64::from(v.to_bits()),
+        Arg::Struct(_) => 0,
+    }
+}
+
+/// The arguments' slots as [`launch_function`] passes them, or None if one is a struct
+/// (whose bytes a slot does not hold): what a CUDA graph's kernel node is set from.
+pub(crate) fn slots(args: &[Arg]) -> Option<Vec<u64>> {
+    args.iter()
+        .map(|&a| (!matches!(a, Arg::Struct(_))).then(|| slot(a)))
+        .collect()
 }
 
 /// Kernel `name` of `module` on `device`, as a `CUfunction` address.
