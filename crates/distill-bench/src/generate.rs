@@ -1,7 +1,7 @@
 //! B6: generation tok/s through the KV-cached batched decoder eval and serve use.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use burn::tensor::Tensor;
 use distill_hf::tokenizer::TextTokenizer;
@@ -77,13 +77,9 @@ pub(crate) fn bench_generate<B: Kernels>(
     let (generations, stats) = generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
     let _ = B::sync(device);
     let secs = started.elapsed().as_secs_f64();
-    let issued = fused_steps().map(|(after, host)| {
-        let (before, before_host) = issued.unwrap_or_default();
-        (
-            std::array::from_fn::<usize, 3, _>(|i| after[i] - before[i]),
-            host - before_host,
-        )
-    });
+    let issued = fused_steps()
+        .zip(issued)
+        .map(|(after, before)| after.since(&before));
     let processed = (batch * (a.prompt_len + a.new_tokens)) as f64;
     let tf = generate_flops_per_token(c) * processed / secs / 1e12;
     let mut row = base_row(
@@ -116,14 +112,8 @@ pub(crate) fn bench_generate<B: Kernels>(
     row.insert("tflops".into(), json!(tf));
     row.insert("mfu".into(), json!(mfu(tf, peak)));
     row.insert("ms".into(), json!(secs * 1e3));
-    if let Some(([replayed, captured, steps], host)) = issued {
-        // How the fused steps went out: from a CUDA graph or not, and the device thread's
-        // host time issuing each.
-        let per_step = host.as_secs_f64() * 1e6 / steps.max(1) as f64;
-        row.insert("fused_steps".into(), json!(steps));
-        row.insert("graph_replays".into(), json!(replayed));
-        row.insert("graph_captures".into(), json!(captured));
-        row.insert("issue_us_per_step".into(), json!(per_step));
+    if let Some(f) = issued {
+        f.add_to(&mut row);
     }
     row.insert("new_tokens".into(), json!(stats.new_tokens));
     row.insert("prefill_tokens".into(), json!(stats.prefill_tokens));
@@ -140,13 +130,80 @@ pub(crate) fn bench_generate<B: Kernels>(
     Ok(row)
 }
 
-/// Fused decoding steps issued so far in this process, with the host time spent issuing
-/// them ([`distill_kernels::cuda::decode::issued`]); None without CUDA.
-fn fused_steps() -> Option<([usize; 3], std::time::Duration)> {
-    #[cfg(feature = "cuda")]
-    return Some(distill_kernels::cuda::decode::issued());
-    #[cfg(not(feature = "cuda"))]
+/// The fused decoding steps' counts and times so far in this process (CUDA's
+/// `decode::issued`, `timing::spans` and `timing::profile`), or between two readings.
+struct FusedSteps {
+    /// Replayed from a CUDA graph, captured into one, all.
+    counts: [usize; 3],
+    /// The device thread's host time issuing them.
+    issuing: Duration,
+    /// Steps whose GPU span was read, and the spans' total.
+    spans: (usize, Duration),
+    /// Profiled launches (`DISTILL_DECODE_PROFILE=1`): name, count, GPU time.
+    profile: Vec<(&'static str, usize, Duration)>,
+}
+
+#[cfg(feature = "cuda")]
+fn fused_steps() -> Option<FusedSteps> {
+    use distill_kernels::cuda::{decode, timing};
+    let (counts, issuing) = decode::issued();
+    Some(FusedSteps {
+        counts,
+        issuing,
+        spans: timing::spans(),
+        profile: timing::profile(),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_steps() -> Option<FusedSteps> {
     None
+}
+
+impl FusedSteps {
+    fn since(&self, before: &FusedSteps) -> FusedSteps {
+        let earlier = |name| {
+            let p = before.profile.iter().find(|p| p.0 == name);
+            p.map_or((0, Duration::ZERO), |p| (p.1, p.2))
+        };
+        FusedSteps {
+            counts: std::array::from_fn(|i| self.counts[i] - before.counts[i]),
+            issuing: self.issuing - before.issuing,
+            spans: (self.spans.0 - before.spans.0, self.spans.1 - before.spans.1),
+            profile: self
+                .profile
+                .iter()
+                .map(|&(name, n, t)| {
+                    let (n0, t0) = earlier(name);
+                    (name, n - n0, t - t0)
+                })
+                .filter(|p| p.1 > 0)
+                .collect(),
+        }
+    }
+
+    /// How the steps went out (from a CUDA graph or not), the host time issuing each, its
+    /// GPU span, and where profiled its launches' GPU time by name: each a step's mean in µs.
+    fn add_to(&self, row: &mut Map<String, Value>) {
+        let [replayed, captured, steps] = self.counts;
+        let per_step = |t: Duration, n: usize| t.as_secs_f64() * 1e6 / n.max(1) as f64;
+        row.insert("fused_steps".into(), json!(steps));
+        row.insert("graph_replays".into(), json!(replayed));
+        row.insert("graph_captures".into(), json!(captured));
+        row.insert("issue_us_per_step".into(), json!(per_step(self.issuing, steps)));
+        row.insert(
+            "gpu_us_per_step".into(),
+            json!(per_step(self.spans.1, self.spans.0)),
+        );
+        if !self.profile.is_empty() {
+            let launches: Map<String, Value> = self
+                .profile
+                .iter()
+                .map(|&(name, _, t)| (name.to_string(), json!(per_step(t, steps))))
+                .collect();
+            row.insert("profile_us_per_step".into(), Value::Object(launches));
+        }
+    }
 }
 
 /// Bytes a decoding step reads at the least, each value `elem` bytes: every linear layer's

@@ -82,6 +82,8 @@ pub mod sample;
 pub mod softmax;
 /// The bridge to cubecl's device thread and CUDA stream: where our GPU work is queued.
 pub mod stream;
+/// GPU time of decoding steps.
+pub mod timing;
 
 /// burn's CUDA backend (`Cuda<bf16>`, `Cuda<f32>`; built without the fusion decorator):
 /// bf16/f16 GEMMs and batched GEMMs go to cuBLAS, anything cuBLAS is not used for (f32 inputs,

@@ -36,7 +36,7 @@ use super::elementwise::{self, RopeQkv};
 use super::flash::{self, Forward, Shape};
 use super::graph::{Issue, Issuer, Path, Replays};
 use super::nvrtc::{self, Arg, Call, Launch};
-use super::stream;
+use super::{stream, timing};
 
 type CudaTensor = CubeTensor<CudaRuntime>;
 
@@ -421,24 +421,28 @@ pub(super) fn step(
         };
         let (ours, elem, attn) = ((ours, &f_ours[..]), (elem, &f_elem[..]), (attn, &f_attn[..]));
         // x [m, k] @ w [k, n] into rows of `ldc` (a projection's part writes its columns of
-        // a wider row), or added to them.
-        let gemm = |is: &mut Issuer<'_>, ptrs: [u64; 3], layout, [m, k, n]: [usize; 3], ldc, accumulate| {
-            let g = RowGemm {
-                m,
-                n,
-                k,
-                ldc,
-                w: layout,
-                dtype: DType::BF16,
-                accumulate,
+        // a wider row), or added to them; `name` is its role, for profiles.
+        let gemm =
+            |is: &mut Issuer<'_>, name, ptrs: [u64; 3], layout, [m, k, n]: [usize; 3], ldc, accumulate| {
+                let g = RowGemm {
+                    m,
+                    n,
+                    k,
+                    ldc,
+                    w: layout,
+                    dtype: DType::BF16,
+                    accumulate,
+                };
+                is.other(name, &g.key(ptrs), |stream| {
+                    cublas::row_gemm(index, stream, ptrs, &g)
+                })
             };
-            is.other(&g.key(ptrs), |stream| cublas::row_gemm(index, stream, ptrs, &g))
-        };
-        let project = |is: &mut Issuer<'_>, x: usize, parts: &[BoundPart], out: usize, total: usize| {
+        let project = |is: &mut Issuer<'_>, name, x: usize, parts: &[BoundPart], out: usize, total: usize| {
             parts.iter().try_for_each(|part| {
                 let out = p[out] + (part.column * 2) as u64;
                 gemm(
                     is,
+                    name,
                     [p[x], p[part.weight], out],
                     part.layout,
                     [b, d.c, part.width],
@@ -465,7 +469,7 @@ pub(super) fn step(
             )?;
             for (l, forward) in layers.iter().zip(&attentions) {
                 norm(is, [hx, l.input_norm, hn])?;
-                project(is, hn, &l.qkv, hqkv, d.qkv)?;
+                project(is, "q/k/v", hn, &l.qkv, hqkv, d.qkv)?;
                 let bias = match l.bias {
                     Bias::None => None,
                     Bias::Fused(h) => Some(p[h]),
@@ -474,7 +478,7 @@ pub(super) fn step(
                             let (src, at) =
                                 (p[part.bias.unwrap_or(hbias)], p[hbias] + (part.column * 2) as u64);
                             let bytes = part.width * 2;
-                            is.other(&[at, src, bytes as u64], |stream| {
+                            is.other("q/k/v bias copy", &[at, src, bytes as u64], |stream| {
                                 // SAFETY: both ranges lie in live bf16 buffers bound for this task.
                                 unsafe { cudarc::driver::result::memcpy_dtod_async(at, src, bytes, stream) }
                                     .map_err(|e| format!("q/k/v bias copy: {e}"))
@@ -523,20 +527,37 @@ pub(super) fn step(
                     None => run(is, forward.call(ptrs), attn)?,
                 }
                 let (o, ol) = l.o_proj;
-                gemm(is, [p[hattn], p[o], p[hx]], ol, [b, heads * hd, d.c], d.c, true)?;
+                gemm(
+                    is,
+                    "o_proj",
+                    [p[hattn], p[o], p[hx]],
+                    ol,
+                    [b, heads * hd, d.c],
+                    d.c,
+                    true,
+                )?;
                 norm(is, [hx, l.post_norm, hn])?;
-                project(is, hn, &l.gate_up, hgu, 2 * d.inter)?;
+                project(is, "gate/up", hn, &l.gate_up, hgu, 2 * d.inter)?;
                 // gate and up: the two halves of each gate/up row, as the op path's column views.
                 let up = p[hgu] + (d.inter * 2) as u64;
                 let n = b * d.inter;
                 let swiglu = elementwise::swiglu_call([p[hgu], up, p[hh]], 1, n, d.inter, [2 * d.inter; 2]);
                 run(is, swiglu, elem)?;
                 let (down, dl) = l.down_proj;
-                gemm(is, [p[hh], p[down], p[hx]], dl, [b, d.inter, d.c], d.c, true)?;
+                gemm(
+                    is,
+                    "down_proj",
+                    [p[hh], p[down], p[hx]],
+                    dl,
+                    [b, d.inter, d.c],
+                    d.c,
+                    true,
+                )?;
             }
             norm(is, [hx, hnorm, hn])?;
             gemm(
                 is,
+                "lm_head",
                 [p[hn], p[head.0], logits_at],
                 head.1,
                 [b, d.c, d.vocab],
@@ -544,11 +565,10 @@ pub(super) fn step(
                 false,
             )
         };
+        let mut replays = replays.lock().unwrap_or_else(|p| p.into_inner());
+        replays.clock.start(stream)?;
         if graphed {
-            let path = replays
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .issue(stream, body)?;
+            let path = replays.issue(stream, body)?;
             let bytes = b * d.vocab * 2;
             // SAFETY: two live bf16 [b, V] buffers bound for this task.
             unsafe { cudarc::driver::result::memcpy_dtod_async(p[hlogits], logits_at, bytes, stream) }
@@ -559,11 +579,17 @@ pub(super) fn step(
                 Path::Direct => 0,
             };
         } else {
-            body(&mut Issuer::direct(stream)).map_err(|e| match e {
+            let mut is = match timing::profiling() {
+                true => Issuer::profiled(stream)?,
+                false => Issuer::direct(stream),
+            };
+            body(&mut is).map_err(|e| match e {
                 Issue::Failed(e) => e,
                 Issue::Changed => "a direct step cannot change".into(),
             })?;
+            is.finish()?;
         }
+        replays.clock.stop(stream)?;
         ISSUED.fetch_add(1, Ordering::Relaxed);
         ISSUE_NS.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())

@@ -20,6 +20,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys as cu;
 
 use super::nvrtc::{self, Call, Launch};
+use super::timing::{StepClock, Timeline};
 
 /// Why a run through an [`Issuer`] stopped.
 pub(super) enum Issue {
@@ -81,6 +82,8 @@ enum How<'a> {
 pub(super) struct Issuer<'a> {
     stream: cu::CUstream,
     how: How<'a>,
+    /// Direct launches' GPU times, where profiled.
+    timeline: Option<Timeline>,
 }
 
 impl Issuer<'_> {
@@ -89,6 +92,28 @@ impl Issuer<'_> {
         Issuer {
             stream,
             how: How::Direct,
+            timeline: None,
+        }
+    }
+
+    /// [`Issuer::direct`] with an event after each launch ([`super::timing::profile`]).
+    pub(super) fn profiled(stream: cu::CUstream) -> Result<Self, String> {
+        Ok(Issuer {
+            timeline: Some(Timeline::start(stream)?),
+            ..Issuer::direct(stream)
+        })
+    }
+
+    /// Ends a profiled step: waits for it and adds its launches' times up.
+    pub(super) fn finish(self) -> Result<(), String> {
+        self.timeline.map_or(Ok(()), Timeline::finish)
+    }
+
+    /// After a direct launch: its mark, where profiled.
+    fn mark(&mut self, name: &'static str) -> Result<(), Issue> {
+        match &mut self.timeline {
+            Some(t) => t.mark(name, self.stream).map_err(Issue::Failed),
+            None => Ok(()),
         }
     }
 
@@ -96,7 +121,10 @@ impl Issuer<'_> {
     pub(super) fn kernel(&mut self, function: usize, call: &Call) -> Result<(), Issue> {
         let launch = |stream| nvrtc::launch_function(function, call.name, call.how, stream, &call.args);
         match &mut self.how {
-            How::Direct => launch(self.stream).map_err(Issue::Failed),
+            How::Direct => {
+                launch(self.stream)?;
+                self.mark(call.name)
+            }
             How::Capture(ops) => {
                 let slots = nvrtc::slots(&call.args)
                     .ok_or_else(|| format!("{}: a struct argument cannot be replayed", call.name))?;
@@ -137,15 +165,19 @@ impl Issuer<'_> {
         }
     }
 
-    /// Issues other work through `issue`; `key` is everything that decides what it does
-    /// (pointers, sizes), which a replay compares with the captured one's.
+    /// Issues other work, `name`, through `issue`; `key` is everything that decides what it
+    /// does (pointers, sizes), which a replay compares with the captured one's.
     pub(super) fn other(
         &mut self,
+        name: &'static str,
         key: &[u64],
         issue: impl FnOnce(cu::CUstream) -> Result<(), String>,
     ) -> Result<(), Issue> {
         match &mut self.how {
-            How::Direct => issue(self.stream).map_err(Issue::Failed),
+            How::Direct => {
+                issue(self.stream)?;
+                self.mark(name)
+            }
             How::Capture(ops) => {
                 issue(self.stream)?;
                 ops.push(Op::Other(key.to_vec()));
@@ -168,9 +200,11 @@ pub(super) enum Path {
     Replayed,
 }
 
-/// One cache's step graph across its steps ([`Replays::issue`]).
+/// One cache's step graph across its steps ([`Replays::issue`]), and the clock of its steps'
+/// GPU time.
 #[derive(Default)]
 pub(super) struct Replays {
+    pub clock: StepClock,
     graph: Option<Graph>,
     runs: usize,
     /// Why capturing failed, if it did: the steps then stay direct.
@@ -190,6 +224,7 @@ impl Replays {
             let mut is = Issuer {
                 stream,
                 how: How::Replay { graph, next: 0 },
+                timeline: None,
             };
             let replayed = body(&mut is);
             match (replayed, is.how) {
@@ -243,6 +278,7 @@ where
     let mut is = Issuer {
         stream,
         how: How::Capture(Vec::new()),
+        timeline: None,
     };
     let issued = body(&mut is);
     let mut graph = std::ptr::null_mut();

@@ -1,0 +1,143 @@
+//! GPU time of decoding steps, from CUDA events: each step's span (what a step costs the GPU,
+//! beside the host's time issuing it), and with `DISTILL_DECODE_PROFILE=1` each launch of
+//! a direct step, by kind. What `distill bench generate` reports beside its tok/s.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cudarc::driver::result::event;
+use cudarc::driver::sys as cu;
+
+static SPAN_NS: AtomicU64 = AtomicU64::new(0);
+static SPANS: AtomicUsize = AtomicUsize::new(0);
+static PROFILE: Mutex<BTreeMap<&'static str, (usize, f64)>> = Mutex::new(BTreeMap::new());
+
+/// Fused steps whose GPU span was read, and the spans' total: from the first launch of a step
+/// to the end of its last (gaps between launches included).
+pub fn spans() -> (usize, Duration) {
+    let ns = SPAN_NS.load(Ordering::Relaxed);
+    (SPANS.load(Ordering::Relaxed), Duration::from_nanos(ns))
+}
+
+/// What profiled direct steps spent per kind of launch (a kernel's name, a GEMM's role):
+/// launches and total GPU time, by name. Each launch's time runs from the end of the one
+/// before: where the host issues more slowly than the GPU runs, it includes that wait.
+pub fn profile() -> Vec<(&'static str, usize, Duration)> {
+    let p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+    p.iter()
+        .map(|(name, &(n, ms))| (*name, n, Duration::from_secs_f64(ms / 1e3)))
+        .collect()
+}
+
+/// Whether direct steps are profiled per launch (`DISTILL_DECODE_PROFILE=1`).
+pub(super) fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DISTILL_DECODE_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// Two events around each step of one cache; a step's span is read when the next one starts
+/// (the host has read the step's tokens by then), and skipped if it is not done.
+#[derive(Default)]
+pub(super) struct StepClock {
+    events: Option<[cu::CUevent; 2]>,
+    recorded: bool,
+}
+
+// SAFETY: events are only used on cubecl's device thread, under their owner's lock, and
+// destroyed there too.
+unsafe impl Send for StepClock {}
+
+impl StepClock {
+    /// Marks a step's start on `stream`, after reading the last step's span.
+    pub(super) fn start(&mut self, stream: cu::CUstream) -> Result<(), String> {
+        let [a, b] = match self.events {
+            Some(events) => events,
+            None => *self.events.insert([create()?, create()?]),
+        };
+        if std::mem::take(&mut self.recorded) {
+            // SAFETY: two live events recorded on one stream, in this order.
+            if let Ok(ms) = unsafe { event::elapsed(a, b) } {
+                SPAN_NS.fetch_add((f64::from(ms) * 1e6) as u64, Ordering::Relaxed);
+                SPANS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // SAFETY: a live event and stream.
+        unsafe { event::record(a, stream) }.map_err(|e| format!("cuEventRecord: {e}"))
+    }
+
+    /// Marks the end of the step [`StepClock::start`] began.
+    pub(super) fn stop(&mut self, stream: cu::CUstream) -> Result<(), String> {
+        let Some([_, b]) = self.events else {
+            return Ok(());
+        };
+        // SAFETY: a live event and stream.
+        unsafe { event::record(b, stream) }.map_err(|e| format!("cuEventRecord: {e}"))?;
+        self.recorded = true;
+        Ok(())
+    }
+}
+
+impl Drop for StepClock {
+    fn drop(&mut self) {
+        for e in self.events.into_iter().flatten() {
+            // SAFETY: created by this clock, destroyed once.
+            let _ = unsafe { event::destroy(e) };
+        }
+    }
+}
+
+/// An event after each launch of one direct step, read at its end
+/// ([`Timeline::finish`]).
+pub(super) struct Timeline {
+    marks: Vec<(&'static str, cu::CUevent)>,
+}
+
+impl Timeline {
+    /// A timeline whose first mark is recorded now on `stream`.
+    pub(super) fn start(stream: cu::CUstream) -> Result<Self, String> {
+        let mut t = Timeline { marks: Vec::new() };
+        t.mark("start", stream)?;
+        Ok(t)
+    }
+
+    /// Marks the end of launch `name`.
+    pub(super) fn mark(&mut self, name: &'static str, stream: cu::CUstream) -> Result<(), String> {
+        let e = create()?;
+        self.marks.push((name, e));
+        // SAFETY: a live event and stream.
+        unsafe { event::record(e, stream) }.map_err(|e| format!("cuEventRecord: {e}"))
+    }
+
+    /// Waits for the step and adds each launch's time to [`profile`]'s.
+    pub(super) fn finish(self) -> Result<(), String> {
+        if let Some(&(_, last)) = self.marks.last() {
+            // SAFETY: a live, recorded event.
+            unsafe { event::synchronize(last) }.map_err(|e| format!("cuEventSynchronize: {e}"))?;
+        }
+        let mut p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+        for pair in self.marks.windows(2) {
+            let [(_, a), (name, b)] = [pair[0], pair[1]];
+            // SAFETY: two live events recorded on one stream, in this order, both done.
+            if let Ok(ms) = unsafe { event::elapsed(a, b) } {
+                let entry = p.entry(name).or_default();
+                *entry = (entry.0 + 1, entry.1 + f64::from(ms));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        for &(_, e) in &self.marks {
+            // SAFETY: created by this timeline, destroyed once.
+            let _ = unsafe { event::destroy(e) };
+        }
+    }
+}
+
+fn create() -> Result<cu::CUevent, String> {
+    event::create(cu::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| format!("cuEventCreate: {e}"))
+}
