@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_hf::tokenizer::TextTokenizer;
-use distill_kernels::{RowSampling, sample};
+use distill_kernels::{RowSampling, SampledIds, sample};
 use distill_models::transformer::{Context, KvCache};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
@@ -318,6 +318,9 @@ impl Live {
 struct Running<B: Kernels> {
     live: Vec<Live>,
     cache: KvCache<B>,
+    /// Each live row's next token, drawn on the device at the last step and on its way to the
+    /// host: the next step's input ([`Running::step`] runs a step ahead of the host).
+    ahead: Option<SampledIds<B>>,
 }
 
 impl<B: Kernels> Running<B> {
@@ -325,6 +328,7 @@ impl<B: Kernels> Running<B> {
         Running {
             live: Vec::new(),
             cache: model.new_cache(),
+            ahead: None,
         }
     }
 
@@ -340,6 +344,8 @@ impl<B: Kernels> Running<B> {
         device: &B::Device,
         sink: &mut Sink<'_>,
     ) -> Result<usize, InferError> {
+        // The batch is about to change: the tokens in flight come in first.
+        self.settle(tokenizer, sink)?;
         // Requests that may not draw a token finish at once.
         let (joining, empty): (Vec<usize>, Vec<usize>) =
             joining.iter().partition(|&&i| requests[i].1.max_new_tokens > 0);
@@ -414,6 +420,12 @@ impl<B: Kernels> Running<B> {
     }
 
     /// One decoding step for every running row; finished rows leave the batch.
+    ///
+    /// With the rows' tokens still on their way from the device (`ahead`), the step goes out
+    /// first and the host takes those tokens in while the GPU runs it: the host's work
+    /// between steps (the step's inputs, reporting tokens, stop strings) no longer leaves the
+    /// GPU idle. A row that ends at those tokens was computed one step too far; its result is
+    /// dropped. Where every row ends at them (`max_new_tokens`), no step goes out.
     fn step(
         &mut self,
         model: &CausalLm<B>,
@@ -421,20 +433,75 @@ impl<B: Kernels> Running<B> {
         device: &B::Device,
         sink: &mut Sink<'_>,
     ) -> Result<(), InferError> {
-        let last: Vec<u32> = self
+        let pads: Vec<usize> = self.live.iter().map(|l| l.pad).collect();
+        let Some(ahead) = self.ahead.take() else {
+            let last: Vec<u32> = self
+                .live
+                .iter()
+                .map(|l| *l.tokens.last().expect("a running row has a token"))
+                .collect();
+            let logits = model.decode_step(&last, &pads, &mut self.cache, device); // [b, V]
+            return self.sample(logits, tokenizer, sink);
+        };
+        let last_of_all = self
             .live
             .iter()
-            .map(|l| *l.tokens.last().expect("a running row has a token"))
-            .collect();
-        let pads: Vec<usize> = self.live.iter().map(|l| l.pad).collect();
-        let logits = model.decode_step(&last, &pads, &mut self.cache, device); // [b, V]
+            .all(|l| l.tokens.len() + 1 >= l.decoding.max_new_tokens);
+        let logits = (!last_of_all).then(|| model.decode_step_ids(ahead.ids, &pads, &mut self.cache, device));
+        let drawn = ahead.read.wait().map_err(InferError::Invalid)?;
+        let keep = self.take(drawn.into_iter().map(|t| (t, None)).collect(), tokenizer, sink)?;
+        match logits {
+            Some(logits) if !keep.is_empty() => self.sample(rows_of(logits, &keep), tokenizer, sink),
+            _ => Ok(()),
+        }
+    }
+
+    /// Each live row's next token from `logits` [b, V]: drawn on the device and left in
+    /// flight (`ahead`) where every row may be, else drawn and taken in now (a row that
+    /// wants logprobs draws on the host).
+    fn sample(
+        &mut self,
+        logits: Tensor<B, 2>,
+        tokenizer: &TextTokenizer,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), InferError> {
+        if run_ahead() && self.live.iter().all(|l| l.decoding.logprobs.is_none()) {
+            let rows: Vec<RowSampling> = self
+                .live
+                .iter_mut()
+                .map(|l| row_sampling(&l.decoding.sampling, &mut l.rng))
+                .collect();
+            let vocab = tokenizer.vocab_size().min(logits.dims()[1]);
+            self.ahead = Some(B::sample_rows_ahead(logits, vocab, &rows).map_err(InferError::Invalid)?);
+            return Ok(());
+        }
         let next = next_tokens(logits, &mut self.live, tokenizer.vocab_size())?;
+        self.take(next, tokenizer, sink).map(|_| ())
+    }
+
+    /// Takes in the tokens still in flight, if any: before the batch changes (a join).
+    fn settle(&mut self, tokenizer: &TextTokenizer, sink: &mut Sink<'_>) -> Result<(), InferError> {
+        if let Some(ahead) = self.ahead.take() {
+            let drawn = ahead.read.wait().map_err(InferError::Invalid)?;
+            self.take(drawn.into_iter().map(|t| (t, None)).collect(), tokenizer, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Appends each live row's token ([`advance`]); finished rows leave the batch and the
+    /// cache. Returns the indices of the rows still going.
+    fn take(
+        &mut self,
+        next: Vec<(u32, Option<TokenLogprob>)>,
+        tokenizer: &TextTokenizer,
+        sink: &mut Sink<'_>,
+    ) -> Result<Vec<usize>, InferError> {
         let keep = advance(tokenizer, &mut self.live, next, sink)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
             if keep.is_empty() {
-                self.cache = model.new_cache();
-                return Ok(());
+                self.cache.clear();
+                return Ok(keep);
             }
             self.cache.select_rows(&keep);
             // Columns that are padding in every remaining row are dead weight.
@@ -444,8 +511,30 @@ impl<B: Kernels> Running<B> {
                 self.live.iter_mut().for_each(|l| l.pad -= common);
             }
         }
-        Ok(())
+        Ok(keep)
     }
+}
+
+static AHEAD: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0); // 0: not read yet, 1 on, 2 off
+
+/// Whether decoding runs a step ahead of the host ([`Running::step`]):
+/// `DISTILL_DECODE_AHEAD=0` turns it off, as does [`set_run_ahead`].
+fn run_ahead() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match AHEAD.load(Relaxed) {
+        0 => {
+            let on = std::env::var("DISTILL_DECODE_AHEAD").map_or(true, |v| v != "0");
+            let _ = AHEAD.compare_exchange(0, if on { 1 } else { 2 }, Relaxed, Relaxed);
+            run_ahead()
+        }
+        code => code == 1,
+    }
+}
+
+/// Runs every later generation's decoding a step ahead of the host (true) or in step with
+/// it: to compare the two.
+pub fn set_run_ahead(on: bool) {
+    AHEAD.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Appends each row's new token and reports it, or finishes the row (one of its EOS ids, one
@@ -813,6 +902,108 @@ mod tests {
 
     /// Rows that end early make room, waiting requests join the running batch mid-flight with
     /// caches of other lengths, and every request still draws what it draws alone.
+    /// Decoding a step ahead of the host (the default) against in step with it, over a
+    /// mixed load: rows ending at EOS tokens of several depths, at a stop string and at
+    /// `max_new_tokens`, one wanting logprobs (which puts the batch back in step while it
+    /// runs), one dropped by the sink, and joins mid-flight at batch 3. Each request's
+    /// events, in order, must be the same (across requests they may interleave otherwise: a
+    /// join waits for the step in flight).
+    #[test]
+    fn running_a_step_ahead_of_the_host_changes_no_event() {
+        let dir = fixture("tiny-llama");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let texts = [
+            "Hi",
+            "Once upon a time",
+            "What is 12 times 7?",
+            "Short one",
+            "Numbers: 1, 2, 3",
+            "x",
+            "yes",
+        ];
+        let sampled = Sampling {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 0,
+        };
+        let requests: Vec<(Request, Decoding)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let request = Request {
+                    prompt: tokenizer.encode(t, false).unwrap(),
+                    seed: 7 + i as u64,
+                };
+                let decoding = Decoding {
+                    max_new_tokens: 6 + 3 * i,
+                    sampling: if i % 2 == 0 {
+                        sampled.clone()
+                    } else {
+                        Sampling::GREEDY
+                    },
+                    stop: if i == 3 { vec!["e".into()] } else { vec![] },
+                    eos: vec![],
+                    logprobs: (i == 4).then_some(2),
+                };
+                (request, decoding)
+            })
+            .collect();
+        let run = |ahead: bool, requests: Vec<(Request, Decoding)>| {
+            set_run_ahead(ahead);
+            let mut events = vec![Vec::new(); texts.len()];
+            let stats = generate_admitting(
+                &model,
+                &tokenizer,
+                requests,
+                3,
+                &device,
+                |_| Vec::new(),
+                |e| match &e {
+                    Event::Token { request, token, .. } => {
+                        events[*request].push(format!("drew {token}"));
+                        // The client of request 5 goes away after its third token.
+                        !(*request == 5 && events[5].len() == 3)
+                    }
+                    Event::Done { request, generation } => {
+                        let (tokens, reason) = (&generation.tokens, generation.finish_reason);
+                        events[*request].push(format!("done: {tokens:?} {reason:?}"));
+                        true
+                    }
+                },
+            )
+            .unwrap();
+            set_run_ahead(true);
+            (events, stats.new_tokens)
+        };
+        let (in_step, _) = run(false, requests.clone());
+        // EOS tokens from the in-step run at different depths, so rows end early.
+        let drawn = |r: usize| -> Vec<u32> {
+            in_step[r]
+                .iter()
+                .filter_map(|e| e.strip_prefix("drew ").map(|t| t.parse().unwrap()))
+                .collect()
+        };
+        let mut requests = requests;
+        for (r, depth) in [(0, 2), (2, 4), (6, 1)] {
+            if let Some(&t) = drawn(r).get(depth) {
+                requests[r].1.eos.push(t);
+            }
+        }
+        let (in_step, n0) = run(false, requests.clone());
+        let (ahead, n1) = run(true, requests);
+        assert_eq!(ahead, in_step);
+        assert_eq!(n1, n0);
+        let done = in_step.iter().flatten().filter(|e| e.starts_with("done")).count();
+        assert_eq!(
+            done,
+            texts.len() - 1,
+            "every request but the dropped one finishes: {in_step:?}"
+        );
+        assert_eq!(in_step[5].len(), 3, "the dropped request: {:?}", in_step[5]);
+    }
+
     #[test]
     fn continuous_batching_joins_rows_mid_flight_and_changes_no_output() {
         let dir = fixture("tiny-llama");

@@ -476,25 +476,53 @@ where
     }
 
     fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
-        let device = logits.device();
-        let params = Tensor::<Self, 2>::from_data(
-            burn::tensor::TensorData::new(sample::params(rows), [rows.len(), 4]),
-            burn::tensor::TensorCreationOptions::new(device).with_dtype(DType::F32),
-        );
-        let ids = match sample::sample_rows(&prim(logits.clone()), vocab, &prim(params)) {
-            Ok(ids) => Tensor::<Self, 1, Int>::from_primitive(ids),
-            Err(why) => {
-                fell_back(Fallback::Sampling, &why);
-                return crate::sample::sample_rows_default(logits, vocab, rows);
-            }
+        let Some(ids) = sample_on_device(&logits, vocab, rows) else {
+            return crate::sample::sample_rows_default(logits, vocab, rows);
         };
-        let ids = ids
+        let ids = Tensor::<Self, 1, Int>::from_primitive(ids)
             .try_into_data()
             .map_err(|e| format!("sampled ids to host: {e:?}"))?;
         ids.iter::<i64>()
             .map(|t| u32::try_from(t).map_err(|_| format!("sampled id {t}")))
             .collect()
     }
+
+    fn sample_rows_ahead(
+        logits: Tensor<Self, 2>,
+        vocab: usize,
+        rows: &[RowSampling],
+    ) -> Result<crate::SampledIds<Self>, String> {
+        let Some(ids) = sample_on_device(&logits, vocab, rows) else {
+            return crate::sample::sample_rows_ahead_default(logits, vocab, rows);
+        };
+        let read = sample::read_ahead(&ids)?;
+        Ok(crate::SampledIds {
+            ids: Tensor::from_primitive(ids),
+            read,
+        })
+    }
+}
+
+/// `rows`' draws from `logits` by the sampling kernel (i32 [B]), or None where it cannot
+/// run (a note the first time): the caller then draws on the host.
+fn sample_on_device<F, I, BT>(
+    logits: &Tensor<burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, F, I, BT>, 2>,
+    vocab: usize,
+    rows: &[RowSampling],
+) -> Option<CudaTensor>
+where
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    let device = logits.device();
+    let params = Tensor::<burn_cubecl::CubeBackend<_, F, I, BT>, 2>::from_data(
+        burn::tensor::TensorData::new(sample::params(rows), [rows.len(), 4]),
+        burn::tensor::TensorCreationOptions::new(device).with_dtype(DType::F32),
+    );
+    sample::sample_rows(&prim(logits.clone()), vocab, &prim(params))
+        .map_err(|why| fell_back(Fallback::Sampling, &why))
+        .ok()
 }
 
 /// The loss's passes over logits and the AdamW update as fused kernels.

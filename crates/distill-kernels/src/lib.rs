@@ -56,7 +56,7 @@ pub mod decode;
 pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Projection, StepState};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
-pub use sample::RowSampling;
+pub use sample::{PendingIds, RowSampling, SampledIds};
 
 /// The CUDA backend's [`Kernels`] impl and its kernels: cuBLAS, NVRTC-compiled CUDA C, the
 /// bridge to cubecl's stream (the `cuda` feature).
@@ -453,6 +453,17 @@ pub trait ModelKernels: Backend {
     /// default copies the logits to the host and draws there.
     fn sample_rows(logits: Tensor<Self, 2>, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>, String> {
         sample::sample_rows_default(logits, vocab, rows)
+    }
+
+    /// [`ModelKernels::sample_rows`] without waiting for the ids: they stay on the device as
+    /// the next step's input, and come to the host while the GPU runs that step (a decoding
+    /// loop one step ahead). The default draws on the host at once.
+    fn sample_rows_ahead(
+        logits: Tensor<Self, 2>,
+        vocab: usize,
+        rows: &[RowSampling],
+    ) -> Result<SampledIds<Self>, String> {
+        sample::sample_rows_ahead_default(logits, vocab, rows)
     }
 
     /// One decoding step of a whole decoder issued at once: the token of each row ->

@@ -164,6 +164,52 @@ pub fn candidates_on_host<B: burn::tensor::backend::Backend>(
         .map_err(|e| format!("logits to host: {e:?}"))
 }
 
+/// Token ids drawn for a decoding step, on their way to the host
+/// ([`ModelKernels::sample_rows_ahead`](crate::ModelKernels::sample_rows_ahead)): `ids` [B]
+/// feeds the next step on the device, `read` gives them on the host once they are there.
+pub struct SampledIds<B: burn::tensor::backend::Backend> {
+    pub ids: burn::tensor::Tensor<B, 1, burn::tensor::Int>,
+    pub read: PendingIds,
+}
+
+/// Ids being copied to the host: [`PendingIds::wait`] waits for the work queued before the
+/// copy (the step that drew them), not for anything queued after it.
+pub struct PendingIds(Box<dyn FnOnce() -> Result<Vec<u32>, String> + Send>);
+
+impl PendingIds {
+    /// Ids already on the host.
+    pub fn ready(ids: Vec<u32>) -> Self {
+        PendingIds(Box::new(move || Ok(ids)))
+    }
+
+    /// Ids that `arrive` waits for and returns.
+    pub fn waiting(arrive: impl FnOnce() -> Result<Vec<u32>, String> + Send + 'static) -> Self {
+        PendingIds(Box::new(arrive))
+    }
+
+    /// The ids, once on the host.
+    pub fn wait(self) -> Result<Vec<u32>, String> {
+        (self.0)()
+    }
+}
+
+/// [`ModelKernels::sample_rows_ahead`](crate::ModelKernels::sample_rows_ahead) where ids are
+/// drawn on the host: drawn now, then put on the device for the next step.
+pub fn sample_rows_ahead_default<B: crate::ModelKernels>(
+    logits: burn::tensor::Tensor<B, 2>,
+    vocab: usize,
+    rows: &[RowSampling],
+) -> Result<SampledIds<B>, String> {
+    let device = logits.device();
+    let drawn = B::sample_rows(logits, vocab, rows)?;
+    let data: Vec<i32> = drawn.iter().map(|&t| t as i32).collect();
+    let ids = burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(data, [drawn.len()]), &device);
+    Ok(SampledIds {
+        ids,
+        read: PendingIds::ready(drawn),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

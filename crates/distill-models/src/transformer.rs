@@ -576,6 +576,11 @@ impl<B: ModelKernels> KvCache<B> {
         }
     }
 
+    /// Drops every row and buffer: the cache of no sequence yet.
+    pub fn clear(&mut self) {
+        *self = KvCache::new(self.layers.len());
+    }
+
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
         self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
@@ -1193,13 +1198,41 @@ impl<B: Kernels> CausalLm<B> {
         cache: &mut KvCache<B>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
+        let rows = self.model.embed_tokens.weight.dims()[0];
+        // The fused step gathers embedding rows unchecked.
+        let in_table = ids.iter().all(|&t| (t as usize) < rows);
+        let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let ids = Tensor::from_data(TensorData::new(data, [ids.len()]), device);
+        self.decode_step_with(ids, in_table, pads, cache, device)
+    }
+
+    /// [`CausalLm::decode_step`] for ids already on the device: the tokens the last step
+    /// drew from this model's logits ([`ModelKernels::sample_rows_ahead`]), so each is a row
+    /// of its embedding table.
+    pub fn decode_step_ids(
+        &self,
+        ids: Tensor<B, 1, Int>,
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        self.decode_step_with(ids, true, pads, cache, device)
+    }
+
+    fn decode_step_with(
+        &self,
+        ids: Tensor<B, 1, Int>,
+        fusable: bool,
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
         let ctx = Context::left_padded(&self.rotary, pads, 1, cache.len(), device);
-        if let Some(logits) = self.fused_step(ids, &ctx, cache, device) {
+        if fusable && let Some(logits) = self.fused_step(ids.clone(), &ctx, cache) {
             return logits;
         }
-        let data: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
-        let input = Tensor::from_data(TensorData::new(data, [ids.len(), 1]), device);
-        let hidden = self.hidden_states_with(input, &ctx, Some(cache)); // [B, 1, C]
+        let b = ids.dims()[0];
+        let hidden = self.hidden_states_with(ids.reshape([b, 1]), &ctx, Some(cache)); // [B, 1, C]
         self.logits(hidden).squeeze_dim::<2>(1)
     }
 
@@ -1207,23 +1240,17 @@ impl<B: Kernels> CausalLm<B> {
     /// where there is none for this model, cache or backend.
     fn fused_step(
         &self,
-        ids: &[u32],
+        ids: Tensor<B, 1, Int>,
         ctx: &Context<B>,
         cache: &mut KvCache<B>,
-        device: &B::Device,
     ) -> Option<Tensor<B, 2>> {
         if !<B as ModelKernels>::FUSED_DECODE {
             return None;
         }
         let weights = self.decode_weights()?;
-        let rows = weights.embed.dims()[0];
-        if ids.iter().any(|&t| t as usize >= rows) {
-            return None;
-        }
         let (buffers, at) = cache.take_for_step()?;
-        let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let x = DecodeInputs {
-            ids: Tensor::from_data(TensorData::new(data, [ids.len()]), device),
+            ids,
             cos: &ctx.cos,
             sin: &ctx.sin,
             keys: ctx.keys.as_ref(),

@@ -12,10 +12,13 @@
 //! reductions have a fixed shape and the one winner of the draw is the lowest thread whose
 //! chunk holds the target.
 
+use std::sync::{Arc, Mutex};
+
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
+use cudarc::driver::sys as cu;
 
 use super::nvrtc::{self, Arg, Launch};
 use super::stream;
@@ -256,4 +259,138 @@ pub fn params(rows: &[RowSampling]) -> Vec<f32> {
     rows.iter()
         .flat_map(|r| [r.temperature, r.top_k as f32, r.top_p, r.uniform])
         .collect()
+}
+
+/// Starts copying sampled `ids` (i32 [B]) to pinned host memory on cubecl's stream, after the
+/// work queued before (the step that drew them). The returned read waits for that copy alone,
+/// so the next step, queued in the meantime, runs on the GPU while the host reads.
+pub(crate) fn read_ahead(ids: &CudaTensor) -> Result<crate::PendingIds, String> {
+    let b = match ids.meta.shape().as_slice() {
+        &[b] if ids.dtype == DType::I32 && ids.is_contiguous() && b > 0 => b,
+        s => return Err(format!("ids: {:?} {s:?}, not i32 [B]", ids.dtype)),
+    };
+    let copying: Arc<Mutex<Option<Copying>>> = Arc::default();
+    let queued = copying.clone();
+    let binding = vec![ids.handle.clone().binding()];
+    stream::run_on_stream_all(&ids.device, binding, nvrtc::ordering(), move |stream, p| {
+        *lock(&queued) = Some(Copying::start(p[0], b, stream)?);
+        Ok(())
+    })?;
+    let device = ids.device.clone();
+    Ok(crate::PendingIds::waiting(move || {
+        stream::on_device_thread(&device, move || {
+            let started = lock(&copying).take().ok_or("the ids' copy to the host failed")?;
+            started.finish()
+        })?
+    }))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A copy of `n` ids into a pinned buffer, and the event after it.
+struct Copying {
+    host: Pinned,
+    event: cu::CUevent,
+    n: usize,
+    context: cu::CUcontext,
+}
+
+// SAFETY: made and finished on cubecl's device thread; only moved between them in a Mutex.
+unsafe impl Send for Copying {}
+
+impl Copying {
+    /// Queues the copy of `n` i32 at `src` on `stream` (on the device thread).
+    fn start(src: u64, n: usize, stream: cu::CUstream) -> Result<Self, String> {
+        let host = Pinned::take(n * 4)?;
+        let flags = cu::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let event =
+            cudarc::driver::result::event::create(flags).map_err(|e| format!("cuEventCreate: {e}"))?;
+        let mut context = std::ptr::null_mut();
+        // SAFETY: `host` holds n * 4 pinned bytes, `src` n i32 of a buffer bound for this task;
+        // the event and stream are live, `context` an out-pointer.
+        unsafe {
+            cu::cuCtxGetCurrent(&mut context)
+                .result()
+                .map_err(|e| format!("cuCtxGetCurrent: {e}"))?;
+            cu::cuMemcpyDtoHAsync_v2(host.ptr as *mut std::ffi::c_void, src, n * 4, stream)
+                .result()
+                .map_err(|e| format!("ids to the host: {e}"))?;
+            cudarc::driver::result::event::record(event, stream)
+                .map_err(|e| format!("cuEventRecord: {e}"))?;
+        }
+        Ok(Copying {
+            host,
+            event,
+            n,
+            context,
+        })
+    }
+
+    /// Waits for the copy and returns the ids.
+    fn finish(self) -> Result<Vec<u32>, String> {
+        // SAFETY: the context the copy was queued in; the event was recorded after the copy,
+        // and `host` holds its n i32 once the event is done.
+        let ids = unsafe {
+            cu::cuCtxSetCurrent(self.context)
+                .result()
+                .map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
+            cu::cuEventSynchronize(self.event)
+                .result()
+                .map_err(|e| format!("waiting for the ids: {e}"))?;
+            std::slice::from_raw_parts(self.host.ptr as *const i32, self.n).to_vec()
+        };
+        ids.into_iter()
+            .map(|t| u32::try_from(t).map_err(|_| format!("sampled id {t}")))
+            .collect()
+    }
+}
+
+impl Drop for Copying {
+    fn drop(&mut self) {
+        // SAFETY: created by this copy, destroyed once, after it was waited for or abandoned.
+        let _ = unsafe { cudarc::driver::result::event::destroy(self.event) };
+    }
+}
+
+/// A page of pinned host memory, from a pool that keeps them for the next copy.
+struct Pinned {
+    ptr: usize,
+    bytes: usize,
+}
+
+static PINNED: Mutex<Vec<Pinned>> = Mutex::new(Vec::new());
+
+impl Pinned {
+    /// A pinned buffer of at least `bytes` (with a context current).
+    fn take(bytes: usize) -> Result<Self, String> {
+        let mut pool = lock(&PINNED);
+        if let Some(i) = pool.iter().position(|p| p.bytes >= bytes) {
+            return Ok(pool.swap_remove(i));
+        }
+        let bytes = bytes.next_multiple_of(4096);
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: an out-pointer for a new allocation of `bytes`.
+        unsafe { cu::cuMemAllocHost_v2(&mut ptr, bytes) }
+            .result()
+            .map_err(|e| format!("cuMemAllocHost: {e}"))?;
+        Ok(Pinned {
+            ptr: ptr as usize,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // Back to the pool: a few pages at most, kept for the process's life.
+        let page = Pinned {
+            ptr: std::mem::replace(&mut self.ptr, 0),
+            bytes: self.bytes,
+        };
+        if page.ptr != 0 {
+            lock(&PINNED).push(page);
+        }
+    }
 }

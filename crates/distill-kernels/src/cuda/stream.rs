@@ -194,6 +194,18 @@ where
     Ok(())
 }
 
+/// Runs `f` on cubecl's device thread and waits for its result: after every task queued
+/// before it, but without waiting for their GPU work (what `f` waits for is its own choice).
+pub(crate) fn on_device_thread<R, F>(device: &burn::backend::cuda::CudaDevice, f: F) -> Result<R, String>
+where
+    R: Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    DeviceHandle::<Server>::new(device.to_id())
+        .submit_blocking(move |_: &mut Server| f())
+        .map_err(|e| format!("cubecl's device thread did not answer: {e:?}"))
+}
+
 /// [`run_on_stream`]'s part on the device thread. Ok(true): queued on cubecl's stream;
 /// Ok(false): done, host-synced.
 fn on_device<W>(
