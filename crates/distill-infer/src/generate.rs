@@ -763,6 +763,14 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
+    /// The tiny-llama fixture's model and tokenizer, on the CPU.
+    fn tiny_llama() -> (CausalLm<Flex>, TextTokenizer, burn::tensor::Device<Flex>) {
+        let dir = fixture("tiny-llama");
+        let device = Default::default();
+        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
+        (model, TextTokenizer::from_dir(&dir).unwrap(), device)
+    }
+
     fn fixture(name: &str) -> std::path::PathBuf {
         std::env::var_os("DISTILL_FIXTURES")
             .map(std::path::PathBuf::from)
@@ -910,10 +918,7 @@ mod tests {
     /// join waits for the step in flight).
     #[test]
     fn running_a_step_ahead_of_the_host_changes_no_event() {
-        let dir = fixture("tiny-llama");
-        let device = Default::default();
-        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
-        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let (model, tokenizer, device) = tiny_llama();
         let texts = [
             "Hi",
             "Once upon a time",
@@ -1006,10 +1011,7 @@ mod tests {
 
     #[test]
     fn continuous_batching_joins_rows_mid_flight_and_changes_no_output() {
-        let dir = fixture("tiny-llama");
-        let device = Default::default();
-        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
-        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let (model, tokenizer, device) = tiny_llama();
         let texts = [
             "Hi",
             "Once upon a time",
@@ -1175,10 +1177,7 @@ mod tests {
     /// it gets alone in its own call: tokens, text, finish reason, EOS, log-probabilities.
     #[test]
     fn rows_with_their_own_settings_decode_as_they_do_alone() {
-        let dir = fixture("tiny-llama");
-        let device = Default::default();
-        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
-        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let (model, tokenizer, device) = tiny_llama();
         let request = |text: &str, seed: u64| Request {
             prompt: tokenizer.encode(text, false).unwrap(),
             seed,
@@ -1429,10 +1428,7 @@ mod tests {
     /// copied), and each sample still draws what it draws alone.
     #[test]
     fn samples_of_one_prompt_share_its_prefill_and_draw_what_they_draw_alone() {
-        let dir = fixture("tiny-llama");
-        let device = Default::default();
-        let model = CausalLm::<Flex>::load(&dir, &device).unwrap();
-        let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+        let (model, tokenizer, device) = tiny_llama();
         let prompts = [
             "Once upon a time",
             "What is 12 times 7?",
