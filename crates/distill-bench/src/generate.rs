@@ -191,10 +191,9 @@ impl FusedSteps {
         row.insert("graph_replays".into(), json!(replayed));
         row.insert("graph_captures".into(), json!(captured));
         row.insert("issue_us_per_step".into(), json!(per_step(self.issuing, steps)));
-        row.insert(
-            "gpu_us_per_step".into(),
-            json!(per_step(self.spans.1, self.spans.0)),
-        );
+        // The mean of the steps whose span was read (none: null).
+        let gpu = (self.spans.0 > 0).then(|| per_step(self.spans.1, self.spans.0));
+        row.insert("gpu_us_per_step".into(), json!(gpu));
         if !self.profile.is_empty() {
             let launches: Map<String, Value> = self
                 .profile

@@ -37,51 +37,68 @@ pub(super) fn profiling() -> bool {
     *ON.get_or_init(|| std::env::var("DISTILL_DECODE_PROFILE").is_ok_and(|v| v == "1"))
 }
 
-/// Two events around each step of one cache; a step's span is read when the next one starts
-/// (the host has read the step's tokens by then), and skipped if it is not done.
+/// Two events around each step of one cache. A step's span is read once its end is done,
+/// at a later step's start: with decoding a step ahead of the host, the step before is often
+/// still running when the next one starts.
 #[derive(Default)]
 pub(super) struct StepClock {
-    events: Option<[cu::CUevent; 2]>,
-    recorded: bool,
+    /// Recorded pairs not read yet, oldest first.
+    recorded: std::collections::VecDeque<[cu::CUevent; 2]>,
+    free: Vec<[cu::CUevent; 2]>,
+    current: Option<[cu::CUevent; 2]>,
 }
+
+/// Steps whose spans a clock waits to read at the most; an older one is given up.
+const UNREAD: usize = 4;
 
 // SAFETY: events are only used on cubecl's device thread, under their owner's lock, and
 // destroyed there too.
 unsafe impl Send for StepClock {}
 
 impl StepClock {
-    /// Marks a step's start on `stream`, after reading the last step's span.
+    /// Marks a step's start on `stream`, after reading the spans of earlier steps that are
+    /// done.
     pub(super) fn start(&mut self, stream: cu::CUstream) -> Result<(), String> {
-        let [a, b] = match self.events {
-            Some(events) => events,
-            None => *self.events.insert([create()?, create()?]),
-        };
-        if std::mem::take(&mut self.recorded) {
-            // SAFETY: two live events recorded on one stream, in this order.
+        while let Some(&[a, b]) = self.recorded.front() {
+            // SAFETY: live events recorded on one stream, in this order.
+            if unsafe { event::query(b) }.is_err() {
+                break;
+            }
             if let Ok(ms) = unsafe { event::elapsed(a, b) } {
                 SPAN_NS.fetch_add((f64::from(ms) * 1e6) as u64, Ordering::Relaxed);
                 SPANS.fetch_add(1, Ordering::Relaxed);
             }
+            self.free.extend(self.recorded.pop_front());
         }
+        // Past `UNREAD` waiting, the oldest pair is given up and reused.
+        let reuse = match self.free.is_empty() && self.recorded.len() >= UNREAD {
+            true => self.recorded.pop_front(),
+            false => self.free.pop(),
+        };
+        let pair = match reuse {
+            Some(pair) => pair,
+            None => [create()?, create()?],
+        };
+        self.current = Some(pair);
         // SAFETY: a live event and stream.
-        unsafe { event::record(a, stream) }.map_err(|e| format!("cuEventRecord: {e}"))
+        unsafe { event::record(pair[0], stream) }.map_err(|e| format!("cuEventRecord: {e}"))
     }
 
     /// Marks the end of the step [`StepClock::start`] began.
     pub(super) fn stop(&mut self, stream: cu::CUstream) -> Result<(), String> {
-        let Some([_, b]) = self.events else {
+        let Some(pair) = self.current.take() else {
             return Ok(());
         };
+        self.recorded.push_back(pair);
         // SAFETY: a live event and stream.
-        unsafe { event::record(b, stream) }.map_err(|e| format!("cuEventRecord: {e}"))?;
-        self.recorded = true;
-        Ok(())
+        unsafe { event::record(pair[1], stream) }.map_err(|e| format!("cuEventRecord: {e}"))
     }
 }
 
 impl Drop for StepClock {
     fn drop(&mut self) {
-        for e in self.events.into_iter().flatten() {
+        let pairs = self.recorded.iter().chain(&self.free).chain(&self.current);
+        for &e in pairs.flatten() {
             // SAFETY: created by this clock, destroyed once.
             let _ = unsafe { event::destroy(e) };
         }
