@@ -291,7 +291,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A copy of `n` ids into a pinned buffer, and the event after it.
 struct Copying {
-    host: Pinned,
+    /// Taken when the copy is waited for.
+    host: Option<Pinned>,
     event: cu::CUevent,
     n: usize,
     context: cu::CUcontext,
@@ -321,7 +322,7 @@ impl Copying {
                 .map_err(|e| format!("cuEventRecord: {e}"))?;
         }
         Ok(Copying {
-            host,
+            host: Some(host),
             event,
             n,
             context,
@@ -329,18 +330,19 @@ impl Copying {
     }
 
     /// Waits for the copy and returns the ids.
-    fn finish(self) -> Result<Vec<u32>, String> {
-        // SAFETY: the context the copy was queued in; the event was recorded after the copy,
-        // and `host` holds its n i32 once the event is done.
-        let ids = unsafe {
+    fn finish(mut self) -> Result<Vec<u32>, String> {
+        // SAFETY: the context the copy was queued in; the event was recorded after the copy.
+        unsafe {
             cu::cuCtxSetCurrent(self.context)
                 .result()
                 .map_err(|e| format!("cuCtxSetCurrent: {e}"))?;
             cu::cuEventSynchronize(self.event)
                 .result()
                 .map_err(|e| format!("waiting for the ids: {e}"))?;
-            std::slice::from_raw_parts(self.host.ptr as *const i32, self.n).to_vec()
-        };
+        }
+        let host = self.host.take().ok_or("the ids were read already")?;
+        // SAFETY: the copy is done: `host` holds its n i32.
+        let ids = unsafe { std::slice::from_raw_parts(host.ptr as *const i32, self.n) }.to_vec();
         ids.into_iter()
             .map(|t| u32::try_from(t).map_err(|_| format!("sampled id {t}")))
             .collect()
@@ -349,7 +351,10 @@ impl Copying {
 
 impl Drop for Copying {
     fn drop(&mut self) {
-        // SAFETY: created by this copy, destroyed once, after it was waited for or abandoned.
+        // Never waited for: the GPU may still write the buffer, so it stays out of the pool (a
+        // page, kept for the process).
+        std::mem::forget(self.host.take());
+        // SAFETY: created by this copy, destroyed once.
         let _ = unsafe { cudarc::driver::result::event::destroy(self.event) };
     }
 }
