@@ -165,8 +165,9 @@ pub fn candidates_on_host<B: burn::tensor::backend::Backend>(
 }
 
 /// Token ids drawn for a decoding step, on their way to the host
-/// ([`ModelKernels::sample_rows_ahead`](crate::ModelKernels::sample_rows_ahead)): `ids` [B]
-/// feeds the next step on the device, `read` gives them on the host once they are there.
+/// ([`ModelKernels::sample_rows_ahead`](crate::ModelKernels::sample_rows_ahead)): `ids`
+/// (`[B]`) feeds the next step on the device, `read` gives them on the host once they are
+/// there.
 pub struct SampledIds<B: burn::tensor::backend::Backend> {
     pub ids: burn::tensor::Tensor<B, 1, burn::tensor::Int>,
     pub read: PendingIds,

@@ -16,6 +16,11 @@
 //! final norm and the LM head. So the logits equal the op-by-op path's bit for bit (the GPU
 //! tests check that).
 //!
+//! The launches go through an `Issuer` (`graph.rs`): by default a cache's steps are
+//! replayed from a CUDA graph ([`Mode::Graph`]), with the step's work buffers kept by the
+//! cache (`State`) so that they are the same every step; `DISTILL_DECODE=direct` issues
+//! each launch itself.
+//!
 //! Inputs it does not take (not bf16, weights cuBLAS cannot read in place, a head dim the
 //! flash kernels lack, shared cache buffers, cuBLAS or the flash kernels switched off) get
 //! `Err`, and the caller runs the step op by op. `DISTILL_DECODE=ops` does so always.
@@ -73,8 +78,8 @@ pub enum Mode {
     Ops,
     /// Fused: one device-thread task issues every launch (`DISTILL_DECODE=direct`).
     Direct,
-    /// Fused, and replayed from a CUDA graph captured once per cache and batch
-    /// ([`super::graph`]): the default.
+    /// Fused, and replayed from a CUDA graph captured once per cache and batch: the
+    /// default.
     Graph,
 }
 
