@@ -7,6 +7,10 @@
 //! [`Decoding`] (sampling, stop strings, EOS ids, logprobs, max_new_tokens) and samples from
 //! its own seeded generator, so its output does not depend on which requests share its batch
 //! or how they decode.
+//!
+//! Decoding runs a step ahead of the host: the tokens a step draws stay on the device as the
+//! next step's input, which is queued before they reach the host (`Running::step`), so the
+//! host's work between steps overlaps the GPU's. `DISTILL_DECODE_AHEAD=0` runs in step.
 
 use std::time::Instant;
 
