@@ -100,8 +100,7 @@ pub fn mode() -> Mode {
                     Mode::Graph
                 }
             };
-            let code = 1 + MODES.iter().position(|m| *m == mode).unwrap_or(2) as u8;
-            let _ = MODE.compare_exchange(0, code, Ordering::Relaxed, Ordering::Relaxed);
+            let _ = MODE.compare_exchange(0, code(mode), Ordering::Relaxed, Ordering::Relaxed);
             self::mode()
         }
         code => MODES[usize::from(code - 1).min(2)],
@@ -115,8 +114,12 @@ pub fn enabled() -> bool {
 
 /// Runs every later decoding step in `mode`: to compare the modes.
 pub fn set_mode(mode: Mode) {
-    let code = 1 + MODES.iter().position(|m| *m == mode).unwrap_or(2) as u8;
-    MODE.store(code, Ordering::Relaxed);
+    MODE.store(code(mode), Ordering::Relaxed);
+}
+
+/// `mode` as [`MODE`] holds it: 1 + its index in [`MODES`].
+fn code(mode: Mode) -> u8 {
+    1 + MODES.iter().position(|m| *m == mode).unwrap_or(2) as u8
 }
 
 thread_local! {
@@ -243,7 +246,7 @@ pub(super) struct State {
 impl Drop for State {
     fn drop(&mut self) {
         // Graph handles are destroyed on the device thread, where the context is current.
-        let graph = std::mem::take(&mut *self.replays.lock().unwrap_or_else(|p| p.into_inner()));
+        let graph = std::mem::take(&mut *stream::lock(&self.replays));
         let destroyed =
             stream::run_on_stream_all(&self.device, Vec::new(), nvrtc::ordering(), move |_, _| {
                 drop(graph);
@@ -570,7 +573,7 @@ pub(super) fn step(
                 false,
             )
         };
-        let mut replays = replays.lock().unwrap_or_else(|p| p.into_inner());
+        let mut replays = stream::lock(&replays);
         replays.clock.start(stream)?;
         if graphed {
             let path = replays.issue(stream, body)?;

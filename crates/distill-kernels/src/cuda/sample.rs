@@ -21,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::sys as cu;
 
 use super::nvrtc::{self, Arg, Launch};
-use super::stream;
+use super::stream::{self, lock};
 use crate::sample::RowSampling;
 
 type CudaTensor = CubeTensor<CudaRuntime>;
@@ -283,10 +283,6 @@ pub(crate) fn read_ahead(ids: &CudaTensor) -> Result<crate::PendingIds, String> 
             started.finish()
         })?
     }))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A copy of `n` ids into a pinned buffer, and the event after it.

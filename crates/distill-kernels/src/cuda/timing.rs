@@ -25,7 +25,7 @@ pub fn spans() -> (usize, Duration) {
 /// launches and total GPU time, by name. Each launch's time runs from the end of the one
 /// before: where the host issues more slowly than the GPU runs, it includes that wait.
 pub fn profile() -> Vec<(&'static str, usize, Duration)> {
-    let p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+    let p = super::stream::lock(&PROFILE);
     p.iter()
         .map(|(name, &(n, ms))| (*name, n, Duration::from_secs_f64(ms / 1e3)))
         .collect()
@@ -133,7 +133,7 @@ impl Timeline {
             // SAFETY: a live, recorded event.
             unsafe { event::synchronize(last) }.map_err(|e| format!("cuEventSynchronize: {e}"))?;
         }
-        let mut p = PROFILE.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = super::stream::lock(&PROFILE);
         for pair in self.marks.windows(2) {
             let [(_, a), (name, b)] = [pair[0], pair[1]];
             // SAFETY: two live events recorded on one stream, in this order, both done.
