@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_hf::tokenizer::TextTokenizer;
-use distill_kernels::{RowSampling, SampledIds, sample};
+use distill_kernels::{PendingIds, RowSampling, SampledIds, sample};
 use distill_models::transformer::{Context, KvCache};
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
@@ -452,8 +452,7 @@ impl<B: Kernels> Running<B> {
             .iter()
             .all(|l| l.tokens.len() + 1 >= l.decoding.max_new_tokens);
         let logits = (!last_of_all).then(|| model.decode_step_ids(ahead.ids, &pads, &mut self.cache, device));
-        let drawn = ahead.read.wait().map_err(InferError::Invalid)?;
-        let keep = self.take(drawn.into_iter().map(|t| (t, None)).collect(), tokenizer, sink)?;
+        let keep = self.take_drawn(ahead.read, tokenizer, sink)?;
         match logits {
             Some(logits) if !keep.is_empty() => self.sample(rows_of(logits, &keep), tokenizer, sink),
             _ => Ok(()),
@@ -486,10 +485,20 @@ impl<B: Kernels> Running<B> {
     /// Takes in the tokens still in flight, if any: before the batch changes (a join).
     fn settle(&mut self, tokenizer: &TextTokenizer, sink: &mut Sink<'_>) -> Result<(), InferError> {
         if let Some(ahead) = self.ahead.take() {
-            let drawn = ahead.read.wait().map_err(InferError::Invalid)?;
-            self.take(drawn.into_iter().map(|t| (t, None)).collect(), tokenizer, sink)?;
+            self.take_drawn(ahead.read, tokenizer, sink)?;
         }
         Ok(())
+    }
+
+    /// [`Running::take`] of the tokens in flight, once they reach the host.
+    fn take_drawn(
+        &mut self,
+        read: PendingIds,
+        tokenizer: &TextTokenizer,
+        sink: &mut Sink<'_>,
+    ) -> Result<Vec<usize>, InferError> {
+        let drawn = read.wait().map_err(InferError::Invalid)?;
+        self.take(drawn.into_iter().map(|t| (t, None)).collect(), tokenizer, sink)
     }
 
     /// Appends each live row's token ([`advance`]); finished rows leave the batch and the
@@ -912,8 +921,6 @@ mod tests {
         }
     }
 
-    /// Rows that end early make room, waiting requests join the running batch mid-flight with
-    /// caches of other lengths, and every request still draws what it draws alone.
     /// Decoding a step ahead of the host (the default) against in step with it, over a
     /// mixed load: rows ending at EOS tokens of several depths, at a stop string and at
     /// `max_new_tokens`, one wanting logprobs (which puts the batch back in step while it
@@ -1013,6 +1020,8 @@ mod tests {
         assert_eq!(in_step[5].len(), 3, "the dropped request: {:?}", in_step[5]);
     }
 
+    /// Rows that end early make room, waiting requests join the running batch mid-flight with
+    /// caches of other lengths, and every request still draws what it draws alone.
     #[test]
     fn continuous_batching_joins_rows_mid_flight_and_changes_no_output() {
         let (model, tokenizer, device) = tiny_llama();
