@@ -17,7 +17,8 @@ use std::time::Instant;
 use burn::tensor::{Int, Tensor, TensorData};
 use distill_hf::tokenizer::TextTokenizer;
 use distill_kernels::{PendingIds, RowSampling, SampledIds, sample};
-use distill_models::transformer::{Context, KvCache};
+use distill_models::PagedKv;
+use distill_models::transformer::Context;
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
 
@@ -272,7 +273,7 @@ pub fn generate_admitting<B: Kernels>(
         }
         let free = batch_size - running.live.len();
         // Join when a quarter of the batch is free (or the rest fits): each join costs a
-        // prefill and a copy of the cache.
+        // prefill.
         let join = free.min(waiting.len());
         if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
@@ -321,7 +322,7 @@ impl Live {
 /// The rows decoding together and their KV cache, left-padded to one length.
 struct Running<B: Kernels> {
     live: Vec<Live>,
-    cache: KvCache<B>,
+    cache: PagedKv<B>,
     /// Each live row's next token, drawn on the device at the last step and on its way to the
     /// host: the next step's input ([`Running::step`] runs a step ahead of the host).
     ahead: Option<SampledIds<B>>,
@@ -331,14 +332,14 @@ impl<B: Kernels> Running<B> {
     fn new(model: &CausalLm<B>) -> Self {
         Running {
             live: Vec::new(),
-            cache: model.new_cache(),
+            cache: model.new_paged_cache(),
             ahead: None,
         }
     }
 
     /// Prefills `joining` (left-padded among themselves), takes each one's first token, and
-    /// merges the rows still going into the running batch, padding whichever cache is
-    /// shorter on the left.
+    /// adds the rows still going to the running batch's pages, the shorter side padded on
+    /// the left (which moves no keys: [`PagedKv::admit`]).
     fn join(
         &mut self,
         model: &CausalLm<B>,
@@ -374,8 +375,8 @@ impl<B: Kernels> Running<B> {
             .map(|&i| Live::new(i, &requests[i], width - requests[i].0.prompt.len()))
             .collect();
         // Samples of one prompt (eval's n per problem, serve's `n`, on-policy's samples per
-        // prompt) share its prefill: each distinct prompt runs once, then its cache rows and
-        // last logits are copied to every sample of it.
+        // prompt) share its prefill: each distinct prompt runs once, its last logits are
+        // copied to every sample of it, and the samples share its pages.
         let (distinct, copy_of) = distinct_prompts(&joining, requests);
         let ids: Vec<u32> = distinct
             .iter()
@@ -392,7 +393,6 @@ impl<B: Kernels> Running<B> {
         ); // [u, width, C]
         let mut logits = model.logits(hidden.narrow(1, width - 1, 1)).squeeze_dim::<2>(1); // [u, V]
         if distinct.len() < rows.len() {
-            cache.select_rows(&copy_of);
             logits = rows_of(logits, &copy_of); // [n, V]
         }
         let prefilled = distinct.len() * width;
@@ -401,24 +401,16 @@ impl<B: Kernels> Running<B> {
         if keep.is_empty() {
             return Ok(prefilled);
         }
-        if keep.len() < rows.len() {
-            cache.select_rows(&keep);
-            retain_rows(&mut rows, &keep);
-        }
-        if self.live.is_empty() {
-            self.cache = cache;
-            self.live = rows;
-            return Ok(prefilled);
-        }
-        let (ours, theirs) = (self.cache.len(), cache.len());
-        if ours < theirs {
-            self.cache.left_pad(theirs - ours);
+        // The prefill row each row still going reads.
+        let sources: Vec<usize> = keep.iter().map(|&r| copy_of[r]).collect();
+        retain_rows(&mut rows, &keep);
+        let (ours, theirs) = (self.cache.len(), width);
+        if !self.live.is_empty() && ours < theirs {
             self.live.iter_mut().for_each(|l| l.pad += theirs - ours);
-        } else if theirs < ours {
-            cache.left_pad(ours - theirs);
+        } else if !self.live.is_empty() {
             rows.iter_mut().for_each(|l| l.pad += ours - theirs);
         }
-        self.cache.append_rows(cache);
+        self.cache.admit(&cache, &sources);
         self.live.extend(rows);
         Ok(prefilled)
     }

@@ -462,6 +462,9 @@ where
                 .keys
                 .map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive())),
             at: x.at,
+            table: x.pages.table.clone().into_primitive(),
+            shift: x.pages.shift.clone().into_primitive(),
+            page_len: x.pages.page_len,
         };
         let bufs: Vec<_> = caches.into_iter().map(|(k, v)| (prim(k), prim(v))).collect();
         let found = decode::step(&w, &inputs, &bufs, state);

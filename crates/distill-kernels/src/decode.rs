@@ -46,8 +46,9 @@ pub struct DecodeLayer<'a, B: Backend> {
 pub type Projection<'a, B> = Vec<(&'a Tensor<B, 2>, Option<&'a Tensor<B, 1>>)>;
 
 /// One decoding step's inputs: one new token per row at cache position `at` (the same in
-/// every row: left-padded rows), its rotary tables [R, 1, hd] and the keys each row's query
-/// sees (R = the batch or 1, as the models' `Context` makes them).
+/// every row: left-padded rows), its rotary tables [R, 1, hd], the keys each row's query
+/// sees (R = the batch or 1, as the models' `Context` makes them) and where the paged cache
+/// keeps each row's positions.
 pub struct DecodeInputs<'a, B: Backend> {
     /// [B] token ids.
     pub ids: Tensor<B, 1, Int>,
@@ -55,11 +56,24 @@ pub struct DecodeInputs<'a, B: Backend> {
     pub sin: &'a Tensor<B, 3>,
     pub keys: Option<&'a KeyRanges<B>>,
     pub at: usize,
+    pub pages: PageTable<'a, B>,
 }
 
-/// Each layer's cache buffers, keys and values [B, KV, cap, hd] with cap > `at`: the step
-/// writes its position's keys and values into them and reads positions 0..=at.
-pub type CacheBuffers<B> = Vec<(Tensor<B, 4>, Tensor<B, 4>)>;
+/// Where a paged KV cache keeps each row's positions (the models' `PagedKv`): its layers'
+/// pools are slots [slots, KV, hd], `page_len` slots a page; row b's position p is slot
+/// `table[b][(p + shift[b]) / page_len] * page_len + (p + shift[b]) % page_len`. Every page
+/// a row names up to position `at` exists, and no two rows write one page.
+pub struct PageTable<'a, B: Backend> {
+    /// i32 [B, ld]: each row's pages in order (unused entries name any page).
+    pub table: &'a Tensor<B, 2, Int>,
+    /// i32 [B]: the slot of each row's position 0 in its first page.
+    pub shift: &'a Tensor<B, 1, Int>,
+    pub page_len: usize,
+}
+
+/// Each layer's pools of keys and values [slots, KV, hd] ([`PageTable`]): the step writes
+/// its position's keys and values into them and reads positions 0..=at of each row.
+pub type CacheBuffers<B> = Vec<(Tensor<B, 3>, Tensor<B, 3>)>;
 
 /// What a backend keeps from one fused decoding step of a cache to the next (CUDA: the
 /// step's work buffers and the CUDA graph that issues it), held by the cache and dropped

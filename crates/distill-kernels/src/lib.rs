@@ -53,7 +53,7 @@ pub mod offload;
 pub use offload::{Fetched, Parked};
 /// What a fused decoding step reads: a decoder's weights and one step's inputs.
 pub mod decode;
-pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Projection, StepState};
+pub use decode::{CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, PageTable, Projection, StepState};
 /// The next token of each row, drawn from its logits on the device.
 pub mod sample;
 pub use sample::{PendingIds, RowSampling, SampledIds};
@@ -467,8 +467,8 @@ pub trait ModelKernels: Backend {
     }
 
     /// One decoding step of a whole decoder issued at once: the token of each row ->
-    /// logits [B, V], with every layer's keys and values of this position written into its
-    /// `caches` buffers at `x.at`. The buffers come back either way. None where the backend
+    /// logits [B, V], with every layer's keys and values of position `x.at` written into its
+    /// `caches` pools where `x.pages` puts them. The pools come back either way. None where the backend
     /// has no such path or cannot take these inputs: the caller then runs the layers op by
     /// op. CUDA issues the op-by-op path's kernels, in its order with its arguments, from one
     /// device-thread task, so both give the same logits bit for bit; the default has no

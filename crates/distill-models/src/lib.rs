@@ -6,10 +6,12 @@
 
 pub mod init_student;
 mod load;
+pub mod paged;
 pub mod transformer;
 
 pub use distill_hf::{Architecture, DecoderConfig, ModelError, Result};
 pub use distill_kernels::{Kernels, MemoryPolicy, ModelKernels, TrainKernels};
+pub use paged::PagedKv;
 pub use transformer::{CausalLm, KvCache};
 
 #[cfg(test)]

@@ -10,11 +10,12 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use distill_core::recipe::BaseQuant;
 use distill_hf::config::{DecoderConfig, RopeScaling};
 
+use crate::paged::PagedKv;
 use distill_kernels::cast_to;
 use distill_kernels::nf4::Nf4;
 use distill_kernels::{
-    CacheBuffers, DecodeInputs, DecodeLayer, DecodeWeights, Kernels, KeyRanges, LinearWeight, ModelKernels,
-    NormInput, Normed, Projection, StepState, add_bias,
+    DecodeInputs, DecodeLayer, DecodeWeights, Kernels, KeyRanges, LinearWeight, ModelKernels, NormInput,
+    Normed, PageTable, Projection, add_bias,
 };
 
 /// A linear layer with an optional LoRA adapter.
@@ -495,16 +496,15 @@ impl<B: Kernels> Mlp<B> {
     }
 }
 
-/// Keys and values of the positions decoded so far, per layer: [B, KV, cap, hd] buffers of
-/// which the first `len` positions are filled. A step writes its positions in place and
-/// attention reads a view of the filled part, so decoding a token costs no copy of the
-/// history; buffers grow by doubling. (Growing by concatenation copied the whole cache at
-/// every token of every layer: O(S²) traffic over a long generation.)
+/// Keys and values of the positions computed so far, per layer: [B, KV, cap, hd] buffers of
+/// which the first `len` positions are filled. A forward call writes its positions in place
+/// and attention reads a view of the filled part, so a token costs no copy of the history;
+/// buffers grow by doubling. (Growing by concatenation copied the whole cache at every token
+/// of every layer: O(S²) traffic over a long generation.) A prefill's cache; batched
+/// decoding keeps its rows in a [`PagedKv`].
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerCache<B>>>,
-    /// What the backend's fused step keeps for this cache's next step (its graph).
-    step: StepState,
 }
 
 #[derive(Debug, Clone)]
@@ -572,13 +572,7 @@ impl<B: ModelKernels> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: vec![None; num_layers],
-            step: StepState::default(),
         }
-    }
-
-    /// Drops every row and buffer: the cache of no sequence yet.
-    pub fn clear(&mut self) {
-        *self = KvCache::new(self.layers.len());
     }
 
     /// Number of positions already cached.
@@ -590,94 +584,15 @@ impl<B: ModelKernels> KvCache<B> {
         self.len() == 0
     }
 
-    /// Applies `f` to each layer's filled keys and values, each result becoming the layer's
-    /// whole cache (room for a block more).
-    fn remake(&mut self, f: impl Fn(Tensor<B, 4>) -> Tensor<B, 4>) {
-        for layer in self.layers.iter_mut().flatten() {
-            let (k, v) = layer.filled();
-            let (k, v) = (f(k), f(v));
-            let s = k.dims()[2];
-            *layer = LayerCache::holding(k, v, (s + 1).next_multiple_of(CACHE_BLOCK));
-        }
+    /// Layer `l`'s filled keys and values [B, KV, len, hd], as views.
+    pub(crate) fn layer(&self, l: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.layers[l].as_ref().expect("a filled cache layer").filled()
     }
 
-    /// Keeps only the batch rows `rows` (in that order): finished sequences leave the batch.
-    /// Each buffer is selected whole (its room kept, one kernel), with one index tensor for
-    /// every layer: rows finish one by one, so this runs often.
-    pub fn select_rows(&mut self, rows: &[usize]) {
-        let Some(device) = self.layers.iter().flatten().next().map(|l| l.k.device()) else {
-            return;
-        };
-        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &device);
-        for layer in self.layers.iter_mut().flatten() {
-            layer.k = layer.k.clone().select(0, idx.clone());
-            layer.v = layer.v.clone().select(0, idx.clone());
-        }
-    }
-
-    /// Adds `n` empty positions before every row's cached ones (the caller masks them as
-    /// padding): to line a cache up with a longer one before [`KvCache::append_rows`].
-    /// Zeros, not uninitialised memory: masked keys still meet values in the attention GEMM.
-    pub fn left_pad(&mut self, n: usize) {
-        self.remake(|x| {
-            let [b, h, _, d] = x.dims();
-            let zeros = Tensor::<B, 4>::zeros([b, h, n, d], (&x.device(), x.dtype()));
-            Tensor::cat(vec![zeros, x], 2)
-        });
-    }
-
-    /// Drops the first `n` cached positions of every row (padding in all of them).
-    pub fn trim_front(&mut self, n: usize) {
-        self.remake(|x| {
-            let s = x.dims()[2];
-            x.narrow(2, n, s - n)
-        });
-    }
-
-    /// Puts `other`'s rows after these; both caches must hold the same number of positions.
-    pub fn append_rows(&mut self, other: KvCache<B>) {
-        assert_eq!(self.len(), other.len(), "caches of different lengths");
-        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
-            *mine = match (mine.take(), theirs) {
-                (Some(a), Some(b)) => {
-                    let ((k, v), (k2, v2)) = (a.filled(), b.filled());
-                    let cap = a.capacity().max(b.capacity());
-                    Some(LayerCache::holding(
-                        Tensor::cat(vec![k, k2], 0),
-                        Tensor::cat(vec![v, v2], 0),
-                        cap,
-                    ))
-                }
-                (a, b) => a.or(b),
-            };
-        }
-    }
-
-    /// Every layer's buffers with room for one more position, moved out for a fused step
-    /// ([`CausalLm::decode_step`]), and the position it goes at; None before a prefill.
-    fn take_for_step(&mut self) -> Option<(CacheBuffers<B>, usize)> {
-        let at = self.len();
-        if self.layers.iter().any(Option::is_none) {
-            return None;
-        }
-        let buffers = self
-            .layers
-            .iter_mut()
-            .filter_map(Option::take)
-            .map(|c| {
-                let c = c.with_room(1);
-                (c.k, c.v)
-            })
-            .collect();
-        Some((buffers, at))
-    }
-
-    /// Puts back the buffers [`KvCache::take_for_step`] took, now holding `len` positions.
-    fn put_back(&mut self, buffers: CacheBuffers<B>, len: usize) {
-        for (slot, (k, v)) in self.layers.iter_mut().zip(buffers) {
-            *slot = Some(LayerCache { k, v, len });
-        }
+    /// Makes `k`, `v` [B, KV, S, hd] layer `l`'s whole cache, with room for one more position.
+    pub(crate) fn set_layer(&mut self, l: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let s = k.dims()[2];
+        self.layers[l] = Some(LayerCache::holding(k, v, s + 1));
     }
 
     /// Appends this step's k/v [B, KV, T, hd] for `layer` and returns the full history, as
@@ -1186,16 +1101,22 @@ impl<B: Kernels> CausalLm<B> {
         KvCache::new(self.config.num_hidden_layers)
     }
 
+    /// An empty paged cache for batched decoding ([`CausalLm::decode_step`]).
+    pub fn new_paged_cache(&self) -> PagedKv<B> {
+        PagedKv::new(self.config.num_hidden_layers)
+    }
+
     /// One decoding step of batched generation: `ids` (a token per row) continue the rows
     /// `cache` holds, left-padded by `pads` ([`Context::left_padded`]). Returns logits [B, V].
-    /// A backend with a fused step runs the whole model at once
+    /// A backend with a fused step runs the whole model at once over the cache's pages
     /// ([`ModelKernels::decode_step`]: CUDA, for the decoding copy's fused bf16 weights);
-    /// otherwise the layers run op by op, to the same logits.
+    /// otherwise the rows' positions are gathered into a contiguous cache, the layers run op
+    /// by op, to the same logits, and the new position goes back into the pages.
     pub fn decode_step(
         &self,
         ids: &[u32],
         pads: &[usize],
-        cache: &mut KvCache<B>,
+        cache: &mut PagedKv<B>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
         let rows = self.model.embed_tokens.weight.dims()[0];
@@ -1213,7 +1134,7 @@ impl<B: Kernels> CausalLm<B> {
         &self,
         ids: Tensor<B, 1, Int>,
         pads: &[usize],
-        cache: &mut KvCache<B>,
+        cache: &mut PagedKv<B>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
         self.decode_step_with(ids, true, pads, cache, device)
@@ -1224,15 +1145,18 @@ impl<B: Kernels> CausalLm<B> {
         ids: Tensor<B, 1, Int>,
         fusable: bool,
         pads: &[usize],
-        cache: &mut KvCache<B>,
+        cache: &mut PagedKv<B>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
+        cache.reserve(1);
         let ctx = Context::left_padded(&self.rotary, pads, 1, cache.len(), device);
-        if fusable && let Some(logits) = self.fused_step(ids.clone(), &ctx, cache) {
+        if fusable && let Some(logits) = self.fused_step(ids.clone(), &ctx, cache, device) {
             return logits;
         }
         let b = ids.dims()[0];
-        let hidden = self.hidden_states_with(ids.reshape([b, 1]), &ctx, Some(cache)); // [B, 1, C]
+        let mut rows = cache.gather();
+        let hidden = self.hidden_states_with(ids.reshape([b, 1]), &ctx, Some(&mut rows)); // [B, 1, C]
+        cache.write_last(&rows);
         self.logits(hidden).squeeze_dim::<2>(1)
     }
 
@@ -1242,22 +1166,29 @@ impl<B: Kernels> CausalLm<B> {
         &self,
         ids: Tensor<B, 1, Int>,
         ctx: &Context<B>,
-        cache: &mut KvCache<B>,
+        cache: &mut PagedKv<B>,
+        device: &B::Device,
     ) -> Option<Tensor<B, 2>> {
-        if !<B as ModelKernels>::FUSED_DECODE {
+        if !<B as ModelKernels>::FUSED_DECODE || cache.is_empty() {
             return None;
         }
         let weights = self.decode_weights()?;
-        let (buffers, at) = cache.take_for_step()?;
+        let (table, shift) = cache.device_table(device);
         let x = DecodeInputs {
             ids,
             cos: &ctx.cos,
             sin: &ctx.sin,
             keys: ctx.keys.as_ref(),
-            at,
+            at: cache.len(),
+            pages: PageTable {
+                table: &table,
+                shift: &shift,
+                page_len: cache.page_len(),
+            },
         };
-        let (logits, buffers) = <B as ModelKernels>::decode_step(&weights, x, buffers, &mut cache.step);
-        cache.put_back(buffers, at + usize::from(logits.is_some()));
+        let pools = cache.take_pools();
+        let (logits, pools) = <B as ModelKernels>::decode_step(&weights, x, pools, &mut cache.step);
+        cache.put_back(pools, logits.is_some());
         logits
     }
 
@@ -1736,10 +1667,11 @@ mod tests {
     }
 
     /// The fused decoding step, replayed from a CUDA graph and issued directly, against the
-    /// op-by-op one on the GPU: three left-padded rows of different prompt lengths, 300 steps
-    /// (past the cache's growth at 256 positions, which moves every cache buffer under the
-    /// graph), the middle row leaving at step 150 (a new batch: a new graph), with an untied
-    /// LM head and with a tied one. With the decoding copy's fused projections the logits
+    /// op-by-op one on the GPU, over paged caches of 16-slot pages: three left-padded rows of
+    /// different prompt lengths, 300 steps (each row taking new pages, and the pools growing
+    /// under the graph), the middle row leaving at step 150 and a short row joining at step
+    /// 220 (padded by zero pages; each a new batch: a new graph), with an untied LM head and
+    /// with a tied one. With the decoding copy's fused projections the logits
     /// must be equal bit for bit at every step, since all three issue the same kernels with
     /// the same arguments; with projections left apart (a copy over its budget), where the op
     /// path adds the MLP's residual after its GEMM instead of in it, the two fused modes bit
@@ -1774,15 +1706,15 @@ mod tests {
                 .collect();
             let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [3, width]), &device);
             let ctx = Context::left_padded(&model.rotary, &pads, width, 0, &device);
-            let mut graph = model.new_cache();
-            model.hidden_states_with(input, &ctx, Some(&mut graph));
-            // The prefill's buffers are shared by the caches until one grows: deep copies.
-            let copy = |c: &KvCache<B>| {
-                let mut c = c.clone();
-                c.remake(|x| x.clone() * 1.0);
+            let mut prefill = model.new_cache();
+            model.hidden_states_with(input, &ctx, Some(&mut prefill));
+            let layers = config.num_hidden_layers;
+            let paged = || {
+                let mut c = PagedKv::<B>::with_page_len(layers, 16);
+                c.admit(&prefill, &[0, 1, 2]);
                 c
             };
-            let (mut direct, mut ops) = (copy(&graph), copy(&graph));
+            let (mut graph, mut direct, mut ops) = (paged(), paged(), paged());
             let host = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
             let replayed = decode::issued().0[0];
             let mut rows = vec![0, 1, 2];
@@ -1795,11 +1727,25 @@ mod tests {
                     rows = keep.map(|r| rows[r]).to_vec();
                     pads = keep.map(|r| pads[r]).to_vec();
                 }
+                if step == 220 {
+                    let short = [60u32, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71];
+                    let ids: Vec<i64> = short.iter().map(|&t| i64::from(t)).collect();
+                    let input =
+                        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, short.len()]), &device);
+                    let mut joining = model.new_cache();
+                    let ctx = Context::causal(&model.rotary, short.len(), 0, &device);
+                    model.hidden_states_with(input, &ctx, Some(&mut joining));
+                    for c in [&mut graph, &mut direct, &mut ops] {
+                        c.admit(&joining, &[0]);
+                    }
+                    rows.push(3);
+                    pads.push(width + step - short.len());
+                }
                 let tokens: Vec<u32> = rows
                     .iter()
                     .map(|r| ((step * 7 + r * 13) % 97 + 1) as u32)
                     .collect();
-                let run = |mode, cache: &mut KvCache<B>| {
+                let run = |mode, cache: &mut PagedKv<B>| {
                     decode::set_mode(mode);
                     let before = decode::steps_on_this_thread();
                     let logits = host(model.decode_step(&tokens, &pads, cache, &device));
@@ -1832,10 +1778,10 @@ mod tests {
             for c in [&graph, &direct, &ops] {
                 assert_eq!(c.len(), width + 300);
             }
-            // Two batches, each a direct step and a capture before its replays.
+            // Three batches, each a direct step and a capture before its replays.
             let replays = decode::issued().0[0] - replayed;
             assert!(
-                replays >= 296,
+                replays >= 294,
                 "tied {tied}, fused {fuse}: {replays} of 300 steps replayed"
             );
         }

@@ -38,7 +38,7 @@ use crate::StepState;
 
 use super::cublas::{self, RowGemm, WeightLayout};
 use super::elementwise::{self, RopeQkv};
-use super::flash::{self, Forward, Shape};
+use super::flash::{self, Forward, Paging, Shape};
 use super::graph::{Issue, Issuer, Path, Replays};
 use super::nvrtc::{self, Arg, Call, Launch};
 use super::{stream, timing};
@@ -171,13 +171,17 @@ pub(super) struct Weights {
     pub hd: usize,
 }
 
-/// One step's inputs, as primitives ([`crate::DecodeInputs`]): lo and hi are the key ranges.
+/// One step's inputs, as primitives ([`crate::DecodeInputs`]): lo and hi are the key ranges;
+/// table [B, ld] and shift [B] the paged cache's page table ([`crate::PageTable`]).
 pub(super) struct Inputs {
     pub ids: CudaTensor,
     pub cos: CudaTensor,
     pub sin: CudaTensor,
     pub keys: Option<(CudaTensor, CudaTensor)>,
     pub at: usize,
+    pub table: CudaTensor,
+    pub shift: CudaTensor,
+    pub page_len: usize,
 }
 
 /// The model's widths, checked against every weight.
@@ -213,7 +217,6 @@ struct BoundLayer {
     down_proj: (usize, WeightLayout),
     k_cache: usize,
     v_cache: usize,
-    cap: usize,
 }
 
 /// One part of a projection: its weight's binding and layout, and the columns it writes.
@@ -292,8 +295,8 @@ impl State {
 }
 
 /// Queues one decoding step: logits [B, V] for the token of each row, every layer's keys and
-/// values of position `x.at` written into `caches`. `state` keeps the step's buffers and
-/// graph for the cache's next step.
+/// values of position `x.at` written into its pools `caches` [slots, KV, hd] where the page
+/// table puts them. `state` keeps the step's buffers and graph for the cache's next step.
 pub(super) fn step(
     w: &Weights,
     x: &Inputs,
@@ -310,6 +313,7 @@ pub(super) fn step(
     let d = dims(w, x)?;
     let [heads, kv_heads] = w.heads;
     let hd = w.hd;
+    let ld = table_width(x, d.b)?;
     if caches.len() != w.layers.len() {
         return Err(format!(
             "{} cache buffers for {} layers",
@@ -327,8 +331,7 @@ pub(super) fn step(
     let bf = DType::BF16;
     let (b, at) = (d.b, x.at);
     let scale = flash::softmax_scale(hd);
-    // Every layer's attention but for its cache's strides.
-    let attention = |cap: usize| Forward {
+    let forward = Forward {
         shape: Shape {
             b,
             heads,
@@ -337,19 +340,19 @@ pub(super) fn step(
             s: at + 1,
             hd,
         },
-        strides: attention_strides(heads, kv_heads, hd, cap),
+        strides: attention_strides(heads, kv_heads, hd),
         has_keys: keys.is_some(),
         per_row,
         scale,
     };
-    let cap = caches
-        .first()
-        .map_or(0, |(k, _)| k.meta.shape().get(2).copied().unwrap_or(0));
-    // Split partials sized for any length the cache holds, so a graph outlives the splits'
-    // growth.
-    let [part, ml] = attention(cap)
-        .decode()
-        .map_or([1, 1], |dec| dec.scratch_up_to(cap));
+    let Some(decode) = forward.decode() else {
+        return Err(format!(
+            "{heads} query heads a K/V head of {kv_heads}: more than paged decoding takes"
+        ));
+    };
+    // Split partials sized for any length the page table holds, so a graph outlives the
+    // splits' growth.
+    let [part, ml] = decode.scratch_up_to(ld * x.page_len);
     // The step's work buffers, each reused by every layer and kept for the next step: the
     // residual stream, a norm's output, q/k/v, q rotated, attention's output, log-sum-exp and
     // split partials, gate/up, SwiGLU's output, q/k/v's bias when it comes in parts, and the
@@ -399,6 +402,7 @@ pub(super) fn step(
         Some((lo, hi)) => (bound.add(lo), bound.add(hi)),
         None => (hq, hq),
     };
+    let (htable, hshift) = (bound.add(&x.table), bound.add(&x.shift));
     let hnorm = bound.add(&w.norm);
     let head = (
         bound.add(&w.lm_head),
@@ -408,13 +412,13 @@ pub(super) fn step(
         .layers
         .iter()
         .zip(caches)
-        .map(|(l, (k, v))| bind_layer(&mut bound, l, (k, v), d, [kv_heads, hd], x.at))
+        .map(|(l, (k, v))| bind_layer(&mut bound, l, (k, v), d, [kv_heads, hd]))
         .collect::<Result<Vec<_>, String>>()?;
+    let page_len = x.page_len;
 
     let embed_ld = w.embed.meta.strides()[0];
     let eps = w.eps as f32;
     let shared = tab_rows == 1;
-    let attentions: Vec<Forward> = layers.iter().map(|l| attention(l.cap)).collect();
     let index = device.index;
     let modules = [module(), elementwise::module(), flash::module(hd)];
     let replays = st.replays.clone();
@@ -469,13 +473,19 @@ pub(super) fn step(
         let graphed = mode == Mode::Graph;
         // A graph writes logits of its own, copied out after it runs.
         let logits_at = p[if graphed { hgraph_logits } else { hlogits }];
+        let pages = Paging {
+            table: p[htable],
+            ld,
+            shift: p[hshift],
+            page_len,
+        };
         let body = |is: &mut Issuer<'_>| -> Result<(), Issue> {
             run(
                 is,
                 embed_call([p[hids], p[hembed], p[hx]], b, [d.c, embed_ld]),
                 ours,
             )?;
-            for (l, forward) in layers.iter().zip(&attentions) {
+            for l in &layers {
                 norm(is, [hx, l.input_norm, hn])?;
                 project(is, "q/k/v", hn, &l.qkv, hqkv, d.qkv)?;
                 let bias = match l.bias {
@@ -504,8 +514,9 @@ pub(super) fn step(
                     hd,
                     shared,
                     has_bias: bias.is_some(),
-                    cap: l.cap,
+                    cap: 0,
                     at,
+                    pages: Some(pages),
                 };
                 let ptrs = [
                     p[hqkv],
@@ -526,14 +537,9 @@ pub(super) fn step(
                     p[hlo],
                     p[hhi],
                 ];
-                match forward.decode() {
-                    Some(dec) => {
-                        let [pq, pk, pv, po, pl, plo, phi] = ptrs;
-                        let calls = dec.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]]);
-                        calls.into_iter().try_for_each(|c| run(is, c, attn))?;
-                    }
-                    None => run(is, forward.call(ptrs), attn)?,
-                }
+                let [pq, pk, pv, po, pl, plo, phi] = ptrs;
+                let calls = decode.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]], Some(pages));
+                calls.into_iter().try_for_each(|c| run(is, c, attn))?;
                 let (o, ol) = l.o_proj;
                 gemm(
                     is,
@@ -606,14 +612,36 @@ pub(super) fn step(
     Ok(logits)
 }
 
-/// Strides (batch, head, row) of q, k, v and the output as the op-by-op path hands them to
-/// the attention kernels: q [B, 1, H, hd] read as [B, H, 1, hd], the caches [B, KV, cap, hd],
-/// the output written as [B, 1, H, hd].
-fn attention_strides(heads: usize, kv_heads: usize, hd: usize, cap: usize) -> [[i64; 3]; 4] {
+/// Strides (batch, head, row) of q, k, v and the output as the attention kernels read them:
+/// q [B, 1, H, hd] read as [B, H, 1, hd], the output written as [B, 1, H, hd]; k and v
+/// pools of slots [slots, KV, hd] read through the page table (no batch stride; a slot's
+/// stride in the row's place).
+fn attention_strides(heads: usize, kv_heads: usize, hd: usize) -> [[i64; 3]; 4] {
     let row = (heads * hd) as i64;
     let q = [row, hd as i64, row];
-    let kv = [(kv_heads * cap * hd) as i64, (cap * hd) as i64, hd as i64];
+    let kv = [0, hd as i64, (kv_heads * hd) as i64];
     [q, kv, kv, q]
+}
+
+/// The page table's width, after checking it and the shifts: i32 [B, ld] and i32 [B],
+/// contiguous, with room for position `at` in every row.
+fn table_width(x: &Inputs, b: usize) -> Result<usize, String> {
+    let shape = |t: &CudaTensor| t.meta.shape().as_slice().to_vec();
+    let ld = match (x.table.dtype, shape(&x.table).as_slice()) {
+        (DType::I32, &[rows, ld]) if rows == b && x.table.is_contiguous() => ld,
+        (dtype, s) => return Err(format!("page table: {dtype:?} {s:?}, not i32 [{b}, pages]")),
+    };
+    match (x.shift.dtype, shape(&x.shift).as_slice()) {
+        (DType::I32, &[rows]) if rows == b && x.shift.is_contiguous() => {}
+        (dtype, s) => return Err(format!("page shifts: {dtype:?} {s:?}, not i32 [{b}]")),
+    }
+    if x.page_len == 0 || (x.at + x.page_len) / x.page_len > ld || ld * x.page_len > i32::MAX as usize {
+        return Err(format!(
+            "a page table of {ld} pages of {} for position {}",
+            x.page_len, x.at
+        ));
+    }
+    Ok(ld)
 }
 
 /// The batch and the model's widths, from the inputs and weights; errors for anything the
@@ -658,7 +686,6 @@ fn bind_layer(
     (k, v): (&CudaTensor, &CudaTensor),
     d: Dims,
     [kv_heads, hd]: [usize; 2],
-    at: usize,
 ) -> Result<BoundLayer, String> {
     let vector = |t: &CudaTensor, n: usize, what: &str| {
         if t.dtype != DType::BF16 || t.meta.shape().as_slice() != [n] || !t.is_contiguous() {
@@ -686,11 +713,13 @@ fn bind_layer(
     let o_in = l.o_proj.meta.shape()[0];
     let o_proj = gemm_layout(&l.o_proj, [o_in, d.c], "o_proj")?;
     let down_proj = gemm_layout(&l.down_proj, [d.inter, d.c], "down_proj")?;
-    let cap = k.meta.shape().get(2).copied().unwrap_or(0);
-    for (t, what) in [(k, "k cache"), (v, "v cache")] {
+    for (t, what) in [(k, "k pool"), (v, "v pool")] {
         let shape = t.meta.shape().as_slice();
-        if t.dtype != DType::BF16 || shape != [d.b, kv_heads, cap, hd] || at >= cap {
-            return Err(format!("{what}: {:?} {shape:?} for position {at}", t.dtype));
+        if t.dtype != DType::BF16 || shape.len() != 3 || shape[1..] != [kv_heads, hd] {
+            return Err(format!(
+                "{what}: {:?} {shape:?}, not bf16 [slots, {kv_heads}, {hd}]",
+                t.dtype
+            ));
         }
         // Written in place: a buffer someone else holds is the op-by-op path's to copy.
         if !t.is_contiguous() || !t.can_mut() {
@@ -707,7 +736,6 @@ fn bind_layer(
         down_proj: (bound.add(&l.down_proj), down_proj),
         k_cache: bound.add(k),
         v_cache: bound.add(v),
-        cap,
     })
 }
 

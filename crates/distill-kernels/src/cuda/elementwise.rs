@@ -19,6 +19,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
+use super::flash::Paging;
 use super::nvrtc::{self, Arg, Call, Launch};
 use super::{contiguous, stream};
 
@@ -207,9 +208,17 @@ extern "C" __global__ void rope(const void* x, void* y, const void* cos, const v
  * Tables as in rope. One thread per pair. */
 extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, void* k_cache, void* v_cache,
                                     const void* cos, const void* sin, int bf16, int tab_bf16, int heads,
-                                    int kv_heads, int t_len, int half, int shared, int pairs, i64 cap, i64 at)
+                                    int kv_heads, int t_len, int half, int shared, int pairs, i64 cap, i64 at,
+                                    const int* table, int table_ld, const int* shift, int page_len)
 {
     const int all = heads + 2 * kv_heads, hd = 2 * half;
+    /* Where row b's position at + t sits in a cache [B, KV, cap, hd], or with a page table in
+     * a pool of slots [slots, KV, hd] (flash_decode's paged layout): head kvh's offset is
+     * then added as kvh * hd, not kvh * cap * hd. */
+#define CACHE_AT(b, kvh, t)                                                                        \
+    (table ? (((i64)table[(i64)(b) * table_ld + (at + (t) + shift[b]) / page_len] * page_len +        \
+               (at + (t) + shift[b]) % page_len) * kv_heads + (kvh)) * hd                              \
+           : (((i64)(b) * kv_heads + (kvh)) * cap + at + (t)) * hd)
     for (int p = blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += gridDim.x * blockDim.x) {
         const int j = p % half;
         int r = p / half;
@@ -223,7 +232,7 @@ extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, vo
             x2 = rounded(bf16, x2 + load(bias, bf16, (i64)head * hd + j + half));
         }
         if (head >= heads + kv_heads) {
-            const i64 vi = (((i64)b * kv_heads + head - heads - kv_heads) * cap + at + t) * hd + j;
+            const i64 vi = CACHE_AT(b, head - heads - kv_heads, t) + j;
             store(v_cache, bf16, vi, x1);
             store(v_cache, bf16, vi + half, x2);
             continue;
@@ -231,11 +240,12 @@ extern "C" __global__ void rope_qkv(const void* y, const void* bias, void* q, vo
         const i64 tab = ((i64)(shared ? 0 : b) * t_len + t) * hd + j;
         const float2 o = rotate(bf16, tab_bf16, cos, sin, tab, half, x1, x2);
         const i64 oi = head < heads ? (((i64)b * t_len + t) * heads + head) * hd + j
-                                    : (((i64)b * kv_heads + head - heads) * cap + at + t) * hd + j;
+                                    : CACHE_AT(b, head - heads, t) + j;
         void* out = head < heads ? q : k_cache;
         store(out, bf16, oi, o.x);
         store(out, bf16, oi + half, o.y);
     }
+#undef CACHE_AT
 }
 "#;
 
@@ -704,6 +714,7 @@ pub fn rope_qkv(
         has_bias,
         cap,
         at,
+        pages: None,
     };
     stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
         rope.call(ptrs).launch(device.index, &module(), stream)
@@ -729,6 +740,8 @@ pub(super) struct RopeQkv {
     /// The caches' positions, and where the new ones go.
     pub cap: usize,
     pub at: usize,
+    /// The page table of a paged cache (the caches are then pools of slots), or None.
+    pub pages: Option<Paging>,
 }
 
 impl RopeQkv {
@@ -759,7 +772,10 @@ impl RopeQkv {
                 I32(pairs as i32),
                 I64(self.cap as i64),
                 I64(self.at as i64),
-            ],
+            ]
+            .into_iter()
+            .chain(Paging::args(self.pages))
+            .collect(),
         }
     }
 }

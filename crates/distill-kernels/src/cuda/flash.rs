@@ -311,7 +311,7 @@ pub fn forward(
             let [bq, bk, bv, bo, bl, blo, bhi] = bindings;
             let bindings = [bq, bk, bv, bo, bl, blo, bhi, part, ml];
             stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
-                (dec.calls(ptrs).iter()).try_for_each(|c| c.launch(device.index, &m, stream))
+                (dec.calls(ptrs, None).iter()).try_for_each(|c| c.launch(device.index, &m, stream))
             })?;
         }
         None => stream::run_on_stream(&device, bindings, nvrtc::ordering(), move |stream, ptrs| {
@@ -364,6 +364,33 @@ const DECODE_SPLIT: usize = 512;
 /// batches; more only add work to the combine.
 const DECODE_CTAS: usize = 264;
 const DECODE_THREADS: u32 = 128;
+
+/// A paged KV cache's page table as the decoding kernels read it (`flash_decode`,
+/// `rope_qkv`): the caches are pools of slots [slots, KV, hd]; row b's position p sits in
+/// slot `table[b][(p + shift[b]) / page_len] * page_len + (p + shift[b]) % page_len`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Paging {
+    /// i32 [B, ld] page ids, and i32 [B] shifts.
+    pub table: u64,
+    pub ld: usize,
+    pub shift: u64,
+    pub page_len: usize,
+}
+
+impl Paging {
+    /// The kernels' last four arguments: null pointers without a table.
+    pub(super) fn args(pages: Option<Paging>) -> [Arg; 4] {
+        match pages {
+            Some(p) => [
+                Arg::Ptr(p.table),
+                Arg::I32(p.ld as i32),
+                Arg::Ptr(p.shift),
+                Arg::I32(p.page_len as i32),
+            ],
+            None => [Arg::Ptr(0), Arg::I32(0), Arg::Ptr(0), Arg::I32(1)],
+        }
+    }
+}
 
 /// A [`Forward`] of one query per row (decoding) as `flash_decode` over splits of the keys
 /// and `flash_decode_combine`: the forward gives each query a 128-row tile and walks its keys
@@ -419,8 +446,13 @@ impl Decode {
     }
 
     /// The two kernels over `[q, k, v, o, lse, lo, hi, part, ml]`, part and ml as
-    /// [`Decode::scratch`] sizes them.
-    pub(super) fn calls(&self, [pq, pk, pv, po, pl, plo, phi, ppart, pml]: [u64; 9]) -> [Call; 2] {
+    /// [`Decode::scratch`] sizes them; k and v through `pages` where given (the key strides
+    /// are then the pools' head and slot strides).
+    pub(super) fn calls(
+        &self,
+        [pq, pk, pv, po, pl, plo, phi, ppart, pml]: [u64; 9],
+        pages: Option<Paging>,
+    ) -> [Call; 2] {
         let f = &self.forward;
         let sh = &f.shape;
         let [qs, ks, vs, os] = f.strides;
@@ -440,6 +472,7 @@ impl Decode {
             Arg::I32(self.split_len as i32),
             Arg::F32(f.scale),
         ]);
+        split.extend(Paging::args(pages));
         let combine = vec![
             Arg::Ptr(ppart),
             Arg::Ptr(pml),

@@ -701,7 +701,11 @@ extern "C" __global__ void __launch_bounds__(256) flash_sum_groups(
  * exponentials (a warp per head), then P V (a thread per four columns of a stream of keys).
  * It leaves the split's unnormalised output, max and sum (log2 units) in `part` and `ml`;
  * flash_decode_combine rescales the splits into O and lse. P stays f32 (the forward rounds it
- * to bf16 for its MMA). */
+ * to bf16 for its MMA).
+ *
+ * With a page table (paged KV cache), k and v are pools of slots [slots, KV, HD] (k_t the
+ * slot stride, k_h the head stride, k_b unused): row b's key at position p sits in slot
+ * table[b][(p + shift[b]) / page_len] * page_len + (p + shift[b]) % page_len. */
 #define DEC_GMAX 16    /* most query heads per K/V head */
 #define DEC_SPLIT 512  /* most keys a CTA takes */
 #define DEC_NT 128
@@ -709,12 +713,23 @@ extern "C" __global__ void __launch_bounds__(256) flash_sum_groups(
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t x) { return __uint_as_float((u32)x << 16); }
 
+/* Offset of row b's key or value at position pos from its head's base: strided, or through
+ * the page table (see flash_decode). */
+__device__ __forceinline__ i64 dec_row(int b, int pos, i64 s_b, i64 s_t, const int* table, int table_ld,
+                                       const int* shift, int page_len)
+{
+    if (!table) return (i64)b * s_b + (i64)pos * s_t;
+    const int slot = pos + shift[b];
+    return ((i64)table[(i64)b * table_ld + slot / page_len] * page_len + slot % page_len) * s_t;
+}
+
 extern "C" __global__ void __launch_bounds__(DEC_NT) flash_decode(
     const bf16_t* q, i64 q_b, i64 q_h,
     const bf16_t* k, i64 k_b, i64 k_h, i64 k_t,
     const bf16_t* v, i64 v_b, i64 v_h, i64 v_t,
     float* part, float* ml, const int* lo, const int* hi, int ranges_per_row,
-    int heads, int groups, int s_len, int split_len, float scale)
+    int heads, int groups, int s_len, int split_len, float scale,
+    const int* table, int table_ld, const int* shift, int page_len)
 {
     __shared__ __align__(16) float sq[DEC_GMAX][HD];
     /* Scores, then probabilities [DEC_GMAX][DEC_SPLIT]; then the P V streams' partial sums. */
@@ -732,9 +747,9 @@ extern "C" __global__ void __launch_bounds__(DEC_NT) flash_decode(
         sq[g][d] = bf16_to_f32(HEAD(q, b, h0 + g, q_b, q_h)[d]) * sl2;
     }
     __syncthreads();
-    const bf16_t* kh = HEAD(k, b, kvh, k_b, k_h);
+    const bf16_t* kh = k + (i64)kvh * k_h;
     for (int j = tid; j < n; j += DEC_NT) {
-        const bf16_t* row = kh + (i64)(first + j) * k_t;
+        const bf16_t* row = kh + dec_row(b, first + j, k_b, k_t, table, table_ld, shift, page_len);
         float s[DEC_GMAX];
 #pragma unroll
         for (int g = 0; g < DEC_GMAX; g++) s[g] = 0.f;
@@ -786,9 +801,9 @@ extern "C" __global__ void __launch_bounds__(DEC_NT) flash_decode(
     for (int g = 0; g < DEC_GMAX; g++)
 #pragma unroll
         for (int e = 0; e < DEC_COLS; e++) acc[g][e] = 0.f;
-    const bf16_t* vh = HEAD(v, b, kvh, v_b, v_h) + c0;
+    const bf16_t* vh = v + (i64)kvh * v_h + c0;
     for (int j = stream; j < n; j += streams) {
-        const uint2 raw = *(const uint2*)(vh + (i64)(first + j) * v_t);
+        const uint2 raw = *(const uint2*)(vh + dec_row(b, first + j, v_b, v_t, table, table_ld, shift, page_len));
         const float vf[4] = {bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y)};
 #pragma unroll
         for (int g = 0; g < DEC_GMAX; g++) {

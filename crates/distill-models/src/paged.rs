@@ -1,0 +1,555 @@
+//! The KV cache of batched generation, in pages: each layer's keys and values live in pools of
+//! slots [slots, KV, hd], `page_len` slots a page, and each row names its pages in order.
+//!
+//! Why: with one [B, KV, cap, hd] buffer a layer, a row joining the batch, a row leaving it or
+//! n samples of one prompt each copied every row's whole cache, and the cache grew by
+//! doubling. Here those change tables, not keys: a joining row's prefill is written into
+//! pages of its own; a finished row's pages go back to the free list at once; samples of one
+//! prompt share its full pages (only the last, partly filled page is copied for each); and
+//! memory grows a page at a time.
+//!
+//! Rows stay left-padded to one length (`len`, shared by every row), as the decoding step
+//! wants them, but padding costs no memory: row b's position p is slot `p + shift` of its
+//! page list, and pages wholly in its padding name page 0, which holds zeros and is never
+//! written. Padding a row by n positions prepends zero pages and moves its shift; trimming
+//! common padding drops leading pages.
+
+use burn::tensor::IndexingUpdateOp;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use distill_kernels::{CacheBuffers, ModelKernels, StepState};
+
+use crate::transformer::KvCache;
+
+/// Slots a page: a sample's copy of a prompt's last page is at most this, and a row takes a
+/// new page (a new page table on the device) at most once in this many steps.
+pub const PAGE_LEN: usize = 64;
+
+/// The zero page: the slots of left padding.
+const ZERO: u32 = 0;
+
+#[derive(Debug, Clone, Default)]
+struct Row {
+    pages: Vec<u32>,
+    /// The slot of position 0, counted from the first page's start (< page_len).
+    shift: usize,
+}
+
+impl Row {
+    /// Slot (in the pools) of position `p`.
+    fn slot(&self, p: usize, page_len: usize) -> usize {
+        let s = p + self.shift;
+        self.pages[s / page_len] as usize * page_len + s % page_len
+    }
+
+    /// Slots this row's pages hold from position 0 on.
+    fn room(&self, page_len: usize) -> usize {
+        self.pages.len() * page_len - self.shift
+    }
+}
+
+/// A batch's paged KV cache (module docs). Rows are in the batch's order.
+#[derive(Debug)]
+pub struct PagedKv<B: Backend> {
+    page_len: usize,
+    layers: usize,
+    /// Each layer's keys and values [slots, KV, hd]; empty before the first rows come.
+    pools: CacheBuffers<B>,
+    /// Rows naming each page (the zero page's count is not kept).
+    refs: Vec<u32>,
+    free: Vec<u32>,
+    rows: Vec<Row>,
+    /// Positions cached in every row, its left padding included.
+    len: usize,
+    /// The page table and shifts on the device while the rows' pages are unchanged.
+    table: Option<(Tensor<B, 2, Int>, Tensor<B, 1, Int>)>,
+    /// What the backend's fused step keeps for this cache's next step (its graph).
+    pub(crate) step: StepState,
+}
+
+impl<B: ModelKernels> PagedKv<B> {
+    pub fn new(layers: usize) -> Self {
+        Self::with_page_len(layers, PAGE_LEN)
+    }
+
+    pub fn with_page_len(layers: usize, page_len: usize) -> Self {
+        PagedKv {
+            page_len: page_len.max(1),
+            layers,
+            pools: Vec::new(),
+            refs: Vec::new(),
+            free: Vec::new(),
+            rows: Vec::new(),
+            len: 0,
+            table: None,
+            step: StepState::default(),
+        }
+    }
+
+    /// Positions cached in every row (left padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn page_len(&self) -> usize {
+        self.page_len
+    }
+
+    /// Pages some row names (the zero page not counted): the cache's memory in use.
+    pub fn pages_in_use(&self) -> usize {
+        self.refs.iter().filter(|&&n| n > 0).count()
+    }
+
+    /// Pages the pools hold, the zero page included.
+    pub fn pages_held(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// Drops every row; the pools stay for the next ones.
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.free = (1..self.refs.len() as u32).rev().collect();
+        self.refs.iter_mut().for_each(|n| *n = 0);
+        self.len = 0;
+        self.table = None;
+    }
+
+    /// Adds the rows of a prefill: row i holds `prefill`'s row `sources[i]` (a row named
+    /// twice is a second sample of one prompt: it shares the first's full pages). The new
+    /// rows and the running ones are left-padded to the longer of the two lengths.
+    pub fn admit(&mut self, prefill: &KvCache<B>, sources: &[usize]) {
+        let width = prefill.len();
+        if sources.is_empty() || width == 0 {
+            return;
+        }
+        let first = prefill.layer(0).0;
+        let [_, kv, _, hd] = first.dims();
+        if self.pools.is_empty() {
+            let options = (&first.device(), first.dtype());
+            self.pools = (0..self.layers)
+                .map(|_| {
+                    (
+                        Tensor::zeros([0, kv, hd], options),
+                        Tensor::zeros([0, kv, hd], options),
+                    )
+                })
+                .collect();
+            self.grow(1);
+        }
+        if self.rows.is_empty() {
+            self.len = 0;
+        }
+        let pl = self.page_len;
+        let pages = width.div_ceil(pl);
+        // Pages wholly filled by a prompt are shared by its samples; the last, partly filled
+        // one is theirs each (they write into it).
+        let shared = width / pl;
+        let mut rows = Vec::with_capacity(sources.len());
+        // (position in the prefill, as row * width + p; slot it goes to)
+        let mut moves: Vec<(usize, usize)> = Vec::new();
+        for (i, &src) in sources.iter().enumerate() {
+            let sibling = sources[..i].iter().position(|&s| s == src);
+            let mut row = Row::default();
+            for j in 0..pages {
+                let page = match sibling {
+                    Some(k) if j < shared => {
+                        let page = rows_page(&rows, k, j);
+                        self.refs[page as usize] += 1;
+                        page
+                    }
+                    _ => {
+                        let page = self.alloc();
+                        let end = ((j + 1) * pl).min(width);
+                        moves.extend(
+                            (j * pl..end).map(|p| (src * width + p, page as usize * pl + p - j * pl)),
+                        );
+                        page
+                    }
+                };
+                row.pages.push(page);
+            }
+            rows.push(row);
+        }
+        self.write(prefill, &moves);
+        let (ours, theirs) = (self.len, width);
+        if ours < theirs {
+            self.left_pad(theirs - ours);
+        }
+        for mut row in rows {
+            pad_row(&mut row, ours.saturating_sub(theirs), pl);
+            self.rows.push(row);
+        }
+        self.len = ours.max(theirs);
+        self.table = None;
+    }
+
+    /// Copies the prefill's positions `moves` (from, to) into the pools: one gather and one
+    /// scatter a layer's keys and values.
+    fn write(&mut self, prefill: &KvCache<B>, moves: &[(usize, usize)]) {
+        if moves.is_empty() {
+            return;
+        }
+        let device = self.pools[0].0.device();
+        let column = |pick: fn(&(usize, usize)) -> usize| {
+            let ids: Vec<i64> = moves.iter().map(|m| pick(m) as i64).collect();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [moves.len()]), &device)
+        };
+        let (from, to) = (column(|m| m.0), column(|m| m.1));
+        let to = to.reshape([moves.len(), 1]);
+        for (l, (kp, vp)) in self.pools.iter_mut().enumerate() {
+            let (k, v) = prefill.layer(l);
+            let scatter = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
+                let [b, h, s, d] = x.dims();
+                let rows = x.swap_dims(1, 2).reshape([b * s, h, d]).select(0, from.clone()); // [n, KV, hd]
+                pool.scatter_nd(to.clone(), rows, IndexingUpdateOp::Assign)
+            };
+            *kp = scatter(kp.clone(), k);
+            *vp = scatter(vp.clone(), v);
+        }
+    }
+
+    /// Adds `n` positions of padding before every row's (no memory: zero pages).
+    pub fn left_pad(&mut self, n: usize) {
+        let pl = self.page_len;
+        self.rows.iter_mut().for_each(|r| pad_row(r, n, pl));
+        self.len += n;
+        self.table = None;
+    }
+
+    /// Drops the first `n` positions of every row (padding in all of them), and the pages
+    /// that held only those.
+    pub fn trim_front(&mut self, n: usize) {
+        let n = n.min(self.len);
+        let pl = self.page_len;
+        let mut gone = Vec::new();
+        for row in &mut self.rows {
+            let s = row.shift + n;
+            gone.extend(row.pages.drain(..s / pl));
+            row.shift = s % pl;
+        }
+        gone.into_iter().for_each(|p| self.release(p));
+        self.len -= n;
+        self.table = None;
+    }
+
+    /// Keeps only the rows `keep` (in that order; none twice); the others' pages go back.
+    pub fn select_rows(&mut self, keep: &[usize]) {
+        let mut rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
+        self.rows = keep
+            .iter()
+            .filter_map(|&i| rows.get_mut(i).and_then(Option::take))
+            .collect();
+        for row in rows.into_iter().flatten() {
+            row.pages.into_iter().for_each(|p| self.release(p));
+        }
+        if self.rows.is_empty() {
+            self.len = 0;
+        }
+        self.table = None;
+    }
+
+    /// Gives every row pages for `t` more positions. When one needs a page, every row gets
+    /// pages for a page's worth of positions more than that: rows of different shifts then
+    /// take pages at the same step, and the page table changes once a page, not at each
+    /// row's page boundary.
+    pub fn reserve(&mut self, t: usize) {
+        let (pl, need) = (self.page_len, self.len + t);
+        if self.rows.iter().all(|r| r.room(pl) >= need) {
+            return;
+        }
+        for i in 0..self.rows.len() {
+            while self.rows[i].room(pl) < need + pl {
+                let page = self.alloc();
+                self.rows[i].pages.push(page);
+            }
+        }
+        self.table = None;
+    }
+
+    /// The page table [B, ld] and shifts [B] on `device`, uploaded when the pages changed.
+    pub fn device_table(&mut self, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+        if let Some(t) = &self.table {
+            return t.clone();
+        }
+        let ld = self.rows.iter().map(|r| r.pages.len()).max().unwrap_or(0).max(1);
+        let mut table = vec![ZERO as i32; self.rows.len() * ld];
+        for (r, row) in self.rows.iter().enumerate() {
+            for (j, &p) in row.pages.iter().enumerate() {
+                table[r * ld + j] = p as i32;
+            }
+        }
+        let shift: Vec<i32> = self.rows.iter().map(|r| r.shift as i32).collect();
+        let b = self.rows.len();
+        let t = (
+            Tensor::from_data(TensorData::new(table, [b, ld]), device),
+            Tensor::from_data(TensorData::new(shift, [b]), device),
+        );
+        self.table = Some(t.clone());
+        t
+    }
+
+    /// Every row's positions 0..len as a contiguous cache ([B, KV, len, hd] a layer; padding
+    /// reads zeros): the op-by-op step's input.
+    pub(crate) fn gather(&self) -> KvCache<B> {
+        let mut cache = KvCache::new(self.layers);
+        if self.rows.is_empty() || self.len == 0 {
+            return cache;
+        }
+        let (b, s) = (self.rows.len(), self.len);
+        let slots: Vec<usize> = self
+            .rows
+            .iter()
+            .flat_map(|r| (0..s).map(|p| r.slot(p, self.page_len)))
+            .collect();
+        let idx = self.slot_tensor(&slots);
+        for (l, (kp, vp)) in self.pools.iter().enumerate() {
+            let take = |pool: &Tensor<B, 3>| {
+                let [_, h, d] = pool.dims();
+                pool.clone()
+                    .select(0, idx.clone())
+                    .reshape([b, s, h, d])
+                    .swap_dims(1, 2) // [B, KV, S, hd]
+            };
+            cache.set_layer(l, take(kp), take(vp));
+        }
+        cache
+    }
+
+    /// Writes position `len` of every row from `stepped` (the op-by-op step's cache, one
+    /// position longer than this one) into the pages; the cache then holds it.
+    pub(crate) fn write_last(&mut self, stepped: &KvCache<B>) {
+        let at = self.len;
+        let slots: Vec<usize> = self.rows.iter().map(|r| r.slot(at, self.page_len)).collect();
+        let n = slots.len();
+        let to = self.slot_tensor(&slots).reshape([n, 1]);
+        for (l, (kp, vp)) in self.pools.iter_mut().enumerate() {
+            let (k, v) = stepped.layer(l);
+            let put = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
+                let [b, h, _, d] = x.dims();
+                let last = x.narrow(2, at, 1).reshape([b, h, d]);
+                pool.scatter_nd(to.clone(), last, IndexingUpdateOp::Assign)
+            };
+            *kp = put(kp.clone(), k);
+            *vp = put(vp.clone(), v);
+        }
+        self.len += 1;
+    }
+
+    /// The pools, moved out for a fused step; [`PagedKv::put_back`] returns them.
+    pub(crate) fn take_pools(&mut self) -> CacheBuffers<B> {
+        std::mem::take(&mut self.pools)
+    }
+
+    /// Puts back the pools [`PagedKv::take_pools`] took; `stepped`: they now hold position
+    /// `len` of every row.
+    pub(crate) fn put_back(&mut self, pools: CacheBuffers<B>, stepped: bool) {
+        self.pools = pools;
+        self.len += usize::from(stepped);
+    }
+
+    fn slot_tensor(&self, slots: &[usize]) -> Tensor<B, 1, Int> {
+        let ids: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        Tensor::from_data(TensorData::new(ids, [slots.len()]), &self.pools[0].0.device())
+    }
+
+    /// A free page, the pools grown when there is none.
+    fn alloc(&mut self) -> u32 {
+        if self.free.is_empty() {
+            self.grow((self.refs.len() * 2).max(16));
+        }
+        let page = self.free.pop().expect("the pools just grew");
+        self.refs[page as usize] = 1;
+        page
+    }
+
+    fn release(&mut self, page: u32) {
+        if page == ZERO {
+            return;
+        }
+        let n = &mut self.refs[page as usize];
+        *n -= 1;
+        if *n == 0 {
+            self.free.push(page);
+        }
+    }
+
+    /// Grows the pools to `pages` pages (new ones zeros; the first page ever is the zero
+    /// page).
+    fn grow(&mut self, pages: usize) {
+        let old = self.refs.len();
+        if pages <= old {
+            return;
+        }
+        let more = (pages - old) * self.page_len;
+        for (k, v) in &mut self.pools {
+            let [_, h, d] = k.dims();
+            let options = (&k.device(), k.dtype());
+            *k = Tensor::cat(vec![k.clone(), Tensor::zeros([more, h, d], options)], 0);
+            *v = Tensor::cat(vec![v.clone(), Tensor::zeros([more, h, d], options)], 0);
+        }
+        self.refs.resize(pages, 0);
+        // Lower pages first, so a small batch stays at the pools' start.
+        self.free.extend((old.max(1)..pages).rev().map(|p| p as u32));
+        self.table = None;
+    }
+}
+
+/// Row `k`'s page `j` among rows being admitted.
+fn rows_page(rows: &[Row], k: usize, j: usize) -> u32 {
+    rows[k].pages[j]
+}
+
+/// Pads `row` by `n` positions on the left: zero pages before its first, its shift moved
+/// so that every position keeps its slot.
+fn pad_row(row: &mut Row, n: usize, page_len: usize) {
+    if n <= row.shift {
+        row.shift -= n;
+        return;
+    }
+    let pages = (n - row.shift).div_ceil(page_len);
+    row.pages.splice(0..0, std::iter::repeat_n(ZERO, pages));
+    row.shift = row.shift + pages * page_len - n;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CausalLm;
+    use crate::transformer::Context;
+    use burn::backend::Flex;
+    use distill_hf::config::DecoderConfig;
+
+    type B = Flex;
+
+    /// Left-padded prefill of `prompts` into a contiguous cache; (cache, pads).
+    fn prefill(model: &CausalLm<B>, prompts: &[&[u32]]) -> (KvCache<B>, Vec<usize>) {
+        let device = Default::default();
+        let width = prompts.iter().map(|p| p.len()).max().unwrap();
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let ids: Vec<i64> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(0, width - p.len()).chain(p.iter().map(|&t| i64::from(t))))
+            .collect();
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [prompts.len(), width]), &device);
+        let ctx = Context::left_padded(&model.rotary, &pads, width, 0, &device);
+        let mut cache = model.new_cache();
+        model.hidden_states_with(input, &ctx, Some(&mut cache));
+        (cache, pads)
+    }
+
+    /// The last position's logits of `tokens` by a forward over all of them, no cache.
+    fn alone(model: &CausalLm<B>, tokens: &[u32]) -> Vec<f32> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &Default::default());
+        let logits = model.forward(input); // [1, T, V]
+        let t = tokens.len();
+        logits
+            .narrow(1, t - 1, 1)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap()
+    }
+
+    /// Rows joining at other lengths (either side padded), two samples of one prompt sharing
+    /// its pages, a row leaving and common padding trimmed, all across many pages of 4 slots:
+    /// every step's logits for every row equal that row's sequence run alone, and pages
+    /// return when rows leave.
+    #[test]
+    fn paged_decoding_equals_each_row_decoded_alone() {
+        let config = DecoderConfig::from_dir(&crate::test_util::fixtures().join("tiny-qwen2")).unwrap();
+        let device = Default::default();
+        let model = CausalLm::<B>::init(&config, &device).for_decoding();
+        let mut cache = PagedKv::<B>::with_page_len(config.num_hidden_layers, 4);
+        // Each row's tokens so far and its left padding in the cache.
+        let mut rows: Vec<(Vec<u32>, usize)> = Vec::new();
+        let admit = |cache: &mut PagedKv<B>,
+                     rows: &mut Vec<(Vec<u32>, usize)>,
+                     prompts: &[&[u32]],
+                     sources: &[usize]| {
+            let (pre, pads) = prefill(&model, prompts);
+            let (ours, theirs) = (cache.len(), pre.len());
+            if !rows.is_empty() && ours < theirs {
+                rows.iter_mut().for_each(|r| r.1 += theirs - ours);
+            }
+            let extra = if rows.is_empty() {
+                0
+            } else {
+                ours.saturating_sub(theirs)
+            };
+            cache.admit(&pre, sources);
+            rows.extend(sources.iter().map(|&s| (prompts[s].to_vec(), pads[s] + extra)));
+        };
+        let step = |cache: &mut PagedKv<B>, rows: &mut Vec<(Vec<u32>, usize)>, n: usize, salt: usize| {
+            for i in 0..n {
+                let ids: Vec<u32> = (0..rows.len())
+                    .map(|r| ((i * 7 + r * 13 + salt) % 97 + 1) as u32)
+                    .collect();
+                let pads: Vec<usize> = rows.iter().map(|r| r.1).collect();
+                let logits = model.decode_step(&ids, &pads, cache, &device); // [b, V]
+                let v = logits.dims()[1];
+                let got: Vec<f32> = logits.into_data().convert::<f32>().into_vec().unwrap();
+                for (r, row) in rows.iter_mut().enumerate() {
+                    row.0.push(ids[r]);
+                    let want = alone(&model, &row.0);
+                    let got = &got[r * v..(r + 1) * v];
+                    let worst = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "step {i} (salt {salt}), row {r}: off by {worst}");
+                }
+            }
+        };
+        admit(
+            &mut cache,
+            &mut rows,
+            &[&[5, 9, 14, 3, 8], &[1, 2, 3, 4, 5, 6, 7, 8, 9]],
+            &[0, 1],
+        );
+        assert_eq!((cache.len(), cache.rows()), (9, 2));
+        step(&mut cache, &mut rows, 6, 0);
+        // Shorter rows join (they are padded), two of them samples of one prompt.
+        let in_use = cache.pages_in_use();
+        admit(
+            &mut cache,
+            &mut rows,
+            &[&[40, 41, 42, 43, 44, 45, 46, 47, 48], &[7, 7]],
+            &[0, 0, 1],
+        );
+        // 9 positions, 3 pages: the second sample shares the first's two full pages and has a
+        // last page of its own; [7, 7], padded to 9, has 3.
+        assert_eq!(cache.pages_in_use() - in_use, 3 + 1 + 3);
+        step(&mut cache, &mut rows, 5, 1);
+        // A longer row joins: the running rows are padded.
+        let long: Vec<u32> = (0..31).map(|i| (i * 5 % 89) as u32 + 1).collect();
+        admit(&mut cache, &mut rows, &[&long], &[0]);
+        assert_eq!(cache.len(), 31);
+        step(&mut cache, &mut rows, 3, 2);
+        // The long row and a sample leave; the padding all remaining rows share goes.
+        let before = cache.pages_in_use();
+        let keep = [0, 1, 3, 4];
+        cache.select_rows(&keep);
+        rows = keep.iter().map(|&r| rows[r].clone()).collect();
+        assert!(cache.pages_in_use() < before, "pages of rows that left return");
+        let common = rows.iter().map(|r| r.1).min().unwrap();
+        assert!(common >= 4, "the test trims at least a page: {common}");
+        let before = cache.pages_in_use();
+        cache.trim_front(common);
+        rows.iter_mut().for_each(|r| r.1 -= common);
+        assert!(cache.pages_in_use() <= before);
+        step(&mut cache, &mut rows, 9, 3);
+        cache.select_rows(&[]);
+        assert_eq!((cache.pages_in_use(), cache.len()), (0, 0));
+    }
+}
