@@ -17,7 +17,9 @@
 #   B5 7B LoRA under 24 GiB, 1.5B full under 12 GiB
 # Generation (--generation, budget 540 s): B6 alone, the generation issue's rows: batch 1, 16,
 # 64 and 256 at 0.5B, 1.5B and 7B (greedy, 128 -> 256 tokens), 0.5B sampled at batch 64
-# (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1).
+# (T 1), 64 samples of one prompt (0.5B, T 0.6, top-p 0.95), and 4,096 new tokens (0.5B bs1
+# and bs16); HF generate beside each (at 7B, batch 1 and 64). GEN_PART=1 runs the greedy grid,
+# GEN_PART=2 the rest: the whole of it takes more than one device call.
 # Long context (--long, budget 540 s), R1's trace lengths: attention alone at 7B's heads
 # (distill, and PyTorch SDPA's cuDNN and flash backends) at 2k-32k; B3 7B and 1.5B LoRA at 1 x 16,384
 # and 1 x 32,768 (recompute); B5 7B QLoRA under 12 and 24 GiB, 7B bf16 LoRA under 24 GiB and
@@ -100,7 +102,8 @@ n=0
 
 # stage NAME CAP_SECONDS ARGS...: distill then PyTorch (and for training, PyTorch + Liger)
 # with the same ARGS; `dx="..." stage ...` adds arguments for distill alone (its memory
-# knobs, which the PyTorch twin does not have).
+# knobs, which the PyTorch twin does not have), `tx="..."` for the twins alone (a later
+# argument wins: fewer of HF generate's slow cases).
 stage() {
   local name="$1" cap="$2"; shift 2
   n=$((n + 1))
@@ -130,7 +133,7 @@ twin() {
     return
   fi
   echo "== $name ($label, limit ${t}s)"
-  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${peak_t:+--peak-tflops $peak_t} \
+  timeout -k 10 "$t" "$py" bench/pytorch/bench.py --device "$device" "$@" ${tx:-} ${peak_t:+--peak-tflops $peak_t} \
     --json "$out/$prefix-$tag.jsonl" > "$out/$prefix-$tag.log" 2>&1
   echo "   exit $? after $((SECONDS - start))s; $(wc -l < "$out/$prefix-$tag.jsonl" 2>/dev/null || echo 0) rows"
 }
@@ -153,12 +156,19 @@ EOF
 
 common_args="--batch 4 --seq 2048 --warmup 2 --steps 3"
 if [ "$quick" = gen ]; then
-  stage generate-0.5b 70 generate $s05 --gen-batch 1,16,64,256 --warmup 1
-  stage generate-1.5b 70 generate $s15 --gen-batch 1,16,64,256 --warmup 1
-  stage generate-7b 120 generate $s7 --gen-batch 1,16,64,256 --warmup 1
-  stage sampled-0.5b 40 generate $s05 --gen-batch 64 --gen-temperature 1.0 --warmup 1
-  stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
-  stage long-0.5b 120 generate $s05 --gen-batch 1 --new-tokens 4096 --warmup 0
+  # HF generate runs each case in a child with its own start-up (7B: about 50 s of it), so
+  # its 7B twin takes batch 1 and 64 only; GEN_PART=1 or 2 runs half the grid, for two calls.
+  part=${GEN_PART:-0}
+  if [ "$part" != 2 ]; then
+    stage generate-0.5b 100 generate $s05 --gen-batch 1,16,64,256 --warmup 1
+    stage generate-1.5b 100 generate $s15 --gen-batch 1,16,64,256 --warmup 1
+    tx="--gen-batch 1,64" stage generate-7b 150 generate $s7 --gen-batch 1,16,64,256 --warmup 1
+  fi
+  if [ "$part" != 1 ]; then
+    stage sampled-0.5b 40 generate $s05 --gen-batch 64 --gen-temperature 1.0 --warmup 1
+    stage samples-of-one-prompt 40 generate $s05 --gen-batch 64 --gen-samples 64 --gen-temperature 0.6 --gen-top-p 0.95 --warmup 1
+    stage long-0.5b 120 generate $s05 --gen-batch 1,16 --new-tokens 4096 --warmup 0
+  fi
 elif [ "$quick" = long ]; then
   # Attention alone at 7B's heads: distill's training attention (cuDNN where it loads, else its
   # flash kernels) through `distill bench attention`, then
