@@ -410,7 +410,7 @@ impl<B: Kernels> Running<B> {
         } else if !self.live.is_empty() {
             rows.iter_mut().for_each(|l| l.pad += ours - theirs);
         }
-        self.cache.admit(&cache, &sources);
+        self.cache.admit(&cache, &sources, &pads);
         self.live.extend(rows);
         Ok(prefilled)
     }

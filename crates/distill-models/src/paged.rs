@@ -122,10 +122,11 @@ impl<B: ModelKernels> PagedKv<B> {
         self.table = None;
     }
 
-    /// Adds the rows of a prefill: row i holds `prefill`'s row `sources[i]` (a row named
-    /// twice is a second sample of one prompt: it shares the first's full pages). The new
+    /// Adds the rows of a prefill whose row d is left-padded by `pads[d]`: row i holds
+    /// `prefill`'s row `sources[i]` (a row named twice is a second sample of one prompt: it
+    /// shares the first's full pages). Pages wholly in padding are the zero page. The new
     /// rows and the running ones are left-padded to the longer of the two lengths.
-    pub fn admit(&mut self, prefill: &KvCache<B>, sources: &[usize]) {
+    pub fn admit(&mut self, prefill: &KvCache<B>, sources: &[usize], pads: &[usize]) {
         let width = prefill.len();
         if sources.is_empty() || width == 0 {
             return;
@@ -160,6 +161,7 @@ impl<B: ModelKernels> PagedKv<B> {
             let mut row = Row::default();
             for j in 0..pages {
                 let page = match sibling {
+                    _ if (j + 1) * pl <= pads.get(src).copied().unwrap_or(0) => ZERO,
                     Some(k) if j < shared => {
                         let page = rows_page(&rows, k, j);
                         self.refs[page as usize] += 1;
@@ -486,7 +488,7 @@ mod tests {
             } else {
                 ours.saturating_sub(theirs)
             };
-            cache.admit(&pre, sources);
+            cache.admit(&pre, sources, &pads);
             rows.extend(sources.iter().map(|&s| (prompts[s].to_vec(), pads[s] + extra)));
         };
         let step = |cache: &mut PagedKv<B>, rows: &mut Vec<(Vec<u32>, usize)>, n: usize, salt: usize| {
@@ -528,8 +530,8 @@ mod tests {
             &[0, 0, 1],
         );
         // 9 positions, 3 pages: the second sample shares the first's two full pages and has a
-        // last page of its own; [7, 7], padded to 9, has 3.
-        assert_eq!(cache.pages_in_use() - in_use, 3 + 1 + 3);
+        // last page of its own; [7, 7], padded by 7, has the zero page first.
+        assert_eq!(cache.pages_in_use() - in_use, 3 + 1 + 2);
         step(&mut cache, &mut rows, 5, 1);
         // A longer row joins: the running rows are padded.
         let long: Vec<u32> = (0..31).map(|i| (i * 5 % 89) as u32 + 1).collect();

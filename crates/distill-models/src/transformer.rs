@@ -1711,7 +1711,7 @@ mod tests {
             let layers = config.num_hidden_layers;
             let paged = || {
                 let mut c = PagedKv::<B>::with_page_len(layers, 16);
-                c.admit(&prefill, &[0, 1, 2]);
+                c.admit(&prefill, &[0, 1, 2], &pads);
                 c
             };
             let (mut graph, mut direct, mut ops) = (paged(), paged(), paged());
@@ -1736,7 +1736,7 @@ mod tests {
                     let ctx = Context::causal(&model.rotary, short.len(), 0, &device);
                     model.hidden_states_with(input, &ctx, Some(&mut joining));
                     for c in [&mut graph, &mut direct, &mut ops] {
-                        c.admit(&joining, &[0]);
+                        c.admit(&joining, &[0], &[0]);
                     }
                     rows.push(3);
                     pads.push(width + step - short.len());
