@@ -157,6 +157,40 @@ where
         }
     }
 
+    fn paged_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        pages: &crate::PageTable<'_, Self>,
+        s: usize,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Tensor<Self, 4> {
+        if attention_mode() == AttentionMode::Flash {
+            let ranges = keys.map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive()));
+            let found = flash::forward_paged(
+                &prim(q.clone()),
+                [&prim(k.clone()), &prim(v.clone())],
+                [
+                    &pages.table.clone().into_primitive(),
+                    &pages.shift.clone().into_primitive(),
+                ],
+                pages.page_len,
+                s,
+                ranges.as_ref().map(|(lo, hi)| (lo, hi)),
+            );
+            match found {
+                // [B, 1, H, hd] in memory, as the flash forward's output.
+                Ok(out) => return tensor::<Self, 4>(out).swap_dims(1, 2),
+                Err(why) => fell_back(Fallback::Flash, &why),
+            }
+        }
+        let (k, v) = (
+            crate::decode::gather_pages(k, pages, s),
+            crate::decode::gather_pages(v, pages, s),
+        );
+        <Self as ModelKernels>::attention(q, k, v, keys)
+    }
+
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
         match elementwise::rms_norm(&prim(x.clone()), &prim(weight.clone()), eps as f32) {
             Ok(y) => tensor(y),

@@ -75,6 +75,23 @@ pub struct PageTable<'a, B: Backend> {
 /// its position's keys and values into them and reads positions 0..=at of each row.
 pub type CacheBuffers<B> = Vec<(Tensor<B, 3>, Tensor<B, 3>)>;
 
+/// Positions 0..s of every row of a pool [slots, KV, hd] read through `pages`, as a
+/// contiguous [B, KV, s, hd] (positions in a row's padding read its zero page).
+pub fn gather_pages<B: Backend>(pool: Tensor<B, 3>, pages: &PageTable<'_, B>, s: usize) -> Tensor<B, 4> {
+    let [b] = pages.shift.dims();
+    let [_, h, d] = pool.dims();
+    let pl = pages.page_len as i64;
+    let device = pool.device();
+    // slot in the row's pages [B, s], then its page and offset, then the pool's slot.
+    let at = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, s])
+        + pages.shift.clone().reshape([b, 1]);
+    let page = pages.table.clone().gather(1, at.clone().div_scalar(pl));
+    let slots = page.mul_scalar(pl) + at.remainder_scalar(pl);
+    pool.select(0, slots.reshape([b * s]))
+        .reshape([b, s, h, d])
+        .swap_dims(1, 2)
+}
+
 /// What a backend keeps from one fused decoding step of a cache to the next (CUDA: the
 /// step's work buffers and the CUDA graph that issues it), held by the cache and dropped
 /// with it. A copy of a cache starts without one: its buffers are others.

@@ -288,6 +288,26 @@ pub trait ModelKernels: Backend {
         attention_default(q, k, v, keys)
     }
 
+    /// Attention of one query a row (a decoding step op by op) over a paged cache: q
+    /// [B, H, 1, hd]; the keys and values the pools [slots, KV, hd] hold for positions 0..s
+    /// of each row, read through `pages`; `keys` as [`ModelKernels::attention`]'s. Returns
+    /// [B, H, 1, hd]. The default gathers the rows' positions first; CUDA reads the pages in
+    /// place.
+    fn paged_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        pages: &PageTable<'_, Self>,
+        s: usize,
+        keys: Option<&KeyRanges<Self>>,
+    ) -> Tensor<Self, 4> {
+        let (k, v) = (
+            decode::gather_pages(k, pages, s),
+            decode::gather_pages(v, pages, s),
+        );
+        <Self as ModelKernels>::attention(q, k, v, keys)
+    }
+
     /// A fused attention forward where this backend has one for these inputs, else None:
     /// (output [B, H, T, hd], log-sum-exp per query [B, H, T, 1] f32), shapes as
     /// [`ModelKernels::attention`].

@@ -17,7 +17,7 @@
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use distill_kernels::{CacheBuffers, ModelKernels, StepState};
+use distill_kernels::{CacheBuffers, KeyRanges, ModelKernels, PageTable, StepState};
 
 use crate::transformer::KvCache;
 
@@ -134,16 +134,11 @@ impl<B: ModelKernels> PagedKv<B> {
         let first = prefill.layer(0).0;
         let [_, kv, _, hd] = first.dims();
         if self.pools.is_empty() {
+            // The zero page alone (no empty tensors: CUDA refuses launches over nothing).
             let options = (&first.device(), first.dtype());
-            self.pools = (0..self.layers)
-                .map(|_| {
-                    (
-                        Tensor::zeros([0, kv, hd], options),
-                        Tensor::zeros([0, kv, hd], options),
-                    )
-                })
-                .collect();
-            self.grow(1);
+            let page = || Tensor::zeros([self.page_len, kv, hd], options);
+            self.pools = (0..self.layers).map(|_| (page(), page())).collect();
+            self.refs = vec![0];
         }
         if self.rows.is_empty() {
             self.len = 0;
@@ -206,16 +201,20 @@ impl<B: ModelKernels> PagedKv<B> {
         };
         let (from, to) = (column(|m| m.0), column(|m| m.1));
         let to = to.reshape([moves.len(), 1]);
-        for (l, (kp, vp)) in self.pools.iter_mut().enumerate() {
-            let (k, v) = prefill.layer(l);
-            let scatter = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
-                let [b, h, s, d] = x.dims();
-                let rows = x.swap_dims(1, 2).reshape([b * s, h, d]).select(0, from.clone()); // [n, KV, hd]
-                pool.scatter_nd(to.clone(), rows, IndexingUpdateOp::Assign)
-            };
-            *kp = scatter(kp.clone(), k);
-            *vp = scatter(vp.clone(), v);
-        }
+        let scatter = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
+            let [b, h, s, d] = x.dims();
+            let rows = x.swap_dims(1, 2).reshape([b * s, h, d]).select(0, from.clone()); // [n, KV, hd]
+            pool.scatter_nd(to.clone(), rows, IndexingUpdateOp::Assign)
+        };
+        // Each pool moved into its scatter (held nowhere else), so it is written in place.
+        self.pools = std::mem::take(&mut self.pools)
+            .into_iter()
+            .enumerate()
+            .map(|(l, (kp, vp))| {
+                let (k, v) = prefill.layer(l);
+                (scatter(kp, k), scatter(vp, v))
+            })
+            .collect();
     }
 
     /// Adds `n` positions of padding before every row's (no memory: zero pages).
@@ -298,62 +297,34 @@ impl<B: ModelKernels> PagedKv<B> {
         t
     }
 
-    /// Every row's positions 0..len as a contiguous cache ([B, KV, len, hd] a layer; padding
-    /// reads zeros): the op-by-op step's input.
-    pub(crate) fn gather(&self) -> KvCache<B> {
-        let mut cache = KvCache::new(self.layers);
-        if self.rows.is_empty() || self.len == 0 {
-            return cache;
-        }
-        let (b, s) = (self.rows.len(), self.len);
+    /// A decoding step of every row at position `len` ([`PagedKv::reserve`] gave them room):
+    /// the pools move into the step, with the page table on `device` and each row's slot for
+    /// the new position. [`PagedKv::end_step`] takes them back.
+    pub(crate) fn begin_step(&mut self, device: &B::Device) -> PagedStep<B> {
+        let (table, shift) = self.device_table(device);
         let slots: Vec<usize> = self
             .rows
             .iter()
-            .flat_map(|r| (0..s).map(|p| r.slot(p, self.page_len)))
+            .map(|r| r.slot(self.len, self.page_len))
             .collect();
-        let idx = self.slot_tensor(&slots);
-        for (l, (kp, vp)) in self.pools.iter().enumerate() {
-            let take = |pool: &Tensor<B, 3>| {
-                let [_, h, d] = pool.dims();
-                pool.clone()
-                    .select(0, idx.clone())
-                    .reshape([b, s, h, d])
-                    .swap_dims(1, 2) // [B, KV, S, hd]
-            };
-            cache.set_layer(l, take(kp), take(vp));
-        }
-        cache
-    }
-
-    /// Writes position `len` of every row from `stepped` (the op-by-op step's cache, one
-    /// position longer than this one) into the pages; the cache then holds it.
-    pub(crate) fn write_last(&mut self, stepped: &KvCache<B>) {
-        let at = self.len;
-        let slots: Vec<usize> = self.rows.iter().map(|r| r.slot(at, self.page_len)).collect();
         let n = slots.len();
-        let to = self.slot_tensor(&slots).reshape([n, 1]);
-        for (l, (kp, vp)) in self.pools.iter_mut().enumerate() {
-            let (k, v) = stepped.layer(l);
-            let put = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
-                let [b, h, _, d] = x.dims();
-                let last = x.narrow(2, at, 1).reshape([b, h, d]);
-                pool.scatter_nd(to.clone(), last, IndexingUpdateOp::Assign)
-            };
-            *kp = put(kp.clone(), k);
-            *vp = put(vp.clone(), v);
+        PagedStep {
+            slots: self.slot_tensor(&slots).reshape([n, 1]),
+            pools: std::mem::take(&mut self.pools).into_iter().map(Some).collect(),
+            table,
+            shift,
+            page_len: self.page_len,
+            at: self.len,
         }
-        self.len += 1;
     }
 
-    /// The pools, moved out for a fused step; [`PagedKv::put_back`] returns them.
-    pub(crate) fn take_pools(&mut self) -> CacheBuffers<B> {
-        std::mem::take(&mut self.pools)
-    }
-
-    /// Puts back the pools [`PagedKv::take_pools`] took; `stepped`: they now hold position
-    /// `len` of every row.
-    pub(crate) fn put_back(&mut self, pools: CacheBuffers<B>, stepped: bool) {
-        self.pools = pools;
+    /// Takes back the pools of `step`; `stepped`: they now hold position `len` of every row.
+    pub(crate) fn end_step(&mut self, step: PagedStep<B>, stepped: bool) {
+        self.pools = step
+            .pools
+            .into_iter()
+            .map(|p| p.expect("a step's pools come back"))
+            .collect();
         self.len += usize::from(stepped);
     }
 
@@ -383,8 +354,7 @@ impl<B: ModelKernels> PagedKv<B> {
         }
     }
 
-    /// Grows the pools to `pages` pages (new ones zeros; the first page ever is the zero
-    /// page).
+    /// Grows the pools to `pages` pages, the new ones zeros.
     fn grow(&mut self, pages: usize) {
         let old = self.refs.len();
         if pages <= old {
@@ -399,8 +369,62 @@ impl<B: ModelKernels> PagedKv<B> {
         }
         self.refs.resize(pages, 0);
         // Lower pages first, so a small batch stays at the pools' start.
-        self.free.extend((old.max(1)..pages).rev().map(|p| p as u32));
+        self.free.extend((old..pages).rev().map(|p| p as u32));
         self.table = None;
+    }
+}
+
+/// One decoding step over a [`PagedKv`]'s pages ([`PagedKv::begin_step`]): the pools, the
+/// page table and where each row's new position goes.
+pub struct PagedStep<B: Backend> {
+    /// Each layer's pools, taken out while a write replaces them (so that they are held
+    /// nowhere else and written in place).
+    pools: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
+    table: Tensor<B, 2, Int>,
+    shift: Tensor<B, 1, Int>,
+    /// [B, 1]: each row's slot for the new position.
+    slots: Tensor<B, 2, Int>,
+    page_len: usize,
+    /// The new position.
+    pub(crate) at: usize,
+}
+
+impl<B: ModelKernels> PagedStep<B> {
+    pub(crate) fn pages(&self) -> PageTable<'_, B> {
+        PageTable {
+            table: &self.table,
+            shift: &self.shift,
+            page_len: self.page_len,
+        }
+    }
+
+    /// The pools, moved out for a fused step; [`PagedStep::put_pools`] returns them.
+    pub(crate) fn take_pools(&mut self) -> CacheBuffers<B> {
+        std::mem::take(&mut self.pools)
+            .into_iter()
+            .map(|p| p.expect("a step's pools"))
+            .collect()
+    }
+
+    pub(crate) fn put_pools(&mut self, pools: CacheBuffers<B>) {
+        self.pools = pools.into_iter().map(Some).collect();
+    }
+
+    /// Writes `layer`'s keys and values of the new position, k and v [B, KV, 1, hd].
+    pub(crate) fn write(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let (kp, vp) = self.pools[layer].take().expect("a step's pools");
+        let put = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
+            let [b, h, _, d] = x.dims();
+            pool.scatter_nd(self.slots.clone(), x.reshape([b, h, d]), IndexingUpdateOp::Assign)
+        };
+        self.pools[layer] = Some((put(kp, k), put(vp, v)));
+    }
+
+    /// Attention of q [B, H, 1, hd] over positions 0..=at of every row in `layer`'s pages
+    /// ([`ModelKernels::paged_attention`]).
+    pub(crate) fn attend(&self, layer: usize, q: Tensor<B, 4>, keys: Option<&KeyRanges<B>>) -> Tensor<B, 4> {
+        let (k, v) = self.pools[layer].as_ref().expect("a step's pools");
+        B::paged_attention(q, k.clone(), v.clone(), &self.pages(), self.at + 1, keys)
     }
 }
 

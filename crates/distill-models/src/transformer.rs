@@ -10,12 +10,12 @@ use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use distill_core::recipe::BaseQuant;
 use distill_hf::config::{DecoderConfig, RopeScaling};
 
-use crate::paged::PagedKv;
+use crate::paged::{PagedKv, PagedStep};
 use distill_kernels::cast_to;
 use distill_kernels::nf4::Nf4;
 use distill_kernels::{
     DecodeInputs, DecodeLayer, DecodeWeights, Kernels, KeyRanges, LinearWeight, ModelKernels, NormInput,
-    Normed, PageTable, Projection, add_bias,
+    Normed, Projection, StepState, add_bias,
 };
 
 /// A linear layer with an optional LoRA adapter.
@@ -496,6 +496,22 @@ impl<B: Kernels> Mlp<B> {
     }
 }
 
+/// Where a forward call keeps its keys and values: a contiguous cache (a prefill, one
+/// sequence's steps), or the running batch's pages during a decoding step op by op.
+pub enum CacheRef<'a, B: Backend> {
+    Contiguous(&'a mut KvCache<B>),
+    Paged(&'a mut PagedStep<B>),
+}
+
+impl<B: Backend> CacheRef<'_, B> {
+    fn reborrow(&mut self) -> CacheRef<'_, B> {
+        match self {
+            CacheRef::Contiguous(c) => CacheRef::Contiguous(c),
+            CacheRef::Paged(p) => CacheRef::Paged(p),
+        }
+    }
+}
+
 /// Keys and values of the positions computed so far, per layer: [B, KV, cap, hd] buffers of
 /// which the first `len` positions are filled. A forward call writes its positions in place
 /// and attention reads a view of the filled part, so a token costs no copy of the history;
@@ -587,12 +603,6 @@ impl<B: ModelKernels> KvCache<B> {
     /// Layer `l`'s filled keys and values [B, KV, len, hd], as views.
     pub(crate) fn layer(&self, l: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
         self.layers[l].as_ref().expect("a filled cache layer").filled()
-    }
-
-    /// Makes `k`, `v` [B, KV, S, hd] layer `l`'s whole cache, with room for one more position.
-    pub(crate) fn set_layer(&mut self, l: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
-        let s = k.dims()[2];
-        self.layers[l] = Some(LayerCache::holding(k, v, s + 1));
     }
 
     /// Appends this step's k/v [B, KV, T, hd] for `layer` and returns the full history, as
@@ -740,13 +750,24 @@ impl<B: Kernels> Attention<B> {
         &self,
         x: &Normed<B>,
         ctx: &Context<B>,
-        cache: Option<(&mut KvCache<B>, usize)>,
+        cache: Option<(CacheRef<'_, B>, usize)>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.out.dims();
         let (q, k, v) = match (&self.qkv, cache) {
-            (Some(qkv), Some((cache, layer))) => self.fused_into_cache(qkv, x, ctx, cache, layer),
+            (_, Some((CacheRef::Paged(step), layer))) => {
+                let (q, k, v) = match &self.qkv {
+                    Some(qkv) => self.fused_heads(qkv, x, ctx),
+                    None => self.rotated_heads(x, ctx),
+                };
+                step.write(layer, k, v);
+                let y = step.attend(layer, q, ctx.keys.as_ref()); // [B, H, 1, hd]
+                return y.reshape([b, t, self.num_heads * self.head_dim]);
+            }
+            (Some(qkv), Some((CacheRef::Contiguous(cache), layer))) => {
+                self.fused_into_cache(qkv, x, ctx, cache, layer)
+            }
             (_, None) => self.rotated_heads(x, ctx),
-            (_, Some((cache, layer))) => {
+            (_, Some((CacheRef::Contiguous(cache), layer))) => {
                 let (q, k, v) = self.rotated_heads(x, ctx);
                 let (k, v) = cache.append(layer, k, v); // [B, KV, S, hd]
                 (q, k, v)
@@ -770,6 +791,23 @@ impl<B: Kernels> Attention<B> {
         let q = <B as ModelKernels>::rope(heads(q, self.num_heads), &ctx.cos, &ctx.sin);
         let k = <B as ModelKernels>::rope(heads(k, self.num_kv_heads), &ctx.cos, &ctx.sin);
         (q, k, heads(v, self.num_kv_heads))
+    }
+
+    /// The decoding copy's step over pages: [`Attention::fused_into_cache`]'s kernel, its k and
+    /// v written into a one-position buffer. Returns q [B, H, T, hd] and k, v [B, KV, T, hd].
+    fn fused_heads(
+        &self,
+        qkv: &Fused<B>,
+        x: &Normed<B>,
+        ctx: &Context<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.out.dims();
+        let y = qkv.project(x.out.clone()); // [B, T, (H + 2 KV) hd]
+        let shape = [b, self.num_kv_heads, t, self.head_dim];
+        let options = (&y.device(), y.dtype());
+        let (kb, vb) = (Tensor::empty(shape, options), Tensor::empty(shape, options));
+        let heads = [self.num_heads, self.num_kv_heads];
+        <B as ModelKernels>::rope_qkv(y, qkv.bias.clone(), heads, &ctx.cos, &ctx.sin, kb, vb, 0)
     }
 
     /// The decoding copy's cached step: one kernel splits the fused projection into heads,
@@ -864,7 +902,7 @@ impl<B: Kernels> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &Context<B>,
-        cache: Option<(&mut KvCache<B>, usize)>,
+        cache: Option<(CacheRef<'_, B>, usize)>,
     ) -> Tensor<B, 3> {
         self.mlp_residual(self.attention_residual(x, ctx, cache))
     }
@@ -874,7 +912,7 @@ impl<B: Kernels> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &Context<B>,
-        cache: Option<(&mut KvCache<B>, usize)>,
+        cache: Option<(CacheRef<'_, B>, usize)>,
     ) -> Tensor<B, 3> {
         // The norm's output (which holds its input) is gone before the residual add.
         let y = self
@@ -1150,14 +1188,19 @@ impl<B: Kernels> CausalLm<B> {
     ) -> Tensor<B, 2> {
         cache.reserve(1);
         let ctx = Context::left_padded(&self.rotary, pads, 1, cache.len(), device);
-        if fusable && let Some(logits) = self.fused_step(ids.clone(), &ctx, cache, device) {
-            return logits;
-        }
-        let b = ids.dims()[0];
-        let mut rows = cache.gather();
-        let hidden = self.hidden_states_with(ids.reshape([b, 1]), &ctx, Some(&mut rows)); // [B, 1, C]
-        cache.write_last(&rows);
-        self.logits(hidden).squeeze_dim::<2>(1)
+        let mut step = cache.begin_step(device);
+        let fused = match fusable && !cache.is_empty() {
+            true => self.fused_step(ids.clone(), &ctx, &mut step, &mut cache.step),
+            false => None,
+        };
+        let logits = fused.unwrap_or_else(|| {
+            let b = ids.dims()[0];
+            let cache = Some(CacheRef::Paged(&mut step));
+            let hidden = self.hidden_states_in(ids.reshape([b, 1]), &ctx, cache); // [B, 1, C]
+            self.logits(hidden).squeeze_dim::<2>(1)
+        });
+        cache.end_step(step, true);
+        logits
     }
 
     /// [`CausalLm::decode_step`] through the backend's fused step, or None (nothing changed)
@@ -1166,29 +1209,24 @@ impl<B: Kernels> CausalLm<B> {
         &self,
         ids: Tensor<B, 1, Int>,
         ctx: &Context<B>,
-        cache: &mut PagedKv<B>,
-        device: &B::Device,
+        step: &mut PagedStep<B>,
+        state: &mut StepState,
     ) -> Option<Tensor<B, 2>> {
-        if !<B as ModelKernels>::FUSED_DECODE || cache.is_empty() {
+        if !<B as ModelKernels>::FUSED_DECODE {
             return None;
         }
         let weights = self.decode_weights()?;
-        let (table, shift) = cache.device_table(device);
+        let pools = step.take_pools();
         let x = DecodeInputs {
             ids,
             cos: &ctx.cos,
             sin: &ctx.sin,
             keys: ctx.keys.as_ref(),
-            at: cache.len(),
-            pages: PageTable {
-                table: &table,
-                shift: &shift,
-                page_len: cache.page_len(),
-            },
+            at: step.at,
+            pages: step.pages(),
         };
-        let pools = cache.take_pools();
-        let (logits, pools) = <B as ModelKernels>::decode_step(&weights, x, pools, &mut cache.step);
-        cache.put_back(pools, logits.is_some());
+        let (logits, pools) = <B as ModelKernels>::decode_step(&weights, x, pools, state);
+        step.put_pools(pools);
         logits
     }
 
@@ -1269,11 +1307,20 @@ impl<B: Kernels> CausalLm<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         ctx: &Context<B>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.hidden_states_in(input_ids, ctx, cache.map(CacheRef::Contiguous))
+    }
+
+    fn hidden_states_in(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        ctx: &Context<B>,
+        mut cache: Option<CacheRef<'_, B>>,
     ) -> Tensor<B, 3> {
         let mut x = self.embed(input_ids);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            x = layer.forward(x, ctx, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(x, ctx, cache.as_mut().map(|c| (c.reborrow(), i)));
         }
         self.model.norm.forward(x)
     }
@@ -1676,7 +1723,10 @@ mod tests {
     /// the same arguments; with projections left apart (a copy over its budget), where the op
     /// path adds the MLP's residual after its GEMM instead of in it, the two fused modes bit
     /// for bit and the op path within bf16's rounding (3e-2 of the largest logit). The fused
-    /// path must have run, and nearly every graph step must have been a replay.
+    /// path must have run, and nearly every graph step must have been a replay. At four
+    /// steps each row's logits are checked against a forward over its whole sequence without
+    /// a cache (3e-2), which reads no page: the paged kernels' addressing is checked against
+    /// another path, not only against itself.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_fused_decoding_steps_equal_the_op_by_op_steps() {
@@ -1718,6 +1768,9 @@ mod tests {
             let host = |t: Tensor<B, 2>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
             let replayed = decode::issued().0[0];
             let mut rows = vec![0, 1, 2];
+            // Each row's tokens so far, for the reference: a forward over the whole sequence
+            // without a cache (the flash forward, not the decoding kernels).
+            let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
             for step in 0..300 {
                 if step == 150 {
                     let keep = [0, 2];
@@ -1740,6 +1793,7 @@ mod tests {
                     }
                     rows.push(3);
                     pads.push(width + step - short.len());
+                    seqs.push(short.to_vec());
                 }
                 let tokens: Vec<u32> = rows
                     .iter()
@@ -1773,6 +1827,20 @@ mod tests {
                     );
                 } else {
                     assert_within(&a, &c, 3e-2, &format!("step {step}, projections apart"));
+                }
+                let v = config.vocab_size;
+                for (i, &r) in rows.iter().enumerate() {
+                    seqs[r].push(tokens[i]);
+                    if [0, 149, 221, 299].contains(&step) {
+                        let ids: Vec<i64> = seqs[r].iter().map(|&t| i64::from(t)).collect();
+                        let n = ids.len();
+                        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+                        let full = model.forward(input).narrow(1, n - 1, 1).reshape([1, v]);
+                        let what = format!(
+                            "tied {tied}, fused {fuse}, step {step}, row {r} against its full forward"
+                        );
+                        assert_within(&a[i * v..(i + 1) * v], &host(full), 3e-2, &what);
+                    }
                 }
             }
             for c in [&graph, &direct, &ops] {

@@ -10,7 +10,7 @@
 //! What runs is the op-by-op path's kernels, in its order, with its arguments: the
 //! embedding gather, then per layer RMSNorm, the q/k/v GEMM, `rope_qkv` (bias, rotation,
 //! the cache write), attention over positions 0..=at (`flash_decode` over splits of the
-//! keys, then `flash_decode_combine`; `flash_fwd` for more than 16 query heads a K/V head),
+//! keys, then `flash_decode_combine`), both through the paged cache's page table,
 //! the output projection accumulated into the residual (cuBLAS, beta 1), RMSNorm, the
 //! gate/up GEMM, SwiGLU and the down projection accumulated into the residual; then the
 //! final norm and the LM head. So the logits equal the op-by-op path's bit for bit (the GPU
@@ -22,8 +22,9 @@
 //! each launch itself.
 //!
 //! Inputs it does not take (not bf16, weights cuBLAS cannot read in place, a head dim the
-//! flash kernels lack, shared cache buffers, cuBLAS or the flash kernels switched off) get
-//! `Err`, and the caller runs the step op by op. `DISTILL_DECODE=ops` does so always.
+//! flash kernels lack, more than 16 query heads a K/V head, pools held elsewhere, cuBLAS or
+//! the flash kernels switched off) get `Err`, and the caller runs the step op by op.
+//! `DISTILL_DECODE=ops` does so always.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

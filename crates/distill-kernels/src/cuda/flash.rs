@@ -504,6 +504,88 @@ impl Decode {
     }
 }
 
+/// [`forward`] of one query a row over a paged cache ([`Paging`]): q [B, H, 1, hd]; `pools`
+/// k and v [slots, KV, hd] read through `table` i32 [B, ld] and `shift` i32 [B] for
+/// positions 0..s of each row. Returns the output as [B, 1, H, hd] (contiguous).
+pub fn forward_paged(
+    q: &CudaTensor,
+    [k, v]: [&CudaTensor; 2],
+    [table, shift]: [&CudaTensor; 2],
+    page_len: usize,
+    s: usize,
+    keys: Ranges,
+) -> Result<CudaTensor, String> {
+    let q = Operand::new(q, "q", q.meta.shape().as_slice().last().copied().unwrap_or(0))?;
+    let [b, heads, t, hd] = q.dims();
+    let kv_heads = match k.meta.shape().as_slice() {
+        &[_, h, d] if d == hd && h > 0 && heads % h == 0 => h,
+        other => return Err(format!("k pool {other:?} for {heads} heads of {hd}")),
+    };
+    for (x, what) in [(k, "k pool"), (v, "v pool")] {
+        if x.dtype != q.tensor.dtype
+            || x.dtype != DType::BF16
+            || x.meta.shape() != k.meta.shape()
+            || !x.is_contiguous()
+        {
+            return Err(format!("{what}: {:?} {:?}", x.dtype, x.meta.shape()));
+        }
+    }
+    let ld = match table.meta.shape().as_slice() {
+        &[rows, ld] if rows == b && table.dtype == DType::I32 && table.is_contiguous() => ld,
+        other => return Err(format!("page table: {:?} {other:?}", table.dtype)),
+    };
+    if shift.dtype != DType::I32 || shift.meta.shape().as_slice() != [b] || !shift.is_contiguous() {
+        return Err(format!("page shifts: {:?} {:?}", shift.dtype, shift.meta.shape()));
+    }
+    if t != 1 || page_len == 0 || s == 0 || (s - 1) / page_len >= ld {
+        return Err(format!("{t} queries over {s} keys in {ld} pages of {page_len}"));
+    }
+    let sh = Shape {
+        b,
+        heads,
+        groups: heads / kv_heads,
+        t,
+        s,
+        hd,
+    };
+    let (keys, per_row) = ranges(keys, b, t)?;
+    let kv = [0, hd as i64, (kv_heads * hd) as i64];
+    let o = output(&q.tensor, [b, heads, t, hd]);
+    let lse = empty(&q.tensor, vec![b, heads, t, 1], DType::F32);
+    let fwd = Forward {
+        shape: sh,
+        strides: [q.strides, kv, kv, o.strides],
+        has_keys: keys.is_some(),
+        per_row,
+        scale: softmax_scale(hd),
+    };
+    let Some(dec) = fwd.decode() else {
+        return Err(format!("{heads} query heads a K/V head of {kv_heads}"));
+    };
+    let device = q.tensor.device.clone();
+    nvrtc::ensure_loaded(&device, module(hd))?;
+    let [part, ml] = dec.scratch().map(|n| empty(&q.tensor, vec![n], DType::F32));
+    let (lo, hi) = range_bindings(&keys, &q);
+    let bindings = [&q.tensor, k, v, &o.tensor, &lse]
+        .map(|t| t.handle.clone().binding())
+        .into_iter()
+        .chain([lo, hi])
+        .chain([&part, &ml, table, shift].map(|t| t.handle.clone().binding()))
+        .collect();
+    let m = module(hd);
+    stream::run_on_stream_all(&device, bindings, nvrtc::ordering(), move |stream, p| {
+        let pages = Paging {
+            table: p[9],
+            ld,
+            shift: p[10],
+            page_len,
+        };
+        let ptrs = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]];
+        (dec.calls(ptrs, Some(pages)).iter()).try_for_each(|c| c.launch(device.index, &m, stream))
+    })?;
+    Ok(o.tensor)
+}
+
 /// Gradients of [`forward`] for q, k and v given its output `out` [B, H, T, hd], the
 /// log-sum-exp it returned and the output gradient `d_out` [B, H, T, hd]. Returns dq as
 /// [B, T, H, hd] and dk, dv as [B, KV, S, hd], bf16 and contiguous.
