@@ -174,7 +174,7 @@ where
                     &pages.table.clone().into_primitive(),
                     &pages.shift.clone().into_primitive(),
                 ],
-                pages.page_len,
+                [pages.ld, pages.page_len],
                 s,
                 ranges.as_ref().map(|(lo, hi)| (lo, hi)),
             );
@@ -497,6 +497,7 @@ where
                 .map(|r| (r.lo.clone().into_primitive(), r.hi.clone().into_primitive())),
             at: x.at,
             table: x.pages.table.clone().into_primitive(),
+            ld: x.pages.ld,
             shift: x.pages.shift.clone().into_primitive(),
             page_len: x.pages.page_len,
         };

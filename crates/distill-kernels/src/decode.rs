@@ -61,11 +61,13 @@ pub struct DecodeInputs<'a, B: Backend> {
 
 /// Where a paged KV cache keeps each row's positions (the models' `PagedKv`): its layers'
 /// pools are slots [slots, KV, hd], `page_len` slots a page; row b's position p is slot
-/// `table[b][(p + shift[b]) / page_len] * page_len + (p + shift[b]) % page_len`. Every page
+/// `table[b * ld + (p + shift[b]) / page_len] * page_len + (p + shift[b]) % page_len`. Every page
 /// a row names up to position `at` exists, and no two rows write one page.
 pub struct PageTable<'a, B: Backend> {
-    /// i32 [B, ld]: each row's pages in order (unused entries name any page).
-    pub table: &'a Tensor<B, 2, Int>,
+    /// i32 [B * ld]: each row's `ld` pages in order (unused entries name any page). Flat,
+    /// since burn may pitch a 2-D tensor's rows on CUDA (a row stride past its width).
+    pub table: &'a Tensor<B, 1, Int>,
+    pub ld: usize,
     /// i32 [B]: the slot of each row's position 0 in its first page.
     pub shift: &'a Tensor<B, 1, Int>,
     pub page_len: usize,
@@ -85,7 +87,11 @@ pub fn gather_pages<B: Backend>(pool: Tensor<B, 3>, pages: &PageTable<'_, B>, s:
     // slot in the row's pages [B, s], then its page and offset, then the pool's slot.
     let at = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, s])
         + pages.shift.clone().reshape([b, 1]);
-    let page = pages.table.clone().gather(1, at.clone().div_scalar(pl));
+    let page = pages
+        .table
+        .clone()
+        .reshape([b, pages.ld])
+        .gather(1, at.clone().div_scalar(pl));
     let slots = page.mul_scalar(pl) + at.remainder_scalar(pl);
     pool.select(0, slots.reshape([b * s]))
         .reshape([b, s, h, d])

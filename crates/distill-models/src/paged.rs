@@ -61,8 +61,9 @@ pub struct PagedKv<B: Backend> {
     rows: Vec<Row>,
     /// Positions cached in every row, its left padding included.
     len: usize,
-    /// The page table and shifts on the device while the rows' pages are unchanged.
-    table: Option<(Tensor<B, 2, Int>, Tensor<B, 1, Int>)>,
+    /// The page table (flat, [`PageTable`]), its width and the shifts on the device while
+    /// the rows' pages are unchanged.
+    table: Option<DeviceTable<B>>,
     /// What the backend's fused step keeps for this cache's next step (its graph).
     pub(crate) step: StepState,
 }
@@ -275,8 +276,9 @@ impl<B: ModelKernels> PagedKv<B> {
         self.table = None;
     }
 
-    /// The page table [B, ld] and shifts [B] on `device`, uploaded when the pages changed.
-    pub fn device_table(&mut self, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+    /// The page table [B * ld], ld and the shifts [B] on `device`, uploaded when the pages
+    /// changed.
+    fn device_table(&mut self, device: &B::Device) -> DeviceTable<B> {
         if let Some(t) = &self.table {
             return t.clone();
         }
@@ -289,10 +291,11 @@ impl<B: ModelKernels> PagedKv<B> {
         }
         let shift: Vec<i32> = self.rows.iter().map(|r| r.shift as i32).collect();
         let b = self.rows.len();
-        let t = (
-            Tensor::from_data(TensorData::new(table, [b, ld]), device),
-            Tensor::from_data(TensorData::new(shift, [b]), device),
-        );
+        let t = DeviceTable {
+            table: Tensor::from_data(TensorData::new(table, [b * ld]), device),
+            ld,
+            shift: Tensor::from_data(TensorData::new(shift, [b]), device),
+        };
         self.table = Some(t.clone());
         t
     }
@@ -301,7 +304,7 @@ impl<B: ModelKernels> PagedKv<B> {
     /// the pools move into the step, with the page table on `device` and each row's slot for
     /// the new position. [`PagedKv::end_step`] takes them back.
     pub(crate) fn begin_step(&mut self, device: &B::Device) -> PagedStep<B> {
-        let (table, shift) = self.device_table(device);
+        let table = self.device_table(device);
         let slots: Vec<usize> = self
             .rows
             .iter()
@@ -312,7 +315,6 @@ impl<B: ModelKernels> PagedKv<B> {
             slots: self.slot_tensor(&slots).reshape([n, 1]),
             pools: std::mem::take(&mut self.pools).into_iter().map(Some).collect(),
             table,
-            shift,
             page_len: self.page_len,
             at: self.len,
         }
@@ -380,8 +382,7 @@ pub struct PagedStep<B: Backend> {
     /// Each layer's pools, taken out while a write replaces them (so that they are held
     /// nowhere else and written in place).
     pools: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
-    table: Tensor<B, 2, Int>,
-    shift: Tensor<B, 1, Int>,
+    table: DeviceTable<B>,
     /// [B, 1]: each row's slot for the new position.
     slots: Tensor<B, 2, Int>,
     page_len: usize,
@@ -392,8 +393,9 @@ pub struct PagedStep<B: Backend> {
 impl<B: ModelKernels> PagedStep<B> {
     pub(crate) fn pages(&self) -> PageTable<'_, B> {
         PageTable {
-            table: &self.table,
-            shift: &self.shift,
+            table: &self.table.table,
+            ld: self.table.ld,
+            shift: &self.table.shift,
             page_len: self.page_len,
         }
     }
@@ -426,6 +428,14 @@ impl<B: ModelKernels> PagedStep<B> {
         let (k, v) = self.pools[layer].as_ref().expect("a step's pools");
         B::paged_attention(q, k.clone(), v.clone(), &self.pages(), self.at + 1, keys)
     }
+}
+
+/// A page table on the device ([`PageTable`]'s tensors).
+#[derive(Debug, Clone)]
+struct DeviceTable<B: Backend> {
+    table: Tensor<B, 1, Int>,
+    ld: usize,
+    shift: Tensor<B, 1, Int>,
 }
 
 /// Row `k`'s page `j` among rows being admitted.

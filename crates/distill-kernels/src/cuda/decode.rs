@@ -173,7 +173,7 @@ pub(super) struct Weights {
 }
 
 /// One step's inputs, as primitives ([`crate::DecodeInputs`]): lo and hi are the key ranges;
-/// table [B, ld] and shift [B] the paged cache's page table ([`crate::PageTable`]).
+/// table [B * ld] and shift [B] the paged cache's page table ([`crate::PageTable`]).
 pub(super) struct Inputs {
     pub ids: CudaTensor,
     pub cos: CudaTensor,
@@ -181,6 +181,7 @@ pub(super) struct Inputs {
     pub keys: Option<(CudaTensor, CudaTensor)>,
     pub at: usize,
     pub table: CudaTensor,
+    pub ld: usize,
     pub shift: CudaTensor,
     pub page_len: usize,
 }
@@ -624,14 +625,15 @@ fn attention_strides(heads: usize, kv_heads: usize, hd: usize) -> [[i64; 3]; 4] 
     [q, kv, kv, q]
 }
 
-/// The page table's width, after checking it and the shifts: i32 [B, ld] and i32 [B],
+/// The page table's width, after checking it and the shifts: i32 [B * ld] and i32 [B],
 /// contiguous, with room for position `at` in every row.
 fn table_width(x: &Inputs, b: usize) -> Result<usize, String> {
     let shape = |t: &CudaTensor| t.meta.shape().as_slice().to_vec();
-    let ld = match (x.table.dtype, shape(&x.table).as_slice()) {
-        (DType::I32, &[rows, ld]) if rows == b && x.table.is_contiguous() => ld,
-        (dtype, s) => return Err(format!("page table: {dtype:?} {s:?}, not i32 [{b}, pages]")),
-    };
+    let ld = x.ld;
+    match (x.table.dtype, shape(&x.table).as_slice()) {
+        (DType::I32, &[n]) if n == b * ld && x.table.is_contiguous() => {}
+        (dtype, s) => return Err(format!("page table: {dtype:?} {s:?}, not i32 [{b} x {ld}]")),
+    }
     match (x.shift.dtype, shape(&x.shift).as_slice()) {
         (DType::I32, &[rows]) if rows == b && x.shift.is_contiguous() => {}
         (dtype, s) => return Err(format!("page shifts: {dtype:?} {s:?}, not i32 [{b}]")),

@@ -505,13 +505,14 @@ impl Decode {
 }
 
 /// [`forward`] of one query a row over a paged cache ([`Paging`]): q [B, H, 1, hd]; `pools`
-/// k and v [slots, KV, hd] read through `table` i32 [B, ld] and `shift` i32 [B] for
-/// positions 0..s of each row. Returns the output as [B, 1, H, hd] (contiguous).
+/// k and v [slots, KV, hd] read through `table` i32 [B * ld] (`ld` pages a row, of
+/// `page_len` slots) and `shift` i32 [B] for positions 0..s of each row. Returns the output
+/// as [B, 1, H, hd] (contiguous).
 pub fn forward_paged(
     q: &CudaTensor,
     [k, v]: [&CudaTensor; 2],
     [table, shift]: [&CudaTensor; 2],
-    page_len: usize,
+    [ld, page_len]: [usize; 2],
     s: usize,
     keys: Ranges,
 ) -> Result<CudaTensor, String> {
@@ -530,10 +531,13 @@ pub fn forward_paged(
             return Err(format!("{what}: {:?} {:?}", x.dtype, x.meta.shape()));
         }
     }
-    let ld = match table.meta.shape().as_slice() {
-        &[rows, ld] if rows == b && table.dtype == DType::I32 && table.is_contiguous() => ld,
-        other => return Err(format!("page table: {:?} {other:?}", table.dtype)),
-    };
+    if table.dtype != DType::I32 || table.meta.shape().as_slice() != [b * ld] || !table.is_contiguous() {
+        return Err(format!(
+            "page table: {:?} {:?}, not i32 [{b} x {ld}]",
+            table.dtype,
+            table.meta.shape()
+        ));
+    }
     if shift.dtype != DType::I32 || shift.meta.shape().as_slice() != [b] || !shift.is_contiguous() {
         return Err(format!("page shifts: {:?} {:?}", shift.dtype, shift.meta.shape()));
     }
