@@ -1099,6 +1099,75 @@ fn cuda_rope_qkv_writes_what_its_parts_write() {
     );
 }
 
+/// Decoding attention over a paged cache (`ModelKernels::paged_attention`) against the same
+/// keys and values in contiguous buffers (`ModelKernels::attention`), on bf16 with GQA 14/2:
+/// rows of 150 positions with shifts 0, 5 and 13 into 16-slot pages placed out of order in a
+/// pool, left padding 0, 20 and 40 masked by key ranges. Both run the same decoding kernels
+/// over the same values, so the outputs must be equal bit for bit; the paged path must not
+/// have fallen back to gathering.
+#[test]
+fn cuda_paged_decoding_attention_equals_the_contiguous() {
+    let Some((_turn, device)) = gpu() else { return };
+    type G = Cuda<half::bf16>;
+    G::seed(&device, 11);
+    let (b, heads, kv, hd, s, page_len) = (3, 14, 2, 64, 150, 16);
+    let shifts = [0usize, 5, 13];
+    let pads = [0usize, 20, 40];
+    let q = randn::<G, 4>([b, heads, 1, hd], 1.0, &device);
+    let k = randn::<G, 4>([b, kv, s, hd], 1.0, &device);
+    let v = randn::<G, 4>([b, kv, s, hd], 1.0, &device);
+    // Each row's pages: distinct ids, spread over the pool in an order of their own.
+    let ld = (s + page_len - 1 + page_len - 1) / page_len;
+    let pages_total = b * ld + 3;
+    let mut order: Vec<usize> = (1..pages_total).collect();
+    order.reverse();
+    order.rotate_left(5);
+    let table: Vec<usize> = (0..b * ld).map(|i| order[i]).collect();
+    let slot = |r: usize, p: usize| {
+        let x = p + shifts[r];
+        table[r * ld + x / page_len] * page_len + x % page_len
+    };
+    let pool_of = |x: &Tensor<G, 4>| {
+        let data = host(x.clone()); // [b, kv, s, hd]
+        let mut pool = vec![0f32; pages_total * page_len * kv * hd];
+        for r in 0..b {
+            for h in 0..kv {
+                for p in 0..s {
+                    let from = ((r * kv + h) * s + p) * hd;
+                    let to = (slot(r, p) * kv + h) * hd;
+                    pool[to..to + hd].copy_from_slice(&data[from..from + hd]);
+                }
+            }
+        }
+        Tensor::<G, 3>::from_data(TensorData::new(pool, [pages_total * page_len, kv, hd]), &device)
+    };
+    let (kp, vp) = (pool_of(&k), pool_of(&v));
+    let ints = |x: Vec<usize>| {
+        let n = x.len();
+        let x: Vec<i32> = x.into_iter().map(|v| v as i32).collect();
+        Tensor::<G, 1, burn::tensor::Int>::from_data(TensorData::new(x, [n]), &device)
+    };
+    let (table_t, shift_t) = (ints(table.clone()), ints(shifts.to_vec()));
+    let pages = distill_kernels::PageTable {
+        table: &table_t,
+        ld,
+        shift: &shift_t,
+        page_len,
+    };
+    let keys = KeyRanges::<G>::from_runs(&pads.map(|pad| vec![(pad, s - 1)]), &device);
+    let want = host(G::attention(q.clone(), k, v, Some(&keys)));
+    let got = host(G::paged_attention(q, kp, vp, &pages, s, Some(&keys)));
+    assert!(
+        !has_fallen_back_on_this_thread(Fallback::Flash),
+        "the paged attention fell back to gathering"
+    );
+    let first = got
+        .iter()
+        .zip(&want)
+        .position(|(g, w)| g.to_bits() != w.to_bits());
+    assert_eq!(first, None, "paged and contiguous differ at {first:?}");
+}
+
 /// Block inputs parked in pinned host memory (`MemoryPolicy::park`) come back bit for bit, in
 /// f32 and bf16, while the compute stream reuses their buffers at once: after each park the
 /// next tensors of the same size are written over whatever cubecl hands out, and between the
