@@ -1117,7 +1117,7 @@ fn cuda_paged_decoding_attention_equals_the_contiguous() {
     let k = randn::<G, 4>([b, kv, s, hd], 1.0, &device);
     let v = randn::<G, 4>([b, kv, s, hd], 1.0, &device);
     // Each row's pages: distinct ids, spread over the pool in an order of their own.
-    let ld = (s + page_len - 1 + page_len - 1) / page_len;
+    let ld = (s + page_len - 1).div_ceil(page_len);
     let pages_total = b * ld + 3;
     let mut order: Vec<usize> = (1..pages_total).collect();
     order.reverse();
