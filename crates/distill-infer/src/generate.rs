@@ -404,11 +404,14 @@ impl<B: Kernels> Running<B> {
         // The prefill row each row still going reads.
         let sources: Vec<usize> = keep.iter().map(|&r| copy_of[r]).collect();
         retain_rows(&mut rows, &keep);
-        let (ours, theirs) = (self.cache.len(), width);
-        if !self.live.is_empty() && ours < theirs {
-            self.live.iter_mut().for_each(|l| l.pad += theirs - ours);
-        } else if !self.live.is_empty() {
-            rows.iter_mut().for_each(|l| l.pad += ours - theirs);
+        // The shorter side is padded on the left to the longer one's length.
+        if !self.live.is_empty() {
+            let (ours, theirs) = (self.cache.len(), width);
+            if ours < theirs {
+                self.live.iter_mut().for_each(|l| l.pad += theirs - ours);
+            } else {
+                rows.iter_mut().for_each(|l| l.pad += ours - theirs);
+            }
         }
         self.cache.admit(&cache, &sources, &pads);
         self.live.extend(rows);
