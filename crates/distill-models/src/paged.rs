@@ -100,18 +100,9 @@ impl<B: ModelKernels> PagedKv<B> {
         self.rows.len()
     }
 
-    pub fn page_len(&self) -> usize {
-        self.page_len
-    }
-
     /// Pages some row names (the zero page not counted): the cache's memory in use.
     pub fn pages_in_use(&self) -> usize {
         self.refs.iter().filter(|&&n| n > 0).count()
-    }
-
-    /// Pages the pools hold, the zero page included.
-    pub fn pages_held(&self) -> usize {
-        self.refs.len()
     }
 
     /// Drops every row; the pools stay for the next ones.
@@ -149,7 +140,7 @@ impl<B: ModelKernels> PagedKv<B> {
         // Pages wholly filled by a prompt are shared by its samples; the last, partly filled
         // one is theirs each (they write into it).
         let shared = width / pl;
-        let mut rows = Vec::with_capacity(sources.len());
+        let mut rows: Vec<Row> = Vec::with_capacity(sources.len());
         // (position in the prefill, as row * width + p; slot it goes to)
         let mut moves: Vec<(usize, usize)> = Vec::new();
         for (i, &src) in sources.iter().enumerate() {
@@ -159,7 +150,7 @@ impl<B: ModelKernels> PagedKv<B> {
                 let page = match sibling {
                     _ if (j + 1) * pl <= pads.get(src).copied().unwrap_or(0) => ZERO,
                     Some(k) if j < shared => {
-                        let page = rows_page(&rows, k, j);
+                        let page = rows[k].pages[j];
                         self.refs[page as usize] += 1;
                         page
                     }
@@ -436,11 +427,6 @@ struct DeviceTable<B: Backend> {
     table: Tensor<B, 1, Int>,
     ld: usize,
     shift: Tensor<B, 1, Int>,
-}
-
-/// Row `k`'s page `j` among rows being admitted.
-fn rows_page(rows: &[Row], k: usize, j: usize) -> u32 {
-    rows[k].pages[j]
 }
 
 /// Pads `row` by `n` positions on the left: zero pages before its first, its shift moved
