@@ -184,11 +184,7 @@ where
                 Err(why) => fell_back(Fallback::Flash, &why),
             }
         }
-        let (k, v) = (
-            crate::decode::gather_pages(k, pages, s),
-            crate::decode::gather_pages(v, pages, s),
-        );
-        <Self as ModelKernels>::attention(q, k, v, keys)
+        crate::paged_attention_gathered(q, k, v, pages, s, keys)
     }
 
     fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {

@@ -301,11 +301,7 @@ pub trait ModelKernels: Backend {
         s: usize,
         keys: Option<&KeyRanges<Self>>,
     ) -> Tensor<Self, 4> {
-        let (k, v) = (
-            decode::gather_pages(k, pages, s),
-            decode::gather_pages(v, pages, s),
-        );
-        <Self as ModelKernels>::attention(q, k, v, keys)
+        paged_attention_gathered(q, k, v, pages, s, keys)
     }
 
     /// A fused attention forward where this backend has one for these inputs, else None:
@@ -502,6 +498,23 @@ pub trait ModelKernels: Backend {
     ) -> (Option<Tensor<Self, 2>>, CacheBuffers<Self>) {
         (None, caches)
     }
+}
+
+/// [`ModelKernels::paged_attention`] with the rows' positions gathered into contiguous keys
+/// and values first, then [`ModelKernels::attention`]: the default, and CUDA's fallback.
+pub fn paged_attention_gathered<B: ModelKernels>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    pages: &PageTable<'_, B>,
+    s: usize,
+    keys: Option<&KeyRanges<B>>,
+) -> Tensor<B, 4> {
+    let (k, v) = (
+        decode::gather_pages(k, pages, s),
+        decode::gather_pages(v, pages, s),
+    );
+    <B as ModelKernels>::attention(q, k, v, keys)
 }
 
 /// Training-only kernels: the loss's passes over logits and the optimizer's update.

@@ -311,14 +311,14 @@ impl<B: ModelKernels> PagedKv<B> {
         }
     }
 
-    /// Takes back the pools of `step`; `stepped`: they now hold position `len` of every row.
-    pub(crate) fn end_step(&mut self, step: PagedStep<B>, stepped: bool) {
+    /// Takes back the pools of `step`, which now hold position `len` of every row.
+    pub(crate) fn end_step(&mut self, step: PagedStep<B>) {
         self.pools = step
             .pools
             .into_iter()
             .map(|p| p.expect("a step's pools come back"))
             .collect();
-        self.len += usize::from(stepped);
+        self.len += 1;
     }
 
     fn slot_tensor(&self, slots: &[usize]) -> Tensor<B, 1, Int> {

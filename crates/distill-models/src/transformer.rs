@@ -1189,9 +1189,10 @@ impl<B: Kernels> CausalLm<B> {
         cache.reserve(1);
         let ctx = Context::left_padded(&self.rotary, pads, 1, cache.len(), device);
         let mut step = cache.begin_step(device);
-        let fused = match fusable && !cache.is_empty() {
-            true => self.fused_step(ids.clone(), &ctx, &mut step, &mut cache.step),
-            false => None,
+        let fused = if fusable && !cache.is_empty() {
+            self.fused_step(ids.clone(), &ctx, &mut step, &mut cache.step)
+        } else {
+            None
         };
         let logits = fused.unwrap_or_else(|| {
             let b = ids.dims()[0];
@@ -1199,7 +1200,7 @@ impl<B: Kernels> CausalLm<B> {
             let hidden = self.hidden_states_in(ids.reshape([b, 1]), &ctx, cache); // [B, 1, C]
             self.logits(hidden).squeeze_dim::<2>(1)
         });
-        cache.end_step(step, true);
+        cache.end_step(step);
         logits
     }
 

@@ -315,7 +315,8 @@ pub(super) fn step(
     let d = dims(w, x)?;
     let [heads, kv_heads] = w.heads;
     let hd = w.hd;
-    let ld = table_width(x, d.b)?;
+    check_pages(x, d.b)?;
+    let ld = x.ld;
     if caches.len() != w.layers.len() {
         return Err(format!(
             "{} cache buffers for {} layers",
@@ -538,9 +539,10 @@ pub(super) fn step(
                     p[hlse],
                     p[hlo],
                     p[hhi],
+                    p[hpart],
+                    p[hml],
                 ];
-                let [pq, pk, pv, po, pl, plo, phi] = ptrs;
-                let calls = decode.calls([pq, pk, pv, po, pl, plo, phi, p[hpart], p[hml]], Some(pages));
+                let calls = decode.calls(ptrs, Some(pages));
                 calls.into_iter().try_for_each(|c| run(is, c, attn))?;
                 let (o, ol) = l.o_proj;
                 gemm(
@@ -625,9 +627,9 @@ fn attention_strides(heads: usize, kv_heads: usize, hd: usize) -> [[i64; 3]; 4] 
     [q, kv, kv, q]
 }
 
-/// The page table's width, after checking it and the shifts: i32 [B * ld] and i32 [B],
-/// contiguous, with room for position `at` in every row.
-fn table_width(x: &Inputs, b: usize) -> Result<usize, String> {
+/// Checks the page table and the shifts: i32 [B * ld] and i32 [B], contiguous, with room for
+/// position `at` in every row.
+fn check_pages(x: &Inputs, b: usize) -> Result<(), String> {
     let shape = |t: &CudaTensor| t.meta.shape().as_slice().to_vec();
     let ld = x.ld;
     match (x.table.dtype, shape(&x.table).as_slice()) {
@@ -644,7 +646,7 @@ fn table_width(x: &Inputs, b: usize) -> Result<usize, String> {
             x.page_len, x.at
         ));
     }
-    Ok(ld)
+    Ok(())
 }
 
 /// The batch and the model's widths, from the inputs and weights; errors for anything the
