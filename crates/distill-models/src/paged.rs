@@ -296,14 +296,14 @@ impl<B: ModelKernels> PagedKv<B> {
     /// the new position. [`PagedKv::end_step`] takes them back.
     pub(crate) fn begin_step(&mut self, device: &B::Device) -> PagedStep<B> {
         let table = self.device_table(device);
-        let slots: Vec<usize> = self
+        let slots = self
             .rows
             .iter()
-            .map(|r| r.slot(self.len, self.page_len))
+            .map(|r| r.slot(self.len, self.page_len) as i64)
             .collect();
-        let n = slots.len();
         PagedStep {
-            slots: self.slot_tensor(&slots).reshape([n, 1]),
+            slots,
+            slot_tensor: None,
             pools: std::mem::take(&mut self.pools).into_iter().map(Some).collect(),
             table,
             page_len: self.page_len,
@@ -319,11 +319,6 @@ impl<B: ModelKernels> PagedKv<B> {
             .map(|p| p.expect("a step's pools come back"))
             .collect();
         self.len += 1;
-    }
-
-    fn slot_tensor(&self, slots: &[usize]) -> Tensor<B, 1, Int> {
-        let ids: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
-        Tensor::from_data(TensorData::new(ids, [slots.len()]), &self.pools[0].0.device())
     }
 
     /// A free page, the pools grown when there is none.
@@ -374,8 +369,10 @@ pub struct PagedStep<B: Backend> {
     /// nowhere else and written in place).
     pools: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
     table: DeviceTable<B>,
-    /// [B, 1]: each row's slot for the new position.
-    slots: Tensor<B, 2, Int>,
+    /// Each row's slot for the new position; on the device ([B, 1]) once a write needs it
+    /// (the fused step does not).
+    slots: Vec<i64>,
+    slot_tensor: Option<Tensor<B, 2, Int>>,
     page_len: usize,
     /// The new position.
     pub(crate) at: usize,
@@ -406,9 +403,16 @@ impl<B: ModelKernels> PagedStep<B> {
     /// Writes `layer`'s keys and values of the new position, k and v [B, KV, 1, hd].
     pub(crate) fn write(&mut self, layer: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) {
         let (kp, vp) = self.pools[layer].take().expect("a step's pools");
+        let slots = self.slots.as_slice();
+        let to = self
+            .slot_tensor
+            .get_or_insert_with(|| {
+                Tensor::from_data(TensorData::new(slots.to_vec(), [slots.len(), 1]), &kp.device())
+            })
+            .clone();
         let put = |pool: Tensor<B, 3>, x: Tensor<B, 4>| {
             let [b, h, _, d] = x.dims();
-            pool.scatter_nd(self.slots.clone(), x.reshape([b, h, d]), IndexingUpdateOp::Assign)
+            pool.scatter_nd(to.clone(), x.reshape([b, h, d]), IndexingUpdateOp::Assign)
         };
         self.pools[layer] = Some((put(kp, k), put(vp, v)));
     }
