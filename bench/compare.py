@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Sets `distill bench` rows beside the PyTorch baseline's: one Markdown table per run.
 
-    python3 bench/compare.py DISTILL.jsonl PYTORCH.jsonl [--liger LIGER.jsonl] [--out TABLE.md]
+    python3 bench/compare.py DISTILL.jsonl PYTORCH.jsonl [--liger LIGER.jsonl] [--unsloth UNSLOTH.jsonl]
+        [--out TABLE.md]
 
 With --liger (bench.py --liger's rows: PyTorch with Liger's kernels), its tok/s, peak and
-distill's ratio to it get columns of their own.
+distill's ratio to it get columns of their own; so do --unsloth's (bench.py --unsloth's rows:
+LoRA and QLoRA training with Unsloth).
 
 Rows match on (bench, model, case); B5 rows on (model, mode). MFU is recomputed for both
 sides against one peak: the best GEMM either framework measured in the run (the peak case
@@ -58,15 +60,17 @@ def main():
     p.add_argument("distill")
     p.add_argument("pytorch")
     p.add_argument("--liger")
+    p.add_argument("--unsloth")
     p.add_argument("--out")
     a = p.parse_args()
     ours, theirs = load(a.distill), load(a.pytorch)
     liger = load(a.liger) if a.liger else []
+    unsloth = load(a.unsloth) if a.unsloth else []
     peaks = [r["tflops"] for r in ours + theirs if is_peak(r) and isinstance(r.get("tflops"), (int, float))]
     peak = max(peaks) if peaks else None
     by_key = {}
     order = []
-    for side, rows in (("d", ours), ("t", theirs), ("l", liger)):
+    for side, rows in (("d", ours), ("t", theirs), ("l", liger), ("u", unsloth)):
         for r in rows:
             if r.get("bench") == "peak":
                 continue
@@ -85,10 +89,11 @@ def main():
     versions = {}
     for fw, v in first("version"):
         versions.setdefault(fw, v)
-    for r in liger:
-        if r.get("version"):
-            versions.setdefault(r.get("framework"), r["version"])
-            break
+    for extra in (liger, unsloth):
+        for r in extra:
+            if r.get("version"):
+                versions.setdefault(r.get("framework"), r["version"])
+                break
     out = []
     out.append(f"### distill vs PyTorch, {datetime.date.today().isoformat()}, {', '.join(devices) or 'unknown device'}")
     out.append("")
@@ -115,12 +120,15 @@ def main():
     if liger:
         head += " + Liger tok/s | ratio to Liger | + Liger peak GiB |"
         rule += "---:|---:|---:|"
+    if unsloth:
+        head += " Unsloth tok/s | ratio to Unsloth | Unsloth peak GiB |"
+        rule += "---:|---:|---:|"
     out.append(head)
     out.append(rule)
     for k in order:
         if k[0] == "B5":
             continue
-        d, t, lg = by_key[k].get("d"), by_key[k].get("t"), by_key[k].get("l")
+        d, t, lg, us = (by_key[k].get(side) for side in ("d", "t", "l", "u"))
         field = "tflops" if k[0] == "B1" else "tokens_per_s"
         case = str(k[2]).replace("|", "\\|")
         line = (f"| {k[0]} | {k[1]} | {case} | {num(d, 'tokens_per_s', 0)} | {num(t, 'tokens_per_s', 0)} "
@@ -128,6 +136,8 @@ def main():
                 f"| {num(d, 'peak_gib', 2)} | {num(t, 'peak_gib', 2)} |")
         if liger:
             line += f" {num(lg, 'tokens_per_s', 0)} | {ratio(d, lg, field)} | {num(lg, 'peak_gib', 2)} |"
+        if unsloth:
+            line += f" {num(us, 'tokens_per_s', 0)} | {ratio(d, us, field)} | {num(us, 'peak_gib', 2)} |"
         out.append(line)
     b5 = [k for k in order if k[0] == "B5"]
     if b5:

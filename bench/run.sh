@@ -29,7 +29,15 @@
 # the budget; a stage cut short keeps the rows it finished (rows are written as they come).
 # Training stages run PyTorch a second time with Liger's kernels (bench.py --liger) when
 # liger_kernel imports (carry its wheel: docs/PERFORMANCE.md), unless LIGER=0; table.md then
-# has their columns too.
+# has their columns too. LoRA training stages (lora, train, B3) also run the Unsloth twin
+# (bench.py --unsloth: Unsloth's FastLanguageModel, LoRA and QLoRA only) when unsloth imports
+# with a GPU, unless UNSLOTH=0: rows in unsloth.jsonl, columns in table.md. Opt-in: where
+# `import unsloth` fails and a folder .whl-unsloth/ (Unsloth's wheels and its missing
+# dependencies, carried) is in the checkout, they are installed (pip --no-index --no-deps
+# --target) into a temporary folder that is put on PYTHONPATH for the Unsloth twin's runs
+# alone: the wheels shadow packages (fsspec, datasets) the other runs keep. The twin saves a
+# random-init checkpoint per config under $UNSLOTH_TWIN_CACHE (default
+# /tmp/distill-unsloth-models), reused by later runs on the same machine.
 set -u -o pipefail
 
 quick=0
@@ -43,7 +51,7 @@ while [ $# -gt 0 ]; do
     --long) quick=long ;;
     --budget) budget="$2"; shift ;;
     --device) device="$2"; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) bin="$1" ;;
   esac
   shift
@@ -95,15 +103,38 @@ liger=0
 if [ "${LIGER:-1}" != 0 ] && "$py" -c 'import liger_kernel' 2>/dev/null; then liger=1; fi
 echo "Liger twin: $([ $liger = 1 ] && echo on || echo "off (LIGER=0, or liger_kernel does not import)")" | tee -a "$out/env.txt"
 
+# The Unsloth twin: on where unsloth imports on its GPU path (without a GPU it imports its CPU
+# backend, or raises: off either way), from the environment or else from .whl-unsloth's wheels.
+# Its output goes to .txt files: the closing scan of *.log would show a missing unsloth as an error.
+unsloth=0
+unsloth_pythonpath="${PYTHONPATH:-}"
+unsloth_from="the environment"
+unsloth_probe='import sys, torch, unsloth; sys.exit(0 if torch.cuda.is_available() and not getattr(unsloth, "_IS_CPU_BACKEND", False) else 1)'
+if [ "${UNSLOTH:-1}" != 0 ]; then
+  if "$py" -c "$unsloth_probe" > "$out/unsloth-probe.txt" 2>&1; then
+    unsloth=1
+  elif [ -d .whl-unsloth ]; then
+    site="$work/unsloth-site"
+    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+         .whl-unsloth/*.whl > "$out/unsloth-install.txt" 2>&1 \
+       && PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "$unsloth_probe" > "$out/unsloth-probe.txt" 2>&1; then
+      unsloth=1
+      unsloth_pythonpath="$site${PYTHONPATH:+:$PYTHONPATH}"
+      unsloth_from=".whl-unsloth, installed into $site"
+    fi
+  fi
+fi
+echo "Unsloth twin: $([ $unsloth = 1 ] && echo "on (unsloth from $unsloth_from)" || echo "off (UNSLOTH=0, or unsloth does not import with a GPU: unsloth-probe.txt)")" | tee -a "$out/env.txt"
+
 start=$SECONDS
 peak_d=""
 peak_t=""
 n=0
 
-# stage NAME CAP_SECONDS ARGS...: distill then PyTorch (and for training, PyTorch + Liger)
-# with the same ARGS; `dx="..." stage ...` adds arguments for distill alone (its memory
-# knobs, which the PyTorch twin does not have), `tx="..."` for the twins alone (a later
-# argument wins: fewer of HF generate's slow cases).
+# stage NAME CAP_SECONDS ARGS...: distill then PyTorch (and for training, PyTorch + Liger, and
+# for LoRA training, Unsloth) with the same ARGS; `dx="..." stage ...` adds arguments for
+# distill alone (its memory knobs, which the PyTorch twin does not have), `tx="..."` for the
+# twins alone (a later argument wins: fewer of HF generate's slow cases).
 stage() {
   local name="$1" cap="$2"; shift 2
   n=$((n + 1))
@@ -121,6 +152,9 @@ stage() {
   twin t PyTorch "$@"
   case "$1" in lora|full|train|B3|B4) ;; *) return ;; esac
   if [ "$liger" = 1 ]; then twin l "PyTorch + Liger" "$@" --liger; fi
+  # Full fine-tuning alone (full, B4) would give the Unsloth twin nothing but "not run" rows.
+  case "$1" in full|B4) return ;; esac
+  if [ "$unsloth" = 1 ]; then PYTHONPATH="$unsloth_pythonpath" twin u Unsloth "$@" --unsloth; fi
 }
 
 # twin PREFIX LABEL ARGS...: the PyTorch side of the current stage (uses stage's locals).
@@ -215,9 +249,11 @@ fi
 cat "$out"/d-*.jsonl > "$out/distill.jsonl" 2>/dev/null
 cat "$out"/t-*.jsonl > "$out/pytorch.jsonl" 2>/dev/null
 cat "$out"/l-*.jsonl > "$out/liger.jsonl" 2>/dev/null
+cat "$out"/u-*.jsonl > "$out/unsloth.jsonl" 2>/dev/null
 echo
 "$py" bench/compare.py "$out/distill.jsonl" "$out/pytorch.jsonl" --out "$out/table.md" \
-  $([ -s "$out/liger.jsonl" ] && echo --liger "$out/liger.jsonl")
+  $([ -s "$out/liger.jsonl" ] && echo --liger "$out/liger.jsonl") \
+  $([ -s "$out/unsloth.jsonl" ] && echo --unsloth "$out/unsloth.jsonl")
 echo
 echo "total $((SECONDS - start))s; logs and rows in $out"
 for f in "$out"/*.log; do

@@ -9,6 +9,10 @@ docs/PERFORMANCE.md); `--loss hf` swaps distill's chunked KL + CE for the model'
 full-logits CE. As in distill, the parent runs each case in a child process (this script
 with --run-case) so each case's peak memory is its own and an out-of-memory error ends only
 that case. Rows are printed as a table and written, one JSON object per line, to --json.
+
+--liger patches Liger's kernels into every case; --unsloth runs the LoRA and QLoRA training
+cases (B3, and B5 with --mem-mode lora) with Unsloth instead of HF + PEFT (unsloth_twin.py)
+and gives every other case an error row saying so.
 """
 
 import argparse
@@ -66,10 +70,17 @@ def parse(argv):
     p.add_argument("--liger", action="store_true",
                    help="patch Qwen2 with Liger's kernels (apply_liger_kernel_to_qwen2) in every case; "
                         "rows say framework pytorch+liger")
+    p.add_argument("--unsloth", action="store_true",
+                   help="LoRA / QLoRA training cases load and patch the model with Unsloth "
+                        "(FastLanguageModel); rows say framework unsloth; other cases are not run")
     p.add_argument("--run-case", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-seq", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.gen_batch = [int(x) for x in a.gen_batch.split(",") if x]
+    if a.unsloth and a.liger:
+        p.error("--unsloth and --liger are separate twins: pass one")
+    if a.unsloth and not a.device.startswith("cuda"):
+        p.error("--unsloth needs a CUDA device (Unsloth's kernels are GPU-only)")
     return a
 
 
@@ -126,20 +137,72 @@ def peak_n(a):
     return a.peak_n or (8192 if a.device.startswith("cuda") else 256)
 
 
+def framework(a):
+    return "unsloth" if a.unsloth else "pytorch+liger" if a.liger else "pytorch"
+
+
+def train_mode(a, lora):
+    if not lora:
+        return "full"
+    return f"qlora nf4 r{a.lora_r}" if a.quantize == "nf4" else f"lora r{a.lora_r}"
+
+
+def train_case_name(a, lora, batch, seq, recompute):
+    return f"{train_mode(a, lora)} {batch}x{seq}{' recompute' if recompute else ''}"
+
+
+def memory_case_name(a):
+    return f"{a.mem_mode} bs1 under {common.fmt_num(a.mem_cap_gib)} GiB"
+
+
+def unsloth_refusal(a, case):
+    """Why the Unsloth twin does not run `case` (None: it does, or this is not that twin).
+    Unsloth's FastLanguageModel patches LoRA / QLoRA training; measuring its other cases would
+    measure plain PyTorch under another name. The peak GEMM is the device's, not a framework's."""
+    kind, _, x = case
+    if not a.unsloth or kind == "peak" or (kind == "train" and x) or (kind == "memory" and a.mem_mode == "lora"):
+        return None
+    if kind in ("train", "memory"):
+        return "not run: the Unsloth twin covers LoRA and QLoRA training, not full fine-tuning"
+    return f"not run: the Unsloth twin covers LoRA and QLoRA training, not the {kind} benchmark"
+
+
+def refused_row(a, case, why):
+    kind, ci, x = case
+    if kind == "train":
+        shape = common.Shape.from_dir(a.configs[ci])
+        name = train_case_name(a, x, a.batch, a.seq, recompute_for(a, shape))
+    elif kind == "memory":
+        name = memory_case_name(a)
+    else:
+        name = repr(case)  # as Parent.child names a case that left no row
+    r = common.base_row(bench_of(case), model_name(a.configs[ci]), name)
+    r.update(framework=framework(a), error=why)
+    return r
+
+
 # --- one case, in this process ----------------------------------------------------------------
 
 def run_case(a, case):
     import workloads as w
 
+    kind, ci, x = case
+    build = None
+    if a.unsloth and kind != "peak":
+        import unsloth_twin
+
+        unsloth_twin.ensure_model_dir(a.configs[ci])  # before the memory watch: a build is not the case's
+    dev = w.device_of(a)
+    watch = common.MemWatch(dev, int(a.device.split(":")[1]) if ":" in a.device else 0)
+    if a.unsloth and kind != "peak":
+        unsloth = unsloth_twin.import_unsloth()  # first: it patches transformers as it is imported
+        build = unsloth_twin.build_model
     if a.liger:
         # Before any model is built: Liger swaps the Qwen2 module's RMSNorm, RoPE, SwiGLU and
         # (for HF's own loss) the fused linear cross-entropy, as TRL and axolotl users enable it.
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2()
 
-    dev = w.device_of(a)
-    watch = common.MemWatch(dev, int(a.device.split(":")[1]) if ":" in a.device else 0)
-    kind, ci, x = case
     rows = []
     peak = a.peak_tflops
     tokens = a.batch * a.seq
@@ -191,12 +254,12 @@ def run_case(a, case):
             batch, seq, recompute, warmup, steps = a.batch, a.seq, recompute_for(a, shape), a.warmup, max(a.steps, 1)
         print(f"{bench_of(case)} {model}: {batch} x {seq} tokens, {'LoRA' if lora else 'full fine-tune'}, "
               f"recompute {str(recompute).lower()}, loss {a.loss}", file=sys.stderr)
-        seconds, losses = w.bench_train(a, a.configs[ci], lora, batch, seq, recompute, warmup, steps)
+        seconds, losses = w.bench_train(a, a.configs[ci], lora, batch, seq, recompute, warmup, steps, build)
         mean = sum(seconds) / len(seconds)
         tps = batch * seq / mean
         tf = common.train_flops_per_token(shape, seq, a.lora_r if lora else None) * tps / 1e12
-        mode = (f"qlora nf4 r{a.lora_r}" if a.quantize == "nf4" else f"lora r{a.lora_r}") if lora else "full"
-        r = common.base_row(bench_of(case), model, f"{mode} {batch}x{seq}{' recompute' if recompute else ''}")
+        mode = train_mode(a, lora)
+        r = common.base_row(bench_of(case), model, train_case_name(a, lora, batch, seq, recompute))
         r.update(tokens_per_s=tps, tflops=tf, mfu=common.mfu(tf, peak), ms=mean * 1e3,
                  step_ms=[s * 1e3 for s in seconds], losses=losses,
                  config={"batch": batch, "seq": seq, "mode": mode, "recompute": recompute,
@@ -230,10 +293,11 @@ def run_case(a, case):
     if a.liger:
         import liger_kernel
         version += f", liger-kernel {getattr(liger_kernel, '__version__', '?')}"
+    if build is not None:
+        version += f", unsloth {getattr(unsloth, '__version__', '?')}"
     for r in rows:
-        r.update(peak_gib=peak_gib, mem_method=method, device=device, version=version, **extra)
-        if a.liger:
-            r["framework"] = "pytorch+liger"
+        r.update(peak_gib=peak_gib, mem_method=method, device=device, version=version, framework=framework(a),
+                 **extra)
         common.emit(r)
 
 
@@ -262,7 +326,7 @@ class Parent:
         if code != 0 and not rows:
             r = common.base_row(bench_of(case), model_name(self.a.configs[case[1]]) if case[1] is not None else "",
                                 repr(case))
-            r["error"] = f"the case process failed (exit {code}); see stderr above"
+            r.update(framework=framework(self.a), error=f"the case process failed (exit {code}); see stderr above")
             rows.append(r)
         return rows
 
@@ -328,8 +392,8 @@ class Parent:
                 good = (mid, row)
             else:
                 bad = mid
-        r = common.base_row("B5", model_name(a.configs[case[1]]),
-                            f"{'lora' if lora else 'full'} bs1 under {common.fmt_num(cap)} GiB")
+        r = common.base_row("B5", model_name(a.configs[case[1]]), memory_case_name(a))
+        r["framework"] = framework(a)
         if good is not None and bad is not None:
             resolved = bad - good[0] <= step
         elif good is not None:
@@ -350,8 +414,11 @@ class Parent:
         print(f"pytorch bench: {len(cases) - 1} case(s) on {self.a.device}, each in its own process",
               file=sys.stderr)
         for i, case in enumerate(cases):
-            if case[0] == "peak":
-                if self.peak is not None:
+            why = unsloth_refusal(self.a, case)
+            if why:
+                self.record([refused_row(self.a, case, why)])
+            elif case[0] == "peak":
+                if self.peak is not None or all(unsloth_refusal(self.a, c) for c in cases[1:]):
                     continue
                 rows = self.child(i, case)
                 self.peak = next((r["tflops"] for r in rows if r.get("tflops")), None)

@@ -143,26 +143,42 @@ def chunked_loss_backward(hidden, weight, labels, t_ids, t_lp, chunk, kd_ratio, 
     return total, torch.cat(grads, 0).view_as(hidden)
 
 
+def hf_model(args, config_dir, lora, seq, recompute):
+    """The model Trainer trains, as HF + PEFT build it: LoRA on a frozen bf16 (or NF4) base, or
+    full fine-tuning on f32 master weights (bf16 autocast), with HF's non-reentrant gradient
+    checkpointing when the case recomputes. `seq` is unused: other builders (the Unsloth twin's)
+    size their model by it."""
+    dev = device_of(args)
+    if lora and args.quantize == "nf4":
+        model = make_qlora_model(config_dir, dev)
+    else:
+        model = make_model(config_dir, act_dtype(args) if lora else torch.float32, dev)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                         target_modules=common.LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    if recompute:
+        base_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class Trainer:
-    def __init__(self, args, config_dir, lora, batch, seq, recompute):
+    """One training step as distill's; `build(args, config_dir, lora, seq, recompute)` makes the
+    model (hf_model unless a twin brings its own), everything after it is shared."""
+
+    def __init__(self, args, config_dir, lora, batch, seq, recompute, build=None):
         dev = device_of(args)
         self.args, self.dev, self.batch, self.seq = args, dev, batch, seq
         torch.manual_seed(42)
-        # LoRA: frozen bf16 base. Full: f32 master weights, bf16 autocast.
-        if lora and args.quantize == "nf4":
-            model = make_qlora_model(config_dir, dev)
-        else:
-            model = make_model(config_dir, act_dtype(args) if lora else torch.float32, dev)
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                             target_modules=common.LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
-            model = get_peft_model(model, cfg)
+        model = (build or hf_model)(args, config_dir, lora, seq, recompute)
         self.model = model
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if recompute:
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.base = base_of(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -198,8 +214,8 @@ class Trainer:
         return loss
 
 
-def bench_train(args, config_dir, lora, batch, seq, recompute, warmup, steps):
-    tr = Trainer(args, config_dir, lora, batch, seq, recompute)
+def bench_train(args, config_dir, lora, batch, seq, recompute, warmup, steps, build=None):
+    tr = Trainer(args, config_dir, lora, batch, seq, recompute, build)
     common.sync(tr.dev)
     seconds, losses = [], []
     for i in range(warmup + steps):
