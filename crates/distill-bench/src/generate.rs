@@ -67,6 +67,7 @@ pub(crate) fn bench_generate<B: Kernels>(
             logprobs: None,
         },
         batch_size: batch,
+        kv_cache_tokens: None,
     };
     for _ in 0..a.warmup.min(1) {
         generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;

@@ -90,6 +90,7 @@ impl Job for Greedy {
                 logprobs: None,
             },
             batch_size: 1,
+            kv_cache_tokens: None,
         };
         let mut generated: Vec<u32> = Vec::new();
         let mut printed = 0;

@@ -32,6 +32,12 @@ pub struct Args {
     /// Prompt plus completion tokens at most [default: the model's max_position_embeddings]
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// GiB of GPU memory the running batch's KV cache may take. Requests wait beyond it, and
+    /// when running rows outgrow it the last to join are set aside and recomputed later; it
+    /// must hold one sequence of --max-model-len [default: no limit: the cache grows with the
+    /// batch until memory runs out]
+    #[arg(long)]
+    kv_cache_gib: Option<f64>,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health. Prefer the
     /// environment variable: a flag shows in `ps`
     #[arg(long, env = "DISTILL_API_KEY", hide_env_values = true)]
@@ -57,6 +63,7 @@ pub fn run(args: Args, device: Option<DeviceArg>) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         served_model_name: name,
         max_model_len: args.max_model_len,
+        kv_cache_gib: args.kv_cache_gib,
         batch_window: ServeOptions::DEFAULT_BATCH_WINDOW,
         api_key: match args.api_key {
             Some(key) => Some(

@@ -212,6 +212,7 @@ fn generation_config<B: Kernels>(
             logprobs: None,
         },
         batch_size: plan.batch_size,
+        kv_cache_tokens: None,
     }
 }
 

@@ -12,6 +12,7 @@
 //! next step's input, which is queued before they reach the host (`Running::step`), so the
 //! host's work between steps overlaps the GPU's. `DISTILL_DECODE_AHEAD=0` runs in step.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -59,6 +60,32 @@ pub struct GenerationConfig {
     pub decoding: Decoding,
     /// Most sequences decoded together.
     pub batch_size: usize,
+    /// Most positions the running rows' KV cache may hold ([`BatchLimits`]); None: no limit.
+    pub kv_cache_tokens: Option<usize>,
+}
+
+impl GenerationConfig {
+    pub fn limits(&self) -> BatchLimits {
+        BatchLimits {
+            batch_size: self.batch_size,
+            kv_cache_tokens: self.kv_cache_tokens,
+        }
+    }
+}
+
+/// How much decodes together: rows, and the KV cache they hold.
+///
+/// Under a cache budget, requests join only while their prompts' pages fit beside the
+/// running rows' (and a page for each row's next position). When the running rows outgrow
+/// it, the rows that joined last leave the batch, their pages go back, and they wait at the
+/// head of the queue; on rejoining, their prompt and the tokens drawn so far are prefilled
+/// again and they go on with the same random stream (vLLM's preemption by recomputation), so
+/// a request's tokens do not depend on the budget. A row that alone outgrows the whole budget
+/// finishes there, as at `max_new_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchLimits {
+    pub batch_size: usize,
+    pub kv_cache_tokens: Option<usize>,
 }
 
 /// How one request decodes. Rows of one batch may each have their own: a row's tokens
@@ -123,6 +150,11 @@ pub struct GenerationStats {
     /// Prompt positions the model ran (left padding included); samples of one prompt that
     /// join together share one prefill.
     pub prefill_tokens: usize,
+    /// Rows that left the batch to make room in the KV cache, to be prefilled again
+    /// ([`BatchLimits`]).
+    pub preemptions: usize,
+    /// Most KV cache pages the running rows held at once.
+    pub kv_pages_peak: usize,
     pub seconds: f64,
 }
 
@@ -213,27 +245,20 @@ pub fn generate_with<B: Kernels>(
         .iter()
         .map(|r| (r.clone(), cfg.decoding.clone()))
         .collect();
-    generate_admitting(
-        model,
-        tokenizer,
-        all,
-        cfg.batch_size,
-        device,
-        |_| Vec::new(),
-        sink,
-    )
+    generate_admitting(model, tokenizer, all, cfg.limits(), device, |_| Vec::new(), sink)
 }
 
 /// [`generate_with`] for a caller whose requests decode in different ways or that takes more
 /// work while it runs (a server): each request comes with its own [`Decoding`], and rows with
 /// different settings share the batch. Before each step, `admit(room)` may return up to
 /// `room` more requests; they are numbered after those already given and join at the next
-/// step that has rows free. At most `batch_size` rows decode together.
+/// step that has rows free. At most `limits.batch_size` rows decode together, within its KV
+/// cache budget ([`BatchLimits`]).
 pub fn generate_admitting<B: Kernels>(
     model: &CausalLm<B>,
     tokenizer: &TextTokenizer,
     mut requests: Vec<(Request, Decoding)>,
-    batch_size: usize,
+    limits: BatchLimits,
     device: &B::Device,
     mut admit: impl FnMut(usize) -> Vec<(Request, Decoding)>,
     mut sink: impl FnMut(Event<'_>) -> bool,
@@ -255,9 +280,9 @@ pub fn generate_admitting<B: Kernels>(
     // Similar lengths join together, so little compute goes to padding.
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].0.prompt.len());
-    let mut waiting: std::collections::VecDeque<usize> = order.into();
-    let batch_size = batch_size.max(1);
-    let mut running = Running::new(model);
+    let mut waiting: VecDeque<usize> = order.into();
+    let batch_size = limits.batch_size.max(1);
+    let mut running = Running::new(model, limits.kv_cache_tokens);
     let mut prefilled = 0;
     loop {
         let room = batch_size.saturating_sub(running.live.len() + waiting.len());
@@ -272,20 +297,32 @@ pub fn generate_admitting<B: Kernels>(
             }
         }
         let free = batch_size - running.live.len();
-        // Join when a quarter of the batch is free (or the rest fits): each join costs a
-        // prefill.
-        let join = free.min(waiting.len());
-        if join > 0 && (running.live.is_empty() || join >= (batch_size / 4).max(1) || join == waiting.len()) {
+        let rows = free.min(waiting.len());
+        let join = running.joinable(&requests, waiting.range(..rows));
+        // Join when a quarter of the batch is free (or the rest fits, or the cache budget
+        // holds no more): each join costs a prefill.
+        let quarter = (batch_size / 4).max(1);
+        if join > 0 && (running.live.is_empty() || join >= quarter || join == waiting.len() || join < rows) {
             let joining: Vec<usize> = waiting.drain(..join).collect();
             prefilled += running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
             continue;
         }
         if running.live.is_empty() {
-            break;
+            // Nothing running, and the first waiting request does not fit the cache alone.
+            let Some(i) = waiting.pop_front() else {
+                break;
+            };
+            running.outgrown(i, &requests, tokenizer, &mut counted)?;
+            continue;
         }
-        running.step(model, tokenizer, device, &mut counted)?;
+        running.make_room(&requests, tokenizer, &mut waiting, &mut counted)?;
+        if !running.live.is_empty() {
+            running.step(model, tokenizer, device, &mut counted)?;
+        }
     }
     stats.prefill_tokens = prefilled;
+    stats.preemptions = running.preemptions;
+    stats.kv_pages_peak = running.pages_peak;
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
 }
@@ -326,15 +363,127 @@ struct Running<B: Kernels> {
     /// Each live row's next token, drawn on the device at the last step and on its way to the
     /// host: the next step's input ([`Running::step`] runs a step ahead of the host).
     ahead: Option<SampledIds<B>>,
+    /// Rows that left to make room in the cache, by request, waiting to be prefilled again.
+    resumed: HashMap<usize, Live>,
+    preemptions: usize,
+    pages_peak: usize,
 }
 
 impl<B: Kernels> Running<B> {
-    fn new(model: &CausalLm<B>) -> Self {
+    fn new(model: &CausalLm<B>, kv_cache_tokens: Option<usize>) -> Self {
+        let mut cache = model.new_paged_cache();
+        let page_len = cache.page_len();
+        cache.set_page_limit(kv_cache_tokens.map(|t| t / page_len));
         Running {
             live: Vec::new(),
-            cache: model.new_paged_cache(),
+            cache,
             ahead: None,
+            resumed: HashMap::new(),
+            preemptions: 0,
+            pages_peak: 0,
         }
+    }
+
+    /// What request `i` prefills when it joins: its prompt, and the tokens it drew before it
+    /// left to make room.
+    fn sequence(&self, i: usize, requests: &[(Request, Decoding)]) -> Vec<u32> {
+        let drawn = self.resumed.get(&i).map_or(&[][..], |l| &l.tokens);
+        [requests[i].0.prompt.as_slice(), drawn].concat()
+    }
+
+    /// How many of `waiting` (in order) may join now within the cache budget: their pages,
+    /// each new row's page for its first step, and the running rows' for their next.
+    fn joinable<'w>(
+        &self,
+        requests: &[(Request, Decoding)],
+        waiting: impl ExactSizeIterator<Item = &'w usize>,
+    ) -> usize {
+        let n = waiting.len();
+        let Some(free) = self.cache.pages_free() else {
+            return n;
+        };
+        let Some(free) = free.checked_sub(self.cache.reserve_cost(1)) else {
+            return 0;
+        };
+        let seqs: Vec<Vec<u32>> = waiting.map(|&i| self.sequence(i, requests)).collect();
+        let pl = self.cache.page_len();
+        let cost = |k: usize| {
+            let seqs = &seqs[..k];
+            let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+            let (distinct, sources) = distinct_sequences(seqs);
+            let pads: Vec<usize> = distinct.iter().map(|&r| width - seqs[r].len()).collect();
+            let first_step = if width % pl == 0 { k } else { 0 };
+            self.cache.admit_cost(width, &sources, &pads) + first_step
+        };
+        // The cost grows with k: the most that fit, by bisection.
+        let (mut lo, mut hi) = (0, n);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if cost(mid) <= free {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    }
+
+    /// Request `i` does not fit the cache budget with no row running: a new request is an
+    /// error; one that left to make room ends where it is (as at `max_new_tokens`).
+    fn outgrown(
+        &mut self,
+        i: usize,
+        requests: &[(Request, Decoding)],
+        tokenizer: &TextTokenizer,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), InferError> {
+        let Some(mut l) = self.resumed.remove(&i) else {
+            let n = requests[i].0.prompt.len();
+            let budget = self.cache.pages_free().unwrap_or(0) * self.cache.page_len();
+            return Err(InferError::Invalid(format!(
+                "request {i}: its prompt of {n} tokens does not fit the KV cache budget of {budget} positions"
+            )));
+        };
+        let generation = finish(tokenizer, &mut l, FinishReason::Length, None)?;
+        sink(Event::Done {
+            request: i,
+            generation,
+        });
+        Ok(())
+    }
+
+    /// Before a step: while the rows' next positions do not fit the cache budget, the row
+    /// that joined last leaves for the head of `waiting` ([`BatchLimits`]); a row alone that
+    /// does not fit ends ([`Running::outgrown`]).
+    fn make_room(
+        &mut self,
+        requests: &[(Request, Decoding)],
+        tokenizer: &TextTokenizer,
+        waiting: &mut VecDeque<usize>,
+        sink: &mut Sink<'_>,
+    ) -> Result<(), InferError> {
+        let fits = |c: &PagedKv<B>| c.pages_free().is_none_or(|f| c.reserve_cost(1) <= f);
+        if fits(&self.cache) {
+            return Ok(());
+        }
+        // The tokens in flight come in first: rows that end at them make room too.
+        self.settle(tokenizer, sink)?;
+        while !fits(&self.cache) {
+            let Some(l) = self.live.pop() else {
+                break;
+            };
+            let i = l.request;
+            self.resumed.insert(i, l);
+            if self.live.is_empty() {
+                self.cache.clear();
+                self.outgrown(i, requests, tokenizer, sink)?;
+            } else {
+                self.preemptions += 1;
+                waiting.push_front(i);
+                self.drop_cache_rows(&(0..self.live.len()).collect::<Vec<_>>());
+            }
+        }
+        Ok(())
     }
 
     /// Prefills `joining` (left-padded among themselves), takes each one's first token, and
@@ -365,23 +514,26 @@ impl<B: Kernels> Running<B> {
         if joining.is_empty() {
             return Ok(0);
         }
-        let width = joining
-            .iter()
-            .map(|&i| requests[i].0.prompt.len())
-            .max()
-            .unwrap_or(0);
+        let seqs: Vec<Vec<u32>> = joining.iter().map(|&i| self.sequence(i, requests)).collect();
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut rows: Vec<Live> = joining
             .iter()
-            .map(|&i| Live::new(i, &requests[i], width - requests[i].0.prompt.len()))
+            .zip(&seqs)
+            .map(|(&i, seq)| match self.resumed.remove(&i) {
+                Some(l) => Live {
+                    pad: width - seq.len(),
+                    ..l
+                },
+                None => Live::new(i, &requests[i], width - seq.len()),
+            })
             .collect();
         // Samples of one prompt (eval's n per problem, serve's `n`, on-policy's samples per
         // prompt) share its prefill: each distinct prompt runs once, its last logits are
         // copied to every sample of it, and the samples share its pages.
-        let (distinct, copy_of) = distinct_prompts(&joining, requests);
+        let (distinct, copy_of) = distinct_sequences(&seqs);
         let ids: Vec<u32> = distinct
             .iter()
-            .map(|&r| &rows[r])
-            .flat_map(|l| std::iter::repeat_n(0, l.pad).chain(requests[l.request].0.prompt.iter().copied()))
+            .flat_map(|&r| std::iter::repeat_n(0, rows[r].pad).chain(seqs[r].iter().copied()))
             .collect();
         let mut cache = model.new_cache();
         let pads: Vec<usize> = distinct.iter().map(|&r| rows[r].pad).collect();
@@ -414,6 +566,7 @@ impl<B: Kernels> Running<B> {
             }
         }
         self.cache.admit(&cache, &sources, &pads);
+        self.pages_peak = self.pages_peak.max(self.cache.pages_in_use());
         self.live.extend(rows);
         Ok(prefilled)
     }
@@ -504,22 +657,28 @@ impl<B: Kernels> Running<B> {
         tokenizer: &TextTokenizer,
         sink: &mut Sink<'_>,
     ) -> Result<Vec<usize>, InferError> {
+        self.pages_peak = self.pages_peak.max(self.cache.pages_in_use());
         let keep = advance(tokenizer, &mut self.live, next, sink)?;
         if keep.len() < self.live.len() {
             retain_rows(&mut self.live, &keep);
-            if keep.is_empty() {
-                self.cache.clear();
-                return Ok(keep);
-            }
-            self.cache.select_rows(&keep);
-            // Columns that are padding in every remaining row are dead weight.
-            let common = self.live.iter().map(|l| l.pad).min().unwrap_or(0);
-            if common > 0 {
-                self.cache.trim_front(common);
-                self.live.iter_mut().for_each(|l| l.pad -= common);
-            }
+            self.drop_cache_rows(&keep);
         }
         Ok(keep)
+    }
+
+    /// The cache keeps the rows `keep` that `live` kept, and drops the padding all of them
+    /// share (dead weight).
+    fn drop_cache_rows(&mut self, keep: &[usize]) {
+        if self.live.is_empty() {
+            self.cache.clear();
+            return;
+        }
+        self.cache.select_rows(keep);
+        let common = self.live.iter().map(|l| l.pad).min().unwrap_or(0);
+        if common > 0 {
+            self.cache.trim_front(common);
+            self.live.iter_mut().for_each(|l| l.pad -= common);
+        }
     }
 }
 
@@ -605,16 +764,16 @@ fn completes_stop(tokenizer: &TextTokenizer, tokens: &[u32], stop: &[String]) ->
     Ok(stop.iter().any(|s| text.contains(s.as_str())))
 }
 
-/// Of the requests `joining`: the positions (in `joining`) of the first request of each
-/// distinct prompt, and for every request the index of its prompt among those.
-fn distinct_prompts(joining: &[usize], requests: &[(Request, Decoding)]) -> (Vec<usize>, Vec<usize>) {
-    let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+/// Of the joining rows' sequences: the position of the first of each distinct sequence, and
+/// for every row the index of its sequence among those.
+fn distinct_sequences(seqs: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: HashMap<&[u32], usize> = HashMap::new();
     let mut distinct = Vec::new();
-    let copy_of = joining
+    let copy_of = seqs
         .iter()
         .enumerate()
-        .map(|(r, &i)| {
-            *first.entry(requests[i].0.prompt.as_slice()).or_insert_with(|| {
+        .map(|(r, seq)| {
+            *first.entry(seq.as_slice()).or_insert_with(|| {
                 distinct.push(r);
                 distinct.len() - 1
             })
@@ -858,6 +1017,7 @@ mod tests {
                 logprobs: None,
             },
             batch_size: 3,
+            kv_cache_tokens: None,
         };
         let (batched, stats) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
         assert_eq!(stats.new_tokens, 36);
@@ -901,6 +1061,7 @@ mod tests {
                     logprobs: None,
                 },
                 batch_size: 8,
+                kv_cache_tokens: None,
             };
             let (out, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
             let picked: Vec<u32> = out.iter().flat_map(|g| g.tokens.iter().copied()).collect();
@@ -968,7 +1129,10 @@ mod tests {
                 &model,
                 &tokenizer,
                 requests,
-                3,
+                BatchLimits {
+                    batch_size: 3,
+                    kv_cache_tokens: None,
+                },
                 &device,
                 |_| Vec::new(),
                 |e| match &e {
@@ -1051,6 +1215,7 @@ mod tests {
                 logprobs: None,
             },
             batch_size,
+            kv_cache_tokens: None,
         };
         // Each request alone, without EOS: its sample stream.
         let alone: Vec<Vec<u32>> = requests
@@ -1117,6 +1282,97 @@ mod tests {
         }
     }
 
+    /// Under a KV cache budget smaller than the batch needs, rows that joined last are set
+    /// aside as the cache fills and recomputed later: every request still draws exactly what
+    /// it draws alone (samples of one prompt included), and the cache never holds more pages
+    /// than the budget. A row that alone outgrows the budget ends there; a prompt that does
+    /// not fit alone is refused by name.
+    #[test]
+    fn a_kv_cache_budget_sets_rows_aside_and_changes_no_output() {
+        let (model, tokenizer, device) = tiny_llama();
+        let vocab = tokenizer.vocab_size() as u32;
+        let prompt = |len: usize, salt: u32| -> Vec<u32> {
+            (0..len as u32)
+                .map(|j| (j * 7 + salt) % (vocab - 3) + 3)
+                .collect()
+        };
+        let mut requests: Vec<Request> = [(50, 1), (58, 2), (61, 3), (70, 4)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(len, salt))| Request {
+                prompt: prompt(len, salt),
+                seed: 7 + i as u64,
+            })
+            .collect();
+        // A second sample of the first prompt.
+        requests.push(Request {
+            prompt: requests[0].prompt.clone(),
+            seed: 99,
+        });
+        let cfg =
+            |batch_size: usize, kv_cache_tokens: Option<usize>, max_new_tokens: usize| GenerationConfig {
+                decoding: Decoding {
+                    max_new_tokens,
+                    sampling: Sampling {
+                        temperature: 1.0,
+                        top_p: 1.0,
+                        top_k: 0,
+                    },
+                    stop: vec![],
+                    eos: vec![],
+                    logprobs: None,
+                },
+                batch_size,
+                kv_cache_tokens,
+            };
+        let run = |requests: &[Request], cfg: &GenerationConfig| {
+            generate(&model, &tokenizer, requests, cfg, &device, |_, _| {})
+        };
+        let alone: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| {
+                run(std::slice::from_ref(r), &cfg(1, None, 40)).unwrap().0[0]
+                    .tokens
+                    .clone()
+            })
+            .collect();
+        // Five rows of up to 110 positions want ten pages of 64 or more; the budget is six.
+        let budget = 6 * distill_models::paged::PAGE_LEN;
+        let (out, stats) = run(&requests, &cfg(5, Some(budget), 40)).unwrap();
+        for (i, g) in out.iter().enumerate() {
+            assert_eq!(g.tokens, alone[i], "request {i}");
+            assert_eq!(g.finish_reason, FinishReason::Length);
+        }
+        assert!(
+            stats.preemptions > 0,
+            "the budget should set rows aside: {stats:?}"
+        );
+        assert!(stats.kv_pages_peak <= 6, "{stats:?}");
+        let (_, unlimited) = run(&requests, &cfg(5, None, 40)).unwrap();
+        assert_eq!(unlimited.preemptions, 0);
+        assert!(unlimited.kv_pages_peak > 6, "{unlimited:?}");
+
+        // Alone in two pages, a 100-token prompt has room for 28 more positions: 29 tokens.
+        let long = [Request {
+            prompt: prompt(100, 5),
+            seed: 3,
+        }];
+        let (out, _) = run(&long, &cfg(1, Some(2 * distill_models::paged::PAGE_LEN), 60)).unwrap();
+        let (want, _) = run(&long, &cfg(1, None, 29)).unwrap();
+        assert_eq!(out[0].tokens, want[0].tokens);
+        assert_eq!(out[0].finish_reason, FinishReason::Length);
+
+        requests.push(Request {
+            prompt: prompt(7 * distill_models::paged::PAGE_LEN, 6),
+            seed: 0,
+        });
+        let err = run(&requests, &cfg(5, Some(budget), 40)).unwrap_err().to_string();
+        assert!(
+            err.contains("request 5: its prompt of 448 tokens does not fit the KV cache budget"),
+            "{err}"
+        );
+    }
+
     /// The events of generate_with: each request's tokens one by one, then its generation;
     /// a request the sink gives up on leaves without one, and the others are unchanged.
     #[test]
@@ -1141,6 +1397,7 @@ mod tests {
                 logprobs: Some(1),
             },
             batch_size: 2,
+            kv_cache_tokens: None,
         };
         let (want, _) = generate(&model, &tokenizer, &requests, &cfg, &device, |_, _| {}).unwrap();
         let mut seen: Vec<Vec<u32>> = vec![Vec::new(); 3];
@@ -1194,6 +1451,7 @@ mod tests {
             let cfg = GenerationConfig {
                 decoding: d.clone(),
                 batch_size: 1,
+                kv_cache_tokens: None,
             };
             let (mut out, _) = generate(
                 &model,
@@ -1280,7 +1538,10 @@ mod tests {
                 &model,
                 &tokenizer,
                 rows[..4].to_vec(),
-                batch_size,
+                BatchLimits {
+                    batch_size,
+                    kv_cache_tokens: None,
+                },
                 &device,
                 |_| late.take().into_iter().collect(),
                 |event| {
@@ -1329,6 +1590,7 @@ mod tests {
                 logprobs: None,
             },
             batch_size: 4,
+            kv_cache_tokens: None,
         };
         let req = Request {
             prompt: prompt.clone(),
@@ -1361,6 +1623,7 @@ mod tests {
                 logprobs: Some(3),
             },
             batch_size: 4,
+            kv_cache_tokens: None,
         };
         let alone = Request {
             prompt: prompt.clone(),
@@ -1466,6 +1729,7 @@ mod tests {
                 logprobs: None,
             },
             batch_size,
+            kv_cache_tokens: None,
         };
         let (together, stats) = generate(&model, &tokenizer, &requests, &cfg(8), &device, |_, _| {}).unwrap();
         let width = requests.iter().map(|r| r.prompt.len()).max().unwrap();

@@ -58,6 +58,10 @@ pub struct PagedKv<B: Backend> {
     /// Rows naming each page (the zero page's count is not kept).
     refs: Vec<u32>,
     free: Vec<u32>,
+    /// Pages some row names (the zero page not counted).
+    used: usize,
+    /// Most pages rows may name at once (the zero page not counted); None: no limit.
+    limit: Option<usize>,
     rows: Vec<Row>,
     /// Positions cached in every row, its left padding included.
     len: usize,
@@ -80,6 +84,8 @@ impl<B: ModelKernels> PagedKv<B> {
             pools: Vec::new(),
             refs: Vec::new(),
             free: Vec::new(),
+            used: 0,
+            limit: None,
             rows: Vec::new(),
             len: 0,
             table: None,
@@ -100,9 +106,26 @@ impl<B: ModelKernels> PagedKv<B> {
         self.rows.len()
     }
 
+    /// Slots a page.
+    pub fn page_len(&self) -> usize {
+        self.page_len
+    }
+
     /// Pages some row names (the zero page not counted): the cache's memory in use.
     pub fn pages_in_use(&self) -> usize {
-        self.refs.iter().filter(|&&n| n > 0).count()
+        self.used
+    }
+
+    /// Caps the pages rows may name at once (None: no cap). The pools never grow past it;
+    /// the caller keeps within it by asking [`PagedKv::admit_cost`] and
+    /// [`PagedKv::reserve_cost`] first.
+    pub fn set_page_limit(&mut self, pages: Option<usize>) {
+        self.limit = pages;
+    }
+
+    /// Pages that may still be taken under the cap (None: no cap).
+    pub fn pages_free(&self) -> Option<usize> {
+        self.limit.map(|l| l.saturating_sub(self.used))
     }
 
     /// Drops every row; the pools stay for the next ones.
@@ -110,8 +133,18 @@ impl<B: ModelKernels> PagedKv<B> {
         self.rows.clear();
         self.free = (1..self.refs.len() as u32).rev().collect();
         self.refs.iter_mut().for_each(|n| *n = 0);
+        self.used = 0;
         self.len = 0;
         self.table = None;
+    }
+
+    /// Pages [`PagedKv::admit`] of these rows would take.
+    pub fn admit_cost(&self, width: usize, sources: &[usize], pads: &[usize]) -> usize {
+        plan_pages(width, sources, pads, self.page_len)
+            .iter()
+            .flatten()
+            .filter(|p| matches!(p, PagePlan::New))
+            .count()
     }
 
     /// Adds the rows of a prefill whose row d is left-padded by `pads[d]`: row i holds
@@ -136,25 +169,20 @@ impl<B: ModelKernels> PagedKv<B> {
             self.len = 0;
         }
         let pl = self.page_len;
-        let pages = width.div_ceil(pl);
-        // Pages wholly filled by a prompt are shared by its samples; the last, partly filled
-        // one is theirs each (they write into it).
-        let shared = width / pl;
         let mut rows: Vec<Row> = Vec::with_capacity(sources.len());
         // (position in the prefill, as row * width + p; slot it goes to)
         let mut moves: Vec<(usize, usize)> = Vec::new();
-        for (i, &src) in sources.iter().enumerate() {
-            let sibling = sources[..i].iter().position(|&s| s == src);
+        for (plan, &src) in plan_pages(width, sources, pads, pl).into_iter().zip(sources) {
             let mut row = Row::default();
-            for j in 0..pages {
-                let page = match sibling {
-                    _ if (j + 1) * pl <= pads.get(src).copied().unwrap_or(0) => ZERO,
-                    Some(k) if j < shared => {
+            for (j, how) in plan.into_iter().enumerate() {
+                let page = match how {
+                    PagePlan::Zero => ZERO,
+                    PagePlan::Share(k) => {
                         let page = rows[k].pages[j];
                         self.refs[page as usize] += 1;
                         page
                     }
-                    _ => {
+                    PagePlan::New => {
                         let page = self.alloc();
                         let end = ((j + 1) * pl).min(width);
                         moves.extend(
@@ -250,21 +278,42 @@ impl<B: ModelKernels> PagedKv<B> {
     }
 
     /// Gives every row pages for `t` more positions. When one needs a page, every row gets
-    /// pages for a page's worth of positions more than that: rows of different shifts then
-    /// take pages at the same step, and the page table changes once a page, not at each
-    /// row's page boundary.
+    /// pages for a page's worth of positions more than that, where the cap allows: rows of
+    /// different shifts then take pages at the same step, and the page table changes once a
+    /// page, not at each row's page boundary. Under a cap that leaves no room for that, each
+    /// row gets only what it needs ([`PagedKv::reserve_cost`]).
     pub fn reserve(&mut self, t: usize) {
         let (pl, need) = (self.page_len, self.len + t);
-        if self.rows.iter().all(|r| r.room(pl) >= need) {
+        if self.reserve_cost(t) == 0 {
             return;
         }
+        let ahead = self.pages_short(need + pl);
+        let want = if self.pages_free().is_none_or(|f| ahead <= f) {
+            need + pl
+        } else {
+            need
+        };
         for i in 0..self.rows.len() {
-            while self.rows[i].room(pl) < need + pl {
+            while self.rows[i].room(pl) < want {
                 let page = self.alloc();
                 self.rows[i].pages.push(page);
             }
         }
         self.table = None;
+    }
+
+    /// The fewest pages [`PagedKv::reserve`] of `t` positions takes.
+    pub fn reserve_cost(&self, t: usize) -> usize {
+        self.pages_short(self.len + t)
+    }
+
+    /// Pages the rows lack to hold `positions` each.
+    fn pages_short(&self, positions: usize) -> usize {
+        let pl = self.page_len;
+        self.rows
+            .iter()
+            .map(|r| positions.saturating_sub(r.room(pl)).div_ceil(pl))
+            .sum()
     }
 
     /// The page table [B * ld], ld and the shifts [B] on `device`, uploaded when the pages
@@ -321,13 +370,17 @@ impl<B: ModelKernels> PagedKv<B> {
         self.len += 1;
     }
 
-    /// A free page, the pools grown when there is none.
+    /// A free page, the pools grown when there is none: doubled, up to the cap (past it
+    /// only where a caller took more than the costs allowed).
     fn alloc(&mut self) -> u32 {
         if self.free.is_empty() {
-            self.grow((self.refs.len() * 2).max(16));
+            let held = self.refs.len();
+            let cap = self.limit.map_or(usize::MAX, |l| (l + 1).max(held + 1));
+            self.grow((held * 2).max(16).min(cap));
         }
         let page = self.free.pop().expect("the pools just grew");
         self.refs[page as usize] = 1;
+        self.used += 1;
         page
     }
 
@@ -339,6 +392,7 @@ impl<B: ModelKernels> PagedKv<B> {
         *n -= 1;
         if *n == 0 {
             self.free.push(page);
+            self.used -= 1;
         }
     }
 
@@ -433,6 +487,38 @@ struct DeviceTable<B: Backend> {
     shift: Tensor<B, 1, Int>,
 }
 
+/// Where each page of an admitted row comes from ([`plan_pages`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PagePlan {
+    /// Wholly in the row's left padding: the zero page.
+    Zero,
+    /// The same page of the earlier row `k`, a sample of the same prompt.
+    Share(usize),
+    /// A page of its own, filled from the prefill.
+    New,
+}
+
+/// Each admitted row's pages, for a prefill of `width` positions whose row d is left-padded
+/// by `pads[d]`, row i holding row `sources[i]`. Pages wholly filled by a prompt are shared
+/// by its samples; the last, partly filled one is each sample's own (they write into it).
+fn plan_pages(width: usize, sources: &[usize], pads: &[usize], pl: usize) -> Vec<Vec<PagePlan>> {
+    let (pages, shared) = (width.div_ceil(pl), width / pl);
+    (0..sources.len())
+        .map(|i| {
+            let src = sources[i];
+            let sibling = sources[..i].iter().position(|&s| s == src);
+            let pad = pads.get(src).copied().unwrap_or(0);
+            (0..pages)
+                .map(|j| match sibling {
+                    _ if (j + 1) * pl <= pad => PagePlan::Zero,
+                    Some(k) if j < shared => PagePlan::Share(k),
+                    _ => PagePlan::New,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Pads `row` by `n` positions on the left: zero pages before its first, its shift moved
 /// so that every position keeps its slot.
 fn pad_row(row: &mut Row, n: usize, page_len: usize) {
@@ -512,7 +598,13 @@ mod tests {
             } else {
                 ours.saturating_sub(theirs)
             };
+            let (cost, before) = (cache.admit_cost(pre.len(), sources, &pads), cache.pages_in_use());
             cache.admit(&pre, sources, &pads);
+            assert_eq!(
+                cache.pages_in_use() - before,
+                cost,
+                "admit took what admit_cost said"
+            );
             rows.extend(sources.iter().map(|&s| (prompts[s].to_vec(), pads[s] + extra)));
         };
         let step = |cache: &mut PagedKv<B>, rows: &mut Vec<(Vec<u32>, usize)>, n: usize, salt: usize| {
@@ -577,5 +669,31 @@ mod tests {
         step(&mut cache, &mut rows, 9, 3);
         cache.select_rows(&[]);
         assert_eq!((cache.pages_in_use(), cache.len()), (0, 0));
+    }
+
+    /// Under a cap, a step's pages are only what each row needs (a page each, not a page
+    /// ahead), reserve_cost says how many, and the pools never hold more than the cap.
+    #[test]
+    fn a_capped_cache_takes_only_the_pages_rows_need() {
+        let config = DecoderConfig::from_dir(&crate::test_util::fixtures().join("tiny-qwen2")).unwrap();
+        let device = Default::default();
+        let model = CausalLm::<B>::init(&config, &device).for_decoding();
+        let run = |limit: Option<usize>| {
+            let mut cache = PagedKv::<B>::with_page_len(config.num_hidden_layers, 4);
+            cache.set_page_limit(limit);
+            let (pre, pads) = prefill(&model, &[&[3, 1, 4, 1, 5, 9, 2], &[2, 7, 1, 8, 2, 8, 1]]);
+            cache.admit(&pre, &[0, 1], &pads);
+            assert_eq!(cache.pages_in_use(), 4);
+            assert_eq!(cache.reserve_cost(1), 0, "7 positions in 8 slots a row");
+            model.decode_step(&[6, 6], &[0, 0], &mut cache, &device);
+            assert_eq!(cache.reserve_cost(1), 2, "both rows are full at 8");
+            model.decode_step(&[5, 3], &[0, 0], &mut cache, &device);
+            (cache.pages_in_use(), cache.pages_free(), cache.refs.len())
+        };
+        // Uncapped: each row takes a page ahead as well.
+        assert_eq!(run(None).0, 8);
+        let (used, free, held) = run(Some(6));
+        assert_eq!((used, free), (6, Some(0)));
+        assert!(held <= 7, "the pools hold {held} pages (the zero page and 6)");
     }
 }

@@ -1144,6 +1144,15 @@ impl<B: Kernels> CausalLm<B> {
         PagedKv::new(self.config.num_hidden_layers)
     }
 
+    /// Positions of KV cache `bytes` hold: every layer's keys and values of one position, in
+    /// the dtype of the model's activations.
+    pub fn kv_cache_positions(&self, bytes: u64) -> usize {
+        let c = &self.config;
+        let elem = self.model.embed_tokens.weight.dtype().size();
+        let per_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elem;
+        (bytes / per_position.max(1) as u64) as usize
+    }
+
     /// One decoding step of batched generation: `ids` (a token per row) continue the rows
     /// `cache` holds, left-padded by `pads` ([`Context::left_padded`]). Returns logits [B, V].
     /// A backend with a fused step runs the whole model at once over the cache's pages

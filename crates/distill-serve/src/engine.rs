@@ -16,7 +16,7 @@ use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{
-    Decoding, Event, Generation, Request, Sampling, TokenLogprob, generate_admitting,
+    BatchLimits, Decoding, Event, Generation, Request, Sampling, TokenLogprob, generate_admitting,
 };
 use distill_infer::{InferError, host};
 use distill_models::{CausalLm, Kernels};
@@ -182,6 +182,8 @@ impl Stats {
 pub struct Batching {
     /// Most sequences decoded at once; a round takes up to `ROUND_BATCHES` times as many.
     pub batch_size: usize,
+    /// Most positions their KV cache holds ([`BatchLimits`]); None: no limit.
+    pub kv_cache_tokens: Option<usize>,
     /// After the first request of an idle spell, how long to wait for company.
     pub window: Duration,
 }
@@ -320,7 +322,10 @@ impl<B: Kernels> Engine<B> {
                 &self.model,
                 &self.tokenizer,
                 all,
-                self.batching.batch_size,
+                BatchLimits {
+                    batch_size: self.batching.batch_size,
+                    kv_cache_tokens: self.batching.kv_cache_tokens,
+                },
                 &self.device,
                 |room| enlist(more(room)),
                 |event| group.borrow_mut().on_event(event, &self.stats),
@@ -573,6 +578,7 @@ mod tests {
             device,
             batching: Batching {
                 batch_size,
+                kv_cache_tokens: None,
                 window: Duration::ZERO,
             },
             stats: Arc::new(Stats::default()),
@@ -641,6 +647,7 @@ mod tests {
             let cfg = GenerationConfig {
                 decoding: d.clone(),
                 batch_size: 1,
+                kv_cache_tokens: None,
             };
             let alone = distill_infer::generate::generate(
                 &engine.model,

@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub served_model_name: String,
     /// Prompt + completion tokens at most; None: the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// GiB the running batch's KV cache may hold; requests beyond it wait, and rows beyond
+    /// it are recomputed later ([`distill_infer::generate::BatchLimits`]). None: no limit.
+    pub kv_cache_gib: Option<f64>,
     /// After a request arrives at an idle server, how long to wait for others to batch
     /// with it. Short next to a generation, long enough for a client's burst to arrive.
     pub batch_window: Duration,
@@ -103,6 +106,7 @@ pub fn serve<B: Kernels>(
     if options.batch_size == 0 {
         return Err(options_error(dir, "the batch size must be at least 1".into()));
     }
+    let kv_cache_tokens = kv_cache_tokens(dir, options, &model, served.max_model_len)?;
     let addr = format!("{}:{}", options.host, options.port);
     let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServeError::Bind { addr, source })?;
     listener.set_nonblocking(true)?;
@@ -136,6 +140,7 @@ pub fn serve<B: Kernels>(
         device,
         batching: engine::Batching {
             batch_size: options.batch_size,
+            kv_cache_tokens,
             window: options.batch_window,
         },
         stats,
@@ -170,6 +175,39 @@ fn served_model<B: Kernels>(
         vocab_size: model.config.vocab_size,
         defaults: generation_defaults(dir)?,
     })
+}
+
+/// `--kv-cache-gib` in positions. It must hold one sequence of `max_model_len` (vLLM's rule
+/// too): then every request fits alone, and a budget that cannot serve is refused at start.
+fn kv_cache_tokens<B: Kernels>(
+    dir: &Path,
+    options: &ServeOptions,
+    model: &CausalLm<B>,
+    max_model_len: usize,
+) -> Result<Option<usize>, ServeError> {
+    let Some(gib) = options.kv_cache_gib else {
+        return Ok(None);
+    };
+    if !(gib.is_finite() && gib > 0.0) {
+        return Err(options_error(
+            dir,
+            format!("--kv-cache-gib {gib} is not a positive size"),
+        ));
+    }
+    let positions = model.kv_cache_positions((gib * (1u64 << 30) as f64) as u64);
+    // Whole pages of the cache, and a page of slack for a row's last partly filled one.
+    let page = distill_models::paged::PAGE_LEN;
+    let needed = max_model_len.div_ceil(page) * page + page;
+    if positions < needed {
+        return Err(options_error(
+            dir,
+            format!(
+                "--kv-cache-gib {gib} holds {positions} positions, fewer than one sequence of --max-model-len \
+                 {max_model_len} needs ({needed}): raise it or lower --max-model-len"
+            ),
+        ));
+    }
+    Ok(Some(positions))
 }
 
 /// The decoding defaults in the model's generation_config.json; none without the file.

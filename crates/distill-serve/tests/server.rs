@@ -26,6 +26,7 @@ fn options(batch_window: Duration) -> ServeOptions {
         batch_size: 8,
         served_model_name: "tiny".into(),
         max_model_len: None,
+        kv_cache_gib: None,
         batch_window,
         api_key: None,
     }
@@ -88,6 +89,7 @@ impl Reference {
                 logprobs: Some(k),
             },
             batch_size: 8,
+            kv_cache_tokens: None,
         };
         generate(
             &self.model,
@@ -511,6 +513,48 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
     assert_eq!(status, 200);
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// With a KV cache budget of three pages (one sequence of --max-model-len 128 and a page of
+/// slack), six concurrent requests take turns in the cache and get what they get alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kv_cache_budget_holds_requests_back_without_changing_answers() {
+    let mut o = options(Duration::from_secs(600));
+    o.batch_size = 6;
+    o.max_model_len = Some(128);
+    o.kv_cache_gib = Some(200.0 * 512.0 / GIB);
+    let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
+    let body = |i: usize| {
+        json!({"messages": [{"role": "user", "content": format!("Tell me about the number {i}, at some length.")}],
+               "temperature": 0, "max_tokens": 40})
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let url = server.url();
+        let body = body(i);
+        tasks.spawn(async move {
+            let response = reqwest::Client::new()
+                .post(format!("{url}/chat/completions"))
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            (i, response.status().as_u16(), response.text().await.unwrap())
+        });
+    }
+    let alone = start();
+    while let Some(done) = tasks.join_next().await {
+        let (i, status, text) = done.unwrap();
+        assert_eq!(status, 200, "{text}");
+        let got: Value = serde_json::from_str(&text).unwrap();
+        let (_, want) = post(&alone, "/chat/completions", body(i)).await;
+        assert_eq!(
+            got["choices"][0]["message"], want["choices"][0]["message"],
+            "request {i}"
+        );
+    }
+}
+
 #[test]
 fn start_errors_say_what_is_wrong() {
     let mut o = options(Duration::ZERO);
@@ -520,6 +564,19 @@ fn start_errors_say_what_is_wrong() {
         .unwrap();
     assert!(
         matches!(err, ServeError::Options { .. }) && err.to_string().contains("512"),
+        "{err}"
+    );
+    // tiny-qwen2's cache takes 512 bytes a position (2 layers, 2 KV heads of 16, f32).
+    let mut o = options(Duration::ZERO);
+    o.kv_cache_gib = Some(100.0 * 512.0 / GIB);
+    let err = Server::start::<Flex>(fixture(), o, Default::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("--kv-cache-gib")
+            && err
+                .to_string()
+                .contains("holds 100 positions, fewer than one sequence of --max-model-len 512 needs (576)"),
         "{err}"
     );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

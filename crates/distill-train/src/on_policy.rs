@@ -269,6 +269,7 @@ impl<B: Kernels> OnPolicy<B> {
                 logprobs: None,
             },
             batch_size: self.cfg.gen_batch,
+            kv_cache_tokens: None,
         };
         let plain: Vec<Request> = requests.iter().map(|(_, r)| r.clone()).collect();
         let (generations, _) = generate(model, tokenizer, &plain, &cfg, device, |_, _| {})
