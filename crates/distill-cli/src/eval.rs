@@ -101,6 +101,11 @@ pub struct Args {
     max_new_tokens: Option<usize>,
     #[arg(long)]
     batch_size: Option<usize>,
+    /// GiB of GPU memory the running batch's KV cache may take; requests wait beyond it,
+    /// and rows that outgrow it are set aside and recomputed later, with the same outputs
+    /// [default: [eval] kv_cache_gib, else no limit]
+    #[arg(long, value_parser = crate::serve::positive_gib)]
+    kv_cache_gib: Option<f64>,
     /// First N examples of each task set and of the held-out samples.
     #[arg(long)]
     max_examples: Option<usize>,
@@ -320,6 +325,7 @@ fn plan(args: &Args, recipe: Option<&Recipe>, device: DeviceArg) -> anyhow::Resu
         max_new_tokens: args.max_new_tokens.unwrap_or(e.max_new_tokens),
         seed: args.seed.unwrap_or(e.seed),
         batch_size: args.batch_size.unwrap_or(e.batch_size).max(1),
+        kv_cache_gib: args.kv_cache_gib.or(e.kv_cache_gib),
         stop: args.stop.clone(),
         device: format!("{device:?}").to_lowercase(),
     })

@@ -36,12 +36,20 @@ pub struct Args {
     /// when running rows outgrow it the last to join are set aside and recomputed later; it
     /// must hold one sequence of --max-model-len [default: no limit: the cache grows with the
     /// batch until memory runs out]
-    #[arg(long)]
+    #[arg(long, value_parser = positive_gib)]
     kv_cache_gib: Option<f64>,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health. Prefer the
     /// environment variable: a flag shows in `ps`
     #[arg(long, env = "DISTILL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+}
+
+/// A memory size in GiB: a finite number above 0.
+pub(crate) fn positive_gib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("`{s}` is not a size in GiB above 0")),
+    }
 }
 
 fn at_least_one(s: &str) -> Result<usize, String> {

@@ -21,7 +21,7 @@ use crate::stats::{mean, mean_share, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
 use distill_infer::generate::{
     Decoding, FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids,
-    generate,
+    generate, kv_cache_tokens_in_gib,
 };
 use distill_infer::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
 use distill_infer::score::{TopK, loss_positions, teacher_force};
@@ -65,6 +65,8 @@ pub struct Plan {
     pub max_new_tokens: usize,
     pub seed: u64,
     pub batch_size: usize,
+    /// GiB the KV cache of the running batch may take; None: no limit.
+    pub kv_cache_gib: Option<f64>,
     pub stop: Vec<String>,
     pub device: String,
 }
@@ -212,7 +214,7 @@ fn generation_config<B: Kernels>(
             logprobs: None,
         },
         batch_size: plan.batch_size,
-        kv_cache_tokens: None,
+        kv_cache_tokens: plan.kv_cache_gib.map(|gib| kv_cache_tokens_in_gib(model, gib)),
     }
 }
 

@@ -73,6 +73,12 @@ impl GenerationConfig {
     }
 }
 
+/// Positions of KV cache that `gib` GiB hold for `model` (in its activations' dtype): a
+/// user's memory budget as [`BatchLimits::kv_cache_tokens`].
+pub fn kv_cache_tokens_in_gib<B: Kernels>(model: &CausalLm<B>, gib: f64) -> usize {
+    model.kv_cache_positions((gib * (1u64 << 30) as f64) as u64)
+}
+
 /// How much decodes together: rows, and the KV cache they hold.
 ///
 /// Under a cache budget, requests join only while their prompts' pages fit beside the

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::eos_ids;
+use distill_infer::generate::{eos_ids, kv_cache_tokens_in_gib};
 use distill_models::{CausalLm, Kernels};
 
 pub use engine::{Stats, StatsSnapshot};
@@ -194,7 +194,7 @@ fn kv_cache_tokens<B: Kernels>(
             format!("--kv-cache-gib {gib} is not a positive size"),
         ));
     }
-    let positions = model.kv_cache_positions((gib * (1u64 << 30) as f64) as u64);
+    let positions = kv_cache_tokens_in_gib(model, gib);
     // Whole pages of the cache, and a page of slack for a row's last partly filled one.
     let page = distill_models::paged::PAGE_LEN;
     let needed = max_model_len.div_ceil(page) * page + page;

@@ -25,6 +25,9 @@ pub struct EvalSection {
     pub seed: u64,
     /// Sequences decoded together.
     pub batch_size: usize,
+    /// GiB the running batch's KV cache may take (requests wait beyond it; rows that
+    /// outgrow it are set aside and recomputed, with unchanged outputs); unset: no limit.
+    pub kv_cache_gib: Option<f64>,
     /// Score the held-out teacher samples of `[data] dataset` (NLL, KL, top-1 agreement).
     pub held_out: bool,
     /// Run the behaviour probes (data/probes/probes.jsonl).
@@ -48,6 +51,7 @@ impl Default for EvalSection {
             n: 1,
             seed: 0,
             batch_size: 16,
+            kv_cache_gib: None,
             held_out: true,
             probes: false,
             exclude_contaminated: false,
@@ -65,5 +69,8 @@ pub(super) fn validate(r: &Recipe, c: &mut Checks) {
     c.within("eval.top_p", e.top_p, Interval::OpenClosed(0.0, 1.0));
     c.at_least_1("eval.n", e.n as u64);
     c.at_least_1("eval.batch_size", e.batch_size as u64);
+    if let Some(gib) = e.kv_cache_gib {
+        c.positive("eval.kv_cache_gib", gib);
+    }
     c.at_least_1("eval.teacher_top_k", e.teacher_top_k as u64);
 }
