@@ -32,8 +32,10 @@ pub const RESUME_MAY_CHANGE: &[&str] = &[
     "train.export_every",
     "train.log_every",
     "train.max_bad_steps",
-    // Sequences decoded together: each sample depends on its prompt and seed alone.
+    // Sequences decoded together, and their cache: each sample depends on its prompt and
+    // seed alone.
     "on_policy.gen_batch",
+    "on_policy.kv_cache_gib",
     // Memory knobs: the same values up to float rounding (tested for recompute).
     "train.recompute",
     "train.mlp_chunk_tokens",

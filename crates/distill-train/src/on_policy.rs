@@ -19,7 +19,7 @@ use distill_data::prompts::{PromptSpec, load_prompts};
 use distill_hf::hub::HubSettings;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{
-    Decoding, FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate,
+    Decoding, FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate, kv_cache_tokens_in_gib,
 };
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
@@ -269,7 +269,10 @@ impl<B: Kernels> OnPolicy<B> {
                 logprobs: None,
             },
             batch_size: self.cfg.gen_batch,
-            kv_cache_tokens: None,
+            kv_cache_tokens: self
+                .cfg
+                .kv_cache_gib
+                .map(|gib| kv_cache_tokens_in_gib(model, gib)),
         };
         let plain: Vec<Request> = requests.iter().map(|(_, r)| r.clone()).collect();
         let (generations, _) = generate(model, tokenizer, &plain, &cfg, device, |_, _| {})

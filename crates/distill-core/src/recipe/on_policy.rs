@@ -32,6 +32,10 @@ pub struct OnPolicySection {
     pub buffer_steps: usize,
     /// Sequences decoded together.
     pub gen_batch: usize,
+    /// GiB the sampling batch's KV cache may take beside training's memory (requests wait
+    /// beyond it; rows that outgrow it are set aside and recomputed, with unchanged
+    /// samples); unset: no limit.
+    pub kv_cache_gib: Option<f64>,
     /// Completions cut at max_new_tokens carry no loss.
     pub mask_truncated: bool,
     /// Who grades the student's tokens.
@@ -77,6 +81,7 @@ impl Default for OnPolicySection {
             prompts: None,
             buffer_steps: 1,
             gen_batch: 64,
+            kv_cache_gib: None,
             mask_truncated: false,
             teacher: OnPolicyTeacher::Local,
             top_k: 20,
@@ -108,6 +113,9 @@ pub(super) fn validate(r: &Recipe, c: &mut Checks) {
         ("on_policy.top_k", o.top_k),
     ] {
         c.at_least_1(key, n as u64);
+    }
+    if let Some(gib) = o.kv_cache_gib {
+        c.positive("on_policy.kv_cache_gib", gib);
     }
     if !o.enabled() {
         return;
