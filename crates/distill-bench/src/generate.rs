@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Tensor;
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{Decoding, GenerationConfig, Request, Sampling, generate};
+use distill_infer::generate::{
+    Decoding, GenerationConfig, Request, Sampling, generate, kv_cache_tokens_in_gib,
+};
 use distill_models::{CausalLm, DecoderConfig, Kernels};
 use serde_json::{Map, Value, json};
 
@@ -67,7 +69,7 @@ pub(crate) fn bench_generate<B: Kernels>(
             logprobs: None,
         },
         batch_size: batch,
-        kv_cache_tokens: None,
+        kv_cache_tokens: a.kv_cache_gib.map(|gib| kv_cache_tokens_in_gib(&model, gib)),
     };
     for _ in 0..a.warmup.min(1) {
         generate(&model, &tokenizer, &requests, &cfg, device, |_, _| {})?;
@@ -118,6 +120,8 @@ pub(crate) fn bench_generate<B: Kernels>(
     }
     row.insert("new_tokens".into(), json!(stats.new_tokens));
     row.insert("prefill_tokens".into(), json!(stats.prefill_tokens));
+    row.insert("preemptions".into(), json!(stats.preemptions));
+    row.insert("kv_pages_peak".into(), json!(stats.kv_pages_peak));
     // Two runs (two builds, or `DISTILL_DECODE` on and off) decoded the same tokens iff these match.
     let tokens = generations.iter().flat_map(|g| &g.tokens).copied();
     row.insert("tokens_fnv1a".into(), json!(format!("{:016x}", fnv1a(tokens))));
@@ -126,7 +130,7 @@ pub(crate) fn bench_generate<B: Kernels>(
         json!({"batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                "sampling": if a.gen_temperature > 0.0 { "sampled" } else { "greedy" },
                "temperature": a.gen_temperature, "top_p": a.gen_top_p, "samples_per_prompt": samples,
-               "kv_cache": true, "dtype": dtype}),
+               "kv_cache": true, "kv_cache_gib": a.kv_cache_gib, "dtype": dtype}),
     );
     Ok(row)
 }

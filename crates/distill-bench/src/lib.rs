@@ -162,6 +162,10 @@ pub struct Args {
     /// each continued this many times with its own seed (they share one prefill).
     #[arg(long, default_value_t = 1)]
     pub(crate) gen_samples: usize,
+    /// B6: the KV cache budget in GiB (`distill serve --kv-cache-gib`): rows beyond it wait
+    /// or are set aside and recomputed; the row counts them (`preemptions`).
+    #[arg(long)]
+    pub(crate) kv_cache_gib: Option<f64>,
     /// B3/B4: also time each phase of the step (inputs, forward, teacher, loss, backward, grad
     /// norm, optimizer), with a device sync after each; the row gets `phases` and the log a line
     /// per phase, with the memory it left in use and the pool's reservation after it in the
