@@ -333,6 +333,11 @@ pub fn generate_admitting<B: Kernels>(
     Ok(stats)
 }
 
+/// Positions one join prefills at most (left padding included), unless a single prompt is
+/// longer: a prefill's activations grow with its positions (each layer's MLP holds twice its
+/// intermediate size a position), and the rest of the waiting rows join at the next step.
+pub const MAX_PREFILL_TOKENS: usize = 16 * 1024;
+
 /// Where rows report to: answers whether a row goes on after a token.
 type Sink<'s> = dyn FnMut(Event<'_>) -> bool + 's;
 
@@ -397,35 +402,45 @@ impl<B: Kernels> Running<B> {
         [requests[i].0.prompt.as_slice(), drawn].concat()
     }
 
-    /// How many of `waiting` (in order) may join now within the cache budget: their pages,
-    /// each new row's page for its first step, and the running rows' for their next.
+    /// How many of `waiting` (in order) may join now: as many as one prefill of at most
+    /// [`MAX_PREFILL_TOKENS`] takes (at least one), and within the cache budget: their
+    /// pages, each new row's page for its first step, and the running rows' for their next.
     fn joinable<'w>(
         &self,
         requests: &[(Request, Decoding)],
         waiting: impl ExactSizeIterator<Item = &'w usize>,
     ) -> usize {
         let n = waiting.len();
-        let Some(free) = self.cache.pages_free() else {
-            return n;
-        };
-        let Some(free) = free.checked_sub(self.cache.reserve_cost(1)) else {
+        if n == 0 {
             return 0;
+        }
+        let free = match self.cache.pages_free() {
+            Some(free) => match free.checked_sub(self.cache.reserve_cost(1)) {
+                Some(free) => Some(free),
+                None => return 0,
+            },
+            None => None,
         };
         let seqs: Vec<Vec<u32>> = waiting.map(|&i| self.sequence(i, requests)).collect();
         let pl = self.cache.page_len();
-        let cost = |k: usize| {
+        let fits = |k: usize| {
             let seqs = &seqs[..k];
             let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
             let (distinct, sources) = distinct_sequences(seqs);
-            let pads: Vec<usize> = distinct.iter().map(|&r| width - seqs[r].len()).collect();
-            let first_step = if width % pl == 0 { k } else { 0 };
-            self.cache.admit_cost(width, &sources, &pads) + first_step
+            if k > 1 && distinct.len() * width > MAX_PREFILL_TOKENS {
+                return false;
+            }
+            free.is_none_or(|free| {
+                let pads: Vec<usize> = distinct.iter().map(|&r| width - seqs[r].len()).collect();
+                let first_step = if width % pl == 0 { k } else { 0 };
+                self.cache.admit_cost(width, &sources, &pads) + first_step <= free
+            })
         };
-        // The cost grows with k: the most that fit, by bisection.
+        // Both grow with k: the most that fit, by bisection.
         let (mut lo, mut hi) = (0, n);
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
-            if cost(mid) <= free {
+            if fits(mid) {
                 lo = mid;
             } else {
                 hi = mid - 1;
@@ -1377,6 +1392,39 @@ mod tests {
             err.contains("request 5: its prompt of 448 tokens does not fit the KV cache budget"),
             "{err}"
         );
+    }
+
+    /// One join prefills at most MAX_PREFILL_TOKENS positions (padding included), or one
+    /// prompt however long; samples of one prompt count once.
+    #[test]
+    fn a_join_prefills_at_most_max_prefill_tokens() {
+        let (model, _, _) = tiny_llama();
+        let running = Running::new(&model, None);
+        let request = |len: usize, salt: u32| {
+            let prompt = (0..len as u32).map(|j| (j + salt) % 100 + 3).collect();
+            let decoding = Decoding {
+                max_new_tokens: 1,
+                sampling: Sampling::GREEDY,
+                stop: vec![],
+                eos: vec![],
+                logprobs: None,
+            };
+            (Request { prompt, seed: 0 }, decoding)
+        };
+        let third = MAX_PREFILL_TOKENS / 3;
+        let requests = vec![
+            request(third, 1),
+            request(third - 5, 2),
+            request(third, 1),
+            request(third + 1, 3),
+            request(MAX_PREFILL_TOKENS + 1, 4),
+        ];
+        let joinable = |ids: &[usize]| running.joinable(&requests, ids.iter());
+        // Requests 0 and 2 are samples of one prompt: two distinct rows of `third` to prefill.
+        assert_eq!(joinable(&[0, 1, 2]), 3, "the sample of prompt 0 adds nothing");
+        assert_eq!(joinable(&[0, 1, 3]), 2, "three rows padded to third + 1 are over");
+        assert_eq!(joinable(&[4, 0]), 1, "a prompt over the cap prefills alone");
+        assert_eq!(joinable(&[]), 0);
     }
 
     /// The events of generate_with: each request's tokens one by one, then its generation;

@@ -399,6 +399,24 @@ async fn completions_echo_and_prompt_logprobs_equal_teacher_forcing() {
     assert_eq!(v["usage"]["prompt_tokens"], ids.len());
 }
 
+/// Posts every body to `/chat/completions` at once; each task gives (its index, status, text).
+fn chat_all(url: &str, bodies: impl Iterator<Item = Value>) -> tokio::task::JoinSet<(usize, u16, String)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, body) in bodies.enumerate() {
+        let url = url.to_string();
+        tasks.spawn(async move {
+            let response = reqwest::Client::new()
+                .post(format!("{url}/chat/completions"))
+                .body(body.to_string())
+                .send()
+                .await
+                .unwrap();
+            (i, response.status().as_u16(), response.text().await.unwrap())
+        });
+    }
+    tasks
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_are_batched() {
     // The burst is one round however the threads are scheduled: the round starts when the
@@ -409,21 +427,13 @@ async fn concurrent_requests_are_batched() {
     let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
     let before = server.stats().generate_calls;
     let url = server.url();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..6 {
-        let url = url.clone();
-        tasks.spawn(async move {
-            let body = json!({"messages": [{"role": "user", "content": format!("Question number {i}?")}],
-                              "temperature": 0, "max_tokens": 8});
-            let response = reqwest::Client::new()
-                .post(format!("{url}/chat/completions"))
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            (i, response.status().as_u16(), response.text().await.unwrap())
-        });
-    }
+    let mut tasks = chat_all(
+        &url,
+        (0..6).map(|i| {
+            json!({"messages": [{"role": "user", "content": format!("Question number {i}?")}],
+               "temperature": 0, "max_tokens": 8})
+        }),
+    );
     let mut answers = vec![String::new(); 6];
     while let Some(done) = tasks.join_next().await {
         let (i, status, text) = done.unwrap();
@@ -528,20 +538,7 @@ async fn a_kv_cache_budget_holds_requests_back_without_changing_answers() {
         json!({"messages": [{"role": "user", "content": format!("Tell me about the number {i}, at some length.")}],
                "temperature": 0, "max_tokens": 40})
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..6 {
-        let url = server.url();
-        let body = body(i);
-        tasks.spawn(async move {
-            let response = reqwest::Client::new()
-                .post(format!("{url}/chat/completions"))
-                .body(body.to_string())
-                .send()
-                .await
-                .unwrap();
-            (i, response.status().as_u16(), response.text().await.unwrap())
-        });
-    }
+    let mut tasks = chat_all(&server.url(), (0..6).map(body));
     let alone = start();
     while let Some(done) = tasks.join_next().await {
         let (i, status, text) = done.unwrap();
