@@ -501,6 +501,14 @@ mod tests {
                 "r.toml:3: eval.batch_size: must be at least 1, got 0",
             ),
             (
+                "[eval]\nkv_cache_gib = 0.0",
+                "r.toml:3: eval.kv_cache_gib: must be > 0, got 0",
+            ),
+            (
+                "[on_policy]\nkv_cache_gib = -2.0",
+                "r.toml:3: on_policy.kv_cache_gib: must be > 0, got -2",
+            ),
+            (
                 "[soft_labels]\nk = 0",
                 "r.toml:3: soft_labels.k: must be at least 1, got 0",
             ),
