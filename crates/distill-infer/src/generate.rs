@@ -304,14 +304,16 @@ pub fn generate_admitting<B: Kernels>(
         }
         let free = batch_size - running.live.len();
         let rows = free.min(waiting.len());
-        let join = running.joinable(&requests, waiting.range(..rows));
-        // Join when a quarter of the batch is free (or the rest fits, or the cache budget
-        // holds no more): each join costs a prefill.
+        // Join when a quarter of the batch is free (or the rest fits): each join costs a
+        // prefill. As many join as one prefill and the cache budget take.
         let quarter = (batch_size / 4).max(1);
-        if join > 0 && (running.live.is_empty() || join >= quarter || join == waiting.len() || join < rows) {
-            let joining: Vec<usize> = waiting.drain(..join).collect();
-            prefilled += running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
-            continue;
+        if rows > 0 && (running.live.is_empty() || rows >= quarter || rows == waiting.len()) {
+            let join = running.joinable(&requests, waiting.range(..rows));
+            if join > 0 {
+                let joining: Vec<usize> = waiting.drain(..join).collect();
+                prefilled += running.join(model, tokenizer, &requests, &joining, device, &mut counted)?;
+                continue;
+            }
         }
         if running.live.is_empty() {
             // Nothing running, and the first waiting request does not fit the cache alone.
@@ -421,8 +423,14 @@ impl<B: Kernels> Running<B> {
             },
             None => None,
         };
-        let seqs: Vec<Vec<u32>> = waiting.map(|&i| self.sequence(i, requests)).collect();
+        let mut waiting = waiting.peekable();
+        let first = self.sequence(**waiting.peek().expect("n > 0"), requests);
         let pl = self.cache.page_len();
+        // A step under a budget with no room asks again: the first alone is the cheap answer.
+        if free.is_some_and(|free| first.len().div_ceil(pl) > free) {
+            return 0;
+        }
+        let seqs: Vec<Vec<u32>> = waiting.map(|&i| self.sequence(i, requests)).collect();
         let fits = |k: usize| {
             let seqs = &seqs[..k];
             let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
