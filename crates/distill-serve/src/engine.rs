@@ -153,6 +153,8 @@ pub struct Stats {
     pub score_calls: AtomicUsize,
     /// Sequences dropped because their client went away, before or during generation.
     pub cancelled: AtomicUsize,
+    /// Rows set aside to keep within `--kv-cache-gib`, prefilled again later.
+    pub preemptions: AtomicUsize,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -163,6 +165,7 @@ pub struct StatsSnapshot {
     pub new_tokens: usize,
     pub score_calls: usize,
     pub cancelled: usize,
+    pub preemptions: usize,
 }
 
 impl Stats {
@@ -173,6 +176,7 @@ impl Stats {
             new_tokens: self.new_tokens.load(Ordering::Relaxed),
             score_calls: self.score_calls.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
+            preemptions: self.preemptions.load(Ordering::Relaxed),
         }
     }
 }
@@ -338,6 +342,16 @@ impl<B: Kernels> Engine<B> {
                 self.stats
                     .new_tokens
                     .fetch_add(stats.new_tokens, Ordering::Relaxed);
+                self.stats
+                    .preemptions
+                    .fetch_add(stats.preemptions, Ordering::Relaxed);
+                if stats.preemptions > 0 {
+                    // An operator sizing --kv-cache-gib wants to know what it costs.
+                    eprintln!(
+                        "note: {} rows set aside and prefilled again to stay within --kv-cache-gib ({} KV cache pages at most)",
+                        stats.preemptions, stats.kv_pages_peak
+                    );
+                }
             }
             Err(e) => group.into_inner().fail(e),
         }

@@ -526,7 +526,8 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
 const GIB: f64 = (1u64 << 30) as f64;
 
 /// With a KV cache budget of three pages (one sequence of --max-model-len 128 and a page of
-/// slack), six concurrent requests take turns in the cache and get what they get alone.
+/// slack), six concurrent requests whose rows grow past a page take turns in the cache, rows
+/// are set aside and recomputed, and each gets what it gets alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kv_cache_budget_holds_requests_back_without_changing_answers() {
     let mut o = options(Duration::from_secs(600));
@@ -534,10 +535,7 @@ async fn a_kv_cache_budget_holds_requests_back_without_changing_answers() {
     o.max_model_len = Some(128);
     o.kv_cache_gib = Some(200.0 * 512.0 / GIB);
     let server = Server::start::<Flex>(fixture(), o, Default::default()).unwrap();
-    let body = |i: usize| {
-        json!({"messages": [{"role": "user", "content": format!("Tell me about the number {i}, at some length.")}],
-               "temperature": 0, "max_tokens": 40})
-    };
+    let body = |i: usize| json!({"messages": [{"role": "user", "content": format!("n{i}")}], "temperature": 0, "max_tokens": 60});
     let mut tasks = chat_all(&server.url(), (0..6).map(body));
     let alone = start();
     while let Some(done) = tasks.join_next().await {
@@ -550,6 +548,12 @@ async fn a_kv_cache_budget_holds_requests_back_without_changing_answers() {
             "request {i}"
         );
     }
+    // The counters are added when the generate call returns, after its last answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server.stats().preemptions == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.stats().preemptions > 0, "{:?}", server.stats());
 }
 
 #[test]
