@@ -79,6 +79,25 @@ pub fn kv_cache_tokens_in_gib<B: Kernels>(model: &CausalLm<B>, gib: f64) -> usiz
     model.kv_cache_positions((gib * (1u64 << 30) as f64) as u64)
 }
 
+/// [`kv_cache_tokens_in_gib`] for a budget that must hold one sequence of `longest`
+/// positions (so that every request fits alone): whole pages of it and a page of slack for a
+/// row's partly filled first page. Err says how many positions the budget holds and needs.
+pub fn kv_cache_tokens_holding<B: Kernels>(
+    model: &CausalLm<B>,
+    gib: f64,
+    longest: usize,
+) -> Result<usize, String> {
+    let positions = kv_cache_tokens_in_gib(model, gib);
+    let page = distill_models::paged::PAGE_LEN;
+    let needed = longest.div_ceil(page) * page + page;
+    if positions < needed {
+        return Err(format!(
+            "{gib} GiB holds {positions} positions, fewer than one sequence of {longest} needs ({needed})"
+        ));
+    }
+    Ok(positions)
+}
+
 /// How much decodes together: rows, and the KV cache they hold.
 ///
 /// Under a cache budget, requests join only while their prompts' pages fit beside the

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use distill_hf::tokenizer::TextTokenizer;
-use distill_infer::generate::{eos_ids, kv_cache_tokens_in_gib};
+use distill_infer::generate::{eos_ids, kv_cache_tokens_holding};
 use distill_models::{CausalLm, Kernels};
 
 pub use engine::{Stats, StatsSnapshot};
@@ -194,20 +194,14 @@ fn kv_cache_tokens<B: Kernels>(
             format!("--kv-cache-gib {gib} is not a positive size"),
         ));
     }
-    let positions = kv_cache_tokens_in_gib(model, gib);
-    // Whole pages of the cache, and a page of slack for a row's last partly filled one.
-    let page = distill_models::paged::PAGE_LEN;
-    let needed = max_model_len.div_ceil(page) * page + page;
-    if positions < needed {
-        return Err(options_error(
-            dir,
-            format!(
-                "--kv-cache-gib {gib} holds {positions} positions, fewer than one sequence of --max-model-len \
-                 {max_model_len} needs ({needed}): raise it or lower --max-model-len"
-            ),
-        ));
-    }
-    Ok(Some(positions))
+    kv_cache_tokens_holding(model, gib, max_model_len)
+        .map(Some)
+        .map_err(|e| {
+            options_error(
+                dir,
+                format!("--kv-cache-gib: {e} (--max-model-len): raise it or lower --max-model-len"),
+            )
+        })
 }
 
 /// The decoding defaults in the model's generation_config.json; none without the file.

@@ -574,10 +574,9 @@ fn start_errors_say_what_is_wrong() {
         .err()
         .unwrap();
     assert!(
-        err.to_string().contains("--kv-cache-gib")
-            && err
-                .to_string()
-                .contains("holds 100 positions, fewer than one sequence of --max-model-len 512 needs (576)"),
+        err.to_string().contains(
+            "--kv-cache-gib: 0.0000476837158203125 GiB holds 100 positions, fewer than one sequence of 512 needs (576) (--max-model-len)"
+        ),
         "{err}"
     );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

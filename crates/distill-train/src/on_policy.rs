@@ -19,7 +19,7 @@ use distill_data::prompts::{PromptSpec, load_prompts};
 use distill_hf::hub::HubSettings;
 use distill_hf::tokenizer::TextTokenizer;
 use distill_infer::generate::{
-    Decoding, FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate, kv_cache_tokens_in_gib,
+    Decoding, FinishReason, GenerationConfig, Request, Sampling, eos_ids, generate, kv_cache_tokens_holding,
 };
 use distill_models::{CausalLm, Kernels};
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,8 @@ struct Window {
 
 pub struct OnPolicy<B: Backend> {
     cfg: OnPolicySection,
+    /// train.seq_len: a sample's prompt and completion at most.
+    seq_len: usize,
     seed: u64,
     prompts: Vec<PromptIds>,
     held_out: Vec<PromptIds>,
@@ -155,6 +157,7 @@ impl<B: Kernels> OnPolicy<B> {
         };
         Ok(OnPolicy {
             seed: recipe.train.seed,
+            seq_len: recipe.train.seq_len,
             cfg,
             prompts: fitting,
             held_out,
@@ -248,6 +251,19 @@ impl<B: Kernels> OnPolicy<B> {
             .collect()
     }
 
+    /// `[on_policy] kv_cache_gib` in positions of `model`'s cache; it must hold one sample of
+    /// train.seq_len, or samples would end early for want of cache.
+    fn kv_cache_tokens(&self, model: &CausalLm<B>) -> Result<Option<usize>, TrainError> {
+        let Some(gib) = self.cfg.kv_cache_gib else {
+            return Ok(None);
+        };
+        kv_cache_tokens_holding(model, gib, self.seq_len)
+            .map(Some)
+            .map_err(|e| {
+                TrainError::Refused(format!("on_policy.kv_cache_gib: {e} (train.seq_len): raise it"))
+            })
+    }
+
     fn sample(
         &self,
         model: &CausalLm<B>,
@@ -269,10 +285,7 @@ impl<B: Kernels> OnPolicy<B> {
                 logprobs: None,
             },
             batch_size: self.cfg.gen_batch,
-            kv_cache_tokens: self
-                .cfg
-                .kv_cache_gib
-                .map(|gib| kv_cache_tokens_in_gib(model, gib)),
+            kv_cache_tokens: self.kv_cache_tokens(model)?,
         };
         let plain: Vec<Request> = requests.iter().map(|(_, r)| r.clone()).collect();
         let (generations, _) = generate(model, tokenizer, &plain, &cfg, device, |_, _| {})

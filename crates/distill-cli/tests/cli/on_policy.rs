@@ -105,3 +105,51 @@ fn on_policy_killed_mid_run_resumes_to_the_same_final_loss() {
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     assert_eq!(last_loss(&stdout(&resumed)), last_loss(&stdout(&whole)));
 }
+
+/// Sampling under `[on_policy] kv_cache_gib` (one sample's worth of cache, so the 32 rows of
+/// a window take turns) trains on the same samples: every step's loss is the unbudgeted
+/// run's. A budget below one sample of train.seq_len is refused
+/// by name.
+#[test]
+fn on_policy_under_a_kv_cache_budget_trains_the_same_and_refuses_one_too_small() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |dir: &Path, budget: Option<&str>| {
+        let out = format!("train.out={:?}", dir.to_str().unwrap());
+        let mut args = vec![
+            "--recipe",
+            "recipes/tiny-on-policy.toml",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            &out,
+        ];
+        let budget = budget.map(|gib| format!("on_policy.kv_cache_gib={gib}"));
+        if let Some(b) = &budget {
+            args.extend(["--set", b.as_str()]);
+        }
+        train(&args)
+    };
+    let losses = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("tiny-on-policy/runs/metrics.jsonl")).unwrap();
+        let values: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        values
+            .iter()
+            .filter_map(|v| v["loss"].as_f64())
+            .collect::<Vec<f64>>()
+    };
+    let plain = run(a.path(), None);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    // tiny-qwen2's cache takes 512 bytes a position; train.seq_len 256 needs 320 positions.
+    let budgeted = run(b.path(), Some("0.000152587890625"));
+    assert!(budgeted.status.success(), "{}", stderr(&budgeted));
+    assert_eq!(losses(b.path()), losses(a.path()));
+    assert_eq!(losses(a.path()).len(), 4);
+
+    let small = run(tempfile::tempdir().unwrap().path(), Some("0.0001"));
+    assert!(!small.status.success());
+    let err = stderr(&small);
+    assert!(
+        err.contains("on_policy.kv_cache_gib: 0.0001 GiB holds 209 positions, fewer than one sequence of 256 needs (320) (train.seq_len): raise it"),
+        "{err}"
+    );
+}
