@@ -21,7 +21,7 @@ use crate::stats::{mean, mean_share, pass_at_k, proportion};
 use crate::tasks::{self, TaskKind, TaskSet, TaskSpec, score};
 use distill_infer::generate::{
     Decoding, FinishReason, Generation, GenerationConfig, GenerationStats, Request, Sampling, eos_ids,
-    generate, kv_cache_tokens_in_gib,
+    generate, kv_cache_tokens_holding,
 };
 use distill_infer::reasoning::{self, LENGTH_BUCKETS, Split, bucket_label, prompt_opens_think};
 use distill_infer::score::{TopK, loss_positions, teacher_force};
@@ -200,12 +200,25 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The generation settings of `plan` for prompts of up to `longest_prompt` tokens. A KV cache
+/// budget must hold the longest prompt and its `max_new_tokens`: a sample cut short for want of
+/// cache would be scored as the model's answer.
 fn generation_config<B: Kernels>(
     plan: &Plan,
     model: &CausalLm<B>,
     tokenizer: &TextTokenizer,
-) -> GenerationConfig {
-    GenerationConfig {
+    longest_prompt: usize,
+) -> Result<GenerationConfig, EvalError> {
+    let longest = longest_prompt + plan.max_new_tokens;
+    let kv_cache_tokens = match plan.kv_cache_gib {
+        Some(gib) => Some(kv_cache_tokens_holding(model, gib, longest).map_err(|e| {
+            EvalError::Invalid(format!(
+                "--kv-cache-gib: {e} (the longest prompt and --max-new-tokens): raise it"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(GenerationConfig {
         decoding: Decoding {
             max_new_tokens: plan.max_new_tokens,
             sampling: plan.sampling.clone(),
@@ -214,8 +227,8 @@ fn generation_config<B: Kernels>(
             logprobs: None,
         },
         batch_size: plan.batch_size,
-        kv_cache_tokens: plan.kv_cache_gib.map(|gib| kv_cache_tokens_in_gib(model, gib)),
-    }
+        kv_cache_tokens,
+    })
 }
 
 /// Generates for `prompts` (chat messages) with progress; returns the outputs, whether each
@@ -240,7 +253,8 @@ fn generate_for<B: Kernels>(
         });
     }
     progress.stage(label, requests.len() as u64);
-    let cfg = generation_config(plan, model, tokenizer);
+    let longest_prompt = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let cfg = generation_config(plan, model, tokenizer, longest_prompt)?;
     let (outputs, stats) = generate(model, tokenizer, &requests, &cfg, device, |_, _| {
         progress.advance(1)
     })?;

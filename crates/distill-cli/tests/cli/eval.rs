@@ -320,3 +320,69 @@ fn eval_refusals_are_one_line() {
     );
     assert!(!stderr(&o).contains("pass --tasks"), "{}", stderr(&o));
 }
+
+/// `--kv-cache-gib`: a budget below the longest prompt and --max-new-tokens is refused, by
+/// name; one that holds exactly that (so 4 prompts x 4 samples take turns in the cache) writes
+/// the outputs the unbudgeted run writes.
+#[test]
+fn eval_under_a_kv_cache_budget_writes_the_same_outputs() {
+    let run = |dir: &Path, budget: Option<String>| {
+        let mut args = vec![
+            "--model",
+            "tests/fixtures/tiny-qwen2",
+            "--tasks",
+            "data/gsm8k/train-200.jsonl",
+            "--max-examples",
+            "4",
+            "-n",
+            "4",
+            "--temperature",
+            "1.0",
+            "--max-new-tokens",
+            "40",
+            "--out",
+            dir.to_str().unwrap(),
+        ];
+        if let Some(b) = &budget {
+            args.extend(["--kv-cache-gib", b.as_str()]);
+        }
+        eval_in_repo(&args)
+    };
+    let outputs = |dir: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("examples.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["output"].to_string())
+            .collect()
+    };
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let small = run(c.path(), Some("0.00001".into()));
+    assert_clean_failure(
+        &small,
+        &["--kv-cache-gib: 0.00001 GiB holds 20 positions, fewer than one sequence of"],
+    );
+    // What one sequence needs, as the refusal says: "needs (N)".
+    let err = stderr(&small);
+    let needed: f64 = err
+        .split("needs (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let plain = run(a.path(), None);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    // tiny-qwen2's cache takes 512 bytes a position.
+    let budgeted = run(
+        b.path(),
+        Some(format!("{}", needed * 512.0 / (1u64 << 30) as f64)),
+    );
+    assert!(budgeted.status.success(), "{}", stderr(&budgeted));
+    assert_eq!(outputs(b.path()), outputs(a.path()));
+    assert_eq!(outputs(a.path()).len(), 16);
+}
