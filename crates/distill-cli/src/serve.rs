@@ -129,6 +129,14 @@ impl Job for Serve {
             println!(
                 "  curl {url}/chat/completions -N{auth} -H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"stream\": true, \"messages\": [{{\"role\": \"user\", \"content\": \"What is 17 * 23?\"}}]}}'"
             );
+            if let Some(positions) = ready.kv_cache_tokens {
+                // As vLLM reports it: how many full-length requests the budget holds at once.
+                let at_once = positions as f64 / ready.max_model_len as f64;
+                println!(
+                    "  KV cache: {positions} positions (--kv-cache-gib), {at_once:.1} sequences of --max-model-len {} at once",
+                    ready.max_model_len
+                );
+            }
         })?;
         eprintln!("stopped");
         Ok(())

@@ -86,6 +86,10 @@ impl ServeOptions {
 pub struct Ready {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
+    /// Prompt plus completion tokens at most (`--max-model-len`, or the model's limit).
+    pub max_model_len: usize,
+    /// Positions the KV cache may hold (`--kv-cache-gib`); None: no limit.
+    pub kv_cache_tokens: Option<usize>,
 }
 
 /// Loads the model in `dir` on `device`, listens, calls `on_ready`, and serves until
@@ -106,7 +110,8 @@ pub fn serve<B: Kernels>(
     if options.batch_size == 0 {
         return Err(options_error(dir, "the batch size must be at least 1".into()));
     }
-    let kv_cache_tokens = kv_cache_tokens(dir, options, &model, served.max_model_len)?;
+    let max_model_len = served.max_model_len;
+    let kv_cache_tokens = kv_cache_tokens(dir, options, &model, max_model_len)?;
     let addr = format!("{}:{}", options.host, options.port);
     let listener = std::net::TcpListener::bind(&addr).map_err(|source| ServeError::Bind { addr, source })?;
     listener.set_nonblocking(true)?;
@@ -132,6 +137,8 @@ pub fn serve<B: Kernels>(
     on_ready(&Ready {
         addr: local,
         stats: stats.clone(),
+        max_model_len,
+        kv_cache_tokens,
     });
     let engine = engine::Engine {
         eos: eos_ids(&model, &tokenizer),

@@ -29,6 +29,11 @@ impl Drop for Served {
 
 /// Starts `distill serve --device cpu` for `model` on a free port and waits for its banner.
 pub(super) fn start(model: &Path) -> Served {
+    start_with(model, &[])
+}
+
+/// [`start`] with more of serve's flags.
+fn start_with(model: &Path, flags: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_distill"))
         .args([
             "--device",
@@ -39,6 +44,7 @@ pub(super) fn start(model: &Path) -> Served {
             "--port",
             "0",
         ])
+        .args(flags)
         .env("HF_HUB_OFFLINE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -147,4 +153,52 @@ fn serve_answers_models_and_chat_and_stops_on_sigterm() {
         !log.contains("secret-prompt-text"),
         "the log holds prompt text: {log}"
     );
+}
+
+/// `--kv-cache-gib` is reported at start as positions and full-length sequences at once, and
+/// one that cannot hold a --max-model-len sequence stops serve before it listens.
+#[test]
+fn serve_reports_its_kv_cache_budget_and_refuses_one_too_small() {
+    // tiny-qwen2's cache takes 512 bytes a position: 1,024 positions.
+    let gib = format!("{}", 1024.0 * 512.0 / (1u64 << 30) as f64);
+    let mut server = start_with(
+        &fixtures().join("tiny-qwen2"),
+        &["--max-model-len", "256", "--kv-cache-gib", &gib],
+    );
+    let mut stdout = server.stdout.take().unwrap();
+    let _example = stdout.next().unwrap().unwrap();
+    let budget = stdout.next().unwrap().unwrap();
+    assert_eq!(
+        budget,
+        "  KV cache: 1024 positions (--kv-cache-gib), 4.0 sequences of --max-model-len 256 at once"
+    );
+    drop(server);
+
+    let o = Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args([
+            "--device",
+            "cpu",
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-gib",
+            "0.00001",
+            "--model",
+        ])
+        .arg(fixtures().join("tiny-qwen2"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    // After the "loading" line, the refusal in one line.
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains(
+                "--kv-cache-gib: 0.00001 GiB holds 20 positions, fewer than one sequence of 512 needs (576)"
+            ),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
 }
