@@ -429,27 +429,24 @@ impl<B: Kernels> Running<B> {
     fn joinable<'w>(
         &self,
         requests: &[(Request, Decoding)],
-        waiting: impl ExactSizeIterator<Item = &'w usize>,
+        waiting: impl Iterator<Item = &'w usize>,
     ) -> usize {
-        let n = waiting.len();
-        if n == 0 {
+        let mut waiting = waiting.map(|&i| self.sequence(i, requests));
+        let Some(first) = waiting.next() else {
             return 0;
-        }
-        let free = match self.cache.pages_free() {
-            Some(free) => match free.checked_sub(self.cache.reserve_cost(1)) {
-                Some(free) => Some(free),
-                None => return 0,
-            },
-            None => None,
         };
-        let mut waiting = waiting.peekable();
-        let first = self.sequence(**waiting.peek().expect("n > 0"), requests);
+        // Pages left once the running rows have their next ones.
+        let free = self
+            .cache
+            .pages_free()
+            .map(|f| f.saturating_sub(self.cache.reserve_cost(1)));
         let pl = self.cache.page_len();
-        // A step under a budget with no room asks again: the first alone is the cheap answer.
+        // A step under a budget with no room asks again: the first alone is the cheap answer
+        // (a prompt is never empty, so it takes at least a page).
         if free.is_some_and(|free| first.len().div_ceil(pl) > free) {
             return 0;
         }
-        let seqs: Vec<Vec<u32>> = waiting.map(|&i| self.sequence(i, requests)).collect();
+        let seqs: Vec<Vec<u32>> = std::iter::once(first).chain(waiting).collect();
         let fits = |k: usize| {
             let seqs = &seqs[..k];
             let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
@@ -464,7 +461,7 @@ impl<B: Kernels> Running<B> {
             })
         };
         // Both grow with k: the most that fit, by bisection.
-        let (mut lo, mut hi) = (0, n);
+        let (mut lo, mut hi) = (0, seqs.len());
         while lo < hi {
             let mid = (lo + hi).div_ceil(2);
             if fits(mid) {
